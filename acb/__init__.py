@@ -1,0 +1,45 @@
+"""acb: asyncio-native LLM inference with continuous batching.
+
+Quick start::
+
+    from acb import Engine, SamplingParams
+
+    async with Engine(model, tokenizer) as engine:
+        async for tok in engine.stream("Hello", SamplingParams(max_new_tokens=32)):
+            print(tok.text, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+from .config import EngineConfig, SamplingParams
+from .engine import Engine
+from .errors import (
+    AcbError,
+    DuplicateRequestIdError,
+    EngineClosedError,
+    InvalidPromptError,
+    InvalidRequestError,
+    InvalidSamplingParamsError,
+    PromptTooLongError,
+    RequestFailedError,
+)
+from .outputs import Completion, EngineStats, Token
+
+__all__ = [
+    "Engine",
+    "EngineConfig",
+    "SamplingParams",
+    "Token",
+    "Completion",
+    "EngineStats",
+    "AcbError",
+    "InvalidRequestError",
+    "InvalidSamplingParamsError",
+    "InvalidPromptError",
+    "PromptTooLongError",
+    "DuplicateRequestIdError",
+    "EngineClosedError",
+    "RequestFailedError",
+]
+
+__version__ = "0.1.0"

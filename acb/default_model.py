@@ -1,0 +1,71 @@
+"""The embedded default model: a tiny Llama built from a config, with random weights, and acb's small tokenizer.
+
+It needs no download, so every example and command runs anywhere; its text is gibberish. Point acb at a real
+checkpoint with ``Engine.from_pretrained("path/or/hub-id")``.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import torch
+
+__all__ = ["default_tokenizer", "tiny_config", "tiny_model", "load_default"]
+
+_TOKENIZER_FILE = pathlib.Path(__file__).resolve().parent / "_data" / "tokenizer.json"
+
+
+def default_tokenizer():
+    """acb's byte-level BPE tokenizer (1,024 tokens) as a transformers fast tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(_TOKENIZER_FILE),
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+        pad_token="<|pad|>",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def tiny_config(arch: str = "llama", **overrides):
+    """A 2-layer config of ``arch`` (``llama``, ``qwen2`` or ``qwen3``) sized for the CPU."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    tok = default_tokenizer()
+    common = dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    common.update(overrides)
+    classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+    if arch not in classes:
+        raise ValueError(f"arch must be one of {sorted(classes)}, got {arch!r}")
+    if arch == "qwen3":
+        common.setdefault("head_dim", 16)
+    return classes[arch](**common)
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """A tiny causal LM with random weights drawn from ``seed``."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(arch, **overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def load_default():
+    """``(model, tokenizer)`` of the embedded default."""
+    return tiny_model(), default_tokenizer()

@@ -1,0 +1,73 @@
+"""Incremental detokenization and stop strings.
+
+:class:`IncrementalDetokenizer` turns a growing list of token ids into text deltas whose concatenation equals
+``tokenizer.decode(ids, skip_special_tokens=True)``. It decodes a short sliding window (the tokens since the last
+emitted boundary) rather than the whole output, and holds back a delta that ends in an incomplete UTF-8 sequence
+(decoded as U+FFFD) until the following tokens complete it.
+
+:class:`StopStringMatcher` scans that text for stop strings, holding back any tail that could still grow into one,
+so a stop string is never emitted, not even in part.
+"""
+
+from __future__ import annotations
+
+__all__ = ["IncrementalDetokenizer", "StopStringMatcher"]
+
+_REPLACEMENT = "\ufffd"
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._prefix_offset = 0  # window start: enough context to decode the next tokens the same way as in full
+        self._read_offset = 0  # tokens up to here have been turned into emitted text
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def add(self, token_id: int) -> str:
+        """Append one token; return the text it completes (possibly ``""``)."""
+        self._ids.append(token_id)
+        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        full = self._decode(self._ids[self._prefix_offset :])
+        if len(full) > len(prefix) and not full.endswith(_REPLACEMENT):
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self._ids)
+            return full[len(prefix) :]
+        return ""
+
+    def flush(self) -> str:
+        """The text still held back (an incomplete character at the very end decodes as U+FFFD, as in full)."""
+        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        full = self._decode(self._ids[self._prefix_offset :])
+        self._prefix_offset = self._read_offset = len(self._ids)
+        return full[len(prefix) :]
+
+
+class StopStringMatcher:
+    def __init__(self, stops: list[str]) -> None:
+        self._stops = stops
+        self._held = ""
+
+    def feed(self, text: str, final: bool) -> tuple[str, bool]:
+        """Take new text; return ``(text safe to emit, stop string found)``.
+
+        After a stop string is found nothing more should be fed. With ``final`` the held tail is released.
+        """
+        buf = self._held + text
+        cut = min((i for i in (buf.find(s) for s in self._stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self._held = ""
+            return buf[:cut], True
+        if final:
+            self._held = ""
+            return buf, False
+        keep = 0
+        for s in self._stops:  # longest tail of buf that is a proper prefix of a stop string
+            for k in range(min(len(s) - 1, len(buf)), keep, -1):
+                if buf.endswith(s[:k]):
+                    keep = k
+                    break
+        self._held = buf[len(buf) - keep :] if keep else ""
+        return buf[: len(buf) - keep], False

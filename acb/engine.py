@@ -1,0 +1,421 @@
+"""The engine: wires the pipeline stages together and exposes the public API.
+
+Pipeline (each stage a coroutine; queues between them)::
+
+    stream()/generate()                                         per-request channel --> async for tok in ...
+        | admission: validate, tokenize (thread if long)                ^
+        v                                                                |
+    [admitted queue, max_pending] --> step loop --> [launched queue] --> completion loop --> [detok queue] --> detok loop
+                                      schedule,                          await the step         detokenize,
+                                      build batch,                       (bridge), accept       stop strings,
+                                      launch (worker/GPU)                tokens, free blocks    deliver tokens
+
+With ``overlap=True`` the step loop may run one step ahead of the completion loop: it schedules, prepares and
+launches step N+1 while step N computes, and N+1 reads N's sampled tokens from the device token buffer. With
+``overlap=False`` it waits for each step's tokens before preparing the next (the synchronous baseline).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+
+import torch
+
+from . import attention
+from .admission import Admission, Prompt
+from .batch import BatchBuilder
+from .block_allocator import BlockAllocator
+from .bridge import CompletionBridge
+from .config import EngineConfig, SamplingParams
+from .errors import DuplicateRequestIdError, EngineClosedError, RequestFailedError
+from .kv_cache import KVCache, ModelShape, auto_num_blocks
+from .outputs import Completion, EngineStats, Token
+from .runner import ModelRunner, StepHandle
+from .scheduler import SampledToken, Scheduler
+from .sequence import Sequence
+from .stream import RequestState, RequestStream
+
+__all__ = ["Engine"]
+
+log = logging.getLogger("acb")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Engine:
+    """An asyncio continuous-batching engine around a transformers causal LM.
+
+    The engine takes over the model: it switches the model's attention to acb's paged attention, so run
+    ``model.generate`` on a copy if you need both. Use it as ``async with engine:``; ``stream()`` and ``generate()``
+    may then be called from any number of tasks on that event loop.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, config: EngineConfig | None = None) -> None:
+        self.config = config = config if config is not None else EngineConfig()
+        self.tokenizer = tokenizer
+        if config.device is not None or config.dtype is not None:
+            model.to(device=config.device, dtype=_DTYPES[config.dtype] if config.dtype else None)
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        attention.register()
+        model.eval()
+        model.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
+        self.model = model
+
+        self.shape = shape = ModelShape.from_config(model.config)
+        self.max_model_len = config.max_model_len or shape.max_position_embeddings or 4096
+        num_blocks = config.num_kv_blocks or auto_num_blocks(
+            shape,
+            config.block_size,
+            self.dtype,
+            self.device,
+            config.kv_memory_fraction,
+            wanted_tokens=config.max_num_seqs * self.max_model_len,
+        )
+        self._allocator = BlockAllocator(num_blocks, config.block_size)
+        self._scheduler = Scheduler(self._allocator, config.max_num_seqs, config.max_num_batched_tokens)
+        self._builder = BatchBuilder(
+            config.max_num_seqs, self._allocator.blocks_for(self.max_model_len), config.block_size
+        )
+        kv_cache = KVCache(shape, num_blocks, config.block_size, self.dtype, self.device)
+        self._runner = ModelRunner(model, kv_cache, config.max_num_seqs, self.device)
+        self._bridge = CompletionBridge()
+        self._admission = Admission(
+            tokenizer,
+            vocab_size=shape.vocab_size,
+            max_model_len=self.max_model_len,
+            max_cache_tokens=num_blocks * config.block_size,
+            long_prompt_chars=config.long_prompt_chars,
+        )
+        self._eos_ids = _eos_ids(model, tokenizer)
+
+        self._live: dict[str, RequestState] = {}
+        self._ids = itertools.count()
+        self._arrivals = itertools.count()
+        self._steps = 0
+        self._state = "new"
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    @classmethod
+    def from_pretrained(
+        cls, path_or_id: str, *, dtype: str | None = None, device: str | None = None, **config_fields
+    ) -> Engine:
+        """Load a transformers causal LM and its tokenizer (local directory or hub id) and wrap them."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch_dtype = _DTYPES[dtype] if dtype else "auto"
+        model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path_or_id)
+        return cls(model, tokenizer, EngineConfig(device=device, dtype=dtype, **config_fields))
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the pipeline tasks on the running event loop."""
+        if self._state != "new":
+            raise EngineClosedError(f"the engine cannot be started again (it is {self._state})")
+        self._loop = asyncio.get_running_loop()
+        self._admitted: asyncio.Queue[RequestState] = asyncio.Queue(self.config.max_pending)
+        self._launched: asyncio.Queue[StepHandle] = asyncio.Queue()
+        self._to_detok: asyncio.Queue[list[SampledToken]] = asyncio.Queue()
+        self._inflight = asyncio.Semaphore(2 if self.config.overlap else 1)
+        self._work = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closing = asyncio.Event()
+        self._tasks = [
+            asyncio.create_task(self._step_loop(), name="acb-step-loop"),
+            asyncio.create_task(self._completion_loop(), name="acb-completion-loop"),
+            asyncio.create_task(self._detok_loop(), name="acb-detok-loop"),
+        ]
+        self._state = "running"
+
+    async def close(self, *, drain: bool = True) -> None:
+        """Stop accepting requests, let running ones finish (up to ``drain_timeout``), fail the rest with
+        :class:`EngineClosedError`, and stop the pipeline."""
+        if self._state in ("new", "closed"):
+            self._state = "closed"
+            return
+        if self._state == "closing":
+            await self._closed_event.wait()
+            return
+        self._state = "closing"
+        self._closed_event = asyncio.Event()
+        self._closing.set()
+        try:
+            if drain and self._live:
+                try:
+                    await asyncio.wait_for(self._idle.wait(), self.config.drain_timeout)
+                except TimeoutError:
+                    pass
+            for state in list(self._live.values()):
+                self._fail(state, EngineClosedError("the engine closed before this request finished"))
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.to_thread(self._runner.close)
+        finally:
+            self._state = "closed"
+            self._closed_event.set()
+
+    async def __aenter__(self) -> Engine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        await self.close(drain=exc_type is None)
+
+    # -- public API ---------------------------------------------------------------------------------------------
+
+    def stream(
+        self, prompt: Prompt, params: SamplingParams | None = None, *, request_id: str | None = None
+    ) -> RequestStream:
+        """Generate for ``prompt`` (a string or token ids), yielding one :class:`Token` per generated token."""
+        return RequestStream(self, prompt, params, request_id)
+
+    async def generate(
+        self, prompt: Prompt, params: SamplingParams | None = None, *, request_id: str | None = None
+    ) -> Completion:
+        """Generate for ``prompt`` and return the whole :class:`Completion`."""
+        stream = self.stream(prompt, params, request_id=request_id)
+        texts: list[str] = []
+        ids: list[int] = []
+        logprobs: list[float] = []
+        reason = "abort"
+        async for tok in stream:
+            texts.append(tok.text)
+            if tok.id is not None:
+                ids.append(tok.id)
+                if tok.logprob is not None:
+                    logprobs.append(tok.logprob)
+            if tok.finish_reason is not None:
+                reason = tok.finish_reason
+        prompt_ids = stream._state.seq.token_ids[: stream._state.seq.num_prompt] if stream._state else []
+        return Completion(
+            request_id=stream.request_id,
+            text="".join(texts),
+            token_ids=ids,
+            finish_reason=reason,
+            prompt_token_ids=prompt_ids,
+            logprobs=logprobs if params is not None and params.logprobs else None,
+        )
+
+    def abort(self, request_id: str) -> bool:
+        """End a request now (its stream gets a final ``finish_reason="abort"`` marker) and free its KV blocks.
+
+        Returns False if no live request has this id. Call it from the engine's event-loop thread.
+        """
+        state = self._live.get(request_id)
+        if state is None:
+            return False
+        self._abort(state)
+        return True
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            kv_blocks_total=self._allocator.num_blocks,
+            kv_blocks_free=self._allocator.num_free,
+            num_running=len(self._scheduler.running),
+            num_waiting=len(self._scheduler.waiting) + (self._admitted.qsize() if self._state != "new" else 0),
+            num_preemptions=self._scheduler.num_preemptions,
+            steps=self._steps,
+        )
+
+    # -- admission ----------------------------------------------------------------------------------------------
+
+    def _new_request_id(self) -> str:
+        return f"req-{next(self._ids)}"
+
+    async def _submit(self, request_id: str, prompt: Prompt, params: SamplingParams | None) -> RequestState:
+        self._check_open()
+        params = self._admission.check_params(params)
+        if request_id in self._live:
+            raise DuplicateRequestIdError(f"request_id {request_id!r} is already in use")
+        ids = await self._admission.tokenize(prompt)
+        self._admission.check_fits(len(ids), params)
+        self._check_open()
+        if request_id in self._live:
+            raise DuplicateRequestIdError(f"request_id {request_id!r} is already in use")
+        seed = (params.seed if params.seed is not None else random.getrandbits(32)) % (1 << 32)
+        seq = Sequence(
+            request_id,
+            next(self._arrivals),
+            ids,
+            params,
+            max_model_len=self.max_model_len,
+            eos_ids=self._eos_ids,
+            seed=seed,
+        )
+        state = RequestState(seq, self.tokenizer)
+        self._live[request_id] = state
+        self._idle.clear()
+        try:
+            if self._admitted.full():  # backpressure: wait for room, but not past a shutdown
+                put = asyncio.ensure_future(self._admitted.put(state))
+                closing = asyncio.ensure_future(self._closing.wait())
+                try:
+                    await asyncio.wait({put, closing}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    closing.cancel()
+                    if not put.done():
+                        put.cancel()
+                if not put.done() or put.cancelled():
+                    self._check_open()
+            else:
+                self._admitted.put_nowait(state)
+        except BaseException:
+            self._forget(state)
+            raise
+        self._work.set()
+        return state
+
+    def _check_open(self) -> None:
+        if self._state != "running":
+            raise EngineClosedError(
+                "the engine is not running: use `async with engine:` (or `await engine.start()`)"
+                if self._state == "new"
+                else f"the engine is {self._state}"
+            )
+
+    # -- stage: scheduling, batch preparation and launch ----------------------------------------------------------
+
+    async def _step_loop(self) -> None:
+        while True:
+            await self._inflight.acquire()
+            while True:
+                self._pull_admissions()
+                step = self._scheduler.schedule()
+                if step is not None:
+                    break
+                self._work.clear()
+                await self._work.wait()
+            try:
+                handle = self._runner.launch(self._builder.build(step))
+            except Exception as exc:  # a bad batch fails its own requests, not the engine
+                log.exception("preparing step %d failed", step.step_id)
+                for seq in self._scheduler.on_step_failed(step):
+                    self._fail(self._live.get(seq.request_id), RequestFailedError(f"step failed: {exc!r}"), exc)
+                self._inflight.release()
+                continue
+            self._steps += 1
+            self._launched.put_nowait(handle)
+
+    def _pull_admissions(self) -> None:
+        room = self._scheduler.room_for_new
+        while room > 0 and not self._admitted.empty():
+            state = self._admitted.get_nowait()
+            if state.seq.is_finished:
+                continue  # aborted while it waited in the queue
+            self._scheduler.add(state.seq)
+            room -= 1
+
+    # -- stage: completion --------------------------------------------------------------------------------------
+
+    async def _completion_loop(self) -> None:
+        while True:
+            handle = await self._launched.get()
+            step = handle.batch.step
+            try:
+                result = await self._bridge.wait(handle)
+                tokens = result.tokens.tolist()
+                logprobs = None if result.logprobs is None else result.logprobs.tolist()
+                accepted = self._scheduler.on_step_done(step, tokens, logprobs)
+            except Exception as exc:
+                log.exception("step %d failed", step.step_id)
+                for seq in self._scheduler.on_step_failed(step):
+                    self._fail(self._live.get(seq.request_id), RequestFailedError(f"step failed: {exc!r}"), exc)
+            else:
+                if accepted:
+                    self._to_detok.put_nowait(accepted)
+            finally:
+                self._inflight.release()
+                self._work.set()
+
+    # -- stage: detokenization and delivery -----------------------------------------------------------------------
+
+    async def _detok_loop(self) -> None:
+        while True:
+            batch = await self._to_detok.get()
+            for s in batch:
+                state = self._live.get(s.seq.request_id)
+                if state is None or state.seq is not s.seq:
+                    continue
+                try:
+                    stop_hit = state.deliver(s)
+                except Exception as exc:
+                    log.exception("detokenizing %s failed", s.seq.request_id)
+                    self._fail(state, RequestFailedError(f"detokenization failed: {exc!r}"), exc)
+                    continue
+                if stop_hit:
+                    self._scheduler.finish(s.seq, "stop")
+                    self._work.set()
+                if state.closed:
+                    self._forget(state)
+
+    # -- request endings ----------------------------------------------------------------------------------------
+
+    def _abort(self, state: RequestState) -> None:
+        self._scheduler.finish(state.seq, "abort")
+        state.end(Token(None, "", None, "abort"))
+        self._forget(state)
+        self._work.set()
+
+    def _abort_threadsafe(self, state: RequestState) -> None:
+        """Abort from anywhere (a stream's finalizer may run on another thread)."""
+        loop = self._loop
+        if loop is None or loop.is_closed() or self._live.get(state.seq.request_id) is not state:
+            return
+        if _running_loop() is loop:
+            self._abort(state)
+        else:
+            loop.call_soon_threadsafe(self._abort_if_live, state)
+
+    def _abort_if_live(self, state: RequestState) -> None:
+        if self._live.get(state.seq.request_id) is state:
+            self._abort(state)
+
+    def _fail(self, state: RequestState | None, error: Exception, cause: BaseException | None = None) -> None:
+        if state is None:
+            return
+        if cause is not None:
+            error.__cause__ = cause
+        self._scheduler.finish(state.seq, "error")
+        state.end(error)
+        self._forget(state)
+        self._work.set()
+
+    def _forget(self, state: RequestState) -> None:
+        if self._live.get(state.seq.request_id) is state:
+            del self._live[state.seq.request_id]
+            if not state.seq.is_finished:
+                self._scheduler.finish(state.seq, "abort")
+        if not self._live:
+            self._idle.set()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _eos_ids(model, tokenizer) -> frozenset[int]:
+    ids: set[int] = set()
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif eos:
+        ids.update(int(e) for e in eos)
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+

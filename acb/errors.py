@@ -1,0 +1,53 @@
+"""Every error acb raises at its API boundary, in one place.
+
+The hierarchy lets callers catch broadly (``AcbError``) or precisely. Request validation errors also derive from
+``ValueError`` so code written against plain Python conventions keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AcbError",
+    "InvalidRequestError",
+    "InvalidSamplingParamsError",
+    "InvalidPromptError",
+    "PromptTooLongError",
+    "DuplicateRequestIdError",
+    "EngineClosedError",
+    "RequestFailedError",
+]
+
+
+class AcbError(Exception):
+    """Base class of every error raised by acb."""
+
+
+class InvalidRequestError(AcbError, ValueError):
+    """The request was rejected at admission; nothing was scheduled for it."""
+
+
+class InvalidSamplingParamsError(InvalidRequestError):
+    """A :class:`~acb.SamplingParams` field is out of range."""
+
+
+class InvalidPromptError(InvalidRequestError):
+    """The prompt is empty, of the wrong type, or holds token ids outside the vocabulary."""
+
+
+class PromptTooLongError(InvalidRequestError):
+    """The request cannot fit: longer than ``max_model_len`` or than the whole KV cache."""
+
+
+class DuplicateRequestIdError(InvalidRequestError):
+    """A live request already uses this ``request_id``."""
+
+
+class EngineClosedError(AcbError):
+    """The engine is not running (never started, closing, or closed)."""
+
+
+class RequestFailedError(AcbError):
+    """The request failed inside the engine (a failing step, a tokenizer error). Other requests keep running.
+
+    The original exception is chained as ``__cause__``.
+    """

@@ -1,0 +1,50 @@
+"""What the engine hands back: streamed :class:`Token` objects, a whole :class:`Completion`, and
+:class:`EngineStats`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["FinishReason", "Token", "Completion", "EngineStats"]
+
+FinishReason = Literal["length", "stop", "abort"]
+
+
+@dataclass(slots=True, frozen=True)
+class Token:
+    """One generated token as streamed by :meth:`acb.Engine.stream`.
+
+    ``text`` is the text this token adds to the output; it may be ``""`` (an incomplete multi-byte character is held
+    back until it completes, and a possible stop-string prefix until it is ruled out). ``finish_reason`` is set on
+    the last item of a stream only. When a request is aborted, its stream ends with a marker whose ``id`` is ``None``.
+    """
+
+    id: int | None
+    text: str
+    logprob: float | None = None
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class Completion:
+    """A finished request, as returned by :meth:`acb.Engine.generate`."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    prompt_token_ids: list[int]
+    logprobs: list[float] | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load."""
+
+    kv_blocks_total: int
+    kv_blocks_free: int
+    num_running: int
+    num_waiting: int
+    num_preemptions: int
+    steps: int

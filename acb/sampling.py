@@ -1,0 +1,87 @@
+"""Batched sampling on the model's device: greedy, temperature, top-k, top-p, per-request seeds.
+
+Randomness is counter-based: the noise for a request's token at position ``p`` is a hash of ``(seed, p, vocab
+index)``, computed with integer tensor ops. A seeded request therefore samples the same tokens whatever else
+shares its batches, across preemption and recompute, with no per-request generator objects and no host sync.
+Sampling uses the exponential-race form of the Gumbel-max trick: ``argmax(probs / E)`` with ``E ~ Exp(1)`` draws
+from ``probs``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["SamplingTensors", "sample", "uniform_noise"]
+
+_MASK32 = 0xFFFFFFFF
+
+
+@dataclass(slots=True)
+class SamplingTensors:
+    """Per-row sampling parameters as device tensors, plus host flags that let whole stages be skipped."""
+
+    temperature: torch.Tensor  # [S] float32, 0 = greedy
+    top_k: torch.Tensor  # [S] int64, 0 = off
+    top_p: torch.Tensor  # [S] float32, 1 = off
+    seeds: torch.Tensor  # [S] int64 in [0, 2**32)
+    positions: torch.Tensor  # [S] int64
+    all_greedy: bool
+    needs_filter: bool
+    needs_logprobs: bool
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finalizer (lowbias32) on int64 tensors holding values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """``[S, vocab]`` uniforms in (0, 1), a pure function of (seed, position, column)."""
+    row = _mix32((_mix32(seeds & _MASK32) ^ ((positions * 0x9E3779B1) & _MASK32)) & _MASK32)
+    col = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
+    h = _mix32((row[:, None] ^ ((col[None, :] * 0x85EBCA77) & _MASK32)) & _MASK32)
+    h = _mix32((h + 0x27D4EB2F) & _MASK32)
+    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Set logits outside each row's top-k / nucleus to -inf (always keeping the most likely token)."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    vocab = logits.shape[-1]
+    rank = torch.arange(vocab, device=logits.device)[None, :]
+    k = torch.where(top_k > 0, top_k, vocab)[:, None]
+    drop = rank >= k
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
+    before = probs.cumsum(-1) - probs  # mass strictly ahead of each token
+    drop |= before > top_p[:, None]
+    drop[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def sample(logits: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Pick one token per row of ``logits [S, vocab]``; returns ``(tokens [S], logprobs [S] or None)``.
+
+    ``logprobs`` are log-probabilities of the chosen tokens under the model's unmodified distribution.
+    """
+    logits = logits.float()
+    greedy = logits.argmax(-1)
+    if t.all_greedy:
+        tokens = greedy
+    else:
+        scaled = logits / t.temperature.clamp_min(1e-6)[:, None]
+        if t.needs_filter:
+            scaled = _filter_top_k_top_p(scaled, t.top_k, t.top_p)
+        probs = scaled.softmax(-1)
+        race = probs / -torch.log(uniform_noise(t.seeds, t.positions, logits.shape[-1]))
+        tokens = torch.where(t.temperature == 0, greedy, race.argmax(-1))
+    logprobs = None
+    if t.needs_logprobs:
+        logprobs = logits.log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
+    return tokens, logprobs

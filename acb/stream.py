@@ -1,0 +1,109 @@
+"""Delivery to one request: its output channel, detokenization state, and the user-facing async iterator.
+
+Each request owns an unbounded channel, so a slow consumer only lets its own tokens pile up: it never stalls the
+step loop or other requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from .detokenizer import IncrementalDetokenizer, StopStringMatcher
+from .outputs import Token
+from .scheduler import SampledToken
+from .sequence import Sequence
+
+if TYPE_CHECKING:
+    from .admission import Prompt
+    from .config import SamplingParams
+    from .engine import Engine
+
+__all__ = ["RequestState", "RequestStream"]
+
+
+class RequestState:
+    """The engine's side of one request: sequence, detokenizer, stop strings and the output channel."""
+
+    def __init__(self, seq: Sequence, tokenizer) -> None:
+        self.seq = seq
+        self.channel: asyncio.Queue[Token | BaseException] = asyncio.Queue()
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.stops = StopStringMatcher(seq.params.stop) if seq.params.stop else None
+        self.closed = False
+
+    def deliver(self, s: SampledToken) -> bool:
+        """Turn one accepted token into a :class:`Token` on the channel. Returns True if a stop string ended it."""
+        if self.closed:
+            return False
+        reason = s.finish_reason
+        if s.is_stop_token:
+            text = self.detok.flush()  # a stop token's own text is never emitted
+        else:
+            text = self.detok.add(s.token_id)
+            if reason is not None:
+                text += self.detok.flush()
+        hit = False
+        if self.stops is not None:
+            text, hit = self.stops.feed(text, final=reason is not None)
+            if hit:
+                reason = "stop"
+        self.channel.put_nowait(Token(s.token_id, text, s.logprob, reason))
+        if reason is not None:
+            self.closed = True
+        return hit
+
+    def end(self, item: Token | BaseException) -> None:
+        """Close the channel with a final marker token or an error."""
+        if not self.closed:
+            self.closed = True
+            self.channel.put_nowait(item)
+
+
+class RequestStream(AsyncIterator[Token]):
+    """``async for tok in engine.stream(prompt)``. Submission happens on the first iteration, so admission errors
+    (typed, see :mod:`acb.errors`) surface there. Leaving the loop early, cancelling the consuming task, or
+    :meth:`aclose` aborts the request and frees its KV blocks."""
+
+    def __init__(self, engine: Engine, prompt: Prompt, params: SamplingParams | None, request_id: str | None) -> None:
+        self._engine = engine
+        self._prompt = prompt
+        self._params = params
+        self._state: RequestState | None = None
+        self._done = False
+        self.request_id = request_id if request_id is not None else engine._new_request_id()
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> Token:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            if self._state is None:
+                self._state = await self._engine._submit(self.request_id, self._prompt, self._params)
+            item = await self._state.channel.get()
+        except BaseException:
+            self._done = True
+            self._abort()
+            raise
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        if item.finish_reason is not None:
+            self._done = True
+        return item
+
+    async def aclose(self) -> None:
+        self._done = True
+        self._abort()
+
+    def _abort(self) -> None:
+        if self._state is not None and not self._state.closed:
+            self._engine._abort_threadsafe(self._state)
+
+    def __del__(self) -> None:
+        # `break` out of `async for` drops the last reference here: abort at once instead of waiting for GC hooks.
+        if not self._done:
+            self._abort()

@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny random models, the offline tokenizer, reference generation, and the loop matrix.
+
+Every async test runs twice, on plain asyncio and on uvloop (pytest-asyncio's loop-factory hook).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+
+import pytest
+import torch
+
+from acb.default_model import default_tokenizer, tiny_model
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is a test dependency; keep the suite usable without it
+    uvloop = None
+
+
+def pytest_asyncio_loop_factories(config, item):
+    factories = {"asyncio": asyncio.new_event_loop}
+    if uvloop is not None:
+        factories["uvloop"] = uvloop.new_event_loop
+    return factories
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return default_tokenizer()
+
+
+@pytest.fixture
+def make_model():
+    """``make_model(arch, seed)`` -> ``(engine_model, reference_model)``: two copies of the same random weights.
+
+    The engine switches its model to paged attention, so references run on the untouched copy.
+    """
+
+    def make(arch: str = "llama", seed: int = 0, **overrides):
+        model = tiny_model(arch, seed=seed, **overrides)
+        return model, copy.deepcopy(model)
+
+    return make
+
+
+def reference_greedy(model, prompt_ids: list[int], max_new_tokens: int, ignore_eos: bool = True) -> list[int]:
+    """transformers' own greedy output for one prompt (float32, no padding)."""
+    kwargs = {}
+    if ignore_eos:
+        kwargs = dict(eos_token_id=None, min_new_tokens=max_new_tokens)
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt_ids]),
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            **kwargs,
+        )
+    return out[0, len(prompt_ids) :].tolist()
+
+
+def random_prompts(n: int, lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (lengths[i % len(lengths)],), generator=g).tolist() for i in range(n)]
