@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import Sequence as SequenceABC
 
 from .config import SamplingParams
-from .errors import InvalidPromptError, InvalidSamplingParamsError, PromptTooLongError
+from .errors import InvalidPromptError, InvalidSamplingParamsError, PromptTooLongError, RequestFailedError
 
 __all__ = ["Admission", "Prompt"]
 
@@ -42,10 +42,13 @@ class Admission:
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidPromptError("the prompt is empty")
-            if len(prompt) > self.long_prompt_chars:
-                ids = await asyncio.to_thread(self.tokenizer.encode, prompt)
-            else:
-                ids = self.tokenizer.encode(prompt)
+            try:
+                if len(prompt) > self.long_prompt_chars:
+                    ids = await asyncio.to_thread(self.tokenizer.encode, prompt)
+                else:
+                    ids = self.tokenizer.encode(prompt)
+            except Exception as exc:  # a tokenizer bug or a pathological input: fail this request only
+                raise RequestFailedError(f"tokenizing the prompt failed: {exc!r}") from exc
             ids = list(ids)
         elif isinstance(prompt, SequenceABC) and not isinstance(prompt, (bytes, bytearray)):
             ids = list(prompt)

@@ -1,0 +1,82 @@
+"""The reference paged attention against plain dense causal attention."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from acb.attention import AttentionMetadata, paged_attention_reference
+from acb.kv_cache import KVCache, ModelShape
+
+
+def _dense(q, k, v, scale, window=None):
+    """Causal attention for one sequence whose last len(q) positions are the queries."""
+    n, ctx = q.shape[0], k.shape[0]
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = torch.einsum("qhd,khd->hqk", q, k) * scale
+    qp = torch.arange(ctx - n, ctx)[:, None]
+    kp = torch.arange(ctx)[None, :]
+    mask = kp <= qp
+    if window:
+        mask &= kp > qp - window
+    s = s.masked_fill(~mask, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", s.softmax(-1), v)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("case", ["mixed", "decode"])
+def test_reference_matches_dense(case, window):
+    torch.manual_seed(0)
+    heads, kv_heads, dim, bs = 8, 2, 16, 4
+    shape = ModelShape(1, heads, kv_heads, dim, 100, None)
+    cache = KVCache(shape, num_blocks=64, block_size=bs, dtype=torch.float32, device=torch.device("cpu"))
+    ctx_lens = [1, 5, 8, 13, 31] if case == "mixed" else [3, 9, 16, 17]
+    new = [min(c, n) for c, n in zip(ctx_lens, [1, 5, 3, 13, 7])] if case == "mixed" else [1] * len(ctx_lens)
+    perm = torch.randperm(64).tolist()  # scattered physical blocks
+    tables, ks, vs = [], [], []
+    for c in ctx_lens:
+        nb = math.ceil(c / bs)
+        tables.append([perm.pop() for _ in range(nb)])
+        ks.append(torch.randn(c, kv_heads, dim))
+        vs.append(torch.randn(c, kv_heads, dim))
+    # the cached prefix goes in directly; the new tokens through KVCache.write, as a step would
+    for t, k, v, n in zip(tables, ks, vs, new):
+        for p in range(k.shape[0] - n):
+            cache.layers[0][0, t[p // bs], p % bs] = k[p]
+            cache.layers[0][1, t[p // bs], p % bs] = v[p]
+    slots = [t[p // bs] * bs + p % bs for t, c, n in zip(tables, ctx_lens, new) for p in range(c - n, c)]
+    cache.write(
+        0,
+        torch.cat([k[-n:] for k, n in zip(ks, new)]),
+        torch.cat([v[-n:] for v, n in zip(vs, new)]),
+        torch.tensor(slots),
+    )
+    width = max(len(t) for t in tables)
+    meta = AttentionMetadata(
+        kv_cache=cache,
+        slot_mapping=torch.tensor(slots),
+        query_start_loc=[0, *torch.tensor(new).cumsum(0).tolist()],
+        seq_lens=ctx_lens,
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]),
+        decode_only=case == "decode",
+    )
+    qs = [torch.randn(n, heads, dim) for n in new]
+    out = paged_attention_reference(torch.cat(qs), cache.layers[0], meta, 0.25, sliding_window=window)
+    expected = torch.cat([_dense(q, k, v, 0.25, window) for q, k, v in zip(qs, ks, vs)])
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_softcap_path_matches_sdpa_path_when_cap_is_huge():
+    torch.manual_seed(1)
+    q = torch.randn(3, 4, 8)
+    k = torch.randn(6, 2, 8)
+    v = torch.randn(6, 2, 8)
+    from acb.attention import _attend
+
+    mask = torch.arange(6)[None, :] <= torch.arange(3, 6)[:, None]
+    a = _attend(q, k, v, mask, 0.3, None)
+    b = _attend(q, k, v, mask, 0.3, 1e9)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

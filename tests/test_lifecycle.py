@@ -1,0 +1,77 @@
+"""Start, drain, close, backpressure."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from acb import Engine, EngineClosedError, EngineConfig, SamplingParams
+from conftest import random_prompts, reference_greedy
+
+
+async def test_leaving_async_with_drains_running_requests(make_model, tokenizer):
+    model, ref = make_model("llama")
+    prompts = random_prompts(4, [5, 9], len(tokenizer))
+    async with Engine(model, tokenizer) as engine:
+        tasks = [asyncio.create_task(engine.generate(p, SamplingParams(max_new_tokens=12, ignore_eos=True))) for p in prompts]
+        await asyncio.sleep(0)
+    outs = await asyncio.gather(*tasks)
+    assert [o.token_ids for o in outs] == [reference_greedy(ref, p, 12) for p in prompts]
+
+
+async def test_close_past_the_drain_timeout_fails_what_is_left(make_model, tokenizer):
+    model, _ = make_model("llama")
+    engine = Engine(model, tokenizer, EngineConfig(drain_timeout=0.05))
+    await engine.start()
+    tasks = [
+        asyncio.create_task(engine.generate(f"p{i}", SamplingParams(max_new_tokens=100_000 // 100, ignore_eos=True)))
+        for i in range(3)
+    ]
+    await asyncio.sleep(0.02)
+    await asyncio.wait_for(engine.close(), 5)
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, EngineClosedError) or r.finish_reason == "length" for r in results)
+    assert any(isinstance(r, EngineClosedError) for r in results)
+    assert engine.stats().kv_blocks_free == engine.stats().kv_blocks_total
+    assert all(t.done() for t in engine._tasks)
+
+
+async def test_an_exception_in_the_body_closes_without_draining(make_model, tokenizer):
+    model, _ = make_model("llama")
+    with pytest.raises(ZeroDivisionError):
+        async with Engine(model, tokenizer) as engine:
+            task = asyncio.create_task(engine.generate("p", SamplingParams(max_new_tokens=5000 // 10, ignore_eos=True)))
+            await asyncio.sleep(0.01)
+            1 / 0
+    with pytest.raises(EngineClosedError):
+        await task
+
+
+async def test_backpressure_bounds_pending_admissions(make_model, tokenizer):
+    model, ref = make_model("llama")
+    prompts = random_prompts(12, [4, 7], len(tokenizer), seed=3)
+    config = EngineConfig(max_num_seqs=2, max_pending=2)
+    async with Engine(model, tokenizer, config) as engine:
+        tasks = [asyncio.create_task(engine.generate(p, SamplingParams(max_new_tokens=6, ignore_eos=True))) for p in prompts]
+        peak = 0
+        while not all(t.done() for t in tasks):
+            s = engine.stats()
+            assert s.num_running <= 2
+            peak = max(peak, engine._admitted.qsize())
+            await asyncio.sleep(0.001)
+        outs = [t.result() for t in tasks]
+    assert peak <= 2
+    assert [o.token_ids for o in outs] == [reference_greedy(ref, p, 6) for p in prompts]
+
+
+async def test_close_releases_submitters_blocked_on_backpressure(make_model, tokenizer):
+    model, _ = make_model("llama")
+    engine = Engine(model, tokenizer, EngineConfig(max_num_seqs=1, max_pending=1, drain_timeout=0))
+    await engine.start()
+    params = SamplingParams(max_new_tokens=2000 // 10, ignore_eos=True)
+    tasks = [asyncio.create_task(engine.generate(f"p{i}", params)) for i in range(5)]
+    await asyncio.sleep(0.05)
+    await asyncio.wait_for(engine.close(), 5)
+    results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
+    assert all(isinstance(r, EngineClosedError) or r.finish_reason == "length" for r in results)

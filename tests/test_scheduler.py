@@ -1,0 +1,101 @@
+"""The scheduler on its own: pure Python, no model."""
+
+from __future__ import annotations
+
+from acb.block_allocator import BlockAllocator
+from acb.config import SamplingParams
+from acb.scheduler import Scheduler
+from acb.sequence import Sequence, SeqStatus
+
+
+def _seq(i: int, prompt_len: int, max_new: int = 4) -> Sequence:
+    return Sequence(
+        f"r{i}", i, list(range(1, prompt_len + 1)), SamplingParams(max_new_tokens=max_new),
+        max_model_len=1000, eos_ids=frozenset(), seed=0,
+    )
+
+
+def _sched(blocks=100, block_size=4, seqs=8, budget=16) -> Scheduler:
+    return Scheduler(BlockAllocator(blocks, block_size), seqs, budget)
+
+
+def _finish_step(s: Scheduler, step, token=7):
+    n = sum(e.sample for e in step.entries)
+    return s.on_step_done(step, [token] * n, None)
+
+
+def test_chunked_prefill_respects_the_token_budget_and_mixes_with_decode():
+    s = _sched(budget=16)
+    a, b = _seq(0, 3), _seq(1, 40)
+    s.add(a)
+    s.add(b)
+    step = s.schedule()
+    assert [(e.seq.request_id, e.num_tokens, e.sample) for e in step.entries] == [("r0", 3, True), ("r1", 13, False)]
+    _finish_step(s, step)
+    step = s.schedule()  # a decodes (1 token) while b's prompt continues in the rest of the budget
+    assert [(e.seq.request_id, e.start, e.num_tokens) for e in step.entries] == [("r0", 3, 1), ("r1", 13, 15)]
+    assert step.num_tokens == 16
+
+
+def test_fifo_admission_never_skips_the_head():
+    s = _sched(blocks=10, block_size=4, budget=1000)
+    big, small = _seq(0, 45), _seq(1, 2)  # big needs 12 blocks > 10 free right now... but fits in the cache later
+    s.add(big)
+    s.add(small)
+    assert s.schedule() is None  # small must not overtake big
+
+
+def test_max_num_seqs_caps_the_batch():
+    s = _sched(seqs=2, budget=100)
+    for i in range(4):
+        s.add(_seq(i, 2))
+    step = s.schedule()
+    assert len(step.entries) == 2 and len(s.waiting) == 2
+
+
+def test_preemption_takes_the_newest_and_recomputes_it_later():
+    s = _sched(blocks=4, block_size=4, budget=100)
+    old, new = _seq(0, 7, max_new=10), _seq(1, 7, max_new=10)
+    s.add(old)
+    s.add(new)
+    step = s.schedule()  # 2 blocks each: the cache is full
+    assert len(step.entries) == 2 and s.allocator.num_free == 0
+    _finish_step(s, step)  # positions 0..6 computed, token 7 sampled for each
+    step = s.schedule()  # both decode position 7 (still within their second block)
+    _finish_step(s, step)
+    step = s.schedule()  # position 8 needs a third block: the newest is preempted
+    assert [e.seq for e in step.entries] == [old]
+    assert new.status is SeqStatus.WAITING and new.num_computed == 0 and new.block_table == []
+    assert s.num_preemptions == 1
+    _finish_step(s, step)
+    # once old finishes, new is recomputed from all its tokens (prompt + the 2 it had generated)
+    s.finish(old, "abort")
+    step = s.schedule()
+    assert [(e.seq, e.start, e.num_tokens, e.sample) for e in step.entries] == [(new, 0, 9, True)]
+
+
+def test_overlap_schedules_from_pending_tokens_and_drops_the_extra_token():
+    s = _sched(budget=100)
+    a = _seq(0, 5, max_new=3)
+    s.add(a)
+    s1 = s.schedule()
+    assert a.num_pending == 1
+    s2 = s.schedule()  # scheduled before s1's token reached the host: decodes position 5 from the device buffer
+    assert [(e.start, e.num_tokens, e.sample) for e in s2.entries] == [(5, 1, True)]
+    out = s.on_step_done(s1, [9], None)
+    assert [(t.token_id, t.finish_reason) for t in out] == [(9, None)]
+    s.finish(a, "stop")  # e.g. a stop string in token 9: s2's sample is the extra token
+    assert s.on_step_done(s2, [11], None) == []
+    assert a.token_ids[-1] == 9 and s.allocator.num_free == 100
+
+
+def test_a_sequence_at_its_length_limit_is_not_scheduled_again():
+    s = _sched(budget=100)
+    a = _seq(0, 5, max_new=2)
+    s.add(a)
+    s1 = s.schedule()
+    s2 = s.schedule()  # decode for the second (last) token
+    assert s.schedule() is None  # the last token is never fed back
+    _finish_step(s, s1)
+    out = _finish_step(s, s2)
+    assert out[0].finish_reason == "length" and a.is_finished
