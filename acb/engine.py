@@ -128,9 +128,9 @@ class Engine:
         self._idle.set()
         self._closing = asyncio.Event()
         self._tasks = [
-            asyncio.create_task(self._step_loop(), name="acb-step-loop"),
-            asyncio.create_task(self._completion_loop(), name="acb-completion-loop"),
-            asyncio.create_task(self._detok_loop(), name="acb-detok-loop"),
+            asyncio.create_task(self._guard(self._step_loop()), name="acb-step-loop"),
+            asyncio.create_task(self._guard(self._completion_loop()), name="acb-completion-loop"),
+            asyncio.create_task(self._guard(self._detok_loop()), name="acb-detok-loop"),
         ]
         self._state = "running"
 
@@ -138,6 +138,13 @@ class Engine:
         """Stop accepting requests, let running ones finish (up to ``drain_timeout``), fail the rest with
         :class:`EngineClosedError`, and stop the pipeline."""
         if self._state in ("new", "closed"):
+            self._state = "closed"
+            return
+        if self._state == "failed":
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.to_thread(self._runner.close)
             self._state = "closed"
             return
         if self._state == "closing":
@@ -224,6 +231,21 @@ class Engine:
             num_preemptions=self._scheduler.num_preemptions,
             steps=self._steps,
         )
+
+    async def _guard(self, stage) -> None:
+        """Run a pipeline stage; if it dies of a bug, fail every live request and refuse new ones instead of
+        leaving streams hanging."""
+        try:
+            await stage
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            log.critical("an acb pipeline stage crashed; the engine stops serving", exc_info=True)
+            self._state = "failed"
+            self._closing.set()
+            for state in list(self._live.values()):
+                self._fail(state, RequestFailedError(f"the engine failed: {exc!r}"), exc)
+            raise
 
     # -- admission ----------------------------------------------------------------------------------------------
 

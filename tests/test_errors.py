@@ -147,3 +147,21 @@ async def test_a_tokenizer_error_fails_one_request(make_model, tokenizer):
             await bad
         assert isinstance(info.value.__cause__, Boom)
         assert (await good).token_ids == reference_greedy(ref, encode("fine"), 8)
+
+
+async def test_a_crashed_stage_fails_live_requests_instead_of_hanging(make_model, tokenizer):
+    model, _ = make_model("llama")
+    async with Engine(model, tokenizer) as engine:
+        stream = engine.stream("hello", SamplingParams(max_new_tokens=10_000 // 10, ignore_eos=True))
+        await stream.__anext__()
+
+        def broken():
+            raise AssertionError("scheduler bug")
+
+        engine._scheduler.schedule = broken
+        with pytest.raises(RequestFailedError):
+            async with asyncio.timeout(5):
+                async for _ in stream:
+                    pass
+        with pytest.raises(EngineClosedError):
+            await engine.generate("more", OK)
