@@ -19,6 +19,10 @@ except ImportError:  # pragma: no cover - uvloop is a test dependency; keep the 
     uvloop = None
 
 
+def pytest_addoption(parser):
+    parser.addoption("--soak-long", action="store_true", help="run the chaos soak with 10,000 requests (CI: 2,000)")
+
+
 def pytest_asyncio_loop_factories(config, item):
     factories = {"asyncio": asyncio.new_event_loop}
     if uvloop is not None:

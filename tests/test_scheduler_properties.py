@@ -1,0 +1,139 @@
+"""Stateful property tests of the scheduler and the block allocator (hypothesis).
+
+Any interleaving of add / step / step completion (up to two steps in flight, as under overlap) / finish / cancel /
+preempt keeps the books: owned + free blocks = total, no block owned twice, every running sequence's blocks cover
+what it computed, waiting sequences own nothing. And once nothing new arrives, every admitted sequence finishes.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from acb.block_allocator import BlockAllocator
+from acb.config import SamplingParams
+from acb.scheduler import Scheduler
+from acb.sequence import Sequence, SeqStatus
+
+BLOCKS, BLOCK_SIZE, EOS = 12, 4, 0
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.alloc = BlockAllocator(BLOCKS, BLOCK_SIZE)
+        self.sched = Scheduler(self.alloc, max_num_seqs=4, max_num_batched_tokens=16)
+        self.inflight: deque = deque()
+        self.seqs: list[Sequence] = []
+        self.sample_slots: list = []  # (sequence, slot its in-flight sample writes to), newest first
+
+    @rule(prompt=st.integers(1, 30), max_new=st.integers(1, 12))
+    def add(self, prompt, max_new):
+        if prompt + max_new - 1 > BLOCKS * BLOCK_SIZE:
+            return  # admission rejects what can never fit (tested elsewhere)
+        seq = Sequence(
+            f"r{len(self.seqs)}", len(self.seqs), [7] * prompt, SamplingParams(max_new_tokens=max_new),
+            max_model_len=10_000, eos_ids=frozenset({EOS}), seed=0,
+        )
+        self.seqs.append(seq)
+        self.sched.add(seq)
+
+    @precondition(lambda self: len(self.inflight) < 2)
+    @rule()
+    def step(self):
+        step = self.sched.schedule()
+        if step is None:
+            return
+        assert step.num_tokens <= 16 and len(step.entries) <= 4
+        for e in step.entries:
+            if e.start + e.num_tokens > len(e.seq.token_ids):
+                # this entry reads its last input from the device token buffer: the in-flight step that samples
+                # it must have written the same slot
+                producers = [slot for st_, slot in self.sample_slots if st_ is e.seq]
+                assert producers and producers[0] == e.seq.slot, f"{e.seq} reads a token from the wrong slot"
+        self.sample_slots = [(e.seq, e.seq.slot) for e in step.entries if e.sample] + [
+            x for x in self.sample_slots if x[0].num_pending
+        ]
+        self.inflight.append(step)
+
+    @precondition(lambda self: self.inflight)
+    @rule(tokens=st.lists(st.integers(0, 20), min_size=8, max_size=8))
+    def complete(self, tokens):
+        step = self.inflight.popleft()
+        n = sum(e.sample for e in step.entries)
+        self.sched.on_step_done(step, tokens[:n] + [5] * max(0, n - len(tokens)), None)
+
+    @precondition(lambda self: self.inflight)
+    @rule()
+    def fail_step(self):
+        step = self.inflight.popleft()
+        for seq in self.sched.on_step_failed(step):
+            self.sched.finish(seq, "error")
+
+    @rule(data=st.data())
+    def cancel(self, data):
+        live = [s for s in self.seqs if not s.is_finished]
+        if live:
+            self.sched.finish(data.draw(st.sampled_from(live)), "abort")
+
+    @precondition(lambda self: self.sched.running)
+    @rule()
+    def preempt(self):
+        self.sched._preempt(self.sched.running[-1])
+
+    @invariant()
+    def blocks_are_conserved_and_owned_once(self):
+        owned = [b for s in self.seqs for b in s.block_table]
+        assert len(owned) == len(set(owned))
+        assert len(owned) + self.alloc.num_free == BLOCKS
+        for s in self.seqs:
+            if s.status is SeqStatus.RUNNING:
+                assert len(s.block_table) * BLOCK_SIZE >= s.num_computed
+                assert s.slot is not None
+            else:
+                assert s.block_table == [] and s.slot is None
+        slots = [s.slot for s in self.sched.running]
+        assert len(slots) == len(set(slots))
+
+    @invariant()
+    def in_flight_samples_match_pending_and_never_repeat_a_position(self):
+        targets: dict[str, list[int]] = {}
+        for step in self.inflight:
+            for e in step.entries:
+                if e.sample:
+                    targets.setdefault(e.seq.request_id, []).append(e.start + e.num_tokens)
+        for s in self.seqs:
+            t = targets.get(s.request_id, [])
+            assert s.num_pending == len(t)
+            assert len(t) == len(set(t)), f"{s} would sample position {t} twice"
+
+    @invariant()
+    def queues_are_consistent(self):
+        assert all(s.status is SeqStatus.RUNNING for s in self.sched.running)
+        assert all(s.status is SeqStatus.WAITING for s in self.sched.waiting)
+        arrivals = [s.arrival for s in self.sched.running]
+        assert arrivals == sorted(arrivals)
+        assert [s.arrival for s in self.sched.waiting] == sorted(s.arrival for s in self.sched.waiting)
+
+    def teardown(self):
+        """With no new arrivals, every admitted sequence finishes (no deadlock, no livelock)."""
+        for _ in range(5_000):
+            if not self.inflight and not self.sched.has_work:
+                break
+            step = self.sched.schedule() if len(self.inflight) < 2 else None
+            if step is not None:
+                self.inflight.append(step)
+            elif self.inflight:
+                step = self.inflight.popleft()
+                self.sched.on_step_done(step, [5] * sum(e.sample for e in step.entries), None)
+            else:
+                raise AssertionError(f"stuck: nothing schedulable, nothing in flight: {self.sched.waiting}")
+        assert all(s.is_finished for s in self.seqs)
+        assert self.alloc.num_free == BLOCKS
+
+
+TestScheduler = SchedulerMachine.TestCase
+TestScheduler.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
