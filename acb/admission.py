@@ -34,7 +34,9 @@ class Admission:
             raise InvalidSamplingParamsError(f"params must be a SamplingParams, got {type(params).__name__}")
         bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
         if bad:
-            raise InvalidSamplingParamsError(f"stop_token_ids {bad} outside the vocabulary (size {self.vocab_size})")
+            raise InvalidSamplingParamsError(
+                f"stop_token_ids {bad} outside the vocabulary (size {self.vocab_size})", param="stop_token_ids"
+            )
         return params
 
     async def tokenize(self, prompt: Prompt) -> list[int]:
@@ -56,9 +58,8 @@ class Admission:
                 raise InvalidPromptError("a token-id prompt must be a list of ints")
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
-                raise InvalidPromptError(
-                    f"token ids {bad[:8]}{'...' if len(bad) > 8 else ''} outside the vocabulary (size {self.vocab_size})"
-                )
+                shown = f"{bad[:8]}{'...' if len(bad) > 8 else ''}"
+                raise InvalidPromptError(f"token ids {shown} outside the vocabulary (size {self.vocab_size})")
         else:
             raise InvalidPromptError(f"a prompt is a str or a list of token ids, got {type(prompt).__name__}")
         if not ids:

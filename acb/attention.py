@@ -20,7 +20,13 @@ import torch.nn.functional as F
 
 from .kv_cache import KVCache
 
-__all__ = ["ATTN_IMPLEMENTATION", "AttentionMetadata", "paged_attention_forward", "paged_attention_reference", "register"]
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "AttentionMetadata",
+    "paged_attention_forward",
+    "paged_attention_reference",
+    "register",
+]
 
 ATTN_IMPLEMENTATION = "acb_paged"
 

@@ -98,19 +98,23 @@ class SamplingParams:
         self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids)
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise InvalidSamplingParamsError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+            raise InvalidSamplingParamsError(
+                f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}", param="max_new_tokens"
+            )
         if not _is_number(self.temperature) or not self.temperature >= 0.0 or self.temperature == float("inf"):
-            raise InvalidSamplingParamsError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+            raise InvalidSamplingParamsError(
+                f"temperature must be a finite number >= 0, got {self.temperature!r}", param="temperature"
+            )
         if not _is_int(self.top_k) or self.top_k < 0:
-            raise InvalidSamplingParamsError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+            raise InvalidSamplingParamsError(f"top_k must be an integer >= 0, got {self.top_k!r}", param="top_k")
         if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
-            raise InvalidSamplingParamsError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise InvalidSamplingParamsError(f"top_p must be in (0, 1], got {self.top_p!r}", param="top_p")
         if self.seed is not None and not _is_int(self.seed):
-            raise InvalidSamplingParamsError(f"seed must be an integer or None, got {self.seed!r}")
+            raise InvalidSamplingParamsError(f"seed must be an integer or None, got {self.seed!r}", param="seed")
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise InvalidSamplingParamsError("stop must be a list of non-empty strings")
+            raise InvalidSamplingParamsError("stop must be a list of non-empty strings", param="stop")
         if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
-            raise InvalidSamplingParamsError("stop_token_ids must be non-negative integers")
+            raise InvalidSamplingParamsError("stop_token_ids must be non-negative integers", param="stop_token_ids")
 
     @property
     def greedy(self) -> bool:

@@ -15,17 +15,26 @@ __all__ = ["default_tokenizer", "tiny_config", "tiny_model", "load_default"]
 _TOKENIZER_FILE = pathlib.Path(__file__).resolve().parent / "_data" / "tokenizer.json"
 
 
+# ChatML-style, as many open checkpoints use; the demo model has no special chat tokens, so markers are text.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
 def default_tokenizer():
-    """acb's byte-level BPE tokenizer (1,024 tokens) as a transformers fast tokenizer."""
+    """acb's byte-level BPE tokenizer (1,024 tokens) as a transformers fast tokenizer, with a chat template."""
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast(
+    tok = PreTrainedTokenizerFast(
         tokenizer_file=str(_TOKENIZER_FILE),
         bos_token="<|bos|>",
         eos_token="<|eos|>",
         pad_token="<|pad|>",
         clean_up_tokenization_spaces=False,
     )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
 
 
 def tiny_config(arch: str = "llama", **overrides):

@@ -47,8 +47,11 @@ async def run(args: argparse.Namespace) -> None:
         took = time.perf_counter() - start
         print(f"\n{sum(counts.values())} tokens for {len(PROMPTS)} concurrent streams in {took:.2f} s", file=sys.stderr)
         if not args.model:
-            print("(embedded default model: random weights, so the text is gibberish; "
-                  "use --model PATH_OR_HUB_ID for a real checkpoint)", file=sys.stderr)
+            print(
+                "(embedded default model: random weights, so the text is gibberish; "
+                "use --model PATH_OR_HUB_ID for a real checkpoint)",
+                file=sys.stderr,
+            )
 
 
 def main() -> None:

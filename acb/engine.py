@@ -5,7 +5,7 @@ Pipeline (each stage a coroutine; queues between them)::
     stream()/generate()                                         per-request channel --> async for tok in ...
         | admission: validate, tokenize (thread if long)                ^
         v                                                                |
-    [admitted queue, max_pending] --> step loop --> [launched queue] --> completion loop --> [detok queue] --> detok loop
+    [admitted queue] --> step loop --> [launched queue] --> completion loop --> [detok queue] --> detok loop
                                       schedule,                          await the step         detokenize,
                                       build batch,                       (bridge), accept       stop strings,
                                       launch (worker/GPU)                tokens, free blocks    deliver tokens
@@ -21,6 +21,7 @@ import asyncio
 import itertools
 import logging
 import random
+from collections.abc import Awaitable, Callable
 
 import torch
 
@@ -30,7 +31,7 @@ from .batch import BatchBuilder
 from .block_allocator import BlockAllocator
 from .bridge import CompletionBridge
 from .config import EngineConfig, SamplingParams
-from .errors import DuplicateRequestIdError, EngineClosedError, RequestFailedError
+from .errors import DuplicateRequestIdError, EngineClosedError, InvalidRequestError, RequestFailedError
 from .kv_cache import KVCache, ModelShape, auto_num_blocks
 from .outputs import Completion, EngineStats, Token
 from .runner import ModelRunner, StepHandle
@@ -91,6 +92,7 @@ class Engine:
             long_prompt_chars=config.long_prompt_chars,
         )
         self._eos_ids = _eos_ids(model, tokenizer)
+        self.default_sampling = _default_sampling(model)
 
         self._live: dict[str, RequestState] = {}
         self._ids = itertools.count()
@@ -128,9 +130,9 @@ class Engine:
         self._idle.set()
         self._closing = asyncio.Event()
         self._tasks = [
-            asyncio.create_task(self._guard(self._step_loop()), name="acb-step-loop"),
-            asyncio.create_task(self._guard(self._completion_loop()), name="acb-completion-loop"),
-            asyncio.create_task(self._guard(self._detok_loop()), name="acb-detok-loop"),
+            asyncio.create_task(self._guard(self._step_loop), name="acb-step-loop"),
+            asyncio.create_task(self._guard(self._completion_loop), name="acb-completion-loop"),
+            asyncio.create_task(self._guard(self._detok_loop), name="acb-detok-loop"),
         ]
         self._state = "running"
 
@@ -211,6 +213,17 @@ class Engine:
             logprobs=logprobs if params is not None and params.logprobs else None,
         )
 
+    async def apply_chat_template(self, messages: list[dict]) -> str:
+        """Render chat ``messages`` into a prompt with the tokenizer's chat template (in a worker thread)."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequestError("this model's tokenizer has no chat template; use a plain completion")
+        try:
+            return await asyncio.to_thread(
+                self.tokenizer.apply_chat_template, messages, tokenize=False, add_generation_prompt=True
+            )
+        except Exception as exc:
+            raise InvalidRequestError(f"the chat template rejected these messages: {exc}") from exc
+
     def abort(self, request_id: str) -> bool:
         """End a request now (its stream gets a final ``finish_reason="abort"`` marker) and free its KV blocks.
 
@@ -232,11 +245,11 @@ class Engine:
             steps=self._steps,
         )
 
-    async def _guard(self, stage) -> None:
+    async def _guard(self, stage: Callable[[], Awaitable[None]]) -> None:
         """Run a pipeline stage; if it dies of a bug, fail every live request and refuse new ones instead of
         leaving streams hanging."""
         try:
-            await stage
+            await stage()
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
@@ -426,6 +439,18 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
+def _default_sampling(model) -> dict[str, float | int]:
+    """Sampling defaults the checkpoint's generation config sets explicitly (used where a request omits them)."""
+    gen = getattr(model, "generation_config", None)
+    if gen is None:
+        return {}
+    diff = gen.to_diff_dict()
+    out: dict[str, float | int] = {k: diff[k] for k in ("temperature", "top_p", "top_k") if diff.get(k) is not None}
+    if diff.get("do_sample") is False:
+        out["temperature"] = 0.0
+    return out
+
+
 def _eos_ids(model, tokenizer) -> frozenset[int]:
     ids: set[int] = set()
     gen = getattr(model, "generation_config", None)
@@ -439,5 +464,3 @@ def _eos_ids(model, tokenizer) -> frozenset[int]:
     if getattr(tokenizer, "eos_token_id", None) is not None:
         ids.add(tokenizer.eos_token_id)
     return frozenset(ids)
-
-

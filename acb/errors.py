@@ -23,7 +23,17 @@ class AcbError(Exception):
 
 
 class InvalidRequestError(AcbError, ValueError):
-    """The request was rejected at admission; nothing was scheduled for it."""
+    """The request was rejected at admission; nothing was scheduled for it.
+
+    ``param`` names the offending field where there is one (as OpenAI-style error bodies do).
+    """
+
+    param: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        if param is not None:
+            self.param = param
 
 
 class InvalidSamplingParamsError(InvalidRequestError):
@@ -33,9 +43,13 @@ class InvalidSamplingParamsError(InvalidRequestError):
 class InvalidPromptError(InvalidRequestError):
     """The prompt is empty, of the wrong type, or holds token ids outside the vocabulary."""
 
+    param = "prompt"
+
 
 class PromptTooLongError(InvalidRequestError):
     """The request cannot fit: longer than ``max_model_len`` or than the whole KV cache."""
+
+    param = "prompt"
 
 
 class DuplicateRequestIdError(InvalidRequestError):

@@ -23,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .block_allocator import BlockAllocator
-from .sequence import Sequence, SeqStatus
+from .sequence import SeqStatus, Sequence
 
 __all__ = ["ScheduledSeq", "ScheduledStep", "SampledToken", "Scheduler"]
 

@@ -74,6 +74,11 @@ class RequestStream(AsyncIterator[Token]):
         self._done = False
         self.request_id = request_id if request_id is not None else engine._new_request_id()
 
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Prompt length in tokens (0 before the first iteration submitted the request)."""
+        return self._state.seq.num_prompt if self._state is not None else 0
+
     def __aiter__(self) -> RequestStream:
         return self
 

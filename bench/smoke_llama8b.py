@@ -21,11 +21,25 @@ def build(arch: str):
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     if arch == "llama-8b":
-        cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                          num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0)
+        cfg = LlamaConfig(
+            vocab_size=128256,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            rope_theta=500000.0,
+        )
     else:
-        cfg = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                          num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)
+        cfg = Qwen2Config(
+            vocab_size=151936,
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(cfg)
@@ -52,13 +66,15 @@ async def main() -> None:
     prompts = [torch.randint(0, vocab, (a.prompt,), generator=g).tolist() for _ in range(a.requests)]
     print(torch.cuda.get_device_name(), f"{a.arch} {a.requests}x{a.prompt}->{a.new}")
     for overlap in (True, False):
-        config = EngineConfig(max_num_seqs=a.requests, max_model_len=a.prompt + a.new + 16, overlap=overlap,
-                              max_num_batched_tokens=4096)
+        config = EngineConfig(
+            max_num_seqs=a.requests, max_model_len=a.prompt + a.new + 16, overlap=overlap, max_num_batched_tokens=4096
+        )
         engine = Engine(model, default_tokenizer(), config)
         async with engine:
             await run(engine, prompts[:2], 4)  # warm-up
             took, toks = await run(engine, prompts, a.new)
-        print(f"{'async' if overlap else 'sync ':5}  {took:7.2f} s  {toks / took:8.1f} tok/s  steps={engine.stats().steps}")
+        mode = "async" if overlap else "sync"
+        print(f"{mode:5}  {took:7.2f} s  {toks / took:8.1f} tok/s  steps={engine.stats().steps}")
 
 
 if __name__ == "__main__":

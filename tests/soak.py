@@ -52,7 +52,9 @@ class SoakReport:
             if getattr(self, name):
                 out.append(f"{name}={getattr(self, name)}")
         if self.invalid_rejected_typed != self.invalid:
-            out.append(f"invalid requests not rejected with a typed error: {self.invalid - self.invalid_rejected_typed}")
+            out.append(
+                f"invalid requests not rejected with a typed error: {self.invalid - self.invalid_rejected_typed}"
+            )
         return out
 
 
@@ -84,12 +86,18 @@ def _invalid(rng: random.Random, vocab: int, max_model_len: int):
 
 
 async def soak(
-    model_factory, tokenizer, n_requests: int, seed: int = 0, fault_rate: float = 0.004, config: EngineConfig | None = None
+    model_factory,
+    tokenizer,
+    n_requests: int,
+    seed: int = 0,
+    fault_rate: float = 0.004,
+    config: EngineConfig | None = None,
 ) -> SoakReport:
     rng = random.Random(seed)
     vocab = len(tokenizer)
-    config = config or EngineConfig(max_num_seqs=64, max_num_batched_tokens=256, block_size=8, num_kv_blocks=160,
-                                    max_model_len=256)
+    config = config or EngineConfig(
+        max_num_seqs=64, max_num_batched_tokens=256, block_size=8, num_kv_blocks=160, max_model_len=256
+    )
     pool = [[rng.randrange(3, vocab) for _ in range(rng.randint(1, 64))] for _ in range(POOL)]
     reqs = []
     for i in range(n_requests):
@@ -112,7 +120,9 @@ async def soak(
     # Calm reference: every (prompt, decoding) key once, all at once, with the longest output, no chaos.
     keys = sorted({_key(r) for r in reqs if r["chaos"] != "invalid"}, key=str)
     async with Engine(model_factory(), tokenizer, copy.deepcopy(config)) as calm:
-        outs = await asyncio.gather(*(calm.generate(pool[k[0]], _params(dict(seed=k[1], ignore_eos=k[2]), MAX_NEW)) for k in keys))
+        outs = await asyncio.gather(
+            *(calm.generate(pool[k[0]], _params(dict(seed=k[1], ignore_eos=k[2]), MAX_NEW)) for k in keys)
+        )
     reference = {k: o.token_ids for k, o in zip(keys, outs)}
 
     # The chaotic run, with a forward that fails now and then.

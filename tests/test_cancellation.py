@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from acb import Engine, EngineConfig, SamplingParams
 from conftest import random_prompts, reference_greedy
+
+from acb import Engine, EngineConfig, SamplingParams
 
 PARAMS = SamplingParams(max_new_tokens=40, ignore_eos=True)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from conftest import random_prompts, reference_greedy
 
 from acb import Engine, EngineConfig, SamplingParams
-from conftest import random_prompts, reference_greedy
 
 ARCHS = ["llama", "qwen2", "qwen3"]
 LENGTHS = [5, 17, 33, 64, 3, 100, 48, 9, 71, 1]

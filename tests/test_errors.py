@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from conftest import random_prompts, reference_greedy
 
 from acb import (
     DuplicateRequestIdError,
@@ -17,7 +18,6 @@ from acb import (
     RequestFailedError,
     SamplingParams,
 )
-from conftest import random_prompts, reference_greedy
 
 OK = SamplingParams(max_new_tokens=8, ignore_eos=True)
 

@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from conftest import random_prompts, reference_greedy
 
 from acb import Engine, EngineClosedError, EngineConfig, SamplingParams
-from conftest import random_prompts, reference_greedy
 
 
 async def test_leaving_async_with_drains_running_requests(make_model, tokenizer):
     model, ref = make_model("llama")
     prompts = random_prompts(4, [5, 9], len(tokenizer))
     async with Engine(model, tokenizer) as engine:
-        tasks = [asyncio.create_task(engine.generate(p, SamplingParams(max_new_tokens=12, ignore_eos=True))) for p in prompts]
+        tasks = [
+            asyncio.create_task(engine.generate(p, SamplingParams(max_new_tokens=12, ignore_eos=True))) for p in prompts
+        ]
         await asyncio.sleep(0)
     outs = await asyncio.gather(*tasks)
     assert [o.token_ids for o in outs] == [reference_greedy(ref, p, 12) for p in prompts]
@@ -53,7 +55,9 @@ async def test_backpressure_bounds_pending_admissions(make_model, tokenizer):
     prompts = random_prompts(12, [4, 7], len(tokenizer), seed=3)
     config = EngineConfig(max_num_seqs=2, max_pending=2)
     async with Engine(model, tokenizer, config) as engine:
-        tasks = [asyncio.create_task(engine.generate(p, SamplingParams(max_new_tokens=6, ignore_eos=True))) for p in prompts]
+        tasks = [
+            asyncio.create_task(engine.generate(p, SamplingParams(max_new_tokens=6, ignore_eos=True))) for p in prompts
+        ]
         peak = 0
         while not all(t.done() for t in tasks):
             s = engine.stats()

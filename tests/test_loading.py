@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from acb import Engine, SamplingParams
 from conftest import reference_greedy
+
+from acb import Engine, SamplingParams
 
 
 async def test_from_pretrained_local_directory(tmp_path, make_model, tokenizer):

@@ -7,12 +7,11 @@ import gc
 import logging
 import warnings
 
-import pytest
+from conftest import random_prompts
+from soak import soak
 
 from acb import Engine, EngineClosedError, EngineConfig, RequestFailedError, SamplingParams
 from acb.default_model import tiny_model
-from conftest import random_prompts
-from soak import soak
 
 
 async def test_chaos_soak(request, tokenizer, caplog):

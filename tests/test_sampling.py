@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 import torch
+from conftest import random_prompts, reference_greedy
 
 from acb import Engine, EngineConfig, SamplingParams
 from acb.sampling import SamplingTensors, sample, uniform_noise
-from conftest import random_prompts, reference_greedy
 
 SEEDED = SamplingParams(max_new_tokens=24, temperature=1.0, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
 
@@ -51,7 +51,9 @@ async def test_top_k_1_and_tiny_top_p_are_greedy(make_model, tokenizer):
     expected = reference_greedy(ref, prompt, 12)
     async with Engine(model, tokenizer) as engine:
         k1 = await engine.generate(prompt, SamplingParams(max_new_tokens=12, temperature=2.0, top_k=1, ignore_eos=True))
-        p0 = await engine.generate(prompt, SamplingParams(max_new_tokens=12, temperature=2.0, top_p=1e-6, ignore_eos=True))
+        p0 = await engine.generate(
+            prompt, SamplingParams(max_new_tokens=12, temperature=2.0, top_p=1e-6, ignore_eos=True)
+        )
     assert k1.token_ids == expected
     assert p0.token_ids == expected
 

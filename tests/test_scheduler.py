@@ -5,13 +5,18 @@ from __future__ import annotations
 from acb.block_allocator import BlockAllocator
 from acb.config import SamplingParams
 from acb.scheduler import Scheduler
-from acb.sequence import Sequence, SeqStatus
+from acb.sequence import SeqStatus, Sequence
 
 
 def _seq(i: int, prompt_len: int, max_new: int = 4) -> Sequence:
     return Sequence(
-        f"r{i}", i, list(range(1, prompt_len + 1)), SamplingParams(max_new_tokens=max_new),
-        max_model_len=1000, eos_ids=frozenset(), seed=0,
+        f"r{i}",
+        i,
+        list(range(1, prompt_len + 1)),
+        SamplingParams(max_new_tokens=max_new),
+        max_model_len=1000,
+        eos_ids=frozenset(),
+        seed=0,
     )
 
 

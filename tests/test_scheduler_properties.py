@@ -16,7 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from acb.block_allocator import BlockAllocator
 from acb.config import SamplingParams
 from acb.scheduler import Scheduler
-from acb.sequence import Sequence, SeqStatus
+from acb.sequence import SeqStatus, Sequence
 
 BLOCKS, BLOCK_SIZE, EOS = 12, 4, 0
 
@@ -35,8 +35,13 @@ class SchedulerMachine(RuleBasedStateMachine):
         if prompt + max_new - 1 > BLOCKS * BLOCK_SIZE:
             return  # admission rejects what can never fit (tested elsewhere)
         seq = Sequence(
-            f"r{len(self.seqs)}", len(self.seqs), [7] * prompt, SamplingParams(max_new_tokens=max_new),
-            max_model_len=10_000, eos_ids=frozenset({EOS}), seed=0,
+            f"r{len(self.seqs)}",
+            len(self.seqs),
+            [7] * prompt,
+            SamplingParams(max_new_tokens=max_new),
+            max_model_len=10_000,
+            eos_ids=frozenset({EOS}),
+            seed=0,
         )
         self.seqs.append(seq)
         self.sched.add(seq)

@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 import torch
+from conftest import random_prompts, reference_greedy
 
 from acb import Engine, EngineConfig, SamplingParams
-from conftest import random_prompts, reference_greedy
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
