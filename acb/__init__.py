@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from .config import EngineConfig, SamplingParams
 from .engine import Engine
+from .loop import loop_factory, run
 from .errors import (
     AcbError,
     DuplicateRequestIdError,
@@ -40,6 +41,8 @@ __all__ = [
     "DuplicateRequestIdError",
     "EngineClosedError",
     "RequestFailedError",
+    "run",
+    "loop_factory",
 ]
 
 __version__ = "0.1.0"

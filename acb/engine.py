@@ -107,8 +107,12 @@ class Engine:
         cls, path_or_id: str, *, dtype: str | None = None, device: str | None = None, **config_fields
     ) -> Engine:
         """Load a transformers causal LM and its tokenizer (local directory or hub id) and wrap them."""
+        import os
+
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if path_or_id.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(path_or_id)):
+            raise FileNotFoundError(f"no model directory at {path_or_id!r}")
         torch_dtype = _DTYPES[dtype] if dtype else "auto"
         model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(path_or_id)

@@ -1,0 +1,267 @@
+"""The ``acb`` command: ``acb generate``, ``acb serve``, ``acb batch``.
+
+Every command runs with no arguments on the embedded default model (a tiny random Llama, no download).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import Any
+
+from .config import EngineConfig, SamplingParams
+from .errors import AcbError
+from .loop import run, uvloop_available
+
+DEFAULT_PROMPT = "Once upon a time"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, pointing at --help."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--model",
+        help="local directory or hub id of a transformers causal LM (default: the embedded tiny random model)",
+    )
+    g.add_argument("--device", help="device to run on, e.g. cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: the model's)")
+    e = p.add_argument_group("engine")
+    e.add_argument("--max-num-seqs", type=int, default=256, help="most sequences per step (default: %(default)s)")
+    e.add_argument(
+        "--max-num-batched-tokens", type=int, default=2048, help="token budget per step (default: %(default)s)"
+    )
+    e.add_argument("--num-kv-blocks", type=int, help="KV-cache blocks (default: sized from free memory)")
+    e.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: %(default)s)")
+    e.add_argument("--max-model-len", type=int, help="longest prompt + output (default: the model's)")
+    e.add_argument("--sync", action="store_true", help="step synchronously (no CPU/GPU overlap; for comparison)")
+    e.add_argument("--no-uvloop", action="store_true", help="use plain asyncio even if uvloop is installed")
+
+
+def _sampling_args(p: argparse.ArgumentParser, max_new_default: int) -> None:
+    s = p.add_argument_group("sampling")
+    s.add_argument(
+        "--max-new-tokens", type=int, default=max_new_default, help="tokens to generate (default: %(default)s)"
+    )
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s)")
+    s.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = off")
+    s.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    s.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
+
+
+def _params(a: argparse.Namespace, **override: Any) -> SamplingParams:
+    fields = dict(
+        max_new_tokens=a.max_new_tokens,
+        temperature=a.temperature,
+        top_p=a.top_p,
+        top_k=a.top_k,
+        seed=a.seed,
+        stop=list(a.stop),
+        ignore_eos=a.ignore_eos,
+    )
+    fields.update(override)
+    return SamplingParams(**fields)
+
+
+def _engine(a: argparse.Namespace):
+    """Build the engine (blocking: loads weights). Called before the event loop starts."""
+    import torch
+
+    from .engine import Engine
+
+    config = dict(
+        max_num_seqs=a.max_num_seqs,
+        max_num_batched_tokens=a.max_num_batched_tokens,
+        num_kv_blocks=a.num_kv_blocks,
+        block_size=a.block_size,
+        max_model_len=a.max_model_len,
+        overlap=not a.sync,
+    )
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if a.model:
+        return Engine.from_pretrained(a.model, dtype=a.dtype, device=device, **config)
+    from .default_model import load_default
+
+    model, tokenizer = load_default()
+    return Engine(model, tokenizer, EngineConfig(device=device, dtype=a.dtype, **config))
+
+
+# -- acb generate -------------------------------------------------------------------------------------------------
+
+
+async def _generate(engine, a: argparse.Namespace) -> None:
+    async with engine:
+        prompt = a.prompt
+        if a.chat:
+            prompt = await engine.apply_chat_template([{"role": "user", "content": a.prompt}])
+        last = None
+        async for tok in engine.stream(prompt, _params(a)):
+            sys.stdout.write(tok.text)
+            sys.stdout.flush()
+            last = tok
+        sys.stdout.write("\n")
+        if last is not None:
+            print(f"[finish: {last.finish_reason}]", file=sys.stderr)
+
+
+# -- acb serve ----------------------------------------------------------------------------------------------------
+
+
+async def _serve(engine, a: argparse.Namespace) -> None:
+    from .serving import serve
+
+    async with engine:
+        print(
+            f"acb: serving on http://{a.host}:{a.port}/v1 (model '{a.served_model_name or engine_name(engine)}')",
+            file=sys.stderr,
+        )
+        await serve(engine, a.host, a.port, a.served_model_name, log_level=a.log_level)
+
+
+def engine_name(engine) -> str:
+    return getattr(engine.model.config, "_name_or_path", None) or "acb-default"
+
+
+# -- acb batch ----------------------------------------------------------------------------------------------------
+
+DEMO_PROMPTS = [
+    f"Prompt number {i}: tell me a story about {topic}"
+    for i, topic in enumerate(["the sea", "a robot", "東京", "a dragon 🐉", "asyncio", "GPUs", "a cat", "the moon"] * 8)
+]
+
+
+def _read_jobs(path: str | None) -> list[tuple[int, str]]:
+    if path is None and sys.stdin.isatty():
+        print(f"acb batch: no --input given: running {len(DEMO_PROMPTS)} demo prompts", file=sys.stderr)
+        return [(i, json.dumps({"prompt": p})) for i, p in enumerate(DEMO_PROMPTS)]
+    stream = sys.stdin if path in (None, "-") else open(path, encoding="utf-8")  # noqa: SIM115
+    with stream:
+        return [(i, line) for i, line in enumerate(stream) if line.strip()]
+
+
+async def _batch(engine, a: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    jobs = await asyncio.to_thread(_read_jobs, a.input)
+    out = sys.stdout if a.output == "-" else open(a.output, "w", encoding="utf-8")  # noqa: SIM115
+    done: dict[int, dict] = {}
+    next_to_write = 0
+    limit = asyncio.Semaphore(a.concurrency)
+    counts = {"ok": 0, "error": 0}
+    bar = tqdm(total=len(jobs), unit="req", file=sys.stderr, disable=a.no_progress)
+
+    async def one(index: int, line: str) -> None:
+        async with limit:
+            record: dict[str, Any] = {"index": index}
+            try:
+                job = json.loads(line)
+                if isinstance(job, str):
+                    job = {"prompt": job}
+                if not isinstance(job, dict) or "prompt" not in job:
+                    raise ValueError('each line must be a JSON string or an object with a "prompt"')
+                record["id"] = job.get("id", index)
+                overrides = {
+                    k: job[k]
+                    for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
+                    if k in job
+                }
+                c = await engine.generate(job["prompt"], _params(a, **overrides))
+                record.update(
+                    text=c.text,
+                    token_ids=c.token_ids,
+                    finish_reason=c.finish_reason,
+                    prompt_tokens=len(c.prompt_token_ids),
+                )
+                counts["ok"] += 1
+            except (AcbError, ValueError, TypeError) as exc:  # one bad line never sinks the batch
+                record["error"] = {"type": type(exc).__name__, "message": str(exc)}
+                counts["error"] += 1
+            done[index] = record
+            bar.update()
+
+    def flush() -> None:
+        nonlocal next_to_write
+        while next_to_write < len(jobs) and jobs[next_to_write][0] in done:
+            out.write(json.dumps(done.pop(jobs[next_to_write][0]), ensure_ascii=False) + "\n")
+            next_to_write += 1
+
+    async with engine:
+        tasks = [asyncio.create_task(one(i, line)) for i, line in jobs]
+        for t in asyncio.as_completed(tasks):
+            await t
+            flush()
+    bar.close()
+    if out is not sys.stdout:
+        out.close()
+    print(f"acb batch: {counts['ok']} completed, {counts['error']} failed", file=sys.stderr)
+
+
+# -- entry point --------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="acb", description="asyncio-native LLM inference with continuous batching")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    g = sub.add_parser(
+        "generate",
+        help="stream one prompt's completion to the terminal",
+        description="Stream one prompt's completion to the terminal.",
+    )
+    g.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help="the prompt (default: %(default)r)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message with the chat template")
+    _model_args(g)
+    _sampling_args(g, 64)
+
+    s = sub.add_parser(
+        "serve",
+        help="serve an OpenAI-compatible HTTP API",
+        description="Serve /v1/completions, /v1/chat/completions, /v1/models, /health and /metrics.",
+    )
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    s.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    s.add_argument("--served-model-name", help="the model id clients use (default: the model path)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _model_args(s)
+
+    b = sub.add_parser(
+        "batch",
+        help="complete prompts from a JSONL file into a JSONL file",
+        description='Each input line is a JSON string or an object with "prompt" and optional '
+        '"id", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", '
+        '"ignore_eos". Output lines keep the input order; a line that fails gets an "error".',
+    )
+    b.add_argument("--input", "-i", help="input JSONL ('-' for stdin; default: stdin, or demo prompts on a terminal)")
+    b.add_argument("--output", "-o", default="-", help="output JSONL (default: stdout)")
+    b.add_argument("--concurrency", type=int, default=512, help="requests in flight at once (default: %(default)s)")
+    b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _model_args(b)
+    _sampling_args(b, 32)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        engine = _engine(a)
+        command = {"generate": _generate, "serve": _serve, "batch": _batch}[a.command]
+        run(command(engine, a), uvloop=False if a.no_uvloop else uvloop_available())
+    except KeyboardInterrupt:
+        return 130
+    except (AcbError, OSError, ValueError, ImportError) as exc:
+        print(f"acb {a.command}: error: {exc}".splitlines()[0], file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

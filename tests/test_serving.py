@@ -1,0 +1,187 @@
+"""The OpenAI-compatible server, driven by the official openai client and by raw HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+import uvicorn
+from openai import AsyncOpenAI, BadRequestError, NotFoundError
+
+from acb import Engine, EngineConfig, SamplingParams
+from acb.serving import create_app
+
+
+@pytest.fixture
+async def served(make_model, tokenizer):
+    model, ref = make_model("llama", seed=81)
+    engine = Engine(model, tokenizer, EngineConfig(block_size=8))
+    async with engine:
+        server = uvicorn.Server(
+            uvicorn.Config(create_app(engine, "tiny"), host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+        )
+        task = asyncio.create_task(server.serve())
+        while not server.started:
+            await asyncio.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        yield engine, f"http://127.0.0.1:{port}"
+        server.should_exit = True
+        await task
+
+
+async def _settle(engine: Engine) -> None:
+    for _ in range(200):
+        s = engine.stats()
+        if s.kv_blocks_free == s.kv_blocks_total and s.num_running == 0:
+            return
+        await asyncio.sleep(0.01)
+
+
+async def test_openai_client_chat_streaming_and_plain(served, tokenizer):
+    engine, url = served
+    client = AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    models = await client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+
+    messages = [{"role": "user", "content": "Say hello"}]
+    stream = await client.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    parts, finish, usage = [], None, None
+    async for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for c in chunk.choices:
+            parts.append(c.delta.content or "")
+            finish = c.finish_reason or finish
+    plain = await client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+    prompt = await engine.apply_chat_template(messages)
+    direct = await engine.generate(prompt, SamplingParams(max_new_tokens=12))
+    assert "".join(parts) == plain.choices[0].message.content == direct.text
+    assert finish == plain.choices[0].finish_reason == direct.finish_reason
+    assert usage.completion_tokens == plain.usage.completion_tokens == len(direct.token_ids)
+    assert plain.usage.prompt_tokens == len(direct.prompt_token_ids)
+    await client.close()
+
+
+async def test_openai_client_completions(served):
+    engine, url = served
+    client = AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    direct = await engine.generate("The capital", SamplingParams(max_new_tokens=6, ignore_eos=True))
+    out = await client.completions.create(
+        model="tiny", prompt="The capital", max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert out.choices[0].text == direct.text and out.choices[0].finish_reason == "length"
+    streamed = await client.completions.create(
+        model="tiny",
+        prompt=["The capital", "The capital"],
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    texts = ["", ""]
+    async for chunk in streamed:
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert texts == [direct.text, direct.text]
+    with pytest.raises(NotFoundError):
+        await client.completions.create(model="other", prompt="x", max_tokens=2)
+    with pytest.raises(BadRequestError):
+        await client.completions.create(model="tiny", prompt="x", max_tokens=0)
+    await client.close()
+
+
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        ("/v1/completions", {"prompt": "x", "temperature": -1}, "temperature"),
+        ("/v1/completions", {"prompt": "x", "top_p": 2}, "top_p"),
+        ("/v1/completions", {"prompt": "", "max_tokens": 3}, "prompt"),
+        ("/v1/completions", {"prompt": [1, 99999999]}, "prompt"),
+        ("/v1/completions", {"max_tokens": 3}, "prompt"),
+        ("/v1/completions", {"prompt": "x", "n": 2}, "n"),
+        ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
+        ("/v1/chat/completions", {"messages": []}, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+    ],
+)
+async def test_invalid_requests_get_openai_style_400s(served, path, body, param):
+    engine, url = served
+    async with httpx.AsyncClient(base_url=url) as http:
+        r = await http.post(path, json=body)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["type"] == "invalid_request_error" and err["param"] == param and err["message"]
+        bad_json = await http.post(path, content=b"{not json", headers={"content-type": "application/json"})
+        assert bad_json.status_code == 400 and bad_json.json()["error"]["type"] == "invalid_request_error"
+        ok = await http.post("/v1/completions", json={"prompt": "fine", "max_tokens": 2})
+        assert ok.status_code == 200
+
+
+async def test_health_and_metrics(served):
+    engine, url = served
+    async with httpx.AsyncClient(base_url=url) as http:
+        assert (await http.get("/health")).json() == {"status": "ok"}
+        await http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3})
+        text = (await http.get("/metrics")).text
+    assert 'acb_http_requests_total{endpoint="/v1/completions",status="200"} 1.0' in text
+    assert "acb_generated_tokens_total 3.0" in text
+    assert "acb_time_to_first_token_seconds_count 1.0" in text
+    for gauge in ("acb_requests_waiting", "acb_requests_running", "acb_kv_usage_ratio", "acb_kv_blocks_free"):
+        assert gauge in text
+
+
+async def test_client_disconnect_mid_stream_frees_the_request(served):
+    engine, url = served
+    body = {"prompt": "a long story", "max_tokens": 1000, "stream": True, "ignore_eos": True}
+    async with httpx.AsyncClient(base_url=url) as http:
+        async with http.stream("POST", "/v1/completions", json=body) as r:
+            lines = r.aiter_lines()
+            while not (await lines.__anext__()).startswith("data: {"):
+                pass
+            assert engine.stats().num_running == 1
+            assert engine.stats().kv_blocks_free < engine.stats().kv_blocks_total
+        # leaving the block closes the connection mid-stream
+        await _settle(engine)
+        s = engine.stats()
+        assert s.num_running == 0 and s.kv_blocks_free == s.kv_blocks_total
+        metrics = (await http.get("/metrics")).text
+    assert f"acb_kv_blocks_free {float(s.kv_blocks_total)}" in metrics
+
+
+async def test_client_disconnect_on_a_plain_request_frees_it(served):
+    engine, url = served
+    body = {"prompt": "a long story", "max_tokens": 1900, "ignore_eos": True}
+    async with httpx.AsyncClient(base_url=url, timeout=0.3) as http:
+        with pytest.raises(httpx.ReadTimeout):
+            await http.post("/v1/completions", json=body)
+    await _settle(engine)
+    s = engine.stats()
+    assert s.num_running == 0 and s.kv_blocks_free == s.kv_blocks_total
+    async with httpx.AsyncClient(base_url=url) as http:
+        metrics = (await http.get("/metrics")).text
+    assert 'acb_http_requests_total{endpoint="/v1/completions",status="499"} 1.0' in metrics  # aborted, not finished
+
+
+async def test_streamed_sse_format(served):
+    engine, url = served
+    async with httpx.AsyncClient(base_url=url) as http:
+        r = await http.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 3, "stream": True},
+        )
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = [line[len("data: ") :] for line in r.text.split("\n\n") if line]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")
