@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from .config import EngineConfig, SamplingParams
 from .engine import Engine
-from .loop import loop_factory, run
 from .errors import (
     AcbError,
     DuplicateRequestIdError,
@@ -24,6 +23,7 @@ from .errors import (
     PromptTooLongError,
     RequestFailedError,
 )
+from .loop import loop_factory, run
 from .outputs import Completion, EngineStats, Token
 
 __all__ = [
