@@ -54,8 +54,8 @@ def create_app(engine: Engine, model_name: str | None = None, default_max_tokens
     async def _validation(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         loc = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        metrics.requests.labels(request.url.path, "400").inc()
-        return _error(400, f"{loc or 'body'}: {first.get('msg', 'invalid request')}", "invalid_request_error", loc)
+        message = f"{loc or 'body'}: {first.get('msg', 'invalid request')}"
+        return _counted(request.url.path, _error(400, message, "invalid_request_error", loc))
 
     @app.get("/health")
     async def health():
@@ -81,46 +81,44 @@ def create_app(engine: Engine, model_name: str | None = None, default_max_tokens
             )
         return None
 
+    def _counted(endpoint: str, response: Response) -> Response:
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        return response
+
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         endpoint = "/v1/completions"
         if (bad := _check_model(req)) is not None:
-            metrics.requests.labels(endpoint, "404").inc()
-            return bad
-        prompts = _prompts(req.prompt)
-        return await _respond(request, endpoint, req, prompts, chat=False)
+            return _counted(endpoint, bad)
+        return await _respond(request, endpoint, req, _prompts(req.prompt), chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         endpoint = "/v1/chat/completions"
         if (bad := _check_model(req)) is not None:
-            metrics.requests.labels(endpoint, "404").inc()
-            return bad
+            return _counted(endpoint, bad)
         try:
             prompt = await engine.apply_chat_template([m.model_dump(exclude_none=True) for m in req.messages])
         except AcbError as exc:
-            metrics.requests.labels(endpoint, "400").inc()
-            return _error_for(exc)
+            return _counted(endpoint, _error_for(exc))
         return await _respond(request, endpoint, req, [prompt], chat=True)
 
     async def _respond(request: Request, endpoint: str, req, prompts: list, chat: bool):
         try:
             params = to_sampling_params(req, engine.default_sampling, default_max_tokens)
         except AcbError as exc:
-            metrics.requests.labels(endpoint, "400").inc()
-            return _error_for(exc)
+            return _counted(endpoint, _error_for(exc))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         arrival = time.perf_counter()
         streams = [engine.stream(p, params, request_id=f"{rid}-{i}") for i, p in enumerate(prompts)]
         # Pull the first item of every stream now: admission errors become a proper HTTP error, not a broken stream.
-        try:
-            firsts = await asyncio.gather(*(_first(s) for s in streams))
-        except Exception as exc:
+        firsts = await asyncio.gather(*(_first(s) for s in streams), return_exceptions=True)
+        if errors := [f for f in firsts if isinstance(f, BaseException)]:
             for s in streams:
                 await s.aclose()
-            status = _error_for(exc).status_code
-            metrics.requests.labels(endpoint, str(status)).inc()
-            return _error_for(exc)
+            if not isinstance(errors[0], Exception):
+                raise errors[0]  # cancellation and the like
+            return _counted(endpoint, _error_for(errors[0]))
         metrics.ttft.observe(time.perf_counter() - arrival)
         for s in streams:
             metrics.prompt_tokens.inc(s.num_prompt_tokens)
@@ -136,11 +134,9 @@ def create_app(engine: Engine, model_name: str | None = None, default_max_tokens
         except asyncio.CancelledError:
             for s in streams:
                 await s.aclose()
-            metrics.requests.labels(endpoint, "499").inc()
-            return Response(status_code=499)
+            return _counted(endpoint, Response(status_code=499))  # the client went away; nobody reads this
         except RequestFailedError as exc:
-            metrics.requests.labels(endpoint, "500").inc()
-            return _error_for(exc)
+            return _counted(endpoint, _error_for(exc))
         completion_tokens = sum(len(r["ids"]) for r in results)
         metrics.generated_tokens.inc(completion_tokens)
         prompt_tokens = sum(s.num_prompt_tokens for s in streams)
