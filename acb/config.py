@@ -41,6 +41,13 @@ class EngineConfig:
     """Device to run on; ``None`` keeps the model's device."""
     dtype: str | None = None
     """Compute dtype (``"float32"``, ``"bfloat16"``, ``"float16"``); ``None`` keeps the model's dtype."""
+    fast_path: bool | None = None
+    """Run Llama/Qwen-family models through acb's lean model (fused kernels); ``None`` = on CUDA when supported.
+    ``True`` on the CPU runs the same model logic on plain torch ops (tests)."""
+    cuda_graphs: bool = True
+    """Replay decode steps as CUDA graphs (lean path on CUDA only)."""
+    record_step_timing: bool = False
+    """Record CUDA events around every step's GPU work (``engine.step_intervals()``; benchmarks)."""
     long_prompt_chars: int = 2048
     """Prompts longer than this are tokenized in a worker thread, not on the event loop."""
     drain_timeout: float = 30.0

@@ -33,6 +33,7 @@ from .bridge import CompletionBridge
 from .config import EngineConfig, SamplingParams
 from .errors import DuplicateRequestIdError, EngineClosedError, InvalidRequestError, RequestFailedError
 from .kv_cache import KVCache, ModelShape, auto_num_blocks
+from .lean_model import LeanCausalLM, supports_lean
 from .outputs import Completion, EngineStats, Token
 from .runner import ModelRunner, StepHandle
 from .scheduler import SampledToken, Scheduler
@@ -68,6 +69,19 @@ class Engine:
 
         self.shape = shape = ModelShape.from_config(model.config)
         self.max_model_len = config.max_model_len or shape.max_position_embeddings or 4096
+        lean = None
+        use_lean = config.fast_path if config.fast_path is not None else self.device.type == "cuda"
+        if use_lean and supports_lean(model):
+            # The lean model owns the fused weights; a later engine on the same model reuses it.
+            lean = getattr(model, "_acb_lean", None)
+            if lean is None:
+                lean = LeanCausalLM(model, self.max_model_len, workspace_rows=config.max_num_seqs)
+                model._acb_lean = lean
+            lean.ensure(self.max_model_len, config.max_num_seqs)
+        elif config.fast_path:
+            raise ValueError(f"fast_path=True, but the lean model path does not support {type(model).__name__}")
+        self.fast_path = lean is not None
+        graphs = lean is not None and config.cuda_graphs and self.device.type == "cuda"
         num_blocks = config.num_kv_blocks or auto_num_blocks(
             shape,
             config.block_size,
@@ -78,11 +92,30 @@ class Engine:
         )
         self._allocator = BlockAllocator(num_blocks, config.block_size)
         self._scheduler = Scheduler(self._allocator, config.max_num_seqs, config.max_num_batched_tokens)
-        self._builder = BatchBuilder(
-            config.max_num_seqs, self._allocator.blocks_for(self.max_model_len), config.block_size
+        max_blocks = self._allocator.blocks_for(self.max_model_len)
+        self._builder = BatchBuilder(config.max_num_seqs, max_blocks, config.block_size)
+        # One extra block, owned by no sequence: CUDA-graph padding rows write their KV there.
+        kv_cache = KVCache(shape, num_blocks + int(graphs), config.block_size, self.dtype, self.device)
+        if lean is not None:
+            lean.kv_cache = kv_cache
+        geometry = None
+        if graphs:
+            geometry = dict(
+                max_batch=min(config.max_num_seqs, 512),
+                max_blocks=max_blocks,
+                scratch_block=num_blocks,
+                block_size=config.block_size,
+                max_model_len=self.max_model_len,
+            )
+        self._runner = ModelRunner(
+            model,
+            kv_cache,
+            config.max_num_seqs,
+            self.device,
+            lean=lean,
+            graph_geometry=geometry,
+            record_timing=config.record_step_timing,
         )
-        kv_cache = KVCache(shape, num_blocks, config.block_size, self.dtype, self.device)
-        self._runner = ModelRunner(model, kv_cache, config.max_num_seqs, self.device)
         self._bridge = CompletionBridge()
         self._admission = Admission(
             tokenizer,
@@ -238,6 +271,20 @@ class Engine:
             return False
         self._abort(state)
         return True
+
+    def step_intervals(self) -> list[tuple[float, float]]:
+        """GPU busy intervals ``(start_ms, end_ms)`` of every step so far, relative to the first step (CUDA, with
+        ``record_step_timing=True``). Synchronizes on the recorded events: call it after a run, not in one."""
+        events = self._runner.step_events or []
+        if not events:
+            return []
+        first = events[0][0]
+        first.synchronize()
+        out = []
+        for start, end in events:
+            end.synchronize()
+            out.append((first.elapsed_time(start), first.elapsed_time(end)))
+        return out
 
     def stats(self) -> EngineStats:
         return EngineStats(

@@ -7,6 +7,12 @@ event; :mod:`acb.bridge` awaits that event from the loop.
 Overlap hinges on the device-side token buffer: each step writes every sampled token to ``token_buf[slot]``, and
 the next step gathers its decode inputs from there, so step N+1 can be launched before step N's tokens reach the
 host.
+
+Two model paths:
+
+- **lean** (:mod:`acb.lean_model`, Llama/Qwen families): fused kernels; on CUDA, decode steps replay a CUDA graph
+  (:mod:`acb.cuda_graphs`) and other steps run eagerly;
+- **generic**: any transformers causal LM, through its own modules and acb's attention function.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import torch
 from .attention import AttentionMetadata
 from .batch import StepBatch
 from .kv_cache import KVCache
+from .lean_model import LeanCausalLM, LeanInputs
 from .sampling import SamplingTensors, sample
 
 __all__ = ["StepResult", "StepHandle", "ModelRunner"]
@@ -41,13 +48,34 @@ class StepHandle:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, max_num_seqs: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_cache: KVCache,
+        max_num_seqs: int,
+        device: torch.device,
+        *,
+        lean: LeanCausalLM | None = None,
+        graph_geometry: dict | None = None,
+        record_timing: bool = False,
+    ) -> None:
+        """``graph_geometry`` (CUDA + lean only) turns on decode CUDA graphs: ``max_batch``, ``max_blocks``,
+        ``scratch_block``, ``block_size``, ``max_model_len``."""
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
+        self.lean = lean
         self.token_buf = torch.zeros(max_num_seqs, dtype=torch.int64, device=device)
-        self._pin = device.type == "cuda"
+        self.graphs = None
+        if graph_geometry is not None:
+            from .cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(lean, self.token_buf, **graph_geometry)
+        self._cuda = device.type == "cuda"
+        self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count if self._cuda else 0
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="acb-step")
+        # (start, end) CUDA events of every step's GPU work, for the idle-fraction measurement of the benchmarks
+        self.step_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = [] if record_timing else None
 
     def launch(self, batch: StepBatch) -> StepHandle:
         """Queue ``batch`` for execution after every step launched before it; returns at once."""
@@ -59,33 +87,25 @@ class ModelRunner:
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(array)
-        if self._pin:
+        if self._cuda:
             t = t.pin_memory()
         return t.to(self.device, non_blocking=True)
 
     @torch.inference_mode()
     def _execute(self, b: StepBatch) -> StepResult:
+        start = None
+        if self.step_events is not None:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+        if self.graphs is not None and b.decode_only and len(b.seq_lens) <= self.graphs.max_batch:
+            logits = self.graphs.run(b)
+            if len(b.sample_idx) != len(b.seq_lens):
+                logits = logits[self._to_device(b.sample_idx)]
+        elif self.lean is not None:
+            logits = self.lean.forward(self._lean_inputs(b))
+        else:
+            logits = self._generic_logits(b)
         dev = self._to_device
-        input_ids = dev(b.input_ids)
-        if len(b.device_idx):
-            input_ids[dev(b.device_idx)] = self.token_buf[dev(b.device_slots)]
-        meta = AttentionMetadata(
-            kv_cache=self.kv_cache,
-            slot_mapping=dev(b.slot_mapping),
-            query_start_loc=b.query_start_loc.tolist(),
-            seq_lens=b.seq_lens.tolist(),
-            block_tables=dev(b.block_tables),
-            decode_only=b.decode_only,
-        )
-        sample_idx = dev(b.sample_idx)
-        out = self.model(
-            input_ids=input_ids[None],
-            position_ids=dev(b.positions)[None],
-            use_cache=False,
-            logits_to_keep=sample_idx,
-            acb_meta=meta,
-        )
-        logits = out.logits[0]
         params = SamplingTensors(
             temperature=dev(b.temperature),
             top_k=dev(b.top_k),
@@ -99,9 +119,57 @@ class ModelRunner:
         tokens, logprobs = sample(logits, params)
         self.token_buf[dev(b.sample_slots)] = tokens
         event = None
-        if self.device.type == "cuda":
+        if self._cuda:
             tokens = tokens.to("cpu", non_blocking=True)
             logprobs = None if logprobs is None else logprobs.to("cpu", non_blocking=True)
-            event = torch.cuda.Event()
+            event = torch.cuda.Event(enable_timing=start is not None)
             event.record()
+            if start is not None:
+                self.step_events.append((start, event))
         return StepResult(tokens, logprobs, event)
+
+    def _input_ids(self, b: StepBatch) -> torch.Tensor:
+        input_ids = self._to_device(b.input_ids)
+        if len(b.device_idx):
+            input_ids[self._to_device(b.device_idx)] = self.token_buf[self._to_device(b.device_slots)]
+        return input_ids
+
+    def _meta(self, b: StepBatch) -> AttentionMetadata:
+        return AttentionMetadata(
+            kv_cache=self.kv_cache,
+            slot_mapping=self._to_device(b.slot_mapping),
+            query_start_loc=b.query_start_loc.tolist(),
+            seq_lens=b.seq_lens.tolist(),
+            block_tables=self._to_device(b.block_tables),
+            decode_only=b.decode_only,
+        )
+
+    def _lean_inputs(self, b: StepBatch) -> LeanInputs:
+        from .kernels.attention import decode_splits
+
+        meta = self._meta(b)
+        splits = 0
+        if self._cuda and b.decode_only:
+            splits = decode_splits(len(b.seq_lens), self.lean.num_kv_heads, int(b.seq_lens.max()), self._num_sms)
+        return LeanInputs(
+            input_ids=self._input_ids(b),
+            positions=self._to_device(b.positions),
+            slot_mapping=meta.slot_mapping,
+            seq_lens=self._to_device(b.seq_lens),
+            block_tables=meta.block_tables,
+            query_start_loc=self._to_device(b.query_start_loc),
+            max_query_len=int((b.query_start_loc[1:] - b.query_start_loc[:-1]).max()),
+            logits_idx=self._to_device(b.sample_idx),
+            decode_splits=splits,
+            meta=None if self._cuda else meta,
+        )
+
+    def _generic_logits(self, b: StepBatch) -> torch.Tensor:
+        out = self.model(
+            input_ids=self._input_ids(b)[None],
+            position_ids=self._to_device(b.positions)[None],
+            use_cache=False,
+            logits_to_keep=self._to_device(b.sample_idx),
+            acb_meta=self._meta(b),
+        )
+        return out.logits[0]

@@ -21,14 +21,15 @@ async def _staggered(engine: Engine, prompts: list[list[int]], max_new: list[int
     return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
 
 
+@pytest.mark.parametrize("path", ["generic", "lean"])
 @pytest.mark.parametrize("overlap", [True, False], ids=["async", "sync"])
 @pytest.mark.parametrize("arch", ARCHS)
-async def test_greedy_matches_transformers_generate(arch, overlap, make_model, tokenizer):
+async def test_greedy_matches_transformers_generate(arch, overlap, path, make_model, tokenizer):
     model, ref = make_model(arch)
     prompts = random_prompts(10, LENGTHS, len(tokenizer), seed=1)
     max_new = [20 + 3 * (i % 4) for i in range(len(prompts))]
     expected = [reference_greedy(ref, p, n) for p, n in zip(prompts, max_new)]
-    config = EngineConfig(max_num_batched_tokens=64, block_size=8, overlap=overlap)
+    config = EngineConfig(max_num_batched_tokens=64, block_size=8, overlap=overlap, fast_path=path == "lean")
     async with Engine(model, tokenizer, config) as engine:
         outs = await _staggered(engine, prompts, max_new)
         stats = engine.stats()

@@ -1,0 +1,207 @@
+"""Paged attention in Triton.
+
+- :func:`paged_decode`: one query token per sequence, flash-decoding style. Programs split each context into
+  ``num_splits`` chunks (more parallelism when batches are small and contexts long); each program serves all the
+  query heads of one KV head (grouped-query attention without repeating K/V), then a second kernel merges the
+  splits' partial softmax states. Sequence lengths are read on the device, so the launch is CUDA-graph safe.
+- :func:`paged_prefill`: any number of query tokens per sequence (chunked prefill and mixed steps), causal over the
+  sequence's cached context.
+
+Both read K/V through block tables from the cache layout of :class:`acb.kv_cache.KVCache`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["paged_decode", "paged_prefill", "decode_splits"]
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, KC, VC, BT, LENS, OP, MP, LP, scale,
+    s_qb, s_qh, s_kb, s_ks, s_kh, s_bt, s_ob, s_oh, s_os, s_mb, s_mh,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
+    SPLITS: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.load(LENS + b)
+    chunk = tl.cdiv(tl.cdiv(ctx, SPLITS), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    if WINDOW > 0:
+        start = tl.maximum(start, ctx - WINDOW)
+    end = tl.minimum(split * chunk + chunk, ctx)
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, D)
+    heads = kvh * GROUP + g
+    gmask = g < GROUP
+    q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=gmask[:, None], other=0.0)
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        nmask = pos < end
+        page = tl.load(BT + b * s_bt + pos // PAGE, mask=nmask, other=0)
+        off = page.to(tl.int64) * s_kb + (pos % PAGE) * s_ks + kvh * s_kh
+        k = tl.load(KC + off[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        s = tl.where(nmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(VC + off[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    o_ptr = OP + b * s_ob + heads[:, None] * s_oh + split * s_os + d[None, :]
+    tl.store(o_ptr, acc, mask=gmask[:, None])
+    tl.store(MP + b * s_mb + heads * s_mh + split, m_i, mask=gmask)
+    tl.store(LP + b * s_mb + heads * s_mh + split, l_i, mask=gmask)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    OP, MP, LP, OUT, s_ob, s_oh, s_os, s_mb, s_mh, s_b, s_h,
+    SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, D: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, SPLITS_PAD)
+    smask = s < SPLITS
+    d = tl.arange(0, D)
+    m = tl.load(MP + b * s_mb + h * s_mh + s, mask=smask, other=float("-inf"))
+    lsum = tl.load(LP + b * s_mb + h * s_mh + s, mask=smask, other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.where(m > float("-inf"), tl.exp(m - m_max), 0.0)
+    denom = tl.sum(lsum * w, 0)
+    acc = tl.load(OP + b * s_ob + h * s_oh + s[:, None] * s_os + d[None, :], mask=smask[:, None], other=0.0)
+    out = tl.sum(acc * w[:, None], 0) / denom
+    tl.store(OUT + b * s_b + h * s_h + d, out.to(OUT.dtype.element_ty))
+
+
+def decode_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int = 132) -> int:
+    """Context splits per sequence: enough programs to fill the GPU twice, none shorter than 256 positions."""
+    want = max(1, -(-2 * num_sms // max(1, batch * num_kv_heads)))
+    return int(min(want, max(1, max_context // 256), 32))
+
+
+def paged_decode(
+    q: torch.Tensor,  # [B, H, D]
+    kv: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
+    block_tables: torch.Tensor,  # [B, max_blocks] int
+    seq_lens: torch.Tensor,  # [B] int, on the device
+    scale: float,
+    splits: int,
+    out: torch.Tensor | None = None,
+    window: int = 0,
+    workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    bsz, heads, dim = q.shape
+    kvh = kv.shape[3]
+    group = heads // kvh
+    out = torch.empty_like(q) if out is None else out
+    if workspace is None:
+        op = torch.empty(bsz, heads, splits, dim, dtype=torch.float32, device=q.device)
+        mp = torch.empty(bsz, heads, splits, dtype=torch.float32, device=q.device)
+        lp = torch.empty_like(mp)
+    else:
+        op, mp, lp = (w[:bsz] for w in workspace)
+    kc, vc = kv[0], kv[1]
+    _decode_split_kernel[(bsz, kvh, splits)](
+        q, kc, vc, block_tables, seq_lens, op, mp, lp, scale,
+        q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
+        op.stride(0), op.stride(1), op.stride(2), mp.stride(0), mp.stride(1),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_N=64, PAGE=kv.shape[2],
+        SPLITS=splits, WINDOW=window, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4, num_stages=2,
+    )  # fmt: skip
+    _decode_merge_kernel[(bsz, heads)](
+        op, mp, lp, out, op.stride(0), op.stride(1), op.stride(2), mp.stride(0), mp.stride(1),
+        out.stride(0), out.stride(1), SPLITS=splits, SPLITS_PAD=max(2, triton.next_power_of_2(splits)), D=dim,
+        num_warps=2,
+    )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _prefill_kernel(
+    Q, KC, VC, BT, LENS, QSTART, OUT, scale,
+    s_qt, s_qh, s_kb, s_ks, s_kh, s_bt, s_ot, s_oh,
+    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
+    WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    mblk = tl.program_id(1)
+    h = tl.program_id(2)
+    q0 = tl.load(QSTART + b)
+    n_q = tl.load(QSTART + b + 1) - q0
+    if mblk * BLOCK_M >= n_q:
+        return
+    ctx = tl.load(LENS + b)
+    kvh = h // GROUP
+    offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = offs_m < n_q
+    q_pos = ctx - n_q + offs_m
+    d = tl.arange(0, D)
+    q = tl.load(Q + (q0 + offs_m)[:, None] * s_qt + h * s_qh + d[None, :], mask=mmask[:, None], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    hi = tl.minimum(ctx, ctx - n_q + (mblk + 1) * BLOCK_M)
+    lo = 0
+    if WINDOW > 0:
+        lo = tl.maximum(0, (ctx - n_q + mblk * BLOCK_M - WINDOW + 1) // BLOCK_N * BLOCK_N)
+    for n0 in range(lo, hi, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        nmask = pos < hi
+        page = tl.load(BT + b * s_bt + pos // PAGE, mask=nmask, other=0)
+        off = page.to(tl.int64) * s_kb + (pos % PAGE) * s_ks + kvh * s_kh
+        k = tl.load(KC + off[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        keep = nmask[None, :] & (pos[None, :] <= q_pos[:, None])
+        if WINDOW > 0:
+            keep = keep & (pos[None, :] > q_pos[:, None] - WINDOW)
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(VC + off[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    o_ptr = OUT + (q0 + offs_m)[:, None] * s_ot + h * s_oh + d[None, :]
+    tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=mmask[:, None])
+
+
+def paged_prefill(
+    q: torch.Tensor,  # [T, H, D] packed
+    kv: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,  # [B] device
+    query_start_loc: torch.Tensor,  # [B + 1] device
+    max_query_len: int,
+    scale: float,
+    out: torch.Tensor | None = None,
+    window: int = 0,
+) -> torch.Tensor:
+    _, heads, dim = q.shape
+    kvh = kv.shape[3]
+    out = torch.empty_like(q) if out is None else out
+    block_m = 64 if max_query_len > 16 else 16
+    kc, vc = kv[0], kv[1]
+    grid = (seq_lens.shape[0], triton.cdiv(max_query_len, block_m), heads)
+    _prefill_kernel[grid](
+        q, kc, vc, block_tables, seq_lens, query_start_loc, out, scale,
+        q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=heads // kvh, D=dim, BLOCK_M=block_m, BLOCK_N=64, PAGE=kv.shape[2], WINDOW=window,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,173 @@
+"""Run the benchmark workloads in async and sync mode, in one process, and print a table.
+
+    python -m bench.run --workloads W-side,W-small [--modes async,sync] [--scale 0.25] [--json out.json]
+
+Every figure names the workload, the mode and the card; compare only rows of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import sys
+import time
+
+import torch
+
+from acb import Engine, EngineConfig, SamplingParams
+from acb.kv_cache import ModelShape
+
+from .metrics import LoopLag, decode_floor_seconds, idle_fraction, percentile
+from .workloads import WORKLOADS, build_model, make_requests, synthetic_tokenizer
+
+
+async def run_one(engine: Engine, requests: list[tuple[list[int], int]]) -> dict:
+    lag = LoopLag()
+    ttft, itl = [], []
+    counts = []
+
+    async def one(prompt: list[int], new: int) -> None:
+        t0 = time.perf_counter()
+        last = None
+        n = 0
+        async for tok in engine.stream(prompt, SamplingParams(max_new_tokens=new, ignore_eos=True)):
+            now = time.perf_counter()
+            if last is None:
+                ttft.append(now - t0)
+            else:
+                itl.append(now - last)
+            last = now
+            n += tok.id is not None
+        counts.append(n)
+
+    lag.start()
+    start = time.perf_counter()
+    await asyncio.gather(*(one(p, n) for p, n in requests))
+    wall = time.perf_counter() - start
+    await lag.stop()
+    tokens = sum(counts)
+    return {
+        "wall_s": wall,
+        "output_tokens": tokens,
+        "tok_per_s": tokens / wall,
+        "ttft_p50_ms": percentile(ttft, 50) * 1e3,
+        "ttft_p99_ms": percentile(ttft, 99) * 1e3,
+        "itl_p50_ms": percentile(itl, 50) * 1e3,
+        "itl_p99_ms": percentile(itl, 99) * 1e3,
+        "loop_lag_p50_ms": percentile(lag.lags, 50),
+        "loop_lag_p99_ms": percentile(lag.lags, 99),
+        "steps": engine.stats().steps,
+    }
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read and written."""
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    y.copy_(x)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    return 2 * 10 * x.numel() / (time.perf_counter() - t)
+
+
+async def bench(args) -> list[dict]:
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bandwidth = copy_bandwidth() if device == "cuda" else float("nan")
+    results = []
+    models: dict[str, torch.nn.Module] = {}
+    for name in args.workloads.split(","):
+        w = WORKLOADS[name].scaled(args.scale)
+        if w.model not in models:
+            models.clear()
+            gc.collect()
+            torch.cuda.empty_cache() if device == "cuda" else None
+            models[w.model] = build_model(w.model, device)
+        model = models[w.model]
+        shape = ModelShape.from_config(model.config)
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        if hasattr(model, "_acb_lean"):
+            weight_bytes = model._acb_weight_bytes
+        model._acb_weight_bytes = weight_bytes
+        tokenizer = synthetic_tokenizer(shape.vocab_size)
+        requests = make_requests(w, shape.vocab_size, seed=args.seed)
+        max_len = max(len(p) + n for p, n in requests) + 16
+        floor = decode_floor_seconds(
+            weight_bytes, shape.kv_bytes_per_token(model.dtype), [(len(p), n) for p, n in requests], bandwidth,
+            min(w.requests, args.max_num_seqs),
+        )  # fmt: skip
+        for mode in args.modes.split(","):
+            config = EngineConfig(
+                max_num_seqs=min(w.requests, args.max_num_seqs), max_num_batched_tokens=args.max_num_batched_tokens,
+                max_model_len=max_len, overlap=mode == "async", record_step_timing=device == "cuda",
+                cuda_graphs=not args.no_graphs, fast_path=None if not args.generic else False,
+            )  # fmt: skip
+            t_build = time.perf_counter()
+            engine = Engine(model, tokenizer, config)
+            build_s = time.perf_counter() - t_build
+            async with engine:
+                await run_one(engine, [(p[:16], 4) for p, _ in requests[:4]])  # warm-up: compile kernel variants
+                if engine._runner.step_events is not None:
+                    engine._runner.step_events.clear()
+                steps_before = engine.stats().steps
+                r = await run_one(engine, requests)
+                r["steps"] -= steps_before
+                intervals = engine.step_intervals()
+            r.update(
+                workload=w.name, note=w.note, mode=mode, card=card, model=w.model, requests=w.requests,
+                gpu_idle=idle_fraction(intervals), engine_build_s=build_s, fast_path=engine.fast_path,
+                floor_s=floor, achieved_vs_floor=floor / r["wall_s"], copy_bw_GBps=bandwidth / 1e9,
+            )  # fmt: skip
+            results.append(r)
+            print(_row(r), file=sys.stderr, flush=True)
+            del engine
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return results
+
+
+HEADER = (
+    "| workload | mode | card | wall s | tok/s | GPU idle | TTFT p50/p99 ms | ITL p50/p99 ms | loop lag p50/p99 ms "
+    "| achieved/floor |"
+)
+
+
+def _row(r: dict) -> str:
+    return (
+        f"| {r['workload']}{' (' + r['note'] + ')' if r['note'] else ''} | {r['mode']} | {r['card']} | "
+        f"{r['wall_s']:.2f} | {r['tok_per_s']:,.0f} | {r['gpu_idle'] * 100:.1f} % | "
+        f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | "
+        f"{r['loop_lag_p50_ms']:.2f} / {r['loop_lag_p99_ms']:.2f} | {r['achieved_vs_floor'] * 100:.0f} % |"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workloads", default="W-side,W-small")
+    ap.add_argument("--modes", default="async,sync")
+    ap.add_argument("--scale", type=float, default=1.0, help="shrink outputs (and W-share's request count)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--generic", action="store_true", help="force the generic transformers path")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+    results = asyncio.run(bench(args))
+    print(HEADER)
+    print("|" + "---|" * HEADER.count(" | ") + "---|")
+    for r in results:
+        print(_row(r))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

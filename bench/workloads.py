@@ -1,0 +1,98 @@
+"""The benchmark workloads and models (random weights, real architectures), as in ``shared/benchmarks.md``."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, replace
+
+import torch
+
+__all__ = ["Workload", "WORKLOADS", "build_model", "make_requests"]
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    model: str  # "llama-8b" or "qwen-0.5b" (or "tiny" for CPU tests)
+    requests: int
+    prompt: int | None  # fixed prompt length, or None for the lognormal law
+    new: int | None  # fixed output length, or None for the lognormal law
+    note: str = ""
+
+    def scaled(self, scale: float) -> Workload:
+        """A smaller copy for quick runs: fewer requests and shorter outputs (prompts keep their length)."""
+        if scale >= 1:
+            return self
+        return replace(
+            self,
+            requests=max(1, round(self.requests * scale)) if self.prompt is None else self.requests,
+            new=None if self.new is None else max(8, round(self.new * scale)),
+            note=f"scaled x{scale}",
+        )
+
+
+WORKLOADS = {
+    "W-blog": Workload("W-blog", "llama-8b", 32, 128, 8192),
+    "W-side": Workload("W-side", "llama-8b", 32, 256, 1024),
+    "W-share": Workload("W-share", "llama-8b", 1000, None, None),
+    "W-small": Workload("W-small", "qwen-0.5b", 256, 128, 512),
+}
+
+
+def build_model(name: str, device: str = "cuda"):
+    """A model of the named architecture with random weights, built directly on ``device`` in bf16."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    if name == "llama-8b":
+        cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                          num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
+                          max_position_embeddings=16384)  # fmt: skip
+        dtype = torch.bfloat16
+    elif name == "qwen-0.5b":
+        cfg = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                          num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
+                          max_position_embeddings=16384)  # fmt: skip
+        dtype = torch.bfloat16
+    elif name == "tiny":
+        from acb.default_model import tiny_config
+
+        cfg, dtype = tiny_config("llama"), torch.float32
+    else:
+        raise ValueError(f"unknown model {name!r}")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def make_requests(w: Workload, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    """``(prompt token ids, new tokens)`` per request, from a fixed seed."""
+    rng = random.Random(seed)
+
+    def lognormal() -> int:
+        return int(min(2048, max(8, round(rng.lognormvariate(math.log(128), 1.0)))))
+
+    out = []
+    for _ in range(w.requests):
+        p = w.prompt if w.prompt is not None else lognormal()
+        n = w.new if w.new is not None else lognormal()
+        out.append(([rng.randrange(vocab) for _ in range(p)], n))
+    return out
+
+
+def synthetic_tokenizer(vocab_size: int):
+    """A word-level tokenizer covering ``vocab_size`` ids (token ``i`` is the word ``w{i}``), so that random token
+    ids of a real vocabulary size detokenize, at a cost comparable to a real tokenizer's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token=f"w{vocab_size - 1}")
