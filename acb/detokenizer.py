@@ -11,7 +11,7 @@ so a stop string is never emitted, not even in part.
 
 from __future__ import annotations
 
-__all__ = ["IncrementalDetokenizer", "StopStringMatcher"]
+__all__ = ["IncrementalDetokenizer", "StopStringMatcher", "decode_many"]
 
 _REPLACEMENT = "\ufffd"
 
@@ -24,13 +24,26 @@ class IncrementalDetokenizer:
         self._read_offset = 0  # tokens up to here have been turned into emitted text
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return decode_many(self._tokenizer, [ids])[0]
 
     def add(self, token_id: int) -> str:
         """Append one token; return the text it completes (possibly ``""``)."""
+        self.push(token_id)
+        prefix, full = decode_many(self._tokenizer, list(self.windows()))
+        return self.resolve(prefix, full)
+
+    # The engine detokenizes a whole step at once: push every request's token, decode all windows in one batched
+    # call, then resolve each request's delta.
+
+    def push(self, token_id: int) -> None:
         self._ids.append(token_id)
-        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
-        full = self._decode(self._ids[self._prefix_offset :])
+
+    def windows(self) -> tuple[list[int], list[int]]:
+        """The two windows to decode: the emitted context, and the context plus the new tokens."""
+        return self._ids[self._prefix_offset : self._read_offset], self._ids[self._prefix_offset :]
+
+    def resolve(self, prefix: str, full: str) -> str:
+        """The delta, given the decoded :meth:`windows`."""
         if len(full) > len(prefix) and not full.endswith(_REPLACEMENT):
             self._prefix_offset = self._read_offset
             self._read_offset = len(self._ids)
@@ -43,6 +56,18 @@ class IncrementalDetokenizer:
         full = self._decode(self._ids[self._prefix_offset :])
         self._prefix_offset = self._read_offset = len(self._ids)
         return full[len(prefix) :]
+
+
+def decode_many(tokenizer, windows: list[list[int]]) -> list[str]:
+    """Decode token windows with special tokens skipped and no clean-up, in one call where the tokenizer allows.
+
+    A transformers fast tokenizer's Rust core decodes the whole batch in one call, off the GIL and in parallel;
+    the Python wrapper's per-call overhead is several times the decoding itself.
+    """
+    raw = getattr(tokenizer, "_tokenizer", None)
+    if raw is not None and hasattr(raw, "decode_batch"):
+        return raw.decode_batch(windows, skip_special_tokens=True)
+    return [tokenizer.decode(w, skip_special_tokens=True, clean_up_tokenization_spaces=False) for w in windows]
 
 
 class StopStringMatcher:

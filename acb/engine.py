@@ -31,6 +31,7 @@ from .batch import BatchBuilder
 from .block_allocator import BlockAllocator
 from .bridge import CompletionBridge
 from .config import EngineConfig, SamplingParams
+from .detokenizer import decode_many
 from .errors import DuplicateRequestIdError, EngineClosedError, InvalidRequestError, RequestFailedError
 from .kv_cache import KVCache, ModelShape, auto_num_blocks
 from .lean_model import LeanCausalLM, supports_lean
@@ -426,12 +427,21 @@ class Engine:
     async def _detok_loop(self) -> None:
         while True:
             batch = await self._to_detok.get()
+            live = []
             for s in batch:
                 state = self._live.get(s.seq.request_id)
-                if state is None or state.seq is not s.seq:
-                    continue
+                if state is not None and state.seq is s.seq and not state.closed:
+                    live.append((state, s))
+            try:
+                texts = self._detokenize([(st, s) for st, s in live if not s.is_stop_token])
+            except Exception as exc:  # a tokenizer bug: fail the step's requests, keep serving
+                log.exception("detokenizing a step failed")
+                for state, _ in live:
+                    self._fail(state, RequestFailedError(f"detokenization failed: {exc!r}"), exc)
+                continue
+            for state, s in live:
                 try:
-                    stop_hit = state.deliver(s)
+                    stop_hit = state.deliver(s, "" if s.is_stop_token else texts[id(s)])
                 except Exception as exc:
                     log.exception("detokenizing %s failed", s.seq.request_id)
                     self._fail(state, RequestFailedError(f"detokenization failed: {exc!r}"), exc)
@@ -441,6 +451,15 @@ class Engine:
                     self._work.set()
                 if state.closed:
                     self._forget(state)
+
+    def _detokenize(self, items: list[tuple[RequestState, SampledToken]]) -> dict[int, str]:
+        """Text deltas of one step's tokens, all requests' windows decoded in one batched tokenizer call."""
+        windows: list[list[int]] = []
+        for state, s in items:
+            state.detok.push(s.token_id)
+            windows.extend(state.detok.windows())
+        decoded = decode_many(self.tokenizer, windows) if windows else []
+        return {id(s): state.detok.resolve(decoded[2 * i], decoded[2 * i + 1]) for i, (state, s) in enumerate(items)}
 
     # -- request endings ----------------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ step loop or other requests.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -23,27 +24,50 @@ if TYPE_CHECKING:
 __all__ = ["RequestState", "RequestStream"]
 
 
+class Channel:
+    """A one-consumer, unbounded channel: a deque plus one waiter future (lighter than ``asyncio.Queue``, which
+    matters at one item per request per step). Loop thread only."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: deque = deque()
+        self._waiter: asyncio.Future | None = None
+
+    def put_nowait(self, item) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self):
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
+
+
 class RequestState:
     """The engine's side of one request: sequence, detokenizer, stop strings and the output channel."""
 
     def __init__(self, seq: Sequence, tokenizer) -> None:
         self.seq = seq
-        self.channel: asyncio.Queue[Token | BaseException] = asyncio.Queue()
+        self.channel = Channel()
         self.detok = IncrementalDetokenizer(tokenizer)
         self.stops = StopStringMatcher(seq.params.stop) if seq.params.stop else None
         self.closed = False
 
-    def deliver(self, s: SampledToken) -> bool:
-        """Turn one accepted token into a :class:`Token` on the channel. Returns True if a stop string ended it."""
+    def deliver(self, s: SampledToken, text: str) -> bool:
+        """Put one accepted token, whose incremental ``text`` was already resolved (``""`` for a stop token), on the
+        channel as a :class:`Token`. Returns True if a stop string ended the request."""
         if self.closed:
             return False
         reason = s.finish_reason
-        if s.is_stop_token:
-            text = self.detok.flush()  # a stop token's own text is never emitted
-        else:
-            text = self.detok.add(s.token_id)
-            if reason is not None:
-                text += self.detok.flush()
+        if reason is not None:
+            text += self.detok.flush()  # a stop token's own text is never emitted: it was not pushed
         hit = False
         if self.stops is not None:
             text, hit = self.stops.feed(text, final=reason is not None)
