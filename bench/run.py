@@ -23,7 +23,7 @@ from .metrics import LoopLag, decode_floor_seconds, idle_fraction, percentile
 from .workloads import WORKLOADS, build_model, make_requests, synthetic_tokenizer
 
 
-async def run_one(engine: Engine, requests: list[tuple[list[int], int]]) -> dict:
+async def run_one(engine: Engine, requests: list[tuple[list[int], int]], profile: bool = False) -> dict:
     lag = LoopLag()
     ttft, itl = [], []
     counts = []
@@ -43,10 +43,23 @@ async def run_one(engine: Engine, requests: list[tuple[list[int], int]]) -> dict
         counts.append(n)
 
     lag.start()
+    prof = None
+    if profile:  # the event-loop thread's host work (the launch worker thread is not profiled)
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
     start = time.perf_counter()
+    cpu0 = time.thread_time()
     await asyncio.gather(*(one(p, n) for p, n in requests))
     wall = time.perf_counter() - start
+    loop_cpu = time.thread_time() - cpu0
     await lag.stop()
+    if prof is not None:
+        import pstats
+
+        prof.disable()
+        pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(18)
     tokens = sum(counts)
     return {
         "wall_s": wall,
@@ -59,6 +72,7 @@ async def run_one(engine: Engine, requests: list[tuple[list[int], int]]) -> dict
         "loop_lag_p50_ms": percentile(lag.lags, 50),
         "loop_lag_p99_ms": percentile(lag.lags, 99),
         "steps": engine.stats().steps,
+        "loop_thread_cpu_s": loop_cpu,
     }
 
 
@@ -116,9 +130,12 @@ async def bench(args) -> list[dict]:
                 if engine._runner.step_events is not None:
                     engine._runner.step_events.clear()
                 steps_before = engine.stats().steps
-                r = await run_one(engine, requests)
+                r = await run_one(engine, requests, profile=args.profile)
                 r["steps"] -= steps_before
                 intervals = engine.step_intervals()
+            durations = sorted(e - s for s, e in intervals)
+            r["gpu_step_ms_p50"] = percentile(durations, 50) if durations else float("nan")
+            r["loop_cpu_ms_per_step"] = r["loop_thread_cpu_s"] * 1e3 / max(1, r["steps"])
             r.update(
                 workload=w.name, note=w.note, mode=mode, card=card, model=w.model, requests=w.requests,
                 gpu_idle=idle_fraction(intervals), engine_build_s=build_s, fast_path=engine.fast_path,
@@ -135,7 +152,7 @@ async def bench(args) -> list[dict]:
 
 HEADER = (
     "| workload | mode | card | wall s | tok/s | GPU idle | TTFT p50/p99 ms | ITL p50/p99 ms | loop lag p50/p99 ms "
-    "| achieved/floor |"
+    "| achieved/floor | GPU ms/step p50 | loop CPU ms/step |"
 )
 
 
@@ -144,7 +161,8 @@ def _row(r: dict) -> str:
         f"| {r['workload']}{' (' + r['note'] + ')' if r['note'] else ''} | {r['mode']} | {r['card']} | "
         f"{r['wall_s']:.2f} | {r['tok_per_s']:,.0f} | {r['gpu_idle'] * 100:.1f} % | "
         f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | "
-        f"{r['loop_lag_p50_ms']:.2f} / {r['loop_lag_p99_ms']:.2f} | {r['achieved_vs_floor'] * 100:.0f} % |"
+        f"{r['loop_lag_p50_ms']:.2f} / {r['loop_lag_p99_ms']:.2f} | {r['achieved_vs_floor'] * 100:.0f} % | "
+        f"{r['gpu_step_ms_p50']:.2f} | {r['loop_cpu_ms_per_step']:.2f} |"
     )
 
 
@@ -158,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--generic", action="store_true", help="force the generic transformers path")
+    ap.add_argument("--profile", action="store_true", help="cProfile the event-loop thread during each timed run")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     results = asyncio.run(bench(args))
