@@ -23,6 +23,7 @@ from acb.bridge import CompletionBridge
 
 
 def _calibrate(ms: float) -> int:
+    print("calibrating", flush=True)
     cycles = 1_000_000
     torch.cuda._sleep(cycles)
     torch.cuda.synchronize()
@@ -61,7 +62,7 @@ async def _measure(method: str, cycles: int, trials: int, busy: bool) -> dict:
             while not ev.query():
                 await asyncio.sleep(0)
         elif method == "thread-synchronize":
-            await asyncio.to_thread(ev.synchronize)
+            await asyncio.wait_for(asyncio.to_thread(ev.synchronize), 10)
         waits.append(time.perf_counter() - t0)
         cpu.append((time.process_time() - c0) / max(waits[-1], 1e-9))
         await asyncio.sleep(0.002)
@@ -74,13 +75,16 @@ async def _measure(method: str, cycles: int, trials: int, busy: bool) -> dict:
 
 async def main_async(args) -> list[dict]:
     cycles = _calibrate(args.ms)
+    print(f"{cycles} cycles per trial", flush=True)
     spin = await _measure("spin", cycles, args.trials, busy=False)  # a blocking spin: the floor, not an option
+    print(spin, flush=True)
     rows = [dict(spin, method="spin", busy_loop=False, added_ms=0.0)]
     for busy in (False, True):
         for method in ("acb-bridge", "sleep0-poll", "thread-synchronize"):
             r = await _measure(method, cycles, args.trials, busy)
             r.update(method=method, busy_loop=busy, added_ms=r["median_ms"] - spin["median_ms"])
             rows.append(r)
+            print(r, flush=True)
     return rows
 
 
