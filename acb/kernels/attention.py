@@ -20,6 +20,25 @@ __all__ = ["paged_decode", "paged_prefill", "decode_splits"]
 
 
 @triton.jit
+def _kv_offsets(BT, b, s_bt, pos, nmask, kvh, s_kb, s_ks, s_kh, PAGE: tl.constexpr):
+    """Cache offsets of positions ``pos`` of sequence ``b`` (KV head ``kvh``), through its block table."""
+    page = tl.load(BT + b * s_bt + pos // PAGE, mask=nmask, other=0)
+    return page.to(tl.int64) * s_kb + (pos % PAGE) * s_ks + kvh * s_kh
+
+
+@triton.jit
+def _online_softmax(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
+    """Fold one tile of scores ``s`` (masked entries -inf) and values ``v`` into the running softmax state."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at zero
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _decode_split_kernel(
     Q, KC, VC, BT, LENS, OP, MP, LP, scale,
     s_qb, s_qh, s_kb, s_ks, s_kh, s_bt, s_ob, s_oh, s_os, s_mb, s_mh,
@@ -46,18 +65,12 @@ def _decode_split_kernel(
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         nmask = pos < end
-        page = tl.load(BT + b * s_bt + pos // PAGE, mask=nmask, other=0)
-        off = page.to(tl.int64) * s_kb + (pos % PAGE) * s_ks + kvh * s_kh
+        off = _kv_offsets(BT, b, s_bt, pos, nmask, kvh, s_kb, s_ks, s_kh, PAGE)
         k = tl.load(KC + off[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
+        v = tl.load(VC + off[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         s = tl.where(nmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(VC + off[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax(s, v, m_i, l_i, acc, PRECISION)
     o_ptr = OP + b * s_ob + heads[:, None] * s_oh + split * s_os + d[None, :]
     tl.store(o_ptr, acc, mask=gmask[:, None])
     tl.store(MP + b * s_mb + heads * s_mh + split, m_i, mask=gmask)
@@ -159,22 +172,15 @@ def _prefill_kernel(
     for n0 in range(lo, hi, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         nmask = pos < hi
-        page = tl.load(BT + b * s_bt + pos // PAGE, mask=nmask, other=0)
-        off = page.to(tl.int64) * s_kb + (pos % PAGE) * s_ks + kvh * s_kh
+        off = _kv_offsets(BT, b, s_bt, pos, nmask, kvh, s_kb, s_ks, s_kh, PAGE)
         k = tl.load(KC + off[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
+        v = tl.load(VC + off[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         keep = nmask[None, :] & (pos[None, :] <= q_pos[:, None])
         if WINDOW > 0:
             keep = keep & (pos[None, :] > q_pos[:, None] - WINDOW)
         s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(VC + off[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax(s, v, m_i, l_i, acc, PRECISION)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_ptr = OUT + (q0 + offs_m)[:, None] * s_ot + h * s_oh + d[None, :]
     tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=mmask[:, None])
