@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .batch import StepBatch
-from .kernels.attention import decode_splits
+from .kernels import decode_splits
 from .lean_model import LeanCausalLM, LeanInputs
 
 __all__ = ["DecodeGraphs", "graph_buckets"]

@@ -25,6 +25,7 @@ import torch
 
 from .attention import AttentionMetadata
 from .batch import StepBatch
+from .kernels import decode_splits
 from .kv_cache import KVCache
 from .lean_model import LeanCausalLM, LeanInputs
 from .sampling import SamplingTensors, sample
@@ -145,8 +146,6 @@ class ModelRunner:
         )
 
     def _lean_inputs(self, b: StepBatch) -> LeanInputs:
-        from .kernels.attention import decode_splits
-
         meta = self._meta(b)
         splits = 0
         if self._cuda and b.decode_only:

@@ -1,6 +1,18 @@
 """Triton kernels of the GPU fast path: paged attention (decode and prefill), rotary + KV-cache write, fused
 residual + RMSNorm, and SiLU·mul.
 
-Importing this package needs Triton (shipped with CUDA builds of torch). Nothing on the CPU path imports it; the
-plain-torch reference in :mod:`acb.attention` is the oracle the tests hold these kernels to.
+The kernel modules need Triton (shipped with CUDA builds of torch); this package's own namespace does not, so the
+CPU path can use the launch heuristics below. The plain-torch reference in :mod:`acb.attention` is the oracle the
+tests hold these kernels to.
 """
+
+from __future__ import annotations
+
+__all__ = ["decode_splits"]
+
+
+def decode_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int = 132) -> int:
+    """Context splits per sequence for :func:`acb.kernels.attention.paged_decode`: enough programs to fill the GPU
+    twice, none shorter than 256 positions."""
+    want = max(1, -(-2 * num_sms // max(1, batch * num_kv_heads)))
+    return int(min(want, max(1, max_context // 256), 32))

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import decode_splits
+
 __all__ = ["paged_decode", "paged_prefill", "decode_splits"]
 
 
@@ -95,12 +97,6 @@ def _decode_merge_kernel(
     acc = tl.load(OP + b * s_ob + h * s_oh + s[:, None] * s_os + d[None, :], mask=smask[:, None], other=0.0)
     out = tl.sum(acc * w[:, None], 0) / denom
     tl.store(OUT + b * s_b + h * s_h + d, out.to(OUT.dtype.element_ty))
-
-
-def decode_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int = 132) -> int:
-    """Context splits per sequence: enough programs to fill the GPU twice, none shorter than 256 positions."""
-    want = max(1, -(-2 * num_sms // max(1, batch * num_kv_heads)))
-    return int(min(want, max(1, max_context // 256), 32))
 
 
 def paged_decode(
