@@ -107,3 +107,22 @@ async def test_logprobs_match_model_distribution(make_model, tokenizer):
         logits = ref(torch.tensor([ids])).logits[0].log_softmax(-1)
     expected = [logits[len(prompt) - 1 + i, t].item() for i, t in enumerate(out.token_ids)]
     assert out.logprobs == pytest.approx(expected, abs=1e-4)
+
+
+def test_the_cpu_path_imports_nothing_cuda_only():
+    """The lean path on the CPU (and acb as a whole) must run where triton is not installed."""
+    import subprocess
+    import sys
+
+    code = (
+        "import asyncio, sys\n"
+        "from acb import Engine, EngineConfig, SamplingParams\n"
+        "from acb.default_model import load_default\n"
+        "async def main():\n"
+        "    async with Engine(*load_default(), EngineConfig(fast_path=True)) as e:\n"
+        "        await e.generate('hi', SamplingParams(max_new_tokens=3))\n"
+        "asyncio.run(main())\n"
+        "assert 'triton' not in sys.modules, 'triton was imported'\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
