@@ -21,6 +21,7 @@ import asyncio
 import itertools
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 
 import torch
@@ -40,6 +41,7 @@ from .runner import ModelRunner, StepHandle
 from .scheduler import SampledToken, Scheduler
 from .sequence import Sequence
 from .stream import RequestState, RequestStream
+from .tracing import Trace, Tracer
 
 __all__ = ["Engine"]
 
@@ -128,6 +130,7 @@ class Engine:
         self._eos_ids = _eos_ids(model, tokenizer)
         self.default_sampling = _default_sampling(model)
 
+        self.tracer = Tracer()
         self._live: dict[str, RequestState] = {}
         self._ids = itertools.count()
         self._arrivals = itertools.count()
@@ -273,6 +276,21 @@ class Engine:
         self._abort(state)
         return True
 
+    def start_trace(self) -> None:
+        """Start recording stage spans (and device step spans) for a timeline; see :mod:`acb.tracing`.
+
+        On CUDA this needs ``record_step_timing=True`` and synchronizes the device once, to pin the GPU clock to
+        the host clock."""
+        self._runner.start_device_trace()
+        self.tracer.start()
+
+    def stop_trace(self) -> Trace:
+        """Stop recording; the trace holds host spans and the device's step spans on the host clock. Call after
+        the traced work finished (it waits for the recorded CUDA events)."""
+        trace = self.tracer.stop()
+        trace.spans.extend(("device", s, e) for s, e in self._runner.stop_device_trace())
+        return trace
+
     def step_intervals(self) -> list[tuple[float, float]]:
         """GPU busy intervals ``(start_ms, end_ms)`` of every step so far, relative to the first step (CUDA, with
         ``record_step_timing=True``). Synchronizes on the recorded events: call it after a run, not in one."""
@@ -318,6 +336,7 @@ class Engine:
         return f"req-{next(self._ids)}"
 
     async def _submit(self, request_id: str, prompt: Prompt, params: SamplingParams | None) -> RequestState:
+        t0 = time.perf_counter()
         self._check_open()
         params = self._admission.check_params(params)
         if request_id in self._live:
@@ -338,6 +357,7 @@ class Engine:
             seed=seed,
         )
         state = RequestState(seq, self.tokenizer)
+        self.tracer.add("admission", t0, time.perf_counter())
         self._live[request_id] = state
         self._idle.clear()
         try:
@@ -374,6 +394,7 @@ class Engine:
         while True:
             await self._inflight.acquire()
             while True:
+                t0 = time.perf_counter()
                 self._pull_admissions()
                 step = self._scheduler.schedule()
                 if step is not None:
@@ -381,7 +402,11 @@ class Engine:
                 self._work.clear()
                 await self._work.wait()
             try:
-                handle = self._runner.launch(self._builder.build(step))
+                batch = self._builder.build(step)
+                t1 = time.perf_counter()
+                handle = self._runner.launch(batch)
+                self.tracer.add("prepare", t0, t1)
+                self.tracer.add("launch", t1, time.perf_counter())
             except Exception as exc:  # a bad batch fails its own requests, not the engine
                 log.exception("preparing step %d failed", step.step_id)
                 for seq in self._scheduler.on_step_failed(step):
@@ -407,7 +432,10 @@ class Engine:
             handle = await self._launched.get()
             step = handle.batch.step
             try:
+                t0 = time.perf_counter()
                 result = await self._bridge.wait(handle)
+                t1 = time.perf_counter()
+                self.tracer.add("wait", t0, t1)
                 tokens = result.tokens.tolist()
                 logprobs = None if result.logprobs is None else result.logprobs.tolist()
                 accepted = self._scheduler.on_step_done(step, tokens, logprobs)
@@ -416,6 +444,7 @@ class Engine:
                 for seq in self._scheduler.on_step_failed(step):
                     self._fail(self._live.get(seq.request_id), RequestFailedError(f"step failed: {exc!r}"), exc)
             else:
+                self.tracer.add("process", t1, time.perf_counter())
                 if accepted:
                     self._to_detok.put_nowait(accepted)
             finally:
@@ -427,6 +456,7 @@ class Engine:
     async def _detok_loop(self) -> None:
         while True:
             batch = await self._to_detok.get()
+            t0 = time.perf_counter()
             live = []
             for s in batch:
                 state = self._live.get(s.seq.request_id)
@@ -451,6 +481,7 @@ class Engine:
                     self._work.set()
                 if state.closed:
                     self._forget(state)
+            self.tracer.add("detokenize", t0, time.perf_counter())
 
     def _detokenize(self, items: list[tuple[RequestState, SampledToken]]) -> dict[int, str]:
         """Text deltas of one step's tokens, all requests' windows decoded in one batched tokenizer call."""

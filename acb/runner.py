@@ -18,6 +18,7 @@ Two model paths:
 from __future__ import annotations
 
 import concurrent.futures
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,6 +78,9 @@ class ModelRunner:
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="acb-step")
         # (start, end) CUDA events of every step's GPU work, for the idle-fraction measurement of the benchmarks
         self.step_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = [] if record_timing else None
+        self._trace_from: int | None = None  # index into step_events (CUDA) where a trace started
+        self._trace_ref: tuple[torch.cuda.Event, float] | None = None
+        self._cpu_spans: list[tuple[float, float]] | None = None  # worker compute spans (CPU) while tracing
 
     def launch(self, batch: StepBatch) -> StepHandle:
         """Queue ``batch`` for execution after every step launched before it; returns at once."""
@@ -92,8 +96,44 @@ class ModelRunner:
             t = t.pin_memory()
         return t.to(self.device, non_blocking=True)
 
-    @torch.inference_mode()
+    def start_device_trace(self) -> None:
+        if self._cuda:
+            if self.step_events is None:
+                raise RuntimeError("tracing on CUDA needs EngineConfig(record_step_timing=True)")
+            torch.cuda.synchronize(self.device)
+            ref = torch.cuda.Event(enable_timing=True)
+            ref.record()
+            ref.synchronize()
+            self._trace_ref = (ref, time.perf_counter())  # the GPU was idle: ref ran at about this host time
+            self._trace_from = len(self.step_events)
+        else:
+            self._cpu_spans = []
+
+    def stop_device_trace(self) -> list[tuple[float, float]]:
+        if not self._cuda:
+            spans, self._cpu_spans = self._cpu_spans or [], None
+            return spans
+        if self._trace_ref is None:
+            return []
+        ref, t_ref = self._trace_ref
+        out = []
+        for start, end in self.step_events[self._trace_from :]:
+            end.synchronize()
+            out.append((t_ref + ref.elapsed_time(start) / 1e3, t_ref + ref.elapsed_time(end) / 1e3))
+        self._trace_ref = None
+        return out
+
     def _execute(self, b: StepBatch) -> StepResult:
+        if self._cpu_spans is None:
+            return self._execute_step(b)
+        t0 = time.perf_counter()
+        try:
+            return self._execute_step(b)
+        finally:
+            self._cpu_spans.append((t0, time.perf_counter()))
+
+    @torch.inference_mode()
+    def _execute_step(self, b: StepBatch) -> StepResult:
         start = None
         if self.step_events is not None:
             start = torch.cuda.Event(enable_timing=True)

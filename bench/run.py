@@ -23,10 +23,17 @@ from .metrics import LoopLag, decode_floor_seconds, idle_fraction, percentile
 from .workloads import WORKLOADS, build_model, make_requests, synthetic_tokenizer
 
 
-async def run_one(engine: Engine, requests: list[tuple[list[int], int]], profile: bool = False) -> dict:
+async def run_one(
+    engine: Engine, requests: list[tuple[list[int], int]], profile: bool = False, progress: str | None = None
+) -> dict:
     lag = LoopLag()
     ttft, itl = [], []
     counts = []
+    bar = None
+    if progress is not None:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(requests), desc=progress, unit="req", file=sys.stderr, leave=False)
 
     async def one(prompt: list[int], new: int) -> None:
         t0 = time.perf_counter()
@@ -41,6 +48,8 @@ async def run_one(engine: Engine, requests: list[tuple[list[int], int]], profile
             last = now
             n += tok.id is not None
         counts.append(n)
+        if bar is not None:
+            bar.update()
 
     lag.start()
     prof = None
@@ -55,6 +64,8 @@ async def run_one(engine: Engine, requests: list[tuple[list[int], int]], profile
     wall = time.perf_counter() - start
     loop_cpu = time.thread_time() - cpu0
     await lag.stop()
+    if bar is not None:
+        bar.close()
     if prof is not None:
         import pstats
 
@@ -94,6 +105,7 @@ async def bench(args) -> list[dict]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bandwidth = copy_bandwidth() if device == "cuda" else float("nan")
     results = []
+    traces: dict[str, dict] = {}
     models: dict[str, torch.nn.Module] = {}
     for name in args.workloads.split(","):
         w = WORKLOADS[name].scaled(args.scale)
@@ -130,7 +142,12 @@ async def bench(args) -> list[dict]:
                 if engine._runner.step_events is not None:
                     engine._runner.step_events.clear()
                 steps_before = engine.stats().steps
-                r = await run_one(engine, requests, profile=args.profile)
+                progress = None if args.no_progress else f"{w.name} {mode}"
+                if args.timeline:
+                    engine.start_trace()
+                r = await run_one(engine, requests, profile=args.profile, progress=progress)
+                if args.timeline:
+                    traces.setdefault(w.name, {})[mode] = engine.stop_trace()
                 r["steps"] -= steps_before
                 intervals = engine.step_intervals()
             durations = sorted(e - s for s, e in intervals)
@@ -147,6 +164,14 @@ async def bench(args) -> list[dict]:
             gc.collect()
             if device == "cuda":
                 torch.cuda.empty_cache()
+        if args.timeline and w.name in traces:
+            from .timeline import plot_timeline
+
+            runs = traces[w.name]
+            ordered = {f"{m} — {w.name}, {card}": runs[m] for m in ("sync", "async") if m in runs}
+            path = args.timeline.replace(".png", f"-{w.name}.png")
+            plot_timeline(ordered, path, title=f"acb pipeline timeline: sync (top) vs async (bottom), {w.name}")
+            print(f"timeline: {path}", file=sys.stderr)
     return results
 
 
@@ -166,6 +191,11 @@ def _row(r: dict) -> str:
     )
 
 
+def table_markdown(results: list[dict]) -> str:
+    lines = [HEADER, "|" + "---|" * (HEADER.count(" | ") + 1)]
+    return "\n".join(lines + [_row(r) for r in results])
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workloads", default="W-side,W-small")
@@ -177,13 +207,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--generic", action="store_true", help="force the generic transformers path")
     ap.add_argument("--profile", action="store_true", help="cProfile the event-loop thread during each timed run")
+    ap.add_argument("--timeline", help="draw the stage/step timeline of each workload to this PNG path (suffixed)")
+    ap.add_argument("--markdown", help="also write the table to this markdown file")
+    ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     results = asyncio.run(bench(args))
-    print(HEADER)
-    print("|" + "---|" * HEADER.count(" | ") + "---|")
-    for r in results:
-        print(_row(r))
+    table = table_markdown(results)
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

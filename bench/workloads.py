@@ -37,6 +37,8 @@ WORKLOADS = {
     "W-side": Workload("W-side", "llama-8b", 32, 256, 1024),
     "W-share": Workload("W-share", "llama-8b", 1000, None, None),
     "W-small": Workload("W-small", "qwen-0.5b", 256, 128, 512),
+    # CPU smoke test of the harness itself (tiny random model)
+    "W-tiny": Workload("W-tiny", "tiny", 16, 24, 32, note="CPU smoke"),
     # diagnostic: GPU time of a batch-32 decode step at short context (compare: shared/gpu.md's 9.12 ms anchor)
     "D-step32": Workload("D-step32", "llama-8b", 32, 8, 64, note="diagnostic"),
 }

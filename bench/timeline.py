@@ -1,0 +1,57 @@
+"""The timeline picture: each pipeline stage's host spans and the device's step spans, sync above async.
+
+Gaps in the device lane are time the GPU waited for the host. In sync mode they line up with the host stages of
+every step; in async mode the next step is already queued when one ends.
+"""
+
+from __future__ import annotations
+
+from acb.tracing import LANES, Trace
+
+__all__ = ["plot_timeline", "window"]
+
+COLORS = {
+    "admission": "#8c8c8c",
+    "prepare": "#4c72b0",
+    "launch": "#55a868",
+    "wait": "#dddddd",
+    "process": "#8172b2",
+    "detokenize": "#ccb974",
+    "device": "#c44e52",
+}
+
+
+def window(trace: Trace, first_step: int, steps: int) -> tuple[float, float]:
+    """The time window covering device steps ``first_step .. first_step + steps`` (or the whole trace)."""
+    dev = sorted(trace.lane("device"))
+    if not dev:
+        times = [t for _, s, e in trace.spans for t in (s, e)]
+        return (min(times), max(times)) if times else (0.0, 1.0)
+    first_step = min(first_step, len(dev) - 1)
+    last = min(len(dev) - 1, first_step + steps - 1)
+    return dev[first_step][0], dev[last][1]
+
+
+def plot_timeline(traces: dict[str, Trace], path: str, title: str = "", first_step: int = 20, steps: int = 30) -> None:
+    """Draw one panel per trace (in the given order: put sync first), ``steps`` device steps wide, to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(traces), 1, figsize=(14, 2.4 * len(traces)), squeeze=False)
+    for ax, (name, trace) in zip(axes[:, 0], traces.items()):
+        t0, t1 = window(trace, first_step, steps)
+        for row, lane in enumerate(reversed(LANES)):
+            bars = [(s - t0, e - s) for s, e in trace.lane(lane) if e >= t0 and s <= t1]
+            ax.broken_barh([(x * 1e3, w * 1e3) for x, w in bars], (row + 0.1, 0.8), color=COLORS[lane])
+        ax.set_yticks([r + 0.5 for r in range(len(LANES))], list(reversed(LANES)))
+        ax.set_xlim(0, (t1 - t0) * 1e3)
+        ax.set_ylim(0, len(LANES))
+        ax.set_title(name, loc="left", fontsize=10)
+        ax.set_xlabel("ms")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

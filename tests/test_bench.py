@@ -1,0 +1,68 @@
+"""The CPU side of the benchmark harness: workloads, metrics, the table, tracing and the timeline picture.
+
+No test asserts a speed."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from acb import Engine, EngineConfig, SamplingParams
+from acb.tracing import LANES
+from bench.metrics import decode_floor_seconds, idle_fraction, percentile
+from bench.workloads import WORKLOADS, make_requests
+
+
+def test_workloads_match_the_spec():
+    assert (WORKLOADS["W-side"].requests, WORKLOADS["W-side"].prompt, WORKLOADS["W-side"].new) == (32, 256, 1024)
+    side = make_requests(WORKLOADS["W-side"], vocab=1000, seed=0)
+    assert len(side) == 32 and all(len(p) == 256 and n == 1024 for p, n in side)
+    assert side == make_requests(WORKLOADS["W-side"], vocab=1000, seed=0)  # reproducible
+    share = make_requests(WORKLOADS["W-share"], vocab=1000, seed=0)
+    lens = [len(p) for p, _ in share] + [n for _, n in share]
+    assert len(share) == 1000 and min(lens) >= 8 and max(lens) <= 2048
+    assert 100 <= statistics.median(lens) <= 160  # lognormal, median 128
+    quick = WORKLOADS["W-side"].scaled(0.25)
+    assert quick.new == 256 and quick.prompt == 256 and "scaled" in quick.note
+
+
+def test_metrics():
+    assert percentile([1, 2, 3, 4], 50) == 2.5
+    assert idle_fraction([(0, 1), (2, 3)]) == pytest.approx(1 / 3)
+    assert idle_fraction([(0, 2), (1, 3), (3, 4)]) == 0.0  # overlapping and touching steps: never idle
+    # 10 bytes of weights, 1 byte of KV per token, 12 bytes/s. Step 0: both sequences at context 1 -> 12 bytes;
+    # step 1: only the first (context 2) -> 12 bytes. Two seconds.
+    assert decode_floor_seconds(10, 1, [(1, 2), (1, 1)], 12.0, 8) == pytest.approx(2.0)
+
+
+async def test_tracing_records_every_lane(make_model, tokenizer):
+    model, _ = make_model("llama")
+    async with Engine(model, tokenizer, EngineConfig(block_size=8)) as engine:
+        engine.start_trace()
+        await engine.generate("hello", SamplingParams(max_new_tokens=5))
+        trace = engine.stop_trace()
+    assert {lane for lane, _, _ in trace.spans} == set(LANES)
+    assert all(e >= s for _, s, e in trace.spans)
+    assert len(trace.lane("device")) == 5  # one prefill step that samples, four decode steps
+
+
+def test_bench_run_writes_json_table_and_timeline(tmp_path, capsys):
+    from bench.run import main
+
+    out = tmp_path / "r.json"
+    md = tmp_path / "r.md"
+    png = tmp_path / "timeline.png"
+    main(["--workloads", "W-tiny", "--json", str(out), "--markdown", str(md), "--timeline", str(png), "--no-progress"])
+    results = json.loads(out.read_text())
+    assert [r["mode"] for r in results] == ["async", "sync"]
+    w = WORKLOADS["W-tiny"]
+    assert all(r["output_tokens"] == w.requests * w.new and r["workload"] == "W-tiny" for r in results)
+    for key in ("tok_per_s", "ttft_p50_ms", "itl_p99_ms", "loop_lag_p99_ms", "gpu_idle", "card"):
+        assert key in results[0]
+    table = md.read_text()
+    assert "| W-tiny (CPU smoke) | async |" in table and "| W-tiny (CPU smoke) | sync |" in table
+    assert table in capsys.readouterr().out
+    picture = tmp_path / "timeline-W-tiny.png"
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 10_000
