@@ -87,6 +87,34 @@ async def run_one(
     }
 
 
+def run_transformers(model, requests: list[tuple[list[int], int]], use_async: bool) -> dict:
+    """transformers' own continuous batching (``generate_batch``) on the same weights: the peer baseline."""
+    from transformers import GenerationConfig
+    from transformers.generation import ContinuousBatchingConfig
+
+    import transformers
+    from packaging.version import Version
+
+    # paged SDPA for continuous batching: "paged|sdpa" until 5.22 (the card's 5.17), plain "sdpa" from 5.23 on
+    old = Version(transformers.__version__) < Version("5.23")
+    model.set_attn_implementation("paged|sdpa" if old else "sdpa")
+    new = max(n for _, n in requests)
+    gen = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+    cb = ContinuousBatchingConfig(use_async_batching=use_async)
+    inputs = [p for p, _ in requests]
+    model.generate_batch(inputs[:2], generation_config=gen, continuous_batching_config=cb, progress_bar=False)
+    start = time.perf_counter()
+    out = model.generate_batch(inputs, generation_config=gen, continuous_batching_config=cb, progress_bar=False)
+    wall = time.perf_counter() - start
+    tokens = sum(len(o.generated_tokens) for o in out.values())
+    nan = float("nan")
+    return {
+        "wall_s": wall, "output_tokens": tokens, "tok_per_s": tokens / wall, "ttft_p50_ms": nan, "ttft_p99_ms": nan,
+        "itl_p50_ms": nan, "itl_p99_ms": nan, "loop_lag_p50_ms": nan, "loop_lag_p99_ms": nan, "steps": 0,
+        "loop_thread_cpu_s": nan, "gpu_step_ms_p50": nan, "loop_cpu_ms_per_step": nan,
+    }  # fmt: skip
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read and written."""
     x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
@@ -127,7 +155,22 @@ async def bench(args) -> list[dict]:
             weight_bytes, shape.kv_bytes_per_token(model.dtype), [(len(p), n) for p, n in requests], bandwidth,
             min(w.requests, args.max_num_seqs),
         )  # fmt: skip
-        for mode in args.modes.split(","):
+        # transformers' modes first: acb's lean path releases the unfused weights of the model it takes over
+        modes = sorted(args.modes.split(","), key=lambda m: not m.startswith("hf-"))
+        for mode in modes:
+            if mode.startswith("hf-"):
+                if w.new is None:
+                    print(f"skipping {mode} for {w.name}: generate_batch takes one output length", file=sys.stderr)
+                    continue
+                r = run_transformers(model, requests, use_async=mode == "hf-async")
+                r.update(
+                    workload=w.name, note=w.note, mode=mode, card=card, model=w.model, requests=w.requests,
+                    gpu_idle=float("nan"), engine_build_s=0.0, fast_path=False, floor_s=floor,
+                    achieved_vs_floor=floor / r["wall_s"], copy_bw_GBps=bandwidth / 1e9,
+                )  # fmt: skip
+                results.append(r)
+                print(_row(r), file=sys.stderr, flush=True)
+                continue
             config = EngineConfig(
                 max_num_seqs=min(w.requests, args.max_num_seqs), max_num_batched_tokens=args.max_num_batched_tokens,
                 max_model_len=max_len, overlap=mode == "async", record_step_timing=device == "cuda",
@@ -182,12 +225,17 @@ HEADER = (
 
 
 def _row(r: dict) -> str:
+    def f(x: float, spec: str, scale: float = 1.0, unit: str = "") -> str:
+        return "—" if x != x else f"{x * scale:{spec}}{unit}"  # NaN: not measured for this mode
+
+    name = r["workload"] + (f" ({r['note']})" if r["note"] else "")
     return (
-        f"| {r['workload']}{' (' + r['note'] + ')' if r['note'] else ''} | {r['mode']} | {r['card']} | "
-        f"{r['wall_s']:.2f} | {r['tok_per_s']:,.0f} | {r['gpu_idle'] * 100:.1f} % | "
-        f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | "
-        f"{r['loop_lag_p50_ms']:.2f} / {r['loop_lag_p99_ms']:.2f} | {r['achieved_vs_floor'] * 100:.0f} % | "
-        f"{r['gpu_step_ms_p50']:.2f} | {r['loop_cpu_ms_per_step']:.2f} |"
+        f"| {name} | {r['mode']} | {r['card']} | {r['wall_s']:.2f} | {r['tok_per_s']:,.0f} | "
+        f"{f(r['gpu_idle'], '.1f', 100, ' %')} | {f(r['ttft_p50_ms'], '.0f')} / {f(r['ttft_p99_ms'], '.0f')} | "
+        f"{f(r['itl_p50_ms'], '.1f')} / {f(r['itl_p99_ms'], '.1f')} | "
+        f"{f(r['loop_lag_p50_ms'], '.2f')} / {f(r['loop_lag_p99_ms'], '.2f')} | "
+        f"{f(r['achieved_vs_floor'], '.0f', 100, ' %')} | {f(r['gpu_step_ms_p50'], '.2f')} | "
+        f"{f(r['loop_cpu_ms_per_step'], '.2f')} |"
     )
 
 
@@ -199,7 +247,7 @@ def table_markdown(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workloads", default="W-side,W-small")
-    ap.add_argument("--modes", default="async,sync")
+    ap.add_argument("--modes", default="async,sync", help="acb: async, sync; transformers CB: hf-sync, hf-async")
     ap.add_argument("--scale", type=float, default=1.0, help="shrink outputs (and W-share's request count)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-num-seqs", type=int, default=256)

@@ -54,15 +54,19 @@ def test_bench_run_writes_json_table_and_timeline(tmp_path, capsys):
     out = tmp_path / "r.json"
     md = tmp_path / "r.md"
     png = tmp_path / "timeline.png"
-    main(["--workloads", "W-tiny", "--json", str(out), "--markdown", str(md), "--timeline", str(png), "--no-progress"])
+    main(
+        ["--workloads", "W-tiny", "--modes", "async,sync,hf-sync", "--json", str(out), "--markdown", str(md),
+         "--timeline", str(png), "--no-progress"]
+    )  # fmt: skip
     results = json.loads(out.read_text())
-    assert [r["mode"] for r in results] == ["async", "sync"]
+    assert [r["mode"] for r in results] == ["hf-sync", "async", "sync"]  # transformers first, on intact weights
     w = WORKLOADS["W-tiny"]
     assert all(r["output_tokens"] == w.requests * w.new and r["workload"] == "W-tiny" for r in results)
     for key in ("tok_per_s", "ttft_p50_ms", "itl_p99_ms", "loop_lag_p99_ms", "gpu_idle", "card"):
         assert key in results[0]
     table = md.read_text()
-    assert "| W-tiny (CPU smoke) | async |" in table and "| W-tiny (CPU smoke) | sync |" in table
+    for mode in ("async", "sync", "hf-sync"):
+        assert f"| W-tiny (CPU smoke) | {mode} |" in table
     assert table in capsys.readouterr().out
     picture = tmp_path / "timeline-W-tiny.png"
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 10_000
