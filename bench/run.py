@@ -89,11 +89,10 @@ async def run_one(
 
 def run_transformers(model, requests: list[tuple[list[int], int]], use_async: bool) -> dict:
     """transformers' own continuous batching (``generate_batch``) on the same weights: the peer baseline."""
-    from transformers import GenerationConfig
-    from transformers.generation import ContinuousBatchingConfig
-
     import transformers
     from packaging.version import Version
+    from transformers import GenerationConfig
+    from transformers.generation import ContinuousBatchingConfig
 
     # paged SDPA for continuous batching: "paged|sdpa" until 5.22 (the card's 5.17), plain "sdpa" from 5.23 on
     old = Version(transformers.__version__) < Version("5.23")
