@@ -26,19 +26,15 @@ from collections.abc import Awaitable, Callable
 
 import torch
 
-from . import attention
 from .admission import Admission, Prompt
-from .batch import BatchBuilder
-from .block_allocator import BlockAllocator
 from .bridge import CompletionBridge
 from .config import EngineConfig, SamplingParams
 from .detokenizer import decode_many
 from .errors import DuplicateRequestIdError, EngineClosedError, InvalidRequestError, RequestFailedError
-from .kv_cache import KVCache, ModelShape, auto_num_blocks
-from .lean_model import LeanCausalLM, supports_lean
+from .model_setup import DTYPES, build_runtime, default_sampling, eos_ids
 from .outputs import Completion, EngineStats, Token
-from .runner import ModelRunner, StepHandle
-from .scheduler import SampledToken, Scheduler
+from .runner import StepHandle
+from .scheduler import SampledToken
 from .sequence import Sequence
 from .stream import RequestState, RequestStream
 from .tracing import Trace, Tracer
@@ -46,8 +42,6 @@ from .tracing import Trace, Tracer
 __all__ = ["Engine"]
 
 log = logging.getLogger("acb")
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class Engine:
@@ -61,74 +55,22 @@ class Engine:
     def __init__(self, model: torch.nn.Module, tokenizer, config: EngineConfig | None = None) -> None:
         self.config = config = config if config is not None else EngineConfig()
         self.tokenizer = tokenizer
-        if config.device is not None or config.dtype is not None:
-            model.to(device=config.device, dtype=_DTYPES[config.dtype] if config.dtype else None)
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
-        attention.register()
-        model.eval()
-        model.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
+        rt = build_runtime(model, config)
         self.model = model
-
-        self.shape = shape = ModelShape.from_config(model.config)
-        self.max_model_len = config.max_model_len or shape.max_position_embeddings or 4096
-        lean = None
-        use_lean = config.fast_path if config.fast_path is not None else self.device.type == "cuda"
-        if use_lean and supports_lean(model):
-            # The lean model owns the fused weights; a later engine on the same model reuses it.
-            lean = getattr(model, "_acb_lean", None)
-            if lean is None:
-                lean = LeanCausalLM(model, self.max_model_len, workspace_rows=config.max_num_seqs)
-                model._acb_lean = lean
-            lean.ensure(self.max_model_len, config.max_num_seqs)
-        elif config.fast_path:
-            raise ValueError(f"fast_path=True, but the lean model path does not support {type(model).__name__}")
-        self.fast_path = lean is not None
-        graphs = lean is not None and config.cuda_graphs and self.device.type == "cuda"
-        num_blocks = config.num_kv_blocks or auto_num_blocks(
-            shape,
-            config.block_size,
-            self.dtype,
-            self.device,
-            config.kv_memory_fraction,
-            wanted_tokens=config.max_num_seqs * self.max_model_len,
-        )
-        self._allocator = BlockAllocator(num_blocks, config.block_size)
-        self._scheduler = Scheduler(self._allocator, config.max_num_seqs, config.max_num_batched_tokens)
-        max_blocks = self._allocator.blocks_for(self.max_model_len)
-        self._builder = BatchBuilder(config.max_num_seqs, max_blocks, config.block_size)
-        # One extra block, owned by no sequence: CUDA-graph padding rows write their KV there.
-        kv_cache = KVCache(shape, num_blocks + int(graphs), config.block_size, self.dtype, self.device)
-        if lean is not None:
-            lean.kv_cache = kv_cache
-        geometry = None
-        if graphs:
-            geometry = dict(
-                max_batch=min(config.max_num_seqs, 512),
-                max_blocks=max_blocks,
-                scratch_block=num_blocks,
-                block_size=config.block_size,
-                max_model_len=self.max_model_len,
-            )
-        self._runner = ModelRunner(
-            model,
-            kv_cache,
-            config.max_num_seqs,
-            self.device,
-            lean=lean,
-            graph_geometry=geometry,
-            record_timing=config.record_step_timing,
-        )
+        self.device, self.dtype, self.shape = rt.device, rt.dtype, rt.shape
+        self.max_model_len, self.fast_path = rt.max_model_len, rt.fast_path
+        self._allocator, self._scheduler = rt.allocator, rt.scheduler
+        self._builder, self._runner = rt.builder, rt.runner
         self._bridge = CompletionBridge()
         self._admission = Admission(
             tokenizer,
-            vocab_size=shape.vocab_size,
+            vocab_size=rt.shape.vocab_size,
             max_model_len=self.max_model_len,
-            max_cache_tokens=num_blocks * config.block_size,
+            max_cache_tokens=self._allocator.num_blocks * config.block_size,
             long_prompt_chars=config.long_prompt_chars,
         )
-        self._eos_ids = _eos_ids(model, tokenizer)
-        self.default_sampling = _default_sampling(model)
+        self._eos_ids = eos_ids(model, tokenizer)
+        self.default_sampling = default_sampling(model)
 
         self.tracer = Tracer()
         self._live: dict[str, RequestState] = {}
@@ -150,7 +92,7 @@ class Engine:
 
         if path_or_id.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(path_or_id)):
             raise FileNotFoundError(f"no model directory at {path_or_id!r}")
-        torch_dtype = _DTYPES[dtype] if dtype else "auto"
+        torch_dtype = DTYPES[dtype] if dtype else "auto"
         model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(path_or_id)
         return cls(model, tokenizer, EngineConfig(device=device, dtype=dtype, **config_fields))
@@ -538,30 +480,3 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
-
-
-def _default_sampling(model) -> dict[str, float | int]:
-    """Sampling defaults the checkpoint's generation config sets explicitly (used where a request omits them)."""
-    gen = getattr(model, "generation_config", None)
-    if gen is None:
-        return {}
-    diff = gen.to_diff_dict()
-    out: dict[str, float | int] = {k: diff[k] for k in ("temperature", "top_p", "top_k") if diff.get(k) is not None}
-    if diff.get("do_sample") is False:
-        out["temperature"] = 0.0
-    return out
-
-
-def _eos_ids(model, tokenizer) -> frozenset[int]:
-    ids: set[int] = set()
-    gen = getattr(model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
-    if eos is None:
-        eos = getattr(model.config, "eos_token_id", None)
-    if isinstance(eos, int):
-        ids.add(eos)
-    elif eos:
-        ids.update(int(e) for e in eos)
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        ids.add(tokenizer.eos_token_id)
-    return frozenset(ids)

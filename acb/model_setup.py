@@ -1,0 +1,137 @@
+"""Preparing a model for the engine: device and dtype, the attention implementation, the lean path and its CUDA
+graphs, KV-cache sizing; and what the engine reads from the checkpoint (EOS ids, default sampling).
+
+Runs once, in ``Engine.__init__``, before any event loop work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import attention
+from .batch import BatchBuilder
+from .block_allocator import BlockAllocator
+from .config import EngineConfig
+from .kv_cache import KVCache, ModelShape, auto_num_blocks
+from .lean_model import LeanCausalLM, supports_lean
+from .runner import ModelRunner
+from .scheduler import Scheduler
+
+__all__ = ["Runtime", "build_runtime", "eos_ids", "default_sampling", "DTYPES"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(slots=True)
+class Runtime:
+    """Everything the engine's stages run on, built for one model and config."""
+
+    device: torch.device
+    dtype: torch.dtype
+    shape: ModelShape
+    max_model_len: int
+    fast_path: bool
+    allocator: BlockAllocator
+    scheduler: Scheduler
+    builder: BatchBuilder
+    runner: ModelRunner
+
+
+def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
+    if config.device is not None or config.dtype is not None:
+        model.to(device=config.device, dtype=DTYPES[config.dtype] if config.dtype else None)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    attention.register()
+    model.eval()
+    model.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
+
+    shape = ModelShape.from_config(model.config)
+    max_model_len = config.max_model_len or shape.max_position_embeddings or 4096
+    lean = None
+    use_lean = config.fast_path if config.fast_path is not None else device.type == "cuda"
+    if use_lean and supports_lean(model):
+        # The lean model owns the fused weights; a later engine on the same model reuses it.
+        lean = getattr(model, "_acb_lean", None)
+        if lean is None:
+            lean = LeanCausalLM(model, max_model_len, workspace_rows=config.max_num_seqs)
+            model._acb_lean = lean
+        lean.ensure(max_model_len, config.max_num_seqs)
+    elif config.fast_path:
+        raise ValueError(f"fast_path=True, but the lean model path does not support {type(model).__name__}")
+    graphs = lean is not None and config.cuda_graphs and device.type == "cuda"
+
+    # Sized after the lean path freed the unfused weights, so the cache gets that memory.
+    num_blocks = config.num_kv_blocks or auto_num_blocks(
+        shape,
+        config.block_size,
+        dtype,
+        device,
+        config.kv_memory_fraction,
+        wanted_tokens=config.max_num_seqs * max_model_len,
+    )
+    allocator = BlockAllocator(num_blocks, config.block_size)
+    max_blocks = allocator.blocks_for(max_model_len)
+    # One extra block, owned by no sequence: CUDA-graph padding rows write their KV there.
+    kv_cache = KVCache(shape, num_blocks + int(graphs), config.block_size, dtype, device)
+    if lean is not None:
+        lean.kv_cache = kv_cache
+    geometry = None
+    if graphs:
+        geometry = dict(
+            max_batch=min(config.max_num_seqs, 512),
+            max_blocks=max_blocks,
+            scratch_block=num_blocks,
+            block_size=config.block_size,
+            max_model_len=max_model_len,
+        )
+    runner = ModelRunner(
+        model,
+        kv_cache,
+        config.max_num_seqs,
+        device,
+        lean=lean,
+        graph_geometry=geometry,
+        record_timing=config.record_step_timing,
+    )
+    return Runtime(
+        device=device,
+        dtype=dtype,
+        shape=shape,
+        max_model_len=max_model_len,
+        fast_path=lean is not None,
+        allocator=allocator,
+        scheduler=Scheduler(allocator, config.max_num_seqs, config.max_num_batched_tokens),
+        builder=BatchBuilder(config.max_num_seqs, max_blocks, config.block_size),
+        runner=runner,
+    )
+
+
+def default_sampling(model) -> dict[str, float | int]:
+    """Sampling defaults the checkpoint's generation config sets explicitly (used where a request omits them)."""
+    gen = getattr(model, "generation_config", None)
+    if gen is None:
+        return {}
+    diff = gen.to_diff_dict()
+    out: dict[str, float | int] = {k: diff[k] for k in ("temperature", "top_p", "top_k") if diff.get(k) is not None}
+    if diff.get("do_sample") is False:
+        out["temperature"] = 0.0
+    return out
+
+
+def eos_ids(model, tokenizer) -> frozenset[int]:
+    """EOS token ids from the generation config (or model config) and the tokenizer."""
+    ids: set[int] = set()
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif eos:
+        ids.update(int(e) for e in eos)
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
