@@ -56,15 +56,17 @@ class BatchBuilder:
     def __init__(self, max_num_seqs: int, max_blocks_per_seq: int, block_size: int) -> None:
         self.block_size = block_size
         self._tables = np.zeros((max_num_seqs, max_blocks_per_seq), dtype=np.int64)
-        self._synced_len = np.zeros(max_num_seqs, dtype=np.int64)
+        # per slot: the block list last copied into its row, and how much of it (Python lists: read per entry, per step)
+        self._synced_len = [0] * max_num_seqs
         self._synced_list: list[list[int] | None] = [None] * max_num_seqs
 
     def build(self, step: ScheduledStep) -> StepBatch:
         entries = step.entries
         nseq = len(entries)
-        slots = np.empty(nseq, dtype=np.int64)
-        starts = np.empty(nseq, dtype=np.int64)
-        counts = np.empty(nseq, dtype=np.int64)
+        slot_l: list[int] = []
+        start_l: list[int] = []
+        count_l: list[int] = []
+        synced_list, synced_len = self._synced_list, self._synced_len
         ids: list[int] = []
         device_idx: list[int] = []
         device_slots: list[int] = []
@@ -79,10 +81,12 @@ class BatchBuilder:
         for i, e in enumerate(entries):
             seq = e.seq
             slot = seq.slot
-            slots[i] = slot
-            starts[i] = e.start
-            counts[i] = e.num_tokens
-            self._sync_table(slot, seq.block_table)
+            slot_l.append(slot)
+            start_l.append(e.start)
+            count_l.append(e.num_tokens)
+            table = seq.block_table
+            if synced_list[slot] is not table or synced_len[slot] != len(table):
+                self._sync_table(slot, table)
             end = e.start + e.num_tokens
             known = len(seq.token_ids)
             if end <= known:
@@ -102,6 +106,9 @@ class BatchBuilder:
                 s_seed.append(seq.seed)
                 want_logprobs |= p.logprobs
 
+        slots = np.array(slot_l, dtype=np.int64)
+        starts = np.array(start_l, dtype=np.int64)
+        counts = np.array(count_l, dtype=np.int64)
         qsl = np.zeros(nseq + 1, dtype=np.int64)
         np.cumsum(counts, out=qsl[1:])
         total = int(qsl[-1])
@@ -145,7 +152,7 @@ class BatchBuilder:
         if self._synced_list[slot] is not table:  # a new owner of the slot (or a preempted sequence's new table)
             self._synced_list[slot] = table
             self._synced_len[slot] = 0
-        done = int(self._synced_len[slot])
+        done = self._synced_len[slot]
         if done < len(table):
             self._tables[slot, done : len(table)] = table[done:]
             self._synced_len[slot] = len(table)

@@ -125,7 +125,8 @@ class Scheduler:
             if n == 0:
                 i += 1
                 continue
-            if not self._grow(seq, n):
+            grow = -(-(seq.num_computed + n) // self.allocator.block_size) > len(seq.block_table)
+            if grow and not self._grow(seq, n):
                 break  # seq itself was preempted; everything after it is newer and was preempted too
             entries.append(self._take(seq, n))
             budget -= n
