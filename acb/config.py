@@ -37,6 +37,10 @@ class EngineConfig:
     overlap: bool = True
     """Prepare and launch step N+1 before step N's tokens reach the host (async mode); ``False`` steps
     synchronously (sync mode, the baseline)."""
+    overlap_depth: int = 2
+    """With ``overlap``: most steps launched but not yet processed. 2 runs the host one step ahead; 3 also absorbs
+    a late wake-up of the loop, at the cost of one more computed (never emitted) token when a request ends by EOS
+    or a stop condition."""
     device: str | None = None
     """Device to run on; ``None`` keeps the model's device."""
     dtype: str | None = None
@@ -64,6 +68,8 @@ class EngineConfig:
         if self.max_model_len is not None:
             _positive("max_model_len", self.max_model_len)
         _positive("max_pending", self.max_pending)
+        if not isinstance(self.overlap_depth, int) or not 2 <= self.overlap_depth <= 8:
+            raise ValueError(f"overlap_depth must be an integer in [2, 8], got {self.overlap_depth!r}")
         if self.max_num_batched_tokens < self.max_num_seqs and self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must allow at least one token per step")
         if self.dtype is not None and self.dtype not in ("float32", "bfloat16", "float16"):

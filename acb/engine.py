@@ -10,9 +10,10 @@ Pipeline (each stage a coroutine; queues between them)::
                                       build batch,                       (bridge), accept       stop strings,
                                       launch (worker/GPU)                tokens, free blocks    deliver tokens
 
-With ``overlap=True`` the step loop may run one step ahead of the completion loop: it schedules, prepares and
-launches step N+1 while step N computes, and N+1 reads N's sampled tokens from the device token buffer. With
-``overlap=False`` it waits for each step's tokens before preparing the next (the synchronous baseline).
+With ``overlap=True`` the step loop runs ahead of the completion loop (by ``overlap_depth - 1`` steps, one by
+default): it schedules, prepares and launches step N+1 while step N computes, and N+1 reads N's sampled tokens from
+the device token buffer. With ``overlap=False`` it waits for each step's tokens before preparing the next (the
+synchronous baseline).
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ class Engine:
         self._admitted: asyncio.Queue[RequestState] = asyncio.Queue(self.config.max_pending)
         self._launched: asyncio.Queue[StepHandle] = asyncio.Queue()
         self._to_detok: asyncio.Queue[list[SampledToken]] = asyncio.Queue()
-        self._inflight = asyncio.Semaphore(2 if self.config.overlap else 1)
+        self._inflight = asyncio.Semaphore(self.config.overlap_depth if self.config.overlap else 1)
         self._work = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()

@@ -59,6 +59,25 @@ async def test_greedy_matches_under_preemption(arch, overlap, make_model, tokeni
     assert stats.kv_blocks_free == stats.kv_blocks_total
 
 
+@pytest.mark.parametrize("path", ["generic", "lean"])
+async def test_a_deeper_pipeline_gives_the_same_tokens(path, make_model, tokenizer):
+    """overlap_depth=3: two steps launched ahead; EOS endings compute two extra tokens, never emitted."""
+    model, ref = make_model("llama", seed=9)
+    prompts = random_prompts(8, LENGTHS, len(tokenizer), seed=9)
+    eos = reference_greedy(ref, prompts[0], 30)[6]
+    for m in (model, ref):
+        m.generation_config.eos_token_id = eos
+    expected = [reference_greedy(ref, p, 30, ignore_eos=False) for p in prompts]
+    config = EngineConfig(block_size=8, max_num_batched_tokens=48, num_kv_blocks=30, overlap_depth=3,
+                          fast_path=path == "lean")  # fmt: skip
+    async with Engine(model, tokenizer, config) as engine:
+        outs = await asyncio.gather(*(engine.generate(p, SamplingParams(max_new_tokens=30)) for p in prompts))
+        stats = engine.stats()
+    assert [o.token_ids for o in outs] == expected
+    assert outs[0].finish_reason == "stop"
+    assert stats.kv_blocks_free == stats.kv_blocks_total
+
+
 async def test_eos_from_generation_config_stops_like_generate(make_model, tokenizer):
     model, ref = make_model("llama", seed=5)
     prompt = random_prompts(1, [12], len(tokenizer), seed=5)[0]

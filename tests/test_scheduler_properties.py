@@ -1,8 +1,9 @@
 """Stateful property tests of the scheduler and the block allocator (hypothesis).
 
-Any interleaving of add / step / step completion (up to two steps in flight, as under overlap) / finish / cancel /
-preempt keeps the books: owned + free blocks = total, no block owned twice, every running sequence's blocks cover
-what it computed, waiting sequences own nothing. And once nothing new arrives, every admitted sequence finishes.
+Any interleaving of add / step / step completion (up to three steps in flight, as under ``overlap_depth=3``) /
+finish / cancel / preempt keeps the books: owned + free blocks = total, no block owned twice, every running
+sequence's blocks cover what it computed, waiting sequences own nothing. And once nothing new arrives, every
+admitted sequence finishes.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.seqs.append(seq)
         self.sched.add(seq)
 
-    @precondition(lambda self: len(self.inflight) < 2)
+    @precondition(lambda self: len(self.inflight) < 3)
     @rule()
     def step(self):
         step = self.sched.schedule()
@@ -128,7 +129,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         for _ in range(5_000):
             if not self.inflight and not self.sched.has_work:
                 break
-            step = self.sched.schedule() if len(self.inflight) < 2 else None
+            step = self.sched.schedule() if len(self.inflight) < 3 else None
             if step is not None:
                 self.inflight.append(step)
             elif self.inflight:
