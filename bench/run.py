@@ -172,7 +172,8 @@ async def bench(args) -> list[dict]:
                 continue
             config = EngineConfig(
                 max_num_seqs=min(w.requests, args.max_num_seqs), max_num_batched_tokens=args.max_num_batched_tokens,
-                max_model_len=max_len, overlap=mode == "async", record_step_timing=device == "cuda",
+                max_model_len=max_len, overlap=mode == "async", overlap_depth=args.overlap_depth,
+                record_step_timing=device == "cuda",
                 cuda_graphs=not args.no_graphs, fast_path=None if not args.generic else False,
             )  # fmt: skip
             t_build = time.perf_counter()
@@ -252,6 +253,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument(
+        "--overlap-depth", type=int, default=2, help="steps launched ahead in async mode (see EngineConfig)"
+    )
     ap.add_argument("--generic", action="store_true", help="force the generic transformers path")
     ap.add_argument("--profile", action="store_true", help="cProfile the event-loop thread during each timed run")
     ap.add_argument("--timeline", help="draw the stage/step timeline of each workload to this PNG path (suffixed)")
