@@ -50,7 +50,6 @@ class DecodeGraphs:
         dev = lean.device
         self._dev = torch.zeros(total, dtype=torch.int64, device=dev)
         self._stage = [torch.zeros(total, dtype=torch.int64).pin_memory() for _ in range(2)]
-        self._stage_np = [s.numpy() for s in self._stage]
         self._copied = [torch.cuda.Event(), torch.cuda.Event()]
         self._turn = 0
         views, off = {}, 0
@@ -58,6 +57,10 @@ class DecodeGraphs:
             views[name] = (off, size)
             off += size
         self._views = views
+        # numpy views of each staging buffer's fields, made once: the host fills them every decode step
+        self._stage_views = [
+            {name: buf.numpy()[off : off + size] for name, (off, size) in views.items()} for buf in self._stage
+        ]
         d = self._device_views(self._dev)
         self.scratch_slot = scratch_block * block_size
         # Safe values for padding rows, in both staging buffers and on the device.
@@ -121,8 +124,7 @@ class DecodeGraphs:
         k = self._turn
         self._turn ^= 1
         self._copied[k].synchronize()  # the copy that last read this staging buffer is done (practically always)
-        stage = self._stage_np[k]
-        v = {name: stage[off : off + size] for name, (off, size) in self._views.items()}
+        v = self._stage_views[k]
         v["host_ids"][:n] = batch.input_ids
         fd = v["from_device"]
         fd[:bp] = 0

@@ -30,11 +30,12 @@ def supports_lean(model) -> bool:
         return False
     if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "mlp_bias", False):
         return False
-    if (
-        getattr(cfg, "use_sliding_window", False)
-        or getattr(cfg, "sliding_window", None)
-        and "Mistral" in type(model).__name__
-    ):
+    # Sliding-window attention (Qwen2 with use_sliding_window, Mistral checkpoints that set a window) is not
+    # wired into the lean path yet.
+    windowed = getattr(cfg, "use_sliding_window", False) or (
+        "Mistral" in type(model).__name__ and getattr(cfg, "sliding_window", None)
+    )
+    if windowed:
         return False
     rope = getattr(cfg, "rope_scaling", None) or getattr(cfg, "rope_parameters", None) or {}
     return rope.get("rope_type", rope.get("type", "default")) in ("default", "llama3", "linear")

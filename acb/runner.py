@@ -147,13 +147,15 @@ class ModelRunner:
         else:
             logits = self._generic_logits(b)
         dev = self._to_device
+        # An all-greedy step reads none of the per-row parameters: skip their five host-to-device copies.
+        greedy = b.all_greedy
         params = SamplingTensors(
-            temperature=dev(b.temperature),
-            top_k=dev(b.top_k),
-            top_p=dev(b.top_p),
-            seeds=dev(b.seeds),
-            positions=dev(b.sample_positions),
-            all_greedy=b.all_greedy,
+            temperature=None if greedy else dev(b.temperature),
+            top_k=None if greedy else dev(b.top_k),
+            top_p=None if greedy else dev(b.top_p),
+            seeds=None if greedy else dev(b.seeds),
+            positions=None if greedy else dev(b.sample_positions),
+            all_greedy=greedy,
             needs_filter=b.needs_filter,
             needs_logprobs=b.needs_logprobs,
         )

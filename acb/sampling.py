@@ -20,13 +20,15 @@ _MASK32 = 0xFFFFFFFF
 
 @dataclass(slots=True)
 class SamplingTensors:
-    """Per-row sampling parameters as device tensors, plus host flags that let whole stages be skipped."""
+    """Per-row sampling parameters as device tensors, plus host flags that let whole stages be skipped.
 
-    temperature: torch.Tensor  # [S] float32, 0 = greedy
-    top_k: torch.Tensor  # [S] int64, 0 = off
-    top_p: torch.Tensor  # [S] float32, 1 = off
-    seeds: torch.Tensor  # [S] int64 in [0, 2**32)
-    positions: torch.Tensor  # [S] int64
+    When ``all_greedy`` the tensors are not read and may be None (the runner then copies none of them)."""
+
+    temperature: torch.Tensor | None  # [S] float32, 0 = greedy
+    top_k: torch.Tensor | None  # [S] int64, 0 = off
+    top_p: torch.Tensor | None  # [S] float32, 1 = off
+    seeds: torch.Tensor | None  # [S] int64 in [0, 2**32)
+    positions: torch.Tensor | None  # [S] int64
     all_greedy: bool
     needs_filter: bool
     needs_logprobs: bool

@@ -133,20 +133,18 @@ async def bench(args) -> list[dict]:
     bandwidth = copy_bandwidth() if device == "cuda" else float("nan")
     results = []
     traces: dict[str, dict] = {}
-    models: dict[str, torch.nn.Module] = {}
+    models: dict[str, tuple[torch.nn.Module, int]] = {}
     for name in args.workloads.split(","):
         w = WORKLOADS[name].scaled(args.scale)
         if w.model not in models:
             models.clear()
             gc.collect()
             torch.cuda.empty_cache() if device == "cuda" else None
-            models[w.model] = build_model(w.model, device)
-        model = models[w.model]
+            model = build_model(w.model, device)
+            # counted now: acb's lean path later releases the unfused copies of the weights it fuses
+            models[w.model] = (model, sum(p.numel() * p.element_size() for p in model.parameters()))
+        model, weight_bytes = models[w.model]
         shape = ModelShape.from_config(model.config)
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        if hasattr(model, "_acb_lean"):
-            weight_bytes = model._acb_weight_bytes
-        model._acb_weight_bytes = weight_bytes
         tokenizer = synthetic_tokenizer(shape.vocab_size)
         requests = make_requests(w, shape.vocab_size, seed=args.seed)
         max_len = max(len(p) + n for p, n in requests) + 16
