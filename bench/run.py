@@ -1,6 +1,7 @@
 """Run the benchmark workloads in async and sync mode, in one process, and print a table.
 
     python -m bench.run --workloads W-side,W-small [--modes async,sync] [--scale 0.25] [--json out.json]
+    python -m bench.run --suite docs --json r.json --markdown r.md --timeline timeline.png   # docs/benchmarks.md
 
 Every figure names the workload, the mode and the card; compare only rows of the same run.
 """
@@ -9,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import gc
 import json
+import os
+import subprocess
 import sys
 import time
 
@@ -127,15 +131,56 @@ def copy_bandwidth() -> float:
     return 2 * 10 * x.numel() / (time.perf_counter() - t)
 
 
+SUITES = {
+    # every figure of docs/benchmarks.md: (workload, modes, drawn in the timeline picture), in an order that builds
+    # each model once and runs transformers' modes on intact weights (before acb's lean path takes the model over)
+    "docs": [
+        ("W-side", "hf-sync,hf-async,async,sync", True),
+        ("W-blog", "async,sync", False),
+        ("W-share", "async,sync", False),
+        ("D-step32", "async", False),
+        ("W-small", "async,sync", True),
+    ],
+}
+
+
+def _plan(args) -> list[tuple[str, list[str], bool]]:
+    """``(workload, modes, traced)`` in run order: a named suite, or each of ``--workloads`` with ``--modes``."""
+    if args.suite:
+        return [(w, modes.split(","), traced and bool(args.timeline)) for w, modes, traced in SUITES[args.suite]]
+    return [(w, args.modes.split(","), bool(args.timeline)) for w in args.workloads.split(",")]
+
+
+def _commit() -> str:
+    """The checkout's commit (``ACB_COMMIT`` where the tree is a copy without ``.git``)."""
+    if os.environ.get("ACB_COMMIT"):
+        return os.environ["ACB_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 async def bench(args) -> list[dict]:
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bandwidth = copy_bandwidth() if device == "cuda" else float("nan")
+    stamp = {"commit": _commit(), "date": datetime.date.today().isoformat(), "torch": torch.__version__}
     results = []
     traces: dict[str, dict] = {}
     models: dict[str, tuple[torch.nn.Module, int]] = {}
-    for name in args.workloads.split(","):
-        w = WORKLOADS[name].scaled(args.scale)
+
+    def record(r: dict) -> None:  # written after every run, so a cut-off run keeps what it measured
+        r.update(stamp)
+        results.append(r)
+        print(_row(r), file=sys.stderr, flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+
+    for name, workload_modes, traced in _plan(args):
+        w = WORKLOADS[name].scaled(args.share_scale if name == "W-share" and args.share_scale else args.scale)
         if w.model not in models:
             models.clear()
             gc.collect()
@@ -153,7 +198,7 @@ async def bench(args) -> list[dict]:
             min(w.requests, args.max_num_seqs),
         )  # fmt: skip
         # transformers' modes first: acb's lean path releases the unfused weights of the model it takes over
-        modes = sorted(args.modes.split(","), key=lambda m: not m.startswith("hf-"))
+        modes = sorted(workload_modes, key=lambda m: not m.startswith("hf-"))
         for mode in modes:
             if mode.startswith("hf-"):
                 if w.new is None:
@@ -165,8 +210,7 @@ async def bench(args) -> list[dict]:
                     gpu_idle=float("nan"), engine_build_s=0.0, fast_path=False, floor_s=floor,
                     achieved_vs_floor=floor / r["wall_s"], copy_bw_GBps=bandwidth / 1e9,
                 )  # fmt: skip
-                results.append(r)
-                print(_row(r), file=sys.stderr, flush=True)
+                record(r)
                 continue
             config = EngineConfig(
                 max_num_seqs=min(w.requests, args.max_num_seqs), max_num_batched_tokens=args.max_num_batched_tokens,
@@ -184,10 +228,10 @@ async def bench(args) -> list[dict]:
                     engine._runner.step_events.clear()
                 steps_before = engine.stats().steps
                 progress = None if args.no_progress else f"{w.name} {mode}"
-                if args.timeline:
+                if traced:
                     engine.start_trace()
                 r = await run_one(engine, requests, profile=args.profile, progress=progress)
-                if args.timeline:
+                if traced:
                     traces.setdefault(w.name, {})[mode] = engine.stop_trace()
                 r["steps"] -= steps_before
                 intervals = engine.step_intervals()
@@ -199,13 +243,12 @@ async def bench(args) -> list[dict]:
                 gpu_idle=idle_fraction(intervals), engine_build_s=build_s, fast_path=engine.fast_path,
                 floor_s=floor, achieved_vs_floor=floor / r["wall_s"], copy_bw_GBps=bandwidth / 1e9,
             )  # fmt: skip
-            results.append(r)
-            print(_row(r), file=sys.stderr, flush=True)
+            record(r)
             del engine
             gc.collect()
             if device == "cuda":
                 torch.cuda.empty_cache()
-        if args.timeline and w.name in traces:
+        if traced and w.name in traces:
             from .timeline import plot_timeline
 
             runs = traces[w.name]
@@ -242,11 +285,38 @@ def table_markdown(results: list[dict]) -> str:
     return "\n".join(lines + [_row(r) for r in results])
 
 
+def ratios_markdown(results: list[dict]) -> str:
+    """Same-run ratios: acb async over sync per workload, and acb async over transformers' CB modes."""
+    by = {(r["workload"], r["mode"]): r["tok_per_s"] for r in results}
+    lines = []
+    for name in dict.fromkeys(r["workload"] for r in results):
+        if (name, "async") not in by:
+            continue
+        parts = [f"{by[(name, 'async')] / by[(name, base)]:.2f}× {label}" for base, label in
+                 (("sync", "acb sync"), ("hf-sync", "transformers CB sync"), ("hf-async", "transformers CB async"))
+                 if (name, base) in by]  # fmt: skip
+        if parts:
+            lines.append(f"- {name}: acb async = " + ", ".join(parts) + " (output tok/s, same run)")
+    return "\n".join(lines)
+
+
+def report_markdown(results: list[dict], command: str) -> str:
+    """The table with its provenance (card, date, commit, command) and the same-run ratios."""
+    first = results[0] if results else {}
+    head = (
+        f"Card: {first.get('card', '?')} · date: {first.get('date', '?')} · commit: {first.get('commit', '?')} · "
+        f"torch {first.get('torch', '?')}\n\nCommand: `{command}`\n"
+    )
+    return head + "\n" + table_markdown(results) + "\n\n" + ratios_markdown(results) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--suite", choices=sorted(SUITES), help="a named plan of workloads and modes (overrides both)")
     ap.add_argument("--workloads", default="W-side,W-small")
     ap.add_argument("--modes", default="async,sync", help="acb: async, sync; transformers CB: hf-sync, hf-async")
     ap.add_argument("--scale", type=float, default=1.0, help="shrink outputs (and W-share's request count)")
+    ap.add_argument("--share-scale", type=float, help="W-share's own --scale (its request count), e.g. 0.5")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
@@ -262,11 +332,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     results = asyncio.run(bench(args))
-    table = table_markdown(results)
-    print(table)
+    report = report_markdown(results, "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:]))
+    print(report)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(table + "\n")
+            f.write(report)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from acb.tracing import LANES, Trace
 
-__all__ = ["plot_timeline", "window"]
+__all__ = ["device_idle", "plot_timeline", "window"]
 
 COLORS = {
     "admission": "#8c8c8c",
@@ -32,15 +32,30 @@ def window(trace: Trace, first_step: int, steps: int) -> tuple[float, float]:
     return dev[first_step][0], dev[last][1]
 
 
-def plot_timeline(traces: dict[str, Trace], path: str, title: str = "", first_step: int = 20, steps: int = 30) -> None:
-    """Draw one panel per trace (in the given order: put sync first), ``steps`` device steps wide, to ``path``."""
+def device_idle(trace: Trace, t0: float, t1: float) -> float:
+    """Share of ``[t0, t1]`` in which no device step ran."""
+    busy, edge = 0.0, t0
+    for s, e in sorted(trace.lane("device")):
+        s, e = max(s, edge), min(e, t1)
+        if e > s:
+            busy += e - s
+            edge = e
+    return 1.0 - busy / (t1 - t0) if t1 > t0 else 0.0
+
+
+def plot_timeline(
+    traces: dict[str, Trace], path: str, title: str = "", windows: tuple[tuple[int, int], ...] = ((20, 300), (100, 20))
+) -> None:
+    """Draw the traces (in the given order: put sync first) once per window of ``(first_step, steps)`` device steps:
+    by default a few hundred steps, then a close-up of twenty, to ``path``. Each panel names its device idle share."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(traces), 1, figsize=(14, 2.4 * len(traces)), squeeze=False)
-    for ax, (name, trace) in zip(axes[:, 0], traces.items()):
+    panels = [(name, trace, w) for w in windows for name, trace in traces.items()]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(14, 2.3 * len(panels)), squeeze=False)
+    for ax, (name, trace, (first_step, steps)) in zip(axes[:, 0], panels):
         t0, t1 = window(trace, first_step, steps)
         for row, lane in enumerate(reversed(LANES)):
             bars = [(s - t0, e - s) for s, e in trace.lane(lane) if e >= t0 and s <= t1]
@@ -48,10 +63,12 @@ def plot_timeline(traces: dict[str, Trace], path: str, title: str = "", first_st
         ax.set_yticks([r + 0.5 for r in range(len(LANES))], list(reversed(LANES)))
         ax.set_xlim(0, (t1 - t0) * 1e3)
         ax.set_ylim(0, len(LANES))
-        ax.set_title(name, loc="left", fontsize=10)
+        n = len([1 for s, e in trace.lane("device") if s >= t0 and e <= t1])
+        idle = device_idle(trace, t0, t1)
+        ax.set_title(f"{name} — {n} steps, device idle {idle:.1%} of this window", loc="left", fontsize=10)
         ax.set_xlabel("ms")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)

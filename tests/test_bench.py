@@ -70,3 +70,40 @@ def test_bench_run_writes_json_table_and_timeline(tmp_path, capsys):
     assert table in capsys.readouterr().out
     picture = tmp_path / "timeline-W-tiny.png"
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 10_000
+
+
+def test_suite_plan_runs_transformers_first_and_traces_what_the_docs_draw():
+    from bench.run import SUITES, _plan, main  # noqa: F401
+
+    class Args:
+        suite, timeline, workloads, modes = "docs", "t.png", "", ""
+
+    plan = _plan(Args)
+    assert plan[0] == ("W-side", ["hf-sync", "hf-async", "async", "sync"], True)
+    assert {w for w, _, _ in plan} >= {"W-side", "W-blog", "W-share", "W-small"}  # every workload of the spec
+    assert all("async" in modes for _, modes, _ in plan)
+    Args.timeline = None
+    assert not any(traced for _, _, traced in _plan(Args))
+
+
+def test_report_names_provenance_and_same_run_ratios():
+    from bench.run import report_markdown
+
+    base = {"workload": "W-x", "note": "", "card": "cardX", "date": "2026-01-01", "commit": "abc", "torch": "2"}
+    nan = float("nan")
+    fields = dict.fromkeys(("wall_s", "gpu_idle", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms",
+                            "loop_lag_p50_ms", "loop_lag_p99_ms", "achieved_vs_floor", "gpu_step_ms_p50",
+                            "loop_cpu_ms_per_step"), nan)  # fmt: skip
+    rows = [{**base, **fields, "mode": m, "tok_per_s": t} for m, t in (("hf-sync", 100), ("async", 400), ("sync", 200))]
+    md = report_markdown(rows, "python -m bench.run --suite docs")
+    assert "cardX" in md and "abc" in md and "2026-01-01" in md and "`python -m bench.run --suite docs`" in md
+    assert "W-x: acb async = 2.00× acb sync, 4.00× transformers CB sync" in md
+
+
+def test_device_idle_in_a_window():
+    from acb.tracing import Trace
+    from bench.timeline import device_idle
+
+    trace = Trace([("device", 0.0, 1.0), ("device", 2.0, 3.0), ("prepare", 1.0, 2.0)])
+    assert device_idle(trace, 0.0, 3.0) == pytest.approx(1 / 3)
+    assert device_idle(trace, 0.5, 1.0) == 0.0
