@@ -116,9 +116,10 @@ class DecodeGraphs:
                 return b
         raise ValueError(f"batch {batch} larger than the largest graph ({self.max_batch})")
 
-    def run(self, batch: StepBatch) -> torch.Tensor:
+    def run(self, batch: StepBatch, start: torch.cuda.Event | None = None) -> torch.Tensor:
         """Replay the graph for a decode-only ``batch``; returns logits ``[B, vocab]`` (a view, valid until the
-        next replay of that bucket)."""
+        next replay of that bucket). ``start`` (step timing) is recorded just before the step's first GPU work, after
+        the host filled the staging buffer, so that host time never counts as GPU time."""
         n = len(batch.seq_lens)
         bp = self.bucket(n)
         k = self._turn
@@ -142,6 +143,8 @@ class DecodeGraphs:
         bt[:n, :w] = batch.block_tables
         bt[n:bp, 0] = self._scratch_block
         end = self._views["block_tables"][0] + bp * self.width
+        if start is not None:
+            start.record()
         self._dev[:end].copy_(self._stage[k][:end], non_blocking=True)
         self._copied[k].record()
         graph, logits = self.graphs[bp]

@@ -371,9 +371,11 @@ class Engine:
     # -- stage: completion --------------------------------------------------------------------------------------
 
     async def _completion_loop(self) -> None:
+        overlap = self.config.overlap
         while True:
             handle = await self._launched.get()
             step = handle.batch.step
+            accepted = None
             try:
                 t0 = time.perf_counter()
                 result = await self._bridge.wait(handle)
@@ -388,11 +390,15 @@ class Engine:
                     self._fail(self._live.get(seq.request_id), RequestFailedError(f"step failed: {exc!r}"), exc)
             else:
                 self.tracer.add("process", t1, time.perf_counter())
-                if accepted:
+                if accepted and not overlap:  # sync mode: detokenize, then prepare the next step
                     self._to_detok.put_nowait(accepted)
             finally:
                 self._inflight.release()
                 self._work.set()
+            # Overlap mode queues the tokens after waking the step loop, so the next step is prepared and launched
+            # before these are detokenized: detokenization stays off the host's path between two GPU steps.
+            if accepted and overlap:
+                self._to_detok.put_nowait(accepted)
 
     # -- stage: detokenization and delivery -----------------------------------------------------------------------
 

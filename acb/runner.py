@@ -137,15 +137,14 @@ class ModelRunner:
         start = None
         if self.step_events is not None:
             start = torch.cuda.Event(enable_timing=True)
-            start.record()
         if self.graphs is not None and b.decode_only and len(b.seq_lens) <= self.graphs.max_batch:
-            logits = self.graphs.run(b)
+            logits = self.graphs.run(b, start)
             if len(b.sample_idx) != len(b.seq_lens):
                 logits = logits[self._to_device(b.sample_idx)]
-        elif self.lean is not None:
-            logits = self.lean.forward(self._lean_inputs(b))
         else:
-            logits = self._generic_logits(b)
+            if start is not None:  # eager steps: gaps between their kernels count as busy (a lower bound of idle)
+                start.record()
+            logits = self.lean.forward(self._lean_inputs(b)) if self.lean is not None else self._generic_logits(b)
         dev = self._to_device
         # An all-greedy step reads none of the per-row parameters: skip their five host-to-device copies.
         greedy = b.all_greedy

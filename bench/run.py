@@ -232,7 +232,10 @@ async def bench(args) -> list[dict]:
                     engine.start_trace()
                 r = await run_one(engine, requests, profile=args.profile, progress=progress)
                 if traced:
-                    traces.setdefault(w.name, {})[mode] = engine.stop_trace()
+                    from .timeline import gap_summary
+
+                    trace = traces.setdefault(w.name, {})[mode] = engine.stop_trace()
+                    print(f"{w.name} {mode}: {gap_summary(trace)}", file=sys.stderr)
                 r["steps"] -= steps_before
                 intervals = engine.step_intervals()
             durations = sorted(e - s for s, e in intervals)

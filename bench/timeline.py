@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from acb.tracing import LANES, Trace
 
-__all__ = ["device_idle", "plot_timeline", "window"]
+__all__ = ["device_idle", "gap_summary", "idle_gaps", "plot_timeline", "window"]
 
 COLORS = {
     "admission": "#8c8c8c",
@@ -43,8 +43,31 @@ def device_idle(trace: Trace, t0: float, t1: float) -> float:
     return 1.0 - busy / (t1 - t0) if t1 > t0 else 0.0
 
 
+def idle_gaps(trace: Trace) -> list[tuple[int, float, float]]:
+    """Every gap between consecutive device steps: ``(index of the step after it, start s from the first step,
+    length s)``, in step order. Their sum is the idle time of the traced run."""
+    dev = sorted(trace.lane("device"))
+    out, edge = [], dev[0][1] if dev else 0.0
+    for i, (s, e) in enumerate(dev[1:], start=1):
+        if s > edge:
+            out.append((i, edge - dev[0][0], s - edge))
+        edge = max(edge, e)
+    return out
+
+
+def gap_summary(trace: Trace, top: int = 5) -> str:
+    """One line: where the device waited (total, how often, the longest gaps and the step after each)."""
+    gaps = idle_gaps(trace)
+    if not gaps:
+        return "no device gaps"
+    total = sum(g for _, _, g in gaps)
+    longest = sorted(gaps, key=lambda g: -g[2])[:top]
+    parts = ", ".join(f"{g * 1e3:.2f} ms before step {i} (t={t:.2f} s)" for i, t, g in longest)
+    return f"device idle {total * 1e3:.1f} ms in {len(gaps)} gaps; longest: {parts}"
+
+
 def plot_timeline(
-    traces: dict[str, Trace], path: str, title: str = "", windows: tuple[tuple[int, int], ...] = ((20, 300), (100, 20))
+    traces: dict[str, Trace], path: str, title: str = "", windows: tuple[tuple[int, int], ...] = ((20, 200), (200, 12))
 ) -> None:
     """Draw the traces (in the given order: put sync first) once per window of ``(first_step, steps)`` device steps:
     by default a few hundred steps, then a close-up of twenty, to ``path``. Each panel names its device idle share."""
@@ -54,7 +77,7 @@ def plot_timeline(
     import matplotlib.pyplot as plt
 
     panels = [(name, trace, w) for w in windows for name, trace in traces.items()]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(14, 2.3 * len(panels)), squeeze=False)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(16, 2.3 * len(panels)), squeeze=False)
     for ax, (name, trace, (first_step, steps)) in zip(axes[:, 0], panels):
         t0, t1 = window(trace, first_step, steps)
         for row, lane in enumerate(reversed(LANES)):

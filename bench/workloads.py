@@ -39,6 +39,8 @@ WORKLOADS = {
     "W-small": Workload("W-small", "qwen-0.5b", 256, 128, 512),
     # CPU smoke test of the harness itself (tiny random model)
     "W-tiny": Workload("W-tiny", "tiny", 16, 24, 32, note="CPU smoke"),
+    # diagnostic: the loop thread's host work per step at W-small's batch (256 sequences), on the CPU's tiny model
+    "W-host": Workload("W-host", "tiny", 256, 128, 64, note="CPU diagnostic"),
     # diagnostic: GPU time of a batch-32 decode step at short context (compare: shared/gpu.md's 9.12 ms anchor)
     "D-step32": Workload("D-step32", "llama-8b", 32, 8, 64, note="diagnostic"),
 }

@@ -107,3 +107,12 @@ def test_device_idle_in_a_window():
     trace = Trace([("device", 0.0, 1.0), ("device", 2.0, 3.0), ("prepare", 1.0, 2.0)])
     assert device_idle(trace, 0.0, 3.0) == pytest.approx(1 / 3)
     assert device_idle(trace, 0.5, 1.0) == 0.0
+
+
+def test_idle_gaps_name_the_step_after_each_gap():
+    from acb.tracing import Trace
+    from bench.timeline import gap_summary, idle_gaps
+
+    trace = Trace([("device", 0.0, 1.0), ("device", 1.0, 2.0), ("device", 2.5, 3.0), ("device", 3.1, 4.0)])
+    assert idle_gaps(trace) == [(2, 2.0, 0.5), (3, 3.0, pytest.approx(0.1))]
+    assert gap_summary(trace).startswith("device idle 600.0 ms in 2 gaps; longest: 500.00 ms before step 2")
