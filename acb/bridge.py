@@ -9,6 +9,10 @@ Two waits, in order:
    running) for up to 2 ms, then with 1 ms sleeps. Spinning longer would hold the GIL against the worker thread
    that launches the next step. No thread blocks on the GPU, so nothing depends on a GIL hand-off.
 
+Steps of different shapes take very different times (an 8K-token prefill step ~190 ms, the decode steps after it
+~7 ms), so there is one prediction per kind of step: decode-only or not, and the token count's power of two.
+Sharing one would make the loop oversleep through the first decode steps after every prefill.
+
 The prediction learns only from waits it observed precisely (the event was still running when the loop woke):
 if the event was already complete at wake-up, the loop overslept and the prediction shrinks instead. Without
 that rule a busy loop inflates the observed waits, the prediction grows, and the loop oversleeps more and more.
@@ -31,26 +35,29 @@ _SPIN_WINDOW_S = 0.002  # poll with sleep(0) this long after waking, then fall b
 
 class CompletionBridge:
     def __init__(self) -> None:
-        self._predicted_s = 0.0  # how long a step's GPU part lasts after its launch returned (learned)
+        # how long a step's GPU part lasts after its launch returned (learned), per kind of step
+        self._predicted: dict[tuple[bool, int], float] = {}
 
     async def wait(self, handle: StepHandle) -> StepResult:
         result = await asyncio.wrap_future(handle.future)
         if result.event is not None:
-            await self._wait_event(result.event)
+            b = handle.batch
+            await self._wait_event(result.event, (b.decode_only, b.num_tokens.bit_length()))
         return result
 
-    async def _wait_event(self, event) -> None:
+    async def _wait_event(self, event, kind: tuple[bool, int] = (True, 0)) -> None:
         start = time.perf_counter()
+        predicted = self._predicted.get(kind, 0.0)
         if event.query():
-            self._predicted_s *= 0.9
+            self._predicted[kind] = predicted * 0.9
             return
-        if self._predicted_s > _COARSE_MARGIN_S:
-            await asyncio.sleep(self._predicted_s - _COARSE_MARGIN_S)
+        if predicted > _COARSE_MARGIN_S:
+            await asyncio.sleep(predicted - _COARSE_MARGIN_S)
             if event.query():  # overslept (or exactly on time): the GPU part is shorter than predicted
-                self._predicted_s *= 0.9
+                self._predicted[kind] = predicted * 0.9
                 return
         spin_until = time.perf_counter() + _SPIN_WINDOW_S
         while not event.query():
             await asyncio.sleep(0 if time.perf_counter() < spin_until else 0.001)
         took = time.perf_counter() - start
-        self._predicted_s = took if self._predicted_s == 0.0 else 0.7 * self._predicted_s + 0.3 * took
+        self._predicted[kind] = took if predicted == 0.0 else 0.7 * predicted + 0.3 * took

@@ -8,6 +8,11 @@ Inputs travel in one host-to-device copy: the host packs every input of the step
 (two of them, alternating, so the host can fill one while the copy from the other may still be in flight), and the
 static device buffers are views of one contiguous device tensor with the same layout. Input ids are selected on
 the device: a position whose token the host has not seen yet (overlap) is read from the runner's token buffer.
+
+Greedy sampling is part of the graph: it takes each row's argmax and writes it to the token buffer at the row's
+``out_slots`` entry. A step whose rows all sample greedily (no logprobs) points them at their sequences' slots and
+is then one copy, one replay and one copy back; any other step points every row at the token buffer's last entry,
+a scratch slot no sequence owns, and samples from the graph's logits outside it.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from .lean_model import LeanCausalLM, LeanInputs
 
 __all__ = ["DecodeGraphs", "graph_buckets"]
 
-_FIELDS = ("host_ids", "from_device", "src_slots", "positions", "slot_mapping", "seq_lens")
+_FIELDS = ("host_ids", "from_device", "src_slots", "positions", "slot_mapping", "seq_lens", "out_slots")
 
 
 def graph_buckets(max_batch: int) -> list[int]:
@@ -63,14 +68,16 @@ class DecodeGraphs:
         ]
         d = self._device_views(self._dev)
         self.scratch_slot = scratch_block * block_size
+        self.scratch_token_slot = token_buf.numel() - 1  # the token buffer's spare entry (see the module doc)
         # Safe values for padding rows, in both staging buffers and on the device.
         for buf in (*self._stage, self._dev):
             v = self._device_views(buf)
+            v["out_slots"].fill_(self.scratch_token_slot)
             v["slot_mapping"].fill_(self.scratch_slot)
             v["seq_lens"].fill_(1)
             v["block_tables"].fill_(scratch_block)
         self._scratch_block = scratch_block
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._capture(d, token_buf, max_model_len)
 
     def _device_views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -107,7 +114,9 @@ class DecodeGraphs:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 logits = self.lean.forward(self._inputs(d, token_buf, b, self.splits[b]))
-            self.graphs[b] = (graph, logits)
+                tokens = logits.argmax(-1)  # as sampling.sample's greedy rows (bf16 -> fp32 keeps the order)
+                token_buf[d["out_slots"][:b]] = tokens
+            self.graphs[b] = (graph, logits, tokens)
         torch.cuda.synchronize()
 
     def bucket(self, batch: int) -> int:
@@ -116,10 +125,14 @@ class DecodeGraphs:
                 return b
         raise ValueError(f"batch {batch} larger than the largest graph ({self.max_batch})")
 
-    def run(self, batch: StepBatch, start: torch.cuda.Event | None = None) -> torch.Tensor:
-        """Replay the graph for a decode-only ``batch``; returns logits ``[B, vocab]`` (a view, valid until the
-        next replay of that bucket). ``start`` (step timing) is recorded just before the step's first GPU work, after
-        the host filled the staging buffer, so that host time never counts as GPU time."""
+    def run(
+        self, batch: StepBatch, start: torch.cuda.Event | None = None, greedy: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replay the graph for a decode-only ``batch``; returns ``(logits [B, vocab], greedy tokens [B])`` (views,
+        valid until the next replay of that bucket). With ``greedy`` (every row samples greedily) the tokens are
+        also written to the token buffer at the rows' sample slots. ``start`` (step timing) is recorded just before
+        the step's first GPU work, after the host filled the staging buffer, so that host time never counts as GPU
+        time."""
         n = len(batch.seq_lens)
         bp = self.bucket(n)
         k = self._turn
@@ -138,6 +151,12 @@ class DecodeGraphs:
         v["slot_mapping"][n:bp] = self.scratch_slot
         v["seq_lens"][:n] = batch.seq_lens
         v["seq_lens"][n:bp] = 1
+        out = v["out_slots"]
+        if greedy:
+            out[:n] = batch.sample_slots
+            out[n:bp] = self.scratch_token_slot
+        else:
+            out[:bp] = self.scratch_token_slot
         bt = v["block_tables"].reshape(self.max_batch, self.width)
         w = batch.block_tables.shape[1]
         bt[:n, :w] = batch.block_tables
@@ -147,6 +166,6 @@ class DecodeGraphs:
             start.record()
         self._dev[:end].copy_(self._stage[k][:end], non_blocking=True)
         self._copied[k].record()
-        graph, logits = self.graphs[bp]
+        graph, logits, tokens = self.graphs[bp]
         graph.replay()
-        return logits[:n]
+        return logits[:n], tokens[:n]

@@ -67,7 +67,8 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.device = device
         self.lean = lean
-        self.token_buf = torch.zeros(max_num_seqs, dtype=torch.int64, device=device)
+        # one entry per sequence slot, plus a spare that decode graphs write unwanted samples to
+        self.token_buf = torch.zeros(max_num_seqs + 1, dtype=torch.int64, device=device)
         self.graphs = None
         if graph_geometry is not None:
             from .cuda_graphs import DecodeGraphs
@@ -138,8 +139,12 @@ class ModelRunner:
         if self.step_events is not None:
             start = torch.cuda.Event(enable_timing=True)
         if self.graphs is not None and b.decode_only and len(b.seq_lens) <= self.graphs.max_batch:
-            logits = self.graphs.run(b, start)
-            if len(b.sample_idx) != len(b.seq_lens):
+            every_row = len(b.sample_idx) == len(b.seq_lens)
+            if every_row and b.all_greedy and not b.needs_logprobs:  # sampled and stored inside the graph
+                _, tokens = self.graphs.run(b, start, greedy=True)
+                return self._finish(tokens, None, start)
+            logits, _ = self.graphs.run(b, start)
+            if not every_row:
                 logits = logits[self._to_device(b.sample_idx)]
         else:
             if start is not None:  # eager steps: gaps between their kernels count as busy (a lower bound of idle)
@@ -160,6 +165,12 @@ class ModelRunner:
         )
         tokens, logprobs = sample(logits, params)
         self.token_buf[dev(b.sample_slots)] = tokens
+        return self._finish(tokens, logprobs, start)
+
+    def _finish(
+        self, tokens: torch.Tensor, logprobs: torch.Tensor | None, start: torch.cuda.Event | None
+    ) -> StepResult:
+        """Start the copy of a step's samples to the host and mark the step's end with an event."""
         event = None
         if self._cuda:
             tokens = tokens.to("cpu", non_blocking=True)

@@ -20,10 +20,10 @@ class FakeEvent:
 async def test_learns_from_observed_waits_and_shrinks_after_oversleeping():
     bridge = CompletionBridge()
     await bridge._wait_event(FakeEvent(0.02))
-    assert 0.019 <= bridge._predicted_s < 0.2
-    learned = bridge._predicted_s
+    assert 0.019 <= bridge._predicted[(True, 0)] < 0.2
+    learned = bridge._predicted[(True, 0)]
     await bridge._wait_event(FakeEvent(0.0))  # complete before the wait began
-    assert bridge._predicted_s < learned
+    assert bridge._predicted[(True, 0)] < learned
 
 
 async def test_a_busy_loop_does_not_inflate_the_prediction_without_bound():
@@ -43,7 +43,7 @@ async def test_a_busy_loop_does_not_inflate_the_prediction_without_bound():
     stop.set()
     await task
     # observed waits include up to a 4 ms hog slice; oversleeping shrinks the prediction again
-    assert bridge._predicted_s < 0.005 + 0.004 * 2
+    assert bridge._predicted[(True, 0)] < 0.005 + 0.004 * 2
 
 
 async def test_the_loop_keeps_running_while_waiting():
@@ -59,3 +59,14 @@ async def test_the_loop_keeps_running_while_waiting():
     await CompletionBridge()._wait_event(FakeEvent(0.05))
     t.cancel()
     assert ticks >= 10
+
+
+async def test_each_kind_of_step_has_its_own_prediction():
+    """A long prefill step must not make the loop oversleep through the short decode steps that follow it."""
+    bridge = CompletionBridge()
+    prefill, decode = (False, 14), (True, 6)
+    await bridge._wait_event(FakeEvent(0.05), prefill)
+    t = time.perf_counter()
+    await bridge._wait_event(FakeEvent(0.002), decode)
+    assert time.perf_counter() - t < 0.03  # not slept through the prefill's 50 ms
+    assert bridge._predicted[prefill] > 0.04 and bridge._predicted[decode] < 0.02

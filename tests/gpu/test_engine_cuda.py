@@ -58,3 +58,24 @@ async def test_seeded_sampling_on_cuda_is_batch_independent(make_model, tokenize
             )
         )
     assert crowd[0].token_ids == alone.token_ids
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["async", "sync"])
+async def test_greedy_rows_match_generate_beside_sampled_and_logprob_rows(overlap, make_model, tokenizer):
+    """Decode graphs sample all-greedy steps inside the graph and other steps outside it: greedy requests get the
+    same tokens either way, also while the batch turns from mixed to all-greedy as the sampled requests end."""
+    model, ref = make_model("llama", seed=6)
+    prompts = random_prompts(9, [9, 40, 21], len(tokenizer), seed=7)
+    expected = {i: reference_greedy(ref, p, 20) for i, p in enumerate(prompts) if i % 3 != 1}
+
+    def params(i: int) -> SamplingParams:
+        if i % 3 == 1:
+            return SamplingParams(max_new_tokens=6, temperature=0.8, seed=i, ignore_eos=True)
+        return SamplingParams(max_new_tokens=20, ignore_eos=True, logprobs=i % 3 == 2)
+
+    config = EngineConfig(device="cuda", block_size=16, overlap=overlap)
+    async with Engine(model, tokenizer, config) as engine:
+        outs = await asyncio.gather(*(engine.generate(p, params(i)) for i, p in enumerate(prompts)))
+        assert engine._runner.graphs is not None
+    assert {i: outs[i].token_ids for i in expected} == expected
+    assert all(len(outs[i].logprobs) == 20 for i in expected if i % 3 == 2)
