@@ -32,6 +32,12 @@ class EngineConfig:
     """Token budget of one step: decode tokens plus prefill chunk tokens."""
     max_model_len: int | None = None
     """Longest prompt + output; ``None`` takes the model's ``max_position_embeddings``."""
+    admission_group: int | None = None
+    """While a batch decodes and more requests queue than can start, new requests start in groups of at least this
+    many (``None``: ``max_num_seqs // 8``), so that the eager step that starts their prompts runs once per group
+    rather than once per freed slot; decode-only steps in between replay a CUDA graph. 1 starts each at once."""
+    admission_max_delay: int = 16
+    """Most steps a group may be held back waiting to fill up."""
     max_pending: int = 4096
     """Admitted requests that may wait for a batch slot; further ``stream()`` calls wait (backpressure)."""
     overlap: bool = True
@@ -68,6 +74,10 @@ class EngineConfig:
         if self.max_model_len is not None:
             _positive("max_model_len", self.max_model_len)
         _positive("max_pending", self.max_pending)
+        if self.admission_group is not None:
+            _positive("admission_group", self.admission_group)
+        if not isinstance(self.admission_max_delay, int) or self.admission_max_delay < 0:
+            raise ValueError(f"admission_max_delay must be an integer >= 0, got {self.admission_max_delay!r}")
         if not isinstance(self.overlap_depth, int) or not 2 <= self.overlap_depth <= 8:
             raise ValueError(f"overlap_depth must be an integer in [2, 8], got {self.overlap_depth!r}")
         if self.max_num_batched_tokens < self.max_num_seqs and self.max_num_batched_tokens < 1:

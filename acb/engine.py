@@ -367,6 +367,7 @@ class Engine:
                 continue  # aborted while it waited in the queue
             self._scheduler.add(state.seq)
             room -= 1
+        self._scheduler.backlog = self._admitted.qsize()
 
     # -- stage: completion --------------------------------------------------------------------------------------
 

@@ -103,7 +103,13 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
         max_model_len=max_model_len,
         fast_path=lean is not None,
         allocator=allocator,
-        scheduler=Scheduler(allocator, config.max_num_seqs, config.max_num_batched_tokens),
+        scheduler=Scheduler(
+            allocator,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            admission_group=config.admission_group or max(1, config.max_num_seqs // 8),
+            admission_max_delay=config.admission_max_delay,
+        ),
         builder=BatchBuilder(config.max_num_seqs, max_blocks, config.block_size),
         runner=runner,
     )

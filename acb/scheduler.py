@@ -7,6 +7,11 @@ Pure Python, no torch. Policy:
   of the budget (chunked prefill mixes with decodes in the same step);
 - waiting sequences are admitted strictly first-in first-out while the budget, the sequence slots and the free KV
   blocks allow; the head of the queue is never skipped;
+- while a batch is decoding and more requests queue behind the waiting ones (``backlog``, set by the engine), new
+  sequences start in groups of ``admission_group`` (or once they were held ``admission_max_delay`` steps). A step
+  that starts a prompt runs eagerly, a decode-only step replays a CUDA graph: under a queue of short requests,
+  starting each one as a slot frees would make nearly every step an eager one. With no backlog a request starts at
+  once, so a lightly loaded engine adds no latency;
 - when a running sequence needs a block and none is free, the newest running sequence is preempted: its blocks are
   freed and it is recomputed from its tokens later (prompt and output so far), so its output is unchanged.
 
@@ -68,9 +73,14 @@ class Scheduler:
     max_num_batched_tokens: int
     waiting: deque[Sequence] = field(default_factory=deque)
     running: list[Sequence] = field(default_factory=list)
+    admission_group: int = 1
+    admission_max_delay: int = 0
     num_preemptions: int = 0
+    backlog: int = 0
+    """Requests queued behind ``waiting`` (in the engine, waiting for a free slot)."""
     _next_step: int = 0
     _free_slots: list[int] = field(default_factory=list)
+    _held_steps: int = 0  # consecutive steps that held waiting sequences back
 
     def __post_init__(self) -> None:
         self._free_slots = list(range(self.max_num_seqs - 1, -1, -1))
@@ -119,6 +129,7 @@ class Scheduler:
         entries: list[ScheduledSeq] = []
 
         i = 0
+        prefill = False
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens_to_compute, budget)
@@ -129,10 +140,12 @@ class Scheduler:
             if grow and not self._grow(seq, n):
                 break  # seq itself was preempted; everything after it is newer and was preempted too
             entries.append(self._take(seq, n))
+            prefill |= n > 1
             budget -= n
             i += 1
 
-        while self.waiting and budget > 0 and self._free_slots:
+        admit = bool(self.waiting) and self._admit_now(decoding=bool(entries) and not prefill)
+        while admit and self.waiting and budget > 0 and self._free_slots:
             seq = self.waiting[0]
             if seq.num_pending:
                 break  # a preempted sequence whose last sample is still in flight: strict FIFO waits for it
@@ -188,6 +201,19 @@ class Scheduler:
         return failed
 
     # -- internals ----------------------------------------------------------------------------------------------
+
+    def _admit_now(self, decoding: bool) -> bool:
+        """Whether waiting sequences may start in this step (see the module doc: admission groups)."""
+        if (
+            not decoding  # nothing runs, or this step starts a prompt anyway: it is eager already
+            or self.backlog == 0
+            or len(self.waiting) >= self.admission_group
+            or self._held_steps >= self.admission_max_delay
+        ):
+            self._held_steps = 0
+            return True
+        self._held_steps += 1
+        return False
 
     def _take(self, seq: Sequence, n: int) -> ScheduledSeq:
         start = seq.num_computed

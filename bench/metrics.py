@@ -66,13 +66,21 @@ def decode_floor_seconds(
 ) -> float:
     """Lower bound of the decode time: every decode step reads the weights once plus every running sequence's KV.
 
-    ``requests`` are ``(prompt_len, new_tokens)``; sequences run in waves of ``max_batch`` in arrival order.
+    ``requests`` are ``(prompt_len, new_tokens)``, batched continuously: at most ``max_batch`` run at once, and a
+    waiting request (in arrival order) takes the slot of one that finished. Prefill is not counted.
     """
     total = 0.0
-    for w0 in range(0, len(requests), max_batch):
-        wave = requests[w0 : w0 + max_batch]
-        steps = max(n for _, n in wave)
-        for s in range(steps):
-            kv = sum((p + s) for p, n in wave if s < n)
-            total += (weight_bytes + kv * kv_bytes_per_token) / bandwidth
+    waiting = list(reversed(requests))
+    running: list[list[int]] = []  # [context length, tokens still to generate]
+    while waiting or running:
+        while waiting and len(running) < max_batch:
+            p, n = waiting.pop()
+            running.append([p, n])
+        kv = 0
+        for r in running:
+            kv += r[0]
+            r[0] += 1
+            r[1] -= 1
+        total += (weight_bytes + kv * kv_bytes_per_token) / bandwidth
+        running = [r for r in running if r[1] > 0]
     return total

@@ -14,6 +14,7 @@ import datetime
 import gc
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -131,13 +132,26 @@ def copy_bandwidth() -> float:
     return 2 * 10 * x.numel() / (time.perf_counter() - t)
 
 
+def parse_mode(mode: str) -> tuple[str, dict]:
+    """``"async"`` or ``"async[admission_group=1,overlap_depth=3]"``: acb's mode and EngineConfig overrides (an
+    A/B row in the same run)."""
+    base, _, rest = mode.partition("[")
+    if base not in ("async", "sync"):
+        raise ValueError(f"unknown mode {mode!r} (acb: async, sync; transformers CB: hf-sync, hf-async)")
+    overrides = {}
+    for item in filter(None, rest.rstrip("]").split(",")):
+        key, _, value = item.partition("=")
+        overrides[key] = float(value) if "." in value else int(value)
+    return base, overrides
+
+
 SUITES = {
     # every figure of docs/benchmarks.md: (workload, modes, drawn in the timeline picture), in an order that builds
     # each model once and runs transformers' modes on intact weights (before acb's lean path takes the model over)
     "docs": [
         ("W-side", "hf-sync,hf-async,async,sync", True),
         ("W-blog", "async,sync", False),
-        ("W-share", "async,sync", False),
+        ("W-share", "async,sync,async[admission_group=1]", False),
         ("D-step32", "async", False),
         ("W-small", "async,sync", True),
     ],
@@ -147,8 +161,13 @@ SUITES = {
 def _plan(args) -> list[tuple[str, list[str], bool]]:
     """``(workload, modes, traced)`` in run order: a named suite, or each of ``--workloads`` with ``--modes``."""
     if args.suite:
-        return [(w, modes.split(","), traced and bool(args.timeline)) for w, modes, traced in SUITES[args.suite]]
-    return [(w, args.modes.split(","), bool(args.timeline)) for w in args.workloads.split(",")]
+        return [(w, split_modes(modes), traced and bool(args.timeline)) for w, modes, traced in SUITES[args.suite]]
+    return [(w, split_modes(args.modes), bool(args.timeline)) for w in args.workloads.split(",")]
+
+
+def split_modes(modes: str) -> list[str]:
+    """``"async,sync,async[a=1,b=2]"`` -> ``["async", "sync", "async[a=1,b=2]"]`` (commas inside brackets stay)."""
+    return re.findall(r"[^,\[]+(?:\[[^\]]*\])?", modes)
 
 
 def _commit() -> str:
@@ -212,12 +231,13 @@ async def bench(args) -> list[dict]:
                 )  # fmt: skip
                 record(r)
                 continue
-            config = EngineConfig(
-                max_num_seqs=min(w.requests, args.max_num_seqs), max_num_batched_tokens=args.max_num_batched_tokens,
-                max_model_len=max_len, overlap=mode == "async", overlap_depth=args.overlap_depth,
-                record_step_timing=device == "cuda",
-                cuda_graphs=not args.no_graphs, fast_path=None if not args.generic else False,
-            )  # fmt: skip
+            base, overrides = parse_mode(mode)
+            config = EngineConfig(**{
+                "max_num_seqs": min(w.requests, args.max_num_seqs),
+                "max_num_batched_tokens": args.max_num_batched_tokens, "max_model_len": max_len,
+                "overlap": base == "async", "overlap_depth": args.overlap_depth, "record_step_timing": device == "cuda",
+                "cuda_graphs": not args.no_graphs, "fast_path": None if not args.generic else False, **overrides,
+            })  # fmt: skip
             t_build = time.perf_counter()
             engine = Engine(model, tokenizer, config)
             build_s = time.perf_counter() - t_build
@@ -255,7 +275,7 @@ async def bench(args) -> list[dict]:
             from .timeline import plot_timeline
 
             runs = traces[w.name]
-            ordered = {f"{m} — {w.name}, {card}": runs[m] for m in ("sync", "async") if m in runs}
+            ordered = {f"{m} — {w.name}, {card}": runs[m] for m in ("sync", "async") if m in runs}  # A/B rows not drawn
             path = args.timeline.replace(".png", f"-{w.name}.png")
             plot_timeline(ordered, path, title=f"acb pipeline timeline: sync (top) vs async (bottom), {w.name}")
             print(f"timeline: {path}", file=sys.stderr)
@@ -295,8 +315,10 @@ def ratios_markdown(results: list[dict]) -> str:
     for name in dict.fromkeys(r["workload"] for r in results):
         if (name, "async") not in by:
             continue
+        variants = [(m, f"acb {m}") for (n, m) in by if n == name and "[" in m]
         parts = [f"{by[(name, 'async')] / by[(name, base)]:.2f}× {label}" for base, label in
-                 (("sync", "acb sync"), ("hf-sync", "transformers CB sync"), ("hf-async", "transformers CB async"))
+                 (("sync", "acb sync"), ("hf-sync", "transformers CB sync"), ("hf-async", "transformers CB async"),
+                  *variants)
                  if (name, base) in by]  # fmt: skip
         if parts:
             lines.append(f"- {name}: acb async = " + ", ".join(parts) + " (output tok/s, same run)")

@@ -35,6 +35,8 @@ def test_metrics():
     # 10 bytes of weights, 1 byte of KV per token, 12 bytes/s. Step 0: both sequences at context 1 -> 12 bytes;
     # step 1: only the first (context 2) -> 12 bytes. Two seconds.
     assert decode_floor_seconds(10, 1, [(1, 2), (1, 1)], 12.0, 8) == pytest.approx(2.0)
+    # one slot: the second request starts when the first ends (steps read 10+1, 10+2, then 10+5 bytes at 1 B/s)
+    assert decode_floor_seconds(10, 1, [(1, 2), (5, 1)], 1.0, 1) == pytest.approx(38.0)
 
 
 async def test_tracing_records_every_lane(make_model, tokenizer):
@@ -116,3 +118,18 @@ def test_idle_gaps_name_the_step_after_each_gap():
     trace = Trace([("device", 0.0, 1.0), ("device", 1.0, 2.0), ("device", 2.5, 3.0), ("device", 3.1, 4.0)])
     assert idle_gaps(trace) == [(2, 2.0, 0.5), (3, 3.0, pytest.approx(0.1))]
     assert gap_summary(trace).startswith("device idle 600.0 ms in 2 gaps; longest: 500.00 ms before step 2")
+
+
+def test_modes_carry_engine_config_overrides_for_same_run_ab_rows():
+    from bench.run import parse_mode, split_modes
+
+    assert split_modes("hf-sync,async,sync,async[admission_group=1,overlap_depth=3]") == [
+        "hf-sync", "async", "sync", "async[admission_group=1,overlap_depth=3]"
+    ]  # fmt: skip
+    assert parse_mode("async[admission_group=1,overlap_depth=3]") == (
+        "async",
+        {"admission_group": 1, "overlap_depth": 3},
+    )
+    assert parse_mode("sync") == ("sync", {})
+    with pytest.raises(ValueError):
+        parse_mode("fast")

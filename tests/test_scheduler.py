@@ -104,3 +104,51 @@ def test_a_sequence_at_its_length_limit_is_not_scheduled_again():
     _finish_step(s, s1)
     out = _finish_step(s, s2)
     assert out[0].finish_reason == "length" and a.is_finished
+
+
+def _decoding(group: int, delay: int, backlog: int) -> Scheduler:
+    """A scheduler whose two sequences are past their prompts (decoding), with admission groups on."""
+    s = Scheduler(BlockAllocator(100, 4), 8, 64, admission_group=group, admission_max_delay=delay)
+    s.add(_seq(0, 3, max_new=50))
+    s.add(_seq(1, 3, max_new=50))
+    _finish_step(s, s.schedule())
+    s.backlog = backlog
+    return s
+
+
+def test_under_a_backlog_new_sequences_start_in_groups_while_the_batch_decodes():
+    s = _decoding(group=2, delay=10, backlog=5)
+    s.add(_seq(2, 3))
+    step = s.schedule()  # one waiting < group of two: held, the step stays decode-only (a CUDA graph on the GPU)
+    assert [e.seq.request_id for e in step.entries] == ["r0", "r1"] and all(e.num_tokens == 1 for e in step.entries)
+    _finish_step(s, step)
+    s.add(_seq(3, 3))
+    step = s.schedule()  # the group is full: both start together, in one eager step
+    assert [e.seq.request_id for e in step.entries] == ["r0", "r1", "r2", "r3"]
+
+
+def test_a_held_sequence_starts_after_the_delay_even_if_its_group_never_fills():
+    s = _decoding(group=4, delay=3, backlog=5)
+    s.add(_seq(2, 3))
+    for _ in range(3):
+        step = s.schedule()
+        assert "r2" not in [e.seq.request_id for e in step.entries]
+        _finish_step(s, step)
+    assert "r2" in [e.seq.request_id for e in s.schedule().entries]
+
+
+def test_without_a_backlog_a_request_starts_at_once():
+    s = _decoding(group=4, delay=10, backlog=0)
+    s.add(_seq(2, 3))
+    assert "r2" in [e.seq.request_id for e in s.schedule().entries]
+
+
+def test_a_step_that_prefills_anyway_admits_at_once():
+    s = Scheduler(BlockAllocator(100, 4), 8, 64, admission_group=4, admission_max_delay=10)
+    s.add(_seq(0, 100))
+    s.backlog = 5
+    _finish_step(s, s.schedule())  # the first 64 tokens of r0's prompt
+    s.add(_seq(1, 3))
+    # r0's prompt is still prefilling: the step is eager anyway, so a newcomer joins without waiting for a group
+    step = s.schedule()
+    assert [(e.seq.request_id, e.num_tokens) for e in step.entries] == [("r0", 36), ("r1", 3)]

@@ -1,9 +1,9 @@
 """Stateful property tests of the scheduler and the block allocator (hypothesis).
 
 Any interleaving of add / step / step completion (up to three steps in flight, as under ``overlap_depth=3``) /
-finish / cancel / preempt keeps the books: owned + free blocks = total, no block owned twice, every running
-sequence's blocks cover what it computed, waiting sequences own nothing. And once nothing new arrives, every
-admitted sequence finishes.
+finish / cancel / preempt, with admission groups holding newcomers back under a backlog, keeps the books: owned +
+free blocks = total, no block owned twice, every running sequence's blocks cover what it computed, waiting
+sequences own nothing. And once nothing new arrives, every admitted sequence finishes.
 """
 
 from __future__ import annotations
@@ -26,10 +26,16 @@ class SchedulerMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.alloc = BlockAllocator(BLOCKS, BLOCK_SIZE)
-        self.sched = Scheduler(self.alloc, max_num_seqs=4, max_num_batched_tokens=16)
+        self.sched = Scheduler(
+            self.alloc, max_num_seqs=4, max_num_batched_tokens=16, admission_group=2, admission_max_delay=3
+        )
         self.inflight: deque = deque()
         self.seqs: list[Sequence] = []
         self.sample_slots: list = []  # (sequence, slot its in-flight sample writes to), newest first
+
+    @rule(backlog=st.integers(0, 3))
+    def set_backlog(self, backlog):
+        self.sched.backlog = backlog
 
     @rule(prompt=st.integers(1, 30), max_new=st.integers(1, 12))
     def add(self, prompt, max_new):
