@@ -88,8 +88,15 @@ class ModelRunner:
         return StepHandle(batch, self._worker.submit(self._execute, batch))
 
     def close(self) -> None:
-        """Wait for queued steps, then stop the worker (blocking: call it from a thread)."""
+        """Wait for queued steps, stop the worker, and let go of the KV cache and the CUDA graphs (blocking: call
+        it from a thread). The lean model outlives the engine (it is kept on the model for the next one): without
+        this, its reference would keep this engine's cache allocated, and the next engine on the same model would
+        size its own cache from what is left."""
         self._worker.shutdown(wait=True)
+        if self.lean is not None and self.lean.kv_cache is self.kv_cache:
+            self.lean.kv_cache = None
+        self.graphs = None
+        self.kv_cache = None
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(array)

@@ -115,7 +115,7 @@ def run_transformers(model, requests: list[tuple[list[int], int]], use_async: bo
     return {
         "wall_s": wall, "output_tokens": tokens, "tok_per_s": tokens / wall, "ttft_p50_ms": nan, "ttft_p99_ms": nan,
         "itl_p50_ms": nan, "itl_p99_ms": nan, "loop_lag_p50_ms": nan, "loop_lag_p99_ms": nan, "steps": 0,
-        "loop_thread_cpu_s": nan, "gpu_step_ms_p50": nan, "loop_cpu_ms_per_step": nan,
+        "loop_thread_cpu_s": nan, "gpu_step_ms_p50": nan, "loop_cpu_ms_per_step": nan, "preemptions": nan,
     }  # fmt: skip
 
 
@@ -247,6 +247,7 @@ async def bench(args) -> list[dict]:
                 if engine._runner.step_events is not None:
                     engine._runner.step_events.clear()
                 steps_before = engine.stats().steps
+                preempted_before = engine.stats().num_preemptions
                 progress = None if args.no_progress else f"{w.name} {mode}"
                 if traced:
                     engine.start_trace()
@@ -257,6 +258,7 @@ async def bench(args) -> list[dict]:
                     trace = traces.setdefault(w.name, {})[mode] = engine.stop_trace()
                     print(f"{w.name} {mode}: {gap_summary(trace)}", file=sys.stderr)
                 r["steps"] -= steps_before
+                r["preemptions"] = engine.stats().num_preemptions - preempted_before
                 intervals = engine.step_intervals()
             durations = sorted(e - s for s, e in intervals)
             r["gpu_step_ms_p50"] = percentile(durations, 50) if durations else float("nan")
@@ -284,7 +286,7 @@ async def bench(args) -> list[dict]:
 
 HEADER = (
     "| workload | mode | card | wall s | tok/s | GPU idle | TTFT p50/p99 ms | ITL p50/p99 ms | loop lag p50/p99 ms "
-    "| achieved/floor | GPU ms/step p50 | loop CPU ms/step |"
+    "| achieved/floor | GPU ms/step p50 | loop CPU ms/step | preemptions |"
 )
 
 
@@ -299,7 +301,7 @@ def _row(r: dict) -> str:
         f"{f(r['itl_p50_ms'], '.1f')} / {f(r['itl_p99_ms'], '.1f')} | "
         f"{f(r['loop_lag_p50_ms'], '.2f')} / {f(r['loop_lag_p99_ms'], '.2f')} | "
         f"{f(r['achieved_vs_floor'], '.0f', 100, ' %')} | {f(r['gpu_step_ms_p50'], '.2f')} | "
-        f"{f(r['loop_cpu_ms_per_step'], '.2f')} |"
+        f"{f(r['loop_cpu_ms_per_step'], '.2f')} | {f(r.get('preemptions', float('nan')), '.0f')} |"
     )
 
 

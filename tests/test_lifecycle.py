@@ -79,3 +79,27 @@ async def test_close_releases_submitters_blocked_on_backpressure(make_model, tok
     await asyncio.wait_for(engine.close(), 5)
     results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
     assert all(isinstance(r, EngineClosedError) or r.finish_reason == "length" for r in results)
+
+
+async def test_a_closed_engine_lets_go_of_its_kv_cache_so_the_next_engine_on_the_model_gets_the_memory(
+    make_model, tokenizer
+):
+    """The lean model stays on the model for the next engine; it must not keep a closed engine's cache alive (a
+    second engine would size its cache from the memory left over, and preempt)."""
+    import gc
+    import weakref
+
+    model, ref = make_model("llama")
+    config = EngineConfig(fast_path=True, block_size=8, num_kv_blocks=64)
+    engine = Engine(model, tokenizer, config)
+    cache = weakref.ref(model._acb_lean.kv_cache)
+    async with engine:
+        await engine.generate([5, 6, 7], SamplingParams(max_new_tokens=3))
+    assert model._acb_lean.kv_cache is None
+    del engine
+    gc.collect()
+    assert cache() is None  # freed, not held by the model
+    prompt = random_prompts(1, [9], len(tokenizer), seed=1)[0]
+    async with Engine(model, tokenizer, config) as again:  # the next engine on the same model still works
+        out = await again.generate(prompt, SamplingParams(max_new_tokens=6, ignore_eos=True))
+    assert out.token_ids == reference_greedy(ref, prompt, 6)
