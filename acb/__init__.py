@@ -20,6 +20,7 @@ from .errors import (
     InvalidPromptError,
     InvalidRequestError,
     InvalidSamplingParamsError,
+    ModelInUseError,
     PromptTooLongError,
     RequestFailedError,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "DuplicateRequestIdError",
     "EngineClosedError",
     "RequestFailedError",
+    "ModelInUseError",
     "run",
     "loop_factory",
 ]

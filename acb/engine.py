@@ -124,6 +124,8 @@ class Engine:
         """Stop accepting requests, let running ones finish (up to ``drain_timeout``), fail the rest with
         :class:`EngineClosedError`, and stop the pipeline."""
         if self._state in ("new", "closed"):
+            if self._state == "new":
+                self._runner.close()  # never started: no worker thread, nothing queued; frees the model at once
             self._state = "closed"
             return
         if self._state == "failed":

@@ -15,6 +15,7 @@ __all__ = [
     "DuplicateRequestIdError",
     "EngineClosedError",
     "RequestFailedError",
+    "ModelInUseError",
 ]
 
 
@@ -65,3 +66,8 @@ class RequestFailedError(AcbError):
 
     The original exception is chained as ``__cause__``.
     """
+
+
+class ModelInUseError(AcbError, RuntimeError):
+    """An open engine already serves this model through acb's lean path (fused weights, its KV cache): a second
+    engine on the same model object would share them. Close the first engine, or give the second its own model."""

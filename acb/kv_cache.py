@@ -75,12 +75,14 @@ def auto_num_blocks(
 ) -> int:
     """Blocks that fit in ``fraction`` of free memory, never more than ``wanted_tokens`` need.
 
-    On CUDA the free memory is what the driver reports after the weights are loaded; on the CPU it is the
-    available RAM, of which the cache takes at most a quarter (the host has other work to do).
+    On CUDA the free memory is what the driver reports after the weights are loaded, plus what PyTorch's caching
+    allocator holds without using (a previous engine's freed cache, say); on the CPU it is the available RAM, of
+    which the cache takes at most a quarter (the host has other work to do).
     """
     per_block = shape.kv_bytes_per_token(dtype) * block_size
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         budget = int(free * fraction)
     else:
         budget = int(_available_ram() * min(fraction, 0.25))

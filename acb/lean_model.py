@@ -10,6 +10,7 @@ acb's attention function).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +72,7 @@ class LeanCausalLM:
         self.eps = cfg.rms_norm_eps
         self.scale = self.head_dim**-0.5
         self.kv_cache: KVCache | None = None  # set by the engine once the cache is sized (after fusing freed memory)
+        self.owner: weakref.ref | None = None  # the ModelRunner of the engine using this model now
         self.device = inner.embed_tokens.weight.device
         self.dtype = inner.embed_tokens.weight.dtype
         self.on_cuda = self.device.type == "cuda"

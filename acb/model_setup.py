@@ -6,6 +6,8 @@ Runs once, in ``Engine.__init__``, before any event loop work.
 
 from __future__ import annotations
 
+import gc
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +16,7 @@ from . import attention
 from .batch import BatchBuilder
 from .block_allocator import BlockAllocator
 from .config import EngineConfig
+from .errors import ModelInUseError
 from .kv_cache import KVCache, ModelShape, auto_num_blocks
 from .lean_model import LeanCausalLM, supports_lean
 from .runner import ModelRunner
@@ -53,11 +56,13 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
     lean = None
     use_lean = config.fast_path if config.fast_path is not None else device.type == "cuda"
     if use_lean and supports_lean(model):
-        # The lean model owns the fused weights; a later engine on the same model reuses it.
+        # The lean model owns the fused weights; a later engine on the same model reuses it, once the engine
+        # before it closed (they would share its KV cache and workspace).
         lean = getattr(model, "_acb_lean", None)
         if lean is None:
             lean = LeanCausalLM(model, max_model_len, workspace_rows=config.max_num_seqs)
             model._acb_lean = lean
+        _claim(lean)
         lean.ensure(max_model_len, config.max_num_seqs)
     elif config.fast_path:
         raise ValueError(f"fast_path=True, but the lean model path does not support {type(model).__name__}")
@@ -96,6 +101,8 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
         graph_geometry=geometry,
         record_timing=config.record_step_timing,
     )
+    if lean is not None:
+        lean.owner = weakref.ref(runner)
     return Runtime(
         device=device,
         dtype=dtype,
@@ -113,6 +120,20 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
         builder=BatchBuilder(config.max_num_seqs, max_blocks, config.block_size),
         runner=runner,
     )
+
+
+def _claim(lean: LeanCausalLM) -> None:
+    """Make sure no open engine still uses ``lean``; drop what a closed or discarded one left on it."""
+    owner = lean.owner() if lean.owner is not None else None
+    if owner is not None and not owner.closed:
+        gc.collect()  # an engine dropped without close() may only be waiting for the cycle collector
+        owner = lean.owner()
+    if owner is not None and not owner.closed:
+        raise ModelInUseError(
+            "another open Engine serves this model: close it first (`await engine.close()`, or leave its "
+            "`async with`), or build this engine on a separate model"
+        )
+    lean.kv_cache = None  # a discarded engine's cache: free it before this engine sizes its own
 
 
 def default_sampling(model) -> dict[str, float | int]:

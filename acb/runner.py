@@ -76,6 +76,7 @@ class ModelRunner:
             self.graphs = DecodeGraphs(lean, self.token_buf, **graph_geometry)
         self._cuda = device.type == "cuda"
         self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count if self._cuda else 0
+        self.closed = False
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="acb-step")
         # (start, end) CUDA events of every step's GPU work, for the idle-fraction measurement of the benchmarks
         self.step_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = [] if record_timing else None
@@ -93,6 +94,7 @@ class ModelRunner:
         this, its reference would keep this engine's cache allocated, and the next engine on the same model would
         size its own cache from what is left."""
         self._worker.shutdown(wait=True)
+        self.closed = True
         if self.lean is not None and self.lean.kv_cache is self.kv_cache:
             self.lean.kv_cache = None
         self.graphs = None

@@ -103,3 +103,20 @@ async def test_a_closed_engine_lets_go_of_its_kv_cache_so_the_next_engine_on_the
     async with Engine(model, tokenizer, config) as again:  # the next engine on the same model still works
         out = await again.generate(prompt, SamplingParams(max_new_tokens=6, ignore_eos=True))
     assert out.token_ids == reference_greedy(ref, prompt, 6)
+
+
+async def test_a_second_open_engine_on_the_same_model_is_refused_with_a_typed_error(make_model, tokenizer):
+    from acb import ModelInUseError
+
+    model, _ = make_model("llama")
+    config = EngineConfig(fast_path=True, block_size=8, num_kv_blocks=32)
+    async with Engine(model, tokenizer, config) as first:
+        with pytest.raises(ModelInUseError, match="close it first"):
+            Engine(model, tokenizer, config)
+        out = await first.generate([5, 6, 7], SamplingParams(max_new_tokens=3, ignore_eos=True))  # unharmed
+        assert len(out.token_ids) == 3
+    never_started = Engine(model, tokenizer, config)  # closed: the model is free again
+    await never_started.close()  # closing an engine that never started frees the model too
+    kept = Engine(model, tokenizer, config)
+    del kept
+    Engine(model, tokenizer, config)  # and an engine dropped without closing does not hold it either
