@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-__all__ = ["percentile", "idle_fraction", "LoopLag", "decode_floor_seconds"]
+__all__ = ["percentile", "busy_time", "idle_fraction", "LoopLag", "decode_floor_seconds"]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -17,26 +17,28 @@ def percentile(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
+def busy_time(intervals: list[tuple[float, float]], t0: float, t1: float) -> float:
+    """Length of the union of ``intervals`` inside ``[t0, t1]`` (overlapping or touching intervals count once)."""
+    busy, edge = 0.0, t0
+    for s, e in sorted(intervals):
+        s, e = max(s, edge), min(e, t1)
+        if e > s:
+            busy += e - s
+            edge = e
+    return busy
+
+
 def idle_fraction(intervals: list[tuple[float, float]]) -> float:
     """Share of the span from the first step's start to the last step's end in which no step's GPU work ran.
 
-    Intervals are (start, end) of each step's GPU work, measured with CUDA events recorded before the step's first
-    copy and after its last one. Gaps between kernels *inside* one step (an eager step whose host launches slower
-    than the GPU runs) count as busy, so for eager steps this is a lower bound of the idle time.
+    Intervals are (start, end) of each step's GPU work, measured with CUDA events recorded just before the step's
+    first GPU work and after its last copy. Gaps between kernels *inside* one step (an eager step whose host
+    launches slower than the GPU runs) count as busy, so for eager steps this is a lower bound of the idle time.
     """
     if not intervals:
         return float("nan")
-    ivs = sorted(intervals)
-    busy, cur_s, cur_e = 0.0, ivs[0][0], ivs[0][1]
-    for s, e in ivs[1:]:
-        if s > cur_e:
-            busy += cur_e - cur_s
-            cur_s, cur_e = s, e
-        else:
-            cur_e = max(cur_e, e)
-    busy += cur_e - cur_s
-    span = max(e for _, e in ivs) - ivs[0][0]
-    return max(0.0, 1.0 - busy / span) if span > 0 else 0.0
+    t0, t1 = min(s for s, _ in intervals), max(e for _, e in intervals)
+    return max(0.0, 1.0 - busy_time(intervals, t0, t1) / (t1 - t0)) if t1 > t0 else 0.0
 
 
 class LoopLag:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from acb.tracing import LANES, Trace
 
+from .metrics import busy_time
+
 __all__ = ["device_idle", "gap_summary", "idle_gaps", "plot_timeline", "window"]
 
 COLORS = {
@@ -34,13 +36,7 @@ def window(trace: Trace, first_step: int, steps: int) -> tuple[float, float]:
 
 def device_idle(trace: Trace, t0: float, t1: float) -> float:
     """Share of ``[t0, t1]`` in which no device step ran."""
-    busy, edge = 0.0, t0
-    for s, e in sorted(trace.lane("device")):
-        s, e = max(s, edge), min(e, t1)
-        if e > s:
-            busy += e - s
-            edge = e
-    return 1.0 - busy / (t1 - t0) if t1 > t0 else 0.0
+    return 1.0 - busy_time(trace.lane("device"), t0, t1) / (t1 - t0) if t1 > t0 else 0.0
 
 
 def idle_gaps(trace: Trace) -> list[tuple[int, float, float]]:
