@@ -23,6 +23,8 @@ from .errors import (
     ModelInUseError,
     PromptTooLongError,
     RequestFailedError,
+    StreamInUseError,
+    WrongEventLoopError,
 )
 from .loop import loop_factory, run
 from .outputs import Completion, EngineStats, Token
@@ -43,6 +45,8 @@ __all__ = [
     "EngineClosedError",
     "RequestFailedError",
     "ModelInUseError",
+    "StreamInUseError",
+    "WrongEventLoopError",
     "run",
     "loop_factory",
 ]

@@ -1,31 +1,65 @@
 """Admission: turn what a user submitted into a validated token list, or a typed error at the boundary.
 
-Short prompts are tokenized on the event loop (microseconds); long ones in a worker thread so the loop stays
-responsive while a tokenizer chews through them.
+Work is bounded before it is done: a text prompt longer than ``max_prompt_chars`` is refused before the tokenizer
+sees it. Short prompts are tokenized on the event loop (microseconds); long ones, chat templates and large stop-string
+sets in the engine's own tokenizer thread, so the loop stays responsive and a flood of large prompts queues there
+instead of filling the default thread pool that the application shares.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import dataclasses
+from collections.abc import Callable
 from collections.abc import Sequence as SequenceABC
+from typing import TypeVar
 
 from .config import SamplingParams
-from .errors import InvalidPromptError, InvalidSamplingParamsError, PromptTooLongError, RequestFailedError
+from .errors import InvalidPromptError, InvalidRequestError, InvalidSamplingParamsError, PromptTooLongError
+from .errors import RequestFailedError
+from .stops import StopStrings, compile_stops
 
 __all__ = ["Admission", "Prompt"]
 
 Prompt = str | list[int]
+T = TypeVar("T")
+
+_INLINE_STOP_CHARS = 1024  # stop-string sets up to this many characters compile on the loop (cached, microseconds)
 
 
 class Admission:
     def __init__(
-        self, tokenizer, *, vocab_size: int, max_model_len: int, max_cache_tokens: int, long_prompt_chars: int
+        self,
+        tokenizer,
+        *,
+        vocab_size: int,
+        max_model_len: int,
+        max_cache_tokens: int,
+        long_prompt_chars: int,
+        max_prompt_chars: int,
     ) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.max_cache_tokens = max_cache_tokens
         self.long_prompt_chars = long_prompt_chars
+        self.max_prompt_chars = max_prompt_chars
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def close(self) -> None:
+        """Stop the tokenizer thread (work already queued there finishes)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    async def _offload(self, fn: Callable[..., T], *args, **kwargs) -> T:
+        """Run ``fn`` in the tokenizer thread (one per engine, started on first use)."""
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="acb-tokenizer")
+        return await asyncio.wrap_future(self._pool.submit(lambda: fn(*args, **kwargs)))
+
+    # -- one request ----------------------------------------------------------------------------------------------
 
     def check_params(self, params: SamplingParams | None) -> SamplingParams:
         if params is None:
@@ -35,24 +69,38 @@ class Admission:
         bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
         if bad:
             raise InvalidSamplingParamsError(
-                f"stop_token_ids {bad} outside the vocabulary (size {self.vocab_size})", param="stop_token_ids"
+                f"stop_token_ids {bad[:8]} outside the vocabulary (size {self.vocab_size})", param="stop_token_ids"
             )
+        if params.top_k >= self.vocab_size:  # keeping the whole vocabulary is no filtering at all
+            params = dataclasses.replace(params, top_k=0)
         return params
+
+    async def stop_strings(self, params: SamplingParams) -> StopStrings | None:
+        """The request's compiled stop strings (a large set compiles in the tokenizer thread)."""
+        if not params.stop:
+            return None
+        if sum(map(len, params.stop)) <= _INLINE_STOP_CHARS:
+            return compile_stops(params.stop)
+        return await self._offload(compile_stops, params.stop)
 
     async def tokenize(self, prompt: Prompt) -> list[int]:
         """Token ids of ``prompt`` (a string, or token ids that are checked against the vocabulary)."""
         if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidPromptError("the prompt is empty")
+            self.check_text(prompt, "prompt")
             try:
                 if len(prompt) > self.long_prompt_chars:
-                    ids = await asyncio.to_thread(self.tokenizer.encode, prompt)
+                    ids = await self._offload(self.tokenizer.encode, prompt)
                 else:
                     ids = self.tokenizer.encode(prompt)
-            except Exception as exc:  # a tokenizer bug or a pathological input: fail this request only
+            except Exception as exc:  # a tokenizer bug: fail this request only
                 raise RequestFailedError(f"tokenizing the prompt failed: {exc!r}") from exc
             ids = list(ids)
         elif isinstance(prompt, SequenceABC) and not isinstance(prompt, (bytes, bytearray)):
+            if len(prompt) >= self.max_model_len:  # before looking at every element of a huge list
+                raise PromptTooLongError(
+                    f"the prompt has {len(prompt)} tokens; max_model_len is {self.max_model_len}, which leaves no "
+                    "room for a new token"
+                )
             ids = list(prompt)
             if any(not isinstance(t, int) or isinstance(t, bool) for t in ids):
                 raise InvalidPromptError("a token-id prompt must be a list of ints")
@@ -65,6 +113,38 @@ class Admission:
         if not ids:
             raise InvalidPromptError("the prompt is empty (no tokens)")
         return ids
+
+    def check_text(self, text: str, what: str) -> None:
+        """Refuse text that is empty, longer than ``max_prompt_chars``, or not valid Unicode."""
+        if not text:
+            raise InvalidPromptError(f"the {what} is empty")
+        self._check_size(len(text), what)
+        _check_unicode(text, what)
+
+    def _check_size(self, chars: int, what: str) -> None:
+        if chars > self.max_prompt_chars:
+            raise PromptTooLongError(
+                f"the {what} has {chars} characters; at most {self.max_prompt_chars} are accepted "
+                f"(EngineConfig.max_prompt_chars, by default 16 x max_model_len={self.max_model_len})"
+            )
+
+    async def render_chat(self, messages: list[dict]) -> str:
+        """Render chat ``messages`` with the tokenizer's chat template, in the tokenizer thread, after bounding the
+        total size of their contents."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequestError("this model's tokenizer has no chat template; use a plain completion")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise InvalidRequestError("messages must be a list of dicts", param="messages")
+        texts = [t for m in messages for t in _texts(m.get("content"))]
+        self._check_size(sum(map(len, texts)), "chat")
+        for t in texts:
+            _check_unicode(t, "chat")
+        try:
+            return await self._offload(
+                self.tokenizer.apply_chat_template, messages, tokenize=False, add_generation_prompt=True
+            )
+        except Exception as exc:
+            raise InvalidRequestError(f"the chat template rejected these messages: {exc}") from exc
 
     def check_fits(self, num_prompt: int, params: SamplingParams) -> None:
         if num_prompt >= self.max_model_len:
@@ -79,3 +159,20 @@ class Admission:
                 f"prompt ({num_prompt} tokens) + max_new_tokens ({params.max_new_tokens}) needs {needed} KV slots; "
                 f"the whole KV cache holds {self.max_cache_tokens}"
             )
+
+
+def _texts(content) -> list[str]:
+    """The strings in a chat message's content (a string, or OpenAI-style parts with ``text``)."""
+    if isinstance(content, str):
+        return [content]
+    if isinstance(content, list):
+        return [p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+    return []
+
+
+def _check_unicode(text: str, what: str) -> None:
+    """A lone surrogate cannot be encoded as UTF-8, so no tokenizer can take it: refuse it as bad input."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidPromptError(f"the {what} is not valid Unicode text ({exc.reason} at character {exc.start})") from None

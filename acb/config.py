@@ -5,11 +5,18 @@ Both are validated on construction, so a bad value fails where it is written, wi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import InvalidSamplingParamsError
 
-__all__ = ["EngineConfig", "SamplingParams"]
+__all__ = [
+    "EngineConfig",
+    "SamplingParams",
+    "MAX_STOP_STRINGS",
+    "MAX_STOP_STRING_CHARS",
+    "MAX_STOP_TOKEN_IDS",
+    "MAX_TOP_K",
+]
 
 
 @dataclass(slots=True)
@@ -59,7 +66,11 @@ class EngineConfig:
     record_step_timing: bool = False
     """Record CUDA events around every step's GPU work (``engine.step_intervals()``; benchmarks)."""
     long_prompt_chars: int = 2048
-    """Prompts longer than this are tokenized in a worker thread, not on the event loop."""
+    """Prompts longer than this are tokenized in the engine's tokenizer thread, not on the event loop."""
+    max_prompt_chars: int | None = None
+    """Longest text prompt (or chat, all message contents together), in characters, that admission will tokenize;
+    a longer one is refused with ``PromptTooLongError`` before any tokenizer work. ``None``: 16 × ``max_model_len``
+    (real text averages 3-5 characters per token, so this refuses only prompts that could not fit anyway)."""
     drain_timeout: float = 30.0
     """Seconds ``close()`` lets running requests finish before it fails the rest with ``EngineClosedError``."""
 
@@ -84,6 +95,9 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens must allow at least one token per step")
         if self.dtype is not None and self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be 'float32', 'bfloat16' or 'float16', got {self.dtype!r}")
+        if self.max_prompt_chars is not None:
+            _positive("max_prompt_chars", self.max_prompt_chars)
+        _positive("long_prompt_chars", self.long_prompt_chars)
         if self.drain_timeout < 0:
             raise ValueError("drain_timeout must be >= 0")
 
@@ -93,51 +107,66 @@ def _positive(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-@dataclass(slots=True)
+# Limits on what one request may ask for: each bounds host work per step or per request (docs/api.md).
+MAX_STOP_STRINGS = 64
+"""Most stop strings one request may give."""
+MAX_STOP_STRING_CHARS = 256
+"""Longest stop string, in characters."""
+MAX_STOP_TOKEN_IDS = 1024
+"""Most stop token ids one request may give."""
+MAX_TOP_K = 2**31 - 1
+"""Largest ``top_k`` (any value at least the vocabulary size means no top-k filtering)."""
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+@dataclass(slots=True, frozen=True)
 class SamplingParams:
-    """How one request is decoded. The defaults are greedy decoding of up to 64 tokens."""
+    """How one request is decoded. The defaults are greedy decoding of up to 64 tokens.
+
+    Immutable and validated on construction: a request's parameters cannot change after the engine checked them
+    (``dataclasses.replace`` makes a modified, re-validated copy). Stop lists are stored as tuples.
+    """
 
     max_new_tokens: int = 64
     temperature: float = 0.0
-    """0 means greedy (argmax)."""
+    """0 means greedy (argmax). At most float32's largest value."""
     top_k: int = 0
     """Keep the k most likely tokens; 0 disables."""
     top_p: float = 1.0
     """Keep the smallest set of tokens whose probability reaches p; 1 disables."""
     seed: int | None = None
     """Makes sampling reproducible for this request, whatever else shares its batches."""
-    stop: list[str] = field(default_factory=list)
-    """Strings that end the stream; the stop string itself is not emitted."""
-    stop_token_ids: list[int] = field(default_factory=list)
-    """Token ids that end the stream (besides EOS); their text is not emitted."""
+    stop: tuple[str, ...] = ()
+    """Strings that end the stream; the stop string itself is not emitted. A single string is accepted.
+    At most ``MAX_STOP_STRINGS`` strings of at most ``MAX_STOP_STRING_CHARS`` characters."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Token ids that end the stream (besides EOS); their text is not emitted. At most ``MAX_STOP_TOKEN_IDS``."""
     ignore_eos: bool = False
     """Keep generating past the model's EOS token (benchmarks)."""
     logprobs: bool = False
     """Report each token's log-probability under the model (``Token.logprob``)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = list(self.stop)
-        self.stop_token_ids = list(self.stop_token_ids)
+        set_ = object.__setattr__  # frozen: normalize in place once, here
+        set_(self, "stop", _stop_strings(self.stop))
+        set_(self, "stop_token_ids", _stop_token_ids(self.stop_token_ids))
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise InvalidSamplingParamsError(
                 f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}", param="max_new_tokens"
             )
-        if not _is_number(self.temperature) or not self.temperature >= 0.0 or self.temperature == float("inf"):
+        set_(self, "temperature", _float_in("temperature", self.temperature, 0.0, _FLOAT32_MAX))
+        if not _is_int(self.top_k) or not 0 <= self.top_k <= MAX_TOP_K:
             raise InvalidSamplingParamsError(
-                f"temperature must be a finite number >= 0, got {self.temperature!r}", param="temperature"
+                f"top_k must be an integer in [0, {MAX_TOP_K}], got {self.top_k!r}", param="top_k"
             )
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise InvalidSamplingParamsError(f"top_k must be an integer >= 0, got {self.top_k!r}", param="top_k")
-        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
-            raise InvalidSamplingParamsError(f"top_p must be in (0, 1], got {self.top_p!r}", param="top_p")
+        set_(self, "top_p", _float_in("top_p", self.top_p, 0.0, 1.0, low_open=True))
         if self.seed is not None and not _is_int(self.seed):
             raise InvalidSamplingParamsError(f"seed must be an integer or None, got {self.seed!r}", param="seed")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise InvalidSamplingParamsError("stop must be a list of non-empty strings", param="stop")
-        if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
-            raise InvalidSamplingParamsError("stop_token_ids must be non-negative integers", param="stop_token_ids")
+        for name in ("ignore_eos", "logprobs"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidSamplingParamsError(
+                    f"{name} must be True or False, got {getattr(self, name)!r}", param=name
+                )
 
     @property
     def greedy(self) -> bool:
@@ -148,5 +177,52 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _float_in(name: str, value: object, low: float, high: float, *, low_open: bool = False) -> float:
+    """``value`` as a float in ``[low, high]`` (``(low, high]`` with ``low_open``), or a typed error. Integers of
+    any size are accepted if they fit; NaN, infinities and non-numbers are refused."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise InvalidSamplingParamsError(f"{name} must be a number, got {value!r}", param=name)
+    try:
+        f = float(value)
+    except OverflowError:
+        f = float("inf")
+    ok = (low < f if low_open else low <= f) and f <= high  # False for NaN
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise InvalidSamplingParamsError(f"{name} must be in {bracket}{low:g}, {high:g}], got {value!r}", param=name)
+    return f
+
+
+def _stop_strings(stop: object) -> tuple[str, ...]:
+    if isinstance(stop, str):
+        stop = (stop,)
+    if not isinstance(stop, (list, tuple)):
+        raise InvalidSamplingParamsError(
+            f"stop must be a string or a list of strings, got {type(stop).__name__}", param="stop"
+        )
+    if len(stop) > MAX_STOP_STRINGS:
+        raise InvalidSamplingParamsError(
+            f"stop has {len(stop)} strings; at most {MAX_STOP_STRINGS} are allowed", param="stop"
+        )
+    for s in stop:
+        if not isinstance(s, str) or not s:
+            raise InvalidSamplingParamsError("stop must be a list of non-empty strings", param="stop")
+        if len(s) > MAX_STOP_STRING_CHARS:
+            raise InvalidSamplingParamsError(
+                f"a stop string has {len(s)} characters; at most {MAX_STOP_STRING_CHARS} are allowed", param="stop"
+            )
+    return tuple(stop)
+
+
+def _stop_token_ids(ids: object) -> tuple[int, ...]:
+    if not isinstance(ids, (list, tuple)):
+        raise InvalidSamplingParamsError(
+            f"stop_token_ids must be a list of token ids, got {type(ids).__name__}", param="stop_token_ids"
+        )
+    if len(ids) > MAX_STOP_TOKEN_IDS:
+        raise InvalidSamplingParamsError(
+            f"stop_token_ids has {len(ids)} ids; at most {MAX_STOP_TOKEN_IDS} are allowed", param="stop_token_ids"
+        )
+    if any(not _is_int(t) or t < 0 for t in ids):
+        raise InvalidSamplingParamsError("stop_token_ids must be non-negative integers", param="stop_token_ids")
+    return tuple(ids)

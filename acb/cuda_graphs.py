@@ -22,6 +22,7 @@ import torch
 from .batch import StepBatch
 from .kernels import decode_splits
 from .lean_model import LeanCausalLM, LeanInputs
+from .sampling import flag_non_finite
 
 __all__ = ["DecodeGraphs", "graph_buckets"]
 
@@ -114,8 +115,9 @@ class DecodeGraphs:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 logits = self.lean.forward(self._inputs(d, token_buf, b, self.splits[b]))
-                tokens = logits.argmax(-1)  # as sampling.sample's greedy rows (bf16 -> fp32 keeps the order)
-                token_buf[d["out_slots"][:b]] = tokens
+                greedy = logits.argmax(-1)  # as sampling.sample's greedy rows (bf16 -> fp32 keeps the order)
+                token_buf[d["out_slots"][:b]] = greedy
+                tokens = flag_non_finite(logits, greedy, greedy)  # -1 where the logits are not finite
             self.graphs[b] = (graph, logits, tokens)
         torch.cuda.synchronize()
 
@@ -129,7 +131,7 @@ class DecodeGraphs:
         self, batch: StepBatch, start: torch.cuda.Event | None = None, greedy: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Replay the graph for a decode-only ``batch``; returns ``(logits [B, vocab], greedy tokens [B])`` (views,
-        valid until the next replay of that bucket). With ``greedy`` (every row samples greedily) the tokens are
+        valid until the next replay of that bucket; a token is -1 where its row's logits are not finite). With ``greedy`` (every row samples greedily) the tokens are
         also written to the token buffer at the rows' sample slots. ``start`` (step timing) is recorded just before
         the step's first GPU work, after the host filled the staging buffer, so that host time never counts as GPU
         time."""

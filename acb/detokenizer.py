@@ -1,17 +1,16 @@
-"""Incremental detokenization and stop strings.
+"""Incremental detokenization.
 
 :class:`IncrementalDetokenizer` turns a growing list of token ids into text deltas whose concatenation equals
 ``tokenizer.decode(ids, skip_special_tokens=True)``. It decodes a short sliding window (the tokens since the last
 emitted boundary) rather than the whole output, and holds back a delta that ends in an incomplete UTF-8 sequence
 (decoded as U+FFFD) until the following tokens complete it.
 
-:class:`StopStringMatcher` scans that text for stop strings, holding back any tail that could still grow into one,
-so a stop string is never emitted, not even in part.
+Stop strings are matched on its output by :mod:`acb.stops`.
 """
 
 from __future__ import annotations
 
-__all__ = ["IncrementalDetokenizer", "StopStringMatcher", "decode_many"]
+__all__ = ["IncrementalDetokenizer", "decode_many"]
 
 _REPLACEMENT = "\ufffd"
 
@@ -68,31 +67,3 @@ def decode_many(tokenizer, windows: list[list[int]]) -> list[str]:
     if raw is not None and hasattr(raw, "decode_batch"):
         return raw.decode_batch(windows, skip_special_tokens=True)
     return [tokenizer.decode(w, skip_special_tokens=True, clean_up_tokenization_spaces=False) for w in windows]
-
-
-class StopStringMatcher:
-    def __init__(self, stops: list[str]) -> None:
-        self._stops = stops
-        self._held = ""
-
-    def feed(self, text: str, final: bool) -> tuple[str, bool]:
-        """Take new text; return ``(text safe to emit, stop string found)``.
-
-        After a stop string is found nothing more should be fed. With ``final`` the held tail is released.
-        """
-        buf = self._held + text
-        cut = min((i for i in (buf.find(s) for s in self._stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self._held = ""
-            return buf[:cut], True
-        if final:
-            self._held = ""
-            return buf, False
-        keep = 0
-        for s in self._stops:  # longest tail of buf that is a proper prefix of a stop string
-            for k in range(min(len(s) - 1, len(buf)), keep, -1):
-                if buf.endswith(s[:k]):
-                    keep = k
-                    break
-        self._held = buf[len(buf) - keep :] if keep else ""
-        return buf[: len(buf) - keep], False

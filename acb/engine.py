@@ -23,6 +23,7 @@ import itertools
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 
 import torch
@@ -31,11 +32,17 @@ from .admission import Admission, Prompt
 from .bridge import CompletionBridge
 from .config import EngineConfig, SamplingParams
 from .detokenizer import decode_many
-from .errors import DuplicateRequestIdError, EngineClosedError, InvalidRequestError, RequestFailedError
+from .errors import (
+    DuplicateRequestIdError,
+    EngineClosedError,
+    InvalidRequestError,
+    RequestFailedError,
+    WrongEventLoopError,
+)
 from .model_setup import DTYPES, build_runtime, default_sampling, eos_ids
 from .outputs import Completion, EngineStats, Token
 from .runner import StepHandle
-from .scheduler import SampledToken
+from .scheduler import SampledToken, ScheduledStep
 from .sequence import Sequence
 from .stream import RequestState, RequestStream
 from .tracing import Trace, Tracer
@@ -69,12 +76,17 @@ class Engine:
             max_model_len=self.max_model_len,
             max_cache_tokens=self._allocator.num_blocks * config.block_size,
             long_prompt_chars=config.long_prompt_chars,
+            max_prompt_chars=config.max_prompt_chars or 16 * self.max_model_len,
         )
         self._eos_ids = eos_ids(model, tokenizer)
         self.default_sampling = default_sampling(model)
 
         self.tracer = Tracer()
         self._live: dict[str, RequestState] = {}
+        # Admitted requests waiting for a scheduler slot, in arrival order; and the submitters waiting for room in
+        # that queue (``max_pending``), each with the future that wakes it, in the order they came.
+        self._queued: deque[RequestState] = deque()
+        self._blocked: dict[RequestState, asyncio.Future] = {}
         self._ids = itertools.count()
         self._arrivals = itertools.count()
         self._steps = 0
@@ -105,7 +117,6 @@ class Engine:
         if self._state != "new":
             raise EngineClosedError(f"the engine cannot be started again (it is {self._state})")
         self._loop = asyncio.get_running_loop()
-        self._admitted: asyncio.Queue[RequestState] = asyncio.Queue(self.config.max_pending)
         self._launched: asyncio.Queue[StepHandle] = asyncio.Queue()
         self._to_detok: asyncio.Queue[list[SampledToken]] = asyncio.Queue()
         self._inflight = asyncio.Semaphore(self.config.overlap_depth if self.config.overlap else 1)
@@ -122,17 +133,22 @@ class Engine:
 
     async def close(self, *, drain: bool = True) -> None:
         """Stop accepting requests, let running ones finish (up to ``drain_timeout``), fail the rest with
-        :class:`EngineClosedError`, and stop the pipeline."""
+        :class:`EngineClosedError`, and stop the pipeline.
+
+        Returns within about ``drain_timeout`` even if a step never completes (a hung kernel): the step's worker
+        thread is then left behind, and the engine's memory with it."""
         if self._state in ("new", "closed"):
             if self._state == "new":
-                self._runner.close()  # never started: no worker thread, nothing queued; frees the model at once
+                self._runner.close(timeout=0)  # never started: no step ran; frees the model at once
             self._state = "closed"
             return
+        self._check_loop()
+        deadline = time.monotonic() + self.config.drain_timeout
         if self._state == "failed":
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
-            await asyncio.to_thread(self._runner.close)
+            await self._stop_workers(deadline)
             self._state = "closed"
             return
         if self._state == "closing":
@@ -141,10 +157,11 @@ class Engine:
         self._state = "closing"
         self._closed_event = asyncio.Event()
         self._closing.set()
+        self._wake_blocked(len(self._blocked))  # they see the engine closing and raise EngineClosedError
         try:
             if drain and self._live:
                 try:
-                    await asyncio.wait_for(self._idle.wait(), self.config.drain_timeout)
+                    await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - time.monotonic()))
                 except TimeoutError:
                     pass
             for state in list(self._live.values()):
@@ -152,10 +169,17 @@ class Engine:
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
-            await asyncio.to_thread(self._runner.close)
+            await self._stop_workers(deadline)
         finally:
             self._state = "closed"
             self._closed_event.set()
+
+    async def _stop_workers(self, deadline: float) -> None:
+        self._admission.close()
+        # At least a moment for a step that is about to finish, even with drain_timeout=0.
+        grace = max(0.5, deadline - time.monotonic())
+        if not await asyncio.to_thread(self._runner.close, timeout=grace):
+            log.error("a model step did not finish within drain_timeout; its worker thread is left running")
 
     async def __aenter__(self) -> Engine:
         await self.start()
@@ -200,25 +224,23 @@ class Engine:
         )
 
     async def apply_chat_template(self, messages: list[dict]) -> str:
-        """Render chat ``messages`` into a prompt with the tokenizer's chat template (in a worker thread)."""
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise InvalidRequestError("this model's tokenizer has no chat template; use a plain completion")
-        try:
-            return await asyncio.to_thread(
-                self.tokenizer.apply_chat_template, messages, tokenize=False, add_generation_prompt=True
-            )
-        except Exception as exc:
-            raise InvalidRequestError(f"the chat template rejected these messages: {exc}") from exc
+        """Render chat ``messages`` into a prompt with the tokenizer's chat template (in the engine's tokenizer
+        thread). Contents longer than ``max_prompt_chars`` in total are refused before rendering."""
+        self._check_loop()
+        return await self._admission.render_chat(messages)
 
     def abort(self, request_id: str) -> bool:
         """End a request now (its stream gets a final ``finish_reason="abort"`` marker) and free its KV blocks.
 
-        Returns False if no live request has this id. Call it from the engine's event-loop thread.
+        Returns False if no live request has this id. Safe to call from any thread: off the engine's loop, the abort
+        is handed to the loop and happens there shortly after.
         """
+        if not isinstance(request_id, str):
+            raise InvalidRequestError(f"request_id must be a string, got {type(request_id).__name__}")
         state = self._live.get(request_id)
         if state is None:
             return False
-        self._abort(state)
+        self._abort_threadsafe(state)
         return True
 
     def start_trace(self) -> None:
@@ -251,11 +273,13 @@ class Engine:
         return out
 
     def stats(self) -> EngineStats:
+        """Where every live request is: each counted in exactly one of running, waiting and pending."""
         return EngineStats(
             kv_blocks_total=self._allocator.num_blocks,
             kv_blocks_free=self._allocator.num_free,
             num_running=len(self._scheduler.running),
-            num_waiting=len(self._scheduler.waiting) + (self._admitted.qsize() if self._state != "new" else 0),
+            num_waiting=len(self._scheduler.waiting) + len(self._queued),
+            num_pending=len(self._blocked),
             num_preemptions=self._scheduler.num_preemptions,
             steps=self._steps,
         )
@@ -283,9 +307,14 @@ class Engine:
     async def _submit(self, request_id: str, prompt: Prompt, params: SamplingParams | None) -> RequestState:
         t0 = time.perf_counter()
         self._check_open()
+        if not isinstance(request_id, str):
+            raise InvalidRequestError(
+                f"request_id must be a string, got {type(request_id).__name__}", param="request_id"
+            )
         params = self._admission.check_params(params)
         if request_id in self._live:
             raise DuplicateRequestIdError(f"request_id {request_id!r} is already in use")
+        stops = await self._admission.stop_strings(params)
         ids = await self._admission.tokenize(prompt)
         self._admission.check_fits(len(ids), params)
         self._check_open()
@@ -301,29 +330,34 @@ class Engine:
             eos_ids=self._eos_ids,
             seed=seed,
         )
-        state = RequestState(seq, self.tokenizer)
+        state = RequestState(seq, self.tokenizer, stops)
         self.tracer.add("admission", t0, time.perf_counter())
         self._live[request_id] = state
         self._idle.clear()
         try:
-            if self._admitted.full():  # backpressure: wait for room, but not past a shutdown
-                put = asyncio.ensure_future(self._admitted.put(state))
-                closing = asyncio.ensure_future(self._closing.wait())
+            while len(self._queued) >= self.config.max_pending:  # backpressure: wait for room, in arrival order
+                woken = self._loop.create_future()
+                self._blocked[state] = woken
                 try:
-                    await asyncio.wait({put, closing}, return_when=asyncio.FIRST_COMPLETED)
+                    await woken
                 finally:
-                    closing.cancel()
-                    if not put.done():
-                        put.cancel()
-                if not put.done() or put.cancelled():
-                    self._check_open()
-            else:
-                self._admitted.put_nowait(state)
+                    self._blocked.pop(state, None)
+                self._check_open()
+                if state.closed:
+                    return state  # aborted while it waited: its stream reads the abort marker
         except BaseException:
             self._forget(state)
             raise
+        state.queued = True
+        self._queued.append(state)
         self._work.set()
         return state
+
+    def _wake_blocked(self, n: int) -> None:
+        """Wake the first ``n`` submitters waiting for room in the admission queue."""
+        for woken in list(itertools.islice(self._blocked.values(), n)):
+            if not woken.done():
+                woken.set_result(None)
 
     def _check_open(self) -> None:
         if self._state != "running":
@@ -331,6 +365,15 @@ class Engine:
                 "the engine is not running: use `async with engine:` (or `await engine.start()`)"
                 if self._state == "new"
                 else f"the engine is {self._state}"
+            )
+
+    def _check_loop(self) -> None:
+        """Refuse a caller on another event loop before it touches any state (microseconds)."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed() and _running_loop() is not loop:
+            raise WrongEventLoopError(
+                "this engine runs on another event loop (it was started there); use it from that loop, e.g. with "
+                "asyncio.run_coroutine_threadsafe(coro, loop) from another thread"
             )
 
     # -- stage: scheduling, batch preparation and launch ----------------------------------------------------------
@@ -354,22 +397,40 @@ class Engine:
                 self.tracer.add("launch", t1, time.perf_counter())
             except Exception as exc:  # a bad batch fails its own requests, not the engine
                 log.exception("preparing step %d failed", step.step_id)
-                for seq in self._scheduler.on_step_failed(step):
-                    self._fail(self._live.get(seq.request_id), RequestFailedError(f"step failed: {exc!r}"), exc)
+                self._isolate_failed_step(step, exc)
                 self._inflight.release()
                 continue
             self._steps += 1
             self._launched.put_nowait(handle)
 
+    def _isolate_failed_step(self, step: ScheduledStep, exc: Exception) -> None:
+        """Preparing ``step`` raised: fail only the requests whose own entry cannot be prepared, and put the others
+        back as if the step had never been scheduled. If no single entry fails alone, the step's requests fail."""
+        culprits = []
+        for entry in step.entries:
+            try:
+                self._builder.build(ScheduledStep(step.step_id, [entry], entry.num_tokens))
+            except Exception as own:
+                culprits.append((entry.seq, own))
+        self._scheduler.unschedule(step)
+        if not culprits:
+            culprits = [(e.seq, exc) for e in step.entries]
+        for seq, cause in culprits:
+            self._fail(self._live.get(seq.request_id), RequestFailedError(f"preparing a step failed: {cause!r}"), cause)
+
     def _pull_admissions(self) -> None:
         room = self._scheduler.room_for_new
-        while room > 0 and not self._admitted.empty():
-            state = self._admitted.get_nowait()
-            if state.seq.is_finished:
-                continue  # aborted while it waited in the queue
+        queued = self._queued
+        taken = 0
+        while room > 0 and queued:
+            state = queued.popleft()
+            state.queued = False
             self._scheduler.add(state.seq)
             room -= 1
-        self._scheduler.backlog = self._admitted.qsize()
+            taken += 1
+        if taken and self._blocked:
+            self._wake_blocked(taken)
+        self._scheduler.backlog = len(queued)
 
     # -- stage: completion --------------------------------------------------------------------------------------
 
@@ -386,12 +447,17 @@ class Engine:
                 self.tracer.add("wait", t0, t1)
                 tokens = result.tokens.tolist()
                 logprobs = None if result.logprobs is None else result.logprobs.tolist()
-                accepted = self._scheduler.on_step_done(step, tokens, logprobs)
+                accepted, broken = self._scheduler.on_step_done(step, tokens, logprobs)
             except Exception as exc:
                 log.exception("step %d failed", step.step_id)
                 for seq in self._scheduler.on_step_failed(step):
                     self._fail(self._live.get(seq.request_id), RequestFailedError(f"step failed: {exc!r}"), exc)
             else:
+                for seq in broken:
+                    self._fail(
+                        self._live.get(seq.request_id),
+                        RequestFailedError("the model produced non-finite logits (NaN or infinity) for this request"),
+                    )
                 self.tracer.add("process", t1, time.perf_counter())
                 if accepted and not overlap:  # sync mode: detokenize, then prepare the next step
                     self._to_detok.put_nowait(accepted)
@@ -477,6 +543,12 @@ class Engine:
         self._work.set()
 
     def _forget(self, state: RequestState) -> None:
+        if state.queued:
+            state.queued = False
+            self._queued.remove(state)
+        woken = self._blocked.pop(state, None)
+        if woken is not None and not woken.done():
+            woken.set_result(None)
         if self._live.get(state.seq.request_id) is state:
             del self._live[state.seq.request_id]
             if not state.seq.is_finished:

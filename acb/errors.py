@@ -16,6 +16,8 @@ __all__ = [
     "EngineClosedError",
     "RequestFailedError",
     "ModelInUseError",
+    "StreamInUseError",
+    "WrongEventLoopError",
 ]
 
 
@@ -71,3 +73,14 @@ class RequestFailedError(AcbError):
 class ModelInUseError(AcbError, RuntimeError):
     """An open engine already serves this model through acb's lean path (fused weights, its KV cache): a second
     engine on the same model object would share them. Close the first engine, or give the second its own model."""
+
+
+class StreamInUseError(AcbError, RuntimeError):
+    """A second consumer tried to read a stream that another ``async for`` (or task) is reading: a stream has one
+    consumer. The first consumer is unaffected."""
+
+
+class WrongEventLoopError(AcbError, RuntimeError):
+    """The engine was used from an event loop other than the one it was started on (another thread's
+    ``asyncio.run``, say). The engine keeps serving its own loop; submit from that loop (from another thread, with
+    ``asyncio.run_coroutine_threadsafe``)."""

@@ -40,7 +40,9 @@ class Completion:
 
 @dataclass(slots=True, frozen=True)
 class EngineStats:
-    """A snapshot of the engine's load."""
+    """A snapshot of the engine's load. Every live request is counted in exactly one of ``num_running`` (in the
+    batch), ``num_waiting`` (admitted, waiting for a batch slot, including preempted ones) and ``num_pending``
+    (waiting for room in the admission queue: ``max_pending`` backpressure)."""
 
     kv_blocks_total: int
     kv_blocks_free: int
@@ -48,3 +50,4 @@ class EngineStats:
     num_waiting: int
     num_preemptions: int
     steps: int
+    num_pending: int = 0

@@ -18,7 +18,11 @@ Two model paths:
 from __future__ import annotations
 
 import concurrent.futures
+import queue
+import threading
 import time
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,6 +53,47 @@ class StepHandle:
     future: concurrent.futures.Future[StepResult]
 
 
+class StepWorker:
+    """One thread that runs submitted calls in submission order: the CPU's equivalent of a CUDA stream.
+
+    A daemon thread, started on first use: a step that never returns (a hung kernel, a deadlocked model) cannot keep
+    the process from exiting once :meth:`shutdown` gave up waiting for it.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, fn: Callable, *args) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        if self._thread is None:
+            self._thread = threading.Thread(target=_work, args=(self._queue,), name=self._name, daemon=True)
+            self._thread.start()
+            weakref.finalize(self, self._queue.put, None)  # a worker dropped without shutdown() still ends
+        self._queue.put((future, fn, args))
+        return future
+
+    def shutdown(self, timeout: float | None) -> bool:
+        """Let queued calls finish, then stop; True if the thread ended within ``timeout`` seconds."""
+        self._queue.put(None)
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+
+def _work(calls: queue.SimpleQueue) -> None:
+    while (item := calls.get()) is not None:
+        future, fn, args = item
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:
+                future.set_exception(exc)
+        del item, future, fn, args  # hold nothing of a finished step while waiting for the next
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -77,7 +122,7 @@ class ModelRunner:
         self._cuda = device.type == "cuda"
         self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count if self._cuda else 0
         self.closed = False
-        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="acb-step")
+        self._worker = StepWorker("acb-step")
         # (start, end) CUDA events of every step's GPU work, for the idle-fraction measurement of the benchmarks
         self.step_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = [] if record_timing else None
         self._trace_from: int | None = None  # index into step_events (CUDA) where a trace started
@@ -88,17 +133,20 @@ class ModelRunner:
         """Queue ``batch`` for execution after every step launched before it; returns at once."""
         return StepHandle(batch, self._worker.submit(self._execute, batch))
 
-    def close(self) -> None:
-        """Wait for queued steps, stop the worker, and let go of the KV cache and the CUDA graphs (blocking: call
-        it from a thread). The lean model outlives the engine (it is kept on the model for the next one): without
-        this, its reference would keep this engine's cache allocated, and the next engine on the same model would
-        size its own cache from what is left."""
-        self._worker.shutdown(wait=True)
+    def close(self, timeout: float | None = None) -> bool:
+        """Wait (up to ``timeout`` seconds) for queued steps, stop the worker, and let go of the KV cache and the
+        CUDA graphs (blocking: call it from a thread). Returns False if a step was still running at the timeout.
+
+        The lean model outlives the engine (it is kept on the model for the next one): without this, its reference
+        would keep this engine's cache allocated, and the next engine on the same model would size its own cache
+        from what is left."""
+        finished = self._worker.shutdown(timeout)
         self.closed = True
         if self.lean is not None and self.lean.kv_cache is self.kv_cache:
             self.lean.kv_cache = None
         self.graphs = None
         self.kv_cache = None
+        return finished
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(array)
@@ -173,7 +221,7 @@ class ModelRunner:
             needs_logprobs=b.needs_logprobs,
         )
         tokens, logprobs = sample(logits, params)
-        self.token_buf[dev(b.sample_slots)] = tokens
+        self.token_buf[dev(b.sample_slots)] = tokens.clamp_min(0)  # a flagged row (-1) must not reach the model
         return self._finish(tokens, logprobs, start)
 
     def _finish(

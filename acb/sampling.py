@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SamplingTensors", "sample", "uniform_noise"]
+__all__ = ["SamplingTensors", "sample", "flag_non_finite", "uniform_noise"]
 
 _MASK32 = 0xFFFFFFFF
 
@@ -67,10 +67,21 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
+def flag_non_finite(logits: torch.Tensor, greedy: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``tokens`` with ``-1`` in every row whose logits hold a NaN or +inf, or are all -inf.
+
+    One gather per row, not a pass over the vocabulary: argmax lands on a NaN or +inf wherever there is one (torch
+    orders NaN above every number), and on -inf only when the whole row is -inf."""
+    top = logits.gather(-1, greedy[:, None])[:, 0]
+    return tokens.masked_fill(~torch.isfinite(top), -1)
+
+
 def sample(logits: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Pick one token per row of ``logits [S, vocab]``; returns ``(tokens [S], logprobs [S] or None)``.
 
-    ``logprobs`` are log-probabilities of the chosen tokens under the model's unmodified distribution.
+    A row whose logits are not finite (see :func:`flag_non_finite`) gets token ``-1``: the caller fails that request
+    alone and must not feed ``-1`` to the model. ``logprobs`` are log-probabilities of the chosen tokens under the
+    model's unmodified distribution.
     """
     logits = logits.float()
     greedy = logits.argmax(-1)
@@ -86,4 +97,4 @@ def sample(logits: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tensor, torc
     logprobs = None
     if t.needs_logprobs:
         logprobs = logits.log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
-    return tokens, logprobs
+    return flag_non_finite(logits, greedy, tokens), logprobs

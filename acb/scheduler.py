@@ -169,15 +169,22 @@ class Scheduler:
         self._next_step += 1
         return step
 
-    def on_step_done(self, step: ScheduledStep, tokens: list[int], logprobs: list[float] | None) -> list[SampledToken]:
-        """Accept the sampled tokens of a finished step; return what is to be detokenized, in order."""
+    def on_step_done(
+        self, step: ScheduledStep, tokens: list[int], logprobs: list[float] | None
+    ) -> tuple[list[SampledToken], list[Sequence]]:
+        """Accept the sampled tokens of a finished step. Returns what is to be detokenized, in order, and the
+        sequences whose row the runner flagged as broken (token ``-1``: non-finite logits), for the engine to fail."""
         out: list[SampledToken] = []
+        broken: list[Sequence] = []
         for k, entry in enumerate(e for e in step.entries if e.sample):
             seq = entry.seq
             seq.num_pending -= 1
             if seq.status is SeqStatus.FINISHED:
                 continue  # the extra step a finished sequence runs under overlap: its token is dropped
             tok = tokens[k]
+            if tok < 0:
+                broken.append(seq)
+                continue
             seq.token_ids.append(tok)
             reason = None
             is_stop = tok in seq.stop_ids
@@ -188,7 +195,15 @@ class Scheduler:
             out.append(SampledToken(seq, tok, None if logprobs is None else logprobs[k], reason, is_stop))
             if reason is not None:
                 self.finish(seq, reason)
-        return out
+        return out, broken
+
+    def unschedule(self, step: ScheduledStep) -> None:
+        """Undo the latest scheduled ``step``, which was never launched: its sequences keep their blocks and slots,
+        and compute those positions in a later step."""
+        for entry in step.entries:
+            entry.seq.num_computed -= entry.num_tokens
+            if entry.sample:
+                entry.seq.num_pending -= 1
 
     def on_step_failed(self, step: ScheduledStep) -> list[Sequence]:
         """A step raised: its sequences cannot trust their KV any more. Returns the live ones to fail."""

@@ -2,19 +2,26 @@
 
 Each request owns an unbounded channel, so a slow consumer only lets its own tokens pile up: it never stalls the
 step loop or other requests.
+
+A stream has one consumer. ``async for`` iterates through a fresh iterator object that only the loop holds, so
+leaving the loop (``break``, an exception) drops it and ends the request at once, even while the stream object itself
+is still referenced; a second concurrent consumer gets :class:`~acb.errors.StreamInUseError`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from .detokenizer import IncrementalDetokenizer, StopStringMatcher
+from .detokenizer import IncrementalDetokenizer
+from .errors import StreamInUseError
 from .outputs import Token
 from .scheduler import SampledToken
 from .sequence import Sequence
+from .stops import StopStringMatcher, StopStrings
 
 if TYPE_CHECKING:
     from .admission import Prompt
@@ -53,12 +60,15 @@ class Channel:
 class RequestState:
     """The engine's side of one request: sequence, detokenizer, stop strings and the output channel."""
 
-    def __init__(self, seq: Sequence, tokenizer) -> None:
+    __slots__ = ("seq", "channel", "detok", "stops", "closed", "queued")
+
+    def __init__(self, seq: Sequence, tokenizer, stops: StopStrings | None = None) -> None:
         self.seq = seq
         self.channel = Channel()
         self.detok = IncrementalDetokenizer(tokenizer)
-        self.stops = StopStringMatcher(seq.params.stop) if seq.params.stop else None
+        self.stops = StopStringMatcher(stops) if stops is not None else None
         self.closed = False
+        self.queued = False  # in the engine's admission queue (admitted, not yet handed to the scheduler)
 
     def deliver(self, s: SampledToken, text: str) -> bool:
         """Put one accepted token, whose incremental ``text`` was already resolved (``""`` for a stop token), on the
@@ -86,9 +96,12 @@ class RequestState:
 
 
 class RequestStream(AsyncIterator[Token]):
-    """``async for tok in engine.stream(prompt)``. Submission happens on the first iteration, so admission errors
-    (typed, see :mod:`acb.errors`) surface there. Leaving the loop early, cancelling the consuming task, or
-    :meth:`aclose` aborts the request and frees its KV blocks."""
+    """``async for tok in engine.stream(prompt)``, or ``async with engine.stream(prompt) as s: async for tok in s``.
+
+    Submission happens on the first iteration (or on entering ``async with``), so admission errors (typed, see
+    :mod:`acb.errors`) surface there. Leaving the ``async for`` loop early, leaving the ``async with`` block,
+    cancelling the consuming task, or :meth:`aclose` aborts the request and frees its KV blocks at once.
+    """
 
     def __init__(self, engine: Engine, prompt: Prompt, params: SamplingParams | None, request_id: str | None) -> None:
         self._engine = engine
@@ -96,6 +109,8 @@ class RequestStream(AsyncIterator[Token]):
         self._params = params
         self._state: RequestState | None = None
         self._done = False
+        self._reading = False  # a consumer is inside __anext__
+        self._iteration: weakref.ref[_Iteration] | None = None
         self.request_id = request_id if request_id is not None else engine._new_request_id()
 
     @property
@@ -103,12 +118,24 @@ class RequestStream(AsyncIterator[Token]):
         """Prompt length in tokens (0 before the first iteration submitted the request)."""
         return self._state.seq.num_prompt if self._state is not None else 0
 
-    def __aiter__(self) -> RequestStream:
-        return self
+    def __aiter__(self) -> _Iteration:
+        live = self._iteration() if self._iteration is not None else None
+        if live is not None and not self._done:
+            raise StreamInUseError(
+                f"stream {self.request_id!r} is already being iterated by another `async for`; a stream has one "
+                "consumer"
+            )
+        it = _Iteration(self)
+        self._iteration = weakref.ref(it)
+        return it
 
     async def __anext__(self) -> Token:
         if self._done:
             raise StopAsyncIteration
+        if self._reading:
+            raise StreamInUseError(f"stream {self.request_id!r} is already being read by another task")
+        self._engine._check_loop()
+        self._reading = True
         try:
             if self._state is None:
                 self._state = await self._engine._submit(self.request_id, self._prompt, self._params)
@@ -117,6 +144,8 @@ class RequestStream(AsyncIterator[Token]):
             self._done = True
             self._abort()
             raise
+        finally:
+            self._reading = False
         if isinstance(item, BaseException):
             self._done = True
             raise item
@@ -124,7 +153,22 @@ class RequestStream(AsyncIterator[Token]):
             self._done = True
         return item
 
+    async def __aenter__(self) -> RequestStream:
+        """Submit the request now (admission errors are raised here); leaving the block ends it."""
+        if self._state is None and not self._done:
+            self._engine._check_loop()
+            try:
+                self._state = await self._engine._submit(self.request_id, self._prompt, self._params)
+            except BaseException:
+                self._done = True
+                raise
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        await self.aclose()
+
     async def aclose(self) -> None:
+        """End the request (if it is still running) and free its KV blocks."""
         self._done = True
         self._abort()
 
@@ -133,6 +177,27 @@ class RequestStream(AsyncIterator[Token]):
             self._engine._abort_threadsafe(self._state)
 
     def __del__(self) -> None:
-        # `break` out of `async for` drops the last reference here: abort at once instead of waiting for GC hooks.
         if not self._done:
             self._abort()
+
+
+class _Iteration:
+    """One ``async for`` over a :class:`RequestStream`. Only the loop holds it: when the loop is left early, CPython
+    drops it at once, and the request ends without waiting for the stream object to be collected."""
+
+    __slots__ = ("_stream", "__weakref__")
+
+    def __init__(self, stream: RequestStream) -> None:
+        self._stream = stream
+
+    def __aiter__(self) -> _Iteration:
+        return self
+
+    def __anext__(self):
+        return self._stream.__anext__()
+
+    def __del__(self) -> None:
+        stream = self._stream
+        if not stream._done:
+            stream._done = True
+            stream._abort()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from acb import Engine, SamplingParams
-from acb.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from acb.detokenizer import IncrementalDetokenizer
+from acb.stops import StopStringMatcher
 
 TEXTS = [
     "Hello, world! Plain ASCII first.",

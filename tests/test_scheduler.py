@@ -26,7 +26,7 @@ def _sched(blocks=100, block_size=4, seqs=8, budget=16) -> Scheduler:
 
 def _finish_step(s: Scheduler, step, token=7):
     n = sum(e.sample for e in step.entries)
-    return s.on_step_done(step, [token] * n, None)
+    return s.on_step_done(step, [token] * n, None)[0]
 
 
 def test_chunked_prefill_respects_the_token_budget_and_mixes_with_decode():
@@ -87,10 +87,10 @@ def test_overlap_schedules_from_pending_tokens_and_drops_the_extra_token():
     assert a.num_pending == 1
     s2 = s.schedule()  # scheduled before s1's token reached the host: decodes position 5 from the device buffer
     assert [(e.start, e.num_tokens, e.sample) for e in s2.entries] == [(5, 1, True)]
-    out = s.on_step_done(s1, [9], None)
+    out, _ = s.on_step_done(s1, [9], None)
     assert [(t.token_id, t.finish_reason) for t in out] == [(9, None)]
     s.finish(a, "stop")  # e.g. a stop string in token 9: s2's sample is the extra token
-    assert s.on_step_done(s2, [11], None) == []
+    assert s.on_step_done(s2, [11], None) == ([], [])
     assert a.token_ids[-1] == 9 and s.allocator.num_free == 100
 
 
