@@ -16,8 +16,13 @@ from collections.abc import Sequence as SequenceABC
 from typing import TypeVar
 
 from .config import SamplingParams
-from .errors import InvalidPromptError, InvalidRequestError, InvalidSamplingParamsError, PromptTooLongError
-from .errors import RequestFailedError
+from .errors import (
+    InvalidPromptError,
+    InvalidRequestError,
+    InvalidSamplingParamsError,
+    PromptTooLongError,
+    RequestFailedError,
+)
 from .stops import StopStrings, compile_stops
 
 __all__ = ["Admission", "Prompt"]
@@ -175,4 +180,6 @@ def _check_unicode(text: str, what: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise InvalidPromptError(f"the {what} is not valid Unicode text ({exc.reason} at character {exc.start})") from None
+        raise InvalidPromptError(
+            f"the {what} is not valid Unicode text ({exc.reason} at character {exc.start})"
+        ) from None

@@ -86,6 +86,8 @@ def _engine(a: argparse.Namespace):
         max_model_len=a.max_model_len,
         overlap=not a.sync,
     )
+    if getattr(a, "drain_timeout", None) is not None:
+        config["drain_timeout"] = a.drain_timeout
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if a.model:
         return Engine.from_pretrained(a.model, dtype=a.dtype, device=device, **config)
@@ -124,7 +126,7 @@ async def _serve(engine, a: argparse.Namespace) -> None:
             f"acb: serving on http://{a.host}:{a.port}/v1 (model '{a.served_model_name or engine_name(engine)}')",
             file=sys.stderr,
         )
-        await serve(engine, a.host, a.port, a.served_model_name, log_level=a.log_level)
+        await serve(engine, a.host, a.port, a.served_model_name, log_level=a.log_level, max_body_bytes=a.max_body_bytes)
 
 
 def engine_name(engine) -> str:
@@ -231,6 +233,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     s.add_argument("--served-model-name", help="the model id clients use (default: the model path)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=8 * 1024 * 1024,
+        help="largest request body; larger ones get 413 before they are read (default: %(default)s)",
+    )
+    s.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="seconds open requests may run on after SIGTERM/SIGINT before they are ended (default: %(default)s)",
+    )
     _model_args(s)
 
     b = sub.add_parser(

@@ -131,8 +131,9 @@ class DecodeGraphs:
         self, batch: StepBatch, start: torch.cuda.Event | None = None, greedy: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Replay the graph for a decode-only ``batch``; returns ``(logits [B, vocab], greedy tokens [B])`` (views,
-        valid until the next replay of that bucket; a token is -1 where its row's logits are not finite). With ``greedy`` (every row samples greedily) the tokens are
-        also written to the token buffer at the rows' sample slots. ``start`` (step timing) is recorded just before
+        valid until the next replay of that bucket; a token is -1 where its row's logits are not finite). With
+        ``greedy`` (every row samples greedily) the tokens are also written to the token buffer at the rows' sample
+        slots. ``start`` (step timing) is recorded just before
         the step's first GPU work, after the host filled the staging buffer, so that host time never counts as GPU
         time."""
         n = len(batch.seq_lens)

@@ -157,7 +157,7 @@ class Engine:
         self._state = "closing"
         self._closed_event = asyncio.Event()
         self._closing.set()
-        self._wake_blocked(len(self._blocked))  # they see the engine closing and raise EngineClosedError
+        self._wake_blocked(everyone=True)  # they see the engine closing and raise EngineClosedError
         try:
             if drain and self._live:
                 try:
@@ -304,7 +304,16 @@ class Engine:
     def _new_request_id(self) -> str:
         return f"req-{next(self._ids)}"
 
-    async def _submit(self, request_id: str, prompt: Prompt, params: SamplingParams | None) -> RequestState:
+    async def _submit(
+        self,
+        request_id: str,
+        prompt: Prompt,
+        params: SamplingParams | None,
+        attach: Callable[[RequestState], None] | None = None,
+    ) -> RequestState:
+        """Admit one request: validate, tokenize, then queue it for the scheduler (waiting for room under
+        ``max_pending``). ``attach`` receives the request's state as soon as it exists, before any wait for room, so
+        that its stream can abort it while it waits."""
         t0 = time.perf_counter()
         self._check_open()
         if not isinstance(request_id, str):
@@ -334,8 +343,10 @@ class Engine:
         self.tracer.add("admission", t0, time.perf_counter())
         self._live[request_id] = state
         self._idle.clear()
+        if attach is not None:
+            attach(state)
         try:
-            while len(self._queued) >= self.config.max_pending:  # backpressure: wait for room, in arrival order
+            while not state.closed and len(self._queued) >= self.config.max_pending:  # backpressure, in order
                 woken = self._loop.create_future()
                 self._blocked[state] = woken
                 try:
@@ -343,21 +354,26 @@ class Engine:
                 finally:
                     self._blocked.pop(state, None)
                 self._check_open()
-                if state.closed:
-                    return state  # aborted while it waited: its stream reads the abort marker
         except BaseException:
             self._forget(state)
             raise
+        if state.closed:
+            return state  # aborted before it was queued: its stream reads the abort marker
         state.queued = True
         self._queued.append(state)
         self._work.set()
         return state
 
-    def _wake_blocked(self, n: int) -> None:
-        """Wake the first ``n`` submitters waiting for room in the admission queue."""
-        for woken in list(itertools.islice(self._blocked.values(), n)):
+    def _wake_blocked(self, everyone: bool = False) -> None:
+        """Wake waiting submitters, first come first served, as many as the admission queue has room for (those
+        woken but not yet run hold their place); ``everyone`` when the engine closes."""
+        room = len(self._blocked) if everyone else self.config.max_pending - len(self._queued)
+        for woken in self._blocked.values():
+            if room <= 0:
+                break
             if not woken.done():
                 woken.set_result(None)
+            room -= 1
 
     def _check_open(self) -> None:
         if self._state != "running":
@@ -429,7 +445,7 @@ class Engine:
             room -= 1
             taken += 1
         if taken and self._blocked:
-            self._wake_blocked(taken)
+            self._wake_blocked()
         self._scheduler.backlog = len(queued)
 
     # -- stage: completion --------------------------------------------------------------------------------------
@@ -543,12 +559,15 @@ class Engine:
         self._work.set()
 
     def _forget(self, state: RequestState) -> None:
-        if state.queued:
-            state.queued = False
-            self._queued.remove(state)
         woken = self._blocked.pop(state, None)
         if woken is not None and not woken.done():
             woken.set_result(None)
+        was_queued = state.queued
+        if was_queued:
+            state.queued = False
+            self._queued.remove(state)
+        if (was_queued or woken is not None) and self._blocked:
+            self._wake_blocked()  # a place in the queue came free, or a woken waiter gave up its turn
         if self._live.get(state.seq.request_id) is state:
             del self._live[state.seq.request_id]
             if not state.seq.is_finished:

@@ -138,7 +138,7 @@ class RequestStream(AsyncIterator[Token]):
         self._reading = True
         try:
             if self._state is None:
-                self._state = await self._engine._submit(self.request_id, self._prompt, self._params)
+                await self._engine._submit(self.request_id, self._prompt, self._params, self._attach)
             item = await self._state.channel.get()
         except BaseException:
             self._done = True
@@ -158,11 +158,17 @@ class RequestStream(AsyncIterator[Token]):
         if self._state is None and not self._done:
             self._engine._check_loop()
             try:
-                self._state = await self._engine._submit(self.request_id, self._prompt, self._params)
+                await self._engine._submit(self.request_id, self._prompt, self._params, self._attach)
             except BaseException:
                 self._done = True
                 raise
         return self
+
+    def _attach(self, state: RequestState) -> None:
+        """Called by the engine once the request exists, before it may wait for room in the admission queue."""
+        self._state = state
+        if self._done:  # closed while it was being admitted
+            self._abort()
 
     async def __aexit__(self, exc_type, exc, tb) -> None:
         await self.aclose()

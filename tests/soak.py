@@ -19,10 +19,41 @@ import random
 import time
 from collections import Counter
 
-from acb import Engine, EngineConfig, InvalidRequestError, RequestFailedError, SamplingParams
+import torch
+
+from acb import (
+    Engine,
+    EngineConfig,
+    InvalidRequestError,
+    RequestFailedError,
+    SamplingParams,
+    StreamInUseError,
+    WrongEventLoopError,
+)
+from acb.config import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
 
 MAX_NEW = 40
 POOL = 120  # distinct prompts: references are computed once per (prompt, decoding) key
+POISON = 3  # a prompt holding this token id gets NaN logits (see `poison`); pool prompts never hold it
+# 64 stop strings of 256 characters that the model's text never holds: the matcher's worst case, outputs unchanged
+NEVER_STOPS = tuple(f"{i:02d}\x00" + "\x01" * (MAX_STOP_STRING_CHARS - 3) for i in range(MAX_STOP_STRINGS))
+
+
+def poison(model) -> None:
+    """Make ``model`` produce NaN logits for every sampled row whose query holds the token ``POISON``."""
+    forward = model.forward
+
+    def poisoned(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        ids, meta, keep = kwargs["input_ids"][0], kwargs["acb_meta"], kwargs["logits_to_keep"]
+        starts = torch.tensor(meta.query_start_loc)
+        for row, idx in enumerate(keep.tolist()):
+            seq = int(torch.searchsorted(starts, idx, right=True)) - 1
+            if (ids[starts[seq] : starts[seq + 1]] == POISON).any():
+                out.logits[0, row] = float("nan")
+        return out
+
+    model.forward = poisoned
 
 
 @dataclasses.dataclass
@@ -34,6 +65,11 @@ class SoakReport:
     invalid_rejected_typed: int = 0
     faults_injected: int = 0
     failed_by_fault: int = 0
+    poisoned: int = 0
+    poisoned_failed_alone: int = 0
+    second_consumers_refused: int = 0
+    other_loops_refused: int = 0
+    breaks_not_ended_at_once: int = 0
     slow_consumers: int = 0
     tokens: int = 0
     checked_against_reference: int = 0
@@ -48,13 +84,16 @@ class SoakReport:
 
     def problems(self) -> list[str]:
         out = []
-        for name in ("mismatches", "untyped_errors", "streams_hung", "blocks_leaked", "tasks_left_pending"):
+        names = ("mismatches", "untyped_errors", "streams_hung", "blocks_leaked", "tasks_left_pending")
+        for name in (*names, "breaks_not_ended_at_once"):
             if getattr(self, name):
                 out.append(f"{name}={getattr(self, name)}")
         if self.invalid_rejected_typed != self.invalid:
             out.append(
                 f"invalid requests not rejected with a typed error: {self.invalid - self.invalid_rejected_typed}"
             )
+        if self.poisoned_failed_alone != self.poisoned:
+            out.append(f"poisoned requests that did not fail alone: {self.poisoned - self.poisoned_failed_alone}")
         return out
 
 
@@ -62,27 +101,61 @@ def _key(req: dict) -> tuple:
     return (req["prompt"], req["seed"], req["ignore_eos"])
 
 
-def _params(req: dict, max_new: int) -> SamplingParams:
+def _params(req: dict, max_new: int, stop: tuple[str, ...] = ()) -> SamplingParams:
     if req["seed"] is None:
-        return SamplingParams(max_new_tokens=max_new, ignore_eos=req["ignore_eos"])
+        return SamplingParams(max_new_tokens=max_new, ignore_eos=req["ignore_eos"], stop=stop)
     return SamplingParams(
-        max_new_tokens=max_new, temperature=0.9, top_p=0.95, seed=req["seed"], ignore_eos=req["ignore_eos"]
+        max_new_tokens=max_new, temperature=0.9, top_p=0.95, seed=req["seed"], ignore_eos=req["ignore_eos"], stop=stop
     )
 
 
-def _invalid(rng: random.Random, vocab: int, max_model_len: int):
-    kind = rng.choice(["empty", "oov", "negative", "too_long", "type", "stop_ids"])
+# What an adversarial caller sends: each builds its call lazily, so that a refusal at construction counts too.
+_BAD_PARAMS = [
+    dict(top_k=2**63),
+    dict(temperature=10**400),
+    dict(temperature=float("nan")),
+    dict(logprobs=None),
+    dict(stop=None),
+    dict(stop=5),
+    dict(stop_token_ids=None),
+    dict(stop=["x"] * 10_000),
+    dict(stop=["y" * 100_000]),
+]
+
+
+def _invalid(rng: random.Random, engine: Engine, vocab: int):
+    """A call that must be refused with an ``InvalidRequestError``."""
+    kind = rng.choice(["empty", "oov", "negative", "too_long", "type", "stop_ids", "params", "huge", "unicode", "id"])
+    ok = SamplingParams(max_new_tokens=4)
     if kind == "empty":
-        return rng.choice(["", []]), None
+        return lambda: engine.generate(rng.choice(["", []]), ok)
     if kind == "oov":
-        return [1, 2, vocab + rng.randrange(1000)], None
+        return lambda: engine.generate([1, 2, vocab + rng.randrange(1000)], ok)
     if kind == "negative":
-        return [1, -5], None
+        return lambda: engine.generate([1, -5], ok)
     if kind == "too_long":
-        return [3] * (max_model_len + rng.randrange(50)), None
+        return lambda: engine.generate([5] * (engine.max_model_len + rng.randrange(50)), ok)
     if kind == "type":
-        return rng.choice([None, 3.5, {"a": 1}]), None
-    return [5, 6], SamplingParams(stop_token_ids=[vocab + 7])
+        return lambda: engine.generate(rng.choice([None, 3.5, {"a": 1}]), ok)
+    if kind == "params":
+        fields = rng.choice(_BAD_PARAMS)
+        return lambda: engine.generate([5, 6], SamplingParams(**fields))
+    if kind == "huge":  # past max_prompt_chars: refused before the tokenizer sees it
+        return lambda: engine.generate("word " * (engine.max_model_len * 4), ok)
+    if kind == "unicode":
+        return lambda: engine.generate("a lone \ud800 surrogate", ok)
+    if kind == "id":
+        return lambda: engine.generate("hi", ok, request_id=["unhashable"])
+    return lambda: engine.generate([5, 6], SamplingParams(stop_token_ids=[vocab + 7]))
+
+
+def _from_another_loop(engine: Engine) -> bool:
+    """Use the engine from a second event loop in another thread: refused at once with WrongEventLoopError."""
+    try:
+        asyncio.run(engine.generate([5, 6], SamplingParams(max_new_tokens=2)))
+    except WrongEventLoopError:
+        return True
+    return False
 
 
 async def soak(
@@ -98,7 +171,7 @@ async def soak(
     config = config or EngineConfig(
         max_num_seqs=64, max_num_batched_tokens=256, block_size=8, num_kv_blocks=160, max_model_len=256
     )
-    pool = [[rng.randrange(3, vocab) for _ in range(rng.randint(1, 64))] for _ in range(POOL)]
+    pool = [[rng.randrange(POISON + 1, vocab) for _ in range(rng.randint(1, 64))] for _ in range(POOL)]
     reqs = []
     for i in range(n_requests):
         p = rng.randrange(POOL)
@@ -110,15 +183,16 @@ async def soak(
                 ignore_eos=rng.random() < 0.5,
                 max_new=rng.randint(1, MAX_NEW),
                 chaos=rng.choices(
-                    ["normal", "slow", "break", "task_cancel", "abort", "timeout", "invalid"],
-                    weights=[45, 10, 10, 10, 10, 5, 10],
+                    ["normal", "slow", "break", "task_cancel", "abort", "timeout", "invalid"]
+                    + ["two_consumers", "poison", "many_stops", "other_loop"],
+                    weights=[36, 10, 10, 10, 10, 5, 10, 3, 2, 3, 1],
                 )[0],
                 at=rng.randint(1, MAX_NEW),
             )
         )
 
     # Calm reference: every (prompt, decoding) key once, all at once, with the longest output, no chaos.
-    keys = sorted({_key(r) for r in reqs if r["chaos"] != "invalid"}, key=str)
+    keys = sorted({_key(r) for r in reqs if r["chaos"] not in ("invalid", "poison", "other_loop")}, key=str)
     async with Engine(model_factory(), tokenizer, copy.deepcopy(config)) as calm:
         outs = await asyncio.gather(
             *(calm.generate(pool[k[0]], _params(dict(seed=k[1], ignore_eos=k[2]), MAX_NEW)) for k in keys)
@@ -129,6 +203,7 @@ async def soak(
     report = SoakReport(requests=n_requests)
     cancelled: Counter = Counter()
     model = model_factory()
+    poison(model)
     forward = model.forward
     fault_rng = random.Random(seed + 1)
 
@@ -144,19 +219,28 @@ async def soak(
 
     async def consume(req: dict) -> None:
         nonlocal report
-        if req["chaos"] == "invalid":
+        chaos, at = req["chaos"], min(req["at"], req["max_new"])
+        if chaos == "invalid":
             report.invalid += 1
-            prompt, params = _invalid(rng, vocab, engine.max_model_len)
             try:
-                await engine.generate(prompt, params)
+                await _invalid(rng, engine, vocab)()
             except InvalidRequestError:
                 report.invalid_rejected_typed += 1
             return
-        params = _params(req, req["max_new"])
+        if chaos == "other_loop":
+            report.other_loops_refused += await asyncio.to_thread(_from_another_loop, engine)
+            return
+        if chaos == "poison":
+            report.poisoned += 1
+            try:
+                await engine.generate([POISON, *pool[req["prompt"]]], _params(req, req["max_new"]))
+            except RequestFailedError as exc:
+                report.poisoned_failed_alone += "non-finite" in str(exc) or "injected" in str(exc.__cause__)
+            return
+        params = _params(req, req["max_new"], NEVER_STOPS if chaos == "many_stops" else ())
         got: list[int] = []
         last = None
         stream = engine.stream(pool[req["prompt"]], params, request_id=req["id"])
-        chaos, at = req["chaos"], min(req["at"], req["max_new"])
         report.slow_consumers += chaos == "slow"
         try:
             async with asyncio.timeout(rng.uniform(0.0, 0.03) if chaos == "timeout" else None):
@@ -165,11 +249,20 @@ async def soak(
                         got.append(last.id)
                     if chaos == "slow":
                         await asyncio.sleep(rng.uniform(0, 0.003))
+                    if chaos == "two_consumers" and len(got) == 1:
+                        try:
+                            async for _ in stream:
+                                pass
+                        except StreamInUseError:
+                            report.second_consumers_refused += 1
                     if len(got) == at and last.finish_reason is None:
                         if chaos == "break":
                             break
                         if chaos == "abort":
                             engine.abort(req["id"])
+            if chaos == "break" and last is not None and last.finish_reason is None:
+                # `stream` is still referenced here: leaving the loop must have ended the request anyway
+                report.breaks_not_ended_at_once += req["id"] in engine._live
         except TimeoutError:
             cancelled["timeout"] += 1
         except asyncio.CancelledError:
@@ -186,7 +279,7 @@ async def soak(
         finished = last is not None and last.finish_reason in ("length", "stop")
         if finished:
             report.finished += 1
-        elif chaos != "timeout":
+        elif chaos not in ("timeout", "normal", "slow", "two_consumers", "many_stops"):
             cancelled[chaos] += 1
         want = reference[_key(req)][: req["max_new"]]
         report.checked_against_reference += 1

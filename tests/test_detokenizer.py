@@ -6,7 +6,6 @@ import pytest
 
 from acb import Engine, SamplingParams
 from acb.detokenizer import IncrementalDetokenizer
-from acb.stops import StopStringMatcher
 
 TEXTS = [
     "Hello, world! Plain ASCII first.",
@@ -60,31 +59,3 @@ async def test_streamed_text_concatenates_to_decode_on_random_outputs(make_model
             for t in toks[:-1]:  # mid-stream deltas hold no replacement char unless the full text has one there
                 if "\ufffd" in t.text:
                     assert "\ufffd" in full
-
-
-@pytest.mark.parametrize(
-    "chunks, stops, emitted, hit",
-    [
-        (["Hello wor", "ld!"], ["world"], "Hello ", True),
-        (["abc", "def"], ["xyz"], "abcdef", False),
-        (["ab", "c"], ["abd"], "abc", False),  # a held prefix is released once ruled out
-        (["start ST", "OP end"], ["STOP"], "start ", True),
-        (["x", "y"], ["yz", "xyq"], "xy", False),
-    ],
-)
-def test_stop_string_matcher(chunks, stops, emitted, hit):
-    m = StopStringMatcher(stops)
-    out, found = [], False
-    for i, c in enumerate(chunks):
-        text, found = m.feed(c, final=i == len(chunks) - 1)
-        out.append(text)
-        if found:
-            break
-    assert "".join(out) == emitted
-    assert found is hit
-
-
-def test_stop_string_prefix_is_held_back_mid_stream():
-    m = StopStringMatcher(["</end>"])
-    assert m.feed("text </e", final=False) == ("text ", False)
-    assert m.feed("nd> more", final=False) == ("", True)

@@ -26,6 +26,9 @@ async def test_chaos_soak(request, tokenizer, caplog):
     assert report.invalid > 0 and report.faults_injected > 0 and report.failed_by_fault > 0
     assert report.preemptions > 0 and report.slow_consumers > 0
     assert report.checked_against_reference > n // 2
+    # the adversarial inputs were mixed in, and each was handled as promised (problems() checks the counts)
+    assert report.poisoned > 0 and report.second_consumers_refused > 0
+    assert report.other_loops_refused > 0
 
 
 async def test_a_faulting_step_fails_exactly_the_requests_in_it(make_model, tokenizer, caplog):

@@ -1,9 +1,12 @@
 """The OpenAI-compatible HTTP API: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``, ``/health``,
 ``/metrics``.
 
-Streaming responses are server-sent events. A client that disconnects aborts its requests: for streams, Starlette
-cancels the response generator, which closes the engine stream; for plain responses, a watcher cancels the
-generation when the connection drops.
+Streaming responses are server-sent events. A client that disconnects aborts its requests: before the first token
+(both kinds) and for plain responses, a watcher cancels the work when the connection drops; once a stream has
+started, Starlette cancels the response generator, which closes the engine streams.
+
+Request bodies are bounded (``max_body_bytes``, 8 MiB by default): a larger body is refused with 413 before it is
+read, parsed or tokenized.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -41,14 +44,75 @@ def _error_for(exc: Exception) -> JSONResponse:
     return _error(500, str(exc) or type(exc).__name__, "server_error")
 
 
-def create_app(engine: Engine, model_name: str | None = None, default_max_tokens: int = 256) -> FastAPI:
-    """An ASGI app serving ``engine`` (which the caller starts and closes, e.g. around ``uvicorn``)."""
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+class _BodyLimit:
+    """ASGI middleware: read a request body up to ``max_bytes`` and hand it on; refuse a larger one with 413 as soon
+    as its declared length or the bytes received say so, before anything parses it."""
+
+    def __init__(self, app, max_bytes: int, on_refused) -> None:
+        self.app, self.max_bytes, self.on_refused = app, max_bytes, on_refused
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            return await self._refuse(scope, send)
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left while sending
+                return
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                return await self._refuse(scope, send)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()  # afterwards: the disconnect notice
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, send) -> None:
+        self.on_refused(scope["path"])
+        response = _error(
+            413,
+            f"the request body is larger than {self.max_bytes} bytes (acb serve --max-body-bytes)",
+            "invalid_request_error",
+            code="request_too_large",
+        )
+        response.headers["Connection"] = "close"
+        await response(scope, None, send)
+
+
+def create_app(
+    engine: Engine,
+    model_name: str | None = None,
+    default_max_tokens: int = 256,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> FastAPI:
+    """An ASGI app serving ``engine`` (which the caller starts and closes, e.g. around ``uvicorn``). Request bodies
+    larger than ``max_body_bytes`` are refused with 413."""
     name = model_name or getattr(engine.model.config, "_name_or_path", None) or "acb-default"
     created = int(time.time())
     metrics = ServerMetrics(engine)
     app = FastAPI(title="acb", summary="OpenAI-compatible API over an acb engine")
     app.state.engine = engine
     app.state.metrics = metrics
+    known = ("/v1/completions", "/v1/chat/completions")  # metric labels never take a client's arbitrary path
+    app.add_middleware(
+        _BodyLimit,
+        max_bytes=max_body_bytes,
+        on_refused=lambda path: metrics.requests.labels(path if path in known else "other", "413").inc(),
+    )
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
@@ -112,7 +176,15 @@ def create_app(engine: Engine, model_name: str | None = None, default_max_tokens
         arrival = time.perf_counter()
         streams = [engine.stream(p, params, request_id=f"{rid}-{i}") for i, p in enumerate(prompts)]
         # Pull the first item of every stream now: admission errors become a proper HTTP error, not a broken stream.
-        firsts = await asyncio.gather(*(_first(s) for s in streams), return_exceptions=True)
+        # A client that leaves before its first token aborts its requests here (they may still be queued).
+        try:
+            firsts = await _until_disconnect(
+                request, asyncio.gather(*(_first(s) for s in streams), return_exceptions=True)
+            )
+        except _Disconnected:
+            for s in streams:
+                await s.aclose()
+            return _counted(endpoint, Response(status_code=499))  # the client went away; nobody reads this
         if errors := [f for f in firsts if isinstance(f, BaseException)]:
             for s in streams:
                 await s.aclose()
@@ -131,10 +203,10 @@ def create_app(engine: Engine, model_name: str | None = None, default_max_tokens
             results = await _until_disconnect(
                 request, asyncio.gather(*(_collect(s, f) for s, f in zip(streams, firsts)))
             )
-        except asyncio.CancelledError:
+        except _Disconnected:
             for s in streams:
                 await s.aclose()
-            return _counted(endpoint, Response(status_code=499))  # the client went away; nobody reads this
+            return _counted(endpoint, Response(status_code=499))
         except RequestFailedError as exc:
             return _counted(endpoint, _error_for(exc))
         completion_tokens = sum(len(r["ids"]) for r in results)
@@ -226,24 +298,34 @@ def _completion_logprobs(r: dict) -> dict:
     }
 
 
-async def _until_disconnect(request: Request, work: asyncio.Future):
-    """Await ``work``; cancel it (and raise CancelledError) if the client goes away first."""
+class _Disconnected(Exception):
+    """The client closed the connection before its response was ready."""
+
+
+async def _until_disconnect(request: Request, work: Awaitable):
+    """Await ``work``; cancel it and raise :class:`_Disconnected` if the client goes away first.
+
+    The watcher waits on the connection's next ASGI message, which after the request body is the disconnect notice:
+    no polling."""
     work = asyncio.ensure_future(work)
 
     async def watch():
-        while not await request.is_disconnected():
-            await asyncio.sleep(0.05)
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
 
     watcher = asyncio.ensure_future(watch())
     try:
         done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
+    except BaseException:  # this handler was cancelled (server shutdown)
+        work.cancel()
         watcher.cancel()
+        raise
+    loser = watcher if work in done else work
+    loser.cancel()
+    await asyncio.gather(loser, return_exceptions=True)
     if work in done:
         return work.result()
-    work.cancel()
-    await asyncio.gather(work, return_exceptions=True)
-    raise asyncio.CancelledError("client disconnected")
+    raise _Disconnected
 
 
 async def _sse(rid, model, streams, firsts, chat, include_usage, metrics) -> AsyncIterator[str]:
@@ -310,12 +392,34 @@ async def _sse(rid, model, streams, firsts, chat, include_usage, metrics) -> Asy
 
 
 async def serve(
-    engine: Engine, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None, log_level: str = "info"
+    engine: Engine,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model_name: str | None = None,
+    log_level: str = "info",
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> None:
-    """Run the API under uvicorn on the running loop until cancelled; the engine must be started."""
+    """Run the API under uvicorn on the running loop until cancelled or signalled; the engine must be started.
+
+    On SIGTERM or SIGINT the server stops accepting connections and closes the engine at once, so open requests get
+    ``drain_timeout`` to finish (then end with an error): shutdown takes at most about ``drain_timeout``."""
     import uvicorn
 
+    class _Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            closing = asyncio.ensure_future(engine.close(drain=True))
+            try:
+                await super().shutdown(sockets)
+            finally:
+                await closing
+
     config = uvicorn.Config(
-        create_app(engine, model_name), host=host, port=port, log_level=log_level, loop="none", lifespan="off"
+        create_app(engine, model_name, max_body_bytes=max_body_bytes),
+        host=host,
+        port=port,
+        log_level=log_level,
+        loop="none",
+        lifespan="off",
+        timeout_graceful_shutdown=engine.config.drain_timeout + 1.0,
     )
-    await uvicorn.Server(config).serve()
+    await _Server(config).serve()

@@ -1,0 +1,95 @@
+"""SamplingParams and EngineConfig: every field is type- and range-checked where it is written, and a request's
+parameters cannot change after the engine checked them."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+from acb import EngineConfig, InvalidSamplingParamsError, SamplingParams
+from acb.config import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, MAX_TOP_K
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        (dict(top_k=2**63), "top_k"),
+        (dict(top_k=MAX_TOP_K + 1), "top_k"),
+        (dict(top_k=-1), "top_k"),
+        (dict(top_k=2.0), "top_k"),
+        (dict(top_k=True), "top_k"),
+        (dict(temperature=10**400), "temperature"),  # an int beyond float range
+        (dict(temperature=1e39), "temperature"),  # beyond float32: the device tensor would hold inf
+        (dict(temperature=math.nan), "temperature"),
+        (dict(temperature=math.inf), "temperature"),
+        (dict(temperature=-0.5), "temperature"),
+        (dict(temperature="1"), "temperature"),
+        (dict(temperature=None), "temperature"),
+        (dict(top_p=math.nan), "top_p"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=10**400), "top_p"),
+        (dict(top_p=None), "top_p"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(max_new_tokens=True), "max_new_tokens"),
+        (dict(max_new_tokens=3.0), "max_new_tokens"),
+        (dict(seed="1"), "seed"),
+        (dict(seed=1.5), "seed"),
+        (dict(logprobs=None), "logprobs"),
+        (dict(logprobs=1), "logprobs"),
+        (dict(ignore_eos="yes"), "ignore_eos"),
+        (dict(stop=None), "stop"),
+        (dict(stop=5), "stop"),
+        (dict(stop=[""]), "stop"),
+        (dict(stop=["ok", 3]), "stop"),
+        (dict(stop={"a": 1}), "stop"),
+        (dict(stop=["x"] * (MAX_STOP_STRINGS + 1)), "stop"),
+        (dict(stop=["x" * (MAX_STOP_STRING_CHARS + 1)]), "stop"),
+        (dict(stop_token_ids=None), "stop_token_ids"),
+        (dict(stop_token_ids=5), "stop_token_ids"),
+        (dict(stop_token_ids=[-1]), "stop_token_ids"),
+        (dict(stop_token_ids=[1.0]), "stop_token_ids"),
+        (dict(stop_token_ids=[1] * (MAX_STOP_TOKEN_IDS + 1)), "stop_token_ids"),
+    ],
+)
+def test_every_field_is_typed_and_bounded(fields, param):
+    with pytest.raises(InvalidSamplingParamsError) as info:
+        SamplingParams(**fields)
+    assert info.value.param == param
+
+
+def test_limits_themselves_are_accepted_and_normalized():
+    p = SamplingParams(
+        temperature=2,  # an int is a number
+        top_k=MAX_TOP_K,
+        stop=["s" * MAX_STOP_STRING_CHARS] * MAX_STOP_STRINGS,
+        stop_token_ids=[0] * MAX_STOP_TOKEN_IDS,
+        seed=-(2**80),
+    )
+    assert p.temperature == 2.0 and isinstance(p.temperature, float)
+    assert isinstance(p.stop, tuple) and isinstance(p.stop_token_ids, tuple)
+    assert SamplingParams(stop="one").stop == ("one",)
+
+
+def test_params_cannot_change_after_construction():
+    stops, ids = ["a"], [1]
+    p = SamplingParams(max_new_tokens=5, stop=stops, stop_token_ids=ids)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.max_new_tokens = 0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.temperature = 2**63
+    stops.append("b")  # the caller's lists are copied, not shared
+    ids.append(2)
+    assert p.stop == ("a",) and p.stop_token_ids == (1,)
+    with pytest.raises(InvalidSamplingParamsError):
+        dataclasses.replace(p, max_new_tokens=0)  # a modified copy is validated again
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [dict(max_prompt_chars=0), dict(max_prompt_chars=1.5), dict(long_prompt_chars=0), dict(drain_timeout=-1)],
+)
+def test_engine_config_limits_are_checked(fields):
+    with pytest.raises(ValueError):
+        EngineConfig(**fields)
