@@ -40,7 +40,7 @@ NEVER_STOPS = tuple(f"{i:02d}\x00" + "\x01" * (MAX_STOP_STRING_CHARS - 3) for i 
 
 
 def poison(model) -> None:
-    """Make ``model`` produce NaN logits for every sampled row whose query holds the token ``POISON``."""
+    """Make ``model`` produce NaN logits for every sampled row whose query (this step's chunk) holds ``POISON``."""
     forward = model.forward
 
     def poisoned(*args, **kwargs):
@@ -68,6 +68,7 @@ class SoakReport:
     poisoned: int = 0
     poisoned_failed_alone: int = 0
     second_consumers_refused: int = 0
+    other_loops: int = 0
     other_loops_refused: int = 0
     breaks_not_ended_at_once: int = 0
     slow_consumers: int = 0
@@ -92,6 +93,8 @@ class SoakReport:
             out.append(
                 f"invalid requests not rejected with a typed error: {self.invalid - self.invalid_rejected_typed}"
             )
+        if self.other_loops_refused != self.other_loops:
+            out.append(f"calls from another loop not refused: {self.other_loops - self.other_loops_refused}")
         if self.poisoned_failed_alone != self.poisoned:
             out.append(f"poisoned requests that did not fail alone: {self.poisoned - self.poisoned_failed_alone}")
         return out
@@ -228,12 +231,14 @@ async def soak(
                 report.invalid_rejected_typed += 1
             return
         if chaos == "other_loop":
-            report.other_loops_refused += await asyncio.to_thread(_from_another_loop, engine)
+            refused = await asyncio.to_thread(_from_another_loop, engine)  # not `+= await`: it would read first
+            report.other_loops_refused += refused
+            report.other_loops += 1
             return
         if chaos == "poison":
             report.poisoned += 1
             try:
-                await engine.generate([POISON, *pool[req["prompt"]]], _params(req, req["max_new"]))
+                await engine.generate([*pool[req["prompt"]], POISON], _params(req, req["max_new"]))
             except RequestFailedError as exc:
                 report.poisoned_failed_alone += "non-finite" in str(exc) or "injected" in str(exc.__cause__)
             return

@@ -74,15 +74,19 @@ async def test_a_step_that_cannot_be_prepared_fails_only_the_request_that_broke_
         assert engine.stats().kv_blocks_free == engine.stats().kv_blocks_total
 
 
-async def test_huge_prompts_are_refused_before_tokenizing(make_model, tokenizer):
+async def test_huge_prompts_are_refused_before_tokenizing(make_model, tokenizer, monkeypatch):
     model, _ = make_model("llama")
     config = EngineConfig(max_model_len=256, max_prompt_chars=5_000)
     async with Engine(model, tokenizer, config) as engine:
         calls = []
-        encode = engine.tokenizer.encode
-        engine.tokenizer.encode = lambda text, *a, **k: (calls.append(len(text)), encode(text, *a, **k))[1]
-        template = engine.tokenizer.apply_chat_template
-        engine.tokenizer.apply_chat_template = lambda *a, **k: (calls.append("chat"), template(*a, **k))[1]
+        encode = tokenizer.encode
+        monkeypatch.setattr(
+            tokenizer, "encode", lambda text, *a, **k: (calls.append(len(text)), encode(text, *a, **k))[1]
+        )
+        template = tokenizer.apply_chat_template
+        monkeypatch.setattr(
+            tokenizer, "apply_chat_template", lambda *a, **k: (calls.append("chat"), template(*a, **k))[1]
+        )
         for prompt in ("word " * 200_000, "x" * 5_001):
             with pytest.raises(PromptTooLongError, match="max_prompt_chars"):
                 await engine.generate(prompt, PARAMS)
@@ -93,7 +97,9 @@ async def test_huge_prompts_are_refused_before_tokenizing(make_model, tokenizer)
         assert calls == []
         # under the bound, a long prompt is tokenized in the engine's own thread, not on the loop or the default pool
         threads = []
-        engine.tokenizer.encode = lambda text, *a, **k: (threads.append(threading.current_thread().name), [5])[1]
+        monkeypatch.setattr(
+            tokenizer, "encode", lambda *a, **k: (threads.append(threading.current_thread().name), [5])[1]
+        )
         await engine.generate("z" * 4_000, PARAMS)
         assert threads and threads[0].startswith("acb-tokenizer")
 

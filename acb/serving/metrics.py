@@ -21,6 +21,7 @@ class _EngineCollector:
         for name, doc, value in (
             ("acb_requests_running", "Sequences in the running batch", s.num_running),
             ("acb_requests_waiting", "Requests admitted and waiting for a batch slot (queue depth)", s.num_waiting),
+            ("acb_requests_pending", "Requests waiting for room in the admission queue (max_pending)", s.num_pending),
             ("acb_kv_blocks_total", "KV-cache blocks in the pool", s.kv_blocks_total),
             ("acb_kv_blocks_free", "Free KV-cache blocks", s.kv_blocks_free),
             ("acb_kv_usage_ratio", "Share of KV-cache blocks in use", 1 - s.kv_blocks_free / s.kv_blocks_total),
