@@ -1,9 +1,12 @@
 """Batch preparation: turn a :class:`~acb.scheduler.ScheduledStep` into the host arrays of one model step.
 
-Everything here is numpy on the host; the runner moves it to the device. Per-sequence Python work is limited to
-reading each entry's few scalars and, for prompt chunks, slicing its token list; positions, cache slots and
-sequence offsets are computed with array operations. Block tables live in a persistent per-slot array that is only
-written where a sequence gained blocks.
+Everything here is numpy on the host; :mod:`acb.step_inputs` moves it to the device in one copy. The device keeps
+each sequence slot's block table (written by diffs: only blocks allocated since the last step travel) and derives
+the per-token cache slots and input ids itself, so a step carries positions, rows and slots, not tables.
+
+A decode-only step with the same rows as the step before it (the steady state of a busy engine) reuses that step's
+per-row arrays: its preparation is a few vector operations, plus Python work only for the rows that gained a block.
+Other steps (prompts, mixed batches, a changed batch) read each row's few scalars in a Python loop.
 """
 
 from __future__ import annotations
@@ -16,143 +19,220 @@ from .scheduler import ScheduledStep
 
 __all__ = ["StepBatch", "BatchBuilder"]
 
+_I64 = np.int64
+
 
 @dataclass(slots=True)
 class StepBatch:
-    """Host-side inputs of one step (numpy), ready for :meth:`acb.runner.ModelRunner.launch`."""
+    """Host-side inputs of one step (numpy), ready for :meth:`acb.runner.ModelRunner.launch`.
+
+    A multi-step decode round is this batch (its first sub-step) plus ``more``: one batch per further sub-step,
+    each holding the rows still running then, every input read from the device token buffer."""
 
     step: ScheduledStep
-    input_ids: np.ndarray  # [T] int64; entries at device_idx are filled on the device
-    positions: np.ndarray  # [T] int64
-    device_idx: np.ndarray  # [Nd] packed indices whose input is the previous sample of a sequence
-    device_slots: np.ndarray  # [Nd] which token-buffer slot holds it
-    slot_mapping: np.ndarray  # [T] int64 flat KV-cache slot per token
-    query_start_loc: np.ndarray  # [B + 1] int64
-    seq_lens: np.ndarray  # [B] int64
-    block_tables: np.ndarray  # [B, max_blocks] int64
-    sample_idx: np.ndarray  # [S] packed indices whose logits are sampled
-    sample_slots: np.ndarray  # [S] token-buffer slot of each sampled sequence
-    sample_positions: np.ndarray  # [S] position the sampled token will take (drives the seeded RNG)
-    temperature: np.ndarray  # [S] float32
-    top_k: np.ndarray  # [S] int64 (0 = off)
-    top_p: np.ndarray  # [S] float32
-    seeds: np.ndarray  # [S] int64
+    # per token [T]
+    input_ids: np.ndarray  # token id where known on the host (0 where read from the device)
+    from_device: np.ndarray  # 1 where the input is the row's previous sample, in the device token buffer
+    token_rows: np.ndarray  # row of each token
+    positions: np.ndarray
+    # per row [B]
+    slots: np.ndarray  # sequence slot (token buffer entry, device block-table row)
+    seq_lens: np.ndarray  # context length after this step
+    query_start_loc: np.ndarray  # [B + 1]
+    # per sampled row [S]
+    sample_idx: np.ndarray  # packed token index whose logits are sampled
+    sample_slots: np.ndarray
+    sample_positions: np.ndarray  # position the sampled token will take (drives the seeded RNG)
+    temperature: np.ndarray  # float32
+    top_k: np.ndarray
+    top_p: np.ndarray  # float32
+    seeds: np.ndarray
+    # block-table entries written since the last step: tables[slot, col] = block
+    table_slots: np.ndarray
+    table_cols: np.ndarray
+    table_blocks: np.ndarray
     all_greedy: bool
     needs_filter: bool  # some request uses top-k or top-p
     needs_logprobs: bool
+    sample_rows: np.ndarray | None = None  # rows of the step that sample, for a sub-step of a round (None: all)
+    more: list[StepBatch] | None = None  # a round's later sub-steps
 
     @property
     def num_tokens(self) -> int:
         return len(self.input_ids)
 
     @property
+    def num_rows(self) -> int:
+        return len(self.slots)
+
+    @property
     def decode_only(self) -> bool:
-        return len(self.input_ids) == len(self.seq_lens)
+        return len(self.input_ids) == len(self.slots)
+
+    @property
+    def max_query_len(self) -> int:
+        return int((self.query_start_loc[1:] - self.query_start_loc[:-1]).max())
+
+
+_EMPTY = np.zeros(0, _I64)
 
 
 class BatchBuilder:
-    """Builds :class:`StepBatch` objects; owns the per-slot block-table array."""
+    """Builds :class:`StepBatch` objects. Owns what the device's tables were last told (per slot) and the per-slot
+    sampling parameters."""
 
-    def __init__(self, max_num_seqs: int, max_blocks_per_seq: int, block_size: int) -> None:
+    def __init__(self, max_num_seqs: int, block_size: int) -> None:
         self.block_size = block_size
-        self._tables = np.zeros((max_num_seqs, max_blocks_per_seq), dtype=np.int64)
-        # per slot: the block list last copied into its row, and how much of it (Python lists: read per entry, per step)
-        self._synced_len = [0] * max_num_seqs
+        # per slot: the block list last sent to the device, and how much of it
         self._synced_list: list[list[int] | None] = [None] * max_num_seqs
+        self._synced_len = [0] * max_num_seqs
+        self._owner: list[object | None] = [None] * max_num_seqs  # the sequence whose parameters fill the slot
+        self._temperature = np.zeros(max_num_seqs, np.float32)
+        self._top_k = np.zeros(max_num_seqs, _I64)
+        self._top_p = np.ones(max_num_seqs, np.float32)
+        self._seed = np.zeros(max_num_seqs, _I64)
+        self._greedy = np.ones(max_num_seqs, np.bool_)
+        self._filter = np.zeros(max_num_seqs, np.bool_)
+        self._logprobs = np.zeros(max_num_seqs, np.bool_)
+        self._arange = np.arange(max(max_num_seqs, 1) + 1, dtype=_I64)
+        self._ones = np.ones(max_num_seqs, _I64)
+        self._zeros = np.zeros(max_num_seqs, _I64)
+        self._rows_of: tuple[int, np.ndarray, tuple] | None = None  # (composition, slots, flags) of the last step
+
+    def invalidate(self) -> None:
+        """Forget what the device was told: the next step resends every row's table. Called when a step failed or
+        was never launched (its table diffs may not have reached the device)."""
+        self._synced_list = [None] * len(self._synced_list)
+        self._synced_len = [0] * len(self._synced_len)
+        self._rows_of = None
 
     def build(self, step: ScheduledStep) -> StepBatch:
-        entries = step.entries
-        nseq = len(entries)
-        slot_l: list[int] = []
-        start_l: list[int] = []
-        count_l: list[int] = []
-        synced_list, synced_len = self._synced_list, self._synced_len
-        ids: list[int] = []
-        device_idx: list[int] = []
-        device_slots: list[int] = []
-        s_rows: list[int] = []
-        s_temp: list[float] = []
-        s_topk: list[int] = []
-        s_topp: list[float] = []
-        s_seed: list[int] = []
-        want_logprobs = False
+        reuse = self._rows_of is not None and step.composition >= 0 and step.composition == self._rows_of[0]
+        batch = self._decode(step) if reuse else self._general(step)
+        if step.num_steps > 1:
+            batch.more = [self._sub_step(step, batch, j) for j in range(1, step.num_steps)]
+        return batch
 
-        offset = 0
-        for i, e in enumerate(entries):
-            seq = e.seq
-            slot = seq.slot
-            slot_l.append(slot)
-            start_l.append(e.start)
-            count_l.append(e.num_tokens)
-            table = seq.block_table
-            if synced_list[slot] is not table or synced_len[slot] != len(table):
-                self._sync_table(slot, table)
-            end = e.start + e.num_tokens
+    # -- the steady state: same rows as the last step, one decode each -------------------------------------------
+
+    def _decode(self, step: ScheduledStep) -> StepBatch:
+        _, slots, (greedy, needs_filter, logprobs) = self._rows_of
+        b = len(slots)
+        updates = self._diffs(step.seqs, step.grown)
+        positions = step.starts
+        seq_lens = positions + 1
+        rows = self._arange[:b]
+        return self._batch(
+            step, self._zeros[:b], self._ones[:b], rows, positions, slots, seq_lens, self._arange[: b + 1], rows,
+            slots, seq_lens, updates, greedy, needs_filter, logprobs,
+        )  # fmt: skip
+
+    def _sub_step(self, step: ScheduledStep, first: StepBatch, j: int) -> StepBatch:
+        """Sub-step ``j`` of a round: the rows with more than ``j`` positions, each reading its previous sample."""
+        active = np.flatnonzero(step.counts > j) if int(step.counts.min()) <= j else None
+        slots = first.slots if active is None else first.slots[active]
+        b = len(slots)
+        positions = (step.starts if active is None else step.starts[active]) + j
+        seq_lens = positions + 1
+        rows = self._arange[:b]
+        sub = self._batch(
+            step, self._zeros[:b], self._ones[:b], rows, positions, slots, seq_lens, self._arange[: b + 1], rows,
+            slots, seq_lens, (_EMPTY, _EMPTY, _EMPTY), first.all_greedy, first.needs_filter, first.needs_logprobs,
+        )  # fmt: skip
+        sub.sample_rows = active
+        return sub
+
+    # -- any step ------------------------------------------------------------------------------------------------
+
+    def _general(self, step: ScheduledStep) -> StepBatch:
+        seqs = step.seqs
+        starts, counts = step.starts, step.counts
+        b = len(seqs)
+        slot_l = [s.slot for s in seqs]
+        for seq, slot in zip(seqs, slot_l):
+            if self._owner[slot] is not seq:
+                self._adopt(slot, seq)
+        ids: list[int] = []
+        from_device: list[int] = []
+        for seq, start, n in zip(seqs, starts.tolist(), counts.tolist() if step.num_steps == 1 else [1] * b):
+            end = start + n
             known = len(seq.token_ids)
             if end <= known:
-                ids.extend(seq.token_ids[e.start : end])
+                ids.extend(seq.token_ids[start:end])
+                from_device.extend([0] * n)
             else:  # the last position is a sample still on the device (overlap) — at most one token
-                ids.extend(seq.token_ids[e.start : known])
+                ids.extend(seq.token_ids[start:known])
                 ids.append(0)
-                device_idx.append(offset + e.num_tokens - 1)
-                device_slots.append(slot)
-            offset += e.num_tokens
-            if e.sample:
-                p = seq.params
-                s_rows.append(i)
-                s_temp.append(p.temperature)
-                s_topk.append(p.top_k)
-                s_topp.append(p.top_p)
-                s_seed.append(seq.seed)
-                want_logprobs |= p.logprobs
-
-        slots = np.array(slot_l, dtype=np.int64)
-        starts = np.array(start_l, dtype=np.int64)
-        counts = np.array(count_l, dtype=np.int64)
-        qsl = np.zeros(nseq + 1, dtype=np.int64)
-        np.cumsum(counts, out=qsl[1:])
+                from_device.extend([0] * (known - start))
+                from_device.append(1)
+        counts1 = counts if step.num_steps == 1 else np.ones(b, _I64)
+        qsl = np.zeros(b + 1, _I64)
+        np.cumsum(counts1, out=qsl[1:])
         total = int(qsl[-1])
-        seq_of_token = np.repeat(np.arange(nseq), counts)
-        positions = np.arange(total, dtype=np.int64) - qsl[:-1][seq_of_token] + starts[seq_of_token]
-        token_slots = slots[seq_of_token]
-        bs = self.block_size
-        slot_mapping = self._tables[token_slots, positions // bs] * bs + positions % bs
-        seq_lens = starts + counts
-        max_blocks = int(-(-seq_lens.max() // bs))
-        block_tables = self._tables[slots, :max_blocks]
-
-        rows = np.asarray(s_rows, dtype=np.int64)
-        temperature = np.asarray(s_temp, dtype=np.float32)
-        top_k = np.asarray(s_topk, dtype=np.int64)
-        top_p = np.asarray(s_topp, dtype=np.float32)
-        return StepBatch(
-            step=step,
-            input_ids=np.asarray(ids, dtype=np.int64),
-            positions=positions,
-            device_idx=np.asarray(device_idx, dtype=np.int64),
-            device_slots=np.asarray(device_slots, dtype=np.int64),
-            slot_mapping=slot_mapping,
-            query_start_loc=qsl,
-            seq_lens=seq_lens,
-            block_tables=block_tables,
+        token_rows = np.repeat(self._arange[:b], counts1)
+        positions = np.arange(total, dtype=_I64) - qsl[:-1][token_rows] + starts[token_rows]
+        seq_lens = starts + counts1
+        slots = np.array(slot_l, _I64)
+        rows = np.flatnonzero(step.sample) if not step.sample.all() else self._arange[:b]
+        greedy = bool(self._greedy[slots[rows]].all())
+        needs_filter = bool(self._filter[slots[rows]].any())
+        logprobs = bool(self._logprobs[slots[rows]].any())
+        decode_only = total == b and bool(step.sample.all())
+        self._rows_of = (step.composition, slots, (greedy, needs_filter, logprobs)) if decode_only else None
+        return self._batch(
+            step, np.array(ids, _I64), np.array(from_device, _I64), token_rows, positions, slots, seq_lens, qsl,
+            rows, slots[rows], seq_lens[rows], self._diffs(seqs, None), greedy, needs_filter, logprobs,
             sample_idx=qsl[1:][rows] - 1,
-            sample_slots=slots[rows],
-            sample_positions=seq_lens[rows],
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seeds=np.asarray(s_seed, dtype=np.int64),
-            all_greedy=bool((temperature == 0).all()),
-            needs_filter=bool(((top_k > 0) | (top_p < 1.0)).any()),
-            needs_logprobs=want_logprobs,
-        )
+        )  # fmt: skip
 
-    def _sync_table(self, slot: int, table: list[int]) -> None:
-        """Copy the blocks a sequence gained since the last step into its slot's row."""
-        if self._synced_list[slot] is not table:  # a new owner of the slot (or a preempted sequence's new table)
-            self._synced_list[slot] = table
-            self._synced_len[slot] = 0
-        done = self._synced_len[slot]
-        if done < len(table):
-            self._tables[slot, done : len(table)] = table[done:]
-            self._synced_len[slot] = len(table)
+    def _batch(
+        self, step, ids, from_device, token_rows, positions, slots, seq_lens, qsl, rows, sample_slots,
+        sample_positions, updates, greedy, needs_filter, logprobs, sample_idx=None,
+    ) -> StepBatch:  # fmt: skip
+        if greedy:  # never read: no per-row parameter travels
+            temperature = top_k = top_p = seeds = _EMPTY
+        else:
+            temperature, top_k = self._temperature[sample_slots], self._top_k[sample_slots]
+            top_p, seeds = self._top_p[sample_slots], self._seed[sample_slots]
+        return StepBatch(
+            step=step, input_ids=ids, from_device=from_device, token_rows=token_rows, positions=positions,
+            slots=slots, seq_lens=seq_lens, query_start_loc=qsl,
+            sample_idx=rows if sample_idx is None else sample_idx, sample_slots=sample_slots,
+            sample_positions=sample_positions, temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds,
+            table_slots=updates[0], table_cols=updates[1], table_blocks=updates[2],
+            all_greedy=greedy, needs_filter=needs_filter, needs_logprobs=logprobs,
+        )  # fmt: skip
+
+    def _adopt(self, slot: int, seq) -> None:
+        """A sequence took this slot: record its sampling parameters once, for every step it runs in."""
+        p = seq.params
+        self._owner[slot] = seq
+        self._temperature[slot] = p.temperature
+        self._top_k[slot] = p.top_k
+        self._top_p[slot] = p.top_p
+        self._seed[slot] = seq.seed
+        self._greedy[slot] = p.temperature == 0.0
+        self._filter[slot] = p.top_k > 0 or p.top_p < 1.0
+        self._logprobs[slot] = p.logprobs
+
+    def _diffs(self, seqs: list, rows: list[int] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Block-table entries the device lacks, for ``rows`` of ``seqs`` (``None``: check every row)."""
+        t_slots: list[int] = []
+        t_cols: list[int] = []
+        t_blocks: list[int] = []
+        synced_list, synced_len = self._synced_list, self._synced_len
+        for seq in seqs if rows is None else [seqs[i] for i in rows]:
+            slot, table = seq.slot, seq.block_table
+            if synced_list[slot] is not table:  # a new owner of the slot (or a preempted sequence's new table)
+                synced_list[slot] = table
+                synced_len[slot] = 0
+            done = synced_len[slot]
+            n = len(table)
+            if done < n:
+                t_slots.extend([slot] * (n - done))
+                t_cols.extend(range(done, n))
+                t_blocks.extend(table[done:])
+                synced_len[slot] = n
+        if not t_slots:
+            return _EMPTY, _EMPTY, _EMPTY
+        return np.array(t_slots, _I64), np.array(t_cols, _I64), np.array(t_blocks, _I64)

@@ -10,7 +10,8 @@ Two waits, in order:
    that launches the next step. No thread blocks on the GPU, so nothing depends on a GIL hand-off.
 
 Steps of different shapes take very different times (an 8K-token prefill step ~190 ms, the decode steps after it
-~7 ms), so there is one prediction per kind of step: decode-only or not, and the token count's power of two.
+~7 ms), so there is one prediction per kind of step: decode-only or not, the token count's power of two, and the
+number of sub-steps of a multi-step round.
 Sharing one would make the loop oversleep through the first decode steps after every prefill.
 
 The prediction learns only from waits it observed precisely (the event was still running when the loop woke):
@@ -36,16 +37,16 @@ _SPIN_WINDOW_S = 0.002  # poll with sleep(0) this long after waking, then fall b
 class CompletionBridge:
     def __init__(self) -> None:
         # how long a step's GPU part lasts after its launch returned (learned), per kind of step
-        self._predicted: dict[tuple[bool, int], float] = {}
+        self._predicted: dict[tuple, float] = {}
 
     async def wait(self, handle: StepHandle) -> StepResult:
         result = await asyncio.wrap_future(handle.future)
         if result.event is not None:
             b = handle.batch
-            await self._wait_event(result.event, (b.decode_only, b.num_tokens.bit_length()))
+            await self._wait_event(result.event, (b.decode_only, b.num_tokens.bit_length(), len(b.more or ())))
         return result
 
-    async def _wait_event(self, event, kind: tuple[bool, int] = (True, 0)) -> None:
+    async def _wait_event(self, event, kind: tuple = (True, 0, 0)) -> None:
         start = time.perf_counter()
         predicted = self._predicted.get(kind, 0.0)
         if event.query():

@@ -54,6 +54,12 @@ class EngineConfig:
     """With ``overlap``: most steps launched but not yet processed. 2 runs the host one step ahead; 3 also absorbs
     a late wake-up of the loop, at the cost of one more computed (never emitted) token when a request ends by EOS
     or a stop condition."""
+    decode_steps: int = 1
+    """Multi-step decode: a step that only decodes (it starts no prompt) runs this many positions per sequence back
+    to back on the device, each fed with the previous sample, and the host schedules, prepares and delivers once per
+    round. Cuts host work per token by about this factor (for batches the host cannot keep up with otherwise);
+    costs: tokens arrive in bursts of this many, a request that ends by EOS or a stop condition computes up to this
+    many tokens it never emits, and a request that arrives mid-round waits for the rounds in flight. 1 = off."""
     device: str | None = None
     """Device to run on; ``None`` keeps the model's device."""
     dtype: str | None = None
@@ -89,6 +95,8 @@ class EngineConfig:
             _positive("admission_group", self.admission_group)
         if not isinstance(self.admission_max_delay, int) or self.admission_max_delay < 0:
             raise ValueError(f"admission_max_delay must be an integer >= 0, got {self.admission_max_delay!r}")
+        if not _is_int(self.decode_steps) or not 1 <= self.decode_steps <= 64:
+            raise ValueError(f"decode_steps must be an integer in [1, 64], got {self.decode_steps!r}")
         if not isinstance(self.overlap_depth, int) or not 2 <= self.overlap_depth <= 8:
             raise ValueError(f"overlap_depth must be an integer in [2, 8], got {self.overlap_depth!r}")
         if self.max_num_batched_tokens < self.max_num_seqs and self.max_num_batched_tokens < 1:

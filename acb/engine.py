@@ -31,7 +31,8 @@ import torch
 from .admission import Admission, Prompt
 from .bridge import CompletionBridge
 from .config import EngineConfig, SamplingParams
-from .detokenizer import decode_many
+from .delivery import Delivery
+from .detokenizer import text_decoder
 from .errors import (
     DuplicateRequestIdError,
     EngineClosedError,
@@ -42,7 +43,7 @@ from .errors import (
 from .model_setup import DTYPES, build_runtime, default_sampling, eos_ids
 from .outputs import Completion, EngineStats, Token
 from .runner import StepHandle
-from .scheduler import SampledToken, ScheduledStep
+from .scheduler import ScheduledStep, StepOutput
 from .sequence import Sequence
 from .stream import RequestState, RequestStream
 from .tracing import Trace, Tracer
@@ -79,6 +80,7 @@ class Engine:
             max_prompt_chars=config.max_prompt_chars or 16 * self.max_model_len,
         )
         self._eos_ids = eos_ids(model, tokenizer)
+        self._delivery = Delivery(text_decoder(tokenizer))
         self.default_sampling = default_sampling(model)
 
         self.tracer = Tracer()
@@ -118,7 +120,7 @@ class Engine:
             raise EngineClosedError(f"the engine cannot be started again (it is {self._state})")
         self._loop = asyncio.get_running_loop()
         self._launched: asyncio.Queue[StepHandle] = asyncio.Queue()
-        self._to_detok: asyncio.Queue[list[SampledToken]] = asyncio.Queue()
+        self._to_detok: asyncio.Queue[StepOutput] = asyncio.Queue()
         self._inflight = asyncio.Semaphore(self.config.overlap_depth if self.config.overlap else 1)
         self._work = asyncio.Event()
         self._idle = asyncio.Event()
@@ -191,10 +193,22 @@ class Engine:
     # -- public API ---------------------------------------------------------------------------------------------
 
     def stream(
-        self, prompt: Prompt, params: SamplingParams | None = None, *, request_id: str | None = None
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        stream_interval: int = 1,
     ) -> RequestStream:
-        """Generate for ``prompt`` (a string or token ids), yielding one :class:`Token` per generated token."""
-        return RequestStream(self, prompt, params, request_id)
+        """Generate for ``prompt`` (a string or token ids), yielding one :class:`Token` per generated token.
+
+        ``stream_interval`` > 1 wakes the consumer only once that many tokens wait (the first token, and the last,
+        come at once): fewer task switches for a consumer that does not need every token the moment it exists."""
+        if not isinstance(stream_interval, int) or isinstance(stream_interval, bool) or stream_interval < 1:
+            raise InvalidRequestError(
+                f"stream_interval must be an integer >= 1, got {stream_interval!r}", param="stream_interval"
+            )
+        return RequestStream(self, prompt, params, request_id, stream_interval)
 
     async def generate(
         self, prompt: Prompt, params: SamplingParams | None = None, *, request_id: str | None = None
@@ -310,6 +324,7 @@ class Engine:
         prompt: Prompt,
         params: SamplingParams | None,
         attach: Callable[[RequestState], None] | None = None,
+        stream_interval: int = 1,
     ) -> RequestState:
         """Admit one request: validate, tokenize, then queue it for the scheduler (waiting for room under
         ``max_pending``). ``attach`` receives the request's state as soon as it exists, before any wait for room, so
@@ -339,7 +354,7 @@ class Engine:
             eos_ids=self._eos_ids,
             seed=seed,
         )
-        state = RequestState(seq, self.tokenizer, stops)
+        state = RequestState(seq, self._delivery.decoder.new_state(), stops, stream_interval)
         self.tracer.add("admission", t0, time.perf_counter())
         self._live[request_id] = state
         self._idle.clear()
@@ -423,14 +438,20 @@ class Engine:
         """Preparing ``step`` raised: fail only the requests whose own entry cannot be prepared, and put the others
         back as if the step had never been scheduled. If no single entry fails alone, the step's requests fail."""
         culprits = []
-        for entry in step.entries:
+        for i, seq in enumerate(step.seqs):
+            row = slice(i, i + 1)
+            tokens = 1 if step.num_steps > 1 else int(step.counts[i])
+            alone = ScheduledStep(
+                step.step_id, [seq], step.starts[row], step.counts[row], step.sample[row], tokens, step.num_steps
+            )
             try:
-                self._builder.build(ScheduledStep(step.step_id, [entry], entry.num_tokens))
+                self._builder.build(alone)
             except Exception as own:
-                culprits.append((entry.seq, own))
+                culprits.append((seq, own))
         self._scheduler.unschedule(step)
+        self._builder.invalidate()  # the trial builds noted block-table entries that no step will carry
         if not culprits:
-            culprits = [(e.seq, exc) for e in step.entries]
+            culprits = [(seq, exc) for seq in step.seqs]
         for seq, cause in culprits:
             self._fail(self._live.get(seq.request_id), RequestFailedError(f"preparing a step failed: {cause!r}"), cause)
 
@@ -455,7 +476,7 @@ class Engine:
         while True:
             handle = await self._launched.get()
             step = handle.batch.step
-            accepted = None
+            out = None
             try:
                 t0 = time.perf_counter()
                 result = await self._bridge.wait(handle)
@@ -463,68 +484,47 @@ class Engine:
                 self.tracer.add("wait", t0, t1)
                 tokens = result.tokens.tolist()
                 logprobs = None if result.logprobs is None else result.logprobs.tolist()
-                accepted, broken = self._scheduler.on_step_done(step, tokens, logprobs)
+                out = self._scheduler.on_step_done(step, tokens, logprobs)
             except Exception as exc:
                 log.exception("step %d failed", step.step_id)
+                self._builder.invalidate()  # the step's block-table entries may not have reached the device
                 for seq in self._scheduler.on_step_failed(step):
                     self._fail(self._live.get(seq.request_id), RequestFailedError(f"step failed: {exc!r}"), exc)
             else:
-                for seq in broken:
+                for seq in out.broken:
                     self._fail(
                         self._live.get(seq.request_id),
                         RequestFailedError("the model produced non-finite logits (NaN or infinity) for this request"),
                     )
                 self.tracer.add("process", t1, time.perf_counter())
-                if accepted and not overlap:  # sync mode: detokenize, then prepare the next step
-                    self._to_detok.put_nowait(accepted)
+                if out.accepted and not overlap:  # sync mode: deliver, then prepare the next step
+                    self._to_detok.put_nowait(out)
             finally:
                 self._inflight.release()
                 self._work.set()
             # Overlap mode queues the tokens after waking the step loop, so the next step is prepared and launched
-            # before these are detokenized: detokenization stays off the host's path between two GPU steps.
-            if accepted and overlap:
-                self._to_detok.put_nowait(accepted)
+            # before these are detokenized: delivery stays off the host's path between two GPU steps.
+            if out is not None and out.accepted and overlap:
+                self._to_detok.put_nowait(out)
 
     # -- stage: detokenization and delivery -----------------------------------------------------------------------
 
     async def _detok_loop(self) -> None:
         while True:
-            batch = await self._to_detok.get()
+            out = await self._to_detok.get()
             t0 = time.perf_counter()
-            live = []
-            for s in batch:
-                state = self._live.get(s.seq.request_id)
-                if state is not None and state.seq is s.seq and not state.closed:
-                    live.append((state, s))
-            try:
-                texts = self._detokenize([(st, s) for st, s in live if not s.is_stop_token])
-            except Exception as exc:  # a tokenizer bug: fail the step's requests, keep serving
-                log.exception("detokenizing a step failed")
-                for state, _ in live:
-                    self._fail(state, RequestFailedError(f"detokenization failed: {exc!r}"), exc)
-                continue
-            for state, s in live:
-                try:
-                    stop_hit = state.deliver(s, "" if s.is_stop_token else texts[id(s)])
-                except Exception as exc:
-                    log.exception("detokenizing %s failed", s.seq.request_id)
-                    self._fail(state, RequestFailedError(f"detokenization failed: {exc!r}"), exc)
-                    continue
-                if stop_hit:
-                    self._scheduler.finish(s.seq, "stop")
-                    self._work.set()
-                if state.closed:
+            stopped, failed = self._delivery.deliver(out, self._live)
+            for state, exc in failed:
+                self._fail(state, RequestFailedError(f"detokenization failed: {exc!r}"), exc)
+            for seq in stopped:
+                self._scheduler.finish(seq, "stop")
+            if stopped:
+                self._work.set()
+            for seq, *_ in out.accepted:
+                state = self._live.get(seq.request_id)
+                if state is not None and state.seq is seq and state.closed:
                     self._forget(state)
             self.tracer.add("detokenize", t0, time.perf_counter())
-
-    def _detokenize(self, items: list[tuple[RequestState, SampledToken]]) -> dict[int, str]:
-        """Text deltas of one step's tokens, all requests' windows decoded in one batched tokenizer call."""
-        windows: list[list[int]] = []
-        for state, s in items:
-            state.detok.push(s.token_id)
-            windows.extend(state.detok.windows())
-        decoded = decode_many(self.tokenizer, windows) if windows else []
-        return {id(s): state.detok.resolve(decoded[2 * i], decoded[2 * i + 1]) for i, (state, s) in enumerate(items)}
 
     # -- request endings ----------------------------------------------------------------------------------------
 

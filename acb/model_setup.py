@@ -83,22 +83,17 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
     kv_cache = KVCache(shape, num_blocks + int(graphs), config.block_size, dtype, device)
     if lean is not None:
         lean.kv_cache = kv_cache
-    geometry = None
-    if graphs:
-        geometry = dict(
-            max_batch=min(config.max_num_seqs, 512),
-            max_blocks=max_blocks,
-            scratch_block=num_blocks,
-            block_size=config.block_size,
-            max_model_len=max_model_len,
-        )
     runner = ModelRunner(
         model,
         kv_cache,
-        config.max_num_seqs,
         device,
+        max_num_seqs=config.max_num_seqs,
+        max_tokens=config.max_num_batched_tokens,
+        max_blocks=max_blocks,
+        block_size=config.block_size,
+        max_model_len=max_model_len,
         lean=lean,
-        graph_geometry=geometry,
+        graphs=graphs,
         record_timing=config.record_step_timing,
     )
     if lean is not None:
@@ -116,8 +111,9 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
             config.max_num_batched_tokens,
             admission_group=config.admission_group or max(1, config.max_num_seqs // 8),
             admission_max_delay=config.admission_max_delay,
+            decode_steps=config.decode_steps,
         ),
-        builder=BatchBuilder(config.max_num_seqs, max_blocks, config.block_size),
+        builder=BatchBuilder(config.max_num_seqs, config.block_size),
         runner=runner,
     )
 

@@ -4,16 +4,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 __all__ = ["FinishReason", "Token", "Completion", "EngineStats"]
 
 FinishReason = Literal["length", "stop", "abort"]
 
 
-@dataclass(slots=True, frozen=True)
-class Token:
-    """One generated token as streamed by :meth:`acb.Engine.stream`.
+class Token(NamedTuple):
+    """One generated token as streamed by :meth:`acb.Engine.stream` (an immutable named tuple: one is made per
+    generated token, so it is the lightest immutable record Python has).
 
     ``text`` is the text this token adds to the output; it may be ``""`` (an incomplete multi-byte character is held
     back until it completes, and a possible stop-string prefix until it is ruled out). ``finish_reason`` is set on

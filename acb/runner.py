@@ -6,9 +6,9 @@ event; :mod:`acb.bridge` awaits that event from the loop.
 
 Overlap hinges on the device-side token buffer: each step writes every sampled token to ``token_buf[slot]``, and
 the next step gathers its decode inputs from there, so step N+1 can be launched before step N's tokens reach the
-host.
+host. A multi-step decode round runs its sub-steps back to back in one launch, each fed from the buffer.
 
-Two model paths:
+Every path stages its inputs the same way (:mod:`acb.step_inputs`). Two model paths:
 
 - **lean** (:mod:`acb.lean_model`, Llama/Qwen families): fused kernels; on CUDA, decode steps replay a CUDA graph
   (:mod:`acb.cuda_graphs`) and other steps run eagerly;
@@ -25,7 +25,6 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from .attention import AttentionMetadata
@@ -34,16 +33,19 @@ from .kernels import decode_splits
 from .kv_cache import KVCache
 from .lean_model import LeanCausalLM, LeanInputs
 from .sampling import SamplingTensors, sample
+from .step_inputs import StepInputs
 
 __all__ = ["StepResult", "StepHandle", "ModelRunner"]
 
 
 @dataclass(slots=True)
 class StepResult:
-    """What a step leaves for the host: sampled tokens (valid once ``event`` completed, if any)."""
+    """What a step leaves for the host: sampled tokens (valid once ``event`` completed, if any). Row ``j`` holds
+    sub-step ``j``'s samples (one row unless the step is a multi-step round), in the order of that sub-step's
+    sampling rows."""
 
-    tokens: torch.Tensor  # [S] int64 on the host
-    logprobs: torch.Tensor | None  # [S] float32 on the host
+    tokens: torch.Tensor  # [steps, S] int64 on the host
+    logprobs: torch.Tensor | None  # [steps, S] float32 on the host
     event: torch.cuda.Event | None
 
 
@@ -99,26 +101,44 @@ class ModelRunner:
         self,
         model: torch.nn.Module,
         kv_cache: KVCache,
-        max_num_seqs: int,
         device: torch.device,
         *,
+        max_num_seqs: int,
+        max_tokens: int,
+        max_blocks: int,
+        block_size: int,
+        max_model_len: int,
         lean: LeanCausalLM | None = None,
-        graph_geometry: dict | None = None,
+        graphs: bool = False,
         record_timing: bool = False,
     ) -> None:
-        """``graph_geometry`` (CUDA + lean only) turns on decode CUDA graphs: ``max_batch``, ``max_blocks``,
-        ``scratch_block``, ``block_size``, ``max_model_len``."""
+        """``graphs`` (CUDA + lean only) turns on decode CUDA graphs; they then pad to a scratch block, the KV cache's
+        last one, which no sequence owns."""
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
         self.lean = lean
-        # one entry per sequence slot, plus a spare that decode graphs write unwanted samples to
+        # one entry per sequence slot, plus a spare that padding rows of decode graphs write to
         self.token_buf = torch.zeros(max_num_seqs + 1, dtype=torch.int64, device=device)
+        graph_rows = min(max_num_seqs, 512) if graphs else 0
+        self.inputs = StepInputs(
+            max_tokens=max(max_tokens, max_num_seqs),
+            max_rows=max_num_seqs,
+            # blocks allocated in one step: its new positions, plus one boundary per row (per sub-step of a round)
+            max_updates=max(max_tokens, max_num_seqs * 8) // block_size + 2 * max_num_seqs + 8,
+            graph_rows=graph_rows,
+            num_slots=max_num_seqs,
+            max_blocks=max_blocks,
+            block_size=block_size,
+            scratch_block=kv_cache.num_blocks - 1 if graphs else 0,
+            token_buf=self.token_buf,
+            device=device,
+        )
         self.graphs = None
-        if graph_geometry is not None:
+        if graphs:
             from .cuda_graphs import DecodeGraphs
 
-            self.graphs = DecodeGraphs(lean, self.token_buf, **graph_geometry)
+            self.graphs = DecodeGraphs(lean, self.inputs, graph_rows, max_model_len)
         self._cuda = device.type == "cuda"
         self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count if self._cuda else 0
         self.closed = False
@@ -147,12 +167,6 @@ class ModelRunner:
         self.graphs = None
         self.kv_cache = None
         return finished
-
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(array)
-        if self._cuda:
-            t = t.pin_memory()
-        return t.to(self.device, non_blocking=True)
 
     def start_device_trace(self) -> None:
         if self._cuda:
@@ -192,92 +206,104 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _execute_step(self, b: StepBatch) -> StepResult:
-        start = None
-        if self.step_events is not None:
-            start = torch.cuda.Event(enable_timing=True)
-        if self.graphs is not None and b.decode_only and len(b.seq_lens) <= self.graphs.max_batch:
-            every_row = len(b.sample_idx) == len(b.seq_lens)
-            if every_row and b.all_greedy and not b.needs_logprobs:  # sampled and stored inside the graph
-                _, tokens = self.graphs.run(b, start, greedy=True)
-                return self._finish(tokens, None, start)
-            logits, _ = self.graphs.run(b, start)
-            if not every_row:
-                logits = logits[self._to_device(b.sample_idx)]
+        if not b.more:
+            tokens, logprobs = self._sub_step(b)
+            return self._finish(tokens[None], None if logprobs is None else logprobs[None])
+        subs = [b, *b.more]
+        out = torch.zeros(len(subs), len(b.sample_idx), dtype=torch.int64, device=self.device)
+        out_lp = torch.zeros(out.shape, dtype=torch.float32, device=self.device) if b.needs_logprobs else None
+        for j, sub in enumerate(subs):
+            tokens, logprobs = self._sub_step(sub)
+            out[j, : len(tokens)] = tokens  # the sub-step's rows, in order: the host maps them back to the round's
+            if out_lp is not None:
+                out_lp[j, : len(tokens)] = logprobs
+        return self._finish(out, out_lp)
+
+    def _sub_step(self, b: StepBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run one step (or one sub-step of a round): stage, forward, sample, store the samples in the token buffer.
+        Returns the samples (-1 where the logits were not finite) and their logprobs."""
+        start = torch.cuda.Event(enable_timing=True) if self.step_events is not None else None
+        n, s = b.num_rows, len(b.sample_idx)
+        graphs = self.graphs
+        if graphs is not None and b.decode_only and s == n and n <= graphs.max_batch:
+            bucket = graphs.bucket(n)
+            v = self.inputs.stage(b, graph_rows=bucket, start=start)
+            logits, greedy = graphs.replay(bucket, n)
+            if b.all_greedy and not b.needs_logprobs:  # sampled and stored inside the graph
+                self._end(start)
+                return greedy, None
         else:
-            if start is not None:  # eager steps: gaps between their kernels count as busy (a lower bound of idle)
-                start.record()
-            logits = self.lean.forward(self._lean_inputs(b)) if self.lean is not None else self._generic_logits(b)
-        dev = self._to_device
-        # An all-greedy step reads none of the per-row parameters: skip their five host-to-device copies.
+            v = self.inputs.stage(b, start=start)
+            # eager steps: gaps between their kernels count as busy (a lower bound of idle)
+            logits = self._forward(b, self.inputs.derive(v, b.num_tokens, n, s))
         greedy = b.all_greedy
         params = SamplingTensors(
-            temperature=None if greedy else dev(b.temperature),
-            top_k=None if greedy else dev(b.top_k),
-            top_p=None if greedy else dev(b.top_p),
-            seeds=None if greedy else dev(b.seeds),
-            positions=None if greedy else dev(b.sample_positions),
+            temperature=None if greedy else v["temperature"][:s],
+            top_k=None if greedy else v["top_k"][:s],
+            top_p=None if greedy else v["top_p"][:s],
+            seeds=None if greedy else v["seeds"][:s],
+            positions=None if greedy else v["sample_positions"][:s],
             all_greedy=greedy,
             needs_filter=b.needs_filter,
             needs_logprobs=b.needs_logprobs,
         )
         tokens, logprobs = sample(logits, params)
-        self.token_buf[dev(b.sample_slots)] = tokens.clamp_min(0)  # a flagged row (-1) must not reach the model
-        return self._finish(tokens, logprobs, start)
+        self.token_buf[v["sample_slots"][:s]] = tokens.clamp_min(0)  # a flagged row (-1) must not reach the model
+        self._end(start)
+        return tokens, logprobs
 
-    def _finish(
-        self, tokens: torch.Tensor, logprobs: torch.Tensor | None, start: torch.cuda.Event | None
-    ) -> StepResult:
-        """Start the copy of a step's samples to the host and mark the step's end with an event."""
+    def _forward(self, b: StepBatch, d) -> torch.Tensor:
+        """Logits of the sampled rows of an eagerly run step."""
+        meta = None
+        if self.lean is None or not self._cuda:  # the reference attention reads the layout on the host
+            meta = AttentionMetadata(
+                kv_cache=self.kv_cache,
+                slot_mapping=d.slot_mapping,
+                query_start_loc=b.query_start_loc.tolist(),
+                seq_lens=b.seq_lens.tolist(),
+                block_tables=d.block_tables,
+                decode_only=b.decode_only,
+            )
+        if self.lean is None:
+            out = self.model(
+                input_ids=d.input_ids[None],
+                position_ids=d.positions[None],
+                use_cache=False,
+                logits_to_keep=d.sample_idx,
+                acb_meta=meta,
+            )
+            return out.logits[0]
+        splits = 0
+        if self._cuda and b.decode_only:
+            splits = decode_splits(b.num_rows, self.lean.num_kv_heads, int(b.seq_lens.max()), self._num_sms)
+        return self.lean.forward(
+            LeanInputs(
+                input_ids=d.input_ids,
+                positions=d.positions,
+                slot_mapping=d.slot_mapping,
+                seq_lens=d.seq_lens,
+                block_tables=d.block_tables,
+                query_start_loc=d.query_start_loc,
+                max_query_len=b.max_query_len,
+                logits_idx=d.sample_idx,
+                decode_splits=splits,
+                meta=meta,
+            )
+        )
+
+    def _end(self, start: torch.cuda.Event | None) -> None:
+        """Mark the end of a (sub-)step's GPU work, paired with ``start``, when recording step timing."""
+        if start is not None:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.step_events.append((start, end))
+
+    def _finish(self, tokens: torch.Tensor, logprobs: torch.Tensor | None) -> StepResult:
+        """Start the copy of a step's samples to the host, and mark the step's end with an event after it."""
         event = None
         if self._cuda:
             tokens = tokens.to("cpu", non_blocking=True)
             logprobs = None if logprobs is None else logprobs.to("cpu", non_blocking=True)
-            event = torch.cuda.Event(enable_timing=start is not None)
-            event.record()
-            if start is not None:
-                self.step_events.append((start, event))
+            event = torch.cuda.Event()
+            event.record()  # after the copies: the host may read them once this completed
         return StepResult(tokens, logprobs, event)
-
-    def _input_ids(self, b: StepBatch) -> torch.Tensor:
-        input_ids = self._to_device(b.input_ids)
-        if len(b.device_idx):
-            input_ids[self._to_device(b.device_idx)] = self.token_buf[self._to_device(b.device_slots)]
-        return input_ids
-
-    def _meta(self, b: StepBatch) -> AttentionMetadata:
-        return AttentionMetadata(
-            kv_cache=self.kv_cache,
-            slot_mapping=self._to_device(b.slot_mapping),
-            query_start_loc=b.query_start_loc.tolist(),
-            seq_lens=b.seq_lens.tolist(),
-            block_tables=self._to_device(b.block_tables),
-            decode_only=b.decode_only,
-        )
-
-    def _lean_inputs(self, b: StepBatch) -> LeanInputs:
-        meta = self._meta(b)
-        splits = 0
-        if self._cuda and b.decode_only:
-            splits = decode_splits(len(b.seq_lens), self.lean.num_kv_heads, int(b.seq_lens.max()), self._num_sms)
-        return LeanInputs(
-            input_ids=self._input_ids(b),
-            positions=self._to_device(b.positions),
-            slot_mapping=meta.slot_mapping,
-            seq_lens=self._to_device(b.seq_lens),
-            block_tables=meta.block_tables,
-            query_start_loc=self._to_device(b.query_start_loc),
-            max_query_len=int((b.query_start_loc[1:] - b.query_start_loc[:-1]).max()),
-            logits_idx=self._to_device(b.sample_idx),
-            decode_splits=splits,
-            meta=None if self._cuda else meta,
-        )
-
-    def _generic_logits(self, b: StepBatch) -> torch.Tensor:
-        out = self.model(
-            input_ids=self._input_ids(b)[None],
-            position_ids=self._to_device(b.positions)[None],
-            use_cache=False,
-            logits_to_keep=self._to_device(b.sample_idx),
-            acb_meta=self._meta(b),
-        )
-        return out.logits[0]

@@ -15,6 +15,16 @@ Pure Python, no torch. Policy:
 - when a running sequence needs a block and none is free, the newest running sequence is preempted: its blocks are
   freed and it is recomputed from its tokens later (prompt and output so far), so its output is unchanged.
 
+A step is columnar: the sequences, and numpy arrays of where each starts, how many positions it computes and whether
+it samples. A decode-only step whose batch did not change since the last one (the steady state of a busy engine) is
+made from the last step's arrays with a few vector operations: the Python work per sequence is two counter
+increments, and blocks are grown only for the rows that cross a block boundary.
+
+Multi-step decode (``decode_steps`` > 1): a decode-only step may run several positions per sequence back to back on
+the device (``ScheduledStep.num_steps``), each fed with the previous position's sample from the device token buffer,
+so scheduling, preparation, result processing and delivery happen once per round instead of once per token. Only
+steps that admit nobody and prefill nothing become rounds; a row that would pass its length limit stops early.
+
 Steps may overlap (see :mod:`acb.engine`): a sequence scheduled while its previous sample is still on the device
 decodes from the runner's device token buffer. Resources are released as soon as a sequence finishes or is
 preempted, even if a step that uses them is still in flight: steps execute in launch order on one stream (one
@@ -27,10 +37,12 @@ import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .block_allocator import BlockAllocator
 from .sequence import SeqStatus, Sequence
 
-__all__ = ["ScheduledSeq", "ScheduledStep", "SampledToken", "Scheduler"]
+__all__ = ["ScheduledSeq", "ScheduledStep", "StepOutput", "Scheduler"]
 
 
 @dataclass(slots=True)
@@ -46,24 +58,46 @@ class ScheduledSeq:
 
 @dataclass(slots=True)
 class ScheduledStep:
+    """One step, by rows: row ``i`` computes positions ``starts[i] .. starts[i] + counts[i] - 1`` of ``seqs[i]``.
+
+    With ``num_steps == 1`` a row samples after its last position if ``sample[i]``. With ``num_steps > 1`` (a
+    multi-step decode round) every row is a decode that runs one position per sub-step and samples after each, for
+    ``counts[i] <= num_steps`` sub-steps."""
+
     step_id: int
-    entries: list[ScheduledSeq]
-    num_tokens: int
+    seqs: list[Sequence]
+    starts: np.ndarray  # int64 [B]
+    counts: np.ndarray  # int64 [B]
+    sample: np.ndarray  # bool [B]
+    num_tokens: int  # tokens of the (first) sub-step
+    num_steps: int = 1
+    composition: int = -1
+    """Equal for two steps exactly when they hold the same sequences in the same rows (lets batch preparation reuse
+    per-row arrays)."""
+    grown: list[int] | None = None
+    """Rows whose block table grew while this step was scheduled (``None``: not tracked, check every row)."""
 
     @property
-    def sampled(self) -> list[ScheduledSeq]:
-        return [e for e in self.entries if e.sample]
+    def decode_only(self) -> bool:
+        return self.num_steps > 1 or self.num_tokens == len(self.seqs)
+
+    @property
+    def entries(self) -> list[ScheduledSeq]:
+        """Row by row, as objects (tests, failure paths; the hot paths read the arrays)."""
+        return [
+            ScheduledSeq(seq, start, count, bool(sample))
+            for seq, start, count, sample in zip(self.seqs, self.starts.tolist(), self.counts.tolist(), self.sample)
+        ]
 
 
 @dataclass(slots=True)
-class SampledToken:
-    """A token accepted into a sequence, handed on to detokenization."""
+class StepOutput:
+    """What a finished step hands on to delivery: per sequence that got tokens, in row order, a tuple
+    ``(seq, token_ids, logprobs or None, finish_reason or None, ends_with_stop_token)``; and the sequences whose
+    row the runner flagged as broken (token ``-1``: non-finite logits), for the engine to fail."""
 
-    seq: Sequence
-    token_id: int
-    logprob: float | None
-    finish_reason: str | None = None
-    is_stop_token: bool = False
+    accepted: list[tuple[Sequence, list[int], list[float] | None, str | None, bool]]
+    broken: list[Sequence]
 
 
 @dataclass
@@ -75,12 +109,20 @@ class Scheduler:
     running: list[Sequence] = field(default_factory=list)
     admission_group: int = 1
     admission_max_delay: int = 0
+    decode_steps: int = 1
+    """Positions per sequence in one decode-only step (multi-step decode); 1 = off."""
     num_preemptions: int = 0
     backlog: int = 0
     """Requests queued behind ``waiting`` (in the engine, waiting for a free slot)."""
     _next_step: int = 0
     _free_slots: list[int] = field(default_factory=list)
     _held_steps: int = 0  # consecutive steps that held waiting sequences back
+    _version: int = 0  # bumped whenever ``running`` changes
+    _compositions: int = 0  # numbers the distinct row lists of steps
+    _last: ScheduledStep | None = None  # the last decode-only step, reusable while _version stays the same
+    _last_version: int = -1
+    _last_limits: np.ndarray | None = None  # its rows' length limits
+    _last_blocks: np.ndarray | None = None  # its rows' block counts
 
     def __post_init__(self) -> None:
         self._free_slots = list(range(self.max_num_seqs - 1, -1, -1))
@@ -112,6 +154,7 @@ class Scheduler:
             return
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
+            self._version += 1
             self._release(seq)
         else:
             try:
@@ -125,8 +168,50 @@ class Scheduler:
 
     def schedule(self) -> ScheduledStep | None:
         """Pick the next step's work, or ``None`` when nothing can run now."""
+        if not self.waiting and self._last_version == self._version:
+            step = self._next_decode()
+            if step is not None:
+                return step
+        return self._schedule()
+
+    def _next_decode(self) -> ScheduledStep | None:
+        """The step after the last decode-only one, with the same rows: vector operations, and Python work per row
+        only for the two counters and for rows that need a new block. ``None`` if that does not apply."""
+        last, limits, blocks = self._last, self._last_limits, self._last_blocks
+        seqs = last.seqs
+        starts = last.starts + last.counts
+        remaining = limits - 1 - starts  # positions each row may still compute
+        if (remaining <= 0).any():
+            return None  # a row reached its length limit: it leaves the batch (the general path)
+        k = self.decode_steps
+        counts = np.minimum(remaining, k) if k > 1 else np.ones_like(starts)
+        needed = -(-(starts + counts) // self.allocator.block_size)
+        short = np.flatnonzero(needed > blocks)
+        if short.size:
+            if not self.allocator.can_allocate(int((needed - blocks)[short].sum())):
+                return None  # preemption needed: the general path decides who goes
+            for i in short.tolist():
+                seqs[i].block_table.extend(self.allocator.allocate(int(needed[i] - blocks[i])))
+            blocks[short] = needed[short]
+        if k > 1 and int(counts.min()) == int(counts.max()):
+            c = int(counts[0])
+            for seq in seqs:
+                seq.num_computed += c
+                seq.num_pending += c
+        else:
+            for seq, c in zip(seqs, counts.tolist()):
+                seq.num_computed += c
+                seq.num_pending += c
+        step = ScheduledStep(
+            self._next_step, seqs, starts, counts, last.sample, len(seqs), k, last.composition, short.tolist()
+        )
+        self._next_step += 1
+        self._last = step
+        return step
+
+    def _schedule(self) -> ScheduledStep | None:
         budget = self.max_num_batched_tokens
-        entries: list[ScheduledSeq] = []
+        rows: list[tuple[Sequence, int, int, bool]] = []  # (seq, start, count, sample)
 
         i = 0
         prefill = False
@@ -139,12 +224,13 @@ class Scheduler:
             grow = -(-(seq.num_computed + n) // self.allocator.block_size) > len(seq.block_table)
             if grow and not self._grow(seq, n):
                 break  # seq itself was preempted; everything after it is newer and was preempted too
-            entries.append(self._take(seq, n))
+            rows.append(self._take(seq, n))
             prefill |= n > 1
             budget -= n
             i += 1
 
-        admit = bool(self.waiting) and self._admit_now(decoding=bool(entries) and not prefill)
+        admit = bool(self.waiting) and self._admit_now(decoding=bool(rows) and not prefill)
+        admitted = False
         while admit and self.waiting and budget > 0 and self._free_slots:
             seq = self.waiting[0]
             if seq.num_pending:
@@ -160,60 +246,141 @@ class Scheduler:
             seq.slot = self._free_slots.pop()
             seq.block_table.extend(self.allocator.allocate(need))
             bisect.insort(self.running, seq, key=lambda s: s.arrival)
-            entries.append(self._take(seq, n))
+            self._version += 1
+            rows.append(self._take(seq, n))
             budget -= n
+            admitted = True
 
-        if not entries:
+        if not rows:
             return None
-        step = ScheduledStep(self._next_step, entries, self.max_num_batched_tokens - budget)
+        seqs = [r[0] for r in rows]
+        starts = np.fromiter((r[1] for r in rows), np.int64, len(rows))
+        counts = np.fromiter((r[2] for r in rows), np.int64, len(rows))
+        sample = np.fromiter((r[3] for r in rows), np.bool_, len(rows))
+        num_tokens = self.max_num_batched_tokens - budget
+        self._compositions += 1  # a new list of rows (the fast path keeps its predecessor's)
+        step = ScheduledStep(self._next_step, seqs, starts, counts, sample, num_tokens, 1, self._compositions)
+        decode_only = num_tokens == len(seqs) and not admitted and bool(sample.all())
+        if decode_only and self.decode_steps > 1:
+            self._extend_to_round(step)
         self._next_step += 1
+        # reusable by _next_decode only if every running sequence is in it, in running order
+        self._last = step if decode_only and len(seqs) == len(self.running) else None
+        self._last_version = self._version if self._last is not None else -1
+        if self._last is not None:
+            self._last_limits = np.fromiter((s.max_len for s in seqs), np.int64, len(seqs))
+            self._last_blocks = np.fromiter((len(s.block_table) for s in seqs), np.int64, len(seqs))
         return step
 
+    def _extend_to_round(self, step: ScheduledStep) -> None:
+        """Turn a decode-only step into a multi-step round, if every row's extra blocks are free (no preemption for
+        a round: it would only be an optimization)."""
+        k = self.decode_steps
+        limits = np.fromiter((s.max_len for s in step.seqs), np.int64, len(step.seqs))
+        counts = np.minimum(limits - 1 - step.starts, k)
+        if int(counts.max()) <= 1:
+            return
+        bs = self.allocator.block_size
+        need = -(-(step.starts + counts) // bs)
+        have = np.fromiter((len(s.block_table) for s in step.seqs), np.int64, len(step.seqs))
+        short = np.flatnonzero(need > have)
+        if short.size and not self.allocator.can_allocate(int((need - have)[short].sum())):
+            return
+        for i in short.tolist():
+            step.seqs[i].block_table.extend(self.allocator.allocate(int(need[i] - have[i])))
+        for seq, c in zip(step.seqs, counts.tolist()):
+            seq.num_computed += c - 1
+            seq.num_pending += c - 1
+        step.counts = counts
+        step.num_steps = k
+        step.grown = None
+
     def on_step_done(
-        self, step: ScheduledStep, tokens: list[int], logprobs: list[float] | None
-    ) -> tuple[list[SampledToken], list[Sequence]]:
-        """Accept the sampled tokens of a finished step. Returns what is to be detokenized, in order, and the
-        sequences whose row the runner flagged as broken (token ``-1``: non-finite logits), for the engine to fail."""
-        out: list[SampledToken] = []
+        self, step: ScheduledStep, tokens: list[list[int]], logprobs: list[list[float]] | None
+    ) -> StepOutput:
+        """Accept the sampled tokens of a finished step: ``tokens[j][r]`` is sub-step ``j``'s sample of the step's
+        ``r``-th sampling row (one sub-step unless the step is a multi-step round)."""
+        accepted: list = []
         broken: list[Sequence] = []
-        for k, entry in enumerate(e for e in step.entries if e.sample):
-            seq = entry.seq
-            seq.num_pending -= 1
-            if seq.status is SeqStatus.FINISHED:
-                continue  # the extra step a finished sequence runs under overlap: its token is dropped
-            tok = tokens[k]
-            if tok < 0:
-                broken.append(seq)
+        finished = SeqStatus.FINISHED
+        if step.num_steps == 1:
+            toks = tokens[0]
+            lps = logprobs[0] if logprobs is not None else None
+            rows = step.seqs if step.sample.all() else [s for s, m in zip(step.seqs, step.sample) if m]
+            for r, seq in enumerate(rows):
+                seq.num_pending -= 1
+                if seq.status is finished:
+                    continue  # the extra step a finished sequence runs under overlap: its token is dropped
+                tok = toks[r]
+                if tok < 0:
+                    broken.append(seq)
+                    continue
+                ids = seq.token_ids
+                ids.append(tok)
+                if tok in seq.stop_ids:
+                    accepted.append((seq, [tok], None if lps is None else [lps[r]], "stop", True))
+                    self.finish(seq, "stop")
+                elif len(ids) >= seq.max_len:
+                    accepted.append((seq, [tok], None if lps is None else [lps[r]], "length", False))
+                    self.finish(seq, "length")
+                else:
+                    accepted.append((seq, [tok], None if lps is None else [lps[r]], None, False))
+            return StepOutput(accepted, broken)
+        # sub-step j ran only the rows with more than j positions, in order: row r is its (rank of r)-th sample
+        counts = step.counts
+        ranks = None
+        if int(counts.min()) < step.num_steps:
+            ranks = [(np.cumsum(counts > j) - 1).tolist() for j in range(step.num_steps)]
+        for r, (seq, count) in enumerate(zip(step.seqs, counts.tolist())):
+            seq.num_pending -= count
+            if seq.status is finished:
                 continue
-            seq.token_ids.append(tok)
+            got: list[int] = []
+            got_lp: list[float] | None = None if logprobs is None else []
             reason = None
-            is_stop = tok in seq.stop_ids
-            if is_stop:
-                reason = "stop"
-            elif len(seq.token_ids) >= seq.max_len:
-                reason = "length"
-            out.append(SampledToken(seq, tok, None if logprobs is None else logprobs[k], reason, is_stop))
+            stop = False
+            ids = seq.token_ids
+            for j in range(count):
+                at = r if ranks is None else ranks[j][r]
+                tok = tokens[j][at]
+                if tok < 0:
+                    broken.append(seq)
+                    break
+                ids.append(tok)
+                got.append(tok)
+                if got_lp is not None:
+                    got_lp.append(logprobs[j][at])
+                if tok in seq.stop_ids:
+                    reason, stop = "stop", True
+                elif len(ids) >= seq.max_len:
+                    reason = "length"
+                if reason is not None:
+                    break  # the round's later tokens for this row are dropped (computed, never emitted)
+            if got:
+                accepted.append((seq, got, got_lp, reason, stop))
             if reason is not None:
                 self.finish(seq, reason)
-        return out, broken
-
-    def unschedule(self, step: ScheduledStep) -> None:
-        """Undo the latest scheduled ``step``, which was never launched: its sequences keep their blocks and slots,
-        and compute those positions in a later step."""
-        for entry in step.entries:
-            entry.seq.num_computed -= entry.num_tokens
-            if entry.sample:
-                entry.seq.num_pending -= 1
+        return StepOutput(accepted, broken)
 
     def on_step_failed(self, step: ScheduledStep) -> list[Sequence]:
         """A step raised: its sequences cannot trust their KV any more. Returns the live ones to fail."""
         failed = []
-        for entry in step.entries:
-            if entry.sample:
-                entry.seq.num_pending -= 1
-            if entry.seq.status is not SeqStatus.FINISHED and entry.seq not in failed:
-                failed.append(entry.seq)
+        for seq, count, sample in zip(step.seqs, step.counts.tolist(), step.sample.tolist()):
+            if sample:
+                seq.num_pending -= count if step.num_steps > 1 else 1
+            if seq.status is not SeqStatus.FINISHED and seq not in failed:
+                failed.append(seq)
         return failed
+
+    def unschedule(self, step: ScheduledStep) -> None:
+        """Undo the latest scheduled ``step``, which was never launched: its sequences keep their blocks and slots,
+        and compute those positions in a later step."""
+        for seq, count, sample in zip(step.seqs, step.counts.tolist(), step.sample.tolist()):
+            seq.num_computed -= count
+            if sample:
+                seq.num_pending -= count if step.num_steps > 1 else 1
+        self._last = None
+        self._last_version = -1
 
     # -- internals ----------------------------------------------------------------------------------------------
 
@@ -230,13 +397,13 @@ class Scheduler:
         self._held_steps += 1
         return False
 
-    def _take(self, seq: Sequence, n: int) -> ScheduledSeq:
+    def _take(self, seq: Sequence, n: int) -> tuple[Sequence, int, int, bool]:
         start = seq.num_computed
         seq.num_computed += n
         sample = seq.num_computed == len(seq.token_ids) + seq.num_pending
         if sample:
             seq.num_pending += 1
-        return ScheduledSeq(seq, start, n, sample)
+        return seq, start, n, sample
 
     def _grow(self, seq: Sequence, n: int) -> bool:
         """Give a running sequence blocks for ``n`` more positions, preempting newer ones if needed.
@@ -255,6 +422,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        self._version += 1
         self._release(seq)
         seq.num_computed = 0
         self.num_preemptions += 1

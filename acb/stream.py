@@ -16,10 +16,8 @@ from collections import deque
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from .detokenizer import IncrementalDetokenizer
 from .errors import StreamInUseError
 from .outputs import Token
-from .scheduler import SampledToken
 from .sequence import Sequence
 from .stops import StopStringMatcher, StopStrings
 
@@ -33,18 +31,38 @@ __all__ = ["RequestState", "RequestStream"]
 
 class Channel:
     """A one-consumer, unbounded channel: a deque plus one waiter future (lighter than ``asyncio.Queue``, which
-    matters at one item per request per step). Loop thread only."""
+    matters at one item per request per step). Loop thread only.
 
-    __slots__ = ("_items", "_waiter")
+    ``wake_at`` lets a consumer take tokens in chunks: once it has read everything, it is woken again only when that
+    many items wait (or the stream ended). The first item always wakes it at once."""
 
-    def __init__(self) -> None:
+    __slots__ = ("_items", "_waiter", "wake_at", "_ended", "_started")
+
+    def __init__(self, wake_at: int = 1) -> None:
         self._items: deque = deque()
         self._waiter: asyncio.Future | None = None
+        self.wake_at = wake_at
+        self._ended = False
+        self._started = False  # the first item was handed out
 
     def put_nowait(self, item) -> None:
         self._items.append(item)
+        self._wake(final=not isinstance(item, Token) or item[3] is not None)
+
+    def put_many(self, items: list) -> None:
+        """Several items at once: the consumer is woken at most once."""
+        self._items.extend(items)
+        self._wake(final=items[-1][3] is not None)
+
+    def _wake(self, final: bool) -> None:
+        if final:
+            self._ended = True
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
+        if (
+            waiter is not None
+            and not waiter.done()
+            and (self._ended or not self._started or len(self._items) >= self.wake_at)
+        ):
             waiter.set_result(None)
 
     async def get(self):
@@ -54,39 +72,22 @@ class Channel:
                 await self._waiter
             finally:
                 self._waiter = None
+        self._started = True
         return self._items.popleft()
 
 
 class RequestState:
-    """The engine's side of one request: sequence, detokenizer, stop strings and the output channel."""
+    """The engine's side of one request: sequence, text decoding state, stop strings and the output channel."""
 
-    __slots__ = ("seq", "channel", "detok", "stops", "closed", "queued")
+    __slots__ = ("seq", "channel", "text", "stops", "closed", "queued")
 
-    def __init__(self, seq: Sequence, tokenizer, stops: StopStrings | None = None) -> None:
+    def __init__(self, seq: Sequence, text_state, stops: StopStrings | None = None, stream_interval: int = 1) -> None:
         self.seq = seq
-        self.channel = Channel()
-        self.detok = IncrementalDetokenizer(tokenizer)
+        self.channel = Channel(stream_interval)
+        self.text = text_state  # the request's state in the engine's TextDecoder
         self.stops = StopStringMatcher(stops) if stops is not None else None
         self.closed = False
         self.queued = False  # in the engine's admission queue (admitted, not yet handed to the scheduler)
-
-    def deliver(self, s: SampledToken, text: str) -> bool:
-        """Put one accepted token, whose incremental ``text`` was already resolved (``""`` for a stop token), on the
-        channel as a :class:`Token`. Returns True if a stop string ended the request."""
-        if self.closed:
-            return False
-        reason = s.finish_reason
-        if reason is not None:
-            text += self.detok.flush()  # a stop token's own text is never emitted: it was not pushed
-        hit = False
-        if self.stops is not None:
-            text, hit = self.stops.feed(text, final=reason is not None)
-            if hit:
-                reason = "stop"
-        self.channel.put_nowait(Token(s.token_id, text, s.logprob, reason))
-        if reason is not None:
-            self.closed = True
-        return hit
 
     def end(self, item: Token | BaseException) -> None:
         """Close the channel with a final marker token or an error."""
@@ -103,8 +104,16 @@ class RequestStream(AsyncIterator[Token]):
     cancelling the consuming task, or :meth:`aclose` aborts the request and frees its KV blocks at once.
     """
 
-    def __init__(self, engine: Engine, prompt: Prompt, params: SamplingParams | None, request_id: str | None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        prompt: Prompt,
+        params: SamplingParams | None,
+        request_id: str | None,
+        stream_interval: int = 1,
+    ) -> None:
         self._engine = engine
+        self._interval = stream_interval
         self._prompt = prompt
         self._params = params
         self._state: RequestState | None = None
@@ -138,7 +147,7 @@ class RequestStream(AsyncIterator[Token]):
         self._reading = True
         try:
             if self._state is None:
-                await self._engine._submit(self.request_id, self._prompt, self._params, self._attach)
+                await self._engine._submit(self.request_id, self._prompt, self._params, self._attach, self._interval)
             item = await self._state.channel.get()
         except BaseException:
             self._done = True
@@ -158,7 +167,7 @@ class RequestStream(AsyncIterator[Token]):
         if self._state is None and not self._done:
             self._engine._check_loop()
             try:
-                await self._engine._submit(self.request_id, self._prompt, self._params, self._attach)
+                await self._engine._submit(self.request_id, self._prompt, self._params, self._attach, self._interval)
             except BaseException:
                 self._done = True
                 raise

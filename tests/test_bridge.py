@@ -20,10 +20,10 @@ class FakeEvent:
 async def test_learns_from_observed_waits_and_shrinks_after_oversleeping():
     bridge = CompletionBridge()
     await bridge._wait_event(FakeEvent(0.02))
-    assert 0.019 <= bridge._predicted[(True, 0)] < 0.2
-    learned = bridge._predicted[(True, 0)]
+    assert 0.019 <= bridge._predicted[(True, 0, 0)] < 0.2
+    learned = bridge._predicted[(True, 0, 0)]
     await bridge._wait_event(FakeEvent(0.0))  # complete before the wait began
-    assert bridge._predicted[(True, 0)] < learned
+    assert bridge._predicted[(True, 0, 0)] < learned
 
 
 async def test_a_busy_loop_does_not_inflate_the_prediction_without_bound():
@@ -43,7 +43,7 @@ async def test_a_busy_loop_does_not_inflate_the_prediction_without_bound():
     stop.set()
     await task
     # observed waits include up to a 4 ms hog slice; oversleeping shrinks the prediction again
-    assert bridge._predicted[(True, 0)] < 0.005 + 0.004 * 2
+    assert bridge._predicted[(True, 0, 0)] < 0.005 + 0.004 * 2
 
 
 async def test_the_loop_keeps_running_while_waiting():

@@ -26,7 +26,7 @@ def _sched(blocks=100, block_size=4, seqs=8, budget=16) -> Scheduler:
 
 def _finish_step(s: Scheduler, step, token=7):
     n = sum(e.sample for e in step.entries)
-    return s.on_step_done(step, [token] * n, None)[0]
+    return s.on_step_done(step, [[token] * n], None).accepted
 
 
 def test_chunked_prefill_respects_the_token_budget_and_mixes_with_decode():
@@ -87,10 +87,11 @@ def test_overlap_schedules_from_pending_tokens_and_drops_the_extra_token():
     assert a.num_pending == 1
     s2 = s.schedule()  # scheduled before s1's token reached the host: decodes position 5 from the device buffer
     assert [(e.start, e.num_tokens, e.sample) for e in s2.entries] == [(5, 1, True)]
-    out, _ = s.on_step_done(s1, [9], None)
-    assert [(t.token_id, t.finish_reason) for t in out] == [(9, None)]
+    out = s.on_step_done(s1, [[9]], None).accepted
+    assert [(ids, reason) for _, ids, _, reason, _ in out] == [([9], None)]
     s.finish(a, "stop")  # e.g. a stop string in token 9: s2's sample is the extra token
-    assert s.on_step_done(s2, [11], None) == ([], [])
+    out = s.on_step_done(s2, [[11]], None)
+    assert out.accepted == [] and out.broken == []
     assert a.token_ids[-1] == 9 and s.allocator.num_free == 100
 
 
@@ -103,7 +104,7 @@ def test_a_sequence_at_its_length_limit_is_not_scheduled_again():
     assert s.schedule() is None  # the last token is never fed back
     _finish_step(s, s1)
     out = _finish_step(s, s2)
-    assert out[0].finish_reason == "length" and a.is_finished
+    assert out[0][3] == "length" and a.is_finished
 
 
 def _decoding(group: int, delay: int, backlog: int) -> Scheduler:

@@ -76,7 +76,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     def complete(self, tokens):
         step = self.inflight.popleft()
         n = sum(e.sample for e in step.entries)
-        self.sched.on_step_done(step, tokens[:n] + [5] * max(0, n - len(tokens)), None)
+        self.sched.on_step_done(step, [tokens[:n] + [5] * max(0, n - len(tokens))], None)
 
     @precondition(lambda self: self.inflight)
     @rule()
@@ -140,7 +140,7 @@ class SchedulerMachine(RuleBasedStateMachine):
                 self.inflight.append(step)
             elif self.inflight:
                 step = self.inflight.popleft()
-                self.sched.on_step_done(step, [5] * sum(e.sample for e in step.entries), None)
+                self.sched.on_step_done(step, [[5] * sum(e.sample for e in step.entries)], None)
             else:
                 raise AssertionError(f"stuck: nothing schedulable, nothing in flight: {self.sched.waiting}")
         assert all(s.is_finished for s in self.seqs)

@@ -130,7 +130,7 @@ async def test_health_and_metrics(served):
     engine, url = served
     async with httpx.AsyncClient(base_url=url) as http:
         assert (await http.get("/health")).json() == {"status": "ok"}
-        await http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3})
+        await http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3, "ignore_eos": True})
         text = (await http.get("/metrics")).text
     assert 'acb_http_requests_total{endpoint="/v1/completions",status="200"} 1.0' in text
     assert "acb_generated_tokens_total 3.0" in text

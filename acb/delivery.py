@@ -1,0 +1,82 @@
+"""Delivery: a finished step's tokens to their requests' streams.
+
+For each request that got tokens, in one pass: text deltas (:mod:`acb.detokenizer`, every request's tokens of the
+step decoded together), stop strings (:mod:`acb.stops`), one :class:`~acb.outputs.Token` per token, and a single
+hand-over to the request's channel, which wakes its consumer at most once per step, however many tokens the step
+brought (a multi-step round brings several). A consumer that lags finds everything delivered since its last read
+in one wake-up.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .detokenizer import TextDecoder
+from .outputs import Token
+from .scheduler import StepOutput
+from .sequence import Sequence
+from .stream import RequestState
+
+__all__ = ["Delivery"]
+
+log = logging.getLogger("acb")
+
+_token = tuple.__new__  # Token((id, text, logprob, reason)) without NamedTuple's keyword handling: one per token
+
+
+class Delivery:
+    def __init__(self, decoder: TextDecoder) -> None:
+        self.decoder = decoder
+
+    def deliver(
+        self, out: StepOutput, live: dict[str, RequestState]
+    ) -> tuple[list[Sequence], list[tuple[RequestState, Exception]]]:
+        """Hand ``out``'s tokens to the live requests' channels. Returns the sequences a stop string ended (for the
+        scheduler to finish) and the requests that failed in detokenization, with the error (for the engine to
+        fail; the others are delivered)."""
+        items = []
+        for acc in out.accepted:
+            state = live.get(acc[0].request_id)
+            if state is not None and state.seq is acc[0] and not state.closed:
+                items.append((state, acc))
+        stopped: list[Sequence] = []
+        failed: list[tuple[RequestState, Exception]] = []
+        if not items:
+            return stopped, failed
+        decoder = self.decoder
+        try:  # a stop token's own text is never emitted, so it is not decoded
+            texts = decoder.deltas([(st.text, ids[:-1] if stop_tok else ids) for st, (_, ids, _, _, stop_tok) in items])
+        except Exception as exc:  # a tokenizer bug: fail the step's requests, keep serving
+            log.exception("detokenizing a step failed")
+            return stopped, [(st, exc) for st, _ in items]
+        for (state, (seq, ids, lps, reason, _)), deltas in zip(items, texts):
+            try:
+                if self._one(state, ids, lps, reason, deltas):
+                    stopped.append(seq)
+            except Exception as exc:
+                log.exception("detokenizing %s failed", seq.request_id)
+                failed.append((state, exc))
+        return stopped, failed
+
+    def _one(self, state: RequestState, ids: list[int], lps: list[float] | None, reason, deltas: list[str]) -> bool:
+        """Deliver one request's tokens of the step; True if a stop string ended it."""
+        last = len(ids) - 1
+        stops = state.stops
+        tokens = []
+        hit = False
+        for j, tok in enumerate(ids):
+            text = deltas[j] if j < len(deltas) else ""  # the stop token (last) has no delta
+            r = reason if j == last else None
+            if r is not None:
+                text += self.decoder.flush(state.text)
+            if stops is not None:
+                text, hit = stops.feed(text, final=r is not None)
+                if hit:
+                    r = "stop"
+            tokens.append(_token(Token, (tok, text, None if lps is None else lps[j], r)))
+            if hit:
+                break  # a stop string ended the request: this round's later tokens are never emitted
+        state.channel.put_many(tokens)
+        if tokens[-1][3] is not None:
+            state.closed = True
+        return hit

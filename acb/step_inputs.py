@@ -1,0 +1,205 @@
+"""The one way a step's inputs reach the device, for every path (lean eager, generic, CUDA graphs).
+
+The host packs a :class:`~acb.batch.StepBatch` into a pinned staging buffer (two, alternating, so the host fills one
+while the copy from the other may still be in flight) and one host-to-device copy lands it in a device buffer with
+the same layout. Decode steps that replay a CUDA graph use the *fixed* layout, whose regions are sized for the
+largest graph and whose views are the static inputs the graphs were captured on; other steps use a *compact* layout
+sized to the step, so that their copy carries nothing but the step.
+
+The device owns each sequence slot's block table (``tables [slots + 1, max_blocks]``, the last row a scratch row for
+graph padding). A step carries only the table entries written since the last one; the device applies them, then
+derives what the kernels read: input ids (the host's, or a row's previous sample from the token buffer), each row's
+block table, and each token's KV-cache slot. The same derivation runs eagerly and inside the graphs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .batch import StepBatch
+
+__all__ = ["StepInputs", "DeviceStep"]
+
+# int64 regions, by size class: per token (T), per row (B), per row + 1, per sampled row (S), per table update (U)
+_TOKEN = ("host_ids", "from_device", "token_rows", "positions")
+_ROW = ("slots", "seq_lens")
+_SAMPLE = ("sample_idx", "sample_slots", "sample_positions", "top_k", "seeds", "temperature", "top_p")
+_UPDATE = ("table_slots", "table_cols", "table_blocks")
+_FLOATS = ("temperature", "top_p")  # float32, stored in the first half of their int64 region
+
+
+@dataclass(slots=True)
+class DeviceStep:
+    """A staged step's device tensors (views of the device buffer; derived ones computed from them)."""
+
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    slot_mapping: torch.Tensor  # [T]
+    seq_lens: torch.Tensor  # [B]
+    block_tables: torch.Tensor  # [B, max_blocks]
+    query_start_loc: torch.Tensor  # [B + 1]
+    sample_idx: torch.Tensor  # [S]
+    sample_slots: torch.Tensor  # [S]
+    sample_positions: torch.Tensor  # [S]
+    temperature: torch.Tensor  # [S] float32
+    top_k: torch.Tensor  # [S]
+    top_p: torch.Tensor  # [S] float32
+    seeds: torch.Tensor  # [S]
+
+
+class StepInputs:
+    def __init__(
+        self,
+        *,
+        max_tokens: int,
+        max_rows: int,
+        max_updates: int,
+        graph_rows: int,
+        num_slots: int,
+        max_blocks: int,
+        block_size: int,
+        scratch_block: int,
+        token_buf: torch.Tensor,
+        device: torch.device,
+    ) -> None:
+        self.block_size = block_size
+        self.scratch_slot = num_slots  # the tables' and the token buffer's spare row
+        self.token_buf = token_buf
+        self.cuda = device.type == "cuda"
+        self.capacity = (max_tokens, max_rows, max_updates)
+        size = _layout(max_tokens, max_rows, max_rows, max_updates)[1]
+        self.tables = torch.full((num_slots + 1, max_blocks), scratch_block, dtype=torch.int64, device=device)
+        self._dev = torch.zeros(size, dtype=torch.int64, device=device)
+        if self.cuda:
+            self._stage = [torch.zeros(size, dtype=torch.int64).pin_memory() for _ in range(2)]
+            self._copied: list | None = [torch.cuda.Event(), torch.cuda.Event()]
+        else:  # the CPU computes from the staging buffer itself
+            self._stage = [self._dev]
+            self._copied = None
+        self._turn = 0
+        self._np = [buf.numpy() for buf in self._stage]
+        # the graphs' layout: fixed regions, made once (host views of both staging buffers, device views)
+        self.fixed, self._fixed_end = _layout(graph_rows, graph_rows, graph_rows, max_updates)
+        self._fixed_host = [_views(buf, self.fixed, np.float32) for buf in self._np]
+        self.fixed_views = _views(self._dev, self.fixed, torch.float32)
+        for host in self._fixed_host:  # padding rows: a scratch slot no sequence owns, an empty context
+            host["slots"][:] = self.scratch_slot
+            host["sample_slots"][:] = self.scratch_slot
+            host["seq_lens"][:] = 1
+            host["token_rows"][:] = np.arange(graph_rows)
+            host["sample_idx"][:] = np.arange(graph_rows)
+        if self.cuda:
+            self._dev[: self._fixed_end].copy_(self._stage[0][: self._fixed_end])
+
+    # -- staging ----------------------------------------------------------------------------------------------------
+
+    def stage(
+        self, b: StepBatch, graph_rows: int = 0, start: torch.cuda.Event | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Pack ``b`` into a staging buffer, start its copy to the device, apply its block-table entries, and return
+        the device views of its fields.
+
+        ``graph_rows`` > 0: a decode step replayed by the graph of that many rows; it uses the fixed layout, and rows
+        ``len(b) .. graph_rows`` are padding that reads and writes only the scratch slot. ``start`` (step timing) is
+        recorded right before the step's first GPU work, after the host filled the staging buffer, so that host time
+        never counts as GPU time."""
+        t, n, s, u = b.num_tokens, b.num_rows, len(b.sample_idx), len(b.table_slots)
+        if t > self.capacity[0] or n > self.capacity[1] or u > self.capacity[2]:
+            raise RuntimeError(f"a step of {t} tokens, {n} rows, {u} table entries exceeds {self.capacity}")
+        k = self._turn
+        if self._copied is not None:
+            self._turn ^= 1
+            self._copied[k].synchronize()  # the copy that last read this staging buffer is done (practically always)
+        if graph_rows:
+            layout, end, h = self.fixed, self._fixed_end, self._fixed_host[k]
+        else:
+            layout, end = _layout(t, n, s, u)
+            h = _views(self._np[k], layout, np.float32)
+        h["host_ids"][:t] = b.input_ids
+        h["from_device"][:t] = b.from_device
+        h["token_rows"][:t] = b.token_rows
+        h["positions"][:t] = b.positions
+        h["slots"][:n] = b.slots
+        h["seq_lens"][:n] = b.seq_lens
+        h["query_start_loc"][: n + 1] = b.query_start_loc
+        h["sample_idx"][:s] = b.sample_idx
+        h["sample_slots"][:s] = b.sample_slots
+        h["sample_positions"][:s] = b.sample_positions
+        if not b.all_greedy:
+            h["temperature"][:s] = b.temperature
+            h["top_k"][:s] = b.top_k
+            h["top_p"][:s] = b.top_p
+            h["seeds"][:s] = b.seeds
+        if u:
+            h["table_slots"][:u] = b.table_slots
+            h["table_cols"][:u] = b.table_cols
+            h["table_blocks"][:u] = b.table_blocks
+        if graph_rows > n:  # restore the padding that a larger step overwrote
+            pad = slice(n, graph_rows)
+            h["host_ids"][pad] = 0
+            h["from_device"][pad] = 0
+            h["token_rows"][pad] = np.arange(n, graph_rows)
+            h["positions"][pad] = 0
+            h["slots"][pad] = self.scratch_slot
+            h["seq_lens"][pad] = 1
+            h["sample_idx"][pad] = np.arange(n, graph_rows)
+            h["sample_slots"][pad] = self.scratch_slot
+        if start is not None:
+            start.record()
+        if self._copied is not None:
+            self._dev[:end].copy_(self._stage[k][:end], non_blocking=True)
+            self._copied[k].record()
+        v = self.fixed_views if graph_rows else _views(self._dev, layout, torch.float32)
+        if u:
+            self.tables[v["table_slots"][:u], v["table_cols"][:u]] = v["table_blocks"][:u]
+        return v
+
+    # -- what the kernels read ----------------------------------------------------------------------------------
+
+    def derive(self, v: dict[str, torch.Tensor], t: int, n: int, s: int) -> DeviceStep:
+        """The device tensors of a staged step of ``t`` tokens, ``n`` rows and ``s`` sampled rows, from its views
+        (the same code runs inside the decode graphs, on padded sizes)."""
+        slots = v["slots"][:n]
+        positions = v["positions"][:t]
+        token_slots = slots[v["token_rows"][:t]]
+        input_ids = torch.where(v["from_device"][:t].bool(), self.token_buf[token_slots], v["host_ids"][:t])
+        bs = self.block_size
+        slot_mapping = self.tables[token_slots, positions // bs] * bs + positions % bs
+        return DeviceStep(
+            input_ids=input_ids,
+            positions=positions,
+            slot_mapping=slot_mapping,
+            seq_lens=v["seq_lens"][:n],
+            block_tables=self.tables[slots],
+            query_start_loc=v["query_start_loc"][: n + 1],
+            sample_idx=v["sample_idx"][:s],
+            sample_slots=v["sample_slots"][:s],
+            sample_positions=v["sample_positions"][:s],
+            temperature=v["temperature"][:s],
+            top_k=v["top_k"][:s],
+            top_p=v["top_p"][:s],
+            seeds=v["seeds"][:s],
+        )
+
+
+def _layout(t: int, n: int, s: int, u: int) -> tuple[dict[str, tuple[int, int]], int]:
+    """Field regions ``name -> (offset, size)`` for a step of that many tokens, rows, samples and table entries,
+    small fields first; and the end of the last one."""
+    out, off = {}, 0
+    for names, size in ((_ROW, n), (("query_start_loc",), n + 1), (_SAMPLE, s), (_TOKEN, t), (_UPDATE, u)):
+        for name in names:
+            out[name] = (off, size)
+            off += size
+    return out, off
+
+
+def _views(buf, layout: dict[str, tuple[int, int]], float_dtype) -> dict:
+    """Views of ``buf`` (numpy or torch int64) per field; float fields reinterpret the first half of their region."""
+    out = {}
+    for name, (off, size) in layout.items():
+        v = buf[off : off + size]
+        out[name] = v.view(float_dtype)[:size] if name in _FLOATS else v
+    return out
