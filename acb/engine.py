@@ -431,7 +431,7 @@ class Engine:
                 self._isolate_failed_step(step, exc)
                 self._inflight.release()
                 continue
-            self._steps += 1
+            self._steps += step.num_steps
             self._launched.put_nowait(handle)
 
     def _isolate_failed_step(self, step: ScheduledStep, exc: Exception) -> None:

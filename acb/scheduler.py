@@ -185,6 +185,7 @@ class Scheduler:
             return None  # a row reached its length limit: it leaves the batch (the general path)
         k = self.decode_steps
         counts = np.minimum(remaining, k) if k > 1 else np.ones_like(starts)
+        k = int(counts.max())  # a round never runs a sub-step that no row needs
         needed = -(-(starts + counts) // self.allocator.block_size)
         short = np.flatnonzero(needed > blocks)
         if short.size:
@@ -292,7 +293,7 @@ class Scheduler:
             seq.num_computed += c - 1
             seq.num_pending += c - 1
         step.counts = counts
-        step.num_steps = k
+        step.num_steps = int(counts.max())
         step.grown = None
 
     def on_step_done(

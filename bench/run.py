@@ -185,7 +185,12 @@ async def bench(args) -> list[dict]:
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bandwidth = copy_bandwidth() if device == "cuda" else float("nan")
-    stamp = {"commit": _commit(), "date": datetime.date.today().isoformat(), "torch": torch.__version__}
+    stamp = {
+        "commit": _commit(),
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
+    }
     results = []
     traces: dict[str, dict] = {}
     models: dict[str, tuple[torch.nn.Module, int]] = {}
@@ -332,9 +337,17 @@ def report_markdown(results: list[dict], command: str) -> str:
     first = results[0] if results else {}
     head = (
         f"Card: {first.get('card', '?')} · date: {first.get('date', '?')} · commit: {first.get('commit', '?')} · "
-        f"torch {first.get('torch', '?')}\n\nCommand: `{command}`\n"
+        f"torch {first.get('torch', '?')} · loop: {first.get('loop', '?')}\n\nCommand: `{command}`\n"
     )
     return head + "\n" + table_markdown(results) + "\n\n" + ratios_markdown(results) + "\n"
+
+
+def _has_uvloop() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -357,8 +370,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--markdown", help="also write the table to this markdown file")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument(
+        "--loop",
+        choices=["asyncio", "uvloop"],
+        default="uvloop" if _has_uvloop() else "asyncio",
+        help="event loop (default: uvloop when installed, as acb.run does)",
+    )
     args = ap.parse_args(argv)
-    results = asyncio.run(bench(args))
+    if args.loop == "uvloop":
+        import uvloop
+
+        results = uvloop.run(bench(args))
+    else:
+        results = asyncio.run(bench(args))
     report = report_markdown(results, "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:]))
     print(report)
     if args.markdown:

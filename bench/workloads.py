@@ -92,13 +92,14 @@ def make_requests(w: Workload, vocab: int, seed: int = 0) -> list[tuple[list[int
 
 
 def synthetic_tokenizer(vocab_size: int):
-    """A word-level tokenizer covering ``vocab_size`` ids (token ``i`` is the word ``w{i}``), so that random token
-    ids of a real vocabulary size detokenize, at a cost comparable to a real tokenizer's."""
+    """A byte-level BPE tokenizer covering ``vocab_size`` ids (token ``i`` is the word `` w{i}``), so that random token
+    ids of a real vocabulary size detokenize the way Llama 3's and Qwen's do (byte-level BPE), at a comparable cost."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {f"w{i}": i for i in range(vocab_size)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token=f"w{vocab_size - 1}")
+    space = "\u0120"  # the byte-level alphabet's spelling of a space
+    vocab = {f"{space}w{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(models.BPE(vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=f"{space}w{vocab_size - 1}")

@@ -79,3 +79,45 @@ async def test_greedy_rows_match_generate_beside_sampled_and_logprob_rows(overla
         assert engine._runner.graphs is not None
     assert {i: outs[i].token_ids for i in expected} == expected
     assert all(len(outs[i].logprobs) == 20 for i in expected if i % 3 == 2)
+
+
+@pytest.mark.parametrize("path", ["graphs", "lean-eager"])
+@pytest.mark.parametrize("overlap", [True, False], ids=["async", "sync"])
+async def test_multi_step_rounds_match_single_steps_on_cuda(overlap, path, make_model, tokenizer):
+    """decode_steps=4: rounds of graph replays (or eager steps) fed from the device token buffer give the tokens of
+    single steps, for greedy, seeded, logprob and stop-token rows, with preemption."""
+    model, ref = make_model("qwen2", seed=8)
+    prompts = random_prompts(10, [5, 17, 33, 64, 3, 100], len(tokenizer), seed=8)
+    expected = [reference_greedy(ref, p, 23) for p in prompts]
+
+    def params(i: int) -> SamplingParams:
+        if i == 1:
+            return SamplingParams(max_new_tokens=23, temperature=0.8, seed=3, ignore_eos=True)
+        if i == 2:
+            return SamplingParams(max_new_tokens=23, ignore_eos=True, stop_token_ids=[expected[2][9]])
+        return SamplingParams(max_new_tokens=23, ignore_eos=True, logprobs=i == 3)
+
+    async def run(steps: int, m):
+        config = EngineConfig(
+            device="cuda", block_size=16, num_kv_blocks=30, max_num_batched_tokens=64, overlap=overlap,
+            decode_steps=steps, **PATHS[path],
+        )  # fmt: skip
+        async with Engine(m, tokenizer, config) as engine:
+
+            async def one(i, p):
+                await asyncio.sleep(0.003 * (i % 4))
+                return await engine.generate(p, params(i))
+
+            outs = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+            assert engine.stats().kv_blocks_free == engine.stats().kv_blocks_total
+        return outs
+
+    import copy
+
+    single = await run(1, copy.deepcopy(model))
+    rounds = await run(4, model)
+    assert [o.token_ids for o in rounds] == [o.token_ids for o in single]
+    greedy = [i for i in range(len(prompts)) if i not in (1, 2)]
+    assert [rounds[i].token_ids for i in greedy] == [expected[i] for i in greedy]
+    assert rounds[2].finish_reason == "stop" and rounds[2].token_ids == expected[2][:10]
+    assert rounds[3].logprobs == pytest.approx(single[3].logprobs, abs=1e-4)
