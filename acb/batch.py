@@ -26,8 +26,8 @@ _I64 = np.int64
 class StepBatch:
     """Host-side inputs of one step (numpy), ready for :meth:`acb.runner.ModelRunner.launch`.
 
-    A multi-step decode round is this batch (its first sub-step) plus ``more``: one batch per further sub-step,
-    each holding the rows still running then, every input read from the device token buffer."""
+    A multi-step decode round is staged as its first sub-step plus ``counts``, each row's number of sub-steps; the
+    device advances it to the next sub-steps itself (:meth:`acb.step_inputs.StepInputs.advance`)."""
 
     step: ScheduledStep
     # per token [T]
@@ -54,8 +54,11 @@ class StepBatch:
     all_greedy: bool
     needs_filter: bool  # some request uses top-k or top-p
     needs_logprobs: bool
-    sample_rows: np.ndarray | None = None  # rows of the step that sample, for a sub-step of a round (None: all)
-    more: list[StepBatch] | None = None  # a round's later sub-steps
+    counts: np.ndarray | None = None  # a round's sub-steps per row (None: a single step)
+
+    @property
+    def num_steps(self) -> int:
+        return self.step.num_steps
 
     @property
     def num_tokens(self) -> int:
@@ -110,7 +113,7 @@ class BatchBuilder:
         reuse = self._rows_of is not None and step.composition >= 0 and step.composition == self._rows_of[0]
         batch = self._decode(step) if reuse else self._general(step)
         if step.num_steps > 1:
-            batch.more = [self._sub_step(step, batch, j) for j in range(1, step.num_steps)]
+            batch.counts = step.counts
         return batch
 
     # -- the steady state: same rows as the last step, one decode each -------------------------------------------
@@ -126,21 +129,6 @@ class BatchBuilder:
             step, self._zeros[:b], self._ones[:b], rows, positions, slots, seq_lens, self._arange[: b + 1], rows,
             slots, seq_lens, updates, greedy, needs_filter, logprobs,
         )  # fmt: skip
-
-    def _sub_step(self, step: ScheduledStep, first: StepBatch, j: int) -> StepBatch:
-        """Sub-step ``j`` of a round: the rows with more than ``j`` positions, each reading its previous sample."""
-        active = np.flatnonzero(step.counts > j) if int(step.counts.min()) <= j else None
-        slots = first.slots if active is None else first.slots[active]
-        b = len(slots)
-        positions = (step.starts if active is None else step.starts[active]) + j
-        seq_lens = positions + 1
-        rows = self._arange[:b]
-        sub = self._batch(
-            step, self._zeros[:b], self._ones[:b], rows, positions, slots, seq_lens, self._arange[: b + 1], rows,
-            slots, seq_lens, (_EMPTY, _EMPTY, _EMPTY), first.all_greedy, first.needs_filter, first.needs_logprobs,
-        )  # fmt: skip
-        sub.sample_rows = active
-        return sub
 
     # -- any step ------------------------------------------------------------------------------------------------
 

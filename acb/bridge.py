@@ -43,7 +43,7 @@ class CompletionBridge:
         result = await asyncio.wrap_future(handle.future)
         if result.event is not None:
             b = handle.batch
-            await self._wait_event(result.event, (b.decode_only, b.num_tokens.bit_length(), len(b.more or ())))
+            await self._wait_event(result.event, (b.decode_only, b.num_tokens.bit_length(), b.num_steps))
         return result
 
     async def _wait_event(self, event, kind: tuple = (True, 0, 0)) -> None:

@@ -8,6 +8,10 @@ a scratch block no sequence owns.
 
 A step whose rows all sample greedily (no logprobs) is then one copy, one replay and one copy back; any other step
 samples from the graph's logits outside it, and its sampler overwrites the greedy tokens in the token buffer.
+
+Each bucket has a second graph for the later sub-steps of a multi-step round: it first advances the staged inputs
+by one position on the device (:meth:`~acb.step_inputs.StepInputs.advance`), then runs the same step. A round is one
+copy and one replay per sub-step, queued back to back with no host work in between.
 """
 
 from __future__ import annotations
@@ -34,10 +38,12 @@ class DecodeGraphs:
         self.inputs = inputs
         self.max_batch = max_batch
         self.buckets = graph_buckets(max_batch)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._capture(max_model_len)
 
-    def _forward(self, b: int, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, b: int, splits: int, advance: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        if advance:
+            self.inputs.advance(self.inputs.fixed_views, b)
         d = self.inputs.derive(self.inputs.fixed_views, b, b, b)
         x = LeanInputs(
             input_ids=d.input_ids,
@@ -65,10 +71,11 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         pool = torch.cuda.graph_pool_handle()
         for b in reversed(self.buckets):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits, tokens = self._forward(b, self.splits[b])
-            self.graphs[b] = (graph, logits, tokens)
+            for advance in (False, True):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits, tokens = self._forward(b, self.splits[b], advance)
+                self.graphs[(b, advance)] = (graph, logits, tokens)
         torch.cuda.synchronize()
 
     def bucket(self, batch: int) -> int:
@@ -77,10 +84,10 @@ class DecodeGraphs:
                 return b
         raise ValueError(f"batch {batch} larger than the largest graph ({self.max_batch})")
 
-    def replay(self, bucket: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Replay the graph of ``bucket`` rows over the staged step of ``n`` rows; returns ``(logits [n, vocab],
-        greedy tokens [n])`` (views, valid until the next replay of that bucket; a token is -1 where its row's
-        logits are not finite)."""
-        graph, logits, tokens = self.graphs[bucket]
+    def replay(self, bucket: int, n: int, advance: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replay the graph of ``bucket`` rows over the staged step of ``n`` rows (``advance``: the next sub-step of
+        its round); returns ``(logits [n, vocab], greedy tokens [n])`` (views, valid until the next replay of that
+        graph; a token is -1 where its row's logits are not finite)."""
+        graph, logits, tokens = self.graphs[(bucket, advance)]
         graph.replay()
         return logits[:n], tokens[:n]

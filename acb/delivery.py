@@ -30,33 +30,41 @@ class Delivery:
 
     def deliver(
         self, out: StepOutput, live: dict[str, RequestState]
-    ) -> tuple[list[Sequence], list[tuple[RequestState, Exception]]]:
-        """Hand ``out``'s tokens to the live requests' channels. Returns the sequences a stop string ended (for the
-        scheduler to finish) and the requests that failed in detokenization, with the error (for the engine to
-        fail; the others are delivered)."""
+    ) -> tuple[list[RequestState], list[Sequence], list[tuple[RequestState, Exception]]]:
+        """Hand ``out``'s tokens to the live requests' channels. Returns the requests whose stream this ended (for
+        the engine to forget), the sequences among them that a stop string ended (for the scheduler to finish), and
+        the requests that failed in detokenization, with the error (for the engine to fail)."""
         items = []
         for acc in out.accepted:
             state = live.get(acc[0].request_id)
             if state is not None and state.seq is acc[0] and not state.closed:
                 items.append((state, acc))
+        ended: list[RequestState] = []
         stopped: list[Sequence] = []
         failed: list[tuple[RequestState, Exception]] = []
         if not items:
-            return stopped, failed
-        decoder = self.decoder
+            return ended, stopped, failed
         try:  # a stop token's own text is never emitted, so it is not decoded
-            texts = decoder.deltas([(st.text, ids[:-1] if stop_tok else ids) for st, (_, ids, _, _, stop_tok) in items])
+            texts = self.decoder.deltas(
+                [(st.text, ids[:-1] if stop_tok else ids) for st, (_, ids, _, _, stop_tok) in items]
+            )
         except Exception as exc:  # a tokenizer bug: fail the step's requests, keep serving
             log.exception("detokenizing a step failed")
-            return stopped, [(st, exc) for st, _ in items]
+            return ended, stopped, [(st, exc) for st, _ in items]
         for (state, (seq, ids, lps, reason, _)), deltas in zip(items, texts):
+            if reason is None and state.stops is None and len(ids) == 1:  # the common case, inline
+                state.channel.put_nowait(_token(Token, (ids[0], deltas[0], None if lps is None else lps[0], None)))
+                continue
             try:
                 if self._one(state, ids, lps, reason, deltas):
                     stopped.append(seq)
             except Exception as exc:
                 log.exception("detokenizing %s failed", seq.request_id)
                 failed.append((state, exc))
-        return stopped, failed
+                continue
+            if state.closed:
+                ended.append(state)
+        return ended, stopped, failed
 
     def _one(self, state: RequestState, ids: list[int], lps: list[float] | None, reason, deltas: list[str]) -> bool:
         """Deliver one request's tokens of the step; True if a stop string ended it."""

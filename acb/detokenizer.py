@@ -54,18 +54,62 @@ class TextDecoder:
 
 
 class ByteTableDecoder(TextDecoder):
+    """Deltas from each token's bytes. A token whose bytes are complete UTF-8 on their own, arriving when nothing
+    is held back (nearly always), is a table lookup; otherwise an incremental UTF-8 decoder takes over until the held
+    bytes are resolved."""
+
     def __init__(self, table: list[bytes]) -> None:
         self.table = table
+        self.text: list[str | None] = [_complete(b) for b in table]
 
     def new_state(self):
-        return _utf8(errors="replace")
+        return _ByteText()
 
     def deltas(self, items):
-        table = self.table
-        return [[state.decode(table[t]) for t in ids] for state, ids in items]
+        text = self.text
+        out = []
+        for state, ids in items:
+            res = []
+            for t in ids:
+                if not state.pending:
+                    piece = text[t]
+                    if piece is not None:
+                        res.append(piece)
+                        continue
+                res.append(self.held(state, t))
+            out.append(res)
+        return out
+
+    def held(self, state: _ByteText, token: int) -> str:
+        """The slow path: feed the token's bytes to the request's incremental decoder."""
+        if state.decoder is None:
+            state.decoder = _utf8(errors="replace")
+        piece = state.decoder.decode(self.table[token])
+        state.pending = bool(state.decoder.getstate()[0])
+        return piece
 
     def flush(self, state) -> str:
-        return state.decode(b"", final=True)
+        if state.decoder is None:
+            return ""
+        state.pending = False
+        return state.decoder.decode(b"", final=True)
+
+
+class _ByteText:
+    """A request's state for :class:`ByteTableDecoder`: bytes may be held back in its incremental decoder."""
+
+    __slots__ = ("pending", "decoder")
+
+    def __init__(self) -> None:
+        self.pending = False
+        self.decoder = None
+
+
+def _complete(data: bytes) -> str | None:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 class WindowDecoder(TextDecoder):

@@ -513,17 +513,15 @@ class Engine:
         while True:
             out = await self._to_detok.get()
             t0 = time.perf_counter()
-            stopped, failed = self._delivery.deliver(out, self._live)
+            ended, stopped, failed = self._delivery.deliver(out, self._live)
             for state, exc in failed:
                 self._fail(state, RequestFailedError(f"detokenization failed: {exc!r}"), exc)
             for seq in stopped:
                 self._scheduler.finish(seq, "stop")
             if stopped:
                 self._work.set()
-            for seq, *_ in out.accepted:
-                state = self._live.get(seq.request_id)
-                if state is not None and state.seq is seq and state.closed:
-                    self._forget(state)
+            for state in ended:
+                self._forget(state)
             self.tracer.add("detokenize", t0, time.perf_counter())
 
     # -- request endings ----------------------------------------------------------------------------------------

@@ -79,8 +79,8 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
     )
     allocator = BlockAllocator(num_blocks, config.block_size)
     max_blocks = allocator.blocks_for(max_model_len)
-    # One extra block, owned by no sequence: CUDA-graph padding rows write their KV there.
-    kv_cache = KVCache(shape, num_blocks + int(graphs), config.block_size, dtype, device)
+    # One extra block, owned by no sequence: padding rows (CUDA graphs, finished rows of a round) write their KV there.
+    kv_cache = KVCache(shape, num_blocks + 1, config.block_size, dtype, device)
     if lean is not None:
         lean.kv_cache = kv_cache
     runner = ModelRunner(

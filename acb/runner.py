@@ -25,6 +25,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .attention import AttentionMetadata
@@ -112,8 +113,8 @@ class ModelRunner:
         graphs: bool = False,
         record_timing: bool = False,
     ) -> None:
-        """``graphs`` (CUDA + lean only) turns on decode CUDA graphs; they then pad to a scratch block, the KV cache's
-        last one, which no sequence owns."""
+        """``graphs`` (CUDA + lean only) turns on decode CUDA graphs. Padding rows (graphs, a round's finished rows)
+        use a scratch block, the KV cache's last one, which no sequence owns."""
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
@@ -130,7 +131,7 @@ class ModelRunner:
             num_slots=max_num_seqs,
             max_blocks=max_blocks,
             block_size=block_size,
-            scratch_block=kv_cache.num_blocks - 1 if graphs else 0,
+            scratch_block=kv_cache.num_blocks - 1,
             token_buf=self.token_buf,
             device=device,
         )
@@ -143,6 +144,7 @@ class ModelRunner:
         self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count if self._cuda else 0
         self.closed = False
         self._worker = StepWorker("acb-step")
+        self._staged: dict[str, torch.Tensor] | None = None  # device views of the step being run (worker only)
         # (start, end) CUDA events of every step's GPU work, for the idle-fraction measurement of the benchmarks
         self.step_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = [] if record_timing else None
         self._trace_from: int | None = None  # index into step_events (CUDA) where a trace started
@@ -206,36 +208,48 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _execute_step(self, b: StepBatch) -> StepResult:
-        if not b.more:
-            tokens, logprobs = self._sub_step(b)
+        steps = b.num_steps
+        if steps == 1:
+            tokens, logprobs = self._sub_step(b, 0)
             return self._finish(tokens[None], None if logprobs is None else logprobs[None])
-        subs = [b, *b.more]
-        out = torch.zeros(len(subs), len(b.sample_idx), dtype=torch.int64, device=self.device)
-        out_lp = torch.zeros(out.shape, dtype=torch.float32, device=self.device) if b.needs_logprobs else None
-        for j, sub in enumerate(subs):
-            tokens, logprobs = self._sub_step(sub)
-            out[j, : len(tokens)] = tokens  # the sub-step's rows, in order: the host maps them back to the round's
+        # A round: every sub-step's GPU work is queued now, each advanced from the last on the device.
+        n = b.num_rows
+        out = torch.empty(steps, n, dtype=torch.int64, device=self.device)
+        out_lp = torch.empty(steps, n, dtype=torch.float32, device=self.device) if b.needs_logprobs else None
+        for j in range(steps):
+            tokens, logprobs = self._sub_step(b, j)
+            out[j] = tokens  # rows keep their place; a finished row's entries are never read
             if out_lp is not None:
-                out_lp[j, : len(tokens)] = logprobs
+                out_lp[j] = logprobs
         return self._finish(out, out_lp)
 
-    def _sub_step(self, b: StepBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run one step (or one sub-step of a round): stage, forward, sample, store the samples in the token buffer.
-        Returns the samples (-1 where the logits were not finite) and their logprobs."""
+    def _sub_step(self, b: StepBatch, j: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run one step (or sub-step ``j`` of a round): stage (or advance), forward, sample, store the samples in the
+        token buffer. Returns the samples (-1 where the logits were not finite) and their logprobs."""
         start = torch.cuda.Event(enable_timing=True) if self.step_events is not None else None
         n, s = b.num_rows, len(b.sample_idx)
         graphs = self.graphs
         if graphs is not None and b.decode_only and s == n and n <= graphs.max_batch:
             bucket = graphs.bucket(n)
-            v = self.inputs.stage(b, graph_rows=bucket, start=start)
-            logits, greedy = graphs.replay(bucket, n)
+            if j == 0:
+                v = self._staged = self.inputs.stage(b, graph_rows=bucket, start=start)
+            else:
+                v = self._staged
+                if start is not None:
+                    start.record()
+            logits, greedy = graphs.replay(bucket, n, advance=j > 0)
             if b.all_greedy and not b.needs_logprobs:  # sampled and stored inside the graph
                 self._end(start)
                 return greedy, None
         else:
-            v = self.inputs.stage(b, start=start)
-            # eager steps: gaps between their kernels count as busy (a lower bound of idle)
-            logits = self._forward(b, self.inputs.derive(v, b.num_tokens, n, s))
+            if j == 0:
+                v = self._staged = self.inputs.stage(b, start=start)
+            else:
+                v = self._staged
+                if start is not None:
+                    start.record()
+                self.inputs.advance(v, n)
+            logits = self._forward(b, self.inputs.derive(v, b.num_tokens, n, s), j)
         greedy = b.all_greedy
         params = SamplingTensors(
             temperature=None if greedy else v["temperature"][:s],
@@ -252,15 +266,16 @@ class ModelRunner:
         self._end(start)
         return tokens, logprobs
 
-    def _forward(self, b: StepBatch, d) -> torch.Tensor:
-        """Logits of the sampled rows of an eagerly run step."""
+    def _forward(self, b: StepBatch, d, j: int = 0) -> torch.Tensor:
+        """Logits of the sampled rows of an eagerly run step (sub-step ``j`` of a round)."""
         meta = None
+        seq_lens = b.seq_lens if j == 0 else np.where(b.counts > j, b.seq_lens + j, 1)
         if self.lean is None or not self._cuda:  # the reference attention reads the layout on the host
             meta = AttentionMetadata(
                 kv_cache=self.kv_cache,
                 slot_mapping=d.slot_mapping,
                 query_start_loc=b.query_start_loc.tolist(),
-                seq_lens=b.seq_lens.tolist(),
+                seq_lens=seq_lens.tolist(),
                 block_tables=d.block_tables,
                 decode_only=b.decode_only,
             )
@@ -275,7 +290,7 @@ class ModelRunner:
             return out.logits[0]
         splits = 0
         if self._cuda and b.decode_only:
-            splits = decode_splits(b.num_rows, self.lean.num_kv_heads, int(b.seq_lens.max()), self._num_sms)
+            splits = decode_splits(b.num_rows, self.lean.num_kv_heads, int(seq_lens.max()), self._num_sms)
         return self.lean.forward(
             LeanInputs(
                 input_ids=d.input_ids,

@@ -327,12 +327,7 @@ class Scheduler:
                 else:
                     accepted.append((seq, [tok], None if lps is None else [lps[r]], None, False))
             return StepOutput(accepted, broken)
-        # sub-step j ran only the rows with more than j positions, in order: row r is its (rank of r)-th sample
-        counts = step.counts
-        ranks = None
-        if int(counts.min()) < step.num_steps:
-            ranks = [(np.cumsum(counts > j) - 1).tolist() for j in range(step.num_steps)]
-        for r, (seq, count) in enumerate(zip(step.seqs, counts.tolist())):
+        for r, (seq, count) in enumerate(zip(step.seqs, step.counts.tolist())):
             seq.num_pending -= count
             if seq.status is finished:
                 continue
@@ -342,15 +337,14 @@ class Scheduler:
             stop = False
             ids = seq.token_ids
             for j in range(count):
-                at = r if ranks is None else ranks[j][r]
-                tok = tokens[j][at]
+                tok = tokens[j][r]
                 if tok < 0:
                     broken.append(seq)
                     break
                 ids.append(tok)
                 got.append(tok)
                 if got_lp is not None:
-                    got_lp.append(logprobs[j][at])
+                    got_lp.append(logprobs[j][r])
                 if tok in seq.stop_ids:
                     reason, stop = "stop", True
                 elif len(ids) >= seq.max_len:

@@ -25,7 +25,7 @@ __all__ = ["StepInputs", "DeviceStep"]
 
 # int64 regions, by size class: per token (T), per row (B), per row + 1, per sampled row (S), per table update (U)
 _TOKEN = ("host_ids", "from_device", "token_rows", "positions")
-_ROW = ("slots", "seq_lens")
+_ROW = ("slots", "seq_lens", "counts")  # counts: a round's sub-steps per row
 _SAMPLE = ("sample_idx", "sample_slots", "sample_positions", "top_k", "seeds", "temperature", "top_p")
 _UPDATE = ("table_slots", "table_cols", "table_blocks")
 _FLOATS = ("temperature", "top_p")  # float32, stored in the first half of their int64 region
@@ -86,6 +86,7 @@ class StepInputs:
         self._fixed_host = [_views(buf, self.fixed, np.float32) for buf in self._np]
         self.fixed_views = _views(self._dev, self.fixed, torch.float32)
         for host in self._fixed_host:  # padding rows: a scratch slot no sequence owns, an empty context
+            host["counts"][:] = 0
             host["slots"][:] = self.scratch_slot
             host["sample_slots"][:] = self.scratch_slot
             host["seq_lens"][:] = 1
@@ -124,6 +125,9 @@ class StepInputs:
         h["positions"][:t] = b.positions
         h["slots"][:n] = b.slots
         h["seq_lens"][:n] = b.seq_lens
+        if b.counts is not None:
+            h["counts"][:n] = b.counts
+            h["sub_step"][0] = 0
         h["query_start_loc"][: n + 1] = b.query_start_loc
         h["sample_idx"][:s] = b.sample_idx
         h["sample_slots"][:s] = b.sample_slots
@@ -145,6 +149,7 @@ class StepInputs:
             h["positions"][pad] = 0
             h["slots"][pad] = self.scratch_slot
             h["seq_lens"][pad] = 1
+            h["counts"][pad] = 0
             h["sample_idx"][pad] = np.arange(n, graph_rows)
             h["sample_slots"][pad] = self.scratch_slot
         if start is not None:
@@ -156,6 +161,23 @@ class StepInputs:
         if u:
             self.tables[v["table_slots"][:u], v["table_cols"][:u]] = v["table_blocks"][:u]
         return v
+
+    def advance(self, v: dict[str, torch.Tensor], n: int) -> None:
+        """Turn a staged decode step of ``n`` rows into the next sub-step of its round, on the device: every row
+        moves one position on and reads its previous sample; a row whose round is over (its ``counts`` reached)
+        becomes padding on the scratch slot. Captured inside the round graphs, so a round needs no host work between
+        its sub-steps."""
+        j = v["sub_step"]
+        j.add_(1)
+        done = v["counts"][:n] <= j
+        slots, sample_slots = v["slots"][:n], v["sample_slots"][:n]
+        positions, seq_lens, sample_positions = v["positions"][:n], v["seq_lens"][:n], v["sample_positions"][:n]
+        slots.masked_fill_(done, self.scratch_slot)
+        sample_slots.masked_fill_(done, self.scratch_slot)
+        positions.add_(1).masked_fill_(done, 0)
+        seq_lens.add_(1).masked_fill_(done, 1)
+        sample_positions.add_(1)
+        v["from_device"][:n].fill_(1)
 
     # -- what the kernels read ----------------------------------------------------------------------------------
 
@@ -189,7 +211,8 @@ def _layout(t: int, n: int, s: int, u: int) -> tuple[dict[str, tuple[int, int]],
     """Field regions ``name -> (offset, size)`` for a step of that many tokens, rows, samples and table entries,
     small fields first; and the end of the last one."""
     out, off = {}, 0
-    for names, size in ((_ROW, n), (("query_start_loc",), n + 1), (_SAMPLE, s), (_TOKEN, t), (_UPDATE, u)):
+    for names, size in ((("sub_step",), 1), (_ROW, n), (("query_start_loc",), n + 1), (_SAMPLE, s), (_TOKEN, t),
+                        (_UPDATE, u)):  # fmt: skip
         for name in names:
             out[name] = (off, size)
             off += size

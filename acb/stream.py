@@ -47,7 +47,9 @@ class Channel:
 
     def put_nowait(self, item) -> None:
         self._items.append(item)
-        self._wake(final=not isinstance(item, Token) or item[3] is not None)
+        waiter = self._waiter
+        if waiter is not None or not isinstance(item, Token) or item[3] is not None:
+            self._wake(final=not isinstance(item, Token) or item[3] is not None)
 
     def put_many(self, items: list) -> None:
         """Several items at once: the consumer is woken at most once."""
@@ -65,15 +67,26 @@ class Channel:
         ):
             waiter.set_result(None)
 
+    def take(self):
+        """The next item if one is waiting, else ``None`` (no suspension: the hot path of a keeping-up consumer)."""
+        if self._items:
+            self._started = True
+            return self._items.popleft()
+        return None
+
+    def arm(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
+        """A future that the next delivery worth waking for resolves (the consumer awaits it, then calls
+        :meth:`take` again)."""
+        self._waiter = waiter = loop.create_future()
+        return waiter
+
     async def get(self):
         while not self._items:
-            self._waiter = asyncio.get_running_loop().create_future()
             try:
-                await self._waiter
+                await self.arm(asyncio.get_running_loop())
             finally:
                 self._waiter = None
-        self._started = True
-        return self._items.popleft()
+        return self.take()
 
 
 class RequestState:
@@ -139,6 +152,27 @@ class RequestStream(AsyncIterator[Token]):
         return it
 
     async def __anext__(self) -> Token:
+        state = self._state
+        if state is not None and not self._done and not self._reading:  # the hot path, one call per token
+            channel = state.channel
+            item = channel.take()  # a token already waiting: no suspension, nothing loop-bound touched
+            if item is None:
+                loop = asyncio.get_running_loop()
+                if loop is not self._engine._loop:
+                    self._engine._check_loop()
+                self._reading = True
+                try:
+                    while item is None:
+                        await channel.arm(loop)
+                        item = channel.take()
+                except BaseException:
+                    self._done = True
+                    self._abort()
+                    raise
+                finally:
+                    self._reading = False
+                    channel._waiter = None
+            return self._checked(item)
         if self._done:
             raise StopAsyncIteration
         if self._reading:
@@ -155,10 +189,13 @@ class RequestStream(AsyncIterator[Token]):
             raise
         finally:
             self._reading = False
+        return self._checked(item)
+
+    def _checked(self, item) -> Token:
         if isinstance(item, BaseException):
             self._done = True
             raise item
-        if item.finish_reason is not None:
+        if item[3] is not None:  # finish_reason: the stream's last item
             self._done = True
         return item
 
