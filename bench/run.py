@@ -282,9 +282,11 @@ async def bench(args) -> list[dict]:
             from .timeline import plot_timeline
 
             runs = traces[w.name]
-            ordered = {f"{m} — {w.name}, {card}": runs[m] for m in ("sync", "async") if m in runs}  # A/B rows not drawn
+            # sync above async; A/B rows below those, in run order
+            drawn = [m for m in ("sync", "async") if m in runs] + [m for m in runs if m not in ("sync", "async")]
+            ordered = {f"{m} — {w.name}, {card}": runs[m] for m in drawn}
             path = args.timeline.replace(".png", f"-{w.name}.png")
-            plot_timeline(ordered, path, title=f"acb pipeline timeline: sync (top) vs async (bottom), {w.name}")
+            plot_timeline(ordered, path, title=f"acb pipeline timeline, {w.name}: " + " / ".join(drawn))
             print(f"timeline: {path}", file=sys.stderr)
     return results
 
