@@ -286,7 +286,7 @@ async def bench(args) -> list[dict]:
             drawn = [m for m in ("sync", "async") if m in runs] + [m for m in runs if m not in ("sync", "async")]
             ordered = {f"{m} — {w.name}, {card}": runs[m] for m in drawn}
             path = args.timeline.replace(".png", f"-{w.name}.png")
-            plot_timeline(ordered, path, title=f"acb pipeline timeline, {w.name}: " + " / ".join(drawn))
+            plot_timeline(ordered, path)
             print(f"timeline: {path}", file=sys.stderr)
     return results
 
