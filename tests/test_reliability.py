@@ -31,6 +31,17 @@ async def test_chaos_soak(request, tokenizer, caplog):
     assert report.other_loops_refused > 0
 
 
+async def test_chaos_soak_with_multi_step_rounds(tokenizer, caplog):
+    """The same chaos, with decode rounds of three positions: requests end, get cancelled and fail mid-round."""
+    caplog.set_level(logging.CRITICAL, logger="acb")
+    config = EngineConfig(
+        max_num_seqs=64, max_num_batched_tokens=256, block_size=8, num_kv_blocks=160, max_model_len=256, decode_steps=3
+    )
+    report = await soak(lambda: tiny_model("llama", seed=7), tokenizer, 1_000, seed=2, config=config)
+    assert report.problems() == []
+    assert report.finished > 300 and report.checked_against_reference > 500 and report.preemptions > 0
+
+
 async def test_a_faulting_step_fails_exactly_the_requests_in_it(make_model, tokenizer, caplog):
     caplog.set_level(logging.CRITICAL, logger="acb")
     model, _ = make_model("llama", seed=71)

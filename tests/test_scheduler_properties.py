@@ -23,11 +23,18 @@ BLOCKS, BLOCK_SIZE, EOS = 12, 4, 0
 
 
 class SchedulerMachine(RuleBasedStateMachine):
+    decode_steps = 1
+
     def __init__(self) -> None:
         super().__init__()
         self.alloc = BlockAllocator(BLOCKS, BLOCK_SIZE)
         self.sched = Scheduler(
-            self.alloc, max_num_seqs=4, max_num_batched_tokens=16, admission_group=2, admission_max_delay=3
+            self.alloc,
+            max_num_seqs=4,
+            max_num_batched_tokens=16,
+            admission_group=2,
+            admission_max_delay=3,
+            decode_steps=self.decode_steps,
         )
         self.inflight: deque = deque()
         self.seqs: list[Sequence] = []
@@ -60,7 +67,14 @@ class SchedulerMachine(RuleBasedStateMachine):
         if step is None:
             return
         assert step.num_tokens <= 16 and len(step.entries) <= 4
+        if step.num_steps > 1:  # a round: every row decodes, within its length limit
+            assert all(e.sample and 1 <= e.num_tokens <= step.num_steps for e in step.entries)
+            assert all(e.start + e.num_tokens <= e.seq.max_len - 1 for e in step.entries)
         for e in step.entries:
+            if step.num_steps > 1 and e.start + 1 > len(e.seq.token_ids):
+                producers = [slot for st_, slot in self.sample_slots if st_ is e.seq]
+                assert producers and producers[0] == e.seq.slot, f"{e.seq} reads a token from the wrong slot"
+                continue
             if e.start + e.num_tokens > len(e.seq.token_ids):
                 # this entry reads its last input from the device token buffer: the in-flight step that samples
                 # it must have written the same slot
@@ -76,7 +90,8 @@ class SchedulerMachine(RuleBasedStateMachine):
     def complete(self, tokens):
         step = self.inflight.popleft()
         n = sum(e.sample for e in step.entries)
-        self.sched.on_step_done(step, [tokens[:n] + [5] * max(0, n - len(tokens))], None)
+        row = tokens[:n] + [5] * max(0, n - len(tokens))
+        self.sched.on_step_done(step, [row[j:] + row[:j] for j in range(step.num_steps)], None)
 
     @precondition(lambda self: self.inflight)
     @rule()
@@ -115,7 +130,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         targets: dict[str, list[int]] = {}
         for step in self.inflight:
             for e in step.entries:
-                if e.sample:
+                if e.sample and step.num_steps > 1:  # a round samples after each of its positions
+                    targets.setdefault(e.seq.request_id, []).extend(range(e.start + 1, e.start + e.num_tokens + 1))
+                elif e.sample:
                     targets.setdefault(e.seq.request_id, []).append(e.start + e.num_tokens)
         for s in self.seqs:
             t = targets.get(s.request_id, [])
@@ -140,7 +157,7 @@ class SchedulerMachine(RuleBasedStateMachine):
                 self.inflight.append(step)
             elif self.inflight:
                 step = self.inflight.popleft()
-                self.sched.on_step_done(step, [[5] * sum(e.sample for e in step.entries)], None)
+                self.sched.on_step_done(step, [[5] * sum(e.sample for e in step.entries)] * step.num_steps, None)
             else:
                 raise AssertionError(f"stuck: nothing schedulable, nothing in flight: {self.sched.waiting}")
         assert all(s.is_finished for s in self.seqs)
@@ -149,3 +166,13 @@ class SchedulerMachine(RuleBasedStateMachine):
 
 TestScheduler = SchedulerMachine.TestCase
 TestScheduler.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
+
+
+class RoundsMachine(SchedulerMachine):
+    """The same books with multi-step decode rounds of up to three positions per sequence."""
+
+    decode_steps = 3
+
+
+TestSchedulerWithRounds = RoundsMachine.TestCase
+TestSchedulerWithRounds.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
