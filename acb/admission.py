@@ -1,4 +1,5 @@
-"""Admission: turn what a user submitted into a validated token list, or a typed error at the boundary.
+"""Admission: turn what a user submitted into a validated token list, or a typed error at the boundary; and the
+queue of admitted requests waiting for the scheduler, with its backpressure.
 
 Work is bounded before it is done: a text prompt longer than ``max_prompt_chars`` is refused before the tokenizer
 sees it. Short prompts are tokenized on the event loop (microseconds); long ones, chat templates and large stop-string
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+from collections import deque
 from collections.abc import Callable
 from collections.abc import Sequence as SequenceABC
 from typing import TypeVar
@@ -25,7 +27,7 @@ from .errors import (
 )
 from .stops import StopStrings, compile_stops
 
-__all__ = ["Admission", "Prompt"]
+__all__ = ["Admission", "AdmissionQueue", "Prompt"]
 
 Prompt = str | list[int]
 T = TypeVar("T")
@@ -183,3 +185,80 @@ def _check_unicode(text: str, what: str) -> None:
         raise InvalidPromptError(
             f"the {what} is not valid Unicode text ({exc.reason} at character {exc.start})"
         ) from None
+
+
+class AdmissionQueue:
+    """Admitted requests waiting for a scheduler slot, in arrival order, and the submitters waiting for room in it
+    (at most ``max_pending`` queue; each waiting submitter holds a future that wakes it, first come first served).
+
+    Items are the engine's request states (anything hashable with a ``queued`` flag); loop thread only."""
+
+    def __init__(self, max_pending: int) -> None:
+        self.max_pending = max_pending
+        self._queued: deque = deque()
+        self._blocked: dict[object, asyncio.Future] = {}
+
+    @property
+    def num_queued(self) -> int:
+        return len(self._queued)
+
+    @property
+    def num_blocked(self) -> int:
+        return len(self._blocked)
+
+    async def wait_for_room(self, state, loop: asyncio.AbstractEventLoop, still_wanted: Callable[[], None]) -> None:
+        """Wait until the queue has room for ``state`` (or it was removed); ``still_wanted`` raises when the wait
+        should end with an error (the engine closing)."""
+        while not state.closed and len(self._queued) >= self.max_pending:
+            woken = loop.create_future()
+            self._blocked[state] = woken
+            try:
+                await woken
+            finally:
+                self._blocked.pop(state, None)
+            still_wanted()
+
+    def put(self, state) -> None:
+        state.queued = True
+        self._queued.append(state)
+
+    def take(self, n: int) -> list:
+        """Up to ``n`` requests, oldest first, for the scheduler."""
+        out = []
+        queued = self._queued
+        while n > 0 and queued:
+            state = queued.popleft()
+            state.queued = False
+            out.append(state)
+            n -= 1
+        if out and self._blocked:
+            self._wake()
+        return out
+
+    def remove(self, state) -> None:
+        """``state`` ended (aborted, failed): out of the queue, or no longer waiting for room."""
+        woken = self._blocked.pop(state, None)
+        if woken is not None and not woken.done():
+            woken.set_result(None)
+        was_queued = state.queued
+        if was_queued:
+            state.queued = False
+            self._queued.remove(state)
+        if (was_queued or woken is not None) and self._blocked:
+            self._wake()  # a place in the queue came free, or a woken waiter gave up its turn
+
+    def wake_all(self) -> None:
+        """Wake every waiting submitter (the engine is closing: they see it and give up)."""
+        self._wake(len(self._blocked))
+
+    def _wake(self, room: int | None = None) -> None:
+        """Wake waiting submitters, first come first served, as many as the queue has room for (those woken but not
+        yet run hold their place)."""
+        if room is None:
+            room = self.max_pending - len(self._queued)
+        for woken in self._blocked.values():
+            if room <= 0:
+                break
+            if not woken.done():
+                woken.set_result(None)
+            room -= 1

@@ -102,6 +102,23 @@ class BatchBuilder:
         self._zeros = np.zeros(max_num_seqs, _I64)
         self._rows_of: tuple[int, np.ndarray, tuple] | None = None  # (composition, slots, flags) of the last step
 
+    def culprits(self, step: ScheduledStep) -> list[tuple[object, Exception]]:
+        """After building ``step`` raised: the rows that fail when built alone, with their errors. Leaves the
+        builder as if nothing had been sent (the trial builds noted table entries that no step will carry)."""
+        out = []
+        for i, seq in enumerate(step.seqs):
+            row = slice(i, i + 1)
+            tokens = 1 if step.num_steps > 1 else int(step.counts[i])
+            alone = ScheduledStep(
+                step.step_id, [seq], step.starts[row], step.counts[row], step.sample[row], tokens, step.num_steps
+            )
+            try:
+                self.build(alone)
+            except Exception as exc:
+                out.append((seq, exc))
+        self.invalidate()
+        return out
+
     def invalidate(self) -> None:
         """Forget what the device was told: the next step resends every row's table. Called when a step failed or
         was never launched (its table diffs may not have reached the device)."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .kernels import decode_splits
-from .lean_model import LeanCausalLM, LeanInputs
+from .lean_model import LeanCausalLM
 from .sampling import flag_non_finite
 from .step_inputs import StepInputs
 
@@ -45,17 +45,7 @@ class DecodeGraphs:
         if advance:
             self.inputs.advance(self.inputs.fixed_views, b)
         d = self.inputs.derive(self.inputs.fixed_views, b, b, b)
-        x = LeanInputs(
-            input_ids=d.input_ids,
-            positions=d.positions,
-            slot_mapping=d.slot_mapping,
-            seq_lens=d.seq_lens,
-            block_tables=d.block_tables,
-            query_start_loc=None,
-            max_query_len=1,
-            logits_idx=None,
-            decode_splits=splits,
-        )
+        x = d.lean_inputs(max_query_len=1, decode_splits=splits, logits=False)
         logits = self.lean.forward(x)
         greedy = logits.argmax(-1)  # as sampling.sample's greedy rows (bf16 -> fp32 keeps the order)
         self.inputs.token_buf[d.sample_slots] = greedy

@@ -23,12 +23,11 @@ import itertools
 import logging
 import random
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 
 import torch
 
-from .admission import Admission, Prompt
+from .admission import Admission, AdmissionQueue, Prompt
 from .bridge import CompletionBridge
 from .config import EngineConfig, SamplingParams
 from .delivery import Delivery
@@ -40,7 +39,7 @@ from .errors import (
     RequestFailedError,
     WrongEventLoopError,
 )
-from .model_setup import DTYPES, build_runtime, default_sampling, eos_ids
+from .model_setup import build_runtime, default_sampling, eos_ids, load_pretrained
 from .outputs import Completion, EngineStats, Token
 from .runner import StepHandle
 from .scheduler import ScheduledStep, StepOutput
@@ -85,10 +84,7 @@ class Engine:
 
         self.tracer = Tracer()
         self._live: dict[str, RequestState] = {}
-        # Admitted requests waiting for a scheduler slot, in arrival order; and the submitters waiting for room in
-        # that queue (``max_pending``), each with the future that wakes it, in the order they came.
-        self._queued: deque[RequestState] = deque()
-        self._blocked: dict[RequestState, asyncio.Future] = {}
+        self._queue = AdmissionQueue(config.max_pending)
         self._ids = itertools.count()
         self._arrivals = itertools.count()
         self._steps = 0
@@ -101,15 +97,7 @@ class Engine:
         cls, path_or_id: str, *, dtype: str | None = None, device: str | None = None, **config_fields
     ) -> Engine:
         """Load a transformers causal LM and its tokenizer (local directory or hub id) and wrap them."""
-        import os
-
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        if path_or_id.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(path_or_id)):
-            raise FileNotFoundError(f"no model directory at {path_or_id!r}")
-        torch_dtype = DTYPES[dtype] if dtype else "auto"
-        model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=torch_dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path_or_id)
+        model, tokenizer = load_pretrained(path_or_id, dtype)
         return cls(model, tokenizer, EngineConfig(device=device, dtype=dtype, **config_fields))
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
@@ -159,7 +147,7 @@ class Engine:
         self._state = "closing"
         self._closed_event = asyncio.Event()
         self._closing.set()
-        self._wake_blocked(everyone=True)  # they see the engine closing and raise EngineClosedError
+        self._queue.wake_all()  # submitters waiting for room see the engine closing and raise EngineClosedError
         try:
             if drain and self._live:
                 try:
@@ -214,28 +202,7 @@ class Engine:
         self, prompt: Prompt, params: SamplingParams | None = None, *, request_id: str | None = None
     ) -> Completion:
         """Generate for ``prompt`` and return the whole :class:`Completion`."""
-        stream = self.stream(prompt, params, request_id=request_id)
-        texts: list[str] = []
-        ids: list[int] = []
-        logprobs: list[float] = []
-        reason = "abort"
-        async for tok in stream:
-            texts.append(tok.text)
-            if tok.id is not None:
-                ids.append(tok.id)
-                if tok.logprob is not None:
-                    logprobs.append(tok.logprob)
-            if tok.finish_reason is not None:
-                reason = tok.finish_reason
-        prompt_ids = stream._state.seq.token_ids[: stream._state.seq.num_prompt] if stream._state else []
-        return Completion(
-            request_id=stream.request_id,
-            text="".join(texts),
-            token_ids=ids,
-            finish_reason=reason,
-            prompt_token_ids=prompt_ids,
-            logprobs=logprobs if params is not None and params.logprobs else None,
-        )
+        return await self.stream(prompt, params, request_id=request_id).collect()
 
     async def apply_chat_template(self, messages: list[dict]) -> str:
         """Render chat ``messages`` into a prompt with the tokenizer's chat template (in the engine's tokenizer
@@ -275,16 +242,7 @@ class Engine:
     def step_intervals(self) -> list[tuple[float, float]]:
         """GPU busy intervals ``(start_ms, end_ms)`` of every step so far, relative to the first step (CUDA, with
         ``record_step_timing=True``). Synchronizes on the recorded events: call it after a run, not in one."""
-        events = self._runner.step_events or []
-        if not events:
-            return []
-        first = events[0][0]
-        first.synchronize()
-        out = []
-        for start, end in events:
-            end.synchronize()
-            out.append((first.elapsed_time(start), first.elapsed_time(end)))
-        return out
+        return self._runner.step_intervals()
 
     def stats(self) -> EngineStats:
         """Where every live request is: each counted in exactly one of running, waiting and pending."""
@@ -292,8 +250,8 @@ class Engine:
             kv_blocks_total=self._allocator.num_blocks,
             kv_blocks_free=self._allocator.num_free,
             num_running=len(self._scheduler.running),
-            num_waiting=len(self._scheduler.waiting) + len(self._queued),
-            num_pending=len(self._blocked),
+            num_waiting=len(self._scheduler.waiting) + self._queue.num_queued,
+            num_pending=self._queue.num_blocked,
             num_preemptions=self._scheduler.num_preemptions,
             steps=self._steps,
         )
@@ -361,34 +319,15 @@ class Engine:
         if attach is not None:
             attach(state)
         try:
-            while not state.closed and len(self._queued) >= self.config.max_pending:  # backpressure, in order
-                woken = self._loop.create_future()
-                self._blocked[state] = woken
-                try:
-                    await woken
-                finally:
-                    self._blocked.pop(state, None)
-                self._check_open()
+            await self._queue.wait_for_room(state, self._loop, self._check_open)  # backpressure
         except BaseException:
             self._forget(state)
             raise
         if state.closed:
             return state  # aborted before it was queued: its stream reads the abort marker
-        state.queued = True
-        self._queued.append(state)
+        self._queue.put(state)
         self._work.set()
         return state
-
-    def _wake_blocked(self, everyone: bool = False) -> None:
-        """Wake waiting submitters, first come first served, as many as the admission queue has room for (those
-        woken but not yet run hold their place); ``everyone`` when the engine closes."""
-        room = len(self._blocked) if everyone else self.config.max_pending - len(self._queued)
-        for woken in self._blocked.values():
-            if room <= 0:
-                break
-            if not woken.done():
-                woken.set_result(None)
-            room -= 1
 
     def _check_open(self) -> None:
         if self._state != "running":
@@ -435,39 +374,17 @@ class Engine:
             self._launched.put_nowait(handle)
 
     def _isolate_failed_step(self, step: ScheduledStep, exc: Exception) -> None:
-        """Preparing ``step`` raised: fail only the requests whose own entry cannot be prepared, and put the others
-        back as if the step had never been scheduled. If no single entry fails alone, the step's requests fail."""
-        culprits = []
-        for i, seq in enumerate(step.seqs):
-            row = slice(i, i + 1)
-            tokens = 1 if step.num_steps > 1 else int(step.counts[i])
-            alone = ScheduledStep(
-                step.step_id, [seq], step.starts[row], step.counts[row], step.sample[row], tokens, step.num_steps
-            )
-            try:
-                self._builder.build(alone)
-            except Exception as own:
-                culprits.append((seq, own))
+        """Preparing ``step`` raised: fail only the requests whose own row cannot be prepared, and put the others
+        back as if the step had never been scheduled. If no single row fails alone, the step's requests fail."""
+        culprits = self._builder.culprits(step) or [(seq, exc) for seq in step.seqs]
         self._scheduler.unschedule(step)
-        self._builder.invalidate()  # the trial builds noted block-table entries that no step will carry
-        if not culprits:
-            culprits = [(seq, exc) for seq in step.seqs]
         for seq, cause in culprits:
             self._fail(self._live.get(seq.request_id), RequestFailedError(f"preparing a step failed: {cause!r}"), cause)
 
     def _pull_admissions(self) -> None:
-        room = self._scheduler.room_for_new
-        queued = self._queued
-        taken = 0
-        while room > 0 and queued:
-            state = queued.popleft()
-            state.queued = False
+        for state in self._queue.take(self._scheduler.room_for_new):
             self._scheduler.add(state.seq)
-            room -= 1
-            taken += 1
-        if taken and self._blocked:
-            self._wake_blocked()
-        self._scheduler.backlog = len(queued)
+        self._scheduler.backlog = self._queue.num_queued
 
     # -- stage: completion --------------------------------------------------------------------------------------
 
@@ -557,15 +474,7 @@ class Engine:
         self._work.set()
 
     def _forget(self, state: RequestState) -> None:
-        woken = self._blocked.pop(state, None)
-        if woken is not None and not woken.done():
-            woken.set_result(None)
-        was_queued = state.queued
-        if was_queued:
-            state.queued = False
-            self._queued.remove(state)
-        if (was_queued or woken is not None) and self._blocked:
-            self._wake_blocked()  # a place in the queue came free, or a woken waiter gave up its turn
+        self._queue.remove(state)
         if self._live.get(state.seq.request_id) is state:
             del self._live[state.seq.request_id]
             if not state.seq.is_finished:

@@ -22,7 +22,7 @@ from .lean_model import LeanCausalLM, supports_lean
 from .runner import ModelRunner
 from .scheduler import Scheduler
 
-__all__ = ["Runtime", "build_runtime", "eos_ids", "default_sampling", "DTYPES"]
+__all__ = ["Runtime", "build_runtime", "eos_ids", "default_sampling", "load_pretrained", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -130,6 +130,18 @@ def _claim(lean: LeanCausalLM) -> None:
             "`async with`), or build this engine on a separate model"
         )
     lean.kv_cache = None  # a discarded engine's cache: free it before this engine sizes its own
+
+
+def load_pretrained(path_or_id: str, dtype: str | None = None):
+    """``(model, tokenizer)`` from a local directory or a hub id (blocking: loads the weights)."""
+    import os
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if path_or_id.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(path_or_id)):
+        raise FileNotFoundError(f"no model directory at {path_or_id!r}")
+    model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=DTYPES[dtype] if dtype else "auto")
+    return model, AutoTokenizer.from_pretrained(path_or_id)
 
 
 def default_sampling(model) -> dict[str, float | int]:

@@ -32,7 +32,7 @@ from .attention import AttentionMetadata
 from .batch import StepBatch
 from .kernels import decode_splits
 from .kv_cache import KVCache
-from .lean_model import LeanCausalLM, LeanInputs
+from .lean_model import LeanCausalLM
 from .sampling import SamplingTensors, sample
 from .step_inputs import StepInputs
 
@@ -197,6 +197,20 @@ class ModelRunner:
         self._trace_ref = None
         return out
 
+    def step_intervals(self) -> list[tuple[float, float]]:
+        """GPU busy intervals ``(start_ms, end_ms)`` of every (sub-)step so far, relative to the first (CUDA, with
+        step timing on). Synchronizes on the recorded events."""
+        events = self.step_events or []
+        if not events:
+            return []
+        first = events[0][0]
+        first.synchronize()
+        out = []
+        for start, end in events:
+            end.synchronize()
+            out.append((first.elapsed_time(start), first.elapsed_time(end)))
+        return out
+
     def _execute(self, b: StepBatch) -> StepResult:
         if self._cpu_spans is None:
             return self._execute_step(b)
@@ -291,20 +305,7 @@ class ModelRunner:
         splits = 0
         if self._cuda and b.decode_only:
             splits = decode_splits(b.num_rows, self.lean.num_kv_heads, int(seq_lens.max()), self._num_sms)
-        return self.lean.forward(
-            LeanInputs(
-                input_ids=d.input_ids,
-                positions=d.positions,
-                slot_mapping=d.slot_mapping,
-                seq_lens=d.seq_lens,
-                block_tables=d.block_tables,
-                query_start_loc=d.query_start_loc,
-                max_query_len=b.max_query_len,
-                logits_idx=d.sample_idx,
-                decode_splits=splits,
-                meta=meta,
-            )
-        )
+        return self.lean.forward(d.lean_inputs(b.max_query_len, splits, logits=True, meta=meta))
 
     def _end(self, start: torch.cuda.Event | None) -> None:
         """Mark the end of a (sub-)step's GPU work, paired with ``start``, when recording step timing."""

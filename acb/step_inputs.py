@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .batch import StepBatch
+from .lean_model import LeanInputs
 
 __all__ = ["StepInputs", "DeviceStep"]
 
@@ -48,6 +49,21 @@ class DeviceStep:
     top_k: torch.Tensor  # [S]
     top_p: torch.Tensor  # [S] float32
     seeds: torch.Tensor  # [S]
+
+    def lean_inputs(self, max_query_len: int, decode_splits: int, logits: bool, meta=None) -> LeanInputs:
+        """The lean forward's view of this step (``logits``: only the sampled rows' logits, else every row's)."""
+        return LeanInputs(
+            input_ids=self.input_ids,
+            positions=self.positions,
+            slot_mapping=self.slot_mapping,
+            seq_lens=self.seq_lens,
+            block_tables=self.block_tables,
+            query_start_loc=self.query_start_loc,
+            max_query_len=max_query_len,
+            logits_idx=self.sample_idx if logits else None,
+            decode_splits=decode_splits,
+            meta=meta,
+        )
 
 
 class StepInputs:

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from .errors import StreamInUseError
-from .outputs import Token
+from .outputs import Completion, Token
 from .sequence import Sequence
 from .stops import StopStringMatcher, StopStrings
 
@@ -79,14 +79,6 @@ class Channel:
         :meth:`take` again)."""
         self._waiter = waiter = loop.create_future()
         return waiter
-
-    async def get(self):
-        while not self._items:
-            try:
-                await self.arm(asyncio.get_running_loop())
-            finally:
-                self._waiter = None
-        return self.take()
 
 
 class RequestState:
@@ -152,27 +144,15 @@ class RequestStream(AsyncIterator[Token]):
         return it
 
     async def __anext__(self) -> Token:
-        state = self._state
-        if state is not None and not self._done and not self._reading:  # the hot path, one call per token
-            channel = state.channel
-            item = channel.take()  # a token already waiting: no suspension, nothing loop-bound touched
-            if item is None:
-                loop = asyncio.get_running_loop()
-                if loop is not self._engine._loop:
-                    self._engine._check_loop()
-                self._reading = True
-                try:
-                    while item is None:
-                        await channel.arm(loop)
-                        item = channel.take()
-                except BaseException:
-                    self._done = True
-                    self._abort()
-                    raise
-                finally:
-                    self._reading = False
-                    channel._waiter = None
-            return self._checked(item)
+        if self._state is None or self._done or self._reading:
+            await self._start()  # the first call submits; a finished or busy stream raises
+        channel = self._state.channel
+        item = channel.take()  # a token already waiting: no suspension, nothing loop-bound touched
+        if item is None:
+            item = await self._wait(channel)
+        return self._checked(item)
+
+    async def _start(self) -> None:
         if self._done:
             raise StopAsyncIteration
         if self._reading:
@@ -180,16 +160,32 @@ class RequestStream(AsyncIterator[Token]):
         self._engine._check_loop()
         self._reading = True
         try:
-            if self._state is None:
-                await self._engine._submit(self.request_id, self._prompt, self._params, self._attach, self._interval)
-            item = await self._state.channel.get()
+            await self._engine._submit(self.request_id, self._prompt, self._params, self._attach, self._interval)
         except BaseException:
             self._done = True
             self._abort()
             raise
         finally:
             self._reading = False
-        return self._checked(item)
+
+    async def _wait(self, channel: Channel):
+        loop = asyncio.get_running_loop()
+        if loop is not self._engine._loop:
+            self._engine._check_loop()
+        self._reading = True
+        try:
+            item = None
+            while item is None:
+                await channel.arm(loop)
+                item = channel.take()
+            return item
+        except BaseException:
+            self._done = True
+            self._abort()
+            raise
+        finally:
+            self._reading = False
+            channel._waiter = None
 
     def _checked(self, item) -> Token:
         if isinstance(item, BaseException):
@@ -198,6 +194,30 @@ class RequestStream(AsyncIterator[Token]):
         if item[3] is not None:  # finish_reason: the stream's last item
             self._done = True
         return item
+
+    async def collect(self) -> Completion:
+        """Read the whole stream into a :class:`Completion` (what :meth:`acb.Engine.generate` returns)."""
+        texts: list[str] = []
+        ids: list[int] = []
+        logprobs: list[float] = []
+        reason = "abort"
+        async for tok in self:
+            texts.append(tok.text)
+            if tok.id is not None:
+                ids.append(tok.id)
+                if tok.logprob is not None:
+                    logprobs.append(tok.logprob)
+            if tok.finish_reason is not None:
+                reason = tok.finish_reason
+        seq = self._state.seq if self._state is not None else None
+        return Completion(
+            request_id=self.request_id,
+            text="".join(texts),
+            token_ids=ids,
+            finish_reason=reason,
+            prompt_token_ids=seq.token_ids[: seq.num_prompt] if seq is not None else [],
+            logprobs=logprobs if seq is not None and seq.params.logprobs else None,
+        )
 
     async def __aenter__(self) -> RequestStream:
         """Submit the request now (admission errors are raised here); leaving the block ends it."""

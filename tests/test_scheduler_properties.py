@@ -71,9 +71,10 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert all(e.sample and 1 <= e.num_tokens <= step.num_steps for e in step.entries)
             assert all(e.start + e.num_tokens <= e.seq.max_len - 1 for e in step.entries)
         for e in step.entries:
-            if step.num_steps > 1 and e.start + 1 > len(e.seq.token_ids):
-                producers = [slot for st_, slot in self.sample_slots if st_ is e.seq]
-                assert producers and producers[0] == e.seq.slot, f"{e.seq} reads a token from the wrong slot"
+            if step.num_steps > 1:  # a round's first input is known on the host or read from the token buffer
+                if e.start >= len(e.seq.token_ids):
+                    producers = [slot for st_, slot in self.sample_slots if st_ is e.seq]
+                    assert producers and producers[0] == e.seq.slot, f"{e.seq} reads a token from the wrong slot"
                 continue
             if e.start + e.num_tokens > len(e.seq.token_ids):
                 # this entry reads its last input from the device token buffer: the in-flight step that samples
