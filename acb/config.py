@@ -54,6 +54,10 @@ class EngineConfig:
     """With ``overlap``: most steps launched but not yet processed. 2 runs the host one step ahead; 3 also absorbs
     a late wake-up of the loop, at the cost of one more computed (never emitted) token when a request ends by EOS
     or a stop condition."""
+    prefix_caching: bool = True
+    """Share the KV blocks of prompt prefixes between requests (system prompts, few-shot examples, multi-turn
+    history, repeats): a request computes only what the cache does not hold. Full blocks are cached by content;
+    unused cached blocks are reused for new content least recently used first, only when no empty block is left."""
     decode_steps: int = 1
     """Multi-step decode: a step that only decodes (it starts no prompt) runs this many positions per sequence back
     to back on the device, each fed with the previous sample, and the host schedules, prepares and delivers once per
@@ -95,6 +99,8 @@ class EngineConfig:
             _positive("admission_group", self.admission_group)
         if not isinstance(self.admission_max_delay, int) or self.admission_max_delay < 0:
             raise ValueError(f"admission_max_delay must be an integer >= 0, got {self.admission_max_delay!r}")
+        if not isinstance(self.prefix_caching, bool):
+            raise ValueError(f"prefix_caching must be True or False, got {self.prefix_caching!r}")
         if not _is_int(self.decode_steps) or not 1 <= self.decode_steps <= 64:
             raise ValueError(f"decode_steps must be an integer in [1, 64], got {self.decode_steps!r}")
         if not isinstance(self.overlap_depth, int) or not 2 <= self.overlap_depth <= 8:

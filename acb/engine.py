@@ -67,14 +67,14 @@ class Engine:
         self.model = model
         self.device, self.dtype, self.shape = rt.device, rt.dtype, rt.shape
         self.max_model_len, self.fast_path = rt.max_model_len, rt.fast_path
-        self._allocator, self._scheduler = rt.allocator, rt.scheduler
+        self._blocks, self._scheduler = rt.blocks, rt.scheduler
         self._builder, self._runner = rt.builder, rt.runner
         self._bridge = CompletionBridge()
         self._admission = Admission(
             tokenizer,
             vocab_size=rt.shape.vocab_size,
             max_model_len=self.max_model_len,
-            max_cache_tokens=self._allocator.num_blocks * config.block_size,
+            max_cache_tokens=self._blocks.num_blocks * config.block_size,
             long_prompt_chars=config.long_prompt_chars,
             max_prompt_chars=config.max_prompt_chars or 16 * self.max_model_len,
         )
@@ -224,6 +224,11 @@ class Engine:
         self._abort_threadsafe(state)
         return True
 
+    def clear_prefix_cache(self) -> int:
+        """Drop every cached prefix: later requests compute their prompts in full until the cache fills again.
+        Requests running now are not affected. Returns how many cached blocks were dropped."""
+        return self._blocks.clear()
+
     def start_trace(self) -> None:
         """Start recording stage spans (and device step spans) for a timeline; see :mod:`acb.tracing`.
 
@@ -247,11 +252,17 @@ class Engine:
     def stats(self) -> EngineStats:
         """Where every live request is: each counted in exactly one of running, waiting and pending."""
         return EngineStats(
-            kv_blocks_total=self._allocator.num_blocks,
-            kv_blocks_free=self._allocator.num_free,
+            kv_blocks_total=self._blocks.num_blocks,
+            kv_blocks_free=self._blocks.num_free,
             num_running=len(self._scheduler.running),
             num_waiting=len(self._scheduler.waiting) + self._queue.num_queued,
             num_pending=self._queue.num_blocked,
+            prefix_queries=(p := self._blocks.stats).queries,
+            prefix_hits=p.hits,
+            prefix_queried_tokens=p.queried_tokens,
+            prefix_cached_tokens=p.cached_tokens,
+            prefix_evictions=p.evictions,
+            prefix_cached_blocks=self._blocks.num_cached,
             num_preemptions=self._scheduler.num_preemptions,
             steps=self._steps,
         )

@@ -14,7 +14,7 @@ import torch
 
 from . import attention
 from .batch import BatchBuilder
-from .block_allocator import BlockAllocator
+from .block_manager import BlockManager
 from .config import EngineConfig
 from .errors import ModelInUseError
 from .kv_cache import KVCache, ModelShape, auto_num_blocks
@@ -36,7 +36,7 @@ class Runtime:
     shape: ModelShape
     max_model_len: int
     fast_path: bool
-    allocator: BlockAllocator
+    blocks: BlockManager
     scheduler: Scheduler
     builder: BatchBuilder
     runner: ModelRunner
@@ -77,8 +77,8 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
         config.kv_memory_fraction,
         wanted_tokens=config.max_num_seqs * max_model_len,
     )
-    allocator = BlockAllocator(num_blocks, config.block_size)
-    max_blocks = allocator.blocks_for(max_model_len)
+    blocks = BlockManager(num_blocks, config.block_size, prefix_caching=config.prefix_caching)
+    max_blocks = blocks.blocks_for(max_model_len)
     # One extra block, owned by no sequence: padding rows (CUDA graphs, finished rows of a round) write their KV there.
     kv_cache = KVCache(shape, num_blocks + 1, config.block_size, dtype, device)
     if lean is not None:
@@ -104,9 +104,9 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
         shape=shape,
         max_model_len=max_model_len,
         fast_path=lean is not None,
-        allocator=allocator,
+        blocks=blocks,
         scheduler=Scheduler(
-            allocator,
+            blocks,
             config.max_num_seqs,
             config.max_num_batched_tokens,
             admission_group=config.admission_group or max(1, config.max_num_seqs // 8),

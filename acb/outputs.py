@@ -51,3 +51,14 @@ class EngineStats:
     num_preemptions: int
     steps: int
     num_pending: int = 0
+    prefix_queries: int = 0
+    """Requests that started (or restarted after preemption), each looking up its prompt in the prefix cache."""
+    prefix_hits: int = 0
+    """... of which found at least one cached block."""
+    prefix_queried_tokens: int = 0
+    prefix_cached_tokens: int = 0
+    """Prompt tokens looked up, and those the cache held (not computed again)."""
+    prefix_evictions: int = 0
+    """Cached blocks reused for new content."""
+    prefix_cached_blocks: int = 0
+    """Blocks the prefix cache holds now."""

@@ -125,8 +125,6 @@ class ModelRunner:
         self.inputs = StepInputs(
             max_tokens=max(max_tokens, max_num_seqs),
             max_rows=max_num_seqs,
-            # blocks allocated in one step: its new positions, plus one boundary per row (per sub-step of a round)
-            max_updates=max(max_tokens, max_num_seqs * 8) // block_size + 2 * max_num_seqs + 8,
             graph_rows=graph_rows,
             num_slots=max_num_seqs,
             max_blocks=max_blocks,

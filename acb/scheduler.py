@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .block_allocator import BlockAllocator
+from .block_manager import BlockManager
 from .sequence import SeqStatus, Sequence
 
 __all__ = ["ScheduledSeq", "ScheduledStep", "StepOutput", "Scheduler"]
@@ -76,6 +76,8 @@ class ScheduledStep:
     per-row arrays)."""
     grown: list[int] | None = None
     """Rows whose block table grew while this step was scheduled (``None``: not tracked, check every row)."""
+    epochs: list[int] | None = None
+    """Each row's ``Sequence.epoch`` when scheduled: a row whose sequence was preempted since holds nothing now."""
 
     @property
     def decode_only(self) -> bool:
@@ -102,7 +104,7 @@ class StepOutput:
 
 @dataclass
 class Scheduler:
-    allocator: BlockAllocator
+    blocks: BlockManager
     max_num_seqs: int
     max_num_batched_tokens: int
     waiting: deque[Sequence] = field(default_factory=deque)
@@ -186,13 +188,13 @@ class Scheduler:
         k = self.decode_steps
         counts = np.minimum(remaining, k) if k > 1 else np.ones_like(starts)
         k = int(counts.max())  # a round never runs a sub-step that no row needs
-        needed = -(-(starts + counts) // self.allocator.block_size)
+        needed = -(-(starts + counts) // self.blocks.block_size)
         short = np.flatnonzero(needed > blocks)
         if short.size:
-            if not self.allocator.can_allocate(int((needed - blocks)[short].sum())):
+            if not self.blocks.can_allocate(int((needed - blocks)[short].sum())):
                 return None  # preemption needed: the general path decides who goes
             for i in short.tolist():
-                seqs[i].block_table.extend(self.allocator.allocate(int(needed[i] - blocks[i])))
+                seqs[i].block_table.extend(self.blocks.allocate(int(needed[i] - blocks[i])))
             blocks[short] = needed[short]
         if k > 1 and int(counts.min()) == int(counts.max()):
             c = int(counts[0])
@@ -204,8 +206,9 @@ class Scheduler:
                 seq.num_computed += c
                 seq.num_pending += c
         step = ScheduledStep(
-            self._next_step, seqs, starts, counts, last.sample, len(seqs), k, last.composition, short.tolist()
-        )
+            self._next_step, seqs, starts, counts, last.sample, len(seqs), k, last.composition, short.tolist(),
+            last.epochs,
+        )  # fmt: skip
         self._next_step += 1
         self._last = step
         return step
@@ -222,7 +225,7 @@ class Scheduler:
             if n == 0:
                 i += 1
                 continue
-            grow = -(-(seq.num_computed + n) // self.allocator.block_size) > len(seq.block_table)
+            grow = -(-(seq.num_computed + n) // self.blocks.block_size) > len(seq.block_table)
             if grow and not self._grow(seq, n):
                 break  # seq itself was preempted; everything after it is newer and was preempted too
             rows.append(self._take(seq, n))
@@ -236,16 +239,24 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.num_pending:
                 break  # a preempted sequence whose last sample is still in flight: strict FIFO waits for it
-            n = min(seq.num_tokens_to_compute, budget)
-            if n == 0:
+            cached, parent = self._cached_prefix(seq)
+            reuse = len(cached) * self.blocks.block_size
+            n = min(seq.num_tokens_to_compute - reuse, budget)
+            if n <= 0:
                 break
-            need = self.allocator.blocks_for(n) - len(seq.block_table)
-            if not self.allocator.can_allocate(need):
+            need = self.blocks.blocks_for(reuse + n) - len(cached)
+            if not self.blocks.can_allocate(need + self.blocks.cost(cached)):
                 break
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             seq.slot = self._free_slots.pop()
-            seq.block_table.extend(self.allocator.allocate(need))
+            if cached:  # positions the prefix cache already holds: computed by someone before
+                self.blocks.take(cached)
+                seq.block_table.extend(cached)
+                seq.num_computed = reuse
+                seq.num_hashed, seq.prefix_hash = len(cached), parent
+            self.blocks.count_query(len(seq.token_ids), reuse)
+            seq.block_table.extend(self.blocks.allocate(need))
             bisect.insort(self.running, seq, key=lambda s: s.arrival)
             self._version += 1
             rows.append(self._take(seq, n))
@@ -261,6 +272,7 @@ class Scheduler:
         num_tokens = self.max_num_batched_tokens - budget
         self._compositions += 1  # a new list of rows (the fast path keeps its predecessor's)
         step = ScheduledStep(self._next_step, seqs, starts, counts, sample, num_tokens, 1, self._compositions)
+        step.epochs = [s.epoch for s in seqs]
         decode_only = num_tokens == len(seqs) and not admitted and bool(sample.all())
         if decode_only and self.decode_steps > 1:
             self._extend_to_round(step)
@@ -281,14 +293,14 @@ class Scheduler:
         counts = np.minimum(limits - 1 - step.starts, k)
         if int(counts.max()) <= 1:
             return
-        bs = self.allocator.block_size
+        bs = self.blocks.block_size
         need = -(-(step.starts + counts) // bs)
         have = np.fromiter((len(s.block_table) for s in step.seqs), np.int64, len(step.seqs))
         short = np.flatnonzero(need > have)
-        if short.size and not self.allocator.can_allocate(int((need - have)[short].sum())):
+        if short.size and not self.blocks.can_allocate(int((need - have)[short].sum())):
             return
         for i in short.tolist():
-            step.seqs[i].block_table.extend(self.allocator.allocate(int(need[i] - have[i])))
+            step.seqs[i].block_table.extend(self.blocks.allocate(int(need[i] - have[i])))
         for seq, c in zip(step.seqs, counts.tolist()):
             seq.num_computed += c - 1
             seq.num_pending += c - 1
@@ -304,6 +316,8 @@ class Scheduler:
         accepted: list = []
         broken: list[Sequence] = []
         finished = SeqStatus.FINISHED
+        if self.blocks.prefix_caching:
+            self._commit(step)
         if step.num_steps == 1:
             toks = tokens[0]
             lps = logprobs[0] if logprobs is not None else None
@@ -357,6 +371,19 @@ class Scheduler:
                 self.finish(seq, reason)
         return StepOutput(accepted, broken)
 
+    def _commit(self, step: ScheduledStep) -> None:
+        """The step's KV is on the device now: offer the blocks it filled to the prefix cache. Only rows that
+        completed a block matter; a row whose sequence ended or was preempted since holds no blocks of the step."""
+        bs = self.blocks.block_size
+        ends = step.starts + step.counts
+        running = SeqStatus.RUNNING
+        for r in np.flatnonzero(step.starts // bs != ends // bs).tolist():
+            seq = step.seqs[r]
+            if seq.status is running and seq.epoch == step.epochs[r]:
+                seq.num_hashed, seq.prefix_hash = self.blocks.commit(
+                    seq.token_ids, seq.block_table, seq.num_hashed, seq.prefix_hash, int(ends[r])
+                )
+
     def on_step_failed(self, step: ScheduledStep) -> list[Sequence]:
         """A step raised: its sequences cannot trust their KV any more. Returns the live ones to fail."""
         failed = []
@@ -405,27 +432,36 @@ class Scheduler:
 
         Returns False when ``seq`` itself had to be preempted.
         """
-        need = self.allocator.blocks_for(seq.num_computed + n) - len(seq.block_table)
-        while not self.allocator.can_allocate(need):
+        need = self.blocks.blocks_for(seq.num_computed + n) - len(seq.block_table)
+        while not self.blocks.can_allocate(need):
             victim = self.running[-1]
             self._preempt(victim)
             if victim is seq:
                 return False
         if need > 0:
-            seq.block_table.extend(self.allocator.allocate(need))
+            seq.block_table.extend(self.blocks.allocate(need))
         return True
+
+    def _cached_prefix(self, seq: Sequence) -> tuple[list[int], int | None]:
+        """The prefix cache's blocks for a sequence about to start (or restart after preemption): its known tokens
+        but the last, which must be computed to sample the next one."""
+        if seq.block_table or not self.blocks.prefix_caching:
+            return [], None
+        return self.blocks.match(seq.token_ids, len(seq.token_ids) - 1)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self._version += 1
         self._release(seq)
         seq.num_computed = 0
+        seq.epoch += 1
         self.num_preemptions += 1
         self.add(seq)
 
     def _release(self, seq: Sequence) -> None:
-        self.allocator.free(seq.block_table)
+        self.blocks.free(seq.block_table)
         seq.block_table = []
+        seq.num_hashed, seq.prefix_hash = 0, None
         if seq.slot is not None:
             self._free_slots.append(seq.slot)
             seq.slot = None

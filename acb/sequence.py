@@ -1,6 +1,6 @@
 """A request's state inside the engine: its tokens, how far its KV cache is computed, and what it holds.
 
-Pure Python (no torch): the scheduler and the block allocator reason about sequences in microseconds.
+Pure Python (no torch): the scheduler and the block manager reason about sequences in microseconds.
 """
 
 from __future__ import annotations
@@ -43,6 +43,9 @@ class Sequence:
         "slot",
         "seed",
         "finish_reason",
+        "epoch",
+        "num_hashed",
+        "prefix_hash",
     )
 
     def __init__(
@@ -73,6 +76,9 @@ class Sequence:
         self.slot: int | None = None
         self.seed = seed
         self.finish_reason: str | None = None
+        self.epoch = 0  # bumped when preempted: a step scheduled before belongs to a block table since let go
+        self.num_hashed = 0  # leading blocks of block_table the prefix cache has seen (registered, or matched)
+        self.prefix_hash: int | None = None  # the chained hash of the last of them
 
     @property
     def num_output(self) -> int:

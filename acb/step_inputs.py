@@ -28,7 +28,6 @@ __all__ = ["StepInputs", "DeviceStep"]
 _TOKEN = ("host_ids", "from_device", "token_rows", "positions")
 _ROW = ("slots", "seq_lens", "counts")  # counts: a round's sub-steps per row
 _SAMPLE = ("sample_idx", "sample_slots", "sample_positions", "top_k", "seeds", "temperature", "top_p")
-_UPDATE = ("table_slots", "table_cols", "table_blocks")
 _FLOATS = ("temperature", "top_p")  # float32, stored in the first half of their int64 region
 
 
@@ -72,7 +71,6 @@ class StepInputs:
         *,
         max_tokens: int,
         max_rows: int,
-        max_updates: int,
         graph_rows: int,
         num_slots: int,
         max_blocks: int,
@@ -85,8 +83,8 @@ class StepInputs:
         self.scratch_slot = num_slots  # the tables' and the token buffer's spare row
         self.token_buf = token_buf
         self.cuda = device.type == "cuda"
-        self.capacity = (max_tokens, max_rows, max_updates)
-        size = _layout(max_tokens, max_rows, max_rows, max_updates)[1]
+        self.capacity = (max_tokens, max_rows)
+        size = _layout(max_tokens, max_rows, max_rows)[1]
         self.tables = torch.full((num_slots + 1, max_blocks), scratch_block, dtype=torch.int64, device=device)
         self._dev = torch.zeros(size, dtype=torch.int64, device=device)
         if self.cuda:
@@ -98,7 +96,10 @@ class StepInputs:
         self._turn = 0
         self._np = [buf.numpy() for buf in self._stage]
         # the graphs' layout: fixed regions, made once (host views of both staging buffers, device views)
-        self.fixed, self._fixed_end = _layout(graph_rows, graph_rows, graph_rows, max_updates)
+        self.fixed, self._fixed_end = _layout(graph_rows, graph_rows, graph_rows)
+        # Block-table entries travel in a buffer of their own, grown on demand: a step that starts long prompts
+        # found in the prefix cache (or resends every table after a failure) carries thousands.
+        self._updates = _Updates(self.cuda, self.tables.device)
         self._fixed_host = [_views(buf, self.fixed, np.float32) for buf in self._np]
         self.fixed_views = _views(self._dev, self.fixed, torch.float32)
         for host in self._fixed_host:  # padding rows: a scratch slot no sequence owns, an empty context
@@ -123,9 +124,9 @@ class StepInputs:
         ``len(b) .. graph_rows`` are padding that reads and writes only the scratch slot. ``start`` (step timing) is
         recorded right before the step's first GPU work, after the host filled the staging buffer, so that host time
         never counts as GPU time."""
-        t, n, s, u = b.num_tokens, b.num_rows, len(b.sample_idx), len(b.table_slots)
-        if t > self.capacity[0] or n > self.capacity[1] or u > self.capacity[2]:
-            raise RuntimeError(f"a step of {t} tokens, {n} rows, {u} table entries exceeds {self.capacity}")
+        t, n, s = b.num_tokens, b.num_rows, len(b.sample_idx)
+        if t > self.capacity[0] or n > self.capacity[1]:
+            raise RuntimeError(f"a step of {t} tokens and {n} rows exceeds the staging buffer {self.capacity}")
         k = self._turn
         if self._copied is not None:
             self._turn ^= 1
@@ -133,7 +134,7 @@ class StepInputs:
         if graph_rows:
             layout, end, h = self.fixed, self._fixed_end, self._fixed_host[k]
         else:
-            layout, end = _layout(t, n, s, u)
+            layout, end = _layout(t, n, s)
             h = _views(self._np[k], layout, np.float32)
         h["host_ids"][:t] = b.input_ids
         h["from_device"][:t] = b.from_device
@@ -153,10 +154,6 @@ class StepInputs:
             h["top_k"][:s] = b.top_k
             h["top_p"][:s] = b.top_p
             h["seeds"][:s] = b.seeds
-        if u:
-            h["table_slots"][:u] = b.table_slots
-            h["table_cols"][:u] = b.table_cols
-            h["table_blocks"][:u] = b.table_blocks
         if graph_rows > n:  # restore the padding that a larger step overwrote
             pad = slice(n, graph_rows)
             h["host_ids"][pad] = 0
@@ -173,10 +170,10 @@ class StepInputs:
         if self._copied is not None:
             self._dev[:end].copy_(self._stage[k][:end], non_blocking=True)
             self._copied[k].record()
-        v = self.fixed_views if graph_rows else _views(self._dev, layout, torch.float32)
-        if u:
-            self.tables[v["table_slots"][:u], v["table_cols"][:u]] = v["table_blocks"][:u]
-        return v
+        if len(b.table_slots):
+            slots, cols, blocks = self._updates.stage(b.table_slots, b.table_cols, b.table_blocks)
+            self.tables[slots, cols] = blocks
+        return self.fixed_views if graph_rows else _views(self._dev, layout, torch.float32)
 
     def advance(self, v: dict[str, torch.Tensor], n: int) -> None:
         """Turn a staged decode step of ``n`` rows into the next sub-step of its round, on the device: every row
@@ -223,12 +220,11 @@ class StepInputs:
         )
 
 
-def _layout(t: int, n: int, s: int, u: int) -> tuple[dict[str, tuple[int, int]], int]:
-    """Field regions ``name -> (offset, size)`` for a step of that many tokens, rows, samples and table entries,
-    small fields first; and the end of the last one."""
+def _layout(t: int, n: int, s: int) -> tuple[dict[str, tuple[int, int]], int]:
+    """Field regions ``name -> (offset, size)`` for a step of that many tokens, rows and samples, small fields
+    first; and the end of the last one."""
     out, off = {}, 0
-    for names, size in ((("sub_step",), 1), (_ROW, n), (("query_start_loc",), n + 1), (_SAMPLE, s), (_TOKEN, t),
-                        (_UPDATE, u)):  # fmt: skip
+    for names, size in ((("sub_step",), 1), (_ROW, n), (("query_start_loc",), n + 1), (_SAMPLE, s), (_TOKEN, t)):
         for name in names:
             out[name] = (off, size)
             off += size
@@ -242,3 +238,43 @@ def _views(buf, layout: dict[str, tuple[int, int]], float_dtype) -> dict:
         v = buf[off : off + size]
         out[name] = v.view(float_dtype)[:size] if name in _FLOATS else v
     return out
+
+
+class _Updates:
+    """Staging for block-table entries ``(slot, column, block)``: two pinned buffers and a device buffer (CUDA), each
+    doubled when a step carries more entries than they hold. Each step's entries are copied once, packed."""
+
+    def __init__(self, cuda: bool, device: torch.device, capacity: int = 4096) -> None:
+        self.cuda, self.device = cuda, device
+        self._turn = 0
+        self._alloc(capacity)
+
+    def _alloc(self, capacity: int) -> None:
+        self.capacity = capacity
+        if self.cuda:
+            self._host = [torch.zeros(capacity, 3, dtype=torch.int64).pin_memory() for _ in range(2)]
+            self._dev = torch.zeros(capacity, 3, dtype=torch.int64, device=self.device)
+            self._copied = [torch.cuda.Event(), torch.cuda.Event()]
+        else:
+            self._host = [torch.zeros(capacity, 3, dtype=torch.int64)]
+            self._dev = self._host[0]
+            self._copied = None
+
+    def stage(self, slots: np.ndarray, cols: np.ndarray, blocks: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """Device tensors ``(slots, cols, blocks)`` of these entries (valid for this step's work on the stream)."""
+        u = len(slots)
+        if u > self.capacity:
+            if self.cuda:
+                torch.cuda.current_stream().synchronize()  # the old buffers may still be read by queued copies
+            self._alloc(max(u, 2 * self.capacity))
+        k = 0
+        if self._copied is not None:
+            k, self._turn = self._turn, self._turn ^ 1
+            self._copied[k].synchronize()
+        host = self._host[k].numpy()
+        host[:u, 0], host[:u, 1], host[:u, 2] = slots, cols, blocks
+        dev = self._dev[:u]  # entries are rows of a [capacity, 3] buffer: the used part is contiguous
+        if self._copied is not None:
+            dev.copy_(self._host[k][:u], non_blocking=True)
+            self._copied[k].record()
+        return dev[:, 0], dev[:, 1], dev[:, 2]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime
 import gc
 import json
@@ -25,12 +26,12 @@ from acb import Engine, EngineConfig, SamplingParams
 from acb.kv_cache import ModelShape
 
 from .metrics import LoopLag, decode_floor_seconds, idle_fraction, percentile
-from .workloads import WORKLOADS, build_model, make_requests, synthetic_tokenizer
+from .workloads import WORKLOADS, Conversation, build_model, make_requests, synthetic_tokenizer
 
 
-async def run_one(
-    engine: Engine, requests: list[tuple[list[int], int]], profile: bool = False, progress: str | None = None
-) -> dict:
+async def run_one(engine: Engine, requests: list, profile: bool = False, progress: str | None = None) -> dict:
+    """Run ``requests`` (``(prompt, new)`` pairs, or conversations whose turns run one after the other) all at
+    once and measure them."""
     lag = LoopLag()
     ttft, itl = [], []
     counts = []
@@ -40,10 +41,10 @@ async def run_one(
 
         bar = tqdm(total=len(requests), desc=progress, unit="req", file=sys.stderr, leave=False)
 
-    async def one(prompt: list[int], new: int) -> None:
+    async def one(prompt: list[int], new: int) -> list[int]:
         t0 = time.perf_counter()
         last = None
-        n = 0
+        out = []
         async for tok in engine.stream(prompt, SamplingParams(max_new_tokens=new, ignore_eos=True)):
             now = time.perf_counter()
             if last is None:
@@ -51,10 +52,21 @@ async def run_one(
             else:
                 itl.append(now - last)
             last = now
-            n += tok.id is not None
-        counts.append(n)
+            if tok.id is not None:
+                out.append(tok.id)
+        counts.append(len(out))
         if bar is not None:
             bar.update()
+        return out
+
+    async def conversation(c: Conversation) -> None:
+        history = list(c.system)
+        for user in c.users:
+            history += user
+            history += await one(history, c.new)
+
+    def drive(item):
+        return conversation(item) if isinstance(item, Conversation) else one(*item)
 
     lag.start()
     prof = None
@@ -65,7 +77,7 @@ async def run_one(
         prof.enable()
     start = time.perf_counter()
     cpu0 = time.thread_time()
-    await asyncio.gather(*(one(p, n) for p, n in requests))
+    await asyncio.gather(*(drive(item) for item in requests))
     wall = time.perf_counter() - start
     loop_cpu = time.thread_time() - cpu0
     await lag.stop()
@@ -90,6 +102,26 @@ async def run_one(
         "steps": engine.stats().steps,
         "loop_thread_cpu_s": loop_cpu,
     }
+
+
+def _turn_lengths(requests: list) -> list[tuple[int, int]]:
+    """``(prompt tokens, new tokens)`` of every request, conversations' turns included (their history as it
+    grows)."""
+    out = []
+    for r in requests:
+        if isinstance(r, Conversation):
+            history = len(r.system)
+            for user in r.users:
+                history += len(user)
+                out.append((history, r.new))
+                history += r.new
+        else:
+            out.append((len(r[0]), r[1]))
+    return out
+
+
+def _first_prompt(r) -> list[int]:
+    return r.system + r.users[0] if isinstance(r, Conversation) else r[0]
 
 
 def run_transformers(model, requests: list[tuple[list[int], int]], use_async: bool) -> dict:
@@ -141,7 +173,10 @@ def parse_mode(mode: str) -> tuple[str, dict]:
     overrides = {}
     for item in filter(None, rest.rstrip("]").split(",")):
         key, _, value = item.partition("=")
-        overrides[key] = float(value) if "." in value else int(value)
+        if value.lower() in ("true", "false"):
+            overrides[key] = value.lower() == "true"
+        else:
+            overrides[key] = float(value) if "." in value else int(value)
     return base, overrides
 
 
@@ -205,6 +240,8 @@ async def bench(args) -> list[dict]:
 
     for name, workload_modes, traced in _plan(args):
         w = WORKLOADS[name].scaled(args.share_scale if name == "W-share" and args.share_scale else args.scale)
+        if args.model:
+            w = dataclasses.replace(w, model=args.model, note=(w.note + f" {args.model} model").strip())
         if w.model not in models:
             models.clear()
             gc.collect()
@@ -216,16 +253,16 @@ async def bench(args) -> list[dict]:
         shape = ModelShape.from_config(model.config)
         tokenizer = synthetic_tokenizer(shape.vocab_size)
         requests = make_requests(w, shape.vocab_size, seed=args.seed)
-        max_len = max(len(p) + n for p, n in requests) + 16
+        turns = _turn_lengths(requests)
+        max_len = max(p + n for p, n in turns) + 16
         floor = decode_floor_seconds(
-            weight_bytes, shape.kv_bytes_per_token(model.dtype), [(len(p), n) for p, n in requests], bandwidth,
-            min(w.requests, args.max_num_seqs),
-        )  # fmt: skip
+            weight_bytes, shape.kv_bytes_per_token(model.dtype), turns, bandwidth, min(len(turns), args.max_num_seqs)
+        )
         # transformers' modes first: acb's lean path releases the unfused weights of the model it takes over
         modes = sorted(workload_modes, key=lambda m: not m.startswith("hf-"))
         for mode in modes:
             if mode.startswith("hf-"):
-                if w.new is None:
+                if w.new is None or w.kind != "single":
                     print(f"skipping {mode} for {w.name}: generate_batch takes one output length", file=sys.stderr)
                     continue
                 r = run_transformers(model, requests, use_async=mode == "hf-async")
@@ -247,8 +284,11 @@ async def bench(args) -> list[dict]:
             engine = Engine(model, tokenizer, config)
             build_s = time.perf_counter() - t_build
             async with engine:
-                # warm-up: every kernel variant compiles here (prefill tiles for short and long prompts, decode)
-                await run_one(engine, [(requests[0][0], 4), (requests[1][0][:16], 4)])
+                # warm-up: every kernel variant compiles here (prefill tiles for short and long prompts, decode); then
+                # the prefix cache forgets the warm-up's prompts
+                first = [_first_prompt(r) for r in requests[:2]]
+                await run_one(engine, [(first[0], 4), (first[1][:16], 4)])
+                engine.clear_prefix_cache()
                 if engine._runner.step_events is not None:
                     engine._runner.step_events.clear()
                 steps_before = engine.stats().steps
@@ -264,6 +304,8 @@ async def bench(args) -> list[dict]:
                     print(f"{w.name} {mode}: {gap_summary(trace)}", file=sys.stderr)
                 r["steps"] -= steps_before
                 r["preemptions"] = engine.stats().num_preemptions - preempted_before
+                stats = engine.stats()
+                r["prefix_cached_share"] = stats.prefix_cached_tokens / max(1, stats.prefix_queried_tokens)
                 intervals = engine.step_intervals()
             durations = sorted(e - s for s, e in intervals)
             r["gpu_step_ms_p50"] = percentile(durations, 50) if durations else float("nan")
@@ -367,6 +409,9 @@ def main(argv: list[str] | None = None) -> None:
         "--overlap-depth", type=int, default=2, help="steps launched ahead in async mode (see EngineConfig)"
     )
     ap.add_argument("--generic", action="store_true", help="force the generic transformers path")
+    ap.add_argument(
+        "--model", choices=["tiny", "qwen-0.5b", "llama-8b"], help="run the workloads on this model instead"
+    )
     ap.add_argument("--profile", action="store_true", help="cProfile the event-loop thread during each timed run")
     ap.add_argument("--timeline", help="draw the stage/step timeline of each workload to this PNG path (suffixed)")
     ap.add_argument("--markdown", help="also write the table to this markdown file")

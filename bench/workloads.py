@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-__all__ = ["Workload", "WORKLOADS", "build_model", "make_requests"]
+__all__ = ["Conversation", "Workload", "WORKLOADS", "build_model", "make_requests"]
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,11 @@ class Workload:
     prompt: int | None  # fixed prompt length, or None for the lognormal law
     new: int | None  # fixed output length, or None for the lognormal law
     note: str = ""
+    kind: str = "single"
+    """``single``: independent requests; ``prefix``: one of 8 system prompts of 1,024 tokens plus a user suffix of
+    32-256 tokens; ``multiturn``: conversations (``requests`` of them) of ``turns`` turns, each resending the whole
+    history (a system prompt, then every user message and every generated answer so far)."""
+    turns: int = 1
 
     def scaled(self, scale: float) -> Workload:
         """A smaller copy for quick runs: fewer requests and shorter outputs (prompts keep their length)."""
@@ -37,6 +42,8 @@ WORKLOADS = {
     "W-side": Workload("W-side", "llama-8b", 32, 256, 1024),
     "W-share": Workload("W-share", "llama-8b", 1000, None, None),
     "W-small": Workload("W-small", "qwen-0.5b", 256, 128, 512),
+    "W-prefix": Workload("W-prefix", "llama-8b", 1000, None, 128, kind="prefix"),
+    "W-prefix-mt": Workload("W-prefix-mt", "llama-8b", 128, None, 128, note="6 turns", kind="multiturn", turns=6),
     # CPU smoke test of the harness itself (tiny random model)
     "W-tiny": Workload("W-tiny", "tiny", 16, 24, 32, note="CPU smoke"),
     # diagnostic: the loop thread's host work per step at W-small's batch (256 sequences), on the CPU's tiny model
@@ -76,9 +83,34 @@ def build_model(name: str, device: str = "cuda"):
     return model.eval()
 
 
-def make_requests(w: Workload, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
-    """``(prompt token ids, new tokens)`` per request, from a fixed seed."""
+SYSTEM_PROMPTS, SYSTEM_TOKENS, SUFFIX = 8, 1024, (32, 256)
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A multi-turn chat: turn ``k`` sends ``system + user[0] + answer[0] + ... + user[k]`` (the answers are what the
+    engine generated in the earlier turns)."""
+
+    system: list[int]
+    users: list[list[int]]
+    new: int
+
+
+def make_requests(w: Workload, vocab: int, seed: int = 0) -> list:
+    """``(prompt token ids, new tokens)`` per request (or :class:`Conversation` objects), from a fixed seed."""
     rng = random.Random(seed)
+    if w.kind in ("prefix", "multiturn"):
+        systems = [[rng.randrange(vocab) for _ in range(SYSTEM_TOKENS)] for _ in range(SYSTEM_PROMPTS)]
+
+        def user() -> list[int]:
+            return [rng.randrange(vocab) for _ in range(rng.randint(*SUFFIX))]
+
+        if w.kind == "prefix":
+            return [(systems[rng.randrange(SYSTEM_PROMPTS)] + user(), w.new) for _ in range(w.requests)]
+        return [
+            Conversation(systems[i % SYSTEM_PROMPTS], [user() for _ in range(w.turns)], w.new)
+            for i in range(w.requests)
+        ]
 
     def lognormal() -> int:
         return int(min(2048, max(8, round(rng.lognormvariate(math.log(128), 1.0)))))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from acb.block_allocator import BlockAllocator
+import pytest
+
+from acb.block_manager import BlockManager
 from acb.config import SamplingParams
 from acb.scheduler import Scheduler
 from acb.sequence import SeqStatus, Sequence
@@ -12,7 +14,7 @@ def _seq(i: int, prompt_len: int, max_new: int = 4) -> Sequence:
     return Sequence(
         f"r{i}",
         i,
-        list(range(1, prompt_len + 1)),
+        list(range(100 * i + 1, 100 * i + prompt_len + 1)),  # distinct prompts: no prefix is shared
         SamplingParams(max_new_tokens=max_new),
         max_model_len=1000,
         eos_ids=frozenset(),
@@ -21,7 +23,7 @@ def _seq(i: int, prompt_len: int, max_new: int = 4) -> Sequence:
 
 
 def _sched(blocks=100, block_size=4, seqs=8, budget=16) -> Scheduler:
-    return Scheduler(BlockAllocator(blocks, block_size), seqs, budget)
+    return Scheduler(BlockManager(blocks, block_size), seqs, budget)
 
 
 def _finish_step(s: Scheduler, step, token=7):
@@ -58,13 +60,14 @@ def test_max_num_seqs_caps_the_batch():
     assert len(step.entries) == 2 and len(s.waiting) == 2
 
 
-def test_preemption_takes_the_newest_and_recomputes_it_later():
-    s = _sched(blocks=4, block_size=4, budget=100)
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_preemption_takes_the_newest_and_recomputes_it_later(prefix_caching):
+    s = Scheduler(BlockManager(4, 4, prefix_caching=prefix_caching), 8, 100)
     old, new = _seq(0, 7, max_new=10), _seq(1, 7, max_new=10)
     s.add(old)
     s.add(new)
     step = s.schedule()  # 2 blocks each: the cache is full
-    assert len(step.entries) == 2 and s.allocator.num_free == 0
+    assert len(step.entries) == 2 and s.blocks.num_free == 0
     _finish_step(s, step)  # positions 0..6 computed, token 7 sampled for each
     step = s.schedule()  # both decode position 7 (still within their second block)
     _finish_step(s, step)
@@ -73,10 +76,12 @@ def test_preemption_takes_the_newest_and_recomputes_it_later():
     assert new.status is SeqStatus.WAITING and new.num_computed == 0 and new.block_table == []
     assert s.num_preemptions == 1
     _finish_step(s, step)
-    # once old finishes, new is recomputed from all its tokens (prompt + the 2 it had generated)
+    # once old finishes, new is recomputed from all its tokens (prompt + the 2 it had generated); with prefix caching
+    # its first full block, freed by the preemption but not reused since, still holds its content
     s.finish(old, "abort")
     step = s.schedule()
-    assert [(e.seq, e.start, e.num_tokens, e.sample) for e in step.entries] == [(new, 0, 9, True)]
+    start = 4 if prefix_caching else 0
+    assert [(e.seq, e.start, e.num_tokens, e.sample) for e in step.entries] == [(new, start, 9 - start, True)]
 
 
 def test_overlap_schedules_from_pending_tokens_and_drops_the_extra_token():
@@ -92,7 +97,7 @@ def test_overlap_schedules_from_pending_tokens_and_drops_the_extra_token():
     s.finish(a, "stop")  # e.g. a stop string in token 9: s2's sample is the extra token
     out = s.on_step_done(s2, [[11]], None)
     assert out.accepted == [] and out.broken == []
-    assert a.token_ids[-1] == 9 and s.allocator.num_free == 100
+    assert a.token_ids[-1] == 9 and s.blocks.num_free == 100
 
 
 def test_a_sequence_at_its_length_limit_is_not_scheduled_again():
@@ -109,7 +114,7 @@ def test_a_sequence_at_its_length_limit_is_not_scheduled_again():
 
 def _decoding(group: int, delay: int, backlog: int) -> Scheduler:
     """A scheduler whose two sequences are past their prompts (decoding), with admission groups on."""
-    s = Scheduler(BlockAllocator(100, 4), 8, 64, admission_group=group, admission_max_delay=delay)
+    s = Scheduler(BlockManager(100, 4), 8, 64, admission_group=group, admission_max_delay=delay)
     s.add(_seq(0, 3, max_new=50))
     s.add(_seq(1, 3, max_new=50))
     _finish_step(s, s.schedule())
@@ -145,7 +150,7 @@ def test_without_a_backlog_a_request_starts_at_once():
 
 
 def test_a_step_that_prefills_anyway_admits_at_once():
-    s = Scheduler(BlockAllocator(100, 4), 8, 64, admission_group=4, admission_max_delay=10)
+    s = Scheduler(BlockManager(100, 4), 8, 64, admission_group=4, admission_max_delay=10)
     s.add(_seq(0, 100))
     s.backlog = 5
     _finish_step(s, s.schedule())  # the first 64 tokens of r0's prompt

@@ -1,9 +1,11 @@
-"""Stateful property tests of the scheduler and the block allocator (hypothesis).
+"""Stateful property tests of the scheduler and the block manager (hypothesis).
 
 Any interleaving of add / step / step completion (up to three steps in flight, as under ``overlap_depth=3``) /
 finish / cancel / preempt, with admission groups holding newcomers back under a backlog, keeps the books: owned +
-free blocks = total, no block owned twice, every running sequence's blocks cover what it computed, waiting
-sequences own nothing. And once nothing new arrives, every admitted sequence finishes.
+free blocks = total, every block's reference count is the number of sequences holding it, every running sequence's
+blocks cover what it computed, waiting sequences own nothing. Prompts share prefixes, so the prefix cache is busy:
+a simulated device writes each completed step's tokens into its blocks, and every block the cache registered holds
+exactly the tokens its hash was made of. And once nothing new arrives, every admitted sequence finishes.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from acb.block_allocator import BlockAllocator
+from acb.block_manager import BlockManager
 from acb.config import SamplingParams
 from acb.scheduler import Scheduler
 from acb.sequence import SeqStatus, Sequence
@@ -27,7 +29,7 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.alloc = BlockAllocator(BLOCKS, BLOCK_SIZE)
+        self.alloc = BlockManager(BLOCKS, BLOCK_SIZE)
         self.sched = Scheduler(
             self.alloc,
             max_num_seqs=4,
@@ -36,22 +38,23 @@ class SchedulerMachine(RuleBasedStateMachine):
             admission_max_delay=3,
             decode_steps=self.decode_steps,
         )
-        self.inflight: deque = deque()
+        self.inflight: deque = deque()  # (step, its rows' block tables when scheduled)
         self.seqs: list[Sequence] = []
+        self.device: dict[int, list] = {}  # block -> what the simulated device wrote at each offset
         self.sample_slots: list = []  # (sequence, slot its in-flight sample writes to), newest first
 
     @rule(backlog=st.integers(0, 3))
     def set_backlog(self, backlog):
         self.sched.backlog = backlog
 
-    @rule(prompt=st.integers(1, 30), max_new=st.integers(1, 12))
-    def add(self, prompt, max_new):
+    @rule(prompt=st.integers(1, 30), max_new=st.integers(1, 12), head=st.integers(1, 3), word=st.integers(7, 9))
+    def add(self, prompt, max_new, head, word):
         if prompt + max_new - 1 > BLOCKS * BLOCK_SIZE:
             return  # admission rejects what can never fit (tested elsewhere)
         seq = Sequence(
             f"r{len(self.seqs)}",
             len(self.seqs),
-            [7] * prompt,
+            ([word] * head + [7] * prompt)[:prompt],  # shared prefixes, and a few distinct ones
             SamplingParams(max_new_tokens=max_new),
             max_model_len=10_000,
             eos_ids=frozenset({EOS}),
@@ -84,20 +87,32 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.sample_slots = [(e.seq, e.seq.slot) for e in step.entries if e.sample] + [
             x for x in self.sample_slots if x[0].num_pending
         ]
-        self.inflight.append(step)
+        self.inflight.append((step, [list(e.seq.block_table) for e in step.entries]))
+
+    def _write(self, step, tables, failed: bool) -> None:
+        """What the device does with a step: write each row's input tokens at its positions, in the blocks the row
+        had when it was scheduled (garbage if the step failed)."""
+        for e, table in zip(step.entries, tables):
+            for p in range(e.start, e.start + e.num_tokens):
+                known = p < len(e.seq.token_ids)
+                self.device.setdefault(table[p // BLOCK_SIZE], [None] * BLOCK_SIZE)[p % BLOCK_SIZE] = (
+                    "garbage" if failed or not known else e.seq.token_ids[p]
+                )
 
     @precondition(lambda self: self.inflight)
     @rule(tokens=st.lists(st.integers(0, 20), min_size=8, max_size=8))
     def complete(self, tokens):
-        step = self.inflight.popleft()
+        step, tables = self.inflight.popleft()
         n = sum(e.sample for e in step.entries)
         row = tokens[:n] + [5] * max(0, n - len(tokens))
         self.sched.on_step_done(step, [row[j:] + row[:j] for j in range(step.num_steps)], None)
+        self._write(step, tables, failed=False)  # a round's later inputs are its own samples, accepted just now
 
     @precondition(lambda self: self.inflight)
     @rule()
     def fail_step(self):
-        step = self.inflight.popleft()
+        step, tables = self.inflight.popleft()
+        self._write(step, tables, failed=True)
         for seq in self.sched.on_step_failed(step):
             self.sched.finish(seq, "error")
 
@@ -115,8 +130,11 @@ class SchedulerMachine(RuleBasedStateMachine):
     @invariant()
     def blocks_are_conserved_and_owned_once(self):
         owned = [b for s in self.seqs for b in s.block_table]
-        assert len(owned) == len(set(owned))
-        assert len(owned) + self.alloc.num_free == BLOCKS
+        assert len(set(owned)) + self.alloc.num_free == BLOCKS
+        for b in range(BLOCKS):
+            assert self.alloc.refs(b) == owned.count(b), (
+                f"block {b}: {self.alloc.refs(b)} refs, {owned.count(b)} holders"
+            )
         for s in self.seqs:
             if s.status is SeqStatus.RUNNING:
                 assert len(s.block_table) * BLOCK_SIZE >= s.num_computed
@@ -129,7 +147,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     @invariant()
     def in_flight_samples_match_pending_and_never_repeat_a_position(self):
         targets: dict[str, list[int]] = {}
-        for step in self.inflight:
+        for step, _ in self.inflight:
             for e in step.entries:
                 if e.sample and step.num_steps > 1:  # a round samples after each of its positions
                     targets.setdefault(e.seq.request_id, []).extend(range(e.start + 1, e.start + e.num_tokens + 1))
@@ -139,6 +157,11 @@ class SchedulerMachine(RuleBasedStateMachine):
             t = targets.get(s.request_id, [])
             assert s.num_pending == len(t)
             assert len(t) == len(set(t)), f"{s} would sample position {t} twice"
+
+    @invariant()
+    def every_cached_block_holds_what_its_hash_says(self):
+        for block, tokens in self.alloc._by_hash.values():
+            assert self.device.get(block) == list(tokens), f"cached block {block} holds {self.device.get(block)}"
 
     @invariant()
     def queues_are_consistent(self):
@@ -155,10 +178,11 @@ class SchedulerMachine(RuleBasedStateMachine):
                 break
             step = self.sched.schedule() if len(self.inflight) < 3 else None
             if step is not None:
-                self.inflight.append(step)
+                self.inflight.append((step, [list(e.seq.block_table) for e in step.entries]))
             elif self.inflight:
-                step = self.inflight.popleft()
+                step, tables = self.inflight.popleft()
                 self.sched.on_step_done(step, [[5] * sum(e.sample for e in step.entries)] * step.num_steps, None)
+                self._write(step, tables, failed=False)
             else:
                 raise AssertionError(f"stuck: nothing schedulable, nothing in flight: {self.sched.waiting}")
         assert all(s.is_finished for s in self.seqs)

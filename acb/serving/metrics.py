@@ -27,6 +27,12 @@ class _EngineCollector:
             ("acb_kv_usage_ratio", "Share of KV-cache blocks in use", 1 - s.kv_blocks_free / s.kv_blocks_total),
             ("acb_preemptions", "Sequences preempted so far (recomputed later)", s.num_preemptions),
             ("acb_engine_steps", "Model steps launched so far", s.steps),
+            ("acb_prefix_cache_queries", "Requests that looked up their prompt in the prefix cache", s.prefix_queries),
+            ("acb_prefix_cache_hits", "Requests that found at least one cached block", s.prefix_hits),
+            ("acb_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache", s.prefix_queried_tokens),
+            ("acb_prefix_cache_cached_tokens", "Prompt tokens the prefix cache held", s.prefix_cached_tokens),
+            ("acb_prefix_cache_evictions", "Cached blocks reused for new content", s.prefix_evictions),
+            ("acb_prefix_cache_blocks", "Blocks the prefix cache holds now", s.prefix_cached_blocks),
         ):
             g = GaugeMetricFamily(name, doc)
             g.add_metric([], value)

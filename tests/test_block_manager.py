@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import pytest
 
-from acb.block_allocator import BlockAllocator, OutOfBlocksError
+from acb.block_manager import BlockManager, OutOfBlocksError
 
 
 def test_allocate_and_free_round_trip():
-    a = BlockAllocator(8, block_size=4)
+    a = BlockManager(8, block_size=4)
     x = a.allocate(3)
     y = a.allocate(5)
     assert sorted(x + y) == list(range(8))
@@ -20,5 +20,5 @@ def test_allocate_and_free_round_trip():
 
 
 def test_blocks_for():
-    a = BlockAllocator(4, block_size=16)
+    a = BlockManager(4, block_size=16)
     assert [a.blocks_for(n) for n in (0, 1, 16, 17, 32)] == [0, 1, 1, 2, 2]
