@@ -80,6 +80,8 @@ class SoakReport:
     blocks_leaked: int = 0
     tasks_left_pending: int = 0
     preemptions: int = 0
+    prefix_cache_hits: int = 0
+    prefix_cached_tokens: int = 0
     steps: int = 0
     wall_s: float = 0.0
 
@@ -311,6 +313,8 @@ async def soak(
         stats = engine.stats()
         report.blocks_leaked = stats.kv_blocks_total - stats.kv_blocks_free
         report.preemptions = stats.num_preemptions
+        report.prefix_cache_hits = stats.prefix_hits
+        report.prefix_cached_tokens = stats.prefix_cached_tokens
         report.steps = stats.steps
         if engine._live:
             report.streams_hung += len(engine._live)

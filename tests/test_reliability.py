@@ -25,6 +25,7 @@ async def test_chaos_soak(request, tokenizer, caplog):
     assert all(v > 0 for v in report.cancelled.values())
     assert report.invalid > 0 and report.faults_injected > 0 and report.failed_by_fault > 0
     assert report.preemptions > 0 and report.slow_consumers > 0
+    assert report.prefix_cache_hits > 0  # repeated prompts: the prefix cache shares blocks under all of the above
     assert report.checked_against_reference > n // 2
     # the adversarial inputs were mixed in, and each was handled as promised (problems() checks the counts)
     assert report.poisoned > 0 and report.second_consumers_refused > 0

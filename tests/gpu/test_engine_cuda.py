@@ -121,3 +121,27 @@ async def test_multi_step_rounds_match_single_steps_on_cuda(overlap, path, make_
     assert [rounds[i].token_ids for i in greedy] == [expected[i] for i in greedy]
     assert rounds[2].finish_reason == "stop" and rounds[2].token_ids == expected[2][:10]
     assert rounds[3].logprobs == pytest.approx(single[3].logprobs, abs=1e-4)
+
+
+@pytest.mark.parametrize("path", ["graphs", "generic"])
+@pytest.mark.parametrize("overlap", [True, False], ids=["async", "sync"])
+async def test_prefix_caching_on_cuda_gives_the_tokens_of_no_caching(overlap, path, make_model, tokenizer):
+    """Shared system prompts, multi-turn extensions and exact repeats: prefills that start after a cached prefix
+    (the paged prefill kernel reading context it did not write) give the same greedy tokens as full prefills."""
+    import random
+
+    model, ref = make_model("llama", seed=9)
+    rng = random.Random(9)
+    system = [rng.randrange(3, len(tokenizer)) for _ in range(70)]
+    prompts = [system + [rng.randrange(3, len(tokenizer)) for _ in range(rng.randint(1, 30))] for _ in range(8)]
+    prompts += [prompts[0] + [5, 6, 7] * 5, list(prompts[1]), system[:64]]
+    expected = [reference_greedy(ref, p, 12) for p in prompts]
+    config = EngineConfig(device="cuda", block_size=16, max_num_batched_tokens=64, overlap=overlap, **PATHS[path])
+    async with Engine(model, tokenizer, config) as engine:
+        first = await engine.generate(prompts[0], SamplingParams(max_new_tokens=12, ignore_eos=True))
+        outs = await asyncio.gather(
+            *(engine.generate(p, SamplingParams(max_new_tokens=12, ignore_eos=True)) for p in prompts[1:])
+        )
+        stats = engine.stats()
+    assert [first.token_ids] + [o.token_ids for o in outs] == expected
+    assert stats.prefix_hits >= 8 and stats.kv_blocks_free == stats.kv_blocks_total
