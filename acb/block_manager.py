@@ -167,6 +167,31 @@ class BlockManager:
             parent = h
         return full, parent
 
+    # -- a sequence's table: the only place it changes ----------------------------------------------------------
+
+    def extend(self, seq, n: int) -> None:
+        """Give ``seq`` ``n`` more blocks for new content."""
+        if n > 0:
+            seq.block_table.extend(self.allocate(n))
+
+    def reuse(self, seq, cached: list[int], parent: int | None) -> None:
+        """Start ``seq``'s table with cached blocks (from :meth:`match` on its tokens)."""
+        self.take(cached)
+        seq.block_table.extend(cached)
+        seq.num_hashed, seq.prefix_hash = len(cached), parent
+
+    def release(self, seq) -> None:
+        """Let go of every block of ``seq`` (finished, failed or preempted); its table starts over."""
+        self.free(seq.block_table)
+        seq.block_table = []
+        seq.num_hashed, seq.prefix_hash = 0, None
+
+    def commit_seq(self, seq, upto: int) -> None:
+        """``seq``'s positions below ``upto`` are computed: offer its full blocks to the cache (see :meth:`commit`)."""
+        seq.num_hashed, seq.prefix_hash = self.commit(
+            seq.token_ids, seq.block_table, seq.num_hashed, seq.prefix_hash, upto
+        )
+
     def clear(self) -> int:
         """Drop every cached prefix (blocks in use keep their content, but are no longer shared with newcomers).
         Returns how many blocks were cached."""

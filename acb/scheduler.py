@@ -194,7 +194,7 @@ class Scheduler:
             if not self.blocks.can_allocate(int((needed - blocks)[short].sum())):
                 return None  # preemption needed: the general path decides who goes
             for i in short.tolist():
-                seqs[i].block_table.extend(self.blocks.allocate(int(needed[i] - blocks[i])))
+                self.blocks.extend(seqs[i], int(needed[i] - blocks[i]))
             blocks[short] = needed[short]
         if k > 1 and int(counts.min()) == int(counts.max()):
             c = int(counts[0])
@@ -251,12 +251,10 @@ class Scheduler:
             seq.status = SeqStatus.RUNNING
             seq.slot = self._free_slots.pop()
             if cached:  # positions the prefix cache already holds: computed by someone before
-                self.blocks.take(cached)
-                seq.block_table.extend(cached)
+                self.blocks.reuse(seq, cached, parent)
                 seq.num_computed = reuse
-                seq.num_hashed, seq.prefix_hash = len(cached), parent
             self.blocks.count_query(len(seq.token_ids), reuse)
-            seq.block_table.extend(self.blocks.allocate(need))
+            self.blocks.extend(seq, need)
             bisect.insort(self.running, seq, key=lambda s: s.arrival)
             self._version += 1
             rows.append(self._take(seq, n))
@@ -300,7 +298,7 @@ class Scheduler:
         if short.size and not self.blocks.can_allocate(int((need - have)[short].sum())):
             return
         for i in short.tolist():
-            step.seqs[i].block_table.extend(self.blocks.allocate(int(need[i] - have[i])))
+            self.blocks.extend(step.seqs[i], int(need[i] - have[i]))
         for seq, c in zip(step.seqs, counts.tolist()):
             seq.num_computed += c - 1
             seq.num_pending += c - 1
@@ -380,9 +378,7 @@ class Scheduler:
         for r in np.flatnonzero(step.starts // bs != ends // bs).tolist():
             seq = step.seqs[r]
             if seq.status is running and seq.epoch == step.epochs[r]:
-                seq.num_hashed, seq.prefix_hash = self.blocks.commit(
-                    seq.token_ids, seq.block_table, seq.num_hashed, seq.prefix_hash, int(ends[r])
-                )
+                self.blocks.commit_seq(seq, int(ends[r]))
 
     def on_step_failed(self, step: ScheduledStep) -> list[Sequence]:
         """A step raised: its sequences cannot trust their KV any more. Returns the live ones to fail."""
@@ -438,8 +434,7 @@ class Scheduler:
             self._preempt(victim)
             if victim is seq:
                 return False
-        if need > 0:
-            seq.block_table.extend(self.blocks.allocate(need))
+        self.blocks.extend(seq, need)
         return True
 
     def _cached_prefix(self, seq: Sequence) -> tuple[list[int], int | None]:
@@ -459,9 +454,7 @@ class Scheduler:
         self.add(seq)
 
     def _release(self, seq: Sequence) -> None:
-        self.blocks.free(seq.block_table)
-        seq.block_table = []
-        seq.num_hashed, seq.prefix_hash = 0, None
+        self.blocks.release(seq)
         if seq.slot is not None:
             self._free_slots.append(seq.slot)
             seq.slot = None
