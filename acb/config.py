@@ -67,7 +67,8 @@ class EngineConfig:
     device: str | None = None
     """Device to run on; ``None`` keeps the model's device."""
     dtype: str | None = None
-    """Compute dtype (``"float32"``, ``"bfloat16"``, ``"float16"``); ``None`` keeps the model's dtype."""
+    """Compute dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` (or ``"fp32"``, ``"bf16"``, ``"fp16"``, or the
+    ``torch.dtype``; stored as its name); ``None`` keeps the model's dtype."""
     fast_path: bool | None = None
     """Run Llama/Qwen-family models through acb's lean model (fused kernels); ``None`` = on CUDA when supported.
     ``True`` on the CPU runs the same model logic on plain torch ops (tests)."""
@@ -107,13 +108,27 @@ class EngineConfig:
             raise ValueError(f"overlap_depth must be an integer in [2, 8], got {self.overlap_depth!r}")
         if self.max_num_batched_tokens < self.max_num_seqs and self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must allow at least one token per step")
-        if self.dtype is not None and self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be 'float32', 'bfloat16' or 'float16', got {self.dtype!r}")
+        if self.dtype is not None:
+            self.dtype = _dtype_name(self.dtype)
+        if self.device is not None and not isinstance(self.device, str):
+            self.device = str(self.device)  # a torch.device
         if self.max_prompt_chars is not None:
             _positive("max_prompt_chars", self.max_prompt_chars)
         _positive("long_prompt_chars", self.long_prompt_chars)
         if self.drain_timeout < 0:
             raise ValueError("drain_timeout must be >= 0")
+
+
+_DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+                "float16": "float16", "fp16": "float16", "half": "float16"}  # fmt: skip
+
+
+def _dtype_name(dtype) -> str:
+    """``"float32"``, ``"bfloat16"`` or ``"float16"`` from a name, an alias or a ``torch.dtype`` (no torch import)."""
+    key = str(dtype).removeprefix("torch.").lower()
+    if key not in _DTYPE_NAMES:
+        raise ValueError(f"dtype must be float32, bfloat16 or float16 (or bf16, fp16, fp32, a torch dtype): {dtype!r}")
+    return _DTYPE_NAMES[key]
 
 
 def _positive(name: str, value: int) -> None:

@@ -39,7 +39,7 @@ from .errors import (
     RequestFailedError,
     WrongEventLoopError,
 )
-from .model_setup import build_runtime, default_sampling, eos_ids, load_pretrained
+from .model_setup import build_runtime, default_sampling, eos_ids, load_pretrained, release_model
 from .outputs import Completion, EngineStats, Token
 from .runner import StepHandle
 from .scheduler import ScheduledStep, StepOutput
@@ -55,57 +55,83 @@ log = logging.getLogger("acb")
 class Engine:
     """An asyncio continuous-batching engine around a transformers causal LM.
 
-    The engine takes over the model: it switches the model's attention to acb's paged attention, so run
-    ``model.generate`` on a copy if you need both. Use it as ``async with engine:``; ``stream()`` and ``generate()``
+    While it runs, the engine owns the model: it switches the model's attention to acb's paged attention (run
+    ``model.generate`` on another copy meanwhile). Closing it gives the model back as it was; an engine can be
+    started again after it closed. Use it as ``async with engine:``; ``stream()``, ``submit()`` and ``generate()``
     may then be called from any number of tasks on that event loop.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, config: EngineConfig | None = None) -> None:
         self.config = config = config if config is not None else EngineConfig()
         self.tokenizer = tokenizer
-        rt = build_runtime(model, config)
         self.model = model
+        self._build()
+        self._eos_ids = eos_ids(model, tokenizer)
+        self._delivery = Delivery(text_decoder(tokenizer))
+        self.default_sampling = default_sampling(model)
+        self.tracer = Tracer()
+        self._ids = itertools.count()
+        self._arrivals = itertools.count()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    def _build(self) -> None:
+        """Take the model over and build what the stages run on (again when a closed engine starts anew)."""
+        config = self.config
+        rt = build_runtime(self.model, config)
+        self._original_attention = rt.original_attention
         self.device, self.dtype, self.shape = rt.device, rt.dtype, rt.shape
         self.max_model_len, self.fast_path = rt.max_model_len, rt.fast_path
         self._blocks, self._scheduler = rt.blocks, rt.scheduler
         self._builder, self._runner = rt.builder, rt.runner
         self._bridge = CompletionBridge()
         self._admission = Admission(
-            tokenizer,
+            self.tokenizer,
             vocab_size=rt.shape.vocab_size,
             max_model_len=self.max_model_len,
             max_cache_tokens=self._blocks.num_blocks * config.block_size,
             long_prompt_chars=config.long_prompt_chars,
             max_prompt_chars=config.max_prompt_chars or 16 * self.max_model_len,
         )
-        self._eos_ids = eos_ids(model, tokenizer)
-        self._delivery = Delivery(text_decoder(tokenizer))
-        self.default_sampling = default_sampling(model)
-
-        self.tracer = Tracer()
         self._live: dict[str, RequestState] = {}
         self._queue = AdmissionQueue(config.max_pending)
-        self._ids = itertools.count()
-        self._arrivals = itertools.count()
         self._steps = 0
         self._state = "new"
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._tasks: list[asyncio.Task] = []
 
     @classmethod
     def from_pretrained(
-        cls, path_or_id: str, *, dtype: str | None = None, device: str | None = None, **config_fields
+        cls,
+        path_or_id: str,
+        *,
+        dtype: str | torch.dtype | None = None,
+        device: str | None = None,
+        trust_remote_code: bool = False,
+        **config_fields,
     ) -> Engine:
-        """Load a transformers causal LM and its tokenizer (local directory or hub id) and wrap them."""
-        model, tokenizer = load_pretrained(path_or_id, dtype)
-        return cls(model, tokenizer, EngineConfig(device=device, dtype=dtype, **config_fields))
+        """Load a transformers causal LM and its tokenizer (local directory or hub id) and wrap them. ``dtype``:
+        ``"auto"`` (the checkpoint's; also ``None``), a name (``"bfloat16"``, ``"bf16"``, ...) or a ``torch.dtype``."""
+        model, tokenizer = load_pretrained(path_or_id, dtype, trust_remote_code=trust_remote_code)
+        return cls(model, tokenizer, EngineConfig(device=device, **config_fields))
+
+    @property
+    def state(self) -> str:
+        """``"new"``, ``"running"``, ``"closing"``, ``"closed"`` or ``"failed"``."""
+        return self._state
+
+    @property
+    def running(self) -> bool:
+        """Whether the engine accepts requests now."""
+        return self._state == "running"
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the pipeline tasks on the running event loop."""
+        """Start the pipeline tasks on the running event loop. A closed engine starts anew: it takes the model over
+        again and builds a fresh KV cache (what was cached before is gone)."""
+        if self._state == "closed":
+            self._build()
         if self._state != "new":
-            raise EngineClosedError(f"the engine cannot be started again (it is {self._state})")
+            raise EngineClosedError(f"the engine cannot be started now (it is {self._state})")
         self._loop = asyncio.get_running_loop()
         self._launched: asyncio.Queue[StepHandle] = asyncio.Queue()
         self._to_detok: asyncio.Queue[StepOutput] = asyncio.Queue()
@@ -130,6 +156,7 @@ class Engine:
         if self._state in ("new", "closed"):
             if self._state == "new":
                 self._runner.close(timeout=0)  # never started: no step ran; frees the model at once
+                release_model(self.model, self._original_attention)
             self._state = "closed"
             return
         self._check_loop()
@@ -170,6 +197,8 @@ class Engine:
         grace = max(0.5, deadline - time.monotonic())
         if not await asyncio.to_thread(self._runner.close, timeout=grace):
             log.error("a model step did not finish within drain_timeout; its worker thread is left running")
+        else:
+            release_model(self.model, self._original_attention)
 
     async def __aenter__(self) -> Engine:
         await self.start()
@@ -197,6 +226,19 @@ class Engine:
                 f"stream_interval must be an integer >= 1, got {stream_interval!r}", param="stream_interval"
             )
         return RequestStream(self, prompt, params, request_id, stream_interval)
+
+    async def submit(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        stream_interval: int = 1,
+    ) -> RequestStream:
+        """Validate and queue a request now, and return its stream: a bad request raises its typed error here,
+        before anything is sent anywhere (``StreamingResponse(stream)`` in a web app then never starts a response
+        that it cannot finish)."""
+        return await self.stream(prompt, params, request_id=request_id, stream_interval=stream_interval).start()
 
     async def generate(
         self, prompt: Prompt, params: SamplingParams | None = None, *, request_id: str | None = None

@@ -1,7 +1,8 @@
 """The lean model path for the Llama / Qwen2 / Qwen3 families: fewer, fatter kernels per step.
 
-Built from an already-loaded transformers model, sharing nothing but its weights: Q/K/V and gate/up projections are
-fused into single GEMMs, residual add + RMSNorm is one kernel, SiLU·mul is one kernel, and rotary embedding is
+Built from an already-loaded transformers model, sharing its weights: Q/K/V and gate/up projections are fused into
+single GEMMs (the model's own projection weights become views into the fused ones, so the model keeps working and
+nothing is stored twice), residual add + RMSNorm is one kernel, SiLU·mul is one kernel, and rotary embedding is
 applied inside the KV-cache write. Attention runs on the paged Triton kernels. On the CPU (tests) the same
 forward runs on plain torch ops and the reference attention, so its logic is checked against ``model.generate``
 without a GPU. Any other transformers model keeps running through the generic path (transformers' own modules with
@@ -10,7 +11,6 @@ acb's attention function).
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -71,8 +71,7 @@ class LeanCausalLM:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
         self.eps = cfg.rms_norm_eps
         self.scale = self.head_dim**-0.5
-        self.kv_cache: KVCache | None = None  # set by the engine once the cache is sized (after fusing freed memory)
-        self.owner: weakref.ref | None = None  # the ModelRunner of the engine using this model now
+        self.kv_cache: KVCache | None = None  # set by the engine once the cache is sized
         self.device = inner.embed_tokens.weight.device
         self.dtype = inner.embed_tokens.weight.dtype
         self.on_cuda = self.device.type == "cuda"
@@ -86,12 +85,12 @@ class LeanCausalLM:
                 lw = _Layer()
                 lw.ln1 = layer.input_layernorm.weight
                 lw.ln2 = layer.post_attention_layernorm.weight
-                lw.qkv_w = _fuse(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)
+                lw.qkv_w = _fuse(a.q_proj, a.k_proj, a.v_proj)
                 lw.qkv_b = None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
                 lw.q_norm = a.q_norm.weight if hasattr(a, "q_norm") else None
                 lw.k_norm = a.k_norm.weight if hasattr(a, "k_norm") else None
                 lw.o_w = a.o_proj.weight
-                lw.gate_up_w = _fuse(m.gate_proj.weight, m.up_proj.weight)
+                lw.gate_up_w = _fuse(m.gate_proj, m.up_proj)
                 lw.down_w = m.down_proj.weight
                 self.layers.append(lw)
         self._rotary = inner.rotary_emb
@@ -106,7 +105,6 @@ class LeanCausalLM:
             from .kernels import fused
 
             self._k, self._kf = kattn, fused
-            _release_unfused(model)
 
     def ensure(self, max_positions: int, workspace_rows: int) -> None:
         """Grow the rotary tables and the decode workspace for an engine of that geometry."""
@@ -187,23 +185,16 @@ class LeanCausalLM:
         return F.silu(g) * u
 
 
-def _release_unfused(model) -> None:
-    """Drop the transformers copies of the weights that were fused (the engine owns the model; this saves GPU
-    memory for the KV cache: ~9 GB on an 8B model)."""
-    empty = torch.empty(0, device=model.device, dtype=model.dtype)
-    for layer in model.model.layers:
-        for mod in (
-            layer.self_attn.q_proj,
-            layer.self_attn.k_proj,
-            layer.self_attn.v_proj,
-            layer.mlp.gate_proj,
-            layer.mlp.up_proj,
-        ):
-            mod.weight = torch.nn.Parameter(empty, requires_grad=False)
-
-
-def _fuse(*weights: torch.Tensor) -> torch.Tensor:
-    return torch.cat(weights, dim=0)
+def _fuse(*linears: torch.nn.Linear) -> torch.Tensor:
+    """One weight for several projections of the same input, concatenated by output rows; each projection's own
+    weight becomes a view into it, so the model keeps working as it was and the fusion costs no memory."""
+    fused = torch.cat([m.weight.detach() for m in linears], dim=0)
+    row = 0
+    for m in linears:
+        rows = m.weight.shape[0]
+        m.weight = torch.nn.Parameter(fused[row : row + rows], requires_grad=False)
+        row += rows
+    return fused
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -22,9 +22,27 @@ from .lean_model import LeanCausalLM, supports_lean
 from .runner import ModelRunner
 from .scheduler import Scheduler
 
-__all__ = ["Runtime", "build_runtime", "eos_ids", "default_sampling", "load_pretrained", "DTYPES"]
+__all__ = [
+    "Runtime",
+    "build_runtime",
+    "release_model",
+    "eos_ids",
+    "default_sampling",
+    "load_pretrained",
+    "resolve_dtype",
+    "DTYPES",
+]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
 
 
 @dataclass(slots=True)
@@ -40,14 +58,17 @@ class Runtime:
     scheduler: Scheduler
     builder: BatchBuilder
     runner: ModelRunner
+    original_attention: str | None
+    """The model's attention implementation before the engine took it over (restored by :func:`release_model`)."""
 
 
 def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
     if config.device is not None or config.dtype is not None:
-        model.to(device=config.device, dtype=DTYPES[config.dtype] if config.dtype else None)
+        model.to(device=config.device, dtype=resolve_dtype(config.dtype) if config.dtype else None)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     attention.register()
+    original_attention = _claim(model)
     model.eval()
     model.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
 
@@ -62,13 +83,12 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
         if lean is None:
             lean = LeanCausalLM(model, max_model_len, workspace_rows=config.max_num_seqs)
             model._acb_lean = lean
-        _claim(lean)
         lean.ensure(max_model_len, config.max_num_seqs)
     elif config.fast_path:
         raise ValueError(f"fast_path=True, but the lean model path does not support {type(model).__name__}")
     graphs = lean is not None and config.cuda_graphs and device.type == "cuda"
 
-    # Sized after the lean path freed the unfused weights, so the cache gets that memory.
+    # Sized after the lean model was built (its rotary tables and workspace take memory too).
     num_blocks = config.num_kv_blocks or auto_num_blocks(
         shape,
         config.block_size,
@@ -96,8 +116,7 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
         graphs=graphs,
         record_timing=config.record_step_timing,
     )
-    if lean is not None:
-        lean.owner = weakref.ref(runner)
+    model._acb_owner = weakref.ref(runner)
     return Runtime(
         device=device,
         dtype=dtype,
@@ -115,24 +134,41 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
         ),
         builder=BatchBuilder(config.max_num_seqs, config.block_size),
         runner=runner,
+        original_attention=original_attention,
     )
 
 
-def _claim(lean: LeanCausalLM) -> None:
-    """Make sure no open engine still uses ``lean``; drop what a closed or discarded one left on it."""
-    owner = lean.owner() if lean.owner is not None else None
+def _claim(model) -> str | None:
+    """Make sure no open engine still uses ``model``; drop what a closed or discarded one left on it. Returns the
+    model's own attention implementation (to give back when the engine closes)."""
+    ref = getattr(model, "_acb_owner", None)
+    owner = ref() if ref is not None else None
     if owner is not None and not owner.closed:
         gc.collect()  # an engine dropped without close() may only be waiting for the cycle collector
-        owner = lean.owner()
+        owner = ref()
     if owner is not None and not owner.closed:
         raise ModelInUseError(
             "another open Engine serves this model: close it first (`await engine.close()`, or leave its "
             "`async with`), or build this engine on a separate model"
         )
-    lean.kv_cache = None  # a discarded engine's cache: free it before this engine sizes its own
+    lean = getattr(model, "_acb_lean", None)
+    if lean is not None:
+        lean.kv_cache = None  # a discarded engine's cache: free it before this engine sizes its own
+    current = getattr(model.config, "_attn_implementation", None)
+    if current == attention.ATTN_IMPLEMENTATION:  # a discarded engine never gave it back
+        return getattr(model, "_acb_original_attention", None)
+    model._acb_original_attention = current
+    return current
 
 
-def load_pretrained(path_or_id: str, dtype: str | None = None):
+def release_model(model, original_attention: str | None) -> None:
+    """Give the model back as it was before the engine: its own attention, so ``model.generate`` works again. (The
+    lean path's fused weights stay: the model's projections are views into them.)"""
+    if original_attention is not None and original_attention != attention.ATTN_IMPLEMENTATION:
+        model.set_attn_implementation(original_attention)
+
+
+def load_pretrained(path_or_id: str, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False):
     """``(model, tokenizer)`` from a local directory or a hub id (blocking: loads the weights)."""
     import os
 
@@ -140,8 +176,20 @@ def load_pretrained(path_or_id: str, dtype: str | None = None):
 
     if path_or_id.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(path_or_id)):
         raise FileNotFoundError(f"no model directory at {path_or_id!r}")
-    model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=DTYPES[dtype] if dtype else "auto")
-    return model, AutoTokenizer.from_pretrained(path_or_id)
+    torch_dtype = "auto" if dtype is None or dtype == "auto" else resolve_dtype(dtype)
+    model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    return model, AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A ``torch.dtype`` from what users write: ``torch.bfloat16``, ``"bfloat16"``, ``"bf16"``, ``"torch.bfloat16"``."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str):
+        key = dtype.removeprefix("torch.").lower()
+        if key in DTYPES:
+            return DTYPES[key]
+    raise ValueError(f"dtype must be one of {sorted(DTYPES)} (or the torch dtype), got {dtype!r}")
 
 
 def default_sampling(model) -> dict[str, float | int]:

@@ -219,16 +219,15 @@ class RequestStream(AsyncIterator[Token]):
             logprobs=logprobs if seq is not None and seq.params.logprobs else None,
         )
 
+    async def start(self) -> RequestStream:
+        """Submit the request now, if the first iteration has not: admission errors are raised here."""
+        if self._state is None and not self._done:
+            await self._start()
+        return self
+
     async def __aenter__(self) -> RequestStream:
         """Submit the request now (admission errors are raised here); leaving the block ends it."""
-        if self._state is None and not self._done:
-            self._engine._check_loop()
-            try:
-                await self._engine._submit(self.request_id, self._prompt, self._params, self._attach, self._interval)
-            except BaseException:
-                self._done = True
-                raise
-        return self
+        return await self.start()
 
     def _attach(self, state: RequestState) -> None:
         """Called by the engine once the request exists, before it may wait for room in the admission queue."""

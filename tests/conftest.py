@@ -23,10 +23,19 @@ def pytest_addoption(parser):
     parser.addoption("--soak-long", action="store_true", help="run the chaos soak with 10,000 requests (CI: 2,000)")
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "loops(*names): run this async test on these event loops only (long tests: one loop is enough)"
+    )
+
+
 def pytest_asyncio_loop_factories(config, item):
     factories = {"asyncio": asyncio.new_event_loop}
     if uvloop is not None:
         factories["uvloop"] = uvloop.new_event_loop
+    marker = item.get_closest_marker("loops") if item is not None else None
+    if marker is not None:
+        factories = {k: v for k, v in factories.items() if k in marker.args} or {"asyncio": asyncio.new_event_loop}
     return factories
 
 

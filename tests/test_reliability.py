@@ -7,6 +7,7 @@ import gc
 import logging
 import warnings
 
+import pytest
 from conftest import random_prompts
 from soak import soak
 
@@ -14,6 +15,7 @@ from acb import Engine, EngineClosedError, EngineConfig, RequestFailedError, Sam
 from acb.default_model import tiny_model
 
 
+@pytest.mark.loops("asyncio")
 async def test_chaos_soak(request, tokenizer, caplog):
     n = 10_000 if request.config.getoption("--soak-long") else 2_000
     caplog.set_level(logging.CRITICAL, logger="acb")  # injected faults log tracebacks
@@ -32,6 +34,7 @@ async def test_chaos_soak(request, tokenizer, caplog):
     assert report.other_loops_refused > 0
 
 
+@pytest.mark.loops("uvloop")
 async def test_chaos_soak_with_multi_step_rounds(tokenizer, caplog):
     """The same chaos, with decode rounds of three positions: requests end, get cancelled and fail mid-round."""
     caplog.set_level(logging.CRITICAL, logger="acb")
