@@ -68,9 +68,7 @@ class Admission:
 
     # -- one request ----------------------------------------------------------------------------------------------
 
-    def check_params(self, params: SamplingParams | None) -> SamplingParams:
-        if params is None:
-            return SamplingParams()
+    def check_params(self, params: SamplingParams) -> SamplingParams:
         if not isinstance(params, SamplingParams):
             raise InvalidSamplingParamsError(f"params must be a SamplingParams, got {type(params).__name__}")
         bad = [t for t in params.stop_token_ids if t >= self.vocab_size]

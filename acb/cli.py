@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
+import os
 import sys
 from typing import Any
 
@@ -45,31 +47,33 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--no-uvloop", action="store_true", help="use plain asyncio even if uvloop is installed")
 
 
-def _sampling_args(p: argparse.ArgumentParser, max_new_default: int) -> None:
-    s = p.add_argument_group("sampling")
-    s.add_argument(
-        "--max-new-tokens", type=int, default=max_new_default, help="tokens to generate (default: %(default)s)"
-    )
-    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
-    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s)")
-    s.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = off")
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    s = p.add_argument_group("sampling (what is not given comes from the model's generation config, then acb's "
+                             "defaults: greedy, 256 tokens)")  # fmt: skip
+    s.add_argument("--max-new-tokens", type=int, help="tokens to generate")
+    s.add_argument("--temperature", type=float, help="0 = greedy")
+    s.add_argument("--top-p", type=float, help="nucleus sampling mass")
+    s.add_argument("--top-k", type=int, help="sample among the k most likely tokens; 0 = off")
     s.add_argument("--seed", type=int, help="seed for reproducible sampling")
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     s.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
 
 
-def _params(a: argparse.Namespace, **override: Any) -> SamplingParams:
-    fields = dict(
-        max_new_tokens=a.max_new_tokens,
-        temperature=a.temperature,
-        top_p=a.top_p,
-        top_k=a.top_k,
-        seed=a.seed,
-        stop=list(a.stop),
-        ignore_eos=a.ignore_eos,
-    )
-    fields.update(override)
-    return SamplingParams(**fields)
+def _params(engine, a: argparse.Namespace, **override: Any) -> SamplingParams:
+    """The engine's defaults, with what the command line (and a batch line) set."""
+    given = {
+        k: v
+        for k, v in dict(
+            max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed
+        ).items()
+        if v is not None
+    }
+    if a.stop:
+        given["stop"] = list(a.stop)
+    if a.ignore_eos:
+        given["ignore_eos"] = True
+    given.update(override)
+    return dataclasses.replace(engine.default_params, **given)
 
 
 def _engine(a: argparse.Namespace):
@@ -89,6 +93,8 @@ def _engine(a: argparse.Namespace):
     if getattr(a, "drain_timeout", None) is not None:
         config["drain_timeout"] = a.drain_timeout
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch has no CUDA device (torch {torch.__version__})")
     if a.model:
         return Engine.from_pretrained(a.model, dtype=a.dtype, device=device, **config)
     from .default_model import load_default
@@ -100,14 +106,25 @@ def _engine(a: argparse.Namespace):
 # -- acb generate -------------------------------------------------------------------------------------------------
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F)}
+_CONTROL.update({c: f"\\x{c:02x}" for c in range(0x80, 0xA0)})  # C1 controls (an ESC-less terminal escape)
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (all but newline, tab and carriage return) escaped: a terminal must not be
+    steered by what a model generates."""
+    return text.translate(_CONTROL)
+
+
 async def _generate(engine, a: argparse.Namespace) -> None:
     async with engine:
         prompt = a.prompt
         if a.chat:
             prompt = await engine.apply_chat_template([{"role": "user", "content": a.prompt}])
         last = None
-        async for tok in engine.stream(prompt, _params(a)):
-            sys.stdout.write(tok.text)
+        terminal = sys.stdout.isatty()
+        async for tok in engine.stream(prompt, _params(engine, a)):
+            sys.stdout.write(printable(tok.text) if terminal else tok.text)
             sys.stdout.flush()
             last = tok
         sys.stdout.write("\n")
@@ -122,11 +139,31 @@ async def _serve(engine, a: argparse.Namespace) -> None:
     from .serving import serve
 
     async with engine:
-        print(
-            f"acb: serving on http://{a.host}:{a.port}/v1 (model '{a.served_model_name or engine_name(engine)}')",
-            file=sys.stderr,
+        print(f"acb: {summary(engine)}", file=sys.stderr)
+        await serve(
+            engine,
+            a.host,
+            a.port,
+            a.served_model_name,
+            log_level=a.log_level,
+            max_body_bytes=a.max_body_bytes,
+            api_key=a.api_key or os.environ.get("ACB_API_KEY") or None,
+            on_ready=lambda url: print(
+                f"acb: serving on {url}/v1 (model '{a.served_model_name or engine_name(engine)}')", file=sys.stderr
+            ),
         )
-        await serve(engine, a.host, a.port, a.served_model_name, log_level=a.log_level, max_body_bytes=a.max_body_bytes)
+
+
+def summary(engine) -> str:
+    """One line on what the engine runs: model, device and dtype, path, KV cache, limits."""
+    stats = engine.stats()
+    path = "lean (fused kernels" + (", CUDA graphs" if engine.device.type == "cuda" else "") + ")"
+    return (
+        f"model '{engine_name(engine)}' on {engine.device} in {str(engine.dtype).removeprefix('torch.')}, "
+        f"{path if engine.fast_path else 'generic (transformers modules)'}; KV cache {stats.kv_blocks_total} blocks "
+        f"of {engine.config.block_size} tokens; max_model_len {engine.max_model_len}, "
+        f"max_num_seqs {engine.config.max_num_seqs}; prefix caching {'on' if engine.config.prefix_caching else 'off'}"
+    )
 
 
 def engine_name(engine) -> str:
@@ -176,7 +213,7 @@ async def _batch(engine, a: argparse.Namespace) -> None:
                     for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
                     if k in job
                 }
-                c = await engine.generate(job["prompt"], _params(a, **overrides))
+                c = await engine.generate(job["prompt"], _params(engine, a, **overrides))
                 record.update(
                     text=c.text,
                     token_ids=c.token_ids,
@@ -205,13 +242,22 @@ async def _batch(engine, a: argparse.Namespace) -> None:
     if out is not sys.stdout:
         out.close()
     print(f"acb batch: {counts['ok']} completed, {counts['error']} failed", file=sys.stderr)
+    if counts["error"]:
+        raise _Failed(counts["error"])
 
 
 # -- entry point --------------------------------------------------------------------------------------------------
 
 
+class _Failed(Exception):
+    """``acb batch``: some lines failed (each has its error in the output)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = _Parser(prog="acb", description="asyncio-native LLM inference with continuous batching")
+    parser.add_argument("--version", action="version", version=f"acb {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
     g = sub.add_parser(
@@ -222,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help="the prompt (default: %(default)r)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message with the chat template")
     _model_args(g)
-    _sampling_args(g, 64)
+    _sampling_args(g)
 
     s = sub.add_parser(
         "serve",
@@ -240,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest request body; larger ones get 413 before they are read (default: %(default)s)",
     )
     s.add_argument(
+        "--api-key",
+        help="require 'Authorization: Bearer KEY' on /v1 (default: $ACB_API_KEY if set, else no key)",
+    )
+    s.add_argument(
         "--drain-timeout",
         type=float,
         default=30.0,
@@ -252,14 +302,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="complete prompts from a JSONL file into a JSONL file",
         description='Each input line is a JSON string or an object with "prompt" and optional '
         '"id", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", '
-        '"ignore_eos". Output lines keep the input order; a line that fails gets an "error".',
+        '"ignore_eos". Output lines keep the input order; a line that fails gets an "error", and the exit status '
+        "is then 1.",
     )
     b.add_argument("--input", "-i", help="input JSONL ('-' for stdin; default: stdin, or demo prompts on a terminal)")
     b.add_argument("--output", "-o", default="-", help="output JSONL (default: stdout)")
     b.add_argument("--concurrency", type=int, default=512, help="requests in flight at once (default: %(default)s)")
     b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _model_args(b)
-    _sampling_args(b, 32)
+    _sampling_args(b)
     return parser
 
 
@@ -271,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         run(command(engine, a), uvloop=False if a.no_uvloop else uvloop_available())
     except KeyboardInterrupt:
         return 130
+    except _Failed:
+        return 1
     except (AcbError, OSError, ValueError, ImportError) as exc:
         print(f"acb {a.command}: error: {exc}".splitlines()[0], file=sys.stderr)
         return 1

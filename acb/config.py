@@ -150,13 +150,14 @@ _FLOAT32_MAX = 3.4028234663852886e38
 
 @dataclass(slots=True, frozen=True)
 class SamplingParams:
-    """How one request is decoded. The defaults are greedy decoding of up to 64 tokens.
+    """How one request is decoded. The defaults are greedy decoding of up to 256 tokens (acb's defaults: where a
+    request gives no parameters at all, the model's generation config comes first, see ``Engine.default_params``).
 
     Immutable and validated on construction: a request's parameters cannot change after the engine checked them
     (``dataclasses.replace`` makes a modified, re-validated copy). Stop lists are stored as tuples.
     """
 
-    max_new_tokens: int = 64
+    max_new_tokens: int = 256
     temperature: float = 0.0
     """0 means greedy (argmax). At most float32's largest value."""
     top_k: int = 0

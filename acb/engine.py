@@ -69,6 +69,10 @@ class Engine:
         self._eos_ids = eos_ids(model, tokenizer)
         self._delivery = Delivery(text_decoder(tokenizer))
         self.default_sampling = default_sampling(model)
+        self.default_params = SamplingParams(**self.default_sampling)
+        """What a request without parameters gets: the model's generation config where it sets temperature, top-p,
+        top-k or max new tokens, acb's defaults (greedy, 256 tokens) for the rest. The CLI and the server fill what
+        a request omits from it too. Make variants with ``dataclasses.replace(engine.default_params, ...)``."""
         self.tracer = Tracer()
         self._ids = itertools.count()
         self._arrivals = itertools.count()
@@ -346,7 +350,7 @@ class Engine:
             raise InvalidRequestError(
                 f"request_id must be a string, got {type(request_id).__name__}", param="request_id"
             )
-        params = self._admission.check_params(params)
+        params = self._admission.check_params(params if params is not None else self.default_params)
         if request_id in self._live:
             raise DuplicateRequestIdError(f"request_id {request_id!r} is already in use")
         stops = await self._admission.stop_strings(params)

@@ -7,6 +7,7 @@ Runs once, in ``Engine.__init__``, before any event loop work.
 from __future__ import annotations
 
 import gc
+import logging
 import weakref
 from dataclasses import dataclass
 
@@ -193,14 +194,26 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def default_sampling(model) -> dict[str, float | int]:
-    """Sampling defaults the checkpoint's generation config sets explicitly (used where a request omits them)."""
+    """What the checkpoint's generation config sets explicitly among temperature, top-p, top-k and max new tokens
+    (the defaults of a request that omits them; ``do_sample=False`` means greedy). Values acb would refuse are
+    left out, with a warning."""
+    from .config import SamplingParams
+    from .errors import InvalidSamplingParamsError
+
     gen = getattr(model, "generation_config", None)
     if gen is None:
         return {}
     diff = gen.to_diff_dict()
-    out: dict[str, float | int] = {k: diff[k] for k in ("temperature", "top_p", "top_k") if diff.get(k) is not None}
+    keys = ("temperature", "top_p", "top_k", "max_new_tokens")
+    out: dict[str, float | int] = {k: diff[k] for k in keys if diff.get(k) is not None}
     if diff.get("do_sample") is False:
         out["temperature"] = 0.0
+    for key in list(out):
+        try:
+            SamplingParams(**{key: out[key]})
+        except InvalidSamplingParamsError as exc:
+            logging.getLogger("acb").warning("ignoring the generation config's %s: %s", key, exc)
+            del out[key]
     return out
 
 

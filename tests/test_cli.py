@@ -1,4 +1,6 @@
-"""The ``acb`` command line: help, one-line errors, generate, batch, and serve with the openai client."""
+"""The ``acb`` command line: help, version, one-line errors, generate, batch, and serve with the openai client.
+
+Parsing and errors run in-process (``acb.cli.main``); what needs a real terminal or a real server runs the command."""
 
 from __future__ import annotations
 
@@ -12,27 +14,39 @@ import time
 
 import pytest
 
+from acb.cli import build_parser, main, printable
+
 ACB = [sys.executable, "-m", "acb.cli"]
 
 
-def _run(*args, input=None, stdin=None, timeout=120):
-    return subprocess.run([*ACB, *args], input=input, stdin=stdin, capture_output=True, text=True, timeout=timeout)
+def _run(*args, input=None, stdin=None, timeout=120, env=None):
+    return subprocess.run(
+        [*ACB, *args], input=input, stdin=stdin, capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 @pytest.mark.parametrize("command", [[], ["generate"], ["serve"], ["batch"]])
-def test_help_documents_every_option(command):
-    from acb.cli import build_parser
-
-    r = _run(*command, "--help")
-    assert r.returncode == 0
+def test_help_documents_every_option(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([*command, "--help"])
+    assert done.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
     parser = build_parser()
     if command:
-        parser = parser._subparsers._group_actions[0].choices[command[0]]
+        parser = next(a for a in parser._actions if a.dest == "command").choices[command[0]]
     for action in parser._actions:
         for flag in action.option_strings:
-            assert flag in r.stdout
-        if action.help and action.option_strings:
-            assert action.help.split("(")[0].split("%")[0].strip()[:20] in " ".join(r.stdout.split())
+            assert flag in out
+        if action.help and action.option_strings and action.help != "==SUPPRESS==":
+            assert action.help.split("(")[0].split("%")[0].strip()[:20] in out
+
+
+def test_version(capsys):
+    from acb import __version__
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"acb {__version__}"
 
 
 @pytest.mark.parametrize(
@@ -43,42 +57,62 @@ def test_help_documents_every_option(command):
         ["generate", "--max-new-tokens", "many"],
         ["frobnicate"],
         ["batch", "--input", "/no/such/file.jsonl", "--device", "cpu"],
+        ["generate", "--dtype", "int8", "--device", "cpu"],
     ],
 )
-def test_errors_are_one_clear_line(args):
-    r = _run(*args)
-    assert r.returncode in (1, 2)
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, r.stderr
-    assert "error" in lines[0] and "Traceback" not in r.stderr
+def test_errors_are_one_clear_line(args, capsys):
+    try:
+        code = main(args)
+    except SystemExit as exc:  # usage errors, from argparse
+        code = exc.code
+    assert code in (1, 2)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "error" in lines[0] and "Traceback" not in err
+
+
+def test_a_cuda_device_without_cuda_is_one_line(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["generate", "--device", "cuda"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no CUDA" in err
+
+
+def test_model_text_cannot_steer_a_terminal():
+    assert printable("ok\x1b[2J\x07\x9b31m\ttab\nline\r") == "ok\\x1b[2J\\x07\\x9b31m\ttab\nline\r"
 
 
 def test_generate_with_no_arguments_streams_text():
-    r = _run("generate", "--device", "cpu")
+    r = _run("generate", "--device", "cpu", "--max-new-tokens", "12")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip()
     assert "[finish: length]" in r.stderr
 
 
-def test_batch_keeps_order_and_reports_every_line(tmp_path):
+def test_batch_keeps_order_reports_every_line_and_fails_if_a_line_did(tmp_path):
     src = tmp_path / "in.jsonl"
     lines = ['"first"', '{"prompt": "second", "id": "b", "max_new_tokens": 3}', "not json", '{"prompt": ""}', '"last"']
     src.write_text("\n".join(lines) + "\n")
     dst = tmp_path / "out.jsonl"
-    r = _run("batch", "-i", str(src), "-o", str(dst), "--device", "cpu", "--max-new-tokens", "4", "--no-progress")
-    assert r.returncode == 0, r.stderr
+    code = main(["batch", "-i", str(src), "-o", str(dst), "--device", "cpu", "--max-new-tokens", "4", "--no-progress"])
+    assert code == 1  # two lines failed: the exit status says so; every line is still written
     out = [json.loads(line) for line in dst.read_text().splitlines()]
     assert [o["index"] for o in out] == [0, 1, 2, 3, 4]
     assert [("error" in o) for o in out] == [False, False, True, True, False]
     assert out[1]["id"] == "b" and len(out[1]["token_ids"]) == 3
     assert len(out[0]["token_ids"]) <= 4 and out[0]["finish_reason"] in ("length", "stop")
-    assert "3 completed, 2 failed" in r.stderr
+    src.write_text('"only"\n')
+    assert main(["batch", "-i", str(src), "-o", str(dst), "--device", "cpu", "--max-new-tokens", "2",
+                 "--no-progress"]) == 0  # fmt: skip
 
 
 def test_batch_with_no_arguments_runs_demo_prompts():
     master, slave = pty.openpty()  # a terminal on stdin: no input given, so the demo prompts run
     try:
-        r = _run("batch", "--device", "cpu", "--no-progress", stdin=slave)
+        r = _run("batch", "--device", "cpu", "--no-progress", "--max-new-tokens", "4", stdin=slave)
     finally:
         os.close(slave)
         os.close(master)
@@ -93,30 +127,41 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_serve_with_the_openai_client_streams_a_chat_completion():
+def _wait_up(proc, port: int) -> None:
     import httpx
-    from openai import OpenAI
+
+    deadline = time.time() + 90
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline, "server did not come up"
+        time.sleep(0.3)
+
+
+def test_serve_with_the_openai_client_an_api_key_and_a_quiet_health_probe():
+    import httpx
+    from openai import AuthenticationError, OpenAI
 
     port = _free_port()
+    env = {**os.environ, "ACB_API_KEY": "s3cret"}
     proc = subprocess.Popen(
-        [*ACB, "serve", "--port", str(port), "--device", "cpu", "--log-level", "warning"],
+        [*ACB, "serve", "--port", str(port), "--device", "cpu"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=env,
     )
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.time() < deadline, "server did not come up"
-            time.sleep(0.3)
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        _wait_up(proc, port)
+        for _ in range(3):
+            assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="s3cret", max_retries=0)
         model = client.models.list().data[0].id
+        assert client.models.retrieve(model).id == model
         stream = client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=10, stream=True
         )
@@ -124,6 +169,23 @@ def test_serve_with_the_openai_client_streams_a_chat_completion():
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert chunks[-1].choices[0].finish_reason in ("length", "stop")
         assert len(chunks) >= 3 and text
+        with pytest.raises(AuthenticationError):
+            OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong", max_retries=0).models.list()
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        out, err = proc.communicate(timeout=30)
+    start = err.index("acb: model ")  # the start-up summary, then the announcement once the socket is bound
+    assert "KV cache" in err[start:] and "max_model_len" in err[start:]
+    assert err.index("acb: serving on http://127.0.0.1:") > start
+    assert "GET /health" not in out + err
+    assert "GET /v1/models HTTP" in out  # uvicorn's access log: everything else is still there
+
+
+def test_serve_says_it_cannot_bind_instead_of_announcing():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = _run("serve", "--port", str(port), "--device", "cpu", timeout=90)
+    assert r.returncode == 1
+    assert "serving on" not in r.stderr and "could not serve" in r.stderr.splitlines()[-1]

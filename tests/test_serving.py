@@ -111,8 +111,21 @@ async def test_openai_client_completions(served):
         ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
         ("/v1/chat/completions", {"messages": []}, "messages"),
         ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+        # OpenAI's names, not acb's: max_tokens, max_completion_tokens
+        ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0},
+         "max_completion_tokens"),
+        # fields acb does not implement are refused, never ignored
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                  "response_format": {"type": "json_object"}}, "response_format"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": []}, "tools"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
+                                  "top_logprobs": 3}, "top_logprobs"),
+        ("/v1/completions", {"prompt": "x", "logprobs": 2}, "logprobs"),
+        ("/v1/completions", {"prompt": "x", "stream": True, "stream_options": {"continuous_usage": True}},
+         "stream_options"),
     ],
-)
+)  # fmt: skip
 async def test_invalid_requests_get_openai_style_400s(served, path, body, param):
     engine, url = served
     async with httpx.AsyncClient(base_url=url) as http:
@@ -185,3 +198,41 @@ async def test_streamed_sse_format(served):
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+async def test_malformed_bodies_get_the_same_error_shape(served):
+    engine, url = served
+    async with httpx.AsyncClient(base_url=url) as http:
+        for body in (b'{"prompt": "x", "max_tokens": 2', b'\xff\xfe{"prompt": "x"}', b"[1, 2]"):
+            r = await http.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+            assert r.status_code == 400, r.text
+            err = r.json()["error"]
+            assert err["type"] == "invalid_request_error" and err["message"]
+            assert err["param"] in (None, "body")
+        r = await http.post("/v1/completions", content=b'{"prompt": "x", "max_tokens": 2', headers={"content-type":
+                            "application/json"})  # fmt: skip
+        assert "not valid JSON" in r.json()["error"]["message"]
+        r = await http.get("/v1/nothing-here")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+        r = await http.get("/v1/models/some-other-model")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        assert (await http.get("/v1/models/tiny")).json()["id"] == "tiny"
+
+
+async def test_streamed_chunks_carry_logprobs(served):
+    engine, url = served
+    client = AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    body = dict(model="tiny", max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    plain = await client.completions.create(prompt="abc", logprobs=0, **body)
+    stream = await client.completions.create(prompt="abc", logprobs=0, stream=True, **body)
+    streamed = [lp for c in [c async for c in stream] for ch in c.choices if ch.logprobs
+                for lp in ch.logprobs.token_logprobs]  # fmt: skip
+    assert streamed == pytest.approx(plain.choices[0].logprobs.token_logprobs) and len(streamed) == 5
+    chat = await client.chat.completions.create(
+        messages=[{"role": "user", "content": "abc"}], logprobs=True, stream=True, **body
+    )
+    chat_lps = [
+        x.logprob for c in [c async for c in chat] for ch in c.choices if ch.logprobs for x in ch.logprobs.content
+    ]
+    assert len(chat_lps) == 5 and all(lp <= 0 for lp in chat_lps)
+    await client.close()

@@ -142,10 +142,10 @@ async def test_non_finite_logits_with_logprobs_give_valid_json_errors(make_model
     model, _ = make_model("llama", seed=93)
     poison(model)
     async with serving(Engine(model, tokenizer)) as url, httpx.AsyncClient(base_url=url, timeout=60) as http:
-        body = {"prompt": [7, POISON, 9], "max_tokens": 5, "logprobs": 1}
+        body = {"prompt": [7, POISON, 9], "max_tokens": 5, "logprobs": 0}
         plain, good = await asyncio.gather(
             http.post("/v1/completions", json=body),
-            http.post("/v1/completions", json={"prompt": [7, 8, 9], "max_tokens": 5, "logprobs": 1}),
+            http.post("/v1/completions", json={"prompt": [7, 8, 9], "max_tokens": 5, "logprobs": 0}),
         )
         assert plain.status_code == 500 and "non-finite" in plain.json()["error"]["message"]
         assert good.status_code == 200 and len(good.json()["choices"][0]["logprobs"]["token_logprobs"]) == 5

@@ -1,12 +1,13 @@
-"""The OpenAI-compatible HTTP API: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``, ``/health``,
-``/metrics``.
+"""The OpenAI-compatible HTTP API: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models`` (and
+``/v1/models/{id}``), ``/health``, ``/metrics``.
 
-Streaming responses are server-sent events. A client that disconnects aborts its requests: before the first token
-(both kinds) and for plain responses, a watcher cancels the work when the connection drops; once a stream has
-started, Starlette cancels the response generator, which closes the engine streams.
+Requests are submitted with :meth:`acb.Engine.submit`, so a bad one gets its 400 before any response starts, also
+for streams. Streaming responses are server-sent events. A client that disconnects aborts its requests: before the
+first token (both kinds) and for plain responses, a watcher cancels the work when the connection drops; once a
+stream has started, Starlette cancels the response generator, which closes the engine streams.
 
 Request bodies are bounded (``max_body_bytes``, 8 MiB by default): a larger body is refused with 413 before it is
-read, parsed or tokenized.
+read, parsed or tokenized. With ``api_key``, every ``/v1`` request needs ``Authorization: Bearer <key>``.
 """
 
 from __future__ import annotations
@@ -15,238 +16,264 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import Engine
 from ..errors import AcbError, EngineClosedError, InvalidRequestError, RequestFailedError
 from ..outputs import Token
+from ..stream import RequestStream
 from .metrics import ServerMetrics
-from .protocol import ChatCompletionRequest, CompletionRequest, to_sampling_params
+from .middleware import DEFAULT_MAX_BODY_BYTES, ApiKey, BodyLimit, error_response
+from .protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    ChatMessageOut,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    Usage,
+    openai_param,
+    to_sampling_params,
+)
 
-__all__ = ["create_app", "serve"]
+__all__ = ["create_app", "serve", "DEFAULT_MAX_BODY_BYTES"]
+
+_ENDPOINTS = ("/v1/completions", "/v1/chat/completions")  # metric labels never take a client's arbitrary path
 
 
-def _error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status)
+@dataclass
+class _Server:
+    """What every handler needs, kept on ``app.state.acb``."""
 
+    engine: Engine
+    name: str
+    created: int
+    metrics: ServerMetrics
 
-def _error_for(exc: Exception) -> JSONResponse:
-    if isinstance(exc, InvalidRequestError):
-        return _error(400, str(exc), "invalid_request_error", getattr(exc, "param", None))
-    if isinstance(exc, EngineClosedError):
-        return _error(503, str(exc), "service_unavailable")
-    return _error(500, str(exc) or type(exc).__name__, "server_error")
-
-
-DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
-
-
-class _BodyLimit:
-    """ASGI middleware: read a request body up to ``max_bytes`` and hand it on; refuse a larger one with 413 as soon
-    as its declared length or the bytes received say so, before anything parses it."""
-
-    def __init__(self, app, max_bytes: int, on_refused) -> None:
-        self.app, self.max_bytes, self.on_refused = app, max_bytes, on_refused
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or ()).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            return await self._refuse(scope, send)
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client left while sending
-                return
-            body += message.get("body", b"")
-            if len(body) > self.max_bytes:
-                return await self._refuse(scope, send)
-            if not message.get("more_body", False):
-                break
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()  # afterwards: the disconnect notice
-
-        await self.app(scope, replay, send)
-
-    async def _refuse(self, scope, send) -> None:
-        self.on_refused(scope["path"])
-        response = _error(
-            413,
-            f"the request body is larger than {self.max_bytes} bytes (acb serve --max-body-bytes)",
-            "invalid_request_error",
-            code="request_too_large",
-        )
-        response.headers["Connection"] = "close"
-        await response(scope, None, send)
+    def count(self, endpoint: str, response: Response) -> Response:
+        self.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        return response
 
 
 def create_app(
     engine: Engine,
     model_name: str | None = None,
-    default_max_tokens: int = 256,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    api_key: str | None = None,
 ) -> FastAPI:
     """An ASGI app serving ``engine`` (which the caller starts and closes, e.g. around ``uvicorn``). Request bodies
-    larger than ``max_body_bytes`` are refused with 413."""
-    name = model_name or getattr(engine.model.config, "_name_or_path", None) or "acb-default"
-    created = int(time.time())
-    metrics = ServerMetrics(engine)
-    app = FastAPI(title="acb", summary="OpenAI-compatible API over an acb engine")
-    app.state.engine = engine
-    app.state.metrics = metrics
-    known = ("/v1/completions", "/v1/chat/completions")  # metric labels never take a client's arbitrary path
-    app.add_middleware(
-        _BodyLimit,
-        max_bytes=max_body_bytes,
-        on_refused=lambda path: metrics.requests.labels(path if path in known else "other", "413").inc(),
+    larger than ``max_body_bytes`` are refused with 413; with ``api_key``, ``/v1`` requires it as a bearer token."""
+    server = _Server(
+        engine=engine,
+        name=model_name or getattr(engine.model.config, "_name_or_path", None) or "acb-default",
+        created=int(time.time()),
+        metrics=ServerMetrics(engine),
     )
+    app = FastAPI(title="acb", summary="OpenAI-compatible API over an acb engine")
+    app.state.acb = server
+    app.state.engine = engine
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=max_body_bytes,
+        on_refused=lambda path: server.metrics.requests.labels(path if path in _ENDPOINTS else "other", "413").inc(),
+    )
+    if api_key:
+        app.add_middleware(ApiKey, key=api_key)
+    app.add_exception_handler(RequestValidationError, _invalid_body)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/metrics", prometheus, methods=["GET"])
+    app.add_api_route("/v1/models", list_models, methods=["GET"], response_model=ModelList)
+    app.add_api_route("/v1/models/{model_id:path}", retrieve_model, methods=["GET"], response_model=ModelCard)
+    app.add_api_route("/v1/completions", completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    return app
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
+
+# -- errors -------------------------------------------------------------------------------------------------------
+
+
+def _error_for(exc: Exception, req=None) -> JSONResponse:
+    if isinstance(exc, InvalidRequestError):
+        return error_response(400, str(exc), "invalid_request_error", openai_param(getattr(exc, "param", None), req))
+    if isinstance(exc, EngineClosedError):
+        return error_response(503, str(exc), "service_unavailable")
+    return error_response(500, str(exc) or type(exc).__name__, "server_error")
+
+
+async def _invalid_body(request: Request, exc: RequestValidationError) -> Response:
+    first = exc.errors()[0] if exc.errors() else {}
+    if first.get("type") == "json_invalid":
+        where = first.get("loc", ("body", None))[-1]
+        message = f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'decode error')}"
+        message += f" at character {where})" if isinstance(where, int) else ")"
+        response = error_response(400, message, "invalid_request_error")
+    else:
         loc = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         message = f"{loc or 'body'}: {first.get('msg', 'invalid request')}"
-        return _counted(request.url.path, _error(400, message, "invalid_request_error", loc))
+        response = error_response(400, message, "invalid_request_error", loc)
+    return _server(request).count(request.url.path if request.url.path in _ENDPOINTS else "other", response)
 
-    @app.get("/health")
-    async def health():
-        ok = engine._state == "running"
-        return JSONResponse({"status": "ok" if ok else engine._state}, 200 if ok else 503)
 
-    @app.get("/metrics")
-    async def prometheus():
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """Starlette's own errors (an unknown path, a body that is not UTF-8) in the same shape as every other."""
+    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+    return error_response(exc.status_code, detail, kind, code="not_found" if exc.status_code == 404 else None)
 
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "acb"}]}
 
-    def _check_model(req) -> JSONResponse | None:
-        if req.model not in (None, name):
-            return _error(
-                404,
-                f"The model '{req.model}' does not exist; this server serves '{name}'",
-                "invalid_request_error",
-                "model",
-                "model_not_found",
-            )
-        return None
+def _server(request: Request) -> _Server:
+    return request.app.state.acb
 
-    def _counted(endpoint: str, response: Response) -> Response:
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        return response
 
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request):
-        endpoint = "/v1/completions"
-        if (bad := _check_model(req)) is not None:
-            return _counted(endpoint, bad)
-        return await _respond(request, endpoint, req, _prompts(req.prompt), chat=False)
+# -- plain endpoints ----------------------------------------------------------------------------------------------
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest, request: Request):
-        endpoint = "/v1/chat/completions"
-        if (bad := _check_model(req)) is not None:
-            return _counted(endpoint, bad)
-        try:
-            prompt = await engine.apply_chat_template([m.model_dump(exclude_none=True) for m in req.messages])
-        except AcbError as exc:
-            return _counted(endpoint, _error_for(exc))
-        return await _respond(request, endpoint, req, [prompt], chat=True)
 
-    async def _respond(request: Request, endpoint: str, req, prompts: list, chat: bool):
-        try:
-            params = to_sampling_params(req, engine.default_sampling, default_max_tokens)
-        except AcbError as exc:
-            return _counted(endpoint, _error_for(exc))
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        arrival = time.perf_counter()
-        streams = [engine.stream(p, params, request_id=f"{rid}-{i}") for i, p in enumerate(prompts)]
-        # Pull the first item of every stream now: admission errors become a proper HTTP error, not a broken stream.
-        # A client that leaves before its first token aborts its requests here (they may still be queued).
-        try:
-            firsts = await _until_disconnect(
-                request, asyncio.gather(*(_first(s) for s in streams), return_exceptions=True)
-            )
-        except _Disconnected:
-            for s in streams:
-                await s.aclose()
-            return _counted(endpoint, Response(status_code=499))  # the client went away; nobody reads this
-        if errors := [f for f in firsts if isinstance(f, BaseException)]:
-            for s in streams:
-                await s.aclose()
-            if not isinstance(errors[0], Exception):
-                raise errors[0]  # cancellation and the like
-            return _counted(endpoint, _error_for(errors[0]))
-        metrics.ttft.observe(time.perf_counter() - arrival)
+async def health(request: Request) -> JSONResponse:
+    engine = _server(request).engine
+    return JSONResponse({"status": "ok" if engine.running else engine.state}, 200 if engine.running else 503)
+
+
+async def prometheus(request: Request) -> Response:
+    return Response(generate_latest(_server(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def list_models(request: Request) -> ModelList:
+    server = _server(request)
+    return ModelList(data=[ModelCard(id=server.name, created=server.created)])
+
+
+async def retrieve_model(model_id: str, request: Request):
+    server = _server(request)
+    if model_id != server.name:
+        return _model_not_found(model_id, server)
+    return ModelCard(id=server.name, created=server.created)
+
+
+def _model_not_found(model: str, server: _Server) -> JSONResponse:
+    return error_response(
+        404, f"The model '{model}' does not exist; this server serves '{server.name}'", "invalid_request_error",
+        "model", "model_not_found",
+    )  # fmt: skip
+
+
+# -- generation ---------------------------------------------------------------------------------------------------
+
+
+async def completions(req: CompletionRequest, request: Request) -> Response:
+    server = _server(request)
+    endpoint = "/v1/completions"
+    if req.model not in (None, server.name):
+        return server.count(endpoint, _model_not_found(req.model, server))
+    return await _respond(server, request, endpoint, req, _prompts(req.prompt), chat=False)
+
+
+async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
+    server = _server(request)
+    endpoint = "/v1/chat/completions"
+    if req.model not in (None, server.name):
+        return server.count(endpoint, _model_not_found(req.model, server))
+    try:
+        prompt = await server.engine.apply_chat_template([m.model_dump(exclude_none=True) for m in req.messages])
+    except AcbError as exc:
+        return server.count(endpoint, _error_for(exc, req))
+    return await _respond(server, request, endpoint, req, [prompt], chat=True)
+
+
+async def _respond(server: _Server, request: Request, endpoint: str, req, prompts: list, chat: bool) -> Response:
+    engine, metrics = server.engine, server.metrics
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    arrival = time.perf_counter()
+    streams: list[RequestStream] = []
+    try:  # admission: a bad request gets its 400 here, before any response starts
+        params = to_sampling_params(req, engine.default_params)
+        for i, p in enumerate(prompts):
+            streams.append(await engine.submit(p, params, request_id=f"{rid}-{i}"))
+    except AcbError as exc:
         for s in streams:
-            metrics.prompt_tokens.inc(s.num_prompt_tokens)
-        if req.stream:
-            metrics.requests.labels(endpoint, "200").inc()
-            include_usage = bool((req.stream_options or {}).get("include_usage"))
-            body = _sse(rid, name, streams, firsts, chat, include_usage, metrics)
-            return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        try:
-            results = await _until_disconnect(
-                request, asyncio.gather(*(_collect(s, f) for s, f in zip(streams, firsts)))
-            )
-        except _Disconnected:
-            for s in streams:
-                await s.aclose()
-            return _counted(endpoint, Response(status_code=499))
-        except RequestFailedError as exc:
-            return _counted(endpoint, _error_for(exc))
-        completion_tokens = sum(len(r["ids"]) for r in results)
-        metrics.generated_tokens.inc(completion_tokens)
-        prompt_tokens = sum(s.num_prompt_tokens for s in streams)
+            await s.aclose()
+        return server.count(endpoint, _error_for(exc, req))
+    # Wait for every first token: a failure in the first step is still a proper HTTP error, and a client that
+    # leaves meanwhile aborts its requests (they may still be queued).
+    try:
+        firsts = await _until_disconnect(
+            request, asyncio.gather(*(s.__anext__() for s in streams), return_exceptions=True)
+        )
+    except _Disconnected:
+        for s in streams:
+            await s.aclose()
+        return server.count(endpoint, Response(status_code=499))  # the client went away; nobody reads this
+    if errors := [f for f in firsts if isinstance(f, BaseException)]:
+        for s in streams:
+            await s.aclose()
+        if not isinstance(errors[0], Exception):
+            raise errors[0]  # cancellation and the like
+        return server.count(endpoint, _error_for(errors[0], req))
+    metrics.ttft.observe(time.perf_counter() - arrival)
+    for s in streams:
+        metrics.prompt_tokens.inc(s.num_prompt_tokens)
+    logprobs = params.logprobs
+    if req.stream:
         metrics.requests.labels(endpoint, "200").inc()
-        choices = []
-        for i, r in enumerate(results):
-            if chat:
-                choices.append(
-                    {
-                        "index": i,
-                        "message": {"role": "assistant", "content": r["text"]},
-                        "logprobs": _chat_logprobs(r) if req.logprobs else None,
-                        "finish_reason": r["finish_reason"],
-                    }
-                )
-            else:
-                choices.append(
-                    {
-                        "index": i,
-                        "text": r["text"],
-                        "logprobs": _completion_logprobs(r) if req.logprobs is not None else None,
-                        "finish_reason": r["finish_reason"],
-                    }
-                )
-        return {
-            "id": rid,
-            "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()),
-            "model": name,
-            "choices": choices,
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
-        }
-
-    return app
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+        body = _sse(server, rid, streams, firsts, chat, include_usage, logprobs)
+        return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    try:
+        results = await _until_disconnect(request, asyncio.gather(*(_collect(s, f) for s, f in zip(streams, firsts))))
+    except _Disconnected:
+        for s in streams:
+            await s.aclose()
+        return server.count(endpoint, Response(status_code=499))
+    except RequestFailedError as exc:
+        return server.count(endpoint, _error_for(exc))
+    completion_tokens = sum(sum(t.id is not None for t in toks) for toks in results)
+    metrics.generated_tokens.inc(completion_tokens)
+    prompt_tokens = sum(s.num_prompt_tokens for s in streams)
+    usage = Usage(
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+    )
+    metrics.requests.labels(endpoint, "200").inc()
+    created = int(time.time())
+    if chat:
+        choices = [
+            ChatChoice(
+                index=i,
+                message=ChatMessageOut(content="".join(t.text for t in toks)),
+                logprobs=_chat_logprobs(toks) if logprobs else None,
+                finish_reason=toks[-1].finish_reason,
+            )
+            for i, toks in enumerate(results)
+        ]
+        body = ChatCompletionResponse(id=rid, created=created, model=server.name, choices=choices, usage=usage)
+    else:
+        choices = [
+            CompletionChoice(
+                index=i,
+                text="".join(t.text for t in toks),
+                logprobs=_completion_logprobs(toks) if logprobs else None,
+                finish_reason=toks[-1].finish_reason,
+            )
+            for i, toks in enumerate(results)
+        ]
+        body = CompletionResponse(id=rid, created=created, model=server.name, choices=choices, usage=usage)
+    return JSONResponse(body.model_dump())
 
 
 def _prompts(prompt) -> list:
@@ -259,43 +286,24 @@ def _prompts(prompt) -> list:
     return list(prompt) if prompt else [""]
 
 
-async def _first(stream) -> Token:
-    return await stream.__anext__()
-
-
-async def _collect(stream, first: Token) -> dict[str, Any]:
+async def _collect(stream: RequestStream, first: Token) -> list[Token]:
     toks = [first]
     if first.finish_reason is None:
         async for tok in stream:
             toks.append(tok)
-    return {
-        "text": "".join(t.text for t in toks),
-        "ids": [t.id for t in toks if t.id is not None],
-        "tokens": toks,
-        "finish_reason": _openai_reason(toks[-1].finish_reason),
-    }
+    return toks
 
 
-def _openai_reason(reason: str | None) -> str | None:
-    return {"abort": "abort"}.get(reason, reason)
+def _chat_logprobs(toks: list[Token]) -> ChatLogprobs:
+    return ChatLogprobs(
+        content=[ChatTokenLogprob(token=t.text, logprob=t.logprob, bytes=list(t.text.encode())) for t in toks
+                 if t.id is not None]
+    )  # fmt: skip
 
 
-def _chat_logprobs(r: dict) -> dict:
-    return {
-        "content": [
-            {"token": t.text, "logprob": t.logprob, "top_logprobs": []} for t in r["tokens"] if t.id is not None
-        ]
-    }
-
-
-def _completion_logprobs(r: dict) -> dict:
-    toks = [t for t in r["tokens"] if t.id is not None]
-    return {
-        "tokens": [t.text for t in toks],
-        "token_logprobs": [t.logprob for t in toks],
-        "top_logprobs": None,
-        "text_offset": [],
-    }
+def _completion_logprobs(toks: list[Token]) -> CompletionLogprobs:
+    toks = [t for t in toks if t.id is not None]
+    return CompletionLogprobs(tokens=[t.text for t in toks], token_logprobs=[t.logprob for t in toks])
 
 
 class _Disconnected(Exception):
@@ -328,9 +336,12 @@ async def _until_disconnect(request: Request, work: Awaitable):
     raise _Disconnected
 
 
-async def _sse(rid, model, streams, firsts, chat, include_usage, metrics) -> AsyncIterator[str]:
+async def _sse(
+    server: _Server, rid: str, streams: list, firsts: list, chat: bool, include_usage: bool, logprobs: bool
+) -> AsyncIterator[str]:
+    """Server-sent events: every stream's tokens as chunks (with their logprobs when asked), a usage chunk if asked,
+    then ``[DONE]``. A stream that fails mid-way sends an error event and ends."""
     created = int(time.time())
-    obj = "chat.completion.chunk" if chat else "text_completion"
     queue: asyncio.Queue = asyncio.Queue()
     counts = [0] * len(streams)
 
@@ -343,22 +354,30 @@ async def _sse(rid, model, streams, firsts, chat, include_usage, metrics) -> Asy
         except Exception as exc:
             await queue.put((i, exc))
 
-    def chunk(i: int, text: str | None, finish: str | None, role: bool = False) -> str:
+    def chunk(i: int, tok: Token | None, role: bool = False) -> str:
+        lp = logprobs and tok is not None and tok.id is not None
+        finish = None if tok is None else tok.finish_reason
         if chat:
-            delta: dict[str, Any] = (
-                {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+            delta = ChatDelta(role="assistant", content="") if role else ChatDelta(content=tok.text or None)
+            choice = ChatChunkChoice(
+                index=i, delta=delta, logprobs=_chat_logprobs([tok]) if lp else None, finish_reason=finish
             )
-            choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+            body = ChatCompletionChunk(id=rid, created=created, model=server.name, choices=[choice])
         else:
-            choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
-        body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+            choice = CompletionChoice(
+                index=i, text=tok.text, logprobs=_completion_logprobs([tok]) if lp else None, finish_reason=finish
+            )
+            body = CompletionChunk(id=rid, created=created, model=server.name, choices=[choice])
+        data = body.model_dump()
+        if chat:  # deltas carry only what changed, as OpenAI's do
+            data["choices"][0]["delta"] = choice.delta.model_dump(exclude_none=True)
+        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
     pumps = [asyncio.ensure_future(pump(i, s, f)) for i, (s, f) in enumerate(zip(streams, firsts))]
     try:
         if chat:
             for i in range(len(streams)):
-                yield chunk(i, None, None, role=True)
+                yield chunk(i, None, role=True)
         open_ = len(streams)
         while open_:
             i, item = await queue.get()
@@ -369,26 +388,29 @@ async def _sse(rid, model, streams, firsts, chat, include_usage, metrics) -> Asy
                 continue
             if item.id is not None:
                 counts[i] += 1
-                metrics.generated_tokens.inc()
-            if item.text or item.finish_reason:
-                yield chunk(i, item.text, _openai_reason(item.finish_reason))
+                server.metrics.generated_tokens.inc()
+            if item.text or item.finish_reason or (logprobs and item.id is not None):
+                yield chunk(i, item)
             if item.finish_reason is not None:
                 open_ -= 1
         if include_usage:
             prompt_tokens = sum(s.num_prompt_tokens for s in streams)
-            usage = {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": sum(counts),
-                "total_tokens": prompt_tokens + sum(counts),
-            }
-            tail = {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage}
-            yield f"data: {json.dumps(tail)}\n\n"
+            usage = Usage(
+                prompt_tokens=prompt_tokens, completion_tokens=sum(counts), total_tokens=prompt_tokens + sum(counts)
+            )
+            tail = (ChatCompletionChunk if chat else CompletionChunk)(
+                id=rid, created=created, model=server.name, choices=[], usage=usage
+            )
+            yield f"data: {json.dumps(tail.model_dump())}\n\n"
         yield "data: [DONE]\n\n"
     finally:  # also on client disconnect: Starlette cancels this generator, and every stream is aborted
         for p in pumps:
             p.cancel()
         for s in streams:
             await s.aclose()
+
+
+# -- running it ---------------------------------------------------------------------------------------------------
 
 
 async def serve(
@@ -398,14 +420,26 @@ async def serve(
     model_name: str | None = None,
     log_level: str = "info",
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    api_key: str | None = None,
+    on_ready: Callable[[str], None] | None = None,
 ) -> None:
     """Run the API under uvicorn on the running loop until cancelled or signalled; the engine must be started.
 
-    On SIGTERM or SIGINT the server stops accepting connections and closes the engine at once, so open requests get
-    ``drain_timeout`` to finish (then end with an error): shutdown takes at most about ``drain_timeout``."""
+    ``on_ready(url)`` is called once the socket is bound (a failed bind raises instead). Health probes are not
+    written to the access log. On SIGTERM or SIGINT the server stops accepting connections and closes the engine at
+    once, so open requests get ``drain_timeout`` to finish (then end with an error): shutdown takes at most about
+    ``drain_timeout``."""
+    import logging
+
     import uvicorn
 
-    class _Server(uvicorn.Server):
+    class _Uvicorn(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started and on_ready is not None:
+                bound = self.servers[0].sockets[0].getsockname() if self.servers else (host, port)
+                on_ready(f"http://{bound[0]}:{bound[1]}")
+
         async def shutdown(self, sockets=None) -> None:
             closing = asyncio.ensure_future(engine.close(drain=True))
             try:
@@ -414,7 +448,7 @@ async def serve(
                 await closing
 
     config = uvicorn.Config(
-        create_app(engine, model_name, max_body_bytes=max_body_bytes),
+        create_app(engine, model_name, max_body_bytes=max_body_bytes, api_key=api_key),
         host=host,
         port=port,
         log_level=log_level,
@@ -422,4 +456,17 @@ async def serve(
         lifespan="off",
         timeout_graceful_shutdown=engine.config.drain_timeout + 1.0,
     )
-    await _Server(config).serve()
+    logging.getLogger("uvicorn.access").addFilter(_quiet_health)
+    uv = _Uvicorn(config)
+    try:
+        await uv.serve()
+    except SystemExit:  # uvicorn exits the process when it cannot bind: the caller decides that, not a library
+        uv.started = False
+    if not uv.started:
+        raise OSError(f"could not serve on {host}:{port} (see the log above)")
+
+
+def _quiet_health(record) -> bool:
+    """Keep health probes out of the access log (uvicorn's access records carry the path in their args)."""
+    args = record.args if isinstance(record.args, tuple) else ()
+    return not (len(args) >= 3 and str(args[2]).split("?")[0] == "/health")

@@ -1,7 +1,8 @@
-"""The OpenAI request bodies acb accepts, as pydantic models, and their mapping onto :class:`acb.SamplingParams`.
+"""The OpenAI request and response bodies acb speaks, as pydantic models, and the mapping of a request onto
+:class:`acb.SamplingParams`.
 
-Fields acb does not implement are rejected with a clear 400 when set to a non-default value, never silently
-ignored.
+Every request field is either honoured or refused with an OpenAI-shaped 400 naming it: nothing a client sends is
+silently ignored, except the informational ``user`` and ``metadata``.
 """
 
 from __future__ import annotations
@@ -13,11 +14,33 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..config import SamplingParams
 from ..errors import InvalidSamplingParamsError
 
-__all__ = ["CompletionRequest", "ChatCompletionRequest", "ChatMessage", "to_sampling_params"]
+__all__ = [
+    "CompletionRequest",
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "to_sampling_params",
+    "openai_param",
+    "ErrorBody",
+    "ErrorResponse",
+    "Usage",
+    "CompletionChoice",
+    "CompletionResponse",
+    "ChatChoice",
+    "ChatCompletionResponse",
+    "ModelCard",
+    "ModelList",
+    "CompletionLogprobs",
+    "ChatLogprobs",
+]
+
+_INFORMATIONAL = {"user", "metadata"}  # accepted and not used, as OpenAI documents them
+
+
+# -- requests -----------------------------------------------------------------------------------------------------
 
 
 class _Base(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown fields (e.g. "user", "metadata") are accepted and unused
+    model_config = ConfigDict(extra="allow")  # unknown fields are collected and refused (to_sampling_params)
 
     model: str | None = None
     max_tokens: int | None = None
@@ -62,8 +85,12 @@ class UnsupportedFieldError(InvalidSamplingParamsError):
         super().__init__(f"'{field}' {why}", param=field)
 
 
-def to_sampling_params(req: _Base, defaults: dict[str, Any], max_tokens_default: int) -> SamplingParams:
-    """Map an OpenAI request onto SamplingParams; the model's generation-config defaults fill omitted fields."""
+def to_sampling_params(req: _Base, defaults: SamplingParams) -> SamplingParams:
+    """Map an OpenAI request onto SamplingParams; what it omits comes from ``defaults`` (the engine's
+    ``default_params``: the model's generation config, then acb's defaults, as everywhere in acb)."""
+    for name in req.model_extra or {}:
+        if name not in _INFORMATIONAL:
+            raise UnsupportedFieldError(name, "is not supported by this server; leave it out")
     if req.n != 1:
         raise UnsupportedFieldError("n", "must be 1 (acb returns one choice per prompt)")
     for name in ("presence_penalty", "frequency_penalty"):
@@ -71,6 +98,9 @@ def to_sampling_params(req: _Base, defaults: dict[str, Any], max_tokens_default:
             raise UnsupportedFieldError(name, "is not supported yet; omit it or send 0")
     if req.logit_bias:
         raise UnsupportedFieldError("logit_bias", "is not supported yet")
+    unknown_options = set(req.stream_options or {}) - {"include_usage"}
+    if unknown_options:
+        raise UnsupportedFieldError("stream_options", f"supports only include_usage, not {sorted(unknown_options)}")
     if isinstance(req, CompletionRequest):
         if req.echo:
             raise UnsupportedFieldError("echo", "is not supported")
@@ -78,19 +108,160 @@ def to_sampling_params(req: _Base, defaults: dict[str, Any], max_tokens_default:
             raise UnsupportedFieldError("suffix", "is not supported")
         if req.best_of not in (None, 1):
             raise UnsupportedFieldError("best_of", "must be 1")
+        if req.logprobs not in (None, 0):
+            raise UnsupportedFieldError("logprobs", "above 0 asks for alternatives, not supported yet: send 0")
+        logprobs = req.logprobs is not None
+    else:
+        if req.top_logprobs:
+            raise UnsupportedFieldError("top_logprobs", "is not supported yet: omit it or send 0")
+        logprobs = req.logprobs
     max_tokens = next(
-        (v for v in (getattr(req, "max_completion_tokens", None), req.max_tokens) if v is not None), max_tokens_default
+        (v for v in (getattr(req, "max_completion_tokens", None), req.max_tokens) if v is not None),
+        defaults.max_new_tokens,
     )
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    logprobs = bool(req.logprobs) if isinstance(req, ChatCompletionRequest) else req.logprobs is not None
-    return SamplingParams(
+    fields = dict(
         max_new_tokens=max_tokens,
-        temperature=req.temperature if req.temperature is not None else defaults.get("temperature", 1.0),
-        top_p=req.top_p if req.top_p is not None else defaults.get("top_p", 1.0),
-        top_k=req.top_k if req.top_k is not None else defaults.get("top_k", 0),
+        temperature=req.temperature if req.temperature is not None else defaults.temperature,
+        top_p=req.top_p if req.top_p is not None else defaults.top_p,
+        top_k=req.top_k if req.top_k is not None else defaults.top_k,
         seed=req.seed,
         stop=stop,
         stop_token_ids=req.stop_token_ids or [],
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
     )
+    try:
+        return SamplingParams(**fields)
+    except InvalidSamplingParamsError as exc:
+        exc.param = openai_param(exc.param, req)
+        raise
+
+
+def openai_param(param: str | None, req: _Base | None = None) -> str | None:
+    """The request field an acb parameter came from (``max_new_tokens`` is ``max_tokens``, or
+    ``max_completion_tokens`` where the chat request used that)."""
+    if param == "max_new_tokens":
+        if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
+            return "max_completion_tokens"
+        return "max_tokens"
+    if param == "prompt" and isinstance(req, ChatCompletionRequest):
+        return "messages"
+    return param
+
+
+# -- responses ----------------------------------------------------------------------------------------------------
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float]] | None = None
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ChatTokenLogprob(BaseModel):
+    token: str
+    logprob: float | None
+    bytes: list[int] | None = None
+    top_logprobs: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChunk(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "acb"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
