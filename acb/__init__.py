@@ -28,11 +28,13 @@ from .errors import (
 )
 from .loop import loop_factory, run
 from .outputs import Completion, EngineStats, Token
+from .stream import RequestStream
 
 __all__ = [
     "Engine",
     "EngineConfig",
     "SamplingParams",
+    "RequestStream",
     "Token",
     "Completion",
     "EngineStats",

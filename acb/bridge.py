@@ -18,7 +18,7 @@ The prediction learns only from waits it observed precisely (the event was still
 if the event was already complete at wake-up, the loop overslept and the prediction shrinks instead. Without
 that rule a busy loop inflates the observed waits, the prediction grows, and the loop oversleeps more and more.
 
-``../shared/gpu.md`` has the measured costs behind this choice (polling +4 µs; thread waits starve under a busy loop).
+``docs/gpu.md`` has the measured costs behind this choice (polling +9 µs; thread waits starve under a busy loop).
 """
 
 from __future__ import annotations

@@ -78,6 +78,7 @@ class Engine:
         self._arrivals = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task] = []
+        self._link = _Link(self)
 
     def _build(self) -> None:
         """Take the model over and build what the stages run on (again when a closed engine starts anew)."""
@@ -229,7 +230,8 @@ class Engine:
             raise InvalidRequestError(
                 f"stream_interval must be an integer >= 1, got {stream_interval!r}", param="stream_interval"
             )
-        return RequestStream(self, prompt, params, request_id, stream_interval)
+        rid = request_id if request_id is not None else self._new_request_id()
+        return RequestStream(self._link, prompt, params, rid, stream_interval)
 
     async def submit(
         self,
@@ -294,6 +296,11 @@ class Engine:
         """GPU busy intervals ``(start_ms, end_ms)`` of every step so far, relative to the first step (CUDA, with
         ``record_step_timing=True``). Synchronizes on the recorded events: call it after a run, not in one."""
         return self._runner.step_intervals()
+
+    def clear_step_timing(self) -> None:
+        """Forget the step intervals recorded so far (a benchmark's warm-up)."""
+        if self._runner.step_events is not None:
+            self._runner.step_events.clear()
 
     def stats(self) -> EngineStats:
         """Where every live request is: each counted in exactly one of running, waiting and pending."""
@@ -545,3 +552,25 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
+
+
+class _Link:
+    """The engine as its streams see it (:class:`acb.stream.EngineLink`): admission, abort, the loop check."""
+
+    __slots__ = ("_engine",)
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._engine._loop
+
+    def check_loop(self) -> None:
+        self._engine._check_loop()
+
+    async def submit(self, request_id, prompt, params, attach, stream_interval) -> RequestState:
+        return await self._engine._submit(request_id, prompt, params, attach, stream_interval)
+
+    def abort(self, state: RequestState) -> None:
+        self._engine._abort_threadsafe(state)

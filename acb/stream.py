@@ -14,7 +14,7 @@ import asyncio
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from .errors import StreamInUseError
 from .outputs import Completion, Token
@@ -24,9 +24,8 @@ from .stops import StopStringMatcher, StopStrings
 if TYPE_CHECKING:
     from .admission import Prompt
     from .config import SamplingParams
-    from .engine import Engine
 
-__all__ = ["RequestState", "RequestStream"]
+__all__ = ["EngineLink", "RequestState", "RequestStream"]
 
 
 class Channel:
@@ -101,6 +100,23 @@ class RequestState:
             self.channel.put_nowait(item)
 
 
+class EngineLink(Protocol):
+    """What a stream needs of its engine: the engine hands each stream one (``Engine._link``)."""
+
+    loop: asyncio.AbstractEventLoop | None
+
+    def check_loop(self) -> None:
+        """Raise :class:`~acb.errors.WrongEventLoopError` off the engine's loop."""
+
+    async def submit(
+        self, request_id: str, prompt: Prompt, params: SamplingParams | None, attach, stream_interval: int
+    ) -> RequestState:
+        """Admit the request (typed errors); ``attach`` receives its state as soon as it exists."""
+
+    def abort(self, state: RequestState) -> None:
+        """End the request from any thread."""
+
+
 class RequestStream(AsyncIterator[Token]):
     """``async for tok in engine.stream(prompt)``, or ``async with engine.stream(prompt) as s: async for tok in s``.
 
@@ -111,10 +127,10 @@ class RequestStream(AsyncIterator[Token]):
 
     def __init__(
         self,
-        engine: Engine,
+        engine: EngineLink,
         prompt: Prompt,
         params: SamplingParams | None,
-        request_id: str | None,
+        request_id: str,
         stream_interval: int = 1,
     ) -> None:
         self._engine = engine
@@ -125,7 +141,7 @@ class RequestStream(AsyncIterator[Token]):
         self._done = False
         self._reading = False  # a consumer is inside __anext__
         self._iteration: weakref.ref[_Iteration] | None = None
-        self.request_id = request_id if request_id is not None else engine._new_request_id()
+        self.request_id = request_id
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -157,10 +173,10 @@ class RequestStream(AsyncIterator[Token]):
             raise StopAsyncIteration
         if self._reading:
             raise StreamInUseError(f"stream {self.request_id!r} is already being read by another task")
-        self._engine._check_loop()
+        self._engine.check_loop()
         self._reading = True
         try:
-            await self._engine._submit(self.request_id, self._prompt, self._params, self._attach, self._interval)
+            await self._engine.submit(self.request_id, self._prompt, self._params, self._attach, self._interval)
         except BaseException:
             self._done = True
             self._abort()
@@ -170,8 +186,8 @@ class RequestStream(AsyncIterator[Token]):
 
     async def _wait(self, channel: Channel):
         loop = asyncio.get_running_loop()
-        if loop is not self._engine._loop:
-            self._engine._check_loop()
+        if loop is not self._engine.loop:
+            self._engine.check_loop()
         self._reading = True
         try:
             item = None
@@ -245,7 +261,7 @@ class RequestStream(AsyncIterator[Token]):
 
     def _abort(self) -> None:
         if self._state is not None and not self._state.closed:
-            self._engine._abort_threadsafe(self._state)
+            self._engine.abort(self._state)
 
     def __del__(self) -> None:
         if not self._done:

@@ -1,1 +1,1 @@
-"""acb benchmarks: the workloads of ``shared/benchmarks.md`` in async and sync mode (``python -m bench.run``)."""
+"""acb benchmarks: the workloads of ``docs/workloads.md`` in async and sync mode (``python -m bench.run``)."""

@@ -292,8 +292,7 @@ async def bench(args) -> list[dict]:
                 first = [_first_prompt(r) for r in requests[:2]]
                 await run_one(engine, [(first[0], 4), (first[1][:16], 4)])
                 engine.clear_prefix_cache()
-                if engine._runner.step_events is not None:
-                    engine._runner.step_events.clear()
+                engine.clear_step_timing()
                 steps_before = engine.stats().steps
                 preempted_before = engine.stats().num_preemptions
                 progress = None if args.no_progress else f"{w.name} {mode}"

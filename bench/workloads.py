@@ -1,4 +1,4 @@
-"""The benchmark workloads and models (random weights, real architectures), as in ``shared/benchmarks.md``."""
+"""The benchmark workloads and models (random weights, real architectures), as in ``docs/workloads.md``."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ WORKLOADS = {
     "W-tiny": Workload("W-tiny", "tiny", 16, 24, 32, note="CPU smoke"),
     # diagnostic: the loop thread's host work per step at W-small's batch (256 sequences), on the CPU's tiny model
     "W-host": Workload("W-host", "tiny", 256, 128, 64, note="CPU diagnostic"),
-    # diagnostic: GPU time of a batch-32 decode step at short context (compare: shared/gpu.md's 9.12 ms anchor)
+    # diagnostic: GPU time of a batch-32 decode step at short context (transformers' modules in a graph: 9.12 ms)
     "D-step32": Workload("D-step32", "llama-8b", 32, 8, 64, note="diagnostic"),
 }
 
