@@ -21,7 +21,9 @@ async def worker(name: str, engine: Engine, jobs: asyncio.Queue, results: dict) 
         text = []
         try:
             async with asyncio.timeout(deadline):
-                async for tok in engine.stream(prompt, SamplingParams(max_new_tokens=24 if deadline is None else 5000)):
+                # submit() checks and queues the request now: a bad one raises here, before anything is read
+                stream = await engine.submit(prompt, SamplingParams(max_new_tokens=24 if deadline is None else 5000))
+                async for tok in stream:
                     text.append(tok.text)
             results[job_id] = ("done", "".join(text))
         except TimeoutError:
