@@ -9,7 +9,6 @@ instead of filling the default thread pool that the application shares.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import dataclasses
 from collections import deque
@@ -17,6 +16,7 @@ from collections.abc import Callable
 from collections.abc import Sequence as SequenceABC
 from typing import TypeVar
 
+from . import aio
 from .config import SamplingParams
 from .errors import (
     InvalidPromptError,
@@ -64,7 +64,7 @@ class Admission:
         """Run ``fn`` in the tokenizer thread (one per engine, started on first use)."""
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="acb-tokenizer")
-        return await asyncio.wrap_future(self._pool.submit(lambda: fn(*args, **kwargs)))
+        return await aio.wait_future(aio.current_loop(), self._pool.submit(lambda: fn(*args, **kwargs)))
 
     # -- one request ----------------------------------------------------------------------------------------------
 
@@ -194,7 +194,7 @@ class AdmissionQueue:
     def __init__(self, max_pending: int) -> None:
         self.max_pending = max_pending
         self._queued: deque = deque()
-        self._blocked: dict[object, asyncio.Future] = {}
+        self._blocked: dict[object, object] = {}  # state -> its waiter (aio.Loop.waiter)
 
     @property
     def num_queued(self) -> int:
@@ -204,11 +204,11 @@ class AdmissionQueue:
     def num_blocked(self) -> int:
         return len(self._blocked)
 
-    async def wait_for_room(self, state, loop: asyncio.AbstractEventLoop, still_wanted: Callable[[], None]) -> None:
+    async def wait_for_room(self, state, loop: aio.Loop, still_wanted: Callable[[], None]) -> None:
         """Wait until the queue has room for ``state`` (or it was removed); ``still_wanted`` raises when the wait
         should end with an error (the engine closing)."""
         while not state.closed and len(self._queued) >= self.max_pending:
-            woken = loop.create_future()
+            woken = loop.waiter()
             self._blocked[state] = woken
             try:
                 await woken

@@ -23,9 +23,11 @@ that rule a busy loop inflates the observed waits, the prediction grows, and the
 
 from __future__ import annotations
 
-import asyncio
 import time
 
+import anyio
+
+from . import aio
 from .runner import StepHandle, StepResult
 
 __all__ = ["CompletionBridge"]
@@ -39,8 +41,8 @@ class CompletionBridge:
         # how long a step's GPU part lasts after its launch returned (learned), per kind of step
         self._predicted: dict[tuple, float] = {}
 
-    async def wait(self, handle: StepHandle) -> StepResult:
-        result = await asyncio.wrap_future(handle.future)
+    async def wait(self, handle: StepHandle, loop: aio.Loop) -> StepResult:
+        result = await aio.wait_future(loop, handle.future)
         if result.event is not None:
             b = handle.batch
             await self._wait_event(result.event, (b.decode_only, b.num_tokens.bit_length(), b.num_steps))
@@ -53,12 +55,12 @@ class CompletionBridge:
             self._predicted[kind] = predicted * 0.9
             return
         if predicted > _COARSE_MARGIN_S:
-            await asyncio.sleep(predicted - _COARSE_MARGIN_S)
+            await anyio.sleep(predicted - _COARSE_MARGIN_S)
             if event.query():  # overslept (or exactly on time): the GPU part is shorter than predicted
                 self._predicted[kind] = predicted * 0.9
                 return
         spin_until = time.perf_counter() + _SPIN_WINDOW_S
         while not event.query():
-            await asyncio.sleep(0 if time.perf_counter() < spin_until else 0.001)
+            await anyio.sleep(0 if time.perf_counter() < spin_until else 0.001)
         took = time.perf_counter() - start
         self._predicted[kind] = took if predicted == 0.0 else 0.7 * predicted + 0.3 * took

@@ -18,15 +18,17 @@ synchronous baseline).
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import itertools
 import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
 
+import anyio
 import torch
 
+from . import aio
 from .admission import Admission, AdmissionQueue, Prompt
 from .bridge import CompletionBridge
 from .config import EngineConfig, SamplingParams
@@ -41,8 +43,7 @@ from .errors import (
 )
 from .model_setup import build_runtime, default_sampling, eos_ids, load_pretrained, release_model
 from .outputs import Completion, EngineStats, Token
-from .runner import StepHandle
-from .scheduler import ScheduledStep, StepOutput
+from .scheduler import ScheduledStep
 from .sequence import Sequence
 from .stream import RequestState, RequestStream
 from .tracing import Trace, Tracer
@@ -76,8 +77,8 @@ class Engine:
         self.tracer = Tracer()
         self._ids = itertools.count()
         self._arrivals = itertools.count()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._tasks: list[asyncio.Task] = []
+        self._loop: aio.Loop | None = None
+        self._tasks: list[aio.Task] = []
         self._link = _Link(self)
 
     def _build(self) -> None:
@@ -137,18 +138,18 @@ class Engine:
             self._build()
         if self._state != "new":
             raise EngineClosedError(f"the engine cannot be started now (it is {self._state})")
-        self._loop = asyncio.get_running_loop()
-        self._launched: asyncio.Queue[StepHandle] = asyncio.Queue()
-        self._to_detok: asyncio.Queue[StepOutput] = asyncio.Queue()
-        self._inflight = asyncio.Semaphore(self.config.overlap_depth if self.config.overlap else 1)
-        self._work = asyncio.Event()
-        self._idle = asyncio.Event()
+        self._loop = loop = aio.current_loop()
+        self._launched: aio.Mailbox = aio.Mailbox(loop)  # of StepHandle
+        self._to_detok: aio.Mailbox = aio.Mailbox(loop)  # of StepOutput
+        self._inflight = aio.Slots(loop, self.config.overlap_depth if self.config.overlap else 1)
+        self._work = aio.Signal(loop)
+        self._idle = aio.Signal(loop)
         self._idle.set()
-        self._closing = asyncio.Event()
+        self._closing = aio.Signal(loop)
         self._tasks = [
-            asyncio.create_task(self._guard(self._step_loop), name="acb-step-loop"),
-            asyncio.create_task(self._guard(self._completion_loop), name="acb-completion-loop"),
-            asyncio.create_task(self._guard(self._detok_loop), name="acb-detok-loop"),
+            loop.spawn(lambda: self._guard(self._step_loop), "acb-step-loop"),
+            loop.spawn(lambda: self._guard(self._completion_loop), "acb-completion-loop"),
+            loop.spawn(lambda: self._guard(self._detok_loop), "acb-detok-loop"),
         ]
         self._state = "running"
 
@@ -167,9 +168,7 @@ class Engine:
         self._check_loop()
         deadline = time.monotonic() + self.config.drain_timeout
         if self._state == "failed":
-            for task in self._tasks:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self._stop_tasks()
             await self._stop_workers(deadline)
             self._state = "closed"
             return
@@ -177,30 +176,32 @@ class Engine:
             await self._closed_event.wait()
             return
         self._state = "closing"
-        self._closed_event = asyncio.Event()
+        self._closed_event = aio.Signal(self._loop)
         self._closing.set()
         self._queue.wake_all()  # submitters waiting for room see the engine closing and raise EngineClosedError
         try:
             if drain and self._live:
-                try:
-                    await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - time.monotonic()))
-                except TimeoutError:
-                    pass
+                with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
+                    await self._idle.wait()
             for state in list(self._live.values()):
                 self._fail(state, EngineClosedError("the engine closed before this request finished"))
-            for task in self._tasks:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self._stop_tasks()
             await self._stop_workers(deadline)
         finally:
             self._state = "closed"
             self._closed_event.set()
 
+    async def _stop_tasks(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            await task.wait()
+
     async def _stop_workers(self, deadline: float) -> None:
         self._admission.close()
         # At least a moment for a step that is about to finish, even with drain_timeout=0.
         grace = max(0.5, deadline - time.monotonic())
-        if not await asyncio.to_thread(self._runner.close, timeout=grace):
+        if not await anyio.to_thread.run_sync(functools.partial(self._runner.close, timeout=grace)):
             log.error("a model step did not finish within drain_timeout; its worker thread is left running")
         else:
             release_model(self.model, self._original_attention)
@@ -325,7 +326,7 @@ class Engine:
         leaving streams hanging."""
         try:
             await stage()
-        except asyncio.CancelledError:
+        except aio.cancelled_exc_class():
             raise
         except BaseException as exc:
             log.critical("an acb pipeline stage crashed; the engine stops serving", exc_info=True)
@@ -404,10 +405,10 @@ class Engine:
     def _check_loop(self) -> None:
         """Refuse a caller on another event loop before it touches any state (microseconds)."""
         loop = self._loop
-        if loop is not None and not loop.is_closed() and _running_loop() is not loop:
+        if loop is not None and not loop.is_closed() and not loop.is_current():
             raise WrongEventLoopError(
                 "this engine runs on another event loop (it was started there); use it from that loop, e.g. with "
-                "asyncio.run_coroutine_threadsafe(coro, loop) from another thread"
+                "asyncio.run_coroutine_threadsafe(coro, loop) (on trio: trio.from_thread.run) from another thread"
             )
 
     # -- stage: scheduling, batch preparation and launch ----------------------------------------------------------
@@ -460,7 +461,7 @@ class Engine:
             out = None
             try:
                 t0 = time.perf_counter()
-                result = await self._bridge.wait(handle)
+                result = await self._bridge.wait(handle, self._loop)
                 t1 = time.perf_counter()
                 self.tracer.add("wait", t0, t1)
                 tokens = result.tokens.tolist()
@@ -518,7 +519,7 @@ class Engine:
         loop = self._loop
         if loop is None or loop.is_closed() or self._live.get(state.seq.request_id) is not state:
             return
-        if _running_loop() is loop:
+        if loop.is_current():
             self._abort(state)
         else:
             loop.call_soon_threadsafe(self._abort_if_live, state)
@@ -547,13 +548,6 @@ class Engine:
             self._idle.set()
 
 
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
-
-
 class _Link:
     """The engine as its streams see it (:class:`acb.stream.EngineLink`): admission, abort, the loop check."""
 
@@ -563,7 +557,7 @@ class _Link:
         self._engine = engine
 
     @property
-    def loop(self) -> asyncio.AbstractEventLoop | None:
+    def loop(self) -> aio.Loop | None:
         return self._engine._loop
 
     def check_loop(self) -> None:

@@ -83,4 +83,4 @@ class StreamInUseError(AcbError, RuntimeError):
 class WrongEventLoopError(AcbError, RuntimeError):
     """The engine was used from an event loop other than the one it was started on (another thread's
     ``asyncio.run``, say). The engine keeps serving its own loop; submit from that loop (from another thread, with
-    ``asyncio.run_coroutine_threadsafe``)."""
+    ``asyncio.run_coroutine_threadsafe``, or ``trio.from_thread.run`` when the engine runs on trio)."""

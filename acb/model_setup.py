@@ -145,6 +145,7 @@ def _claim(model) -> str | None:
     ref = getattr(model, "_acb_owner", None)
     owner = ref() if ref is not None else None
     if owner is not None and not owner.closed:
+        owner = None  # hold no reference while the collector runs
         gc.collect()  # an engine dropped without close() may only be waiting for the cycle collector
         owner = ref()
     if owner is not None and not owner.closed:

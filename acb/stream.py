@@ -10,12 +10,12 @@ is still referenced; a second concurrent consumer gets :class:`~acb.errors.Strea
 
 from __future__ import annotations
 
-import asyncio
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Protocol
 
+from . import aio
 from .errors import StreamInUseError
 from .outputs import Completion, Token
 from .sequence import Sequence
@@ -29,8 +29,8 @@ __all__ = ["EngineLink", "RequestState", "RequestStream"]
 
 
 class Channel:
-    """A one-consumer, unbounded channel: a deque plus one waiter future (lighter than ``asyncio.Queue``, which
-    matters at one item per request per step). Loop thread only.
+    """A one-consumer, unbounded channel: a deque plus one waiter (lighter than a queue class, which matters at one
+    item per request per step). Loop thread only.
 
     ``wake_at`` lets a consumer take tokens in chunks: once it has read everything, it is woken again only when that
     many items wait (or the stream ended). The first item always wakes it at once."""
@@ -39,7 +39,7 @@ class Channel:
 
     def __init__(self, wake_at: int = 1) -> None:
         self._items: deque = deque()
-        self._waiter: asyncio.Future | None = None
+        self._waiter = None  # a waiter of the engine's loop (aio.Loop.waiter)
         self.wake_at = wake_at
         self._ended = False
         self._started = False  # the first item was handed out
@@ -73,10 +73,10 @@ class Channel:
             return self._items.popleft()
         return None
 
-    def arm(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
-        """A future that the next delivery worth waking for resolves (the consumer awaits it, then calls
+    def arm(self, loop: aio.Loop):
+        """A waiter that the next delivery worth waking for resolves (the consumer awaits it, then calls
         :meth:`take` again)."""
-        self._waiter = waiter = loop.create_future()
+        self._waiter = waiter = loop.waiter()
         return waiter
 
 
@@ -103,7 +103,7 @@ class RequestState:
 class EngineLink(Protocol):
     """What a stream needs of its engine: the engine hands each stream one (``Engine._link``)."""
 
-    loop: asyncio.AbstractEventLoop | None
+    loop: aio.Loop | None
 
     def check_loop(self) -> None:
         """Raise :class:`~acb.errors.WrongEventLoopError` off the engine's loop."""
@@ -185,8 +185,8 @@ class RequestStream(AsyncIterator[Token]):
             self._reading = False
 
     async def _wait(self, channel: Channel):
-        loop = asyncio.get_running_loop()
-        if loop is not self._engine.loop:
+        loop = self._engine.loop
+        if loop is None or not loop.is_current():
             self._engine.check_loop()
         self._reading = True
         try:

@@ -1,0 +1,265 @@
+"""The seam between acb and the event loop: the few things the engine needs, on asyncio (and uvloop) and on trio.
+
+anyio covers most of it (sleeping, semaphores, worker threads, timeouts); this module holds the rest, which anyio
+does not offer in the form a long-lived engine needs:
+
+- :class:`Loop`: the running loop as the engine keeps it: an identity (to refuse callers from another loop), a
+  non-blocking hand-over from any thread (a stream's finalizer may run on another thread), and background tasks that
+  live from ``start()`` to ``close()``, outside any task group of the caller's (on trio: system tasks, each in a
+  cancel scope of its own);
+- :class:`Waiter`: a one-shot wake-up set from the loop thread and awaited by one task; on asyncio a bare future, the
+  lightest thing that suspends a task, which matters at one wake-up per token;
+- :class:`Signal` and :class:`Mailbox`: a clearable event and an unbounded queue built on waiters.
+
+Everything here is called from the loop's thread, except :meth:`Loop.call_soon_threadsafe` and
+:func:`wait_future`'s callback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import sniffio
+
+__all__ = ["Loop", "Waiter", "Signal", "Slots", "Mailbox", "current_loop", "wait_future", "cancelled_exc_class"]
+
+
+def _library() -> str | None:
+    try:
+        return sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        return None
+
+
+class Waiter:
+    """One task awaits it, the loop thread resolves it (trio's flavour; asyncio uses a plain future)."""
+
+    __slots__ = ("_event", "_done")
+
+    def __init__(self) -> None:
+        import trio
+
+        self._event = trio.Event()
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, _value: object = None) -> None:
+        self._done = True
+        self._event.set()
+
+    def __await__(self):
+        return self._event.wait().__await__()
+
+
+class Loop:
+    """The running event loop as an engine holds it (see the module doc). Build with :func:`current_loop`."""
+
+    def __init__(self) -> None:
+        self.library = _library()
+        if self.library == "asyncio":
+            self._asyncio = asyncio.get_running_loop()
+            self.identity: object = self._asyncio
+        elif self.library == "trio":
+            import trio
+
+            self._trio_token = trio.lowlevel.current_trio_token()
+            self.identity = self._trio_token
+        else:
+            raise RuntimeError(f"acb runs on asyncio (and uvloop) or trio, not on {self.library!r}")
+
+    def is_current(self) -> bool:
+        """Whether the caller runs on this loop (cheap: one lookup of the running loop)."""
+        if self.library == "asyncio":
+            try:
+                return asyncio.get_running_loop() is self._asyncio
+            except RuntimeError:
+                return False
+        try:
+            import trio
+
+            return trio.lowlevel.current_trio_token() is self._trio_token
+        except RuntimeError:
+            return False
+
+    def is_closed(self) -> bool:
+        return self._asyncio.is_closed() if self.library == "asyncio" else False
+
+    def call_soon_threadsafe(self, fn: Callable[..., Any], *args) -> None:
+        """Run ``fn(*args)`` on the loop soon, from any thread; never blocks. Silently dropped if the loop is gone."""
+        try:
+            if self.library == "asyncio":
+                self._asyncio.call_soon_threadsafe(fn, *args)
+            else:
+                self._trio_token.run_sync_soon(fn, *args)
+        except RuntimeError:  # the loop closed: nothing is left to act on
+            pass
+
+    def waiter(self):
+        """A fresh :class:`Waiter` (an ``asyncio.Future`` on asyncio)."""
+        if self.library == "asyncio":
+            return self._asyncio.create_future()
+        return Waiter()
+
+    def spawn(self, fn: Callable[[], Awaitable[None]], name: str) -> Task:
+        """Run ``fn()`` as a background task until it returns or :meth:`Task.cancel` is called."""
+        return Task(self, fn, name)
+
+
+class Task:
+    """A background task of the engine's (see :meth:`Loop.spawn`)."""
+
+    def __init__(self, loop: Loop, fn: Callable[[], Awaitable[None]], name: str) -> None:
+        self.name = name
+        self._finished = Signal(loop)
+        if loop.library == "asyncio":
+            self._task = loop._asyncio.create_task(fn(), name=name)
+            self._scope = None
+        else:
+            import trio
+
+            self._scope = trio.CancelScope()
+            trio.lowlevel.spawn_system_task(self._run_trio, fn, name=name)
+
+    async def _run_trio(self, fn) -> None:
+        with self._scope:
+            try:
+                await fn()
+            except BaseException:  # a system task must not raise; the engine's stages report their own crashes
+                pass
+            finally:
+                self._finished.set()
+
+    def cancel(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
+        else:
+            self._task.cancel()
+
+    def done(self) -> bool:
+        return self._task.done() if self._scope is None else self._finished.is_set()
+
+    async def wait(self) -> None:
+        """Wait until the task ended (however it ended: a task cancelled before it ran never runs its body)."""
+        if self._scope is None:
+            await asyncio.gather(self._task, return_exceptions=True)
+        else:
+            await self._finished.wait()
+
+
+class Signal:
+    """A clearable event on one loop (``asyncio.Event`` semantics, on either library)."""
+
+    __slots__ = ("_loop", "_set", "_waiters")
+
+    def __init__(self, loop: Loop) -> None:
+        self._loop = loop
+        self._set = False
+        self._waiters: list = []
+
+    def set(self) -> None:
+        if not self._set:
+            self._set = True
+            waiters, self._waiters = self._waiters, []
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
+
+    def clear(self) -> None:
+        self._set = False
+
+    def is_set(self) -> bool:
+        return self._set
+
+    async def wait(self) -> None:
+        if self._set:
+            return
+        w = self._loop.waiter()
+        self._waiters.append(w)
+        await w
+
+
+class Slots:
+    """A counting semaphore on one loop that, unlike ``anyio.Semaphore``, does not yield to the loop when a slot is
+    free (the step loop takes one per step)."""
+
+    __slots__ = ("_loop", "_free", "_waiters")
+
+    def __init__(self, loop: Loop, n: int) -> None:
+        self._loop = loop
+        self._free = n
+        self._waiters: deque = deque()
+
+    async def acquire(self) -> None:
+        while self._free == 0:
+            w = self._loop.waiter()
+            self._waiters.append(w)
+            await w
+        self._free -= 1
+
+    def release(self) -> None:
+        self._free += 1
+        while self._waiters:
+            w = self._waiters.popleft()
+            if not w.done():
+                w.set_result(None)
+                break
+
+
+class Mailbox:
+    """An unbounded queue with one consumer at a time (the engine's queues between stages)."""
+
+    __slots__ = ("_loop", "_items", "_waiter")
+
+    def __init__(self, loop: Loop) -> None:
+        self._loop = loop
+        self._items: deque = deque()
+        self._waiter = None
+
+    def put_nowait(self, item) -> None:
+        self._items.append(item)
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def get(self):
+        while not self._items:
+            self._waiter = self._loop.waiter()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+
+def current_loop() -> Loop:
+    return Loop()
+
+
+async def wait_future(loop: Loop, future: concurrent.futures.Future):
+    """Await a ``concurrent.futures.Future`` (a worker thread's result) from the loop, without blocking it."""
+    if not future.done():
+        w = loop.waiter()
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(_resolve, w))
+        await w
+    return future.result()
+
+
+def _resolve(waiter) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def cancelled_exc_class() -> type[BaseException]:
+    """The running library's cancellation exception (``asyncio.CancelledError``, ``trio.Cancelled``)."""
+    import anyio
+
+    return anyio.get_cancelled_exc_class()
