@@ -25,6 +25,7 @@ from .errors import (
     PromptTooLongError,
     RequestFailedError,
 )
+from .grammar import Grammar, GrammarCompiler
 from .stops import StopStrings, compile_stops
 
 __all__ = ["Admission", "AdmissionQueue", "Prompt"]
@@ -45,8 +46,10 @@ class Admission:
         max_cache_tokens: int,
         long_prompt_chars: int,
         max_prompt_chars: int,
+        eos_ids: list[int] = (),
     ) -> None:
         self.tokenizer = tokenizer
+        self.grammars = GrammarCompiler(tokenizer, vocab_size, list(eos_ids))
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.max_cache_tokens = max_cache_tokens
@@ -76,6 +79,17 @@ class Admission:
             raise InvalidSamplingParamsError(
                 f"stop_token_ids {bad[:8]} outside the vocabulary (size {self.vocab_size})", param="stop_token_ids"
             )
+        if params.logit_bias and params.logit_bias[-1][0] >= self.vocab_size:  # sorted by token id
+            raise InvalidSamplingParamsError(
+                f"logit_bias token id {params.logit_bias[-1][0]} is outside the vocabulary (size {self.vocab_size})",
+                param="logit_bias",
+            )
+        if params.n > 1 or params.best_of is not None and params.best_of > 1:
+            raise InvalidSamplingParamsError(
+                "n > 1 and best_of make several samples of one prompt: use engine.generate_choices() or "
+                "engine.submit_choices()",
+                param="n" if params.n > 1 else "best_of",
+            )
         if params.top_k >= self.vocab_size:  # keeping the whole vocabulary is no filtering at all
             params = dataclasses.replace(params, top_k=0)
         return params
@@ -87,6 +101,14 @@ class Admission:
         if sum(map(len, params.stop)) <= _INLINE_STOP_CHARS:
             return compile_stops(params.stop)
         return await self._offload(compile_stops, params.stop)
+
+    async def grammar(self, params: SamplingParams) -> Grammar | None:
+        """A matcher for the request's output constraint, compiled (or found in the cache) in the tokenizer thread;
+        a constraint that does not compile raises InvalidSamplingParamsError."""
+        constraint = params.constraint
+        if constraint is None:
+            return None
+        return await self._offload(self.grammars.matcher, *constraint)
 
     async def tokenize(self, prompt: Prompt) -> list[int]:
         """Token ids of ``prompt`` (a string, or token ids that are checked against the vocabulary)."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .logits import SlotSetup, StepProcessing
 from .scheduler import ScheduledStep
 
 __all__ = ["StepBatch", "BatchBuilder"]
@@ -55,6 +56,16 @@ class StepBatch:
     needs_filter: bool  # some request uses top-k or top-p
     needs_logprobs: bool
     counts: np.ndarray | None = None  # a round's sub-steps per row (None: a single step)
+    # logits processing (acb.logits, acb.grammar): None / empty / 0 when no row of the step asks for it
+    setups: list[SlotSetup] | None = None  # slots whose device history is written before this step
+    processing: StepProcessing | None = None  # rows with penalties, biases or min_tokens
+    grammar_rows: list | None = None  # (sampling row, Grammar) of constrained rows
+    top_logprobs: int = 0  # alternatives to report per sampled row (the most any row asks for)
+
+    @property
+    def plain(self) -> bool:
+        """Nothing but greedy sampling: a graph's own argmax is the answer."""
+        return self.all_greedy and not self.needs_logprobs and self.processing is None and not self.grammar_rows
 
     @property
     def num_steps(self) -> int:
@@ -97,6 +108,13 @@ class BatchBuilder:
         self._greedy = np.ones(max_num_seqs, np.bool_)
         self._filter = np.zeros(max_num_seqs, np.bool_)
         self._logprobs = np.zeros(max_num_seqs, np.bool_)
+        self._top = np.zeros(max_num_seqs, _I64)  # top_logprobs
+        self._special = np.zeros(max_num_seqs, np.bool_)  # penalized or constrained: the per-row pass below
+        self._penalized = np.zeros(max_num_seqs, np.bool_)
+        self._penalties = np.zeros((3, max_num_seqs), np.float32)  # presence, frequency, repetition
+        self._min_tokens = np.zeros(max_num_seqs, _I64)
+        self._grammar: list[object | None] = [None] * max_num_seqs
+        self._setups: list[SlotSetup] = []  # adopted since the last batch was built
         self._arange = np.arange(max(max_num_seqs, 1) + 1, dtype=_I64)
         self._ones = np.ones(max_num_seqs, _I64)
         self._zeros = np.zeros(max_num_seqs, _I64)
@@ -128,24 +146,35 @@ class BatchBuilder:
 
     def build(self, step: ScheduledStep) -> StepBatch:
         reuse = self._rows_of is not None and step.composition >= 0 and step.composition == self._rows_of[0]
-        batch = self._decode(step) if reuse else self._general(step)
+        try:
+            batch = self._decode(step) if reuse else self._general(step)
+        except BaseException:
+            for setup in self._setups:  # this step is never launched: adopt those slots again next time
+                self._owner[setup.slot] = None
+            self._setups = []
+            raise
         if step.num_steps > 1:
             batch.counts = step.counts
+        if self._setups:
+            batch.setups, self._setups = self._setups, []
         return batch
 
     # -- the steady state: same rows as the last step, one decode each -------------------------------------------
 
     def _decode(self, step: ScheduledStep) -> StepBatch:
-        _, slots, (greedy, needs_filter, logprobs) = self._rows_of
+        _, slots, (greedy, needs_filter, logprobs, special) = self._rows_of
         b = len(slots)
         updates = self._diffs(step.seqs, step.grown)
         positions = step.starts
         seq_lens = positions + 1
         rows = self._arange[:b]
-        return self._batch(
+        batch = self._batch(
             step, self._zeros[:b], self._ones[:b], rows, positions, slots, seq_lens, self._arange[: b + 1], rows,
             slots, seq_lens, updates, greedy, needs_filter, logprobs,
         )  # fmt: skip
+        if special is not None:
+            batch.processing, batch.grammar_rows, batch.top_logprobs = special
+        return batch
 
     # -- any step ------------------------------------------------------------------------------------------------
 
@@ -182,13 +211,37 @@ class BatchBuilder:
         greedy = bool(self._greedy[slots[rows]].all())
         needs_filter = bool(self._filter[slots[rows]].any())
         logprobs = bool(self._logprobs[slots[rows]].any())
+        special = self._special_rows(slots[rows]) if self._special[slots[rows]].any() else None
         decode_only = total == b and bool(step.sample.all())
-        self._rows_of = (step.composition, slots, (greedy, needs_filter, logprobs)) if decode_only else None
-        return self._batch(
+        self._rows_of = (step.composition, slots, (greedy, needs_filter, logprobs, special)) if decode_only else None
+        batch = self._batch(
             step, np.array(ids, _I64), np.array(from_device, _I64), token_rows, positions, slots, seq_lens, qsl,
             rows, slots[rows], seq_lens[rows], self._diffs(seqs, None), greedy, needs_filter, logprobs,
             sample_idx=qsl[1:][rows] - 1,
         )  # fmt: skip
+        if special is not None:
+            batch.processing, batch.grammar_rows, batch.top_logprobs = special
+        return batch
+
+    def _special_rows(self, sample_slots: np.ndarray) -> tuple[StepProcessing | None, list | None, int]:
+        """The per-row extras of a step's sampling rows (their slots): processing, grammar rows, top logprobs."""
+        processing = None
+        pen = np.flatnonzero(self._penalized[sample_slots])
+        if pen.size:
+            slots = sample_slots[pen]
+            floats = np.ascontiguousarray(self._penalties[:, slots])
+            min_tokens = self._min_tokens[slots]
+            processing = StepProcessing(
+                ints=np.stack([pen, slots, min_tokens]),
+                floats=floats,
+                use_counts=bool(floats[:2].any()),
+                use_repetition=bool((floats[2] != 1.0).any()),
+                use_bias=any(self._owner[s].params.logit_bias for s in slots.tolist()),
+                use_min_tokens=bool(min_tokens.any()),
+            )
+        grammar = self._grammar
+        rows = [(r, grammar[s]) for r, s in enumerate(sample_slots.tolist()) if grammar[s] is not None]
+        return processing, rows or None, int(self._top[sample_slots].max())
 
     def _batch(
         self, step, ids, from_device, token_rows, positions, slots, seq_lens, qsl, rows, sample_slots,
@@ -219,6 +272,24 @@ class BatchBuilder:
         self._greedy[slot] = p.temperature == 0.0
         self._filter[slot] = p.top_k > 0 or p.top_p < 1.0
         self._logprobs[slot] = p.logprobs
+        self._top[slot] = p.top_logprobs
+        grammar = seq.grammar
+        self._grammar[slot] = grammar
+        penalized = p.penalized
+        self._penalized[slot] = penalized
+        self._special[slot] = penalized or grammar is not None or p.top_logprobs > 0
+        if penalized:
+            self._penalties[:, slot] = (p.presence_penalty, p.frequency_penalty, p.repetition_penalty)
+            self._min_tokens[slot] = p.min_tokens
+            self._setups.append(
+                SlotSetup(
+                    slot,
+                    seq.token_ids[seq.num_prompt :],
+                    seq.token_ids[: seq.num_prompt] if p.repetition_penalty != 1.0 else None,
+                    p.logit_bias,
+                    sorted(seq.stop_ids) if p.min_tokens else None,
+                )
+            )
 
     def _diffs(self, seqs: list, rows: list[int] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Block-table entries the device lacks, for ``rows`` of ``seqs`` (``None``: check every row)."""

@@ -21,7 +21,7 @@ __all__ = ["Delivery"]
 
 log = logging.getLogger("acb")
 
-_token = tuple.__new__  # Token((id, text, logprob, reason)) without NamedTuple's keyword handling: one per token
+_token = tuple.__new__  # Token((id, text, logprob, reason, top)) without NamedTuple's keyword handling: one per token
 
 
 class Delivery:
@@ -46,17 +46,19 @@ class Delivery:
             return ended, stopped, failed
         try:  # a stop token's own text is never emitted, so it is not decoded
             texts = self.decoder.deltas(
-                [(st.text, ids[:-1] if stop_tok else ids) for st, (_, ids, _, _, stop_tok) in items]
+                [(st.text, ids[:-1] if stop_tok else ids) for st, (_, ids, _, _, stop_tok, _) in items]
             )
         except Exception as exc:  # a tokenizer bug: fail the step's requests, keep serving
             log.exception("detokenizing a step failed")
             return ended, stopped, [(st, exc) for st, _ in items]
-        for (state, (seq, ids, lps, reason, _)), deltas in zip(items, texts):
-            if reason is None and state.stops is None and len(ids) == 1:  # the common case, inline
-                state.channel.put_nowait(_token(Token, (ids[0], deltas[0], None if lps is None else lps[0], None)))
+        for (state, (seq, ids, lps, reason, _, alts)), deltas in zip(items, texts):
+            if reason is None and state.stops is None and len(ids) == 1 and alts is None:  # the common case, inline
+                state.channel.put_nowait(
+                    _token(Token, (ids[0], deltas[0], None if lps is None else lps[0], None, None))
+                )
                 continue
             try:
-                if self._one(state, ids, lps, reason, deltas):
+                if self._one(state, ids, lps, reason, deltas, alts):
                     stopped.append(seq)
             except Exception as exc:
                 log.exception("detokenizing %s failed", seq.request_id)
@@ -66,7 +68,9 @@ class Delivery:
                 ended.append(state)
         return ended, stopped, failed
 
-    def _one(self, state: RequestState, ids: list[int], lps: list[float] | None, reason, deltas: list[str]) -> bool:
+    def _one(
+        self, state: RequestState, ids: list[int], lps: list[float] | None, reason, deltas: list[str], alts
+    ) -> bool:
         """Deliver one request's tokens of the step; True if a stop string ended it."""
         last = len(ids) - 1
         stops = state.stops
@@ -81,7 +85,8 @@ class Delivery:
                 text, hit = stops.feed(text, final=r is not None)
                 if hit:
                     r = "stop"
-            tokens.append(_token(Token, (tok, text, None if lps is None else lps[j], r)))
+            top = None if alts is None else tuple(zip(*alts[j]))
+            tokens.append(_token(Token, (tok, text, None if lps is None else lps[j], r, top)))
             if hit:
                 break  # a stop string ended the request: this round's later tokens are never emitted
         state.channel.put_many(tokens)

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 import anyio
 import torch
 
-from . import aio
+from . import aio, choices
 from .admission import Admission, AdmissionQueue, Prompt
 from .bridge import CompletionBridge
 from .config import EngineConfig, SamplingParams
@@ -38,6 +38,7 @@ from .errors import (
     DuplicateRequestIdError,
     EngineClosedError,
     InvalidRequestError,
+    InvalidSamplingParamsError,
     RequestFailedError,
     WrongEventLoopError,
 )
@@ -66,8 +67,8 @@ class Engine:
         self.config = config = config if config is not None else EngineConfig()
         self.tokenizer = tokenizer
         self.model = model
-        self._build()
         self._eos_ids = eos_ids(model, tokenizer)
+        self._build()
         self._delivery = Delivery(text_decoder(tokenizer))
         self.default_sampling = default_sampling(model)
         self.default_params = SamplingParams(**self.default_sampling)
@@ -98,8 +99,10 @@ class Engine:
             max_cache_tokens=self._blocks.num_blocks * config.block_size,
             long_prompt_chars=config.long_prompt_chars,
             max_prompt_chars=config.max_prompt_chars or 16 * self.max_model_len,
+            eos_ids=sorted(self._eos_ids),
         )
         self._live: dict[str, RequestState] = {}
+        self._follows: dict[str, Sequence] = {}  # request id -> the sample it starts after (acb.choices)
         self._queue = AdmissionQueue(config.max_pending)
         self._steps = 0
         self._state = "new"
@@ -253,6 +256,36 @@ class Engine:
         """Generate for ``prompt`` and return the whole :class:`Completion`."""
         return await self.stream(prompt, params, request_id=request_id).collect()
 
+    async def submit_choices(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        stream_interval: int = 1,
+    ) -> list[RequestStream]:
+        """``params.n`` samples of one prompt, each its own stream (request ids ``{request_id}-{i}``), all admitted
+        before this returns. They share the prompt's KV blocks (:mod:`acb.choices`)."""
+        self._check_loop()
+        rid = request_id if request_id is not None else self._new_request_id()
+        return await choices.submit_choices(self, prompt, self._params(params), rid, stream_interval)
+
+    async def generate_choices(
+        self, prompt: Prompt, params: SamplingParams | None = None, *, request_id: str | None = None
+    ) -> list[Completion]:
+        """``params.n`` whole completions of one prompt; with ``best_of``, the best ``n`` of that many samples by
+        cumulative log-probability, best first."""
+        self._check_loop()
+        rid = request_id if request_id is not None else self._new_request_id()
+        return await choices.generate_choices(self, prompt, self._params(params), rid)
+
+    def _params(self, params: SamplingParams | None) -> SamplingParams:
+        if params is None:
+            return self.default_params
+        if not isinstance(params, SamplingParams):
+            raise InvalidSamplingParamsError(f"params must be a SamplingParams, got {type(params).__name__}")
+        return params
+
     async def apply_chat_template(self, messages: list[dict]) -> str:
         """Render chat ``messages`` into a prompt with the tokenizer's chat template (in the engine's tokenizer
         thread). Contents longer than ``max_prompt_chars`` in total are refused before rendering."""
@@ -362,6 +395,7 @@ class Engine:
         if request_id in self._live:
             raise DuplicateRequestIdError(f"request_id {request_id!r} is already in use")
         stops = await self._admission.stop_strings(params)
+        grammar = await self._admission.grammar(params)
         ids = await self._admission.tokenize(prompt)
         self._admission.check_fits(len(ids), params)
         self._check_open()
@@ -377,6 +411,8 @@ class Engine:
             eos_ids=self._eos_ids,
             seed=seed,
         )
+        seq.grammar = grammar
+        seq.after = self._follows.get(request_id)
         state = RequestState(seq, self._delivery.decoder.new_state(), stops, stream_interval)
         self.tracer.add("admission", t0, time.perf_counter())
         self._live[request_id] = state
@@ -466,7 +502,8 @@ class Engine:
                 self.tracer.add("wait", t0, t1)
                 tokens = result.tokens.tolist()
                 logprobs = None if result.logprobs is None else result.logprobs.tolist()
-                out = self._scheduler.on_step_done(step, tokens, logprobs)
+                top = None if result.top is None else (result.top[0].tolist(), result.top[1].tolist())
+                out = self._scheduler.on_step_done(step, tokens, logprobs, top)
             except Exception as exc:
                 log.exception("step %d failed", step.step_id)
                 self._builder.invalidate()  # the step's block-table entries may not have reached the device
@@ -510,7 +547,7 @@ class Engine:
 
     def _abort(self, state: RequestState) -> None:
         self._scheduler.finish(state.seq, "abort")
-        state.end(Token(None, "", None, "abort"))
+        state.end(Token(None, "", None, "abort", None))
         self._forget(state)
         self._work.set()
 

@@ -18,12 +18,14 @@ class Token(NamedTuple):
     ``text`` is the text this token adds to the output; it may be ``""`` (an incomplete multi-byte character is held
     back until it completes, and a possible stop-string prefix until it is ruled out). ``finish_reason`` is set on
     the last item of a stream only. When a request is aborted, its stream ends with a marker whose ``id`` is ``None``.
+    ``top_logprobs`` (when the request asked for them): ``((token id, logprob), ...)``, most likely first.
     """
 
     id: int | None
     text: str
     logprob: float | None = None
     finish_reason: FinishReason | None = None
+    top_logprobs: tuple[tuple[int, float], ...] | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -36,6 +38,13 @@ class Completion:
     finish_reason: FinishReason
     prompt_token_ids: list[int]
     logprobs: list[float] | None = None
+    top_logprobs: list[tuple[tuple[int, float], ...]] | None = None
+    """Per token, when asked: its alternatives as in :attr:`Token.top_logprobs`."""
+
+    @property
+    def cumulative_logprob(self) -> float | None:
+        """The sum of the tokens' log-probabilities (when asked for logprobs)."""
+        return None if self.logprobs is None else sum(self.logprobs)
 
 
 @dataclass(slots=True, frozen=True)

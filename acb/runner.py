@@ -30,10 +30,12 @@ import torch
 
 from .attention import AttentionMetadata
 from .batch import StepBatch
+from .grammar import GrammarMasks
 from .kernels import decode_splits
 from .kv_cache import KVCache
 from .lean_model import LeanCausalLM
-from .sampling import SamplingTensors, sample
+from .logits import LogitsState
+from .sampling import SamplingTensors, Top, sample
 from .step_inputs import StepInputs
 
 __all__ = ["StepResult", "StepHandle", "ModelRunner"]
@@ -48,6 +50,7 @@ class StepResult:
     tokens: torch.Tensor  # [steps, S] int64 on the host
     logprobs: torch.Tensor | None  # [steps, S] float32 on the host
     event: torch.cuda.Event | None
+    top: Top | None = None  # ([steps, S, k] ids, [steps, S, k] log-probabilities) on the host, when asked
 
 
 @dataclass(slots=True)
@@ -133,6 +136,10 @@ class ModelRunner:
             token_buf=self.token_buf,
             device=device,
         )
+        # what requests ask of the logits besides sampling: penalties and biases (per-slot device history), grammars
+        vocab = model.get_output_embeddings().weight.shape[0]
+        self.logits_state = LogitsState(max_num_seqs, vocab, device)
+        self.grammar_masks = GrammarMasks(max_num_seqs, device)
         self.graphs = None
         if graphs:
             from .cuda_graphs import DecodeGraphs
@@ -221,23 +228,35 @@ class ModelRunner:
     @torch.inference_mode()
     def _execute_step(self, b: StepBatch) -> StepResult:
         steps = b.num_steps
+        if b.setups:
+            self.logits_state.setup(b.setups)
         if steps == 1:
-            tokens, logprobs = self._sub_step(b, 0)
-            return self._finish(tokens[None], None if logprobs is None else logprobs[None])
+            tokens, logprobs, top = self._sub_step(b, 0)
+            if top is not None:
+                top = (top[0][None], top[1][None])
+            return self._finish(tokens[None], None if logprobs is None else logprobs[None], top)
         # A round: every sub-step's GPU work is queued now, each advanced from the last on the device.
         n = b.num_rows
         out = torch.empty(steps, n, dtype=torch.int64, device=self.device)
         out_lp = torch.empty(steps, n, dtype=torch.float32, device=self.device) if b.needs_logprobs else None
+        k = b.top_logprobs
+        out_top = None
+        if k:
+            out_top = (torch.empty(steps, n, k, dtype=torch.int64, device=self.device),
+                       torch.empty(steps, n, k, dtype=torch.float32, device=self.device))  # fmt: skip
         for j in range(steps):
-            tokens, logprobs = self._sub_step(b, j)
+            tokens, logprobs, top = self._sub_step(b, j)
             out[j] = tokens  # rows keep their place; a finished row's entries are never read
             if out_lp is not None:
                 out_lp[j] = logprobs
-        return self._finish(out, out_lp)
+            if out_top is not None:
+                out_top[0][j], out_top[1][j] = top
+        return self._finish(out, out_lp, out_top)
 
-    def _sub_step(self, b: StepBatch, j: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _sub_step(self, b: StepBatch, j: int) -> tuple[torch.Tensor, torch.Tensor | None, Top | None]:
         """Run one step (or sub-step ``j`` of a round): stage (or advance), forward, sample, store the samples in the
-        token buffer. Returns the samples (-1 where the logits were not finite) and their logprobs."""
+        token buffer. Returns the samples (-1 where the logits were not finite), their logprobs and the top
+        alternatives (when asked)."""
         start = torch.cuda.Event(enable_timing=True) if self.step_events is not None else None
         n, s = b.num_rows, len(b.sample_idx)
         graphs = self.graphs
@@ -250,9 +269,9 @@ class ModelRunner:
                 if start is not None:
                     start.record()
             logits, greedy = graphs.replay(bucket, n, advance=j > 0)
-            if b.all_greedy and not b.needs_logprobs:  # sampled and stored inside the graph
+            if b.plain:  # sampled and stored inside the graph
                 self._end(start)
-                return greedy, None
+                return greedy, None, None
         else:
             if j == 0:
                 v = self._staged = self.inputs.stage(b, start=start)
@@ -273,10 +292,21 @@ class ModelRunner:
             needs_filter=b.needs_filter,
             needs_logprobs=b.needs_logprobs,
         )
-        tokens, logprobs = sample(logits, params)
+        raw = None
+        if b.processing is not None or b.grammar_rows:  # only these rows change; the graph ran as usual
+            raw, logits = logits, logits.float().clone()
+            if b.processing is not None:
+                self.logits_state.apply(logits, b.processing)
+            if b.grammar_rows:
+                self.grammar_masks.apply(logits, b.grammar_rows)  # waits for the last step's tokens
+        tokens, logprobs, top = sample(logits, params, raw=raw, top_logprobs=b.top_logprobs)
         self.token_buf[v["sample_slots"][:s]] = tokens.clamp_min(0)  # a flagged row (-1) must not reach the model
+        if b.processing is not None:
+            self.logits_state.record(tokens, b.processing)
+        if b.grammar_rows:
+            self.grammar_masks.record(tokens, b.grammar_rows)
         self._end(start)
-        return tokens, logprobs
+        return tokens, logprobs, top
 
     def _forward(self, b: StepBatch, d, j: int = 0) -> torch.Tensor:
         """Logits of the sampled rows of an eagerly run step (sub-step ``j`` of a round)."""
@@ -312,12 +342,14 @@ class ModelRunner:
             end.record()
             self.step_events.append((start, end))
 
-    def _finish(self, tokens: torch.Tensor, logprobs: torch.Tensor | None) -> StepResult:
+    def _finish(self, tokens: torch.Tensor, logprobs: torch.Tensor | None, top: Top | None) -> StepResult:
         """Start the copy of a step's samples to the host, and mark the step's end with an event after it."""
         event = None
         if self._cuda:
             tokens = tokens.to("cpu", non_blocking=True)
             logprobs = None if logprobs is None else logprobs.to("cpu", non_blocking=True)
+            if top is not None:
+                top = (top[0].to("cpu", non_blocking=True), top[1].to("cpu", non_blocking=True))
             event = torch.cuda.Event()
             event.record()  # after the copies: the host may read them once this completed
-        return StepResult(tokens, logprobs, event)
+        return StepResult(tokens, logprobs, event, top)

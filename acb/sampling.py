@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SamplingTensors", "sample", "flag_non_finite", "uniform_noise"]
+__all__ = ["SamplingTensors", "sample", "flag_non_finite", "uniform_noise", "Top"]
 
 _MASK32 = 0xFFFFFFFF
 
@@ -76,12 +76,20 @@ def flag_non_finite(logits: torch.Tensor, greedy: torch.Tensor, tokens: torch.Te
     return tokens.masked_fill(~torch.isfinite(top), -1)
 
 
-def sample(logits: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Pick one token per row of ``logits [S, vocab]``; returns ``(tokens [S], logprobs [S] or None)``.
+Top = tuple[torch.Tensor, torch.Tensor]  # ([S, k] token ids, [S, k] log-probabilities), most likely first
 
-    A row whose logits are not finite (see :func:`flag_non_finite`) gets token ``-1``: the caller fails that request
-    alone and must not feed ``-1`` to the model. ``logprobs`` are log-probabilities of the chosen tokens under the
-    model's unmodified distribution.
+
+def sample(
+    logits: torch.Tensor, t: SamplingTensors, *, raw: torch.Tensor | None = None, top_logprobs: int = 0
+) -> tuple[torch.Tensor, torch.Tensor | None, Top | None]:
+    """Pick one token per row of ``logits [S, vocab]``; returns ``(tokens [S], logprobs [S] or None, top)``.
+
+    ``raw``: the model's own logits where ``logits`` were processed (penalties, biases, grammar masks,
+    :mod:`acb.logits`); log-probabilities are always those of the model's unmodified distribution. ``top``: the
+    ``top_logprobs`` most likely tokens of that distribution per row, when asked.
+
+    A row whose logits are not finite (see :func:`flag_non_finite`), or whose processing left no token possible,
+    gets token ``-1``: the caller fails that request alone and must not feed ``-1`` to the model.
     """
     logits = logits.float()
     greedy = logits.argmax(-1)
@@ -94,7 +102,15 @@ def sample(logits: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tensor, torc
         probs = scaled.softmax(-1)
         race = probs / -torch.log(uniform_noise(t.seeds, t.positions, logits.shape[-1]))
         tokens = torch.where(t.temperature == 0, greedy, race.argmax(-1))
-    logprobs = None
+    model = logits if raw is None else raw.float()
+    logprobs = top = None
     if t.needs_logprobs:
-        logprobs = logits.log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
-    return flag_non_finite(logits, greedy, tokens), logprobs
+        dist = model.log_softmax(-1)
+        logprobs = dist.gather(-1, tokens[:, None])[:, 0]
+        if top_logprobs:
+            values, ids = dist.topk(top_logprobs, dim=-1)
+            top = (ids, values)
+    tokens = flag_non_finite(logits, greedy, tokens)
+    if raw is not None:
+        tokens = flag_non_finite(model, model.argmax(-1), tokens)
+    return tokens, logprobs, top

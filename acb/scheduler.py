@@ -98,7 +98,9 @@ class StepOutput:
     ``(seq, token_ids, logprobs or None, finish_reason or None, ends_with_stop_token)``; and the sequences whose
     row the runner flagged as broken (token ``-1``: non-finite logits), for the engine to fail."""
 
-    accepted: list[tuple[Sequence, list[int], list[float] | None, str | None, bool]]
+    accepted: list[tuple[Sequence, list[int], list[float] | None, str | None, bool, list | None]]
+    """Per request: (sequence, new tokens, their logprobs, finish reason, whether the last is a stop token, their
+    top alternatives as ``[(ids, logprobs), ...]`` per token or None)."""
     broken: list[Sequence]
 
 
@@ -239,6 +241,8 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.num_pending:
                 break  # a preempted sequence whose last sample is still in flight: strict FIFO waits for it
+            if seq.after is not None and seq.after.num_output == 0 and seq.after.status is not SeqStatus.FINISHED:
+                break  # another sample of its prompt computes the prompt first, for the prefix cache (n > 1)
             cached, parent = self._cached_prefix(seq)
             reuse = len(cached) * self.blocks.block_size
             n = min(seq.num_tokens_to_compute - reuse, budget)
@@ -307,10 +311,15 @@ class Scheduler:
         step.grown = None
 
     def on_step_done(
-        self, step: ScheduledStep, tokens: list[list[int]], logprobs: list[list[float]] | None
+        self,
+        step: ScheduledStep,
+        tokens: list[list[int]],
+        logprobs: list[list[float]] | None,
+        top: tuple[list, list] | None = None,
     ) -> StepOutput:
         """Accept the sampled tokens of a finished step: ``tokens[j][r]`` is sub-step ``j``'s sample of the step's
-        ``r``-th sampling row (one sub-step unless the step is a multi-step round)."""
+        ``r``-th sampling row (one sub-step unless the step is a multi-step round); ``logprobs`` alike, and ``top``
+        the alternatives (ids and log-probabilities, ``[j][r][k]``) when some row asked for them."""
         accepted: list = []
         broken: list[Sequence] = []
         finished = SeqStatus.FINISHED
@@ -330,14 +339,16 @@ class Scheduler:
                     continue
                 ids = seq.token_ids
                 ids.append(tok)
+                alts = None if top is None else _alternatives(seq, top, 0, r)
+                lp = None if lps is None else [lps[r]]
                 if tok in seq.stop_ids:
-                    accepted.append((seq, [tok], None if lps is None else [lps[r]], "stop", True))
+                    accepted.append((seq, [tok], lp, "stop", True, alts))
                     self.finish(seq, "stop")
                 elif len(ids) >= seq.max_len:
-                    accepted.append((seq, [tok], None if lps is None else [lps[r]], "length", False))
+                    accepted.append((seq, [tok], lp, "length", False, alts))
                     self.finish(seq, "length")
                 else:
-                    accepted.append((seq, [tok], None if lps is None else [lps[r]], None, False))
+                    accepted.append((seq, [tok], lp, None, False, alts))
             return StepOutput(accepted, broken)
         for r, (seq, count) in enumerate(zip(step.seqs, step.counts.tolist())):
             seq.num_pending -= count
@@ -345,6 +356,7 @@ class Scheduler:
                 continue
             got: list[int] = []
             got_lp: list[float] | None = None if logprobs is None else []
+            got_alts: list | None = None if top is None or not seq.params.top_logprobs else []
             reason = None
             stop = False
             ids = seq.token_ids
@@ -357,6 +369,8 @@ class Scheduler:
                 got.append(tok)
                 if got_lp is not None:
                     got_lp.append(logprobs[j][r])
+                if got_alts is not None:
+                    got_alts.extend(_alternatives(seq, top, j, r))
                 if tok in seq.stop_ids:
                     reason, stop = "stop", True
                 elif len(ids) >= seq.max_len:
@@ -364,7 +378,7 @@ class Scheduler:
                 if reason is not None:
                     break  # the round's later tokens for this row are dropped (computed, never emitted)
             if got:
-                accepted.append((seq, got, got_lp, reason, stop))
+                accepted.append((seq, got, got_lp, reason, stop, got_alts))
             if reason is not None:
                 self.finish(seq, reason)
         return StepOutput(accepted, broken)
@@ -458,3 +472,12 @@ class Scheduler:
         if seq.slot is not None:
             self._free_slots.append(seq.slot)
             seq.slot = None
+
+
+def _alternatives(seq: Sequence, top: tuple[list, list], j: int, r: int) -> list[tuple[list[int], list[float]]] | None:
+    """The top alternatives a sequence asked for, of sub-step ``j``'s row ``r`` (the step computed the most any row
+    asked for)."""
+    k = seq.params.top_logprobs
+    if not k:
+        return None
+    return [(top[0][j][r][:k], top[1][j][r][:k])]

@@ -46,6 +46,8 @@ class Sequence:
         "epoch",
         "num_hashed",
         "prefix_hash",
+        "grammar",
+        "after",
     )
 
     def __init__(
@@ -79,6 +81,8 @@ class Sequence:
         self.epoch = 0  # bumped when preempted: a step scheduled before belongs to a block table since let go
         self.num_hashed = 0  # leading blocks of block_table the prefix cache has seen (registered, or matched)
         self.prefix_hash: int | None = None  # the chained hash of the last of them
+        self.grammar = None  # the output constraint's matcher (acb.grammar.Grammar), advanced by the step worker
+        self.after: Sequence | None = None  # another sample of the same prompt that must start first (n > 1)
 
     @property
     def num_output(self) -> int:

@@ -216,6 +216,7 @@ class RequestStream(AsyncIterator[Token]):
         texts: list[str] = []
         ids: list[int] = []
         logprobs: list[float] = []
+        tops: list = []
         reason = "abort"
         async for tok in self:
             texts.append(tok.text)
@@ -223,6 +224,8 @@ class RequestStream(AsyncIterator[Token]):
                 ids.append(tok.id)
                 if tok.logprob is not None:
                     logprobs.append(tok.logprob)
+                if tok.top_logprobs is not None:
+                    tops.append(tok.top_logprobs)
             if tok.finish_reason is not None:
                 reason = tok.finish_reason
         seq = self._state.seq if self._state is not None else None
@@ -233,6 +236,7 @@ class RequestStream(AsyncIterator[Token]):
             finish_reason=reason,
             prompt_token_ids=seq.token_ids[: seq.num_prompt] if seq is not None else [],
             logprobs=logprobs if seq is not None and seq.params.logprobs else None,
+            top_logprobs=tops if seq is not None and seq.params.top_logprobs else None,
         )
 
     async def start(self) -> RequestStream:

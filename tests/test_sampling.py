@@ -125,7 +125,7 @@ def test_sampling_follows_the_distribution():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     n = 20000
     logits = probs.log().expand(n, -1).contiguous()
-    tokens, logprobs = sample(logits, _params(n))
+    tokens, logprobs, _ = sample(logits, _params(n))
     freq = torch.bincount(tokens, minlength=4).float() / n
     assert torch.allclose(freq, probs, atol=0.015)
     assert torch.allclose(logprobs, probs.log()[tokens], atol=1e-5)
@@ -135,11 +135,11 @@ def test_top_k_and_top_p_restrict_support():
     probs = torch.tensor([0.4, 0.3, 0.2, 0.1])
     n = 4000
     logits = probs.log().expand(n, -1).contiguous()
-    k2, _ = sample(logits, _params(n, top_k=2))
+    k2, _, _ = sample(logits, _params(n, top_k=2))
     assert set(k2.tolist()) == {0, 1}
-    p65, _ = sample(logits, _params(n, top_p=0.65))  # 0.4 + 0.3 reaches 0.65: tokens 0 and 1
+    p65, _, _ = sample(logits, _params(n, top_p=0.65))  # 0.4 + 0.3 reaches 0.65: tokens 0 and 1
     assert set(p65.tolist()) == {0, 1}
-    greedy, _ = sample(logits, _params(n, temperature=0.0))
+    greedy, _, _ = sample(logits, _params(n, temperature=0.0))
     assert set(greedy.tolist()) == {0}
 
 

@@ -93,7 +93,7 @@ def test_overlap_schedules_from_pending_tokens_and_drops_the_extra_token():
     s2 = s.schedule()  # scheduled before s1's token reached the host: decodes position 5 from the device buffer
     assert [(e.start, e.num_tokens, e.sample) for e in s2.entries] == [(5, 1, True)]
     out = s.on_step_done(s1, [[9]], None).accepted
-    assert [(ids, reason) for _, ids, _, reason, _ in out] == [([9], None)]
+    assert [(ids, reason) for _, ids, _, reason, _, _ in out] == [([9], None)]
     s.finish(a, "stop")  # e.g. a stop string in token 9: s2's sample is the extra token
     out = s.on_step_done(s2, [[11]], None)
     assert out.accepted == [] and out.broken == []
