@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import httpx
 import pytest
@@ -107,21 +108,35 @@ async def test_openai_client_completions(served):
         ("/v1/completions", {"prompt": "", "max_tokens": 3}, "prompt"),
         ("/v1/completions", {"prompt": [1, 99999999]}, "prompt"),
         ("/v1/completions", {"max_tokens": 3}, "prompt"),
-        ("/v1/completions", {"prompt": "x", "n": 2}, "n"),
-        ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
+        ("/v1/completions", {"prompt": "x", "n": 0}, "n"),
+        ("/v1/completions", {"prompt": "x", "n": 65}, "n"),
+        ("/v1/completions", {"prompt": "x", "best_of": 3, "n": 4}, "best_of"),
+        ("/v1/completions", {"prompt": "x", "best_of": 3, "stream": True}, "best_of"),
+        ("/v1/completions", {"prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
+        ("/v1/completions", {"prompt": "x", "frequency_penalty": -9}, "frequency_penalty"),
+        ("/v1/completions", {"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 200}}, "logit_bias"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"99999999": 1}}, "logit_bias"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias"),
+        ("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs"),
+        ("/v1/completions", {"prompt": "x", "regex": "(unclosed"}, "regex"),
         ("/v1/chat/completions", {"messages": []}, "messages"),
         ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
         # OpenAI's names, not acb's: max_tokens, max_completion_tokens
         ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0},
          "max_completion_tokens"),
-        # fields acb does not implement are refused, never ignored
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                                  "response_format": {"type": "json_object"}}, "response_format"),
+                                  "response_format": {"type": "yaml"}}, "response_format"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                  "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+         "response_format"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "response_format": {
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/none"}}}}, "response_format"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 3},
+         "top_logprobs"),
+        # fields acb does not implement are refused, never ignored
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": []}, "tools"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
-                                  "top_logprobs": 3}, "top_logprobs"),
-        ("/v1/completions", {"prompt": "x", "logprobs": 2}, "logprobs"),
         ("/v1/completions", {"prompt": "x", "stream": True, "stream_options": {"continuous_usage": True}},
          "stream_options"),
     ],
@@ -235,4 +250,99 @@ async def test_streamed_chunks_carry_logprobs(served):
         x.logprob for c in [c async for c in chat] for ch in c.choices if ch.logprobs for x in ch.logprobs.content
     ]
     assert len(chat_lps) == 5 and all(lp <= 0 for lp in chat_lps)
+    await client.close()
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 12}, "rank": {"type": "integer", "minimum": 1,
+                                                                          "maximum": 9}},
+    "required": ["city", "rank"],
+    "additionalProperties": False,
+}  # fmt: skip
+
+
+async def test_openai_client_structured_output_streaming_and_plain(served):
+    import jsonschema
+
+    engine, url = served
+    client = AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    messages = [{"role": "user", "content": "A city as JSON"}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": SCHEMA, "strict": True}}
+    plain = await client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=200, temperature=0.8, seed=4, response_format=fmt
+    )
+    stream = await client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=200, temperature=0.8, seed=4, response_format=fmt, stream=True
+    )
+    streamed = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert streamed == plain.choices[0].message.content
+    jsonschema.validate(json.loads(streamed), SCHEMA)
+    obj = await client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=400, response_format={"type": "json_object"}
+    )
+    if obj.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(obj.choices[0].message.content), dict)
+    regex = await client.completions.create(
+        model="tiny", prompt="code:", max_tokens=30, extra_body={"regex": "[A-Z]{3}-[0-9]{4}"}
+    )
+    assert re.fullmatch("[A-Z]{3}-[0-9]{4}", regex.choices[0].text)
+    await client.close()
+
+
+async def test_openai_client_penalties_bias_and_top_logprobs_match_the_engine(served):
+    engine, url = served
+    client = AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    direct = await engine.generate("Once", SamplingParams(
+        max_new_tokens=10, ignore_eos=True, presence_penalty=0.8, frequency_penalty=0.4, repetition_penalty=1.3,
+        logit_bias={17: 3.0}, top_logprobs=3))  # fmt: skip
+    out = await client.completions.create(
+        model="tiny", prompt="Once", max_tokens=10, temperature=0, presence_penalty=0.8, frequency_penalty=0.4,
+        logit_bias={"17": 3.0}, logprobs=3, extra_body={"ignore_eos": True, "repetition_penalty": 1.3},
+    )  # fmt: skip
+    choice = out.choices[0]
+    assert choice.text == direct.text
+    assert choice.logprobs.token_logprobs == pytest.approx(direct.logprobs, abs=1e-5)
+    assert [len(t) for t in choice.logprobs.top_logprobs] == [3] * 10 or all(
+        len(t) <= 3 for t in choice.logprobs.top_logprobs
+    )  # two alternatives may decode to the same text
+    messages = [{"role": "user", "content": "hi"}]
+    kwargs = dict(model="tiny", messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
+    plain = await client.chat.completions.create(**kwargs)
+    chunks = [c async for c in await client.chat.completions.create(**kwargs, stream=True)]
+    streamed = [lp for c in chunks if c.choices and c.choices[0].logprobs for lp in c.choices[0].logprobs.content]
+    assert [len(t.top_logprobs) for t in plain.choices[0].logprobs.content] == [2] * len(streamed)
+    assert [t.top_logprobs[0].logprob for t in streamed] == pytest.approx(
+        [t.top_logprobs[0].logprob for t in plain.choices[0].logprobs.content], abs=1e-5
+    )
+    for t in plain.choices[0].logprobs.content:
+        assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob
+        assert t.logprob == pytest.approx(t.top_logprobs[0].logprob, abs=1e-5)  # greedy: the most likely
+    await client.close()
+
+
+async def test_openai_client_n_and_best_of(served):
+    engine, url = served
+    client = AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=11, n=3, ignore_eos=True)
+    direct = await engine.generate_choices("Tell", params)
+    kwargs = dict(model="tiny", prompt="Tell", max_tokens=8, temperature=1.0, seed=11, n=3,
+                  extra_body={"ignore_eos": True})  # fmt: skip
+    plain = await client.completions.create(**kwargs)
+    assert [c.index for c in plain.choices] == [0, 1, 2]
+    assert [c.text for c in plain.choices] == [c.text for c in direct]
+    texts = ["", "", ""]
+    async for chunk in await client.completions.create(**kwargs, stream=True):
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert texts == [c.text for c in direct]
+    chat = await client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=4, n=2, temperature=1.0, seed=2
+    )
+    assert [c.index for c in chat.choices] == [0, 1]
+    best = await engine.generate_choices("Tell", SamplingParams(
+        max_new_tokens=8, temperature=1.0, seed=11, n=1, best_of=3, ignore_eos=True))  # fmt: skip
+    out = await client.completions.create(**{**kwargs, "n": 1}, best_of=3)
+    assert [c.text for c in out.choices] == [best[0].text]
+    assert out.usage.completion_tokens == 24  # every sample counts
     await client.close()

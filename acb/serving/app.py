@@ -13,6 +13,7 @@ read, parsed or tokenized. With ``api_key``, every ``/v1`` request needs ``Autho
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -48,6 +49,7 @@ from .protocol import (
     CompletionResponse,
     ModelCard,
     ModelList,
+    TopLogprob,
     Usage,
     openai_param,
     to_sampling_params,
@@ -66,10 +68,18 @@ class _Server:
     name: str
     created: int
     metrics: ServerMetrics
+    _texts: dict[int, str] = dataclasses.field(default_factory=dict)
 
     def count(self, endpoint: str, response: Response) -> Response:
         self.metrics.requests.labels(endpoint, str(response.status_code)).inc()
         return response
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token on its own (for top-logprob alternatives), decoded once per id."""
+        text = self._texts.get(token_id)
+        if text is None:
+            text = self._texts[token_id] = self.engine.tokenizer.decode([token_id])
+        return text
 
 
 def create_app(
@@ -204,8 +214,14 @@ async def _respond(server: _Server, request: Request, endpoint: str, req, prompt
     streams: list[RequestStream] = []
     try:  # admission: a bad request gets its 400 here, before any response starts
         params = to_sampling_params(req, engine.default_params)
+        # n samples per prompt (best_of: that many, ranked when done); choice index = prompt * n + sample
+        count = params.best_of or params.n
+        one = dataclasses.replace(params, n=count, best_of=None, logprobs=params.logprobs or count > params.n)
         for i, p in enumerate(prompts):
-            streams.append(await engine.submit(p, params, request_id=f"{rid}-{i}"))
+            if count == 1:
+                streams.append(await engine.submit(p, one, request_id=f"{rid}-{i}"))
+            else:
+                streams.extend(await engine.submit_choices(p, one, request_id=f"{rid}-{i}"))
     except AcbError as exc:
         for s in streams:
             await s.aclose()
@@ -230,7 +246,7 @@ async def _respond(server: _Server, request: Request, endpoint: str, req, prompt
     for s in streams:
         metrics.prompt_tokens.inc(s.num_prompt_tokens)
     logprobs = params.logprobs
-    if req.stream:
+    if req.stream:  # (best_of > n was refused for streams)
         metrics.requests.labels(endpoint, "200").inc()
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         body = _sse(server, rid, streams, firsts, chat, include_usage, logprobs)
@@ -245,6 +261,12 @@ async def _respond(server: _Server, request: Request, endpoint: str, req, prompt
         return server.count(endpoint, _error_for(exc))
     completion_tokens = sum(sum(t.id is not None for t in toks) for toks in results)
     metrics.generated_tokens.inc(completion_tokens)
+    if count > params.n:  # best_of: keep each prompt's n most likely samples, best first
+        results = [
+            toks
+            for g in range(0, len(results), count)
+            for toks in sorted(results[g : g + count], key=_cumulative_logprob, reverse=True)[: params.n]
+        ]
     prompt_tokens = sum(s.num_prompt_tokens for s in streams)
     usage = Usage(
         prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
@@ -256,7 +278,7 @@ async def _respond(server: _Server, request: Request, endpoint: str, req, prompt
             ChatChoice(
                 index=i,
                 message=ChatMessageOut(content="".join(t.text for t in toks)),
-                logprobs=_chat_logprobs(toks) if logprobs else None,
+                logprobs=_chat_logprobs(server, toks) if logprobs else None,
                 finish_reason=toks[-1].finish_reason,
             )
             for i, toks in enumerate(results)
@@ -267,7 +289,7 @@ async def _respond(server: _Server, request: Request, endpoint: str, req, prompt
             CompletionChoice(
                 index=i,
                 text="".join(t.text for t in toks),
-                logprobs=_completion_logprobs(toks) if logprobs else None,
+                logprobs=_completion_logprobs(server, toks) if logprobs else None,
                 finish_reason=toks[-1].finish_reason,
             )
             for i, toks in enumerate(results)
@@ -294,16 +316,29 @@ async def _collect(stream: RequestStream, first: Token) -> list[Token]:
     return toks
 
 
-def _chat_logprobs(toks: list[Token]) -> ChatLogprobs:
+def _cumulative_logprob(toks: list[Token]) -> float:
+    return sum(t.logprob for t in toks if t.logprob is not None)
+
+
+def _chat_logprobs(server: _Server, toks: list[Token]) -> ChatLogprobs:
+    def alternatives(t: Token) -> list[TopLogprob]:
+        texts = [server.token_text(i) for i, _ in t.top_logprobs or ()]
+        return [
+            TopLogprob(token=x, logprob=lp, bytes=list(x.encode())) for x, (_, lp) in zip(texts, t.top_logprobs or ())
+        ]
+
     return ChatLogprobs(
-        content=[ChatTokenLogprob(token=t.text, logprob=t.logprob, bytes=list(t.text.encode())) for t in toks
-                 if t.id is not None]
+        content=[ChatTokenLogprob(token=t.text, logprob=t.logprob, bytes=list(t.text.encode()),
+                                  top_logprobs=alternatives(t)) for t in toks if t.id is not None]
     )  # fmt: skip
 
 
-def _completion_logprobs(toks: list[Token]) -> CompletionLogprobs:
+def _completion_logprobs(server: _Server, toks: list[Token]) -> CompletionLogprobs:
     toks = [t for t in toks if t.id is not None]
-    return CompletionLogprobs(tokens=[t.text for t in toks], token_logprobs=[t.logprob for t in toks])
+    top = None
+    if any(t.top_logprobs for t in toks):
+        top = [{server.token_text(i): lp for i, lp in t.top_logprobs or ()} for t in toks]
+    return CompletionLogprobs(tokens=[t.text for t in toks], token_logprobs=[t.logprob for t in toks], top_logprobs=top)
 
 
 class _Disconnected(Exception):
@@ -360,12 +395,15 @@ async def _sse(
         if chat:
             delta = ChatDelta(role="assistant", content="") if role else ChatDelta(content=tok.text or None)
             choice = ChatChunkChoice(
-                index=i, delta=delta, logprobs=_chat_logprobs([tok]) if lp else None, finish_reason=finish
+                index=i, delta=delta, logprobs=_chat_logprobs(server, [tok]) if lp else None, finish_reason=finish
             )
             body = ChatCompletionChunk(id=rid, created=created, model=server.name, choices=[choice])
         else:
             choice = CompletionChoice(
-                index=i, text=tok.text, logprobs=_completion_logprobs([tok]) if lp else None, finish_reason=finish
+                index=i,
+                text=tok.text,
+                logprobs=_completion_logprobs(server, [tok]) if lp else None,
+                finish_reason=finish,
             )
             body = CompletionChunk(id=rid, created=created, model=server.name, choices=[choice])
         data = body.model_dump()

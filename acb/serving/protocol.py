@@ -53,10 +53,16 @@ class _Base(BaseModel):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None  # extension
     seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
     ignore_eos: bool = False  # extension, for benchmarks
+    # extensions (as in vLLM / SGLang)
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    regex: str | None = None
+    grammar: str | None = None
 
 
 class CompletionRequest(_Base):
@@ -85,19 +91,30 @@ class UnsupportedFieldError(InvalidSamplingParamsError):
         super().__init__(f"'{field}' {why}", param=field)
 
 
+def _response_format(fmt: dict[str, Any] | None) -> dict[str, Any]:
+    """OpenAI's ``response_format`` as SamplingParams fields. ``json_schema`` is enforced whether or not ``strict``
+    is set (a constrained output always conforms)."""
+    if fmt is None:
+        return {}
+    kind = fmt.get("type")
+    if kind == "text":
+        return {}
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or "schema" not in spec:
+            raise UnsupportedFieldError("response_format", "of type json_schema needs json_schema.schema")
+        return {"json_schema": spec["schema"]}
+    raise UnsupportedFieldError("response_format", "type must be text, json_object or json_schema")
+
+
 def to_sampling_params(req: _Base, defaults: SamplingParams) -> SamplingParams:
     """Map an OpenAI request onto SamplingParams; what it omits comes from ``defaults`` (the engine's
     ``default_params``: the model's generation config, then acb's defaults, as everywhere in acb)."""
     for name in req.model_extra or {}:
         if name not in _INFORMATIONAL:
             raise UnsupportedFieldError(name, "is not supported by this server; leave it out")
-    if req.n != 1:
-        raise UnsupportedFieldError("n", "must be 1 (acb returns one choice per prompt)")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, name):
-            raise UnsupportedFieldError(name, "is not supported yet; omit it or send 0")
-    if req.logit_bias:
-        raise UnsupportedFieldError("logit_bias", "is not supported yet")
     unknown_options = set(req.stream_options or {}) - {"include_usage"}
     if unknown_options:
         raise UnsupportedFieldError("stream_options", f"supports only include_usage, not {sorted(unknown_options)}")
@@ -106,15 +123,15 @@ def to_sampling_params(req: _Base, defaults: SamplingParams) -> SamplingParams:
             raise UnsupportedFieldError("echo", "is not supported")
         if req.suffix:
             raise UnsupportedFieldError("suffix", "is not supported")
-        if req.best_of not in (None, 1):
-            raise UnsupportedFieldError("best_of", "must be 1")
-        if req.logprobs not in (None, 0):
-            raise UnsupportedFieldError("logprobs", "above 0 asks for alternatives, not supported yet: send 0")
+        if req.best_of is not None and req.stream and req.best_of > req.n:
+            raise UnsupportedFieldError("best_of", "cannot be combined with stream (it ranks whole outputs)")
         logprobs = req.logprobs is not None
+        top = req.logprobs or 0
     else:
-        if req.top_logprobs:
-            raise UnsupportedFieldError("top_logprobs", "is not supported yet: omit it or send 0")
+        if req.top_logprobs and not req.logprobs:
+            raise UnsupportedFieldError("top_logprobs", "needs logprobs: true")
         logprobs = req.logprobs
+        top = req.top_logprobs or 0
     max_tokens = next(
         (v for v in (getattr(req, "max_completion_tokens", None), req.max_tokens) if v is not None),
         defaults.max_new_tokens,
@@ -130,7 +147,17 @@ def to_sampling_params(req: _Base, defaults: SamplingParams) -> SamplingParams:
         stop_token_ids=req.stop_token_ids or [],
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
+        top_logprobs=top,
+        n=req.n,
+        best_of=getattr(req, "best_of", None),
+        logit_bias=req.logit_bias,
+        regex=req.regex,
+        grammar=req.grammar,
+        **_response_format(req.response_format),
     )
+    for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens"):
+        if getattr(req, name) is not None:
+            fields[name] = getattr(req, name)
     try:
         return SamplingParams(**fields)
     except InvalidSamplingParamsError as exc:
@@ -147,6 +174,10 @@ def openai_param(param: str | None, req: _Base | None = None) -> str | None:
         return "max_tokens"
     if param == "prompt" and isinstance(req, ChatCompletionRequest):
         return "messages"
+    if param in ("json_schema", "json_object") and req is not None and req.response_format is not None:
+        return "response_format"
+    if param == "top_logprobs" and isinstance(req, CompletionRequest):
+        return "logprobs"
     return param
 
 
@@ -177,6 +208,12 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
@@ -197,7 +234,7 @@ class ChatTokenLogprob(BaseModel):
     token: str
     logprob: float | None
     bytes: list[int] | None = None
-    top_logprobs: list[dict[str, Any]] = Field(default_factory=list)
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
 
 
 class ChatLogprobs(BaseModel):
