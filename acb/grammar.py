@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -148,6 +149,8 @@ class GrammarMasks:
         self._bitmask: torch.Tensor | None = None  # [max_rows, ceil(V / 32)] int32, pinned on CUDA
         self._shifts: torch.Tensor | None = None
         self._feeds: list[_Feed] = []
+        self.fill_seconds = 0.0  # host time spent bringing matchers up to date and filling masks (benchmarks)
+        self.fills = 0  # steps that did
 
     def _catch_up(self, wait: bool) -> None:
         """Feed sampled tokens to their matchers, oldest step first (``wait``: also those still in flight)."""
@@ -166,6 +169,7 @@ class GrammarMasks:
     def apply(self, logits: torch.Tensor, rows: list[tuple[int, Grammar]]) -> None:
         """Set the logits of every token a row's grammar forbids to -inf (``rows``: (sampling row, grammar))."""
         self._catch_up(wait=True)
+        t0 = time.perf_counter()
         vocab = logits.shape[-1]
         words = (vocab + 31) // 32
         if self._bitmask is None or self._bitmask.shape[1] != words:
@@ -179,6 +183,8 @@ class GrammarMasks:
                 grammar.matcher.fill_next_token_bitmask(bitmask, i)
                 if grammar.also is not None:
                     bitmask[i] &= grammar.also
+        self.fill_seconds += time.perf_counter() - t0
+        self.fills += 1
         mask = bitmask.to(self.device, non_blocking=True)
         allowed = ((mask[:, :, None] >> self._shifts) & 1).bool().view(len(rows), -1)[:, :vocab]
         index = torch.tensor([r for r, _ in rows], dtype=torch.int64).to(self.device, non_blocking=True)

@@ -28,10 +28,52 @@ from acb.kv_cache import ModelShape
 from .metrics import LoopLag, decode_floor_seconds, idle_fraction, percentile
 from .workloads import WORKLOADS, Conversation, build_model, make_requests, synthetic_tokenizer
 
+# A JSON schema that a random model cannot finish within W-side's 1,024 tokens (at least 400 items), so constrained
+# requests run their full length like the others: only the masks' cost differs.
+LONG_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string", "maxLength": 64},
+        "items": {
+            "type": "array",
+            "minItems": 400,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "integer", "minimum": 0, "maximum": 100000},
+                    "name": {"type": "string", "maxLength": 40},
+                    "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3},
+                },
+                "required": ["id", "name", "tags"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    "required": ["title", "items"],
+    "additionalProperties": False,
+}
+PENALTIES = dict(presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.1)
 
-async def run_one(engine: Engine, requests: list, profile: bool = False, progress: str | None = None) -> dict:
+
+def request_params(index: int, new: int, constrained: float = 0.0, penalties: bool = False) -> SamplingParams:
+    """Request ``index``'s parameters: greedy to its full length; every ``1 / constrained``-th one constrained by
+    :data:`LONG_SCHEMA` (it stops only at its length, like the rest), and :data:`PENALTIES` on all if asked."""
+    extra = dict(PENALTIES) if penalties else {}
+    if constrained and index % round(1 / constrained) == 0:
+        return SamplingParams(max_new_tokens=new, json_schema=LONG_SCHEMA, **extra)
+    return SamplingParams(max_new_tokens=new, ignore_eos=True, **extra)
+
+
+async def run_one(
+    engine: Engine,
+    requests: list,
+    profile: bool = False,
+    progress: str | None = None,
+    constrained: float = 0.0,
+    penalties: bool = False,
+) -> dict:
     """Run ``requests`` (``(prompt, new)`` pairs, or conversations whose turns run one after the other) all at
-    once and measure them."""
+    once and measure them (``constrained``, ``penalties``: see :func:`request_params`)."""
     lag = LoopLag()
     ttft, itl = [], []
     counts = []
@@ -41,11 +83,14 @@ async def run_one(engine: Engine, requests: list, profile: bool = False, progres
 
         bar = tqdm(total=len(requests), desc=progress, unit="req", file=sys.stderr, leave=False)
 
+    index = iter(range(1 << 62))
+
     async def one(prompt: list[int], new: int) -> list[int]:
         t0 = time.perf_counter()
         last = None
         out = []
-        async for tok in engine.stream(prompt, SamplingParams(max_new_tokens=new, ignore_eos=True)):
+        params = request_params(next(index), new, constrained, penalties)
+        async for tok in engine.stream(prompt, params):
             now = time.perf_counter()
             if last is None:
                 ttft.append(now - t0)
@@ -237,6 +282,8 @@ async def bench(args) -> list[dict]:
         r.update(stamp)
         results.append(r)
         print(_row(r), file=sys.stderr, flush=True)
+        if r.get("mask_ms_per_step") == r.get("mask_ms_per_step"):  # not NaN: a run with constrained requests
+            print(f"  grammar masks: {r['mask_ms_per_step']:.3f} ms of host time per step", file=sys.stderr)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=2)
@@ -277,6 +324,7 @@ async def bench(args) -> list[dict]:
                 record(r)
                 continue
             base, overrides = parse_mode(mode)
+            shape_of_requests = {k: overrides.pop(k) for k in ("constrained", "penalties") if k in overrides}
             config = EngineConfig(**{
                 "max_num_seqs": min(w.requests, args.max_num_seqs),
                 "max_num_batched_tokens": args.max_num_batched_tokens, "max_model_len": max_len,
@@ -290,7 +338,7 @@ async def bench(args) -> list[dict]:
                 # warm-up: every kernel variant compiles here (prefill tiles for short and long prompts, decode); then
                 # the prefix cache forgets the warm-up's prompts
                 first = [_first_prompt(r) for r in requests[:2]]
-                await run_one(engine, [(first[0], 4), (first[1][:16], 4)])
+                await run_one(engine, [(first[0], 4), (first[1][:16], 4)], **shape_of_requests)  # grammar compiled too
                 engine.clear_prefix_cache()
                 engine.clear_step_timing()
                 steps_before = engine.stats().steps
@@ -298,7 +346,10 @@ async def bench(args) -> list[dict]:
                 progress = None if args.no_progress else f"{w.name} {mode}"
                 if traced:
                     engine.start_trace()
-                r = await run_one(engine, requests, profile=args.profile, progress=progress)
+                masks = engine._runner.grammar_masks
+                masks.fill_seconds, masks.fills = 0.0, 0
+                r = await run_one(engine, requests, profile=args.profile, progress=progress, **shape_of_requests)
+                r["mask_ms_per_step"] = masks.fill_seconds * 1e3 / masks.fills if masks.fills else float("nan")
                 if traced:
                     from .timeline import gap_summary
 

@@ -123,14 +123,34 @@ def make_requests(w: Workload, vocab: int, seed: int = 0) -> list:
     return out
 
 
+def _bytes_to_unicode() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the character that stands for each byte."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + n)] = b
+            n += 1
+    return chars
+
+
+_BYTE_OF = _bytes_to_unicode()
+
+
 def synthetic_tokenizer(vocab_size: int):
-    """A byte-level BPE tokenizer covering ``vocab_size`` ids (token ``i`` is the word `` w{i}``), so that random token
-    ids of a real vocabulary size detokenize the way Llama 3's and Qwen's do (byte-level BPE), at a comparable cost."""
+    """A byte-level BPE tokenizer covering ``vocab_size`` ids (token ``i`` is the word `` w{i}``, except that the first
+    256 are the single bytes), so that random token ids of a real vocabulary size detokenize the way Llama 3's and
+    Qwen's do (byte-level BPE), at a comparable cost, and a grammar can spell anything (structured output)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     space = "\u0120"  # the byte-level alphabet's spelling of a space
-    vocab = {f"{space}w{i}": i for i in range(vocab_size)}
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    byte_chars = sorted(alphabet, key=lambda c: _BYTE_OF[c])
+    vocab = {c: i for i, c in enumerate(byte_chars)}
+    vocab.update({f"{space}w{i}": i for i in range(len(vocab), vocab_size)})
     tok = Tokenizer(models.BPE(vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
