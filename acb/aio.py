@@ -23,16 +23,27 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import sniffio
+import sys
 
 __all__ = ["Loop", "Waiter", "Signal", "Slots", "Mailbox", "current_loop", "wait_future", "cancelled_exc_class"]
 
 
 def _library() -> str | None:
+    """``"asyncio"`` or ``"trio"``: what runs the calling task (None outside both). trio is only looked for where it
+    was imported: an asyncio program never pays for it."""
     try:
-        return sniffio.current_async_library()
-    except sniffio.AsyncLibraryNotFoundError:
-        return None
+        asyncio.get_running_loop()
+        return "asyncio"
+    except RuntimeError:
+        pass
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            trio.lowlevel.current_trio_token()
+            return "trio"
+        except RuntimeError:
+            pass
+    return None
 
 
 class Waiter:
