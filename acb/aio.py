@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import sys
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
-
-import sys
 
 __all__ = ["Loop", "Waiter", "Signal", "Slots", "Mailbox", "current_loop", "wait_future", "cancelled_exc_class"]
 

@@ -61,10 +61,17 @@ class StepProcessing:
 class LogitsState:
     """The per-slot device tensors, and the pass that applies them (runs on the step worker)."""
 
-    def __init__(self, num_slots: int, vocab_size: int, device: torch.device) -> None:
+    def __init__(self, num_slots: int, vocab_size: int, device: torch.device, fused: bool | None = None) -> None:
+        """``fused``: one Triton kernel for the pass (:mod:`acb.kernels.penalties`; default on CUDA), else torch
+        operations (the CPU, and the oracle the kernel is tested against)."""
         self.num_slots = num_slots
         self.vocab_size = vocab_size
         self.device = device
+        self._kernel = None
+        if fused if fused is not None else device.type == "cuda":
+            from .kernels.penalties import apply_penalties
+
+            self._kernel = apply_penalties
         self.counts: torch.Tensor | None = None  # [slots, V] int32
         self.out_len: torch.Tensor | None = None  # [slots] int64
         self.prompt: torch.Tensor | None = None  # [slots, V] bool
@@ -110,6 +117,13 @@ class LogitsState:
     def apply(self, logits: torch.Tensor, p: StepProcessing) -> torch.Tensor:
         """``logits [S, V]`` (float32, the step's sampling rows) with the processing rows changed, in place."""
         ints, floats = p.on_device(self.device)
+        if self._kernel is not None:
+            self._kernel(
+                logits, ints, floats, self.counts, self.prompt, self.bias, self.stoppers, self.out_len,
+                use_repetition=p.use_repetition, use_counts=p.use_counts, use_bias=p.use_bias,
+                use_min_tokens=p.use_min_tokens,
+            )  # fmt: skip
+            return logits
         rows, slots = ints[0], ints[1]
         x = logits[rows]
         if p.use_repetition:

@@ -294,7 +294,7 @@ class ModelRunner:
         )
         raw = None
         if b.processing is not None or b.grammar_rows:  # only these rows change; the graph ran as usual
-            raw, logits = logits, logits.float().clone()
+            raw, logits = logits, (logits.clone() if logits.dtype == torch.float32 else logits.float())
             if b.processing is not None:
                 self.logits_state.apply(logits, b.processing)
             if b.grammar_rows:

@@ -247,3 +247,45 @@ async def test_a_cancelled_penalized_request_frees_its_blocks_and_its_slot_serve
         stats = engine.stats()
     assert plain.token_ids == expected  # nothing of the penalized request's history leaked into the slot
     assert stats.kv_blocks_free == stats.kv_blocks_total
+
+
+_KERNEL_CHECK = """
+import torch
+from acb.config import SamplingParams
+from acb.logits import LogitsState, SlotSetup
+from test_logits_processing import _processing
+
+vocab, g = 3000, torch.Generator().manual_seed(4)
+params = [
+    SamplingParams(repetition_penalty=1.7, presence_penalty=0.5, frequency_penalty=-0.25),
+    SamplingParams(logit_bias={5: 3.5, 9: -100, 2999: 1.25}, min_tokens=4, stop_token_ids=[7]),
+    SamplingParams(repetition_penalty=0.6, min_tokens=1, frequency_penalty=2.0),
+]
+slots = [5, 0, 3]
+setups = [SlotSetup(s, torch.randint(0, vocab, (n,), generator=g).tolist(),
+                    torch.randint(0, vocab, (9,), generator=g).tolist() if p.repetition_penalty != 1 else None,
+                    p.logit_bias, [2, *p.stop_token_ids] if p.min_tokens else None)
+          for s, n, p in zip(slots, (40, 2, 0), params)]
+logits = torch.randn(5, vocab, generator=g) * 4
+out = []
+for fused in (False, True):
+    state = LogitsState(num_slots=8, vocab_size=vocab, device=torch.device("cpu"), fused=fused)
+    state.setup(setups)
+    proc = _processing([1, 3, 4], slots, params)
+    out.append(state.apply(logits.clone(), proc))
+torch.testing.assert_close(out[1], out[0], rtol=1e-6, atol=1e-5)
+assert torch.equal(out[1][[0, 2]], logits[[0, 2]])
+print("ok")
+"""
+
+
+def test_the_fused_kernel_equals_the_torch_pass():
+    """The Triton kernel used on CUDA, run by Triton's interpreter on the CPU, against the torch version."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
+    r = subprocess.run([sys.executable, "-c", _KERNEL_CHECK], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
