@@ -19,6 +19,7 @@ EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
         ("batch_job.py", ["--n", "300"], "300 prompts, 2400 tokens"),
         ("openai_server.py", [], "completion:"),
         ("fastapi_app.py", [], "bad: 400 {'error': 'the prompt is empty', 'param': 'prompt'}"),
+        ("structured_output.py", [], "sample 2:"),
     ],
 )
 def test_example_runs(script, args, expect):
