@@ -6,7 +6,8 @@ The same tokenizer (the benchmarks' synthetic byte-level BPE at a Llama-3-sized 
 schemas, the same random logits (a fixed seed), each engine sampling under its own masks (they spell compact
 JSON differently: xgrammar writes ``", "`` and ``": "``, llguidance ``","`` and ``":"``). Per schema, the first
 compile (cold) and a second one (xgrammar's cache; llguidance compiles lazily, so its first masks include work
-that xgrammar does at compile time), and the time to fill one row's mask, p50/p99 over the sequence. Single-threaded, on this machine's CPU: quote ratios, not absolute times.
+that xgrammar does at compile time), and the time to fill one row's mask, p50/p99 over the sequence.
+Single-threaded, on this machine's CPU: quote ratios, not absolute times.
 """
 
 from __future__ import annotations
