@@ -124,6 +124,7 @@ class BatchBuilder:
         """After building ``step`` raised: the rows that fail when built alone, with their errors. Leaves the
         builder as if nothing had been sent (the trial builds noted table entries that no step will carry)."""
         out = []
+        owners = list(self._owner)  # trial builds adopt slots for batches that never launch: undone below
         for i, seq in enumerate(step.seqs):
             row = slice(i, i + 1)
             tokens = 1 if step.num_steps > 1 else int(step.counts[i])
@@ -134,6 +135,8 @@ class BatchBuilder:
                 self.build(alone)
             except Exception as exc:
                 out.append((seq, exc))
+        self._owner = [o if o is owners[i] else None for i, o in enumerate(self._owner)]
+        self._setups = []
         self.invalidate()
         return out
 

@@ -289,3 +289,34 @@ def test_the_fused_kernel_equals_the_torch_pass():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
     r = subprocess.run([sys.executable, "-c", _KERNEL_CHECK], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+@pytest.mark.loops("asyncio")
+async def test_penalized_requests_survive_a_step_that_could_not_be_prepared(make_model, tokenizer, caplog):
+    """A step that fails preparation is rebuilt row by row to find its culprit; those trial builds must not leave
+    the innocent rows' slots looking set up (their penalty history never reached the device)."""
+    import logging
+
+    from acb.errors import RequestFailedError
+
+    caplog.set_level(logging.CRITICAL, logger="acb")
+    model, ref = make_model("llama", seed=9)
+    prompts = random_prompts(4, [6, 15], len(tokenizer), seed=9)
+    expected = [_reference(ref, p, 10, eos_token_id=None, min_new_tokens=10, repetition_penalty=1.9) for p in prompts]
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True, repetition_penalty=1.9)
+    async with Engine(model, tokenizer, EngineConfig(block_size=8)) as engine:
+        build = engine._builder.build
+
+        def fragile(step):
+            if any(e.seq.request_id == "bad" for e in step.entries):
+                raise OverflowError("a value the device cannot hold")
+            return build(step)
+
+        engine._builder.build = fragile
+        results = await asyncio.gather(
+            *(engine.generate(p, params, request_id=f"r{i}") for i, p in enumerate(prompts)),
+            engine.generate([5, 6], params, request_id="bad"),
+            return_exceptions=True,
+        )
+    assert isinstance(results[-1], RequestFailedError)
+    assert [r.token_ids for r in results[:-1]] == expected
