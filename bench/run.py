@@ -282,8 +282,9 @@ async def bench(args) -> list[dict]:
         r.update(stamp)
         results.append(r)
         print(_row(r), file=sys.stderr, flush=True)
-        if r.get("mask_ms_per_step") == r.get("mask_ms_per_step"):  # not NaN: a run with constrained requests
-            print(f"  grammar masks: {r['mask_ms_per_step']:.3f} ms of host time per step", file=sys.stderr)
+        mask = r.get("mask_ms_per_step")
+        if mask is not None and mask == mask:  # not NaN: a run with constrained requests
+            print(f"  grammar masks: {mask:.3f} ms of host time per step", file=sys.stderr)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=2)
