@@ -38,8 +38,11 @@ def default_tokenizer():
 
 
 def tiny_config(arch: str = "llama", **overrides):
-    """A 2-layer config of ``arch`` (``llama``, ``qwen2`` or ``qwen3``) sized for the CPU."""
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    """A small config of ``arch`` sized for the CPU (2 layers; 4 where layer kinds alternate). ``arch``: ``llama``,
+    ``qwen2``, ``qwen3``, ``mistral`` (sliding window 8), ``qwen2-sliding`` (window 8 above layer 1), ``gemma3``
+    (sliding and full layers), ``phi3``, and two mixture-of-experts models for the generic path, ``mixtral`` and
+    ``qwen3-moe``."""
+    import transformers as tf
 
     tok = default_tokenizer()
     common = dict(
@@ -55,13 +58,30 @@ def tiny_config(arch: str = "llama", **overrides):
         pad_token_id=tok.pad_token_id,
         tie_word_embeddings=False,
     )
+    extra = {
+        "llama": ("LlamaConfig", {}),
+        "qwen2": ("Qwen2Config", {}),
+        "qwen3": ("Qwen3Config", {"head_dim": 16}),
+        "mistral": ("MistralConfig", {"sliding_window": 8}),
+        "qwen2-sliding": ("Qwen2Config", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}),
+        "gemma3": ("Gemma3TextConfig", {
+            "head_dim": 16, "num_hidden_layers": 4, "sliding_window": 8, "query_pre_attn_scalar": 16,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+            "final_logit_softcapping": 30.0, "tie_word_embeddings": True,
+        }),
+        "phi3": ("Phi3Config", {"sliding_window": 12}),
+        "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+        "qwen3-moe": ("Qwen3MoeConfig", {
+            "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+            "decoder_sparse_step": 1, "mlp_only_layers": [],
+        }),
+    }  # fmt: skip
+    if arch not in extra:
+        raise ValueError(f"arch must be one of {sorted(extra)}, got {arch!r}")
+    name, fields = extra[arch]
+    common.update(fields)
     common.update(overrides)
-    classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
-    if arch not in classes:
-        raise ValueError(f"arch must be one of {sorted(classes)}, got {arch!r}")
-    if arch == "qwen3":
-        common.setdefault("head_dim", 16)
-    return classes[arch](**common)
+    return getattr(tf, name)(**common)
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):

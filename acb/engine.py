@@ -89,6 +89,8 @@ class Engine:
         self._original_attention = rt.original_attention
         self.device, self.dtype, self.shape = rt.device, rt.dtype, rt.shape
         self.max_model_len, self.fast_path = rt.max_model_len, rt.fast_path
+        self.path_reason = rt.path_reason
+        """Which path the model runs (lean or generic) and why, in words; logged once at start."""
         self._blocks, self._scheduler = rt.blocks, rt.scheduler
         self._builder, self._runner = rt.builder, rt.runner
         self._bridge = CompletionBridge()
@@ -155,6 +157,7 @@ class Engine:
             loop.spawn(lambda: self._guard(self._detok_loop), "acb-detok-loop"),
         ]
         self._state = "running"
+        log.info("acb engine started on %s: %s", self.device, self.path_reason)
 
     async def close(self, *, drain: bool = True) -> None:
         """Stop accepting requests, let running ones finish (up to ``drain_timeout``), fail the rest with

@@ -18,8 +18,9 @@ from .batch import BatchBuilder
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .errors import ModelInUseError
+from .families import lean_plan
 from .kv_cache import KVCache, ModelShape, auto_num_blocks
-from .lean_model import LeanCausalLM, supports_lean
+from .lean_model import LeanCausalLM
 from .runner import ModelRunner
 from .scheduler import Scheduler
 
@@ -55,6 +56,8 @@ class Runtime:
     shape: ModelShape
     max_model_len: int
     fast_path: bool
+    path_reason: str
+    """Why the model got the lean path or the generic one (logged once at start)."""
     blocks: BlockManager
     scheduler: Scheduler
     builder: BatchBuilder
@@ -77,7 +80,14 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
     max_model_len = config.max_model_len or shape.max_position_embeddings or 4096
     lean = None
     use_lean = config.fast_path if config.fast_path is not None else device.type == "cuda"
-    if use_lean and supports_lean(model):
+    family, why = lean_plan(model)
+    if family is None:
+        why = f"generic path: {why}"
+    elif use_lean:
+        why = f"lean path: {why}"
+    else:
+        why = "generic path: fast_path=False" if config.fast_path is False else "generic path: the CPU default"
+    if use_lean and family is not None:
         # The lean model owns the fused weights; a later engine on the same model reuses it, once the engine
         # before it closed (they would share its KV cache and workspace).
         lean = getattr(model, "_acb_lean", None)
@@ -86,7 +96,7 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
             model._acb_lean = lean
         lean.ensure(max_model_len, config.max_num_seqs)
     elif config.fast_path:
-        raise ValueError(f"fast_path=True, but the lean model path does not support {type(model).__name__}")
+        raise ValueError(f"fast_path=True, but the lean model path does not take this model ({why})")
     graphs = lean is not None and config.cuda_graphs and device.type == "cuda"
 
     # Sized after the lean model was built (its rotary tables and workspace take memory too).
@@ -124,6 +134,7 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
         shape=shape,
         max_model_len=max_model_len,
         fast_path=lean is not None,
+        path_reason=why,
         blocks=blocks,
         scheduler=Scheduler(
             blocks,

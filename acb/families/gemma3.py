@@ -1,0 +1,77 @@
+"""Gemma 3 (text): sandwich norms (before and after both attention and MLP), RMSNorm scaled by ``1 + w`` in
+float32, per-head Q/K norms, GELU (tanh) gating, embeddings scaled by sqrt(hidden), ``query_pre_attn_scalar`` for
+the softmax scale, and alternating layers: sliding-window layers with a local rotary base, full-attention layers
+with the global one. Attention logit soft-capping (Gemma 2) is not implemented: such models run the generic path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import LeanLayer, LeanSpec, Unsupported, fuse, rope_check, rotary_tables
+
+
+def check(model) -> None:
+    cfg = model.config
+    if getattr(cfg, "hidden_activation", None) not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise Unsupported(f"activation {getattr(cfg, 'hidden_activation', None)!r} (the adapter implements gelu tanh)")
+    if getattr(cfg, "attn_logit_softcapping", None):
+        raise Unsupported("attention logit soft-capping")
+    if not getattr(cfg, "layer_types", None):
+        raise Unsupported("a config without layer_types (transformers too old for this adapter)")
+    rope_check(cfg)
+
+
+def _one_plus(w: torch.Tensor) -> torch.Tensor:
+    """Gemma's RMSNorm multiplies by ``1 + w``: fold it into the weight once (a small new tensor)."""
+    return (1.0 + w.detach().float()).to(w.dtype)
+
+
+def lean_spec(model) -> LeanSpec:
+    check(model)
+    cfg, inner = model.config, model.model
+    device = inner.embed_tokens.weight.device
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    if hasattr(inner, "rotary_emb_local"):  # transformers before per-layer-type rotary parameters
+        tables = [rotary_tables(inner.rotary_emb, device, head_dim), rotary_tables(inner.rotary_emb_local, device,
+                                                                                    head_dim)]  # fmt: skip
+    else:
+        tables = [rotary_tables(inner.rotary_emb, device, head_dim, layer_type=t)
+                  for t in ("full_attention", "sliding_attention")]  # fmt: skip
+    layers = []
+    for layer, kind in zip(inner.layers, cfg.layer_types):
+        a, m = layer.self_attn, layer.mlp
+        sliding = kind == "sliding_attention"
+        layers.append(
+            LeanLayer(
+                ln1=_one_plus(layer.input_layernorm.weight),
+                qkv_w=fuse(a.q_proj, a.k_proj, a.v_proj),
+                qkv_b=None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]),
+                o_w=a.o_proj.weight,
+                ln2=_one_plus(layer.pre_feedforward_layernorm.weight),
+                gate_up_w=fuse(m.gate_proj, m.up_proj),
+                down_w=m.down_proj.weight,
+                q_norm=_one_plus(a.q_norm.weight),
+                k_norm=_one_plus(a.k_norm.weight),
+                post_attn_norm=_one_plus(layer.post_attention_layernorm.weight),
+                post_mlp_norm=_one_plus(layer.post_feedforward_layernorm.weight),
+                window=cfg.sliding_window if sliding else 0,
+                rope=1 if sliding else 0,
+            )
+        )
+    return LeanSpec(
+        layers=layers,
+        embed=inner.embed_tokens.weight,
+        norm=_one_plus(inner.norm.weight),
+        lm_head=model.lm_head.weight,
+        num_heads=heads,
+        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        eps=cfg.rms_norm_eps,
+        scale=inner.layers[0].self_attn.scaling,
+        rotary=tables,
+        activation="gelu_tanh",
+        embed_scale=float(inner.embed_tokens.embed_scale),
+        final_softcap=getattr(cfg, "final_logit_softcapping", None),
+    )

@@ -1,0 +1,103 @@
+"""Model families: every family with a lean adapter, and mixture-of-experts models on the generic path, give
+``model.generate``'s greedy tokens (float32), through both paths and both overlap modes; sliding windows are
+exercised (prompts and outputs longer than the window)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from conftest import random_prompts, reference_greedy
+
+from acb import Engine, EngineConfig, SamplingParams
+from acb.default_model import tiny_model
+from acb.families import ADAPTERS, lean_plan
+
+LEAN_FAMILIES = ["mistral", "qwen2-sliding", "gemma3", "phi3"]  # llama, qwen2, qwen3: tests/test_engine.py
+MOE = ["mixtral", "qwen3-moe"]
+
+pytestmark = pytest.mark.loops("asyncio")
+
+
+async def _greedy_matches(arch, path, overlap, make_model, tokenizer, seed=3):
+    model, ref = make_model(arch, seed=seed)
+    prompts = random_prompts(6, [5, 17, 33, 3, 40, 12], len(tokenizer), seed=seed)
+    expected = [reference_greedy(ref, p, 20) for p in prompts]
+    config = EngineConfig(block_size=8, max_num_batched_tokens=32, overlap=overlap, fast_path=path == "lean")
+    async with Engine(model, tokenizer, config) as engine:
+
+        async def one(i, p):
+            await asyncio.sleep(0.002 * i)
+            return await engine.generate(p, SamplingParams(max_new_tokens=20, ignore_eos=True))
+
+        outs = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        assert engine.fast_path == (path == "lean")
+        reason = engine.path_reason
+    assert [o.token_ids for o in outs] == expected
+    return model, ref, reason
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["async", "sync"])
+@pytest.mark.parametrize("path", ["lean", "generic"])
+@pytest.mark.parametrize("arch", LEAN_FAMILIES)
+async def test_every_family_matches_generate_on_both_paths(arch, path, overlap, make_model, tokenizer):
+    model, ref, reason = await _greedy_matches(arch, path, overlap, make_model, tokenizer)
+    assert reason.startswith(f"{path} path")
+    if path == "lean":  # the model is given back as it was: its own forward still gives transformers' tokens
+        prompt = random_prompts(1, [9], len(tokenizer), seed=1)[0]
+        assert reference_greedy(model, prompt, 8) == reference_greedy(ref, prompt, 8)
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["async", "sync"])
+@pytest.mark.parametrize("arch", MOE)
+async def test_mixture_of_experts_models_run_the_generic_path(arch, overlap, make_model, tokenizer):
+    _, _, reason = await _greedy_matches(arch, "generic", overlap, make_model, tokenizer)
+    assert reason == f"generic path: {type(tiny_model(arch)).__name__} has no lean adapter (acb.families)"
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_a_model_without_an_adapter_says_so_and_fast_path_true_is_refused(arch, tokenizer):
+    model = tiny_model(arch)
+    family, why = lean_plan(model)
+    assert family is None and "no lean adapter" in why
+    with pytest.raises(ValueError, match="no lean adapter"):
+        Engine(model, tokenizer, EngineConfig(fast_path=True))
+
+
+@pytest.mark.parametrize(
+    "arch, overrides, what",
+    [
+        ("llama", dict(hidden_act="gelu"), "activation"),
+        ("llama", dict(mlp_bias=True), "MLP biases"),
+        ("llama", dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                         "original_max_position_embeddings": 512}), "rotary scaling"),
+        ("phi3", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
+         "partial rotary"),
+    ],
+)  # fmt: skip
+async def test_what_an_adapter_cannot_map_falls_back_to_the_generic_path(arch, overrides, what, tokenizer):
+    model = tiny_model(arch, **overrides)
+    family, why = lean_plan(model)
+    assert family is None and what in why
+    async with Engine(model, tokenizer, EngineConfig(block_size=8)) as engine:
+        out = await engine.generate([5, 6, 7], SamplingParams(max_new_tokens=3, ignore_eos=True))
+        assert not engine.fast_path and what in engine.path_reason
+    assert len(out.token_ids) == 3
+
+
+def test_every_adapter_is_tested():
+    """A family added to the registry needs its tiny config here (and so its generate comparison)."""
+    covered = {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+    covered |= {type(tiny_model(arch)).__name__ for arch in LEAN_FAMILIES}
+    assert set(ADAPTERS) == covered
+
+
+async def test_the_engine_logs_its_path_once_at_start(make_model, tokenizer, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="acb")
+    model, _ = make_model("gemma3")
+    async with Engine(model, tokenizer, EngineConfig(fast_path=True)):
+        pass
+    lines = [r.getMessage() for r in caplog.records if "engine started" in r.getMessage()]
+    assert lines == ["acb engine started on cpu: lean path: Gemma3ForCausalLM through the gemma3 adapter"]
