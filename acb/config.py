@@ -76,7 +76,8 @@ class EngineConfig:
     """Compute dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` (or ``"fp32"``, ``"bf16"``, ``"fp16"``, or the
     ``torch.dtype``; stored as its name); ``None`` keeps the model's dtype."""
     fast_path: bool | None = None
-    """Run Llama/Qwen-family models through acb's lean model (fused kernels); ``None`` = on CUDA when supported.
+    """Run models whose family has a lean adapter (:mod:`acb.families`) through acb's lean model (fused kernels);
+    ``None`` = on CUDA when supported.
     ``True`` on the CPU runs the same model logic on plain torch ops (tests)."""
     cuda_graphs: bool = True
     """Replay decode steps as CUDA graphs (lean path on CUDA only)."""

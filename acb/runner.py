@@ -10,8 +10,8 @@ host. A multi-step decode round runs its sub-steps back to back in one launch, e
 
 Every path stages its inputs the same way (:mod:`acb.step_inputs`). Two model paths:
 
-- **lean** (:mod:`acb.lean_model`, Llama/Qwen families): fused kernels; on CUDA, decode steps replay a CUDA graph
-  (:mod:`acb.cuda_graphs`) and other steps run eagerly;
+- **lean** (:mod:`acb.lean_model`, the families of :mod:`acb.families`): fused kernels; on CUDA, decode steps
+  replay a CUDA graph (:mod:`acb.cuda_graphs`) and other steps run eagerly;
 - **generic**: any transformers causal LM, through its own modules and acb's attention function.
 """
 
