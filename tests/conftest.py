@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import threading
 
 import pytest
 import torch
@@ -78,3 +79,28 @@ def reference_greedy(model, prompt_ids: list[int], max_new_tokens: int, ignore_e
 def random_prompts(n: int, lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (lengths[i % len(lengths)],), generator=g).tolist() for i in range(n)]
+
+
+def break_preparation_of(engine, request_id: str) -> None:
+    """Make every step that holds ``request_id`` fail in batch preparation (tests of the last line of defence)."""
+    build = engine._builder.build
+
+    def fragile(step):
+        if any(e.seq.request_id == request_id for e in step.entries):
+            raise OverflowError("Python int too large to convert to C long")
+        return build(step)
+
+    engine._builder.build = fragile
+
+
+def encode_spy(tokenizer):
+    """``(seen, spy)``: ``spy`` wraps ``tokenizer.encode`` and records, per call, whether it ran on the main thread
+    (the event loop's, in these tests)."""
+    seen: list[bool] = []
+    encode = tokenizer.encode
+
+    def spy(text, *a, **k):
+        seen.append(threading.current_thread() is threading.main_thread())
+        return encode(text, *a, **k)
+
+    return seen, spy

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+from conftest import encode_spy
+
 from acb import Engine, EngineConfig, SamplingParams
 
 
@@ -42,15 +44,8 @@ async def test_a_200ms_forward_never_delays_a_1ms_heartbeat(make_model, tokenize
 
 
 async def test_long_prompts_are_tokenized_off_the_loop(make_model, tokenizer, monkeypatch):
-    import threading
-
     model, _ = make_model("llama")
-    seen = []
-    encode = tokenizer.encode
-
-    def spy(text, *a, **k):
-        seen.append(threading.current_thread() is threading.main_thread())
-        return encode(text, *a, **k)
+    seen, spy = encode_spy(tokenizer)
 
     async with Engine(model, tokenizer, EngineConfig(long_prompt_chars=100, max_model_len=2048)) as engine:
         monkeypatch.setattr(engine._admission.tokenizer, "encode", spy)

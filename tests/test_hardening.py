@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from conftest import random_prompts, reference_greedy
+from conftest import break_preparation_of, random_prompts, reference_greedy
 from soak import POISON, poison
 
 from acb import (
@@ -56,14 +56,7 @@ async def test_a_step_that_cannot_be_prepared_fails_only_the_request_that_broke_
     model, ref = make_model("llama", seed=5)
     prompts = random_prompts(10, [3, 12], len(tokenizer), seed=5)
     async with Engine(model, tokenizer) as engine:
-        build = engine._builder.build
-
-        def fragile(step):
-            if any(e.seq.request_id == "bad" for e in step.entries):
-                raise OverflowError("Python int too large to convert to C long")
-            return build(step)
-
-        engine._builder.build = fragile
+        break_preparation_of(engine, "bad")
         results = await asyncio.gather(
             *(engine.generate(p, PARAMS, request_id=f"r{i}") for i, p in enumerate(prompts)),
             engine.generate([5, 6], PARAMS, request_id="bad"),

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 import torch
-from conftest import random_prompts
+from conftest import break_preparation_of, random_prompts
 from transformers import (
     LogitsProcessor,
     MinNewTokensLengthLogitsProcessor,
@@ -305,14 +305,7 @@ async def test_penalized_requests_survive_a_step_that_could_not_be_prepared(make
     expected = [_reference(ref, p, 10, eos_token_id=None, min_new_tokens=10, repetition_penalty=1.9) for p in prompts]
     params = SamplingParams(max_new_tokens=10, ignore_eos=True, repetition_penalty=1.9)
     async with Engine(model, tokenizer, EngineConfig(block_size=8)) as engine:
-        build = engine._builder.build
-
-        def fragile(step):
-            if any(e.seq.request_id == "bad" for e in step.entries):
-                raise OverflowError("a value the device cannot hold")
-            return build(step)
-
-        engine._builder.build = fragile
+        break_preparation_of(engine, "bad")
         results = await asyncio.gather(
             *(engine.generate(p, params, request_id=f"r{i}") for i, p in enumerate(prompts)),
             engine.generate([5, 6], params, request_id="bad"),

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import threading
 import time
 
 import pytest
-from conftest import random_prompts, reference_greedy
+from conftest import encode_spy, random_prompts, reference_greedy
 
 from acb import Engine, EngineConfig, SamplingParams
 from acb.errors import InvalidRequestError, WrongEventLoopError
@@ -138,12 +137,7 @@ async def test_bad_requests_are_refused_with_typed_errors_on_trio(make_model, to
 @on_trio
 async def test_long_prompts_are_tokenized_off_the_trio_loop(make_model, tokenizer):
     model, _ = make_model("llama")
-    seen = []
-    encode = tokenizer.encode
-
-    def spy(text, *a, **k):
-        seen.append(threading.current_thread() is threading.main_thread())
-        return encode(text, *a, **k)
+    seen, spy = encode_spy(tokenizer)
 
     async with Engine(model, tokenizer, EngineConfig(long_prompt_chars=100, max_model_len=2048)) as engine:
         engine._admission.tokenizer.encode = spy

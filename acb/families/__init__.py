@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["LeanLayer", "LeanSpec", "Unsupported", "ADAPTERS", "lean_plan", "fuse"]
+__all__ = ["LeanLayer", "LeanSpec", "Unsupported", "ADAPTERS", "lean_plan", "fuse", "standard_spec"]
 
 
 class Unsupported(Exception):
@@ -129,3 +129,31 @@ def rotary_tables(rotary, device, head_dim: int, **kwargs):
         return cos[0, :, : head_dim // 2].float().contiguous(), sin[0, :, : head_dim // 2].float().contiguous()
 
     return build
+
+
+def standard_spec(model, layers: list[LeanLayer], **fields) -> LeanSpec:
+    """A spec with what most families name alike (``model.model.embed_tokens``, ``.norm``, ``.rotary_emb``,
+    ``model.lm_head``, the config's head counts, ``rms_norm_eps``, the attention modules' ``scaling``); ``fields``
+    override or add to it."""
+    cfg, inner = model.config, model.model
+    heads = cfg.num_attention_heads
+    head_dim = head_dim_of(cfg)
+    base = dict(
+        layers=layers,
+        embed=inner.embed_tokens.weight,
+        norm=inner.norm.weight,
+        lm_head=model.lm_head.weight,
+        num_heads=heads,
+        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        eps=cfg.rms_norm_eps,
+        scale=inner.layers[0].self_attn.scaling,
+    )
+    if "rotary" not in fields:
+        base["rotary"] = [rotary_tables(inner.rotary_emb, inner.embed_tokens.weight.device, head_dim)]
+    base.update(fields)
+    return LeanSpec(**base)
+
+
+def head_dim_of(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import LeanLayer, LeanSpec, Unsupported, fuse, rope_check, rotary_tables
+from . import LeanLayer, LeanSpec, Unsupported, fuse, head_dim_of, rope_check, rotary_tables, standard_spec
 
 
 def check(model) -> None:
@@ -31,8 +31,7 @@ def lean_spec(model) -> LeanSpec:
     check(model)
     cfg, inner = model.config, model.model
     device = inner.embed_tokens.weight.device
-    heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    head_dim = head_dim_of(cfg)
     if hasattr(inner, "rotary_emb_local"):  # transformers before per-layer-type rotary parameters
         tables = [rotary_tables(inner.rotary_emb, device, head_dim), rotary_tables(inner.rotary_emb_local, device,
                                                                                     head_dim)]  # fmt: skip
@@ -60,16 +59,10 @@ def lean_spec(model) -> LeanSpec:
                 rope=1 if sliding else 0,
             )
         )
-    return LeanSpec(
-        layers=layers,
-        embed=inner.embed_tokens.weight,
+    return standard_spec(
+        model,
+        layers,
         norm=_one_plus(inner.norm.weight),
-        lm_head=model.lm_head.weight,
-        num_heads=heads,
-        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
-        head_dim=head_dim,
-        eps=cfg.rms_norm_eps,
-        scale=inner.layers[0].self_attn.scaling,
         rotary=tables,
         activation="gelu_tanh",
         embed_scale=float(inner.embed_tokens.embed_scale),

@@ -4,7 +4,9 @@ optional Q/K/V biases (Qwen2), per-head Q/K norms (Qwen3), sliding windows (Mist
 
 from __future__ import annotations
 
-from . import LeanLayer, LeanSpec, Unsupported, fuse, rope_check, rotary_tables
+import torch
+
+from . import LeanLayer, LeanSpec, Unsupported, fuse, rope_check, standard_spec
 
 
 def check(model) -> None:
@@ -32,7 +34,7 @@ def windows(model) -> list[int]:
 
 def lean_spec(model) -> LeanSpec:
     check(model)
-    cfg, inner = model.config, model.model
+    inner = model.model
     layers = []
     for layer, window in zip(inner.layers, windows(model)):
         a, m = layer.self_attn, layer.mlp
@@ -40,7 +42,7 @@ def lean_spec(model) -> LeanSpec:
             LeanLayer(
                 ln1=layer.input_layernorm.weight,
                 qkv_w=fuse(a.q_proj, a.k_proj, a.v_proj),
-                qkv_b=None if a.q_proj.bias is None else torch_cat(a.q_proj.bias, a.k_proj.bias, a.v_proj.bias),
+                qkv_b=None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]),
                 o_w=a.o_proj.weight,
                 ln2=layer.post_attention_layernorm.weight,
                 gate_up_w=fuse(m.gate_proj, m.up_proj),
@@ -50,23 +52,4 @@ def lean_spec(model) -> LeanSpec:
                 window=window,
             )
         )
-    heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return LeanSpec(
-        layers=layers,
-        embed=inner.embed_tokens.weight,
-        norm=inner.norm.weight,
-        lm_head=model.lm_head.weight,
-        num_heads=heads,
-        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
-        head_dim=head_dim,
-        eps=cfg.rms_norm_eps,
-        scale=inner.layers[0].self_attn.scaling,
-        rotary=[rotary_tables(inner.rotary_emb, inner.embed_tokens.weight.device, head_dim)],
-    )
-
-
-def torch_cat(*tensors):
-    import torch
-
-    return torch.cat(tensors)
+    return standard_spec(model, layers)

@@ -4,7 +4,7 @@ variants (``longrope`` scaling) run the generic path."""
 
 from __future__ import annotations
 
-from . import LeanLayer, LeanSpec, Unsupported, rope_check, rotary_tables
+from . import LeanLayer, LeanSpec, Unsupported, rope_check, standard_spec
 
 
 def check(model) -> None:
@@ -31,17 +31,4 @@ def lean_spec(model) -> LeanSpec:
         )
         for layer in inner.layers
     ]
-    heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return LeanSpec(
-        layers=layers,
-        embed=inner.embed_tokens.weight,
-        norm=inner.norm.weight,
-        lm_head=model.lm_head.weight,
-        num_heads=heads,
-        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
-        head_dim=head_dim,
-        eps=cfg.rms_norm_eps,
-        scale=inner.layers[0].self_attn.scaling,
-        rotary=[rotary_tables(inner.rotary_emb, inner.embed_tokens.weight.device, head_dim)],
-    )
+    return standard_spec(model, layers)
