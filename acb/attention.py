@@ -41,6 +41,12 @@ class AttentionMetadata:
     seq_lens: list[int]  # [B] host: context length of each sequence after this step
     block_tables: torch.Tensor  # [B, max_blocks] physical blocks of each sequence
     decode_only: bool  # every sequence has exactly one new token
+    # The Triton kernels (acb.kernels.attention) and the device-side layout they read, on CUDA; None: the reference
+    kernels: object | None = None
+    device_seq_lens: torch.Tensor | None = None  # [B]
+    device_query_start_loc: torch.Tensor | None = None  # [B + 1]
+    max_query_len: int = 0
+    decode_splits: int = 0  # > 0 in a decode-only step: the split decode kernel
 
 
 def paged_attention_forward(
@@ -64,14 +70,18 @@ def paged_attention_forward(
     v = value[0].transpose(0, 1)
     meta.kv_cache.write(module.layer_idx, k, v, meta.slot_mapping)
     scale = scaling if scaling is not None else 1.0 / math.sqrt(q.shape[-1])
-    out = paged_attention_reference(
-        q,
-        meta.kv_cache.layers[module.layer_idx],
-        meta,
-        scale,
-        sliding_window=kwargs.get("sliding_window"),
-        softcap=kwargs.get("softcap"),
-    )
+    kv = meta.kv_cache.layers[module.layer_idx]
+    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+    if meta.kernels is not None and softcap is None:  # the paged Triton kernels (no soft-capping in them)
+        if meta.decode_splits:
+            out = meta.kernels.paged_decode(q, kv, meta.block_tables, meta.device_seq_lens, scale, meta.decode_splits,
+                                            window=window or 0)  # fmt: skip
+        else:
+            out = meta.kernels.paged_prefill(q, kv, meta.block_tables, meta.device_seq_lens,
+                                             meta.device_query_start_loc, meta.max_query_len, scale,
+                                             window=window or 0)  # fmt: skip
+    else:
+        out = paged_attention_reference(q, kv, meta, scale, sliding_window=window, softcap=softcap)
     return out.unsqueeze(0), None  # [1, T, H, D], as transformers expects
 
 

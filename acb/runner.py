@@ -147,6 +147,12 @@ class ModelRunner:
             self.graphs = DecodeGraphs(lean, self.inputs, graph_rows, max_model_len)
         self._cuda = device.type == "cuda"
         self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count if self._cuda else 0
+        self._num_kv_heads = kv_cache.layers[0].shape[3]
+        self._attention_kernels = None  # chosen once: the generic path attends with the Triton kernels on CUDA
+        if self._cuda and lean is None:
+            from .kernels import attention as kernels
+
+            self._attention_kernels = kernels
         self.closed = False
         self._worker = StepWorker("acb-step")
         self._staged: dict[str, torch.Tensor] | None = None  # device views of the step being run (worker only)
@@ -312,6 +318,9 @@ class ModelRunner:
         """Logits of the sampled rows of an eagerly run step (sub-step ``j`` of a round)."""
         meta = None
         seq_lens = b.seq_lens if j == 0 else np.where(b.counts > j, b.seq_lens + j, 1)
+        splits = 0
+        if self._cuda and b.decode_only:
+            splits = decode_splits(b.num_rows, self._num_kv_heads, int(seq_lens.max()), self._num_sms)
         if self.lean is None or not self._cuda:  # the reference attention reads the layout on the host
             meta = AttentionMetadata(
                 kv_cache=self.kv_cache,
@@ -320,6 +329,11 @@ class ModelRunner:
                 seq_lens=seq_lens.tolist(),
                 block_tables=d.block_tables,
                 decode_only=b.decode_only,
+                kernels=self._attention_kernels,  # the generic path on CUDA: transformers' modules, acb's kernels
+                device_seq_lens=d.seq_lens,
+                device_query_start_loc=d.query_start_loc,
+                max_query_len=b.max_query_len,
+                decode_splits=splits,
             )
         if self.lean is None:
             out = self.model(
@@ -330,9 +344,6 @@ class ModelRunner:
                 acb_meta=meta,
             )
             return out.logits[0]
-        splits = 0
-        if self._cuda and b.decode_only:
-            splits = decode_splits(b.num_rows, self.lean.num_kv_heads, int(seq_lens.max()), self._num_sms)
         return self.lean.forward(d.lean_inputs(b.max_query_len, splits, logits=True, meta=meta))
 
     def _end(self, start: torch.cuda.Event | None) -> None:
