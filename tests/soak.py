@@ -74,6 +74,7 @@ class SoakReport:
     slow_consumers: int = 0
     tokens: int = 0
     checked_against_reference: int = 0
+    checked_by_kind: dict = dataclasses.field(default_factory=dict)  # plain, penalized, regex (KINDS)
     mismatches: int = 0
     untyped_errors: int = 0
     streams_hung: int = 0
@@ -103,15 +104,26 @@ class SoakReport:
 
 
 def _key(req: dict) -> tuple:
-    return (req["prompt"], req["seed"], req["ignore_eos"])
+    return (req["prompt"], req["seed"], req["ignore_eos"], req["kind"])
+
+
+# What a request asks of its logits besides sampling: nothing, penalties and a bias (per-slot history on the
+# device), or a regex (a grammar matcher on the step worker). Their outputs must not depend on the chaos either.
+KINDS = {
+    "plain": {},
+    "penalized": dict(presence_penalty=0.6, frequency_penalty=0.3, repetition_penalty=1.2, logit_bias={7: 2.0}),
+    "regex": dict(regex=r"[a-z ]{0,40}[.!?]"),
+}
 
 
 def _params(req: dict, max_new: int, stop: tuple[str, ...] = ()) -> SamplingParams:
+    extra = KINDS[req["kind"]]
     if req["seed"] is None:
-        return SamplingParams(max_new_tokens=max_new, ignore_eos=req["ignore_eos"], stop=stop)
+        return SamplingParams(max_new_tokens=max_new, ignore_eos=req["ignore_eos"], stop=stop, **extra)
     return SamplingParams(
-        max_new_tokens=max_new, temperature=0.9, top_p=0.95, seed=req["seed"], ignore_eos=req["ignore_eos"], stop=stop
-    )
+        max_new_tokens=max_new, temperature=0.9, top_p=0.95, seed=req["seed"], ignore_eos=req["ignore_eos"], stop=stop,
+        **extra,
+    )  # fmt: skip
 
 
 # What an adversarial caller sends: each builds its call lazily, so that a refusal at construction counts too.
@@ -180,12 +192,14 @@ async def soak(
     reqs = []
     for i in range(n_requests):
         p = rng.randrange(POOL)
+        kind = rng.choices(list(KINDS), weights=[80, 10, 10])[0]
         reqs.append(
             dict(
                 id=f"soak-{i}",
                 prompt=p,
                 seed=None if rng.random() < 0.7 else p,
-                ignore_eos=rng.random() < 0.5,
+                ignore_eos=rng.random() < 0.5 and kind != "regex",  # a constrained output ends with its grammar
+                kind=kind,
                 max_new=rng.randint(1, MAX_NEW),
                 chaos=rng.choices(
                     ["normal", "slow", "break", "task_cancel", "abort", "timeout", "invalid"]
@@ -200,7 +214,7 @@ async def soak(
     keys = sorted({_key(r) for r in reqs if r["chaos"] not in ("invalid", "poison", "other_loop")}, key=str)
     async with Engine(model_factory(), tokenizer, copy.deepcopy(config)) as calm:
         outs = await asyncio.gather(
-            *(calm.generate(pool[k[0]], _params(dict(seed=k[1], ignore_eos=k[2]), MAX_NEW)) for k in keys)
+            *(calm.generate(pool[k[0]], _params(dict(seed=k[1], ignore_eos=k[2], kind=k[3]), MAX_NEW)) for k in keys)
         )
     reference = {k: o.token_ids for k, o in zip(keys, outs)}
 
@@ -290,6 +304,7 @@ async def soak(
             cancelled[chaos] += 1
         want = reference[_key(req)][: req["max_new"]]
         report.checked_against_reference += 1
+        report.checked_by_kind[req["kind"]] = report.checked_by_kind.get(req["kind"], 0) + 1
         if got != (want if finished else want[: len(got)]):
             report.mismatches += 1
 

@@ -140,3 +140,31 @@ def test_modes_carry_engine_config_overrides_for_same_run_ab_rows():
     assert parse_mode("sync") == ("sync", {})
     with pytest.raises(ValueError):
         parse_mode("fast")
+
+
+def test_poisson_arrivals_have_the_asked_rate_and_inf_means_all_at_once():
+    from bench.serve import arrival_times
+
+    times = arrival_times(4000, 10.0, seed=3)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert times[0] == 0.0 and all(g >= 0 for g in gaps)
+    assert abs(sum(gaps) / len(gaps) - 0.1) < 0.01
+    assert arrival_times(4000, 10.0, seed=3) == times  # seeded
+    assert arrival_times(5, float("inf")) == [0.0] * 5
+
+
+def test_serving_benchmark_runs_through_the_engine_and_http(tmp_path):
+    """W-serve's harness end to end on the tiny model: every row measured, nothing failed, the figure drawn."""
+    import json
+
+    from bench.serve import main
+
+    out, picture = tmp_path / "serve.json", tmp_path / "serve.png"
+    main(["--model", "tiny", "--scale", "0.01", "--rates", "40,inf", "--json", str(out), "--plot", str(picture),
+          "--markdown", str(tmp_path / "serve.md")])  # fmt: skip
+    rows = json.loads(out.read_text())
+    assert [(r["via"], r["rate"]) for r in rows] == [("engine", 40.0), ("http", 40.0), ("engine", float("inf")),
+                                                     ("http", float("inf"))]  # fmt: skip
+    assert all(r["failed"] == 0 and r["tok_per_s"] > 0 and r["ttft_p50_ms"] > 0 for r in rows)
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "highest rate with TTFT p99 under 1 s" in (tmp_path / "serve.md").read_text()
