@@ -128,7 +128,7 @@ class GrammarCompiler:
             words = (self._vocab_size + 31) // 32
             allowed = np.ones(words * 32, np.bool_)
             for i, piece in enumerate(info.decoded_vocab[: self._vocab_size]):
-                if i not in special and any(b < 0x20 for b in piece):
+                if piece and min(piece) < 0x20 and i not in special:
                     allowed[i] = False
             bits = allowed.reshape(words, 32).astype(np.int64) << np.arange(32, dtype=np.int64)
             self._json_words = torch.from_numpy(bits.sum(1).astype(np.uint32).view(np.int32))
