@@ -26,7 +26,7 @@ from acb import Engine, EngineConfig, SamplingParams
 from acb.kv_cache import ModelShape
 
 from .metrics import LoopLag, decode_floor_seconds, idle_fraction, percentile
-from .workloads import WORKLOADS, Conversation, build_model, make_requests, synthetic_tokenizer
+from .workloads import FAMILY_MODELS, WORKLOADS, Conversation, build_model, make_requests, synthetic_tokenizer
 
 # A JSON schema that a random model cannot finish within W-side's 1,024 tokens (at least 400 items), so constrained
 # requests run their full length like the others: only the masks' cost differs.
@@ -464,7 +464,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--generic", action="store_true", help="force the generic transformers path")
     ap.add_argument(
-        "--model", choices=["tiny", "qwen-0.5b", "llama-8b"], help="run the workloads on this model instead"
+        "--model",
+        choices=["tiny", "qwen-0.5b", "llama-8b", *FAMILY_MODELS],
+        help="run the workloads on this model instead",
     )
     ap.add_argument("--profile", action="store_true", help="cProfile the event-loop thread during each timed run")
     ap.add_argument("--timeline", help="draw the stage/step timeline of each workload to this PNG path (suffixed)")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-__all__ = ["Conversation", "Workload", "WORKLOADS", "build_model", "make_requests"]
+__all__ = ["Conversation", "Workload", "WORKLOADS", "FAMILY_MODELS", "build_model", "make_requests"]
 
 
 @dataclass(frozen=True)
@@ -48,16 +48,44 @@ WORKLOADS = {
     "W-tiny": Workload("W-tiny", "tiny", 16, 24, 32, note="CPU smoke"),
     # diagnostic: the loop thread's host work per step at W-small's batch (256 sequences), on the CPU's tiny model
     "W-host": Workload("W-host", "tiny", 256, 128, 64, note="CPU diagnostic"),
+    # issue 16's family table: run with --model <one of FAMILY_MODELS>, modes async and async[fast_path=false]
+    "W-family": Workload("W-family", "llama-1b", 32, 256, 512),
     # diagnostic: GPU time of a batch-32 decode step at short context (transformers' modules in a graph: 9.12 ms)
     "D-step32": Workload("D-step32", "llama-8b", 32, 8, 64, note="diagnostic"),
 }
 
 
+# The family table of issue 16: each family at a 1-4B shape of a published checkpoint (random bf16 weights).
+FAMILY_MODELS = {
+    "llama-1b": ("LlamaConfig", dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                     num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
+                                     tie_word_embeddings=True)),  # Llama 3.2 1B
+    "qwen2.5-1.5b": ("Qwen2Config", dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                                         tie_word_embeddings=True)),
+    "qwen3-1.7b": ("Qwen3Config", dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                                       num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                                       head_dim=128, tie_word_embeddings=True)),
+    "mistral-3b": ("MistralConfig", dict(vocab_size=32768, hidden_size=3072, intermediate_size=8192,
+                                         num_hidden_layers=26, num_attention_heads=32, num_key_value_heads=8,
+                                         head_dim=128, sliding_window=4096)),  # a Ministral-3B-like shape
+    "gemma3-1b": ("Gemma3TextConfig", dict(vocab_size=262144, hidden_size=1152, intermediate_size=6912,
+                                           num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1,
+                                           head_dim=256, sliding_window=512, query_pre_attn_scalar=256)),
+    "phi3-mini": ("Phi3Config", dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                                     num_attention_heads=32, num_key_value_heads=32, sliding_window=2047)),
+}  # fmt: skip
+
+
 def build_model(name: str, device: str = "cuda"):
     """A model of the named architecture with random weights, built directly on ``device`` in bf16."""
+    import transformers
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-    if name == "llama-8b":
+    if name in FAMILY_MODELS:
+        cls, fields = FAMILY_MODELS[name]
+        cfg, dtype = getattr(transformers, cls)(max_position_embeddings=16384, **fields), torch.bfloat16
+    elif name == "llama-8b":
         cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                           num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
                           max_position_embeddings=16384)  # fmt: skip
