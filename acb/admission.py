@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 from collections import deque
 from collections.abc import Callable
 from collections.abc import Sequence as SequenceABC
@@ -55,19 +56,21 @@ class Admission:
         self.max_cache_tokens = max_cache_tokens
         self.long_prompt_chars = long_prompt_chars
         self.max_prompt_chars = max_prompt_chars
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pools: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
 
     def close(self) -> None:
         """Stop the tokenizer thread (work already queued there finishes)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        for pool in self._pools.values():
+            pool.shutdown(wait=False, cancel_futures=True)
+        self._pools = {}
 
-    async def _offload(self, fn: Callable[..., T], *args, **kwargs) -> T:
-        """Run ``fn`` in the tokenizer thread (one per engine, started on first use)."""
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="acb-tokenizer")
-        return await aio.wait_future(aio.current_loop(), self._pool.submit(lambda: fn(*args, **kwargs)))
+    async def _offload(self, fn: Callable[..., T], *args, thread: str = "tokenizer") -> T:
+        """Run ``fn`` in the engine's ``acb-tokenizer`` thread (or ``acb-grammar``: constraints compile there, so a
+        slow one never holds up prompts), each started on first use."""
+        pool = self._pools.get(thread)
+        if pool is None:
+            pool = self._pools[thread] = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"acb-{thread}")
+        return await aio.wait_future(aio.current_loop(), pool.submit(lambda: fn(*args)))
 
     # -- one request ----------------------------------------------------------------------------------------------
 
@@ -103,12 +106,12 @@ class Admission:
         return await self._offload(compile_stops, params.stop)
 
     async def grammar(self, params: SamplingParams) -> Grammar | None:
-        """A matcher for the request's output constraint, compiled (or found in the cache) in the tokenizer thread;
+        """A matcher for the request's output constraint, compiled (or found in the cache) in the grammar thread;
         a constraint that does not compile raises InvalidSamplingParamsError."""
         constraint = params.constraint
         if constraint is None:
             return None
-        return await self._offload(self.grammars.matcher, *constraint)
+        return await self._offload(self.grammars.matcher, *constraint, thread="grammar")
 
     async def tokenize(self, prompt: Prompt) -> list[int]:
         """Token ids of ``prompt`` (a string, or token ids that are checked against the vocabulary)."""
@@ -167,9 +170,8 @@ class Admission:
         for t in texts:
             _check_unicode(t, "chat")
         try:
-            return await self._offload(
-                self.tokenizer.apply_chat_template, messages, tokenize=False, add_generation_prompt=True
-            )
+            render = functools.partial(self.tokenizer.apply_chat_template, tokenize=False, add_generation_prompt=True)
+            return await self._offload(render, messages)
         except Exception as exc:
             raise InvalidRequestError(f"the chat template rejected these messages: {exc}") from exc
 

@@ -2,7 +2,7 @@
 
 Two halves, on two threads:
 
-- **compile** (admission, in the engine's tokenizer thread): a request's constraint becomes an xgrammar
+- **compile** (admission, in the engine's grammar thread): a request's constraint becomes an xgrammar
   ``CompiledGrammar`` (cached by its text, so a schema that many requests share compiles once), then a matcher of
   its own. A constraint that does not compile is the request's typed error.
 - **mask** (the step worker, :class:`GrammarMasks`): for a step with constrained rows, the worker launches the

@@ -215,3 +215,32 @@ async def test_breaking_out_of_a_constrained_stream_frees_its_blocks(make_model,
         stats = engine.stats()
     jsonschema.validate(json.loads(out.text), SCHEMAS["array of objects"])
     assert stats.kv_blocks_free == stats.kv_blocks_total and stats.num_running == 0
+
+
+@pytest.mark.loops("asyncio")
+async def test_a_slow_constraint_compile_holds_up_no_prompt(make_model, tokenizer, monkeypatch):
+    """Constraints compile in their own thread: a long prompt (tokenized off the loop) does not wait for them."""
+    import time
+
+    from acb.grammar import GrammarCompiler
+
+    compile_ = GrammarCompiler.compile
+    started = threading.Event()
+
+    def slow(self, kind, text):
+        started.set()
+        time.sleep(1.0)
+        return compile_(self, kind, text)
+
+    monkeypatch.setattr(GrammarCompiler, "compile", slow)
+    model, _ = make_model("llama")
+    async with Engine(model, tokenizer, EngineConfig(block_size=8, long_prompt_chars=100, max_model_len=2048)) as eng:
+        constrained = asyncio.ensure_future(eng.generate("x", SamplingParams(max_new_tokens=20, regex="[a-c]{4}")))
+        while not started.is_set():
+            await asyncio.sleep(0.005)
+        t0 = time.perf_counter()
+        await eng.submit("word " * 300, SamplingParams(max_new_tokens=1))  # long: tokenized in the tokenizer thread
+        waited = time.perf_counter() - t0
+        out = await constrained
+    assert waited < 0.5, f"the long prompt waited {waited:.2f} s behind a grammar compile"
+    assert re.fullmatch("[a-c]{4}", out.text)
