@@ -57,23 +57,45 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--seed", type=int, help="seed for reproducible sampling")
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     s.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
+    s.add_argument("--presence-penalty", type=float, help="OpenAI's presence penalty, in [-2, 2]")
+    s.add_argument("--frequency-penalty", type=float, help="OpenAI's frequency penalty, in [-2, 2]")
+    s.add_argument("--repetition-penalty", type=float, help="transformers' repetition penalty (1 = off)")
+    s.add_argument("--min-tokens", type=int, help="hold back EOS until the output has this many tokens")
+    c = s.add_mutually_exclusive_group()
+    c.add_argument("--json-schema", metavar="FILE", help="constrain the output to JSON valid against this schema file")
+    c.add_argument("--json-object", action="store_true", help="constrain the output to a JSON object")
+    c.add_argument("--regex", help="constrain the output to match this regular expression")
+    c.add_argument("--grammar", metavar="FILE", help="constrain the output to this EBNF grammar (GBNF) file")
+
+
+# fields a batch line or the command line may set, by name (SamplingParams validates every value)
+BATCH_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "presence_penalty",
+                "frequency_penalty", "repetition_penalty", "min_tokens", "logit_bias", "json_schema", "json_object",
+                "regex", "grammar", "logprobs", "top_logprobs")  # fmt: skip
 
 
 def _params(engine, a: argparse.Namespace, **override: Any) -> SamplingParams:
     """The engine's defaults, with what the command line (and a batch line) set."""
-    given = {
-        k: v
-        for k, v in dict(
-            max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed
-        ).items()
-        if v is not None
-    }
+    names = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty",
+             "repetition_penalty", "min_tokens", "regex")  # fmt: skip
+    given = {k: getattr(a, k) for k in names if getattr(a, k) is not None}
     if a.stop:
         given["stop"] = list(a.stop)
     if a.ignore_eos:
         given["ignore_eos"] = True
+    if a.json_object:
+        given["json_object"] = True
+    if a.json_schema:  # the file's text (read by main)
+        given["json_schema"] = a.json_schema
+    if a.grammar:
+        given["grammar"] = a.grammar
     given.update(override)
     return dataclasses.replace(engine.default_params, **given)
+
+
+def _read_text(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
 
 
 def _engine(a: argparse.Namespace):
@@ -208,11 +230,7 @@ async def _batch(engine, a: argparse.Namespace) -> None:
                 if not isinstance(job, dict) or "prompt" not in job:
                     raise ValueError('each line must be a JSON string or an object with a "prompt"')
                 record["id"] = job.get("id", index)
-                overrides = {
-                    k: job[k]
-                    for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
-                    if k in job
-                }
+                overrides = {k: job[k] for k in BATCH_FIELDS if k in job}
                 c = await engine.generate(job["prompt"], _params(engine, a, **overrides))
                 record.update(
                     text=c.text,
@@ -300,10 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "batch",
         help="complete prompts from a JSONL file into a JSONL file",
-        description='Each input line is a JSON string or an object with "prompt" and optional '
-        '"id", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", '
-        '"ignore_eos". Output lines keep the input order; a line that fails gets an "error", and the exit status '
-        "is then 1.",
+        description='Each input line is a JSON string or an object with "prompt", an optional "id", and any of '
+        + ", ".join(f'"{k}"' for k in BATCH_FIELDS)
+        + ' (SamplingParams fields; "json_schema" as an object). Output lines keep the input order; a line that '
+        'fails gets an "error", and the exit status is then 1.',
     )
     b.add_argument("--input", "-i", help="input JSONL ('-' for stdin; default: stdin, or demo prompts on a terminal)")
     b.add_argument("--output", "-o", default="-", help="output JSONL (default: stdout)")
@@ -315,7 +333,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    for name in ("json_schema", "grammar"):  # files named on the command line are read once, here
+        path = getattr(a, name, None)
+        if path:
+            try:
+                setattr(a, name, _read_text(path))
+            except OSError as exc:
+                parser.error(f"--{name.replace('_', '-')}: {exc}")
     try:
         engine = _engine(a)
         command = {"generate": _generate, "serve": _serve, "batch": _batch}[a.command]

@@ -58,6 +58,10 @@ def test_version(capsys):
         ["frobnicate"],
         ["batch", "--input", "/no/such/file.jsonl", "--device", "cpu"],
         ["generate", "--dtype", "int8", "--device", "cpu"],
+        ["generate", "--json-schema", "/no/such/schema.json", "--device", "cpu"],
+        ["generate", "--regex", "(unclosed", "--device", "cpu"],
+        ["generate", "--presence-penalty", "9", "--device", "cpu"],
+        ["generate", "--regex", "a", "--json-object"],
     ],
 )
 def test_errors_are_one_clear_line(args, capsys):
@@ -189,3 +193,23 @@ def test_serve_says_it_cannot_bind_instead_of_announcing():
         r = _run("serve", "--port", str(port), "--device", "cpu", timeout=90)
     assert r.returncode == 1
     assert "serving on" not in r.stderr and "could not serve" in r.stderr.splitlines()[-1]
+
+
+def test_generate_and_batch_take_constraints_and_penalties(tmp_path, capsys):
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0,
+                                  "maximum": 9}}, "required": ["n"], "additionalProperties": False}))  # fmt: skip
+    assert main(["generate", "x", "--device", "cpu", "--json-schema", str(schema), "--max-new-tokens", "40"]) == 0
+    assert json.loads(capsys.readouterr().out.strip())["n"] in range(10)
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n".join([
+        json.dumps({"prompt": "a", "regex": "[xyz]{3}", "max_new_tokens": 10}),
+        json.dumps({"prompt": "b", "presence_penalty": 1.5, "logit_bias": {"5": 100}, "max_new_tokens": 3,
+                    "ignore_eos": True}),
+        json.dumps({"prompt": "c", "frequency_penalty": 7}),
+    ]) + "\n")  # fmt: skip
+    code = main(["batch", "-i", str(src), "-o", str(dst), "--device", "cpu", "--no-progress"])
+    out = [json.loads(line) for line in dst.read_text().splitlines()]
+    assert code == 1 and "error" in out[2] and "frequency_penalty" in out[2]["error"]["message"]
+    assert len(out[0]["text"]) == 3 and set(out[0]["text"]) <= set("xyz")
+    assert out[1]["token_ids"] == [5, 5, 5]  # a bias of 100 wins over any penalty in [-2, 2]
