@@ -3,8 +3,8 @@ prompt's KV blocks.
 
 The prompt is tokenized once. Sample 0 is queued first; the others wait in the queue until it has computed the
 prompt (its first token exists), then start from the prefix cache, which holds every full block of the prompt by
-then: n samples of a long prompt compute it about once. Without prefix caching they start together. Each sample
-gets its own seed: ``seed + i`` when the request gives one (reproducible whatever else runs), else a random one.
+then: n samples of a long prompt compute it about once. Without prefix caching, or for a prompt shorter than a
+block (nothing to share), they start together. Each sample gets its own seed: ``seed + i`` when the request gives one (reproducible whatever else runs), else a random one.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ async def _submit(
         for i in range(count):
             p = one if one.seed is None else dataclasses.replace(one, seed=(one.seed + i) % (1 << 32))
             rid = f"{request_id}-{i}"
-            if i and engine.config.prefix_caching:
+            if i and engine.config.prefix_caching and len(ids) > engine.config.block_size:  # a full block to share
                 engine._follows[rid] = streams[0]._state.seq
             try:
                 streams.append(await engine.submit(ids, p, request_id=rid, stream_interval=interval))
