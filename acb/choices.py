@@ -4,7 +4,8 @@ prompt's KV blocks.
 The prompt is tokenized once. Sample 0 is queued first; the others wait in the queue until it has computed the
 prompt (its first token exists), then start from the prefix cache, which holds every full block of the prompt by
 then: n samples of a long prompt compute it about once. Without prefix caching, or for a prompt shorter than a
-block (nothing to share), they start together. Each sample gets its own seed: ``seed + i`` when the request gives one (reproducible whatever else runs), else a random one.
+block (nothing to share), they start together. Each sample gets its own seed: ``seed + i`` when the request gives
+one (reproducible whatever else runs), else a random one.
 """
 
 from __future__ import annotations
