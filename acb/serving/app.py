@@ -2,7 +2,7 @@
 ``/v1/models/{id}``), ``/health``, ``/metrics``.
 
 Requests are submitted with :meth:`acb.Engine.submit`, so a bad one gets its 400 before any response starts, also
-for streams. Streaming responses are server-sent events. A client that disconnects aborts its requests: before the
+for streams. Streaming responses are server-sent events (the bodies' shapes: :mod:`acb.serving.bodies`). A client that disconnects aborts its requests: before the
 first token (both kinds) and for plain responses, a watcher cancels the work when the connection drops; once a
 stream has started, Starlette cancels the response generator, which closes the engine streams.
 
@@ -17,7 +17,7 @@ import dataclasses
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
@@ -28,28 +28,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import Engine
 from ..errors import AcbError, EngineClosedError, InvalidRequestError, RequestFailedError
-from ..outputs import Token
 from ..stream import RequestStream
+from .bodies import chat_logprobs, collect, completion_logprobs, cumulative_logprob, sse
 from .metrics import ServerMetrics
 from .middleware import DEFAULT_MAX_BODY_BYTES, ApiKey, BodyLimit, error_response
 from .protocol import (
     ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatDelta,
-    ChatLogprobs,
     ChatMessageOut,
-    ChatTokenLogprob,
     CompletionChoice,
-    CompletionChunk,
-    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     ModelCard,
     ModelList,
-    TopLogprob,
     Usage,
     openai_param,
     to_sampling_params,
@@ -249,10 +241,10 @@ async def _respond(server: _Server, request: Request, endpoint: str, req, prompt
     if req.stream:  # (best_of > n was refused for streams)
         metrics.requests.labels(endpoint, "200").inc()
         include_usage = bool((req.stream_options or {}).get("include_usage"))
-        body = _sse(server, rid, streams, firsts, chat, include_usage, logprobs)
+        body = sse(server, rid, streams, firsts, chat, include_usage, logprobs)
         return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     try:
-        results = await _until_disconnect(request, asyncio.gather(*(_collect(s, f) for s, f in zip(streams, firsts))))
+        results = await _until_disconnect(request, asyncio.gather(*(collect(s, f) for s, f in zip(streams, firsts))))
     except _Disconnected:
         for s in streams:
             await s.aclose()
@@ -265,7 +257,7 @@ async def _respond(server: _Server, request: Request, endpoint: str, req, prompt
         results = [
             toks
             for g in range(0, len(results), count)
-            for toks in sorted(results[g : g + count], key=_cumulative_logprob, reverse=True)[: params.n]
+            for toks in sorted(results[g : g + count], key=cumulative_logprob, reverse=True)[: params.n]
         ]
     prompt_tokens = sum(s.num_prompt_tokens for s in streams)
     usage = Usage(
@@ -278,7 +270,7 @@ async def _respond(server: _Server, request: Request, endpoint: str, req, prompt
             ChatChoice(
                 index=i,
                 message=ChatMessageOut(content="".join(t.text for t in toks)),
-                logprobs=_chat_logprobs(server, toks) if logprobs else None,
+                logprobs=chat_logprobs(server, toks) if logprobs else None,
                 finish_reason=toks[-1].finish_reason,
             )
             for i, toks in enumerate(results)
@@ -289,7 +281,7 @@ async def _respond(server: _Server, request: Request, endpoint: str, req, prompt
             CompletionChoice(
                 index=i,
                 text="".join(t.text for t in toks),
-                logprobs=_completion_logprobs(server, toks) if logprobs else None,
+                logprobs=completion_logprobs(server, toks) if logprobs else None,
                 finish_reason=toks[-1].finish_reason,
             )
             for i, toks in enumerate(results)
@@ -306,39 +298,6 @@ def _prompts(prompt) -> list:
     if prompt and isinstance(prompt[0], int):
         return [list(prompt)]
     return list(prompt) if prompt else [""]
-
-
-async def _collect(stream: RequestStream, first: Token) -> list[Token]:
-    toks = [first]
-    if first.finish_reason is None:
-        async for tok in stream:
-            toks.append(tok)
-    return toks
-
-
-def _cumulative_logprob(toks: list[Token]) -> float:
-    return sum(t.logprob for t in toks if t.logprob is not None)
-
-
-def _chat_logprobs(server: _Server, toks: list[Token]) -> ChatLogprobs:
-    def alternatives(t: Token) -> list[TopLogprob]:
-        texts = [server.token_text(i) for i, _ in t.top_logprobs or ()]
-        return [
-            TopLogprob(token=x, logprob=lp, bytes=list(x.encode())) for x, (_, lp) in zip(texts, t.top_logprobs or ())
-        ]
-
-    return ChatLogprobs(
-        content=[ChatTokenLogprob(token=t.text, logprob=t.logprob, bytes=list(t.text.encode()),
-                                  top_logprobs=alternatives(t)) for t in toks if t.id is not None]
-    )  # fmt: skip
-
-
-def _completion_logprobs(server: _Server, toks: list[Token]) -> CompletionLogprobs:
-    toks = [t for t in toks if t.id is not None]
-    top = None
-    if any(t.top_logprobs for t in toks):
-        top = [{server.token_text(i): lp for i, lp in t.top_logprobs or ()} for t in toks]
-    return CompletionLogprobs(tokens=[t.text for t in toks], token_logprobs=[t.logprob for t in toks], top_logprobs=top)
 
 
 class _Disconnected(Exception):
@@ -369,83 +328,6 @@ async def _until_disconnect(request: Request, work: Awaitable):
     if work in done:
         return work.result()
     raise _Disconnected
-
-
-async def _sse(
-    server: _Server, rid: str, streams: list, firsts: list, chat: bool, include_usage: bool, logprobs: bool
-) -> AsyncIterator[str]:
-    """Server-sent events: every stream's tokens as chunks (with their logprobs when asked), a usage chunk if asked,
-    then ``[DONE]``. A stream that fails mid-way sends an error event and ends."""
-    created = int(time.time())
-    queue: asyncio.Queue = asyncio.Queue()
-    counts = [0] * len(streams)
-
-    async def pump(i, stream, first):
-        try:
-            await queue.put((i, first))
-            if first.finish_reason is None:
-                async for tok in stream:
-                    await queue.put((i, tok))
-        except Exception as exc:
-            await queue.put((i, exc))
-
-    def chunk(i: int, tok: Token | None, role: bool = False) -> str:
-        lp = logprobs and tok is not None and tok.id is not None
-        finish = None if tok is None else tok.finish_reason
-        if chat:
-            delta = ChatDelta(role="assistant", content="") if role else ChatDelta(content=tok.text or None)
-            choice = ChatChunkChoice(
-                index=i, delta=delta, logprobs=_chat_logprobs(server, [tok]) if lp else None, finish_reason=finish
-            )
-            body = ChatCompletionChunk(id=rid, created=created, model=server.name, choices=[choice])
-        else:
-            choice = CompletionChoice(
-                index=i,
-                text=tok.text,
-                logprobs=_completion_logprobs(server, [tok]) if lp else None,
-                finish_reason=finish,
-            )
-            body = CompletionChunk(id=rid, created=created, model=server.name, choices=[choice])
-        data = body.model_dump()
-        if chat:  # deltas carry only what changed, as OpenAI's do
-            data["choices"][0]["delta"] = choice.delta.model_dump(exclude_none=True)
-        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-    pumps = [asyncio.ensure_future(pump(i, s, f)) for i, (s, f) in enumerate(zip(streams, firsts))]
-    try:
-        if chat:
-            for i in range(len(streams)):
-                yield chunk(i, None, role=True)
-        open_ = len(streams)
-        while open_:
-            i, item = await queue.get()
-            if isinstance(item, Exception):
-                open_ -= 1
-                err = {"error": {"message": str(item), "type": "server_error", "param": None, "code": None}}
-                yield f"data: {json.dumps(err)}\n\n"
-                continue
-            if item.id is not None:
-                counts[i] += 1
-                server.metrics.generated_tokens.inc()
-            if item.text or item.finish_reason or (logprobs and item.id is not None):
-                yield chunk(i, item)
-            if item.finish_reason is not None:
-                open_ -= 1
-        if include_usage:
-            prompt_tokens = sum(s.num_prompt_tokens for s in streams)
-            usage = Usage(
-                prompt_tokens=prompt_tokens, completion_tokens=sum(counts), total_tokens=prompt_tokens + sum(counts)
-            )
-            tail = (ChatCompletionChunk if chat else CompletionChunk)(
-                id=rid, created=created, model=server.name, choices=[], usage=usage
-            )
-            yield f"data: {json.dumps(tail.model_dump())}\n\n"
-        yield "data: [DONE]\n\n"
-    finally:  # also on client disconnect: Starlette cancels this generator, and every stream is aborted
-        for p in pumps:
-            p.cancel()
-        for s in streams:
-            await s.aclose()
 
 
 # -- running it ---------------------------------------------------------------------------------------------------
