@@ -2,9 +2,10 @@
 ``/v1/models/{id}``), ``/health``, ``/metrics``.
 
 Requests are submitted with :meth:`acb.Engine.submit`, so a bad one gets its 400 before any response starts, also
-for streams. Streaming responses are server-sent events (the bodies' shapes: :mod:`acb.serving.bodies`). A client that disconnects aborts its requests: before the
-first token (both kinds) and for plain responses, a watcher cancels the work when the connection drops; once a
-stream has started, Starlette cancels the response generator, which closes the engine streams.
+for streams. Streaming responses are server-sent events (the bodies' shapes: :mod:`acb.serving.bodies`). A client
+that disconnects aborts its requests: before the first token (both kinds) and for plain responses, a watcher
+cancels the work when the connection drops; once a stream has started, Starlette cancels the response generator,
+which closes the engine streams.
 
 Request bodies are bounded (``max_body_bytes``, 8 MiB by default): a larger body is refused with 413 before it is
 read, parsed or tokenized. With ``api_key``, every ``/v1`` request needs ``Authorization: Bearer <key>``.
