@@ -29,7 +29,7 @@ from .errors import (
 from .grammar import Grammar, GrammarCompiler
 from .stops import StopStrings, compile_stops
 
-__all__ = ["Admission", "AdmissionQueue", "Prompt"]
+__all__ = ["Admission", "AdmissionQueue", "Prompt", "require_params"]
 
 Prompt = str | list[int]
 T = TypeVar("T")
@@ -75,8 +75,7 @@ class Admission:
     # -- one request ----------------------------------------------------------------------------------------------
 
     def check_params(self, params: SamplingParams) -> SamplingParams:
-        if not isinstance(params, SamplingParams):
-            raise InvalidSamplingParamsError(f"params must be a SamplingParams, got {type(params).__name__}")
+        require_params(params)
         bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
         if bad:
             raise InvalidSamplingParamsError(
@@ -188,6 +187,13 @@ class Admission:
                 f"prompt ({num_prompt} tokens) + max_new_tokens ({params.max_new_tokens}) needs {needed} KV slots; "
                 f"the whole KV cache holds {self.max_cache_tokens}"
             )
+
+
+def require_params(params: object) -> SamplingParams:
+    """``params`` if it is a SamplingParams (which validated itself), else the typed error."""
+    if not isinstance(params, SamplingParams):
+        raise InvalidSamplingParamsError(f"params must be a SamplingParams, got {type(params).__name__}")
+    return params
 
 
 def _texts(content) -> list[str]:

@@ -29,7 +29,7 @@ import anyio
 import torch
 
 from . import aio, choices
-from .admission import Admission, AdmissionQueue, Prompt
+from .admission import Admission, AdmissionQueue, Prompt, require_params
 from .bridge import CompletionBridge
 from .config import EngineConfig, SamplingParams
 from .delivery import Delivery
@@ -38,7 +38,6 @@ from .errors import (
     DuplicateRequestIdError,
     EngineClosedError,
     InvalidRequestError,
-    InvalidSamplingParamsError,
     RequestFailedError,
     WrongEventLoopError,
 )
@@ -283,11 +282,7 @@ class Engine(Stages):
         return await choices.generate_choices(self, prompt, self._params(params), rid)
 
     def _params(self, params: SamplingParams | None) -> SamplingParams:
-        if params is None:
-            return self.default_params
-        if not isinstance(params, SamplingParams):
-            raise InvalidSamplingParamsError(f"params must be a SamplingParams, got {type(params).__name__}")
-        return params
+        return self.default_params if params is None else require_params(params)
 
     async def apply_chat_template(self, messages: list[dict]) -> str:
         """Render chat ``messages`` into a prompt with the tokenizer's chat template (in the engine's tokenizer

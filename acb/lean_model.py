@@ -18,15 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from .attention import AttentionMetadata, paged_attention_reference
-from .families import LeanLayer, LeanSpec, adapter, lean_plan
+from .families import LeanLayer, LeanSpec, adapter
 from .kv_cache import KVCache
 
-__all__ = ["LeanCausalLM", "LeanInputs", "supports_lean"]
-
-
-def supports_lean(model) -> bool:
-    """Whether ``model``'s family has a lean adapter that accepts it (:func:`acb.families.lean_plan` says why not)."""
-    return lean_plan(model)[0] is not None
+__all__ = ["LeanCausalLM", "LeanInputs"]
 
 
 @dataclass(slots=True)
@@ -46,13 +41,11 @@ class LeanInputs:
 
 
 class LeanCausalLM:
-    def __init__(self, model, max_positions: int, workspace_rows: int = 0) -> None:
-        name, why = lean_plan(model)
-        if name is None:
-            raise ValueError(f"no lean path for this model: {why}")
-        spec: LeanSpec = adapter(name).lean_spec(model)
+    def __init__(self, model, family: str, max_positions: int, workspace_rows: int = 0) -> None:
+        """``family``: the adapter module that :func:`acb.families.lean_plan` chose for ``model``."""
+        spec: LeanSpec = adapter(family).lean_spec(model)
         self.spec = spec
-        self.family = name
+        self.family = family
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.eps, self.scale = spec.eps, spec.scale
         self.kv_cache: KVCache | None = None  # set by the engine once the cache is sized
@@ -95,10 +88,6 @@ class LeanCausalLM:
         """cos/sin of every position from the model's own rotary modules (rope scaling included), first halves."""
         self.tables = [build(max_positions) for build in self.spec.rotary]
         self._positions = max_positions
-
-    @property
-    def cos(self) -> torch.Tensor:
-        return self.tables[0][0]
 
     # -- the forward ---------------------------------------------------------------------------------------------
 

@@ -92,7 +92,7 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
         # before it closed (they would share its KV cache and workspace).
         lean = getattr(model, "_acb_lean", None)
         if lean is None:
-            lean = LeanCausalLM(model, max_model_len, workspace_rows=config.max_num_seqs)
+            lean = LeanCausalLM(model, family, max_model_len, workspace_rows=config.max_num_seqs)
             model._acb_lean = lean
         lean.ensure(max_model_len, config.max_num_seqs)
     elif config.fast_path:

@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import datetime
 import gc
+import itertools
 import json
 import os
 import re
@@ -83,7 +84,7 @@ async def run_one(
 
         bar = tqdm(total=len(requests), desc=progress, unit="req", file=sys.stderr, leave=False)
 
-    index = iter(range(1 << 62))
+    index = itertools.count()
 
     async def one(prompt: list[int], new: int) -> list[int]:
         t0 = time.perf_counter()

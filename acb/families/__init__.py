@@ -14,7 +14,7 @@ with ``model.generate`` (docs/architecture.md, "Adding a model family").
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -59,7 +59,6 @@ class LeanSpec:
     activation: str = "silu"  # or "gelu_tanh"
     embed_scale: float | None = None  # multiply the embeddings by this (Gemma: sqrt(hidden))
     final_softcap: float | None = None  # logits = cap * tanh(logits / cap)
-    notes: list[str] = field(default_factory=list)
 
 
 # architecture (transformers class name) -> adapter module
