@@ -1,8 +1,9 @@
 """CUDA graphs for decode steps: one replay per step instead of hundreds of kernel launches.
 
 One graph per batch-size bucket, captured at start-up on the fixed layout of :class:`~acb.step_inputs.StepInputs`:
-the graph reads the staged fields, derives input ids, block tables and cache slots on the device, runs the lean
-forward, and samples greedily (each row's argmax written to the token buffer at the row's slot). A decode step of
+the graph reads the staged fields, derives input ids, block tables and cache slots on the device, runs the model's
+forward (the lean model's, or the generic path's: transformers' modules with acb's kernels), and samples greedily
+(each row's argmax written to the token buffer at the row's slot). A decode step of
 ``B`` sequences is staged padded to the smallest bucket ``>= B``; padding rows use a scratch slot whose block table is
 a scratch block no sequence owns.
 
@@ -16,14 +17,19 @@ copy and one replay per sub-step, queued back to back with no host work in betwe
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+
 import torch
 
 from .kernels import decode_splits
-from .lean_model import LeanCausalLM
 from .sampling import flag_non_finite
-from .step_inputs import StepInputs
+from .step_inputs import DeviceStep, StepInputs
 
-__all__ = ["DecodeGraphs", "graph_buckets"]
+__all__ = ["DecodeGraphs", "DecodeForward", "graph_buckets"]
+
+DecodeForward = Callable[[DeviceStep, int], torch.Tensor]
+"""A decode step's forward: ``(step, decode_splits) -> logits [rows, vocab]``, reading only device tensors."""
 
 
 def graph_buckets(max_batch: int) -> list[int]:
@@ -33,27 +39,40 @@ def graph_buckets(max_batch: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, lean: LeanCausalLM, inputs: StepInputs, max_batch: int, max_model_len: int) -> None:
-        self.lean = lean
+    def __init__(
+        self,
+        forward: DecodeForward,
+        inputs: StepInputs,
+        max_batch: int,
+        max_model_len: int,
+        *,
+        num_kv_heads: int,
+        device: torch.device,
+        capturing: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ) -> None:
+        """``capturing``: a context the warm-up and the captures run in (the generic path's capturable experts)."""
+        self.model_forward = forward
         self.inputs = inputs
+        self.num_kv_heads = num_kv_heads
+        self.device = device
         self.max_batch = max_batch
         self.buckets = graph_buckets(max_batch)
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
-        self._capture(max_model_len)
+        with capturing():
+            self._capture(max_model_len)
 
     def _forward(self, b: int, splits: int, advance: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         if advance:
             self.inputs.advance(self.inputs.fixed_views, b)
         d = self.inputs.derive(self.inputs.fixed_views, b, b, b)
-        x = d.lean_inputs(max_query_len=1, decode_splits=splits, logits=False)
-        logits = self.lean.forward(x)
+        logits = self.model_forward(d, splits)
         greedy = logits.argmax(-1)  # as sampling.sample's greedy rows (bf16 -> fp32 keeps the order)
         self.inputs.token_buf[d.sample_slots] = greedy
         return logits, flag_non_finite(logits, greedy, greedy)  # -1 where the logits are not finite
 
     def _capture(self, max_model_len: int) -> None:
-        kv_heads = self.lean.num_kv_heads
-        sms = torch.cuda.get_device_properties(self.lean.device).multi_processor_count
+        kv_heads = self.num_kv_heads
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         self.splits = {b: decode_splits(b, kv_heads, max_model_len, sms) for b in self.buckets}
         for b in sorted(set(self.splits.values())):  # compile each kernel variant before capture
             size = max(x for x in self.buckets if self.splits[x] == b)

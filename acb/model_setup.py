@@ -97,7 +97,7 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
         lean.ensure(max_model_len, config.max_num_seqs)
     elif config.fast_path:
         raise ValueError(f"fast_path=True, but the lean model path does not take this model ({why})")
-    graphs = lean is not None and config.cuda_graphs and device.type == "cuda"
+    graphs = config.cuda_graphs and device.type == "cuda"
 
     # Sized after the lean model was built (its rotary tables and workspace take memory too).
     num_blocks = config.num_kv_blocks or auto_num_blocks(
@@ -127,6 +127,8 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
         graphs=graphs,
         record_timing=config.record_step_timing,
     )
+    if runner.graph_blocker is not None:
+        why += f"; decode steps run eagerly: {runner.graph_blocker}"
     model._acb_owner = weakref.ref(runner)
     return Runtime(
         device=device,

@@ -10,14 +10,16 @@ host. A multi-step decode round runs its sub-steps back to back in one launch, e
 
 Every path stages its inputs the same way (:mod:`acb.step_inputs`). Two model paths:
 
-- **lean** (:mod:`acb.lean_model`, the families of :mod:`acb.families`): fused kernels; on CUDA, decode steps
-  replay a CUDA graph (:mod:`acb.cuda_graphs`) and other steps run eagerly;
-- **generic**: any transformers causal LM, through its own modules and acb's attention function.
+- **lean** (:mod:`acb.lean_model`, the families of :mod:`acb.families`): fused kernels;
+- **generic** (:mod:`acb.generic_model`): any transformers causal LM, through its own modules and acb's attention.
+
+On CUDA, decode steps of either path replay a CUDA graph (:mod:`acb.cuda_graphs`) and other steps run eagerly.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import queue
 import threading
 import time
@@ -30,6 +32,7 @@ import torch
 
 from .attention import AttentionMetadata
 from .batch import StepBatch
+from .generic_model import GenericCausalLM
 from .grammar import GrammarMasks
 from .kernels import decode_splits
 from .kv_cache import KVCache
@@ -116,12 +119,16 @@ class ModelRunner:
         graphs: bool = False,
         record_timing: bool = False,
     ) -> None:
-        """``graphs`` (CUDA + lean only) turns on decode CUDA graphs. Padding rows (graphs, a round's finished rows)
-        use a scratch block, the KV cache's last one, which no sequence owns."""
+        """``graphs`` (CUDA) turns on decode CUDA graphs. Padding rows (graphs, a round's finished rows) use a scratch
+        block, the KV cache's last one, which no sequence owns."""
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
         self.lean = lean
+        self.generic = GenericCausalLM(model, kv_cache, device) if lean is None else None
+        # why the decode steps of a model on the generic path cannot be captured (they run eagerly then), or None
+        self.graph_blocker = self.generic.graph_blocker() if graphs and self.generic is not None else None
+        graphs = graphs and self.graph_blocker is None
         # one entry per sequence slot, plus a spare that padding rows of decode graphs write to
         self.token_buf = torch.zeros(max_num_seqs + 1, dtype=torch.int64, device=device)
         graph_rows = min(max_num_seqs, 512) if graphs else 0
@@ -140,19 +147,19 @@ class ModelRunner:
         vocab = model.get_output_embeddings().weight.shape[0]
         self.logits_state = LogitsState(max_num_seqs, vocab, device)
         self.grammar_masks = GrammarMasks(max_num_seqs, device)
+        self._cuda = device.type == "cuda"
+        self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count if self._cuda else 0
+        self._num_kv_heads = kv_cache.layers[0].shape[3]
         self.graphs = None
         if graphs:
             from .cuda_graphs import DecodeGraphs
 
-            self.graphs = DecodeGraphs(lean, self.inputs, graph_rows, max_model_len)
-        self._cuda = device.type == "cuda"
-        self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count if self._cuda else 0
-        self._num_kv_heads = kv_cache.layers[0].shape[3]
-        self._attention_kernels = None  # chosen once: the generic path attends with the Triton kernels on CUDA
-        if self._cuda and lean is None:
-            from .kernels import attention as kernels
-
-            self._attention_kernels = kernels
+            if lean is not None:
+                forward, capturing = self._lean_decode, contextlib.nullcontext
+            else:
+                forward, capturing = self._generic_decode, self.generic.capturable
+            self.graphs = DecodeGraphs(forward, self.inputs, graph_rows, max_model_len, num_kv_heads=self._num_kv_heads,
+                                       device=device, capturing=capturing)  # fmt: skip
         self.closed = False
         self._worker = StepWorker("acb-step")
         self._staged: dict[str, torch.Tensor] | None = None  # device views of the step being run (worker only)
@@ -179,6 +186,7 @@ class ModelRunner:
             self.lean.kv_cache = None
         self.graphs = None
         self.kv_cache = None
+        self.generic = None
         return finished
 
     def start_device_trace(self) -> None:
@@ -316,35 +324,36 @@ class ModelRunner:
 
     def _forward(self, b: StepBatch, d, j: int = 0) -> torch.Tensor:
         """Logits of the sampled rows of an eagerly run step (sub-step ``j`` of a round)."""
-        meta = None
         seq_lens = b.seq_lens if j == 0 else np.where(b.counts > j, b.seq_lens + j, 1)
         splits = 0
         if self._cuda and b.decode_only:
             splits = decode_splits(b.num_rows, self._num_kv_heads, int(seq_lens.max()), self._num_sms)
+        host_layout = None
         if self.lean is None or not self._cuda:  # the reference attention reads the layout on the host
+            host_layout = (b.query_start_loc.tolist(), seq_lens.tolist())
+        if self.lean is None:
+            return self.generic.forward(d, decode_only=b.decode_only, max_query_len=b.max_query_len,
+                                        decode_splits=splits, host_layout=host_layout,
+                                        logits_rows=d.sample_idx)  # fmt: skip
+        meta = None
+        if host_layout is not None:
             meta = AttentionMetadata(
                 kv_cache=self.kv_cache,
                 slot_mapping=d.slot_mapping,
-                query_start_loc=b.query_start_loc.tolist(),
-                seq_lens=seq_lens.tolist(),
+                query_start_loc=host_layout[0],
+                seq_lens=host_layout[1],
                 block_tables=d.block_tables,
                 decode_only=b.decode_only,
-                kernels=self._attention_kernels,  # the generic path on CUDA: transformers' modules, acb's kernels
-                device_seq_lens=d.seq_lens,
-                device_query_start_loc=d.query_start_loc,
-                max_query_len=b.max_query_len,
-                decode_splits=splits,
             )
-        if self.lean is None:
-            out = self.model(
-                input_ids=d.input_ids[None],
-                position_ids=d.positions[None],
-                use_cache=False,
-                logits_to_keep=d.sample_idx,
-                acb_meta=meta,
-            )
-            return out.logits[0]
         return self.lean.forward(d.lean_inputs(b.max_query_len, splits, logits=True, meta=meta))
+
+    def _lean_decode(self, d, splits: int) -> torch.Tensor:
+        """A decode step through the lean model, every row's logits (what the graphs capture)."""
+        return self.lean.forward(d.lean_inputs(max_query_len=1, decode_splits=splits, logits=False))
+
+    def _generic_decode(self, d, splits: int) -> torch.Tensor:
+        """A decode step through the generic path, every row's logits (what the graphs capture)."""
+        return self.generic.forward(d, decode_only=True, max_query_len=1, decode_splits=splits)
 
     def _end(self, start: torch.cuda.Event | None) -> None:
         """Mark the end of a (sub-)step's GPU work, paired with ``start``, when recording step timing."""

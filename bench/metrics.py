@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-__all__ = ["percentile", "busy_time", "idle_fraction", "LoopLag", "decode_floor_seconds"]
+__all__ = ["percentile", "busy_time", "idle_fraction", "LoopLag", "decode_floor_seconds", "decode_floor"]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -71,7 +71,14 @@ def decode_floor_seconds(
     ``requests`` are ``(prompt_len, new_tokens)``, batched continuously: at most ``max_batch`` run at once, and a
     waiting request (in arrival order) takes the slot of one that finished. Prefill is not counted.
     """
-    total = 0.0
+    return decode_floor(weight_bytes, kv_bytes_per_token, requests, bandwidth, max_batch)[0]
+
+
+def decode_floor(
+    weight_bytes: int, kv_bytes_per_token: int, requests: list[tuple[int, int]], bandwidth: float, max_batch: int
+) -> tuple[float, int]:
+    """:func:`decode_floor_seconds` and the number of decode steps it counted."""
+    total, steps = 0.0, 0
     waiting = list(reversed(requests))
     running: list[list[int]] = []  # [context length, tokens still to generate]
     while waiting or running:
@@ -84,5 +91,6 @@ def decode_floor_seconds(
             r[0] += 1
             r[1] -= 1
         total += (weight_bytes + kv * kv_bytes_per_token) / bandwidth
+        steps += 1
         running = [r for r in running if r[1] > 0]
-    return total
+    return total, steps

@@ -26,7 +26,7 @@ import torch
 from acb import Engine, EngineConfig, SamplingParams
 from acb.kv_cache import ModelShape
 
-from .metrics import LoopLag, decode_floor_seconds, idle_fraction, percentile
+from .metrics import LoopLag, decode_floor, idle_fraction, percentile
 from .workloads import FAMILY_MODELS, WORKLOADS, Conversation, build_model, make_requests, synthetic_tokenizer
 
 # A JSON schema that a random model cannot finish within W-side's 1,024 tokens (at least 400 items), so constrained
@@ -307,7 +307,7 @@ async def bench(args) -> list[dict]:
         requests = make_requests(w, shape.vocab_size, seed=args.seed)
         turns = _turn_lengths(requests)
         max_len = max(p + n for p, n in turns) + 16
-        floor = decode_floor_seconds(
+        floor, floor_steps = decode_floor(
             weight_bytes, shape.kv_bytes_per_token(model.dtype), turns, bandwidth, min(len(turns), args.max_num_seqs)
         )
         # transformers' modes first: acb's lean path releases the unfused weights of the model it takes over
@@ -369,6 +369,8 @@ async def bench(args) -> list[dict]:
                 workload=w.name, note=w.note, mode=mode, card=card, model=w.model, requests=w.requests,
                 gpu_idle=idle_fraction(intervals), engine_build_s=build_s, fast_path=engine.fast_path,
                 floor_s=floor, achieved_vs_floor=floor / r["wall_s"], copy_bw_GBps=bandwidth / 1e9,
+                floor_step_ms=floor * 1e3 / max(1, floor_steps), path_reason=engine.path_reason,
+                weight_bytes=weight_bytes,
             )  # fmt: skip
             record(r)
             del engine

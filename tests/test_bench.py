@@ -11,7 +11,7 @@ import pytest
 
 from acb import Engine, EngineConfig, SamplingParams
 from acb.tracing import LANES
-from bench.metrics import decode_floor_seconds, idle_fraction, percentile
+from bench.metrics import decode_floor, decode_floor_seconds, idle_fraction, percentile
 from bench.workloads import WORKLOADS, make_requests
 
 
@@ -37,6 +37,20 @@ def test_metrics():
     assert decode_floor_seconds(10, 1, [(1, 2), (1, 1)], 12.0, 8) == pytest.approx(2.0)
     # one slot: the second request starts when the first ends (steps read 10+1, 10+2, then 10+5 bytes at 1 B/s)
     assert decode_floor_seconds(10, 1, [(1, 2), (5, 1)], 1.0, 1) == pytest.approx(38.0)
+    assert decode_floor(10, 1, [(1, 2), (5, 1)], 1.0, 1) == (pytest.approx(38.0), 3)
+
+
+def test_family_table_pairs_each_familys_lean_and_generic_runs():
+    from bench.families import table
+
+    def run(model, mode, tok, step):
+        return dict(model=model, mode=mode, card="H200", tok_per_s=tok, gpu_step_ms_p50=step, floor_step_ms=2.0)
+
+    out = table([run("llama-1b", "async", 4000.0, 2.2), run("llama-1b", "async[fast_path=false]", 2600.0, 3.1),
+                 run("phi3-mini", "async[fast_path=false]", 900.0, 9.0)])  # fmt: skip
+    rows = out.splitlines()[2:]
+    assert rows[0] == "| llama-1b | H200 | 4,000 | 2,600 | 65% | 2.20 | 3.10 | 2.00 | 1.10× |"
+    assert rows[1] == "| phi3-mini | H200 | — | 900 | — | — | 9.00 | 2.00 | — |"
 
 
 async def test_tracing_records_every_lane(make_model, tokenizer):

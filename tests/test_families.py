@@ -101,3 +101,120 @@ async def test_the_engine_logs_its_path_once_at_start(make_model, tokenizer, cap
         pass
     lines = [r.getMessage() for r in caplog.records if "engine started" in r.getMessage()]
     assert lines == ["acb engine started on cpu: lean path: Gemma3ForCausalLM through the gemma3 adapter"]
+
+
+# -- the generic path's decode graphs: what runs inside them, checked on the CPU ----------------------------------
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 40], ids=["gather", "gather-3", "dense"])
+@pytest.mark.parametrize("arch", MOE)
+def test_capturable_experts_equal_transformers_eager_experts(arch, tokens):
+    """Inside the decode graphs the experts take :func:`graph_experts_forward` (no data-dependent shapes): the same
+    output as transformers' eager loop, whether it gathers each pair's expert (few tokens) or runs every expert."""
+    import torch
+
+    from acb.generic_model import GenericCausalLM, graph_experts_forward
+
+    model = tiny_model(arch, seed=2)
+    generic = GenericCausalLM(model, kv_cache=None, device=torch.device("cpu"))
+    experts = generic._experts[0]
+    n = experts.gate_up_proj.shape[0]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, experts.gate_up_proj.shape[-1], generator=g)
+    k = 2
+    picked = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(tokens)])
+    weights = torch.rand(tokens, k, generator=g).softmax(-1)
+    own = model.config._experts_implementation  # transformers' default (eager or grouped_mm, by version)
+    model.config._experts_implementation = "eager"
+    want = experts(x, picked, weights)
+    model.config._experts_implementation = own
+    with generic.capturable():
+        got = experts(x, picked, weights)
+        assert got.data_ptr() != want.data_ptr()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(graph_experts_forward(experts, x, picked, weights), want, rtol=1e-5, atol=1e-6)
+    assert model.config._experts_implementation == own  # given back after the capture
+
+
+def test_what_keeps_a_generic_model_out_of_decode_graphs_is_named(tokenizer):
+    import torch
+
+    from acb.generic_model import GenericCausalLM
+
+    cpu = torch.device("cpu")
+    assert GenericCausalLM(tiny_model("llama"), None, cpu).graph_blocker() == "CUDA graphs need CUDA"
+    for arch, overrides, blocker in [
+        ("llama", {}, None),
+        ("mixtral", {}, None),
+        ("qwen3-moe", {}, None),
+        ("gemma3", dict(attn_logit_softcapping=50.0), "attention soft-capping"),
+    ]:
+        generic = GenericCausalLM(tiny_model(arch, **overrides), None, cpu)
+        generic.kernels = object()  # as on CUDA
+        got = generic.graph_blocker()
+        assert got == blocker if blocker is None else got.startswith(blocker), (arch, got)
+    moe = GenericCausalLM(tiny_model("mixtral"), None, cpu)
+    moe.kernels = object()
+    moe._experts[0].is_transposed = True
+    assert "expert layout" in moe.graph_blocker()
+
+
+_DEVICE_ONLY_DECODE = """
+import asyncio, sys
+import torch
+sys.path.insert(0, "tests")
+from conftest import random_prompts, reference_greedy
+from acb import Engine, EngineConfig, SamplingParams
+from acb.default_model import default_tokenizer, tiny_model
+from acb.generic_model import GenericCausalLM
+from acb.kernels import attention as kernels
+from acb.runner import ModelRunner
+
+# What a decode graph captures, run eagerly: the generic forward reading only device tensors (no host layout), the
+# Triton kernels (interpreted), the capturable experts. Prefill keeps the reference attention.
+decode_steps = []
+def forward(self, b, d, j=0):
+    if not b.decode_only or j:
+        return ModelRunner._forward.__wrapped__(self, b, d, j)
+    decode_steps.append(b.num_rows)
+    self.generic.kernels = kernels
+    try:
+        with self.generic.capturable():
+            return self._generic_decode(d, 2)[d.sample_idx]
+    finally:
+        self.generic.kernels = None
+forward.__wrapped__ = ModelRunner._forward
+ModelRunner._forward = forward
+ModelRunner._forward.__wrapped__ = forward.__wrapped__
+
+tok = default_tokenizer()
+for arch in sys.argv[1:]:
+    model = tiny_model(arch, seed=5)
+    ref = tiny_model(arch, seed=5)
+    prompts = random_prompts(4, [5, 17, 9, 12], len(tok), seed=2)
+    want = [reference_greedy(ref, p, 6) for p in prompts]
+    async def main():
+        async with Engine(model, tok, EngineConfig(block_size=8, fast_path=False, overlap=False)) as engine:
+            outs = await asyncio.gather(*(engine.generate(p, SamplingParams(max_new_tokens=6, ignore_eos=True))
+                                          for p in prompts))
+        return [o.token_ids for o in outs]
+    got = asyncio.run(main())
+    assert got == want, (arch, got, want)
+    assert decode_steps, arch
+    decode_steps.clear()
+print("ok")
+"""
+
+
+def test_the_generic_decode_graph_forward_reads_only_the_device():
+    """The forward the generic path's decode graphs capture (no host-side layout, the Triton kernels, the capturable
+    experts), run eagerly under Triton's interpreter on the CPU, gives ``model.generate``'s tokens."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
+    cmd = [sys.executable, "-c", _DEVICE_ONLY_DECODE, "llama", "mixtral", "qwen3-moe"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]

@@ -99,6 +99,12 @@ def _decode_merge_kernel(
     tl.store(OUT + b * s_b + h * s_h + d, out.to(OUT.dtype.element_ty))
 
 
+def _block_n(q: torch.Tensor) -> int:
+    """Keys per tile: 64, or 32 where rows are wider than 512 bytes (head_dim 256 in float32), so that two stages of
+    key and value tiles stay within an SM's shared memory (227 KB on H100)."""
+    return 64 if q.shape[-1] * q.element_size() <= 512 else 32
+
+
 def paged_decode(
     q: torch.Tensor,  # [B, H, D]
     kv: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
@@ -125,7 +131,7 @@ def paged_decode(
         q, kc, vc, block_tables, seq_lens, op, mp, lp, scale,
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
         op.stride(0), op.stride(1), op.stride(2), mp.stride(0), mp.stride(1),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_N=64, PAGE=kv.shape[2],
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_N=_block_n(q), PAGE=kv.shape[2],
         SPLITS=splits, WINDOW=window, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4, num_stages=2,
     )  # fmt: skip
@@ -198,12 +204,13 @@ def paged_prefill(
     out = torch.empty_like(q) if out is None else out
     block_m = 64 if max_query_len > 16 else 16
     kc, vc = kv[0], kv[1]
+    block_n = _block_n(q)
     grid = (seq_lens.shape[0], triton.cdiv(max_query_len, block_m), heads)
     _prefill_kernel[grid](
         q, kc, vc, block_tables, seq_lens, query_start_loc, out, scale,
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
-        GROUP=heads // kvh, D=dim, BLOCK_M=block_m, BLOCK_N=64, PAGE=kv.shape[2], WINDOW=window,
+        GROUP=heads // kvh, D=dim, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=kv.shape[2], WINDOW=window,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2,
     )  # fmt: skip
     return out

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 PATHS = {
     "graphs": dict(fast_path=True, cuda_graphs=True),
     "lean-eager": dict(fast_path=True, cuda_graphs=False),
-    "generic": dict(fast_path=False),
+    "generic": dict(fast_path=False, cuda_graphs=True),
+    "generic-eager": dict(fast_path=False, cuda_graphs=False),
 }
 
 
@@ -38,8 +39,8 @@ async def test_greedy_matches_generate_on_cuda(arch, overlap, path, make_model, 
 
         outs = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
         stats = engine.stats()
-        assert engine.fast_path == (path != "generic")
-        assert (engine._runner.graphs is not None) == (path == "graphs")
+        assert engine.fast_path == (not path.startswith("generic"))
+        assert (engine._runner.graphs is not None) == (not path.endswith("eager"))
     assert [o.token_ids for o in outs] == expected
     assert stats.num_preemptions > 0
     assert stats.kv_blocks_free == stats.kv_blocks_total
@@ -81,7 +82,7 @@ async def test_greedy_rows_match_generate_beside_sampled_and_logprob_rows(overla
     assert all(len(outs[i].logprobs) == 20 for i in expected if i % 3 == 2)
 
 
-@pytest.mark.parametrize("path", ["graphs", "lean-eager"])
+@pytest.mark.parametrize("path", ["graphs", "lean-eager", "generic"])
 @pytest.mark.parametrize("overlap", [True, False], ids=["async", "sync"])
 async def test_multi_step_rounds_match_single_steps_on_cuda(overlap, path, make_model, tokenizer):
     """decode_steps=4: rounds of graph replays (or eager steps) fed from the device token buffer give the tokens of

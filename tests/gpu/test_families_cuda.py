@@ -1,5 +1,5 @@
 """Every lean family and the mixture-of-experts models on CUDA: greedy equals model.generate (float32), lean path
-with decode graphs and generic path, both overlap modes (skipped without CUDA)."""
+with decode graphs, generic path with decode graphs and without, both overlap modes (skipped without CUDA)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,11 @@ from acb import Engine, EngineConfig, SamplingParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-PATHS = {"graphs": dict(fast_path=True, cuda_graphs=True), "generic": dict(fast_path=False)}
+PATHS = {
+    "graphs": dict(fast_path=True, cuda_graphs=True),
+    "generic": dict(fast_path=False, cuda_graphs=True),
+    "generic-eager": dict(fast_path=False, cuda_graphs=False),
+}
 
 
 @pytest.mark.parametrize("path", list(PATHS))
@@ -35,4 +39,21 @@ async def test_families_match_generate_on_cuda(arch, overlap, path, make_model, 
 
         outs = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
         assert engine.fast_path == (path == "graphs")
+        assert (engine._runner.graphs is not None) == (path != "generic-eager"), engine.path_reason
+    assert [o.token_ids for o in outs] == expected
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["async", "sync"])
+async def test_a_generic_model_that_cannot_be_captured_decodes_eagerly_and_says_why(overlap, make_model, tokenizer):
+    """Attention soft-capping has no Triton kernel: the reference attention reads the layout on the host, so decode
+    steps stay eager, the path's reason says so, and the tokens are transformers'."""
+    model, ref = make_model("gemma3", seed=4, attn_logit_softcapping=30.0)
+    prompts = random_prompts(4, [5, 17, 33], len(tokenizer), seed=6)
+    expected = [reference_greedy(ref, p, 12) for p in prompts]
+    config = EngineConfig(device="cuda", block_size=16, num_kv_blocks=40, overlap=overlap, fast_path=False)
+    async with Engine(model, tokenizer, config) as engine:
+        outs = await asyncio.gather(*(engine.generate(p, SamplingParams(max_new_tokens=12, ignore_eos=True))
+                                      for p in prompts))  # fmt: skip
+        assert engine._runner.graphs is None
+        assert "decode steps run eagerly: attention soft-capping" in engine.path_reason
     assert [o.token_ids for o in outs] == expected

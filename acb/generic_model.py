@@ -1,0 +1,152 @@
+"""The generic path: any transformers causal LM through its own modules, attending with acb's paged attention.
+
+Models without a family adapter (:mod:`acb.families`) run here, and so does every model with ``fast_path=False``.
+Their attention layers call :func:`acb.attention.paged_attention_forward`, which on CUDA runs the Triton kernels of
+:mod:`acb.kernels.attention` and elsewhere the plain-torch reference.
+
+On CUDA the decode step is captured in CUDA graphs like the lean path's (:mod:`acb.cuda_graphs`), when nothing in the
+model needs the host in the middle of a forward. Two things can:
+
+- attention logit soft-capping (Gemma 2): the Triton kernels have none, and the reference reads the layout on the
+  host; such a model decodes eagerly;
+- mixture-of-experts layers: transformers' eager experts loop over the experts a step picked, which the host learns
+  by reading them back (and its grouped implementation falls back to such a loop outside bf16). Inside the graphs
+  acb switches the experts to :func:`graph_experts_forward`, which computes the same sum with shapes fixed by the
+  step's size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from .attention import AttentionMetadata
+from .kv_cache import KVCache
+from .step_inputs import DeviceStep
+
+__all__ = ["GenericCausalLM", "graph_experts_forward", "GRAPH_EXPERTS"]
+
+GRAPH_EXPERTS = "acb_graph"
+"""The name :func:`graph_experts_forward` is registered under in transformers' experts interface."""
+
+
+class GenericCausalLM:
+    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, device: torch.device) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.kernels = None  # chosen once: on CUDA the Triton kernels, elsewhere the reference
+        if device.type == "cuda":
+            from .kernels import attention as kernels
+
+            self.kernels = kernels
+        self._experts = [m for m in model.modules() if _is_experts(m)]
+
+    def forward(
+        self,
+        d: DeviceStep,
+        *,
+        decode_only: bool,
+        max_query_len: int,
+        decode_splits: int = 0,
+        host_layout: tuple[list[int], list[int]] | None = None,
+        logits_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits of a staged step: of ``logits_rows`` (indices into its tokens), or of every token.
+
+        ``host_layout`` (``query_start_loc``, ``seq_lens`` as lists) is what the reference attention reads; the
+        kernels read only the device tensors, which is what lets a decode step be captured."""
+        qsl, lens = host_layout if host_layout is not None else ([], [])
+        meta = AttentionMetadata(
+            kv_cache=self.kv_cache,
+            slot_mapping=d.slot_mapping,
+            query_start_loc=qsl,
+            seq_lens=lens,
+            block_tables=d.block_tables,
+            decode_only=decode_only,
+            kernels=self.kernels,
+            device_seq_lens=d.seq_lens,
+            device_query_start_loc=d.query_start_loc,
+            max_query_len=max_query_len,
+            decode_splits=decode_splits,
+        )
+        out = self.model(
+            input_ids=d.input_ids[None],
+            position_ids=d.positions[None],
+            use_cache=False,
+            logits_to_keep=0 if logits_rows is None else logits_rows,
+            acb_meta=meta,
+        )
+        return out.logits[0]
+
+    def graph_blocker(self) -> str | None:
+        """Why this model's decode step cannot be captured in a CUDA graph, or None."""
+        if self.kernels is None:
+            return "CUDA graphs need CUDA"
+        config = self.model.config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        if getattr(config, "attn_logit_softcapping", None):
+            return "attention soft-capping runs the reference attention, which reads the step's layout on the host"
+        for m in self._experts:
+            if not _standard_experts(m):
+                return f"{type(m).__name__} has an expert layout acb's capturable experts do not cover"
+        return None
+
+    @contextlib.contextmanager
+    def capturable(self) -> Iterator[None]:
+        """While capturing: mixture-of-experts layers use :func:`graph_experts_forward` (then their own again)."""
+        configs = {id(m.config): m.config for m in self._experts}.values()
+        before = [(c, c._experts_implementation) for c in configs]
+        if before:
+            from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+            ALL_EXPERTS_FUNCTIONS.register(GRAPH_EXPERTS, graph_experts_forward)
+        try:
+            for c, _ in before:
+                c._experts_implementation = GRAPH_EXPERTS
+            yield
+        finally:
+            for c, impl in before:
+                c._experts_implementation = impl
+
+
+def _is_experts(module: torch.nn.Module) -> bool:
+    """A transformers experts module (``@use_experts_implementation``: all experts' weights in 3-D tensors)."""
+    return hasattr(module, "has_gate") and hasattr(module, "down_proj") and hasattr(module, "num_experts")
+
+
+def _standard_experts(m: torch.nn.Module) -> bool:
+    """[gate; up] concatenated in ``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``, no biases, no expert norm."""
+    return (
+        m.has_gate
+        and not getattr(m, "has_bias", False)
+        and not getattr(m, "is_transposed", False)
+        and getattr(m, "is_concatenated", True)
+        and not getattr(m, "has_post_expert_norm", False)
+        and isinstance(getattr(m, "gate_up_proj", None), torch.Tensor)
+    )
+
+
+def graph_experts_forward(
+    self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """Mixture-of-experts output with no data-dependent shapes, so that it can be captured.
+
+    ``hidden_states [T, H]``, each token's ``k`` experts ``top_k_index [T, k]`` and their weights. With fewer
+    (token, expert) pairs than experts, each pair gathers its expert's weights (reading ``T * k`` experts); otherwise
+    every token goes through every expert, weighted by its routing weight, 0 for the experts it did not pick (reading
+    each expert once, as the eager loop does when most experts are picked)."""
+    tokens, k = top_k_index.shape
+    experts = self.gate_up_proj.shape[0]
+    if tokens * k < experts:
+        idx = top_k_index.reshape(-1)
+        x = hidden_states.repeat_interleave(k, 0)  # [T*k, H]
+        h = self._apply_gate(torch.bmm(self.gate_up_proj[idx], x[:, :, None])[..., 0])
+        out = torch.bmm(self.down_proj[idx], h[:, :, None])[..., 0] * top_k_weights.reshape(-1, 1)
+        return out.view(tokens, k, -1).sum(1).to(hidden_states.dtype)
+    weights = top_k_weights.new_zeros(tokens, experts).scatter_(1, top_k_index, top_k_weights)  # [T, E]
+    x = hidden_states.expand(experts, tokens, hidden_states.shape[-1])
+    h = self._apply_gate(torch.bmm(x, self.gate_up_proj.transpose(1, 2)))  # [E, T, I]
+    out = torch.bmm(h, self.down_proj.transpose(1, 2)) * weights.t()[:, :, None]  # [E, T, H]
+    return out.sum(0).to(hidden_states.dtype)
