@@ -8,7 +8,7 @@ mkdir -p "$OUT"
 export PYTHONPATH=".:.gpu_site:${PYTHONPATH:-}" ACB_COMMIT=${ACB_COMMIT:-unknown}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/card.txt"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-    timeout 300 python -m pytest -q -x -p no:cacheprovider tests/gpu 2>&1 | tail -25 | tee "$OUT/gpu-tests.log"
+    timeout ${TEST_TIMEOUT:-300} python -m pytest -q -x -p no:cacheprovider tests/gpu 2>&1 | tail -25 | tee "$OUT/gpu-tests.log"
 fi
 i=0
 for args in "$@"; do
