@@ -80,7 +80,11 @@ class EngineConfig:
     ``None`` = on CUDA when supported.
     ``True`` on the CPU runs the same model logic on plain torch ops (tests)."""
     cuda_graphs: bool = True
-    """Replay decode steps as CUDA graphs (lean path on CUDA only)."""
+    """Replay decode steps as CUDA graphs (on CUDA; both paths, see ``engine.path_reason`` for a model that cannot)."""
+    warmup: bool | None = None
+    """Before ``start()`` returns, run a few internal requests that meet what the first real steps would otherwise
+    meet for the first time: Triton's kernel variants (prefill tiles for short and long prompts, the penalty kernel),
+    the allocator's largest step. ``None``: on CUDA only. Its duration is in ``engine.startup`` and the log."""
     record_step_timing: bool = False
     """Record CUDA events around every step's GPU work (``engine.step_intervals()``; benchmarks)."""
     long_prompt_chars: int = 2048

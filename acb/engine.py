@@ -90,6 +90,9 @@ class Engine(Stages):
         self.max_model_len, self.fast_path = rt.max_model_len, rt.fast_path
         self.path_reason = rt.path_reason
         """Which path the model runs (lean or generic) and why, in words; logged once at start."""
+        self.startup = dict(rt.startup)
+        """Seconds per start-up phase: ``lean_model_s``, ``runner_s`` (KV cache and CUDA graphs), ``warmup_s``
+        (once ``start()`` ran its warm-up, see ``EngineConfig.warmup``)."""
         self._blocks, self._scheduler = rt.blocks, rt.scheduler
         self._builder, self._runner = rt.builder, rt.runner
         self._bridge = CompletionBridge()
@@ -157,6 +160,34 @@ class Engine(Stages):
         ]
         self._state = "running"
         log.info("acb engine started on %s: %s", self.device, self.path_reason)
+        warmup = self.config.warmup if self.config.warmup is not None else self.device.type == "cuda"
+        if warmup:
+            t0 = time.perf_counter()
+            await self._warm_up()
+            self.startup["warmup_s"] = time.perf_counter() - t0
+            log.info("acb warm-up: %.2f s", self.startup["warmup_s"])
+
+    async def _warm_up(self) -> None:
+        """Internal requests through the whole pipeline (see ``EngineConfig.warmup``), then forget them: the prefix
+        cache drops their blocks, step timing and the counters of ``stats()`` restart."""
+        cfg = self.config
+        vocab = self.shape.vocab_size
+        longest = max(1, min(cfg.max_num_batched_tokens, self.max_model_len - 2,
+                             self._blocks.num_blocks * cfg.block_size - 2))  # fmt: skip
+        greedy = SamplingParams(max_new_tokens=2, ignore_eos=True)
+        penalized = SamplingParams(max_new_tokens=2, ignore_eos=True, repetition_penalty=1.1)
+        prompts = [([3 + i % (vocab - 3) for i in range(longest)], greedy)]
+        prompts += [([3 + (7 * i + j) % (vocab - 3) for j in range(min(8, longest))], penalized if i == 0 else greedy)
+                    for i in range(4)]  # fmt: skip
+        await self.generate(*prompts[0], request_id="acb-warmup")  # the longest alone, then short ones together
+        streams = [await self.submit(p, q, request_id=f"acb-warmup-{i}") for i, (p, q) in enumerate(prompts[1:])]
+        for stream in streams:
+            await stream.collect()
+        self.clear_prefix_cache()
+        self.clear_step_timing()
+        self._steps = 0  # the counters of engine.stats() start after the warm-up
+        self._scheduler.num_preemptions = 0
+        self._blocks.stats = type(self._blocks.stats)()
 
     async def close(self, *, drain: bool = True) -> None:
         """Stop accepting requests, let running ones finish (up to ``drain_timeout``), fail the rest with

@@ -4,8 +4,13 @@ Models without a family adapter (:mod:`acb.families`) run here, and so does ever
 Their attention layers call :func:`acb.attention.paged_attention_forward`, which on CUDA runs the Triton kernels of
 :mod:`acb.kernels.attention` and elsewhere the plain-torch reference.
 
-On CUDA the decode step is captured in CUDA graphs like the lean path's (:mod:`acb.cuda_graphs`), when nothing in the
-model needs the host in the middle of a forward. Two things can:
+On CUDA two things make these modules cheaper without changing what they compute:
+
+- RMSNorm modules run acb's fused kernel (one kernel instead of about six): each norm is checked at start, on a
+  random input of its width, against its own forward, as ``w * norm(x)`` (Llama's) or ``(1 + w) * norm(x)`` (Gemma's);
+  a norm that matches neither keeps its forward;
+- the decode step is captured in CUDA graphs like the lean path's (:mod:`acb.cuda_graphs`), when nothing in the
+  model needs the host in the middle of a forward. Two things can:
 
 - attention logit soft-capping (Gemma 2): the Triton kernels have none, and the reference reads the layout on the
   host; such a model decodes eagerly;
@@ -42,6 +47,36 @@ class GenericCausalLM:
 
             self.kernels = kernels
         self._experts = [m for m in model.modules() if _is_experts(m)]
+        self.fused_norms: list[torch.nn.Module] = []
+        if device.type == "cuda":
+            self.fuse_norms()
+
+    def fuse_norms(self) -> None:
+        """Let every RMSNorm module that acb's fused kernel reproduces run that kernel (see the module's doc)."""
+        from .kernels.fused import add_rmsnorm
+
+        for m in self.model.modules():
+            if "RMSNorm" not in type(m).__name__ or "forward" in vars(m):
+                continue
+            weight, eps = getattr(m, "weight", None), getattr(m, "variance_epsilon", getattr(m, "eps", None))
+            if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not isinstance(eps, float):
+                continue
+            x = torch.randn(8, weight.shape[0], dtype=weight.dtype, device=weight.device)
+            with torch.no_grad():
+                want = m(x)
+                if want.shape != x.shape or want.dtype != x.dtype:
+                    continue
+                for w in (weight, 1.0 + weight.float()):
+                    if torch.allclose(add_rmsnorm(x, None, w, eps), want, rtol=1e-2, atol=1e-2):
+                        m.forward = _fused_norm(m.forward, w, eps, add_rmsnorm)
+                        self.fused_norms.append(m)
+                        break
+
+    def release(self) -> None:
+        """Give the modules back their own forwards (the engine closed)."""
+        for m in self.fused_norms:
+            del m.forward
+        self.fused_norms = []
 
     def forward(
         self,
@@ -109,6 +144,18 @@ class GenericCausalLM:
         finally:
             for c, impl in before:
                 c._experts_implementation = impl
+
+
+def _fused_norm(own, weight: torch.Tensor, eps: float, kernel):
+    """A norm's forward through the fused kernel, for inputs of the width and dtype it was checked at."""
+    width, dtype = weight.shape[0], own.__self__.weight.dtype
+
+    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        if hidden_states.dtype != dtype or hidden_states.shape[-1] != width:
+            return own(hidden_states)
+        return kernel(hidden_states.reshape(-1, width), None, weight, eps).view(hidden_states.shape)
+
+    return forward
 
 
 def _is_experts(module: torch.nn.Module) -> bool:

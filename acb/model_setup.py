@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 import weakref
 from dataclasses import dataclass
 
@@ -64,6 +65,9 @@ class Runtime:
     runner: ModelRunner
     original_attention: str | None
     """The model's attention implementation before the engine took it over (restored by :func:`release_model`)."""
+    startup: dict[str, float]
+    """Seconds spent per start-up phase: ``lean_model_s`` (fusing the weights), ``runner_s`` (KV cache, CUDA
+    graphs)."""
 
 
 def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
@@ -87,6 +91,8 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
         why = f"lean path: {why}"
     else:
         why = "generic path: fast_path=False" if config.fast_path is False else "generic path: the CPU default"
+    startup = {"lean_model_s": 0.0}
+    t0 = time.perf_counter()
     if use_lean and family is not None:
         # The lean model owns the fused weights; a later engine on the same model reuses it, once the engine
         # before it closed (they would share its KV cache and workspace).
@@ -98,6 +104,7 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
     elif config.fast_path:
         raise ValueError(f"fast_path=True, but the lean model path does not take this model ({why})")
     graphs = config.cuda_graphs and device.type == "cuda"
+    startup["lean_model_s"] = time.perf_counter() - t0
 
     # Sized after the lean model was built (its rotary tables and workspace take memory too).
     num_blocks = config.num_kv_blocks or auto_num_blocks(
@@ -114,6 +121,7 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
     kv_cache = KVCache(shape, num_blocks + 1, config.block_size, dtype, device)
     if lean is not None:
         lean.kv_cache = kv_cache
+    t0 = time.perf_counter()
     runner = ModelRunner(
         model,
         kv_cache,
@@ -127,6 +135,10 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
         graphs=graphs,
         record_timing=config.record_step_timing,
     )
+    startup["runner_s"] = time.perf_counter() - t0
+    log = logging.getLogger("acb")
+    log.info("acb start-up: lean model %.2f s, KV cache and %d decode graphs %.2f s", startup["lean_model_s"],
+             0 if runner.graphs is None else len(runner.graphs.graphs), startup["runner_s"])  # fmt: skip
     if runner.graph_blocker is not None:
         why += f"; decode steps run eagerly: {runner.graph_blocker}"
     model._acb_owner = weakref.ref(runner)
@@ -149,6 +161,7 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
         builder=BatchBuilder(config.max_num_seqs, config.block_size),
         runner=runner,
         original_attention=original_attention,
+        startup=startup,
     )
 
 

@@ -186,6 +186,8 @@ class ModelRunner:
             self.lean.kv_cache = None
         self.graphs = None
         self.kv_cache = None
+        if self.generic is not None:
+            self.generic.release()
         self.generic = None
         return finished
 

@@ -171,9 +171,12 @@ from acb.kernels import attention as kernels
 from acb.runner import ModelRunner
 
 # What a decode graph captures, run eagerly: the generic forward reading only device tensors (no host layout), the
-# Triton kernels (interpreted), the capturable experts. Prefill keeps the reference attention.
+# Triton kernels (interpreted), the capturable experts, the fused norms. Prefill keeps the reference attention.
 decode_steps = []
 def forward(self, b, d, j=0):
+    if not self.generic.fused_norms:  # as on CUDA
+        self.generic.fuse_norms()
+        assert self.generic.fused_norms
     if not b.decode_only or j:
         return ModelRunner._forward.__wrapped__(self, b, d, j)
     decode_steps.append(b.num_rows)
@@ -202,19 +205,21 @@ for arch in sys.argv[1:]:
     assert got == want, (arch, got, want)
     assert decode_steps, arch
     decode_steps.clear()
+    assert all("forward" not in vars(m) for m in model.modules())  # the norms got their forwards back at close
 print("ok")
 """
 
 
 def test_the_generic_decode_graph_forward_reads_only_the_device():
     """The forward the generic path's decode graphs capture (no host-side layout, the Triton kernels, the capturable
-    experts), run eagerly under Triton's interpreter on the CPU, gives ``model.generate``'s tokens."""
+    experts, the fused norms: Llama's, Gemma's ``1 + w``, Qwen3's per-head), run eagerly under Triton's interpreter
+    on the CPU, gives ``model.generate``'s tokens."""
     import os
     import subprocess
     import sys
 
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
-    cmd = [sys.executable, "-c", _DEVICE_ONLY_DECODE, "llama", "mixtral", "qwen3-moe"]
+    cmd = [sys.executable, "-c", _DEVICE_ONLY_DECODE, "llama", "gemma3", "qwen3", "mixtral", "qwen3-moe"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]

@@ -120,3 +120,20 @@ async def test_a_second_open_engine_on_the_same_model_is_refused_with_a_typed_er
     kept = Engine(model, tokenizer, config)
     del kept
     Engine(model, tokenizer, config)  # and an engine dropped without closing does not hold it either
+
+
+async def test_warm_up_runs_before_start_returns_and_leaves_nothing_behind(make_model, tokenizer):
+    """EngineConfig(warmup=True) (the default on CUDA): internal requests run inside start(); afterwards the counters
+    are zero, the prefix cache holds nothing, every block is free, and requests get transformers' tokens."""
+    model, ref = make_model("llama", seed=3)
+    prompt = random_prompts(1, [11], len(tokenizer), seed=2)[0]
+    config = EngineConfig(block_size=8, warmup=True, prefix_caching=True, max_num_batched_tokens=48)
+    async with Engine(model, tokenizer, config) as engine:
+        assert engine.startup["warmup_s"] > 0 and set(engine.startup) >= {"lean_model_s", "runner_s"}
+        stats = engine.stats()
+        assert (stats.steps, stats.prefix_queries, stats.prefix_cached_blocks, stats.num_preemptions) == (0, 0, 0, 0)
+        assert stats.kv_blocks_free == stats.kv_blocks_total
+        out = await engine.generate(prompt, SamplingParams(max_new_tokens=8, ignore_eos=True))
+    assert out.token_ids == reference_greedy(ref, prompt, 8)
+    async with Engine(model, tokenizer, EngineConfig(block_size=8)) as engine:
+        assert "warmup_s" not in engine.startup  # off by default on the CPU
