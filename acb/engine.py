@@ -169,20 +169,33 @@ class Engine(Stages):
 
     async def _warm_up(self) -> None:
         """Internal requests through the whole pipeline (see ``EngineConfig.warmup``), then forget them: the prefix
-        cache drops their blocks, step timing and the counters of ``stats()`` restart."""
+        cache drops their blocks, step timing and the counters of ``stats()`` restart.
+
+        First a step as large as the engine runs (``max_num_batched_tokens`` over as many prompts as that takes,
+        within ``max_model_len``, the KV cache and ``max_num_seqs``): its activations are the largest the allocator
+        will be asked for, its GEMMs the tallest. Then a few short prompts together, one of them penalized."""
         cfg = self.config
         vocab = self.shape.vocab_size
-        longest = max(1, min(cfg.max_num_batched_tokens, self.max_model_len - 2,
-                             self._blocks.num_blocks * cfg.block_size - 2))  # fmt: skip
+        budget = max(1, min(cfg.max_num_batched_tokens, (self._blocks.num_blocks - 1) * cfg.block_size // 2))
+        per_prompt = max(1, min(self.max_model_len - 2, budget))
+        lengths = [per_prompt] * max(1, budget // per_prompt)
+        lengths = lengths[: cfg.max_num_seqs]
+        if budget % per_prompt and len(lengths) < cfg.max_num_seqs and budget > per_prompt:
+            lengths.append(budget % per_prompt)
         greedy = SamplingParams(max_new_tokens=2, ignore_eos=True)
         penalized = SamplingParams(max_new_tokens=2, ignore_eos=True, repetition_penalty=1.1)
-        prompts = [([3 + i % (vocab - 3) for i in range(longest)], greedy)]
-        prompts += [([3 + (7 * i + j) % (vocab - 3) for j in range(min(8, longest))], penalized if i == 0 else greedy)
-                    for i in range(4)]  # fmt: skip
-        await self.generate(*prompts[0], request_id="acb-warmup")  # the longest alone, then short ones together
-        streams = [await self.submit(p, q, request_id=f"acb-warmup-{i}") for i, (p, q) in enumerate(prompts[1:])]
-        for stream in streams:
-            await stream.collect()
+        short = min(5, per_prompt)
+        groups = [
+            [([3 + (i * 31 + j) % (vocab - 3) for j in range(n)], greedy) for i, n in enumerate(lengths)],
+            [
+                ([3 + (i * 7 + j) % (vocab - 3) for j in range(short)], penalized if i == 0 else greedy)
+                for i in range(3)
+            ],
+        ]
+        for g, group in enumerate(groups):
+            streams = [await self.submit(p, q, request_id=f"acb-warmup-{g}-{i}") for i, (p, q) in enumerate(group)]
+            for stream in streams:
+                await stream.collect()
         self.clear_prefix_cache()
         self.clear_step_timing()
         self._steps = 0  # the counters of engine.stats() start after the warm-up

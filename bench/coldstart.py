@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="llama-8b")
     ap.add_argument("--new", type=int, default=64, help="output tokens per request")
     ap.add_argument("--one", choices=["on", "off"], help="(internal) measure in this process, print JSON")
-    ap.add_argument("--out", help="write both runs' results here")
+    ap.add_argument("--runs", default="off,on,on-reused", help="which of off, on, on-reused (see main) to run")
+    ap.add_argument("--out", help="write the runs' results here")
     args = ap.parse_args(argv)
     if args.one:
         print(json.dumps(asyncio.run(_measure(args.model, args.one == "on", args.new))))
@@ -83,25 +84,19 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         # warm-up off and on, each with a fresh Triton cache (a new machine or container); then on again, reusing
         # the second run's cache (a persistent compile cache: TRITON_CACHE_DIR on a volume)
-        for mode, cache in (("off", "a"), ("on", "b"), ("on", "b")):
+        runs = args.runs.split(",")
+        for name, mode, cache in (("off", "off", "a"), ("on", "on", "b"), ("on-reused", "on", "b")):
+            if name not in runs and not (name == "on" and "on-reused" in runs):  # on-reused reuses on's cache
+                continue
             env = dict(os.environ, TRITON_CACHE_DIR=os.path.join(tmp, cache))
-            cmd = [
-                sys.executable,
-                "-m",
-                "bench.coldstart",
-                "--one",
-                mode,
-                "--model",
-                args.model,
-                "--new",
-                str(args.new),
-            ]
+            cmd = [sys.executable, "-m", "bench.coldstart", "--one", mode, "--model", args.model, "--new",
+                   str(args.new)]  # fmt: skip
             r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
             if r.returncode != 0:
                 print(r.stderr[-3000:], file=sys.stderr)
                 continue
             row = json.loads(r.stdout.strip().splitlines()[-1])
-            row["triton_cache"] = "reused" if rows and cache == "b" and mode == "on" and rows[-1]["warmup"] else "fresh"
+            row["triton_cache"] = "reused" if name == "on-reused" else "fresh"
             rows.append(row)
     print(table(rows))
     if args.out:

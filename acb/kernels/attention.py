@@ -44,8 +44,8 @@ def _online_softmax(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
 def _decode_split_kernel(
     Q, KC, VC, BT, LENS, OP, MP, LP, scale,
     s_qb, s_qh, s_kb, s_ks, s_kh, s_bt, s_ob, s_oh, s_os, s_mb, s_mh,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-    SPLITS: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr, SPLITS: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -57,24 +57,25 @@ def _decode_split_kernel(
         start = tl.maximum(start, ctx - WINDOW)
     end = tl.minimum(split * chunk + chunk, ctx)
     g = tl.arange(0, GROUP_PAD)
-    d = tl.arange(0, D)
+    d = tl.arange(0, D_PAD)  # head_dim padded to a power of two (Phi-3's 96); padding columns read as zeros
+    dmask = d[None, :] < D
     heads = kvh * GROUP + g
     gmask = g < GROUP
-    q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=gmask[:, None], other=0.0)
+    q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=gmask[:, None] & dmask, other=0.0)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, D], tl.float32)
+    acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         nmask = pos < end
         off = _kv_offsets(BT, b, s_bt, pos, nmask, kvh, s_kb, s_ks, s_kh, PAGE)
-        k = tl.load(KC + off[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
-        v = tl.load(VC + off[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
+        k = tl.load(KC + off[:, None] + d[None, :], mask=nmask[:, None] & dmask, other=0.0)
+        v = tl.load(VC + off[:, None] + d[None, :], mask=nmask[:, None] & dmask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_i, l_i, acc = _online_softmax(s, v, m_i, l_i, acc, PRECISION)
     o_ptr = OP + b * s_ob + heads[:, None] * s_oh + split * s_os + d[None, :]
-    tl.store(o_ptr, acc, mask=gmask[:, None])
+    tl.store(o_ptr, acc, mask=gmask[:, None] & dmask)
     tl.store(MP + b * s_mb + heads * s_mh + split, m_i, mask=gmask)
     tl.store(LP + b * s_mb + heads * s_mh + split, l_i, mask=gmask)
 
@@ -82,27 +83,28 @@ def _decode_split_kernel(
 @triton.jit
 def _decode_merge_kernel(
     OP, MP, LP, OUT, s_ob, s_oh, s_os, s_mb, s_mh, s_b, s_h,
-    SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, D: tl.constexpr,
+    SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.arange(0, SPLITS_PAD)
     smask = s < SPLITS
-    d = tl.arange(0, D)
+    d = tl.arange(0, D_PAD)
     m = tl.load(MP + b * s_mb + h * s_mh + s, mask=smask, other=float("-inf"))
     lsum = tl.load(LP + b * s_mb + h * s_mh + s, mask=smask, other=0.0)
     m_max = tl.max(m, 0)
     w = tl.where(m > float("-inf"), tl.exp(m - m_max), 0.0)
     denom = tl.sum(lsum * w, 0)
-    acc = tl.load(OP + b * s_ob + h * s_oh + s[:, None] * s_os + d[None, :], mask=smask[:, None], other=0.0)
+    acc = tl.load(OP + b * s_ob + h * s_oh + s[:, None] * s_os + d[None, :], mask=smask[:, None] & (d[None, :] < D),
+                  other=0.0)  # fmt: skip
     out = tl.sum(acc * w[:, None], 0) / denom
-    tl.store(OUT + b * s_b + h * s_h + d, out.to(OUT.dtype.element_ty))
+    tl.store(OUT + b * s_b + h * s_h + d, out.to(OUT.dtype.element_ty), mask=d < D)
 
 
 def _block_n(q: torch.Tensor) -> int:
     """Keys per tile: 64, or 32 where rows are wider than 512 bytes (head_dim 256 in float32), so that two stages of
     key and value tiles stay within an SM's shared memory (227 KB on H100)."""
-    return 64 if q.shape[-1] * q.element_size() <= 512 else 32
+    return 64 if triton.next_power_of_2(q.shape[-1]) * q.element_size() <= 512 else 32
 
 
 def paged_decode(
@@ -131,14 +133,15 @@ def paged_decode(
         q, kc, vc, block_tables, seq_lens, op, mp, lp, scale,
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
         op.stride(0), op.stride(1), op.stride(2), mp.stride(0), mp.stride(1),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_N=_block_n(q), PAGE=kv.shape[2],
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim, D_PAD=triton.next_power_of_2(dim),
+        BLOCK_N=_block_n(q), PAGE=kv.shape[2],
         SPLITS=splits, WINDOW=window, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4, num_stages=2,
     )  # fmt: skip
     _decode_merge_kernel[(bsz, heads)](
         op, mp, lp, out, op.stride(0), op.stride(1), op.stride(2), mp.stride(0), mp.stride(1),
         out.stride(0), out.stride(1), SPLITS=splits, SPLITS_PAD=max(2, triton.next_power_of_2(splits)), D=dim,
-        num_warps=2,
+        D_PAD=triton.next_power_of_2(dim), num_warps=2,
     )  # fmt: skip
     return out
 
@@ -147,8 +150,8 @@ def paged_decode(
 def _prefill_kernel(
     Q, KC, VC, BT, LENS, QSTART, OUT, scale,
     s_qt, s_qh, s_kb, s_ks, s_kh, s_bt, s_ot, s_oh,
-    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-    WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     mblk = tl.program_id(1)
@@ -162,11 +165,12 @@ def _prefill_kernel(
     offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
     mmask = offs_m < n_q
     q_pos = ctx - n_q + offs_m
-    d = tl.arange(0, D)
-    q = tl.load(Q + (q0 + offs_m)[:, None] * s_qt + h * s_qh + d[None, :], mask=mmask[:, None], other=0.0)
+    d = tl.arange(0, D_PAD)
+    dmask = d[None, :] < D
+    q = tl.load(Q + (q0 + offs_m)[:, None] * s_qt + h * s_qh + d[None, :], mask=mmask[:, None] & dmask, other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     hi = tl.minimum(ctx, ctx - n_q + (mblk + 1) * BLOCK_M)
     lo = 0
     if WINDOW > 0:
@@ -175,8 +179,8 @@ def _prefill_kernel(
         pos = n0 + tl.arange(0, BLOCK_N)
         nmask = pos < hi
         off = _kv_offsets(BT, b, s_bt, pos, nmask, kvh, s_kb, s_ks, s_kh, PAGE)
-        k = tl.load(KC + off[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
-        v = tl.load(VC + off[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
+        k = tl.load(KC + off[:, None] + d[None, :], mask=nmask[:, None] & dmask, other=0.0)
+        v = tl.load(VC + off[:, None] + d[None, :], mask=nmask[:, None] & dmask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         keep = nmask[None, :] & (pos[None, :] <= q_pos[:, None])
         if WINDOW > 0:
@@ -185,7 +189,7 @@ def _prefill_kernel(
         m_i, l_i, acc = _online_softmax(s, v, m_i, l_i, acc, PRECISION)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_ptr = OUT + (q0 + offs_m)[:, None] * s_ot + h * s_oh + d[None, :]
-    tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=mmask[:, None])
+    tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=mmask[:, None] & dmask)
 
 
 def paged_prefill(
@@ -210,7 +214,8 @@ def paged_prefill(
         q, kc, vc, block_tables, seq_lens, query_start_loc, out, scale,
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
-        GROUP=heads // kvh, D=dim, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=kv.shape[2], WINDOW=window,
+        GROUP=heads // kvh, D=dim, D_PAD=triton.next_power_of_2(dim), BLOCK_M=block_m, BLOCK_N=block_n,
+        PAGE=kv.shape[2], WINDOW=window,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2,
     )  # fmt: skip
     return out

@@ -15,22 +15,24 @@ def _rope_cache_kernel(
     Q, K, V, COS, SIN, POS, SLOT, KC, VC,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_cos, s_cs, s_ch,
     H: tl.constexpr, H_PAD: tl.constexpr, HKV: tl.constexpr, HKV_PAD: tl.constexpr, HALF: tl.constexpr,
+    HALF_PAD: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0)
     pos = tl.load(POS + t)
     slot = tl.load(SLOT + t).to(tl.int64)
-    i = tl.arange(0, HALF)
-    c = tl.load(COS + pos * s_cos + i)[None, :]
-    s = tl.load(SIN + pos * s_cos + i)[None, :]
+    i = tl.arange(0, HALF_PAD)  # half the head_dim, padded to a power of two (Phi-3's 48)
+    im = i[None, :] < HALF
+    c = tl.load(COS + pos * s_cos + i, mask=i < HALF, other=0.0)[None, :]
+    s = tl.load(SIN + pos * s_cos + i, mask=i < HALF, other=0.0)[None, :]
     hq = tl.arange(0, H_PAD)[:, None]
-    qm = hq < H
+    qm = (hq < H) & im
     q_ptr = Q + t * s_qt + hq * s_qh + i[None, :]
     x1 = tl.load(q_ptr, mask=qm, other=0.0).to(tl.float32)
     x2 = tl.load(q_ptr + HALF, mask=qm, other=0.0).to(tl.float32)
     tl.store(q_ptr, (x1 * c - x2 * s).to(Q.dtype.element_ty), mask=qm)
     tl.store(q_ptr + HALF, (x2 * c + x1 * s).to(Q.dtype.element_ty), mask=qm)
     hk = tl.arange(0, HKV_PAD)[:, None]
-    km = hk < HKV
+    km = (hk < HKV) & im
     k_ptr = K + t * s_kt + hk * s_kh + i[None, :]
     y1 = tl.load(k_ptr, mask=km, other=0.0).to(tl.float32)
     y2 = tl.load(k_ptr + HALF, mask=km, other=0.0).to(tl.float32)
@@ -62,7 +64,7 @@ def rope_and_cache(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
         kc.stride(0), kc.stride(1),
         H=heads, H_PAD=triton.next_power_of_2(heads), HKV=kvh, HKV_PAD=triton.next_power_of_2(kvh), HALF=dim // 2,
-        num_warps=4,
+        HALF_PAD=triton.next_power_of_2(dim // 2), num_warps=4,
     )  # fmt: skip
 
 

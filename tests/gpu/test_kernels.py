@@ -48,7 +48,9 @@ def _setup(ctx_lens, new, heads, kv_heads, dim, bs, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("heads, kv_heads, dim", [(8, 2, 64), (14, 2, 64), (4, 4, 16), (32, 8, 128)])
+@pytest.mark.parametrize(
+    "heads, kv_heads, dim", [(8, 2, 64), (14, 2, 64), (4, 4, 16), (32, 8, 128), (8, 8, 96), (4, 1, 256)]
+)  # 96: Phi-3 mini (not a power of two); 256: Gemma 3
 @pytest.mark.parametrize("splits", [1, 3])
 def test_decode_matches_reference(dtype, heads, kv_heads, dim, splits):
     ctx = [1, 15, 16, 17, 100, 257]  # block boundaries at 16
@@ -62,10 +64,11 @@ def test_decode_matches_reference(dtype, heads, kv_heads, dim, splits):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [0, 7])
-def test_prefill_matches_reference_on_mixed_steps(dtype, window):
+@pytest.mark.parametrize("dim", [64, 96, 256])
+def test_prefill_matches_reference_on_mixed_steps(dtype, window, dim):
     ctx = [1, 5, 33, 64, 130, 17]
     new = [1, 5, 20, 1, 130, 3]  # whole prompts, chunks continuing a cached prefix, decodes
-    cache, meta, q = _setup(ctx, new, 8, 2, 64, 16, dtype, seed=1)
+    cache, meta, q = _setup(ctx, new, 8, 2, dim, 16, dtype, seed=1)
     lens = torch.tensor(ctx, device=DEVICE, dtype=torch.int32)
     qsl = torch.tensor(meta.query_start_loc, device=DEVICE, dtype=torch.int32)
     out = paged_prefill(q, cache.layers[0], meta.block_tables, lens, qsl, max(new), 0.2, window=window)
@@ -74,9 +77,10 @@ def test_prefill_matches_reference_on_mixed_steps(dtype, window):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_and_cache_write(dtype):
+@pytest.mark.parametrize("dim", [32, 96])
+def test_rope_and_cache_write(dtype, dim):
     torch.manual_seed(2)
-    t, heads, kvh, dim, bs = 7, 6, 2, 32, 4
+    t, heads, kvh, bs = 7, 6, 2, 4
     shape = ModelShape(1, heads, kvh, dim, 100, None)
     cache = KVCache(shape, 8, bs, dtype, torch.device(DEVICE))
     q = torch.randn(t, heads, dim, device=DEVICE).to(dtype)
