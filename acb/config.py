@@ -81,6 +81,10 @@ class EngineConfig:
     ``True`` on the CPU runs the same model logic on plain torch ops (tests)."""
     cuda_graphs: bool = True
     """Replay decode steps as CUDA graphs (on CUDA; both paths, see ``engine.path_reason`` for a model that cannot)."""
+    tensor_parallel_size: int = 1
+    """Split the model over this many processes (one GPU each on CUDA; gloo on the CPU): the engine's process runs
+    rank 0, acb starts the others (``spawn``: build the engine under ``if __name__ == "__main__":``). Needs the lean
+    path (a model family with an adapter); heads, KV heads and the MLP width must divide by it. See docs/parallel.md."""
     warmup: bool | None = None
     """Before ``start()`` returns, run a few internal requests that meet what the first real steps would otherwise
     meet for the first time: Triton's kernel variants (prefill tiles for short and long prompts, the penalty kernel),
@@ -128,6 +132,10 @@ class EngineConfig:
         _positive("long_prompt_chars", self.long_prompt_chars)
         if self.drain_timeout < 0:
             raise ValueError("drain_timeout must be >= 0")
+        if not _is_int(self.tensor_parallel_size) or not 1 <= self.tensor_parallel_size <= 64:
+            raise ValueError(f"tensor_parallel_size must be an integer in [1, 64], got {self.tensor_parallel_size!r}")
+        if self.warmup is not None and not isinstance(self.warmup, bool):
+            raise ValueError(f"warmup must be True, False or None, got {self.warmup!r}")
 
 
 _DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",

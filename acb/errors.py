@@ -18,6 +18,7 @@ __all__ = [
     "ModelInUseError",
     "StreamInUseError",
     "WrongEventLoopError",
+    "WorkerFailedError",
 ]
 
 
@@ -84,3 +85,8 @@ class WrongEventLoopError(AcbError, RuntimeError):
     """The engine was used from an event loop other than the one it was started on (another thread's
     ``asyncio.run``, say). The engine keeps serving its own loop; submit from that loop (from another thread, with
     ``asyncio.run_coroutine_threadsafe``, or ``trio.from_thread.run`` when the engine runs on trio)."""
+
+
+class WorkerFailedError(AcbError, RuntimeError):
+    """A tensor-parallel worker process died or its connection broke: the engine stops serving (every live request
+    ends with :class:`RequestFailedError` naming this), and its other workers are shut down."""

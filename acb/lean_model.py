@@ -41,10 +41,30 @@ class LeanInputs:
 
 
 class LeanCausalLM:
-    def __init__(self, model, family: str, max_positions: int, workspace_rows: int = 0) -> None:
-        """``family``: the adapter module that :func:`acb.families.lean_plan` chose for ``model``."""
-        spec: LeanSpec = adapter(family).lean_spec(model)
+    def __init__(
+        self,
+        model,
+        family: str,
+        max_positions: int,
+        workspace_rows: int = 0,
+        *,
+        spec: LeanSpec | None = None,
+        group=None,
+        vocab_size: int | None = None,
+    ) -> None:
+        """``family``: the adapter module that :func:`acb.families.lean_plan` chose for ``model``.
+
+        Tensor parallelism (:mod:`acb.parallel`): ``spec`` is this rank's shard (``model`` may then be None),
+        ``group`` its :class:`~acb.parallel.Group`, ``vocab_size`` the whole vocabulary's size."""
+        spec = spec if spec is not None else adapter(family).lean_spec(model)
         self.spec = spec
+        self.group = group
+        self.vocab_size = vocab_size if vocab_size is not None else spec.lm_head.shape[0]
+        self._vocab_lo = 0
+        if group is not None:
+            from .parallel.shard import vocab_range
+
+            self._vocab_lo = vocab_range(self.vocab_size, group.rank, group.world)[0]
         self.family = family
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.eps, self.scale = spec.eps, spec.scale
@@ -94,7 +114,7 @@ class LeanCausalLM:
     @torch.inference_mode()
     def forward(self, x: LeanInputs) -> torch.Tensor:
         """Logits ``[S, vocab]`` (model dtype) for the rows ``x.logits_idx``."""
-        h = F.embedding(x.input_ids, self.embed)
+        h = self._embed(x.input_ids)
         if self.embed_scale is not None:
             h = h * self.embed_scale
         norm = self._norm
@@ -110,11 +130,15 @@ class LeanCausalLM:
                 attn = norm(attn, None, lw.post_attn_norm)
             normed = norm(attn, residual, lw.ln2)
             h = F.linear(self._gate(F.linear(normed, lw.gate_up_w)), lw.down_w)
+            if self.group is not None:  # each rank's MLP columns: a partial sum
+                self.group.all_reduce(h)
             if lw.post_mlp_norm is not None:
                 h = norm(h, None, lw.post_mlp_norm)
         if x.logits_idx is not None:
             h, residual = h[x.logits_idx], residual[x.logits_idx]
         logits = F.linear(norm(h, residual, self.norm), self.lm_head)
+        if self.group is not None:  # each rank has its slice of the vocabulary
+            logits = self.group.all_gather_last(logits)[:, : self.vocab_size]
         cap = self.spec.final_softcap
         if cap:
             logits = (torch.tanh(logits.float() / cap) * cap).to(logits.dtype)
@@ -129,8 +153,18 @@ class LeanCausalLM:
         if lw.q_norm is not None:  # Qwen3, Gemma 3: RMSNorm over each head before rotary
             q = self._norm(q.reshape(-1, self.head_dim), None, lw.q_norm).view(t, self.num_heads, self.head_dim)
             k = self._norm(k.reshape(-1, self.head_dim), None, lw.k_norm).view(t, self.num_kv_heads, self.head_dim)
-        out = self._attend(i, lw, q, k, v, x)
-        return F.linear(out.reshape(t, -1), lw.o_w)
+        out = F.linear(self._attend(i, lw, q, k, v, x).reshape(t, -1), lw.o_w)
+        if self.group is not None:  # each rank's heads: a partial sum
+            self.group.all_reduce(out)
+        return out
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.group is None:
+            return F.embedding(ids, self.embed)
+        local = ids - self._vocab_lo  # this rank's slice of the vocabulary; other ids give zero rows
+        mine = (local >= 0) & (local < self.embed.shape[0])
+        h = F.embedding(local.clamp(0, self.embed.shape[0] - 1), self.embed) * mine[:, None].to(self.embed.dtype)
+        return self.group.all_reduce(h)
 
     def _attend_cuda(self, i: int, lw: LeanLayer, q, k, v, x: LeanInputs) -> torch.Tensor:
         kv = self.kv_cache.layers[i]

@@ -6,6 +6,7 @@ Runs once, in ``Engine.__init__``, before any event loop work.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import time
@@ -19,9 +20,11 @@ from .batch import BatchBuilder
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .errors import ModelInUseError
-from .families import lean_plan
+from .families import adapter, lean_plan
 from .kv_cache import KVCache, ModelShape, auto_num_blocks
 from .lean_model import LeanCausalLM
+from .parallel.shard import check_divisible, shard_spec
+from .parallel.workers import Geometry, TensorParallel
 from .runner import ModelRunner
 from .scheduler import Scheduler
 
@@ -93,7 +96,19 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
         why = "generic path: fast_path=False" if config.fast_path is False else "generic path: the CPU default"
     startup = {"lean_model_s": 0.0}
     t0 = time.perf_counter()
-    if use_lean and family is not None:
+    world = config.tensor_parallel_size
+    if world > 1:
+        if family is None:
+            raise ValueError(f"tensor_parallel_size={world} needs the lean path, which this model lacks ({why})")
+        if config.fast_path is False:
+            raise ValueError(f"tensor_parallel_size={world} needs the lean path; fast_path=False turns it off")
+        use_lean = True
+        why = f"lean path: {lean_plan(model)[1]}; tensor parallel over {world} processes"
+    if use_lean and family is not None and world > 1:
+        spec = adapter(family).lean_spec(model)
+        check_divisible(spec, world)
+        shards = [shard_spec(spec, r, world, max_model_len) for r in range(world)]
+    elif use_lean and family is not None:
         # The lean model owns the fused weights; a later engine on the same model reuses it, once the engine
         # before it closed (they would share its KV cache and workspace).
         lean = getattr(model, "_acb_lean", None)
@@ -103,9 +118,11 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
         lean.ensure(max_model_len, config.max_num_seqs)
     elif config.fast_path:
         raise ValueError(f"fast_path=True, but the lean model path does not take this model ({why})")
-    graphs = config.cuda_graphs and device.type == "cuda"
+    graphs = config.cuda_graphs and device.type == "cuda" and world == 1  # graphs with collectives: not yet
     startup["lean_model_s"] = time.perf_counter() - t0
 
+    if world > 1:  # each rank caches its share of the KV heads
+        shape = dataclasses.replace(shape, num_kv_heads=shape.num_kv_heads // world)
     # Sized after the lean model was built (its rotary tables and workspace take memory too).
     num_blocks = config.num_kv_blocks or auto_num_blocks(
         shape,
@@ -119,6 +136,17 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
     max_blocks = blocks.blocks_for(max_model_len)
     # One extra block, owned by no sequence: padding rows (CUDA graphs, finished rows of a round) write their KV there.
     kv_cache = KVCache(shape, num_blocks + 1, config.block_size, dtype, device)
+    tp = None
+    if world > 1:
+        tp = TensorParallel(world, device)
+        geometry = Geometry(family=family, vocab_size=shape.vocab_size, shape=shape, dtype=dtype,
+                            num_blocks=num_blocks + 1, block_size=config.block_size,
+                            max_tokens=max(config.max_num_batched_tokens, config.max_num_seqs),
+                            max_rows=config.max_num_seqs, max_blocks=max_blocks, max_positions=max_model_len,
+                            device_type=device.type, threads=max(1, torch.get_num_threads() // world))  # fmt: skip
+        group = tp.start(shards, geometry)
+        lean = LeanCausalLM(model, family, max_model_len, config.max_num_seqs, spec=shards[0], group=group,
+                            vocab_size=shape.vocab_size)  # fmt: skip
     if lean is not None:
         lean.kv_cache = kv_cache
     t0 = time.perf_counter()
@@ -134,6 +162,7 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
         lean=lean,
         graphs=graphs,
         record_timing=config.record_step_timing,
+        tp=tp,
     )
     startup["runner_s"] = time.perf_counter() - t0
     log = logging.getLogger("acb")

@@ -118,13 +118,16 @@ class ModelRunner:
         lean: LeanCausalLM | None = None,
         graphs: bool = False,
         record_timing: bool = False,
+        tp=None,
     ) -> None:
         """``graphs`` (CUDA) turns on decode CUDA graphs. Padding rows (graphs, a round's finished rows) use a scratch
-        block, the KV cache's last one, which no sequence owns."""
+        block, the KV cache's last one, which no sequence owns. ``tp``: the :class:`~acb.parallel.TensorParallel`
+        whose workers mirror every forward of ``lean`` (this process is rank 0)."""
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
         self.lean = lean
+        self.tp = tp
         self.generic = GenericCausalLM(model, kv_cache, device) if lean is None else None
         # why the decode steps of a model on the generic path cannot be captured (they run eagerly then), or None
         self.graph_blocker = self.generic.graph_blocker() if graphs and self.generic is not None else None
@@ -181,6 +184,8 @@ class ModelRunner:
         would keep this engine's cache allocated, and the next engine on the same model would size its own cache
         from what is left."""
         finished = self._worker.shutdown(timeout)
+        if self.tp is not None:
+            self.tp.stop()
         self.closed = True
         if self.lean is not None and self.lean.kv_cache is self.kv_cache:
             self.lean.kv_cache = None
@@ -347,6 +352,8 @@ class ModelRunner:
                 block_tables=d.block_tables,
                 decode_only=b.decode_only,
             )
+        if self.tp is not None:  # the workers run the same forward on their shards; its collectives meet here
+            self.tp.mirror(b, j, splits, self.inputs, self.token_buf)
         return self.lean.forward(d.lean_inputs(b.max_query_len, splits, logits=True, meta=meta))
 
     def _lean_decode(self, d, splits: int) -> torch.Tensor:

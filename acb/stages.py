@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 
-from .errors import RequestFailedError
+from .errors import RequestFailedError, WorkerFailedError
 from .outputs import Token
 from .scheduler import ScheduledStep
 from .stream import RequestState
@@ -86,6 +86,8 @@ class Stages:
                 logprobs = None if result.logprobs is None else result.logprobs.tolist()
                 top = None if result.top is None else (result.top[0].tolist(), result.top[1].tolist())
                 out = self._scheduler.on_step_done(step, tokens, logprobs, top)
+            except WorkerFailedError:
+                raise  # the model is gone with its worker: the engine stops (_guard fails every live request)
             except Exception as exc:
                 log.exception("step %d failed", step.step_id)
                 self._builder.invalidate()  # the step's block-table entries may not have reached the device

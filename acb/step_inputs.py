@@ -175,6 +175,12 @@ class StepInputs:
             self.tables[slots, cols] = blocks
         return self.fixed_views if graph_rows else _views(self._dev, layout, torch.float32)
 
+    def compact(self, t: int, n: int, s: int) -> tuple[dict[str, torch.Tensor], int]:
+        """The device views of a compactly staged step of that size, and where its region ends (tensor-parallel
+        workers receive rank 0's staged region and read it through these)."""
+        layout, end = _layout(t, n, s)
+        return _views(self._dev, layout, torch.float32), end
+
     def advance(self, v: dict[str, torch.Tensor], n: int) -> None:
         """Turn a staged decode step of ``n`` rows into the next sub-step of its round, on the device: every row
         moves one position on and reads its previous sample; a row whose round is over (its ``counts`` reached)

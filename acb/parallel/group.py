@@ -1,0 +1,62 @@
+"""The collectives a tensor-parallel forward needs, over one process group of its own.
+
+acb does not touch ``torch.distributed``'s default group (the user's process may use one for something else): each
+engine makes a private group from a ``TCPStore`` that rank 0 hosts. Gloo on the CPU, NCCL on CUDA.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import torch
+import torch.distributed as dist
+
+from ..errors import WorkerFailedError
+
+__all__ = ["Group", "host_store"]
+
+
+def host_store(world: int, timeout: float) -> dist.TCPStore:
+    """Rank 0's store, on a free local port (``store.port``)."""
+    return dist.TCPStore("127.0.0.1", 0, world, True, timeout=datetime.timedelta(seconds=timeout),
+                         wait_for_workers=False)  # fmt: skip
+
+
+class Group:
+    def __init__(self, store: dist.Store, rank: int, world: int, device: torch.device, timeout: float) -> None:
+        self.rank, self.world, self.device = rank, world, device
+        delta = datetime.timedelta(seconds=timeout)
+        if device.type == "cuda":
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = delta
+            self._pg = dist.ProcessGroupNCCL(store, rank, world, opts)
+        else:
+            self._pg = dist.ProcessGroupGloo(store, rank, world, delta)
+
+    @classmethod
+    def join(cls, port: int, rank: int, world: int, device: torch.device, timeout: float) -> Group:
+        """A worker's side: connect to rank 0's store."""
+        store = dist.TCPStore("127.0.0.1", port, world, False, timeout=datetime.timedelta(seconds=timeout))
+        return cls(store, rank, world, device, timeout)
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` over the ranks, in place."""
+        self._wait(self._pg.allreduce([t]))
+        return t
+
+    def all_gather_last(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``t`` side by side along the last dimension (rank order)."""
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        self._wait(self._pg.allgather([parts], [t.contiguous()]))
+        return torch.cat(parts, dim=-1)
+
+    def broadcast(self, t: torch.Tensor) -> torch.Tensor:
+        """Rank 0's ``t`` into every rank's ``t`` (in place)."""
+        self._wait(self._pg.broadcast(t, 0))
+        return t
+
+    def _wait(self, work) -> None:
+        try:
+            work.wait()
+        except RuntimeError as exc:  # a peer process died (connection reset) or timed out
+            raise WorkerFailedError(f"a tensor-parallel collective failed on rank {self.rank}: {exc}") from exc

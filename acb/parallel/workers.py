@@ -1,0 +1,189 @@
+"""Rank 0's side of tensor parallelism (:class:`TensorParallel`: start, mirror every forward, stop) and the worker
+processes' loop (:func:`worker_main`).
+
+A worker is a ``spawn``-ed process (so, as with any ``multiprocessing`` program, a script that builds a
+tensor-parallel engine must do it under ``if __name__ == "__main__":``). It receives its shard of the lean model
+through shared memory, joins rank 0's process group, builds its KV cache and a :class:`~acb.step_inputs.StepInputs`
+of the same geometry as rank 0's, then loops: receive a step's header; stop, or receive the staged input region,
+the step's block-table entries and the token buffer, and run the same forward as rank 0 (its collectives meet rank
+0's). A worker never samples: rank 0 owns sampling and sends the sampled tokens with the next step's token buffer.
+
+A dead worker breaks the group's connections, so rank 0's next collective raises
+:class:`~acb.errors.WorkerFailedError`; a monitor thread also notices the exit at once, records it, and terminates
+the other workers. The engine then stops serving and fails its live requests with that reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import multiprocessing.connection
+import threading
+
+import numpy as np
+import torch
+
+from ..attention import AttentionMetadata
+from ..errors import WorkerFailedError
+from ..families import LeanSpec
+from ..kv_cache import KVCache, ModelShape
+from .group import Group, host_store
+
+__all__ = ["TensorParallel", "Geometry", "worker_main"]
+
+log = logging.getLogger("acb")
+
+_HEADER = 10
+_STOP, _STEP = 0, 1
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Geometry:
+    """What a worker builds besides its model shard: the same geometry as rank 0's runner."""
+
+    family: str
+    vocab_size: int
+    shape: ModelShape  # this rank's (KV heads divided)
+    dtype: torch.dtype
+    num_blocks: int  # including the scratch block
+    block_size: int
+    max_tokens: int
+    max_rows: int
+    max_blocks: int
+    max_positions: int
+    device_type: str
+    threads: int
+
+
+class TensorParallel:
+    def __init__(self, world: int, device: torch.device, timeout: float = 600.0) -> None:
+        self.world, self.device, self.timeout = world, device, timeout
+        self.procs: list[multiprocessing.Process] = []
+        self.group: Group | None = None
+        self.failed: str | None = None  # why the workers are gone, once one died
+        self._stopping = False
+        self._header = torch.zeros(_HEADER, dtype=torch.int64, device=device)
+
+    def start(self, shards: list[LeanSpec], geometry: Geometry) -> Group:
+        """Start ranks 1.. with their shards; returns rank 0's group once every rank joined."""
+        store = host_store(self.world, self.timeout)
+        ctx = multiprocessing.get_context("spawn")
+        for rank in range(1, self.world):
+            proc = ctx.Process(target=worker_main, args=(rank, self.world, store.port, shards[rank], geometry,
+                               self.timeout), name=f"acb-tp-rank{rank}", daemon=True)  # fmt: skip
+            proc.start()
+            self.procs.append(proc)
+        threading.Thread(target=self._monitor, name="acb-tp-monitor", daemon=True).start()
+        self.group = Group(store, 0, self.world, self.device, self.timeout)
+        self._store = store
+        return self.group
+
+    def _monitor(self) -> None:
+        sentinels = {p.sentinel: p for p in self.procs}
+        ended = multiprocessing.connection.wait(list(sentinels))
+        if self._stopping:
+            return
+        dead = sentinels[ended[0]]
+        dead.join(0)
+        self.failed = f"tensor-parallel worker {dead.name} (pid {dead.pid}) exited with code {dead.exitcode}"
+        log.error("%s; stopping the other workers", self.failed)
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+
+    def mirror(self, b, j: int, splits: int, inputs, token_buf: torch.Tensor) -> None:
+        """Send the workers what rank 0's next forward reads: sub-step ``j`` of step ``b`` (already staged, or
+        advanced, on rank 0), with ``splits`` decode splits."""
+        if self.failed:
+            raise WorkerFailedError(self.failed)
+        t, n, s = b.num_tokens, b.num_rows, len(b.sample_idx)
+        _, end = inputs.compact(t, n, s)
+        updates = len(b.table_slots) if j == 0 else 0
+        h = [_STEP, t, n, s, int(b.decode_only), b.max_query_len, splits, end, updates, 0]
+        self._header.copy_(torch.tensor(h, dtype=torch.int64))
+        g = self.group
+        g.broadcast(self._header)
+        g.broadcast(inputs._dev[:end])
+        if updates:
+            table = np.stack([b.table_slots, b.table_cols, b.table_blocks], axis=1).astype(np.int64)
+            g.broadcast(torch.from_numpy(table).to(self.device))
+        g.broadcast(token_buf)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask every worker to stop, wait for them (up to ``timeout`` s each), then end any that is left."""
+        self._stopping = True
+        if self.group is not None and not self.failed:
+            try:
+                self._header.zero_()  # _STOP
+                self.group.broadcast(self._header)
+            except WorkerFailedError:
+                pass
+        for p in self.procs:
+            p.join(timeout)
+            if p.is_alive():
+                p.terminate()
+                p.join(2.0)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        self.group = None
+
+    def alive(self) -> list[int]:
+        """Pids of worker processes still running."""
+        return [p.pid for p in self.procs if p.is_alive()]
+
+
+def worker_main(rank: int, world: int, port: int, shard: LeanSpec, geo: Geometry, timeout: float) -> None:
+    from ..lean_model import LeanCausalLM
+    from ..step_inputs import StepInputs
+
+    torch.set_num_threads(geo.threads)
+    device = torch.device("cuda", rank) if geo.device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        shard = _to(shard, device)
+    group = Group.join(port, rank, world, device, timeout)
+    lean = LeanCausalLM(None, geo.family, geo.max_positions, geo.max_rows, spec=shard, group=group,
+                        vocab_size=geo.vocab_size)  # fmt: skip
+    kv = lean.kv_cache = KVCache(geo.shape, geo.num_blocks, geo.block_size, geo.dtype, device)
+    token_buf = torch.zeros(geo.max_rows + 1, dtype=torch.int64, device=device)
+    inputs = StepInputs(max_tokens=geo.max_tokens, max_rows=geo.max_rows, graph_rows=0, num_slots=geo.max_rows,
+                        max_blocks=geo.max_blocks, block_size=geo.block_size, scratch_block=geo.num_blocks - 1,
+                        token_buf=token_buf, device=device)  # fmt: skip
+    header = torch.zeros(_HEADER, dtype=torch.int64, device=device)
+    try:
+        with torch.inference_mode():
+            while True:
+                group.broadcast(header)
+                op, t, n, s, decode_only, max_query_len, splits, end, updates, _ = header.tolist()
+                if op == _STOP:
+                    return
+                group.broadcast(inputs._dev[:end])
+                if updates:
+                    table = group.broadcast(torch.empty(updates, 3, dtype=torch.int64, device=device))
+                    inputs.tables[table[:, 0], table[:, 1]] = table[:, 2]
+                group.broadcast(token_buf)
+                v, _ = inputs.compact(t, n, s)
+                d = inputs.derive(v, t, n, s)
+                meta = None
+                if device.type != "cuda":  # the reference attention reads the layout on the host
+                    meta = AttentionMetadata(kv_cache=kv, slot_mapping=d.slot_mapping,
+                                             query_start_loc=v["query_start_loc"][: n + 1].tolist(),
+                                             seq_lens=v["seq_lens"][:n].tolist(), block_tables=d.block_tables,
+                                             decode_only=bool(decode_only))  # fmt: skip
+                lean.forward(d.lean_inputs(max_query_len, splits, logits=True, meta=meta))
+    except WorkerFailedError:
+        return  # rank 0 is gone: nothing to serve
+
+
+def _to(spec: LeanSpec, device: torch.device) -> LeanSpec:
+    def move(x):
+        return x.to(device) if isinstance(x, torch.Tensor) else x
+
+    layers = [dataclasses.replace(lw, **{f.name: move(getattr(lw, f.name)) for f in dataclasses.fields(lw)})
+              for lw in spec.layers]  # fmt: skip
+    for table in spec.rotary:
+        table.cos, table.sin = move(table.cos), move(table.sin)
+    return dataclasses.replace(spec, layers=layers, embed=move(spec.embed), norm=move(spec.norm),
+                               lm_head=move(spec.lm_head))  # fmt: skip
