@@ -1,0 +1,129 @@
+"""Tensor parallelism on the CPU: two processes over gloo give ``tensor_parallel_size=1``'s and ``model.generate``'s
+greedy tokens (float32), with preemption, multi-step rounds and cancellation; a worker that dies fails the engine
+with a clear error; closing the engine leaves no process behind."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+from conftest import random_prompts, reference_greedy
+
+from acb import Engine, EngineClosedError, EngineConfig, RequestFailedError, SamplingParams
+from acb.default_model import tiny_model
+
+pytestmark = pytest.mark.loops("asyncio")
+
+
+def _gone(pids: list[int]) -> bool:
+    """No process with these ids is left (joined: not even a zombie)."""
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        return False
+    return True
+
+
+async def _run(engine: Engine, prompts, n: int):
+    async def one(i, p):
+        await asyncio.sleep(0.002 * i)
+        return await engine.generate(p, SamplingParams(max_new_tokens=n, ignore_eos=True, logprobs=i == 1))
+
+    return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+
+
+@pytest.mark.parametrize(
+    "arch, overlap, steps", [("llama", True, 1), ("llama", False, 4), ("qwen2", True, 4), ("qwen3", False, 1)]
+)
+async def test_two_ranks_give_one_ranks_tokens_and_generates(arch, overlap, steps, make_model, tokenizer):
+    model, ref = make_model(arch, seed=5)
+    prompts = random_prompts(8, [5, 17, 33, 3, 40, 12], len(tokenizer), seed=5)
+    expected = [reference_greedy(ref, p, 16) for p in prompts]
+    # 14 blocks of 8 tokens for 8 prompts of up to 56 tokens: sequences are preempted and resumed
+    config = dict(block_size=8, num_kv_blocks=14, max_num_batched_tokens=32, overlap=overlap, decode_steps=steps,
+                  fast_path=True)  # fmt: skip
+    async with Engine(ref, tokenizer, EngineConfig(**config)) as one_rank:
+        single = await _run(one_rank, prompts, 16)
+    async with Engine(model, tokenizer, EngineConfig(tensor_parallel_size=2, **config)) as engine:
+        outs = await _run(engine, prompts, 16)
+        stats = engine.stats()
+        workers = engine._runner.tp.alive()
+        assert len(workers) == 1 and "tensor parallel over 2 processes" in engine.path_reason
+    assert [o.token_ids for o in outs] == expected == [o.token_ids for o in single]
+    assert outs[1].logprobs == pytest.approx(single[1].logprobs, abs=1e-4)
+    assert stats.num_preemptions > 0 and stats.kv_blocks_free == stats.kv_blocks_total
+    assert _gone(workers)
+
+
+async def test_cancelled_requests_free_their_blocks_on_every_rank(make_model, tokenizer):
+    model, ref = make_model("llama", seed=6)
+    prompts = random_prompts(4, [9, 30], len(tokenizer), seed=6)
+    config = EngineConfig(block_size=8, tensor_parallel_size=2, fast_path=True)
+    async with Engine(model, tokenizer, config) as engine:
+        for i, p in enumerate(prompts[:3]):  # left early: the stream's end aborts the request
+            k = 0
+            async for _ in engine.stream(p, SamplingParams(max_new_tokens=200, ignore_eos=True)):
+                k += 1
+                if k >= 3 * i:
+                    break
+        task = asyncio.create_task(engine.generate(prompts[3], SamplingParams(max_new_tokens=500, ignore_eos=True)))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.05)
+        assert engine.stats().kv_blocks_free == engine.stats().kv_blocks_total
+        after = await engine.generate(prompts[0], SamplingParams(max_new_tokens=10, ignore_eos=True))
+    assert after.token_ids == reference_greedy(ref, prompts[0], 10)  # the ranks' caches still agree
+
+
+async def test_a_dead_worker_fails_every_request_and_the_engine(make_model, tokenizer):
+    model, _ = make_model("llama", seed=7)
+    prompts = random_prompts(4, [9, 30], len(tokenizer), seed=7)
+    engine = Engine(model, tokenizer, EngineConfig(block_size=8, tensor_parallel_size=2, fast_path=True))
+    async with engine:
+        tasks = [asyncio.create_task(engine.generate(p, SamplingParams(max_new_tokens=2000, ignore_eos=True)))
+                 for p in prompts]  # fmt: skip
+        await asyncio.sleep(0.2)
+        workers = engine._runner.tp.alive()
+        os.kill(workers[0], signal.SIGKILL)
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+        assert all(isinstance(r, RequestFailedError) for r in results), results
+        assert all("tensor-parallel" in str(r) for r in results), results
+        assert engine.state == "failed"
+        with pytest.raises(EngineClosedError):  # a failed engine takes no request
+            await engine.generate(prompts[0], SamplingParams(max_new_tokens=2))
+    assert engine.state == "closed" and _gone(workers)
+
+
+def test_closing_without_a_request_and_dropping_the_engine_leave_no_process(tokenizer):
+    async def main():
+        engine = Engine(tiny_model("llama", seed=1), tokenizer, EngineConfig(tensor_parallel_size=2, fast_path=True))
+        workers = engine._runner.tp.alive()
+        await engine.close()  # never started
+        return workers
+
+    assert _gone(asyncio.run(main()))
+
+
+@pytest.mark.parametrize(
+    "arch, overrides, match",
+    [
+        ("llama", dict(tensor_parallel_size=3), "does not divide the model's 4 attention heads"),
+        ("llama", dict(tensor_parallel_size=2, fast_path=False), "fast_path=False"),
+        ("mixtral", dict(tensor_parallel_size=2), "needs the lean path"),
+    ],
+)
+def test_what_cannot_be_split_is_refused_before_any_process_starts(arch, overrides, match, tokenizer):
+    with pytest.raises(ValueError, match=match):
+        Engine(tiny_model(arch), tokenizer, EngineConfig(**overrides))
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0, "2", True, 65])
+def test_tensor_parallel_size_is_checked(bad):
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        EngineConfig(tensor_parallel_size=bad)
