@@ -43,6 +43,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--num-kv-blocks", type=int, help="KV-cache blocks (default: sized from free memory)")
     e.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: %(default)s)")
     e.add_argument("--max-model-len", type=int, help="longest prompt + output (default: the model's)")
+    e.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="split the model over this many GPUs (default: %(default)s)"
+    )
     e.add_argument("--sync", action="store_true", help="step synchronously (no CPU/GPU overlap; for comparison)")
     e.add_argument("--no-uvloop", action="store_true", help="use plain asyncio even if uvloop is installed")
 
@@ -111,6 +114,7 @@ def _engine(a: argparse.Namespace):
         block_size=a.block_size,
         max_model_len=a.max_model_len,
         overlap=not a.sync,
+        tensor_parallel_size=a.tensor_parallel_size,
     )
     if getattr(a, "drain_timeout", None) is not None:
         config["drain_timeout"] = a.drain_timeout

@@ -96,6 +96,14 @@ def test_generate_with_no_arguments_streams_text():
     assert "[finish: length]" in r.stderr
 
 
+def test_generate_over_two_processes_prints_what_one_prints():
+    """``--tensor-parallel-size 2`` (gloo on the CPU): the same greedy text as one process, no worker left."""
+    args = ("generate", "--device", "cpu", "--max-new-tokens", "12", "--temperature", "0", "hello there")
+    one, two = _run(*args), _run(*args, "--tensor-parallel-size", "2")
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    assert two.stdout == one.stdout and one.stdout.strip()
+
+
 def test_batch_keeps_order_reports_every_line_and_fails_if_a_line_did(tmp_path):
     src = tmp_path / "in.jsonl"
     lines = ['"first"', '{"prompt": "second", "id": "b", "max_new_tokens": 3}', "not json", '{"prompt": ""}', '"last"']
