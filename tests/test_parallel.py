@@ -109,6 +109,15 @@ def test_closing_without_a_request_and_dropping_the_engine_leave_no_process(toke
 
     assert _gone(asyncio.run(main()))
 
+    import gc
+
+    engine = Engine(tiny_model("llama", seed=1), tokenizer, EngineConfig(tensor_parallel_size=2, fast_path=True))
+    workers = engine._runner.tp.alive()
+    assert len(workers) == 1
+    del engine  # never closed: collecting it ends its workers
+    gc.collect()
+    assert _gone(workers)
+
 
 @pytest.mark.parametrize(
     "arch, overrides, match",
@@ -127,3 +136,32 @@ def test_what_cannot_be_split_is_refused_before_any_process_starts(arch, overrid
 def test_tensor_parallel_size_is_checked(bad):
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         EngineConfig(tensor_parallel_size=bad)
+
+
+def test_a_worker_that_cannot_start_is_reported_at_once():
+    """A worker that dies while starting (here: told to use CUDA on a machine without it) ends the start with
+    WorkerFailedError naming its exit, instead of leaving rank 0 waiting for it to join."""
+    import dataclasses
+    import time
+
+    import torch
+
+    from acb.errors import WorkerFailedError
+    from acb.families import adapter, lean_plan
+    from acb.kv_cache import ModelShape
+    from acb.parallel import TensorParallel, shard_spec
+    from acb.parallel.workers import Geometry
+
+    model = tiny_model("llama")
+    family, _ = lean_plan(model)
+    spec = adapter(family).lean_spec(model)
+    shards = [shard_spec(spec, r, 2, 64) for r in range(2)]
+    shape = dataclasses.replace(ModelShape.from_config(model.config), num_kv_heads=1)
+    geo = Geometry(family=family, vocab_size=shape.vocab_size, shape=shape, dtype=torch.float32, num_blocks=9,
+                   block_size=8, max_tokens=32, max_rows=4, max_blocks=8, max_positions=64, device_type="cuda",
+                   threads=1)  # fmt: skip
+    tp = TensorParallel(2, torch.device("cpu"))
+    t0 = time.monotonic()
+    with pytest.raises(WorkerFailedError, match="exited with code"):
+        tp.start(shards, geo)
+    assert time.monotonic() - t0 < 60 and tp.alive() == []

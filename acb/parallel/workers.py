@@ -20,6 +20,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import threading
+import weakref
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ log = logging.getLogger("acb")
 
 _HEADER = 10
 _STOP, _STEP = 0, 1
+_RENDEZVOUS_S = 120.0  # how long ranks wait for each other to join
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -67,30 +69,29 @@ class TensorParallel:
 
     def start(self, shards: list[LeanSpec], geometry: Geometry) -> Group:
         """Start ranks 1.. with their shards; returns rank 0's group once every rank joined."""
-        store = host_store(self.world, self.timeout)
+        store = host_store(self.world, _RENDEZVOUS_S)
         ctx = multiprocessing.get_context("spawn")
         for rank in range(1, self.world):
             proc = ctx.Process(target=worker_main, args=(rank, self.world, store.port, shards[rank], geometry,
                                self.timeout), name=f"acb-tp-rank{rank}", daemon=True)  # fmt: skip
             proc.start()
             self.procs.append(proc)
-        threading.Thread(target=self._monitor, name="acb-tp-monitor", daemon=True).start()
-        self.group = Group(store, 0, self.world, self.device, self.timeout)
+        weakref.finalize(self, _end, list(self.procs))  # an engine dropped without close() leaves no worker
+        threading.Thread(target=_monitor, args=(weakref.ref(self), list(self.procs)), name="acb-tp-monitor",
+                         daemon=True).start()  # fmt: skip
+        # Joining the group waits for every rank; a worker that dies while starting must not leave us waiting.
+        joined: list = []
+        joiner = threading.Thread(target=lambda: joined.append(Group(store, 0, self.world, self.device, self.timeout)),
+                                  name="acb-tp-join", daemon=True)  # fmt: skip
+        joiner.start()
+        while joiner.is_alive() and not self.failed:
+            joiner.join(0.05)
+        if not joined:
+            self.stop(timeout=1.0)
+            raise WorkerFailedError(self.failed or "the tensor-parallel workers did not join the process group")
+        self.group = joined[0]
         self._store = store
         return self.group
-
-    def _monitor(self) -> None:
-        sentinels = {p.sentinel: p for p in self.procs}
-        ended = multiprocessing.connection.wait(list(sentinels))
-        if self._stopping:
-            return
-        dead = sentinels[ended[0]]
-        dead.join(0)
-        self.failed = f"tensor-parallel worker {dead.name} (pid {dead.pid}) exited with code {dead.exitcode}"
-        log.error("%s; stopping the other workers", self.failed)
-        for p in self.procs:
-            if p.is_alive():
-                p.terminate()
 
     def mirror(self, b, j: int, splits: int, inputs, token_buf: torch.Tensor) -> None:
         """Send the workers what rank 0's next forward reads: sub-step ``j`` of step ``b`` (already staged, or
@@ -132,6 +133,30 @@ class TensorParallel:
     def alive(self) -> list[int]:
         """Pids of worker processes still running."""
         return [p.pid for p in self.procs if p.is_alive()]
+
+
+def _monitor(ref: weakref.ref, procs: list[multiprocessing.Process]) -> None:
+    """Wait for any worker to exit; unless rank 0 is stopping them, record why and end the others. (Holds the
+    :class:`TensorParallel` only weakly: an engine dropped without ``close()`` is still collected.)"""
+    sentinels = {p.sentinel: p for p in procs}
+    ended = multiprocessing.connection.wait(list(sentinels))
+    tp = ref()
+    if tp is None or tp._stopping:
+        return
+    dead = sentinels[ended[0]]
+    dead.join(1.0)
+    tp.failed = f"tensor-parallel worker {dead.name} (pid {dead.pid}) exited with code {dead.exitcode}"
+    log.error("%s; stopping the other workers", tp.failed)
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+
+
+def _end(procs: list[multiprocessing.Process]) -> None:
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(5.0)
 
 
 def worker_main(rank: int, world: int, port: int, shard: LeanSpec, geo: Geometry, timeout: float) -> None:
