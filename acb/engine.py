@@ -163,7 +163,11 @@ class Engine(Stages):
         warmup = self.config.warmup if self.config.warmup is not None else self.device.type == "cuda"
         if warmup:
             t0 = time.perf_counter()
-            await self._warm_up()
+            try:
+                await self._warm_up()
+            except BaseException:  # start() fails as a whole: nothing of this engine keeps running or holds the model
+                await self.close(drain=False)
+                raise
             self.startup["warmup_s"] = time.perf_counter() - t0
             log.info("acb warm-up: %.2f s", self.startup["warmup_s"])
 
@@ -176,8 +180,11 @@ class Engine(Stages):
         will be asked for, its GEMMs the tallest. Then a few short prompts together, one of them penalized."""
         cfg = self.config
         vocab = self.shape.vocab_size
-        budget = max(1, min(cfg.max_num_batched_tokens, (self._blocks.num_blocks - 1) * cfg.block_size // 2))
-        per_prompt = max(1, min(self.max_model_len - 2, budget))
+        budget = min(cfg.max_num_batched_tokens, (self._blocks.num_blocks - 1) * cfg.block_size // 2)
+        per_prompt = min(self.max_model_len - 2, budget)
+        if per_prompt < 1:
+            log.info("acb warm-up skipped: the KV cache or max_model_len is too small for a prompt and two tokens")
+            return
         lengths = [per_prompt] * max(1, budget // per_prompt)
         lengths = lengths[: cfg.max_num_seqs]
         if budget % per_prompt and len(lengths) < cfg.max_num_seqs and budget > per_prompt:

@@ -23,6 +23,7 @@ On CUDA two things make these modules cheaper without changing what they compute
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 
 import torch
@@ -56,14 +57,17 @@ class GenericCausalLM:
         from .kernels.fused import add_rmsnorm
 
         for m in self.model.modules():
-            if "RMSNorm" not in type(m).__name__ or "forward" in vars(m):
+            if "RMSNorm" not in type(m).__name__ or "forward" in vars(m) or not _takes_one_input(m):
                 continue
             weight, eps = getattr(m, "weight", None), getattr(m, "variance_epsilon", getattr(m, "eps", None))
             if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not isinstance(eps, float):
                 continue
             x = torch.randn(8, weight.shape[0], dtype=weight.dtype, device=weight.device)
             with torch.no_grad():
-                want = m(x)
+                try:
+                    want = m(x)
+                except Exception:  # a norm of another kind: it keeps its forward
+                    continue
                 if want.shape != x.shape or want.dtype != x.dtype:
                     continue
                 for w in (weight, 1.0 + weight.float()):
@@ -123,6 +127,9 @@ class GenericCausalLM:
         config = config.get_text_config() if hasattr(config, "get_text_config") else config
         if getattr(config, "attn_logit_softcapping", None):
             return "attention soft-capping runs the reference attention, which reads the step's layout on the host"
+        dynamic = sorted(t for t in _rope_types(getattr(config, "rope_parameters", None)) if t in _HOST_ROPE)
+        if dynamic:
+            return f"rotary scaling {dynamic} compares positions on the host each forward"
         for m in self._experts:
             if not _standard_experts(m):
                 return f"{type(m).__name__} has an expert layout acb's capturable experts do not cover"
@@ -156,6 +163,23 @@ def _fused_norm(own, weight: torch.Tensor, eps: float, kernel):
         return kernel(hidden_states.reshape(-1, width), None, weight, eps).view(hidden_states.shape)
 
     return forward
+
+
+_HOST_ROPE = ("dynamic", "longrope", "llama3_dynamic")
+
+
+def _rope_types(params) -> list[str]:
+    """Every ``rope_type`` in a config's rotary parameters (a dict, or one dict per layer kind)."""
+    if not isinstance(params, dict):
+        return []
+    found = [params["rope_type"]] if isinstance(params.get("rope_type"), str) else []
+    return found + [t for v in params.values() for t in _rope_types(v)]
+
+
+def _takes_one_input(module: torch.nn.Module) -> bool:
+    """Whether ``module.forward`` takes exactly one argument (a gated norm takes two)."""
+    params = list(inspect.signature(module.forward).parameters.values())
+    return len(params) == 1 and params[0].kind in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD)
 
 
 def _is_experts(module: torch.nn.Module) -> bool:

@@ -87,7 +87,8 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
     max_model_len = config.max_model_len or shape.max_position_embeddings or 4096
     lean = None
     use_lean = config.fast_path if config.fast_path is not None else device.type == "cuda"
-    family, why = lean_plan(model)
+    family, plan = lean_plan(model)
+    why = plan
     if family is None:
         why = f"generic path: {why}"
     elif use_lean:
@@ -103,7 +104,7 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
         if config.fast_path is False:
             raise ValueError(f"tensor_parallel_size={world} needs the lean path; fast_path=False turns it off")
         use_lean = True
-        why = f"lean path: {lean_plan(model)[1]}; tensor parallel over {world} processes"
+        why = f"lean path: {plan}; tensor parallel over {world} processes"
     if use_lean and family is not None and world > 1:
         spec = adapter(family).lean_spec(model)
         check_divisible(spec, world)
@@ -139,14 +140,15 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
     tp = None
     if world > 1:
         tp = TensorParallel(world, device)
-        geometry = Geometry(family=family, vocab_size=shape.vocab_size, shape=shape, dtype=dtype,
+        vocab = spec.lm_head.shape[0]  # the LM head's rows (what sampling and penalties size by), not the config's
+        geometry = Geometry(family=family, vocab_size=vocab, shape=shape, dtype=dtype,
                             num_blocks=num_blocks + 1, block_size=config.block_size,
                             max_tokens=max(config.max_num_batched_tokens, config.max_num_seqs),
                             max_rows=config.max_num_seqs, max_blocks=max_blocks, max_positions=max_model_len,
                             device_type=device.type, threads=max(1, torch.get_num_threads() // world))  # fmt: skip
         group = tp.start(shards, geometry)
         lean = LeanCausalLM(model, family, max_model_len, config.max_num_seqs, spec=shards[0], group=group,
-                            vocab_size=shape.vocab_size)  # fmt: skip
+                            vocab_size=vocab)  # fmt: skip
     if lean is not None:
         lean.kv_cache = kv_cache
     t0 = time.perf_counter()

@@ -19,7 +19,6 @@ On CUDA, decode steps of either path replay a CUDA graph (:mod:`acb.cuda_graphs`
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import queue
 import threading
 import time
@@ -158,11 +157,16 @@ class ModelRunner:
             from .cuda_graphs import DecodeGraphs
 
             if lean is not None:
-                forward, capturing = self._lean_decode, contextlib.nullcontext
+                self.graphs = DecodeGraphs(self._lean_decode, self.inputs, graph_rows, max_model_len,
+                                           num_kv_heads=self._num_kv_heads, device=device)  # fmt: skip
             else:
-                forward, capturing = self._generic_decode, self.generic.capturable
-            self.graphs = DecodeGraphs(forward, self.inputs, graph_rows, max_model_len, num_kv_heads=self._num_kv_heads,
-                                       device=device, capturing=capturing)  # fmt: skip
+                try:  # transformers' modules may do what a capture forbids (read a tensor on the host)
+                    self.graphs = DecodeGraphs(self._generic_decode, self.inputs, graph_rows, max_model_len,
+                                               num_kv_heads=self._num_kv_heads, device=device,
+                                               capturing=self.generic.capturable)  # fmt: skip
+                except RuntimeError as exc:
+                    torch.cuda.synchronize(device)
+                    self.graph_blocker = f"capturing its decode step failed ({exc})"
         self.closed = False
         self._worker = StepWorker("acb-step")
         self._staged: dict[str, torch.Tensor] | None = None  # device views of the step being run (worker only)
@@ -352,9 +356,19 @@ class ModelRunner:
                 block_tables=d.block_tables,
                 decode_only=b.decode_only,
             )
-        if self.tp is not None:  # the workers run the same forward on their shards; its collectives meet here
+        x = d.lean_inputs(b.max_query_len, splits, logits=True, meta=meta)
+        if self.tp is None:
+            return self.lean.forward(x)
+        # the workers run the same forward on their shards; its collectives meet here. A forward that fails half
+        # way leaves them inside a collective that rank 0 will never join: the group is lost with it.
+        try:
             self.tp.mirror(b, j, splits, self.inputs, self.token_buf)
-        return self.lean.forward(d.lean_inputs(b.max_query_len, splits, logits=True, meta=meta))
+            return self.lean.forward(x)
+        except BaseException as exc:
+            error = self.tp.lost(exc)
+            if error is exc:
+                raise
+            raise error from exc
 
     def _lean_decode(self, d, splits: int) -> torch.Tensor:
         """A decode step through the lean model, every row's logits (what the graphs capture)."""

@@ -157,6 +157,52 @@ def test_what_keeps_a_generic_model_out_of_decode_graphs_is_named(tokenizer):
     moe.kernels = object()
     moe._experts[0].is_transposed = True
     assert "expert layout" in moe.graph_blocker()
+    dynamic = dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    generic = GenericCausalLM(tiny_model("llama", **dynamic), None, cpu)
+    generic.kernels = object()
+    assert generic.graph_blocker() == "rotary scaling ['dynamic'] compares positions on the host each forward"
+
+
+def test_only_single_input_norms_that_the_kernel_reproduces_are_fused():
+    """The fused-norm check leaves alone a gated norm (two inputs) and a norm whose forward fails on a plain input;
+    it fuses a Llama norm (``w * x̂``) and a Gemma norm (``(1 + w) * x̂``). Run here with the torch twin of the
+    kernel, as the check is the same on CUDA."""
+    import torch
+
+    from acb.generic_model import GenericCausalLM
+
+    class GatedRMSNorm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight, self.variance_epsilon = torch.nn.Parameter(torch.ones(16)), 1e-6
+
+        def forward(self, hidden_states, gate=None):
+            return hidden_states * self.weight
+
+    class BrokenRMSNorm(GatedRMSNorm):
+        def forward(self, hidden_states):
+            raise RuntimeError("needs more than a plain input")
+
+    llama = tiny_model("llama")
+    llama.model.extra = torch.nn.ModuleList([GatedRMSNorm(), BrokenRMSNorm()])
+    generic = GenericCausalLM(llama, None, torch.device("cpu"))
+
+    def torch_kernel(x, residual, w, eps):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(w.dtype) * w
+
+    import acb.kernels.fused as fused  # noqa: F401  (the kernel module is importable without CUDA)
+
+    fused_before = fused.add_rmsnorm
+    fused.add_rmsnorm = torch_kernel
+    try:
+        generic.fuse_norms()
+    finally:
+        fused.add_rmsnorm = fused_before
+    names = sorted({type(m).__name__ for m in generic.fused_norms})
+    assert names == ["LlamaRMSNorm"] and len(generic.fused_norms) == 5  # 2 layers x 2 + the final norm
+    generic.release()
+    assert all("forward" not in vars(m) for m in llama.modules())
 
 
 _DEVICE_ONLY_DECODE = """

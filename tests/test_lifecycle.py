@@ -137,3 +137,31 @@ async def test_warm_up_runs_before_start_returns_and_leaves_nothing_behind(make_
     assert out.token_ids == reference_greedy(ref, prompt, 8)
     async with Engine(model, tokenizer, EngineConfig(block_size=8)) as engine:
         assert "warmup_s" not in engine.startup  # off by default on the CPU
+
+
+async def test_a_warm_up_that_fails_leaves_nothing_running(make_model, tokenizer):
+    """start() fails as a whole: no pipeline task is left, and the model is free for the next engine."""
+    model, ref = make_model("llama", seed=4)
+    engine = Engine(model, tokenizer, EngineConfig(block_size=8, warmup=True))
+
+    async def broken():
+        raise MemoryError("out of memory in the warm-up's largest step")
+
+    engine._warm_up = broken
+    with pytest.raises(MemoryError):
+        await engine.start()
+    assert engine.state == "closed"
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("acb-")]
+    prompt = random_prompts(1, [7], len(tokenizer), seed=1)[0]
+    async with Engine(model, tokenizer, EngineConfig(block_size=8)) as again:  # no ModelInUseError
+        out = await again.generate(prompt, SamplingParams(max_new_tokens=5, ignore_eos=True))
+    assert out.token_ids == reference_greedy(ref, prompt, 5)
+
+
+async def test_a_cache_too_small_for_the_warm_up_skips_it(make_model, tokenizer):
+    model, ref = make_model("llama", seed=4)
+    prompt = random_prompts(1, [1], len(tokenizer), seed=1)[0]  # a 2-token cache: one token in, one out
+    async with Engine(model, tokenizer, EngineConfig(block_size=1, num_kv_blocks=2, warmup=True)) as engine:
+        out = await engine.generate(prompt, SamplingParams(max_new_tokens=1, ignore_eos=True))
+        assert engine.stats().steps == 1
+    assert out.token_ids == reference_greedy(ref, prompt, 1)

@@ -165,3 +165,30 @@ def test_a_worker_that_cannot_start_is_reported_at_once():
     with pytest.raises(WorkerFailedError, match="exited with code"):
         tp.start(shards, geo)
     assert time.monotonic() - t0 < 60 and tp.alive() == []
+
+
+async def test_a_forward_that_fails_on_rank_0_stops_the_workers_instead_of_hanging(make_model, tokenizer):
+    """After rank 0 sent a step, its own forward raising would leave the workers inside a collective: the engine
+    ends them and fails (promptly, not after the collective timeout)."""
+    model, _ = make_model("llama", seed=8)
+    prompts = random_prompts(2, [9, 20], len(tokenizer), seed=8)
+    engine = Engine(model, tokenizer, EngineConfig(block_size=8, tensor_parallel_size=2, fast_path=True))
+    async with engine:
+        await engine.generate(prompts[0], SamplingParams(max_new_tokens=2, ignore_eos=True))
+        lean = engine._runner.lean
+        norm = lean._norm
+
+        def failing(x, residual, w):
+            if w is lean.layers[1].ln1:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return norm(x, residual, w)
+
+        lean._norm = failing
+        workers = engine._runner.tp.alive()
+        results = await asyncio.wait_for(
+            asyncio.gather(*(engine.generate(p, SamplingParams(max_new_tokens=4)) for p in prompts),
+                           return_exceptions=True), 30)  # fmt: skip
+        assert all(isinstance(r, RequestFailedError) and "tensor-parallel forward failed" in str(r)
+                   for r in results), results  # fmt: skip
+        assert engine.state == "failed"
+    assert _gone(workers)

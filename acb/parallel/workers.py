@@ -30,6 +30,7 @@ from ..errors import WorkerFailedError
 from ..families import LeanSpec
 from ..kv_cache import KVCache, ModelShape
 from .group import Group, host_store
+from .shard import FixedTables
 
 __all__ = ["TensorParallel", "Geometry", "worker_main"]
 
@@ -72,7 +73,8 @@ class TensorParallel:
         store = host_store(self.world, _RENDEZVOUS_S)
         ctx = multiprocessing.get_context("spawn")
         for rank in range(1, self.world):
-            proc = ctx.Process(target=worker_main, args=(rank, self.world, store.port, shards[rank], geometry,
+            shard = _to(shards[rank], torch.device("cpu"))  # CUDA tensors sent to a child stay pinned on this GPU
+            proc = ctx.Process(target=worker_main, args=(rank, self.world, store.port, shard, geometry,
                                self.timeout), name=f"acb-tp-rank{rank}", daemon=True)  # fmt: skip
             proc.start()
             self.procs.append(proc)
@@ -110,6 +112,16 @@ class TensorParallel:
             table = np.stack([b.table_slots, b.table_cols, b.table_blocks], axis=1).astype(np.int64)
             g.broadcast(torch.from_numpy(table).to(self.device))
         g.broadcast(token_buf)
+
+    def lost(self, exc: BaseException) -> WorkerFailedError:
+        """A forward failed on rank 0 after its step reached the workers: they wait in a collective that will never
+        complete. End them; the error to raise (the engine stops serving)."""
+        if isinstance(exc, WorkerFailedError) and self.failed:
+            return exc
+        self.failed = self.failed or f"a tensor-parallel forward failed on rank 0 ({exc!r}); the workers were stopped"
+        self._stopping = True
+        _end(self.procs)
+        return exc if isinstance(exc, WorkerFailedError) else WorkerFailedError(self.failed)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Ask every worker to stop, wait for them (up to ``timeout`` s each), then end any that is left."""
@@ -208,7 +220,6 @@ def _to(spec: LeanSpec, device: torch.device) -> LeanSpec:
 
     layers = [dataclasses.replace(lw, **{f.name: move(getattr(lw, f.name)) for f in dataclasses.fields(lw)})
               for lw in spec.layers]  # fmt: skip
-    for table in spec.rotary:
-        table.cos, table.sin = move(table.cos), move(table.sin)
+    rotary = [FixedTables(move(t.cos), move(t.sin)) for t in spec.rotary]
     return dataclasses.replace(spec, layers=layers, embed=move(spec.embed), norm=move(spec.norm),
-                               lm_head=move(spec.lm_head))  # fmt: skip
+                               lm_head=move(spec.lm_head), rotary=rotary)  # fmt: skip
