@@ -20,6 +20,7 @@ EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
         ("openai_server.py", [], "completion:"),
         ("fastapi_app.py", [], "bad: 400 {'error': 'the prompt is empty', 'param': 'prompt'}"),
         ("structured_output.py", [], "sample 2:"),
+        ("tensor_parallel.py", [], "same tokens as one process: True"),
     ],
 )
 def test_example_runs(script, args, expect):
