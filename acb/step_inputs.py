@@ -226,12 +226,22 @@ class StepInputs:
         )
 
 
+_ALIGN = 2  # int64 elements: every field starts on a 16-byte boundary
+
+
 def _layout(t: int, n: int, s: int) -> tuple[dict[str, tuple[int, int]], int]:
     """Field regions ``name -> (offset, size)`` for a step of that many tokens, rows and samples, small fields
-    first; and the end of the last one."""
+    first; and the end of the last one.
+
+    Each field starts 16-byte aligned. Triton compiles a kernel variant per alignment of its pointer arguments
+    (16 bytes or not), and the kernels read fields in place (sequence lengths, query starts, positions): packed
+    back to back, a field's alignment would follow the parity of the step's sizes, so that a batch of an even
+    number of sequences and one of an odd number would each compile their own variants, the first time at the
+    first real step of that parity (a cold-start stall the warm-up could not cover)."""
     out, off = {}, 0
     for names, size in ((("sub_step",), 1), (_ROW, n), (("query_start_loc",), n + 1), (_SAMPLE, s), (_TOKEN, t)):
         for name in names:
+            off = -(-off // _ALIGN) * _ALIGN
             out[name] = (off, size)
             off += size
     return out, off
