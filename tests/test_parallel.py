@@ -192,3 +192,32 @@ async def test_a_forward_that_fails_on_rank_0_stops_the_workers_instead_of_hangi
                    for r in results), results  # fmt: skip
         assert engine.state == "failed"
     assert _gone(workers)
+
+
+def test_workers_end_when_rank_0_is_killed(tmp_path):
+    """A worker notices that its rank 0 is gone (SIGKILL: no cleanup ran) while it waits for the next header."""
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "rank0.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from acb import Engine, EngineConfig\n"
+        "from acb.default_model import default_tokenizer, tiny_model\n"
+        "if __name__ == '__main__':\n"
+        "    engine = Engine(tiny_model('llama'), default_tokenizer(), EngineConfig(tensor_parallel_size=2))\n"
+        "    print(*engine._runner.tp.alive(), flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        workers = [int(p) for p in proc.stdout.readline().split()]
+        assert len(workers) == 1
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 20
+    while not _gone(workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _gone(workers)

@@ -1,12 +1,14 @@
 """Rank 0's side of tensor parallelism (:class:`TensorParallel`: start, mirror every forward, stop) and the worker
-processes' loop (:func:`worker_main`).
+processes' loop (:func:`worker_main`), joined by a :class:`HeaderChannel`.
 
 A worker is a ``spawn``-ed process (so, as with any ``multiprocessing`` program, a script that builds a
 tensor-parallel engine must do it under ``if __name__ == "__main__":``). It receives its shard of the lean model
 through shared memory, joins rank 0's process group, builds its KV cache and a :class:`~acb.step_inputs.StepInputs`
-of the same geometry as rank 0's, then loops: receive a step's header; stop, or receive the staged input region,
-the step's block-table entries and the token buffer, and run the same forward as rank 0 (its collectives meet rank
-0's). A worker never samples: rank 0 owns sampling and sends the sampled tokens with the next step's token buffer.
+of the same geometry as rank 0's, then loops: read a step's header from the channel (shared memory, host to host);
+stop, or receive the staged input region, the step's block-table entries and the token buffer from the group
+(device to device), and run the same forward as rank 0 (its collectives meet rank 0's). A worker never samples:
+rank 0 owns sampling and sends the sampled tokens with the next step's token buffer. A worker whose rank 0 is gone
+notices while it waits for the next header, and exits.
 
 A dead worker breaks the group's connections, so rank 0's next collective raises
 :class:`~acb.errors.WorkerFailedError`; a monitor thread also notices the exit at once, records it, and terminates
@@ -20,6 +22,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import threading
+import time
 import weakref
 
 import numpy as np
@@ -59,6 +62,49 @@ class Geometry:
     threads: int
 
 
+class HeaderChannel:
+    """Step headers from rank 0 to the workers, host to host: a ring of slots in shared memory and a semaphore per
+    worker. Rank 0 writes the next slot and releases every worker's semaphore when its host launches a step; a
+    worker blocks on its semaphore (no spinning) and reads the slot. So a worker learns a step's sizes as soon as
+    rank 0's host has them, and can queue the step's kernels behind the previous one: no device-to-host copy per
+    step on the workers' critical path (the step's data itself travels device to device, in the group)."""
+
+    SLOTS = 1024  # more than rank 0 can run ahead: overlap_depth (<= 8) steps of decode_steps (<= 64) sub-steps
+
+    def __init__(self, ctx, workers: int) -> None:
+        self._ring = ctx.RawArray("q", self.SLOTS * _HEADER)
+        self._read = ctx.RawArray("q", workers)  # per worker: how many headers it has read
+        self._ready = [ctx.Semaphore(0) for _ in range(workers)]
+        self._seq = 0
+
+    def _views(self) -> tuple[np.ndarray, np.ndarray]:
+        ring = np.frombuffer(self._ring, dtype=np.int64).reshape(self.SLOTS, _HEADER)
+        return ring, np.frombuffer(self._read, dtype=np.int64)
+
+    def send(self, header: list[int], failed=lambda: None) -> None:
+        ring, read = self._views()
+        while self._seq - int(read.min()) >= self.SLOTS:  # never overwrite a slot a worker has not read
+            if failed():
+                raise WorkerFailedError(failed())
+            time.sleep(1e-4)
+        ring[self._seq % self.SLOTS] = header
+        self._seq += 1
+        for ready in self._ready:
+            ready.release()
+
+    def receive(self, worker: int) -> list[int]:
+        """The next header, for worker ``worker`` (0 for rank 1); raises WorkerFailedError if rank 0 is gone."""
+        while not self._ready[worker].acquire(timeout=1.0):
+            parent = multiprocessing.parent_process()
+            if parent is not None and not parent.is_alive():
+                raise WorkerFailedError("rank 0 is gone")
+        ring, read = self._views()
+        header = ring[self._seq % self.SLOTS].tolist()
+        self._seq += 1
+        read[worker] = self._seq
+        return header
+
+
 class TensorParallel:
     def __init__(self, world: int, device: torch.device, timeout: float = 600.0) -> None:
         self.world, self.device, self.timeout = world, device, timeout
@@ -66,15 +112,16 @@ class TensorParallel:
         self.group: Group | None = None
         self.failed: str | None = None  # why the workers are gone, once one died
         self._stopping = False
-        self._header = torch.zeros(_HEADER, dtype=torch.int64, device=device)
+        self.headers: HeaderChannel | None = None
 
     def start(self, shards: list[LeanSpec], geometry: Geometry) -> Group:
         """Start ranks 1.. with their shards; returns rank 0's group once every rank joined."""
         store = host_store(self.world, _RENDEZVOUS_S)
         ctx = multiprocessing.get_context("spawn")
+        self.headers = HeaderChannel(ctx, self.world - 1)
         for rank in range(1, self.world):
             shard = _to(shards[rank], torch.device("cpu"))  # CUDA tensors sent to a child stay pinned on this GPU
-            proc = ctx.Process(target=worker_main, args=(rank, self.world, store.port, shard, geometry,
+            proc = ctx.Process(target=worker_main, args=(rank, self.world, store.port, shard, geometry, self.headers,
                                self.timeout), name=f"acb-tp-rank{rank}", daemon=True)  # fmt: skip
             proc.start()
             self.procs.append(proc)
@@ -103,10 +150,9 @@ class TensorParallel:
         t, n, s = b.num_tokens, b.num_rows, len(b.sample_idx)
         _, end = inputs.compact(t, n, s)
         updates = len(b.table_slots) if j == 0 else 0
-        h = [_STEP, t, n, s, int(b.decode_only), b.max_query_len, splits, end, updates, 0]
-        self._header.copy_(torch.tensor(h, dtype=torch.int64))
+        self.headers.send([_STEP, t, n, s, int(b.decode_only), b.max_query_len, splits, end, updates, 0],
+                          lambda: self.failed)  # fmt: skip
         g = self.group
-        g.broadcast(self._header)
         g.broadcast(inputs._dev[:end])
         if updates:
             table = np.stack([b.table_slots, b.table_cols, b.table_blocks], axis=1).astype(np.int64)
@@ -126,10 +172,9 @@ class TensorParallel:
     def stop(self, timeout: float = 10.0) -> None:
         """Ask every worker to stop, wait for them (up to ``timeout`` s each), then end any that is left."""
         self._stopping = True
-        if self.group is not None and not self.failed:
+        if self.procs and not self.failed:
             try:
-                self._header.zero_()  # _STOP
-                self.group.broadcast(self._header)
+                self.headers.send([_STOP] + [0] * (_HEADER - 1), lambda: self.failed)
             except WorkerFailedError:
                 pass
         for p in self.procs:
@@ -171,7 +216,9 @@ def _end(procs: list[multiprocessing.Process]) -> None:
             p.join(5.0)
 
 
-def worker_main(rank: int, world: int, port: int, shard: LeanSpec, geo: Geometry, timeout: float) -> None:
+def worker_main(
+    rank: int, world: int, port: int, shard: LeanSpec, geo: Geometry, headers: HeaderChannel, timeout: float
+) -> None:
     from ..lean_model import LeanCausalLM
     from ..step_inputs import StepInputs
 
@@ -188,12 +235,10 @@ def worker_main(rank: int, world: int, port: int, shard: LeanSpec, geo: Geometry
     inputs = StepInputs(max_tokens=geo.max_tokens, max_rows=geo.max_rows, graph_rows=0, num_slots=geo.max_rows,
                         max_blocks=geo.max_blocks, block_size=geo.block_size, scratch_block=geo.num_blocks - 1,
                         token_buf=token_buf, device=device)  # fmt: skip
-    header = torch.zeros(_HEADER, dtype=torch.int64, device=device)
     try:
         with torch.inference_mode():
             while True:
-                group.broadcast(header)
-                op, t, n, s, decode_only, max_query_len, splits, end, updates, _ = header.tolist()
+                op, t, n, s, decode_only, max_query_len, splits, end, updates, _ = headers.receive(rank - 1)
                 if op == _STOP:
                     return
                 group.broadcast(inputs._dev[:end])
