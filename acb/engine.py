@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 import anyio
 import torch
 
-from . import aio, choices
+from . import aio, choices, warmup
 from .admission import Admission, AdmissionQueue, Prompt, require_params
 from .bridge import CompletionBridge
 from .config import EngineConfig, SamplingParams
@@ -172,40 +172,11 @@ class Engine(Stages):
             log.info("acb warm-up: %.2f s", self.startup["warmup_s"])
 
     async def _warm_up(self) -> None:
-        """Internal requests through the whole pipeline (see ``EngineConfig.warmup``), then forget them: the prefix
-        cache drops their blocks, step timing and the counters of ``stats()`` restart.
+        await warmup.run(self)
 
-        First a step as large as the engine runs (``max_num_batched_tokens`` over as many prompts as that takes,
-        within ``max_model_len``, the KV cache and ``max_num_seqs``): its activations are the largest the allocator
-        will be asked for, its GEMMs the tallest. Then a few short prompts together, one of them penalized."""
-        cfg = self.config
-        vocab = self.shape.vocab_size
-        budget = min(cfg.max_num_batched_tokens, (self._blocks.num_blocks - 1) * cfg.block_size // 2)
-        per_prompt = min(self.max_model_len - 2, budget)
-        if per_prompt < 1:
-            log.info("acb warm-up skipped: the KV cache or max_model_len is too small for a prompt and two tokens")
-            return
-        lengths = [per_prompt] * max(1, budget // per_prompt)
-        lengths = lengths[: cfg.max_num_seqs]
-        if budget % per_prompt and len(lengths) < cfg.max_num_seqs and budget > per_prompt:
-            lengths.append(budget % per_prompt)
-        greedy = SamplingParams(max_new_tokens=2, ignore_eos=True)
-        penalized = SamplingParams(max_new_tokens=2, ignore_eos=True, repetition_penalty=1.1)
-        short = min(5, per_prompt)
-        groups = [
-            [([3 + (i * 31 + j) % (vocab - 3) for j in range(n)], greedy) for i, n in enumerate(lengths)],
-            [
-                ([3 + (i * 7 + j) % (vocab - 3) for j in range(short)], penalized if i == 0 else greedy)
-                for i in range(3)
-            ],
-        ]
-        for g, group in enumerate(groups):
-            streams = [await self.submit(p, q, request_id=f"acb-warmup-{g}-{i}") for i, (p, q) in enumerate(group)]
-            for stream in streams:
-                await stream.collect()
-        self.clear_prefix_cache()
-        self.clear_step_timing()
-        self._steps = 0  # the counters of engine.stats() start after the warm-up
+    def _reset_counters(self) -> None:
+        """The counters of ``stats()`` start again (after the warm-up)."""
+        self._steps = 0
         self._scheduler.num_preemptions = 0
         self._blocks.stats = type(self._blocks.stats)()
 

@@ -165,3 +165,27 @@ async def test_a_cache_too_small_for_the_warm_up_skips_it(make_model, tokenizer)
         out = await engine.generate(prompt, SamplingParams(max_new_tokens=1, ignore_eos=True))
         assert engine.stats().steps == 1
     assert out.token_ids == reference_greedy(ref, prompt, 1)
+
+
+@pytest.mark.parametrize(
+    "fields, max_model_len, kv_tokens, lengths",
+    [
+        (dict(max_num_batched_tokens=8192), 336, 10**6, [334] * 24 + [176]),  # W-side's engine: one full step
+        (dict(max_num_batched_tokens=64), 4096, 10**6, [64]),
+        (dict(max_num_batched_tokens=8192, max_num_seqs=4), 100, 10**6, [98] * 4),
+        (dict(max_num_batched_tokens=8192), 4096, 100, [50]),  # half the cache at most
+        (dict(), 2, 10**6, None),  # nothing fits: no warm-up
+        (dict(), 4096, 1, None),
+    ],
+)
+def test_the_warm_up_plan_fills_the_largest_step_within_every_limit(fields, max_model_len, kv_tokens, lengths):
+    from acb import warmup
+
+    groups = warmup.plan(EngineConfig(**fields), max_model_len, kv_tokens, vocab=1000)
+    if lengths is None:
+        assert groups == []
+        return
+    largest, short = groups
+    assert [len(ids) for ids, _ in largest] == lengths
+    assert all(1 <= len(ids) <= 5 for ids, _ in short) and short[0][1].repetition_penalty == 1.1
+    assert all(3 <= t < 1000 for group in groups for ids, _ in group for t in ids)

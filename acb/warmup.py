@@ -1,0 +1,63 @@
+"""The warm-up: internal requests that ``start()`` runs before it returns (``EngineConfig.warmup``, on by default on
+CUDA), so that the first real steps meet nothing for the first time.
+
+What a fresh process meets for the first time is slow: Triton compiles a kernel variant (per tile size, per
+alignment of its pointers), the caching allocator asks the driver for memory, cuBLAS loads the kernels of a GEMM
+shape. The plan: first one step as large as the engine runs (``max_num_batched_tokens`` spread over as many prompts
+as that takes, within ``max_model_len``, half the KV cache and ``max_num_seqs``): its activations are the largest
+the allocator will be asked for, its GEMMs the tallest, and it decodes at that batch. Then a few short prompts
+together (prefill tiles of short queries), one with a penalty (the penalty kernel). Afterwards the engine forgets
+them: the prefix cache drops their blocks, step timing and the counters of ``stats()`` restart.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .config import EngineConfig, SamplingParams
+
+__all__ = ["plan", "run"]
+
+log = logging.getLogger("acb")
+
+Group = list[tuple[list[int], SamplingParams]]
+
+
+def plan(config: EngineConfig, max_model_len: int, kv_tokens: int, vocab: int) -> list[Group]:
+    """The warm-up's groups of ``(prompt ids, params)``, each submitted together; empty when nothing fits (a prompt
+    and its two tokens need more than ``max_model_len`` or half of the ``kv_tokens`` the cache holds)."""
+    budget = min(config.max_num_batched_tokens, kv_tokens // 2)
+    per_prompt = min(max_model_len - 2, budget)
+    if per_prompt < 1:
+        return []
+    lengths = [per_prompt] * max(1, budget // per_prompt)
+    lengths = lengths[: config.max_num_seqs]
+    if budget % per_prompt and len(lengths) < config.max_num_seqs and budget > per_prompt:
+        lengths.append(budget % per_prompt)
+    greedy = SamplingParams(max_new_tokens=2, ignore_eos=True)
+    penalized = SamplingParams(max_new_tokens=2, ignore_eos=True, repetition_penalty=1.1)
+    short = min(5, per_prompt)
+
+    def ids(i: int, n: int, stride: int) -> list[int]:
+        return [3 + (i * stride + j) % (vocab - 3) for j in range(n)]
+
+    return [
+        [(ids(i, n, 31), greedy) for i, n in enumerate(lengths)],
+        [(ids(i, short, 7), penalized if i == 0 else greedy) for i in range(3)],
+    ]
+
+
+async def run(engine) -> None:
+    """Run the plan through ``engine``'s whole pipeline, then make the engine forget it."""
+    kv_tokens = (engine._blocks.num_blocks - 1) * engine.config.block_size
+    groups = plan(engine.config, engine.max_model_len, kv_tokens, engine.shape.vocab_size)
+    if not groups:
+        log.info("acb warm-up skipped: the KV cache or max_model_len is too small for a prompt and two tokens")
+        return
+    for g, group in enumerate(groups):
+        streams = [await engine.submit(p, q, request_id=f"acb-warmup-{g}-{i}") for i, (p, q) in enumerate(group)]
+        for stream in streams:
+            await stream.collect()
+    engine.clear_prefix_cache()
+    engine.clear_step_timing()
+    engine._reset_counters()
