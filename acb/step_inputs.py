@@ -171,9 +171,17 @@ class StepInputs:
             self._dev[:end].copy_(self._stage[k][:end], non_blocking=True)
             self._copied[k].record()
         if len(b.table_slots):
-            slots, cols, blocks = self._updates.stage(b.table_slots, b.table_cols, b.table_blocks)
-            self.tables[slots, cols] = blocks
+            self.apply_updates(self._updates.stage(b.table_slots, b.table_cols, b.table_blocks))
         return self.fixed_views if graph_rows else _views(self._dev, layout, torch.float32)
+
+    def apply_updates(self, entries: torch.Tensor) -> None:
+        """Write block-table entries ``[u, 3]`` (slot, column, block) on the device. Rank 0 stages them with the
+        step; a tensor-parallel worker receives the same tensor (:meth:`staged_updates`) and applies it here."""
+        self.tables[entries[:, 0], entries[:, 1]] = entries[:, 2]
+
+    def staged_updates(self, count: int) -> torch.Tensor:
+        """The ``[count, 3]`` entries the last :meth:`stage` put on the device."""
+        return self._updates.staged(count)
 
     def compact(self, t: int, n: int, s: int) -> tuple[dict[str, torch.Tensor], int]:
         """The device views of a compactly staged step of that size, and where its region ends (tensor-parallel
@@ -276,8 +284,8 @@ class _Updates:
             self._dev = self._host[0]
             self._copied = None
 
-    def stage(self, slots: np.ndarray, cols: np.ndarray, blocks: np.ndarray) -> tuple[torch.Tensor, ...]:
-        """Device tensors ``(slots, cols, blocks)`` of these entries (valid for this step's work on the stream)."""
+    def stage(self, slots: np.ndarray, cols: np.ndarray, blocks: np.ndarray) -> torch.Tensor:
+        """These entries on the device, ``[u, 3]`` (valid for this step's work on the stream)."""
         u = len(slots)
         if u > self.capacity:
             if self.cuda:
@@ -293,4 +301,7 @@ class _Updates:
         if self._copied is not None:
             dev.copy_(self._host[k][:u], non_blocking=True)
             self._copied[k].record()
-        return dev[:, 0], dev[:, 1], dev[:, 2]
+        return dev
+
+    def staged(self, count: int) -> torch.Tensor:
+        return self._dev[:count]

@@ -139,7 +139,7 @@ class TensorParallel:
             self.stop(timeout=1.0)
             raise WorkerFailedError(self.failed or "the tensor-parallel workers did not join the process group")
         self.group = joined[0]
-        self._store = store
+        self._store = store  # rank 0 hosts the store: it must outlive the group
         return self.group
 
     def mirror(self, b, j: int, splits: int, inputs, token_buf: torch.Tensor) -> None:
@@ -154,9 +154,8 @@ class TensorParallel:
                           lambda: self.failed)  # fmt: skip
         g = self.group
         g.broadcast(inputs._dev[:end])
-        if updates:
-            table = np.stack([b.table_slots, b.table_cols, b.table_blocks], axis=1).astype(np.int64)
-            g.broadcast(torch.from_numpy(table).to(self.device))
+        if updates:  # the entries stage() already put on the device
+            g.broadcast(inputs.staged_updates(updates))
         g.broadcast(token_buf)
 
     def lost(self, exc: BaseException) -> WorkerFailedError:
@@ -179,12 +178,7 @@ class TensorParallel:
                 pass
         for p in self.procs:
             p.join(timeout)
-            if p.is_alive():
-                p.terminate()
-                p.join(2.0)
-            if p.is_alive():
-                p.kill()
-                p.join()
+        _end(self.procs)  # any that did not stop in time
         self.group = None
 
     def alive(self) -> list[int]:
@@ -243,8 +237,7 @@ def worker_main(
                     return
                 group.broadcast(inputs._dev[:end])
                 if updates:
-                    table = group.broadcast(torch.empty(updates, 3, dtype=torch.int64, device=device))
-                    inputs.tables[table[:, 0], table[:, 1]] = table[:, 2]
+                    inputs.apply_updates(group.broadcast(torch.empty(updates, 3, dtype=torch.int64, device=device)))
                 group.broadcast(token_buf)
                 v, _ = inputs.compact(t, n, s)
                 d = inputs.derive(v, t, n, s)
