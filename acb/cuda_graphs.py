@@ -26,10 +26,15 @@ from .kernels import decode_splits
 from .sampling import flag_non_finite
 from .step_inputs import DeviceStep, StepInputs
 
-__all__ = ["DecodeGraphs", "DecodeForward", "graph_buckets"]
+__all__ = ["DecodeGraphs", "DecodeForward", "graph_buckets", "graph_rows"]
 
 DecodeForward = Callable[[DeviceStep, int], torch.Tensor]
 """A decode step's forward: ``(step, decode_splits) -> logits [rows, vocab]``, reading only device tensors."""
+
+
+def graph_rows(max_num_seqs: int) -> int:
+    """The largest decode batch captured for an engine of ``max_num_seqs`` sequences (larger steps run eagerly)."""
+    return min(max_num_seqs, 512)
 
 
 def graph_buckets(max_batch: int) -> list[int]:

@@ -19,11 +19,12 @@ from . import attention
 from .batch import BatchBuilder
 from .block_manager import BlockManager
 from .config import EngineConfig
+from .cuda_graphs import graph_rows
 from .errors import ModelInUseError
 from .families import adapter, lean_plan
 from .kv_cache import KVCache, ModelShape, auto_num_blocks
 from .lean_model import LeanCausalLM
-from .parallel.shard import check_divisible, shard_spec
+from .parallel.shard import check_divisible, materialize, shard_spec
 from .parallel.workers import Geometry, TensorParallel
 from .runner import ModelRunner
 from .scheduler import Scheduler
@@ -74,9 +75,15 @@ class Runtime:
 
 
 def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
-    if config.device is not None or config.dtype is not None:
-        model.to(device=config.device, dtype=resolve_dtype(config.dtype) if config.dtype else None)
-    device = next(model.parameters()).device
+    world = config.tensor_parallel_size
+    if world > 1:  # sharded where it lies (host memory, or meta): each rank moves only its shard to its GPU
+        if config.dtype is not None:
+            model.to(dtype=resolve_dtype(config.dtype))
+        device = _parallel_device(model, config.device)
+    else:
+        if config.device is not None or config.dtype is not None:
+            model.to(device=config.device, dtype=resolve_dtype(config.dtype) if config.dtype else None)
+        device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     attention.register()
     original_attention = _claim(model)
@@ -97,7 +104,6 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
         why = "generic path: fast_path=False" if config.fast_path is False else "generic path: the CPU default"
     startup = {"lean_model_s": 0.0}
     t0 = time.perf_counter()
-    world = config.tensor_parallel_size
     if world > 1:
         if family is None:
             raise ValueError(f"tensor_parallel_size={world} needs the lean path, which this model lacks ({why})")
@@ -106,9 +112,12 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
         use_lean = True
         why = f"lean path: {plan}; tensor parallel over {world} processes"
     if use_lean and family is not None and world > 1:
-        spec = adapter(family).lean_spec(model)
+        lean = getattr(model, "_acb_lean", None)  # an earlier engine's fused weights, if any
+        spec = lean.spec if lean is not None else adapter(family).lean_spec(model)
+        lean = None
         check_divisible(spec, world)
         shards = [shard_spec(spec, r, world, max_model_len) for r in range(world)]
+        shards[0] = materialize(shards[0], device, seed=0)  # the others move (or are made) in their workers
     elif use_lean and family is not None:
         # The lean model owns the fused weights; a later engine on the same model reuses it, once the engine
         # before it closed (they would share its KV cache and workspace).
@@ -119,7 +128,7 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
         lean.ensure(max_model_len, config.max_num_seqs)
     elif config.fast_path:
         raise ValueError(f"fast_path=True, but the lean model path does not take this model ({why})")
-    graphs = config.cuda_graphs and device.type == "cuda" and world == 1  # graphs with collectives: not yet
+    graphs = config.cuda_graphs and device.type == "cuda"
     startup["lean_model_s"] = time.perf_counter() - t0
 
     if world > 1:  # each rank caches its share of the KV heads
@@ -145,7 +154,9 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
                             num_blocks=num_blocks + 1, block_size=config.block_size,
                             max_tokens=max(config.max_num_batched_tokens, config.max_num_seqs),
                             max_rows=config.max_num_seqs, max_blocks=max_blocks, max_positions=max_model_len,
-                            device_type=device.type, threads=max(1, torch.get_num_threads() // world))  # fmt: skip
+                            device_type=device.type, device_index=device.index or 0,
+                            graph_rows=graph_rows(config.max_num_seqs) if graphs else 0,
+                            threads=max(1, torch.get_num_threads() // world))  # fmt: skip
         group = tp.start(shards, geometry)
         lean = LeanCausalLM(model, family, max_model_len, config.max_num_seqs, spec=shards[0], group=group,
                             vocab_size=vocab)  # fmt: skip
@@ -194,6 +205,23 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
         original_attention=original_attention,
         startup=startup,
     )
+
+
+def _parallel_device(model, wanted: str | None) -> torch.device:
+    """Rank 0's device under tensor parallelism (ranks 1.. take the next ones): ``EngineConfig.device``, else the
+    model's own, else (a model on the CPU or the meta device) the first GPU if there is one."""
+    if wanted is not None:
+        device = torch.device(wanted)
+    else:
+        device = next(model.parameters()).device
+        if device.type in ("cpu", "meta"):
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        device = torch.device("cuda", index)
+    elif device.type != "cpu":
+        raise ValueError(f"tensor parallelism runs on CUDA or on the CPU, not on {device}")
+    return device
 
 
 def _claim(model) -> str | None:

@@ -29,8 +29,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import cuda_graphs
 from .attention import AttentionMetadata
 from .batch import StepBatch
+from .errors import WorkerFailedError
 from .generic_model import GenericCausalLM
 from .grammar import GrammarMasks
 from .kernels import decode_splits
@@ -133,7 +135,7 @@ class ModelRunner:
         graphs = graphs and self.graph_blocker is None
         # one entry per sequence slot, plus a spare that padding rows of decode graphs write to
         self.token_buf = torch.zeros(max_num_seqs + 1, dtype=torch.int64, device=device)
-        graph_rows = min(max_num_seqs, 512) if graphs else 0
+        graph_rows = cuda_graphs.graph_rows(max_num_seqs) if graphs else 0
         self.inputs = StepInputs(
             max_tokens=max(max_tokens, max_num_seqs),
             max_rows=max_num_seqs,
@@ -154,11 +156,15 @@ class ModelRunner:
         self._num_kv_heads = kv_cache.layers[0].shape[3]
         self.graphs = None
         if graphs:
-            from .cuda_graphs import DecodeGraphs
-
+            DecodeGraphs = cuda_graphs.DecodeGraphs
             if lean is not None:
-                self.graphs = DecodeGraphs(self._lean_decode, self.inputs, graph_rows, max_model_len,
-                                           num_kv_heads=self._num_kv_heads, device=device)  # fmt: skip
+                try:  # under tensor parallelism the workers capture the same graphs at the same time
+                    self.graphs = DecodeGraphs(self._lean_decode, self.inputs, graph_rows, max_model_len,
+                                               num_kv_heads=self._num_kv_heads, device=device)  # fmt: skip
+                except BaseException as exc:
+                    if tp is None:
+                        raise
+                    raise tp.lost(exc) from exc
             else:
                 try:  # transformers' modules may do what a capture forbids (read a tensor on the host)
                     self.graphs = DecodeGraphs(self._generic_decode, self.inputs, graph_rows, max_model_len,
@@ -293,7 +299,11 @@ class ModelRunner:
                 v = self._staged
                 if start is not None:
                     start.record()
-            logits, greedy = graphs.replay(bucket, n, advance=j > 0)
+            if self.tp is None:
+                logits, greedy = graphs.replay(bucket, n, advance=j > 0)
+            else:  # every rank replays its own graph of this bucket; their collectives meet inside
+                logits, greedy = self._mirrored(lambda: self.tp.mirror_graph(b, j, bucket, self.inputs, self.token_buf),
+                                                lambda: graphs.replay(bucket, n, advance=j > 0))  # fmt: skip
             if b.plain:  # sampled and stored inside the graph
                 self._end(start)
                 return greedy, None, None
@@ -359,16 +369,27 @@ class ModelRunner:
         x = d.lean_inputs(b.max_query_len, splits, logits=True, meta=meta)
         if self.tp is None:
             return self.lean.forward(x)
-        # the workers run the same forward on their shards; its collectives meet here. A forward that fails half
-        # way leaves them inside a collective that rank 0 will never join: the group is lost with it.
+        return self._mirrored(lambda: self.tp.mirror(b, j, splits, self.inputs, self.token_buf),
+                              lambda: self.lean.forward(x))  # fmt: skip
+
+    def _mirrored(self, send: Callable[[], None], run: Callable):
+        """Tensor parallelism: ``send`` the workers this forward, then ``run`` it here; the collectives meet inside.
+        A forward that fails half way leaves them inside a collective that rank 0 will never join: the group is
+        lost with it (the error raised is a WorkerFailedError)."""
         try:
-            self.tp.mirror(b, j, splits, self.inputs, self.token_buf)
-            return self.lean.forward(x)
+            send()
+            return run()
         except BaseException as exc:
             error = self.tp.lost(exc)
             if error is exc:
                 raise
             raise error from exc
+
+    def check_workers(self) -> None:
+        """Raise WorkerFailedError if a tensor-parallel worker died: the last steps' collectives were aborted, so
+        their results must not reach anyone."""
+        if self.tp is not None and self.tp.failed:
+            raise WorkerFailedError(self.tp.failed)
 
     def _lean_decode(self, d, splits: int) -> torch.Tensor:
         """A decode step through the lean model, every row's logits (what the graphs capture)."""

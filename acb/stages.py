@@ -80,6 +80,7 @@ class Stages:
             try:
                 t0 = time.perf_counter()
                 result = await self._bridge.wait(handle, self._loop)
+                self._runner.check_workers()
                 t1 = time.perf_counter()
                 self.tracer.add("wait", t0, t1)
                 tokens = result.tokens.tolist()

@@ -183,6 +183,15 @@ class StepInputs:
         """The ``[count, 3]`` entries the last :meth:`stage` put on the device."""
         return self._updates.staged(count)
 
+    @property
+    def fixed_end(self) -> int:
+        """Where the graphs' fixed region ends in the device buffer."""
+        return self._fixed_end
+
+    def region(self, end: int) -> torch.Tensor:
+        """The device buffer's first ``end`` elements: a staged step's region (what tensor-parallel ranks share)."""
+        return self._dev[:end]
+
     def compact(self, t: int, n: int, s: int) -> tuple[dict[str, torch.Tensor], int]:
         """The device views of a compactly staged step of that size, and where its region ends (tensor-parallel
         workers receive rank 0's staged region and read it through these)."""

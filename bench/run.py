@@ -326,6 +326,7 @@ async def bench(args) -> list[dict]:
                 record(r)
                 continue
             base, overrides = parse_mode(mode)
+            tp = overrides.get("tensor_parallel_size", 1)  # each rank reads its share of the weights and KV
             shape_of_requests = {k: overrides.pop(k) for k in ("constrained", "penalties") if k in overrides}
             config = EngineConfig(**{
                 "max_num_seqs": min(w.requests, args.max_num_seqs),
@@ -368,9 +369,9 @@ async def bench(args) -> list[dict]:
             r.update(
                 workload=w.name, note=w.note, mode=mode, card=card, model=w.model, requests=w.requests,
                 gpu_idle=idle_fraction(intervals), engine_build_s=build_s, fast_path=engine.fast_path,
-                floor_s=floor, achieved_vs_floor=floor / r["wall_s"], copy_bw_GBps=bandwidth / 1e9,
-                floor_step_ms=floor * 1e3 / max(1, floor_steps), path_reason=engine.path_reason,
-                weight_bytes=weight_bytes,
+                floor_s=floor / tp, achieved_vs_floor=floor / tp / r["wall_s"], copy_bw_GBps=bandwidth / 1e9,
+                floor_step_ms=floor * 1e3 / tp / max(1, floor_steps), path_reason=engine.path_reason,
+                weight_bytes=weight_bytes, tensor_parallel_size=tp,
             )  # fmt: skip
             record(r)
             del engine

@@ -50,6 +50,9 @@ WORKLOADS = {
     "W-host": Workload("W-host", "tiny", 256, 128, 64, note="CPU diagnostic"),
     # issue 16's family table: run with --model <one of FAMILY_MODELS>, modes async and async[fast_path=false]
     "W-family": Workload("W-family", "llama-1b", 32, 256, 512),
+    # issue 17: tensor parallelism (modes async and async[tensor_parallel_size=2]; the 70B shape only sharded)
+    "W-tp": Workload("W-tp", "llama-8b", 32, 256, 1024),
+    "W-tp70": Workload("W-tp70", "llama-70b", 32, 256, 512),
     # diagnostic: GPU time of a batch-32 decode step at short context (transformers' modules in a graph: 9.12 ms)
     "D-step32": Workload("D-step32", "llama-8b", 32, 8, 64, note="diagnostic"),
 }
@@ -77,8 +80,13 @@ FAMILY_MODELS = {
 }  # fmt: skip
 
 
+# too large for one GPU: built on the meta device, each tensor-parallel rank makes its own shard's random weights
+SHARDED_ONLY = {"llama-70b"}
+
+
 def build_model(name: str, device: str = "cuda"):
-    """A model of the named architecture with random weights, built directly on ``device`` in bf16."""
+    """A model of the named architecture with random weights, built directly on ``device`` in bf16 (``meta`` for
+    the models of :data:`SHARDED_ONLY`, whatever ``device`` says)."""
     import transformers
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
@@ -88,6 +96,11 @@ def build_model(name: str, device: str = "cuda"):
     elif name == "llama-8b":
         cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                           num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
+                          max_position_embeddings=16384)  # fmt: skip
+        dtype = torch.bfloat16
+    elif name == "llama-70b":
+        cfg = LlamaConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                          num_attention_heads=64, num_key_value_heads=8, rope_theta=500000.0,
                           max_position_embeddings=16384)  # fmt: skip
         dtype = torch.bfloat16
     elif name == "qwen-0.5b":
@@ -101,6 +114,8 @@ def build_model(name: str, device: str = "cuda"):
         cfg, dtype = tiny_config("llama"), torch.float32
     else:
         raise ValueError(f"unknown model {name!r}")
+    if name in SHARDED_ONLY:
+        device = "meta"
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

@@ -159,7 +159,7 @@ def test_a_worker_that_cannot_start_is_reported_at_once():
     shape = dataclasses.replace(ModelShape.from_config(model.config), num_kv_heads=1)
     geo = Geometry(family=family, vocab_size=shape.vocab_size, shape=shape, dtype=torch.float32, num_blocks=9,
                    block_size=8, max_tokens=32, max_rows=4, max_blocks=8, max_positions=64, device_type="cuda",
-                   threads=1)  # fmt: skip
+                   device_index=0, graph_rows=0, threads=1)  # fmt: skip
     tp = TensorParallel(2, torch.device("cpu"))
     t0 = time.monotonic()
     with pytest.raises(WorkerFailedError, match="exited with code"):
@@ -221,3 +221,55 @@ def test_workers_end_when_rank_0_is_killed(tmp_path):
     while not _gone(workers) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _gone(workers)
+
+
+def test_a_meta_shard_becomes_random_weights_on_its_rank_and_real_ones_are_copied():
+    """A model built on the meta device (a shape with no weights) shards into meta tensors; each rank makes its own
+    random weights (norms ones, biases zeros, the rest small and seeded), while real weights travel unchanged."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from acb.default_model import tiny_config
+    from acb.families import adapter
+    from acb.parallel.shard import materialize, shard_spec
+
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(tiny_config("qwen2"))
+    shard = shard_spec(adapter("llama").lean_spec(meta), 1, 2, 64)
+    assert shard.layers[0].qkv_w.device.type == "meta"
+    cpu = torch.device("cpu")
+    a, b, c = materialize(shard, cpu, seed=1), materialize(shard, cpu, seed=1), materialize(shard, cpu, seed=2)
+    lw = a.layers[0]
+    assert lw.qkv_w.shape == shard.layers[0].qkv_w.shape and lw.qkv_w.device == cpu
+    assert torch.equal(lw.ln1, torch.ones_like(lw.ln1)) and torch.equal(a.norm, torch.ones_like(a.norm))
+    assert torch.equal(lw.qkv_b, torch.zeros_like(lw.qkv_b))
+    assert 0.015 < lw.gate_up_w.float().std().item() < 0.025
+    assert torch.equal(lw.down_w, b.layers[0].down_w) and not torch.equal(lw.down_w, c.layers[0].down_w)
+    # the rotary tables of a meta model are computed on the CPU, equal to a real model's
+    real = tiny_model("qwen2")
+    want = shard_spec(adapter("llama").lean_spec(real), 1, 2, 64).rotary[0]
+    assert torch.equal(a.rotary[0].cos, want.cos) and torch.equal(a.rotary[0].sin, want.sin)
+    kept = materialize(shard_spec(adapter("llama").lean_spec(real), 0, 2, 64), cpu)
+    assert torch.equal(
+        kept.layers[1].o_w, real.model.layers[1].self_attn.o_proj.weight[:, : kept.layers[1].o_w.shape[1]]
+    )
+
+
+async def test_a_meta_model_serves_with_random_weights_on_every_rank(tokenizer):
+    """A 70B-style start: no rank ever holds the whole model; the engine serves (random weights, seeded per rank),
+    and two engines on the same shape give the same tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from acb.default_model import tiny_config
+
+    prompts = random_prompts(3, [7, 19, 4], len(tokenizer), seed=9)
+    runs = []
+    for _ in range(2):
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(tiny_config("llama"))
+        async with Engine(meta, tokenizer, EngineConfig(block_size=8, tensor_parallel_size=2)) as engine:
+            assert engine.fast_path
+            outs = await _run(engine, prompts, 6)
+        runs.append([o.token_ids for o in outs])
+    assert runs[0] == runs[1] and all(len(t) == 6 for t in runs[0])

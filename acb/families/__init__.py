@@ -121,6 +121,10 @@ def fuse(*linears: torch.nn.Linear) -> torch.Tensor:
 def rotary_tables(rotary, device, head_dim: int, **kwargs):
     """A table builder from a transformers rotary module: cos/sin of every position, first halves, float32."""
 
+    if torch.device(device).type == "meta":  # a model built without weights (sharded later): tables on the CPU
+        with torch.device("cpu"):
+            rotary, device = type(rotary)(rotary.config), torch.device("cpu")
+
     @torch.no_grad()
     def build(max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
         pos = torch.arange(max_positions, device=device)[None]

@@ -7,6 +7,7 @@ engine makes a private group from a ``TCPStore`` that rank 0 hosts. Gloo on the 
 from __future__ import annotations
 
 import datetime
+import logging
 
 import torch
 import torch.distributed as dist
@@ -14,6 +15,8 @@ import torch.distributed as dist
 from ..errors import WorkerFailedError
 
 __all__ = ["Group", "host_store"]
+
+log = logging.getLogger("acb")
 
 
 def host_store(world: int, timeout: float) -> dist.TCPStore:
@@ -54,6 +57,25 @@ class Group:
         """Rank 0's ``t`` into every rank's ``t`` (in place)."""
         self._wait(self._pg.broadcast(t, 0))
         return t
+
+    def abort(self) -> None:
+        """End the group's collectives in flight (NCCL): a rank that died leaves the others' collectives waiting on
+        the GPU forever, and with them every later step. Called once a worker is known dead; gloo raises by itself."""
+        if self.device.type != "cuda":
+            return
+        try:
+            self._pg.abort()
+        except Exception:  # best effort: the engine is failing already
+            log.exception("aborting the tensor-parallel process group failed")
+
+    def close(self, settled: bool) -> None:
+        """Let go of the group. NCCL: wait for this rank's GPU work (when ``settled``: no peer died mid-collective),
+        then abort the communicators rather than destroy them, which waits on peers that may be gone (a process
+        can hang at exit there)."""
+        if self.device.type == "cuda":
+            if settled:
+                torch.cuda.synchronize(self.device)
+            self.abort()
 
     def _wait(self, work) -> None:
         try:

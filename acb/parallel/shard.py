@@ -11,7 +11,10 @@
 - Norms, per-head Q/K norms and the rotary tables are replicated. The tables are computed once, on rank 0, by the
   model's own rotary modules, and travel as tensors.
 
-The shards are copies (contiguous, picklable): rank 0 sends ranks 1.. theirs through shared memory at start.
+The shards are copies (contiguous, picklable): rank 0 sends ranks 1.. theirs through shared memory at start, and
+each rank moves its own to its GPU (:func:`materialize`), so the whole model never has to fit on one GPU: it is
+sharded where it was loaded (host memory). A model built on the ``meta`` device (no weights: a shape to benchmark)
+gives ``meta`` shards, which each rank fills with random values on its own GPU.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 
 from ..families import LeanSpec
 
-__all__ = ["shard_spec", "FixedTables", "check_divisible"]
+__all__ = ["shard_spec", "FixedTables", "check_divisible", "materialize"]
 
 
 class FixedTables:
@@ -87,6 +90,37 @@ def shard_spec(spec: LeanSpec, rank: int, world: int, max_positions: int) -> Lea
         num_kv_heads=spec.num_kv_heads // world,
         rotary=[FixedTables(*(t.detach().contiguous() for t in build(max_positions))) for build in spec.rotary],
     )
+
+
+_NORMS = ("ln1", "ln2", "q_norm", "k_norm", "post_attn_norm", "post_mlp_norm")
+
+
+@torch.no_grad()
+def materialize(spec: LeanSpec, device: torch.device, seed: int = 0) -> LeanSpec:
+    """``spec`` on ``device``: real tensors are copied there; ``meta`` tensors become random ones made there (norm
+    weights ones, biases zeros, every other weight normal with std 0.02, from ``seed``), for benchmarks of model
+    shapes whose weights do not exist."""
+    gen = None
+
+    def move(name: str, x):
+        nonlocal gen
+        if not isinstance(x, torch.Tensor):
+            return x
+        if x.device.type != "meta":
+            return x.to(device)
+        if name in _NORMS or name == "norm":
+            return torch.ones(x.shape, dtype=x.dtype, device=device)
+        if name.endswith("_b"):
+            return torch.zeros(x.shape, dtype=x.dtype, device=device)
+        if gen is None:
+            gen = torch.Generator(device).manual_seed(seed)
+        return torch.empty(x.shape, dtype=x.dtype, device=device).normal_(0.0, 0.02, generator=gen)
+
+    layers = [dataclasses.replace(lw, **{f.name: move(f.name, getattr(lw, f.name)) for f in dataclasses.fields(lw)})
+              for lw in spec.layers]  # fmt: skip
+    rotary = [FixedTables(t.cos.to(device), t.sin.to(device)) for t in spec.rotary]
+    return dataclasses.replace(spec, layers=layers, embed=move("embed", spec.embed), norm=move("norm", spec.norm),
+                               lm_head=move("lm_head", spec.lm_head), rotary=rotary)  # fmt: skip
 
 
 def vocab_range(vocab: int, rank: int, world: int) -> tuple[int, int]:

@@ -40,7 +40,7 @@ __all__ = ["TensorParallel", "Geometry", "worker_main"]
 log = logging.getLogger("acb")
 
 _HEADER = 10
-_STOP, _STEP = 0, 1
+_STOP, _STEP, _GRAPH = 0, 1, 2
 _RENDEZVOUS_S = 120.0  # how long ranks wait for each other to join
 
 
@@ -59,6 +59,8 @@ class Geometry:
     max_blocks: int
     max_positions: int
     device_type: str
+    device_index: int  # rank 0's GPU: rank r runs on the r-th after it
+    graph_rows: int  # decode CUDA graphs up to this batch (0: none); captured in step with rank 0's
     threads: int
 
 
@@ -120,7 +122,7 @@ class TensorParallel:
         ctx = multiprocessing.get_context("spawn")
         self.headers = HeaderChannel(ctx, self.world - 1)
         for rank in range(1, self.world):
-            shard = _to(shards[rank], torch.device("cpu"))  # CUDA tensors sent to a child stay pinned on this GPU
+            shard = _portable(shards[rank])
             proc = ctx.Process(target=worker_main, args=(rank, self.world, store.port, shard, geometry, self.headers,
                                self.timeout), name=f"acb-tp-rank{rank}", daemon=True)  # fmt: skip
             proc.start()
@@ -152,8 +154,23 @@ class TensorParallel:
         updates = len(b.table_slots) if j == 0 else 0
         self.headers.send([_STEP, t, n, s, int(b.decode_only), b.max_query_len, splits, end, updates, 0],
                           lambda: self.failed)  # fmt: skip
+        self._send(inputs, end, updates, token_buf)
+
+    def mirror_graph(self, b, j: int, bucket: int, inputs, token_buf: torch.Tensor) -> None:
+        """Send the workers what rank 0's next decode-graph replay reads (sub-step ``j`` of step ``b``, the graph of
+        ``bucket`` rows): a round's first replay reads the fixed staging region, every replay the token buffer; the
+        later sub-steps advance the region on each rank's device, inside its own graph."""
+        if self.failed:
+            raise WorkerFailedError(self.failed)
+        end = 0 if j else inputs.fixed_end
+        updates = 0 if j else len(b.table_slots)
+        self.headers.send([_GRAPH, bucket, int(j > 0), 0, 0, 0, 0, end, updates, 0], lambda: self.failed)
+        self._send(inputs, end, updates, token_buf)
+
+    def _send(self, inputs, end: int, updates: int, token_buf: torch.Tensor) -> None:
         g = self.group
-        g.broadcast(inputs._dev[:end])
+        if end:
+            g.broadcast(inputs.region(end))
         if updates:  # the entries stage() already put on the device
             g.broadcast(inputs.staged_updates(updates))
         g.broadcast(token_buf)
@@ -179,6 +196,8 @@ class TensorParallel:
         for p in self.procs:
             p.join(timeout)
         _end(self.procs)  # any that did not stop in time
+        if self.group is not None:
+            self.group.close(self.failed is None)
         self.group = None
 
     def alive(self) -> list[int]:
@@ -198,6 +217,8 @@ def _monitor(ref: weakref.ref, procs: list[multiprocessing.Process]) -> None:
     dead.join(1.0)
     tp.failed = f"tensor-parallel worker {dead.name} (pid {dead.pid}) exited with code {dead.exitcode}"
     log.error("%s; stopping the other workers", tp.failed)
+    if tp.group is not None:
+        tp.group.abort()  # rank 0's collectives in flight would wait on the dead rank forever
     for p in procs:
         if p.is_alive():
             p.terminate()
@@ -214,31 +235,47 @@ def worker_main(
     rank: int, world: int, port: int, shard: LeanSpec, geo: Geometry, headers: HeaderChannel, timeout: float
 ) -> None:
     from ..lean_model import LeanCausalLM
+    from ..parallel.shard import materialize
     from ..step_inputs import StepInputs
 
     torch.set_num_threads(geo.threads)
-    device = torch.device("cuda", rank) if geo.device_type == "cuda" else torch.device("cpu")
-    if device.type == "cuda":
+    device = torch.device("cpu")
+    if geo.device_type == "cuda":
+        device = torch.device("cuda", geo.device_index + rank)
         torch.cuda.set_device(device)
-        shard = _to(shard, device)
+    shard = materialize(shard, device, seed=rank)
     group = Group.join(port, rank, world, device, timeout)
     lean = LeanCausalLM(None, geo.family, geo.max_positions, geo.max_rows, spec=shard, group=group,
                         vocab_size=geo.vocab_size)  # fmt: skip
     kv = lean.kv_cache = KVCache(geo.shape, geo.num_blocks, geo.block_size, geo.dtype, device)
     token_buf = torch.zeros(geo.max_rows + 1, dtype=torch.int64, device=device)
-    inputs = StepInputs(max_tokens=geo.max_tokens, max_rows=geo.max_rows, graph_rows=0, num_slots=geo.max_rows,
-                        max_blocks=geo.max_blocks, block_size=geo.block_size, scratch_block=geo.num_blocks - 1,
-                        token_buf=token_buf, device=device)  # fmt: skip
+    inputs = StepInputs(max_tokens=geo.max_tokens, max_rows=geo.max_rows, graph_rows=geo.graph_rows,
+                        num_slots=geo.max_rows, max_blocks=geo.max_blocks, block_size=geo.block_size,
+                        scratch_block=geo.num_blocks - 1, token_buf=token_buf, device=device)  # fmt: skip
     try:
         with torch.inference_mode():
+            graphs = None
+            if geo.graph_rows:  # the same captures as rank 0's, in the same order: their collectives meet
+                from ..cuda_graphs import DecodeGraphs
+
+                def decode(d, splits: int) -> torch.Tensor:
+                    return lean.forward(d.lean_inputs(max_query_len=1, decode_splits=splits, logits=False))
+
+                graphs = DecodeGraphs(decode, inputs, geo.graph_rows, geo.max_positions,
+                                      num_kv_heads=geo.shape.num_kv_heads, device=device)  # fmt: skip
             while True:
                 op, t, n, s, decode_only, max_query_len, splits, end, updates, _ = headers.receive(rank - 1)
                 if op == _STOP:
+                    group.close(True)
                     return
-                group.broadcast(inputs._dev[:end])
+                if end:
+                    group.broadcast(inputs.region(end))
                 if updates:
                     inputs.apply_updates(group.broadcast(torch.empty(updates, 3, dtype=torch.int64, device=device)))
                 group.broadcast(token_buf)
+                if op == _GRAPH:  # t: the graph's rows, n: a round's later sub-step
+                    graphs.replay(t, 0, advance=bool(n))
+                    continue
                 v, _ = inputs.compact(t, n, s)
                 d = inputs.derive(v, t, n, s)
                 meta = None
@@ -252,9 +289,12 @@ def worker_main(
         return  # rank 0 is gone: nothing to serve
 
 
-def _to(spec: LeanSpec, device: torch.device) -> LeanSpec:
+def _portable(spec: LeanSpec) -> LeanSpec:
+    """``spec`` with its CUDA tensors copied to the host (CUDA tensors sent to a child stay pinned on the sender's
+    GPU); host and ``meta`` tensors as they are."""
+
     def move(x):
-        return x.to(device) if isinstance(x, torch.Tensor) else x
+        return x.cpu() if isinstance(x, torch.Tensor) and x.device.type == "cuda" else x
 
     layers = [dataclasses.replace(lw, **{f.name: move(getattr(lw, f.name)) for f in dataclasses.fields(lw)})
               for lw in spec.layers]  # fmt: skip
