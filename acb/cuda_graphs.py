@@ -54,8 +54,12 @@ class DecodeGraphs:
         num_kv_heads: int,
         device: torch.device,
         capturing: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        collectives: bool = False,
     ) -> None:
-        """``capturing``: a context the warm-up and the captures run in (the generic path's capturable experts)."""
+        """``capturing``: a context the warm-up and the captures run in (the generic path's capturable experts).
+        ``collectives``: the forward meets other ranks (tensor parallelism): capture in ``thread_local`` mode, so
+        that NCCL's watchdog thread may query its events meanwhile."""
+        self._mode = "thread_local" if collectives else "global"
         self.model_forward = forward
         self.inputs = inputs
         self.num_kv_heads = num_kv_heads
@@ -87,7 +91,7 @@ class DecodeGraphs:
         for b in reversed(self.buckets):
             for advance in (False, True):
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode=self._mode):
                     logits, tokens = self._forward(b, self.splits[b], advance)
                 self.graphs[(b, advance)] = (graph, logits, tokens)
         torch.cuda.synchronize()

@@ -160,7 +160,8 @@ class ModelRunner:
             if lean is not None:
                 try:  # under tensor parallelism the workers capture the same graphs at the same time
                     self.graphs = DecodeGraphs(self._lean_decode, self.inputs, graph_rows, max_model_len,
-                                               num_kv_heads=self._num_kv_heads, device=device)  # fmt: skip
+                                               num_kv_heads=self._num_kv_heads, device=device,
+                                               collectives=tp is not None)  # fmt: skip
                 except BaseException as exc:
                     if tp is None:
                         raise

@@ -1,22 +1,29 @@
 """The collectives a tensor-parallel forward needs, over one process group of its own.
 
 acb does not touch ``torch.distributed``'s default group (the user's process may use one for something else): each
-engine makes a private group from a ``TCPStore`` that rank 0 hosts. Gloo on the CPU, NCCL on CUDA.
+engine makes a private group from a ``TCPStore`` that rank 0 hosts. Gloo on the CPU, NCCL on CUDA, where the
+small all-reduces of decode steps take a one-shot kernel over peer-mapped buffers instead
+(:mod:`acb.parallel.allreduce`; ``ACB_ALLREDUCE=nccl`` in the environment turns it off, for comparisons).
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
+import os
 
 import torch
 import torch.distributed as dist
 
 from ..errors import WorkerFailedError
+from .allreduce import setup_one_shot
 
 __all__ = ["Group", "host_store"]
 
 log = logging.getLogger("acb")
+
+ONE_SHOT_MAX_BYTES = 2 << 20
+"""Sums up to this size take the one-shot all-reduce (a decode step's: rows x hidden x 2 bytes); larger ones NCCL."""
 
 
 def host_store(world: int, timeout: float) -> dist.TCPStore:
@@ -29,10 +36,13 @@ class Group:
     def __init__(self, store: dist.Store, rank: int, world: int, device: torch.device, timeout: float) -> None:
         self.rank, self.world, self.device = rank, world, device
         delta = datetime.timedelta(seconds=timeout)
+        self.one_shot = None  # the peer-mapped all-reduce for small sums (CUDA), or None: NCCL does them all
         if device.type == "cuda":
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = delta
             self._pg = dist.ProcessGroupNCCL(store, rank, world, opts)
+            if os.environ.get("ACB_ALLREDUCE", "one-shot") != "nccl":
+                self.one_shot = setup_one_shot(store, rank, world, device, ONE_SHOT_MAX_BYTES)
         else:
             self._pg = dist.ProcessGroupGloo(store, rank, world, delta)
 
@@ -44,13 +54,20 @@ class Group:
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` over the ranks, in place."""
+        if self.one_shot is not None and self.one_shot.fits(t):
+            return self.one_shot(t)
         self._wait(self._pg.allreduce([t]))
         return t
 
     def all_gather_last(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank's ``t`` side by side along the last dimension (rank order)."""
+        t = t.contiguous()
+        if self.device.type == "cuda":  # into one tensor: the form NCCL captures in graphs without extra copies
+            out = torch.empty((self.world, *t.shape), dtype=t.dtype, device=t.device)
+            self._wait(self._pg._allgather_base(out, t))
+            return out.movedim(0, -2).reshape(*t.shape[:-1], -1)
         parts = [torch.empty_like(t) for _ in range(self.world)]
-        self._wait(self._pg.allgather([parts], [t.contiguous()]))
+        self._wait(self._pg.allgather([parts], [t]))
         return torch.cat(parts, dim=-1)
 
     def broadcast(self, t: torch.Tensor) -> torch.Tensor:

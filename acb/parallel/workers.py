@@ -262,7 +262,7 @@ def worker_main(
                     return lean.forward(d.lean_inputs(max_query_len=1, decode_splits=splits, logits=False))
 
                 graphs = DecodeGraphs(decode, inputs, geo.graph_rows, geo.max_positions,
-                                      num_kv_heads=geo.shape.num_kv_heads, device=device)  # fmt: skip
+                                      num_kv_heads=geo.shape.num_kv_heads, device=device, collectives=True)  # fmt: skip
             while True:
                 op, t, n, s, decode_only, max_query_len, splits, end, updates, _ = headers.receive(rank - 1)
                 if op == _STOP:

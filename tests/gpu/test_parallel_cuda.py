@@ -28,7 +28,7 @@ async def test_two_gpus_give_one_gpus_tokens(arch, overlap, steps, graphs, make_
     prompts = random_prompts(8, [5, 17, 33, 3, 40, 12], len(tokenizer), seed=5)
     expected = [reference_greedy(ref, p, 16) for p in prompts]
     config = dict(device="cuda", block_size=16, num_kv_blocks=12, max_num_batched_tokens=64, overlap=overlap,
-                  decode_steps=steps, cuda_graphs=graphs)  # fmt: skip
+                  decode_steps=steps, cuda_graphs=graphs, max_num_seqs=16)  # fmt: skip
 
     async def run(m, world):
         async with Engine(m, tokenizer, EngineConfig(tensor_parallel_size=world, **config)) as engine:
@@ -56,7 +56,7 @@ async def test_a_meta_model_is_built_on_each_gpu(tokenizer):
 
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(tiny_config("llama"))
-    async with Engine(meta, tokenizer, EngineConfig(tensor_parallel_size=2, block_size=16)) as engine:
+    async with Engine(meta, tokenizer, EngineConfig(tensor_parallel_size=2, block_size=16, max_num_seqs=16)) as engine:
         assert engine._runner.device == torch.device("cuda", 0) and engine._runner.graphs is not None
         out = await engine.generate([5, 6, 7], SamplingParams(max_new_tokens=8, ignore_eos=True))
     assert len(out.token_ids) == 8
@@ -64,7 +64,9 @@ async def test_a_meta_model_is_built_on_each_gpu(tokenizer):
 
 async def test_a_killed_worker_fails_the_engine_instead_of_hanging_it(make_model, tokenizer):
     model, _ = make_model("llama", seed=7)
-    engine = Engine(model, tokenizer, EngineConfig(device="cuda", block_size=16, tensor_parallel_size=2))
+    engine = Engine(
+        model, tokenizer, EngineConfig(device="cuda", block_size=16, tensor_parallel_size=2, max_num_seqs=16)
+    )
     async with engine:
         tasks = [asyncio.create_task(engine.generate([3 + i] * 9, SamplingParams(max_new_tokens=4000, ignore_eos=True)))
                  for i in range(4)]  # fmt: skip

@@ -1,0 +1,51 @@
+"""The kernel of :mod:`acb.parallel.allreduce`: copy, signal, wait, sum (the protocol is described there)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["one_shot"]
+
+
+@triton.jit
+def _barrier(BASES, pid, epoch, RANK: tl.constexpr, WORLD: tl.constexpr, SPIN: tl.constexpr):
+    """Signal every rank (this program's flag at ``[pid, RANK]`` in each rank's buffer), then wait for every rank's
+    signal in this rank's flags (``[pid, r]``) to reach ``epoch``; at most ``SPIN`` polls per rank."""
+    tl.debug_barrier()  # every thread of the program wrote its part before the signal (release is cumulative)
+    for r in tl.static_range(WORLD):
+        flags = tl.load(BASES + r).to(tl.pointer_type(tl.int64))
+        tl.atomic_xchg(flags + pid * WORLD + RANK, epoch, sem="release", scope="sys")
+    mine = tl.load(BASES + RANK).to(tl.pointer_type(tl.int64))
+    for r in tl.static_range(WORLD):
+        polls = 0
+        seen = tl.atomic_add(mine + pid * WORLD + r, 0, sem="acquire", scope="sys")
+        while (seen < epoch) & (polls < SPIN):
+            seen = tl.atomic_add(mine + pid * WORLD + r, 0, sem="acquire", scope="sys")
+            polls += 1
+    tl.debug_barrier()
+
+
+@triton.jit
+def one_shot(X, n, BASES, COUNTER, flag_bytes, slot_bytes, RANK: tl.constexpr, WORLD: tl.constexpr,
+             BLOCK: tl.constexpr, SPIN: tl.constexpr):  # fmt: skip
+    pid = tl.program_id(0)
+    step = tl.num_programs(0) * BLOCK
+    epoch = tl.load(COUNTER + pid) + 1
+    slot = flag_bytes + (epoch % 2) * slot_bytes  # byte offset of this call's slot in every rank's buffer
+    ty = X.dtype.element_ty
+    mine = (tl.load(BASES + RANK) + slot).to(tl.pointer_type(ty))
+    for start in range(pid * BLOCK, n, step):
+        offs = start + tl.arange(0, BLOCK)
+        m = offs < n
+        tl.store(mine + offs, tl.load(X + offs, mask=m), mask=m)
+    _barrier(BASES, pid, epoch, RANK, WORLD, SPIN)
+    for start in range(pid * BLOCK, n, step):
+        offs = start + tl.arange(0, BLOCK)
+        m = offs < n
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for r in tl.static_range(WORLD):  # rank order: every rank adds the same numbers in the same order
+            peer = (tl.load(BASES + r) + slot).to(tl.pointer_type(ty))
+            acc += tl.load(peer + offs, mask=m, other=0.0, volatile=True).to(tl.float32)
+        tl.store(X + offs, acc.to(ty), mask=m)
+    tl.store(COUNTER + pid, epoch)
