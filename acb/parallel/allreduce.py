@@ -64,8 +64,9 @@ def setup_one_shot(store, rank: int, world: int, device: torch.device, max_bytes
 
 class OneShot:
     def __init__(self, rank: int, world: int, device: torch.device, max_bytes: int) -> None:
-        for peer in range(world):
-            if peer != device.index and not torch.cuda.can_device_access_peer(device, peer):
+        for r in range(world):  # rank r runs on the r-th GPU after rank 0's
+            peer = device.index - rank + r
+            if r != rank and not torch.cuda.can_device_access_peer(device, peer):
                 raise RuntimeError(f"GPU {device.index} cannot access GPU {peer}")
         self.rank, self.world, self.device, self.max_bytes = rank, world, device, max_bytes
         self._flag_words = _MAX_PROGRAMS * world
