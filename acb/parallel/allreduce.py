@@ -20,6 +20,7 @@ than :attr:`OneShot.max_bytes` go to NCCL, whose ring is the better algorithm th
 
 from __future__ import annotations
 
+import inspect
 import logging
 import pickle
 
@@ -56,6 +57,11 @@ def setup_one_shot(store, rank: int, world: int, device: torch.device, max_bytes
     except Exception as exc:
         log.warning("the one-shot all-reduce is off: rank %d could not map its peers' buffers (%s)", rank, exc)
         ok = False
+    if ok:  # a first sum, checked: 1 + 2 + ... + world everywhere
+        t = torch.full((4096,), rank + 1.0, dtype=torch.float32, device=device)
+        ok = bool((one(t) == world * (world + 1) / 2).all())
+        if not ok:
+            log.warning("the one-shot all-reduce is off: its first sum was wrong on rank %d", rank)
     store.set(f"acb/one-shot-ok/{rank}", b"1" if ok else b"0")
     if not all(store.get(f"acb/one-shot-ok/{r}") == b"1" for r in range(world)):
         return None
@@ -81,14 +87,24 @@ class OneShot:
     def connect(self, handles: list) -> None:
         """Map every peer's buffer (``handles``: each rank's ``reduce_tensor`` of its buffer, in rank order)."""
         bases = []
+        mine = self.device.index
         for r, (rebuild, args) in enumerate(handles):
             if r == self.rank:
                 bases.append(self.buffer.data_ptr())
                 continue
+            peer_device = mine - self.rank + r
+            # This GPU's kernels read and signal the peer's memory: peer access must be on from this GPU to the
+            # peer's. A copy from here to there turns it on (torch enables it for its peer copies) ...
+            torch.empty(1, device=torch.device("cuda", peer_device)).copy_(torch.zeros(1, device=self.device))
+            # ... and the handle is opened in this GPU's context (as CUDA IPC users do), not the exporter's, which
+            # torch's rebuild would pick: argument 6 is the device it opens the handle under.
+            args = list(args)
+            args[list(inspect.signature(rebuild).parameters).index("storage_device")] = mine
             peer = rebuild(*args)
             self._peers.append(peer)  # keep the mapping open
             bases.append(peer.data_ptr())
         self._bases = torch.tensor(bases, dtype=torch.int64, device=self.device)
+        torch.cuda.synchronize(self.device)
 
     def fits(self, t: torch.Tensor) -> bool:
         return t.is_contiguous() and t.numel() * t.element_size() <= self.max_bytes and t.dtype in _TL
