@@ -48,8 +48,12 @@ def _time(fn, device, graph: bool) -> float:
 
 
 def _rank(rank: int, world: int, port: int, out=None) -> None:
-    from acb.parallel.group import Group, host_store
+    import os
 
+    from acb.parallel.allreduce import setup_one_shot
+    from acb.parallel.group import ONE_SHOT_MAX_BYTES, Group, host_store
+
+    os.environ["ACB_ALLREDUCE"] = "nccl"  # the group's own sums: NCCL; the one-shot variants are set up here
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
     if rank == 0:
@@ -62,43 +66,63 @@ def _rank(rank: int, world: int, port: int, out=None) -> None:
         group = Group(store, 0, world, device, 120)
     else:
         group = Group.join(port, rank, world, device, 120)
-    one, pg = group.one_shot, group._pg
+    variants = {m: setup_one_shot(group.store, rank, world, device, ONE_SHOT_MAX_BYTES, m, tag=m) for m in MODES}
+    pg = group._pg
     rows = []
     for r_, h in SIZES:
         gen = [torch.Generator(device).manual_seed(s) for s in range(world)]
         xs = [torch.randn(r_, h, device=device, generator=g).to(torch.bfloat16) for g in gen]
         want = sum(x.float() for x in xs).to(torch.bfloat16)
         row = {"rows": r_, "hidden": h, "bytes": r_ * h * 2, "world": world}
-        t = xs[rank].clone()
-        fits = one is not None and one.fits(t)
-        if fits:
+        buf = xs[rank].clone()
+        row["nccl_eager_us"] = _time(lambda b=buf: pg.allreduce([b]).wait(), device, False)
+        row["nccl_graph_us"] = _time(lambda b=buf: group._now().allreduce([b]).wait(), device, True)
+        for mode, one in variants.items():
+            if one is None or not one.fits(buf):
+                continue
+            t = xs[rank].clone()
             one(t)
             torch.cuda.synchronize(device)
             everyone = group.all_gather_last(t.view(1, -1)).view(world, -1)
-            row["one_shot_same_bits_on_every_rank"] = bool((everyone == everyone[0]).all())
-            row["one_shot_max_err"] = float((t.float() - want.float()).abs().max())
-        buf = xs[rank].clone()
-        row["nccl_eager_us"] = _time(lambda b=buf: pg.allreduce([b]).wait(), device, False)
-        row["nccl_graph_us"] = _time(lambda b=buf: pg.allreduce([b]).wait(), device, True)
-        if fits:
-            row["one_shot_eager_us"] = _time(lambda b=buf: one(b), device, False)
-            row["one_shot_graph_us"] = _time(lambda b=buf: one(b), device, True)
+            row[f"{mode}_same_bits"] = bool((everyone == everyone[0]).all())
+            row[f"{mode}_max_err"] = float((t.float() - want.float()).abs().max())
+            row[f"{mode}_eager_us"] = _time(lambda b=buf, o=one: o(b), device, False)
+            row[f"{mode}_graph_us"] = _time(lambda b=buf, o=one: o(b), device, True)
         rows.append(row)
     if rank == 0:
         nan = float("nan")
-        print("| rows x hidden | bytes | NCCL eager µs | NCCL graph µs | one-shot eager µs | one-shot graph µs "
-              "| same bits | max err |", file=sys.stderr)  # fmt: skip
+        print("| world | rows x hidden | bytes | NCCL eager / graph µs | pull eager / graph µs | push eager / graph µs "
+              "| exact (pull, push) |", file=sys.stderr)  # fmt: skip
         for row in rows:
-            print(f"| {row['rows']} x {row['hidden']} | {row['bytes']} | {row['nccl_eager_us']:.1f} | "
-                  f"{row['nccl_graph_us']:.1f} | {row.get('one_shot_eager_us', nan):.1f} | "
-                  f"{row.get('one_shot_graph_us', nan):.1f} | {row.get('one_shot_same_bits_on_every_rank', '-')} | "
-                  f"{row.get('one_shot_max_err', nan):.3g} |", file=sys.stderr)  # fmt: skip
+            us = [
+                f"{row.get(f'{k}_eager_us', nan):.1f} / {row.get(f'{k}_graph_us', nan):.1f}" for k in ("nccl", *MODES)
+            ]
+            errs = ", ".join(f"{row.get(f'{m}_max_err', nan):.3g}" for m in MODES)
+            print(f"| {world} | {row['rows']} x {row['hidden']} | {row['bytes']} | {' | '.join(us)} | {errs} |",
+                  file=sys.stderr)  # fmt: skip
+        choice = _choose(rows)
+        print(f"choice for {world} GPUs: {choice}", file=sys.stderr)
         if out:
             with open(out, "w") as f:
-                json.dump({"card": torch.cuda.get_device_name(), "rows": rows}, f, indent=2)
+                json.dump({"card": torch.cuda.get_device_name(), "choice": choice, "rows": rows}, f, indent=2)
         for p in procs:
             p.join(30)
     group.close(True)
+
+
+MODES = ("pull", "push")
+
+
+def _choose(rows: list[dict]) -> str:
+    """The variant for a decode step's sums (32 rows): the exact one-shot variant fastest in a graph, if it beats
+    NCCL there; else ``nccl``."""
+    best, best_us = "nccl", min(r["nccl_graph_us"] for r in rows if r["rows"] == 32)
+    for mode in MODES:
+        times = [r.get(f"{mode}_graph_us") for r in rows if r["rows"] == 32]
+        exact = all(r.get(f"{mode}_same_bits") and r.get(f"{mode}_max_err") == 0 for r in rows if r["rows"] == 32)
+        if exact and None not in times and max(times) < best_us:
+            best, best_us = mode, max(times)
+    return best
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -277,31 +277,36 @@ async def test_a_meta_model_serves_with_random_weights_on_every_rank(tokenizer):
 
 _ONE_SHOT = """
 import torch
-from acb.kernels.one_shot import one_shot
+from acb.kernels.one_shot import one_shot, one_shot_push
 
-W, n, BLOCK, words = 2, 3000, 1024, 64  # 3 programs; 32 programs x 2 ranks of flags
+W, n, BLOCK, words = 2, 3000, 1024, 128  # 3 programs; 64 programs x 2 ranks of flags
 P, slot = 3, n * 4
-bufs = [torch.zeros(words + 2 * slot // 8, dtype=torch.int64) for _ in range(W)]
-bases = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64)
-counters = [torch.zeros(32, dtype=torch.int64) for _ in range(W)]
-for epoch in (1, 2, 3):
-    xs = [torch.randn(n) for _ in range(W)]
-    # rank 0 has written its slot and signalled rank 1 (a second process on a GPU): rank 1 goes first, then rank 0
-    bufs[0][words + (epoch % 2) * slot // 8 :].view(torch.float32)[:n] = xs[0]
-    bufs[1][:words].view(32, W)[:P, 0] = epoch
-    got = [xs[0].clone(), xs[1].clone()]
-    for rank in (1, 0):
-        one_shot[(P,)](got[rank], n, bases, counters[rank], words * 8, slot, RANK=rank, WORLD=W, BLOCK=BLOCK, SPIN=100)
-    assert torch.equal(got[0], xs[0] + xs[1]) and torch.equal(got[1], xs[0] + xs[1])
-    assert counters[0][:P].tolist() == counters[1][:P].tolist() == [epoch] * P
-    assert bufs[0][:words].view(32, W)[:P, 1].tolist() == [epoch] * P  # rank 1's signal reached rank 0
+for kernel, parts in ((one_shot, 1), (one_shot_push, W)):
+    bufs = [torch.zeros(words + 2 * parts * slot // 8, dtype=torch.int64) for _ in range(W)]
+    bases = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64)
+    counters = [torch.zeros(64, dtype=torch.int64) for _ in range(W)]
+    for epoch in (1, 2, 3):
+        xs = [torch.randn(n) for _ in range(W)]
+        # rank 0 has written its input and signalled rank 1 (a second process on a GPU): rank 1 goes first
+        region = words + (epoch % 2) * parts * slot // 8
+        for b in bufs if parts > 1 else bufs[:1]:  # pull: rank 0's own slot; push: rank 0's part in every buffer
+            b[region:].view(torch.float32)[:n] = xs[0]
+        bufs[1][:words].view(64, W)[:P, 0] = epoch
+        got = [xs[0].clone(), xs[1].clone()]
+        for rank in (1, 0):
+            kernel[(P,)](got[rank], n, bases, counters[rank], words * 8, slot, RANK=rank, WORLD=W, BLOCK=BLOCK,
+                         SPIN=100)
+        assert torch.equal(got[0], xs[0] + xs[1]) and torch.equal(got[1], xs[0] + xs[1]), kernel
+        assert counters[0][:P].tolist() == counters[1][:P].tolist() == [epoch] * P
+        assert bufs[0][:words].view(64, W)[:P, 1].tolist() == [epoch] * P  # rank 1's signal reached rank 0
 print("ok")
 """
 
 
 def test_the_one_shot_all_reduce_kernel_sums_and_signals():
-    """The one-shot all-reduce's kernel under Triton's interpreter, two ranks played in turn in one process: each
-    sums both ranks' slots, signals its peer, and advances its epoch; three calls alternate the slots."""
+    """The one-shot all-reduce's kernels (pull and push) under Triton's interpreter, two ranks played in turn in one
+    process: each sums both ranks' inputs, signals its peer, and advances its epoch; three calls alternate the
+    regions."""
     import subprocess
     import sys
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["one_shot"]
+__all__ = ["one_shot", "one_shot_push"]
 
 
 @triton.jit
@@ -47,5 +47,36 @@ def one_shot(X, n, BASES, COUNTER, flag_bytes, slot_bytes, RANK: tl.constexpr, W
         for r in tl.static_range(WORLD):  # rank order: every rank adds the same numbers in the same order
             peer = (tl.load(BASES + r) + slot).to(tl.pointer_type(ty))
             acc += tl.load(peer + offs, mask=m, other=0.0, volatile=True).to(tl.float32)
+        tl.store(X + offs, acc.to(ty), mask=m)
+    tl.store(COUNTER + pid, epoch)
+
+
+@triton.jit
+def one_shot_push(X, n, BASES, COUNTER, flag_bytes, slot_bytes, RANK: tl.constexpr, WORLD: tl.constexpr,
+                  BLOCK: tl.constexpr, SPIN: tl.constexpr):  # fmt: skip
+    """The same sum with the data pushed: each rank writes its input into every rank's buffer (its own part of this
+    call's region), signals, waits, and sums its own buffer. Stores to a peer are posted over NVLink, where the
+    reads of :func:`one_shot` each wait a round trip."""
+    pid = tl.program_id(0)
+    step = tl.num_programs(0) * BLOCK
+    epoch = tl.load(COUNTER + pid) + 1
+    region = flag_bytes + (epoch % 2) * WORLD * slot_bytes  # this call's region in every rank's buffer
+    ty = X.dtype.element_ty
+    for start in range(pid * BLOCK, n, step):
+        offs = start + tl.arange(0, BLOCK)
+        m = offs < n
+        x = tl.load(X + offs, mask=m)
+        for r in tl.static_range(WORLD):
+            dst = (tl.load(BASES + r) + region + RANK * slot_bytes).to(tl.pointer_type(ty))
+            tl.store(dst + offs, x, mask=m)
+    _barrier(BASES, pid, epoch, RANK, WORLD, SPIN)
+    mine = tl.load(BASES + RANK) + region
+    for start in range(pid * BLOCK, n, step):
+        offs = start + tl.arange(0, BLOCK)
+        m = offs < n
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for r in tl.static_range(WORLD):  # rank order: every rank adds the same numbers in the same order
+            part = (mine + r * slot_bytes).to(tl.pointer_type(ty))
+            acc += tl.load(part + offs, mask=m, other=0.0, volatile=True).to(tl.float32)
         tl.store(X + offs, acc.to(ty), mask=m)
     tl.store(COUNTER + pid, epoch)

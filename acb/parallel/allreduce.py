@@ -30,25 +30,28 @@ __all__ = ["OneShot", "setup_one_shot"]
 
 log = logging.getLogger("acb")
 
-_MAX_PROGRAMS = 32
+_MAX_PROGRAMS = 64
 _BLOCK = 1024
 _SPIN = 2**31 - 1  # polls before a wait gives up (minutes: a peer is gone)
 
 
-def setup_one_shot(store, rank: int, world: int, device: torch.device, max_bytes: int) -> OneShot | None:
+def setup_one_shot(
+    store, rank: int, world: int, device: torch.device, max_bytes: int, mode: str = "push", tag: str = ""
+) -> OneShot | None:
     """Every rank calls this at the same time; returns the all-reduce, or None on every rank when any rank cannot
-    map its peers' memory (then NCCL does every sum)."""
-    key = f"acb/one-shot/{rank}"
+    map its peers' memory (then NCCL does every sum). ``tag`` tells apart several set-ups on one store."""
+    prefix = f"acb/one-shot{tag}"
+    key = f"{prefix}/{rank}"
     one = None
     try:
-        one = OneShot(rank, world, device, max_bytes)
+        one = OneShot(rank, world, device, max_bytes, mode)
         from torch.multiprocessing.reductions import reduce_tensor
 
         store.set(key, pickle.dumps(reduce_tensor(one.buffer)))
     except Exception as exc:  # no peer access, no Triton: say so, and let every rank fall back together
         log.warning("the one-shot all-reduce is off on rank %d (%s); NCCL does every sum", rank, exc)
         store.set(key, b"")
-    shared = [store.get(f"acb/one-shot/{r}") for r in range(world)]
+    shared = [store.get(f"{prefix}/{r}") for r in range(world)]
     if one is None or not all(shared):
         return None
     ok = True
@@ -62,14 +65,20 @@ def setup_one_shot(store, rank: int, world: int, device: torch.device, max_bytes
         ok = bool((one(t) == world * (world + 1) / 2).all())
         if not ok:
             log.warning("the one-shot all-reduce is off: its first sum was wrong on rank %d", rank)
-    store.set(f"acb/one-shot-ok/{rank}", b"1" if ok else b"0")
-    if not all(store.get(f"acb/one-shot-ok/{r}") == b"1" for r in range(world)):
+    store.set(f"{prefix}-ok/{rank}", b"1" if ok else b"0")
+    if not all(store.get(f"{prefix}-ok/{r}") == b"1" for r in range(world)):
         return None
     return one
 
 
 class OneShot:
-    def __init__(self, rank: int, world: int, device: torch.device, max_bytes: int) -> None:
+    """``mode``: ``"push"`` (each rank writes its input into every rank's buffer, then sums its own) or ``"pull"``
+    (each rank writes its own buffer, then reads every rank's)."""
+
+    def __init__(self, rank: int, world: int, device: torch.device, max_bytes: int, mode: str = "push") -> None:
+        if mode not in ("push", "pull"):
+            raise ValueError(f"one-shot mode must be push or pull, not {mode!r}")
+        self.mode = mode
         for r in range(world):  # rank r runs on the r-th GPU after rank 0's
             peer = device.index - rank + r
             if r != rank and not torch.cuda.can_device_access_peer(device, peer):
@@ -77,8 +86,10 @@ class OneShot:
         self.rank, self.world, self.device, self.max_bytes = rank, world, device, max_bytes
         self._flag_words = _MAX_PROGRAMS * world
         slot_words = -(-max_bytes // 8)
-        # one allocation: flags [programs, world] int64, then two data slots; shared whole with the peers
-        self.buffer = torch.zeros(self._flag_words + 2 * slot_words, dtype=torch.int64, device=device)
+        # one allocation: flags [programs, world] int64, then two regions (alternate calls) of one slot (pull) or of
+        # one slot per rank (push); shared whole with the peers
+        parts = 2 * (world if mode == "push" else 1)
+        self.buffer = torch.zeros(self._flag_words + parts * slot_words, dtype=torch.int64, device=device)
         self._slot_bytes = slot_words * 8
         self._counter = torch.zeros(_MAX_PROGRAMS, dtype=torch.int64, device=device)
         self._peers: list[torch.Tensor] = []
@@ -111,12 +122,13 @@ class OneShot:
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` over the ranks, in place (every rank must call with the same shape, in the same order)."""
-        from ..kernels.one_shot import one_shot
+        from ..kernels import one_shot
 
+        kernel = one_shot.one_shot_push if self.mode == "push" else one_shot.one_shot
         n = t.numel()
         programs = min(_MAX_PROGRAMS, -(-n // _BLOCK))
-        one_shot[(programs,)](t, n, self._bases, self._counter, self._flag_words * 8, self._slot_bytes,
-                              RANK=self.rank, WORLD=self.world, BLOCK=_BLOCK, SPIN=_SPIN)  # fmt: skip
+        kernel[(programs,)](t, n, self._bases, self._counter, self._flag_words * 8, self._slot_bytes,
+                            RANK=self.rank, WORLD=self.world, BLOCK=_BLOCK, SPIN=_SPIN)  # fmt: skip
         return t
 
 

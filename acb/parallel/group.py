@@ -3,7 +3,8 @@
 acb does not touch ``torch.distributed``'s default group (the user's process may use one for something else): each
 engine makes a private group from a ``TCPStore`` that rank 0 hosts. Gloo on the CPU, NCCL on CUDA, where the
 small all-reduces of decode steps take a one-shot kernel over peer-mapped buffers instead
-(:mod:`acb.parallel.allreduce`; ``ACB_ALLREDUCE=nccl`` in the environment turns it off, for comparisons).
+(:mod:`acb.parallel.allreduce`; ``ACB_ALLREDUCE=nccl`` in the environment turns it off, ``=pull`` picks its
+other variant, for comparisons). Collectives captured in CUDA graphs use a communicator of their own.
 """
 
 from __future__ import annotations
@@ -37,12 +38,24 @@ class Group:
         self.rank, self.world, self.device = rank, world, device
         delta = datetime.timedelta(seconds=timeout)
         self.one_shot = None  # the peer-mapped all-reduce for small sums (CUDA), or None: NCCL does them all
+        self._graph_pg = None
+        self.store = store
         if device.type == "cuda":
+            # NCCL connects each algorithm's channels at its first use unless told otherwise; a first use inside a
+            # graph capture would do it there
+            os.environ.setdefault("NCCL_RUNTIME_CONNECT", "0")
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = delta
-            self._pg = dist.ProcessGroupNCCL(store, rank, world, opts)
-            if os.environ.get("ACB_ALLREDUCE", "one-shot") != "nccl":
-                self.one_shot = setup_one_shot(store, rank, world, device, ONE_SHOT_MAX_BYTES)
+            self._pg = dist.ProcessGroupNCCL(dist.PrefixStore("eager/", store), rank, world, opts)
+            # A second communicator for the collectives captured in CUDA graphs: one communicator used both inside
+            # captures and eagerly can deadlock the ranks at capture (SGLang and vLLM keep them apart too).
+            self._graph_pg = dist.ProcessGroupNCCL(dist.PrefixStore("graph/", store), rank, world, opts)
+            for pg in (self._pg, self._graph_pg):  # create both communicators now, outside any capture
+                pg.allreduce([torch.zeros(1, device=device)]).wait()
+            torch.cuda.synchronize(device)
+            mode = os.environ.get("ACB_ALLREDUCE", "push")
+            if mode != "nccl":
+                self.one_shot = setup_one_shot(store, rank, world, device, ONE_SHOT_MAX_BYTES, mode)
         else:
             self._pg = dist.ProcessGroupGloo(store, rank, world, delta)
 
@@ -56,7 +69,7 @@ class Group:
         """Sum ``t`` over the ranks, in place."""
         if self.one_shot is not None and self.one_shot.fits(t):
             return self.one_shot(t)
-        self._wait(self._pg.allreduce([t]))
+        self._wait(self._now().allreduce([t]))
         return t
 
     def all_gather_last(self, t: torch.Tensor) -> torch.Tensor:
@@ -64,11 +77,17 @@ class Group:
         t = t.contiguous()
         if self.device.type == "cuda":  # into one tensor: the form NCCL captures in graphs without extra copies
             out = torch.empty((self.world, *t.shape), dtype=t.dtype, device=t.device)
-            self._wait(self._pg._allgather_base(out, t))
+            self._wait(self._now()._allgather_base(out, t))
             return out.movedim(0, -2).reshape(*t.shape[:-1], -1)
         parts = [torch.empty_like(t) for _ in range(self.world)]
         self._wait(self._pg.allgather([parts], [t]))
         return torch.cat(parts, dim=-1)
+
+    def _now(self):
+        """The NCCL communicator for a collective issued now: the graphs' own while a CUDA graph is being captured."""
+        if self._graph_pg is not None and torch.cuda.is_current_stream_capturing():
+            return self._graph_pg
+        return self._pg
 
     def broadcast(self, t: torch.Tensor) -> torch.Tensor:
         """Rank 0's ``t`` into every rank's ``t`` (in place)."""
@@ -80,10 +99,11 @@ class Group:
         the GPU forever, and with them every later step. Called once a worker is known dead; gloo raises by itself."""
         if self.device.type != "cuda":
             return
-        try:
-            self._pg.abort()
-        except Exception:  # best effort: the engine is failing already
-            log.exception("aborting the tensor-parallel process group failed")
+        for pg in (self._pg, self._graph_pg):
+            try:
+                pg.abort()
+            except Exception:  # best effort: the engine is failing already
+                log.exception("aborting the tensor-parallel process group failed")
 
     def close(self, settled: bool) -> None:
         """Let go of the group. NCCL: wait for this rank's GPU work (when ``settled``: no peer died mid-collective),
