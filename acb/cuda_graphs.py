@@ -96,6 +96,11 @@ class DecodeGraphs:
                 self.graphs[(b, advance)] = (graph, logits, tokens)
         torch.cuda.synchronize()
 
+    def release(self) -> None:
+        """Free every captured graph now (the runner and its forward hold each other: garbage collection would
+        free them only later)."""
+        self.graphs.clear()
+
     def bucket(self, batch: int) -> int:
         for b in self.buckets:
             if b >= batch:

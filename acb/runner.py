@@ -195,12 +195,14 @@ class ModelRunner:
         would keep this engine's cache allocated, and the next engine on the same model would size its own cache
         from what is left."""
         finished = self._worker.shutdown(timeout)
+        if self.graphs is not None:  # before the process group: graphs hold its captured collectives
+            self.graphs.release()
+        self.graphs = self._staged = None
         if self.tp is not None:
             self.tp.stop()
         self.closed = True
         if self.lean is not None and self.lean.kv_cache is self.kv_cache:
             self.lean.kv_cache = None
-        self.graphs = None
         self.kv_cache = None
         if self.generic is not None:
             self.generic.release()

@@ -363,17 +363,17 @@ async def bench(args) -> list[dict]:
                 stats = engine.stats()
                 r["prefix_cached_share"] = stats.prefix_cached_tokens / max(1, stats.prefix_queried_tokens)
                 intervals = engine.step_intervals()
-            durations = sorted(e - s for s, e in intervals)
-            r["gpu_step_ms_p50"] = percentile(durations, 50) if durations else float("nan")
-            r["loop_cpu_ms_per_step"] = r["loop_thread_cpu_s"] * 1e3 / max(1, r["steps"])
-            r.update(
-                workload=w.name, note=w.note, mode=mode, card=card, model=w.model, requests=w.requests,
-                gpu_idle=idle_fraction(intervals), engine_build_s=build_s, fast_path=engine.fast_path,
-                floor_s=floor / tp, achieved_vs_floor=floor / tp / r["wall_s"], copy_bw_GBps=bandwidth / 1e9,
-                floor_step_ms=floor * 1e3 / tp / max(1, floor_steps), path_reason=engine.path_reason,
-                weight_bytes=weight_bytes, tensor_parallel_size=tp,
-            )  # fmt: skip
-            record(r)
+                durations = sorted(e - s for s, e in intervals)
+                r["gpu_step_ms_p50"] = percentile(durations, 50) if durations else float("nan")
+                r["loop_cpu_ms_per_step"] = r["loop_thread_cpu_s"] * 1e3 / max(1, r["steps"])
+                r.update(
+                    workload=w.name, note=w.note, mode=mode, card=card, model=w.model, requests=w.requests,
+                    gpu_idle=idle_fraction(intervals), engine_build_s=build_s, fast_path=engine.fast_path,
+                    floor_s=floor / tp, achieved_vs_floor=floor / tp / r["wall_s"], copy_bw_GBps=bandwidth / 1e9,
+                    floor_step_ms=floor * 1e3 / tp / max(1, floor_steps), path_reason=engine.path_reason,
+                    weight_bytes=weight_bytes, tensor_parallel_size=tp,
+                )  # fmt: skip
+                record(r)  # before the engine closes: a close that hangs must not take the figures with it
             del engine
             gc.collect()
             if device == "cuda":

@@ -314,3 +314,28 @@ def test_the_one_shot_all_reduce_kernel_sums_and_signals():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
     r = subprocess.run([sys.executable, "-c", _ONE_SHOT], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+def test_closing_a_group_does_not_wait_on_a_communicator_that_will_not_abort(monkeypatch):
+    """On four H200s, aborting NCCL communicators after a run with collectives in CUDA graphs did not return:
+    closing gives the abort its own thread and a bounded wait, then goes on."""
+    import threading
+    import time
+
+    import torch
+
+    from acb.parallel import group as group_module
+
+    release = threading.Event()
+
+    class Stuck:
+        def abort(self):
+            release.wait(30)
+
+    g = group_module.Group.__new__(group_module.Group)
+    g.device, g._pg, g._graph_pg = torch.device("cuda", 0), Stuck(), Stuck()
+    monkeypatch.setattr(group_module, "CLOSE_WAIT_S", 0.2)
+    t0 = time.monotonic()
+    g.close(settled=False)
+    assert time.monotonic() - t0 < 2
+    release.set()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import threading
 
 import torch
 import torch.distributed as dist
@@ -22,6 +23,9 @@ from .allreduce import setup_one_shot
 __all__ = ["Group", "host_store"]
 
 log = logging.getLogger("acb")
+
+CLOSE_WAIT_S = 10.0
+"""How long closing waits for the NCCL communicators to abort."""
 
 ONE_SHOT_MAX_BYTES = 2 << 20
 """Sums up to this size take the one-shot all-reduce (a decode step's: rows x hidden x 2 bytes); larger ones NCCL."""
@@ -107,12 +111,18 @@ class Group:
 
     def close(self, settled: bool) -> None:
         """Let go of the group. NCCL: wait for this rank's GPU work (when ``settled``: no peer died mid-collective),
-        then abort the communicators rather than destroy them, which waits on peers that may be gone (a process
-        can hang at exit there)."""
+        then abort the communicators (destroying them waits on peers that may be gone) in a thread of their own,
+        given :data:`CLOSE_WAIT_S`: on four H200s, ``ProcessGroupNCCL.abort()`` after a run with collectives
+        captured in CUDA graphs did not return (docs/parallel.md), and closing an engine must not hang on it."""
         if self.device.type == "cuda":
             if settled:
                 torch.cuda.synchronize(self.device)
-            self.abort()
+            ender = threading.Thread(target=self.abort, name="acb-tp-abort", daemon=True)
+            ender.start()
+            ender.join(CLOSE_WAIT_S)
+            if ender.is_alive():
+                log.warning("the tensor-parallel NCCL communicators did not abort within %.0f s; left to the "
+                            "process's exit", CLOSE_WAIT_S)  # fmt: skip
 
     def _wait(self, work) -> None:
         try:

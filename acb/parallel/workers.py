@@ -21,6 +21,8 @@ import dataclasses
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
+import sys
 import threading
 import time
 import weakref
@@ -217,11 +219,11 @@ def _monitor(ref: weakref.ref, procs: list[multiprocessing.Process]) -> None:
     dead.join(1.0)
     tp.failed = f"tensor-parallel worker {dead.name} (pid {dead.pid}) exited with code {dead.exitcode}"
     log.error("%s; stopping the other workers", tp.failed)
-    if tp.group is not None:
-        tp.group.abort()  # rank 0's collectives in flight would wait on the dead rank forever
     for p in procs:
         if p.is_alive():
             p.terminate()
+    if tp.group is not None:
+        tp.group.abort()  # rank 0's collectives in flight would wait on the dead rank forever
 
 
 def _end(procs: list[multiprocessing.Process]) -> None:
@@ -266,7 +268,11 @@ def worker_main(
             while True:
                 op, t, n, s, decode_only, max_query_len, splits, end, updates, _ = headers.receive(rank - 1)
                 if op == _STOP:
-                    group.close(True)
+                    if device.type == "cuda":  # NCCL's teardown can hang (see Group.close): the exit frees it all
+                        torch.cuda.synchronize(device)
+                        sys.stdout.flush()
+                        sys.stderr.flush()
+                        os._exit(0)
                     return
                 if end:
                     group.broadcast(inputs.region(end))
