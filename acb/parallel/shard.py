@@ -25,7 +25,7 @@ import torch
 
 from ..families import LeanSpec
 
-__all__ = ["shard_spec", "FixedTables", "check_divisible", "materialize"]
+__all__ = ["shard_spec", "FixedTables", "check_divisible", "materialize", "map_tensors"]
 
 
 class FixedTables:
@@ -92,7 +92,20 @@ def shard_spec(spec: LeanSpec, rank: int, world: int, max_positions: int) -> Lea
     )
 
 
-_NORMS = ("ln1", "ln2", "q_norm", "k_norm", "post_attn_norm", "post_mlp_norm")
+_NORMS = ("ln1", "ln2", "q_norm", "k_norm", "post_attn_norm", "post_mlp_norm", "norm")
+
+
+def map_tensors(spec: LeanSpec, fn) -> LeanSpec:
+    """``spec`` with every tensor ``x`` of field ``name`` (``None`` stays) replaced by ``fn(name, x)``."""
+
+    def each(name: str, x):
+        return fn(name, x) if isinstance(x, torch.Tensor) else x
+
+    layers = [dataclasses.replace(lw, **{f.name: each(f.name, getattr(lw, f.name)) for f in dataclasses.fields(lw)})
+              for lw in spec.layers]  # fmt: skip
+    rotary = [FixedTables(each("cos", t.cos), each("sin", t.sin)) for t in spec.rotary]
+    return dataclasses.replace(spec, layers=layers, embed=each("embed", spec.embed), norm=each("norm", spec.norm),
+                               lm_head=each("lm_head", spec.lm_head), rotary=rotary)  # fmt: skip
 
 
 @torch.no_grad()
@@ -102,13 +115,11 @@ def materialize(spec: LeanSpec, device: torch.device, seed: int = 0) -> LeanSpec
     shapes whose weights do not exist."""
     gen = None
 
-    def move(name: str, x):
+    def make(name: str, x: torch.Tensor) -> torch.Tensor:
         nonlocal gen
-        if not isinstance(x, torch.Tensor):
-            return x
         if x.device.type != "meta":
             return x.to(device)
-        if name in _NORMS or name == "norm":
+        if name in _NORMS:
             return torch.ones(x.shape, dtype=x.dtype, device=device)
         if name.endswith("_b"):
             return torch.zeros(x.shape, dtype=x.dtype, device=device)
@@ -116,11 +127,7 @@ def materialize(spec: LeanSpec, device: torch.device, seed: int = 0) -> LeanSpec
             gen = torch.Generator(device).manual_seed(seed)
         return torch.empty(x.shape, dtype=x.dtype, device=device).normal_(0.0, 0.02, generator=gen)
 
-    layers = [dataclasses.replace(lw, **{f.name: move(f.name, getattr(lw, f.name)) for f in dataclasses.fields(lw)})
-              for lw in spec.layers]  # fmt: skip
-    rotary = [FixedTables(t.cos.to(device), t.sin.to(device)) for t in spec.rotary]
-    return dataclasses.replace(spec, layers=layers, embed=move("embed", spec.embed), norm=move("norm", spec.norm),
-                               lm_head=move("lm_head", spec.lm_head), rotary=rotary)  # fmt: skip
+    return map_tensors(spec, make)
 
 
 def vocab_range(vocab: int, rank: int, world: int) -> tuple[int, int]:

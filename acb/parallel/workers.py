@@ -4,11 +4,12 @@ processes' loop (:func:`worker_main`), joined by a :class:`HeaderChannel`.
 A worker is a ``spawn``-ed process (so, as with any ``multiprocessing`` program, a script that builds a
 tensor-parallel engine must do it under ``if __name__ == "__main__":``). It receives its shard of the lean model
 through shared memory, joins rank 0's process group, builds its KV cache and a :class:`~acb.step_inputs.StepInputs`
-of the same geometry as rank 0's, then loops: read a step's header from the channel (shared memory, host to host);
-stop, or receive the staged input region, the step's block-table entries and the token buffer from the group
-(device to device), and run the same forward as rank 0 (its collectives meet rank 0's). A worker never samples:
-rank 0 owns sampling and sends the sampled tokens with the next step's token buffer. A worker whose rank 0 is gone
-notices while it waits for the next header, and exits.
+of the same geometry as rank 0's, captures the same decode CUDA graphs as rank 0 (at the same time: their
+collectives meet), then loops: read a step's header from the channel (shared memory, host to host); stop, or
+receive the staged input region, the step's block-table entries and the token buffer from the group (device to
+device), and replay the same graph or run the same forward as rank 0 (its collectives meet rank 0's). A worker
+never samples: rank 0 owns sampling and sends the sampled tokens with the next step's token buffer. A worker whose
+rank 0 is gone notices while it waits for the next header, and exits.
 
 A dead worker breaks the group's connections, so rank 0's next collective raises
 :class:`~acb.errors.WorkerFailedError`; a monitor thread also notices the exit at once, records it, and terminates
@@ -35,7 +36,7 @@ from ..errors import WorkerFailedError
 from ..families import LeanSpec
 from ..kv_cache import KVCache, ModelShape
 from .group import Group, host_store
-from .shard import FixedTables
+from .shard import map_tensors
 
 __all__ = ["TensorParallel", "Geometry", "worker_main"]
 
@@ -237,8 +238,8 @@ def worker_main(
     rank: int, world: int, port: int, shard: LeanSpec, geo: Geometry, headers: HeaderChannel, timeout: float
 ) -> None:
     from ..lean_model import LeanCausalLM
-    from ..parallel.shard import materialize
     from ..step_inputs import StepInputs
+    from .shard import materialize
 
     torch.set_num_threads(geo.threads)
     device = torch.device("cpu")
@@ -298,12 +299,4 @@ def worker_main(
 def _portable(spec: LeanSpec) -> LeanSpec:
     """``spec`` with its CUDA tensors copied to the host (CUDA tensors sent to a child stay pinned on the sender's
     GPU); host and ``meta`` tensors as they are."""
-
-    def move(x):
-        return x.cpu() if isinstance(x, torch.Tensor) and x.device.type == "cuda" else x
-
-    layers = [dataclasses.replace(lw, **{f.name: move(getattr(lw, f.name)) for f in dataclasses.fields(lw)})
-              for lw in spec.layers]  # fmt: skip
-    rotary = [FixedTables(move(t.cos), move(t.sin)) for t in spec.rotary]
-    return dataclasses.replace(spec, layers=layers, embed=move(spec.embed), norm=move(spec.norm),
-                               lm_head=move(spec.lm_head), rotary=rotary)  # fmt: skip
+    return map_tensors(spec, lambda _, x: x.cpu() if x.device.type == "cuda" else x)
