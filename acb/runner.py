@@ -195,9 +195,9 @@ class ModelRunner:
         would keep this engine's cache allocated, and the next engine on the same model would size its own cache
         from what is left."""
         finished = self._worker.shutdown(timeout)
-        if self.graphs is not None:  # before the process group: graphs hold its captured collectives
+        if self.graphs is not None and finished:  # before the process group: graphs hold its captured collectives
             self.graphs.release()
-        self.graphs = self._staged = None
+        self.graphs = None
         if self.tp is not None:
             self.tp.stop()
         self.closed = True
