@@ -2,16 +2,21 @@
 
 NCCL takes 15-40 µs per all-reduce however small the tensor (measured on an H200 pair, docs/gpu.md), and a
 tensor-parallel decode step makes two per layer: 160 calls for an 80-layer model. Here each rank owns one buffer in
-its GPU memory, mapped into every other rank (CUDA IPC), and a call is one Triton kernel:
+its GPU memory, mapped into every other rank (CUDA IPC), and a call is one Triton kernel (``push``, the default):
 
-1. each program copies its chunks of the input into the rank's buffer (one of two slots, alternating);
+1. each program writes its chunks of the input into every rank's buffer, in this rank's part of the call's region
+   (stores to a peer are posted over NVLink: the writer does not wait for them);
 2. it signals every peer (writes its epoch into the peer's flag for this program and this rank, a release at
-   system scope, over NVLink) and waits until every peer's flag for it reached the epoch (acquire);
-3. it sums its chunks over every rank's buffer, in rank order and in float32, so that every rank gets the same bits.
+   system scope) and waits until every peer's flag for it reached the epoch (acquire);
+3. it sums its chunks over the parts of its own buffer, in rank order and in float32, so that every rank gets the
+   same bits.
+
+The ``pull`` variant writes only its own buffer and reads every peer's in step 3 (each read waits a round trip over
+NVLink: 2-3x slower on four H200s, docs/parallel.md).
 
 Epochs come from a counter per program on the device, so the kernel is captured in CUDA graphs and replayed as is
-(every rank runs the same sequence of calls). Two slots make one barrier per call enough: a rank writes a slot again
-two calls later, after a barrier that every peer reached only once it had finished reading that slot.
+(every rank runs the same sequence of calls). Two regions make one barrier per call enough: a rank writes a region
+again two calls later, after a barrier that every peer reached only once it had finished reading that region.
 
 A peer that died never signals: the wait gives up after a bounded number of polls (minutes) and the sum is garbage,
 instead of a GPU spinning forever; the engine has failed by then (its monitor saw the worker exit). Tensors larger
@@ -60,15 +65,19 @@ def setup_one_shot(
     except Exception as exc:
         log.warning("the one-shot all-reduce is off: rank %d could not map its peers' buffers (%s)", rank, exc)
         ok = False
-    if ok:  # a first sum, checked: 1 + 2 + ... + world everywhere
-        t = torch.full((4096,), rank + 1.0, dtype=torch.float32, device=device)
-        ok = bool((one(t) == world * (world + 1) / 2).all())
-        if not ok:
-            log.warning("the one-shot all-reduce is off: its first sum was wrong on rank %d", rank)
-    store.set(f"{prefix}-ok/{rank}", b"1" if ok else b"0")
-    if not all(store.get(f"{prefix}-ok/{r}") == b"1" for r in range(world)):
+    if not _agree(store, f"{prefix}-mapped", rank, world, ok):  # a sum with a rank missing would wait for it
         return None
-    return one
+    t = torch.full((4096,), rank + 1.0, dtype=torch.float32, device=device)  # a first sum, checked
+    ok = bool((one(t) == world * (world + 1) / 2).all())
+    if not ok:
+        log.warning("the one-shot all-reduce is off: its first sum was wrong on rank %d", rank)
+    return one if _agree(store, f"{prefix}-ok", rank, world, ok) else None
+
+
+def _agree(store, key: str, rank: int, world: int, ok: bool) -> bool:
+    """True on every rank if ``ok`` on every rank (a barrier through the store)."""
+    store.set(f"{key}/{rank}", b"1" if ok else b"0")
+    return all(store.get(f"{key}/{r}") == b"1" for r in range(world))
 
 
 class OneShot:
@@ -126,8 +135,10 @@ class OneShot:
 
         kernel = one_shot.one_shot_push if self.mode == "push" else one_shot.one_shot
         n = t.numel()
-        programs = min(_MAX_PROGRAMS, -(-n // _BLOCK))
-        kernel[(programs,)](t, n, self._bases, self._counter, self._flag_words * 8, self._slot_bytes,
+        # Always every program, whatever n: program p then always handles the same chunks (p, p + programs, ...),
+        # so its epochs alternate the regions of those chunks call after call (with fewer programs for a smaller
+        # call, a chunk would change hands and could be rewritten while a peer still reads it).
+        kernel[(_MAX_PROGRAMS,)](t, n, self._bases, self._counter, self._flag_words * 8, self._slot_bytes,
                             RANK=self.rank, WORLD=self.world, BLOCK=_BLOCK, SPIN=_SPIN)  # fmt: skip
         return t
 
