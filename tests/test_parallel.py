@@ -283,7 +283,8 @@ W, n, BLOCK, words = 2, 3000, 1024, 128  # 3 programs; 64 programs x 2 ranks of 
 P, slot = 3, n * 4
 for kernel, parts in ((one_shot, 1), (one_shot_push, W)):
     bufs = [torch.zeros(words + 2 * parts * slot // 8, dtype=torch.int64) for _ in range(W)]
-    bases = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64)
+    abort = torch.zeros(1, dtype=torch.int32)
+    bases = torch.tensor([b.data_ptr() for b in bufs] + [abort.data_ptr()], dtype=torch.int64)
     counters = [torch.zeros(64, dtype=torch.int64) for _ in range(W)]
     for epoch in (1, 2, 3):
         xs = [torch.randn(n) for _ in range(W)]
@@ -299,6 +300,9 @@ for kernel, parts in ((one_shot, 1), (one_shot_push, W)):
         assert torch.equal(got[0], xs[0] + xs[1]) and torch.equal(got[1], xs[0] + xs[1]), kernel
         assert counters[0][:P].tolist() == counters[1][:P].tolist() == [epoch] * P
         assert bufs[0][:words].view(64, W)[:P, 1].tolist() == [epoch] * P  # rank 1's signal reached rank 0
+    # rank 0 is gone: rank 1's next call waits for a signal that never comes, until the abort word is set
+    abort[0] = 1
+    kernel[(P,)](xs[1].clone(), n, bases, counters[1], words * 8, slot, RANK=1, WORLD=W, BLOCK=BLOCK, SPIN=2**31 - 1)
 print("ok")
 """
 
@@ -306,7 +310,7 @@ print("ok")
 def test_the_one_shot_all_reduce_kernel_sums_and_signals():
     """The one-shot all-reduce's kernels (pull and push) under Triton's interpreter, two ranks played in turn in one
     process: each sums both ranks' inputs, signals its peer, and advances its epoch; three calls alternate the
-    regions."""
+    regions; a wait for a peer that never signals ends once the abort word is set."""
     import subprocess
     import sys
 

@@ -11,18 +11,23 @@ __all__ = ["one_shot", "one_shot_push"]
 @triton.jit
 def _barrier(BASES, pid, epoch, RANK: tl.constexpr, WORLD: tl.constexpr, SPIN: tl.constexpr):
     """Signal every rank (this program's flag at ``[pid, RANK]`` in each rank's buffer), then wait for every rank's
-    signal in this rank's flags (``[pid, r]``) to reach ``epoch``; at most ``SPIN`` polls per rank."""
+    signal in this rank's flags (``[pid, r]``) to reach ``epoch``. The wait ends early when the abort word (host
+    memory, ``BASES[WORLD]``) is set: a peer died and will never signal; at most ``SPIN`` polls per rank anyway."""
     tl.debug_barrier()  # every thread of the program wrote its part before the signal (release is cumulative)
     for r in tl.static_range(WORLD):
         flags = tl.load(BASES + r).to(tl.pointer_type(tl.int64))
         tl.atomic_xchg(flags + pid * WORLD + RANK, epoch, sem="release", scope="sys")
     mine = tl.load(BASES + RANK).to(tl.pointer_type(tl.int64))
+    abort = tl.load(BASES + WORLD).to(tl.pointer_type(tl.int32))
     for r in tl.static_range(WORLD):
         polls = 0
         seen = tl.atomic_add(mine + pid * WORLD + r, 0, sem="acquire", scope="sys")
         while (seen < epoch) & (polls < SPIN):
             seen = tl.atomic_add(mine + pid * WORLD + r, 0, sem="acquire", scope="sys")
             polls += 1
+            if polls % 4096 == 0:  # a read over PCIe: now and then
+                if tl.load(abort, volatile=True) != 0:
+                    polls = SPIN
     tl.debug_barrier()
 
 

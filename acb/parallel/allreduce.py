@@ -18,8 +18,9 @@ Epochs come from a counter per program on the device, so the kernel is captured 
 (every rank runs the same sequence of calls). Two regions make one barrier per call enough: a rank writes a region
 again two calls later, after a barrier that every peer reached only once it had finished reading that region.
 
-A peer that died never signals: the wait gives up after a bounded number of polls (minutes) and the sum is garbage,
-instead of a GPU spinning forever; the engine has failed by then (its monitor saw the worker exit). Tensors larger
+A peer that died never signals: once the engine's monitor saw the worker exit, it sets an abort word in pinned host
+memory that the waits read now and then, so they end (the sums are garbage, and the engine has failed); without it
+a wait gives up after minutes of polling rather than spin forever. Tensors larger
 than :attr:`OneShot.max_bytes` go to NCCL, whose ring is the better algorithm there.
 """
 
@@ -103,6 +104,9 @@ class OneShot:
         self._counter = torch.zeros(_MAX_PROGRAMS, dtype=torch.int64, device=device)
         self._peers: list[torch.Tensor] = []
         self._bases: torch.Tensor | None = None
+        # the abort word, in pinned host memory (the GPU reads it through the same address): set when a peer died,
+        # it ends the kernels waiting for that peer's signal
+        self._abort = torch.zeros(1, dtype=torch.int32).pin_memory()
 
     def connect(self, handles: list) -> None:
         """Map every peer's buffer (``handles``: each rank's ``reduce_tensor`` of its buffer, in rank order)."""
@@ -123,8 +127,13 @@ class OneShot:
             peer = rebuild(*args)
             self._peers.append(peer)  # keep the mapping open
             bases.append(peer.data_ptr())
+        bases.append(self._abort.data_ptr())
         self._bases = torch.tensor(bases, dtype=torch.int64, device=self.device)
         torch.cuda.synchronize(self.device)
+
+    def abort(self) -> None:
+        """A peer died: every wait for a signal, now or later, ends (the sums are garbage from then on)."""
+        self._abort[0] = 1
 
     def fits(self, t: torch.Tensor) -> bool:
         return t.is_contiguous() and t.numel() * t.element_size() <= self.max_bytes and t.dtype in _TL

@@ -103,6 +103,8 @@ class Group:
         the GPU forever, and with them every later step. Called once a worker is known dead; gloo raises by itself."""
         if self.device.type != "cuda":
             return
+        if self.one_shot is not None:
+            self.one_shot.abort()
         for pg in (self._pg, self._graph_pg):
             try:
                 pg.abort()
