@@ -42,7 +42,13 @@ class EngineConfig:
     max_num_seqs: int = 256
     """Most sequences in one step (the decode batch size)."""
     max_num_batched_tokens: int = 2048
-    """Token budget of one step: decode tokens plus prefill chunk tokens."""
+    """Token budget of one step: decode tokens plus prefill chunk tokens. One token of it is always kept for every
+    running sequence that decodes: a prompt never takes a decode's place."""
+    prefill_chunk_tokens: int | None = None
+    """While running sequences decode, a step carries at most this many prompt tokens (chunks of running prompts and new
+    prompts together; the rest continues in later steps). It bounds what starting prompts adds to the inter-token
+    latency of the running streams, at some cost in time to first token under load (docs/tuning.md). ``None``: up
+    to ``max_num_batched_tokens``."""
     max_model_len: int | None = None
     """Longest prompt + output; ``None`` takes the model's ``max_position_embeddings``."""
     admission_group: int | None = None
@@ -108,6 +114,8 @@ class EngineConfig:
             raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
         _positive("max_num_seqs", self.max_num_seqs)
         _positive("max_num_batched_tokens", self.max_num_batched_tokens)
+        if self.prefill_chunk_tokens is not None:
+            _positive("prefill_chunk_tokens", self.prefill_chunk_tokens)
         if self.max_model_len is not None:
             _positive("max_model_len", self.max_model_len)
         _positive("max_pending", self.max_pending)

@@ -199,6 +199,7 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
             admission_group=config.admission_group or max(1, config.max_num_seqs // 8),
             admission_max_delay=config.admission_max_delay,
             decode_steps=config.decode_steps,
+            prefill_chunk_tokens=config.prefill_chunk_tokens,
         ),
         builder=BatchBuilder(config.max_num_seqs, config.block_size),
         runner=runner,

@@ -4,7 +4,11 @@ Pure Python, no torch. Policy:
 
 - a step holds at most ``max_num_seqs`` sequences and ``max_num_batched_tokens`` tokens;
 - running sequences go first, oldest first: a decode costs one token, an unfinished prompt a chunk of what is left
-  of the budget (chunked prefill mixes with decodes in the same step);
+  of the budget (chunked prefill mixes with decodes in the same step). The budget keeps one token for every running
+  sequence that decodes, so an older prompt (one resumed after preemption) never takes a decode's place; and while
+  running sequences decode, the step's prompt tokens (chunks and new prompts together) are capped at
+  ``prefill_chunk_tokens`` when it is set, which bounds what prompts add to the running streams' inter-token
+  latency;
 - waiting sequences are admitted strictly first-in first-out while the budget, the sequence slots and the free KV
   blocks allow; the head of the queue is never skipped;
 - while a batch is decoding and more requests queue behind the waiting ones (``backlog``, set by the engine), new
@@ -115,6 +119,8 @@ class Scheduler:
     admission_max_delay: int = 0
     decode_steps: int = 1
     """Positions per sequence in one decode-only step (multi-step decode); 1 = off."""
+    prefill_chunk_tokens: int | None = None
+    """While running sequences decode, a step's prompt tokens stop here (None: the whole token budget)."""
     num_preemptions: int = 0
     backlog: int = 0
     """Requests queued behind ``waiting`` (in the engine, waiting for a free slot)."""
@@ -219,21 +225,32 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         rows: list[tuple[Sequence, int, int, bool]] = []  # (seq, start, count, sample)
 
+        # one token kept for each decode not scheduled yet; prompt tokens capped while anything decodes
+        decodes = sum(1 for seq in self.running if seq.num_tokens_to_compute == 1)
+        prompt_room = budget if self.prefill_chunk_tokens is None or not decodes else self.prefill_chunk_tokens
         i = 0
         prefill = False
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens_to_compute, budget)
-            if n == 0:
+            n = seq.num_tokens_to_compute
+            if n == 1:
+                decodes -= 1
+            else:
+                n = min(n, budget - decodes, prompt_room)
+            if n <= 0:
                 i += 1
                 continue
             grow = -(-(seq.num_computed + n) // self.blocks.block_size) > len(seq.block_table)
             if grow and not self._grow(seq, n):
                 break  # seq itself was preempted; everything after it is newer and was preempted too
             rows.append(self._take(seq, n))
-            prefill |= n > 1
+            if n > 1:
+                prefill = True
+                prompt_room -= n
             budget -= n
             i += 1
+        if prompt_room < budget and not any(r[2] == 1 for r in rows):  # nothing decodes after all: no cap
+            prompt_room = budget
 
         admit = bool(self.waiting) and self._admit_now(decoding=bool(rows) and not prefill)
         admitted = False
@@ -245,7 +262,8 @@ class Scheduler:
                 break  # another sample of its prompt computes the prompt first, for the prefix cache (n > 1)
             cached, parent = self._cached_prefix(seq)
             reuse = len(cached) * self.blocks.block_size
-            n = min(seq.num_tokens_to_compute - reuse, budget)
+            to_compute = seq.num_tokens_to_compute - reuse
+            n = min(to_compute, budget, prompt_room if to_compute > 1 else budget)
             if n <= 0:
                 break
             need = self.blocks.blocks_for(reuse + n) - len(cached)
@@ -263,6 +281,8 @@ class Scheduler:
             self._version += 1
             rows.append(self._take(seq, n))
             budget -= n
+            if n > 1:
+                prompt_room -= n
             admitted = True
 
         if not rows:

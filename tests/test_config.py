@@ -88,7 +88,15 @@ def test_params_cannot_change_after_construction():
 
 @pytest.mark.parametrize(
     "fields",
-    [dict(max_prompt_chars=0), dict(max_prompt_chars=1.5), dict(long_prompt_chars=0), dict(drain_timeout=-1)],
+    [
+        dict(max_prompt_chars=0),
+        dict(max_prompt_chars=1.5),
+        dict(long_prompt_chars=0),
+        dict(drain_timeout=-1),
+        dict(prefill_chunk_tokens=0),
+        dict(prefill_chunk_tokens=64.0),
+        dict(prefill_chunk_tokens=True),
+    ],
 )
 def test_engine_config_limits_are_checked(fields):
     with pytest.raises(ValueError):

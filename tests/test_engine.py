@@ -59,6 +59,23 @@ async def test_greedy_matches_under_preemption(arch, overlap, make_model, tokeni
     assert stats.kv_blocks_free == stats.kv_blocks_total
 
 
+@pytest.mark.parametrize("overlap", [True, False], ids=["async", "sync"])
+async def test_a_prefill_cap_and_preemption_keep_generates_tokens(overlap, make_model, tokenizer):
+    """prefill_chunk_tokens=5: while rows decode, prompts arrive five tokens a step (with preemption and staggered
+    arrivals); the tokens do not change."""
+    model, ref = make_model("llama", seed=4)
+    prompts = random_prompts(10, LENGTHS, len(tokenizer), seed=4)
+    max_new = [16] * len(prompts)
+    expected = [reference_greedy(ref, p, n) for p, n in zip(prompts, max_new)]
+    config = EngineConfig(max_num_batched_tokens=48, prefill_chunk_tokens=5, block_size=8, num_kv_blocks=22,
+                          overlap=overlap)  # fmt: skip
+    async with Engine(model, tokenizer, config) as engine:
+        outs = await _staggered(engine, prompts, max_new)
+        stats = engine.stats()
+    assert [o.token_ids for o in outs] == expected
+    assert stats.num_preemptions > 0 and stats.kv_blocks_free == stats.kv_blocks_total
+
+
 @pytest.mark.parametrize("path", ["generic", "lean"])
 async def test_a_deeper_pipeline_gives_the_same_tokens(path, make_model, tokenizer):
     """overlap_depth=3: two steps launched ahead; EOS endings compute two extra tokens, never emitted."""

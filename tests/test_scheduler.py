@@ -44,6 +44,40 @@ def test_chunked_prefill_respects_the_token_budget_and_mixes_with_decode():
     assert step.num_tokens == 16
 
 
+def test_an_older_prompt_never_takes_a_decodes_place():
+    """A prompt older than the rows decoding beside it (here: it arrived first but starts late, as one resumed after
+    preemption does) gets the budget minus one token for each of them, not the whole budget."""
+    s = _sched(budget=8)
+    a, b, c = _seq(0, 30), _seq(1, 2), _seq(2, 2)
+    s.add(b)
+    s.add(c)
+    _finish_step(s, s.schedule())  # b and c's prompts: they decode from now on
+    s.add(a)
+    step = s.schedule()
+    assert [(e.seq.request_id, e.num_tokens) for e in step.entries] == [("r1", 1), ("r2", 1), ("r0", 6)]
+    _finish_step(s, step)
+    step = s.schedule()  # a runs first now (oldest), and still leaves b and c their token
+    assert [(e.seq.request_id, e.num_tokens) for e in step.entries] == [("r0", 6), ("r1", 1), ("r2", 1)]
+
+
+def test_prefill_chunk_tokens_caps_prompt_tokens_while_rows_decode():
+    s = Scheduler(BlockManager(100, 4), 8, 32, prefill_chunk_tokens=5)
+    a = _seq(0, 3)
+    s.add(a)
+    step = s.schedule()  # nothing decodes: the prompt takes what it needs of the whole budget
+    assert [(e.seq.request_id, e.num_tokens) for e in step.entries] == [("r0", 3)]
+    _finish_step(s, step)
+    b = _seq(1, 40)
+    s.add(b)
+    for _ in range(3):  # a decodes; b's prompt arrives in chunks of 5
+        step = s.schedule()
+        assert [(e.seq.request_id, e.num_tokens) for e in step.entries] == [("r0", 1), ("r1", 5)]
+        _finish_step(s, step)
+    s.finish(a, "abort")
+    step = s.schedule()  # nothing decodes any more: b's prompt gets the whole budget again
+    assert [(e.seq.request_id, e.num_tokens) for e in step.entries] == [("r1", 25)]
+
+
 def test_fifo_admission_never_skips_the_head():
     s = _sched(blocks=10, block_size=4, budget=1000)
     big, small = _seq(0, 45), _seq(1, 2)  # big needs 12 blocks > 10 free right now... but fits in the cache later

@@ -26,6 +26,7 @@ BLOCKS, BLOCK_SIZE, EOS = 12, 4, 0
 
 class SchedulerMachine(RuleBasedStateMachine):
     decode_steps = 1
+    prefill_chunk_tokens = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -37,6 +38,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             admission_group=2,
             admission_max_delay=3,
             decode_steps=self.decode_steps,
+            prefill_chunk_tokens=self.prefill_chunk_tokens,
         )
         self.inflight: deque = deque()  # (step, its rows' block tables when scheduled)
         self.seqs: list[Sequence] = []
@@ -66,10 +68,14 @@ class SchedulerMachine(RuleBasedStateMachine):
     @precondition(lambda self: len(self.inflight) < 3)
     @rule()
     def step(self):
+        decoding = {id(s) for s in self.sched.running if s.num_tokens_to_compute == 1}
         step = self.sched.schedule()
         if step is None:
             return
         assert step.num_tokens <= 16 and len(step.entries) <= 4
+        cap = self.prefill_chunk_tokens
+        if cap is not None and any(id(e.seq) in decoding for e in step.entries):  # running rows decode in it
+            assert sum(e.num_tokens for e in step.entries if e.num_tokens > 1) <= cap
         if step.num_steps > 1:  # a round: every row decodes, within its length limit
             assert all(e.sample and 1 <= e.num_tokens <= step.num_steps for e in step.entries)
             assert all(e.start + e.num_tokens <= e.seq.max_len - 1 for e in step.entries)
@@ -201,3 +207,13 @@ class RoundsMachine(SchedulerMachine):
 
 TestSchedulerWithRounds = RoundsMachine.TestCase
 TestSchedulerWithRounds.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
+
+
+class PrefillCapMachine(SchedulerMachine):
+    """The same books with prompt tokens capped at 5 per step while a row decodes."""
+
+    prefill_chunk_tokens = 5
+
+
+TestSchedulerWithPrefillCap = PrefillCapMachine.TestCase
+TestSchedulerWithPrefillCap.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
