@@ -40,6 +40,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     e.add_argument(
         "--max-num-batched-tokens", type=int, default=2048, help="token budget per step (default: %(default)s)"
     )
+    e.add_argument(
+        "--prefill-chunk-tokens", type=int, help="prompt tokens per step while streams decode (default: the budget)"
+    )
     e.add_argument("--num-kv-blocks", type=int, help="KV-cache blocks (default: sized from free memory)")
     e.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: %(default)s)")
     e.add_argument("--max-model-len", type=int, help="longest prompt + output (default: the model's)")
@@ -110,6 +113,7 @@ def _engine(a: argparse.Namespace):
     config = dict(
         max_num_seqs=a.max_num_seqs,
         max_num_batched_tokens=a.max_num_batched_tokens,
+        prefill_chunk_tokens=a.prefill_chunk_tokens,
         num_kv_blocks=a.num_kv_blocks,
         block_size=a.block_size,
         max_model_len=a.max_model_len,

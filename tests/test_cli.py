@@ -62,6 +62,7 @@ def test_version(capsys):
         ["generate", "--regex", "(unclosed", "--device", "cpu"],
         ["generate", "--presence-penalty", "9", "--device", "cpu"],
         ["generate", "--regex", "a", "--json-object"],
+        ["generate", "--prefill-chunk-tokens", "0", "--device", "cpu"],
     ],
 )
 def test_errors_are_one_clear_line(args, capsys):
