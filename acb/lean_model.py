@@ -114,49 +114,73 @@ class LeanCausalLM:
     @torch.inference_mode()
     def forward(self, x: LeanInputs) -> torch.Tensor:
         """Logits ``[S, vocab]`` (model dtype) for the rows ``x.logits_idx``."""
-        h = self._embed(x.input_ids)
-        if self.embed_scale is not None:
-            h = h * self.embed_scale
-        norm = self._norm
-        residual = None
+        h, residual = self.embed_in(x.input_ids), None
         for i, lw in enumerate(self.layers):
-            if residual is None:
-                residual = h.clone()
-                normed = norm(h, None, lw.ln1)
-            else:
-                normed = norm(h, residual, lw.ln1)
-            attn = self._attention(i, lw, normed, x)
-            if lw.post_attn_norm is not None:
-                attn = norm(attn, None, lw.post_attn_norm)
-            normed = norm(attn, residual, lw.ln2)
-            h = F.linear(self._gate(F.linear(normed, lw.gate_up_w)), lw.down_w)
-            if self.group is not None:  # each rank's MLP columns: a partial sum
-                self.group.all_reduce(h)
-            if lw.post_mlp_norm is not None:
-                h = norm(h, None, lw.post_mlp_norm)
-        if x.logits_idx is not None:
-            h, residual = h[x.logits_idx], residual[x.logits_idx]
-        logits = F.linear(norm(h, residual, self.norm), self.lm_head)
-        if self.group is not None:  # each rank has its slice of the vocabulary
-            logits = self.group.all_gather_last(logits)[:, : self.vocab_size]
-        cap = self.spec.final_softcap
-        if cap:
-            logits = (torch.tanh(logits.float() / cap) * cap).to(logits.dtype)
-        return logits
+            q, k, v, residual = self.before_attention(i, h, residual)
+            h = self.after_attention(i, self._attend(i, lw, q, k, v, x).reshape(q.shape[0], -1), residual)
+        return self.head(h, residual, x.logits_idx)
 
-    def _attention(self, i: int, lw: LeanLayer, normed: torch.Tensor, x: LeanInputs) -> torch.Tensor:
+    # The forward in pieces, split at attention (the only op that reads the step's layout): the mixed-step graphs
+    # (acb.mixed_graphs) capture everything between two attentions and run attention eagerly on the true sizes.
+
+    def embed_in(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self._embed(ids)
+        return h if self.embed_scale is None else h * self.embed_scale
+
+    def before_attention(
+        self, i: int, h: torch.Tensor, residual: torch.Tensor | None, qkv_out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer ``i`` up to attention: ``(q, k, v, residual)``. The first layer starts the residual stream (a copy
+        of ``h``); later ones add ``h`` into it in place. ``qkv_out``: where the fused Q/K/V projection goes."""
+        lw = self.layers[i]
+        if residual is None:
+            residual = h.clone()
+            normed = self._norm(h, None, lw.ln1)
+        else:
+            normed = self._norm(h, residual, lw.ln1)
         t = normed.shape[0]
-        qkv = F.linear(normed, lw.qkv_w, lw.qkv_b)
+        if qkv_out is None:
+            qkv = F.linear(normed, lw.qkv_w, lw.qkv_b)
+        else:
+            qkv = torch.matmul(normed, lw.qkv_w.t(), out=qkv_out)
+            if lw.qkv_b is not None:
+                qkv.add_(lw.qkv_b)
         q = qkv[:, : self._q_size].view(t, self.num_heads, self.head_dim)
         k = qkv[:, self._q_size : self._q_size + self._kv_size].view(t, self.num_kv_heads, self.head_dim)
         v = qkv[:, self._q_size + self._kv_size :].view(t, self.num_kv_heads, self.head_dim)
         if lw.q_norm is not None:  # Qwen3, Gemma 3: RMSNorm over each head before rotary
             q = self._norm(q.reshape(-1, self.head_dim), None, lw.q_norm).view(t, self.num_heads, self.head_dim)
             k = self._norm(k.reshape(-1, self.head_dim), None, lw.k_norm).view(t, self.num_kv_heads, self.head_dim)
-        out = F.linear(self._attend(i, lw, q, k, v, x).reshape(t, -1), lw.o_w)
+        return q, k, v, residual
+
+    def after_attention(self, i: int, o: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """Layer ``i`` from attention's output ``o`` ``[T, heads * head_dim]``: the output projection and the MLP
+        (``residual`` takes the attention's contribution in place); returns the MLP's output."""
+        lw, norm = self.layers[i], self._norm
+        attn = F.linear(o, lw.o_w)
         if self.group is not None:  # each rank's heads: a partial sum
-            self.group.all_reduce(out)
-        return out
+            self.group.all_reduce(attn)
+        if lw.post_attn_norm is not None:
+            attn = norm(attn, None, lw.post_attn_norm)
+        normed = norm(attn, residual, lw.ln2)
+        h = F.linear(self._gate(F.linear(normed, lw.gate_up_w)), lw.down_w)
+        if self.group is not None:  # each rank's MLP columns: a partial sum
+            self.group.all_reduce(h)
+        if lw.post_mlp_norm is not None:
+            h = norm(h, None, lw.post_mlp_norm)
+        return h
+
+    def head(self, h: torch.Tensor, residual: torch.Tensor, logits_idx: torch.Tensor | None) -> torch.Tensor:
+        """The last residual add, the final norm and the LM head, for the rows ``logits_idx`` (None: all)."""
+        if logits_idx is not None:
+            h, residual = h[logits_idx], residual[logits_idx]
+        logits = F.linear(self._norm(h, residual, self.norm), self.lm_head)
+        if self.group is not None:  # each rank has its slice of the vocabulary
+            logits = self.group.all_gather_last(logits)[:, : self.vocab_size]
+        cap = self.spec.final_softcap
+        if cap:
+            logits = (torch.tanh(logits.float() / cap) * cap).to(logits.dtype)
+        return logits
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         if self.group is None:
@@ -166,23 +190,23 @@ class LeanCausalLM:
         h = F.embedding(local.clamp(0, self.embed.shape[0] - 1), self.embed) * mine[:, None].to(self.embed.dtype)
         return self.group.all_reduce(h)
 
-    def _attend_cuda(self, i: int, lw: LeanLayer, q, k, v, x: LeanInputs) -> torch.Tensor:
+    def _attend_cuda(self, i: int, lw: LeanLayer, q, k, v, x: LeanInputs, out=None) -> torch.Tensor:
         kv = self.kv_cache.layers[i]
         cos, sin = self.tables[lw.rope]
         self._kf.rope_and_cache(q, k, v, cos, sin, x.positions, x.slot_mapping, kv)
         if x.decode_splits:
-            return self._k.paged_decode(q, kv, x.block_tables, x.seq_lens, self.scale, x.decode_splits,
-                                        window=lw.window, workspace=self.workspace)  # fmt: skip
+            o = self._k.paged_decode(q, kv, x.block_tables, x.seq_lens, self.scale, x.decode_splits,
+                                     window=lw.window, workspace=self.workspace)  # fmt: skip
+            return o if out is None else out.copy_(o)
         return self._k.paged_prefill(q, kv, x.block_tables, x.seq_lens, x.query_start_loc, x.max_query_len,
-                                     self.scale, window=lw.window)  # fmt: skip
+                                     self.scale, out=out, window=lw.window)  # fmt: skip
 
-    def _attend_torch(self, i: int, lw: LeanLayer, q, k, v, x: LeanInputs) -> torch.Tensor:
+    def _attend_torch(self, i: int, lw: LeanLayer, q, k, v, x: LeanInputs, out=None) -> torch.Tensor:
         cos, sin = self.tables[lw.rope]
         q, k = _rope(q, cos, sin, x.positions), _rope(k, cos, sin, x.positions)
         self.kv_cache.write(i, k, v, x.slot_mapping)
-        return paged_attention_reference(
-            q, self.kv_cache.layers[i], x.meta, self.scale, sliding_window=lw.window or None
-        )
+        o = paged_attention_reference(q, self.kv_cache.layers[i], x.meta, self.scale, sliding_window=lw.window or None)
+        return o if out is None else out.copy_(o)
 
     # -- fused ops on CUDA, plain torch twins on the CPU ------------------------------------------------------------
 
