@@ -87,6 +87,11 @@ class EngineConfig:
     ``True`` on the CPU runs the same model logic on plain torch ops (tests)."""
     cuda_graphs: bool = True
     """Replay decode steps as CUDA graphs (on CUDA; both paths, see ``engine.path_reason`` for a model that cannot)."""
+    mixed_graphs: bool = False
+    """Piecewise CUDA graphs for the steps that start prompts (lean path, one GPU; :mod:`acb.mixed_graphs`): each
+    layer's work between two attentions is one replay per token bucket, attention runs eagerly between. Off by
+    default until it is measured on a card (issue 12); the graphs take GPU memory of their own (static buffers per
+    bucket and the largest bucket's activations)."""
     tensor_parallel_size: int = 1
     """Split the model over this many processes (one GPU each on CUDA; gloo on the CPU): the engine's process runs
     rank 0, acb starts the others (``spawn``: build the engine under ``if __name__ == "__main__":``). Needs the lean
@@ -123,8 +128,9 @@ class EngineConfig:
             _positive("admission_group", self.admission_group)
         if not isinstance(self.admission_max_delay, int) or self.admission_max_delay < 0:
             raise ValueError(f"admission_max_delay must be an integer >= 0, got {self.admission_max_delay!r}")
-        if not isinstance(self.prefix_caching, bool):
-            raise ValueError(f"prefix_caching must be True or False, got {self.prefix_caching!r}")
+        for name in ("prefix_caching", "mixed_graphs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not _is_int(self.decode_steps) or not 1 <= self.decode_steps <= 64:
             raise ValueError(f"decode_steps must be an integer in [1, 64], got {self.decode_steps!r}")
         if not isinstance(self.overlap_depth, int) or not 2 <= self.overlap_depth <= 8:

@@ -174,6 +174,7 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
         max_model_len=max_model_len,
         lean=lean,
         graphs=graphs,
+        mixed_graphs=config.mixed_graphs,
         record_timing=config.record_step_timing,
         tp=tp,
     )

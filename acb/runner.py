@@ -118,6 +118,7 @@ class ModelRunner:
         max_model_len: int,
         lean: LeanCausalLM | None = None,
         graphs: bool = False,
+        mixed_graphs: bool = False,
         record_timing: bool = False,
         tp=None,
     ) -> None:
@@ -174,6 +175,12 @@ class ModelRunner:
                 except RuntimeError as exc:
                     torch.cuda.synchronize(device)
                     self.graph_blocker = f"capturing its decode step failed ({exc})"
+        # piecewise graphs for the steps that start prompts (lean path, one process; eager pieces on the CPU)
+        self.mixed = None
+        if mixed_graphs and lean is not None and tp is None:
+            from .mixed_graphs import MixedGraphs
+
+            self.mixed = MixedGraphs(lean, max(max_tokens, max_num_seqs), max_num_seqs, device)
         self.closed = False
         self._worker = StepWorker("acb-step")
         self._staged: dict[str, torch.Tensor] | None = None  # device views of the step being run (worker only)
@@ -197,7 +204,9 @@ class ModelRunner:
         finished = self._worker.shutdown(timeout)
         if self.graphs is not None and finished:  # before the process group: graphs hold its captured collectives
             self.graphs.release()
-        self.graphs = None
+        if self.mixed is not None and finished:
+            self.mixed.release()
+        self.graphs = self.mixed = None
         if self.tp is not None:
             self.tp.stop()
         self.closed = True
@@ -371,6 +380,9 @@ class ModelRunner:
             )
         x = d.lean_inputs(b.max_query_len, splits, logits=True, meta=meta)
         if self.tp is None:
+            s = len(b.sample_idx)
+            if self.mixed is not None and not splits and self.mixed.fits(b.num_tokens, s):
+                return self.mixed.forward(x, b.num_tokens, s)
             return self.lean.forward(x)
         return self._mirrored(lambda: self.tp.mirror(b, j, splits, self.inputs, self.token_buf),
                               lambda: self.lean.forward(x))  # fmt: skip

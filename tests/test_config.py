@@ -96,6 +96,7 @@ def test_params_cannot_change_after_construction():
         dict(prefill_chunk_tokens=0),
         dict(prefill_chunk_tokens=64.0),
         dict(prefill_chunk_tokens=True),
+        dict(mixed_graphs="yes"),
     ],
 )
 def test_engine_config_limits_are_checked(fields):

@@ -15,6 +15,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 PATHS = {
     "graphs": dict(fast_path=True, cuda_graphs=True),
+    "mixed": dict(fast_path=True, cuda_graphs=True, mixed_graphs=True),  # prompts' steps in piecewise graphs too
     "lean-eager": dict(fast_path=True, cuda_graphs=False),
     "generic": dict(fast_path=False, cuda_graphs=True),
     "generic-eager": dict(fast_path=False, cuda_graphs=False),
@@ -41,6 +42,7 @@ async def test_greedy_matches_generate_on_cuda(arch, overlap, path, make_model, 
         stats = engine.stats()
         assert engine.fast_path == (not path.startswith("generic"))
         assert (engine._runner.graphs is not None) == (not path.endswith("eager"))
+        assert (engine._runner.mixed is not None) == (path == "mixed")
     assert [o.token_ids for o in outs] == expected
     assert stats.num_preemptions > 0
     assert stats.kv_blocks_free == stats.kv_blocks_total
