@@ -3,11 +3,12 @@
 A step that starts prompts has a layout no graph can fix in advance (how many rows, how long each query), but only
 attention reads it. So the forward is cut at each attention into ``layers + 1`` pieces — the embedding and the first
 layer up to its attention; each layer's output projection and MLP with the next layer's norm and Q/K/V projection;
-the last layer's rest with the final norm and the LM head — and each piece is captured once per token bucket (a
-padded token count). A step of ``T`` tokens runs on the smallest bucket ``>= T``: its input ids are copied in, then
-each piece is one replay, and each attention runs eagerly between two replays on the step's true layout (the
-``T`` real tokens of the bucket's static Q/K/V, written into its static attention output). Per layer that is one
-replay and two kernel launches (rotary + KV write, attention) instead of about ten launches.
+the last layer's rest — and each piece is captured once per token bucket (a padded token count); the final norm and
+the LM head are one more graph per bucket of sampled rows (the head's GEMM costs in proportion to its rows). A step
+of ``T`` tokens runs on the smallest bucket ``>= T``: its input ids are copied in, then each piece is one replay, and
+each attention runs eagerly between two replays on the step's true layout (the ``T`` real tokens of the bucket's
+static Q/K/V, written into its static attention output). Per layer that is one replay and two kernel launches
+(rotary + KV write, attention) instead of about ten launches.
 
 Rows ``T..bucket`` of the static buffers hold whatever the last step of that bucket left: every piece is row-wise
 (GEMMs, norms, activations), so they never mix into the real rows, and the LM head reads only the sampled rows.
@@ -27,13 +28,13 @@ from .lean_model import LeanCausalLM, LeanInputs
 __all__ = ["MixedGraphs", "mixed_buckets"]
 
 
-def mixed_buckets(max_tokens: int, smallest: int = 32) -> list[int]:
-    """Token buckets: powers of two from ``smallest``, and ``max_tokens`` itself."""
+def mixed_buckets(largest: int, smallest: int = 32, factor: int = 2) -> list[int]:
+    """Buckets: ``smallest`` times powers of ``factor`` below ``largest``, and ``largest`` itself."""
     out, b = [], smallest
-    while b < max_tokens:
+    while b < largest:
         out.append(b)
-        b *= 2
-    return out + [max_tokens]
+        b *= factor
+    return out + [largest]
 
 
 @dataclass(eq=False)
@@ -45,9 +46,11 @@ class _Bucket:
     attn: torch.Tensor  # [tokens, heads, head_dim] every layer's attention output
     normed: tuple[torch.Tensor, torch.Tensor] | None  # per-head-normed Q and K (families with Q/K norms)
     residual: torch.Tensor | None = None
+    h: torch.Tensor | None = None  # the last layer's output
     outs: list = field(default_factory=list)  # per layer (q, k, v): what its attention reads
-    logits: torch.Tensor | None = None
-    graphs: list[torch.cuda.CUDAGraph] = field(default_factory=list)
+    logits: dict[int, torch.Tensor] = field(default_factory=dict)  # per row bucket
+    graphs: list[torch.cuda.CUDAGraph] = field(default_factory=list)  # the pieces
+    heads: dict[int, torch.cuda.CUDAGraph] = field(default_factory=dict)  # per row bucket
 
 
 class MixedGraphs:
@@ -58,6 +61,7 @@ class MixedGraphs:
         self.capture = device.type == "cuda"
         self.max_tokens, self.max_rows = max_tokens, max_rows
         self.buckets = [self._bucket(b) for b in mixed_buckets(max_tokens)]
+        self.row_buckets = mixed_buckets(max_rows, smallest=min(4, max_rows), factor=4)
         if self.capture:
             pool = torch.cuda.graph_pool_handle()
             for bk in reversed(self.buckets):  # largest first: the smaller ones reuse its pool memory
@@ -81,7 +85,7 @@ class MixedGraphs:
     # -- the pieces -------------------------------------------------------------------------------------------------
 
     def _piece(self, bk: _Bucket, j: int) -> None:
-        """Piece ``j`` of ``bk`` (0: embedding to the first attention; ``layers``: the last layer to the logits),
+        """Piece ``j`` of ``bk`` (0: embedding to the first attention; ``layers``: the rest of the last layer),
         computed now (eagerly, or while a graph captures it)."""
         lean = self.lean
         if j == 0:
@@ -90,7 +94,7 @@ class MixedGraphs:
             residual = bk.residual
             h = lean.after_attention(j - 1, bk.attn.view(bk.tokens, -1), residual)
         if j == len(lean.layers):
-            bk.logits = lean.head(h, residual, bk.rows)
+            bk.h = h
             return
         q, k, v, bk.residual = lean.before_attention(j, h, residual, qkv_out=bk.qkv)
         if bk.normed is not None and lean.layers[j].q_norm is not None:  # normed copies: one static place
@@ -100,17 +104,28 @@ class MixedGraphs:
         else:
             bk.outs[j] = (q, k, v)
 
+    def _head(self, bk: _Bucket, rows: int) -> None:
+        """The logits of the first ``rows`` entries of ``bk.rows`` (a row bucket)."""
+        bk.logits[rows] = self.lean.head(bk.h, bk.residual, bk.rows[:rows])
+
     def _capture(self, bk: _Bucket, pool) -> None:
         pieces = range(len(self.lean.layers) + 1)
         with torch.inference_mode():
             for j in pieces:  # eagerly first: every kernel compiled before any capture
                 self._piece(bk, j)
+            for rows in self.row_buckets:
+                self._head(bk, rows)
             torch.cuda.synchronize(self.device)
             for j in pieces:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     self._piece(bk, j)
                 bk.graphs.append(graph)
+            for rows in reversed(self.row_buckets):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._head(bk, rows)
+                bk.heads[rows] = graph
         torch.cuda.synchronize(self.device)
 
     # -- a step ---------------------------------------------------------------------------------------------------
@@ -134,12 +149,16 @@ class MixedGraphs:
                 self._piece(bk, j)
             q, k, v = bk.outs[j]
             lean._attend(j, lw, q[:tokens], k[:tokens], v[:tokens], x, out=bk.attn[:tokens])
+        head = next(r for r in self.row_buckets if r >= rows)
         if run is not None:
             run(len(lean.layers)).replay()
+            bk.heads[head].replay()
         else:
             self._piece(bk, len(lean.layers))
-        return bk.logits[:rows]
+            self._head(bk, head)
+        return bk.logits[head][:rows]
 
     def release(self) -> None:
         for bk in self.buckets:
             bk.graphs.clear()
+            bk.heads.clear()

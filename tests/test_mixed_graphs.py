@@ -17,6 +17,7 @@ from acb.mixed_graphs import mixed_buckets
 def test_buckets_cover_every_step_size():
     assert mixed_buckets(8192) == [32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
     assert mixed_buckets(100) == [32, 64, 100] and mixed_buckets(32) == [32] and mixed_buckets(20) == [20]
+    assert mixed_buckets(256, smallest=4, factor=4) == [4, 16, 64, 256]
 
 
 @pytest.mark.parametrize("overlap", [True, False], ids=["async", "sync"])
