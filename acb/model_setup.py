@@ -180,8 +180,10 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
     )
     startup["runner_s"] = time.perf_counter() - t0
     log = logging.getLogger("acb")
-    log.info("acb start-up: lean model %.2f s, KV cache and %d decode graphs %.2f s", startup["lean_model_s"],
-             0 if runner.graphs is None else len(runner.graphs.graphs), startup["runner_s"])  # fmt: skip
+    mixed = 0 if runner.mixed is None else sum(len(b.graphs) + len(b.heads) for b in runner.mixed.buckets)
+    log.info("acb start-up: lean model %.2f s, KV cache, %d decode graphs and %d mixed-step graphs %.2f s",
+             startup["lean_model_s"], 0 if runner.graphs is None else len(runner.graphs.graphs), mixed,
+             startup["runner_s"])  # fmt: skip
     if runner.graph_blocker is not None:
         why += f"; decode steps run eagerly: {runner.graph_blocker}"
     model._acb_owner = weakref.ref(runner)
