@@ -4,6 +4,8 @@
 #      which picks the variant (or NCCL) for the runs below;
 #   2. in parallel: tests/gpu/test_parallel_cuda.py on GPUs 0-1; W-tp (llama-8b, TP=1 then TP=2) on GPUs 2-3;
 #   3. W-tp70: the llama-70b shape at TP=4.
+# PART=rest instead: W-tp at TP=2 with NCCL only (the one-shot sums' A/B) on GPUs 0-1, and the other tests/gpu files
+# on GPUs 2 and 3 (a second call).
 # Every Python process dumps its threads' stacks if it is still running after DUMP_AFTER seconds (a hang).
 # pytest-asyncio is not on the card's image: carry its unzipped wheel as .gpu_site (see shared/gpu.md).
 set -u
@@ -23,6 +25,26 @@ with_dump() {  # seconds, command...: the command with stack dumps after that ma
     DUMP_AFTER=$after PYTHONPATH="/tmp/diag:$PYTHONPATH" "$@"
 }
 choice() { python -c "import json; print(json.load(open('$1'))['choice'])" 2>/dev/null || echo nccl; }
+if [ "${PART:-}" = rest ]; then
+    (
+        CUDA_VISIBLE_DEVICES=2 with_dump 400 timeout 420 python -m pytest -q -p no:cacheprovider \
+            tests/gpu/test_engine_cuda.py >"$OUT/t-engine.log" 2>&1
+        echo "exit $?" >>"$OUT/t-engine.log"
+    ) &
+    (
+        CUDA_VISIBLE_DEVICES=3 with_dump 400 timeout 420 python -m pytest -q -p no:cacheprovider \
+            tests/gpu/test_families_cuda.py tests/gpu/test_kernels.py tests/gpu/test_logits_cuda.py \
+            >"$OUT/t-rest.log" 2>&1
+        echo "exit $?" >>"$OUT/t-rest.log"
+    ) &
+    CUDA_VISIBLE_DEVICES=0,1 ACB_ALLREDUCE=nccl with_dump 170 timeout 200 python -m bench.run --no-progress \
+        --workloads W-tp --modes "async[tensor_parallel_size=2]" --json "$OUT/tp-nccl.json" >"$OUT/tp-nccl.log" 2>&1
+    wait
+    for f in t-engine t-rest; do echo "== $f: $(grep -E 'passed|failed' "$OUT/$f.log" | tail -1)" >>"$log"; done
+    grep "^| W-tp" "$OUT/tp-nccl.log" >>"$log"
+    cat "$log"
+    exit 0
+fi
 for w in 2 4; do
     with_dump 40 timeout 45 python -m bench.allreduce --world $w --json "$OUT/ar$w.json" 2>&1 | grep -v "^frame #" \
         | tail -12 >>"$log"
