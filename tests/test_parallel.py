@@ -330,16 +330,17 @@ def test_closing_a_group_does_not_wait_on_a_communicator_that_will_not_abort(mon
 
     from acb.parallel import group as group_module
 
-    release = threading.Event()
+    entered, release = threading.Event(), threading.Event()
 
     class Stuck:
         def abort(self):
+            entered.set()
             release.wait(30)
 
     g = group_module.Group.__new__(group_module.Group)
-    g.device, g._pg, g._graph_pg = torch.device("cuda", 0), Stuck(), Stuck()
+    g.device, g._pg, g._graph_pg, g.one_shot = torch.device("cuda", 0), Stuck(), Stuck(), None
     monkeypatch.setattr(group_module, "CLOSE_WAIT_S", 0.2)
     t0 = time.monotonic()
     g.close(settled=False)
-    assert time.monotonic() - t0 < 2
+    assert time.monotonic() - t0 < 2 and entered.is_set()
     release.set()
