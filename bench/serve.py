@@ -27,7 +27,7 @@ import torch
 from acb import Engine, EngineConfig, SamplingParams
 
 from .metrics import LoopLag, percentile
-from .run import _commit
+from .run import _commit, parse_mode
 from .workloads import WORKLOADS, build_model, make_requests, synthetic_tokenizer
 
 __all__ = ["arrival_times", "serve_bench", "main"]
@@ -147,11 +147,13 @@ async def serve_bench(args) -> list[dict]:
     tokenizer = synthetic_tokenizer(vocab)
     limit = min(model.config.max_position_embeddings, args.max_model_len)
     requests = [(p[: limit // 2], min(n, limit - min(len(p), limit // 2) - 1)) for p, n in make_requests(w, vocab)]
+    _, overrides = parse_mode(f"async[{args.config}]")
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                          max_model_len=limit)  # fmt: skip
+                          max_model_len=limit, **overrides)  # fmt: skip
     rates = [float(r) for r in args.rates.split(",")]
     results: list[dict] = []
-    stamp = {"card": card, "commit": _commit(), "model": args.model or w.model, "workload": "W-serve"}
+    stamp = {"card": card, "commit": _commit(), "model": args.model or w.model, "workload": "W-serve",
+             "config": args.config}  # fmt: skip
     async with Engine(model, tokenizer, config) as engine:
         await _one_run(engine, requests[:2], math.inf, "engine", None, args.seed)  # warm-up
         client = server = task = None
@@ -258,6 +260,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument(
+        "--config", default="", help="EngineConfig overrides, e.g. mixed_graphs=true,prefill_chunk_tokens=512"
+    )
     ap.add_argument("--json")
     ap.add_argument("--markdown")
     ap.add_argument("--plot", help="write the TTFT/ITL-against-rate figure to this PNG")
