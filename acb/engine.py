@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import os
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -43,6 +44,7 @@ from .errors import (
 )
 from .model_setup import build_runtime, default_sampling, eos_ids, load_pretrained, release_model
 from .outputs import Completion, EngineStats
+from .parallel.checkpoint import has_checkpoint
 from .sequence import Sequence
 from .stages import Stages
 from .stream import RequestState, RequestStream
@@ -123,8 +125,11 @@ class Engine(Stages):
     ) -> Engine:
         """Load a transformers causal LM and its tokenizer (local directory or hub id) and wrap them. ``dtype``:
         ``"auto"`` (the checkpoint's; also ``None``), a name (``"bfloat16"``, ``"bf16"``, ...) or a ``torch.dtype``."""
-        model, tokenizer = load_pretrained(path_or_id, dtype, trust_remote_code=trust_remote_code)
-        return cls(model, tokenizer, EngineConfig(device=device, **config_fields))
+        config = EngineConfig(device=device, **config_fields)
+        # tensor parallel over a local safetensors checkpoint: every rank reads its own shard, none the whole model
+        per_rank = config.tensor_parallel_size > 1 and has_checkpoint(os.path.expanduser(path_or_id))
+        model, tokenizer = load_pretrained(path_or_id, dtype, trust_remote_code=trust_remote_code, weights=not per_rank)
+        return cls(model, tokenizer, config)
 
     @property
     def state(self) -> str:

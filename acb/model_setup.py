@@ -24,6 +24,7 @@ from .errors import ModelInUseError
 from .families import adapter, lean_plan
 from .kv_cache import KVCache, ModelShape, auto_num_blocks
 from .lean_model import LeanCausalLM
+from .parallel.checkpoint import read_shard
 from .parallel.shard import check_divisible, materialize, shard_spec
 from .parallel.workers import Geometry, TensorParallel
 from .runner import ModelRunner
@@ -116,7 +117,12 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
         spec = lean.spec if lean is not None else adapter(family).lean_spec(model)
         lean = None
         check_divisible(spec, world)
-        shards = [shard_spec(spec, r, world, max_model_len) for r in range(world)]
+        checkpoint = getattr(model, "_acb_checkpoint", None)
+        if checkpoint is not None:  # every rank reads its own shard from the files (a meta model here)
+            shards = [read_shard(checkpoint, model.config, dtype, family, 0, world, max_model_len)]
+            shards += [None] * (world - 1)
+        else:
+            shards = [shard_spec(spec, r, world, max_model_len) for r in range(world)]
         shards[0] = materialize(shards[0], device, seed=0)  # the others move (or are made) in their workers
     elif use_lean and family is not None:
         # The lean model owns the fused weights; a later engine on the same model reuses it, once the engine
@@ -156,6 +162,7 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
                             max_rows=config.max_num_seqs, max_blocks=max_blocks, max_positions=max_model_len,
                             device_type=device.type, device_index=device.index or 0,
                             graph_rows=graph_rows(config.max_num_seqs) if graphs else 0,
+                            checkpoint=checkpoint, config=model.config if checkpoint is not None else None,
                             threads=max(1, torch.get_num_threads() // world))  # fmt: skip
         group = tp.start(shards, geometry)
         lean = LeanCausalLM(model, family, max_model_len, config.max_num_seqs, spec=shards[0], group=group,
@@ -259,17 +266,34 @@ def release_model(model, original_attention: str | None) -> None:
         model.set_attn_implementation(original_attention)
 
 
-def load_pretrained(path_or_id: str, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False):
-    """``(model, tokenizer)`` from a local directory or a hub id (blocking: loads the weights)."""
+def load_pretrained(
+    path_or_id: str, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False, weights: bool = True
+):
+    """``(model, tokenizer)`` from a local directory or a hub id (blocking: loads the weights). ``weights=False``
+    (a local directory with safetensors files): the model is built on the ``meta`` device and remembers the
+    directory, so that tensor-parallel ranks read their shards from its files themselves."""
     import os
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     if path_or_id.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(path_or_id)):
         raise FileNotFoundError(f"no model directory at {path_or_id!r}")
+    tokenizer = AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
+    if not weights:
+        config = AutoConfig.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        wanted = getattr(config, "dtype", None) if dtype is None or dtype == "auto" else dtype
+        model.to(resolve_dtype(wanted) if wanted is not None else torch.float32)
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(path_or_id)
+        except OSError:
+            pass  # none in the directory: the config's own
+        model._acb_checkpoint = os.path.abspath(os.path.expanduser(path_or_id))
+        return model, tokenizer
     torch_dtype = "auto" if dtype is None or dtype == "auto" else resolve_dtype(dtype)
     model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    return model, AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
+    return model, tokenizer
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:

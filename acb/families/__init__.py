@@ -121,7 +121,8 @@ def fuse(*linears: torch.nn.Linear) -> torch.Tensor:
 def rotary_tables(rotary, device, head_dim: int, **kwargs):
     """A table builder from a transformers rotary module: cos/sin of every position, first halves, float32."""
 
-    if torch.device(device).type == "meta":  # a model built without weights (sharded later): tables on the CPU
+    if torch.device(device).type == "meta" or any(b.is_meta for b in rotary.buffers()):
+        # a model built without weights (sharded later, or read a layer at a time): tables on the CPU
         with torch.device("cpu"):
             rotary, device = type(rotary)(rotary.config), torch.device("cpu")
 

@@ -65,6 +65,15 @@ def lean_spec(model) -> LeanSpec:
         norm=_one_plus(inner.norm.weight),
         rotary=tables,
         activation="gelu_tanh",
-        embed_scale=float(inner.embed_tokens.embed_scale),
+        embed_scale=_embed_scale(inner.embed_tokens),
         final_softcap=getattr(cfg, "final_logit_softcapping", None),
     )
+
+
+def _embed_scale(embed) -> float:
+    """Gemma's embedding scale: its buffer (sqrt(hidden) in the model's dtype); computed the same way for a model on
+    the meta device (tensor-parallel shards built per rank)."""
+    scale = embed.embed_scale
+    if scale.device.type == "meta":
+        return float(torch.tensor(embed.embedding_dim**0.5, dtype=scale.dtype))
+    return float(scale)

@@ -23,9 +23,9 @@ import dataclasses
 
 import torch
 
-from ..families import LeanSpec
+from ..families import LeanLayer, LeanSpec
 
-__all__ = ["shard_spec", "FixedTables", "check_divisible", "materialize", "map_tensors"]
+__all__ = ["shard_spec", "shard_layer", "FixedTables", "check_divisible", "materialize", "map_tensors"]
 
 
 class FixedTables:
@@ -49,8 +49,29 @@ def check_divisible(spec: LeanSpec, world: int) -> None:
 
 
 @torch.no_grad()
-def shard_spec(spec: LeanSpec, rank: int, world: int, max_positions: int) -> LeanSpec:
+def shard_spec(
+    spec: LeanSpec, rank: int, world: int, max_positions: int, layers: list[LeanLayer] | None = None
+) -> LeanSpec:
+    """Rank ``rank``'s shard of ``spec``; ``layers``: its layers, already sharded (:func:`shard_layer`), instead of
+    ``spec``'s."""
     check_divisible(spec, world)
+    if layers is None:
+        layers = [shard_layer(spec, lw, rank, world) for lw in spec.layers]
+    return dataclasses.replace(
+        spec,
+        layers=layers,
+        embed=_vocab_slice(spec.embed, rank, world),
+        norm=spec.norm.clone(),
+        lm_head=_vocab_slice(spec.lm_head, rank, world),
+        num_heads=spec.num_heads // world,
+        num_kv_heads=spec.num_kv_heads // world,
+        rotary=[FixedTables(*(t.detach().contiguous() for t in build(max_positions))) for build in spec.rotary],
+    )
+
+
+@torch.no_grad()
+def shard_layer(spec: LeanSpec, lw: LeanLayer, rank: int, world: int) -> LeanLayer:
+    """Rank ``rank``'s shard of one layer ``lw`` of ``spec`` (copies)."""
     d = spec.head_dim
     q, kv = spec.num_heads * d, spec.num_kv_heads * d
     q_part, kv_part = q // world, kv // world
@@ -61,34 +82,20 @@ def shard_spec(spec: LeanSpec, rank: int, world: int, max_positions: int) -> Lea
                  t[q + kv + rank * kv_part : q + kv + (rank + 1) * kv_part])  # fmt: skip
         return torch.cat(parts).contiguous()
 
-    layers = []
-    for lw in spec.layers:
-        inter = lw.gate_up_w.shape[0] // 2
-        part = inter // world
-        gate_up = torch.cat([lw.gate_up_w[rank * part : (rank + 1) * part],
-                             lw.gate_up_w[inter + rank * part : inter + (rank + 1) * part]])  # fmt: skip
-        layers.append(
-            dataclasses.replace(
-                lw,
-                ln1=lw.ln1.clone(),
-                qkv_w=heads(lw.qkv_w),
-                qkv_b=None if lw.qkv_b is None else heads(lw.qkv_b),
-                o_w=lw.o_w[:, rank * q_part : (rank + 1) * q_part].contiguous(),
-                ln2=lw.ln2.clone(),
-                gate_up_w=gate_up.contiguous(),
-                down_w=lw.down_w[:, rank * part : (rank + 1) * part].contiguous(),
-                **{f: _copy(getattr(lw, f)) for f in ("q_norm", "k_norm", "post_attn_norm", "post_mlp_norm")},
-            )
-        )
+    inter = lw.gate_up_w.shape[0] // 2
+    part = inter // world
+    gate_up = torch.cat([lw.gate_up_w[rank * part : (rank + 1) * part],
+                         lw.gate_up_w[inter + rank * part : inter + (rank + 1) * part]])  # fmt: skip
     return dataclasses.replace(
-        spec,
-        layers=layers,
-        embed=_vocab_slice(spec.embed, rank, world),
-        norm=spec.norm.clone(),
-        lm_head=_vocab_slice(spec.lm_head, rank, world),
-        num_heads=spec.num_heads // world,
-        num_kv_heads=spec.num_kv_heads // world,
-        rotary=[FixedTables(*(t.detach().contiguous() for t in build(max_positions))) for build in spec.rotary],
+        lw,
+        ln1=lw.ln1.clone(),
+        qkv_w=heads(lw.qkv_w),
+        qkv_b=None if lw.qkv_b is None else heads(lw.qkv_b),
+        o_w=lw.o_w[:, rank * q_part : (rank + 1) * q_part].contiguous(),
+        ln2=lw.ln2.clone(),
+        gate_up_w=gate_up.contiguous(),
+        down_w=lw.down_w[:, rank * part : (rank + 1) * part].contiguous(),
+        **{f: _copy(getattr(lw, f)) for f in ("q_norm", "k_norm", "post_attn_norm", "post_mlp_norm")},
     )
 
 

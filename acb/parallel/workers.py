@@ -65,6 +65,8 @@ class Geometry:
     device_index: int  # rank 0's GPU: rank r runs on the r-th after it
     graph_rows: int  # decode CUDA graphs up to this batch (0: none); captured in step with rank 0's
     threads: int
+    checkpoint: str | None = None  # a directory each rank reads its own shard from (then no shard is sent)
+    config: object = None  # the model's config, with a checkpoint
 
 
 class HeaderChannel:
@@ -119,13 +121,14 @@ class TensorParallel:
         self._stopping = False
         self.headers: HeaderChannel | None = None
 
-    def start(self, shards: list[LeanSpec], geometry: Geometry) -> Group:
-        """Start ranks 1.. with their shards; returns rank 0's group once every rank joined."""
+    def start(self, shards: list[LeanSpec | None], geometry: Geometry) -> Group:
+        """Start ranks 1.. with their shards (None: the rank reads its own from ``geometry.checkpoint``); returns
+        rank 0's group once every rank joined."""
         store = host_store(self.world, _RENDEZVOUS_S)
         ctx = multiprocessing.get_context("spawn")
         self.headers = HeaderChannel(ctx, self.world - 1)
         for rank in range(1, self.world):
-            shard = _portable(shards[rank])
+            shard = None if shards[rank] is None else _portable(shards[rank])
             proc = ctx.Process(target=worker_main, args=(rank, self.world, store.port, shard, geometry, self.headers,
                                self.timeout), name=f"acb-tp-rank{rank}", daemon=True)  # fmt: skip
             proc.start()
@@ -239,6 +242,7 @@ def worker_main(
 ) -> None:
     from ..lean_model import LeanCausalLM
     from ..step_inputs import StepInputs
+    from .checkpoint import read_shard
     from .shard import materialize
 
     torch.set_num_threads(geo.threads)
@@ -246,6 +250,8 @@ def worker_main(
     if geo.device_type == "cuda":
         device = torch.device("cuda", geo.device_index + rank)
         torch.cuda.set_device(device)
+    if geo.checkpoint is not None:
+        shard = read_shard(geo.checkpoint, geo.config, geo.dtype, geo.family, rank, world, geo.max_positions)
     shard = materialize(shard, device, seed=rank)
     group = Group.join(port, rank, world, device, timeout)
     lean = LeanCausalLM(None, geo.family, geo.max_positions, geo.max_rows, spec=shard, group=group,
