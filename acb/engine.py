@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-import os
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -44,7 +43,6 @@ from .errors import (
 )
 from .model_setup import build_runtime, default_sampling, eos_ids, load_pretrained, release_model
 from .outputs import Completion, EngineStats
-from .parallel.checkpoint import has_checkpoint
 from .sequence import Sequence
 from .stages import Stages
 from .stream import RequestState, RequestStream
@@ -126,9 +124,7 @@ class Engine(Stages):
         """Load a transformers causal LM and its tokenizer (local directory or hub id) and wrap them. ``dtype``:
         ``"auto"`` (the checkpoint's; also ``None``), a name (``"bfloat16"``, ``"bf16"``, ...) or a ``torch.dtype``."""
         config = EngineConfig(device=device, **config_fields)
-        # tensor parallel over a local safetensors checkpoint: every rank reads its own shard, none the whole model
-        per_rank = config.tensor_parallel_size > 1 and has_checkpoint(os.path.expanduser(path_or_id))
-        model, tokenizer = load_pretrained(path_or_id, dtype, trust_remote_code=trust_remote_code, weights=not per_rank)
+        model, tokenizer = load_pretrained(path_or_id, dtype, trust_remote_code, config.tensor_parallel_size)
         return cls(model, tokenizer, config)
 
     @property

@@ -24,7 +24,7 @@ from .errors import ModelInUseError
 from .families import adapter, lean_plan
 from .kv_cache import KVCache, ModelShape, auto_num_blocks
 from .lean_model import LeanCausalLM
-from .parallel.checkpoint import read_shard
+from .parallel.checkpoint import has_checkpoint, read_shard
 from .parallel.shard import check_divisible, materialize, shard_spec
 from .parallel.workers import Geometry, TensorParallel
 from .runner import ModelRunner
@@ -267,11 +267,15 @@ def release_model(model, original_attention: str | None) -> None:
 
 
 def load_pretrained(
-    path_or_id: str, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False, weights: bool = True
+    path_or_id: str,
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    tensor_parallel_size: int = 1,
 ):
-    """``(model, tokenizer)`` from a local directory or a hub id (blocking: loads the weights). ``weights=False``
-    (a local directory with safetensors files): the model is built on the ``meta`` device and remembers the
-    directory, so that tensor-parallel ranks read their shards from its files themselves."""
+    """``(model, tokenizer)`` from a local directory or a hub id (blocking: loads the weights). For more than one
+    tensor-parallel rank, a local directory with safetensors files is not loaded: the model is built on the ``meta``
+    device and remembers the directory, so that every rank reads its own shard from the files (none holds the whole
+    model)."""
     import os
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -279,7 +283,7 @@ def load_pretrained(
     if path_or_id.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(path_or_id)):
         raise FileNotFoundError(f"no model directory at {path_or_id!r}")
     tokenizer = AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
-    if not weights:
+    if tensor_parallel_size > 1 and has_checkpoint(os.path.expanduser(path_or_id)):
         config = AutoConfig.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
