@@ -4,7 +4,8 @@
 #   2. cold start: a fresh process's first W-side batch against a warm engine's (bench.coldstart, warm-up off / on);
 #   3. W-share: plain, mixed-step graphs, mixed-step graphs with prefill_chunk_tokens=512 (async), and sync;
 #   4. W-serve through the engine and HTTP, with the best of 3 (CONFIG, default mixed_graphs=true).
-# All four take more than one call's 10 minutes: STEPS="1 2 3" in a first call, STEPS=4 in a second.
+# All four take more than one call's 10 minutes: STEPS="3 2 1" (run in that order; T1..T4 bound each, seconds) in a
+# first call, STEPS=4 in a second.
 # pytest-asyncio is not on the card's image: carry its unzipped wheel as .gpu_site (see shared/gpu.md).
 set -u
 OUT=${OUT:-/tmp/out}
@@ -12,12 +13,23 @@ mkdir -p "$OUT"
 export PYTHONPATH=".:.gpu_site:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 ACB_COMMIT=${ACB_COMMIT:-unknown}
 log="$OUT/session.log"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader >"$log" 2>&1
-has() { case " ${STEPS:-1 2 3 4} " in *" $1 "*) return 0 ;; esac; return 1; }
-has 1 && timeout 240 python -m pytest -q -p no:cacheprovider tests/gpu/test_engine_cuda.py -k mixed 2>&1 | tail -5 >>"$log"
-has 2 && timeout 300 python -m bench.coldstart --runs off,on --out "$OUT/coldstart.json" 2>&1 | tail -8 >>"$log"
-has 3 && timeout 420 python -m bench.run --no-progress --workloads W-share --json "$OUT/share.json" \
-    --modes "async,async[mixed_graphs=true],async[mixed_graphs=true,prefill_chunk_tokens=512],sync" 2>&1 \
-    | grep "^| W-share\|idle\|Error" | tail -8 >>"$log"
-has 4 && timeout 560 python -m bench.serve --rates 4,8,16,32,inf --via engine,http --config "${CONFIG:-mixed_graphs=true}" \
-    --json "$OUT/serve.json" --markdown "$OUT/serve.md" --plot "$OUT/serve.png" 2>&1 | tail -12 >>"$log"
+step() {
+    case $1 in
+    1) timeout "${T1:-240}" python -m pytest -v -p no:cacheprovider --durations=8 tests/gpu/test_engine_cuda.py -k mixed \
+        >"$OUT/t-mixed.log" 2>&1
+       grep -E "passed|failed|PASSED|FAILED|ERROR" "$OUT/t-mixed.log" | tail -9 >>"$log" ;;
+    2) timeout "${T2:-300}" python -m bench.coldstart --runs off,on --out "$OUT/coldstart.json" 2>&1 | tail -8 >>"$log" ;;
+    3) timeout "${T3:-420}" python -m bench.run --no-progress --workloads W-share --json "$OUT/share.json" \
+        --modes "async,async[mixed_graphs=true],async[mixed_graphs=true,prefill_chunk_tokens=512],sync" \
+        >"$OUT/share.log" 2>&1
+       grep "^| W-share\|idle\|Error" "$OUT/share.log" | tail -8 >>"$log" ;;
+    4) timeout "${T4:-560}" python -m bench.serve --rates 4,8,16,32,inf --via engine,http \
+        --config "${CONFIG:-mixed_graphs=true}" --json "$OUT/serve.json" --markdown "$OUT/serve.md" \
+        --plot "$OUT/serve.png" 2>&1 | tail -12 >>"$log" ;;
+    esac
+}
+for s in ${STEPS:-1 2 3 4}; do  # in the order given
+    echo "== step $s ($(date +%T))" >>"$log"
+    step "$s"
+done
 cat "$log"
