@@ -186,6 +186,8 @@ class ModelRunner:
         self._staged: dict[str, torch.Tensor] | None = None  # device views of the step being run (worker only)
         # (start, end) CUDA events of every step's GPU work, for the idle-fraction measurement of the benchmarks
         self.step_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = [] if record_timing else None
+        # beside each: the (sub-)step's (rows, tokens, replayed a decode graph), to split GPU time by kind of step
+        self.step_shapes: list[tuple[int, int, bool]] = []
         self._trace_from: int | None = None  # index into step_events (CUDA) where a trace started
         self._trace_ref: tuple[torch.cuda.Event, float] | None = None
         self._cpu_spans: list[tuple[float, float]] | None = None  # worker compute spans (CPU) while tracing
@@ -303,7 +305,8 @@ class ModelRunner:
         start = torch.cuda.Event(enable_timing=True) if self.step_events is not None else None
         n, s = b.num_rows, len(b.sample_idx)
         graphs = self.graphs
-        if graphs is not None and b.decode_only and s == n and n <= graphs.max_batch:
+        graphed = graphs is not None and b.decode_only and s == n and n <= graphs.max_batch
+        if graphed:
             bucket = graphs.bucket(n)
             if j == 0:
                 v = self._staged = self.inputs.stage(b, graph_rows=bucket, start=start)
@@ -317,7 +320,7 @@ class ModelRunner:
                 logits, greedy = self._mirrored(lambda: self.tp.mirror_graph(b, j, bucket, self.inputs, self.token_buf),
                                                 lambda: graphs.replay(bucket, n, advance=j > 0))  # fmt: skip
             if b.plain:  # sampled and stored inside the graph
-                self._end(start)
+                self._end(start, (n, b.num_tokens, graphed))
                 return greedy, None, None
         else:
             if j == 0:
@@ -352,7 +355,7 @@ class ModelRunner:
             self.logits_state.record(tokens, b.processing)
         if b.grammar_rows:
             self.grammar_masks.record(tokens, b.grammar_rows)
-        self._end(start)
+        self._end(start, (n, b.num_tokens, graphed))
         return tokens, logprobs, top
 
     def _forward(self, b: StepBatch, d, j: int = 0) -> torch.Tensor:
@@ -414,12 +417,14 @@ class ModelRunner:
         """A decode step through the generic path, every row's logits (what the graphs capture)."""
         return self.generic.forward(d, decode_only=True, max_query_len=1, decode_splits=splits)
 
-    def _end(self, start: torch.cuda.Event | None) -> None:
-        """Mark the end of a (sub-)step's GPU work, paired with ``start``, when recording step timing."""
+    def _end(self, start: torch.cuda.Event | None, shape: tuple[int, int, bool]) -> None:
+        """Mark the end of a (sub-)step's GPU work, paired with ``start``, when recording step timing; ``shape``:
+        its rows, tokens and whether it replayed a decode graph."""
         if start is not None:
             end = torch.cuda.Event(enable_timing=True)
             end.record()
             self.step_events.append((start, end))
+            self.step_shapes.append(shape)
 
     def _finish(self, tokens: torch.Tensor, logprobs: torch.Tensor | None, top: Top | None) -> StepResult:
         """Start the copy of a step's samples to the host, and mark the step's end with an event after it."""

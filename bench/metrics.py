@@ -5,7 +5,15 @@ from __future__ import annotations
 import asyncio
 import time
 
-__all__ = ["percentile", "busy_time", "idle_fraction", "LoopLag", "decode_floor_seconds", "decode_floor"]
+__all__ = [
+    "percentile",
+    "busy_time",
+    "idle_fraction",
+    "step_kinds",
+    "LoopLag",
+    "decode_floor_seconds",
+    "decode_floor",
+]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -26,6 +34,29 @@ def busy_time(intervals: list[tuple[float, float]], t0: float, t1: float) -> flo
             busy += e - s
             edge = e
     return busy
+
+
+def step_kind(rows: int, tokens: int, graphed: bool) -> str:
+    """A step's kind for :func:`step_kinds`: decode (graph or eager) by batch size, or prompt tokens by count."""
+    if tokens > rows:
+        band = next((f"<= {b}" for b in (512, 2048, 4096) if tokens <= b), "> 4096")
+        return f"with prompts, {band} tokens"
+    band = next((f"<= {b}" for b in (32, 128, 256, 512) if rows <= b), "> 512")
+    return f"decode {'graph' if graphed else 'eager'}, {band} rows"
+
+
+def step_kinds(intervals: list[tuple[float, float]], shapes: list[tuple[int, int, bool]]) -> dict[str, dict]:
+    """GPU time per kind of step: ``{kind: {"steps", "gpu_s", "mean_ms", "tokens"}}``, from each step's (start, end)
+    in ms and its (rows, tokens, graphed), largest GPU time first (what a step mix spends its time on)."""
+    out: dict[str, dict] = {}
+    for (s, e), (rows, tokens, graphed) in zip(intervals, shapes, strict=True):
+        k = out.setdefault(step_kind(rows, tokens, graphed), {"steps": 0, "gpu_s": 0.0, "tokens": 0})
+        k["steps"] += 1
+        k["gpu_s"] += (e - s) / 1e3
+        k["tokens"] += tokens
+    for k in out.values():
+        k["mean_ms"] = k["gpu_s"] * 1e3 / k["steps"]
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["gpu_s"]))
 
 
 def idle_fraction(intervals: list[tuple[float, float]]) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -26,7 +27,7 @@ import torch
 from acb import Engine, EngineConfig, SamplingParams
 from acb.kv_cache import ModelShape
 
-from .metrics import LoopLag, decode_floor, idle_fraction, percentile
+from .metrics import LoopLag, decode_floor, idle_fraction, percentile, step_kinds
 from .workloads import FAMILY_MODELS, WORKLOADS, Conversation, build_model, make_requests, synthetic_tokenizer
 
 # A JSON schema that a random model cannot finish within W-side's 1,024 tokens (at least 400 items), so constrained
@@ -213,6 +214,32 @@ def copy_bandwidth() -> float:
     return 2 * 10 * x.numel() / (time.perf_counter() - t)
 
 
+@contextlib.contextmanager
+def kernel_profile(top: int):
+    """Profile the GPU kernels run inside the block (CUDA, ``top`` > 0): yields a list that is filled afterwards
+    with the ``top`` kernels by total GPU time, ``{"name", "calls", "gpu_ms"}``, and prints them."""
+    found: list[dict] = []
+    if top <= 0 or not torch.cuda.is_available():
+        yield found
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        yield found
+    torch.cuda.synchronize()
+    totals: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            t = totals.setdefault(e.name, [0, 0.0])
+            t[0] += 1
+            t[1] += e.time_range.elapsed_us() / 1e3
+    everything = sum(t[1] for t in totals.values())
+    print(f"GPU kernel time: {everything:.1f} ms in {sum(t[0] for t in totals.values())} kernels", file=sys.stderr)
+    for name, (calls, ms) in sorted(totals.items(), key=lambda kv: -kv[1][1])[:top]:
+        found.append({"name": name, "calls": calls, "gpu_ms": ms})
+        print(f"  {ms:10.1f} ms {100 * ms / everything:5.1f} % {calls:8d}  {name[:110]}", file=sys.stderr)
+
+
 def parse_mode(mode: str) -> tuple[str, dict]:
     """``"async"`` or ``"async[admission_group=1,overlap_depth=3]"``: acb's mode and EngineConfig overrides (an
     A/B row in the same run)."""
@@ -351,7 +378,10 @@ async def bench(args) -> list[dict]:
                     engine.start_trace()
                 masks = engine._runner.grammar_masks
                 masks.fill_seconds, masks.fills = 0.0, 0
-                r = await run_one(engine, requests, profile=args.profile, progress=progress, **shape_of_requests)
+                with kernel_profile(args.kernels) as kernels:
+                    r = await run_one(engine, requests, profile=args.profile, progress=progress, **shape_of_requests)
+                if kernels:
+                    r["kernels"] = kernels
                 r["mask_ms_per_step"] = masks.fill_seconds * 1e3 / masks.fills if masks.fills else float("nan")
                 if traced:
                     from .timeline import gap_summary
@@ -365,6 +395,12 @@ async def bench(args) -> list[dict]:
                 intervals = engine.step_intervals()
                 durations = sorted(e - s for s, e in intervals)
                 r["gpu_step_ms_p50"] = percentile(durations, 50) if durations else float("nan")
+                r["step_kinds"] = step_kinds(intervals, engine.step_shapes())
+                if args.step_kinds:
+                    print(f"{w.name} {mode}: GPU time per kind of step", file=sys.stderr)
+                    for kind, k in r["step_kinds"].items():
+                        line = f"  {k['gpu_s']:7.2f} s {k['steps']:6d} steps {k['mean_ms']:7.2f} ms  {kind}"
+                        print(line, file=sys.stderr)
                 r["loop_cpu_ms_per_step"] = r["loop_thread_cpu_s"] * 1e3 / max(1, r["steps"])
                 r.update(
                     workload=w.name, note=w.note, mode=mode, card=card, model=w.model, requests=w.requests,
@@ -473,6 +509,8 @@ def main(argv: list[str] | None = None) -> None:
         help="run the workloads on this model instead",
     )
     ap.add_argument("--profile", action="store_true", help="cProfile the event-loop thread during each timed run")
+    ap.add_argument("--kernels", type=int, default=0, help="profile each timed run's GPU kernels, print the top N")
+    ap.add_argument("--step-kinds", action="store_true", help="print each run's GPU time per kind of step")
     ap.add_argument("--timeline", help="draw the stage/step timeline of each workload to this PNG path (suffixed)")
     ap.add_argument("--markdown", help="also write the table to this markdown file")
     ap.add_argument("--no-progress", action="store_true")
