@@ -24,6 +24,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import anyio
+
 __all__ = ["Loop", "Waiter", "Signal", "Slots", "Mailbox", "current_loop", "wait_future", "cancelled_exc_class"]
 
 
@@ -191,7 +193,11 @@ class Signal:
             return
         w = self._loop.waiter()
         self._waiters.append(w)
-        await w
+        try:
+            await w
+        finally:
+            if not self._set:  # cancelled: forget the waiter (a caller may wait again and again with a timeout)
+                self._waiters.remove(w)
 
 
 class Slots:
@@ -254,12 +260,23 @@ def current_loop() -> Loop:
     return Loop()
 
 
-async def wait_future(loop: Loop, future: concurrent.futures.Future):
-    """Await a ``concurrent.futures.Future`` (a worker thread's result) from the loop, without blocking it."""
+async def wait_future(
+    loop: Loop, future: concurrent.futures.Future, watch: Callable[[], None] | None = None, every: float = 0.005
+):
+    """Await a ``concurrent.futures.Future`` (a worker thread's result) from the loop, without blocking it. With a
+    ``watch``, call it every ``every`` seconds while waiting: it raises to stop waiting (the result may never come)."""
     if not future.done():
-        w = loop.waiter()
-        future.add_done_callback(lambda _: loop.call_soon_threadsafe(_resolve, w))
-        await w
+        if watch is None:
+            w = loop.waiter()
+            future.add_done_callback(lambda _: loop.call_soon_threadsafe(_resolve, w))
+            await w
+        else:
+            done = Signal(loop)
+            future.add_done_callback(lambda _: loop.call_soon_threadsafe(done.set))
+            while not done.is_set():
+                watch()
+                with anyio.move_on_after(every):
+                    await done.wait()
     return future.result()
 
 

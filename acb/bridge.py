@@ -19,11 +19,17 @@ if the event was already complete at wake-up, the loop overslept and the predict
 that rule a busy loop inflates the observed waits, the prediction grows, and the loop oversleeps more and more.
 
 ``docs/gpu.md`` has the measured costs behind this choice (polling +9 µs; thread waits starve under a busy loop).
+
+With tensor parallelism a step can wait forever: a worker process died while its peers' collectives waited for it,
+and neither the launching thread nor the GPU may ever finish the step. A ``watch`` (the runner's worker check)
+then runs every few milliseconds of both waits and raises, so the engine fails its requests at once instead of
+waiting on a step that will not end.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import anyio
 
@@ -36,13 +42,18 @@ _COARSE_MARGIN_S = 0.0015  # asyncio's timer granularity is ~1 ms: wake this muc
 _SPIN_WINDOW_S = 0.002  # poll with sleep(0) this long after waking, then fall back to 1 ms sleeps
 
 
+_WATCH_S = 0.005  # with a watch: how often a wait checks it
+
+
 class CompletionBridge:
-    def __init__(self) -> None:
+    def __init__(self, watch: Callable[[], None] | None = None) -> None:
+        """``watch``: raises when the step being waited for can no longer end (a tensor-parallel worker died)."""
+        self._watch = watch
         # how long a step's GPU part lasts after its launch returned (learned), per kind of step
         self._predicted: dict[tuple, float] = {}
 
     async def wait(self, handle: StepHandle, loop: aio.Loop) -> StepResult:
-        result = await aio.wait_future(loop, handle.future)
+        result = await aio.wait_future(loop, handle.future, self._watch, _WATCH_S)
         if result.event is not None:
             b = handle.batch
             await self._wait_event(result.event, (b.decode_only, b.num_tokens.bit_length(), b.num_steps))
@@ -61,6 +72,8 @@ class CompletionBridge:
                 return
         spin_until = time.perf_counter() + _SPIN_WINDOW_S
         while not event.query():
+            if self._watch is not None:
+                self._watch()
             await anyio.sleep(0 if time.perf_counter() < spin_until else 0.001)
         took = time.perf_counter() - start
         self._predicted[kind] = took if predicted == 0.0 else 0.7 * predicted + 0.3 * took

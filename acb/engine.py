@@ -95,7 +95,7 @@ class Engine(Stages):
         (once ``start()`` ran its warm-up, see ``EngineConfig.warmup``)."""
         self._blocks, self._scheduler = rt.blocks, rt.scheduler
         self._builder, self._runner = rt.builder, rt.runner
-        self._bridge = CompletionBridge()
+        self._bridge = CompletionBridge(self._runner.check_workers if self._runner.tp is not None else None)
         self._admission = Admission(
             self.tokenizer,
             vocab_size=rt.shape.vocab_size,

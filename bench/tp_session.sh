@@ -6,7 +6,9 @@
 #   3. W-tp70: the llama-70b shape at TP=4.
 # PART=rest instead: W-tp at TP=2 with NCCL only (the one-shot sums' A/B) on GPUs 0-1, and the other tests/gpu files
 # on GPUs 2 and 3 (a second call).
-# Every Python process dumps its threads' stacks if it is still running after DUMP_AFTER seconds (a hang).
+# Every benchmark process dumps its threads' stacks if it is still running after DUMP_AFTER seconds (a hang); every
+# test that runs longer than 100 s writes its stacks to $OUT/<tests>/stacks.log. Each run prints GPU time per kind
+# of step (--step-kinds).
 # pytest-asyncio is not on the card's image: carry its unzipped wheel as .gpu_site (see shared/gpu.md).
 set -u
 OUT=${OUT:-/tmp/out}
@@ -24,15 +26,19 @@ with_dump() {  # seconds, command...: the command with stack dumps after that ma
     shift
     DUMP_AFTER=$after PYTHONPATH="/tmp/diag:$PYTHONPATH" "$@"
 }
-choice() { python -c "import json; print(json.load(open('$1'))['choice'])" 2>/dev/null || echo nccl; }
+# a test still running after 100 s writes its stacks into $OUT/<dir>/stacks.log (tests/conftest.py)
+tdump() { mkdir -p "$OUT/$1" && echo "ACB_TEST_DUMP_S=100 ACB_TEST_DUMP_DIR=$OUT/$1"; }
+choice() {  # the all-reduce bench's pick; push (measured best on 2026-11-27) when it did not run
+    [ -f "$1" ] || { echo push; return; }
+    python -c "import json; print(json.load(open('$1'))['choice'])" 2>/dev/null || echo nccl; }
 if [ "${PART:-}" = rest ]; then
     (
-        CUDA_VISIBLE_DEVICES=2 with_dump 400 timeout 420 python -m pytest -q -p no:cacheprovider \
+        CUDA_VISIBLE_DEVICES=2 env $(tdump engine) timeout 420 python -m pytest -q -p no:cacheprovider \
             tests/gpu/test_engine_cuda.py >"$OUT/t-engine.log" 2>&1
         echo "exit $?" >>"$OUT/t-engine.log"
     ) &
     (
-        CUDA_VISIBLE_DEVICES=3 with_dump 400 timeout 420 python -m pytest -q -p no:cacheprovider \
+        CUDA_VISIBLE_DEVICES=3 env $(tdump rest) timeout 420 python -m pytest -q -p no:cacheprovider \
             tests/gpu/test_families_cuda.py tests/gpu/test_kernels.py tests/gpu/test_logits_cuda.py \
             >"$OUT/t-rest.log" 2>&1
         echo "exit $?" >>"$OUT/t-rest.log"
@@ -45,7 +51,7 @@ if [ "${PART:-}" = rest ]; then
     cat "$log"
     exit 0
 fi
-for w in 2 4; do
+for w in ${AR_WORLDS-2 4}; do  # AR_WORLDS= skips the all-reduce table (measured twice on 2026-11-27)
     with_dump 40 timeout 45 python -m bench.allreduce --world $w --json "$OUT/ar$w.json" 2>&1 | grep -v "^frame #" \
         | tail -12 >>"$log"
 done
@@ -53,16 +59,16 @@ c2=$(choice "$OUT/ar2.json")
 c4=$(choice "$OUT/ar4.json")
 echo "== all-reduce: $c2 at TP=2, $c4 at TP=4" >>"$log"
 (
-    CUDA_VISIBLE_DEVICES=0,1 ACB_ALLREDUCE=$c2 with_dump 120 timeout 150 python -m pytest -q -p no:cacheprovider \
+    CUDA_VISIBLE_DEVICES=0,1 ACB_ALLREDUCE=$c2 env $(tdump parallel) timeout 400 python -m pytest -q -p no:cacheprovider \
         tests/gpu/test_parallel_cuda.py >"$OUT/t-parallel.log" 2>&1
     echo "exit $?" >>"$OUT/t-parallel.log"
 ) &
 CUDA_VISIBLE_DEVICES=2,3 ACB_ALLREDUCE=$c2 with_dump 170 timeout 200 python -m bench.run --no-progress \
-    --workloads W-tp --modes "async,async[tensor_parallel_size=2]" --json "$OUT/tp.json" >"$OUT/tp.log" 2>&1
+    --workloads W-tp --step-kinds --modes "async,async[tensor_parallel_size=2]" --json "$OUT/tp.json" >"$OUT/tp.log" 2>&1
 wait
 echo "== tests: $(grep -E 'passed|failed' "$OUT/t-parallel.log" | tail -1) $(tail -1 "$OUT/t-parallel.log")" >>"$log"
 grep "^| W-tp" "$OUT/tp.log" >>"$log"
-ACB_ALLREDUCE=$c4 with_dump 160 timeout 180 python -m bench.run --no-progress --workloads W-tp70 \
+ACB_ALLREDUCE=$c4 with_dump 160 timeout 180 python -m bench.run --no-progress --workloads W-tp70 --step-kinds \
     --modes "async[tensor_parallel_size=4]" --json "$OUT/tp70.json" >"$OUT/tp70.log" 2>&1
 grep "^| W-tp" "$OUT/tp70.log" >>"$log"
 cat "$log"

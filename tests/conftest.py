@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import faulthandler
+import os
 import threading
 
 import pytest
@@ -38,6 +40,26 @@ def pytest_asyncio_loop_factories(config, item):
     if marker is not None:
         factories = {k: v for k, v in factories.items() if k in marker.args} or {"asyncio": asyncio.new_event_loop}
     return factories
+
+
+@pytest.fixture(autouse=True)
+def dump_stacks_of_a_hung_test(request):
+    """With ``ACB_TEST_DUMP_S`` set (device calls, see bench/*_session.sh): a test still running after that many
+    seconds writes every thread's stack, with its name, to ``$ACB_TEST_DUMP_DIR/stacks.log`` (pytest captures
+    stderr, and a call killed at its time limit loses the capture)."""
+    seconds = float(os.environ.get("ACB_TEST_DUMP_S", 0))
+    if not seconds:
+        yield
+        return
+    path = os.path.join(os.environ.get("ACB_TEST_DUMP_DIR", "."), "stacks.log")
+    with open(path, "a") as f:
+        f.write(f"== {request.node.nodeid}\n")
+        f.flush()
+        faulthandler.dump_traceback_later(seconds, file=f)
+        try:
+            yield
+        finally:
+            faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(scope="session")

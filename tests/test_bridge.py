@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from acb.bridge import CompletionBridge
 
 
@@ -70,3 +72,75 @@ async def test_each_kind_of_step_has_its_own_prediction():
     await bridge._wait_event(FakeEvent(0.002), decode)
     assert time.perf_counter() - t < 0.03  # not slept through the prefill's 50 ms
     assert bridge._predicted[prefill] > 0.04 and bridge._predicted[decode] < 0.02
+
+
+class Dead(Exception):
+    pass
+
+
+def watch_that_fails_after(seconds: float):
+    """A watch (the runner's worker check) that starts raising ``seconds`` from now, counting its calls."""
+    calls = []
+    at = time.perf_counter() + seconds
+
+    def watch() -> None:
+        calls.append(time.perf_counter())
+        if time.perf_counter() >= at:
+            raise Dead("a tensor-parallel worker died")
+
+    return watch, calls
+
+
+async def test_a_watch_ends_the_wait_for_a_launch_that_never_returns():
+    """A worker died: the launching thread hangs in a collective forever; the wait raises within a few ms."""
+    import concurrent.futures
+
+    from acb import aio
+    from acb.runner import StepHandle
+
+    watch, calls = watch_that_fails_after(0.03)
+    bridge = CompletionBridge(watch)
+    never = concurrent.futures.Future()
+    t0 = time.perf_counter()
+    with pytest.raises(Dead):
+        await bridge.wait(StepHandle(batch=None, future=never), aio.current_loop())
+    assert time.perf_counter() - t0 < 0.5 and len(calls) >= 2
+
+
+async def test_a_watch_ends_the_wait_for_a_gpu_event_that_never_completes():
+    watch, _ = watch_that_fails_after(0.02)
+    with pytest.raises(Dead):
+        await asyncio.wait_for(CompletionBridge(watch)._wait_event(FakeEvent(3600)), 2)
+
+
+async def test_a_launch_finishing_while_watched_returns_its_result_at_once():
+    """The watch polls, but the thread's completion still wakes the wait (no polling delay), and the waits it
+    abandoned leave no waiter behind."""
+    import concurrent.futures
+    import threading
+
+    from acb import aio
+
+    watch, calls = watch_that_fails_after(3600)
+    future = concurrent.futures.Future()
+    threading.Timer(0.05, future.set_result, args=("done",)).start()
+    t0 = time.perf_counter()
+    assert await aio.wait_future(aio.current_loop(), future, watch, every=1.0) == "done"
+    assert time.perf_counter() - t0 < 0.5 and len(calls) == 1
+    watch, calls = watch_that_fails_after(3600)
+    future = concurrent.futures.Future()
+    threading.Timer(0.1, future.set_result, args=("later",)).start()
+    assert await aio.wait_future(aio.current_loop(), future, watch, every=0.01) == "later"
+    assert len(calls) >= 5
+
+
+async def test_a_signal_forgets_waiters_whose_wait_was_cancelled():
+    from acb import aio
+
+    signal = aio.Signal(aio.current_loop())
+    for _ in range(5):
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(signal.wait(), 0.001)
+    assert signal._waiters == []
+    signal.set()
+    await signal.wait()
