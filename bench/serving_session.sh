@@ -3,10 +3,11 @@
 #   1. tests/gpu/test_engine_cuda.py -k mixed: greedy == generate with the mixed-step graphs, both overlap modes;
 #   2. cold start: a fresh process's first W-side batch against a warm engine's (bench.coldstart, warm-up off / on);
 #   3. W-share: plain, mixed-step graphs, mixed-step graphs with prefill_chunk_tokens=512 (async), and sync;
-#   4. W-serve through the engine and HTTP, with the best of 3 (CONFIG, default mixed_graphs=true).
+#   4. W-serve through the engine and HTTP (CONFIG: EngineConfig overrides; mixed graphs off, as measured).
 # All four take more than one call's 10 minutes: STEPS="3 2 1" (run in that order; T1..T4 bound each, seconds) in a
 # first call, STEPS=4 in a second.
-# pytest-asyncio is not on the card's image: carry its unzipped wheel as .gpu_site (see shared/gpu.md).
+# pytest-asyncio, fastapi, uvicorn and httpx are not on the card's image: build .gpu_site with bench/gpu_site.sh and
+# carry it (see shared/gpu.md).
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -23,8 +24,8 @@ step() {
         --modes "async,async[mixed_graphs=true],async[mixed_graphs=true,prefill_chunk_tokens=512],sync" \
         >"$OUT/share.log" 2>&1
        grep "^| W-share\|idle\|Error" "$OUT/share.log" | tail -8 >>"$log" ;;
-    4) timeout "${T4:-560}" python -m bench.serve --rates 4,8,16,32,inf --via engine,http \
-        --config "${CONFIG:-mixed_graphs=true}" --json "$OUT/serve.json" --markdown "$OUT/serve.md" \
+    4) timeout "${T4:-560}" python -m bench.serve --rates ${RATES:-8,16,32,48,64,inf} --via engine,http \
+        --config "${CONFIG:-mixed_graphs=false}" --json "$OUT/serve.json" --markdown "$OUT/serve.md" \
         --plot "$OUT/serve.png" 2>&1 | tail -12 >>"$log" ;;
     esac
 }
