@@ -11,7 +11,7 @@ import pytest
 
 from acb import Engine, EngineConfig, SamplingParams
 from acb.tracing import LANES
-from bench.metrics import decode_floor, decode_floor_seconds, idle_fraction, percentile
+from bench.metrics import decode_floor, decode_floor_seconds, idle_fraction, percentile, step_kinds
 from bench.workloads import WORKLOADS, make_requests
 
 
@@ -38,6 +38,20 @@ def test_metrics():
     # one slot: the second request starts when the first ends (steps read 10+1, 10+2, then 10+5 bytes at 1 B/s)
     assert decode_floor_seconds(10, 1, [(1, 2), (5, 1)], 1.0, 1) == pytest.approx(38.0)
     assert decode_floor(10, 1, [(1, 2), (5, 1)], 1.0, 1) == (pytest.approx(38.0), 3)
+
+
+def test_step_kinds_split_gpu_time_by_kind_of_step():
+    intervals = [(0.0, 5.0), (5.0, 10.0), (10.0, 160.0), (160.0, 171.0), (171.0, 215.0)]
+    shapes = [(8, 8, True), (30, 30, True), (40, 8192, False), (200, 200, True), (700, 700, False)]
+    kinds = step_kinds(intervals, shapes)
+    assert list(kinds) == [  # largest GPU time first
+        "with prompts, > 4096 tokens", "decode eager, > 512 rows", "decode graph, <= 256 rows",
+        "decode graph, <= 32 rows",
+    ]  # fmt: skip
+    assert kinds["decode graph, <= 32 rows"] == {"steps": 2, "gpu_s": 0.01, "tokens": 38, "mean_ms": 5.0}
+    assert kinds["with prompts, > 4096 tokens"]["mean_ms"] == 150.0
+    with pytest.raises(ValueError):  # a shape for every interval, or the split is wrong
+        step_kinds(intervals, shapes[:-1])
 
 
 def test_family_table_pairs_each_familys_lean_and_generic_runs():

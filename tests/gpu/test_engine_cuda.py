@@ -148,3 +148,20 @@ async def test_prefix_caching_on_cuda_gives_the_tokens_of_no_caching(overlap, pa
         stats = engine.stats()
     assert [first.token_ids] + [o.token_ids for o in outs] == expected
     assert stats.prefix_hits >= 8 and stats.kv_blocks_free == stats.kv_blocks_total
+
+
+async def test_step_timing_records_every_steps_interval_and_shape(make_model, tokenizer):
+    """What the benchmarks' GPU idle and GPU time per kind of step read: one interval per (sub-)step, each with its
+    rows, tokens and whether it replayed a decode graph; clearing forgets both."""
+    model, _ = make_model("llama", seed=2)
+    prompts = random_prompts(6, [5, 40], len(tokenizer), seed=3)
+    config = EngineConfig(device="cuda", block_size=16, record_step_timing=True, warmup=False, decode_steps=2)
+    async with Engine(model, tokenizer, config) as engine:
+        await asyncio.gather(*(engine.generate(p, SamplingParams(max_new_tokens=9, ignore_eos=True)) for p in prompts))
+        intervals, shapes = engine.step_intervals(), engine.step_shapes()
+        assert len(intervals) == len(shapes) >= 9
+        assert all(0 <= s <= e for s, e in intervals)
+        assert shapes[0][1] > shapes[0][0] and not shapes[0][2]  # the first step starts prompts: eager
+        assert any(graphed and tokens == rows for rows, tokens, graphed in shapes)  # decode rounds replayed graphs
+        engine.clear_step_timing()
+        assert engine.step_intervals() == [] and engine.step_shapes() == []
