@@ -214,6 +214,22 @@ def copy_bandwidth() -> float:
     return 2 * 10 * x.numel() / (time.perf_counter() - t)
 
 
+KERNEL_CATEGORIES = [  # (category, substrings of kernel names), first match wins
+    ("attention", ("_decode_split", "_decode_merge", "_prefill_kernel", "attention", "flash")),
+    ("all-reduce / gather", ("nccl", "one_shot", "_barrier", "allreduce", "all_reduce")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "splitkreduce", "cublas", "_skinny")),
+    ("norm / rotary / activation (fused)", ("rmsnorm", "_rope", "_silu", "_gelu")),
+    ("sampling", ("argmax", "softmax", "topk", "sort", "multinomial", "_penalties")),
+]
+
+
+def kernel_category(name: str) -> str:
+    """The group a GPU kernel's time counts in (the ``--kernels`` summary): GEMMs, attention, the fused small
+    kernels, collectives, sampling, or other (copies, element-wise torch kernels)."""
+    low = name.lower()
+    return next((c for c, keys in KERNEL_CATEGORIES if any(k in low for k in keys)), "other")
+
+
 @contextlib.contextmanager
 def kernel_profile(top: int):
     """Profile the GPU kernels run inside the block (CUDA, ``top`` > 0): yields a list that is filled afterwards
@@ -235,6 +251,11 @@ def kernel_profile(top: int):
             t[1] += e.time_range.elapsed_us() / 1e3
     everything = sum(t[1] for t in totals.values())
     print(f"GPU kernel time: {everything:.1f} ms in {sum(t[0] for t in totals.values())} kernels", file=sys.stderr)
+    by_category: dict[str, float] = {}
+    for name, (_, ms) in totals.items():
+        by_category[kernel_category(name)] = by_category.get(kernel_category(name), 0.0) + ms
+    for category, ms in sorted(by_category.items(), key=lambda kv: -kv[1]):
+        print(f"  {ms:10.1f} ms {100 * ms / everything:5.1f} %  [{category}]", file=sys.stderr)
     for name, (calls, ms) in sorted(totals.items(), key=lambda kv: -kv[1][1])[:top]:
         found.append({"name": name, "calls": calls, "gpu_ms": ms})
         print(f"  {ms:10.1f} ms {100 * ms / everything:5.1f} % {calls:8d}  {name[:110]}", file=sys.stderr)

@@ -54,6 +54,50 @@ def test_step_kinds_split_gpu_time_by_kind_of_step():
         step_kinds(intervals, shapes[:-1])
 
 
+_SKINNY = """
+import torch
+from bench.gemm import CONFIGS, skinny_linear
+torch.manual_seed(0)
+for dtype in (torch.float32, torch.float16):  # the interpreter's tl.dot mishandles bf16; the card checks bf16 itself
+    for m, n, k in [(1, 96, 256), (5, 130, 300), (33, 64, 520), (64, 200, 128)]:
+        x = torch.randn(m, k, dtype=dtype)
+        w = (torch.randn(n, k) * 0.05).to(dtype)
+        ref = x.float() @ w.float().t()
+        for config in CONFIGS:
+            got = skinny_linear(x, w, config).float()
+            assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-3, (dtype, m, n, k, config)
+try:
+    skinny_linear(torch.zeros(65, 8), torch.zeros(8, 8))
+except ValueError:
+    print("ok")
+"""
+
+
+def test_the_candidate_skinny_gemm_computes_x_times_w_transposed():
+    """bench/gemm.py's split-K kernel (a candidate measured against cuBLAS on the card), under Triton's interpreter:
+    every configuration, rows that do not fill a block, N and K that do not divide by the tiles."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
+    r = subprocess.run([sys.executable, "-c", _SKINNY], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+def test_kernels_are_grouped_by_what_they_do():
+    from bench.run import kernel_category
+
+    assert kernel_category("nvjet_sm90_tst_128x8_64x12_2x1_v_bz_splitK_TNT") == "gemm"
+    assert kernel_category("void cublasLt::splitKreduce_kernel<32, 16, int>") == "gemm"
+    assert kernel_category("_decode_split_kernel") == "attention"
+    assert kernel_category("ncclDevKernel_AllGather_RING_LL") == "all-reduce / gather"
+    assert kernel_category("one_shot_push") == "all-reduce / gather"
+    assert kernel_category("_add_rmsnorm_kernel") == "norm / rotary / activation (fused)"
+    assert kernel_category("void at::native::elementwise_kernel<128, 4>") == "other"
+
+
 def test_family_table_pairs_each_familys_lean_and_generic_runs():
     from bench.families import table
 

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One device call on one GPU (issues 16 and 12): where a decode step's GPU time goes, before changing kernels.
+#   1. bench.gemm: every llama-8b decode projection alone (cuBLAS, and the Triton split-K candidate for <= 64 rows)
+#      against its weight-reading floor, per batch size;
+#   2. W-side (32 rows) and W-share with the kernel profile grouped by kind (GEMM, attention, fused small kernels,
+#      sampling, other) and GPU time per kind of step.
+# Logs and JSON under $OUT. Build and carry .gpu_site (bench/gpu_site.sh) as for the other session scripts.
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONPATH=".:.gpu_site:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 ACB_COMMIT=${ACB_COMMIT:-unknown}
+log="$OUT/session.log"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader >"$log" 2>&1
+timeout 200 python -m bench.gemm --model llama-8b --rows 1,8,16,32,64,128,256 --json "$OUT/gemm.json" \
+    >>"$log" 2>"$OUT/gemm.log"
+timeout 150 python -m bench.run --no-progress --workloads W-side --modes async --kernels 25 --step-kinds \
+    --json "$OUT/side-kernels.json" >"$OUT/side-kernels.log" 2>&1
+grep -v "^\[W" "$OUT/side-kernels.log" | head -45 >>"$log"
+timeout 200 python -m bench.run --no-progress --workloads W-share --share-scale 0.3 --modes async --kernels 25 \
+    --step-kinds --json "$OUT/share-kernels.json" >"$OUT/share-kernels.log" 2>&1
+grep -v "^\[W" "$OUT/share-kernels.log" | head -45 >>"$log"
+cat "$log"

@@ -1,0 +1,202 @@
+"""Decode GEMMs against their weight-reading floor: cuBLAS (``F.linear``, what the lean path runs) and a candidate
+Triton split-K kernel for skinny products, per projection of a model shape and per batch size.
+
+A decode step's projections read every weight once for a handful of rows, so each should run at the card's copy
+bandwidth. On an H200, W-share's decode steps of <= 32 rows took 5.4 ms of GPU against 3.8 ms of weight reading
+(docs/benchmarks.md), and ~60 % of the GPU time went to cuBLAS's skinny GEMM kernels. This measures each GEMM alone,
+inside a CUDA graph, cycling through enough copies of the weight that none is served from L2, and first checks the
+candidate against ``F.linear`` (fp32 accumulation; bf16 results within rounding)::
+
+    python -m bench.gemm --model llama-8b --rows 1,8,32,64,128,256 --json out.json
+
+The candidate (``skinny_linear``) is an experiment, not used by the engine: it moves into ``acb/kernels`` only if
+this table shows it beating cuBLAS where decode steps spend their time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+import triton
+import triton.language as tl
+
+from .run import copy_bandwidth
+
+# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages): the candidate's configurations, all tried per shape
+CONFIGS = [
+    (64, 128, 1, 4, 4),
+    (64, 128, 2, 4, 4),
+    (64, 128, 4, 4, 4),
+    (32, 256, 2, 4, 3),
+    (128, 64, 1, 4, 5),
+    (128, 128, 2, 8, 3),
+    (32, 128, 4, 4, 4),
+]
+CALLS = 32  # calls per graph replay, cycling through the weight copies
+
+
+@triton.jit
+def _skinny_kernel(
+    X, W, Y, M, N, K, s_xm, s_wn, s_ym,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):  # fmt: skip
+    """Y[M, N] (+)= X[M, K] @ W[N, K]^T over this program's share of K (every SPLIT_K-th block of BLOCK_K)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        kk = k0 + rk
+        x = tl.load(X + rm[:, None] * s_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        w = tl.load(W + rn[:, None] * s_wn + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.0)
+        acc += tl.dot(x, tl.trans(w))
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    ptr = Y + rm[:, None] * s_ym + rn[None, :]
+    if SPLIT_K == 1:
+        tl.store(ptr, acc.to(Y.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(ptr, acc, mask=mask)
+
+
+def skinny_linear(x: torch.Tensor, w: torch.Tensor, config=CONFIGS[0], out: torch.Tensor | None = None):
+    """``x @ w.T`` for a few rows of ``x`` (at most 64): split-K accumulates in a float32 ``out`` (zeroed here), one
+    pass writes ``x``'s dtype."""
+    block_n, block_k, split_k, warps, stages = config
+    m, k = x.shape
+    n = w.shape[0]
+    if m > 64:
+        raise ValueError("skinny_linear is for at most 64 rows")
+    dtype = x.dtype if split_k == 1 else torch.float32
+    if out is None:
+        out = torch.empty(m, n, dtype=dtype, device=x.device)
+    if split_k > 1:
+        out.zero_()
+    grid = (triton.cdiv(n, block_n), split_k)
+    _skinny_kernel[grid](
+        x, w, out, m, n, k, x.stride(0), w.stride(0), out.stride(0),
+        BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return out
+
+
+def projections(model: str) -> dict[str, tuple[int, int]]:
+    """``{name: (N, K)}`` of a decode step's projections, as the lean path fuses them (Q/K/V and gate/up)."""
+    from .workloads import build_model
+
+    cfg = build_model(model, device="meta").config
+    hidden, heads, kv = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
+    dim = getattr(cfg, "head_dim", None) or hidden // heads
+    return {
+        "qkv": ((heads + 2 * kv) * dim, hidden),
+        "o": (hidden, heads * dim),
+        "gate_up": (2 * cfg.intermediate_size, hidden),
+        "down": (hidden, cfg.intermediate_size),
+        "lm_head": (cfg.vocab_size, hidden),
+    }
+
+
+def _time(fn, calls: int) -> float:
+    """µs per call of ``fn(i)`` for i in range(calls), captured in one CUDA graph (median of 5 replays)."""
+    for i in range(calls):
+        fn(i)  # compile and warm
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(calls):
+            fn(i)
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        g.replay()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t) / calls * 1e6)
+    return sorted(times)[2]
+
+
+def measure(model: str, rows: list[int], bandwidth: float) -> list[dict]:
+    results = []
+    for name, (n, k) in projections(model).items():
+        copies = max(2, -(-256 * 2**20 // (n * k * 2)))  # > 256 MiB in all: L2 (50-60 MB) never holds the next one
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        for m in rows:
+            row = {"model": model, "proj": name, "N": n, "K": k, "rows": m, "floor_us": n * k * 2 / bandwidth * 1e6}
+            row.update(_shape(weights, m))
+            results.append(row)
+            line = f"{name} {n}x{k} rows {m}: floor {row['floor_us']:.1f} µs, cuBLAS {row['cublas_us']:.1f}"
+            if "triton_us" in row:
+                line += f", triton {row['triton_us']:7.1f} {row['triton_config']}"
+            print(line, file=sys.stderr, flush=True)
+        weights.clear()
+        torch.cuda.empty_cache()
+    return results
+
+
+def _shape(weights: list[torch.Tensor], m: int) -> dict:
+    """cuBLAS, and the candidate's best configuration (checked first) for up to 64 rows, on ``m`` rows of input."""
+    n, k = weights[0].shape
+    copies = len(weights)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    out = {"cublas_us": _time(lambda i: torch.matmul(x, weights[i % copies].t(), out=y), CALLS)}
+    if m > 64:
+        return out
+    ref = x.float() @ weights[0].float().t()
+    best = None
+    for cfg in CONFIGS:
+        got = skinny_linear(x, weights[0], cfg).float()
+        err = ((got - ref).abs().max() / ref.abs().max()).item()
+        if err > 1e-2:
+            raise AssertionError(f"skinny_linear {cfg} wrong for {n} x {k}, {m} rows: relative error {err:.2e}")
+        acc = torch.empty(m, n, device="cuda", dtype=torch.float32 if cfg[2] > 1 else torch.bfloat16)
+        us = _time(lambda i, c=cfg, o=acc: skinny_linear(x, weights[i % copies], c, out=o), CALLS)
+        if best is None or us < best[1]:
+            best = (cfg, us)
+    out.update(triton_us=best[1], triton_config=list(best[0]))
+    return out
+
+
+def table(results: list[dict], card: str) -> str:
+    lines = [
+        "| projection (N x K) | rows | floor µs | cuBLAS µs | cuBLAS / floor | Triton split-K µs | Triton / floor "
+        "| card |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        t = r.get("triton_us")
+        tri = f"{t:.1f} | {t / r['floor_us']:.2f}×" if t is not None else "— | —"
+        lines.append(
+            f"| {r['proj']} ({r['N']} x {r['K']}) | {r['rows']} | {r['floor_us']:.1f} | {r['cublas_us']:.1f} | "
+            f"{r['cublas_us'] / r['floor_us']:.2f}× | {tri} | {card} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="llama-8b")
+    ap.add_argument("--rows", default="1,8,32,64,128,256")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        ap.error("needs CUDA")
+    card = torch.cuda.get_device_name()
+    bandwidth = copy_bandwidth()
+    print(f"{card}: copy bandwidth {bandwidth / 1e9:.0f} GB/s", file=sys.stderr)
+    results = measure(args.model, [int(r) for r in args.rows.split(",")], bandwidth)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"card": card, "copy_bw_GBps": bandwidth / 1e9, "results": results}, f, indent=2)
+    print(table(results, card))
+
+
+if __name__ == "__main__":
+    main()
