@@ -11,8 +11,10 @@ mkdir -p "$OUT"
 export PYTHONPATH=".:.gpu_site:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 ACB_COMMIT=${ACB_COMMIT:-unknown}
 log="$OUT/session.log"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader >"$log" 2>&1
-timeout 200 python -m bench.gemm --model llama-8b --rows 1,8,16,32,64,128,256 --json "$OUT/gemm.json" \
-    >>"$log" 2>"$OUT/gemm.log"
+for tp in 1 2; do
+    timeout 120 python -m bench.gemm --model llama-8b --tp $tp --rows 1,8,16,32,64,128,256 --json "$OUT/gemm-tp$tp.json" \
+        >>"$log" 2>"$OUT/gemm-tp$tp.log"
+done
 timeout 150 python -m bench.run --no-progress --workloads W-side --modes async --kernels 25 --step-kinds \
     --json "$OUT/side-kernels.json" >"$OUT/side-kernels.log" 2>&1
 grep -v "^\[W" "$OUT/side-kernels.log" | head -45 >>"$log"

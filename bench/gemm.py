@@ -8,6 +8,7 @@ inside a CUDA graph, cycling through enough copies of the weight that none is se
 candidate against ``F.linear`` (fp32 accumulation; bf16 results within rounding)::
 
     python -m bench.gemm --model llama-8b --rows 1,8,32,64,128,256 --json out.json
+    python -m bench.gemm --model llama-8b --tp 2 ...     # one rank's shapes at TP=2 (half-width projections)
 
 The candidate (``skinny_linear``) is an experiment, not used by the engine: it moves into ``acb/kernels`` only if
 this table shows it beating cuBLAS where decode steps spend their time.
@@ -86,19 +87,21 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, config=CONFIGS[0], out: torc
     return out
 
 
-def projections(model: str) -> dict[str, tuple[int, int]]:
-    """``{name: (N, K)}`` of a decode step's projections, as the lean path fuses them (Q/K/V and gate/up)."""
+def projections(model: str, tp: int = 1) -> dict[str, tuple[int, int]]:
+    """``{name: (N, K)}`` of a decode step's projections, as the lean path fuses them (Q/K/V and gate/up), on one
+    rank of ``tp``: column-parallel ones (Q/K/V, gate/up, the LM head) keep ``N / tp`` rows of weights, row-parallel
+    ones (O, down) ``K / tp`` columns."""
     from .workloads import build_model
 
     cfg = build_model(model, device="meta").config
     hidden, heads, kv = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
     dim = getattr(cfg, "head_dim", None) or hidden // heads
     return {
-        "qkv": ((heads + 2 * kv) * dim, hidden),
-        "o": (hidden, heads * dim),
-        "gate_up": (2 * cfg.intermediate_size, hidden),
-        "down": (hidden, cfg.intermediate_size),
-        "lm_head": (cfg.vocab_size, hidden),
+        "qkv": ((heads + 2 * kv) * dim // tp, hidden),
+        "o": (hidden, heads * dim // tp),
+        "gate_up": (2 * cfg.intermediate_size // tp, hidden),
+        "down": (hidden, cfg.intermediate_size // tp),
+        "lm_head": (-(-cfg.vocab_size // tp), hidden),
     }
 
 
@@ -122,13 +125,14 @@ def _time(fn, calls: int) -> float:
     return sorted(times)[2]
 
 
-def measure(model: str, rows: list[int], bandwidth: float) -> list[dict]:
+def measure(model: str, rows: list[int], bandwidth: float, tp: int = 1) -> list[dict]:
     results = []
-    for name, (n, k) in projections(model).items():
+    for name, (n, k) in projections(model, tp).items():
         copies = max(2, -(-256 * 2**20 // (n * k * 2)))  # > 256 MiB in all: L2 (50-60 MB) never holds the next one
         weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
         for m in rows:
-            row = {"model": model, "proj": name, "N": n, "K": k, "rows": m, "floor_us": n * k * 2 / bandwidth * 1e6}
+            row = {"model": model, "tp": tp, "proj": name, "N": n, "K": k, "rows": m,
+                   "floor_us": n * k * 2 / bandwidth * 1e6}  # fmt: skip
             row.update(_shape(weights, m))
             results.append(row)
             line = f"{name} {n}x{k} rows {m}: floor {row['floor_us']:.1f} µs, cuBLAS {row['cublas_us']:.1f}"
@@ -166,16 +170,16 @@ def _shape(weights: list[torch.Tensor], m: int) -> dict:
 
 def table(results: list[dict], card: str) -> str:
     lines = [
-        "| projection (N x K) | rows | floor µs | cuBLAS µs | cuBLAS / floor | Triton split-K µs | Triton / floor "
+        "| projection (N x K) | TP | rows | floor µs | cuBLAS µs | cuBLAS / floor | Triton split-K µs | Triton / floor "
         "| card |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         t = r.get("triton_us")
         tri = f"{t:.1f} | {t / r['floor_us']:.2f}×" if t is not None else "— | —"
         lines.append(
-            f"| {r['proj']} ({r['N']} x {r['K']}) | {r['rows']} | {r['floor_us']:.1f} | {r['cublas_us']:.1f} | "
-            f"{r['cublas_us'] / r['floor_us']:.2f}× | {tri} | {card} |"
+            f"| {r['proj']} ({r['N']} x {r['K']}) | {r['tp']} | {r['rows']} | {r['floor_us']:.1f} | "
+            f"{r['cublas_us']:.1f} | {r['cublas_us'] / r['floor_us']:.2f}× | {tri} | {card} |"
         )
     return "\n".join(lines)
 
@@ -184,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="llama-8b")
     ap.add_argument("--rows", default="1,8,32,64,128,256")
+    ap.add_argument("--tp", type=int, default=1, help="one rank's share of each projection at this tensor parallelism")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -191,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     card = torch.cuda.get_device_name()
     bandwidth = copy_bandwidth()
     print(f"{card}: copy bandwidth {bandwidth / 1e9:.0f} GB/s", file=sys.stderr)
-    results = measure(args.model, [int(r) for r in args.rows.split(",")], bandwidth)
+    results = measure(args.model, [int(r) for r in args.rows.split(",")], bandwidth, args.tp)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"card": card, "copy_bw_GBps": bandwidth / 1e9, "results": results}, f, indent=2)
