@@ -63,6 +63,11 @@ class StepHandle:
     future: concurrent.futures.Future[StepResult]
 
 
+# CUDA graphs of engines whose steps could not settle (a hung step, a dead tensor-parallel peer): never destroyed,
+# since destroying them waits for a device that may never finish; the process's exit frees them.
+_ABANDONED: list = []
+
+
 class StepWorker:
     """One thread that runs submitted calls in submission order: the CPU's equivalent of a CUDA stream.
 
@@ -204,10 +209,16 @@ class ModelRunner:
         would keep this engine's cache allocated, and the next engine on the same model would size its own cache
         from what is left."""
         finished = self._worker.shutdown(timeout)
-        if self.graphs is not None and finished:  # before the process group: graphs hold its captured collectives
+        # A tensor-parallel peer that died may have left this GPU's stream inside a collective forever: destroying
+        # graphs (or anything else that waits for the device) could then block, so they are left to the process's
+        # exit.
+        settled = finished and (self.tp is None or not self.tp.failed)
+        if self.graphs is not None and settled:  # before the process group: graphs hold its captured collectives
             self.graphs.release()
-        if self.mixed is not None and finished:
+        if self.mixed is not None and settled:
             self.mixed.release()
+        if not settled:  # kept referenced: a graph's destructor waits for the device too
+            _ABANDONED.extend(g for g in (self.graphs, self.mixed) if g is not None)
         self.graphs = self.mixed = None
         if self.tp is not None:
             self.tp.stop()

@@ -389,3 +389,29 @@ def test_a_shard_read_from_files_equals_the_shard_of_the_loaded_model(tmp_path):
                     assert (x is None and y is None) or torch.equal(x, y), (arch, rank, f)
             assert torch.equal(want.embed, got.embed) and torch.equal(want.lm_head, got.lm_head), arch
             assert torch.equal(want.rotary[0].cos, got.rotary[0].cos) and want.embed_scale == got.embed_scale
+
+
+def test_closing_after_a_lost_peer_leaves_the_graphs_alone():
+    """A dead tensor-parallel peer may leave the GPU inside a collective forever: closing must not release (or drop,
+    whose destructor waits just the same) the CUDA graphs; with healthy peers it releases them first."""
+    from types import SimpleNamespace
+
+    from acb import runner
+
+    def fake(failed):
+        released, stopped = [], []
+        graphs = SimpleNamespace(release=lambda: released.append("graphs"))
+        r = SimpleNamespace(
+            _worker=SimpleNamespace(shutdown=lambda timeout: True), graphs=graphs, mixed=None,
+            tp=SimpleNamespace(failed=failed, stop=lambda: stopped.append(True)), lean=None, kv_cache=None,
+            generic=None, closed=False,
+        )  # fmt: skip
+        return r, graphs, released, stopped
+
+    r, graphs, released, stopped = fake("tensor-parallel worker 1 exited with code -9")
+    assert runner.ModelRunner.close(r, timeout=0) is True
+    assert released == [] and stopped == [True] and r.graphs is None and graphs in runner._ABANDONED
+    runner._ABANDONED.remove(graphs)
+    r, graphs, released, stopped = fake(None)
+    runner.ModelRunner.close(r, timeout=0)
+    assert released == ["graphs"] and stopped == [True] and graphs not in runner._ABANDONED
