@@ -90,8 +90,9 @@ class EngineConfig:
     mixed_graphs: bool = False
     """Piecewise CUDA graphs for the steps that start prompts (lean path, one GPU; :mod:`acb.mixed_graphs`): each
     layer's work between two attentions is one replay per token bucket, attention runs eagerly between. Off by
-    default until it is measured on a card (issue 12); the graphs take GPU memory of their own (static buffers per
-    bucket and the largest bucket's activations)."""
+    default: on an H200, W-share ran 5 % slower with them (its prompt steps are large and compute-bound, docs/
+    benchmarks.md); the graphs take GPU memory of their own (static buffers per bucket and the largest bucket's
+    activations)."""
     tensor_parallel_size: int = 1
     """Split the model over this many processes (one GPU each on CUDA; gloo on the CPU): the engine's process runs
     rank 0, acb starts the others (``spawn``: build the engine under ``if __name__ == "__main__":``). Needs the lean
