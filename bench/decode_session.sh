@@ -5,12 +5,7 @@
 #   2. W-side (32 rows) and W-share with the kernel profile grouped by kind (GEMM, attention, fused small kernels,
 #      sampling, other) and GPU time per kind of step.
 # Logs and JSON under $OUT. Build and carry .gpu_site (bench/gpu_site.sh) as for the other session scripts.
-set -u
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-export PYTHONPATH=".:.gpu_site:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 ACB_COMMIT=${ACB_COMMIT:-unknown}
-log="$OUT/session.log"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader >"$log" 2>&1
+. bench/session_env.sh
 for tp in 1 2; do
     timeout 120 python -m bench.gemm --model llama-8b --tp $tp --rows 1,8,16,32,64,128,256 --json "$OUT/gemm-tp$tp.json" \
         >>"$log" 2>"$OUT/gemm-tp$tp.log"

@@ -8,12 +8,7 @@
 # first call, STEPS=4 in a second.
 # pytest-asyncio, fastapi, uvicorn and httpx are not on the card's image: build .gpu_site with bench/gpu_site.sh and
 # carry it (see shared/gpu.md).
-set -u
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-export PYTHONPATH=".:.gpu_site:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 ACB_COMMIT=${ACB_COMMIT:-unknown}
-log="$OUT/session.log"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader >"$log" 2>&1
+. bench/session_env.sh
 step() {
     case $1 in
     1) timeout "${T1:-240}" python -m pytest -v -p no:cacheprovider --durations=8 tests/gpu/test_engine_cuda.py -k mixed \

@@ -10,12 +10,8 @@
 # test that runs longer than 100 s writes its stacks to $OUT/<tests>/stacks.log. Each run prints GPU time per kind
 # of step (--step-kinds).
 # pytest-asyncio is not on the card's image: carry its unzipped wheel as .gpu_site (see shared/gpu.md).
-set -u
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT" /tmp/diag
-export PYTHONPATH=".:.gpu_site:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 ACB_COMMIT=${ACB_COMMIT:-unknown}
-log="$OUT/session.log"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader >"$log" 2>&1
+. bench/session_env.sh
+mkdir -p /tmp/diag
 cat >/tmp/diag/sitecustomize.py <<'PY'
 import faulthandler, os
 if os.environ.get("DUMP_AFTER"):
