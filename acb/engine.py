@@ -355,13 +355,12 @@ class Engine(Stages):
     def step_shapes(self) -> list[tuple[int, int, bool]]:
         """Beside each of :meth:`step_intervals`: the (sub-)step's rows, tokens, and whether it replayed a decode
         CUDA graph (benchmarks split GPU time by kind of step with it)."""
-        return list(self._runner.step_shapes)
+        return self._runner.step_shapes()
 
     def clear_step_timing(self) -> None:
         """Forget the step intervals recorded so far (a benchmark's warm-up)."""
         if self._runner.step_events is not None:
             self._runner.step_events.clear()
-            self._runner.step_shapes.clear()
 
     def stats(self) -> EngineStats:
         """Where every live request is: each counted in exactly one of running, waiting and pending."""

@@ -189,10 +189,11 @@ class ModelRunner:
         self.closed = False
         self._worker = StepWorker("acb-step")
         self._staged: dict[str, torch.Tensor] | None = None  # device views of the step being run (worker only)
-        # (start, end) CUDA events of every step's GPU work, for the idle-fraction measurement of the benchmarks
-        self.step_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = [] if record_timing else None
-        # beside each: the (sub-)step's (rows, tokens, replayed a decode graph), to split GPU time by kind of step
-        self.step_shapes: list[tuple[int, int, bool]] = []
+        # (start, end, shape) of every (sub-)step's GPU work, for the benchmarks' idle fraction: CUDA events, and
+        # (rows, tokens, replayed a decode graph) to split GPU time by kind of step
+        self.step_events: list[tuple[torch.cuda.Event, torch.cuda.Event, tuple[int, int, bool]]] | None = (
+            [] if record_timing else None
+        )
         self._trace_from: int | None = None  # index into step_events (CUDA) where a trace started
         self._trace_ref: tuple[torch.cuda.Event, float] | None = None
         self._cpu_spans: list[tuple[float, float]] | None = None  # worker compute spans (CPU) while tracing
@@ -252,7 +253,7 @@ class ModelRunner:
             return []
         ref, t_ref = self._trace_ref
         out = []
-        for start, end in self.step_events[self._trace_from :]:
+        for start, end, _ in self.step_events[self._trace_from :]:
             end.synchronize()
             out.append((t_ref + ref.elapsed_time(start) / 1e3, t_ref + ref.elapsed_time(end) / 1e3))
         self._trace_ref = None
@@ -267,10 +268,14 @@ class ModelRunner:
         first = events[0][0]
         first.synchronize()
         out = []
-        for start, end in events:
+        for start, end, _ in events:
             end.synchronize()
             out.append((first.elapsed_time(start), first.elapsed_time(end)))
         return out
+
+    def step_shapes(self) -> list[tuple[int, int, bool]]:
+        """Beside each of :meth:`step_intervals`: the (sub-)step's rows, tokens, and whether it replayed a graph."""
+        return [shape for _, _, shape in self.step_events or []]
 
     def _execute(self, b: StepBatch) -> StepResult:
         if self._cpu_spans is None:
@@ -434,8 +439,7 @@ class ModelRunner:
         if start is not None:
             end = torch.cuda.Event(enable_timing=True)
             end.record()
-            self.step_events.append((start, end))
-            self.step_shapes.append(shape)
+            self.step_events.append((start, end, shape))
 
     def _finish(self, tokens: torch.Tensor, logprobs: torch.Tensor | None, top: Top | None) -> StepResult:
         """Start the copy of a step's samples to the host, and mark the step's end with an event after it."""
