@@ -232,9 +232,10 @@ def kernel_category(name: str) -> str:
 
 @contextlib.contextmanager
 def kernel_profile(top: int):
-    """Profile the GPU kernels run inside the block (CUDA, ``top`` > 0): yields a list that is filled afterwards
-    with the ``top`` kernels by total GPU time, ``{"name", "calls", "gpu_ms"}``, and prints them."""
-    found: list[dict] = []
+    """Profile the GPU kernels run inside the block (CUDA, ``top`` > 0): yields a dict that is filled afterwards
+    with GPU ms per :func:`kernel_category` (``"categories"``) and the ``top`` kernels by total GPU time
+    (``"top"``: ``{"name", "calls", "gpu_ms"}``), and prints both."""
+    found: dict = {}
     if top <= 0 or not torch.cuda.is_available():
         yield found
         return
@@ -251,13 +252,16 @@ def kernel_profile(top: int):
             t[1] += e.time_range.elapsed_us() / 1e3
     everything = sum(t[1] for t in totals.values())
     print(f"GPU kernel time: {everything:.1f} ms in {sum(t[0] for t in totals.values())} kernels", file=sys.stderr)
-    by_category: dict[str, float] = {}
+    categories: dict[str, float] = {}
     for name, (_, ms) in totals.items():
-        by_category[kernel_category(name)] = by_category.get(kernel_category(name), 0.0) + ms
-    for category, ms in sorted(by_category.items(), key=lambda kv: -kv[1]):
+        category = kernel_category(name)
+        categories[category] = categories.get(category, 0.0) + ms
+    found["categories"] = dict(sorted(categories.items(), key=lambda kv: -kv[1]))
+    for category, ms in found["categories"].items():
         print(f"  {ms:10.1f} ms {100 * ms / everything:5.1f} %  [{category}]", file=sys.stderr)
+    found["top"] = []
     for name, (calls, ms) in sorted(totals.items(), key=lambda kv: -kv[1][1])[:top]:
-        found.append({"name": name, "calls": calls, "gpu_ms": ms})
+        found["top"].append({"name": name, "calls": calls, "gpu_ms": ms})
         print(f"  {ms:10.1f} ms {100 * ms / everything:5.1f} % {calls:8d}  {name[:110]}", file=sys.stderr)
 
 
