@@ -140,18 +140,17 @@ class MixedGraphs:
         bk = next(b for b in self.buckets if b.tokens >= tokens)
         bk.ids[:tokens].copy_(x.input_ids)
         bk.rows[:rows].copy_(x.logits_idx)
-        run = bk.graphs.__getitem__ if self.capture else None
         lean = self.lean
         for j, lw in enumerate(lean.layers):
-            if run is not None:
-                run(j).replay()
+            if self.capture:
+                bk.graphs[j].replay()
             else:
                 self._piece(bk, j)
             q, k, v = bk.outs[j]
             lean._attend(j, lw, q[:tokens], k[:tokens], v[:tokens], x, out=bk.attn[:tokens])
         head = next(r for r in self.row_buckets if r >= rows)
-        if run is not None:
-            run(len(lean.layers)).replay()
+        if self.capture:
+            bk.graphs[len(lean.layers)].replay()
             bk.heads[head].replay()
         else:
             self._piece(bk, len(lean.layers))
