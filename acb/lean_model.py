@@ -136,6 +136,8 @@ class LeanCausalLM:
         if residual is None:
             residual = h.clone()
             normed = self._norm(h, None, lw.ln1)
+        elif self._partial(i - 1):
+            normed = self._reduce_norm(h, residual, lw.ln1)
         else:
             normed = self._norm(h, residual, lw.ln1)
         t = normed.shape[0]
@@ -155,25 +157,45 @@ class LeanCausalLM:
 
     def after_attention(self, i: int, o: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """Layer ``i`` from attention's output ``o`` ``[T, heads * head_dim]``: the output projection and the MLP
-        (``residual`` takes the attention's contribution in place); returns the MLP's output."""
+        (``residual`` takes the attention's contribution in place); returns the MLP's output. Under tensor
+        parallelism each rank's heads and MLP columns give partial sums: the attention's is summed here (with the
+        norm after it, :meth:`_reduce_norm`), the MLP's by whatever reads it next (the next layer's first norm, or
+        :meth:`head`) unless a post-MLP norm needs it whole here (:meth:`_partial`)."""
         lw, norm = self.layers[i], self._norm
         attn = F.linear(o, lw.o_w)
-        if self.group is not None:  # each rank's heads: a partial sum
-            self.group.all_reduce(attn)
         if lw.post_attn_norm is not None:
-            attn = norm(attn, None, lw.post_attn_norm)
-        normed = norm(attn, residual, lw.ln2)
+            if self.group is not None:
+                self.group.all_reduce(attn)
+            normed = norm(norm(attn, None, lw.post_attn_norm), residual, lw.ln2)
+        elif self.group is not None:
+            normed = self._reduce_norm(attn, residual, lw.ln2)
+        else:
+            normed = norm(attn, residual, lw.ln2)
         h = F.linear(self._gate(F.linear(normed, lw.gate_up_w)), lw.down_w)
-        if self.group is not None:  # each rank's MLP columns: a partial sum
-            self.group.all_reduce(h)
         if lw.post_mlp_norm is not None:
+            if self.group is not None:
+                self.group.all_reduce(h)
             h = norm(h, None, lw.post_mlp_norm)
         return h
+
+    def _partial(self, i: int) -> bool:
+        """Whether layer ``i``'s MLP output (what :meth:`after_attention` returns) is still a per-rank partial sum."""
+        return self.group is not None and self.layers[i].post_mlp_norm is None
+
+    def _reduce_norm(self, x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Sum ``x`` over the ranks, add it into ``residual``, RMSNorm: one kernel where the one-shot all-reduce
+        takes it (CUDA, small steps), else the sum then :attr:`_norm`."""
+        normed = self.group.all_reduce_add_rmsnorm(x, residual, w, self.eps) if self.on_cuda else None
+        if normed is None:
+            normed = self._norm(self.group.all_reduce(x), residual, w)
+        return normed
 
     def head(self, h: torch.Tensor, residual: torch.Tensor, logits_idx: torch.Tensor | None) -> torch.Tensor:
         """The last residual add, the final norm and the LM head, for the rows ``logits_idx`` (None: all)."""
         if logits_idx is not None:
             h, residual = h[logits_idx], residual[logits_idx]
+        if self._partial(len(self.layers) - 1):  # the rows the head reads, summed over the ranks
+            h = self.group.all_reduce(h.contiguous())
         logits = F.linear(self._norm(h, residual, self.norm), self.lm_head)
         if self.group is not None:  # each rank has its slice of the vocabulary
             logits = self.group.all_gather_last(logits)[:, : self.vocab_size]

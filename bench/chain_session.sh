@@ -5,7 +5,7 @@
 . bench/session_env.sh
 timeout "${T_CHAIN:-240}" python -m bench.chain --tp 1,2 --rows 8,32 --json "$OUT/chain.json" >"$OUT/chain.log" 2>&1
 if [ -n "${SERVE:-1}" ]; then
-    VIA=http RATES=${RATES:-16,32,64,inf} STEPS=4 T4=${T4:-320} bash bench/serving_session.sh >/dev/null
+    VIA=${VIA:-http} RATES=${RATES:-16,32,64,inf} STEPS=4 T4=${T4:-320} bash bench/serving_session.sh >/dev/null
     cat "$OUT/session.log"
 fi
 grep -v "^\[W" "$OUT/chain.log" | tail -45

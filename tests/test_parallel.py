@@ -37,7 +37,8 @@ async def _run(engine: Engine, prompts, n: int):
 
 
 @pytest.mark.parametrize(
-    "arch, overlap, steps", [("llama", True, 1), ("llama", False, 4), ("qwen2", True, 4), ("qwen3", False, 1)]
+    "arch, overlap, steps",
+    [("llama", True, 1), ("llama", False, 4), ("qwen2", True, 4), ("qwen3", False, 1), ("gemma3", True, 1)],
 )
 async def test_two_ranks_give_one_ranks_tokens_and_generates(arch, overlap, steps, make_model, tokenizer):
     model, ref = make_model(arch, seed=5)
@@ -277,7 +278,7 @@ async def test_a_meta_model_serves_with_random_weights_on_every_rank(tokenizer):
 
 _ONE_SHOT = """
 import torch
-from acb.kernels.one_shot import one_shot, one_shot_push
+from acb.kernels.one_shot import one_shot, one_shot_push, one_shot_push_norm
 
 W, n, BLOCK, words = 2, 3000, 1024, 128  # 3 programs; 64 programs x 2 ranks of flags
 P, slot = 3, n * 4
@@ -303,6 +304,33 @@ for kernel, parts in ((one_shot, 1), (one_shot_push, W)):
     # rank 0 is gone: rank 1's next call waits for a signal that never comes, until the abort word is set
     abort[0] = 1
     kernel[(P,)](xs[1].clone(), n, bases, counters[1], words * 8, slot, RANK=1, WORLD=W, BLOCK=BLOCK, SPIN=2**31 - 1)
+
+# the push sum fused with the residual add and RMSNorm: rows of 1,000 (a padded block), one row per program
+rows, cols = P, n // P
+bufs = [torch.zeros(words + 2 * W * slot // 8, dtype=torch.int64) for _ in range(W)]
+abort = torch.zeros(1, dtype=torch.int32)
+bases = torch.tensor([b.data_ptr() for b in bufs] + [abort.data_ptr()], dtype=torch.int64)
+counters = [torch.zeros(64, dtype=torch.int64) for _ in range(W)]
+g = 1 + 0.1 * torch.randn(cols)
+for epoch in (1, 2, 3):
+    xs = [torch.randn(rows, cols) for _ in range(W)]
+    res = torch.randn(rows, cols)
+    region = words + (epoch % 2) * W * slot // 8
+    for b in bufs:
+        b[region:].view(torch.float32)[:n] = xs[0].flatten()
+    bufs[1][:words].view(64, W)[:P, 0] = epoch
+    outs, resids = [None, None], [res.clone(), res.clone()]
+    for rank in (1, 0):
+        x = xs[rank].clone()
+        outs[rank] = torch.empty_like(x)
+        one_shot_push_norm[(P,)](x, resids[rank], g, outs[rank], rows, cols, 1e-6, bases, counters[rank], words * 8,
+                                 slot, RANK=rank, WORLD=W, BLOCK=1024, SPIN=100)
+        assert torch.equal(x, xs[rank])  # the input is left as it was
+    s = res + xs[0] + xs[1]
+    want = s * torch.rsqrt(s.pow(2).mean(1, keepdim=True) + 1e-6) * g
+    for rank in (0, 1):
+        assert torch.allclose(resids[rank], s, atol=1e-6) and torch.allclose(outs[rank], want, atol=1e-5), rank
+    assert torch.equal(outs[0], outs[1]) and counters[0][:P].tolist() == [epoch] * P
 print("ok")
 """
 
@@ -310,7 +338,8 @@ print("ok")
 def test_the_one_shot_all_reduce_kernel_sums_and_signals():
     """The one-shot all-reduce's kernels (pull and push) under Triton's interpreter, two ranks played in turn in one
     process: each sums both ranks' inputs, signals its peer, and advances its epoch; three calls alternate the
-    regions; a wait for a peer that never signals ends once the abort word is set."""
+    regions; a wait for a peer that never signals ends once the abort word is set. The push sum fused with the
+    residual add and RMSNorm gives both ranks the same normed rows and residual."""
     import subprocess
     import sys
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["one_shot", "one_shot_push"]
+__all__ = ["one_shot", "one_shot_push", "one_shot_push_norm"]
 
 
 @triton.jit
@@ -84,4 +84,39 @@ def one_shot_push(X, n, BASES, COUNTER, flag_bytes, slot_bytes, RANK: tl.constex
             part = (mine + r * slot_bytes).to(tl.pointer_type(ty))
             acc += tl.load(part + offs, mask=m, other=0.0, volatile=True).to(tl.float32)
         tl.store(X + offs, acc.to(ty), mask=m)
+    tl.store(COUNTER + pid, epoch)
+
+
+@triton.jit
+def one_shot_push_norm(X, R, G, OUT, rows, cols, eps, BASES, COUNTER, flag_bytes, slot_bytes, RANK: tl.constexpr,
+                       WORLD: tl.constexpr, BLOCK: tl.constexpr, SPIN: tl.constexpr):  # fmt: skip
+    """:func:`one_shot_push`'s sum of ``X [rows, cols]`` followed by the residual add and RMSNorm of
+    :func:`acb.kernels.fused.add_rmsnorm`, in one kernel: ``R += sum`` (in place), ``OUT = RMSNorm(R) * G``; ``X``
+    is left as it was. The roundings are the two kernels': the sum is rounded to X's dtype before the add. Each
+    program pushes and sums whole rows (``pid``, ``pid + programs``, ...), so the barrier it passes covers every row
+    it normalizes; every program runs every call, rows or not, so that the epochs stay in step."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    epoch = tl.load(COUNTER + pid) + 1
+    region = flag_bytes + (epoch % 2) * WORLD * slot_bytes
+    ty = X.dtype.element_ty
+    c = tl.arange(0, BLOCK)
+    m = c < cols
+    for row in range(pid, rows, programs):
+        x = tl.load(X + row * cols + c, mask=m)
+        for r in tl.static_range(WORLD):
+            dst = (tl.load(BASES + r) + region + RANK * slot_bytes).to(tl.pointer_type(ty))
+            tl.store(dst + row * cols + c, x, mask=m)
+    _barrier(BASES, pid, epoch, RANK, WORLD, SPIN)
+    mine = tl.load(BASES + RANK) + region
+    for row in range(pid, rows, programs):
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for r in tl.static_range(WORLD):  # rank order: every rank adds the same numbers in the same order
+            part = (mine + r * slot_bytes).to(tl.pointer_type(ty))
+            acc += tl.load(part + row * cols + c, mask=m, other=0.0, volatile=True).to(tl.float32)
+        x = acc.to(ty).to(tl.float32) + tl.load(R + row * cols + c, mask=m, other=0.0).to(tl.float32)
+        tl.store(R + row * cols + c, x.to(R.dtype.element_ty), mask=m)
+        y = x * tl.rsqrt(tl.sum(x * x, 0) / cols + eps)
+        w = tl.load(G + c, mask=m, other=0.0)
+        tl.store(OUT + row * cols + c, (y.to(G.dtype.element_ty) * w).to(OUT.dtype.element_ty), mask=m)
     tl.store(COUNTER + pid, epoch)

@@ -151,5 +151,29 @@ class OneShot:
                             RANK=self.rank, WORLD=self.world, BLOCK=_BLOCK, SPIN=_SPIN)  # fmt: skip
         return t
 
+    def add_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """``x`` summed over the ranks, added into ``residual`` (in place), RMSNorm'd with ``weight``: one kernel
+        for the all-reduce and the norm after it (``push`` mode; ``x`` as :meth:`fits` takes, ``residual`` the same
+        shape and contiguous). Returns the normed rows; ``x`` keeps this rank's part."""
+        from ..kernels import one_shot
+
+        rows, cols = x.shape
+        out = torch.empty_like(x)
+        one_shot.one_shot_push_norm[(_MAX_PROGRAMS,)](
+            x, residual, weight, out, rows, cols, eps, self._bases, self._counter, self._flag_words * 8,
+            self._slot_bytes, RANK=self.rank, WORLD=self.world, BLOCK=1 << (cols - 1).bit_length(), SPIN=_SPIN,
+            num_warps=8 if cols >= 4096 else 4,
+        )  # fmt: skip
+        return out
+
+    def fits_norm(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
+        """Whether :meth:`add_rmsnorm` takes these: push mode, rows no wider than :data:`MAX_NORM_COLS`."""
+        return (self.mode == "push" and x.dim() == 2 and x.shape[1] <= MAX_NORM_COLS and self.fits(x)
+                and residual.is_contiguous() and residual.shape == x.shape)  # fmt: skip
+
+
+MAX_NORM_COLS = 16384
+"""The widest row :meth:`OneShot.add_rmsnorm` normalizes in one program (a hidden size)."""
+
 
 _TL = (torch.bfloat16, torch.float16, torch.float32)
