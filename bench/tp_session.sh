@@ -4,7 +4,7 @@
 #      which picks the variant (or NCCL) for the runs below;
 #   2. in parallel: tests/gpu/test_parallel_cuda.py on GPUs 0-1; W-tp (llama-8b, TP=1 then TP=2) on GPUs 2-3;
 #   3. W-tp70: the llama-70b shape at TP=4.
-# PART=pair: a machine of 2 GPUs (the TP tests, then W-tp TP=1 vs TP=2 with --kernels 30).
+# PART=pair: a machine of 2 GPUs (W-tp TP=1 vs TP=2, KERNELS=N for a profile; then the TP tests, TESTS_K filters).
 # PART=rest instead: W-tp at TP=2 with NCCL only (the one-shot sums' A/B) on GPUs 0-1, and the other tests/gpu files
 # on GPUs 2 and 3 (a second call).
 # Every benchmark process dumps its threads' stacks if it is still running after DUMP_AFTER seconds (a hang); every
@@ -28,17 +28,17 @@ tdump() { mkdir -p "$OUT/$1" && echo "ACB_TEST_DUMP_S=100 ACB_TEST_DUMP_DIR=$OUT
 choice() {  # the all-reduce bench's pick; push (measured best on 2026-11-27) when it did not run
     [ -f "$1" ] || { echo push; return; }
     python -c "import json; print(json.load(open('$1'))['choice'])" 2>/dev/null || echo nccl; }
-if [ "${PART:-}" = pair ]; then  # a machine of 2 GPUs: the TP tests, then W-tp TP=1 vs TP=2 with a kernel profile
+if [ "${PART:-}" = pair ]; then  # a machine of 2 GPUs: W-tp TP=1 vs TP=2, then the TP tests (TESTS_K: pytest -k)
+    CUDA_VISIBLE_DEVICES=0,1 with_dump 170 timeout 200 python -m bench.run --no-progress --workloads W-tp \
+        --step-kinds ${KERNELS:+--kernels $KERNELS} --modes "async,async[tensor_parallel_size=2]" \
+        --json "$OUT/tp.json" >"$OUT/tp.log" 2>&1
+    grep -v "^\[W\|^frame #" "$OUT/tp.log" | tail -90 >>"$log"
     (
         CUDA_VISIBLE_DEVICES=0,1 env $(tdump parallel) timeout "${T_TESTS:-330}" python -m pytest -q \
-            -p no:cacheprovider tests/gpu/test_parallel_cuda.py >"$OUT/t-parallel.log" 2>&1
+            -p no:cacheprovider tests/gpu/test_parallel_cuda.py -k "${TESTS_K:-}" >"$OUT/t-parallel.log" 2>&1
         echo "exit $?" >>"$OUT/t-parallel.log"
     )
     echo "== tests: $(grep -E 'passed|failed' "$OUT/t-parallel.log" | tail -1) $(tail -1 "$OUT/t-parallel.log")" >>"$log"
-    CUDA_VISIBLE_DEVICES=0,1 with_dump 170 timeout 200 python -m bench.run --no-progress --workloads W-tp \
-        --step-kinds --kernels 30 --modes "async,async[tensor_parallel_size=2]" --json "$OUT/tp.json" \
-        >"$OUT/tp.log" 2>&1
-    grep -v "^\[W\|^frame #" "$OUT/tp.log" | tail -90 >>"$log"
     cat "$log"
     exit 0
 fi
