@@ -12,7 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
-from collections import deque
+import heapq
 from collections.abc import Callable
 from collections.abc import Sequence as SequenceABC
 from typing import TypeVar
@@ -216,19 +216,26 @@ def _check_unicode(text: str, what: str) -> None:
 
 
 class AdmissionQueue:
-    """Admitted requests waiting for a scheduler slot, in arrival order, and the submitters waiting for room in it
-    (at most ``max_pending`` queue; each waiting submitter holds a future that wakes it, first come first served).
+    """Admitted requests waiting for a scheduler slot, and the submitters waiting for room in it (at most
+    ``max_pending`` queue; each waiting submitter holds a future that wakes it, first come first served).
 
-    Items are the engine's request states (anything hashable with a ``queued`` flag); loop thread only."""
+    ``order`` (:attr:`acb.config.EngineConfig.admission_order`): which queued request :meth:`take` gives first, the
+    oldest (``"arrival"``) or the one allowed the most output tokens (``"longest_first"``, ties oldest first).
+    Items are the engine's request states (anything hashable with a ``queued`` flag and a ``seq`` with ``arrival``,
+    ``max_len`` and ``num_prompt``); loop thread only. A removed request leaves its heap entry behind, skipped when
+    it comes up."""
 
-    def __init__(self, max_pending: int) -> None:
+    def __init__(self, max_pending: int, order: str = "arrival") -> None:
         self.max_pending = max_pending
-        self._queued: deque = deque()
+        self._longest_first = order == "longest_first"
+        self._heap: list[tuple[int, int, int, object]] = []  # (key, arrival, put number, state)
+        self._count = 0
+        self._puts = 0
         self._blocked: dict[object, object] = {}  # state -> its waiter (aio.Loop.waiter)
 
     @property
     def num_queued(self) -> int:
-        return len(self._queued)
+        return self._count
 
     @property
     def num_blocked(self) -> int:
@@ -237,7 +244,7 @@ class AdmissionQueue:
     async def wait_for_room(self, state, loop: aio.Loop, still_wanted: Callable[[], None]) -> None:
         """Wait until the queue has room for ``state`` (or it was removed); ``still_wanted`` raises when the wait
         should end with an error (the engine closing)."""
-        while not state.closed and len(self._queued) >= self.max_pending:
+        while not state.closed and self._count >= self.max_pending:
             woken = loop.waiter()
             self._blocked[state] = woken
             try:
@@ -248,15 +255,22 @@ class AdmissionQueue:
 
     def put(self, state) -> None:
         state.queued = True
-        self._queued.append(state)
+        seq = state.seq
+        key = -(seq.max_len - seq.num_prompt) if self._longest_first else 0
+        self._puts += 1
+        heapq.heappush(self._heap, (key, seq.arrival, self._puts, state))
+        self._count += 1
 
     def take(self, n: int) -> list:
-        """Up to ``n`` requests, oldest first, for the scheduler."""
+        """Up to ``n`` requests for the scheduler, in the queue's order."""
         out = []
-        queued = self._queued
-        while n > 0 and queued:
-            state = queued.popleft()
+        heap = self._heap
+        while n > 0 and heap:
+            state = heapq.heappop(heap)[3]
+            if not state.queued:
+                continue  # removed while queued
             state.queued = False
+            self._count -= 1
             out.append(state)
             n -= 1
         if out and self._blocked:
@@ -270,8 +284,11 @@ class AdmissionQueue:
             woken.set_result(None)
         was_queued = state.queued
         if was_queued:
-            state.queued = False
-            self._queued.remove(state)
+            state.queued = False  # its heap entry is skipped by take(), or dropped here once they pile up
+            self._count -= 1
+            if len(self._heap) > 2 * self._count + 1024:
+                self._heap = [e for e in self._heap if e[3].queued]
+                heapq.heapify(self._heap)
         if (was_queued or woken is not None) and self._blocked:
             self._wake()  # a place in the queue came free, or a woken waiter gave up its turn
 
@@ -283,7 +300,7 @@ class AdmissionQueue:
         """Wake waiting submitters, first come first served, as many as the queue has room for (those woken but not
         yet run hold their place)."""
         if room is None:
-            room = self.max_pending - len(self._queued)
+            room = self.max_pending - self._count
         for woken in self._blocked.values():
             if room <= 0:
                 break

@@ -107,7 +107,7 @@ class Engine(Stages):
         )
         self._live: dict[str, RequestState] = {}
         self._follows: dict[str, Sequence] = {}  # request id -> the sample it starts after (acb.choices)
-        self._queue = AdmissionQueue(config.max_pending)
+        self._queue = AdmissionQueue(config.max_pending, config.admission_order)
         self._steps = 0
         self._state = "new"
 

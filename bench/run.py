@@ -277,7 +277,10 @@ def parse_mode(mode: str) -> tuple[str, dict]:
         if value.lower() in ("true", "false"):
             overrides[key] = value.lower() == "true"
         else:
-            overrides[key] = float(value) if "." in value else int(value)
+            try:
+                overrides[key] = float(value) if "." in value else int(value)
+            except ValueError:  # a word: admission_order=longest_first
+                overrides[key] = value
     return base, overrides
 
 

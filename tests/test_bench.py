@@ -210,6 +210,10 @@ def test_modes_carry_engine_config_overrides_for_same_run_ab_rows():
         {"admission_group": 1, "overlap_depth": 3},
     )
     assert parse_mode("sync") == ("sync", {})
+    assert parse_mode("async[admission_order=longest_first,mixed_graphs=true,x=0.5]") == (
+        "async",
+        {"admission_order": "longest_first", "mixed_graphs": True, "x": 0.5},
+    )
     with pytest.raises(ValueError):
         parse_mode("fast")
 

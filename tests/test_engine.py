@@ -162,3 +162,40 @@ def test_the_cpu_path_imports_nothing_cuda_only():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("order", ["arrival", "longest_first"])
+async def test_admission_order_picks_who_takes_a_free_slot(order, make_model, tokenizer):
+    """One batch slot, held by a first request while five more queue (the longest of them cancelled while queued):
+    ``arrival`` starts them in submission order, ``longest_first`` by their ``max_new_tokens``, most first; every
+    request's tokens still equal ``generate``'s, and the cancelled one never runs."""
+    model, ref = make_model("llama", seed=6)
+    prompts = random_prompts(6, [7, 12, 5, 9, 20, 3], len(tokenizer), seed=6)
+    max_new = [12, 3, 9, 5, 14, 7]
+    expected = [reference_greedy(ref, p, n) for p, n in zip(prompts, max_new)]
+    config = EngineConfig(max_num_seqs=1, admission_group=1, admission_order=order)
+    finished = []
+    async with Engine(model, tokenizer, config) as engine:
+
+        async def one(i: int):
+            out = await engine.generate(prompts[i], SamplingParams(max_new_tokens=max_new[i], ignore_eos=True))
+            finished.append(i)
+            return out
+
+        first = engine.stream(prompts[0], SamplingParams(max_new_tokens=max_new[0], ignore_eos=True))
+        got = [await anext(first)]  # request 0 holds the slot
+        tasks = [asyncio.create_task(one(i)) for i in range(1, 6)]
+        await asyncio.sleep(0.05)  # all five queued behind it
+        tasks[3].cancel()  # request 4, the longest of them
+        got += [t async for t in first]
+        outs = await asyncio.gather(*tasks, return_exceptions=True)
+        assert engine.stats().kv_blocks_free == engine.stats().kv_blocks_total
+    assert isinstance(outs[3], asyncio.CancelledError)
+    assert finished == ([1, 2, 3, 5] if order == "arrival" else [2, 5, 3, 1])
+    assert [o.token_ids for i, o in enumerate(outs) if i != 3] == [expected[i] for i in (1, 2, 3, 5)]
+    assert [t.id for t in got] == expected[0]
+
+
+def test_admission_order_is_checked():
+    with pytest.raises(ValueError, match="admission_order"):
+        EngineConfig(admission_order="shortest")
