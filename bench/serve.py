@@ -6,19 +6,19 @@ under one second.
     python -m bench.serve --rates 2,4,8,16,inf --via engine,http --json r.json --markdown r.md --plot serve.png
     python -m bench.serve --model tiny --scale 0.02 --rates 20,inf     # CPU smoke run
 
-One engine serves every run (started once, warm), in one process; the server runs on the same event loop. TTFT
-counts from a request's scheduled arrival, so queueing at overload shows. Every figure names the card; compare
-rows of one run only.
+One engine serves every run (started once, warm); the OpenAI server runs on the engine's event loop, as under
+``acb serve``, and the HTTP client in a process of its own (:mod:`bench.http_client`). TTFT counts from a request's
+scheduled arrival, so queueing at overload shows. Every figure names the card; compare rows of one run only.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
+import concurrent.futures
 import json
 import math
-import random
+import multiprocessing
 import sys
 import time
 
@@ -26,6 +26,7 @@ import torch
 
 from acb import Engine, EngineConfig, SamplingParams
 
+from .http_client import Timing, arrival_times, drive, run_client
 from .metrics import LoopLag, percentile
 from .run import _commit, parse_mode
 from .workloads import WORKLOADS, build_model, make_requests, synthetic_tokenizer
@@ -35,28 +36,7 @@ __all__ = ["arrival_times", "serve_bench", "main"]
 TTFT_SLO_S = 1.0
 
 
-def arrival_times(n: int, rate: float, seed: int = 0) -> list[float]:
-    """Seconds after the start at which each of ``n`` requests arrives: a Poisson process of ``rate`` requests per
-    second (exponential gaps from a fixed seed); ``inf``: all at once."""
-    if math.isinf(rate):
-        return [0.0] * n
-    rng = random.Random(seed)
-    t, out = 0.0, []
-    for _ in range(n):
-        out.append(t)
-        t += rng.expovariate(rate)
-    return out
-
-
-@dataclasses.dataclass
-class _Timing:
-    ttft: list[float] = dataclasses.field(default_factory=list)
-    itl: list[float] = dataclasses.field(default_factory=list)
-    tokens: int = 0
-    failed: int = 0
-
-
-async def _via_engine(engine: Engine, prompt: list[int], new: int, arrival: float, t: _Timing) -> None:
+async def _via_engine(engine: Engine, prompt: list[int], new: int, arrival: float, t: Timing) -> None:
     last = None
     params = SamplingParams(max_new_tokens=new, ignore_eos=True)
     async for tok in engine.stream(prompt, params):
@@ -69,59 +49,19 @@ async def _via_engine(engine: Engine, prompt: list[int], new: int, arrival: floa
         t.tokens += tok.id is not None
 
 
-async def _via_http(client, prompt: list[int], new: int, arrival: float, t: _Timing) -> None:
-    body = {"prompt": prompt, "max_tokens": new, "stream": True, "ignore_eos": True, "temperature": 0,
-            "stream_options": {"include_usage": True}}  # fmt: skip
-    last = None
-    async with client.stream("POST", "/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            t.failed += 1
-            await r.aread()
-            return
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                t.failed += 1
-                continue
-            if chunk.get("usage"):  # the last chunk: how many tokens the request generated
-                t.tokens += chunk["usage"]["completion_tokens"]
-            if not chunk.get("choices"):
-                continue
-            now = time.perf_counter()  # a chunk per token that adds text (a partial character waits for the next)
-            if last is None:
-                t.ttft.append(now - arrival)
-            else:
-                t.itl.append(now - last)
-            last = now
-
-
-async def _one_run(engine: Engine, requests: list, rate: float, via: str, client, seed: int) -> dict:
-    times = arrival_times(len(requests), rate, seed)
-    timing = _Timing()
+async def _one_run(engine: Engine, requests: list, rate: float, via: str, port: int | None, seed: int) -> dict:
+    """One rate through one path. ``http``: the client runs in a process of its own (:mod:`bench.http_client`)
+    while this process's loop serves; the loop lag is this process's either way."""
     lag = LoopLag()
-    start = time.perf_counter()
-
-    async def fire(i: int) -> None:
-        arrival = start + times[i]
-        delay = arrival - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        prompt, new = requests[i]
-        try:
-            if via == "engine":
-                await _via_engine(engine, prompt, new, arrival, timing)
-            else:
-                await _via_http(client, prompt, new, arrival, timing)
-        except Exception as exc:  # counted and reported, never silently dropped
-            timing.failed += 1
-            print(f"request {i} failed: {exc!r}", file=sys.stderr)
-
     lag.start()
-    await asyncio.gather(*(fire(i) for i in range(len(requests))))
-    wall = time.perf_counter() - start
+    if via == "engine":
+        timing = await drive(requests, rate, seed, lambda p, n, a, t: _via_engine(engine, p, n, a, t))
+    else:
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch, no CUDA, its own loop
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+            timing = await asyncio.get_running_loop().run_in_executor(pool, run_client, port, requests, rate, seed)
     await lag.stop()
+    wall = timing.wall_s
     return {
         "rate": rate,
         "via": via,
@@ -135,6 +75,7 @@ async def _one_run(engine: Engine, requests: list, rate: float, via: str, client
         "itl_p50_ms": percentile(timing.itl, 50) * 1e3,
         "itl_p99_ms": percentile(timing.itl, 99) * 1e3,
         "loop_lag_p99_ms": percentile(lag.lags, 99),
+        "client_pid": timing.pid,
     }
 
 
@@ -156,9 +97,8 @@ async def serve_bench(args) -> list[dict]:
              "config": args.config}  # fmt: skip
     async with Engine(model, tokenizer, config) as engine:
         await _one_run(engine, requests[:2], math.inf, "engine", None, args.seed)  # warm-up
-        client = server = task = None
+        port = server = task = None
         if "http" in args.via:
-            import httpx
             import uvicorn
 
             from acb.serving import create_app
@@ -169,13 +109,11 @@ async def serve_bench(args) -> list[dict]:
             while not server.started:
                 await asyncio.sleep(0.01)
             port = server.servers[0].sockets[0].getsockname()[1]
-            limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-            client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=None, limits=limits)
         try:
             for rate in rates:
                 for via in args.via.split(","):
                     engine.clear_prefix_cache()
-                    r = await _one_run(engine, requests, rate, via, client, args.seed)
+                    r = await _one_run(engine, requests, rate, via, port, args.seed)
                     r.update(stamp)
                     results.append(r)
                     print(_row(r), file=sys.stderr, flush=True)
@@ -183,8 +121,7 @@ async def serve_bench(args) -> list[dict]:
                         with open(args.json, "w") as f:
                             json.dump(results, f, indent=2)
         finally:
-            if client is not None:
-                await client.aclose()
+            if server is not None:
                 server.should_exit = True
                 await task
     return results

@@ -230,8 +230,10 @@ def test_poisson_arrivals_have_the_asked_rate_and_inf_means_all_at_once():
 
 
 def test_serving_benchmark_runs_through_the_engine_and_http(tmp_path):
-    """W-serve's harness end to end on the tiny model: every row measured, nothing failed, the figure drawn."""
+    """W-serve's harness end to end on the tiny model: every row measured, nothing failed, the figure drawn; the
+    HTTP client in a process apart from the server's."""
     import json
+    import os
 
     from bench.serve import main
 
@@ -243,5 +245,7 @@ def test_serving_benchmark_runs_through_the_engine_and_http(tmp_path):
     assert [(r["via"], r["rate"]) for r in rows] == [("engine", 40.0), ("http", 40.0), ("engine", float("inf")),
                                                      ("http", float("inf"))]  # fmt: skip
     assert all(r["failed"] == 0 and r["tok_per_s"] > 0 and r["ttft_p50_ms"] > 0 for r in rows)
+    # the HTTP client runs in a process of its own, the engine's own client in this one
+    assert all((r["client_pid"] == os.getpid()) == (r["via"] == "engine") for r in rows)
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "highest rate with TTFT p99 under 1 s" in (tmp_path / "serve.md").read_text()
