@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any
 
-from .config import EngineConfig, SamplingParams
+from .config import ADMISSION_ORDERS, EngineConfig, SamplingParams
 from .errors import AcbError
 from .loop import run, uvloop_available
 
@@ -49,6 +49,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     e.add_argument(
         "--tensor-parallel-size", type=int, default=1, help="split the model over this many GPUs (default: %(default)s)"
     )
+    e.add_argument(
+        "--admission-order", choices=ADMISSION_ORDERS, default="arrival",
+        help="which queued request starts first: arrival, or longest_first for offline batches (default: %(default)s)",
+    )  # fmt: skip
     e.add_argument("--sync", action="store_true", help="step synchronously (no CPU/GPU overlap; for comparison)")
     e.add_argument("--no-uvloop", action="store_true", help="use plain asyncio even if uvloop is installed")
 
@@ -119,6 +123,7 @@ def _engine(a: argparse.Namespace):
         max_model_len=a.max_model_len,
         overlap=not a.sync,
         tensor_parallel_size=a.tensor_parallel_size,
+        admission_order=a.admission_order,
     )
     if getattr(a, "drain_timeout", None) is not None:
         config["drain_timeout"] = a.drain_timeout

@@ -62,11 +62,11 @@ class EngineConfig:
     """Most steps a group may be held back waiting to fill up."""
     admission_order: str = "arrival"
     """Which queued request takes a free batch slot first: ``"arrival"`` (first come, first served) or
-    ``"longest_first"``: the one allowed the most output tokens (``max_tokens``, capped by ``max_model_len``), ties
-    in arrival order, as SGLang's ``lof`` policy. For offline batches whose requests say how long they run (a benchmark,
-    a dataset job): the longest ones start at once instead of last, so the run does not end with a few long requests
-    decoding alone (W-share's 2,048-token request arrives 976th of 1,000). Under a steady stream of long requests a
-    short one may wait a long time: not for interactive serving."""
+    ``"longest_first"``: the one allowed the most output tokens (``SamplingParams.max_new_tokens``, capped by
+    ``max_model_len``), ties in arrival order, as SGLang's ``lof`` policy. For offline batches whose requests say how
+    long they run (a benchmark, a dataset job): the longest ones start at once instead of last, so the run does not
+    end with a few long requests decoding alone (W-share's 2,048-token request arrives 976th of 1,000). Under a steady
+    stream of long requests a short one may wait a long time: not for interactive serving (docs/tuning.md)."""
     max_pending: int = 4096
     """Admitted requests that may wait for a batch slot; further ``stream()`` calls wait (backpressure)."""
     overlap: bool = True

@@ -63,6 +63,7 @@ def test_version(capsys):
         ["generate", "--presence-penalty", "9", "--device", "cpu"],
         ["generate", "--regex", "a", "--json-object"],
         ["generate", "--prefill-chunk-tokens", "0", "--device", "cpu"],
+        ["batch", "--admission-order", "shortest_first", "--device", "cpu"],
     ],
 )
 def test_errors_are_one_clear_line(args, capsys):
@@ -117,9 +118,12 @@ def test_batch_keeps_order_reports_every_line_and_fails_if_a_line_did(tmp_path):
     assert [("error" in o) for o in out] == [False, False, True, True, False]
     assert out[1]["id"] == "b" and len(out[1]["token_ids"]) == 3
     assert len(out[0]["token_ids"]) <= 4 and out[0]["finish_reason"] in ("length", "stop")
-    src.write_text('"only"\n')
-    assert main(["batch", "-i", str(src), "-o", str(dst), "--device", "cpu", "--max-new-tokens", "2",
-                 "--no-progress"]) == 0  # fmt: skip
+    # longest first: lines still come out in input order, each with its own length
+    src.write_text('{"prompt": "a", "max_new_tokens": 2}\n{"prompt": "b", "max_new_tokens": 5}\n"c"\n')
+    assert main(["batch", "-i", str(src), "-o", str(dst), "--device", "cpu", "--max-new-tokens", "3",
+                 "--no-progress", "--admission-order", "longest_first"]) == 0  # fmt: skip
+    out = [json.loads(line) for line in dst.read_text().splitlines()]
+    assert [o["index"] for o in out] == [0, 1, 2] and all(len(o["token_ids"]) <= n for o, n in zip(out, (2, 5, 3)))
 
 
 def test_batch_with_no_arguments_runs_demo_prompts():
