@@ -13,11 +13,15 @@ Variants, same weights, same graph shape:
 
 - ``cublas``: ``F.linear`` and acb's Triton norm and SiLU kernels (what the lean path runs today);
 - ``triton``: the same with :func:`dense` for the projections, PDL off;
-- ``triton+pdl``: every kernel launched with PDL, each GEMM loading its first weight tile before it waits;
+- ``triton+pdl``: every kernel launched with PDL, each GEMM loading its first weight tile before it waits and
+  letting the next kernel launch at once;
+- ``triton+pdl-late``: the same, but a GEMM lets the next kernel launch only after its main loop (programs of the
+  next kernel that wait early hold SM slots the GEMM's last waves need: at TP=1, 32 rows, ``triton+pdl`` lost 2 %);
 - ``fused+pdl``: the residual add and RMSNorm folded into the Q/K/V and gate/up GEMMs, SiLU·mul into the gate/up
   GEMM's epilogue (7 kernels per layer become 4), with PDL.
 
-Each variant's chain output is checked against ``cublas``'s first. ``python -m bench.chain --tp 1,2 --rows 8,32``.
+Each variant's chain output is checked against ``cublas``'s first. ``python -m bench.chain --tp 1,2 --rows 8,32
+[--variants cublas,triton,...]``; results of the first run (H100): docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ def _dense_kernel(
         u = tl.load(w_ptr + N * K, mask=nm, other=0.0)
     if PDL:
         tl.extra.cuda.gdc_wait()
+    if PDL == 1:
         tl.extra.cuda.gdc_launch_dependents()
     inv = tl.full([BLOCK_M], 1.0, tl.float32)
     if NORM:  # the rows' RMS over all of K (X from L2: a few hundred KB)
@@ -97,6 +102,8 @@ def _dense_kernel(
         acc += tl.dot(x, tl.trans(tl.load(w_ptr + (k0 - k_lo), mask=nm, other=0.0)))
         if GATED:
             acc_u += tl.dot(x, tl.trans(tl.load(w_ptr + N * K + (k0 - k_lo), mask=nm, other=0.0)))
+    if PDL == 2:  # the main loop is done: the next kernel may start its weight loads
+        tl.extra.cuda.gdc_launch_dependents()
     om = mm & (rn[None, :] < N)
     if SPLIT_K == 1:
         _store(Y, acc, acc_u if GATED else acc, rm, rn, om, s_y, GATED)
@@ -139,7 +146,9 @@ class Dense:
         self.ws = torch.empty(parts * rows * n if self.split_k > 1 else 1, dtype=torch.float32, device=w.device)
         self.lock = torch.zeros(triton.cdiv(n, self.block_n), dtype=torch.int32, device=w.device)
 
-    def __call__(self, x, out, pdl=False, norm=None, residual=None, residual_out=None):
+    def __call__(self, x, out, pdl=0, norm=None, residual=None, residual_out=None):
+        """``pdl``: 0 off, 1 launched with PDL and letting the next kernel launch at once, 2 only after its main
+        loop."""
         m, k = x.shape
         assert k % (self.block_k * self.split_k) == 0, (k, self.block_k, self.split_k)
         r = residual if residual is not None else x
@@ -148,8 +157,8 @@ class Dense:
             x, r, residual_out if residual_out is not None else r, norm if norm is not None else x, self.w, out,
             self.ws, self.lock, m, self.n, k, x.stride(0), r.stride(0), out.stride(0), EPS,
             BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=self.block_n, BLOCK_K=self.block_k,
-            SPLIT_K=self.split_k, NORM=norm is not None, RES=residual is not None, GATED=self.gated, PDL=pdl,
-            num_warps=self.warps, num_stages=self.stages, launch_pdl=pdl,
+            SPLIT_K=self.split_k, NORM=norm is not None, RES=residual is not None, GATED=self.gated, PDL=int(pdl),
+            num_warps=self.warps, num_stages=self.stages, launch_pdl=bool(pdl),
         )  # fmt: skip
         return out
 
@@ -185,14 +194,14 @@ def _silu_kernel(GU, OUT, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
 
 def _norm(x, r, w, out, pdl):
     rows, n = x.shape
-    _norm_kernel[(rows,)](x, r, w, out, n, EPS, BLOCK=triton.next_power_of_2(n), PDL=pdl, num_warps=8,
-                          launch_pdl=pdl)  # fmt: skip
+    _norm_kernel[(rows,)](x, r, w, out, n, EPS, BLOCK=triton.next_power_of_2(n), PDL=bool(pdl), num_warps=8,
+                          launch_pdl=bool(pdl))  # fmt: skip
     return out
 
 
 def _silu(gu, out, pdl):
     rows, n = out.shape
-    _silu_kernel[(rows, triton.cdiv(n, 1024))](gu, out, n, BLOCK=1024, PDL=pdl, launch_pdl=pdl)
+    _silu_kernel[(rows, triton.cdiv(n, 1024))](gu, out, n, BLOCK=1024, PDL=bool(pdl), launch_pdl=bool(pdl))
     return out
 
 
@@ -266,7 +275,7 @@ def pick_configs(layers: list[dict], rows: int) -> dict[str, tuple]:
     return picked
 
 
-def chain(variant: str, layers, gammas, bufs, ops, pdl: bool):
+def chain(variant: str, layers, gammas, bufs, ops, pdl: int):
     """One decode step's layers (without attention) as ``variant`` runs them; returns the last hidden rows."""
     h, res, normed, qkv, gu, act, h2, res2 = (bufs[k] for k in ("h", "res", "normed", "qkv", "gu", "act", "h2",
                                                                  "res2"))  # fmt: skip
@@ -280,7 +289,7 @@ def chain(variant: str, layers, gammas, bufs, ops, pdl: bool):
             torch.matmul(normed, lw["gate_up"].t(), out=gu)
             _silu(gu, act, False)
             torch.matmul(act, lw["down"].t(), out=h)
-        elif variant in ("triton", "triton+pdl"):
+        elif variant.startswith("triton"):
             o = ops[i]
             _norm(h, res, gammas[0], normed, pdl)
             o["qkv"](normed, qkv, pdl)
@@ -298,7 +307,17 @@ def chain(variant: str, layers, gammas, bufs, ops, pdl: bool):
     return h
 
 
-def measure(tp: int, rows: int, num_layers: int, bandwidth: float) -> dict:
+VARIANTS = {  # name: (PDL mode, which launches)
+    "cublas": (0, None),
+    "triton": (0, "ops"),
+    "triton+pdl": (1, "ops"),
+    "triton+pdl-late": (2, "ops"),
+    "fused": (0, "fused"),
+    "fused+pdl": (1, "fused"),
+}
+
+
+def measure(tp: int, rows: int, num_layers: int, bandwidth: float, variants=tuple(VARIANTS)) -> dict:
     dims = shapes(tp)
     torch.manual_seed(0)
     layers = [{name: torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for name, (n, k) in
@@ -323,8 +342,9 @@ def measure(tp: int, rows: int, num_layers: int, bandwidth: float) -> dict:
     out = {"tp": tp, "rows": rows, "layers": num_layers, "weight_GB": weight_bytes / 1e9,
            "floor_ms": weight_bytes / bandwidth * 1e3, "configs": configs}  # fmt: skip
     ref = None
-    for variant, pdl, vops in (("cublas", False, None), ("triton", False, ops), ("triton+pdl", True, ops),
-                               ("fused", False, fused), ("fused+pdl", True, fused)):  # fmt: skip
+    for variant in variants:
+        pdl, vops = VARIANTS[variant]
+        vops = {"ops": ops, "fused": fused, None: None}[vops]
         b = bufs()
 
         def step(b=b, variant=variant, pdl=pdl, vops=vops):
@@ -358,14 +378,19 @@ def main(argv=None) -> None:
     ap.add_argument("--tp", default="1,2")
     ap.add_argument("--rows", default="8,32")
     ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--variants", default="cublas,triton,triton+pdl,triton+pdl-late",
+                    help=f"comma-separated, of {', '.join(VARIANTS)}; cublas first (the reference)")  # fmt: skip
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    variants = args.variants.split(",")
+    if variants[0] != "cublas" or not set(variants) <= set(VARIANTS):
+        ap.error(f"--variants: cublas first, then any of {', '.join(VARIANTS)}")
     card = torch.cuda.get_device_name()
     bandwidth = copy_bandwidth()
     print(f"{card}: copy bandwidth {bandwidth / 1e9:.0f} GB/s", file=sys.stderr)
-    results = [measure(int(tp), int(r), args.layers, bandwidth) for tp in args.tp.split(",") for r in
+    results = [measure(int(tp), int(r), args.layers, bandwidth, variants) for tp in args.tp.split(",") for r in
                args.rows.split(",")]  # fmt: skip
-    names = ("cublas", "triton", "triton+pdl", "fused", "fused+pdl")
+    names = variants
     print("| TP | rows | floor ms | " + " | ".join(f"{n} ms" for n in names) + " | best / cuBLAS | card |")
     print("|---" * (len(names) + 5) + "|")
     for r in results:

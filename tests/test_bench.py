@@ -86,6 +86,63 @@ def test_the_candidate_skinny_gemm_computes_x_times_w_transposed():
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
 
 
+_CHAIN = """
+import torch
+from bench.chain import EPS, Dense, chain
+torch.manual_seed(0)
+for dtype in (torch.float32, torch.float16):  # the interpreter's tl.dot mishandles bf16
+    for cfg in [(32, 64, 1, 4, 2), (32, 32, 2, 4, 2), (16, 32, 4, 4, 2)]:
+        for m in (3, 16):
+            n, k = 48, 128
+            w = torch.randn(2 * n, k, dtype=dtype) / k**0.5
+            x, r = torch.randn(m, k, dtype=dtype), torch.randn(m, k, dtype=dtype)
+            g = (1 + 0.1 * torch.randn(k)).to(dtype)
+            y = torch.empty(m, n, dtype=dtype)
+            d = Dense(w[:n].contiguous(), m, cfg)
+            got, ref = d(x, y).float(), x.float() @ w[:n].float().t()
+            assert (got - ref).abs().max() < 1e-2 * ref.abs().max(), ("plain", cfg, m, dtype)
+            assert torch.equal(d(x, y.clone()).float(), got)  # split-K: the counters were reset, the same bits
+            rout = torch.empty_like(r)
+            got = d(x, y, norm=g, residual=r, residual_out=rout).float()
+            s = x.float() + r.float()
+            ref = ((s * torch.rsqrt(s.pow(2).mean(1, keepdim=True) + EPS)).to(dtype) * g).float() @ w[:n].float().t()
+            assert torch.equal(rout, s.to(dtype)) and (got - ref).abs().max() < 1e-2 * ref.abs().max(), ("norm", cfg)
+            got = Dense(w, m, cfg, gated=True)(x, y).float()
+            gu = x.float() @ w.float().t()
+            ref = torch.nn.functional.silu(gu[:, :n]) * gu[:, n:]
+            assert (got - ref).abs().max() < 2e-2 * ref.abs().max(), ("gated", cfg, m, dtype)
+# the chain: every variant without PDL (the interpreter has no grid dependency control) computes the same layers
+hidden, inter, qkv_n, q_cols, rows = 64, 128, 96, 64, 4
+layers = [{"qkv": torch.randn(qkv_n, hidden) / 8, "o": torch.randn(hidden, q_cols) / 8,
+           "gate_up": torch.randn(2 * inter, hidden) / 8, "down": torch.randn(hidden, inter) / 10} for _ in range(3)]
+gammas = [1 + 0.1 * torch.randn(hidden) for _ in range(2)]
+ops = [{name: Dense(lw[name], rows, (16, 32, 2, 4, 2)) for name in lw} for lw in layers]
+fused = [dict(o, gate_up=Dense(lw["gate_up"], rows, (16, 32, 2, 4, 2), gated=True)) for o, lw in zip(ops, layers)]
+start, outs = torch.randn(rows, hidden), {}
+for variant, vops in (("cublas", None), ("triton", ops), ("fused", fused)):
+    z = lambda n: torch.zeros(rows, n)
+    bufs = {"h": start.clone(), "res": z(hidden), "res2": z(hidden), "normed": z(hidden), "qkv": z(qkv_n),
+            "gu": z(2 * inter), "act": z(inter), "h2": z(hidden), "q_cols": q_cols}
+    outs[variant] = chain(variant, layers, gammas, bufs, vops, 0).clone()
+assert torch.allclose(outs["triton"], outs["cublas"], atol=1e-5) and torch.allclose(outs["fused"], outs["cublas"],
+                                                                                       atol=1e-5)
+print("ok")
+"""
+
+
+def test_the_chain_experiments_kernels_compute_what_they_replace():
+    """bench/chain.py's decode GEMM (split-K with an ordered last-arriver sum; RMSNorm over a residual folded in;
+    SiLU-gated epilogue) against torch, and its chain variants against each other, under Triton's interpreter."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
+    r = subprocess.run([sys.executable, "-c", _CHAIN], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
 def test_kernels_are_grouped_by_what_they_do():
     from bench.run import kernel_category
 
