@@ -148,6 +148,12 @@ class RequestStream(AsyncIterator[Token]):
         """Prompt length in tokens (0 before the first iteration submitted the request)."""
         return self._state.seq.num_prompt if self._state is not None else 0
 
+    @property
+    def num_ready(self) -> int:
+        """Items already delivered and not yet read (tokens, the final marker or an error): that many ``__anext__``
+        calls return without suspending. Lets a consumer write what arrived together in one go."""
+        return len(self._state.channel._items) if self._state is not None else 0
+
     def __aiter__(self) -> _Iteration:
         live = self._iteration() if self._iteration is not None else None
         if live is not None and not self._done:

@@ -346,3 +346,88 @@ async def test_openai_client_n_and_best_of(served):
     assert [c.text for c in out.choices] == [best[0].text]
     assert out.usage.completion_tokens == 24  # every sample counts
     await client.close()
+
+
+class _Stream:
+    """A RequestStream stand-in for the SSE writer: ``batches`` of tokens, each batch delivered at once (what
+    ``num_ready`` reports), a step of the loop between batches; ``fail`` raises after the last batch."""
+
+    def __init__(self, batches, fail=None):
+        self._items = [t for b in batches for t in b]
+        self._ends = set()
+        n = 0
+        for b in batches:
+            n += len(b)
+            self._ends.add(n)  # a batch ends here: the reader must suspend
+        self._i, self._fail, self.num_prompt_tokens, self.closed = 0, fail, 3, False
+
+    @property
+    def num_ready(self):
+        return 0 if self._i in self._ends or self._i >= len(self._items) else 1
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self._i in self._ends:
+            await asyncio.sleep(0)
+        if self._i >= len(self._items):
+            if self._fail:
+                raise self._fail
+            raise StopAsyncIteration
+        self._i += 1
+        return self._items[self._i - 1]
+
+    async def aclose(self):
+        self.closed = True
+
+
+def _server():
+    from prometheus_client import CollectorRegistry, Counter
+
+    from acb.serving.app import _Server
+
+    metrics = type("M", (), {})()
+    metrics.generated_tokens = Counter("g", "generated", registry=CollectorRegistry())
+    return _Server(engine=None, name='m "quoted" ü', created=0, metrics=metrics)
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+async def test_sse_chunks_are_the_models_dumps_and_arrive_batched(chat):
+    """The SSE writer's fast path (a template around each token's text) writes exactly what the response models
+    dump, for texts that JSON must escape; tokens waiting together go out in one write; the usage chunk counts
+    every token; several streams are merged, and a stream that fails mid-way sends an error event."""
+    from acb.outputs import Token
+    from acb.serving.bodies import sse
+    from acb.serving.protocol import ChatCompletionChunk, CompletionChunk
+
+    texts = ['a"b', "\\n", "ü\n", "\x01", "</script>", "\u2028", "", " end"]
+    toks = [Token(i + 1, t) for i, t in enumerate(texts[:-1])] + [Token(9, texts[-1], finish_reason="length")]
+    server = _server()
+    writes = [w async for w in sse(server, "cmpl-1", [_Stream([toks[1:4], toks[4:6], toks[6:]])], [toks[0]], chat,
+                                   True, False)]  # fmt: skip
+    events = [json.loads(e[6:]) for w in writes for e in w.split("\n\n") if e.startswith("data: {")]
+    model = ChatCompletionChunk if chat else CompletionChunk
+    if chat:
+        assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        events = events[1:]
+    got = [e for e in events if e["choices"]]
+    want = []
+    for t in toks:
+        if not t.text and not t.finish_reason:
+            continue  # nothing to say for an empty token
+        choice = ({"index": 0, "delta": {"content": t.text or None}, "finish_reason": t.finish_reason} if chat else
+                  {"index": 0, "text": t.text, "finish_reason": t.finish_reason})  # fmt: skip
+        d = model(id="cmpl-1", created=got[0]["created"], model=server.name, choices=[choice]).model_dump()
+        if chat:
+            d["choices"][0]["delta"] = {k: v for k, v in d["choices"][0]["delta"].items() if v is not None}
+        want.append(d)
+    assert got == want
+    assert events[-1]["usage"]["completion_tokens"] == len(toks) == server.metrics.generated_tokens._value.get()
+    assert writes[-1] == "data: [DONE]\n\n" and len(writes) < len(toks)  # batched: fewer writes than tokens
+    # two streams merged; the second fails after its first token
+    a, b = _Stream([toks[1:3], toks[3:]]), _Stream([[toks[1]]], fail=RuntimeError("boom"))
+    out = "".join([w async for w in sse(_server(), "cmpl-2", [a, b], [toks[0], toks[0]], chat, False, False)])
+    events = [json.loads(e[6:]) for e in out.split("\n\n") if e.startswith("data: {")]
+    assert [e["error"]["message"] for e in events if "error" in e] == ["boom"]
+    assert {e["choices"][0]["index"] for e in events if e.get("choices")} == {0, 1} and a.closed and b.closed

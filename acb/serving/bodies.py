@@ -63,23 +63,22 @@ def completion_logprobs(server: _Server, toks: list[Token]) -> CompletionLogprob
     return CompletionLogprobs(tokens=[t.text for t in toks], token_logprobs=[t.logprob for t in toks], top_logprobs=top)
 
 
+_MARK = "\x00acb-text\x00"  # stands for a token's text while a response's chunk template is made
+
+
 async def sse(
     server: _Server, rid: str, streams: list, firsts: list, chat: bool, include_usage: bool, logprobs: bool
 ) -> AsyncIterator[str]:
     """Server-sent events: every stream's tokens as chunks (with their logprobs when asked), a usage chunk if asked,
-    then ``[DONE]``. A stream that fails mid-way sends an error event and ends."""
-    created = int(time.time())
-    queue: asyncio.Queue = asyncio.Queue()
-    counts = [0] * len(streams)
+    then ``[DONE]``. A stream that fails mid-way sends an error event and ends.
 
-    async def pump(i, stream, first):
-        try:
-            await queue.put((i, first))
-            if first.finish_reason is None:
-                async for tok in stream:
-                    await queue.put((i, tok))
-        except Exception as exc:
-            await queue.put((i, exc))
+    The hot path is one chunk per token per stream, on the engine's event loop: a plain token (text, no logprobs, not
+    the last) is its choice's chunk template (the JSON the models dump, made once per choice) around the token's
+    JSON-encoded text, with no model built; the tokens already waiting when the consumer wakes go out as one write;
+    a single stream (n = 1, the common case) is read directly, several through a queue that their pump tasks fill."""
+    created = int(time.time())
+    counts = [0] * len(streams)
+    templates: dict[int, tuple[str, str] | None] = {}
 
     def chunk(i: int, tok: Token | None, role: bool = False) -> str:
         lp = logprobs and tok is not None and tok.id is not None
@@ -103,26 +102,36 @@ async def sse(
             data["choices"][0]["delta"] = choice.delta.model_dump(exclude_none=True)
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
-    pumps = [asyncio.ensure_future(pump(i, s, f)) for i, (s, f) in enumerate(zip(streams, firsts))]
+    def render(i: int, item) -> str:
+        """The event(s) for one item of stream ``i`` (a token, or the exception that ended the stream)."""
+        if isinstance(item, Exception):
+            err = {"error": {"message": str(item), "type": "server_error", "param": None, "code": None}}
+            return f"data: {json.dumps(err)}\n\n"
+        if item.id is not None:
+            counts[i] += 1
+        if item.finish_reason is None and item.text and not logprobs:
+            if i not in templates:
+                parts = chunk(i, Token(None, _MARK)).split(json.dumps(_MARK, ensure_ascii=False))
+                templates[i] = (parts[0], parts[1]) if len(parts) == 2 else None
+            template = templates[i]
+            if template is not None:
+                return template[0] + json.dumps(item.text, ensure_ascii=False) + template[1]
+        if item.text or item.finish_reason or (logprobs and item.id is not None):
+            return chunk(i, item)
+        return ""
+
+    items = _one(streams[0], firsts[0]) if len(streams) == 1 else _merged(streams, firsts)
+    sent = 0
     try:
         if chat:
-            for i in range(len(streams)):
-                yield chunk(i, None, role=True)
-        open_ = len(streams)
-        while open_:
-            i, item = await queue.get()
-            if isinstance(item, Exception):
-                open_ -= 1
-                err = {"error": {"message": str(item), "type": "server_error", "param": None, "code": None}}
-                yield f"data: {json.dumps(err)}\n\n"
-                continue
-            if item.id is not None:
-                counts[i] += 1
-                server.metrics.generated_tokens.inc()
-            if item.text or item.finish_reason or (logprobs and item.id is not None):
-                yield chunk(i, item)
-            if item.finish_reason is not None:
-                open_ -= 1
+            yield "".join(chunk(i, None, role=True) for i in range(len(streams)))
+        async for batch in items:
+            out = "".join(render(i, item) for i, item in batch)
+            total = sum(counts)
+            server.metrics.generated_tokens.inc(total - sent)
+            sent = total
+            if out:
+                yield out
         if include_usage:
             prompt_tokens = sum(s.num_prompt_tokens for s in streams)
             usage = Usage(
@@ -134,7 +143,53 @@ async def sse(
             yield f"data: {json.dumps(tail.model_dump())}\n\n"
         yield "data: [DONE]\n\n"
     finally:  # also on client disconnect: Starlette cancels this generator, and every stream is aborted
-        for p in pumps:
-            p.cancel()
+        server.metrics.generated_tokens.inc(sum(counts) - sent)
+        await items.aclose()
         for s in streams:
             await s.aclose()
+
+
+async def _one(stream: RequestStream, first: Token) -> AsyncIterator[list]:
+    """One stream's items in batches of ``(0, item)``: each batch is what was waiting when the reader woke (an
+    exception that ends the stream is the last item)."""
+    yield [(0, first)]
+    if first.finish_reason is not None:
+        return
+    try:
+        async for tok in stream:
+            batch = [(0, tok)]
+            while tok.finish_reason is None and stream.num_ready:
+                tok = await stream.__anext__()  # waiting already: returns without suspending
+                batch.append((0, tok))
+            yield batch
+            if tok.finish_reason is not None:
+                return
+    except Exception as exc:
+        yield [(0, exc)]
+
+
+async def _merged(streams: list, firsts: list) -> AsyncIterator[list]:
+    """Several streams' items, ``(choice index, item)``, in the order they came, batched as in :func:`_one`."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, stream, first):
+        try:
+            queue.put_nowait((i, first))
+            if first.finish_reason is None:
+                async for tok in stream:
+                    queue.put_nowait((i, tok))
+        except Exception as exc:
+            queue.put_nowait((i, exc))
+
+    pumps = [asyncio.ensure_future(pump(i, s, f)) for i, (s, f) in enumerate(zip(streams, firsts))]
+    try:
+        open_ = len(streams)
+        while open_:
+            batch = [await queue.get()]
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            open_ -= sum(1 for _, item in batch if isinstance(item, Exception) or item.finish_reason is not None)
+            yield batch
+    finally:
+        for p in pumps:
+            p.cancel()
