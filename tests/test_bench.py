@@ -306,3 +306,12 @@ def test_serving_benchmark_runs_through_the_engine_and_http(tmp_path):
     assert all((r["client_pid"] == os.getpid()) == (r["via"] == "engine") for r in rows)
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "highest rate with TTFT p99 under 1 s" in (tmp_path / "serve.md").read_text()
+
+
+def test_the_sse_writer_bench_reports_every_case(capsys):
+    from bench.sse import main
+
+    main(["--streams", "8", "--tokens", "20", "--burst", "3"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["completions, n=1", "completions, n=4", "chat, n=1", "chat, n=4"]
+    assert all(float(line.split(":")[1].split()[0]) > 0 for line in lines)
