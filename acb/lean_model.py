@@ -185,7 +185,7 @@ class LeanCausalLM:
     def _reduce_norm(self, x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Sum ``x`` over the ranks, add it into ``residual``, RMSNorm: one kernel where the one-shot all-reduce
         takes it (CUDA, small steps), else the sum then :attr:`_norm`."""
-        normed = self.group.all_reduce_add_rmsnorm(x, residual, w, self.eps) if self.on_cuda else None
+        normed = self.group.all_reduce_add_rmsnorm(x, residual, w, self.eps)
         if normed is None:
             normed = self._norm(self.group.all_reduce(x), residual, w)
         return normed
