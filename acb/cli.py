@@ -170,6 +170,17 @@ async def _generate(engine, a: argparse.Namespace) -> None:
 # -- acb serve ----------------------------------------------------------------------------------------------------
 
 
+def _at_least_one(text: str) -> int:
+    """An argparse type: an integer >= 1 (refused before any model is loaded)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
 async def _serve(engine, a: argparse.Namespace) -> None:
     from .serving import serve
 
@@ -182,6 +193,7 @@ async def _serve(engine, a: argparse.Namespace) -> None:
             a.served_model_name,
             log_level=a.log_level,
             max_body_bytes=a.max_body_bytes,
+            stream_interval=a.stream_interval,
             api_key=a.api_key or os.environ.get("ACB_API_KEY") or None,
             on_ready=lambda url: print(
                 f"acb: serving on {url}/v1 (model '{a.served_model_name or engine_name(engine)}')", file=sys.stderr
@@ -319,6 +331,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--api-key",
         help="require 'Authorization: Bearer KEY' on /v1 (default: $ACB_API_KEY if set, else no key)",
+    )
+    s.add_argument(
+        "--stream-interval",
+        type=_at_least_one,
+        default=1,
+        help="tokens per streamed write: 1 writes each token as it is computed, N groups up to N per write (less "
+        "server CPU per token; tokens arrive in groups) (default: %(default)s)",
     )
     s.add_argument(
         "--drain-timeout",

@@ -6,16 +6,26 @@ fifth of the loop. Each of ``--streams`` concurrent responses reads a stand-in s
 delivers one token per loop turn (``--burst`` > 1: that many at once, as multi-step decode does)::
 
     python -m bench.sse                      # completions and chat, n = 1 and n = 4
+    python -m bench.sse --http               # the whole server: uvicorn, a client process, a stand-in engine
+
+``--http`` serves ``acb.serving.create_app`` under uvicorn on this process's loop, in front of a stand-in engine
+that hands every live stream one token per ``--step-ms`` (a decode step of as many rows as there are streams), and
+streams ``--streams`` completions at once from a client in another process (``bench.http_client``): tokens per
+second received, and this process's CPU per token (the server, plus the stand-in's few µs of wake-ups).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
+import multiprocessing
 import time
+import types
 
 from prometheus_client import CollectorRegistry, Counter
 
+from acb.config import SamplingParams
 from acb.outputs import Token
 from acb.serving.app import _Server
 from acb.serving.bodies import sse
@@ -67,12 +77,95 @@ async def measure(chat: bool, n: int, streams: int, tokens: int, burst: int) -> 
     return (time.process_time() - t) / (streams * n * tokens) * 1e6
 
 
+class _Engine:
+    """What the server needs of an engine: every stream it hands out gets one token per ``step`` seconds."""
+
+    def __init__(self, step: float) -> None:
+        self.step = step
+        self.model = types.SimpleNamespace(config=types.SimpleNamespace(_name_or_path="stand-in"))
+        self.default_params = SamplingParams()
+        self.tokenizer = None
+        self.running, self.state = True, "running"
+        self._tick = asyncio.Event()
+
+    def stats(self):
+        return types.SimpleNamespace(num_waiting=0, num_running=0, kv_blocks_free=1, kv_blocks_total=1,
+                                     num_preemptions=0)  # fmt: skip
+
+    async def ticker(self) -> None:
+        while True:
+            await asyncio.sleep(self.step)
+            tick, self._tick = self._tick, asyncio.Event()
+            tick.set()
+
+    async def submit(self, prompt, params, request_id=None, stream_interval=1) -> _Ticked:
+        return _Ticked(params.max_new_tokens, self)
+
+
+class _Ticked(_Stream):
+    """A stand-in engine stream: one token per tick of its engine."""
+
+    def __init__(self, n: int, engine: _Engine) -> None:
+        super().__init__(n, 1)
+        self.engine = engine
+
+    @property
+    def num_ready(self) -> int:
+        return 0
+
+    async def __anext__(self) -> Token:
+        if self.i >= self.n:
+            raise StopAsyncIteration
+        await self.engine._tick.wait()
+        self.i += 1
+        return Token(self.i, " tok", None, "length" if self.i == self.n else None)
+
+
+async def measure_http(streams: int, tokens: int, step: float) -> tuple[float, float]:
+    """(tokens/s received by the client, µs of this process's CPU per token)."""
+    import uvicorn
+
+    from acb.serving import create_app
+
+    from .http_client import run_client
+
+    engine = _Engine(step)
+    ticker = asyncio.ensure_future(engine.ticker())
+    config = uvicorn.Config(create_app(engine, "stand-in"), host="127.0.0.1", port=0, log_level="warning",
+                            lifespan="off")  # fmt: skip
+    server = uvicorn.Server(config)
+    task = asyncio.ensure_future(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    requests = [([1, 2, 3], tokens)] * streams
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        await asyncio.get_running_loop().run_in_executor(pool, run_client, port, requests[:2], float("inf"), 0)
+        t = time.process_time()
+        timing = await asyncio.get_running_loop().run_in_executor(pool, run_client, port, requests, float("inf"), 0)
+        cpu = time.process_time() - t
+    server.should_exit = True
+    await task
+    ticker.cancel()
+    return timing.tokens / timing.wall_s, cpu / max(1, timing.tokens) * 1e6
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--streams", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=400)
     ap.add_argument("--burst", type=int, default=1)
+    ap.add_argument("--http", action="store_true", help="through uvicorn, with a client process")
+    ap.add_argument("--step-ms", type=float, default=5.0, help="--http: the stand-in engine's step")
     args = ap.parse_args(argv)
+    if args.http:
+        from acb.loop import run
+
+        rate, us = run(measure_http(args.streams, args.tokens, args.step_ms / 1e3))
+        offered = args.streams / args.step_ms * 1e3
+        print(f"http, {args.streams} streams: {rate:,.0f} tok/s received (offered {offered:,.0f}), {us:.1f} µs of "
+              "server CPU per token")  # fmt: skip
+        return
     for chat in (False, True):
         for n in (1, 4):
             us = asyncio.run(measure(chat, n, args.streams // n, args.tokens, args.burst))

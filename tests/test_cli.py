@@ -64,6 +64,7 @@ def test_version(capsys):
         ["generate", "--regex", "a", "--json-object"],
         ["generate", "--prefill-chunk-tokens", "0", "--device", "cpu"],
         ["batch", "--admission-order", "shortest_first", "--device", "cpu"],
+        ["serve", "--stream-interval", "0"],
     ],
 )
 def test_errors_are_one_clear_line(args, capsys):

@@ -431,3 +431,46 @@ async def test_sse_chunks_are_the_models_dumps_and_arrive_batched(chat):
     events = [json.loads(e[6:]) for e in out.split("\n\n") if e.startswith("data: {")]
     assert [e["error"]["message"] for e in events if "error" in e] == ["boom"]
     assert {e["choices"][0]["index"] for e in events if e.get("choices")} == {0, 1} and a.closed and b.closed
+
+
+async def test_a_stream_interval_groups_tokens_per_write_and_changes_no_token(make_model, tokenizer, monkeypatch):
+    """``create_app(stream_interval=4)``: a streamed response's engine stream wakes its writer every 4 tokens (a
+    plain response's only for its first token and its end), the writes carry several events each, and the tokens
+    are those of ``stream_interval=1`` and of the engine itself."""
+    model, _ = make_model("llama", seed=82)
+    engine = Engine(model, tokenizer, EngineConfig(block_size=8))
+    intervals = []
+    submit = Engine.submit
+
+    async def spy(self, prompt, params=None, **kw):
+        intervals.append(kw.get("stream_interval"))
+        return await submit(self, prompt, params, **kw)
+
+    monkeypatch.setattr(Engine, "submit", spy)
+    with pytest.raises(ValueError, match="stream_interval"):
+        create_app(engine, "tiny", stream_interval=0)
+    body = {"prompt": [5, 6, 7], "max_tokens": 9, "temperature": 0, "ignore_eos": True}
+    async with engine:
+        want = (await engine.generate([5, 6, 7], SamplingParams(max_new_tokens=9, ignore_eos=True))).text
+        texts, writes = {}, {}
+        for interval in (1, 4):
+            app = create_app(engine, "tiny", stream_interval=interval)
+            server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+            task = asyncio.create_task(server.serve())
+            while not server.started:
+                await asyncio.sleep(0.01)
+            port = server.servers[0].sockets[0].getsockname()[1]
+            intervals.clear()
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+                async with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                    raw = [part async for part in r.aiter_raw()]
+                plain = (await http.post("/v1/completions", json=body)).json()
+            server.should_exit = True
+            await task
+            events = [json.loads(e[6:]) for e in b"".join(raw).decode().split("\n\n") if e.startswith("data: {")]
+            texts[interval] = "".join(c["text"] for e in events for c in e["choices"])
+            writes[interval] = sum(part.count(b"data: {") > 1 for part in raw)  # writes that carried several events
+            assert plain["choices"][0]["text"] == want
+            assert intervals[0] == interval and intervals[1] > 1000  # the streamed request, then the plain one
+    assert texts[1] == texts[4] == want
+    assert writes[4] >= 1
