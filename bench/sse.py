@@ -121,8 +121,8 @@ class _Ticked(_Stream):
         return Token(self.i, " tok", None, "length" if self.i == self.n else None)
 
 
-async def measure_http(streams: int, tokens: int, step: float) -> tuple[float, float]:
-    """(tokens/s received by the client, µs of this process's CPU per token)."""
+async def measure_http(streams: int, tokens: int, step: float) -> tuple[float, float, int]:
+    """(tokens/s received by the client, µs of this process's CPU per token, tokens missing or failed)."""
     import uvicorn
 
     from acb.serving import create_app
@@ -147,7 +147,7 @@ async def measure_http(streams: int, tokens: int, step: float) -> tuple[float, f
     server.should_exit = True
     await task
     ticker.cancel()
-    return timing.tokens / timing.wall_s, cpu / max(1, timing.tokens) * 1e6
+    return timing.tokens / timing.wall_s, cpu / max(1, timing.tokens) * 1e6, streams * tokens - timing.tokens
 
 
 def main(argv=None) -> None:
@@ -161,10 +161,10 @@ def main(argv=None) -> None:
     if args.http:
         from acb.loop import run
 
-        rate, us = run(measure_http(args.streams, args.tokens, args.step_ms / 1e3))
+        rate, us, missing = run(measure_http(args.streams, args.tokens, args.step_ms / 1e3))
         offered = args.streams / args.step_ms * 1e3
         print(f"http, {args.streams} streams: {rate:,.0f} tok/s received (offered {offered:,.0f}), {us:.1f} µs of "
-              "server CPU per token")  # fmt: skip
+              f"server CPU per token, {missing} tokens missing")  # fmt: skip
         return
     for chat in (False, True):
         for n in (1, 4):

@@ -315,3 +315,14 @@ def test_the_sse_writer_bench_reports_every_case(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines] == ["completions, n=1", "completions, n=4", "chat, n=1", "chat, n=4"]
     assert all(float(line.split(":")[1].split()[0]) > 0 for line in lines)
+
+
+def test_the_sse_bench_measures_the_whole_server_over_http(capsys):
+    """``bench.sse --http``: uvicorn in front of the stand-in engine, a client in another process; every token
+    arrives."""
+    from bench.sse import main
+
+    main(["--http", "--streams", "6", "--tokens", "15", "--step-ms", "2"])
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("http, 6 streams: ") and line.endswith("µs of server CPU per token, 0 tokens missing")
+    assert float(line.split(": ")[1].split()[0].replace(",", "")) > 0
