@@ -94,7 +94,7 @@ async def serve_bench(args) -> list[dict]:
     rates = [float(r) for r in args.rates.split(",")]
     results: list[dict] = []
     stamp = {"card": card, "commit": _commit(), "model": args.model or w.model, "workload": "W-serve",
-             "config": args.config}  # fmt: skip
+             "config": args.config, "stream_interval": args.stream_interval}  # fmt: skip
     async with Engine(model, tokenizer, config) as engine:
         await _one_run(engine, requests[:2], math.inf, "engine", None, args.seed)  # warm-up
         port = server = task = None
@@ -103,8 +103,8 @@ async def serve_bench(args) -> list[dict]:
 
             from acb.serving import create_app
 
-            server = uvicorn.Server(uvicorn.Config(create_app(engine, "bench"), host="127.0.0.1", port=0,
-                                                   log_level="warning", lifespan="off"))  # fmt: skip
+            app = create_app(engine, "bench", stream_interval=args.stream_interval)
+            server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
             task = asyncio.ensure_future(server.serve())
             while not server.started:
                 await asyncio.sleep(0.01)
@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--config", default="", help="EngineConfig overrides, e.g. mixed_graphs=true,prefill_chunk_tokens=512"
     )
+    ap.add_argument("--stream-interval", type=int, default=1, help="the server's tokens per streamed write (http)")
     ap.add_argument("--json")
     ap.add_argument("--markdown")
     ap.add_argument("--plot", help="write the TTFT/ITL-against-rate figure to this PNG")

@@ -20,7 +20,7 @@ step() {
         >"$OUT/share.log" 2>&1
        grep "^| W-share\|idle\|Error" "$OUT/share.log" | tail -8 >>"$log" ;;
     4) timeout "${T4:-560}" python -m bench.serve --rates ${RATES:-8,16,32,48,64,inf} --via ${VIA:-engine,http} \
-        --config "${CONFIG:-mixed_graphs=false}" --json "$OUT/serve.json" --markdown "$OUT/serve.md" \
+        --config "${CONFIG:-mixed_graphs=false}" --stream-interval "${STREAM_INTERVAL:-1}" --json "$OUT/serve.json" --markdown "$OUT/serve.md" \
         --plot "$OUT/serve.png" 2>&1 | tail -12 >>"$log" ;;
     esac
 }

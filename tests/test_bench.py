@@ -296,9 +296,10 @@ def test_serving_benchmark_runs_through_the_engine_and_http(tmp_path):
 
     out, picture = tmp_path / "serve.json", tmp_path / "serve.png"
     main(["--model", "tiny", "--scale", "0.01", "--rates", "40,inf", "--json", str(out), "--plot", str(picture),
-          "--markdown", str(tmp_path / "serve.md"), "--config", "prefill_chunk_tokens=16"])  # fmt: skip
+          "--markdown", str(tmp_path / "serve.md"), "--config", "prefill_chunk_tokens=16", "--stream-interval",
+          "2"])  # fmt: skip
     rows = json.loads(out.read_text())
-    assert all(r["config"] == "prefill_chunk_tokens=16" for r in rows)
+    assert all(r["config"] == "prefill_chunk_tokens=16" and r["stream_interval"] == 2 for r in rows)
     assert [(r["via"], r["rate"]) for r in rows] == [("engine", 40.0), ("http", 40.0), ("engine", float("inf")),
                                                      ("http", float("inf"))]  # fmt: skip
     assert all(r["failed"] == 0 and r["tok_per_s"] > 0 and r["ttft_p50_ms"] > 0 for r in rows)
