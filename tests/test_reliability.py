@@ -46,6 +46,18 @@ async def test_chaos_soak_with_multi_step_rounds(tokenizer, caplog):
     assert report.finished > 300 and report.checked_against_reference > 500 and report.preemptions > 0
 
 
+@pytest.mark.loops("asyncio")
+async def test_chaos_soak_with_longest_first_admission(tokenizer, caplog):
+    """The same chaos with the queue ordered by output budget: requests cancelled while queued (their heap entries
+    left behind), bursts past max_pending, faults; every output still equals the calm reference run's."""
+    caplog.set_level(logging.CRITICAL, logger="acb")
+    config = EngineConfig(max_num_seqs=64, max_num_batched_tokens=256, block_size=8, num_kv_blocks=160,
+                          max_model_len=256, admission_order="longest_first")  # fmt: skip
+    report = await soak(lambda: tiny_model("llama", seed=7), tokenizer, 1_000, seed=3, config=config)
+    assert report.problems() == []
+    assert report.finished > 300 and report.checked_against_reference > 500
+
+
 async def test_a_faulting_step_fails_exactly_the_requests_in_it(make_model, tokenizer, caplog):
     caplog.set_level(logging.CRITICAL, logger="acb")
     model, _ = make_model("llama", seed=71)
