@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable
 
@@ -35,7 +34,6 @@ from .config import EngineConfig, SamplingParams
 from .delivery import Delivery
 from .detokenizer import text_decoder
 from .errors import (
-    DuplicateRequestIdError,
     EngineClosedError,
     InvalidRequestError,
     RequestFailedError,
@@ -395,66 +393,10 @@ class Engine(Stages):
                 self._fail(state, RequestFailedError(f"the engine failed: {exc!r}"), exc)
             raise
 
-    # -- admission ----------------------------------------------------------------------------------------------
+    # -- checks on the way in (admission itself, `_submit`, is the first stage: acb/stages.py) -----------------
 
     def _new_request_id(self) -> str:
         return f"req-{next(self._ids)}"
-
-    async def _submit(
-        self,
-        request_id: str,
-        prompt: Prompt,
-        params: SamplingParams | None,
-        attach: Callable[[RequestState], None] | None = None,
-        stream_interval: int = 1,
-    ) -> RequestState:
-        """Admit one request: validate, tokenize, then queue it for the scheduler (waiting for room under
-        ``max_pending``). ``attach`` receives the request's state as soon as it exists, before any wait for room, so
-        that its stream can abort it while it waits."""
-        t0 = time.perf_counter()
-        self._check_open()
-        if not isinstance(request_id, str):
-            raise InvalidRequestError(
-                f"request_id must be a string, got {type(request_id).__name__}", param="request_id"
-            )
-        params = self._admission.check_params(params if params is not None else self.default_params)
-        if request_id in self._live:
-            raise DuplicateRequestIdError(f"request_id {request_id!r} is already in use")
-        stops = await self._admission.stop_strings(params)
-        grammar = await self._admission.grammar(params)
-        ids = await self._admission.tokenize(prompt)
-        self._admission.check_fits(len(ids), params)
-        self._check_open()
-        if request_id in self._live:
-            raise DuplicateRequestIdError(f"request_id {request_id!r} is already in use")
-        seed = (params.seed if params.seed is not None else random.getrandbits(32)) % (1 << 32)
-        seq = Sequence(
-            request_id,
-            next(self._arrivals),
-            ids,
-            params,
-            max_model_len=self.max_model_len,
-            eos_ids=self._eos_ids,
-            seed=seed,
-        )
-        seq.grammar = grammar
-        seq.after = self._follows.get(request_id)
-        state = RequestState(seq, self._delivery.decoder.new_state(), stops, stream_interval)
-        self.tracer.add("admission", t0, time.perf_counter())
-        self._live[request_id] = state
-        self._idle.clear()
-        if attach is not None:
-            attach(state)
-        try:
-            await self._queue.wait_for_room(state, self._loop, self._check_open)  # backpressure
-        except BaseException:
-            self._forget(state)
-            raise
-        if state.closed:
-            return state  # aborted before it was queued: its stream reads the abort marker
-        self._queue.put(state)
-        self._work.set()
-        return state
 
     def _check_open(self) -> None:
         if self._state != "running":

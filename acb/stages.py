@@ -1,8 +1,9 @@
-"""The pipeline's stage coroutines, and how a request ends: the half of :class:`acb.Engine` that runs once it started.
+"""The pipeline's stages, and how a request ends: the half of :class:`acb.Engine` that runs once it started.
 
 :class:`Stages` is a mixin of the engine: its methods are the engine's (they read the engine's scheduler, batch
 builder, runner, bridge, queues and live requests, built in ``Engine._build``), kept here so that ``engine.py`` holds
-the public API and the lifecycle, and this module the three loops that ``Engine.start`` spawns:
+the public API and the lifecycle, and this module the four stages: admission, which runs in the task of whoever
+submits (``_submit``: validate, tokenize, queue with backpressure), and the three loops that ``Engine.start`` spawns:
 
 - ``_step_loop``: scheduling, batch preparation and launch (the launch itself runs on the step worker thread);
 - ``_completion_loop``: awaits each launched step's completion and accepts its tokens;
@@ -16,12 +17,20 @@ closed after the last token). Each frees its KV blocks at once.
 from __future__ import annotations
 
 import logging
+import random
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from .errors import RequestFailedError, WorkerFailedError
+from .errors import DuplicateRequestIdError, InvalidRequestError, RequestFailedError, WorkerFailedError
 from .outputs import Token
 from .scheduler import ScheduledStep
+from .sequence import Sequence
 from .stream import RequestState
+
+if TYPE_CHECKING:
+    from .admission import Prompt
+    from .config import SamplingParams
 
 __all__ = ["Stages"]
 
@@ -29,6 +38,64 @@ log = logging.getLogger("acb")
 
 
 class Stages:
+    # -- stage: admission, in the caller's task -------------------------------------------------------------------
+
+    async def _submit(
+        self,
+        request_id: str,
+        prompt: Prompt,
+        params: SamplingParams | None,
+        attach: Callable[[RequestState], None] | None = None,
+        stream_interval: int = 1,
+    ) -> RequestState:
+        """Admit one request: validate, tokenize, then queue it for the scheduler (waiting for room under
+        ``max_pending``). ``attach`` receives the request's state as soon as it exists, before any wait for room, so
+        that its stream can abort it while it waits."""
+        t0 = time.perf_counter()
+        self._check_open()
+        if not isinstance(request_id, str):
+            raise InvalidRequestError(
+                f"request_id must be a string, got {type(request_id).__name__}", param="request_id"
+            )
+        params = self._admission.check_params(params if params is not None else self.default_params)
+        if request_id in self._live:
+            raise DuplicateRequestIdError(f"request_id {request_id!r} is already in use")
+        stops = await self._admission.stop_strings(params)
+        grammar = await self._admission.grammar(params)
+        ids = await self._admission.tokenize(prompt)
+        self._admission.check_fits(len(ids), params)
+        self._check_open()
+        if request_id in self._live:
+            raise DuplicateRequestIdError(f"request_id {request_id!r} is already in use")
+        seed = (params.seed if params.seed is not None else random.getrandbits(32)) % (1 << 32)
+        seq = Sequence(
+            request_id,
+            next(self._arrivals),
+            ids,
+            params,
+            max_model_len=self.max_model_len,
+            eos_ids=self._eos_ids,
+            seed=seed,
+        )
+        seq.grammar = grammar
+        seq.after = self._follows.get(request_id)
+        state = RequestState(seq, self._delivery.decoder.new_state(), stops, stream_interval)
+        self.tracer.add("admission", t0, time.perf_counter())
+        self._live[request_id] = state
+        self._idle.clear()
+        if attach is not None:
+            attach(state)
+        try:
+            await self._queue.wait_for_room(state, self._loop, self._check_open)  # backpressure
+        except BaseException:
+            self._forget(state)
+            raise
+        if state.closed:
+            return state  # aborted before it was queued: its stream reads the abort marker
+        self._queue.put(state)
+        self._work.set()
+        return state
+
     # -- stage: scheduling, batch preparation and launch ----------------------------------------------------------
 
     async def _step_loop(self) -> None:
