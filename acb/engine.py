@@ -335,30 +335,29 @@ class Engine(Stages):
 
         On CUDA this needs ``record_step_timing=True`` and synchronizes the device once, to pin the GPU clock to
         the host clock."""
-        self._runner.start_device_trace()
+        self._runner.timer.start_trace()
         self.tracer.start()
 
     def stop_trace(self) -> Trace:
         """Stop recording; the trace holds host spans and the device's step spans on the host clock. Call after
         the traced work finished (it waits for the recorded CUDA events)."""
         trace = self.tracer.stop()
-        trace.spans.extend(("device", s, e) for s, e in self._runner.stop_device_trace())
+        trace.spans.extend(("device", s, e) for s, e in self._runner.timer.stop_trace())
         return trace
 
     def step_intervals(self) -> list[tuple[float, float]]:
         """GPU busy intervals ``(start_ms, end_ms)`` of every step so far, relative to the first step (CUDA, with
         ``record_step_timing=True``). Synchronizes on the recorded events: call it after a run, not in one."""
-        return self._runner.step_intervals()
+        return self._runner.timer.intervals()
 
     def step_shapes(self) -> list[tuple[int, int, bool]]:
         """Beside each of :meth:`step_intervals`: the (sub-)step's rows, tokens, and whether it replayed a decode
         CUDA graph (benchmarks split GPU time by kind of step with it)."""
-        return self._runner.step_shapes()
+        return self._runner.timer.shapes()
 
     def clear_step_timing(self) -> None:
         """Forget the step intervals recorded so far (a benchmark's warm-up)."""
-        if self._runner.step_events is not None:
-            self._runner.step_events.clear()
+        self._runner.timer.clear()
 
     def stats(self) -> EngineStats:
         """Where every live request is: each counted in exactly one of running, waiting and pending."""

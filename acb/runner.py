@@ -41,6 +41,7 @@ from .lean_model import LeanCausalLM
 from .logits import LogitsState
 from .sampling import SamplingTensors, Top, sample
 from .step_inputs import StepInputs
+from .tracing import StepTimer
 
 __all__ = ["StepResult", "StepHandle", "ModelRunner"]
 
@@ -191,12 +192,7 @@ class ModelRunner:
         self._staged: dict[str, torch.Tensor] | None = None  # device views of the step being run (worker only)
         # (start, end, shape) of every (sub-)step's GPU work, for the benchmarks' idle fraction: CUDA events, and
         # (rows, tokens, replayed a decode graph) to split GPU time by kind of step
-        self.step_events: list[tuple[torch.cuda.Event, torch.cuda.Event, tuple[int, int, bool]]] | None = (
-            [] if record_timing else None
-        )
-        self._trace_from: int | None = None  # index into step_events (CUDA) where a trace started
-        self._trace_ref: tuple[torch.cuda.Event, float] | None = None
-        self._cpu_spans: list[tuple[float, float]] | None = None  # worker compute spans (CPU) while tracing
+        self.timer = StepTimer(device, record_timing)  # step timing and the device's trace spans
 
     def launch(self, batch: StepBatch) -> StepHandle:
         """Queue ``batch`` for execution after every step launched before it; returns at once."""
@@ -232,59 +228,15 @@ class ModelRunner:
         self.generic = None
         return finished
 
-    def start_device_trace(self) -> None:
-        if self._cuda:
-            if self.step_events is None:
-                raise RuntimeError("tracing on CUDA needs EngineConfig(record_step_timing=True)")
-            torch.cuda.synchronize(self.device)
-            ref = torch.cuda.Event(enable_timing=True)
-            ref.record()
-            ref.synchronize()
-            self._trace_ref = (ref, time.perf_counter())  # the GPU was idle: ref ran at about this host time
-            self._trace_from = len(self.step_events)
-        else:
-            self._cpu_spans = []
-
-    def stop_device_trace(self) -> list[tuple[float, float]]:
-        if not self._cuda:
-            spans, self._cpu_spans = self._cpu_spans or [], None
-            return spans
-        if self._trace_ref is None:
-            return []
-        ref, t_ref = self._trace_ref
-        out = []
-        for start, end, _ in self.step_events[self._trace_from :]:
-            end.synchronize()
-            out.append((t_ref + ref.elapsed_time(start) / 1e3, t_ref + ref.elapsed_time(end) / 1e3))
-        self._trace_ref = None
-        return out
-
-    def step_intervals(self) -> list[tuple[float, float]]:
-        """GPU busy intervals ``(start_ms, end_ms)`` of every (sub-)step so far, relative to the first (CUDA, with
-        step timing on). Synchronizes on the recorded events."""
-        events = self.step_events or []
-        if not events:
-            return []
-        first = events[0][0]
-        first.synchronize()
-        out = []
-        for start, end, _ in events:
-            end.synchronize()
-            out.append((first.elapsed_time(start), first.elapsed_time(end)))
-        return out
-
-    def step_shapes(self) -> list[tuple[int, int, bool]]:
-        """Beside each of :meth:`step_intervals`: the (sub-)step's rows, tokens, and whether it replayed a graph."""
-        return [shape for _, _, shape in self.step_events or []]
-
     def _execute(self, b: StepBatch) -> StepResult:
-        if self._cpu_spans is None:
+        spans = self.timer.cpu_spans
+        if spans is None:
             return self._execute_step(b)
         t0 = time.perf_counter()
         try:
             return self._execute_step(b)
         finally:
-            self._cpu_spans.append((t0, time.perf_counter()))
+            spans.append((t0, time.perf_counter()))
 
     @torch.inference_mode()
     def _execute_step(self, b: StepBatch) -> StepResult:
@@ -318,7 +270,7 @@ class ModelRunner:
         """Run one step (or sub-step ``j`` of a round): stage (or advance), forward, sample, store the samples in the
         token buffer. Returns the samples (-1 where the logits were not finite), their logprobs and the top
         alternatives (when asked)."""
-        start = torch.cuda.Event(enable_timing=True) if self.step_events is not None else None
+        start = self.timer.begin()
         n, s = b.num_rows, len(b.sample_idx)
         graphs = self.graphs
         graphed = graphs is not None and b.decode_only and s == n and n <= graphs.max_batch
@@ -336,7 +288,7 @@ class ModelRunner:
                 logits, greedy = self._mirrored(lambda: self.tp.mirror_graph(b, j, bucket, self.inputs, self.token_buf),
                                                 lambda: graphs.replay(bucket, n, advance=j > 0))  # fmt: skip
             if b.plain:  # sampled and stored inside the graph
-                self._end(start, (n, b.num_tokens, graphed))
+                self.timer.end(start, (n, b.num_tokens, graphed))
                 return greedy, None, None
         else:
             if j == 0:
@@ -371,7 +323,7 @@ class ModelRunner:
             self.logits_state.record(tokens, b.processing)
         if b.grammar_rows:
             self.grammar_masks.record(tokens, b.grammar_rows)
-        self._end(start, (n, b.num_tokens, graphed))
+        self.timer.end(start, (n, b.num_tokens, graphed))
         return tokens, logprobs, top
 
     def _forward(self, b: StepBatch, d, j: int = 0) -> torch.Tensor:
@@ -432,14 +384,6 @@ class ModelRunner:
     def _generic_decode(self, d, splits: int) -> torch.Tensor:
         """A decode step through the generic path, every row's logits (what the graphs capture)."""
         return self.generic.forward(d, decode_only=True, max_query_len=1, decode_splits=splits)
-
-    def _end(self, start: torch.cuda.Event | None, shape: tuple[int, int, bool]) -> None:
-        """Mark the end of a (sub-)step's GPU work, paired with ``start``, when recording step timing; ``shape``:
-        its rows, tokens and whether it replayed a decode graph."""
-        if start is not None:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            self.step_events.append((start, end, shape))
 
     def _finish(self, tokens: torch.Tensor, logprobs: torch.Tensor | None, top: Top | None) -> StepResult:
         """Start the copy of a step's samples to the host, and mark the step's end with an event after it."""
