@@ -190,8 +190,6 @@ class ModelRunner:
         self.closed = False
         self._worker = StepWorker("acb-step")
         self._staged: dict[str, torch.Tensor] | None = None  # device views of the step being run (worker only)
-        # (start, end, shape) of every (sub-)step's GPU work, for the benchmarks' idle fraction: CUDA events, and
-        # (rows, tokens, replayed a decode graph) to split GPU time by kind of step
         self.timer = StepTimer(device, record_timing)  # step timing and the device's trace spans
 
     def launch(self, batch: StepBatch) -> StepHandle:

@@ -10,6 +10,7 @@ and :func:`run_client` is what ``bench.serve`` starts in a fresh process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import math
@@ -17,9 +18,9 @@ import os
 import random
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
-__all__ = ["Timing", "arrival_times", "drive", "run_client"]
+__all__ = ["Timing", "arrival_times", "drive", "run_client", "serving"]
 
 
 def arrival_times(n: int, rate: float, seed: int = 0) -> list[float]:
@@ -115,3 +116,20 @@ def run_client(port: int, requests: list, rate: float, seed: int) -> Timing:
     except ImportError:
         return asyncio.run(main())
     return uvloop.run(main())
+
+
+@contextlib.asynccontextmanager
+async def serving(app) -> AsyncIterator[int]:
+    """``app`` (ASGI) under uvicorn on the running loop, on a free local port (yielded), until the block ends: the
+    server side of every HTTP measurement (the client runs elsewhere, :func:`run_client`)."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    task = asyncio.ensure_future(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        yield server.servers[0].sockets[0].getsockname()[1]
+    finally:
+        server.should_exit = True
+        await task

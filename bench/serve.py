@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import math
 import multiprocessing
@@ -26,7 +27,7 @@ import torch
 
 from acb import Engine, EngineConfig, SamplingParams
 
-from .http_client import Timing, arrival_times, drive, run_client
+from .http_client import Timing, arrival_times, drive, run_client, serving
 from .metrics import LoopLag, percentile
 from .run import _commit, parse_mode
 from .workloads import WORKLOADS, build_model, make_requests, synthetic_tokenizer
@@ -97,19 +98,13 @@ async def serve_bench(args) -> list[dict]:
              "config": args.config, "stream_interval": args.stream_interval}  # fmt: skip
     async with Engine(model, tokenizer, config) as engine:
         await _one_run(engine, requests[:2], math.inf, "engine", None, args.seed)  # warm-up
-        port = server = task = None
-        if "http" in args.via:
-            import uvicorn
+        async with contextlib.AsyncExitStack() as stack:
+            port = None
+            if "http" in args.via:
+                from acb.serving import create_app
 
-            from acb.serving import create_app
-
-            app = create_app(engine, "bench", stream_interval=args.stream_interval)
-            server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
-            task = asyncio.ensure_future(server.serve())
-            while not server.started:
-                await asyncio.sleep(0.01)
-            port = server.servers[0].sockets[0].getsockname()[1]
-        try:
+                app = create_app(engine, "bench", stream_interval=args.stream_interval)
+                port = await stack.enter_async_context(serving(app))
             for rate in rates:
                 for via in args.via.split(","):
                     engine.clear_prefix_cache()
@@ -120,10 +115,6 @@ async def serve_bench(args) -> list[dict]:
                     if args.json:
                         with open(args.json, "w") as f:
                             json.dump(results, f, indent=2)
-        finally:
-            if server is not None:
-                server.should_exit = True
-                await task
     return results
 
 

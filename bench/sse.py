@@ -123,29 +123,20 @@ class _Ticked(_Stream):
 
 async def measure_http(streams: int, tokens: int, step: float) -> tuple[float, float, int]:
     """(tokens/s received by the client, µs of this process's CPU per token, tokens missing or failed)."""
-    import uvicorn
-
     from acb.serving import create_app
 
-    from .http_client import run_client
+    from .http_client import run_client, serving
 
     engine = _Engine(step)
     ticker = asyncio.ensure_future(engine.ticker())
-    config = uvicorn.Config(create_app(engine, "stand-in"), host="127.0.0.1", port=0, log_level="warning",
-                            lifespan="off")  # fmt: skip
-    server = uvicorn.Server(config)
-    task = asyncio.ensure_future(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
     requests = [([1, 2, 3], tokens)] * streams
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        await asyncio.get_running_loop().run_in_executor(pool, run_client, port, requests[:2], float("inf"), 0)
-        t = time.process_time()
-        timing = await asyncio.get_running_loop().run_in_executor(pool, run_client, port, requests, float("inf"), 0)
-        cpu = time.process_time() - t
-    server.should_exit = True
-    await task
+    async with serving(create_app(engine, "stand-in")) as port:
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(pool, run_client, port, requests[:2], float("inf"), 0)
+            t = time.process_time()
+            timing = await loop.run_in_executor(pool, run_client, port, requests, float("inf"), 0)
+            cpu = time.process_time() - t
     ticker.cancel()
     return timing.tokens / timing.wall_s, cpu / max(1, timing.tokens) * 1e6, streams * tokens - timing.tokens
 
