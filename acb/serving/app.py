@@ -358,10 +358,9 @@ async def serve(
     """Run the API under uvicorn on the running loop until cancelled or signalled; the engine must be started.
 
     ``on_ready(url)`` is called once the socket is bound (a failed bind raises instead); ``stream_interval`` as in
-    :func:`create_app`. Health probes are not
-    written to the access log. On SIGTERM or SIGINT the server stops accepting connections and closes the engine at
-    once, so open requests get ``drain_timeout`` to finish (then end with an error): shutdown takes at most about
-    ``drain_timeout``."""
+    :func:`create_app`. Health probes are not written to the access log. On SIGTERM or SIGINT the server stops
+    accepting connections and closes the engine at once, so open requests get ``drain_timeout`` to finish (then end
+    with an error): shutdown takes at most about ``drain_timeout``."""
     import logging
 
     import uvicorn
