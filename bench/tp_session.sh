@@ -4,7 +4,8 @@
 #      which picks the variant (or NCCL) for the runs below;
 #   2. in parallel: tests/gpu/test_parallel_cuda.py on GPUs 0-1; W-tp (llama-8b, TP=1 then TP=2) on GPUs 2-3;
 #   3. W-tp70: the llama-70b shape at TP=4.
-# PART=pair: a machine of 2 GPUs (W-tp TP=1 vs TP=2, KERNELS=N for a profile; then the TP tests, TESTS_K filters).
+# PART=pair: a machine of 2 GPUs (W-tp TP=1 vs TP=2, KERNELS=N for a profile; then the TP tests, TESTS_K filters,
+# T_TESTS=0 skips them).
 # PART=rest instead: W-tp at TP=2 with NCCL only (the one-shot sums' A/B) on GPUs 0-1, and the other tests/gpu files
 # on GPUs 2 and 3 (a second call).
 # Every benchmark process dumps its threads' stacks if it is still running after DUMP_AFTER seconds (a hang); every
@@ -33,6 +34,7 @@ if [ "${PART:-}" = pair ]; then  # a machine of 2 GPUs: W-tp TP=1 vs TP=2, then 
         --step-kinds ${KERNELS:+--kernels $KERNELS} --modes "async,async[tensor_parallel_size=2]" \
         --json "$OUT/tp.json" >"$OUT/tp.log" 2>&1
     grep -v "^\[W\|^frame #" "$OUT/tp.log" | tail -90 >>"$log"
+    [ "${T_TESTS:-330}" = 0 ] && { cat "$log"; exit 0; }  # T_TESTS=0: W-tp alone
     (
         CUDA_VISIBLE_DEVICES=0,1 env $(tdump parallel) timeout "${T_TESTS:-330}" python -m pytest -q \
             -p no:cacheprovider tests/gpu/test_parallel_cuda.py -k "${TESTS_K:-}" >"$OUT/t-parallel.log" 2>&1

@@ -1,5 +1,6 @@
 """Small fused kernels of the lean model path: rotary embedding folded into the KV-cache write, residual add +
-RMSNorm, and SiLU·mul. Each replaces several eager torch kernels (and their round trips through memory)."""
+RMSNorm, and SiLU·mul. Each replaces several eager torch kernels (and their round trips through memory). The norm
+and SiLU·mul take ``pdl``: programmatic dependent launch, under :mod:`acb.kernels.dense`'s protocol."""
 
 from __future__ import annotations
 
@@ -69,7 +70,11 @@ def rope_and_cache(
 
 
 @triton.jit
-def _add_rmsnorm_kernel(X, R, W, OUT, s_x, s_r, s_o, n, eps, BLOCK: tl.constexpr, HAS_RES: tl.constexpr):
+def _add_rmsnorm_kernel(X, R, W, OUT, s_x, s_r, s_o, n, eps, BLOCK: tl.constexpr, HAS_RES: tl.constexpr,
+                        PDL: tl.constexpr):  # fmt: skip
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
@@ -83,20 +88,26 @@ def _add_rmsnorm_kernel(X, R, W, OUT, s_x, s_r, s_o, n, eps, BLOCK: tl.constexpr
     tl.store(OUT + row * s_o + cols, (y.to(W.dtype.element_ty) * w).to(OUT.dtype.element_ty), mask=mask)
 
 
-def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def add_rmsnorm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, pdl: bool = False
+) -> torch.Tensor:
     """``residual += x`` (when given), then RMSNorm of the sum; returns the normed rows (``x`` itself is kept)."""
     rows, n = x.shape
     out = torch.empty_like(x)
     res = residual if residual is not None else x
     _add_rmsnorm_kernel[(rows,)](
         x, res, weight, out, x.stride(0), res.stride(0), out.stride(0), n, eps,
-        BLOCK=triton.next_power_of_2(n), HAS_RES=residual is not None, num_warps=8 if n >= 4096 else 4,
+        BLOCK=triton.next_power_of_2(n), HAS_RES=residual is not None, num_warps=8 if n >= 4096 else 4, PDL=pdl,
+        **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     return out
 
 
 @triton.jit
-def _silu_mul_kernel(GU, OUT, s_g, s_o, n, BLOCK: tl.constexpr):
+def _silu_mul_kernel(GU, OUT, s_g, s_o, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n
@@ -106,11 +117,12 @@ def _silu_mul_kernel(GU, OUT, s_g, s_o, n, BLOCK: tl.constexpr):
     tl.store(OUT + row * s_o + cols, act * u, mask=mask)
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+def silu_mul(gate_up: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     """``silu(gate) * up`` for ``gate_up = [gate | up]`` of shape ``[T, 2 * I]``."""
     rows, two_n = gate_up.shape
     n = two_n // 2
     out = torch.empty(rows, n, dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
-    _silu_mul_kernel[(rows, triton.cdiv(n, block))](gate_up, out, gate_up.stride(0), out.stride(0), n, BLOCK=block)
+    _silu_mul_kernel[(rows, triton.cdiv(n, block))](gate_up, out, gate_up.stride(0), out.stride(0), n, BLOCK=block,
+                                                    PDL=pdl, **({"launch_pdl": True} if pdl else {}))  # fmt: skip
     return out
