@@ -4,8 +4,10 @@
 #      which picks the variant (or NCCL) for the runs below;
 #   2. in parallel: tests/gpu/test_parallel_cuda.py on GPUs 0-1; W-tp (llama-8b, TP=1 then TP=2) on GPUs 2-3;
 #   3. W-tp70: the llama-70b shape at TP=4.
-# PART=pair: a machine of 2 GPUs (W-tp TP=1 vs TP=2, KERNELS=N for a profile; then the TP tests, TESTS_K filters,
+# PART=pair: a machine of 2 GPUs (W-tp TP=1 vs TP=2, KERNELS=N for a profile; EXTRA="VAR=value|mode ..." more
+# W-tp rows, each in its own process with that environment; then the TP tests: TESTS files, TESTS_K filters,
 # T_TESTS=0 skips them).
+# PART=tp70: W-tp70 at TP=4 with each decode GEMM choice (ENV70).
 # PART=rest instead: W-tp at TP=2 with NCCL only (the one-shot sums' A/B) on GPUs 0-1, and the other tests/gpu files
 # on GPUs 2 and 3 (a second call).
 # Every benchmark process dumps its threads' stacks if it is still running after DUMP_AFTER seconds (a hang); every
@@ -30,17 +32,33 @@ choice() {  # the all-reduce bench's pick; push (measured best on 2026-11-27) wh
     [ -f "$1" ] || { echo push; return; }
     python -c "import json; print(json.load(open('$1'))['choice'])" 2>/dev/null || echo nccl; }
 if [ "${PART:-}" = pair ]; then  # a machine of 2 GPUs: W-tp TP=1 vs TP=2, then the TP tests (TESTS_K: pytest -k)
-    CUDA_VISIBLE_DEVICES=0,1 with_dump 170 timeout 200 python -m bench.run --no-progress --workloads W-tp \
+    CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0,1} with_dump 170 timeout 200 python -m bench.run --no-progress --workloads W-tp \
         --step-kinds ${KERNELS:+--kernels $KERNELS} --modes "async,async[tensor_parallel_size=2]" \
         --json "$OUT/tp.json" >"$OUT/tp.log" 2>&1
     grep -v "^\[W\|^frame #" "$OUT/tp.log" | tail -90 >>"$log"
+    i=0
+    for v in ${EXTRA:-}; do  # more W-tp rows, each "VAR=value|mode" (a process of its own with that environment)
+        i=$((i + 1))
+        CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0,1} env "${v%%|*}" with_dump 170 timeout 200 python -m bench.run --no-progress \
+            --workloads W-tp --modes "${v#*|}" --json "$OUT/tp-extra$i.json" >"$OUT/tp-extra$i.log" 2>&1
+        echo "== ${v%%|*}: $(grep "^| W-tp" "$OUT/tp-extra$i.log" | tail -1)" >>"$log"
+    done
     [ "${T_TESTS:-330}" = 0 ] && { cat "$log"; exit 0; }  # T_TESTS=0: W-tp alone
     (
-        CUDA_VISIBLE_DEVICES=0,1 env $(tdump parallel) timeout "${T_TESTS:-330}" python -m pytest -q \
-            -p no:cacheprovider tests/gpu/test_parallel_cuda.py -k "${TESTS_K:-}" >"$OUT/t-parallel.log" 2>&1
+        CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0,1} env $(tdump parallel) timeout "${T_TESTS:-330}" python -m pytest -q \
+            -p no:cacheprovider ${TESTS:-tests/gpu/test_parallel_cuda.py} -k "${TESTS_K:-}" >"$OUT/t-parallel.log" 2>&1
         echo "exit $?" >>"$OUT/t-parallel.log"
     )
     echo "== tests: $(grep -E 'passed|failed' "$OUT/t-parallel.log" | tail -1) $(tail -1 "$OUT/t-parallel.log")" >>"$log"
+    cat "$log"
+    exit 0
+fi
+if [ "${PART:-}" = tp70 ]; then  # 4 GPUs: W-tp70 at TP=4, once per ENV70 entry (VAR=value, each its own process)
+    for v in ${ENV70:-ACB_DECODE_GEMM=auto ACB_DECODE_GEMM=cublas}; do
+        env "$v" with_dump 160 timeout 180 python -m bench.run --no-progress --workloads W-tp70 --step-kinds \
+            --modes "async[tensor_parallel_size=4]" --json "$OUT/tp70-${v#*=}.json" >"$OUT/tp70-${v#*=}.log" 2>&1
+        echo "== $v: $(grep "^| W-tp" "$OUT/tp70-${v#*=}.log" | tail -1)" >>"$log"
+    done
     cat "$log"
     exit 0
 fi
