@@ -39,8 +39,9 @@ if [ "${PART:-}" = pair ]; then  # a machine of 2 GPUs: W-tp TP=1 vs TP=2, then 
     i=0
     for v in ${EXTRA:-}; do  # more W-tp rows, each "VAR=value|mode" (a process of its own with that environment)
         i=$((i + 1))
-        CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0,1} env "${v%%|*}" with_dump 170 timeout 200 python -m bench.run --no-progress \
-            --workloads W-tp --modes "${v#*|}" --json "$OUT/tp-extra$i.json" >"$OUT/tp-extra$i.log" 2>&1
+        (export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0,1} "${v%%|*}" && with_dump 170 timeout 200 python -m \
+            bench.run --no-progress --workloads W-tp --modes "${v#*|}" --json "$OUT/tp-extra$i.json" \
+            >"$OUT/tp-extra$i.log" 2>&1)
         echo "== ${v%%|*}: $(grep "^| W-tp" "$OUT/tp-extra$i.log" | tail -1)" >>"$log"
     done
     [ "${T_TESTS:-330}" = 0 ] && { cat "$log"; exit 0; }  # T_TESTS=0: W-tp alone
@@ -55,8 +56,8 @@ if [ "${PART:-}" = pair ]; then  # a machine of 2 GPUs: W-tp TP=1 vs TP=2, then 
 fi
 if [ "${PART:-}" = tp70 ]; then  # 4 GPUs: W-tp70 at TP=4, once per ENV70 entry (VAR=value, each its own process)
     for v in ${ENV70:-ACB_DECODE_GEMM=auto ACB_DECODE_GEMM=cublas}; do
-        env "$v" with_dump 160 timeout 180 python -m bench.run --no-progress --workloads W-tp70 --step-kinds \
-            --modes "async[tensor_parallel_size=4]" --json "$OUT/tp70-${v#*=}.json" >"$OUT/tp70-${v#*=}.log" 2>&1
+        (export "$v" && with_dump 160 timeout 180 python -m bench.run --no-progress --workloads W-tp70 --step-kinds \
+            --modes "async[tensor_parallel_size=4]" --json "$OUT/tp70-${v#*=}.json" >"$OUT/tp70-${v#*=}.log" 2>&1)
         echo "== $v: $(grep "^| W-tp" "$OUT/tp70-${v#*=}.log" | tail -1)" >>"$log"
     done
     cat "$log"
