@@ -1,6 +1,6 @@
 """Small fused kernels of the lean model path: rotary embedding folded into the KV-cache write, residual add +
-RMSNorm, and SiLU·mul. Each replaces several eager torch kernels (and their round trips through memory). The norm
-and SiLU·mul take ``pdl``: programmatic dependent launch, under :mod:`acb.kernels.dense`'s protocol."""
+RMSNorm, and SiLU·mul. Each replaces several eager torch kernels (and their round trips through memory). Each
+takes ``pdl``: programmatic dependent launch, under :mod:`acb.kernels.dense`'s protocol."""
 
 from __future__ import annotations
 
@@ -16,8 +16,11 @@ def _rope_cache_kernel(
     Q, K, V, COS, SIN, POS, SLOT, KC, VC,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_cos, s_cs, s_ch,
     H: tl.constexpr, H_PAD: tl.constexpr, HKV: tl.constexpr, HKV_PAD: tl.constexpr, HALF: tl.constexpr,
-    HALF_PAD: tl.constexpr,
+    HALF_PAD: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     t = tl.program_id(0)
     pos = tl.load(POS + t)
     slot = tl.load(SLOT + t).to(tl.int64)
@@ -54,6 +57,7 @@ def rope_and_cache(
     positions: torch.Tensor,  # [T]
     slot_mapping: torch.Tensor,  # [T]
     kv: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
+    pdl: bool = False,
 ) -> None:
     """Apply rotary embedding (rotate-half convention) to q and k; write rotated k and v to their cache slots."""
     tokens, heads, dim = q.shape
@@ -65,7 +69,7 @@ def rope_and_cache(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
         kc.stride(0), kc.stride(1),
         H=heads, H_PAD=triton.next_power_of_2(heads), HKV=kvh, HKV_PAD=triton.next_power_of_2(kvh), HALF=dim // 2,
-        HALF_PAD=triton.next_power_of_2(dim // 2), num_warps=4,
+        HALF_PAD=triton.next_power_of_2(dim // 2), PDL=pdl, num_warps=4, **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
 
 

@@ -130,36 +130,58 @@ def test_add_rmsnorm_and_silu_mul(dtype):
 
 @pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.get_device_capability() < (9, 0), reason="PDL needs sm_90")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_layer_chain_under_pdl_equals_the_same_chain_without(dtype):
-    """The lean model's decode step under tensor parallelism: norm -> dense -> SiLU·mul -> dense ..., every kernel
-    launched with programmatic dependent launch, captured in a CUDA graph and replayed: each result equals the
-    chain launched plainly bit for bit (PDL changes when a kernel starts, never what it computes), and the dense
-    kernel equals F.linear within the dtype's tolerance."""
+def test_a_decode_step_under_pdl_equals_the_same_step_without(dtype):
+    """The lean model's decode layers under tensor parallelism, every kernel launched with programmatic dependent
+    launch: norm -> Q/K/V -> rotary + cache write -> split attention -> merge -> O -> norm -> gate/up -> SiLU·mul ->
+    down, captured in a CUDA graph and replayed: each result equals the same layers launched plainly bit for bit
+    (PDL changes when a kernel starts, never what it computes), and the dense kernel equals F.linear within the
+    dtype's tolerance."""
     from acb.kernels.dense import linear
 
-    torch.manual_seed(5)
-    rows, hidden, inter = 24, 512, 1536
-    layers = [(torch.randn(2 * inter, hidden, device=DEVICE, dtype=dtype) / hidden**0.5,
-               torch.randn(hidden, inter, device=DEVICE, dtype=dtype) / inter**0.5,
-               1 + 0.1 * torch.randn(hidden, device=DEVICE, dtype=dtype)) for _ in range(4)]  # fmt: skip
+    heads, kv_heads, dim, bs, inter = 8, 2, 64, 16, 1536
+    hidden = heads * dim
+    ctx = [1, 15, 16, 17, 100, 257, 33, 64]
+    cache, meta, _ = _setup(ctx, [1] * len(ctx), heads, kv_heads, dim, bs, dtype, seed=5)
+    kv = cache.layers[0]
+    rows = len(ctx)
+    lens = torch.tensor(ctx, device=DEVICE, dtype=torch.int32)
+    pos = lens.long() - 1
+    slots = meta.block_tables.long().gather(1, (pos // bs)[:, None])[:, 0] * bs + pos % bs
+    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=DEVICE).float() / dim))
+    angles = torch.arange(300, device=DEVICE).float()[:, None] * inv[None, :]
+    cos, sin = angles.cos(), angles.sin()
+    qkv_cols = (heads + 2 * kv_heads) * dim
+
+    def w(n, k):
+        return torch.randn(n, k, device=DEVICE, dtype=dtype) / k**0.5
+
+    layers = [(w(qkv_cols, hidden), w(hidden, hidden), w(2 * inter, hidden), w(hidden, inter),
+               1 + 0.1 * torch.randn(2, hidden, device=DEVICE, dtype=dtype)) for _ in range(3)]  # fmt: skip
     x0 = torch.randn(rows, hidden, device=DEVICE, dtype=dtype)
 
-    def chain(x, res, pdl):
-        for gate_up, down, g in layers:
-            x = linear(silu_mul(linear(add_rmsnorm(x, res, g, 1e-6, pdl), gate_up, pdl=pdl), pdl), down, pdl=pdl)
+    def step(x, res, pdl):
+        for qkv_w, o_w, gate_up, down, g in layers:
+            qkv = linear(add_rmsnorm(x, res, g[0], 1e-6, pdl), qkv_w, pdl=pdl)
+            q = qkv[:, :hidden].view(rows, heads, dim)
+            k = qkv[:, hidden : hidden + kv_heads * dim].view(rows, kv_heads, dim)
+            v = qkv[:, hidden + kv_heads * dim :].view(rows, kv_heads, dim)
+            rope_and_cache(q, k, v, cos, sin, pos, slots, kv, pdl)
+            o = paged_decode(q, kv, meta.block_tables, lens, 0.125, 3, pdl=pdl).reshape(rows, hidden)
+            normed = add_rmsnorm(linear(o, o_w, pdl=pdl), res, g[1], 1e-6, pdl)
+            x = linear(silu_mul(linear(normed, gate_up, pdl=pdl), pdl), down, pdl=pdl)
         return x
 
     res_plain = torch.zeros_like(x0)
-    plain = chain(x0, res_plain, False)
-    static_x, static_res = x0.clone(), torch.zeros_like(x0)
-    chain(static_x, static_res.clone(), True)  # compile outside the capture
+    plain = step(x0, res_plain, False)
+    static_res = torch.zeros_like(x0)
+    step(x0, static_res.clone(), True)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = chain(static_x, static_res, True)
+        out = step(x0, static_res, True)
     for _ in range(3):  # every replay starts from the same residual
         static_res.zero_()
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, plain) and torch.equal(static_res, res_plain)
-    w = layers[0][0]
-    torch.testing.assert_close(linear(x0, w).float(), torch.nn.functional.linear(x0, w).float(), **TOL[dtype])
+    w0 = layers[0][2]
+    torch.testing.assert_close(linear(x0, w0).float(), torch.nn.functional.linear(x0, w0).float(), **TOL[dtype])
