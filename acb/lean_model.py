@@ -13,14 +13,12 @@ attention function).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from .attention import AttentionMetadata, paged_attention_reference
 from .families import LeanLayer, LeanSpec, adapter
-from .kernels import use_decode_gemm
 from .kv_cache import KVCache
 
 __all__ = ["LeanCausalLM", "LeanInputs"]
@@ -87,23 +85,14 @@ class LeanCausalLM:
         self.workspace = None
         if self.on_cuda and workspace_rows:
             self.workspace = _decode_workspace(workspace_rows, self.num_heads, self.head_dim, self.device)
-        # each op's implementation, chosen once: Triton kernels on CUDA, plain torch on the CPU; the decode
-        # projections on Triton with PDL where that measured faster (acb.kernels.use_decode_gemm), else cuBLAS
-        self.decode_gemm = use_decode_gemm(self.device, group is not None)
-        self._pdl = self.decode_gemm
-        self._linear = _linear
+        # each op's implementation, chosen once: Triton kernels on CUDA, plain torch on the CPU
         if self.on_cuda:
             from .kernels import attention as kattn
             from .kernels import fused
 
             self._k, self._kf = kattn, fused
             self._norm, self._attend = self._norm_cuda, self._attend_cuda
-            silu = partial(fused.silu_mul, pdl=True) if self._pdl else fused.silu_mul
-            self._gate = silu if spec.activation == "silu" else _gelu_tanh_mul
-            if self.decode_gemm:
-                from .kernels import dense
-
-                self._linear = partial(dense.linear, pdl=True)
+            self._gate = self._kf.silu_mul if spec.activation == "silu" else _gelu_tanh_mul
         else:
             self._norm, self._attend = self._norm_torch, self._attend_torch
             self._gate = _silu_mul if spec.activation == "silu" else _gelu_tanh_mul
@@ -152,7 +141,12 @@ class LeanCausalLM:
         else:
             normed = self._norm(h, residual, lw.ln1)
         t = normed.shape[0]
-        qkv = self._linear(normed, lw.qkv_w, lw.qkv_b, out=qkv_out)
+        if qkv_out is None:
+            qkv = F.linear(normed, lw.qkv_w, lw.qkv_b)
+        else:
+            qkv = torch.matmul(normed, lw.qkv_w.t(), out=qkv_out)
+            if lw.qkv_b is not None:
+                qkv.add_(lw.qkv_b)
         q = qkv[:, : self._q_size].view(t, self.num_heads, self.head_dim)
         k = qkv[:, self._q_size : self._q_size + self._kv_size].view(t, self.num_kv_heads, self.head_dim)
         v = qkv[:, self._q_size + self._kv_size :].view(t, self.num_kv_heads, self.head_dim)
@@ -167,8 +161,8 @@ class LeanCausalLM:
         parallelism each rank's heads and MLP columns give partial sums: the attention's is summed here (with the
         norm after it, :meth:`_reduce_norm`), the MLP's by whatever reads it next (the next layer's first norm, or
         :meth:`head`) unless a post-MLP norm needs it whole here (:meth:`_partial`)."""
-        lw, norm, linear = self.layers[i], self._norm, self._linear
-        attn = linear(o, lw.o_w)
+        lw, norm = self.layers[i], self._norm
+        attn = F.linear(o, lw.o_w)
         if lw.post_attn_norm is not None:
             if self.group is not None:
                 self.group.all_reduce(attn)
@@ -177,7 +171,7 @@ class LeanCausalLM:
             normed = self._reduce_norm(attn, residual, lw.ln2)
         else:
             normed = norm(attn, residual, lw.ln2)
-        h = linear(self._gate(linear(normed, lw.gate_up_w)), lw.down_w)
+        h = F.linear(self._gate(F.linear(normed, lw.gate_up_w)), lw.down_w)
         if lw.post_mlp_norm is not None:
             if self.group is not None:
                 self.group.all_reduce(h)
@@ -191,7 +185,7 @@ class LeanCausalLM:
     def _reduce_norm(self, x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Sum ``x`` over the ranks, add it into ``residual``, RMSNorm: one kernel where the one-shot all-reduce
         takes it (CUDA, small steps), else the sum then :attr:`_norm`."""
-        normed = self.group.all_reduce_add_rmsnorm(x, residual, w, self.eps, self._pdl)
+        normed = self.group.all_reduce_add_rmsnorm(x, residual, w, self.eps)
         if normed is None:
             normed = self._norm(self.group.all_reduce(x), residual, w)
         return normed
@@ -221,10 +215,10 @@ class LeanCausalLM:
     def _attend_cuda(self, i: int, lw: LeanLayer, q, k, v, x: LeanInputs, out=None) -> torch.Tensor:
         kv = self.kv_cache.layers[i]
         cos, sin = self.tables[lw.rope]
-        self._kf.rope_and_cache(q, k, v, cos, sin, x.positions, x.slot_mapping, kv, self._pdl)
+        self._kf.rope_and_cache(q, k, v, cos, sin, x.positions, x.slot_mapping, kv)
         if x.decode_splits:
             o = self._k.paged_decode(q, kv, x.block_tables, x.seq_lens, self.scale, x.decode_splits,
-                                     window=lw.window, workspace=self.workspace, pdl=self._pdl)  # fmt: skip
+                                     window=lw.window, workspace=self.workspace)  # fmt: skip
             return o if out is None else out.copy_(o)
         return self._k.paged_prefill(q, kv, x.block_tables, x.seq_lens, x.query_start_loc, x.max_query_len,
                                      self.scale, out=out, window=lw.window)  # fmt: skip
@@ -239,7 +233,7 @@ class LeanCausalLM:
     # -- fused ops on CUDA, plain torch twins on the CPU ------------------------------------------------------------
 
     def _norm_cuda(self, x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor) -> torch.Tensor:
-        return self._kf.add_rmsnorm(x, residual, w, self.eps, self._pdl)
+        return self._kf.add_rmsnorm(x, residual, w, self.eps)
 
     def _norm_torch(self, x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor) -> torch.Tensor:
         if residual is not None:
@@ -247,14 +241,6 @@ class LeanCausalLM:
             x = residual
         xf = x.float()
         return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-
-
-def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, out=None) -> torch.Tensor:
-    """``F.linear``, into ``out`` when given (the mixed-step graphs' static Q/K/V buffer)."""
-    if out is None:
-        return F.linear(x, w, b)
-    torch.matmul(x, w.t(), out=out)
-    return out if b is None else out.add_(b)
 
 
 def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

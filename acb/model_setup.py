@@ -169,8 +169,6 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
                             vocab_size=vocab)  # fmt: skip
     if lean is not None:
         lean.kv_cache = kv_cache
-        if lean.decode_gemm:
-            why += "; decode projections on Triton with programmatic dependent launch"
     t0 = time.perf_counter()
     runner = ModelRunner(
         model,

@@ -7,7 +7,7 @@
 # PART=pair: a machine of 2 GPUs (W-tp TP=1 vs TP=2, KERNELS=N for a profile; EXTRA="VAR=value|mode ..." more
 # W-tp rows, each in its own process with that environment; then the TP tests: TESTS files, TESTS_K filters,
 # T_TESTS=0 skips them).
-# PART=tp70: W-tp70 at TP=4 with each decode GEMM choice (ENV70).
+# PART=tp70: W-tp70 at TP=4, once per ENV70 entry (VAR=value; default the one-shot sums).
 # PART=rest instead: W-tp at TP=2 with NCCL only (the one-shot sums' A/B) on GPUs 0-1, and the other tests/gpu files
 # on GPUs 2 and 3 (a second call).
 # Every benchmark process dumps its threads' stacks if it is still running after DUMP_AFTER seconds (a hang); every
@@ -55,7 +55,7 @@ if [ "${PART:-}" = pair ]; then  # a machine of 2 GPUs: W-tp TP=1 vs TP=2, then 
     exit 0
 fi
 if [ "${PART:-}" = tp70 ]; then  # 4 GPUs: W-tp70 at TP=4, once per ENV70 entry (VAR=value, each its own process)
-    for v in ${ENV70:-ACB_DECODE_GEMM=auto ACB_DECODE_GEMM=cublas}; do
+    for v in ${ENV70:-ACB_ALLREDUCE=push}; do
         (export "$v" && with_dump 160 timeout 180 python -m bench.run --no-progress --workloads W-tp70 --step-kinds \
             --modes "async[tensor_parallel_size=4]" --json "$OUT/tp70-${v#*=}.json" >"$OUT/tp70-${v#*=}.log" 2>&1)
         echo "== $v: $(grep "^| W-tp" "$OUT/tp70-${v#*=}.log" | tail -1)" >>"$log"

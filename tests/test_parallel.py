@@ -324,7 +324,7 @@ for epoch in (1, 2, 3):
         x = xs[rank].clone()
         outs[rank] = torch.empty_like(x)
         one_shot_push_norm[(P,)](x, resids[rank], g, outs[rank], rows, cols, 1e-6, bases, counters[rank], words * 8,
-                                 slot, RANK=rank, WORLD=W, BLOCK=512, SPIN=100, PDL=False)
+                                 slot, RANK=rank, WORLD=W, BLOCK=512, SPIN=100)
         assert torch.equal(x, xs[rank])  # the input is left as it was
     s = res + xs[0] + xs[1]
     want = s * torch.rsqrt(s.pow(2).mean(1, keepdim=True) + 1e-6) * g

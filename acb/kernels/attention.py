@@ -45,10 +45,8 @@ def _decode_split_kernel(
     Q, KC, VC, BT, LENS, OP, MP, LP, scale,
     s_qb, s_qh, s_kb, s_ks, s_kh, s_bt, s_ob, s_oh, s_os, s_mb, s_mh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAGE: tl.constexpr, SPLITS: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
+    PAGE: tl.constexpr, SPLITS: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    if PDL:  # acb.kernels.dense's protocol; the merge kernel may launch only once the splits are written
-        tl.extra.cuda.gdc_wait()
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -80,18 +78,13 @@ def _decode_split_kernel(
     tl.store(o_ptr, acc, mask=gmask[:, None] & dmask)
     tl.store(MP + b * s_mb + heads * s_mh + split, m_i, mask=gmask)
     tl.store(LP + b * s_mb + heads * s_mh + split, l_i, mask=gmask)
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
 def _decode_merge_kernel(
     OP, MP, LP, OUT, s_ob, s_oh, s_os, s_mb, s_mh, s_b, s_h,
-    SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PDL: tl.constexpr,
+    SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
 ):  # fmt: skip
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.arange(0, SPLITS_PAD)
@@ -124,12 +117,7 @@ def paged_decode(
     out: torch.Tensor | None = None,
     window: int = 0,
     workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    pdl: bool = False,
 ) -> torch.Tensor:
-    """Attention of one query token per sequence; ``pdl``: both kernels launched with programmatic dependent
-    launch (:mod:`acb.kernels.dense`'s protocol; the split kernel lets the merge start only after its stores, so
-    that early merge programs do not hold SM slots the splits need)."""
-    launch = {"launch_pdl": True} if pdl else {}
     bsz, heads, dim = q.shape
     kvh = kv.shape[3]
     group = heads // kvh
@@ -147,13 +135,13 @@ def paged_decode(
         op.stride(0), op.stride(1), op.stride(2), mp.stride(0), mp.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim, D_PAD=triton.next_power_of_2(dim),
         BLOCK_N=_block_n(q), PAGE=kv.shape[2],
-        SPLITS=splits, WINDOW=window, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL=pdl,
-        num_warps=4, num_stages=2, **launch,
+        SPLITS=splits, WINDOW=window, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4, num_stages=2,
     )  # fmt: skip
     _decode_merge_kernel[(bsz, heads)](
         op, mp, lp, out, op.stride(0), op.stride(1), op.stride(2), mp.stride(0), mp.stride(1),
         out.stride(0), out.stride(1), SPLITS=splits, SPLITS_PAD=max(2, triton.next_power_of_2(splits)), D=dim,
-        D_PAD=triton.next_power_of_2(dim), PDL=pdl, num_warps=2, **launch,
+        D_PAD=triton.next_power_of_2(dim), num_warps=2,
     )  # fmt: skip
     return out
 

@@ -1,6 +1,5 @@
 """Small fused kernels of the lean model path: rotary embedding folded into the KV-cache write, residual add +
-RMSNorm, and SiLU·mul. Each replaces several eager torch kernels (and their round trips through memory). Each
-takes ``pdl``: programmatic dependent launch, under :mod:`acb.kernels.dense`'s protocol."""
+RMSNorm, and SiLU·mul. Each replaces several eager torch kernels (and their round trips through memory)."""
 
 from __future__ import annotations
 
@@ -16,11 +15,8 @@ def _rope_cache_kernel(
     Q, K, V, COS, SIN, POS, SLOT, KC, VC,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_cos, s_cs, s_ch,
     H: tl.constexpr, H_PAD: tl.constexpr, HKV: tl.constexpr, HKV_PAD: tl.constexpr, HALF: tl.constexpr,
-    HALF_PAD: tl.constexpr, PDL: tl.constexpr,
+    HALF_PAD: tl.constexpr,
 ):  # fmt: skip
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     t = tl.program_id(0)
     pos = tl.load(POS + t)
     slot = tl.load(SLOT + t).to(tl.int64)
@@ -57,7 +53,6 @@ def rope_and_cache(
     positions: torch.Tensor,  # [T]
     slot_mapping: torch.Tensor,  # [T]
     kv: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
-    pdl: bool = False,
 ) -> None:
     """Apply rotary embedding (rotate-half convention) to q and k; write rotated k and v to their cache slots."""
     tokens, heads, dim = q.shape
@@ -69,16 +64,12 @@ def rope_and_cache(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
         kc.stride(0), kc.stride(1),
         H=heads, H_PAD=triton.next_power_of_2(heads), HKV=kvh, HKV_PAD=triton.next_power_of_2(kvh), HALF=dim // 2,
-        HALF_PAD=triton.next_power_of_2(dim // 2), PDL=pdl, num_warps=4, **({"launch_pdl": True} if pdl else {}),
+        HALF_PAD=triton.next_power_of_2(dim // 2), num_warps=4,
     )  # fmt: skip
 
 
 @triton.jit
-def _add_rmsnorm_kernel(X, R, W, OUT, s_x, s_r, s_o, n, eps, BLOCK: tl.constexpr, HAS_RES: tl.constexpr,
-                        PDL: tl.constexpr):  # fmt: skip
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+def _add_rmsnorm_kernel(X, R, W, OUT, s_x, s_r, s_o, n, eps, BLOCK: tl.constexpr, HAS_RES: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
@@ -92,26 +83,20 @@ def _add_rmsnorm_kernel(X, R, W, OUT, s_x, s_r, s_o, n, eps, BLOCK: tl.constexpr
     tl.store(OUT + row * s_o + cols, (y.to(W.dtype.element_ty) * w).to(OUT.dtype.element_ty), mask=mask)
 
 
-def add_rmsnorm(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, pdl: bool = False
-) -> torch.Tensor:
+def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``residual += x`` (when given), then RMSNorm of the sum; returns the normed rows (``x`` itself is kept)."""
     rows, n = x.shape
     out = torch.empty_like(x)
     res = residual if residual is not None else x
     _add_rmsnorm_kernel[(rows,)](
         x, res, weight, out, x.stride(0), res.stride(0), out.stride(0), n, eps,
-        BLOCK=triton.next_power_of_2(n), HAS_RES=residual is not None, num_warps=8 if n >= 4096 else 4, PDL=pdl,
-        **({"launch_pdl": True} if pdl else {}),
+        BLOCK=triton.next_power_of_2(n), HAS_RES=residual is not None, num_warps=8 if n >= 4096 else 4,
     )  # fmt: skip
     return out
 
 
 @triton.jit
-def _silu_mul_kernel(GU, OUT, s_g, s_o, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+def _silu_mul_kernel(GU, OUT, s_g, s_o, n, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n
@@ -121,12 +106,11 @@ def _silu_mul_kernel(GU, OUT, s_g, s_o, n, BLOCK: tl.constexpr, PDL: tl.constexp
     tl.store(OUT + row * s_o + cols, act * u, mask=mask)
 
 
-def silu_mul(gate_up: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` for ``gate_up = [gate | up]`` of shape ``[T, 2 * I]``."""
     rows, two_n = gate_up.shape
     n = two_n // 2
     out = torch.empty(rows, n, dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
-    _silu_mul_kernel[(rows, triton.cdiv(n, block))](gate_up, out, gate_up.stride(0), out.stride(0), n, BLOCK=block,
-                                                    PDL=pdl, **({"launch_pdl": True} if pdl else {}))  # fmt: skip
+    _silu_mul_kernel[(rows, triton.cdiv(n, block))](gate_up, out, gate_up.stride(0), out.stride(0), n, BLOCK=block)
     return out

@@ -89,17 +89,12 @@ def one_shot_push(X, n, BASES, COUNTER, flag_bytes, slot_bytes, RANK: tl.constex
 
 @triton.jit
 def one_shot_push_norm(X, R, G, OUT, rows, cols, eps, BASES, COUNTER, flag_bytes, slot_bytes, RANK: tl.constexpr,
-                       WORLD: tl.constexpr, BLOCK: tl.constexpr, SPIN: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+                       WORLD: tl.constexpr, BLOCK: tl.constexpr, SPIN: tl.constexpr):  # fmt: skip
     """:func:`one_shot_push`'s sum of ``X [rows, cols]`` followed by the residual add and RMSNorm of
     :func:`acb.kernels.fused.add_rmsnorm`, in one kernel: ``R += sum`` (in place), ``OUT = RMSNorm(R) * G``; ``X``
     is left as it was. The roundings are the two kernels': the sum is rounded to X's dtype before the add. Each
     program pushes and sums whole rows (``pid``, ``pid + programs``, ...), so the barrier it passes covers every row
-    it normalizes; every program runs every call, rows or not, so that the epochs stay in step. ``PDL``: launched
-    with programmatic dependent launch (:mod:`acb.kernels.dense`'s protocol): it waits for its predecessor before
-    it reads anything, its counter included."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    it normalizes; every program runs every call, rows or not, so that the epochs stay in step."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     epoch = tl.load(COUNTER + pid) + 1

@@ -151,13 +151,10 @@ class OneShot:
                             RANK=self.rank, WORLD=self.world, BLOCK=_BLOCK, SPIN=_SPIN)  # fmt: skip
         return t
 
-    def add_rmsnorm(
-        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, pdl: bool = False
-    ) -> torch.Tensor:
+    def add_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """``x`` summed over the ranks, added into ``residual`` (in place), RMSNorm'd with ``weight``: one kernel
         for the all-reduce and the norm after it (``push`` mode; ``x`` as :meth:`fits` takes, ``residual`` the same
-        shape and contiguous). Returns the normed rows; ``x`` keeps this rank's part. ``pdl``: launched with
-        programmatic dependent launch (acb.kernels.dense)."""
+        shape and contiguous). Returns the normed rows; ``x`` keeps this rank's part."""
         from ..kernels import one_shot
 
         rows, cols = x.shape
@@ -165,7 +162,7 @@ class OneShot:
         one_shot.one_shot_push_norm[(_MAX_PROGRAMS,)](
             x, residual, weight, out, rows, cols, eps, self._bases, self._counter, self._flag_words * 8,
             self._slot_bytes, RANK=self.rank, WORLD=self.world, BLOCK=1 << (cols - 1).bit_length(), SPIN=_SPIN,
-            PDL=pdl, num_warps=8 if cols >= 4096 else 4, **({"launch_pdl": True} if pdl else {}),
+            num_warps=8 if cols >= 4096 else 4,
         )  # fmt: skip
         return out
 

@@ -76,15 +76,15 @@ class Group:
         self._wait(self._now().allreduce([t]))
         return t
 
-    def all_reduce_add_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                               pdl: bool = False) -> torch.Tensor | None:  # fmt: skip
+    def all_reduce_add_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                               eps: float) -> torch.Tensor | None:  # fmt: skip
         """The one-shot kernel's sum of ``x`` fused with the residual add and RMSNorm after it (see
         :meth:`~acb.parallel.allreduce.OneShot.add_rmsnorm`), or None when it does not take these tensors: the
-        caller then sums and normalizes in two steps. ``pdl``: launched with programmatic dependent launch."""
+        caller then sums and normalizes in two steps."""
         one = self.one_shot
         if one is None or not one.fits_norm(x, residual):
             return None
-        return one.add_rmsnorm(x, residual, weight, eps, pdl)
+        return one.add_rmsnorm(x, residual, weight, eps)
 
     def all_gather_last(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank's ``t`` side by side along the last dimension (rank order)."""
