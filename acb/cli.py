@@ -170,35 +170,41 @@ async def _generate(engine, a: argparse.Namespace) -> None:
 # -- acb serve ----------------------------------------------------------------------------------------------------
 
 
-def _at_least_one(text: str) -> int:
-    """An argparse type: an integer >= 1 (refused before any model is loaded)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
+def _at_least(low: int):
+    """An argparse type: an integer >= ``low`` (refused before any model is loaded)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+        return value
+
+    return parse
 
 
 async def _serve(engine, a: argparse.Namespace) -> None:
-    from .serving import serve
+    from .serving import serve, serve_processes
 
     async with engine:
         print(f"acb: {summary(engine)}", file=sys.stderr)
-        await serve(
-            engine,
-            a.host,
-            a.port,
-            a.served_model_name,
+        where = f" in {a.api_processes} API processes" if a.api_processes else ""
+        options = dict(
             log_level=a.log_level,
             max_body_bytes=a.max_body_bytes,
             stream_interval=a.stream_interval,
             api_key=a.api_key or os.environ.get("ACB_API_KEY") or None,
             on_ready=lambda url: print(
-                f"acb: serving on {url}/v1 (model '{a.served_model_name or engine_name(engine)}')", file=sys.stderr
+                f"acb: serving on {url}/v1{where} (model '{a.served_model_name or engine_name(engine)}')",
+                file=sys.stderr,
             ),
         )
+        if a.api_processes:
+            await serve_processes(engine, a.api_processes, a.host, a.port, a.served_model_name, **options)
+        else:
+            await serve(engine, a.host, a.port, a.served_model_name, **options)
 
 
 def summary(engine) -> str:
@@ -334,10 +340,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--stream-interval",
-        type=_at_least_one,
+        type=_at_least(1),
         default=1,
         help="tokens per streamed write: 1 writes each token as it is computed, N groups up to N per write (less "
         "server CPU per token; tokens arrive in groups) (default: %(default)s)",
+    )
+    s.add_argument(
+        "--api-processes",
+        type=_at_least(0),
+        default=0,
+        help="run the HTTP server in this many processes of its own, apart from the engine's event loop (for "
+        "thousands of streamed tokens per second: docs/serving.md); 0 serves from the engine's process "
+        "(default: %(default)s)",
     )
     s.add_argument(
         "--drain-timeout",

@@ -65,6 +65,7 @@ def test_version(capsys):
         ["generate", "--prefill-chunk-tokens", "0", "--device", "cpu"],
         ["batch", "--admission-order", "shortest_first", "--device", "cpu"],
         ["serve", "--stream-interval", "0"],
+        ["serve", "--api-processes", "-1"],
     ],
 )
 def test_errors_are_one_clear_line(args, capsys):
@@ -199,12 +200,70 @@ def test_serve_with_the_openai_client_an_api_key_and_a_quiet_health_probe():
     assert "GET /v1/models HTTP" in out  # uvicorn's access log: everything else is still there
 
 
-def test_serve_says_it_cannot_bind_instead_of_announcing():
+def _children(pid: int) -> set[int]:
+    """Processes whose parent is ``pid`` (Linux /proc)."""
+    out = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.add(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="counts child processes through /proc")
+def test_serve_in_api_processes_answers_and_leaves_nothing_running():
+    """``--api-processes 2``: the OpenAI client's requests, concurrent, over both processes; SIGTERM ends the API
+    processes and the engine's, nothing left behind."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+
+    port = _free_port()
+    proc = subprocess.Popen(
+        [*ACB, "serve", "--port", str(port), "--device", "cpu", "--api-processes", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_up(proc, port)
+        workers = _children(proc.pid)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        model = client.models.list().data[0].id
+
+        def ask(i: int) -> str:
+            r = client.completions.create(model=model, prompt=f"number {i}", max_tokens=6, temperature=0)
+            return r.choices[0].text
+
+        with ThreadPoolExecutor(8) as pool:
+            texts = list(pool.map(ask, range(16)))
+        assert texts == [ask(i) for i in range(16)]  # greedy: the same answer whichever process served it
+        stream = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=5, stream=True
+        )
+        assert list(stream)[-1].choices[0].finish_reason in ("length", "stop")
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    assert "in 2 API processes" in err and len(workers) >= 2
+    deadline = time.time() + 10  # orphans are reaped by init shortly after
+    while any(os.path.exists(f"/proc/{pid}") for pid in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in workers), "an API process outlived the server"
+
+
+@pytest.mark.parametrize("processes", ["0", "2"])
+def test_serve_says_it_cannot_bind_instead_of_announcing(processes):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        r = _run("serve", "--port", str(port), "--device", "cpu", timeout=90)
+        r = _run("serve", "--port", str(port), "--device", "cpu", "--api-processes", processes, timeout=90)
     assert r.returncode == 1
     assert "serving on" not in r.stderr and "could not serve" in r.stderr.splitlines()[-1]
 

@@ -1,0 +1,180 @@
+"""``acb serve --api-processes N``: the OpenAI server in N processes of its own, the engine in this one.
+
+This process keeps the engine (and its event loop) and serves it on a Unix socket (:class:`~.remote.EngineHost`);
+each API process runs :func:`~.app.create_app` over a :class:`~.remote.RemoteEngine` under uvicorn, on the same
+TCP port (``SO_REUSEPORT``: the kernel spreads connections over them). This process binds the port first, without
+listening, so that a taken port fails here, and port 0 picks one port for all. On SIGTERM or SIGINT the API
+processes stop accepting connections and the engine closes at once, so open requests get ``drain_timeout`` to finish
+(as with one process). An API process that dies takes its open requests with it (the engine frees their KV blocks)
+while the others serve on; if every one is gone, serving ends with an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import signal
+import socket
+import tempfile
+from collections.abc import Callable
+
+from .remote import EngineHost, RemoteEngine
+
+__all__ = ["serve_processes"]
+
+_START_TIMEOUT_S = 120.0
+
+
+def _listener(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` that other sockets may bind too (``SO_REUSEPORT``)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def serve_processes(
+    engine,
+    processes: int,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model_name: str | None = None,
+    log_level: str = "info",
+    max_body_bytes: int | None = None,
+    api_key: str | None = None,
+    on_ready: Callable[[str], None] | None = None,
+    stream_interval: int = 1,
+) -> None:
+    """Serve the started ``engine`` through ``processes`` API processes until SIGTERM/SIGINT or cancellation; the
+    other arguments as :func:`acb.serving.serve`'s. Raises ``OSError`` when the port cannot be bound, and
+    ``RuntimeError`` when an API process fails to start or every one has died."""
+    if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
+        raise ValueError(f"processes must be an integer >= 1, got {processes!r}")
+    try:
+        reserved = _listener(host, port)
+    except OSError as exc:
+        raise OSError(f"could not serve on {host}:{port}: {exc}") from exc
+    port = reserved.getsockname()[1]
+    model_name = model_name or getattr(engine.model.config, "_name_or_path", None) or "acb-default"
+    options = dict(model_name=model_name, log_level=log_level, max_body_bytes=max_body_bytes, api_key=api_key,
+                   stream_interval=stream_interval, drain_timeout=engine.config.drain_timeout)  # fmt: skip
+    ctx = multiprocessing.get_context("spawn")
+    with reserved, tempfile.TemporaryDirectory(prefix="acb-") as private:  # a directory only this user can enter
+        path = os.path.join(private, "engine.sock")
+        hosted = EngineHost(engine, path)
+        await hosted.start()
+        ready = ctx.Queue()
+        procs = [ctx.Process(target=_api_main, args=(path, host, port, options, ready), daemon=True,
+                             name=f"acb-api-{i}") for i in range(processes)]  # fmt: skip
+        try:
+            for p in procs:
+                p.start()
+            await _started(procs, ready)
+            if on_ready is not None:
+                on_ready(f"http://{host}:{port}")
+            await _until_stopped(procs)
+        finally:
+            for p in procs:  # SIGTERM: each stops accepting and lets its open requests finish
+                if p.is_alive():
+                    p.terminate()
+            closing = asyncio.ensure_future(engine.close(drain=True))
+            await asyncio.to_thread(_join, procs, engine.config.drain_timeout + 5.0)
+            await closing
+            await hosted.close()
+
+
+async def _started(procs: list, ready) -> None:
+    """Wait until every API process says it listens; one that dies or reports an error first fails the start."""
+    loop = asyncio.get_running_loop()
+    waiting = len(procs)
+    deadline = loop.time() + _START_TIMEOUT_S
+    while waiting:
+        try:
+            message = await asyncio.to_thread(ready.get, True, 0.2)
+        except Exception:  # queue.Empty
+            message = None
+        if message is not None:
+            if message[0] != "ready":
+                raise RuntimeError(f"an API process failed to start: {message[1]}")
+            waiting -= 1
+        elif dead := [p for p in procs if not p.is_alive()]:
+            raise RuntimeError(f"API process {dead[0].name} exited with code {dead[0].exitcode} while starting")
+        elif loop.time() > deadline:
+            raise RuntimeError(f"API processes did not start within {_START_TIMEOUT_S:.0f} s")
+
+
+async def _until_stopped(procs: list) -> None:
+    """Until SIGTERM or SIGINT (or cancellation); an error once no API process is left."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
+            if not any(p.is_alive() for p in procs):
+                raise RuntimeError("every API process has exited; see the log above")
+    finally:
+        for sig in signals:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.remove_signal_handler(sig)
+
+
+def _join(procs: list, timeout: float) -> None:
+    for p in procs:
+        p.join(timeout)
+        if p.is_alive():
+            p.kill()
+            p.join(5.0)
+
+
+# -- an API process ------------------------------------------------------------------------------------------------
+
+
+def _api_main(path: str, host: str, port: int, options: dict, ready) -> None:
+    """The entry point of an API process (spawned)."""
+    try:
+        asyncio.run(_api(path, host, port, options, ready))
+    except Exception as exc:
+        ready.put(("error", f"{type(exc).__name__}: {exc}"))
+        raise
+
+
+async def _api(path: str, host: str, port: int, options: dict, ready) -> None:
+    import uvicorn
+
+    from .app import _quiet_health, create_app
+    from .middleware import DEFAULT_MAX_BODY_BYTES
+
+    remote = await RemoteEngine.connect(path)
+    app = create_app(remote, options["model_name"], max_body_bytes=options["max_body_bytes"] or DEFAULT_MAX_BODY_BYTES,
+                     api_key=options["api_key"], stream_interval=options["stream_interval"])  # fmt: skip
+
+    class _Uvicorn(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                ready.put(("ready", os.getpid()))
+
+    import logging
+
+    logging.getLogger("uvicorn.access").addFilter(_quiet_health)
+    config = uvicorn.Config(app, log_level=options["log_level"], loop="none", lifespan="off",
+                            timeout_graceful_shutdown=options["drain_timeout"] + 1.0)  # fmt: skip
+    sock = _listener(host, port)
+    try:
+        await _Uvicorn(config).serve(sockets=[sock])
+    finally:
+        sock.close()
+        await remote.close()

@@ -1,0 +1,201 @@
+"""The OpenAI server apart from the engine's process (acb/serving/remote.py, processes.py).
+
+Here the API side (:class:`RemoteEngine` under the same app and uvicorn) runs on the test's loop but reaches the
+engine only through the Unix socket, so every message crosses the wire as between processes; tests/test_cli.py
+runs ``acb serve --api-processes 2`` as real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import tempfile
+
+import httpx
+import pytest
+import uvicorn
+
+from acb import Engine, EngineConfig
+from acb.serving import create_app
+from acb.serving.remote import EngineHost, RemoteEngine
+
+
+async def _uvicorn(app):
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    return server, task, f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+
+
+@pytest.fixture
+async def split(make_model, tokenizer):
+    """``(engine, remote, url of the app over the remote engine, url of the app over the engine itself, the engine's
+    socket)``."""
+    model, _ = make_model("llama", seed=83)
+    engine = Engine(model, tokenizer, EngineConfig(block_size=8, max_model_len=256))
+    private = tempfile.mkdtemp(prefix="acb-test-")  # short: a Unix socket's path has ~100 bytes
+    async with engine:
+        host = EngineHost(engine, os.path.join(private, "engine.sock"))
+        await host.start()
+        remote = await RemoteEngine.connect(host.path)
+        servers = [await _uvicorn(create_app(remote, "tiny")), await _uvicorn(create_app(engine, "tiny"))]
+        yield engine, remote, servers[0][2], servers[1][2], host.path
+        for server, task, _ in servers:
+            server.should_exit = True
+            await task
+        await remote.close()
+        await host.close()
+    shutil.rmtree(private, ignore_errors=True)
+
+
+async def _settle(engine: Engine) -> bool:
+    for _ in range(300):
+        s = engine.stats()
+        if s.kv_blocks_free == s.kv_blocks_total and s.num_running == 0 and s.num_waiting == 0:
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
+def _same(body):
+    """A body without its id and creation time, logprobs to 4 decimals (the two servers' requests run in
+    different batches, which moves float32 sums in their last bits)."""
+    if isinstance(body, dict):
+        return {k: _same(v) for k, v in body.items() if k not in ("id", "created")}
+    if isinstance(body, list):
+        return [_same(v) for v in body]
+    return round(body, 4) if isinstance(body, float) else body
+
+
+async def _events(client: httpx.AsyncClient, url: str, body: dict) -> dict:
+    """A streamed response's events per choice, in order (choices interleave as their tokens happen to arrive),
+    and its usage."""
+    async with client.stream("POST", url, json=body) as r:
+        assert r.status_code == 200
+        lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    per_choice: dict = {}
+    for line in lines[:-1]:
+        event = _same(json.loads(line[6:]))
+        for choice in event["choices"]:
+            per_choice.setdefault(choice["index"], []).append(choice)
+        if event.get("usage"):
+            per_choice["usage"] = event["usage"]
+    return per_choice
+
+
+BODIES = [
+    ("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 12, "temperature": 0}),
+    ("/v1/completions", {"prompt": ["a b c", "d e f"], "max_tokens": 6, "temperature": 0, "logprobs": 2}),
+    ("/v1/completions", {"prompt": "x y", "max_tokens": 5, "n": 3, "seed": 7, "temperature": 0.9}),
+    (
+        "/v1/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "Say hi"}],
+            "max_tokens": 9,
+            "temperature": 0,
+            "logprobs": True,
+            "top_logprobs": 2,
+        },
+    ),  # fmt: skip
+    ("/v1/completions", {"prompt": "the end", "max_tokens": 20, "temperature": 0, "stop": [" a", "b"]}),
+]
+
+
+@pytest.mark.parametrize("path, body", BODIES)
+async def test_the_api_across_processes_answers_as_the_engines_own(split, path, body):
+    """Plain and streamed, several prompts, samples, logprobs, chat, stop strings: the same bodies (greedy and
+    seeded sampling are deterministic), the same usage."""
+    engine, _, remote_url, local_url, _ = split
+    async with httpx.AsyncClient(timeout=60) as client:
+        got = await client.post(remote_url + path, json=body)
+        want = await client.post(local_url + path, json=body)
+        assert got.status_code == want.status_code == 200
+        assert _same(got.json()) == _same(want.json())
+        stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        assert await _events(client, remote_url + path, stream) == await _events(client, local_url + path, stream)
+    assert await _settle(engine)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"prompt": [[5, 10**9]], "max_tokens": 4},  # a token id outside the vocabulary: refused at admission
+        {"prompt": "word " * 400, "max_tokens": 4},  # longer than max_model_len
+        {"prompt": "hi", "max_tokens": 4, "stream": True, "n": 2, "best_of": 3},
+    ],
+)
+async def test_a_refused_request_gets_the_same_error(split, body):
+    _, _, remote_url, local_url, _ = split
+    async with httpx.AsyncClient(timeout=60) as client:
+        got = await client.post(remote_url + "/v1/completions", json=body)
+        want = await client.post(local_url + "/v1/completions", json=body)
+    assert got.status_code == want.status_code and got.status_code in (400, 422)
+    assert got.json() == want.json()
+
+
+async def test_a_client_that_leaves_mid_stream_frees_its_blocks(split):
+    engine, _, remote_url, _, _ = split
+    async with httpx.AsyncClient(timeout=60) as client:
+        body = {"prompt": "tell me a long story", "max_tokens": 200, "temperature": 0, "stream": True}
+        async with client.stream("POST", remote_url + "/v1/completions", json=body) as r:
+            seen = 0
+            async for line in r.aiter_lines():
+                seen += line.startswith("data: ")
+                if seen == 3:
+                    break
+        assert engine.stats().kv_blocks_free < engine.stats().kv_blocks_total or await _settle(engine)
+    assert await _settle(engine)
+
+
+async def test_an_api_process_that_goes_away_ends_its_requests(split):
+    """The engine's side ends every request of a connection that closes (a crashed API process)."""
+    engine, _, _, _, path = split
+    other = await RemoteEngine.connect(path)
+    streams = [await other.submit("keep going", engine.default_params, request_id=f"gone-{i}") for i in range(3)]
+    for s in streams:
+        await s.__anext__()
+    assert engine.stats().num_running + engine.stats().num_waiting == 3
+    await other.close()
+    assert await _settle(engine)
+
+
+async def test_remote_streams_read_like_engine_streams(split):
+    """``async for``, ``num_ready``, ``num_prompt_tokens``; leaving the loop early aborts the request; a duplicate
+    request id is refused with the engine's own error."""
+    engine, remote, _, _, _ = split
+    params = engine.default_params
+    stream = await remote.submit("count with me", params, request_id="r1")
+    assert stream.num_prompt_tokens > 0
+    toks = [t async for t in stream]
+    assert toks[-1].finish_reason is not None and all(t.finish_reason is None for t in toks[:-1])
+    want = await engine.generate("count with me", params)
+    assert "".join(t.text for t in toks) == want.text
+    long = await remote.submit("again", params, request_id="r2")
+    async for _ in long:
+        break
+    await long.aclose()
+    assert await _settle(engine)
+    live = await remote.submit("one", params, request_id="dup")
+    from acb.errors import DuplicateRequestIdError
+
+    with pytest.raises(DuplicateRequestIdError):
+        await remote.submit("two", params, request_id="dup")
+    await live.aclose()
+    assert await _settle(engine)
+
+
+async def test_when_the_engine_closes_the_api_says_unavailable(split):
+    engine, remote, remote_url, _, _ = split
+    await engine.close()
+    for _ in range(300):
+        if not remote.running:
+            break
+        await asyncio.sleep(0.01)
+    async with httpx.AsyncClient(timeout=30) as client:
+        health = await client.get(remote_url + "/health")
+        r = await client.post(remote_url + "/v1/completions", json={"prompt": "hi", "max_tokens": 3})
+    assert health.status_code == 503 and r.status_code == 503
+    assert r.json()["error"]["type"] == "service_unavailable"
