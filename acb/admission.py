@@ -20,6 +20,7 @@ from typing import TypeVar
 from . import aio
 from .config import SamplingParams
 from .errors import (
+    EngineClosedError,
     InvalidPromptError,
     InvalidRequestError,
     InvalidSamplingParamsError,
@@ -57,9 +58,12 @@ class Admission:
         self.long_prompt_chars = long_prompt_chars
         self.max_prompt_chars = max_prompt_chars
         self._pools: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
+        self._closed = False
 
     def close(self) -> None:
-        """Stop the tokenizer thread (work already queued there finishes)."""
+        """Stop the tokenizer thread (work running there finishes; work queued there ends with
+        :class:`EngineClosedError`, as does any offloaded work asked for later)."""
+        self._closed = True
         for pool in self._pools.values():
             pool.shutdown(wait=False, cancel_futures=True)
         self._pools = {}
@@ -67,10 +71,15 @@ class Admission:
     async def _offload(self, fn: Callable[..., T], *args, thread: str = "tokenizer") -> T:
         """Run ``fn`` in the engine's ``acb-tokenizer`` thread (or ``acb-grammar``: constraints compile there, so a
         slow one never holds up prompts), each started on first use."""
+        if self._closed:
+            raise EngineClosedError("the engine is closed")
         pool = self._pools.get(thread)
         if pool is None:
             pool = self._pools[thread] = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"acb-{thread}")
-        return await aio.wait_future(aio.current_loop(), pool.submit(lambda: fn(*args)))
+        try:
+            return await aio.wait_future(aio.current_loop(), pool.submit(lambda: fn(*args)))
+        except concurrent.futures.CancelledError:  # close() dropped it from the thread's queue
+            raise EngineClosedError("the engine closed before this request was admitted") from None
 
     # -- one request ----------------------------------------------------------------------------------------------
 
@@ -121,6 +130,8 @@ class Admission:
                     ids = await self._offload(self.tokenizer.encode, prompt)
                 else:
                     ids = self.tokenizer.encode(prompt)
+            except EngineClosedError:
+                raise
             except Exception as exc:  # a tokenizer bug: fail this request only
                 raise RequestFailedError(f"tokenizing the prompt failed: {exc!r}") from exc
             ids = list(ids)
@@ -171,6 +182,8 @@ class Admission:
         try:
             render = functools.partial(self.tokenizer.apply_chat_template, tokenize=False, add_generation_prompt=True)
             return await self._offload(render, messages)
+        except EngineClosedError:
+            raise
         except Exception as exc:
             raise InvalidRequestError(f"the chat template rejected these messages: {exc}") from exc
 
@@ -217,13 +230,17 @@ def _check_unicode(text: str, what: str) -> None:
 
 class AdmissionQueue:
     """Admitted requests waiting for a scheduler slot, and the submitters waiting for room in it (at most
-    ``max_pending`` queue; each waiting submitter holds a future that wakes it, first come first served).
+    ``max_pending`` queue; submitters wait in line, first come first served).
 
     ``order`` (:attr:`acb.config.EngineConfig.admission_order`): which queued request :meth:`take` gives first, the
     oldest (``"arrival"``) or the one allowed the most output tokens (``"longest_first"``, ties oldest first).
     Items are the engine's request states (anything hashable with a ``queued`` flag and a ``seq`` with ``arrival``,
     ``max_len`` and ``num_prompt``); loop thread only. A removed request leaves its heap entry behind, skipped when
-    it comes up."""
+    it comes up.
+
+    Room is handed out, not raced for: a place that comes free goes to the first submitter in line, which holds it
+    (``_granted``) until it runs, so a newcomer cannot take it meanwhile; a submitter that leaves with a place passes
+    it to the next in line."""
 
     def __init__(self, max_pending: int, order: str = "arrival") -> None:
         self.max_pending = max_pending
@@ -231,7 +248,8 @@ class AdmissionQueue:
         self._heap: list[tuple[int, int, int, object]] = []  # (key, arrival, put number, state)
         self._count = 0
         self._puts = 0
-        self._blocked: dict[object, object] = {}  # state -> its waiter (aio.Loop.waiter)
+        self._blocked: dict[object, object] = {}  # state -> its waiter (aio.Loop.waiter), in line order
+        self._granted: set = set()  # woken with a place held for them, not yet run
 
     @property
     def num_queued(self) -> int:
@@ -239,19 +257,32 @@ class AdmissionQueue:
 
     @property
     def num_blocked(self) -> int:
-        return len(self._blocked)
+        return len(self._blocked) + len(self._granted)
 
     async def wait_for_room(self, state, loop: aio.Loop, still_wanted: Callable[[], None]) -> None:
-        """Wait until the queue has room for ``state`` (or it was removed); ``still_wanted`` raises when the wait
-        should end with an error (the engine closing)."""
-        while not state.closed and self._count >= self.max_pending:
-            woken = loop.waiter()
-            self._blocked[state] = woken
-            try:
-                await woken
-            finally:
-                self._blocked.pop(state, None)
+        """Wait until ``state`` may be queued (a place is held for it), or it was removed; ``still_wanted`` raises
+        when the wait should end with an error (the engine closing). Returns at once when the queue has room and
+        nobody waits before it."""
+        if state.closed or (not self._blocked and self._count + len(self._granted) < self.max_pending):
+            return
+        self._blocked[state] = woken = loop.waiter()
+        try:
+            await woken
+        except BaseException:
+            self._blocked.pop(state, None)
+            self._release(state)  # a place it was given goes to the next in line
+            raise
+        try:
             still_wanted()
+        except BaseException:
+            self._release(state)
+            raise
+        self._granted.discard(state)  # the caller queues it now (no await in between)
+
+    def _release(self, state) -> None:
+        if state in self._granted:
+            self._granted.discard(state)
+            self._wake()
 
     def put(self, state) -> None:
         state.queued = True
@@ -273,37 +304,38 @@ class AdmissionQueue:
             self._count -= 1
             out.append(state)
             n -= 1
-        if out and self._blocked:
+        if out:
             self._wake()
         return out
 
     def remove(self, state) -> None:
-        """``state`` ended (aborted, failed): out of the queue, or no longer waiting for room."""
+        """``state`` ended (aborted, failed): out of the queue, or out of the line for room (its submitter wakes and
+        sees it closed; a place held for it goes to the next in line)."""
         woken = self._blocked.pop(state, None)
         if woken is not None and not woken.done():
             woken.set_result(None)
-        was_queued = state.queued
-        if was_queued:
+        if state.queued:
             state.queued = False  # its heap entry is skipped by take(), or dropped here once they pile up
             self._count -= 1
             if len(self._heap) > 2 * self._count + 1024:
                 self._heap = [e for e in self._heap if e[3].queued]
                 heapq.heapify(self._heap)
-        if (was_queued or woken is not None) and self._blocked:
-            self._wake()  # a place in the queue came free, or a woken waiter gave up its turn
+            self._wake()
+        self._release(state)
 
     def wake_all(self) -> None:
         """Wake every waiting submitter (the engine is closing: they see it and give up)."""
-        self._wake(len(self._blocked))
+        while self._blocked:
+            self._grant()
 
-    def _wake(self, room: int | None = None) -> None:
-        """Wake waiting submitters, first come first served, as many as the queue has room for (those woken but not
-        yet run hold their place)."""
-        if room is None:
-            room = self.max_pending - self._count
-        for woken in self._blocked.values():
-            if room <= 0:
-                break
-            if not woken.done():
-                woken.set_result(None)
-            room -= 1
+    def _wake(self) -> None:
+        """Hand the free places to the first submitters in line."""
+        while self._blocked and self._count + len(self._granted) < self.max_pending:
+            self._grant()
+
+    def _grant(self) -> None:
+        state, woken = next(iter(self._blocked.items()))
+        del self._blocked[state]
+        self._granted.add(state)
+        if not woken.done():
+            woken.set_result(None)
