@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -28,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import Engine
-from ..errors import AcbError, EngineClosedError, InvalidRequestError, RequestFailedError
+from ..errors import AcbError, EngineClosedError, InvalidRequestError
 from ..stream import RequestStream
 from .bodies import chat_logprobs, collect, completion_logprobs, cumulative_logprob, sse
 from .metrics import ServerMetrics
@@ -43,14 +44,18 @@ from .protocol import (
     CompletionResponse,
     ModelCard,
     ModelList,
+    UnsupportedFieldError,
     Usage,
     openai_param,
     to_sampling_params,
 )
 
-__all__ = ["create_app", "serve", "DEFAULT_MAX_BODY_BYTES"]
+__all__ = ["create_app", "serve", "DEFAULT_MAX_BODY_BYTES", "MAX_CHOICES"]
 
 _ENDPOINTS = ("/v1/completions", "/v1/chat/completions")  # metric labels never take a client's arbitrary path
+MAX_CHOICES = 128
+"""Most choices (prompts x samples) one request may ask for: a single small body cannot fill the engine's queue."""
+_UNION_BRANCH = re.compile(r"str|int|float|bool|none|(list|dict)\[.*\]")  # in pydantic's error locations
 _WHOLE = 1 << 30  # a stream_interval no response reaches: the reader wakes for the first token and the end
 
 
@@ -123,7 +128,9 @@ def create_app(
 
 def _error_for(exc: Exception, req=None) -> JSONResponse:
     if isinstance(exc, InvalidRequestError):
-        return error_response(400, str(exc), "invalid_request_error", openai_param(getattr(exc, "param", None), req))
+        param = getattr(exc, "param", None)  # an unsupported field names itself; acb's names map to OpenAI's
+        param = param if isinstance(exc, UnsupportedFieldError) else openai_param(param, req)
+        return error_response(400, str(exc), "invalid_request_error", param)
     if isinstance(exc, EngineClosedError):
         return error_response(503, str(exc), "service_unavailable")
     return error_response(500, str(exc) or type(exc).__name__, "server_error")
@@ -137,7 +144,8 @@ async def _invalid_body(request: Request, exc: RequestValidationError) -> Respon
         message += f" at character {where})" if isinstance(where, int) else ")"
         response = error_response(400, message, "invalid_request_error")
     else:
-        loc = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        # the field's path, without the names pydantic gives a union's branches ("stop.str" is "stop")
+        loc = ".".join(str(p) for p in first.get("loc", ())[1:] if not _UNION_BRANCH.fullmatch(str(p))) or None
         message = f"{loc or 'body'}: {first.get('msg', 'invalid request')}"
         response = error_response(400, message, "invalid_request_error", loc)
     return _server(request).count(request.url.path if request.url.path in _ENDPOINTS else "other", response)
@@ -217,17 +225,29 @@ async def _respond(server: _Server, request: Request, endpoint: str, req, prompt
         params = to_sampling_params(req, engine.default_params)
         # n samples per prompt (best_of: that many, ranked when done); choice index = prompt * n + sample
         count = params.best_of or params.n
+        if len(prompts) * count > MAX_CHOICES:
+            raise InvalidRequestError(
+                f"{len(prompts)} prompts x {count} samples is more than the {MAX_CHOICES} choices one request may ask"
+                " for; split it", param="prompt" if len(prompts) > 1 else "n",
+            )  # fmt: skip
         one = dataclasses.replace(params, n=count, best_of=None, logprobs=params.logprobs or count > params.n)
         # a plain response reads its streams whole: woken for the first token and the last, not for each
         interval = server.stream_interval if req.stream else _WHOLE
-        for i, p in enumerate(prompts):
-            if count == 1:
-                streams.append(await engine.submit(p, one, request_id=f"{rid}-{i}", stream_interval=interval))
-            else:
-                streams.extend(await engine.submit_choices(p, one, request_id=f"{rid}-{i}", stream_interval=interval))
-    except AcbError as exc:
+
+        async def admit() -> None:  # prompt after prompt; each may wait for room in the engine's queue
+            for i, p in enumerate(prompts):
+                rid_i = f"{rid}-{i}"
+                if count == 1:
+                    streams.append(await engine.submit(p, one, request_id=rid_i, stream_interval=interval))
+                else:
+                    streams.extend(await engine.submit_choices(p, one, request_id=rid_i, stream_interval=interval))
+
+        await _until_disconnect(request, admit())  # a client that leaves meanwhile submits nothing more
+    except (AcbError, _Disconnected) as exc:
         for s in streams:
             await s.aclose()
+        if isinstance(exc, _Disconnected):
+            return server.count(endpoint, Response(status_code=499))
         return server.count(endpoint, _error_for(exc, req))
     # Wait for every first token: a failure in the first step is still a proper HTTP error, and a client that
     # leaves meanwhile aborts its requests (they may still be queued).
@@ -246,22 +266,22 @@ async def _respond(server: _Server, request: Request, endpoint: str, req, prompt
             raise errors[0]  # cancellation and the like
         return server.count(endpoint, _error_for(errors[0], req))
     metrics.ttft.observe(time.perf_counter() - arrival)
-    for s in streams:
-        metrics.prompt_tokens.inc(s.num_prompt_tokens)
+    prompt_tokens = sum(s.num_prompt_tokens for s in streams[::count])  # each prompt once, whatever its samples
+    metrics.prompt_tokens.inc(prompt_tokens)
     logprobs = params.logprobs
     if req.stream:  # (best_of > n was refused for streams)
         metrics.requests.labels(endpoint, "200").inc()
         include_usage = bool((req.stream_options or {}).get("include_usage"))
-        body = sse(server, rid, streams, firsts, chat, include_usage, logprobs)
+        body = sse(server, rid, streams, firsts, chat, include_usage, logprobs, prompt_tokens)
         return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     try:
         results = await _until_disconnect(request, asyncio.gather(*(collect(s, f) for s, f in zip(streams, firsts))))
-    except _Disconnected:
+    except (AcbError, _Disconnected) as exc:  # a failed sample (or the engine closing) ends its siblings too
         for s in streams:
             await s.aclose()
-        return server.count(endpoint, Response(status_code=499))
-    except RequestFailedError as exc:
-        return server.count(endpoint, _error_for(exc))
+        if isinstance(exc, _Disconnected):
+            return server.count(endpoint, Response(status_code=499))
+        return server.count(endpoint, _error_for(exc, req))
     completion_tokens = sum(sum(t.id is not None for t in toks) for toks in results)
     metrics.generated_tokens.inc(completion_tokens)
     if count > params.n:  # best_of: keep each prompt's n most likely samples, best first
@@ -270,7 +290,6 @@ async def _respond(server: _Server, request: Request, endpoint: str, req, prompt
             for g in range(0, len(results), count)
             for toks in sorted(results[g : g + count], key=cumulative_logprob, reverse=True)[: params.n]
         ]
-    prompt_tokens = sum(s.num_prompt_tokens for s in streams)
     usage = Usage(
         prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
     )

@@ -55,22 +55,38 @@ def chat_logprobs(server: _Server, toks: list[Token]) -> ChatLogprobs:
     )  # fmt: skip
 
 
-def completion_logprobs(server: _Server, toks: list[Token]) -> CompletionLogprobs:
-    toks = [t for t in toks if t.id is not None]
+def completion_logprobs(server: _Server, toks: list[Token], offset: int = 0) -> CompletionLogprobs:
+    """The completions API's logprobs of ``toks`` (what a choice emitted from character ``offset`` of its text on):
+    per token its text, logprob, alternatives and where its text starts in the choice's text."""
+    kept, offsets, at = [], [], offset
+    for t in toks:
+        if t.id is not None:
+            kept.append(t)
+            offsets.append(at)
+        at += len(t.text)
     top = None
-    if any(t.top_logprobs for t in toks):
-        top = [{server.token_text(i): lp for i, lp in t.top_logprobs or ()} for t in toks]
-    return CompletionLogprobs(tokens=[t.text for t in toks], token_logprobs=[t.logprob for t in toks], top_logprobs=top)
+    if any(t.top_logprobs for t in kept):
+        top = [{server.token_text(i): lp for i, lp in t.top_logprobs or ()} for t in kept]
+    return CompletionLogprobs(tokens=[t.text for t in kept], token_logprobs=[t.logprob for t in kept],
+                              top_logprobs=top, text_offset=offsets)  # fmt: skip
 
 
 _MARK = "\x00acb-text\x00"  # stands for a token's text while a response's chunk template is made
 
 
 async def sse(
-    server: _Server, rid: str, streams: list, firsts: list, chat: bool, include_usage: bool, logprobs: bool
+    server: _Server,
+    rid: str,
+    streams: list,
+    firsts: list,
+    chat: bool,
+    include_usage: bool,
+    logprobs: bool,
+    prompt_tokens: int = 0,
 ) -> AsyncIterator[str]:
-    """Server-sent events: every stream's tokens as chunks (with their logprobs when asked), a usage chunk if asked,
-    then ``[DONE]``. A stream that fails mid-way sends an error event and ends.
+    """Server-sent events: every stream's tokens as chunks (with their logprobs when asked), a usage chunk if asked
+    (``prompt_tokens``: the request's, each prompt counted once whatever its samples), then ``[DONE]``. A stream
+    that fails mid-way sends an error event and ends.
 
     The hot path is one chunk per token per stream, on the engine's event loop: a plain token (text, no logprobs, not
     the last) is its choice's chunk template (the JSON the models dump, made once per choice) around the token's
@@ -78,6 +94,7 @@ async def sse(
     a single stream (n = 1, the common case) is read directly, several through a queue that their pump tasks fill."""
     created = int(time.time())
     counts = [0] * len(streams)
+    chars = [0] * len(streams)  # each choice's text so far (completions' text_offset)
     templates: dict[int, tuple[str, str] | None] = {}
 
     def chunk(i: int, tok: Token | None, role: bool = False) -> str:
@@ -93,7 +110,7 @@ async def sse(
             choice = CompletionChoice(
                 index=i,
                 text=tok.text,
-                logprobs=completion_logprobs(server, [tok]) if lp else None,
+                logprobs=completion_logprobs(server, [tok], chars[i]) if lp else None,
                 finish_reason=finish,
             )
             body = CompletionChunk(id=rid, created=created, model=server.name, choices=[choice])
@@ -109,6 +126,11 @@ async def sse(
             return f"data: {json.dumps(err)}\n\n"
         if item.id is not None:
             counts[i] += 1
+        event = _event(i, item)
+        chars[i] += len(item.text)
+        return event
+
+    def _event(i: int, item: Token) -> str:
         if item.finish_reason is None and item.text and not logprobs:
             if i not in templates:
                 parts = chunk(i, Token(None, _MARK)).split(json.dumps(_MARK, ensure_ascii=False))
@@ -133,7 +155,6 @@ async def sse(
             if out:
                 yield out
         if include_usage:
-            prompt_tokens = sum(s.num_prompt_tokens for s in streams)
             usage = Usage(
                 prompt_tokens=prompt_tokens, completion_tokens=sum(counts), total_tokens=prompt_tokens + sum(counts)
             )
@@ -155,6 +176,7 @@ async def _one(stream: RequestStream, first: Token) -> AsyncIterator[list]:
     yield [(0, first)]
     if first.finish_reason is not None:
         return
+    batch: list = []
     try:
         async for tok in stream:
             batch = [(0, tok)]
@@ -162,10 +184,11 @@ async def _one(stream: RequestStream, first: Token) -> AsyncIterator[list]:
                 tok = await stream.__anext__()  # waiting already: returns without suspending
                 batch.append((0, tok))
             yield batch
+            batch = []
             if tok.finish_reason is not None:
                 return
-    except Exception as exc:
-        yield [(0, exc)]
+    except Exception as exc:  # after the tokens read before it (stream_interval > 1 reads several at once)
+        yield [*batch, (0, exc)]
 
 
 async def _merged(streams: list, firsts: list) -> AsyncIterator[list]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import json
 from collections.abc import Callable
 
 from fastapi.responses import JSONResponse
@@ -14,12 +15,20 @@ __all__ = ["error_response", "BodyLimit", "ApiKey", "DEFAULT_MAX_BODY_BYTES"]
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 
 
+class _AsciiJSON(JSONResponse):
+    """JSON with non-ASCII characters escaped: an error message may quote what a client sent, and a lone surrogate
+    in it (valid in JSON's escapes, not in UTF-8) would otherwise fail the response itself."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 def error_response(
     status: int, message: str, type_: str, param: str | None = None, code: str | None = None
 ) -> JSONResponse:
     """An error as OpenAI's API sends it: ``{"error": {"message", "type", "param", "code"}}``."""
     body = ErrorResponse(error=ErrorBody(message=message, type=type_, param=param, code=code))
-    return JSONResponse(body.model_dump(), status)
+    return _AsciiJSON(body.model_dump(), status)
 
 
 class BodyLimit:

@@ -2,7 +2,7 @@
 :class:`acb.SamplingParams`.
 
 Every request field is either honoured or refused with an OpenAI-shaped 400 naming it: nothing a client sends is
-silently ignored, except the informational ``user`` and ``metadata``.
+silently ignored, except the informational ``user`` and ``metadata``, and no value is coerced (``true`` is not 1).
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ _INFORMATIONAL = {"user", "metadata"}  # accepted and not used, as OpenAI docume
 
 
 class _Base(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown fields are collected and refused (to_sampling_params)
+    # unknown fields are collected and refused (to_sampling_params); strict: no coercion, so `true` or "3" is not
+    # taken for an integer (an int is still taken for a float)
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str | None = None
     max_tokens: int | None = None
@@ -74,7 +76,7 @@ class CompletionRequest(_Base):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
 
