@@ -360,13 +360,16 @@ class Engine(Stages):
         self._runner.timer.clear()
 
     def stats(self) -> EngineStats:
-        """Where every live request is: each counted in exactly one of running, waiting and pending."""
+        """Where every live request is: each counted in exactly one of running, waiting and pending (a request
+        that finished in the scheduler counts as running until its last token is delivered)."""
+        waiting = len(self._scheduler.waiting) + self._queue.num_queued
+        pending = self._queue.num_blocked
         return EngineStats(
             kv_blocks_total=self._blocks.num_blocks,
             kv_blocks_free=self._blocks.num_free,
-            num_running=len(self._scheduler.running),
-            num_waiting=len(self._scheduler.waiting) + self._queue.num_queued,
-            num_pending=self._queue.num_blocked,
+            num_running=max(len(self._scheduler.running), len(self._live) - waiting - pending),
+            num_waiting=waiting,
+            num_pending=pending,
             prefix_queries=(p := self._blocks.stats).queries,
             prefix_hits=p.hits,
             prefix_queried_tokens=p.queried_tokens,

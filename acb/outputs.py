@@ -50,8 +50,9 @@ class Completion:
 @dataclass(slots=True, frozen=True)
 class EngineStats:
     """A snapshot of the engine's load. Every live request is counted in exactly one of ``num_running`` (in the
-    batch), ``num_waiting`` (admitted, waiting for a batch slot, including preempted ones) and ``num_pending``
-    (waiting for room in the admission queue: ``max_pending`` backpressure)."""
+    batch, or finished there with its last tokens not yet delivered), ``num_waiting`` (admitted, waiting for a batch
+    slot, including preempted ones) and ``num_pending`` (waiting for room in the admission queue: ``max_pending``
+    backpressure)."""
 
     kv_blocks_total: int
     kv_blocks_free: int

@@ -219,3 +219,20 @@ async def test_generate_choices_on_a_closed_engine_leaks_a_tokenizer_thread(make
     with pytest.raises(EngineClosedError):
         await engine.generate_choices("hello " * 40, SamplingParams(max_new_tokens=2, n=2))
     assert len(_tok_threads()) == before, f"{len(_tok_threads()) - before} acb-tokenizer thread(s) started after close"
+
+
+async def test_every_live_request_is_counted_once_at_every_moment(make_model, tokenizer):
+    """EngineStats: running + waiting + pending is every live request, at every moment (a request that finished in
+    the scheduler but whose last tokens are not delivered yet used to be counted nowhere)."""
+    model, _ = make_model("llama")
+    async with Engine(model, tokenizer, EngineConfig(max_num_seqs=4, max_pending=4)) as engine:
+        params = [SamplingParams(max_new_tokens=3 + i % 4, ignore_eos=True) for i in range(16)]
+        tasks = [asyncio.create_task(engine.generate([5, 6, 7 + i], p)) for i, p in enumerate(params)]
+        bad = []
+        while not all(t.done() for t in tasks):
+            s = engine.stats()
+            if s.num_running + s.num_waiting + s.num_pending != len(engine._live):
+                bad.append((s, len(engine._live)))
+            await asyncio.sleep(0)
+        await asyncio.gather(*tasks)
+    assert not bad, f"{len(bad)} snapshots miscounted, e.g. {bad[0]}"
