@@ -95,12 +95,20 @@ async def serve_bench(args) -> list[dict]:
     rates = [float(r) for r in args.rates.split(",")]
     results: list[dict] = []
     stamp = {"card": card, "commit": _commit(), "model": args.model or w.model, "workload": "W-serve",
-             "config": args.config, "stream_interval": args.stream_interval}  # fmt: skip
+             "config": args.config, "stream_interval": args.stream_interval,
+             "api_processes": args.api_processes}  # fmt: skip
     async with Engine(model, tokenizer, config) as engine:
         await _one_run(engine, requests[:2], math.inf, "engine", None, args.seed)  # warm-up
         async with contextlib.AsyncExitStack() as stack:
             port = None
-            if "http" in args.via:
+            if "http" in args.via and args.api_processes:  # the server in processes of its own
+                from acb.serving.processes import api_processes
+
+                url, _ = await stack.enter_async_context(
+                    api_processes(engine, args.api_processes, model_name="bench", stream_interval=args.stream_interval)
+                )
+                port = int(url.rsplit(":", 1)[1])
+            elif "http" in args.via:
                 from acb.serving import create_app
 
                 app = create_app(engine, "bench", stream_interval=args.stream_interval)
@@ -192,6 +200,9 @@ def main(argv: list[str] | None = None) -> None:
         "--config", default="", help="EngineConfig overrides, e.g. mixed_graphs=true,prefill_chunk_tokens=512"
     )
     ap.add_argument("--stream-interval", type=int, default=1, help="the server's tokens per streamed write (http)")
+    ap.add_argument("--api-processes", type=int, default=0,
+                    help="http: the server in this many processes of its own (acb serve --api-processes); 0: in the "
+                    "engine's process")  # fmt: skip
     ap.add_argument("--json")
     ap.add_argument("--markdown")
     ap.add_argument("--plot", help="write the TTFT/ITL-against-rate figure to this PNG")

@@ -3,7 +3,8 @@
 #   1. tests/gpu/test_engine_cuda.py -k mixed: greedy == generate with the mixed-step graphs, both overlap modes;
 #   2. cold start: a fresh process's first W-side batch against a warm engine's (bench.coldstart, warm-up off / on);
 #   3. W-share: plain, mixed-step graphs, mixed-step graphs with prefill_chunk_tokens=512 (async), and sync;
-#   4. W-serve through the engine and HTTP (CONFIG: EngineConfig overrides; mixed graphs off, as measured).
+#   4. W-serve through the engine and HTTP (CONFIG: EngineConfig overrides; mixed graphs off, as measured;
+#      API_PROCESSES=N: the server in N processes of its own, STREAM_INTERVAL=N: tokens per write).
 # All four take more than one call's 10 minutes: STEPS="3 2 1" (run in that order; T1..T4 bound each, seconds) in a
 # first call, STEPS=4 in a second.
 # pytest-asyncio, fastapi, uvicorn and httpx are not on the card's image: build .gpu_site with bench/gpu_site.sh and
@@ -20,7 +21,8 @@ step() {
         >"$OUT/share.log" 2>&1
        grep "^| W-share\|idle\|Error" "$OUT/share.log" | tail -8 >>"$log" ;;
     4) timeout "${T4:-560}" python -m bench.serve --rates ${RATES:-8,16,32,48,64,inf} --via ${VIA:-engine,http} \
-        --config "${CONFIG:-mixed_graphs=false}" --stream-interval "${STREAM_INTERVAL:-1}" --json "$OUT/serve.json" --markdown "$OUT/serve.md" \
+        --config "${CONFIG:-mixed_graphs=false}" --stream-interval "${STREAM_INTERVAL:-1}" \
+        --api-processes "${API_PROCESSES:-0}" --json "$OUT/serve.json" --markdown "$OUT/serve.md" \
         --plot "$OUT/serve.png" 2>&1 | tail -12 >>"$log" ;;
     esac
 }

@@ -309,6 +309,20 @@ def test_serving_benchmark_runs_through_the_engine_and_http(tmp_path):
     assert "highest rate with TTFT p99 under 1 s" in (tmp_path / "serve.md").read_text()
 
 
+def test_serving_benchmark_runs_http_through_api_processes(tmp_path):
+    """``--api-processes 2``: the HTTP rows go through the server's own processes; every request served."""
+    import json
+
+    from bench.serve import main
+
+    out = tmp_path / "serve.json"
+    main(["--model", "tiny", "--scale", "0.01", "--rates", "inf", "--via", "http", "--api-processes", "2",
+          "--json", str(out)])  # fmt: skip
+    rows = json.loads(out.read_text())
+    assert [(r["via"], r["api_processes"]) for r in rows] == [("http", 2)]
+    assert rows[0]["failed"] == 0 and rows[0]["tok_per_s"] > 0 and rows[0]["requests"] == 10
+
+
 def test_the_sse_writer_bench_reports_every_case(capsys):
     from bench.sse import main
 

@@ -4,9 +4,10 @@ This process keeps the engine (and its event loop) and serves it on a Unix socke
 each API process runs :func:`~.app.create_app` over a :class:`~.remote.RemoteEngine` under uvicorn, on the same
 TCP port (``SO_REUSEPORT``: the kernel spreads connections over them). This process binds the port first, without
 listening, so that a taken port fails here, and port 0 picks one port for all. On SIGTERM or SIGINT the API
-processes stop accepting connections and the engine closes at once, so open requests get ``drain_timeout`` to finish
-(as with one process). An API process that dies takes its open requests with it (the engine frees their KV blocks)
-while the others serve on; if every one is gone, serving ends with an error.
+processes stop accepting connections and let their open requests finish (up to ``drain_timeout``), then the engine
+closes. :func:`api_processes` does the same for the length of an ``async with`` block (benchmarks). An API process
+that dies takes its open requests with it (the engine frees their KV blocks) while the others serve on; if every
+one is gone, serving ends with an error.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ import os
 import signal
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from .remote import EngineHost, RemoteEngine
 
-__all__ = ["serve_processes"]
+__all__ = ["api_processes", "serve_processes"]
 
 _START_TIMEOUT_S = 120.0
 
@@ -41,21 +42,22 @@ def _listener(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve_processes(
+@contextlib.asynccontextmanager
+async def api_processes(
     engine,
     processes: int,
     host: str = "127.0.0.1",
-    port: int = 8000,
+    port: int = 0,
     model_name: str | None = None,
-    log_level: str = "info",
+    log_level: str = "warning",
     max_body_bytes: int | None = None,
     api_key: str | None = None,
-    on_ready: Callable[[str], None] | None = None,
     stream_interval: int = 1,
-) -> None:
-    """Serve the started ``engine`` through ``processes`` API processes until SIGTERM/SIGINT or cancellation; the
-    other arguments as :func:`acb.serving.serve`'s. Raises ``OSError`` when the port cannot be bound, and
-    ``RuntimeError`` when an API process fails to start or every one has died."""
+) -> AsyncIterator[tuple[str, list]]:
+    """``processes`` API processes serving the started ``engine`` for the duration of the block, which gets their
+    URL and their processes. Leaving the block stops them (each lets its open requests finish, up to the engine's
+    ``drain_timeout``); the engine stays open. Raises ``OSError`` when the port cannot be bound and
+    ``RuntimeError`` when an API process fails to start."""
     if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
         raise ValueError(f"processes must be an integer >= 1, got {processes!r}")
     try:
@@ -78,17 +80,38 @@ async def serve_processes(
             for p in procs:
                 p.start()
             await _started(procs, ready)
-            if on_ready is not None:
-                on_ready(f"http://{host}:{port}")
-            await _until_stopped(procs)
+            yield f"http://{host}:{port}", procs
         finally:
             for p in procs:  # SIGTERM: each stops accepting and lets its open requests finish
                 if p.is_alive():
                     p.terminate()
-            closing = asyncio.ensure_future(engine.close(drain=True))
             await asyncio.to_thread(_join, procs, engine.config.drain_timeout + 5.0)
-            await closing
             await hosted.close()
+
+
+async def serve_processes(
+    engine,
+    processes: int,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model_name: str | None = None,
+    log_level: str = "info",
+    max_body_bytes: int | None = None,
+    api_key: str | None = None,
+    on_ready: Callable[[str], None] | None = None,
+    stream_interval: int = 1,
+) -> None:
+    """Serve the started ``engine`` through ``processes`` API processes until SIGTERM/SIGINT or cancellation, then
+    close it; the other arguments as :func:`acb.serving.serve`'s. Raises ``OSError`` when the port cannot be bound,
+    and ``RuntimeError`` when an API process fails to start or every one has died."""
+    try:
+        async with api_processes(engine, processes, host, port, model_name, log_level, max_body_bytes, api_key,
+                                 stream_interval) as (url, procs):  # fmt: skip
+            if on_ready is not None:
+                on_ready(url)
+            await _until_stopped(procs)
+    finally:
+        await engine.close(drain=True)
 
 
 async def _started(procs: list, ready) -> None:
