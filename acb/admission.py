@@ -135,6 +135,12 @@ class Admission:
             except Exception as exc:  # a tokenizer bug: fail this request only
                 raise RequestFailedError(f"tokenizing the prompt failed: {exc!r}") from exc
             ids = list(ids)
+            if ids and max(ids) >= self.vocab_size:  # a tokenizer with tokens the model lacks: refused here, not
+                # in a step (on CUDA an embedding lookup out of range is a device assert that ends every request)
+                raise InvalidPromptError(
+                    f"the tokenizer gave token id {max(ids)}, outside the model's vocabulary (size {self.vocab_size}):"
+                    " the tokenizer does not match the model"
+                )
         elif isinstance(prompt, SequenceABC) and not isinstance(prompt, (bytes, bytearray)):
             if len(prompt) >= self.max_model_len:  # before looking at every element of a huge list
                 raise PromptTooLongError(

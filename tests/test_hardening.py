@@ -172,3 +172,24 @@ async def test_close_is_bounded_by_drain_timeout_even_when_a_step_hangs(make_mod
     assert took < 5, took
     with pytest.raises(EngineClosedError):
         await task
+
+
+async def test_a_tokenizer_with_tokens_the_model_lacks_is_refused_at_admission(make_model, tokenizer):
+    """A text prompt whose tokens fall outside the model's vocabulary (a tokenizer that does not match the model)
+    gets InvalidPromptError at admission, short or long (tokenized off the loop), and the engine serves on; in a
+    step it would fail (on CUDA: a device assert that ends every request)."""
+    model, _ = make_model("llama")
+    engine = Engine(model, tokenizer, EngineConfig(long_prompt_chars=64))
+    vocab = model.config.vocab_size
+    encode = tokenizer.encode
+
+    class Mismatched:
+        def encode(self, text, *args, **kwargs):
+            return [*encode(text, *args, **kwargs), vocab + 3] if "extra" in text else encode(text, *args, **kwargs)
+
+    async with engine:
+        engine._admission.tokenizer = Mismatched()
+        for prompt in ("an extra token", "an extra token " * 10):
+            with pytest.raises(InvalidPromptError, match=f"token id {vocab + 3}, outside the model's vocabulary"):
+                await engine.generate(prompt, PARAMS)
+        assert (await engine.generate("a fine prompt", PARAMS)).finish_reason == "length"

@@ -200,3 +200,18 @@ async def test_a_request_asking_for_too_many_choices_is_refused(make_model, toke
         r = await http.post("/v1/completions", json={**body, "max_tokens": 2})
         assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
         assert engine.stats().num_running + engine.stats().num_waiting == 0
+
+
+@pytest.mark.parametrize(
+    "content", [[{"type": "image_url", "image_url": {"url": "http://x"}}], [{"foo": 1}], [{"type": "text", "text": 5}]]
+)
+async def test_chat_content_parts_other_than_text_are_refused(make_model, tokenizer, content):
+    """An image part would be dropped by the chat template and the model would answer without it: refused, naming
+    the message's content."""
+    model, _ = make_model("llama", seed=11)
+    async with client(Engine(model, tokenizer)) as http:
+        ok = await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "hi"}]}], "max_tokens": 2})  # fmt: skip
+        r = await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}]})
+    assert ok.status_code == 200, ok.text
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.content", r.text

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..config import SamplingParams
 from ..errors import InvalidSamplingParamsError
@@ -79,6 +79,16 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts(cls, content):
+        """Content parts are text: an image (or any other kind) would be dropped by the chat template unseen."""
+        for part in content if isinstance(content, list) else ():
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"content parts must be {{'type': 'text', 'text': ...}}; {part.get('type')!r} "
+                                 "parts are not supported")  # fmt: skip
+        return content
 
 
 class ChatCompletionRequest(_Base):
