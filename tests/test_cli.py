@@ -257,6 +257,29 @@ def test_serve_in_api_processes_answers_and_leaves_nothing_running():
     assert not any(os.path.exists(f"/proc/{pid}") for pid in workers), "an API process outlived the server"
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="counts child processes through /proc")
+def test_api_processes_end_with_a_killed_engine_process():
+    """The engine's process is SIGKILLed (the OOM killer, say): its API processes end too, instead of keeping the
+    port and answering 503 for ever."""
+    port = _free_port()
+    proc = subprocess.Popen([*ACB, "serve", "--port", str(port), "--device", "cpu", "--api-processes", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    try:
+        _wait_up(proc, port)
+        workers = _children(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait(30)
+    assert workers
+    deadline = time.time() + 20
+    while any(os.path.exists(f"/proc/{pid}") for pid in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid in workers if os.path.exists(f"/proc/{pid}")]
+    for pid in left:
+        os.kill(pid, 9)
+    assert not left, f"API processes {left} outlived the engine's process"
+
+
 @pytest.mark.parametrize("processes", ["0", "2"])
 def test_serve_says_it_cannot_bind_instead_of_announcing(processes):
     with socket.socket() as taken:

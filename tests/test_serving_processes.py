@@ -7,6 +7,7 @@ runs ``acb serve --api-processes 2`` as real processes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -199,3 +200,119 @@ async def test_when_the_engine_closes_the_api_says_unavailable(split):
         r = await client.post(remote_url + "/v1/completions", json={"prompt": "hi", "max_tokens": 3})
     assert health.status_code == 503 and r.status_code == 503
     assert r.json()["error"]["type"] == "service_unavailable"
+
+
+# -- the wire's edge cases (found by a review; each failed before its fix) ------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _pair(make_model, tokenizer):
+    """An engine, its host, and one remote connected to it (no HTTP)."""
+    model, _ = make_model("llama", seed=83)
+    engine = Engine(model, tokenizer, EngineConfig(block_size=8, max_model_len=256))
+    private = tempfile.mkdtemp(prefix="acb-test-")
+    try:
+        async with engine:
+            host = EngineHost(engine, os.path.join(private, "engine.sock"))
+            await host.start()
+            remote = await RemoteEngine.connect(host.path)
+            try:
+                yield engine, host, remote
+            finally:
+                await remote.close()
+                await host.close()
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
+async def _until(predicate, seconds: float = 3.0) -> bool:
+    for _ in range(int(seconds / 0.01)):
+        if predicate():
+            return True
+        await asyncio.sleep(0.01)
+    return predicate()
+
+
+async def test_an_admission_cancelled_at_once_leaves_nothing_on_either_side(make_model, tokenizer):
+    """Submit and abort reach the engine's side in one read: the abort cancels a task that never ran."""
+    async with _pair(make_model, tokenizer) as (engine, host, remote):
+        for i in range(5):
+            t = asyncio.ensure_future(remote.submit("hello", engine.default_params, request_id=f"c{i}"))
+            await asyncio.sleep(0)
+            t.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await t
+        assert await _settle(engine)
+        (peer,) = host._peers
+        assert await _until(lambda: peer._tasks == {}), sorted(peer._tasks)
+        assert remote._streams == {} and remote._admissions == {}
+
+
+async def test_a_handler_cancelled_just_after_admission_leaves_no_stream(make_model, tokenizer, monkeypatch):
+    """Cancelled after "admitted" resolved its wait but before it resumed: the request is aborted and its streams
+    are not kept (nobody would ever read them)."""
+    async with _pair(make_model, tokenizer) as (engine, _, remote):
+        handler = {}
+        receive = RemoteEngine._receive
+
+        def cancel_on_admission(self, message):
+            receive(self, message)
+            if message[0] == "admitted" and message[1] in handler:
+                handler.pop(message[1]).cancel()
+
+        monkeypatch.setattr(RemoteEngine, "_receive", cancel_on_admission)
+        t = handler["lost"] = asyncio.ensure_future(remote.submit("hello", engine.default_params, request_id="lost"))
+        with pytest.raises(asyncio.CancelledError):
+            await t
+        assert await _settle(engine)
+        assert remote._streams == {}
+
+
+async def test_two_concurrent_submits_with_one_id_admit_one(make_model, tokenizer):
+    from acb.errors import DuplicateRequestIdError
+
+    async with _pair(make_model, tokenizer) as (engine, _, remote):
+        a = asyncio.ensure_future(remote.submit("one", engine.default_params, request_id="dup"))
+        b = asyncio.ensure_future(remote.submit("two", engine.default_params, request_id="dup"))
+        done, pending = await asyncio.wait({a, b}, timeout=10)
+        assert not pending, "a submit never returned"
+        results = [t.exception() or t.result() for t in (a, b)]
+        assert sum(isinstance(r, DuplicateRequestIdError) for r in results) == 1
+        for r in results:
+            if not isinstance(r, BaseException):
+                await r.aclose()
+        assert await _settle(engine)
+
+
+async def test_when_the_engine_goes_a_finished_stream_stays_finished_and_calls_fail_fast(make_model, tokenizer):
+    """The engine's side goes away (its process died): a stream whose last token had arrived still reads to its
+    end; new submissions and chat renderings raise EngineClosedError at once (they used to wait for ever)."""
+    from acb import SamplingParams
+    from acb.errors import EngineClosedError
+
+    async with _pair(make_model, tokenizer) as (_, host, remote):
+        stream = await remote.submit("hello there", SamplingParams(max_new_tokens=4), request_id="fin")
+        assert await _until(lambda: stream._items and stream._items[-1].finish_reason is not None, 5)
+        await host.close()
+        assert await _until(lambda: remote.state == "closed")
+        toks = [t async for t in stream]
+        assert toks[-1].finish_reason is not None
+        with pytest.raises(EngineClosedError):
+            await remote.submit("x", None, request_id="after")
+        with pytest.raises(EngineClosedError):
+            await asyncio.wait_for(remote.apply_chat_template([{"role": "user", "content": "hi"}]), 5)
+
+
+async def test_the_api_side_follows_the_engines_state_promptly(make_model, tokenizer):
+    """The engine starts closing: within 0.1 s the API side says so too (/health turns 503 as in-process)."""
+    from acb import SamplingParams
+
+    async with _pair(make_model, tokenizer) as (engine, _, remote):
+        s = await engine.submit("keep going", SamplingParams(max_new_tokens=200, ignore_eos=True), request_id="k")
+        closing = asyncio.ensure_future(engine.close(drain=True))
+        await asyncio.sleep(0.15)
+        try:
+            assert engine.state != "running" and remote.state == engine.state
+        finally:
+            await s.aclose()
+            await closing

@@ -2,8 +2,8 @@
 
 This process keeps the engine (and its event loop) and serves it on a Unix socket (:class:`~.remote.EngineHost`);
 each API process runs :func:`~.app.create_app` over a :class:`~.remote.RemoteEngine` under uvicorn, on the same
-TCP port (``SO_REUSEPORT``: the kernel spreads connections over them). This process binds the port first, without
-listening, so that a taken port fails here, and port 0 picks one port for all. On SIGTERM or SIGINT the API
+TCP port: this process binds and listens, and each API process accepts on that socket (handed over at start), so a
+taken port fails here and port 0 picks one port for all. On SIGTERM or SIGINT the API
 processes stop accepting connections and let their open requests finish (up to ``drain_timeout``), then the engine
 closes. :func:`api_processes` does the same for the length of an ``async with`` block (benchmarks). An API process
 that dies takes its open requests with it (the engine frees their KV blocks) while the others serve on; if every
@@ -29,17 +29,9 @@ _START_TIMEOUT_S = 120.0
 
 
 def _listener(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host:port`` that other sockets may bind too (``SO_REUSEPORT``)."""
+    """A listening TCP socket on ``host:port`` (port 0: a free one), for every API process to accept on."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
+    return socket.create_server((host, port), family=family, backlog=2048)
 
 
 @contextlib.asynccontextmanager
@@ -61,20 +53,20 @@ async def api_processes(
     if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
         raise ValueError(f"processes must be an integer >= 1, got {processes!r}")
     try:
-        reserved = _listener(host, port)
+        listener = _listener(host, port)
     except OSError as exc:
         raise OSError(f"could not serve on {host}:{port}: {exc}") from exc
-    port = reserved.getsockname()[1]
+    port = listener.getsockname()[1]
     model_name = model_name or getattr(engine.model.config, "_name_or_path", None) or "acb-default"
     options = dict(model_name=model_name, log_level=log_level, max_body_bytes=max_body_bytes, api_key=api_key,
                    stream_interval=stream_interval, drain_timeout=engine.config.drain_timeout)  # fmt: skip
     ctx = multiprocessing.get_context("spawn")
-    with reserved, tempfile.TemporaryDirectory(prefix="acb-") as private:  # a directory only this user can enter
+    with listener, tempfile.TemporaryDirectory(prefix="acb-") as private:  # a directory only this user can enter
         path = os.path.join(private, "engine.sock")
         hosted = EngineHost(engine, path)
         await hosted.start()
         ready = ctx.Queue()
-        procs = [ctx.Process(target=_api_main, args=(path, host, port, options, ready), daemon=True,
+        procs = [ctx.Process(target=_api_main, args=(path, listener, options, ready), daemon=True,
                              name=f"acb-api-{i}") for i in range(processes)]  # fmt: skip
         try:
             for p in procs:
@@ -165,16 +157,33 @@ def _join(procs: list, timeout: float) -> None:
 # -- an API process ------------------------------------------------------------------------------------------------
 
 
-def _api_main(path: str, host: str, port: int, options: dict, ready) -> None:
+def _api_main(path: str, listener: socket.socket, options: dict, ready) -> None:
     """The entry point of an API process (spawned)."""
+    _end_with_parent()
     try:
-        asyncio.run(_api(path, host, port, options, ready))
+        asyncio.run(_api(path, listener, options, ready))
     except Exception as exc:
         ready.put(("error", f"{type(exc).__name__}: {exc}"))
         raise
 
 
-async def _api(path: str, host: str, port: int, options: dict, ready) -> None:
+def _end_with_parent() -> None:
+    """Linux: get SIGTERM when the engine's process dies, however it dies (``daemon`` covers only a normal exit)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the engine connection's end still stops the server (_api)
+    if os.getppid() == 1:  # the parent died before the above took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+async def _api(path: str, listener: socket.socket, options: dict, ready) -> None:
+    import logging
+
     import uvicorn
 
     from .app import _quiet_health, create_app
@@ -190,14 +199,14 @@ async def _api(path: str, host: str, port: int, options: dict, ready) -> None:
             if self.started:
                 ready.put(("ready", os.getpid()))
 
-    import logging
-
     logging.getLogger("uvicorn.access").addFilter(_quiet_health)
     config = uvicorn.Config(app, log_level=options["log_level"], loop="none", lifespan="off",
                             timeout_graceful_shutdown=options["drain_timeout"] + 1.0)  # fmt: skip
-    sock = _listener(host, port)
+    server = _Uvicorn(config)
+    # the engine's process gone (its connection ended): stop serving rather than answer 503 for ever
+    remote.on_disconnect = lambda: setattr(server, "should_exit", True)
     try:
-        await _Uvicorn(config).serve(sockets=[sock])
+        await server.serve(sockets=[listener])
     finally:
-        sock.close()
+        listener.close()
         await remote.close()

@@ -33,10 +33,11 @@ import collections
 import contextlib
 import pickle
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .. import errors
-from ..errors import AcbError, EngineClosedError, RequestFailedError
+from ..errors import AcbError, DuplicateRequestIdError, EngineClosedError, RequestFailedError
 
 __all__ = ["EngineHost", "RemoteEngine", "RemoteStream"]
 
@@ -141,7 +142,9 @@ class _Peer:
             if rid in self._tasks:  # a client's duplicate id: the engine refuses it as it would in-process
                 self.out.send(("refused", rid, _wire_error(errors.DuplicateRequestIdError(f"duplicate {rid!r}"))))
                 return
-            self._tasks[rid] = asyncio.ensure_future(self._run(rid, prompt, params, interval, choices))
+            task = self._tasks[rid] = asyncio.ensure_future(self._run(rid, prompt, params, interval, choices))
+            # forgotten when it ends, also when cancelled before it ever ran (then its finally never runs)
+            task.add_done_callback(lambda t, rid=rid: self._tasks.pop(rid, None) if self._tasks.get(rid) is t else None)
         elif kind == "abort":
             task = self._tasks.get(message[1])
             if task is not None:
@@ -165,7 +168,6 @@ class _Peer:
         finally:  # done, aborted by the API process, or the connection ended: free what is left
             for s in streams:
                 await s.aclose()
-            self._tasks.pop(rid, None)
 
     async def _forward(self, stream) -> None:
         """Hand on what ``stream`` delivers: everything that waits goes in one message."""
@@ -191,9 +193,16 @@ class _Peer:
             self.out.send(("reply", call, None, _wire_error(exc)))
 
     async def _report(self) -> None:
+        """The engine's state as soon as it changes (checked every 50 ms), with its load at least every
+        :data:`_STATE_EVERY_S`."""
+        loop = asyncio.get_running_loop()
+        sent, due = None, 0.0
         while True:
-            self.out.send(("state", self.engine.state, self.engine.stats()))
-            await asyncio.sleep(_STATE_EVERY_S)
+            state = self.engine.state
+            if state != sent or loop.time() >= due:
+                self.out.send(("state", state, self.engine.stats()))
+                sent, due = state, loop.time() + _STATE_EVERY_S
+            await asyncio.sleep(0.05)
 
     async def close(self) -> None:
         self._reporter.cancel()
@@ -227,6 +236,7 @@ class RemoteEngine:
         self._calls: dict[int, asyncio.Future] = {}
         self._streams: dict[str, RemoteStream] = {}
         self._next_call = 0
+        self.on_disconnect: Callable[[], None] | None = None  # called once the engine's connection has ended
         self._reading = asyncio.ensure_future(self._read_loop())
 
     @classmethod
@@ -252,20 +262,29 @@ class RemoteEngine:
     async def submit_choices(self, prompt, params=None, *, request_id: str, stream_interval: int = 1):
         return await self._admit(prompt, params, request_id, stream_interval, True)
 
-    async def _admit(self, prompt, params, rid: str, interval: int, choices: bool) -> list[RemoteStream]:
-        if not self.running:
+    def _check_running(self) -> None:
+        if self._reading.done() or not self.running:
             raise EngineClosedError(f"the engine is not running (it is {self.state})")
+
+    async def _admit(self, prompt, params, rid: str, interval: int, choices: bool) -> list[RemoteStream]:
+        self._check_running()
+        if rid in self._admissions or rid in self._streams:
+            raise DuplicateRequestIdError(f"request_id {rid!r} is already in use")
         admitted = self._admissions[rid] = asyncio.get_running_loop().create_future()
         self.out.send(("submit", rid, prompt, params, interval, choices))
         try:
             return await admitted
         except asyncio.CancelledError:  # the handler went away while the engine admitted: end what it admits
             self.out.send(("abort", rid))
+            if admitted.done() and not admitted.cancelled() and admitted.exception() is None:
+                for stream in admitted.result():  # admitted just before: nobody will read these
+                    stream._finish()
             raise
         finally:
             self._admissions.pop(rid, None)
 
     async def apply_chat_template(self, messages: list[dict]) -> str:
+        self._check_running()
         call = self._next_call = self._next_call + 1
         reply = self._calls[call] = asyncio.get_running_loop().create_future()
         self.out.send(("chat", call, messages))
@@ -296,6 +315,8 @@ class RemoteEngine:
                     fut.set_exception(gone)
             for stream in list(self._streams.values()):
                 stream._put(gone)
+            if self.on_disconnect is not None:
+                self.on_disconnect()
 
     def _receive(self, message: tuple) -> None:
         kind = message[0]
@@ -369,6 +390,8 @@ class RemoteStream:
 
     def _put_many(self, items: list) -> None:
         self._items.extend(items)
+        if items[-1].finish_reason is not None:  # complete: nothing more comes, nothing to abort
+            self._remote._streams.pop(self.request_id, None)
         self._wake()
 
     def _put(self, item) -> None:
