@@ -146,10 +146,12 @@ async def test_engine_blocked_submitters_are_served_first_come_first_served(make
 
 
 @pytest.mark.loops("asyncio")
-async def test_closing_while_stop_strings_wait_for_the_tokenizer_thread_gives_a_typed_error(make_model, tokenizer):
-    """A's long prompt is being tokenized in the tokenizer thread; B's stop strings (> 1 KiB, compiled in the same
-    thread) wait behind it. close() shuts the thread down: B gets EngineClosedError (it used to get a bare
-    concurrent.futures.CancelledError, not an AcbError)."""
+@pytest.mark.parametrize("b_work", ["stop strings", "long prompt"])
+async def test_closing_while_work_waits_for_the_tokenizer_thread_gives_a_typed_error(make_model, tokenizer, b_work):
+    """A's long prompt is being tokenized in the tokenizer thread; B's work (stop strings over 1 KiB, or another long
+    prompt) waits behind it there. close() shuts the thread down: B gets EngineClosedError (it used to get a bare
+    concurrent.futures.CancelledError, or RequestFailedError("tokenizing the prompt failed"), as if the tokenizer
+    had a bug)."""
     model, _ = make_model("llama")
     encode = tokenizer.encode
     started = threading.Event()
@@ -160,15 +162,18 @@ async def test_closing_while_stop_strings_wait_for_the_tokenizer_thread_gives_a_
             time.sleep(0.5)
         return encode(text, *a, **k)
 
-    config = EngineConfig(long_prompt_chars=64, drain_timeout=0.1)
-    engine = Engine(model, tokenizer, config)
+    engine = Engine(model, tokenizer, EngineConfig(long_prompt_chars=64, drain_timeout=0.1))
     engine._admission.tokenizer = type("T", (), {"encode": staticmethod(slow_encode)})()
     await engine.start()
     ta = asyncio.create_task(engine.generate("hello " * 40, SHORT, request_id="A"))
     while not started.is_set():
         await asyncio.sleep(0.005)
-    stops = [f"stop{i:04d}" + "x" * 20 for i in range(50)]  # > 1024 characters: compiled in the tokenizer thread
-    tb = asyncio.create_task(engine.generate([5, 6, 7], SamplingParams(max_new_tokens=4, stop=stops), request_id="B"))
+    if b_work == "stop strings":  # > 1024 characters: compiled in the tokenizer thread
+        stops = [f"stop{i:04d}" + "x" * 20 for i in range(50)]
+        b = engine.generate([5, 6, 7], SamplingParams(max_new_tokens=4, stop=stops), request_id="B")
+    else:
+        b = engine.generate("world " * 40, SHORT, request_id="B")
+    tb = asyncio.create_task(b)
     await asyncio.sleep(0.02)
     await engine.close()
     ra, rb = await asyncio.gather(ta, tb, return_exceptions=True)
@@ -176,41 +181,12 @@ async def test_closing_while_stop_strings_wait_for_the_tokenizer_thread_gives_a_
     assert isinstance(rb, EngineClosedError), f"B got {type(rb).__module__}.{type(rb).__name__}: {rb!r}"
 
 
-@pytest.mark.loops("asyncio")
-async def test_closing_while_a_long_prompt_is_queued_in_the_tokenizer_thread(make_model, tokenizer):
-    """Same, with B a long text prompt queued for tokenization: EngineClosedError (it used to be
-    RequestFailedError("tokenizing the prompt failed: CancelledError()"), as if the tokenizer had a bug)."""
-    model, _ = make_model("llama")
-    encode = tokenizer.encode
-    started = threading.Event()
-
-    def slow_encode(text, *a, **k):
-        if threading.current_thread() is not threading.main_thread():
-            started.set()
-            time.sleep(0.5)
-        return encode(text, *a, **k)
-
-    config = EngineConfig(long_prompt_chars=64, drain_timeout=0.1)
-    engine = Engine(model, tokenizer, config)
-    engine._admission.tokenizer = type("T", (), {"encode": staticmethod(slow_encode)})()
-    await engine.start()
-    ta = asyncio.create_task(engine.generate("hello " * 40, SHORT, request_id="A"))
-    while not started.is_set():
-        await asyncio.sleep(0.005)
-    tb = asyncio.create_task(engine.generate("world " * 40, SHORT, request_id="B"))
-    await asyncio.sleep(0.02)
-    await engine.close()
-    ra, rb = await asyncio.gather(ta, tb, return_exceptions=True)
-    assert isinstance(ra, EngineClosedError), repr(ra)
-    assert isinstance(rb, EngineClosedError), f"B got {type(rb).__name__}: {rb!r}"
-
-
 def _tok_threads():
     return [t for t in threading.enumerate() if t.name.startswith("acb-tokenizer")]
 
 
 @pytest.mark.loops("asyncio")
-async def test_generate_choices_on_a_closed_engine_leaks_a_tokenizer_thread(make_model, tokenizer):
+async def test_a_closed_engine_starts_no_tokenizer_thread(make_model, tokenizer):
     model, _ = make_model("llama")
     engine = Engine(model, tokenizer, EngineConfig(long_prompt_chars=64))
     async with engine:
