@@ -189,7 +189,7 @@ class _Peer:
     async def _chat(self, call: int, messages: list) -> None:
         try:
             self.out.send(("reply", call, await self.engine.apply_chat_template(messages), None))
-        except AcbError as exc:
+        except Exception as exc:  # every call gets its reply (anything but acb's own errors as a failed request)
             self.out.send(("reply", call, None, _wire_error(exc)))
 
     async def _report(self) -> None:
