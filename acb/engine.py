@@ -104,6 +104,7 @@ class Engine(Stages):
             eos_ids=sorted(self._eos_ids),
         )
         self._live: dict[str, RequestState] = {}
+        self._admitting: dict[str, bool] = {}  # request ids being validated and tokenized -> abort asked
         self._follows: dict[str, Sequence] = {}  # request id -> the sample it starts after (acb.choices)
         self._queue = AdmissionQueue(config.max_pending, config.admission_order)
         self._steps = 0
@@ -321,6 +322,9 @@ class Engine(Stages):
             raise InvalidRequestError(f"request_id must be a string, got {type(request_id).__name__}")
         state = self._live.get(request_id)
         if state is None:
+            if request_id in self._admitting:  # still being tokenized: it ends as soon as it exists
+                self._admitting[request_id] = True
+                return True
             return False
         self._abort_threadsafe(state)
         return True

@@ -58,15 +58,17 @@ class Stages:
                 f"request_id must be a string, got {type(request_id).__name__}", param="request_id"
             )
         params = self._admission.check_params(params if params is not None else self.default_params)
-        if request_id in self._live:
+        if request_id in self._live or request_id in self._admitting:
             raise DuplicateRequestIdError(f"request_id {request_id!r} is already in use")
-        stops = await self._admission.stop_strings(params)
-        grammar = await self._admission.grammar(params)
-        ids = await self._admission.tokenize(prompt)
-        self._admission.check_fits(len(ids), params)
-        self._check_open()
-        if request_id in self._live:
-            raise DuplicateRequestIdError(f"request_id {request_id!r} is already in use")
+        self._admitting[request_id] = False  # True once abort(request_id) asks for it while it is prepared
+        try:
+            stops = await self._admission.stop_strings(params)
+            grammar = await self._admission.grammar(params)
+            ids = await self._admission.tokenize(prompt)
+            self._admission.check_fits(len(ids), params)
+            self._check_open()
+        finally:
+            aborted = self._admitting.pop(request_id)
         seed = (params.seed if params.seed is not None else random.getrandbits(32)) % (1 << 32)
         seq = Sequence(
             request_id,
@@ -85,6 +87,9 @@ class Stages:
         self._idle.clear()
         if attach is not None:
             attach(state)
+        if aborted:  # engine.abort() came while it was tokenized: it ends now, with the abort marker
+            self._abort(state)
+            return state
         try:
             await self._queue.wait_for_room(state, self._loop, self._check_open)  # backpressure
         except BaseException:

@@ -212,3 +212,36 @@ async def test_every_live_request_is_counted_once_at_every_moment(make_model, to
             await asyncio.sleep(0)
         await asyncio.gather(*tasks)
     assert not bad, f"{len(bad)} snapshots miscounted, e.g. {bad[0]}"
+
+
+async def test_abort_by_id_while_the_prompt_is_tokenized_ends_the_request(make_model, tokenizer):
+    """``engine.abort(id)`` for a request still being tokenized (a long prompt, in the tokenizer thread) returns True
+    and the request ends with the abort marker as soon as it exists (it used to return False, and the request ran);
+    a second submit with that id meanwhile is refused as a duplicate."""
+    from acb.errors import DuplicateRequestIdError
+
+    model, _ = make_model("llama")
+    encode = tokenizer.encode
+    started, release = threading.Event(), threading.Event()
+
+    def slow_encode(text, *a, **k):
+        if threading.current_thread() is not threading.main_thread():
+            started.set()
+            release.wait(10)
+        return encode(text, *a, **k)
+
+    async with Engine(model, tokenizer, EngineConfig(long_prompt_chars=64)) as engine:
+        engine._admission.tokenizer = type("T", (), {"encode": staticmethod(slow_encode)})()
+        task = asyncio.create_task(engine.generate("hello " * 40, LONG, request_id="early"))
+        while not started.is_set():
+            await asyncio.sleep(0.005)
+        with pytest.raises(DuplicateRequestIdError):
+            await engine.generate([5, 6, 7], SHORT, request_id="early")
+        assert engine.abort("early") is True
+        release.set()
+        out = await task
+        assert out.finish_reason == "abort" and out.token_ids == []
+        assert engine.abort("early") is False  # gone
+        s = engine.stats()
+        assert s.kv_blocks_free == s.kv_blocks_total and s.num_running == s.num_waiting == 0
+        assert (await engine.generate([5, 6, 7], SHORT, request_id="early")).finish_reason == "length"
