@@ -316,3 +316,19 @@ async def test_the_api_side_follows_the_engines_state_promptly(make_model, token
         finally:
             await s.aclose()
             await closing
+
+
+async def test_an_api_process_that_stops_reading_is_dropped_and_its_requests_end(make_model, tokenizer, monkeypatch):
+    """A peer that stops reading (a stopped process): once more than MAX_UNSENT_BYTES wait for it, the engine's side
+    drops the connection and ends its requests, instead of buffering its tokens for ever."""
+    from acb import SamplingParams
+    from acb.serving import remote as remote_module
+
+    async with _pair(make_model, tokenizer) as (engine, host, remote):
+        (peer,) = host._peers
+        stream = await remote.submit("go on", SamplingParams(max_new_tokens=200, ignore_eos=True), request_id="s")
+        await stream.__anext__()
+        monkeypatch.setattr(remote_module, "MAX_UNSENT_BYTES", -1)  # as if the peer had stopped reading long ago
+        assert await _until(lambda: not host._peers, 10), "the connection was not dropped"
+        assert await _settle(engine)  # its request ended and freed its blocks
+        assert peer.writer.is_closing()

@@ -42,6 +42,8 @@ from ..errors import AcbError, DuplicateRequestIdError, EngineClosedError, Reque
 __all__ = ["EngineHost", "RemoteEngine", "RemoteStream"]
 
 _HEADER = struct.Struct("!I")
+MAX_UNSENT_BYTES = 64 << 20
+"""Most bytes waiting for a peer that does not read (at W-serve's rates, over a minute of its tokens)."""
 _STATE_EVERY_S = 0.5
 
 
@@ -55,7 +57,9 @@ async def _read(reader: asyncio.StreamReader) -> list | None:
 
 
 class _Outbox:
-    """Messages for one peer, written as one frame per loop iteration."""
+    """Messages for one peer, written as one frame per loop iteration. A peer that stops reading (a stopped or hung
+    process) is dropped once :data:`MAX_UNSENT_BYTES` wait for it, rather than growing this process's memory: its
+    requests end as if it had died."""
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
@@ -70,6 +74,8 @@ class _Outbox:
         data, self._messages = pickle.dumps(self._messages, pickle.HIGHEST_PROTOCOL), []
         if not self.writer.is_closing():
             self.writer.write(_HEADER.pack(len(data)) + data)
+            if self.writer.transport.get_write_buffer_size() > MAX_UNSENT_BYTES:
+                self.writer.transport.abort()
 
 
 def _wire_error(exc: BaseException) -> tuple[str, str, str | None]:
