@@ -244,27 +244,21 @@ async def _respond(server: _Server, request: Request, endpoint: str, req, prompt
 
         await _until_disconnect(request, admit())  # a client that leaves meanwhile submits nothing more
     except (AcbError, _Disconnected) as exc:
-        for s in streams:
-            await s.aclose()
-        if isinstance(exc, _Disconnected):
-            return server.count(endpoint, Response(status_code=499))
-        return server.count(endpoint, _error_for(exc, req))
+        return await _end(server, endpoint, streams, exc, req)
     # Wait for every first token: a failure in the first step is still a proper HTTP error, and a client that
     # leaves meanwhile aborts its requests (they may still be queued).
     try:
         firsts = await _until_disconnect(
             request, asyncio.gather(*(s.__anext__() for s in streams), return_exceptions=True)
         )
-    except _Disconnected:
-        for s in streams:
-            await s.aclose()
-        return server.count(endpoint, Response(status_code=499))  # the client went away; nobody reads this
+    except _Disconnected as exc:
+        return await _end(server, endpoint, streams, exc, req)
     if errors := [f for f in firsts if isinstance(f, BaseException)]:
-        for s in streams:
-            await s.aclose()
         if not isinstance(errors[0], Exception):
+            for s in streams:
+                await s.aclose()
             raise errors[0]  # cancellation and the like
-        return server.count(endpoint, _error_for(errors[0], req))
+        return await _end(server, endpoint, streams, errors[0], req)
     metrics.ttft.observe(time.perf_counter() - arrival)
     prompt_tokens = sum(s.num_prompt_tokens for s in streams[::count])  # each prompt once, whatever its samples
     metrics.prompt_tokens.inc(prompt_tokens)
@@ -277,11 +271,7 @@ async def _respond(server: _Server, request: Request, endpoint: str, req, prompt
     try:
         results = await _until_disconnect(request, asyncio.gather(*(collect(s, f) for s, f in zip(streams, firsts))))
     except (AcbError, _Disconnected) as exc:  # a failed sample (or the engine closing) ends its siblings too
-        for s in streams:
-            await s.aclose()
-        if isinstance(exc, _Disconnected):
-            return server.count(endpoint, Response(status_code=499))
-        return server.count(endpoint, _error_for(exc, req))
+        return await _end(server, endpoint, streams, exc, req)
     completion_tokens = sum(sum(t.id is not None for t in toks) for toks in results)
     metrics.generated_tokens.inc(completion_tokens)
     if count > params.n:  # best_of: keep each prompt's n most likely samples, best first
@@ -318,6 +308,16 @@ async def _respond(server: _Server, request: Request, endpoint: str, req, prompt
         ]
         body = CompletionResponse(id=rid, created=created, model=server.name, choices=choices, usage=usage)
     return JSONResponse(body.model_dump())
+
+
+async def _end(server: _Server, endpoint: str, streams: list, exc: Exception, req) -> Response:
+    """A request that ends before its response: every stream of it closed, then 499 for a client that went away
+    (nobody reads it) or the error's response."""
+    for s in streams:
+        await s.aclose()
+    if isinstance(exc, _Disconnected):
+        return server.count(endpoint, Response(status_code=499))
+    return server.count(endpoint, _error_for(exc, req))
 
 
 def _prompts(prompt) -> list:
