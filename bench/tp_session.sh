@@ -4,7 +4,7 @@
 #      which picks the variant (or NCCL) for the runs below;
 #   2. in parallel: tests/gpu/test_parallel_cuda.py on GPUs 0-1; W-tp (llama-8b, TP=1 then TP=2) on GPUs 2-3;
 #   3. W-tp70: the llama-70b shape at TP=4.
-# PART=pair: a machine of 2 GPUs (W-tp TP=1 vs TP=2, KERNELS=N for a profile; EXTRA="VAR=value|mode ..." more
+# PART=pair: a machine of 2 GPUs (AR=1: bench.allreduce first; W-tp TP=1 vs TP=2, KERNELS=N for a profile; EXTRA="VAR=value|mode ..." more
 # W-tp rows, each in its own process with that environment; then the TP tests: TESTS files, TESTS_K filters,
 # T_TESTS=0 skips them).
 # PART=tp70: W-tp70 at TP=4, once per ENV70 entry (VAR=value; default the one-shot sums).
@@ -32,6 +32,10 @@ choice() {  # the all-reduce bench's pick; push (measured best on 2026-11-27) wh
     [ -f "$1" ] || { echo push; return; }
     python -c "import json; print(json.load(open('$1'))['choice'])" 2>/dev/null || echo nccl; }
 if [ "${PART:-}" = pair ]; then  # a machine of 2 GPUs: W-tp TP=1 vs TP=2, then the TP tests (TESTS_K: pytest -k)
+    if [ "${AR:-0}" = 1 ]; then  # AR=1: the all-reduce and gather table first
+        CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0,1} with_dump 50 timeout 60 python -m bench.allreduce --world 2 \
+            --json "$OUT/ar2.json" 2>&1 | grep -v "^frame #" | tail -14 >>"$log"
+    fi
     CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0,1} with_dump 170 timeout 200 python -m bench.run --no-progress --workloads W-tp \
         --step-kinds ${KERNELS:+--kernels $KERNELS} --modes "async,async[tensor_parallel_size=2]" \
         --json "$OUT/tp.json" >"$OUT/tp.log" 2>&1

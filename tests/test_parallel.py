@@ -278,7 +278,7 @@ async def test_a_meta_model_serves_with_random_weights_on_every_rank(tokenizer):
 
 _ONE_SHOT = """
 import torch
-from acb.kernels.one_shot import one_shot, one_shot_push, one_shot_push_norm
+from acb.kernels.one_shot import one_shot, one_shot_gather, one_shot_push, one_shot_push_norm
 
 W, n, BLOCK, words = 2, 3000, 1024, 128  # 3 programs; 64 programs x 2 ranks of flags
 P, slot = 3, n * 4
@@ -331,6 +331,21 @@ for epoch in (1, 2, 3):
     for rank in (0, 1):
         assert torch.allclose(resids[rank], s, atol=1e-6) and torch.allclose(outs[rank], want, atol=1e-5), rank
     assert torch.equal(outs[0], outs[1]) and counters[0][:P].tolist() == [epoch] * P
+
+# the gather: rows of 7 side by side (a chunk of a program spans rows), in the buffers' regions for pushed parts
+rows, cols = 3, 7
+counters = [torch.zeros(64, dtype=torch.int64) for _ in range(W)]
+for epoch in (1, 2, 3):
+    xs = [torch.randn(rows, cols) for _ in range(W)]
+    region = words + (epoch % 2) * W * slot // 8
+    bufs[1][region:].view(torch.float32)[: rows * cols] = xs[0].flatten()  # rank 0 pushed its part into rank 1's
+    bufs[1][:words].view(64, W)[:P, 0] = epoch
+    outs = [torch.full((rows, W * cols), float("nan")) for _ in range(W)]
+    for rank in (1, 0):
+        one_shot_gather[(P,)](xs[rank], outs[rank], rows * cols, cols, bases, counters[rank], words * 8, slot,
+                              RANK=rank, WORLD=W, BLOCK=8, SPIN=100)
+    assert torch.equal(outs[0], torch.cat(xs, 1)) and torch.equal(outs[1], torch.cat(xs, 1)), epoch
+    assert counters[0][:P].tolist() == counters[1][:P].tolist() == [epoch] * P
 print("ok")
 """
 
@@ -339,7 +354,8 @@ def test_the_one_shot_all_reduce_kernel_sums_and_signals():
     """The one-shot all-reduce's kernels (pull and push) under Triton's interpreter, two ranks played in turn in one
     process: each sums both ranks' inputs, signals its peer, and advances its epoch; three calls alternate the
     regions; a wait for a peer that never signals ends once the abort word is set. The push sum fused with the
-    residual add and RMSNorm gives both ranks the same normed rows and residual."""
+    residual add and RMSNorm gives both ranks the same normed rows and residual; the gather puts both ranks' rows
+    side by side on both."""
     import subprocess
     import sys
 

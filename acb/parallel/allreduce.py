@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import pickle
 
 import torch
@@ -38,11 +39,19 @@ log = logging.getLogger("acb")
 
 _MAX_PROGRAMS = 64
 _BLOCK = 1024
+_GATHER_BLOCK = 8192  # elements a program moves per iteration of a gather: a few large steps keep NVLink busy
 _SPIN = 2**31 - 1  # polls before a wait gives up (minutes: a peer is gone)
 
 
 def setup_one_shot(
-    store, rank: int, world: int, device: torch.device, max_bytes: int, mode: str = "push", tag: str = ""
+    store,
+    rank: int,
+    world: int,
+    device: torch.device,
+    max_bytes: int,
+    mode: str = "push",
+    tag: str = "",
+    gather_bytes: int = 0,
 ) -> OneShot | None:
     """Every rank calls this at the same time; returns the all-reduce, or None on every rank when any rank cannot
     map its peers' memory (then NCCL does every sum). ``tag`` tells apart several set-ups on one store."""
@@ -50,7 +59,7 @@ def setup_one_shot(
     key = f"{prefix}/{rank}"
     one = None
     try:
-        one = OneShot(rank, world, device, max_bytes, mode)
+        one = OneShot(rank, world, device, max_bytes, mode, gather_bytes)
         from torch.multiprocessing.reductions import reduce_tensor
 
         store.set(key, pickle.dumps(reduce_tensor(one.buffer)))
@@ -70,6 +79,9 @@ def setup_one_shot(
         return None
     t = torch.full((4096,), rank + 1.0, dtype=torch.float32, device=device)  # a first sum, checked
     ok = bool((one(t) == world * (world + 1) / 2).all())
+    if ok and one.gather_bytes:  # and a first gather
+        g = torch.full((3, 5), rank, dtype=torch.float32, device=device)
+        ok = bool((one.gather_last(g).view(3, world, 5) == torch.arange(world, device=device)[:, None]).all())
     if not ok:
         log.warning("the one-shot all-reduce is off: its first sum was wrong on rank %d", rank)
     return one if _agree(store, f"{prefix}-ok", rank, world, ok) else None
@@ -83,9 +95,14 @@ def _agree(store, key: str, rank: int, world: int, ok: bool) -> bool:
 
 class OneShot:
     """``mode``: ``"push"`` (each rank writes its input into every rank's buffer, then sums its own) or ``"pull"``
-    (each rank writes its own buffer, then reads every rank's)."""
+    (each rank writes its own buffer, then reads every rank's). Sums of up to ``max_bytes``; in push mode, gathers
+    (:meth:`gather_last`) of up to ``gather_bytes`` per rank too.
 
-    def __init__(self, rank: int, world: int, device: torch.device, max_bytes: int, mode: str = "push") -> None:
+    The kernels signal with inline PTX on CUDA (one release fence, then a posted store per peer); ``ACB_ONE_SHOT_ASM=0``
+    in the environment picks Triton's atomics instead (what the interpreter runs)."""
+
+    def __init__(self, rank: int, world: int, device: torch.device, max_bytes: int, mode: str = "push",
+                 gather_bytes: int = 0) -> None:  # fmt: skip
         if mode not in ("push", "pull"):
             raise ValueError(f"one-shot mode must be push or pull, not {mode!r}")
         self.mode = mode
@@ -94,8 +111,11 @@ class OneShot:
             if r != rank and not torch.cuda.can_device_access_peer(device, peer):
                 raise RuntimeError(f"GPU {device.index} cannot access GPU {peer}")
         self.rank, self.world, self.device, self.max_bytes = rank, world, device, max_bytes
+        self.gather_bytes = gather_bytes if mode == "push" else 0
+        self._asm = device.type == "cuda" and os.environ.get("ACB_ONE_SHOT_ASM", "1") != "0"
         self._flag_words = _MAX_PROGRAMS * world
-        slot_words = -(-max_bytes // 8)
+        # slots 128-byte aligned: the kernels move 16-byte vectors
+        slot_words = -(-max(max_bytes, self.gather_bytes) // 128) * 16
         # one allocation: flags [programs, world] int64, then two regions (alternate calls) of one slot (pull) or of
         # one slot per rank (push); shared whole with the peers
         parts = 2 * (world if mode == "push" else 1)
@@ -148,8 +168,26 @@ class OneShot:
         # so its epochs alternate the regions of those chunks call after call (with fewer programs for a smaller
         # call, a chunk would change hands and could be rewritten while a peer still reads it).
         kernel[(_MAX_PROGRAMS,)](t, n, self._bases, self._counter, self._flag_words * 8, self._slot_bytes,
-                            RANK=self.rank, WORLD=self.world, BLOCK=_BLOCK, SPIN=_SPIN)  # fmt: skip
+                            RANK=self.rank, WORLD=self.world, BLOCK=_BLOCK, SPIN=_SPIN, ASM=self._asm)  # fmt: skip
         return t
+
+    def fits_gather(self, t: torch.Tensor) -> bool:
+        """Whether :meth:`gather_last` takes ``t``."""
+        return (t.dim() == 2 and t.is_contiguous() and t.dtype in _TL
+                and 0 < t.numel() * t.element_size() <= self.gather_bytes)  # fmt: skip
+
+    def gather_last(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``t [rows, cols]`` side by side: ``[rows, world * cols]`` in rank order, one kernel (every
+        rank must call with the same shape, in the same order)."""
+        from ..kernels import one_shot
+
+        rows, cols = t.shape
+        out = torch.empty((rows, self.world * cols), dtype=t.dtype, device=t.device)
+        one_shot.one_shot_gather[(_MAX_PROGRAMS,)](
+            t, out, t.numel(), cols, self._bases, self._counter, self._flag_words * 8, self._slot_bytes,
+            RANK=self.rank, WORLD=self.world, BLOCK=_GATHER_BLOCK, SPIN=_SPIN, ASM=self._asm, num_warps=8,
+        )  # fmt: skip
+        return out
 
     def add_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """``x`` summed over the ranks, added into ``residual`` (in place), RMSNorm'd with ``weight``: one kernel
@@ -162,7 +200,7 @@ class OneShot:
         one_shot.one_shot_push_norm[(_MAX_PROGRAMS,)](
             x, residual, weight, out, rows, cols, eps, self._bases, self._counter, self._flag_words * 8,
             self._slot_bytes, RANK=self.rank, WORLD=self.world, BLOCK=1 << (cols - 1).bit_length(), SPIN=_SPIN,
-            num_warps=8 if cols >= 4096 else 4,
+            ASM=self._asm, num_warps=8 if cols >= 4096 else 4,
         )  # fmt: skip
         return out
 

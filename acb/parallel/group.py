@@ -2,9 +2,9 @@
 
 acb does not touch ``torch.distributed``'s default group (the user's process may use one for something else): each
 engine makes a private group from a ``TCPStore`` that rank 0 hosts. Gloo on the CPU, NCCL on CUDA, where the
-small all-reduces of decode steps take a one-shot kernel over peer-mapped buffers instead
-(:mod:`acb.parallel.allreduce`; ``ACB_ALLREDUCE=nccl`` in the environment turns it off, ``=pull`` picks its
-other variant, for comparisons). Collectives captured in CUDA graphs use a communicator of their own.
+small all-reduces and the logits' gather of decode steps take one-shot kernels over peer-mapped buffers instead
+(:mod:`acb.parallel.allreduce`; ``ACB_ALLREDUCE=nccl`` in the environment turns them off, ``=pull`` picks the
+sums' other variant, for comparisons). Collectives captured in CUDA graphs use a communicator of their own.
 """
 
 from __future__ import annotations
@@ -29,6 +29,12 @@ CLOSE_WAIT_S = 10.0
 
 ONE_SHOT_MAX_BYTES = 2 << 20
 """Sums up to this size take the one-shot all-reduce (a decode step's: rows x hidden x 2 bytes); larger ones NCCL."""
+
+ONE_SHOT_GATHER_BYTES = 8 << 20
+"""Gathers of up to this much per rank take the one-shot kernel too (the logits of a decode step: rows x vocabulary /
+ranks x 2 bytes; 4 MB for 32 rows of Llama 3's vocabulary at TP=2); larger ones NCCL. The peer-mapped buffer holds
+two regions of one such part per rank: 32 MB per GPU at TP=2. ``ACB_ONE_SHOT_GATHER_MB`` in the environment sets it
+(0: NCCL does every gather)."""
 
 
 def host_store(world: int, timeout: float) -> dist.TCPStore:
@@ -59,7 +65,9 @@ class Group:
             torch.cuda.synchronize(device)
             mode = os.environ.get("ACB_ALLREDUCE", "push")
             if mode != "nccl":
-                self.one_shot = setup_one_shot(store, rank, world, device, ONE_SHOT_MAX_BYTES, mode)
+                gather = int(float(os.environ.get("ACB_ONE_SHOT_GATHER_MB", ONE_SHOT_GATHER_BYTES / 2**20)) * 2**20)
+                self.one_shot = setup_one_shot(store, rank, world, device, ONE_SHOT_MAX_BYTES, mode,
+                                               gather_bytes=gather)  # fmt: skip
         else:
             self._pg = dist.ProcessGroupGloo(store, rank, world, delta)
 
@@ -89,6 +97,8 @@ class Group:
     def all_gather_last(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank's ``t`` side by side along the last dimension (rank order)."""
         t = t.contiguous()
+        if self.one_shot is not None and self.one_shot.fits_gather(t):
+            return self.one_shot.gather_last(t)
         if self.device.type == "cuda":  # into one tensor: the form NCCL captures in graphs without extra copies
             out = torch.empty((self.world, *t.shape), dtype=t.dtype, device=t.device)
             self._wait(self._now()._allgather_base(out, t))
