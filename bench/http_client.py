@@ -67,7 +67,9 @@ async def drive(requests: list, rate: float, seed: int, send: Send) -> Timing:
             await send(prompt, new, arrival, timing)
         except Exception as exc:
             timing.failed += 1
-            print(f"request {i} failed: {exc!r}", file=sys.stderr)
+            now = time.perf_counter()
+            print(f"request {i} failed {now - start:.2f} s into the run, {now - arrival:.2f} s after its arrival: "
+                  f"{exc!r}", file=sys.stderr)  # fmt: skip
 
     await asyncio.gather(*(fire(i) for i in range(len(requests))))
     timing.wall_s = time.perf_counter() - start
@@ -77,29 +79,35 @@ async def drive(requests: list, rate: float, seed: int, send: Send) -> Timing:
 async def via_http(client, prompt: list[int], new: int, arrival: float, t: Timing) -> None:
     body = {"prompt": prompt, "max_tokens": new, "stream": True, "ignore_eos": True, "temperature": 0,
             "stream_options": {"include_usage": True}}  # fmt: skip
-    last = None
-    async with client.stream("POST", "/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            t.failed += 1
-            await r.aread()
-            return
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
+    last, lines, status = None, 0, None
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            status = r.status_code
+            if r.status_code != 200:
                 t.failed += 1
-                continue
-            if chunk.get("usage"):  # the last chunk: how many tokens the request generated
-                t.tokens += chunk["usage"]["completion_tokens"]
-            if not chunk.get("choices"):
-                continue
-            now = time.perf_counter()  # a chunk per token that adds text (a partial character waits for the next)
-            if last is None:
-                t.ttft.append(now - arrival)
-            else:
-                t.itl.append(now - last)
-            last = now
+                await r.aread()
+                return
+            async for line in r.aiter_lines():
+                lines += 1
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    t.failed += 1
+                    continue
+                if chunk.get("usage"):  # the last chunk: how many tokens the request generated
+                    t.tokens += chunk["usage"]["completion_tokens"]
+                if not chunk.get("choices"):
+                    continue
+                now = time.perf_counter()  # a chunk per token that adds text (a partial character waits for the next)
+                if last is None:
+                    t.ttft.append(now - arrival)
+                else:
+                    t.itl.append(now - last)
+                last = now
+    except Exception as exc:  # say how far the response had come (a transport error carries no more)
+        progress = "before any response" if status is None else f"after status {status} and {lines} lines"
+        raise RuntimeError(f"{exc!r} {progress}") from exc
 
 
 def run_client(port: int, requests: list, rate: float, seed: int) -> Timing:

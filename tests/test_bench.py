@@ -286,6 +286,42 @@ def test_poisson_arrivals_have_the_asked_rate_and_inf_means_all_at_once():
     assert arrival_times(5, float("inf")) == [0.0] * 5
 
 
+@pytest.mark.parametrize("breaks", ["at connect", "mid-stream"])
+def test_the_http_client_counts_a_failed_request_and_says_how_far_it_came(breaks, capsys):
+    """A transport error is counted, never dropped, and the report says when it happened and how far the response
+    had come (a connection closed before any response and one closed mid-stream tell different stories)."""
+    import asyncio
+
+    from bench.http_client import drive, via_http
+
+    class Response:
+        status_code = 200
+
+        async def aiter_lines(self):
+            yield 'data: {"choices": [{"text": "a"}]}'
+            raise OSError("reset")
+
+    class Client:
+        def stream(self, *args, **kwargs):
+            class Exchange:
+                async def __aenter__(self):
+                    if breaks == "at connect":
+                        raise OSError("reset")
+                    return Response()
+
+                async def __aexit__(self, *exc):
+                    return False
+
+            return Exchange()
+
+    timing = asyncio.run(drive([([1, 2], 3)], float("inf"), 0, lambda p, n, a, t: via_http(Client(), p, n, a, t)))
+    assert timing.failed == 1
+    err = capsys.readouterr().err
+    assert "request 0 failed" in err and "s into the run" in err and "OSError('reset')" in err
+    assert ("before any response" if breaks == "at connect" else "after status 200 and 1 lines") in err
+    assert len(timing.ttft) == (0 if breaks == "at connect" else 1)
+
+
 def test_serving_benchmark_runs_through_the_engine_and_http(tmp_path):
     """W-serve's harness end to end on the tiny model: every row measured, nothing failed, the figure drawn; the
     HTTP client in a process apart from the server's."""
