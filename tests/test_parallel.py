@@ -332,20 +332,32 @@ for epoch in (1, 2, 3):
         assert torch.allclose(resids[rank], s, atol=1e-6) and torch.allclose(outs[rank], want, atol=1e-5), rank
     assert torch.equal(outs[0], outs[1]) and counters[0][:P].tolist() == [epoch] * P
 
-# the gather: rows of 7 side by side (a chunk of a program spans rows), in the buffers' regions for pushed parts
+# the gather: rows of 7 side by side (a chunk of a program spans rows), into fresh buffers and flags
 rows, cols = 3, 7
+bufs = [torch.zeros(words + 2 * W * slot // 8, dtype=torch.int64) for _ in range(W)]
+bases = torch.tensor([b.data_ptr() for b in bufs] + [abort.data_ptr()], dtype=torch.int64)
 counters = [torch.zeros(64, dtype=torch.int64) for _ in range(W)]
 for epoch in (1, 2, 3):
     xs = [torch.randn(rows, cols) for _ in range(W)]
     region = words + (epoch % 2) * W * slot // 8
-    bufs[1][region:].view(torch.float32)[: rows * cols] = xs[0].flatten()  # rank 0 pushed its part into rank 1's
+    part0 = bufs[1][region:].view(torch.float32)[: rows * cols]  # rank 0's part in rank 1's buffer
+    part0.copy_(xs[0].flatten())  # rank 0 pushed it and signalled (rank 1 goes first)
     bufs[1][:words].view(64, W)[:P, 0] = epoch
     outs = [torch.full((rows, W * cols), float("nan")) for _ in range(W)]
-    for rank in (1, 0):
-        one_shot_gather[(P,)](xs[rank], outs[rank], rows * cols, cols, bases, counters[rank], words * 8, slot,
-                              RANK=rank, WORLD=W, BLOCK=8, SPIN=100)
+    one_shot_gather[(P,)](xs[1], outs[1], rows * cols, cols, bases, counters[1], words * 8, slot, RANK=1, WORLD=W,
+                          BLOCK=8, SPIN=100)
+    assert bufs[0][:words].view(64, W)[:P, 1].tolist() == [epoch] * P  # rank 1 signalled rank 0
+    part0.fill_(float("nan"))
+    one_shot_gather[(P,)](xs[0], outs[0], rows * cols, cols, bases, counters[0], words * 8, slot, RANK=0, WORLD=W,
+                          BLOCK=8, SPIN=100)
+    assert torch.equal(part0, xs[0].flatten())  # rank 0 pushed its part into rank 1's buffer
     assert torch.equal(outs[0], torch.cat(xs, 1)) and torch.equal(outs[1], torch.cat(xs, 1)), epoch
     assert counters[0][:P].tolist() == counters[1][:P].tolist() == [epoch] * P
+# rank 1's signal never comes: rank 0 waits until the abort word is set
+bufs[0][:words].zero_()
+abort[0] = 1
+one_shot_gather[(P,)](xs[0], outs[0], rows * cols, cols, bases, counters[0], words * 8, slot, RANK=0, WORLD=W,
+                      BLOCK=8, SPIN=2**31 - 1)
 print("ok")
 """
 

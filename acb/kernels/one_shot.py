@@ -82,7 +82,7 @@ def one_shot(X, n, BASES, COUNTER, flag_bytes, slot_bytes, RANK: tl.constexpr, W
     pid = tl.program_id(0)
     step = tl.num_programs(0) * BLOCK
     epoch = tl.load(COUNTER + pid) + 1
-    slot = flag_bytes + (epoch % 2) * slot_bytes  # byte offset of this call's slot in every rank's buffer
+    slot = flag_bytes + (epoch % 2) * slot_bytes.to(tl.int64)  # byte offset of this call's slot in every rank's buffer
     ty = X.dtype.element_ty
     mine = tl.multiple_of((tl.load(BASES + RANK) + slot).to(tl.pointer_type(ty)), 16)
     for start in range(pid * BLOCK, n, step):
@@ -110,14 +110,15 @@ def one_shot_push(X, n, BASES, COUNTER, flag_bytes, slot_bytes, RANK: tl.constex
     pid = tl.program_id(0)
     step = tl.num_programs(0) * BLOCK
     epoch = tl.load(COUNTER + pid) + 1
-    region = flag_bytes + (epoch % 2) * WORLD * slot_bytes  # this call's region in every rank's buffer
+    region = flag_bytes + (epoch % 2) * WORLD * slot_bytes.to(tl.int64)  # this call's region in every rank's buffer
+    own = region + RANK * slot_bytes.to(tl.int64)  # this rank's part of the region (int64 offsets)
     ty = X.dtype.element_ty
     for start in range(pid * BLOCK, n, step):
         offs = start + tl.arange(0, BLOCK)
         m = offs < n
         x = tl.load(X + offs, mask=m)
         for r in tl.static_range(WORLD):
-            dst = tl.multiple_of((tl.load(BASES + r) + region + RANK * slot_bytes).to(tl.pointer_type(ty)), 16)
+            dst = tl.multiple_of((tl.load(BASES + r) + own).to(tl.pointer_type(ty)), 16)
             tl.store(dst + offs, x, mask=m)
     _barrier(BASES, pid, epoch, RANK, WORLD, SPIN, ASM)
     mine = tl.load(BASES + RANK) + region
@@ -126,7 +127,7 @@ def one_shot_push(X, n, BASES, COUNTER, flag_bytes, slot_bytes, RANK: tl.constex
         m = offs < n
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for r in tl.static_range(WORLD):  # rank order: every rank adds the same numbers in the same order
-            part = tl.multiple_of((mine + r * slot_bytes).to(tl.pointer_type(ty)), 16)
+            part = tl.multiple_of((mine + r * slot_bytes.to(tl.int64)).to(tl.pointer_type(ty)), 16)
             acc += tl.load(part + offs, mask=m, other=0.0, volatile=True).to(tl.float32)
         tl.store(X + offs, acc.to(ty), mask=m)
     tl.store(COUNTER + pid, epoch)
@@ -144,21 +145,22 @@ def one_shot_push_norm(X, R, G, OUT, rows, cols, eps, BASES, COUNTER, flag_bytes
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     epoch = tl.load(COUNTER + pid) + 1
-    region = flag_bytes + (epoch % 2) * WORLD * slot_bytes
+    region = flag_bytes + (epoch % 2) * WORLD * slot_bytes.to(tl.int64)
+    own = region + RANK * slot_bytes.to(tl.int64)  # this rank's part of the region (int64 offsets)
     ty = X.dtype.element_ty
     c = tl.arange(0, BLOCK)
     m = c < cols
     for row in range(pid, rows, programs):
         x = tl.load(X + row * cols + c, mask=m)
         for r in tl.static_range(WORLD):
-            dst = tl.multiple_of((tl.load(BASES + r) + region + RANK * slot_bytes).to(tl.pointer_type(ty)), 16)
+            dst = tl.multiple_of((tl.load(BASES + r) + own).to(tl.pointer_type(ty)), 16)
             tl.store(dst + row * cols + c, x, mask=m)
     _barrier(BASES, pid, epoch, RANK, WORLD, SPIN, ASM)
     mine = tl.load(BASES + RANK) + region
     for row in range(pid, rows, programs):
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for r in tl.static_range(WORLD):  # rank order: every rank adds the same numbers in the same order
-            part = tl.multiple_of((mine + r * slot_bytes).to(tl.pointer_type(ty)), 16)
+            part = tl.multiple_of((mine + r * slot_bytes.to(tl.int64)).to(tl.pointer_type(ty)), 16)
             acc += tl.load(part + row * cols + c, mask=m, other=0.0, volatile=True).to(tl.float32)
         x = acc.to(ty).to(tl.float32) + tl.load(R + row * cols + c, mask=m, other=0.0).to(tl.float32)
         tl.store(R + row * cols + c, x.to(R.dtype.element_ty), mask=m)
@@ -178,7 +180,8 @@ def one_shot_gather(X, OUT, n, cols, BASES, COUNTER, flag_bytes, slot_bytes, RAN
     pid = tl.program_id(0)
     step = tl.num_programs(0) * BLOCK
     epoch = tl.load(COUNTER + pid) + 1
-    region = flag_bytes + (epoch % 2) * WORLD * slot_bytes
+    region = flag_bytes + (epoch % 2) * WORLD * slot_bytes.to(tl.int64)
+    own = region + RANK * slot_bytes.to(tl.int64)  # this rank's part of the region (int64 offsets)
     ty = X.dtype.element_ty
     width = WORLD * cols
     for start in range(pid * BLOCK, n, step):
@@ -187,7 +190,7 @@ def one_shot_gather(X, OUT, n, cols, BASES, COUNTER, flag_bytes, slot_bytes, RAN
         x = tl.load(X + offs, mask=m)
         for r in tl.static_range(WORLD):
             if r != RANK:
-                dst = tl.multiple_of((tl.load(BASES + r) + region + RANK * slot_bytes).to(tl.pointer_type(ty)), 16)
+                dst = tl.multiple_of((tl.load(BASES + r) + own).to(tl.pointer_type(ty)), 16)
                 tl.store(dst + offs, x, mask=m)
         tl.store(OUT + (offs // cols) * width + RANK * cols + offs % cols, x, mask=m)
     _barrier(BASES, pid, epoch, RANK, WORLD, SPIN, ASM)
@@ -197,7 +200,7 @@ def one_shot_gather(X, OUT, n, cols, BASES, COUNTER, flag_bytes, slot_bytes, RAN
         m = offs < n
         for r in tl.static_range(WORLD):
             if r != RANK:
-                part = tl.multiple_of((mine + r * slot_bytes).to(tl.pointer_type(ty)), 16)
+                part = tl.multiple_of((mine + r * slot_bytes.to(tl.int64)).to(tl.pointer_type(ty)), 16)
                 x = tl.load(part + offs, mask=m, volatile=True)
                 tl.store(OUT + (offs // cols) * width + r * cols + offs % cols, x, mask=m)
     tl.store(COUNTER + pid, epoch)

@@ -79,9 +79,10 @@ def setup_one_shot(
         return None
     t = torch.full((4096,), rank + 1.0, dtype=torch.float32, device=device)  # a first sum, checked
     ok = bool((one(t) == world * (world + 1) / 2).all())
-    if ok and one.gather_bytes:  # and a first gather
+    if one.gather_bytes:  # and a first gather, on every rank whatever its sum gave (a rank left out would wait)
         g = torch.full((3, 5), rank, dtype=torch.float32, device=device)
-        ok = bool((one.gather_last(g).view(3, world, 5) == torch.arange(world, device=device)[:, None]).all())
+        got = one.gather_last(g).view(3, world, 5)
+        ok = bool((got == torch.arange(world, device=device)[:, None]).all()) and ok
     if not ok:
         log.warning("the one-shot all-reduce is off: its first sum was wrong on rank %d", rank)
     return one if _agree(store, f"{prefix}-ok", rank, world, ok) else None
