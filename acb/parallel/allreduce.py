@@ -84,7 +84,7 @@ def setup_one_shot(
         got = one.gather_last(g).view(3, world, 5)
         ok = bool((got == torch.arange(world, device=device)[:, None]).all()) and ok
     if not ok:
-        log.warning("the one-shot all-reduce is off: its first sum was wrong on rank %d", rank)
+        log.warning("the one-shot all-reduce is off: its first sum or gather was wrong on rank %d", rank)
     return one if _agree(store, f"{prefix}-ok", rank, world, ok) else None
 
 
