@@ -41,7 +41,7 @@ def step_kind(rows: int, tokens: int, graphed: bool) -> str:
     if tokens > rows:
         band = next((f"<= {b}" for b in (512, 2048, 4096) if tokens <= b), "> 4096")
         return f"with prompts, {band} tokens"
-    band = next((f"<= {b}" for b in (32, 128, 256, 512) if rows <= b), "> 512")
+    band = next((f"<= {b}" for b in (32, 128, 256, 512, 1024) if rows <= b), "> 1024")
     return f"decode {'graph' if graphed else 'eager'}, {band} rows"
 
 

@@ -45,7 +45,7 @@ def test_step_kinds_split_gpu_time_by_kind_of_step():
     shapes = [(8, 8, True), (30, 30, True), (40, 8192, False), (200, 200, True), (700, 700, False)]
     kinds = step_kinds(intervals, shapes)
     assert list(kinds) == [  # largest GPU time first
-        "with prompts, > 4096 tokens", "decode eager, > 512 rows", "decode graph, <= 256 rows",
+        "with prompts, > 4096 tokens", "decode eager, <= 1024 rows", "decode graph, <= 256 rows",
         "decode graph, <= 32 rows",
     ]  # fmt: skip
     assert kinds["decode graph, <= 32 rows"] == {"steps": 2, "gpu_s": 0.01, "tokens": 38, "mean_ms": 5.0}
