@@ -4,8 +4,22 @@
 #   GPUS="2 3" PER_GPU=4 T_TESTS=480 bash bench/tests_session.sh tests/gpu/test_families_cuda.py ...
 # Arguments: test files or node ids; every collected test goes to one shard, round-robin, in collection order
 # (FROM=N skips the first N). Each shard's log and the summary lines go to $OUT/t-shards.log; a test still running
-# after 100 s writes its stacks to $OUT/shards/stacks.log (tests/conftest.py).
+# after 100 s writes its stacks to $OUT/shards/stacks.log (tests/conftest.py). Processes that share a GPU each see
+# 1/PER_GPU of its free memory (a sitecustomize wraps torch.cuda.mem_get_info), so that engines sizing their KV
+# cache from free memory at the same moment do not each take 85 % of it.
 . bench/session_env.sh
+mkdir -p /tmp/shard_site
+cat >/tmp/shard_site/sitecustomize.py <<'PY'
+import os
+share = int(os.environ.get("ACB_SHARD_SHARE", "1"))
+if share > 1:
+    import torch.cuda
+    _info = torch.cuda.mem_get_info
+    def _mem_get_info(device=None):
+        free, total = _info(device)
+        return free // share, total
+    torch.cuda.mem_get_info = _mem_get_info
+PY
 shards=()
 for g in ${GPUS:-0}; do for p in $(seq 1 "${PER_GPU:-1}"); do shards+=("$g"); done; done
 n=${#shards[@]}
@@ -17,7 +31,8 @@ for i in $(seq 0 $((n - 1))); do
     [ -f "$tmp/ids$i" ] || continue
     (
         mapfile -t ids <"$tmp/ids$i"
-        CUDA_VISIBLE_DEVICES=${shards[$i]} ACB_TEST_DUMP_S=100 ACB_TEST_DUMP_DIR="$OUT/shards" timeout "${T_TESTS:-480}" \
+        CUDA_VISIBLE_DEVICES=${shards[$i]} ACB_SHARD_SHARE=${PER_GPU:-1} PYTHONPATH="/tmp/shard_site:$PYTHONPATH" \
+            ACB_TEST_DUMP_S=100 ACB_TEST_DUMP_DIR="$OUT/shards" timeout "${T_TESTS:-480}" \
             python -m pytest -q -p no:cacheprovider "${ids[@]}" >"$tmp/log$i" 2>&1
         echo "exit $?" >>"$tmp/log$i"
     ) &
