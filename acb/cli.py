@@ -170,6 +170,17 @@ async def _generate(engine, a: argparse.Namespace) -> None:
 # -- acb serve ----------------------------------------------------------------------------------------------------
 
 
+def _positive_seconds(text: str) -> float:
+    """An argparse type: a number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    return value
+
+
 def _at_least(low: int):
     """An argparse type: an integer >= ``low`` (refused before any model is loaded)."""
 
@@ -195,6 +206,7 @@ async def _serve(engine, a: argparse.Namespace) -> None:
             log_level=a.log_level,
             max_body_bytes=a.max_body_bytes,
             stream_interval=a.stream_interval,
+            timeout_keep_alive=a.timeout_keep_alive,
             api_key=a.api_key or os.environ.get("ACB_API_KEY") or None,
             on_ready=lambda url: print(
                 f"acb: serving on {url}/v1{where} (model '{a.served_model_name or engine_name(engine)}')",
@@ -351,6 +363,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="run the HTTP server in this many processes of its own, apart from the engine's event loop (for "
         "thousands of streamed tokens per second: docs/serving.md); 0 serves from the engine's process "
+        "(default: %(default)s)",
+    )
+    s.add_argument(
+        "--timeout-keep-alive",
+        type=_positive_seconds,
+        default=75.0,  # acb.serving.app.DEFAULT_TIMEOUT_KEEP_ALIVE_S (not imported: the server extra may be absent)
+        metavar="SECONDS",
+        help="seconds an idle HTTP connection stays open; keep it longer than your clients' and proxies' idle "
+        "expiry (httpx and the openai client: 5 s), or a request sent as the server closes the connection fails "
         "(default: %(default)s)",
     )
     s.add_argument(

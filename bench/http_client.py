@@ -22,6 +22,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 __all__ = ["Timing", "arrival_times", "drive", "run_client", "serving"]
 
+SERVER_KEEP_ALIVE_S = 75.0  # :func:`serving`'s uvicorn timeout_keep_alive, as acb serve's default
+CLIENT_KEEPALIVE_EXPIRY_S = 5.0  # :func:`run_client`'s httpx keepalive_expiry: below the server's
+
 
 def arrival_times(n: int, rate: float, seed: int = 0) -> list[float]:
     """Seconds after the start at which each of ``n`` requests arrives: a Poisson process of ``rate`` requests per
@@ -115,7 +118,10 @@ def run_client(port: int, requests: list, rate: float, seed: int) -> Timing:
     import httpx
 
     async def main() -> Timing:
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        # idle connections expire here well before the server closes them (SERVER_KEEP_ALIVE_S; at equal times a request
+        # sent as the server closes its connection fails with ReadError before any response, and is not retried)
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None,
+                              keepalive_expiry=CLIENT_KEEPALIVE_EXPIRY_S)  # fmt: skip
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=None, limits=limits) as client:
             return await drive(requests, rate, seed, lambda p, n, a, t: via_http(client, p, n, a, t))
 
@@ -132,7 +138,11 @@ async def serving(app) -> AsyncIterator[int]:
     server side of every HTTP measurement (the client runs elsewhere, :func:`run_client`)."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", timeout_keep_alive=SERVER_KEEP_ALIVE_S
+        )
+    )
     task = asyncio.ensure_future(server.serve())
     try:
         while not server.started:

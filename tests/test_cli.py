@@ -66,6 +66,8 @@ def test_version(capsys):
         ["batch", "--admission-order", "shortest_first", "--device", "cpu"],
         ["serve", "--stream-interval", "0"],
         ["serve", "--api-processes", "-1"],
+        ["serve", "--timeout-keep-alive", "0"],
+        ["serve", "--timeout-keep-alive", "soon"],
     ],
 )
 def test_errors_are_one_clear_line(args, capsys):

@@ -50,7 +50,14 @@ from .protocol import (
     to_sampling_params,
 )
 
-__all__ = ["create_app", "serve", "DEFAULT_MAX_BODY_BYTES", "MAX_CHOICES"]
+__all__ = ["create_app", "serve", "DEFAULT_MAX_BODY_BYTES", "DEFAULT_TIMEOUT_KEEP_ALIVE_S", "MAX_CHOICES"]
+
+DEFAULT_TIMEOUT_KEEP_ALIVE_S = 75.0
+"""Seconds an idle HTTP/1.1 connection stays open (uvicorn's ``timeout_keep_alive``; uvicorn's own default is 5).
+Longer than the idle expiry of common clients (httpx, so the openai client: 5 s; aiohttp: 15 s) and load balancers'
+idle timeouts (often 60 s): the client, which knows when it will reuse a connection, lets it go first. At equal
+times, the server closes a connection just as the client sends a new request on it, and the client gets a reset
+(httpx: ``ReadError``) that it does not retry for a POST."""
 
 _ENDPOINTS = ("/v1/completions", "/v1/chat/completions")  # metric labels never take a client's arbitrary path
 MAX_CHOICES = 128
@@ -373,13 +380,15 @@ async def serve(
     api_key: str | None = None,
     on_ready: Callable[[str], None] | None = None,
     stream_interval: int = 1,
+    timeout_keep_alive: float = DEFAULT_TIMEOUT_KEEP_ALIVE_S,
 ) -> None:
     """Run the API under uvicorn on the running loop until cancelled or signalled; the engine must be started.
 
     ``on_ready(url)`` is called once the socket is bound (a failed bind raises instead); ``stream_interval`` as in
-    :func:`create_app`. Health probes are not written to the access log. On SIGTERM or SIGINT the server stops
-    accepting connections and closes the engine at once, so open requests get ``drain_timeout`` to finish (then end
-    with an error): shutdown takes at most about ``drain_timeout``."""
+    :func:`create_app`; ``timeout_keep_alive``: seconds an idle connection stays open
+    (:data:`DEFAULT_TIMEOUT_KEEP_ALIVE_S`). Health probes are not written to the access log. On SIGTERM or SIGINT
+    the server stops accepting connections and closes the engine at once, so open requests get ``drain_timeout`` to
+    finish (then end with an error): shutdown takes at most about ``drain_timeout``."""
     import logging
 
     import uvicorn
@@ -405,6 +414,7 @@ async def serve(
         log_level=log_level,
         loop="none",
         lifespan="off",
+        timeout_keep_alive=timeout_keep_alive,
         timeout_graceful_shutdown=engine.config.drain_timeout + 1.0,
     )
     logging.getLogger("uvicorn.access").addFilter(_quiet_health)

@@ -45,11 +45,13 @@ async def api_processes(
     max_body_bytes: int | None = None,
     api_key: str | None = None,
     stream_interval: int = 1,
+    timeout_keep_alive: float | None = None,
 ) -> AsyncIterator[tuple[str, list]]:
     """``processes`` API processes serving the started ``engine`` for the duration of the block, which gets their
     URL and their processes. Leaving the block stops them (each lets its open requests finish, up to the engine's
     ``drain_timeout``); the engine stays open. Raises ``OSError`` when the port cannot be bound and
-    ``RuntimeError`` when an API process fails to start."""
+    ``RuntimeError`` when an API process fails to start. ``timeout_keep_alive``: seconds an idle connection stays
+    open (``None``: :data:`~.app.DEFAULT_TIMEOUT_KEEP_ALIVE_S`)."""
     if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
         raise ValueError(f"processes must be an integer >= 1, got {processes!r}")
     try:
@@ -59,7 +61,8 @@ async def api_processes(
     port = listener.getsockname()[1]
     model_name = model_name or getattr(engine.model.config, "_name_or_path", None) or "acb-default"
     options = dict(model_name=model_name, log_level=log_level, max_body_bytes=max_body_bytes, api_key=api_key,
-                   stream_interval=stream_interval, drain_timeout=engine.config.drain_timeout)  # fmt: skip
+                   stream_interval=stream_interval, timeout_keep_alive=timeout_keep_alive,
+                   drain_timeout=engine.config.drain_timeout)  # fmt: skip
     ctx = multiprocessing.get_context("spawn")
     with listener, tempfile.TemporaryDirectory(prefix="acb-") as private:  # a directory only this user can enter
         path = os.path.join(private, "engine.sock")
@@ -92,13 +95,14 @@ async def serve_processes(
     api_key: str | None = None,
     on_ready: Callable[[str], None] | None = None,
     stream_interval: int = 1,
+    timeout_keep_alive: float | None = None,
 ) -> None:
     """Serve the started ``engine`` through ``processes`` API processes until SIGTERM/SIGINT or cancellation, then
     close it; the other arguments as :func:`acb.serving.serve`'s. Raises ``OSError`` when the port cannot be bound,
     and ``RuntimeError`` when an API process fails to start or every one has died."""
     try:
         async with api_processes(engine, processes, host, port, model_name, log_level, max_body_bytes, api_key,
-                                 stream_interval) as (url, procs):  # fmt: skip
+                                 stream_interval, timeout_keep_alive) as (url, procs):  # fmt: skip
             if on_ready is not None:
                 on_ready(url)
             await _until_stopped(procs)
@@ -186,7 +190,7 @@ async def _api(path: str, listener: socket.socket, options: dict, ready) -> None
 
     import uvicorn
 
-    from .app import _quiet_health, create_app
+    from .app import DEFAULT_TIMEOUT_KEEP_ALIVE_S, _quiet_health, create_app
     from .middleware import DEFAULT_MAX_BODY_BYTES
 
     remote = await RemoteEngine.connect(path)
@@ -200,7 +204,9 @@ async def _api(path: str, listener: socket.socket, options: dict, ready) -> None
                 ready.put(("ready", os.getpid()))
 
     logging.getLogger("uvicorn.access").addFilter(_quiet_health)
+    keep_alive = options["timeout_keep_alive"]
     config = uvicorn.Config(app, log_level=options["log_level"], loop="none", lifespan="off",
+                            timeout_keep_alive=DEFAULT_TIMEOUT_KEEP_ALIVE_S if keep_alive is None else keep_alive,
                             timeout_graceful_shutdown=options["drain_timeout"] + 1.0)  # fmt: skip
     server = _Uvicorn(config)
     # the engine's process gone (its connection ended): stop serving rather than answer 503 for ever
