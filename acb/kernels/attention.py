@@ -5,7 +5,7 @@
   query heads of one KV head (grouped-query attention without repeating K/V), then a second kernel merges the
   splits' partial softmax states. Sequence lengths are read on the device, so the launch is CUDA-graph safe.
 - :func:`paged_prefill`: any number of query tokens per sequence (chunked prefill and mixed steps), causal over the
-  sequence's cached context.
+  sequence's cached context; a program also serves all the query heads of one KV head, stacked in its tile.
 
 Both read K/V through block tables from the cache layout of :class:`acb.kv_cache.KVCache`.
 """
@@ -153,28 +153,35 @@ def _prefill_kernel(
     GROUP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
+    # One program: BLOCK_M // GROUP query tokens of sequence b, with all GROUP query heads of KV head kvh stacked as
+    # the tile's rows (row r: token r // GROUP, head r % GROUP), so that each key/value tile is read once per KV head
+    # rather than once per query head. A decode row of a mixed step (one token) fills GROUP rows of the tile.
     b = tl.program_id(0)
     mblk = tl.program_id(1)
-    h = tl.program_id(2)
+    kvh = tl.program_id(2)
+    TOKENS: tl.constexpr = BLOCK_M // GROUP
     q0 = tl.load(QSTART + b)
     n_q = tl.load(QSTART + b + 1) - q0
-    if mblk * BLOCK_M >= n_q:
+    t0 = mblk * TOKENS
+    if t0 >= n_q:
         return
     ctx = tl.load(LENS + b)
-    kvh = h // GROUP
-    offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
-    mmask = offs_m < n_q
-    q_pos = ctx - n_q + offs_m
+    r = tl.arange(0, BLOCK_M)
+    tok = t0 + r // GROUP
+    head = kvh * GROUP + r % GROUP
+    mmask = (r < TOKENS * GROUP) & (tok < n_q)
+    q_pos = ctx - n_q + tok
     d = tl.arange(0, D_PAD)
     dmask = d[None, :] < D
-    q = tl.load(Q + (q0 + offs_m)[:, None] * s_qt + h * s_qh + d[None, :], mask=mmask[:, None] & dmask, other=0.0)
+    q_off = (q0 + tok)[:, None] * s_qt + head[:, None] * s_qh + d[None, :]
+    q = tl.load(Q + q_off, mask=mmask[:, None] & dmask, other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-    hi = tl.minimum(ctx, ctx - n_q + (mblk + 1) * BLOCK_M)
+    hi = tl.minimum(ctx, ctx - n_q + t0 + TOKENS)
     lo = 0
     if WINDOW > 0:
-        lo = tl.maximum(0, (ctx - n_q + mblk * BLOCK_M - WINDOW + 1) // BLOCK_N * BLOCK_N)
+        lo = tl.maximum(0, (ctx - n_q + t0 - WINDOW + 1) // BLOCK_N * BLOCK_N)
     for n0 in range(lo, hi, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         nmask = pos < hi
@@ -188,7 +195,7 @@ def _prefill_kernel(
         s = tl.where(keep, s, float("-inf"))
         m_i, l_i, acc = _online_softmax(s, v, m_i, l_i, acc, PRECISION)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    o_ptr = OUT + (q0 + offs_m)[:, None] * s_ot + h * s_oh + d[None, :]
+    o_ptr = OUT + (q0 + tok)[:, None] * s_ot + head[:, None] * s_oh + d[None, :]
     tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=mmask[:, None] & dmask)
 
 
@@ -205,16 +212,19 @@ def paged_prefill(
 ) -> torch.Tensor:
     _, heads, dim = q.shape
     kvh = kv.shape[3]
+    group = heads // kvh
     out = torch.empty_like(q) if out is None else out
-    block_m = 64 if max_query_len > 16 else 16
+    # a tile of 64 rows (16 when every sequence has at most a few tokens: decode-like steps), never fewer rows than
+    # one token's query heads; a group that does not divide the tile leaves its last rows unused
+    block_m = max(64 if max_query_len * group > 16 else 16, triton.next_power_of_2(group))
     kc, vc = kv[0], kv[1]
     block_n = _block_n(q)
-    grid = (seq_lens.shape[0], triton.cdiv(max_query_len, block_m), heads)
+    grid = (seq_lens.shape[0], triton.cdiv(max_query_len, block_m // group), kvh)
     _prefill_kernel[grid](
         q, kc, vc, block_tables, seq_lens, query_start_loc, out, scale,
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
-        GROUP=heads // kvh, D=dim, D_PAD=triton.next_power_of_2(dim), BLOCK_M=block_m, BLOCK_N=block_n,
+        GROUP=group, D=dim, D_PAD=triton.next_power_of_2(dim), BLOCK_M=block_m, BLOCK_N=block_n,
         PAGE=kv.shape[2], WINDOW=window,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2,
     )  # fmt: skip

@@ -65,10 +65,14 @@ def test_decode_matches_reference(dtype, heads, kv_heads, dim, splits):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [0, 7])
 @pytest.mark.parametrize("dim", [64, 96, 256])
-def test_prefill_matches_reference_on_mixed_steps(dtype, window, dim):
+@pytest.mark.parametrize("heads, kv_heads", [(8, 2), (4, 4), (6, 1), (14, 2), (32, 1)])
+@pytest.mark.parametrize("new", [[1, 5, 20, 1, 130, 3], [1, 1, 2, 1, 3, 1]])
+def test_prefill_matches_reference_on_mixed_steps(dtype, window, dim, heads, kv_heads, new):
+    """Query heads of a KV head share a tile: groups of 4, 1 (no sharing), 6 and 7 (not dividing the tile) and 32
+    (larger than a decode-like tile). ``new``: whole prompts, chunks continuing a cached prefix and decodes; or only
+    a few tokens per sequence (the small tile)."""
     ctx = [1, 5, 33, 64, 130, 17]
-    new = [1, 5, 20, 1, 130, 3]  # whole prompts, chunks continuing a cached prefix, decodes
-    cache, meta, q = _setup(ctx, new, 8, 2, dim, 16, dtype, seed=1)
+    cache, meta, q = _setup(ctx, new, heads, kv_heads, dim, 16, dtype, seed=1)
     lens = torch.tensor(ctx, device=DEVICE, dtype=torch.int32)
     qsl = torch.tensor(meta.query_start_loc, device=DEVICE, dtype=torch.int32)
     out = paged_prefill(q, cache.layers[0], meta.block_tables, lens, qsl, max(new), 0.2, window=window)
