@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# tests/gpu spread over several GPUs and several pytest processes per GPU (the tests are bound by the host: building
-# models, capturing graphs), for a device call of many GPUs; logs under $OUT.
-#   GPUS="2 3" PER_GPU=4 T_TESTS=480 bash bench/tests_session.sh tests/gpu/test_families_cuda.py ...
+# tests/gpu spread over several GPUs, one pytest process per GPU (PER_GPU=N: N processes per GPU), for a device call of
+# many GPUs; logs under $OUT.
+#   GPUS="2 3" T_TESTS=480 bash bench/tests_session.sh tests/gpu/test_families_cuda.py ...
+# Measured on 2x H200 (2026-11-28): 4 processes per GPU ran ~55 s per test (contexts time-sliced on each GPU, Triton
+# compiling in every process), one process alone ~2.4 s per test (tests/gpu/test_families_cuda.py): keep PER_GPU=1.
 # Arguments: test files or node ids; every collected test goes to one shard, round-robin, in collection order
 # (FROM=N skips the first N). Each shard's log and the summary lines go to $OUT/t-shards.log; a test still running
 # after 100 s writes its stacks to $OUT/shards/stacks.log (tests/conftest.py). Processes that share a GPU each see
