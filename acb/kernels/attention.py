@@ -3,7 +3,8 @@
 - :func:`paged_decode`: one query token per sequence, flash-decoding style. Programs split each context into
   ``num_splits`` chunks (more parallelism when batches are small and contexts long); each program serves all the
   query heads of one KV head (grouped-query attention without repeating K/V), then a second kernel merges the
-  splits' partial softmax states. Sequence lengths are read on the device, so the launch is CUDA-graph safe.
+  splits' partial softmax states (with one split, which large batches get, the program writes the output itself and
+  no second kernel runs). Sequence lengths are read on the device, so the launch is CUDA-graph safe.
 - :func:`paged_prefill`: any number of query tokens per sequence (chunked prefill and mixed steps), causal over the
   sequence's cached context; a program also serves all the query heads of one KV head, stacked in its tile.
 
@@ -42,8 +43,8 @@ def _online_softmax(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
 
 @triton.jit
 def _decode_split_kernel(
-    Q, KC, VC, BT, LENS, OP, MP, LP, scale,
-    s_qb, s_qh, s_kb, s_ks, s_kh, s_bt, s_ob, s_oh, s_os, s_mb, s_mh,
+    Q, KC, VC, BT, LENS, OP, MP, LP, OUT, scale,
+    s_qb, s_qh, s_kb, s_ks, s_kh, s_bt, s_ob, s_oh, s_os, s_mb, s_mh, s_b, s_h,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, SPLITS: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -74,10 +75,15 @@ def _decode_split_kernel(
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_i, l_i, acc = _online_softmax(s, v, m_i, l_i, acc, PRECISION)
-    o_ptr = OP + b * s_ob + heads[:, None] * s_oh + split * s_os + d[None, :]
-    tl.store(o_ptr, acc, mask=gmask[:, None] & dmask)
-    tl.store(MP + b * s_mb + heads * s_mh + split, m_i, mask=gmask)
-    tl.store(LP + b * s_mb + heads * s_mh + split, l_i, mask=gmask)
+    if SPLITS == 1:  # the whole context in this program: the output itself, no merge kernel
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        o_ptr = OUT + b * s_b + heads[:, None] * s_h + d[None, :]
+        tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=gmask[:, None] & dmask)
+    else:
+        o_ptr = OP + b * s_ob + heads[:, None] * s_oh + split * s_os + d[None, :]
+        tl.store(o_ptr, acc, mask=gmask[:, None] & dmask)
+        tl.store(MP + b * s_mb + heads * s_mh + split, m_i, mask=gmask)
+        tl.store(LP + b * s_mb + heads * s_mh + split, l_i, mask=gmask)
 
 
 @triton.jit
@@ -122,7 +128,9 @@ def paged_decode(
     kvh = kv.shape[3]
     group = heads // kvh
     out = torch.empty_like(q) if out is None else out
-    if workspace is None:
+    if splits == 1:  # no partial states: the kernel writes ``out`` (which also stands in for the unused pointers)
+        op = mp = lp = out
+    elif workspace is None:
         op = torch.empty(bsz, heads, splits, dim, dtype=torch.float32, device=q.device)
         mp = torch.empty(bsz, heads, splits, dtype=torch.float32, device=q.device)
         lp = torch.empty_like(mp)
@@ -130,14 +138,16 @@ def paged_decode(
         op, mp, lp = (w[:bsz] for w in workspace)
     kc, vc = kv[0], kv[1]
     _decode_split_kernel[(bsz, kvh, splits)](
-        q, kc, vc, block_tables, seq_lens, op, mp, lp, scale,
+        q, kc, vc, block_tables, seq_lens, op, mp, lp, out, scale,
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
-        op.stride(0), op.stride(1), op.stride(2), mp.stride(0), mp.stride(1),
+        op.stride(0), op.stride(1), op.stride(2), mp.stride(0), mp.stride(1), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim, D_PAD=triton.next_power_of_2(dim),
         BLOCK_N=_block_n(q), PAGE=kv.shape[2],
         SPLITS=splits, WINDOW=window, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4, num_stages=2,
     )  # fmt: skip
+    if splits == 1:  # the split kernel wrote the output
+        return out
     _decode_merge_kernel[(bsz, heads)](
         op, mp, lp, out, op.stride(0), op.stride(1), op.stride(2), mp.stride(0), mp.stride(1),
         out.stride(0), out.stride(1), SPLITS=splits, SPLITS_PAD=max(2, triton.next_power_of_2(splits)), D=dim,
