@@ -6,7 +6,7 @@ alignment of its pointers), the caching allocator asks the driver for memory, cu
 shape. The plan: first one step as large as the engine runs (``max_num_batched_tokens`` spread over as many prompts
 as that takes, within ``max_model_len``, half the KV cache and ``max_num_seqs``): its activations are the largest
 the allocator will be asked for, its GEMMs the tallest, and it decodes at that batch. Then a few short prompts
-together (prefill tiles of short queries), one with a penalty (the penalty kernel). Afterwards the engine forgets
+together (the prefill kernel's small tile), one with a penalty (the penalty kernel). Afterwards the engine forgets
 them: the prefix cache drops their blocks, step timing and the counters of ``stats()`` restart.
 """
 
@@ -23,9 +23,11 @@ log = logging.getLogger("acb")
 Group = list[tuple[list[int], SamplingParams]]
 
 
-def plan(config: EngineConfig, max_model_len: int, kv_tokens: int, vocab: int) -> list[Group]:
+def plan(config: EngineConfig, max_model_len: int, kv_tokens: int, vocab: int, group: int = 1) -> list[Group]:
     """The warm-up's groups of ``(prompt ids, params)``, each submitted together; empty when nothing fits (a prompt
-    and its two tokens need more than ``max_model_len`` or half of the ``kv_tokens`` the cache holds)."""
+    and its two tokens need more than ``max_model_len`` or half of the ``kv_tokens`` the cache holds). ``group``:
+    query heads per KV head; the short prompts are short enough for the prefill kernel's small tile (at most 16
+    rows of tokens times heads, :func:`acb.kernels.attention.paged_prefill`)."""
     budget = min(config.max_num_batched_tokens, kv_tokens // 2)
     per_prompt = min(max_model_len - 2, budget)
     if per_prompt < 1:
@@ -36,7 +38,7 @@ def plan(config: EngineConfig, max_model_len: int, kv_tokens: int, vocab: int) -
         lengths.append(budget % per_prompt)
     greedy = SamplingParams(max_new_tokens=2, ignore_eos=True)
     penalized = SamplingParams(max_new_tokens=2, ignore_eos=True, repetition_penalty=1.1)
-    short = min(5, per_prompt)
+    short = min(5, max(1, 16 // group), per_prompt)
 
     def ids(i: int, n: int, stride: int) -> list[int]:
         return [3 + (i * stride + j) % (vocab - 3) for j in range(n)]
@@ -50,7 +52,8 @@ def plan(config: EngineConfig, max_model_len: int, kv_tokens: int, vocab: int) -
 async def run(engine) -> None:
     """Run the plan through ``engine``'s whole pipeline, then make the engine forget it."""
     kv_tokens = (engine._blocks.num_blocks - 1) * engine.config.block_size
-    groups = plan(engine.config, engine.max_model_len, kv_tokens, engine.shape.vocab_size)
+    shape = engine.shape
+    groups = plan(engine.config, engine.max_model_len, kv_tokens, shape.vocab_size, shape.num_heads // shape.num_kv_heads)
     if not groups:
         log.info("acb warm-up skipped: the KV cache or max_model_len is too small for a prompt and two tokens")
         return

@@ -68,6 +68,8 @@ def test_version(capsys):
         ["serve", "--api-processes", "-1"],
         ["serve", "--timeout-keep-alive", "0"],
         ["serve", "--timeout-keep-alive", "soon"],
+        ["serve", "--timeout-keep-alive", "nan"],
+        ["serve", "--timeout-keep-alive", "-1"],
     ],
 )
 def test_errors_are_one_clear_line(args, capsys):
@@ -80,6 +82,8 @@ def test_errors_are_one_clear_line(args, capsys):
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1, err
     assert "error" in lines[0] and "Traceback" not in err
+    if "--timeout-keep-alive" in args:  # argparse's own check, not "unrecognized arguments"
+        assert "--timeout-keep-alive" in lines[0], err
 
 
 def test_a_cuda_device_without_cuda_is_one_line(capsys, monkeypatch):

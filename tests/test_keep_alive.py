@@ -27,7 +27,7 @@ from acb.serving import processes, serve, serve_processes
 from acb.serving.app import DEFAULT_TIMEOUT_KEEP_ALIVE_S
 from acb.serving.remote import EngineHost
 
-SHORT_S = 0.3
+SHORT_S = 0.5
 
 
 @pytest.fixture
@@ -84,7 +84,7 @@ async def test_serve_gives_uvicorn_the_keep_alive(given, make_model, tokenizer, 
             assert server.config.timeout_keep_alive == (given or DEFAULT_TIMEOUT_KEEP_ALIVE_S)
             if given:
                 closed = await _idle_close_after(int(url.rsplit(":", 1)[1]))
-                assert closed is not None and 0.8 * given < closed < given + 1.0
+                assert closed is not None and 0.5 * given < closed < given + 1.0
         finally:
             for server in uvicorn_servers:
                 server.should_exit = True
@@ -117,7 +117,7 @@ async def test_an_api_process_gives_uvicorn_the_keep_alive(given, make_model, to
                 assert server.config.timeout_keep_alive == (given or DEFAULT_TIMEOUT_KEEP_ALIVE_S)
                 if given:
                     closed = await _idle_close_after(port)
-                    assert closed is not None and 0.8 * given < closed < given + 1.0
+                    assert closed is not None and 0.5 * given < closed < given + 1.0
             finally:
                 for server in uvicorn_servers:
                     server.should_exit = True
@@ -158,7 +158,7 @@ async def test_serve_processes_hands_the_keep_alive_to_its_processes(given, make
     extra = {} if given is None else {"timeout_keep_alive": given}
     with pytest.raises(Recorded):
         await serve_processes(engine, 2, port=0, **extra)
-    assert [options["timeout_keep_alive"] for options in started] == [given]  # _api reads None as the default
+    assert [options["timeout_keep_alive"] for options in started] == [given or DEFAULT_TIMEOUT_KEEP_ALIVE_S]
 
 
 @pytest.mark.parametrize("processes_", [0, 2])
@@ -171,3 +171,15 @@ def test_acb_serve_passes_timeout_keep_alive(processes_, monkeypatch):
     monkeypatch.setattr(acb.serving, "serve_processes" if processes_ else "serve", record)
     assert main(["serve", "--device", "cpu", "--api-processes", str(processes_), "--timeout-keep-alive", "42"]) == 0
     assert seen["timeout_keep_alive"] == 42.0
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), "75", True])
+async def test_serve_and_api_processes_refuse_a_keep_alive_that_is_not_seconds(bad, make_model, tokenizer):
+    """uvicorn would take them: ``None`` breaks every response, a negative time drops each connection after one."""
+    model, _ = make_model("llama", seed=5)
+    async with Engine(model, tokenizer, EngineConfig(block_size=8)) as engine:
+        with pytest.raises(ValueError, match="timeout_keep_alive"):
+            await serve(engine, port=0, log_level="warning", timeout_keep_alive=bad)
+        with pytest.raises(ValueError, match="timeout_keep_alive"):
+            async with processes.api_processes(engine, 1, port=0, timeout_keep_alive=bad):
+                pass

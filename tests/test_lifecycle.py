@@ -189,3 +189,13 @@ def test_the_warm_up_plan_fills_the_largest_step_within_every_limit(fields, max_
     assert [len(ids) for ids, _ in largest] == lengths
     assert all(1 <= len(ids) <= 5 for ids, _ in short) and short[0][1].repetition_penalty == 1.1
     assert all(3 <= t < 1000 for group in groups for ids, _ in group for t in ids)
+
+
+@pytest.mark.parametrize("group", [1, 4, 7, 8, 16, 32])
+def test_the_warm_up_meets_the_prefill_kernels_small_tile(group):
+    """A step whose prompts have at most 16 rows of tokens times query heads per KV head runs the prefill kernel's
+    16-row tile: the warm-up's short prompts make one (where any can), or the first real one would compile it."""
+    from acb import warmup
+
+    _, short = warmup.plan(EngineConfig(max_num_batched_tokens=8192), 4096, 10**6, vocab=1000, group=group)
+    assert max(len(ids) for ids, _ in short) * group <= 16 or (group > 16 and all(len(ids) == 1 for ids, _ in short))

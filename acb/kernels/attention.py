@@ -156,19 +156,20 @@ def paged_decode(
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NBLK"])
 def _prefill_kernel(
-    Q, KC, VC, BT, LENS, QSTART, OUT, scale,
+    Q, KC, VC, BT, LENS, QSTART, OUT, scale, NBLK,
     s_qt, s_qh, s_kb, s_ks, s_kh, s_bt, s_ot, s_oh,
     GROUP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     # One program: BLOCK_M // GROUP query tokens of sequence b, with all GROUP query heads of KV head kvh stacked as
     # the tile's rows (row r: token r // GROUP, head r % GROUP), so that each key/value tile is read once per KV head
-    # rather than once per query head. A decode row of a mixed step (one token) fills GROUP rows of the tile.
-    b = tl.program_id(0)
-    mblk = tl.program_id(1)
-    kvh = tl.program_id(2)
+    # rather than once per query head. A decode row of a mixed step (one token) fills GROUP rows of the tile. Axis 0
+    # numbers (sequence, block of tokens) pairs, NBLK blocks per sequence: grid axes 1 and 2 stop at 65,535.
+    b = tl.program_id(0) // NBLK
+    mblk = tl.program_id(0) % NBLK
+    kvh = tl.program_id(1)
     TOKENS: tl.constexpr = BLOCK_M // GROUP
     q0 = tl.load(QSTART + b)
     n_q = tl.load(QSTART + b + 1) - q0
@@ -229,9 +230,9 @@ def paged_prefill(
     block_m = max(64 if max_query_len * group > 16 else 16, triton.next_power_of_2(group))
     kc, vc = kv[0], kv[1]
     block_n = _block_n(q)
-    grid = (seq_lens.shape[0], triton.cdiv(max_query_len, block_m // group), kvh)
-    _prefill_kernel[grid](
-        q, kc, vc, block_tables, seq_lens, query_start_loc, out, scale,
+    nblk = triton.cdiv(max_query_len, block_m // group)
+    _prefill_kernel[(seq_lens.shape[0] * nblk, kvh)](
+        q, kc, vc, block_tables, seq_lens, query_start_loc, out, scale, nblk,
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=group, D=dim, D_PAD=triton.next_power_of_2(dim), BLOCK_M=block_m, BLOCK_N=block_n,

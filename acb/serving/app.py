@@ -380,13 +380,13 @@ async def serve(
     api_key: str | None = None,
     on_ready: Callable[[str], None] | None = None,
     stream_interval: int = 1,
-    timeout_keep_alive: float = DEFAULT_TIMEOUT_KEEP_ALIVE_S,
+    timeout_keep_alive: float | None = None,
 ) -> None:
     """Run the API under uvicorn on the running loop until cancelled or signalled; the engine must be started.
 
     ``on_ready(url)`` is called once the socket is bound (a failed bind raises instead); ``stream_interval`` as in
-    :func:`create_app`; ``timeout_keep_alive``: seconds an idle connection stays open
-    (:data:`DEFAULT_TIMEOUT_KEEP_ALIVE_S`). Health probes are not written to the access log. On SIGTERM or SIGINT
+    :func:`create_app`; ``timeout_keep_alive``: seconds an idle connection stays open (``None``:
+    :data:`DEFAULT_TIMEOUT_KEEP_ALIVE_S`). Health probes are not written to the access log. On SIGTERM or SIGINT
     the server stops accepting connections and closes the engine at once, so open requests get ``drain_timeout`` to
     finish (then end with an error): shutdown takes at most about ``drain_timeout``."""
     import logging
@@ -414,7 +414,7 @@ async def serve(
         log_level=log_level,
         loop="none",
         lifespan="off",
-        timeout_keep_alive=timeout_keep_alive,
+        timeout_keep_alive=keep_alive_seconds(timeout_keep_alive),
         timeout_graceful_shutdown=engine.config.drain_timeout + 1.0,
     )
     logging.getLogger("uvicorn.access").addFilter(_quiet_health)
@@ -425,6 +425,16 @@ async def serve(
         uv.started = False
     if not uv.started:
         raise OSError(f"could not serve on {host}:{port} (see the log above)")
+
+
+def keep_alive_seconds(value: float | None) -> float:
+    """``value`` checked as a keep-alive time (seconds > 0, finite); ``None``: :data:`DEFAULT_TIMEOUT_KEEP_ALIVE_S`.
+    uvicorn takes anything: ``None`` breaks every response, a negative time closes each connection after one."""
+    if value is None:
+        return DEFAULT_TIMEOUT_KEEP_ALIVE_S
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
+        raise ValueError(f"timeout_keep_alive must be a number of seconds > 0, got {value!r}")
+    return float(value)
 
 
 def _quiet_health(record) -> bool:

@@ -54,6 +54,9 @@ async def api_processes(
     open (``None``: :data:`~.app.DEFAULT_TIMEOUT_KEEP_ALIVE_S`)."""
     if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
         raise ValueError(f"processes must be an integer >= 1, got {processes!r}")
+    from .app import keep_alive_seconds
+
+    timeout_keep_alive = keep_alive_seconds(timeout_keep_alive)
     try:
         listener = _listener(host, port)
     except OSError as exc:
@@ -190,7 +193,7 @@ async def _api(path: str, listener: socket.socket, options: dict, ready) -> None
 
     import uvicorn
 
-    from .app import DEFAULT_TIMEOUT_KEEP_ALIVE_S, _quiet_health, create_app
+    from .app import _quiet_health, create_app, keep_alive_seconds
     from .middleware import DEFAULT_MAX_BODY_BYTES
 
     remote = await RemoteEngine.connect(path)
@@ -204,9 +207,8 @@ async def _api(path: str, listener: socket.socket, options: dict, ready) -> None
                 ready.put(("ready", os.getpid()))
 
     logging.getLogger("uvicorn.access").addFilter(_quiet_health)
-    keep_alive = options["timeout_keep_alive"]
     config = uvicorn.Config(app, log_level=options["log_level"], loop="none", lifespan="off",
-                            timeout_keep_alive=DEFAULT_TIMEOUT_KEEP_ALIVE_S if keep_alive is None else keep_alive,
+                            timeout_keep_alive=keep_alive_seconds(options["timeout_keep_alive"]),
                             timeout_graceful_shutdown=options["drain_timeout"] + 1.0)  # fmt: skip
     server = _Uvicorn(config)
     # the engine's process gone (its connection ended): stop serving rather than answer 503 for ever
