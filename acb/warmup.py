@@ -53,7 +53,8 @@ async def run(engine) -> None:
     """Run the plan through ``engine``'s whole pipeline, then make the engine forget it."""
     kv_tokens = (engine._blocks.num_blocks - 1) * engine.config.block_size
     shape = engine.shape
-    groups = plan(engine.config, engine.max_model_len, kv_tokens, shape.vocab_size, shape.num_heads // shape.num_kv_heads)
+    group = shape.num_heads // shape.num_kv_heads
+    groups = plan(engine.config, engine.max_model_len, kv_tokens, shape.vocab_size, group)
     if not groups:
         log.info("acb warm-up skipped: the KV cache or max_model_len is too small for a prompt and two tokens")
         return
