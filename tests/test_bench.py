@@ -377,3 +377,18 @@ def test_the_sse_bench_measures_the_whole_server_over_http(capsys):
     line = capsys.readouterr().out.strip()
     assert line.startswith("http, 6 streams: ") and line.endswith("µs of server CPU per token, 0 tokens missing")
     assert float(line.split(": ")[1].split()[0].replace(",", "")) > 0
+
+
+def test_the_attention_table_picks_the_fastest_equal_decode_variant():
+    pytest.importorskip("triton")
+    from bench.attention import table
+
+    base = dict(rows=32, ctx=512, floor_us=10.0)
+    results = [
+        dict(base, kernel="decode, engine's choice", splits=2, tile=None, us=14.0, equal=True),
+        dict(base, kernel="decode", splits=4, tile=(64, 4, 3), us=11.0, equal=True),
+        dict(base, kernel="decode", splits=8, tile=(32, 4, 2), us=9.0, equal=False),  # fastest, but wrong
+        dict(base, kernel="prefill kernel (a mixed step's decode rows)", splits=None, tile=None, us=40.0, equal=True),
+    ]
+    row = table(results, "card").splitlines()[-1]
+    assert row == "| 32 | 512 | 10.0 | 14.0 (2) | 11.0 (4, (64, 4, 3)) | 1.10× | 40.0 | False |"

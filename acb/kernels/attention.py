@@ -123,7 +123,10 @@ def paged_decode(
     out: torch.Tensor | None = None,
     window: int = 0,
     workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    tile: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
+    """``tile``: ``(BLOCK_N, num_warps, num_stages)`` of the split kernel instead of the defaults (bench.attention
+    times the choices)."""
     bsz, heads, dim = q.shape
     kvh = kv.shape[3]
     group = heads // kvh
@@ -137,14 +140,15 @@ def paged_decode(
     else:
         op, mp, lp = (w[:bsz] for w in workspace)
     kc, vc = kv[0], kv[1]
+    block_n, warps, stages = tile or (_block_n(q), 4, 2)
     _decode_split_kernel[(bsz, kvh, splits)](
         q, kc, vc, block_tables, seq_lens, op, mp, lp, out, scale,
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
         op.stride(0), op.stride(1), op.stride(2), mp.stride(0), mp.stride(1), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim, D_PAD=triton.next_power_of_2(dim),
-        BLOCK_N=_block_n(q), PAGE=kv.shape[2],
+        BLOCK_N=block_n, PAGE=kv.shape[2],
         SPLITS=splits, WINDOW=window, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=2,
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if splits == 1:  # the split kernel wrote the output
         return out

@@ -63,6 +63,20 @@ def test_decode_matches_reference(dtype, heads, kv_heads, dim, splits):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tile", [(32, 2, 3), (128, 8, 2)])
+@pytest.mark.parametrize("splits", [1, 2])
+def test_decode_with_another_tile_matches_reference(dtype, tile, splits):
+    """The tiles bench.attention times give the same attention (keys per tile, warps, pipeline stages)."""
+    ctx = [1, 15, 16, 17, 100, 257]
+    cache, meta, q = _setup(ctx, [1] * len(ctx), 32, 8, 128, 16, dtype)
+    lens = torch.tensor(ctx, device=DEVICE, dtype=torch.int32)
+    out = paged_decode(q, cache.layers[0], meta.block_tables, lens, 0.125, splits, tile=tile)
+    meta.decode_only = False
+    ref = paged_attention_reference(q, cache.layers[0], meta, 0.125)
+    torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [0, 7])
 @pytest.mark.parametrize("dim", [64, 96, 256])
 @pytest.mark.parametrize("heads, kv_heads", [(8, 2), (4, 4), (6, 1), (14, 2), (32, 1)])

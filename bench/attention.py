@@ -1,0 +1,140 @@
+"""Decode attention against its KV-reading floor: the split kernel's tiles and splits, and the prefill kernel that a
+mixed step runs its decode rows through, at the shapes decode steps meet.
+
+A decode step's attention reads every row's context once (K and V of each layer), so it should run at the card's
+copy bandwidth. In the engine it takes ~1.3× that (docs/benchmarks.md: W-side's 1.02 ms for ~3.2 GB on an H200),
+and in W-share's mixed steps under ``longest_first`` the decode rows seemed to cost far more. Per row count and
+context length (llama-8b's geometry by default: 32 query heads on 8 KV heads of 128, blocks of 16 positions, the
+blocks of each sequence scattered), this times one layer's attention inside a CUDA graph:
+
+- ``paged_decode`` with the engine's choice (``decode_splits``, tile ``(BLOCK_N, warps, stages)`` of the kernel's
+  defaults), then every split count and tile of the grid below; each checked against the engine's choice first;
+- ``paged_prefill`` over the same rows, one query token each: what a step that also starts prompts runs.
+
+    python -m bench.attention --rows 32,128,256 --contexts 512,1500,4000 --json out.json
+
+The table gives µs per call, the share of copy bandwidth reached, and the best variant per shape; a variant moves
+into the engine (``acb.kernels.decode_splits``, ``paged_decode``'s defaults) only if it wins where steps spend their
+time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+
+import torch
+
+from acb.kernels import decode_splits
+from acb.kernels.attention import paged_decode, paged_prefill
+
+from .gemm import _time
+from .run import copy_bandwidth
+
+SPLITS = [1, 2, 4, 8]
+TILES = [(b, w, s) for b, w, s in itertools.product((32, 64, 128), (4, 8), (2, 3)) if not (b == 128 and w == 4)]
+PAGE = 16
+CALLS = 8  # calls per graph replay, cycling through copies of the KV cache that together exceed L2 many times
+
+
+def _case(rows: int, ctx: int, heads: int, kv_heads: int, dim: int, copies: int, seed: int = 0):
+    """``copies`` KV caches of ``rows`` sequences of ``ctx`` positions each (blocks shuffled), queries, tables."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    blocks = rows * -(-ctx // PAGE)
+    caches = [
+        torch.randn(2, blocks + 1, PAGE, kv_heads, dim, device="cuda", dtype=torch.bfloat16, generator=g)
+        for _ in range(copies)
+    ]
+    tables = torch.randperm(blocks, device="cuda", generator=g).view(rows, -1).to(torch.int32)
+    lens = torch.full((rows,), ctx, device="cuda", dtype=torch.int32)
+    q = torch.randn(rows, heads, dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    return caches, tables, lens, q
+
+
+def measure(
+    rows: int, ctx: int, bandwidth: float, max_model_len: int, heads: int = 32, kv_heads: int = 8, dim: int = 128
+) -> list[dict]:
+    kv_bytes = rows * ctx * kv_heads * dim * 2 * 2  # K and V, bf16, one layer
+    copies = min(CALLS, max(2, -(-(256 << 20) // kv_bytes)))
+    caches, tables, lens, q = _case(rows, ctx, heads, kv_heads, dim, copies)
+    caches = [caches[i % copies] for i in range(CALLS)]
+    scale = dim**-0.5
+    floor_us = kv_bytes / bandwidth * 1e6
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    chosen = decode_splits(rows, kv_heads, max_model_len, sms)  # as the decode graphs choose
+    res = torch.empty_like(q)
+    ref = paged_decode(q, caches[0], tables, lens, scale, chosen).clone()
+
+    def row(kernel: str, splits: int | None, tile, fn) -> dict:
+        out = dict(rows=rows, ctx=ctx, kernel=kernel, splits=splits, tile=tile, floor_us=round(floor_us, 2))
+        try:
+            got = fn(0)
+            ok = bool(torch.allclose(got.float(), ref.float(), atol=2e-2, rtol=2e-2))
+            us = _time(fn, CALLS)
+        except Exception as exc:  # a tile that does not fit the SM (shared memory, registers): recorded, skipped
+            return dict(out, us=None, equal=False, error=repr(exc)[:200])
+        return dict(out, us=round(us, 2), of_bandwidth=round(floor_us / us, 3), equal=ok)
+
+    results = [row("decode, engine's choice", chosen, None,
+                   lambda i: paged_decode(q, caches[i], tables, lens, scale, chosen, out=res))]  # fmt: skip
+    for splits, tile in itertools.product(SPLITS, TILES):
+        if splits > 1 and ctx // splits < tile[0]:
+            continue
+        results.append(row("decode", splits, tile,
+                           lambda i, s=splits, t=tile: paged_decode(q, caches[i], tables, lens, scale, s, out=res,
+                                                                    tile=t)))  # fmt: skip
+    starts = torch.arange(rows + 1, device="cuda", dtype=torch.int32)
+    results.append(row("prefill kernel (a mixed step's decode rows)", None, None,
+                       lambda i: paged_prefill(q, caches[i], tables, lens, starts, 1, scale, out=res)))  # fmt: skip
+    return results
+
+
+def table(results: list[dict], card: str) -> str:
+    lines = [
+        f"Decode attention, one layer (llama-8b geometry), {card}",
+        "",
+        "| rows | context | floor µs | engine's choice µs (splits) | best decode µs (splits, tile) | best / floor | "
+        "prefill kernel µs | all equal |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (rows, ctx), group in itertools.groupby(results, key=lambda r: (r["rows"], r["ctx"])):
+        group = list(group)
+        chosen = group[0]
+        ran = [r for r in group if r["kernel"].startswith("decode") and r["equal"] and r["us"] is not None]
+        best = min(ran, key=lambda r: r["us"]) if ran else dict(chosen, us=None)
+        pre = next(r for r in group if r["kernel"].startswith("prefill"))
+        ratio = f"{best['us'] / best['floor_us']:.2f}×" if best["us"] else "—"
+        lines.append(
+            f"| {rows} | {ctx} | {chosen['floor_us']} | {chosen['us']} ({chosen['splits']}) | {best['us']} "
+            f"({best['splits']}, {best['tile'] or 'default'}) | {ratio} | {pre['us']} | "
+            f"{all(r['equal'] for r in group if r['us'] is not None)} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", default="32,128,256")
+    ap.add_argument("--contexts", default="512,1500,4000")
+    ap.add_argument("--max-model-len", type=int, default=8192, help="the engine's, which its split choice reads")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        ap.error("needs CUDA")
+    card = torch.cuda.get_device_name()
+    bandwidth = copy_bandwidth()
+    print(f"{card}: copy bandwidth {bandwidth / 1e9:.0f} GB/s", file=sys.stderr)
+    results = []
+    for rows, ctx in itertools.product(map(int, args.rows.split(",")), map(int, args.contexts.split(","))):
+        results += measure(rows, ctx, bandwidth, args.max_model_len)
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"card": card, "copy_bw_GBps": bandwidth / 1e9, "results": results}, f, indent=2)
+    print(table(results, card))
+
+
+if __name__ == "__main__":
+    main()
