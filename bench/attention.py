@@ -22,16 +22,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import sys
 
 import torch
 
 from acb.kernels import decode_splits
 from acb.kernels.attention import paged_decode, paged_prefill
 
-from .gemm import _time
-from .run import copy_bandwidth
+from .gemm import _time, card_and_bandwidth, write_json
 
 SPLITS = [1, 2, 4, 8]
 TILES = [(b, w, s) for b, w, s in itertools.product((32, 64, 128), (4, 8), (2, 3)) if not (b == 128 and w == 4)]
@@ -121,18 +118,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-model-len", type=int, default=8192, help="the engine's, which its split choice reads")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        ap.error("needs CUDA")
-    card = torch.cuda.get_device_name()
-    bandwidth = copy_bandwidth()
-    print(f"{card}: copy bandwidth {bandwidth / 1e9:.0f} GB/s", file=sys.stderr)
+    card, bandwidth = card_and_bandwidth(ap)
     results = []
     for rows, ctx in itertools.product(map(int, args.rows.split(",")), map(int, args.contexts.split(","))):
         results += measure(rows, ctx, bandwidth, args.max_model_len)
         torch.cuda.empty_cache()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"card": card, "copy_bw_GBps": bandwidth / 1e9, "results": results}, f, indent=2)
+    write_json(args.json, card, bandwidth, results)
     print(table(results, card))
 
 

@@ -194,6 +194,23 @@ def table(results: list[dict], card: str) -> str:
     return "\n".join(lines)
 
 
+def card_and_bandwidth(ap: argparse.ArgumentParser) -> tuple[str, float]:
+    """For a single-GPU micro-benchmark: the card's name and its copy bandwidth in bytes/s (printed to stderr), or
+    ``ap``'s usage error without CUDA."""
+    if not torch.cuda.is_available():
+        ap.error("needs CUDA")
+    card = torch.cuda.get_device_name()
+    bandwidth = copy_bandwidth()
+    print(f"{card}: copy bandwidth {bandwidth / 1e9:.0f} GB/s", file=sys.stderr)
+    return card, bandwidth
+
+
+def write_json(path: str | None, card: str, bandwidth: float, results: list[dict]) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump({"card": card, "copy_bw_GBps": bandwidth / 1e9, "results": results}, f, indent=2)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="llama-8b")
@@ -201,15 +218,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tp", type=int, default=1, help="one rank's share of each projection at this tensor parallelism")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        ap.error("needs CUDA")
-    card = torch.cuda.get_device_name()
-    bandwidth = copy_bandwidth()
-    print(f"{card}: copy bandwidth {bandwidth / 1e9:.0f} GB/s", file=sys.stderr)
+    card, bandwidth = card_and_bandwidth(ap)
     results = measure(args.model, [int(r) for r in args.rows.split(",")], bandwidth, args.tp)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"card": card, "copy_bw_GBps": bandwidth / 1e9, "results": results}, f, indent=2)
+    write_json(args.json, card, bandwidth, results)
     print(table(results, card))
 
 
