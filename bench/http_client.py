@@ -22,8 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 __all__ = ["Timing", "arrival_times", "drive", "run_client", "serving"]
 
-SERVER_KEEP_ALIVE_S = 75.0  # :func:`serving`'s uvicorn timeout_keep_alive, as acb serve's default
-CLIENT_KEEPALIVE_EXPIRY_S = 5.0  # :func:`run_client`'s httpx keepalive_expiry: below the server's
+CLIENT_KEEPALIVE_EXPIRY_S = 5.0  # :func:`run_client`'s httpx keepalive_expiry: below the server's (acb serve's default)
 
 
 def arrival_times(n: int, rate: float, seed: int = 0) -> list[float]:
@@ -118,7 +117,7 @@ def run_client(port: int, requests: list, rate: float, seed: int) -> Timing:
     import httpx
 
     async def main() -> Timing:
-        # idle connections expire here well before the server closes them (SERVER_KEEP_ALIVE_S; at equal times a request
+        # idle connections expire here well before the server closes them (acb serve's; at equal times a request
         # sent as the server closes its connection fails with ReadError before any response, and is not retried)
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=None,
                               keepalive_expiry=CLIENT_KEEPALIVE_EXPIRY_S)  # fmt: skip
@@ -138,11 +137,11 @@ async def serving(app) -> AsyncIterator[int]:
     server side of every HTTP measurement (the client runs elsewhere, :func:`run_client`)."""
     import uvicorn
 
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", timeout_keep_alive=SERVER_KEEP_ALIVE_S
-        )
-    )
+    from acb.serving.app import DEFAULT_TIMEOUT_KEEP_ALIVE_S
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off",
+                            timeout_keep_alive=DEFAULT_TIMEOUT_KEEP_ALIVE_S)  # fmt: skip
+    server = uvicorn.Server(config)
     task = asyncio.ensure_future(server.serve())
     try:
         while not server.started:
