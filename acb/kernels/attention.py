@@ -113,6 +113,15 @@ def _block_n(q: torch.Tensor) -> int:
     return 64 if triton.next_power_of_2(q.shape[-1]) * q.element_size() <= 512 else 32
 
 
+def _decode_tile(q: torch.Tensor) -> tuple[int, int, int]:
+    """The split kernel's ``(BLOCK_N, num_warps, num_stages)``: three stages of key and value tiles in flight where
+    they take at most 96 KB of shared memory (bf16 at head_dim ≤ 128), two otherwise. Measured with bench.attention
+    on an H200 (docs/benchmarks.md): three stages took 3-10 % off two at 64-256 rows of 512-4,000 positions."""
+    block_n = _block_n(q)
+    stage_bytes = 2 * block_n * triton.next_power_of_2(q.shape[-1]) * q.element_size()
+    return block_n, 4, 3 if 3 * stage_bytes <= 96 * 1024 else 2
+
+
 def paged_decode(
     q: torch.Tensor,  # [B, H, D]
     kv: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
@@ -140,7 +149,7 @@ def paged_decode(
     else:
         op, mp, lp = (w[:bsz] for w in workspace)
     kc, vc = kv[0], kv[1]
-    block_n, warps, stages = tile or (_block_n(q), 4, 2)
+    block_n, warps, stages = tile or _decode_tile(q)
     _decode_split_kernel[(bsz, kvh, splits)](
         q, kc, vc, block_tables, seq_lens, op, mp, lp, out, scale,
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
