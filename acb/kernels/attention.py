@@ -116,7 +116,8 @@ def _block_n(q: torch.Tensor) -> int:
 def _decode_tile(q: torch.Tensor) -> tuple[int, int, int]:
     """The split kernel's ``(BLOCK_N, num_warps, num_stages)``: three stages of key and value tiles in flight where
     they take at most 96 KB of shared memory (bf16 at head_dim ≤ 128), two otherwise. Measured with bench.attention
-    on an H200 (docs/benchmarks.md): three stages took 3-10 % off two at 64-256 rows of 512-4,000 positions."""
+    (docs/benchmarks.md): three stages took 2-10 % off two at 64-256 rows of 512-4,000 positions on an H200, and
+    tie on an H100."""
     block_n = _block_n(q)
     stage_bytes = 2 * block_n * triton.next_power_of_2(q.shape[-1]) * q.element_size()
     return block_n, 4, 3 if 3 * stage_bytes <= 96 * 1024 else 2
