@@ -146,3 +146,25 @@ def test_the_generic_path_kernels_equal_the_reference_attention():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
     r = subprocess.run([sys.executable, "-c", _GENERIC_KERNELS], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    "dtype, dim, tile",
+    [
+        (torch.bfloat16, 128, (64, 4, 3)),  # llama-8b: three stages, 96 KB
+        (torch.bfloat16, 96, (64, 4, 3)),  # Phi-3: padded to 128
+        (torch.bfloat16, 256, (64, 4, 2)),  # Gemma: three stages would take 192 KB
+        (torch.float32, 128, (64, 4, 2)),
+        (torch.float32, 256, (32, 4, 2)),
+    ],
+)
+def test_the_decode_tile_keeps_its_stages_within_shared_memory(dtype, dim, tile):
+    """The split kernel's default tile: three stages of K and V tiles only where they take at most 96 KB, so that
+    wide heads and float32 still fit an SM's shared memory (bench.attention measured the three stages)."""
+    pytest.importorskip("triton")
+    from acb.kernels.attention import _decode_tile
+
+    q = torch.empty(1, 4, dim, dtype=dtype)
+    assert _decode_tile(q) == tile
+    block_n, _, stages = tile
+    assert stages * 2 * block_n * (1 << (dim - 1).bit_length()) * q.element_size() <= 128 * 1024
