@@ -215,11 +215,12 @@ class LeanCausalLM:
     def _attend_cuda(self, i: int, lw: LeanLayer, q, k, v, x: LeanInputs, out=None) -> torch.Tensor:
         kv = self.kv_cache.layers[i]
         cos, sin = self.tables[lw.rope]
-        self._kf.rope_and_cache(q, k, v, cos, sin, x.positions, x.slot_mapping, kv)
-        if x.decode_splits:
+        if x.decode_splits:  # rotary and the cache write inside the decode kernel
             o = self._k.paged_decode(q, kv, x.block_tables, x.seq_lens, self.scale, x.decode_splits,
-                                     window=lw.window, workspace=self.workspace)  # fmt: skip
+                                     window=lw.window, workspace=self.workspace,
+                                     rope=(k, v, cos, sin, x.positions, x.slot_mapping))  # fmt: skip
             return o if out is None else out.copy_(o)
+        self._kf.rope_and_cache(q, k, v, cos, sin, x.positions, x.slot_mapping, kv)
         return self._k.paged_prefill(q, kv, x.block_tables, x.seq_lens, x.query_start_loc, x.max_query_len,
                                      self.scale, out=out, window=lw.window)  # fmt: skip
 

@@ -4,7 +4,9 @@
   ``num_splits`` chunks (more parallelism when batches are small and contexts long); each program serves all the
   query heads of one KV head (grouped-query attention without repeating K/V), then a second kernel merges the
   splits' partial softmax states (with one split, which large batches get, the program writes the output itself and
-  no second kernel runs). Sequence lengths are read on the device, so the launch is CUDA-graph safe.
+  no second kernel runs). Sequence lengths are read on the device, so the launch is CUDA-graph safe. Given the
+  step's new keys and values (``rope=``), it also applies rotary embedding and writes them to the cache, which the
+  lean path's decode steps use instead of a separate :func:`acb.kernels.fused.rope_and_cache` launch per layer.
 - :func:`paged_prefill`: any number of query tokens per sequence (chunked prefill and mixed steps), causal over the
   sequence's cached context; a program also serves all the query heads of one KV head, stacked in its tile.
 
@@ -43,11 +45,14 @@ def _online_softmax(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
 
 @triton.jit
 def _decode_split_kernel(
-    Q, KC, VC, BT, LENS, OP, MP, LP, OUT, scale,
-    s_qb, s_qh, s_kb, s_ks, s_kh, s_bt, s_ob, s_oh, s_os, s_mb, s_mh, s_b, s_h,
+    Q, KC, VC, BT, LENS, OP, MP, LP, OUT, scale, KN, VN, COS, SIN, POS, SLOT,
+    s_qb, s_qh, s_kb, s_ks, s_kh, s_bt, s_ob, s_oh, s_os, s_mb, s_mh, s_b, s_h, s_knb, s_knh, s_vnb, s_vnh, s_cos,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAGE: tl.constexpr, SPLITS: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+    PAGE: tl.constexpr, SPLITS: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr, ROPE: tl.constexpr,
 ):  # fmt: skip
+    # ROPE: Q holds the step's query before rotary embedding; KN/VN the new token's key and value, not yet in the
+    # cache. Every program rotates its query heads in registers; the program whose chunk holds the new position
+    # also rotates the key and writes key and value to the cache slot SLOT[b], before its own loop reads them.
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -62,7 +67,34 @@ def _decode_split_kernel(
     dmask = d[None, :] < D
     heads = kvh * GROUP + g
     gmask = g < GROUP
-    q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=gmask[:, None] & dmask, other=0.0)
+    qmask = gmask[:, None] & dmask
+    if ROPE:
+        # rotate-half rotary, the same arithmetic as acb.kernels.fused.rope_and_cache (fp32, rounded once)
+        HALF: tl.constexpr = D // 2
+        first = d < HALF
+        partner = tl.where(first, d + HALF, d - HALF)  # the column each one is rotated with
+        angle = tl.load(POS + b) * s_cos + tl.where(first, d, d - HALF)
+        c = tl.load(COS + angle, mask=d < D, other=0.0)
+        sn = tl.load(SIN + angle, mask=d < D, other=0.0)
+        q_row = Q + b * s_qb + heads[:, None] * s_qh
+        qa = tl.load(q_row + d[None, :], mask=qmask, other=0.0).to(tl.float32)
+        qb = tl.load(q_row + partner[None, :], mask=qmask, other=0.0).to(tl.float32)
+        c2, s2 = c[None, :], sn[None, :]
+        q = tl.where(first[None, :], qa * c2 - qb * s2, qa * c2 + qb * s2).to(Q.dtype.element_ty)
+        last = ctx - 1
+        if (split * chunk <= last) & (last < split * chunk + chunk):
+            kn_row = KN + b * s_knb + kvh * s_knh
+            ka = tl.load(kn_row + d, mask=d < D, other=0.0).to(tl.float32)
+            kb = tl.load(kn_row + partner, mask=d < D, other=0.0).to(tl.float32)
+            k_rot = tl.where(first, ka * c - kb * sn, ka * c + kb * sn)
+            slot = tl.load(SLOT + b).to(tl.int64)
+            cache = (slot // PAGE) * s_kb + (slot % PAGE) * s_ks + kvh * s_kh + d
+            tl.store(KC + cache, k_rot.to(KC.dtype.element_ty), mask=d < D)
+            v_new = tl.load(VN + b * s_vnb + kvh * s_vnh + d, mask=d < D, other=0.0)
+            tl.store(VC + cache, v_new.to(VC.dtype.element_ty), mask=d < D)
+            tl.debug_barrier()  # the block's writes are visible to its own loads below
+    else:
+        q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=qmask, other=0.0)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
@@ -78,10 +110,10 @@ def _decode_split_kernel(
     if SPLITS == 1:  # the whole context in this program: the output itself, no merge kernel
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         o_ptr = OUT + b * s_b + heads[:, None] * s_h + d[None, :]
-        tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=gmask[:, None] & dmask)
+        tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=qmask)
     else:
         o_ptr = OP + b * s_ob + heads[:, None] * s_oh + split * s_os + d[None, :]
-        tl.store(o_ptr, acc, mask=gmask[:, None] & dmask)
+        tl.store(o_ptr, acc, mask=qmask)
         tl.store(MP + b * s_mb + heads * s_mh + split, m_i, mask=gmask)
         tl.store(LP + b * s_mb + heads * s_mh + split, l_i, mask=gmask)
 
@@ -134,9 +166,14 @@ def paged_decode(
     window: int = 0,
     workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     tile: tuple[int, int, int] | None = None,
+    rope: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor:
     """``tile``: ``(BLOCK_N, num_warps, num_stages)`` of the split kernel instead of the defaults (bench.attention
-    times the choices)."""
+    times the choices).
+
+    ``rope``: ``(k, v, cos, sin, positions, slot_mapping)`` of the step's new tokens, as
+    :func:`acb.kernels.fused.rope_and_cache` takes them: ``q`` is then not yet rotated, and the kernel applies
+    rotary embedding and writes the cache itself, one kernel instead of two per layer (``q`` is left unrotated)."""
     bsz, heads, dim = q.shape
     kvh = kv.shape[3]
     group = heads // kvh
@@ -151,13 +188,15 @@ def paged_decode(
         op, mp, lp = (w[:bsz] for w in workspace)
     kc, vc = kv[0], kv[1]
     block_n, warps, stages = tile or _decode_tile(q)
+    kn, vn, cos, sin, positions, slots = rope if rope is not None else (q, q, q, q, seq_lens, seq_lens)
     _decode_split_kernel[(bsz, kvh, splits)](
-        q, kc, vc, block_tables, seq_lens, op, mp, lp, out, scale,
+        q, kc, vc, block_tables, seq_lens, op, mp, lp, out, scale, kn, vn, cos, sin, positions, slots,
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
         op.stride(0), op.stride(1), op.stride(2), mp.stride(0), mp.stride(1), out.stride(0), out.stride(1),
+        kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), cos.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim, D_PAD=triton.next_power_of_2(dim),
         BLOCK_N=block_n, PAGE=kv.shape[2],
-        SPLITS=splits, WINDOW=window, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        SPLITS=splits, WINDOW=window, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", ROPE=rope is not None,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if splits == 1:  # the split kernel wrote the output

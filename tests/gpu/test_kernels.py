@@ -77,6 +77,36 @@ def test_decode_with_another_tile_matches_reference(dtype, tile, splits):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads, kv_heads, dim", [(8, 2, 64), (32, 8, 128), (8, 8, 96), (4, 1, 256)])
+@pytest.mark.parametrize("splits", [1, 3, 5])
+@pytest.mark.parametrize("window", [0, 7])
+def test_decode_with_rope_equals_rope_and_cache_then_decode(dtype, heads, kv_heads, dim, splits, window):
+    """The lean path's decode steps rotate q and k and write the new key and value inside the decode kernel: the
+    attention and the cache are exactly those of rope_and_cache followed by the plain decode kernel, whichever split
+    holds the new position (lengths at block and split boundaries), and q itself is left unrotated."""
+    ctx = [1, 2, 15, 16, 17, 64, 65, 100, 257]
+    bs = 16
+    cache, meta, q = _setup(ctx, [1] * len(ctx), heads, kv_heads, dim, bs, dtype, seed=3)
+    k = torch.randn(len(ctx), kv_heads, dim, device=DEVICE).to(dtype)
+    v = torch.randn(len(ctx), kv_heads, dim, device=DEVICE).to(dtype)
+    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=DEVICE).float() / dim))
+    angles = torch.arange(300, device=DEVICE).float()[:, None] * inv[None, :]
+    cos, sin = angles.cos(), angles.sin()
+    lens = torch.tensor(ctx, device=DEVICE, dtype=torch.int32)
+    pos = (lens - 1).long()
+    slots = torch.stack([meta.block_tables[i, (c - 1) // bs].long() * bs + (c - 1) % bs for i, c in enumerate(ctx)])
+    ref_cache, ref_q = cache.layers[0].clone(), q.clone()
+    rope_and_cache(ref_q, k, v, cos, sin, pos, slots, ref_cache)
+    want = paged_decode(ref_q, ref_cache, meta.block_tables, lens, 0.125, splits, window=window)
+    q_in = q.clone()
+    got = paged_decode(q, cache.layers[0], meta.block_tables, lens, 0.125, splits, window=window,
+                       rope=(k, v, cos, sin, pos, slots))  # fmt: skip
+    assert torch.equal(cache.layers[0], ref_cache)
+    assert torch.equal(q, q_in)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [0, 7])
 @pytest.mark.parametrize("dim", [64, 96, 256])
 @pytest.mark.parametrize("heads, kv_heads", [(8, 2), (4, 4), (6, 1), (14, 2), (32, 1)])
