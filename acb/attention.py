@@ -47,6 +47,7 @@ class AttentionMetadata:
     device_query_start_loc: torch.Tensor | None = None  # [B + 1]
     max_query_len: int = 0
     decode_splits: int = 0  # > 0 in a decode-only step: the split decode kernel
+    prefill_map: torch.Tensor | None = None  # the prefill kernel's programs, made by the step's first layer
 
 
 def paged_attention_forward(
@@ -77,9 +78,13 @@ def paged_attention_forward(
             out = meta.kernels.paged_decode(q, kv, meta.block_tables, meta.device_seq_lens, scale, meta.decode_splits,
                                             window=window or 0)  # fmt: skip
         else:
+            if meta.prefill_map is None:
+                meta.prefill_map = meta.kernels.prefill_block_map(
+                    meta.device_query_start_loc, q.shape[0], meta.max_query_len, q.shape[1] // k.shape[1]
+                )
             out = meta.kernels.paged_prefill(q, kv, meta.block_tables, meta.device_seq_lens,
                                              meta.device_query_start_loc, meta.max_query_len, scale,
-                                             window=window or 0)  # fmt: skip
+                                             window=window or 0, block_map=meta.prefill_map)  # fmt: skip
     else:
         out = paged_attention_reference(q, kv, meta, scale, sliding_window=window, softcap=softcap)
     return out.unsqueeze(0), None  # [1, T, H, D], as transformers expects

@@ -38,6 +38,7 @@ class LeanInputs:
     logits_idx: torch.Tensor | None  # [S] rows whose logits are needed (None: all)
     decode_splits: int = 0  # > 0: every sequence has one query token; use the split decode kernel
     meta: AttentionMetadata | None = None  # host-side layout, for the reference attention on the CPU
+    prefill_map: torch.Tensor | None = None  # the prefill kernel's programs, made by the step's first layer
 
 
 class LeanCausalLM:
@@ -221,8 +222,11 @@ class LeanCausalLM:
                                      rope=(k, v, cos, sin, x.positions, x.slot_mapping))  # fmt: skip
             return o if out is None else out.copy_(o)
         self._kf.rope_and_cache(q, k, v, cos, sin, x.positions, x.slot_mapping, kv)
+        if x.prefill_map is None:
+            x.prefill_map = self._k.prefill_block_map(x.query_start_loc, q.shape[0], x.max_query_len,
+                                                      self.num_heads // self.num_kv_heads)  # fmt: skip
         return self._k.paged_prefill(q, kv, x.block_tables, x.seq_lens, x.query_start_loc, x.max_query_len,
-                                     self.scale, out=out, window=lw.window)  # fmt: skip
+                                     self.scale, out=out, window=lw.window, block_map=x.prefill_map)  # fmt: skip
 
     def _attend_torch(self, i: int, lw: LeanLayer, q, k, v, x: LeanInputs, out=None) -> torch.Tensor:
         cos, sin = self.tables[lw.rope]

@@ -13,6 +13,13 @@ blocks of each sequence scattered), this times one layer's attention inside a CU
 
     python -m bench.attention --rows 32,128,256 --contexts 512,1500,4000 --json out.json
 
+``--prefill`` times instead the prefill kernel on steps shaped like W-share's that start prompts (whole prompts of
+its length law, beside decode rows of long contexts), launched two ways: one program per block of query tokens
+that exist (``prefill_block_map``, the engine's), and ``max_query_len``'s worth of programs for every sequence,
+the empty ones returning at once (the launch before 2026-11-28)::
+
+    python -m bench.attention --prefill --json out.json
+
 The table gives µs per call, the share of copy bandwidth reached, and the best variant per shape; a variant moves
 into the engine (``acb.kernels.decode_splits``, ``paged_decode``'s defaults) only if it wins where steps spend their
 time.
@@ -26,7 +33,7 @@ import itertools
 import torch
 
 from acb.kernels import decode_splits
-from acb.kernels.attention import paged_decode, paged_prefill
+from acb.kernels.attention import _prefill_block_m, paged_decode, paged_prefill, prefill_block_map
 
 from .gemm import _time, card_and_bandwidth, write_json
 
@@ -88,6 +95,87 @@ def measure(
     return results
 
 
+# (name, decode rows, their contexts (low, high), prompt tokens): steps of W-share that start prompts
+PREFILL_STEPS = [
+    ("first fill: prompts only", 0, (0, 0), 8192),
+    ("longest_first: 120 decode rows + ~5,500 prompt tokens", 120, (300, 2500), 5500),
+    ("longest_first: 120 decode rows + ~1,100 prompt tokens", 120, (300, 2500), 1100),
+    ("longest_first: 120 decode rows + ~200 prompt tokens", 120, (300, 2500), 200),
+    ("defaults: 256 decode rows + ~8,000 prompt tokens", 256, (100, 1200), 8000),
+]
+
+
+def measure_prefill(
+    name: str, decode_rows: int, ctx_range: tuple[int, int], prompt_tokens: int, heads=32, kv_heads=8, dim=128
+) -> list[dict]:
+    """One step: ``decode_rows`` rows of one token at contexts drawn from ``ctx_range``, then whole prompts of
+    W-share's length law (lognormal, median 128, sigma 1, within [8, 2048]) up to ``prompt_tokens``."""
+    g = torch.Generator().manual_seed(len(name))
+    ctx = torch.randint(ctx_range[0], ctx_range[1] + 1, (decode_rows,), generator=g).tolist()
+    new = [1] * decode_rows
+    while True:
+        n = int(min(2048, max(8, 128 * torch.randn(1, generator=g).exp().item())))
+        if sum(new) - decode_rows + n > prompt_tokens:
+            break
+        ctx.append(n)
+        new.append(n)
+    rows, tokens = len(ctx), sum(new)
+    nblocks = [-(-c // PAGE) for c in ctx]
+    perm = torch.randperm(sum(nblocks), generator=g)
+    tables = torch.zeros(rows, max(nblocks), dtype=torch.int32)
+    at = 0
+    for i, nb in enumerate(nblocks):
+        tables[i, :nb] = perm[at : at + nb]
+        at += nb
+    caches = [torch.randn(2, sum(nblocks) + 1, PAGE, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
+              for _ in range(2)]  # fmt: skip
+    tables, lens = tables.cuda(), torch.tensor(ctx, device="cuda", dtype=torch.int32)
+    starts = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
+    q = torch.randn(tokens, heads, dim, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    group, maxq = heads // kv_heads, max(new)
+    block_map = prefill_block_map(starts, tokens, maxq, group)
+    per = _prefill_block_m(maxq, group) // group
+    nblk = -(-maxq // per)  # the launch before: every sequence gets max_query_len's worth of programs
+    per_sequence = torch.stack(
+        (torch.arange(rows, device="cuda").repeat_interleave(nblk), torch.arange(nblk, device="cuda").repeat(rows))
+    ).to(torch.int32)
+    scale = dim**-0.5
+    results = []
+    ref = None
+    for launch, m in (("block map", block_map), ("per-sequence grid", per_sequence)):
+
+        def fn(i, m=m):
+            return paged_prefill(q, caches[i % 2], tables, lens, starts, maxq, scale, out=out, block_map=m)
+
+        got = fn(0).clone()
+        ref = got if ref is None else ref
+        results.append(dict(step=name, launch=launch, rows=rows, tokens=tokens, max_query_len=maxq,
+                            programs=m.shape[1] * kv_heads, us=round(_time(fn, CALLS), 2),
+                            equal=bool(torch.equal(got, ref))))  # fmt: skip
+    map_us = _time(lambda i: prefill_block_map(starts, tokens, maxq, group), CALLS)
+    results.append(dict(step=name, launch="the map itself (once per step)", rows=rows, tokens=tokens,
+                        max_query_len=maxq, programs=None, equal=True, us=round(map_us, 2)))  # fmt: skip
+    return results
+
+
+def prefill_table(results: list[dict], card: str) -> str:
+    lines = [
+        f"Prefill kernel, one layer (llama-8b geometry), W-share-shaped steps, {card}",
+        "",
+        "| step | rows | tokens | longest prompt | block map µs (programs) | per-sequence grid µs (programs) | map µs "
+        "| equal |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, group in itertools.groupby(results, key=lambda r: r["step"]):
+        new, old, mk = list(group)
+        lines.append(
+            f"| {name} | {new['rows']} | {new['tokens']} | {new['max_query_len']} | {new['us']} ({new['programs']}) "
+            f"| {old['us']} ({old['programs']}) | {mk['us']} | {new['equal'] and old['equal']} |"
+        )
+    return "\n".join(lines)
+
+
 def table(results: list[dict], card: str) -> str:
     lines = [
         f"Decode attention, one layer (llama-8b geometry), {card}",
@@ -116,9 +204,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", default="32,128,256")
     ap.add_argument("--contexts", default="512,1500,4000")
     ap.add_argument("--max-model-len", type=int, default=8192, help="the engine's, which its split choice reads")
+    ap.add_argument("--prefill", action="store_true", help="time the prefill kernel on W-share's prompt steps")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     card, bandwidth = card_and_bandwidth(ap)
+    if args.prefill:
+        results = [r for step in PREFILL_STEPS for r in measure_prefill(*step)]
+        write_json(args.json, card, bandwidth, results)
+        print(prefill_table(results, card))
+        return
     results = []
     for rows, ctx in itertools.product(map(int, args.rows.split(",")), map(int, args.contexts.split(","))):
         results += measure(rows, ctx, bandwidth, args.max_model_len)

@@ -9,6 +9,11 @@ candidate against ``F.linear`` (fp32 accumulation; bf16 results within rounding)
 
     python -m bench.gemm --model llama-8b --rows 1,8,32,64,128,256 --json out.json
     python -m bench.gemm --model llama-8b --tp 2 ...     # one rank's shapes at TP=2 (half-width projections)
+    python -m bench.gemm --blas cublas,cublaslt,cublas-fullred --no-candidate   # torch's BLAS back ends
+
+``--blas`` times ``torch.matmul`` under each of torch's settings that change which cuBLAS kernel runs: ``cublas``
+(the default), ``cublaslt`` (``torch.backends.cuda.preferred_blas_library``: cuBLASLt's own heuristic) and
+``cublas-fullred`` (``allow_bf16_reduced_precision_reduction`` off, which rules out split-K reductions in bf16).
 
 The candidate (``skinny_linear``) is an experiment, not used by the engine: it moves into ``acb/kernels`` only if
 this table shows it beating cuBLAS where decode steps spend their time.
@@ -135,7 +140,29 @@ def _time(fn, calls: int) -> float:
     return sorted(times)[2]
 
 
-def measure(model: str, rows: list[int], bandwidth: float, tp: int = 1) -> list[dict]:
+BLAS = ("cublas", "cublaslt", "cublas-fullred")
+
+
+class _blas:
+    """Within the block, torch's matmuls take the BLAS setting ``name`` (one of :data:`BLAS`)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __enter__(self):
+        m = torch.backends.cuda.matmul
+        self.saved = torch.backends.cuda.preferred_blas_library(), m.allow_bf16_reduced_precision_reduction
+        torch.backends.cuda.preferred_blas_library("cublaslt" if self.name == "cublaslt" else "cublas")
+        m.allow_bf16_reduced_precision_reduction = self.name != "cublas-fullred" and self.saved[1]
+
+    def __exit__(self, *exc) -> None:
+        torch.backends.cuda.preferred_blas_library(self.saved[0])
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = self.saved[1]
+
+
+def measure(
+    model: str, rows: list[int], bandwidth: float, tp: int = 1, blas: tuple[str, ...] = (), candidate: bool = True
+) -> list[dict]:
     results = []
     for name, (n, k) in projections(model, tp).items():
         copies = max(2, -(-256 * 2**20 // (n * k * 2)))  # > 256 MiB in all: L2 (50-60 MB) never holds the next one
@@ -143,9 +170,10 @@ def measure(model: str, rows: list[int], bandwidth: float, tp: int = 1) -> list[
         for m in rows:
             row = {"model": model, "tp": tp, "proj": name, "N": n, "K": k, "rows": m,
                    "floor_us": n * k * 2 / bandwidth * 1e6}  # fmt: skip
-            row.update(_shape(weights, m))
+            row.update(_shape(weights, m, blas, candidate))
             results.append(row)
             line = f"{name} {n}x{k} rows {m}: floor {row['floor_us']:.1f} µs, cuBLAS {row['cublas_us']:.1f}"
+            line += "".join(f", {b} {us:.1f}" for b, us in row.get("blas_us", {}).items())
             if "triton_us" in row:
                 line += f", triton {row['triton_us']:7.1f} {row['triton_config']}"
             print(line, file=sys.stderr, flush=True)
@@ -154,14 +182,20 @@ def measure(model: str, rows: list[int], bandwidth: float, tp: int = 1) -> list[
     return results
 
 
-def _shape(weights: list[torch.Tensor], m: int) -> dict:
-    """cuBLAS, and the candidate's best configuration (checked first) for up to 64 rows, on ``m`` rows of input."""
+def _shape(weights: list[torch.Tensor], m: int, blas: tuple[str, ...] = (), candidate: bool = True) -> dict:
+    """cuBLAS (and under each ``blas`` setting), and the candidate's best configuration (checked first) for up to 64
+    rows, on ``m`` rows of input."""
     n, k = weights[0].shape
     copies = len(weights)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
     out = {"cublas_us": _time(lambda i: torch.matmul(x, weights[i % copies].t(), out=y), CALLS)}
-    if m > 64:
+    if blas:
+        out["blas_us"] = {}
+        for name in blas:
+            with _blas(name):
+                out["blas_us"][name] = _time(lambda i: torch.matmul(x, weights[i % copies].t(), out=y), CALLS)
+    if m > 64 or not candidate:
         return out
     ref = x.float() @ weights[0].float().t()
     best = None
@@ -179,17 +213,20 @@ def _shape(weights: list[torch.Tensor], m: int) -> dict:
 
 
 def table(results: list[dict], card: str) -> str:
+    blas = list(results[0].get("blas_us", {})) if results else []
     lines = [
-        "| projection (N x K) | TP | rows | floor µs | cuBLAS µs | cuBLAS / floor | Triton split-K µs | Triton / floor "
-        "| card |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| projection (N x K) | TP | rows | floor µs | cuBLAS µs | cuBLAS / floor | "
+        + "".join(f"{b} µs | " for b in blas)
+        + "Triton split-K µs | Triton / floor | card |",
+        "|---|---|---|---|---|---|" + "---|" * len(blas) + "---|---|---|",
     ]
     for r in results:
         t = r.get("triton_us")
         tri = f"{t:.1f} | {t / r['floor_us']:.2f}×" if t is not None else "— | —"
+        alt = "".join(f"{r['blas_us'][b]:.1f} | " for b in blas)
         lines.append(
             f"| {r['proj']} ({r['N']} x {r['K']}) | {r['tp']} | {r['rows']} | {r['floor_us']:.1f} | "
-            f"{r['cublas_us']:.1f} | {r['cublas_us'] / r['floor_us']:.2f}× | {tri} | {card} |"
+            f"{r['cublas_us']:.1f} | {r['cublas_us'] / r['floor_us']:.2f}× | {alt}{tri} | {card} |"
         )
     return "\n".join(lines)
 
@@ -216,10 +253,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="llama-8b")
     ap.add_argument("--rows", default="1,8,32,64,128,256")
     ap.add_argument("--tp", type=int, default=1, help="one rank's share of each projection at this tensor parallelism")
+    ap.add_argument("--blas", default="", help=f"comma-separated, of {', '.join(BLAS)}: also time cuBLAS under each")
+    ap.add_argument("--no-candidate", action="store_true", help="skip the Triton split-K candidate")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    blas = tuple(b for b in args.blas.split(",") if b)
+    if any(b not in BLAS for b in blas):
+        ap.error(f"--blas takes {', '.join(BLAS)}")
     card, bandwidth = card_and_bandwidth(ap)
-    results = measure(args.model, [int(r) for r in args.rows.split(",")], bandwidth, args.tp)
+    results = measure(
+        args.model, [int(r) for r in args.rows.split(",")], bandwidth, args.tp, blas, not args.no_candidate
+    )
     write_json(args.json, card, bandwidth, results)
     print(table(results, card))
 

@@ -168,3 +168,21 @@ def test_the_decode_tile_keeps_its_stages_within_shared_memory(dtype, dim, tile)
     assert _decode_tile(q) == tile
     block_n, _, stages = tile
     assert stages * 2 * block_n * (1 << (dim - 1).bit_length()) * q.element_size() <= 128 * 1024
+
+
+@pytest.mark.parametrize("group", [1, 4, 7])
+def test_the_prefill_block_map_lists_each_block_of_query_tokens_once(group):
+    """The prefill kernel's programs: one per (sequence, block of query tokens) that holds tokens, in order, for
+    decode rows, chunks and whole prompts alike; the spare programs of the bound carry the sequence count (they
+    exit), and the map's rows start 16-byte aligned (its length is a multiple of 4)."""
+    pytest.importorskip("triton")
+    from acb.kernels.attention import _prefill_block_m, prefill_block_map
+
+    news = [1, 1, 37, 16, 17, 1, 300, 2]
+    qsl = torch.tensor([0, *torch.tensor(news).cumsum(0).tolist()])
+    got = prefill_block_map(qsl, sum(news), max(news), group)
+    per = _prefill_block_m(max(news), group) // group
+    want = [(b, m) for b, n in enumerate(news) for m in range(-(-n // per))]
+    assert got.dtype == torch.int32 and got.shape[1] % 4 == 0
+    assert [tuple(c) for c in got.t().tolist()[: len(want)]] == want
+    assert (got[0, len(want) :] == len(news)).all()

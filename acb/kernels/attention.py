@@ -21,7 +21,7 @@ import triton.language as tl
 
 from . import decode_splits
 
-__all__ = ["paged_decode", "paged_prefill", "decode_splits"]
+__all__ = ["paged_decode", "paged_prefill", "prefill_block_map", "decode_splits"]
 
 
 @triton.jit
@@ -209,25 +209,28 @@ def paged_decode(
     return out
 
 
-@triton.jit(do_not_specialize=["NBLK"])
+@triton.jit(do_not_specialize=["NSEQ", "s_map"])
 def _prefill_kernel(
-    Q, KC, VC, BT, LENS, QSTART, OUT, scale, NBLK,
-    s_qt, s_qh, s_kb, s_ks, s_kh, s_bt, s_ot, s_oh,
+    Q, KC, VC, BT, LENS, QSTART, OUT, MAP, scale, NSEQ,
+    s_qt, s_qh, s_kb, s_ks, s_kh, s_bt, s_ot, s_oh, s_map,
     GROUP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     # One program: BLOCK_M // GROUP query tokens of sequence b, with all GROUP query heads of KV head kvh stacked as
     # the tile's rows (row r: token r // GROUP, head r % GROUP), so that each key/value tile is read once per KV head
     # rather than once per query head. A decode row of a mixed step (one token) fills GROUP rows of the tile. Axis 0
-    # numbers (sequence, block of tokens) pairs, NBLK blocks per sequence: grid axes 1 and 2 stop at 65,535.
-    b = tl.program_id(0) // NBLK
-    mblk = tl.program_id(0) % NBLK
+    # numbers the step's (sequence, block of tokens) pairs, as MAP lists them (prefill_block_map): one program per
+    # block that holds tokens, not max_query_len's worth per sequence; the grid's spare programs find b = NSEQ.
+    b = tl.load(MAP + tl.program_id(0))
+    if b >= NSEQ:
+        return
+    mblk = tl.load(MAP + s_map + tl.program_id(0))
     kvh = tl.program_id(1)
     TOKENS: tl.constexpr = BLOCK_M // GROUP
     q0 = tl.load(QSTART + b)
     n_q = tl.load(QSTART + b + 1) - q0
     t0 = mblk * TOKENS
-    if t0 >= n_q:
+    if t0 >= n_q:  # a map may list more blocks than a sequence has (bench.attention's per-sequence grid)
         return
     ctx = tl.load(LENS + b)
     r = tl.arange(0, BLOCK_M)
@@ -263,6 +266,28 @@ def _prefill_kernel(
     tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=mmask[:, None] & dmask)
 
 
+def _prefill_block_m(max_query_len: int, group: int) -> int:
+    """Rows of the prefill kernel's tile: 64 (16 when every sequence has at most a few tokens: decode-like steps),
+    never fewer rows than one token's query heads; a group that does not divide the tile leaves its last rows unused."""
+    return max(64 if max_query_len * group > 16 else 16, triton.next_power_of_2(group))
+
+
+def prefill_block_map(query_start_loc: torch.Tensor, tokens: int, max_query_len: int, group: int) -> torch.Tensor:
+    """The prefill kernel's programs for one step: ``[2, n]`` int32, row 0 each program's sequence, row 1 its block
+    of ``BLOCK_M // group`` query tokens in that sequence; ``n`` (a multiple of 4, so that both rows start 16-byte
+    aligned and Triton compiles one variant) bounds the step's blocks from its ``tokens``, and the spare programs
+    get the sequence count. Computed on the device (no sync); one step's layers share it."""
+    per = _prefill_block_m(max_query_len, group) // group
+    n_q = query_start_loc[1:] - query_start_loc[:-1]
+    blocks = (n_q + per - 1) // per
+    ends = torch.cumsum(blocks, 0)
+    n = -(-(-(-tokens // per) + n_q.shape[0]) // 4) * 4
+    pid = torch.arange(n, device=ends.device, dtype=ends.dtype)
+    seq = torch.searchsorted(ends, pid, right=True)
+    mblk = pid - (ends - blocks)[seq.clamp(max=n_q.shape[0] - 1)]
+    return torch.stack((seq, mblk)).to(torch.int32)
+
+
 def paged_prefill(
     q: torch.Tensor,  # [T, H, D] packed
     kv: torch.Tensor,
@@ -273,21 +298,23 @@ def paged_prefill(
     scale: float,
     out: torch.Tensor | None = None,
     window: int = 0,
+    block_map: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """``block_map``: :func:`prefill_block_map` of this step (computed here if None; a model computes it once per
+    step for all its layers)."""
     _, heads, dim = q.shape
     kvh = kv.shape[3]
     group = heads // kvh
     out = torch.empty_like(q) if out is None else out
-    # a tile of 64 rows (16 when every sequence has at most a few tokens: decode-like steps), never fewer rows than
-    # one token's query heads; a group that does not divide the tile leaves its last rows unused
-    block_m = max(64 if max_query_len * group > 16 else 16, triton.next_power_of_2(group))
+    block_m = _prefill_block_m(max_query_len, group)
+    if block_map is None:
+        block_map = prefill_block_map(query_start_loc, q.shape[0], max_query_len, group)
     kc, vc = kv[0], kv[1]
     block_n = _block_n(q)
-    nblk = triton.cdiv(max_query_len, block_m // group)
-    _prefill_kernel[(seq_lens.shape[0] * nblk, kvh)](
-        q, kc, vc, block_tables, seq_lens, query_start_loc, out, scale, nblk,
+    _prefill_kernel[(block_map.shape[1], kvh)](
+        q, kc, vc, block_tables, seq_lens, query_start_loc, out, block_map, scale, seq_lens.shape[0],
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
-        out.stride(0), out.stride(1),
+        out.stride(0), out.stride(1), block_map.stride(0),
         GROUP=group, D=dim, D_PAD=triton.next_power_of_2(dim), BLOCK_M=block_m, BLOCK_N=block_n,
         PAGE=kv.shape[2], WINDOW=window,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2,
