@@ -82,8 +82,8 @@ def test_decode_with_another_tile_matches_reference(dtype, tile, splits):
 @pytest.mark.parametrize("window", [0, 7])
 def test_decode_with_rope_equals_rope_and_cache_then_decode(dtype, heads, kv_heads, dim, splits, window):
     """The lean path's decode steps rotate q and k and write the new key and value inside the decode kernel: the
-    attention and the cache are exactly those of rope_and_cache followed by the plain decode kernel, whichever split
-    holds the new position (lengths at block and split boundaries), and q itself is left unrotated."""
+    attention and the cache are those of rope_and_cache followed by the plain decode kernel, whichever split holds
+    the new position (lengths at block and split boundaries), and q itself is left unrotated."""
     ctx = [1, 2, 15, 16, 17, 64, 65, 100, 257]
     bs = 16
     cache, meta, q = _setup(ctx, [1] * len(ctx), heads, kv_heads, dim, bs, dtype, seed=3)
@@ -101,9 +101,12 @@ def test_decode_with_rope_equals_rope_and_cache_then_decode(dtype, heads, kv_hea
     q_in = q.clone()
     got = paged_decode(q, cache.layers[0], meta.block_tables, lens, 0.125, splits, window=window,
                        rope=(k, v, cos, sin, pos, slots))  # fmt: skip
-    assert torch.equal(cache.layers[0], ref_cache)
     assert torch.equal(q, q_in)
-    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    # bf16 (what the engine serves) to the bit; in fp32 the two kernels may contract the rotation's multiply-adds
+    # differently (an ulp or so)
+    tol = dict(atol=0, rtol=0) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache.layers[0], ref_cache, **tol)
+    torch.testing.assert_close(got, want, **tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
