@@ -3,11 +3,11 @@
 Built from an already-loaded transformers model, sharing its weights: Q/K/V and gate/up projections are fused into
 single GEMMs (the model's own projection weights become views into the fused ones, so the model keeps working and
 nothing is stored twice), residual add + RMSNorm is one kernel, SiLU·mul is one kernel, and rotary embedding is
-applied inside the KV-cache write. Attention runs on the paged Triton kernels (sliding windows per layer). On the
-CPU (tests) the same forward runs on plain torch ops and the reference attention, so its logic is checked against
-``model.generate`` without a GPU. The CPU or CUDA implementation of each op is chosen once, when the model is
-built. Any model without an adapter keeps running through the generic path (transformers' own modules with acb's
-attention function).
+applied inside the decode attention kernel (decode steps) or the KV-cache write (steps with prompts). Attention runs
+on the paged Triton kernels (sliding windows per layer). On the CPU (tests) the same forward runs on plain torch ops
+and the reference attention, so its logic is checked against ``model.generate`` without a GPU. The CPU or CUDA
+implementation of each op is chosen once, when the model is built. Any model without an adapter keeps running
+through the generic path (transformers' own modules with acb's attention function).
 """
 
 from __future__ import annotations
