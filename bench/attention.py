@@ -159,14 +159,17 @@ def measure_prefill(
     return results
 
 
+def _head(title: str, columns: list[str]) -> list[str]:
+    """A markdown table's title line and header rows."""
+    return [title, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def prefill_table(results: list[dict], card: str) -> str:
-    lines = [
+    lines = _head(
         f"Prefill kernel, one layer (llama-8b geometry), W-share-shaped steps, {card}",
-        "",
-        "| step | rows | tokens | longest prompt | block map µs (programs) | per-sequence grid µs (programs) | map µs "
-        "| equal |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+        ["step", "rows", "tokens", "longest prompt", "block map µs (programs)", "per-sequence grid µs (programs)",
+         "map µs", "equal"],
+    )  # fmt: skip
     for name, group in itertools.groupby(results, key=lambda r: r["step"]):
         new, old, mk = list(group)
         lines.append(
@@ -177,13 +180,11 @@ def prefill_table(results: list[dict], card: str) -> str:
 
 
 def table(results: list[dict], card: str) -> str:
-    lines = [
+    lines = _head(
         f"Decode attention, one layer (llama-8b geometry), {card}",
-        "",
-        "| rows | context | floor µs | engine's choice µs (splits) | best decode µs (splits, tile) | best / floor | "
-        "prefill kernel µs | all equal |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+        ["rows", "context", "floor µs", "engine's choice µs (splits)", "best decode µs (splits, tile)", "best / floor",
+         "prefill kernel µs", "all equal"],
+    )  # fmt: skip
     for (rows, ctx), group in itertools.groupby(results, key=lambda r: (r["rows"], r["ctx"])):
         group = list(group)
         chosen = group[0]
