@@ -172,8 +172,8 @@ def paged_decode(
     times the choices).
 
     ``rope``: ``(k, v, cos, sin, positions, slot_mapping)`` of the step's new tokens, as
-    :func:`acb.kernels.fused.rope_and_cache` takes them: ``q`` is then not yet rotated, and the kernel applies
-    rotary embedding and writes the cache itself, one kernel instead of two per layer (``q`` is left unrotated)."""
+    :func:`acb.kernels.fused.rope_and_cache` takes them, with ``q`` before rotary: the kernel rotates q (in registers;
+    ``q`` itself is left as it is) and k, and writes k and v to the cache, one kernel instead of two per layer."""
     bsz, heads, dim = q.shape
     kvh = kv.shape[3]
     group = heads // kvh
