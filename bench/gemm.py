@@ -189,12 +189,16 @@ def _shape(weights: list[torch.Tensor], m: int, blas: tuple[str, ...] = (), cand
     copies = len(weights)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-    out = {"cublas_us": _time(lambda i: torch.matmul(x, weights[i % copies].t(), out=y), CALLS)}
+
+    def matmul(i: int) -> torch.Tensor:
+        return torch.matmul(x, weights[i % copies].t(), out=y)
+
+    out = {"cublas_us": _time(matmul, CALLS)}
     if blas:
         out["blas_us"] = {}
         for name in blas:
             with _blas(name):
-                out["blas_us"][name] = _time(lambda i: torch.matmul(x, weights[i % copies].t(), out=y), CALLS)
+                out["blas_us"][name] = _time(matmul, CALLS)
     if m > 64 or not candidate:
         return out
     ref = x.float() @ weights[0].float().t()
