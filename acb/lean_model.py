@@ -94,9 +94,11 @@ class LeanCausalLM:
             self._k, self._kf = kattn, fused
             self._norm, self._attend = self._norm_cuda, self._attend_cuda
             self._gate = self._kf.silu_mul if spec.activation == "silu" else _gelu_tanh_mul
+            self._up = self._up_cuda
         else:
             self._norm, self._attend = self._norm_torch, self._attend_torch
             self._gate = _silu_mul if spec.activation == "silu" else _gelu_tanh_mul
+            self._up = self._up_torch
 
     def ensure(self, max_positions: int, workspace_rows: int) -> None:
         """Grow the rotary tables and the decode workspace for an engine of that geometry."""
@@ -114,12 +116,19 @@ class LeanCausalLM:
 
     @torch.inference_mode()
     def forward(self, x: LeanInputs) -> torch.Tensor:
-        """Logits ``[S, vocab]`` (model dtype) for the rows ``x.logits_idx``."""
+        """Logits ``[S, vocab]`` (model dtype) for the rows ``x.logits_idx``.
+
+        The last layer's keys and values are cached for every token, but only the sampled rows go on past its
+        attention (output projection, MLP, head): in a step with prompts, the other rows' would be thrown away."""
         h, residual = self.embed_in(x.input_ids), None
+        last = len(self.layers) - 1
         for i, lw in enumerate(self.layers):
             q, k, v, residual = self.before_attention(i, h, residual)
-            h = self.after_attention(i, self._attend(i, lw, q, k, v, x).reshape(q.shape[0], -1), residual)
-        return self.head(h, residual, x.logits_idx)
+            o = self._attend(i, lw, q, k, v, x).reshape(q.shape[0], -1)
+            if i == last and x.logits_idx is not None:
+                o, residual = o[x.logits_idx], residual[x.logits_idx]
+            h = self.after_attention(i, o, residual)
+        return self.head(h, residual, None)
 
     # The forward in pieces, split at attention (the only op that reads the step's layout): the mixed-step graphs
     # (acb.mixed_graphs) capture everything between two attentions and run attention eagerly on the true sizes.
@@ -172,7 +181,7 @@ class LeanCausalLM:
             normed = self._reduce_norm(attn, residual, lw.ln2)
         else:
             normed = norm(attn, residual, lw.ln2)
-        h = F.linear(self._gate(F.linear(normed, lw.gate_up_w)), lw.down_w)
+        h = F.linear(self._up(normed, lw), lw.down_w)
         if lw.post_mlp_norm is not None:
             if self.group is not None:
                 self.group.all_reduce(h)
@@ -236,6 +245,16 @@ class LeanCausalLM:
         return o if out is None else out.copy_(o)
 
     # -- fused ops on CUDA, plain torch twins on the CPU ------------------------------------------------------------
+
+    def _up_cuda(self, x: torch.Tensor, lw: LeanLayer) -> torch.Tensor:
+        """The MLP's gate/up projection and activation: one Triton kernel for a decode step's few rows, cuBLAS and
+        the activation kernel for more (where cuBLAS's wide tiles win)."""
+        if x.shape[0] <= self._kf.GATE_UP_ROWS:
+            return self._kf.gate_up_act(x, lw.gate_up_w, self.spec.activation)
+        return self._gate(F.linear(x, lw.gate_up_w))
+
+    def _up_torch(self, x: torch.Tensor, lw: LeanLayer) -> torch.Tensor:
+        return self._gate(F.linear(x, lw.gate_up_w))
 
     def _norm_cuda(self, x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor) -> torch.Tensor:
         return self._kf.add_rmsnorm(x, residual, w, self.eps)

@@ -1,13 +1,16 @@
 """Small fused kernels of the lean model path: rotary embedding folded into the KV-cache write, residual add +
-RMSNorm, and SiLU·mul. Each replaces several eager torch kernels (and their round trips through memory)."""
+RMSNorm, SiLU·mul, and the gate/up projection with its activation for the few rows of a decode step. Each replaces
+several kernels (and their round trips through memory)."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["rope_and_cache", "add_rmsnorm", "silu_mul"]
+__all__ = ["rope_and_cache", "add_rmsnorm", "silu_mul", "gate_up_act", "GATE_UP_ROWS"]
 
 
 @triton.jit
@@ -114,3 +117,96 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     block = 1024
     _silu_mul_kernel[(rows, triton.cdiv(n, block))](gate_up, out, gate_up.stride(0), out.stride(0), n, BLOCK=block)
     return out
+
+
+# The fused gate/up kernel's reach: steps of at most this many rows (more are prompt steps, compute-bound, where
+# cuBLAS's large tiles belong). On an H200 it beats cuBLAS gate/up + silu_mul at every decode size it takes
+# (docs/benchmarks.md, "The gate/up projection with its activation in one kernel").
+GATE_UP_ROWS = 128
+
+# BLOCK_M -> (BLOCK_N, BLOCK_K, num_warps, num_stages) for 2-byte weights; 4-byte ones take half the BLOCK_K. At
+# 128 rows, wide column tiles where they still give every SM a program (llama-8b's 14,336 columns), else narrow
+# ones (llama-1b's 8,192: 64 programs of 128 columns would leave half the SMs idle).
+_GATE_UP_TILES = {16: (32, 256, 4, 3), 32: (64, 128, 4, 4), 64: (64, 128, 4, 4), 128: (64, 64, 4, 5)}
+_GATE_UP_WIDE = (128, 64, 8, 4)
+
+
+@triton.jit
+def _gate_up_act_kernel(
+    X, W, OUT, M, N, K, s_xm, s_wn, s_om,
+    ACT: tl.constexpr, EVEN: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """``OUT[:, n] = act(X @ W[n]) * (X @ W[N + n])`` for this program's BLOCK_N columns n and BLOCK_M rows: one pass
+    over the weights' gate rows and the matching up rows, the activation in the epilogue. The products are rounded
+    to OUT's dtype before the activation, as a GEMM writing them out would."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    xp = X + rm[:, None] * s_xm + rk[None, :]
+    gp = W + rn[:, None].to(tl.int64) * s_wn + rk[None, :]
+    up = gp + N.to(tl.int64) * s_wn
+    rows = rm[:, None] < M
+    cols = rn[:, None] < N
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN:  # K a multiple of BLOCK_K, N of BLOCK_N: only the rows are masked
+            x = tl.load(xp, mask=rows, other=0.0)
+            wg = tl.load(gp)
+            wu = tl.load(up)
+        else:
+            ks = (k0 + rk)[None, :] < K
+            x = tl.load(xp, mask=rows & ks, other=0.0)
+            wg = tl.load(gp, mask=cols & ks, other=0.0)
+            wu = tl.load(up, mask=cols & ks, other=0.0)
+        acc_g = tl.dot(x, tl.trans(wg), acc_g, input_precision=PRECISION)
+        acc_u = tl.dot(x, tl.trans(wu), acc_u, input_precision=PRECISION)
+        xp += BLOCK_K
+        gp += BLOCK_K
+        up += BLOCK_K
+    ty = OUT.dtype.element_ty
+    g = acc_g.to(ty).to(tl.float32)
+    if ACT == 0:  # SiLU
+        act = g / (1.0 + tl.exp(-g))
+    else:  # GELU, tanh approximation (Gemma); tanh(z) = 2 sigmoid(2z) - 1
+        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        act = g * (1.0 - 1.0 / (1.0 + tl.exp(2.0 * z)))
+    out = act.to(ty) * acc_u.to(ty)
+    tl.store(OUT + rm[:, None] * s_om + rn[None, :], out, mask=rows & (rn[None, :] < N))
+
+
+def gate_up_act(x: torch.Tensor, w: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    """``act(x @ gate.T) * (x @ up.T)`` for ``w = [gate | up]`` of shape ``[2 * I, K]`` and at most
+    :data:`GATE_UP_ROWS` rows of ``x [M, K]``; ``activation``: ``"silu"`` or ``"gelu_tanh"``. One kernel where
+    cuBLAS + :func:`silu_mul` take two and write the ``[M, 2 * I]`` product out between them."""
+    rows, k = x.shape
+    inter = w.shape[0] // 2
+    if rows > GATE_UP_ROWS:
+        raise ValueError(f"gate_up_act takes at most {GATE_UP_ROWS} rows, got {rows}")
+    block_m = max(16, triton.next_power_of_2(rows))
+    block_n, block_k, warps, stages = _GATE_UP_TILES[block_m]
+    shared, sms = _device(x.device) if x.is_cuda else (1 << 30, 132)
+    if block_m == 128 and triton.cdiv(inter, _GATE_UP_WIDE[0]) >= 3 * sms // 4:
+        block_n, block_k, warps, stages = _GATE_UP_WIDE
+    block_k = block_k * 2 // x.element_size()
+    stage = (block_m + 2 * block_n) * block_k * x.element_size()
+    stages = max(2, min(stages, shared // stage))  # what shared memory holds (an A100 has 164 KB, an H100 227 KB)
+    x = x.contiguous()
+    out = torch.empty(rows, inter, dtype=x.dtype, device=x.device)
+    _gate_up_act_kernel[(triton.cdiv(rows, block_m), triton.cdiv(inter, block_n))](
+        x, w, out, rows, inter, k, x.stride(0), w.stride(0), out.stride(0),
+        ACT=0 if activation == "silu" else 1, EVEN=k % block_k == 0 and inter % block_n == 0,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return out
+
+
+@functools.cache
+def _device(device: torch.device) -> tuple[int, int]:
+    """``(bytes of shared memory one program may take, SMs)`` of ``device``."""
+    props = torch.cuda.get_device_properties(device)
+    return props.shared_memory_per_block_optin, props.multi_processor_count

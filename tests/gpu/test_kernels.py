@@ -25,7 +25,7 @@ pytest.importorskip("triton")
 
 from acb.attention import AttentionMetadata, paged_attention_reference  # noqa: E402
 from acb.kernels.attention import paged_decode, paged_prefill  # noqa: E402
-from acb.kernels.fused import add_rmsnorm, rope_and_cache, silu_mul  # noqa: E402
+from acb.kernels.fused import GATE_UP_ROWS, add_rmsnorm, gate_up_act, rope_and_cache, silu_mul  # noqa: E402
 from acb.kv_cache import KVCache, ModelShape  # noqa: E402
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
@@ -157,6 +157,37 @@ def test_rope_and_cache_write(dtype, dim):
     flat_v = cache.layers[0][1].view(-1, kvh, dim)
     torch.testing.assert_close(flat_k[slots].float(), rot(k).float(), **TOL[dtype])
     torch.testing.assert_close(flat_v[slots], v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize(
+    "hidden, inter", [(256, 128), (96, 1500), (128, 14336)]
+)  # even tiles; masked K and columns; wide tiles at 128 rows
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 33, 64, 100, GATE_UP_ROWS])
+def test_gate_up_act_equals_the_projection_then_the_activation(dtype, activation, hidden, inter, rows):
+    """The decode steps' fused gate/up kernel against cuBLAS's product rounded to the dtype, then the activation
+    (what the lean path runs for more rows): the same roundings, so only the sums' order differs."""
+    if DEVICE == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton 3.9's interpreter multiplies bf16 tiles wrongly (tl.dot on raw bf16 loads)")
+    torch.manual_seed(rows)
+    x = torch.randn(rows, hidden, device=DEVICE).to(dtype)
+    w = (torch.randn(2 * inter, hidden, device=DEVICE) / hidden**0.5).to(dtype)
+    g, u = torch.nn.functional.linear(x, w).chunk(2, dim=-1)
+    if activation == "silu":
+        act = torch.nn.functional.silu(g.float())
+    else:
+        act = torch.nn.functional.gelu(g.float(), approximate="tanh")
+    ref = act.to(dtype) * u
+    got = gate_up_act(x, w, activation)
+    assert got.shape == (rows, inter) and got.dtype == dtype
+    torch.testing.assert_close(got.float(), ref.float(), **TOL[dtype])
+
+
+def test_gate_up_act_refuses_more_rows_than_it_is_tuned_for():
+    x = torch.zeros(GATE_UP_ROWS + 1, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="at most"):
+        gate_up_act(x, torch.zeros(256, 64, device=DEVICE))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
