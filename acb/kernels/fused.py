@@ -131,7 +131,7 @@ _GATE_UP_TILES = {16: (32, 256, 4, 3), 32: (64, 128, 4, 4), 64: (64, 128, 4, 4),
 _GATE_UP_WIDE = (128, 64, 8, 4)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # any row count, one compiled variant per tile: no compile mid-serving
 def _gate_up_act_kernel(
     X, W, OUT, M, N, K, s_xm, s_wn, s_om,
     ACT: tl.constexpr, EVEN: tl.constexpr, PRECISION: tl.constexpr,
