@@ -48,6 +48,61 @@ async def test_every_family_matches_generate_on_both_paths(arch, path, overlap, 
         assert reference_greedy(model, prompt, 8) == reference_greedy(ref, prompt, 8)
 
 
+async def test_past_the_last_attention_only_the_sampled_rows_are_computed(make_model, tokenizer):
+    """A step with prompts caches every token's keys and values in every layer, but its last layer's output
+    projection and MLP, and the head, run on the sampled rows alone (one per sequence): the others' logits would be
+    thrown away. The tokens stay ``generate``'s."""
+    model, ref = make_model("llama", seed=3)
+    prompts = random_prompts(3, [17, 9, 30], len(tokenizer), seed=3)
+    expected = [reference_greedy(ref, p, 4) for p in prompts]
+    rows = []  # (layer, rows) of every after_attention call
+    async with Engine(model, tokenizer, EngineConfig(fast_path=True, overlap=False)) as engine:
+        lean = engine._runner.lean
+        after = lean.after_attention
+
+        def spy(i, o, residual):
+            rows.append((i, o.shape[0]))
+            return after(i, o, residual)
+
+        lean.after_attention = spy
+        outs = await asyncio.gather(
+            *(engine.generate(p, SamplingParams(max_new_tokens=4, ignore_eos=True)) for p in prompts)
+        )
+    assert [o.token_ids for o in outs] == expected
+    last = len(lean.layers) - 1
+    steps = [(rows[j][1], rows[j + last][1]) for j in range(0, len(rows), last + 1)]  # (first layer, last layer)
+    assert all(r[0] == 0 for r in rows[:: last + 1]) and all(first >= end for first, end in steps)
+    prompt_steps = [(first, end) for first, end in steps if first > end]
+    assert sum(first for first, _ in prompt_steps) >= 17 + 9 + 30 and all(end <= 3 for _, end in prompt_steps)
+
+
+_GATE_UP = """
+import torch
+from acb.kernels.fused import gate_up_act
+torch.manual_seed(0)
+for rows, hidden, inter, act in [(1, 256, 128, "silu"), (17, 96, 1500, "gelu_tanh"), (100, 128, 300, "silu")]:
+    x = torch.randn(rows, hidden)
+    w = torch.randn(2 * inter, hidden) / hidden**0.5
+    g, u = torch.nn.functional.linear(x, w).chunk(2, dim=-1)
+    f = torch.nn.functional.silu if act == "silu" else lambda t: torch.nn.functional.gelu(t, approximate="tanh")
+    torch.testing.assert_close(gate_up_act(x, w, act), f(g) * u, atol=2e-5, rtol=2e-5)
+print("ok")
+"""
+
+
+def test_the_fused_gate_up_kernel_equals_the_projection_then_the_activation():
+    """The lean path's decode steps on CUDA run gate/up and the activation in one Triton kernel (tile by row count,
+    masked edges); Triton's interpreter runs it here on the CPU against torch (float32)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
+    r = subprocess.run([sys.executable, "-c", _GATE_UP], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
 @pytest.mark.parametrize("overlap", [True, False], ids=["async", "sync"])
 @pytest.mark.parametrize("arch", MOE)
 async def test_mixture_of_experts_models_run_the_generic_path(arch, overlap, make_model, tokenizer):
