@@ -10,10 +10,15 @@ candidate against ``F.linear`` (fp32 accumulation; bf16 results within rounding)
     python -m bench.gemm --model llama-8b --rows 1,8,32,64,128,256 --json out.json
     python -m bench.gemm --model llama-8b --tp 2 ...     # one rank's shapes at TP=2 (half-width projections)
     python -m bench.gemm --blas cublas,cublaslt,cublas-fullred --no-candidate   # torch's BLAS back ends
+    python -m bench.gemm --mlp --model llama-8b --rows 4,32,64,96,128            # the MLP's up half, two ways
 
 ``--blas`` times ``torch.matmul`` under each of torch's settings that change which cuBLAS kernel runs: ``cublas``
 (the default), ``cublaslt`` (``torch.backends.cuda.preferred_blas_library``: cuBLASLt's own heuristic) and
 ``cublas-fullred`` (``allow_bf16_reduced_precision_reduction`` off, which rules out split-K reductions in bf16).
+
+``--mlp`` times the MLP's gate/up projection with its activation as the lean path runs it
+(``acb.kernels.fused.gate_up_act``, one Triton kernel, up to ``GATE_UP_ROWS`` rows) against cuBLAS gate/up followed
+by ``silu_mul`` (what it replaced), each after a check that both give the same values.
 
 The candidate (``skinny_linear``) is an experiment, not used by the engine: it moves into ``acb/kernels`` only if
 this table shows it beating cuBLAS where decode steps spend their time.
@@ -216,6 +221,53 @@ def _shape(weights: list[torch.Tensor], m: int, blas: tuple[str, ...] = (), cand
     return out
 
 
+def measure_mlp(model: str, rows: list[int], bandwidth: float, tp: int = 1) -> list[dict]:
+    """Per row count: cuBLAS gate/up alone, cuBLAS gate/up + ``silu_mul``, and ``gate_up_act`` (µs)."""
+    n, k = projections(model, tp)["gate_up"]
+    copies = max(2, -(-256 * 2**20 // (n * k * 2)))
+    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+    return [
+        {"model": model, "tp": tp, "N": n, "K": k, "rows": m, "floor_us": n * k * 2 / bandwidth * 1e6}
+        | _mlp_shape(weights, m)
+        for m in rows
+    ]
+
+
+def _mlp_shape(weights: list[torch.Tensor], m: int) -> dict:
+    from acb.kernels.fused import GATE_UP_ROWS, gate_up_act, silu_mul
+
+    n, k = weights[0].shape
+    copies = len(weights)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    out = {
+        "cublas_us": _time(lambda i: torch.matmul(x, weights[i % copies].t(), out=y), CALLS),
+        "cublas_silu_us": _time(lambda i: silu_mul(torch.matmul(x, weights[i % copies].t(), out=y)), CALLS),
+    }
+    if m <= GATE_UP_ROWS:
+        ref = silu_mul(x @ weights[0].t()).float()
+        err = ((gate_up_act(x, weights[0]).float() - ref).abs().max() / ref.abs().max()).item()
+        if err > 1e-2:
+            raise AssertionError(f"gate_up_act wrong for {n} x {k}, {m} rows: relative error {err:.2e}")
+        out["fused_us"] = _time(lambda i: gate_up_act(x, weights[i % copies]), CALLS)
+    return out
+
+
+def mlp_table(results: list[dict], card: str) -> str:
+    lines = [
+        "| gate/up (N x K) | rows | floor µs | cuBLAS gate/up µs | cuBLAS + silu_mul µs | gate_up_act µs | saved µs | card |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        fused = r.get("fused_us")
+        cells = "— | —" if fused is None else f"{fused:.1f} | {r['cublas_silu_us'] - fused:.1f}"
+        lines.append(
+            f"| {r['N']} x {r['K']} | {r['rows']} | {r['floor_us']:.1f} | {r['cublas_us']:.1f} | "
+            f"{r['cublas_silu_us']:.1f} | {cells} | {card} |"
+        )
+    return "\n".join(lines)
+
+
 def table(results: list[dict], card: str) -> str:
     blas = list(results[0].get("blas_us", {})) if results else []
     lines = [
@@ -259,12 +311,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tp", type=int, default=1, help="one rank's share of each projection at this tensor parallelism")
     ap.add_argument("--blas", default="", help=f"comma-separated, of {', '.join(BLAS)}: also time cuBLAS under each")
     ap.add_argument("--no-candidate", action="store_true", help="skip the Triton split-K candidate")
+    ap.add_argument("--mlp", action="store_true", help="time gate/up + activation: acb's fused kernel and cuBLAS")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     blas = tuple(b for b in args.blas.split(",") if b)
     if any(b not in BLAS for b in blas):
         ap.error(f"--blas takes {', '.join(BLAS)}")
     card, bandwidth = card_and_bandwidth(ap)
+    if args.mlp:
+        results = measure_mlp(args.model, [int(r) for r in args.rows.split(",")], bandwidth, args.tp)
+        write_json(args.json, card, bandwidth, results)
+        print(mlp_table(results, card))
+        return
     results = measure(
         args.model, [int(r) for r in args.rows.split(",")], bandwidth, args.tp, blas, not args.no_candidate
     )
