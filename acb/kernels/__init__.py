@@ -1,5 +1,5 @@
 """Triton kernels of the GPU fast path: paged attention (decode and prefill), rotary + KV-cache write, fused
-residual + RMSNorm, and SiLU·mul.
+residual + RMSNorm, SiLU·mul, and the decode steps' gate/up projection with its activation.
 
 The kernel modules need Triton (shipped with CUDA builds of torch); this package's own namespace does not, so the
 CPU path can use the launch heuristics below. The plain-torch reference in :mod:`acb.attention` is the oracle the
