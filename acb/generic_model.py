@@ -9,6 +9,10 @@ On CUDA two things make these modules cheaper without changing what they compute
 - RMSNorm modules run acb's fused kernel (one kernel instead of about six): each norm is checked at start, on a
   random input of its width, against its own forward, as ``w * norm(x)`` (Llama's) or ``(1 + w) * norm(x)`` (Gemma's);
   a norm that matches neither keeps its forward;
+- gated MLP modules (``down(act(gate(x)) * up(x))``, SiLU or tanh-GELU, no biases) run the gate and up projections
+  and the activation in one kernel (:func:`acb.kernels.fused.gate_up_act`) on steps of at most
+  :data:`~acb.kernels.fused.GATE_UP_ROWS` tokens, the decode steps: each is checked at start against its own forward
+  the same way (its activation first, on its own, in float32);
 - the decode step is captured in CUDA graphs like the lean path's (:mod:`acb.cuda_graphs`), when nothing in the
   model needs the host in the middle of a forward. Two things can:
 
@@ -49,8 +53,10 @@ class GenericCausalLM:
             self.kernels = kernels
         self._experts = [m for m in model.modules() if _is_experts(m)]
         self.fused_norms: list[torch.nn.Module] = []
+        self.fused_mlps: list[torch.nn.Module] = []
         if device.type == "cuda":
             self.fuse_norms()
+            self.fuse_mlps()
 
     def fuse_norms(self) -> None:
         """Let every RMSNorm module that acb's fused kernel reproduces run that kernel (see the module's doc)."""
@@ -76,11 +82,33 @@ class GenericCausalLM:
                         self.fused_norms.append(m)
                         break
 
+    def fuse_mlps(self) -> None:
+        """Let every gated MLP module that acb's gate/up kernel reproduces run it on small steps (see the module's
+        doc). Its projections stay where they are: the kernel reads the gate and up weights in place."""
+        from .kernels.fused import gate_up_act
+
+        for m in self.model.modules():
+            activation = _gated_mlp_activation(m)
+            if activation is None or not _takes_one_input(m):
+                continue
+            gate, up = m.gate_proj.weight, m.up_proj.weight
+            x = torch.randn(8, gate.shape[1], dtype=gate.dtype, device=gate.device)
+            with torch.no_grad():
+                try:
+                    want = m(x)
+                except Exception:
+                    continue
+                got = m.down_proj(gate_up_act(x, gate, activation, up=up))
+            tol = 1e-5 if gate.dtype == torch.float32 else 1e-2
+            if want.shape == got.shape and torch.allclose(got, want, rtol=tol, atol=tol):
+                m.forward = _fused_mlp(m.forward, m, activation, gate_up_act)
+                self.fused_mlps.append(m)
+
     def release(self) -> None:
         """Give the modules back their own forwards (the engine closed)."""
-        for m in self.fused_norms:
+        for m in self.fused_norms + self.fused_mlps:
             del m.forward
-        self.fused_norms = []
+        self.fused_norms, self.fused_mlps = [], []
 
     def forward(
         self,
@@ -161,6 +189,51 @@ def _fused_norm(own, weight: torch.Tensor, eps: float, kernel):
         if hidden_states.dtype != dtype or hidden_states.shape[-1] != width:
             return own(hidden_states)
         return kernel(hidden_states.reshape(-1, width), None, weight, eps).view(hidden_states.shape)
+
+    return forward
+
+
+def _gated_mlp_activation(m: torch.nn.Module) -> str | None:
+    """``"silu"`` or ``"gelu_tanh"`` when ``m`` holds a gated MLP's parts (bias-free ``gate_proj``, ``up_proj`` and
+    ``down_proj`` linears of matching shapes, weights with contiguous rows) and its ``act_fn`` is that function, to
+    float32 precision, on [-8, 8]; else None. Whether ``m`` combines them as ``down(act(gate) * up)`` is for its
+    caller to check."""
+    parts = [getattr(m, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+    act = getattr(m, "act_fn", None)
+    if not all(isinstance(p, torch.nn.Linear) and p.bias is None for p in parts) or not callable(act):
+        return None
+    gate, up, down = (p.weight for p in parts)
+    if gate.shape != up.shape or down.shape[1] != gate.shape[0] or gate.stride(-1) != 1 or up.stride(-1) != 1:
+        return None
+    t = torch.linspace(-8, 8, 1601, device=gate.device)
+    try:
+        with torch.no_grad():
+            y = act(t)
+    except Exception:
+        return None
+    for name, f in (("silu", torch.nn.functional.silu), ("gelu_tanh", _gelu_tanh)):
+        if isinstance(y, torch.Tensor) and y.shape == t.shape and torch.allclose(y, f(t), rtol=1e-6, atol=1e-6):
+            return name
+    return None
+
+
+def _gelu_tanh(t: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.gelu(t, approximate="tanh")
+
+
+def _fused_mlp(own, m: torch.nn.Module, activation: str, kernel):
+    """A gated MLP's forward through the gate/up kernel, for steps of at most ``GATE_UP_ROWS`` tokens of the width
+    and dtype it was checked at; its own forward for the rest (prompt steps: cuBLAS's large tiles)."""
+    from .kernels.fused import GATE_UP_ROWS
+
+    gate, up = m.gate_proj.weight, m.up_proj.weight
+    width, dtype = gate.shape[1], gate.dtype
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != dtype or x.shape[-1] != width or x.numel() > GATE_UP_ROWS * width:
+            return own(x)
+        h = kernel(x.reshape(-1, width), gate, activation, up=up)
+        return m.down_proj(h).view(*x.shape[:-1], -1)
 
     return forward
 

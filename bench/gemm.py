@@ -255,7 +255,8 @@ def _mlp_shape(weights: list[torch.Tensor], m: int) -> dict:
 
 def mlp_table(results: list[dict], card: str) -> str:
     lines = [
-        "| gate/up (N x K) | rows | floor µs | cuBLAS gate/up µs | cuBLAS + silu_mul µs | gate_up_act µs | saved µs | card |",
+        "| gate/up (N x K) | rows | floor µs | cuBLAS gate/up µs | cuBLAS + silu_mul µs | gate_up_act µs | saved µs "
+        "| card |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:

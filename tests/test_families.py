@@ -260,6 +260,58 @@ def test_only_single_input_norms_that_the_kernel_reproduces_are_fused():
     assert all("forward" not in vars(m) for m in llama.modules())
 
 
+def test_only_gated_mlps_that_the_gate_up_kernel_reproduces_are_fused():
+    """The fused-MLP check fuses Llama's MLP (SiLU) and refuses an MLP with exact (erf) GELU, one with biases, one
+    that applies the activation to ``up`` instead of ``gate``, and one with two inputs. Run here with a torch twin of
+    the kernel, as the check is the same on CUDA; the engine's release gives every forward back."""
+    import torch
+    import torch.nn.functional as F
+
+    from acb.generic_model import GenericCausalLM
+
+    class MLP(torch.nn.Module):
+        def __init__(self, act=F.silu, bias=False, swapped=False):
+            super().__init__()
+            self.gate_proj = torch.nn.Linear(16, 24, bias=bias)
+            self.up_proj = torch.nn.Linear(16, 24, bias=bias)
+            self.down_proj = torch.nn.Linear(24, 16, bias=False)
+            self.act_fn, self.swapped = act, swapped
+
+        def forward(self, x):
+            g, u = self.gate_proj(x), self.up_proj(x)
+            return self.down_proj(g * self.act_fn(u) if self.swapped else self.act_fn(g) * u)
+
+    class TwoInputs(MLP):
+        def forward(self, x, scale=1.0):
+            return super().forward(x) * scale
+
+    llama = tiny_model("llama")
+    llama.model.extra = torch.nn.ModuleList(
+        [MLP(act=F.gelu), MLP(bias=True), MLP(swapped=True), TwoInputs(), MLP(act=torch.nn.GELU("tanh"))]
+    )
+    generic = GenericCausalLM(llama, None, torch.device("cpu"))
+
+    def torch_kernel(x, gate, activation, up):
+        act = F.silu if activation == "silu" else (lambda t: F.gelu(t, approximate="tanh"))
+        return act(x @ gate.t()) * (x @ up.t())
+
+    import acb.kernels.fused as fused
+
+    kernel_before = fused.gate_up_act
+    fused.gate_up_act = torch_kernel
+    try:
+        generic.fuse_mlps()
+        fused_extra = [m for m in llama.model.extra if m in generic.fused_mlps]
+        x = torch.randn(1, 5, 16)
+        assert torch.allclose(llama.model.extra[4](x), llama.model.extra[4].__class__.forward(llama.model.extra[4], x))
+    finally:
+        fused.gate_up_act = kernel_before
+    assert [type(m).__name__ for m in generic.fused_mlps] == ["LlamaMLP", "LlamaMLP", "MLP"]
+    assert fused_extra == [llama.model.extra[4]]  # tanh-GELU: fused; erf GELU, biases, swapped, two inputs: not
+    generic.release()
+    assert all("forward" not in vars(m) for m in llama.modules())
+
+
 _DEVICE_ONLY_DECODE = """
 import asyncio, sys
 import torch
@@ -272,12 +324,15 @@ from acb.kernels import attention as kernels
 from acb.runner import ModelRunner
 
 # What a decode graph captures, run eagerly: the generic forward reading only device tensors (no host layout), the
-# Triton kernels (interpreted), the capturable experts, the fused norms. Prefill keeps the reference attention.
-decode_steps = []
+# Triton kernels (interpreted), the capturable experts, the fused norms and gated MLPs (these also in the steps with
+# prompts of at most 128 tokens, as on CUDA). Prefill keeps the reference attention.
+decode_steps, fused_mlps = [], []
 def forward(self, b, d, j=0):
     if not self.generic.fused_norms:  # as on CUDA
         self.generic.fuse_norms()
+        self.generic.fuse_mlps()
         assert self.generic.fused_norms
+        fused_mlps.append(len(self.generic.fused_mlps))
     if not b.decode_only or j:
         return ModelRunner._forward.__wrapped__(self, b, d, j)
     decode_steps.append(b.num_rows)
@@ -306,15 +361,17 @@ for arch in sys.argv[1:]:
     assert got == want, (arch, got, want)
     assert decode_steps, arch
     decode_steps.clear()
-    assert all("forward" not in vars(m) for m in model.modules())  # the norms got their forwards back at close
+    dense = sum(isinstance(getattr(m, "gate_proj", None), torch.nn.Linear) for m in model.modules())
+    assert fused_mlps.pop() == dense and (dense > 0) == (arch in ("llama", "gemma3", "qwen3")), arch  # every dense MLP
+    assert all("forward" not in vars(m) for m in model.modules())  # norms and MLPs got their forwards back at close
 print("ok")
 """
 
 
 def test_the_generic_decode_graph_forward_reads_only_the_device():
     """The forward the generic path's decode graphs capture (no host-side layout, the Triton kernels, the capturable
-    experts, the fused norms: Llama's, Gemma's ``1 + w``, Qwen3's per-head), run eagerly under Triton's interpreter
-    on the CPU, gives ``model.generate``'s tokens."""
+    experts, the fused norms: Llama's, Gemma's ``1 + w``, Qwen3's per-head; the fused gated MLPs: SiLU, Gemma's
+    tanh-GELU), run eagerly under Triton's interpreter on the CPU, gives ``model.generate``'s tokens."""
     import os
     import subprocess
     import sys

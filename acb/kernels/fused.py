@@ -133,12 +133,12 @@ _GATE_UP_WIDE = (128, 64, 8, 4)
 
 @triton.jit(do_not_specialize=["M"])  # any row count, one compiled variant per tile: no compile mid-serving
 def _gate_up_act_kernel(
-    X, W, OUT, M, N, K, s_xm, s_wn, s_om,
+    X, G, U, OUT, M, N, K, s_xm, s_gn, s_un, s_om,
     ACT: tl.constexpr, EVEN: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """``OUT[:, n] = act(X @ W[n]) * (X @ W[N + n])`` for this program's BLOCK_N columns n and BLOCK_M rows: one pass
-    over the weights' gate rows and the matching up rows, the activation in the epilogue. The products are rounded
+    """``OUT[:, n] = act(X @ G[n]) * (X @ U[n])`` for this program's BLOCK_N columns n and BLOCK_M rows: one pass
+    over the gate weights' rows and the matching up rows, the activation in the epilogue. The products are rounded
     to OUT's dtype before the activation, as a GEMM writing them out would."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -146,8 +146,8 @@ def _gate_up_act_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     xp = X + rm[:, None] * s_xm + rk[None, :]
-    gp = W + rn[:, None].to(tl.int64) * s_wn + rk[None, :]
-    up = gp + N.to(tl.int64) * s_wn
+    gp = G + rn[:, None].to(tl.int64) * s_gn + rk[None, :]
+    up = U + rn[:, None].to(tl.int64) * s_un + rk[None, :]
     rows = rm[:, None] < M
     cols = rn[:, None] < N
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -178,12 +178,19 @@ def _gate_up_act_kernel(
     tl.store(OUT + rm[:, None] * s_om + rn[None, :], out, mask=rows & (rn[None, :] < N))
 
 
-def gate_up_act(x: torch.Tensor, w: torch.Tensor, activation: str = "silu") -> torch.Tensor:
-    """``act(x @ gate.T) * (x @ up.T)`` for ``w = [gate | up]`` of shape ``[2 * I, K]`` and at most
-    :data:`GATE_UP_ROWS` rows of ``x [M, K]``; ``activation``: ``"silu"`` or ``"gelu_tanh"``. One kernel where
-    cuBLAS + :func:`silu_mul` take two and write the ``[M, 2 * I]`` product out between them."""
+def gate_up_act(
+    x: torch.Tensor, w: torch.Tensor, activation: str = "silu", up: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``act(x @ gate.T) * (x @ up.T)`` for ``w = [gate | up]`` of shape ``[2 * I, K]`` (or ``w = gate`` and ``up``
+    apart, each ``[I, K]``, as transformers' MLP modules hold them) and at most :data:`GATE_UP_ROWS` rows of
+    ``x [M, K]``; ``activation``: ``"silu"`` or ``"gelu_tanh"``. One kernel where cuBLAS + :func:`silu_mul` take two
+    and write the ``[M, 2 * I]`` product out between them."""
     rows, k = x.shape
-    inter = w.shape[0] // 2
+    if up is None:
+        w, up = w.chunk(2)
+    if w.stride(-1) != 1 or up.stride(-1) != 1:
+        raise ValueError("gate_up_act reads weights whose rows are contiguous")
+    inter = w.shape[0]
     if rows > GATE_UP_ROWS:
         raise ValueError(f"gate_up_act takes at most {GATE_UP_ROWS} rows, got {rows}")
     block_m = max(16, triton.next_power_of_2(rows))
@@ -197,7 +204,7 @@ def gate_up_act(x: torch.Tensor, w: torch.Tensor, activation: str = "silu") -> t
     x = x.contiguous()
     out = torch.empty(rows, inter, dtype=x.dtype, device=x.device)
     _gate_up_act_kernel[(triton.cdiv(rows, block_m), triton.cdiv(inter, block_n))](
-        x, w, out, rows, inter, k, x.stride(0), w.stride(0), out.stride(0),
+        x, w, up, out, rows, inter, k, x.stride(0), w.stride(0), up.stride(0), out.stride(0),
         ACT=0 if activation == "silu" else 1, EVEN=k % block_k == 0 and inter % block_n == 0,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,

@@ -184,6 +184,18 @@ def test_gate_up_act_equals_the_projection_then_the_activation(dtype, activation
     torch.testing.assert_close(got.float(), ref.float(), **TOL[dtype])
 
 
+@pytest.mark.parametrize("rows", [3, 100])
+def test_gate_up_act_reads_gate_and_up_apart_as_it_reads_them_together(rows):
+    """transformers' MLP modules hold gate and up in two tensors (the generic path): the same kernel, the same bits."""
+    torch.manual_seed(rows)
+    x = torch.randn(rows, 64, device=DEVICE)
+    gate, up = torch.randn(96, 64, device=DEVICE) / 8, torch.randn(96, 64, device=DEVICE) / 8
+    together = gate_up_act(x, torch.cat([gate, up]), "gelu_tanh")
+    assert torch.equal(gate_up_act(x, gate, "gelu_tanh", up=up), together)
+    with pytest.raises(ValueError, match="contiguous"):
+        gate_up_act(x, gate.t().contiguous().t(), up=up)
+
+
 def test_gate_up_act_refuses_more_rows_than_it_is_tuned_for():
     x = torch.zeros(GATE_UP_ROWS + 1, 64, device=DEVICE)
     with pytest.raises(ValueError, match="at most"):
