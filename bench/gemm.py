@@ -319,14 +319,13 @@ def main(argv: list[str] | None = None) -> None:
     if any(b not in BLAS for b in blas):
         ap.error(f"--blas takes {', '.join(BLAS)}")
     card, bandwidth = card_and_bandwidth(ap)
+    rows = [int(r) for r in args.rows.split(",")]
     if args.mlp:
-        results = measure_mlp(args.model, [int(r) for r in args.rows.split(",")], bandwidth, args.tp)
+        results = measure_mlp(args.model, rows, bandwidth, args.tp)
         write_json(args.json, card, bandwidth, results)
         print(mlp_table(results, card))
         return
-    results = measure(
-        args.model, [int(r) for r in args.rows.split(",")], bandwidth, args.tp, blas, not args.no_candidate
-    )
+    results = measure(args.model, rows, bandwidth, args.tp, blas, not args.no_candidate)
     write_json(args.json, card, bandwidth, results)
     print(table(results, card))
 
