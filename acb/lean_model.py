@@ -98,7 +98,7 @@ class LeanCausalLM:
         else:
             self._norm, self._attend = self._norm_torch, self._attend_torch
             self._gate = _silu_mul if spec.activation == "silu" else _gelu_tanh_mul
-            self._up = self._up_torch
+            self._up = self._up_unfused
 
     def ensure(self, max_positions: int, workspace_rows: int) -> None:
         """Grow the rotary tables and the decode workspace for an engine of that geometry."""
@@ -251,9 +251,10 @@ class LeanCausalLM:
         the activation kernel for more (where cuBLAS's wide tiles win)."""
         if x.shape[0] <= self._kf.GATE_UP_ROWS:
             return self._kf.gate_up_act(x, lw.gate_up_w, self.spec.activation)
-        return self._gate(F.linear(x, lw.gate_up_w))
+        return self._up_unfused(x, lw)
 
-    def _up_torch(self, x: torch.Tensor, lw: LeanLayer) -> torch.Tensor:
+    def _up_unfused(self, x: torch.Tensor, lw: LeanLayer) -> torch.Tensor:
+        """The fused gate/up projection, then :attr:`_gate` (the activation kernel on CUDA, torch on the CPU)."""
         return self._gate(F.linear(x, lw.gate_up_w))
 
     def _norm_cuda(self, x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor) -> torch.Tensor:
