@@ -46,11 +46,31 @@ class Tracer:
             self.trace.spans.append((lane, start, end))
 
 
+class _HostMark:
+    """On the CPU, where a step's compute runs in the worker thread as it is launched, a host clock reading stands in
+    for a CUDA event: the same ``record`` / ``synchronize`` / ``elapsed_time`` (ms)."""
+
+    __slots__ = ("t",)
+
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+
+    def record(self) -> None:
+        self.t = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, other: _HostMark) -> float:
+        return (other.t - self.t) * 1e3
+
+
 class StepTimer:
-    """The launch stage's step timing. With ``record`` (``EngineConfig.record_step_timing``, CUDA), a pair of CUDA
-    events brackets every (sub-)step's GPU work, kept with the step's shape ``(rows, tokens, replayed a decode
-    graph)``: benchmarks read GPU busy intervals and GPU time per kind of step from them. While a trace runs, the
-    steps' spans go onto the host clock (:meth:`start_trace`); on the CPU, the worker's compute spans stand in."""
+    """The launch stage's step timing. With ``record`` (``EngineConfig.record_step_timing``), a pair of CUDA events
+    (host clock readings on the CPU) brackets every (sub-)step's GPU work, kept with the step's shape ``(rows, tokens,
+    replayed a decode graph)``: benchmarks read GPU busy intervals and GPU time per kind of step from them. While a
+    trace runs, the steps' spans go onto the host clock (:meth:`start_trace`); on the CPU, the worker's compute spans
+    stand in."""
 
     def __init__(self, device: torch.device, record: bool) -> None:
         self.device = device
@@ -65,12 +85,14 @@ class StepTimer:
     def begin(self) -> torch.cuda.Event | None:
         """A start event for the next (sub-)step when recording (the caller records it where the step's GPU work
         starts), else None."""
-        return torch.cuda.Event(enable_timing=True) if self.events is not None else None
+        if self.events is None:
+            return None
+        return torch.cuda.Event(enable_timing=True) if self.cuda else _HostMark()
 
     def end(self, start: torch.cuda.Event | None, shape: tuple[int, int, bool]) -> None:
         """Mark the end of a (sub-)step's GPU work, paired with ``start`` (from :meth:`begin`)."""
         if start is not None:
-            end = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True) if self.cuda else _HostMark()
             end.record()
             self.events.append((start, end, shape))
 

@@ -179,6 +179,22 @@ async def test_tracing_records_every_lane(make_model, tokenizer):
     assert len(trace.lane("device")) == 5  # one prefill step that samples, four decode steps
 
 
+async def test_step_timing_on_the_cpu_records_each_step(make_model, tokenizer):
+    """``record_step_timing`` on the CPU: the worker's compute per step, on the host clock (it used to fail every
+    step, reaching for CUDA events)."""
+    model, _ = make_model("llama")
+    config = EngineConfig(block_size=8, record_step_timing=True)
+    async with Engine(model, tokenizer, config) as engine:
+        out = await engine.generate("hello", SamplingParams(max_new_tokens=5, ignore_eos=True))
+        intervals, shapes = engine.step_intervals(), engine.step_shapes()
+    assert out.finish_reason == "length" and len(out.token_ids) == 5
+    assert len(intervals) == len(shapes) == 5  # the prefill that samples, then four decode steps
+    assert intervals[0][0] == 0.0
+    assert all(0 <= s <= e for s, e in intervals)
+    assert all(a[1] <= b[0] for a, b in zip(intervals, intervals[1:]))  # one worker: steps never overlap
+    assert [rows for rows, _, _ in shapes] == [1] * 5 and shapes[0][1] > 1
+
+
 def test_bench_run_writes_json_table_and_timeline(tmp_path, capsys):
     from bench.run import main
 
