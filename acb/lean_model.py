@@ -41,6 +41,14 @@ class LeanInputs:
     prefill_map: torch.Tensor | None = None  # the prefill kernel's programs, made by the step's first layer
 
 
+def _pad_rows(rows: torch.Tensor, buckets: list[int]) -> torch.Tensor:
+    """``rows`` and copies of its first entry, up to the smallest bucket that holds them (``rows`` itself when it
+    fills one, or no bucket does)."""
+    n = rows.shape[0]
+    size = next((b for b in buckets if b >= n), n)
+    return rows if size == n or n == 0 else torch.cat((rows, rows[:1].expand(size - n)))
+
+
 class LeanCausalLM:
     def __init__(
         self,
@@ -78,6 +86,9 @@ class LeanCausalLM:
             None if spec.embed_scale is None else torch.tensor(spec.embed_scale, dtype=self.dtype, device=self.device)
         )
         self.layers: list[LeanLayer] = spec.layers
+        # row counts the decode graphs' capture already ran every GEMM at (their buckets; set by whoever captures
+        # them): a step with prompts pads its sampled rows to one of them past the last attention (see forward)
+        self.row_buckets: list[int] | None = None
         self.tables: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._positions = 0
         self._rotary_tables(max_positions)
@@ -119,16 +130,24 @@ class LeanCausalLM:
         """Logits ``[S, vocab]`` (model dtype) for the rows ``x.logits_idx``.
 
         The last layer's keys and values are cached for every token, but only the sampled rows go on past its
-        attention (output projection, MLP, head): in a step with prompts, the other rows' would be thrown away."""
+        attention (output projection, MLP, head): in a step with prompts, the other rows' would be thrown away.
+        Their count is padded (repeating the first) to the smallest of :attr:`row_buckets` that holds them: cuBLAS
+        picks a kernel per row count and loads it the first time, for up to ~70 ms on an H200 with the device
+        busy, while every thread waits (the event loop included); the decode graphs' capture has run these
+        GEMMs at exactly those row counts."""
         h, residual = self.embed_in(x.input_ids), None
         last = len(self.layers) - 1
+        rows = x.logits_idx
+        if rows is not None and self.row_buckets:
+            rows = _pad_rows(rows, self.row_buckets)
         for i, lw in enumerate(self.layers):
             q, k, v, residual = self.before_attention(i, h, residual)
             o = self._attend(i, lw, q, k, v, x).reshape(q.shape[0], -1)
-            if i == last and x.logits_idx is not None:
-                o, residual = o[x.logits_idx], residual[x.logits_idx]
+            if i == last and rows is not None:
+                o, residual = o[rows], residual[rows]
             h = self.after_attention(i, o, residual)
-        return self.head(h, residual, None)
+        logits = self.head(h, residual, None)
+        return logits if rows is x.logits_idx else logits[: x.logits_idx.shape[0]]
 
     # The forward in pieces, split at attention (the only op that reads the step's layout): the mixed-step graphs
     # (acb.mixed_graphs) capture everything between two attentions and run attention eagerly on the true sizes.

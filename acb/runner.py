@@ -181,6 +181,8 @@ class ModelRunner:
                 except RuntimeError as exc:
                     torch.cuda.synchronize(device)
                     self.graph_blocker = f"capturing its decode step failed ({exc})"
+        if lean is not None:  # kept on the model between engines: this engine's buckets, or none
+            lean.row_buckets = self.graphs.buckets if self.graphs is not None else None
         # piecewise graphs for the steps that start prompts (lean path, one process; eager pieces on the CPU)
         self.mixed = None
         if mixed_graphs and lean is not None and tp is None:

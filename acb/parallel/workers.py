@@ -272,6 +272,7 @@ def worker_main(
 
                 graphs = DecodeGraphs(decode, inputs, geo.graph_rows, geo.max_positions,
                                       num_kv_heads=geo.shape.num_kv_heads, device=device, collectives=True)  # fmt: skip
+                lean.row_buckets = graphs.buckets  # rank 0's: every rank pads a step's sampled rows alike
             while True:
                 op, t, n, s, decode_only, max_query_len, splits, end, updates, _ = headers.receive(rank - 1)
                 if op == _STOP:
