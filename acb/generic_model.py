@@ -34,6 +34,7 @@ import torch
 
 from .attention import AttentionMetadata
 from .kv_cache import KVCache
+from .lean_model import pad_rows
 from .step_inputs import DeviceStep
 
 __all__ = ["GenericCausalLM", "graph_experts_forward", "GRAPH_EXPERTS"]
@@ -54,6 +55,7 @@ class GenericCausalLM:
         self._experts = [m for m in model.modules() if _is_experts(m)]
         self.fused_norms: list[torch.nn.Module] = []
         self.fused_mlps: list[torch.nn.Module] = []
+        self.row_buckets: list[int] | None = None  # the decode graphs' row counts (set by the runner)
         if device.type == "cuda":
             self.fuse_norms()
             self.fuse_mlps()
@@ -124,6 +126,9 @@ class GenericCausalLM:
 
         ``host_layout`` (``query_start_loc``, ``seq_lens`` as lists) is what the reference attention reads; the
         kernels read only the device tensors, which is what lets a decode step be captured."""
+        rows = logits_rows
+        if rows is not None and self.row_buckets:  # as the lean path does (LeanCausalLM.forward): the head then
+            rows = pad_rows(rows, self.row_buckets)  # meets only row counts the graphs' capture loaded kernels for
         qsl, lens = host_layout if host_layout is not None else ([], [])
         meta = AttentionMetadata(
             kv_cache=self.kv_cache,
@@ -142,10 +147,10 @@ class GenericCausalLM:
             input_ids=d.input_ids[None],
             position_ids=d.positions[None],
             use_cache=False,
-            logits_to_keep=0 if logits_rows is None else logits_rows,
+            logits_to_keep=0 if rows is None else rows,
             acb_meta=meta,
         )
-        return out.logits[0]
+        return out.logits[0] if rows is logits_rows else out.logits[0, : logits_rows.shape[0]]
 
     def graph_blocker(self) -> str | None:
         """Why this model's decode step cannot be captured in a CUDA graph, or None."""

@@ -41,7 +41,7 @@ class LeanInputs:
     prefill_map: torch.Tensor | None = None  # the prefill kernel's programs, made by the step's first layer
 
 
-def _pad_rows(rows: torch.Tensor, buckets: list[int]) -> torch.Tensor:
+def pad_rows(rows: torch.Tensor, buckets: list[int]) -> torch.Tensor:
     """``rows`` and copies of its first entry, up to the smallest bucket that holds them (``rows`` itself when it
     fills one, or no bucket does)."""
     n = rows.shape[0]
@@ -139,7 +139,7 @@ class LeanCausalLM:
         last = len(self.layers) - 1
         rows = x.logits_idx
         if rows is not None and self.row_buckets:
-            rows = _pad_rows(rows, self.row_buckets)
+            rows = pad_rows(rows, self.row_buckets)
         for i, lw in enumerate(self.layers):
             q, k, v, residual = self.before_attention(i, h, residual)
             o = self._attend(i, lw, q, k, v, x).reshape(q.shape[0], -1)

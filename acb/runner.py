@@ -181,8 +181,10 @@ class ModelRunner:
                 except RuntimeError as exc:
                     torch.cuda.synchronize(device)
                     self.graph_blocker = f"capturing its decode step failed ({exc})"
-        if lean is not None:  # kept on the model between engines: this engine's buckets, or none
-            lean.row_buckets = self.graphs.buckets if self.graphs is not None else None
+        # the row counts the capture ran every GEMM at: steps with prompts pad their sampled rows to one of them
+        for m in (lean, self.generic):  # (the lean model outlives the engine: this engine's buckets, or none)
+            if m is not None:
+                m.row_buckets = self.graphs.buckets if self.graphs is not None else None
         # piecewise graphs for the steps that start prompts (lean path, one process; eager pieces on the CPU)
         self.mixed = None
         if mixed_graphs and lean is not None and tp is None:

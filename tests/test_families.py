@@ -76,40 +76,46 @@ async def test_past_the_last_attention_only_the_sampled_rows_are_computed(make_m
     assert sum(first for first, _ in prompt_steps) >= 17 + 9 + 30 and all(end <= 3 for _, end in prompt_steps)
 
 
-async def test_sampled_rows_are_padded_to_a_row_count_the_graphs_captured(make_model, tokenizer):
-    """With decode graphs (CUDA), a step's sampled rows go past the last attention padded to a graph bucket: cuBLAS
-    then meets only row counts it has loaded a kernel for (a new one stalled a fresh process's first batch by ~70
-    ms). Buckets set by hand here, as the CPU captures no graphs: every step's last layer runs 4 rows for at most 3
-    sequences, and the tokens stay ``generate``'s."""
+@pytest.mark.parametrize("fast_path", [True, False], ids=["lean", "generic"])
+async def test_sampled_rows_are_padded_to_a_row_count_the_graphs_captured(fast_path, make_model, tokenizer):
+    """With decode graphs (CUDA), a step's sampled rows go past the last attention (the generic path: into the head)
+    padded to a graph bucket: cuBLAS then meets only row counts it has loaded a kernel for (a new one stalled a
+    fresh process's first batch by ~70 ms). Buckets set by hand here, as the CPU captures no graphs: every step's
+    last layer (head) runs 4 rows for at most 3 sequences, and the tokens stay ``generate``'s."""
     import torch
 
-    from acb.lean_model import _pad_rows
+    from acb.lean_model import pad_rows
 
     model, ref = make_model("llama", seed=4)
     prompts = random_prompts(3, [17, 9, 30], len(tokenizer), seed=4)
     expected = [reference_greedy(ref, p, 4) for p in prompts]
     rows = []
-    async with Engine(model, tokenizer, EngineConfig(fast_path=True, overlap=False)) as engine:
-        lean = engine._runner.lean
-        assert lean.row_buckets is None  # no graphs on the CPU
-        lean.row_buckets = [4, 8]
-        after = lean.after_attention
-        last = len(lean.layers) - 1
+    async with Engine(model, tokenizer, EngineConfig(fast_path=fast_path, overlap=False)) as engine:
+        runner = engine._runner
+        path = runner.lean if fast_path else runner.generic
+        assert path.row_buckets is None  # no graphs on the CPU
+        path.row_buckets = [4, 8]
+        if fast_path:
+            after = path.after_attention
+            last = len(path.layers) - 1
 
-        def spy(i, o, residual):
-            if i == last:
-                rows.append(o.shape[0])
-            return after(i, o, residual)
+            def spy(i, o, residual):
+                if i == last:
+                    rows.append(o.shape[0])
+                return after(i, o, residual)
 
-        lean.after_attention = spy
+            path.after_attention = spy
+        else:  # transformers' own head, on the rows ``logits_to_keep`` picked
+            head = model.lm_head.forward
+            model.lm_head.forward = lambda h: rows.append(h.shape[1]) or head(h)
         outs = await asyncio.gather(
             *(engine.generate(p, SamplingParams(max_new_tokens=4, ignore_eos=True)) for p in prompts)
         )
     assert [o.token_ids for o in outs] == expected
     assert rows and set(rows) == {4}
     idx = torch.tensor([5, 2, 7])
-    assert _pad_rows(idx, [4, 8]).tolist() == [5, 2, 7, 5]
-    assert _pad_rows(idx, [2, 3]) is idx and _pad_rows(idx, [1, 2]) is idx  # fills a bucket; no bucket holds it
+    assert pad_rows(idx, [4, 8]).tolist() == [5, 2, 7, 5]
+    assert pad_rows(idx, [2, 3]) is idx and pad_rows(idx, [1, 2]) is idx  # fills a bucket; no bucket holds it
 
 
 _GATE_UP = """
