@@ -85,16 +85,17 @@ class StepTimer:
     def begin(self) -> torch.cuda.Event | None:
         """A start event for the next (sub-)step when recording (the caller records it where the step's GPU work
         starts), else None."""
-        if self.events is None:
-            return None
-        return torch.cuda.Event(enable_timing=True) if self.cuda else _HostMark()
+        return self._mark() if self.events is not None else None
 
     def end(self, start: torch.cuda.Event | None, shape: tuple[int, int, bool]) -> None:
         """Mark the end of a (sub-)step's GPU work, paired with ``start`` (from :meth:`begin`)."""
         if start is not None:
-            end = torch.cuda.Event(enable_timing=True) if self.cuda else _HostMark()
+            end = self._mark()
             end.record()
             self.events.append((start, end, shape))
+
+    def _mark(self) -> torch.cuda.Event | _HostMark:
+        return torch.cuda.Event(enable_timing=True) if self.cuda else _HostMark()
 
     def clear(self) -> None:
         """Forget the steps recorded so far (a benchmark's warm-up)."""
