@@ -120,7 +120,8 @@ class EngineConfig:
     a longer one is refused with ``PromptTooLongError`` before any tokenizer work. ``None``: 16 × ``max_model_len``
     (real text averages 3-5 characters per token, so this refuses only prompts that could not fit anyway)."""
     drain_timeout: float = 30.0
-    """Seconds ``close()`` lets running requests finish before it fails the rest with ``EngineClosedError``."""
+    """Seconds ``close()`` lets running requests finish before it fails the rest with ``EngineClosedError``
+    (``float("inf")``: as long as they take)."""
 
     def __post_init__(self) -> None:
         _positive("block_size", self.block_size)
@@ -141,7 +142,7 @@ class EngineConfig:
             _positive("admission_group", self.admission_group)
         if not isinstance(self.admission_max_delay, int) or self.admission_max_delay < 0:
             raise ValueError(f"admission_max_delay must be an integer >= 0, got {self.admission_max_delay!r}")
-        for name in ("prefix_caching", "mixed_graphs"):
+        for name in ("prefix_caching", "mixed_graphs", "overlap", "cuda_graphs", "record_step_timing"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not _is_int(self.decode_steps) or not 1 <= self.decode_steps <= 64:
@@ -157,12 +158,13 @@ class EngineConfig:
         if self.max_prompt_chars is not None:
             _positive("max_prompt_chars", self.max_prompt_chars)
         _positive("long_prompt_chars", self.long_prompt_chars)
-        if self.drain_timeout < 0:
-            raise ValueError("drain_timeout must be >= 0")
+        if not isinstance(self.drain_timeout, int | float) or not self.drain_timeout >= 0:  # NaN fails too
+            raise ValueError(f"drain_timeout must be a number of seconds >= 0 (inf: wait), got {self.drain_timeout!r}")
         if not _is_int(self.tensor_parallel_size) or not 1 <= self.tensor_parallel_size <= 64:
             raise ValueError(f"tensor_parallel_size must be an integer in [1, 64], got {self.tensor_parallel_size!r}")
-        if self.warmup is not None and not isinstance(self.warmup, bool):
-            raise ValueError(f"warmup must be True, False or None, got {self.warmup!r}")
+        for name in ("warmup", "fast_path"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True, False or None, got {getattr(self, name)!r}")
 
 
 _DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",

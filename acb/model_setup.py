@@ -88,6 +88,21 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
     dtype = next(model.parameters()).dtype
     attention.register()
     original_attention = _claim(model)
+    try:
+        return _build_runtime(model, config, world, device, dtype, original_attention)
+    except BaseException:  # a refused configuration leaves the user's model as it found it (model.generate works)
+        release_model(model, original_attention)
+        raise
+
+
+def _build_runtime(
+    model: torch.nn.Module,
+    config: EngineConfig,
+    world: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    original_attention: str | None,
+) -> Runtime:
     model.eval()
     model.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
 
@@ -113,7 +128,7 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
         use_lean = True
         why = f"lean path: {plan}; tensor parallel over {world} processes"
     if use_lean and family is not None and world > 1:
-        lean = getattr(model, "_acb_lean", None)  # an earlier engine's fused weights, if any
+        lean = _cached_lean(model, dtype)  # an earlier engine's fused weights, if any
         spec = lean.spec if lean is not None else adapter(family).lean_spec(model)
         lean = None
         check_divisible(spec, world)
@@ -127,7 +142,7 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
     elif use_lean and family is not None:
         # The lean model owns the fused weights; a later engine on the same model reuses it, once the engine
         # before it closed (they would share its KV cache and workspace).
-        lean = getattr(model, "_acb_lean", None)
+        lean = _cached_lean(model, dtype, device)
         if lean is None:
             lean = LeanCausalLM(model, family, max_model_len, workspace_rows=config.max_num_seqs)
             model._acb_lean = lean
@@ -233,6 +248,16 @@ def _parallel_device(model, wanted: str | None) -> torch.device:
     elif device.type != "cpu":
         raise ValueError(f"tensor parallelism runs on CUDA or on the CPU, not on {device}")
     return device
+
+
+def _cached_lean(model, dtype: torch.dtype, device: torch.device | None = None) -> LeanCausalLM | None:
+    """An earlier engine's lean model on ``model`` (its fused weights), if they still have the model's dtype (and
+    ``device``). Moving or casting the model since (``model.to``, ``EngineConfig(dtype=...)``) gave the model new
+    weights and left those stale: they are dropped, and the caller fuses the model's current ones."""
+    lean = getattr(model, "_acb_lean", None)
+    if lean is not None and (lean.dtype != dtype or (device is not None and lean.device != device)):
+        model._acb_lean = lean = None
+    return lean
 
 
 def _claim(model) -> str | None:

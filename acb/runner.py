@@ -95,7 +95,7 @@ class StepWorker:
         self._queue.put(None)
         if self._thread is None:
             return True
-        self._thread.join(timeout)
+        self._thread.join(None if timeout is None or timeout >= threading.TIMEOUT_MAX else timeout)
         return not self._thread.is_alive()
 
 

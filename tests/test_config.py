@@ -97,8 +97,18 @@ def test_params_cannot_change_after_construction():
         dict(prefill_chunk_tokens=64.0),
         dict(prefill_chunk_tokens=True),
         dict(mixed_graphs="yes"),
+        dict(drain_timeout=float("nan")),
+        dict(drain_timeout="5"),
+        dict(fast_path="false"),  # a truthy string used to turn the lean path on
+        dict(overlap="no"),
+        dict(cuda_graphs=1),
+        dict(record_step_timing="yes"),
     ],
 )
 def test_engine_config_limits_are_checked(fields):
     with pytest.raises(ValueError):
         EngineConfig(**fields)
+
+
+def test_an_infinite_drain_timeout_means_wait():
+    assert EngineConfig(drain_timeout=float("inf")).drain_timeout == float("inf")

@@ -50,6 +50,53 @@ async def test_an_exception_in_the_body_closes_without_draining(make_model, toke
         await task
 
 
+async def test_an_infinite_drain_timeout_closes_and_gives_the_model_back(make_model, tokenizer):
+    """``drain_timeout=inf`` waits as long as requests take; it used to overflow the worker thread's join, leaving
+    the engine half closed and the model refused to every later engine."""
+    model, ref = make_model("llama", seed=2)
+    prompt = random_prompts(1, [9], len(tokenizer), seed=2)[0]
+    async with Engine(model, tokenizer, EngineConfig(drain_timeout=float("inf"))) as engine:
+        out = await engine.generate(prompt, SamplingParams(max_new_tokens=4, ignore_eos=True))
+    assert out.token_ids == reference_greedy(ref, prompt, 4)
+    async with Engine(model, tokenizer) as engine:  # the model is free again
+        assert (await engine.generate(prompt, SamplingParams(max_new_tokens=4, ignore_eos=True))).token_ids == (
+            out.token_ids
+        )
+
+
+async def test_a_refused_configuration_leaves_the_model_as_it_was(make_model, tokenizer):
+    """An engine that cannot be built (here: the lean path asked of a model with no lean adapter) raises its typed
+    error and gives the model its own attention back: ``model.generate`` still works, and so does the next engine."""
+    import torch
+
+    model, ref = make_model("mixtral", seed=1)
+    with pytest.raises(ValueError, match="fast_path=True"):
+        Engine(model, tokenizer, EngineConfig(fast_path=True))
+    ids = torch.tensor([random_prompts(1, [7], len(tokenizer), seed=1)[0]])
+    assert (
+        model.generate(ids, max_new_tokens=3, do_sample=False).tolist()
+        == ref.generate(ids, max_new_tokens=3, do_sample=False).tolist()
+    )
+    async with Engine(model, tokenizer) as engine:
+        await engine.generate(ids[0].tolist(), SamplingParams(max_new_tokens=2))
+
+
+async def test_a_model_cast_between_engines_gets_its_lean_weights_fused_again(make_model, tokenizer):
+    """The lean model keeps fused copies of the weights for the next engine; a model cast since (``dtype=`` here)
+    holds new weights, so the old fusion is dropped (it used to fail every step on mixed dtypes)."""
+    import torch
+
+    model, _ = make_model("llama", seed=5)
+    prompt = random_prompts(1, [11], len(tokenizer), seed=5)[0]
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    async with Engine(model, tokenizer, EngineConfig(fast_path=True)) as engine:
+        await engine.generate(prompt, params)
+    async with Engine(model, tokenizer, EngineConfig(fast_path=True, dtype="bfloat16")) as engine:
+        out = await engine.generate(prompt, params)
+        assert engine._runner.lean.dtype == torch.bfloat16
+    assert len(out.token_ids) == 3
+
+
 async def test_backpressure_bounds_pending_admissions(make_model, tokenizer):
     model, ref = make_model("llama")
     prompts = random_prompts(12, [4, 7], len(tokenizer), seed=3)
