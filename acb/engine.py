@@ -90,7 +90,8 @@ class Engine(Stages):
         """Which path the model runs (lean or generic) and why, in words; logged once at start."""
         self.startup = dict(rt.startup)
         """Seconds per start-up phase: ``lean_model_s``, ``runner_s`` (KV cache and CUDA graphs), ``warmup_s``
-        (once ``start()`` ran its warm-up, see ``EngineConfig.warmup``)."""
+        (once ``start()`` ran its warm-up, see ``EngineConfig.warmup``; of it ``warmup_gemms_s`` and
+        ``warmup_requests_s``, :mod:`acb.warmup`)."""
         self._blocks, self._scheduler = rt.blocks, rt.scheduler
         self._builder, self._runner = rt.builder, rt.runner
         self._bridge = CompletionBridge(self._runner.check_workers if self._runner.tp is not None else None)

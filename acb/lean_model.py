@@ -41,6 +41,11 @@ class LeanInputs:
     prefill_map: torch.Tensor | None = None  # the prefill kernel's programs, made by the step's first layer
 
 
+# Eagerly run steps on CUDA pad their tokens to a multiple of this (LeanCausalLM.forward): the row counts their
+# GEMMs meet are then few enough for the warm-up to run each once (LeanCausalLM.warm_gemms).
+EAGER_TOKEN_MULTIPLE = 16
+
+
 def pad_rows(rows: torch.Tensor, buckets: list[int]) -> torch.Tensor:
     """``rows`` and copies of its first entry, up to the smallest bucket that holds them (``rows`` itself when it
     fills one, or no bucket does)."""
@@ -126,28 +131,71 @@ class LeanCausalLM:
     # -- the forward ---------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def forward(self, x: LeanInputs) -> torch.Tensor:
+    def forward(self, x: LeanInputs, token_multiple: int = 1) -> torch.Tensor:
         """Logits ``[S, vocab]`` (model dtype) for the rows ``x.logits_idx``.
 
-        The last layer's keys and values are cached for every token, but only the sampled rows go on past its
-        attention (output projection, MLP, head): in a step with prompts, the other rows' would be thrown away.
-        Their count is padded (repeating the first) to the smallest of :attr:`row_buckets` that holds them: cuBLAS
-        picks a kernel per row count and loads it the first time, for up to ~70 ms on an H200 with the device
-        busy, while every thread waits (the event loop included); the decode graphs' capture has run these
-        GEMMs at exactly those row counts."""
-        h, residual = self.embed_in(x.input_ids), None
+        cuBLAS picks a kernel per row count and loads it the first time it meets it: 3-5 ms on an H200, up to ~70 ms
+        with the device busy, while every thread waits (the event loop included). So an eagerly run step meets only
+        row counts a warm-up can run first (:meth:`warm_gemms`):
+
+        - ``token_multiple``: the step's tokens are padded up to a multiple of it (the engine's eager steps on CUDA:
+          :data:`EAGER_TOKEN_MULTIPLE`). Pad tokens run through every row-wise op (GEMMs, norms, activations) and
+          nothing else: attention reads and writes the real tokens only, so the pad rows never mix into them.
+        - The last layer's keys and values are cached for every token, but only the sampled rows go on past its
+          attention (output projection, MLP, head): in a step with prompts, the other rows' would be thrown away.
+          Their count is padded (repeating the first) to the smallest of :attr:`row_buckets` that holds them."""
+        t = x.input_ids.shape[0]
+        padded = -(-t // token_multiple) * token_multiple
+        ids = x.input_ids if padded == t else F.pad(x.input_ids, (0, padded - t))
+        out = None
+        if padded != t:  # attention writes the real rows; the pad rows hold whatever, row-wise ops keep them apart
+            out = torch.empty(padded, self.num_heads, self.head_dim, dtype=self.dtype, device=self.device)
+        h, residual = self.embed_in(ids), None
         last = len(self.layers) - 1
         rows = x.logits_idx
-        if rows is not None and self.row_buckets:
+        if rows is None and padded != t:
+            rows = torch.arange(t, device=self.device)
+        elif rows is not None and self.row_buckets:
             rows = pad_rows(rows, self.row_buckets)
         for i, lw in enumerate(self.layers):
             q, k, v, residual = self.before_attention(i, h, residual)
-            o = self._attend(i, lw, q, k, v, x).reshape(q.shape[0], -1)
+            if out is None:
+                o = self._attend(i, lw, q, k, v, x)
+            else:
+                self._attend(i, lw, q[:t], k[:t], v[:t], x, out=out[:t])
+                o = out
+            o = o.reshape(q.shape[0], -1)
             if i == last and rows is not None:
                 o, residual = o[rows], residual[rows]
             h = self.after_attention(i, o, residual)
         logits = self.head(h, residual, None)
-        return logits if rows is x.logits_idx else logits[: x.logits_idx.shape[0]]
+        n = t if x.logits_idx is None else x.logits_idx.shape[0]
+        return logits if logits.shape[0] == n else logits[:n]
+
+    @torch.inference_mode()
+    def warm_gemms(self, counts: list[int], head_counts: list[int]) -> None:
+        """Run each distinct layer's GEMMs (and their activation) at every row count of ``counts``, and the LM head
+        at every count of ``head_counts``, on scratch inputs: cuBLAS then has loaded the kernel of every shape an
+        eager step can give it (see :meth:`forward`). No collective runs (each rank warms its own shard)."""
+        layers = {}
+        for lw in self.layers:  # one layer per set of shapes (alike in every family acb has today)
+            key = (lw.qkv_w.shape, lw.qkv_b is not None, lw.o_w.shape, lw.gate_up_w.shape, lw.down_w.shape)
+            layers.setdefault(key, lw)
+        most = max(counts + head_counts, default=0)
+        scratch: dict[int, torch.Tensor] = {}
+
+        def rows(m: int, k: int) -> torch.Tensor:  # contiguous [m, k], as the forward's inputs are
+            if k not in scratch:
+                scratch[k] = torch.zeros(most, k, dtype=self.dtype, device=self.device)
+            return scratch[k][:m]
+
+        for lw in layers.values():
+            for m in counts:
+                F.linear(rows(m, lw.qkv_w.shape[1]), lw.qkv_w, lw.qkv_b)
+                F.linear(rows(m, lw.o_w.shape[1]), lw.o_w)
+                F.linear(self._up(rows(m, lw.gate_up_w.shape[1]), lw), lw.down_w)
+        for m in head_counts:
+            F.linear(rows(m, self.lm_head.shape[1]), self.lm_head)
 
     # The forward in pieces, split at attention (the only op that reads the step's layout): the mixed-step graphs
     # (acb.mixed_graphs) capture everything between two attentions and run attention eagerly on the true sizes.

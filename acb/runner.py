@@ -37,7 +37,7 @@ from .generic_model import GenericCausalLM
 from .grammar import GrammarMasks
 from .kernels import decode_splits
 from .kv_cache import KVCache
-from .lean_model import LeanCausalLM
+from .lean_model import EAGER_TOKEN_MULTIPLE, LeanCausalLM
 from .logits import LogitsState
 from .sampling import SamplingTensors, Top, sample
 from .step_inputs import StepInputs
@@ -108,6 +108,18 @@ def _work(calls: queue.SimpleQueue) -> None:
             except BaseException as exc:
                 future.set_exception(exc)
         del item, future, fn, args  # hold nothing of a finished step while waiting for the next
+
+
+def gemm_counts(max_tokens: int, multiple: int, max_rows: int, row_buckets: list[int] | None):
+    """The row counts an eager step of the lean path gives its layers' GEMMs (multiples of ``multiple`` up to
+    ``max_tokens``, and every decode row count when steps are not padded), and the counts its LM head and last layer
+    meet (the decode graphs' buckets, or any count of sampled rows without graphs)."""
+    if multiple > 1:
+        counts = list(range(multiple, max_tokens + multiple, multiple))
+    else:
+        counts = list(range(1, max_tokens + 1))
+    heads = list(row_buckets) if row_buckets else list(range(1, max_rows + 1))
+    return sorted(set(counts) | set(heads)), heads
 
 
 class ModelRunner:
@@ -191,6 +203,9 @@ class ModelRunner:
             from .mixed_graphs import MixedGraphs
 
             self.mixed = MixedGraphs(lean, max(max_tokens, max_num_seqs), max_num_seqs, device)
+        # the lean path's eager steps pad their tokens to a multiple of this (LeanCausalLM.forward; workers alike)
+        self.token_multiple = EAGER_TOKEN_MULTIPLE if self._cuda else 1
+        self._max_tokens, self._max_rows = max(max_tokens, max_num_seqs), max_num_seqs
         self.closed = False
         self._worker = StepWorker("acb-step")
         self._staged: dict[str, torch.Tensor] | None = None  # device views of the step being run (worker only)
@@ -199,6 +214,22 @@ class ModelRunner:
     def launch(self, batch: StepBatch) -> StepHandle:
         """Queue ``batch`` for execution after every step launched before it; returns at once."""
         return StepHandle(batch, self._worker.submit(self._execute, batch))
+
+    def warm_gemms(self) -> concurrent.futures.Future:
+        """Queue the lean model's GEMMs at every row count an eager step can give them (on every rank): see
+        :meth:`LeanCausalLM.warm_gemms`. Returns the future of the number of row counts (0: nothing to warm)."""
+        return self._worker.submit(self._warm_gemms)
+
+    def _warm_gemms(self) -> int:
+        # cuBLAS's kernel loads are what this is for; the generic path's modules run at the step's own token count
+        if self.lean is None or not self._cuda:
+            return 0
+        counts, heads = gemm_counts(self._max_tokens, self.token_multiple, self._max_rows, self.lean.row_buckets)
+        if self.tp is not None:
+            self._mirrored(lambda: self.tp.warm_gemms(), lambda: None)
+        self.lean.warm_gemms(counts, heads)
+        torch.cuda.synchronize(self.device)
+        return len(counts)
 
     def close(self, timeout: float | None = None) -> bool:
         """Wait (up to ``timeout`` seconds) for queued steps, stop the worker, and let go of the KV cache and the
@@ -356,9 +387,9 @@ class ModelRunner:
             s = len(b.sample_idx)
             if self.mixed is not None and not splits and self.mixed.fits(b.num_tokens, s):
                 return self.mixed.forward(x, b.num_tokens, s)
-            return self.lean.forward(x)
+            return self.lean.forward(x, self.token_multiple)
         return self._mirrored(lambda: self.tp.mirror(b, j, splits, self.inputs, self.token_buf),
-                              lambda: self.lean.forward(x))  # fmt: skip
+                              lambda: self.lean.forward(x, self.token_multiple))  # fmt: skip
 
     def _mirrored(self, send: Callable[[], None], run: Callable):
         """Tensor parallelism: ``send`` the workers this forward, then ``run`` it here; the collectives meet inside.

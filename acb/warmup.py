@@ -2,17 +2,24 @@
 CUDA), so that the first real steps meet nothing for the first time.
 
 What a fresh process meets for the first time is slow: Triton compiles a kernel variant (per tile size, per
-alignment of its pointers), the caching allocator asks the driver for memory, cuBLAS loads the kernels of a GEMM
-shape. The plan: first one step as large as the engine runs (``max_num_batched_tokens`` spread over as many prompts
-as that takes, within ``max_model_len``, half the KV cache and ``max_num_seqs``): its activations are the largest
-the allocator will be asked for, its GEMMs the tallest, and it decodes at that batch. Then a few short prompts
-together (the prefill kernel's small tile), one with a penalty (the penalty kernel). Afterwards the engine forgets
-them: the prefix cache drops their blocks, step timing and the counters of ``stats()`` restart.
+alignment of its pointers), the caching allocator asks the driver for memory, cuBLAS loads the kernel it picks for a
+GEMM shape (per row count: 3-5 ms each on an H200, up to ~70 ms with the device busy, with every thread waiting).
+
+1. The lean path's GEMMs run at every row count an eager step can give them: its steps pad their tokens to a
+   multiple of 16, so that is every multiple of 16 up to ``max_num_batched_tokens``, on every tensor-parallel rank
+   (:meth:`acb.runner.ModelRunner.warm_gemms`).
+2. Requests: first one step as large as the engine runs (``max_num_batched_tokens`` spread over as many prompts as
+   that takes, within ``max_model_len``, half the KV cache and ``max_num_seqs``): its activations are the largest
+   the allocator will be asked for, its GEMMs the tallest, and it decodes at that batch. Then a few short prompts
+   together (the prefill kernel's small tile), one with a penalty (the penalty kernel). Afterwards the engine
+   forgets them: the prefix cache drops their blocks, step timing and the counters of ``stats()`` restart.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 from .config import EngineConfig, SamplingParams
 
@@ -50,7 +57,19 @@ def plan(config: EngineConfig, max_model_len: int, kv_tokens: int, vocab: int, g
 
 
 async def run(engine) -> None:
-    """Run the plan through ``engine``'s whole pipeline, then make the engine forget it."""
+    """Warm the GEMMs' row counts, run the plan through ``engine``'s whole pipeline, then make the engine forget
+    it. Each phase's duration goes to the log and to ``engine.startup``."""
+    t0 = time.perf_counter()
+    counts = await asyncio.wrap_future(engine._runner.warm_gemms())
+    engine.startup["warmup_gemms_s"] = time.perf_counter() - t0
+    log.info("acb warm-up, GEMMs at %d row counts: %.2f s", counts, engine.startup["warmup_gemms_s"])
+    t0 = time.perf_counter()
+    await _requests(engine)
+    engine.startup["warmup_requests_s"] = time.perf_counter() - t0
+    log.info("acb warm-up, requests: %.2f s", engine.startup["warmup_requests_s"])
+
+
+async def _requests(engine) -> None:
     kv_tokens = (engine._blocks.num_blocks - 1) * engine.config.block_size
     shape = engine.shape
     group = shape.num_heads // shape.num_kv_heads

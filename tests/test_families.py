@@ -118,6 +118,79 @@ async def test_sampled_rows_are_padded_to_a_row_count_the_graphs_captured(fast_p
     assert pad_rows(idx, [2, 3]) is idx and pad_rows(idx, [1, 2]) is idx  # fills a bucket; no bucket holds it
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+async def test_eager_steps_pad_their_tokens_to_a_multiple(arch, make_model, tokenizer):
+    """On CUDA the lean path's eager steps pad their tokens to a multiple of 16, so that their GEMMs meet only row
+    counts the warm-up ran (cuBLAS loads a kernel per row count, stalling every thread the first time). Forced here
+    on the CPU: every eager step's first layer runs a multiple of 8 rows, the pad rows never reach attention or the
+    cache, and the tokens stay ``generate``'s (Gemma 3: q/k norms, post-norms, scaled embeddings)."""
+    model, ref = make_model(arch, seed=5)
+    prompts = random_prompts(4, [17, 9, 30, 3], len(tokenizer), seed=5)
+    expected = [reference_greedy(ref, p, 6) for p in prompts]
+    rows, attended = [], []
+    async with Engine(model, tokenizer, EngineConfig(fast_path=True, overlap=False, cuda_graphs=False)) as engine:
+        runner = engine._runner
+        assert runner.token_multiple == 1  # the CPU pads nothing by default
+        runner.token_multiple = 8
+        lean = runner.lean
+        before, attend = lean.before_attention, lean._attend
+
+        def spy(i, h, residual, qkv_out=None):
+            if i == 0:
+                rows.append(h.shape[0])
+            return before(i, h, residual, qkv_out)
+
+        def spy_attend(i, lw, q, k, v, x, out=None):
+            attended.append((q.shape[0], x.positions.shape[0]))
+            return attend(i, lw, q, k, v, x, out)
+
+        lean.before_attention, lean._attend = spy, spy_attend
+        outs = await asyncio.gather(
+            *(engine.generate(p, SamplingParams(max_new_tokens=6, ignore_eos=True)) for p in prompts)
+        )
+    assert [o.token_ids for o in outs] == expected
+    assert rows and all(r % 8 == 0 for r in rows) and any(r > 8 for r in rows)
+    assert all(q == t for q, t in attended)  # attention sees the step's real tokens only
+
+
+def test_the_gemm_warm_up_runs_every_row_count_an_eager_step_meets(make_model, monkeypatch):
+    """``gemm_counts``: multiples of the padding up to the step budget, plus the rows the last layer and the head
+    meet (the graphs' buckets, or any count without graphs); ``warm_gemms`` runs each layer shape's projections at
+    each of them and the head at its own counts."""
+    import types
+
+    import torch
+
+    import acb.lean_model as lm
+    from acb.families import lean_plan
+    from acb.runner import gemm_counts
+
+    assert gemm_counts(64, 16, 8, [1, 2, 4, 8]) == ([1, 2, 4, 8, 16, 32, 48, 64], [1, 2, 4, 8])
+    assert gemm_counts(40, 16, 3, None) == ([1, 2, 3, 16, 32, 48], [1, 2, 3])
+    assert gemm_counts(5, 1, 2, None) == ([1, 2, 3, 4, 5], [1, 2])
+    model, _ = make_model("qwen2", seed=1)  # a Q/K/V bias: the biased GEMM is the one warmed
+    lean = lm.LeanCausalLM(model, lean_plan(model)[0], 64)
+    seen = []
+
+    def linear(x, w, b=None):
+        seen.append((x.shape[0], tuple(w.shape), b is not None, x.is_contiguous()))
+        return torch.nn.functional.linear(x, w, b)
+
+    class Functional(types.SimpleNamespace):  # torch.nn.functional, its linear recorded
+        def __getattr__(self, name):
+            return getattr(torch.nn.functional, name)
+
+    monkeypatch.setattr(lm, "F", Functional(linear=linear))
+    lean.warm_gemms([16, 32], [1, 4])
+    lw = lean.layers[0]
+    for m in (16, 32):
+        assert (m, tuple(lw.qkv_w.shape), True, True) in seen
+        assert (m, tuple(lw.o_w.shape), False, True) in seen
+        assert (m, tuple(lw.down_w.shape), False, True) in seen
+    assert {m for m, w, _, _ in seen if w == tuple(lean.lm_head.shape)} == {1, 4}
+    assert len(seen) == 2 * 4 + 2  # one layer: every layer has the same shapes (+ gate/up, unfused on the CPU)
+
+
 _GATE_UP = """
 import torch
 from acb.kernels.fused import gate_up_act

@@ -177,6 +177,7 @@ async def test_warm_up_runs_before_start_returns_and_leaves_nothing_behind(make_
     config = EngineConfig(block_size=8, warmup=True, prefix_caching=True, max_num_batched_tokens=48)
     async with Engine(model, tokenizer, config) as engine:
         assert engine.startup["warmup_s"] > 0 and set(engine.startup) >= {"lean_model_s", "runner_s"}
+        assert engine.startup["warmup_requests_s"] > 0 and "warmup_gemms_s" in engine.startup  # each phase's time
         stats = engine.stats()
         assert (stats.steps, stats.prefix_queries, stats.prefix_cached_blocks, stats.num_preemptions) == (0, 0, 0, 0)
         assert stats.kv_blocks_free == stats.kv_blocks_total

@@ -43,7 +43,7 @@ __all__ = ["TensorParallel", "Geometry", "worker_main"]
 log = logging.getLogger("acb")
 
 _HEADER = 10
-_STOP, _STEP, _GRAPH = 0, 1, 2
+_STOP, _STEP, _GRAPH, _WARM = 0, 1, 2, 3
 _RENDEZVOUS_S = 120.0  # how long ranks wait for each other to join
 
 
@@ -173,6 +173,13 @@ class TensorParallel:
         self.headers.send([_GRAPH, bucket, int(j > 0), 0, 0, 0, 0, end, updates, 0], lambda: self.failed)
         self._send(inputs, end, updates, token_buf)
 
+    def warm_gemms(self) -> None:
+        """Ask the workers to run their shards' GEMMs at every row count an eager step can give them, as rank 0
+        does (:meth:`acb.runner.ModelRunner.warm_gemms`); no collective runs."""
+        if self.failed:
+            raise WorkerFailedError(self.failed)
+        self.headers.send([_WARM] + [0] * (_HEADER - 1), lambda: self.failed)
+
     def _send(self, inputs, end: int, updates: int, token_buf: torch.Tensor) -> None:
         g = self.group
         if end:
@@ -240,7 +247,8 @@ def _end(procs: list[multiprocessing.Process]) -> None:
 def worker_main(
     rank: int, world: int, port: int, shard: LeanSpec, geo: Geometry, headers: HeaderChannel, timeout: float
 ) -> None:
-    from ..lean_model import LeanCausalLM
+    from ..lean_model import EAGER_TOKEN_MULTIPLE, LeanCausalLM
+    from ..runner import gemm_counts
     from ..step_inputs import StepInputs
     from .checkpoint import read_shard
     from .shard import materialize
@@ -253,6 +261,7 @@ def worker_main(
     if geo.checkpoint is not None:
         shard = read_shard(geo.checkpoint, geo.config, geo.dtype, geo.family, rank, world, geo.max_positions)
     shard = materialize(shard, device, seed=rank)
+    multiple = EAGER_TOKEN_MULTIPLE if device.type == "cuda" else 1  # as rank 0 pads eager steps (runner)
     group = Group.join(port, rank, world, device, timeout)
     lean = LeanCausalLM(None, geo.family, geo.max_positions, geo.max_rows, spec=shard, group=group,
                         vocab_size=geo.vocab_size)  # fmt: skip
@@ -282,6 +291,11 @@ def worker_main(
                         sys.stderr.flush()
                         os._exit(0)
                     return
+                if op == _WARM:  # rank 0's counts: its row buckets are this rank's
+                    if device.type == "cuda":
+                        lean.warm_gemms(*gemm_counts(geo.max_tokens, EAGER_TOKEN_MULTIPLE, geo.max_rows,
+                                                     lean.row_buckets))  # fmt: skip
+                    continue
                 if end:
                     group.broadcast(inputs.region(end))
                 if updates:
@@ -298,7 +312,7 @@ def worker_main(
                                              query_start_loc=v["query_start_loc"][: n + 1].tolist(),
                                              seq_lens=v["seq_lens"][:n].tolist(), block_tables=d.block_tables,
                                              decode_only=bool(decode_only))  # fmt: skip
-                lean.forward(d.lean_inputs(max_query_len, splits, logits=True, meta=meta))
+                lean.forward(d.lean_inputs(max_query_len, splits, logits=True, meta=meta), multiple)
     except WorkerFailedError:
         return  # rank 0 is gone: nothing to serve
 
