@@ -6,10 +6,11 @@ Both are validated on construction, so a bad value fails where it is written, wi
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .errors import InvalidSamplingParamsError
+from .errors import InvalidConfigError, InvalidSamplingParamsError
 
 __all__ = [
     "EngineConfig",
@@ -87,7 +88,9 @@ class EngineConfig:
     costs: tokens arrive in bursts of this many, a request that ends by EOS or a stop condition computes up to this
     many tokens it never emits, and a request that arrives mid-round waits for the rounds in flight. 1 = off."""
     device: str | None = None
-    """Device to run on; ``None`` keeps the model's device."""
+    """Device to run on: ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (or the ``torch.device``; stored as its name);
+    ``None`` keeps the model's device. Anything else (``"meta"``, ``"mps"``), or a GPU the machine lacks, is refused
+    with ``InvalidConfigError`` before the model is moved."""
     dtype: str | None = None
     """Compute dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` (or ``"fp32"``, ``"bf16"``, ``"fp16"``, or the
     ``torch.dtype``; stored as its name); ``None`` keeps the model's dtype."""
@@ -128,7 +131,7 @@ class EngineConfig:
         if self.num_kv_blocks is not None:
             _positive("num_kv_blocks", self.num_kv_blocks)
         if not 0.0 < self.kv_memory_fraction <= 1.0:
-            raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
+            raise InvalidConfigError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
         _positive("max_num_seqs", self.max_num_seqs)
         _positive("max_num_batched_tokens", self.max_num_batched_tokens)
         if self.prefill_chunk_tokens is not None:
@@ -137,34 +140,38 @@ class EngineConfig:
             _positive("max_model_len", self.max_model_len)
         _positive("max_pending", self.max_pending)
         if self.admission_order not in ADMISSION_ORDERS:
-            raise ValueError(f"admission_order must be one of {ADMISSION_ORDERS}, got {self.admission_order!r}")
+            raise InvalidConfigError(f"admission_order must be one of {ADMISSION_ORDERS}, got {self.admission_order!r}")
         if self.admission_group is not None:
             _positive("admission_group", self.admission_group)
         if not isinstance(self.admission_max_delay, int) or self.admission_max_delay < 0:
-            raise ValueError(f"admission_max_delay must be an integer >= 0, got {self.admission_max_delay!r}")
+            raise InvalidConfigError(f"admission_max_delay must be an integer >= 0, got {self.admission_max_delay!r}")
         for name in ("prefix_caching", "mixed_graphs", "overlap", "cuda_graphs", "record_step_timing"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+                raise InvalidConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not _is_int(self.decode_steps) or not 1 <= self.decode_steps <= 64:
-            raise ValueError(f"decode_steps must be an integer in [1, 64], got {self.decode_steps!r}")
+            raise InvalidConfigError(f"decode_steps must be an integer in [1, 64], got {self.decode_steps!r}")
         if not isinstance(self.overlap_depth, int) or not 2 <= self.overlap_depth <= 8:
-            raise ValueError(f"overlap_depth must be an integer in [2, 8], got {self.overlap_depth!r}")
+            raise InvalidConfigError(f"overlap_depth must be an integer in [2, 8], got {self.overlap_depth!r}")
         if self.max_num_batched_tokens < self.max_num_seqs and self.max_num_batched_tokens < 1:
-            raise ValueError("max_num_batched_tokens must allow at least one token per step")
+            raise InvalidConfigError("max_num_batched_tokens must allow at least one token per step")
         if self.dtype is not None:
             self.dtype = _dtype_name(self.dtype)
-        if self.device is not None and not isinstance(self.device, str):
-            self.device = str(self.device)  # a torch.device
+        if self.device is not None:
+            self.device = _device_name(self.device)
         if self.max_prompt_chars is not None:
             _positive("max_prompt_chars", self.max_prompt_chars)
         _positive("long_prompt_chars", self.long_prompt_chars)
         if not isinstance(self.drain_timeout, int | float) or not self.drain_timeout >= 0:  # NaN fails too
-            raise ValueError(f"drain_timeout must be a number of seconds >= 0 (inf: wait), got {self.drain_timeout!r}")
+            raise InvalidConfigError(
+                f"drain_timeout must be a number of seconds >= 0 (inf: wait), got {self.drain_timeout!r}"
+            )
         if not _is_int(self.tensor_parallel_size) or not 1 <= self.tensor_parallel_size <= 64:
-            raise ValueError(f"tensor_parallel_size must be an integer in [1, 64], got {self.tensor_parallel_size!r}")
+            raise InvalidConfigError(
+                f"tensor_parallel_size must be an integer in [1, 64], got {self.tensor_parallel_size!r}"
+            )
         for name in ("warmup", "fast_path"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True, False or None, got {getattr(self, name)!r}")
+                raise InvalidConfigError(f"{name} must be True, False or None, got {getattr(self, name)!r}")
 
 
 _DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -175,13 +182,24 @@ def _dtype_name(dtype) -> str:
     """``"float32"``, ``"bfloat16"`` or ``"float16"`` from a name, an alias or a ``torch.dtype`` (no torch import)."""
     key = str(dtype).removeprefix("torch.").lower()
     if key not in _DTYPE_NAMES:
-        raise ValueError(f"dtype must be float32, bfloat16 or float16 (or bf16, fp16, fp32, a torch dtype): {dtype!r}")
+        raise InvalidConfigError(
+            f"dtype must be float32, bfloat16 or float16 (or bf16, fp16, fp32, a torch dtype): {dtype!r}"
+        )
     return _DTYPE_NAMES[key]
+
+
+def _device_name(device) -> str:
+    """``"cpu"``, ``"cuda"`` or ``"cuda:N"`` from that name or a ``torch.device`` (no torch import); whether that GPU
+    exists is checked when the engine is built (:func:`acb.model_setup.check_device`)."""
+    name = str(device) if type(device).__name__ == "device" else device  # a torch.device
+    if not isinstance(name, str) or not re.fullmatch(r"cpu(:0)?|cuda(:\d+)?", name):
+        raise InvalidConfigError(f"device must be 'cpu', 'cuda' or 'cuda:<index>' (acb runs on these), got {device!r}")
+    return name
 
 
 def _positive(name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise InvalidConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
 # Limits on what one request may ask for: each bounds host work per step or per request (docs/api.md).

@@ -39,7 +39,7 @@ from .errors import (
     RequestFailedError,
     WrongEventLoopError,
 )
-from .model_setup import build_runtime, default_sampling, eos_ids, load_pretrained, release_model
+from .model_setup import build_runtime, check_device, default_sampling, eos_ids, load_pretrained, release_model
 from .outputs import Completion, EngineStats
 from .sequence import Sequence
 from .stages import Stages
@@ -124,6 +124,7 @@ class Engine(Stages):
         """Load a transformers causal LM and its tokenizer (local directory or hub id) and wrap them. ``dtype``:
         ``"auto"`` (the checkpoint's; also ``None``), a name (``"bfloat16"``, ``"bf16"``, ...) or a ``torch.dtype``."""
         config = EngineConfig(device=device, **config_fields)
+        check_device(config.device, config.tensor_parallel_size)  # before loading the weights
         model, tokenizer = load_pretrained(path_or_id, dtype, trust_remote_code, config.tensor_parallel_size)
         return cls(model, tokenizer, config)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "AcbError",
+    "InvalidConfigError",
     "InvalidRequestError",
     "InvalidSamplingParamsError",
     "InvalidPromptError",
@@ -24,6 +25,12 @@ __all__ = [
 
 class AcbError(Exception):
     """Base class of every error raised by acb."""
+
+
+class InvalidConfigError(AcbError, ValueError):
+    """An :class:`~acb.EngineConfig` field has the wrong type or is out of range (raised where the config is built),
+    or does not fit the model or the machine: a device that is not there, a ``max_model_len`` past the model's
+    positions (raised by ``Engine(...)`` before it touches the model)."""
 
 
 class InvalidRequestError(AcbError, ValueError):

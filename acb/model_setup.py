@@ -20,7 +20,7 @@ from .batch import BatchBuilder
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .cuda_graphs import graph_rows
-from .errors import ModelInUseError
+from .errors import InvalidConfigError, ModelInUseError
 from .families import adapter, lean_plan
 from .kv_cache import KVCache, ModelShape, auto_num_blocks
 from .lean_model import LeanCausalLM
@@ -33,6 +33,7 @@ from .scheduler import Scheduler
 __all__ = [
     "Runtime",
     "build_runtime",
+    "check_device",
     "release_model",
     "eos_ids",
     "default_sampling",
@@ -77,6 +78,14 @@ class Runtime:
 
 def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
     world = config.tensor_parallel_size
+    check_device(config.device, world)  # before the model is moved there (model.to("meta") would drop its weights)
+    if config.device is None and world == 1:
+        held = next(model.parameters()).device
+        if held.type not in ("cpu", "cuda"):
+            raise InvalidConfigError(
+                f"the model is on {held}, where acb does not run (the CPU and CUDA GPUs): move it there (a meta model "
+                "holds no weights: load them) or give EngineConfig(device=...)"
+            )
     if world > 1:  # sharded where it lies (host memory, or meta): each rank moves only its shard to its GPU
         if config.dtype is not None:
             model.to(dtype=resolve_dtype(config.dtype))
@@ -122,9 +131,11 @@ def _build_runtime(
     t0 = time.perf_counter()
     if world > 1:
         if family is None:
-            raise ValueError(f"tensor_parallel_size={world} needs the lean path, which this model lacks ({why})")
+            raise InvalidConfigError(
+                f"tensor_parallel_size={world} needs the lean path, which this model lacks ({why})"
+            )
         if config.fast_path is False:
-            raise ValueError(f"tensor_parallel_size={world} needs the lean path; fast_path=False turns it off")
+            raise InvalidConfigError(f"tensor_parallel_size={world} needs the lean path; fast_path=False turns it off")
         use_lean = True
         why = f"lean path: {plan}; tensor parallel over {world} processes"
     if use_lean and family is not None and world > 1:
@@ -148,7 +159,7 @@ def _build_runtime(
             model._acb_lean = lean
         lean.ensure(max_model_len, config.max_num_seqs)
     elif config.fast_path:
-        raise ValueError(f"fast_path=True, but the lean model path does not take this model ({why})")
+        raise InvalidConfigError(f"fast_path=True, but the lean model path does not take this model ({why})")
     graphs = config.cuda_graphs and device.type == "cuda"
     startup["lean_model_s"] = time.perf_counter() - t0
 
@@ -233,6 +244,19 @@ def _build_runtime(
     )
 
 
+def check_device(device: str | None, world: int = 1) -> None:
+    """Refuse ``EngineConfig.device`` (already ``"cpu"``, ``"cuda"`` or ``"cuda:N"``, see :class:`EngineConfig`) if
+    this machine lacks that GPU (or, under tensor parallelism, the ``world - 1`` after it)."""
+    if device is None or not device.startswith("cuda"):
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    first = int(device.partition(":")[2] or 0)
+    if first + world > count:
+        have = f"{count} CUDA devices (cuda:0 to cuda:{count - 1})" if count else "no CUDA device"
+        need = f"cuda:{first} to cuda:{first + world - 1} (tensor_parallel_size={world})" if world > 1 else device
+        raise InvalidConfigError(f"device={device!r} needs {need}; this machine has {have}")
+
+
 def _parallel_device(model, wanted: str | None) -> torch.device:
     """Rank 0's device under tensor parallelism (ranks 1.. take the next ones): ``EngineConfig.device``, else the
     model's own, else (a model on the CPU or the meta device) the first GPU if there is one."""
@@ -246,7 +270,7 @@ def _parallel_device(model, wanted: str | None) -> torch.device:
         index = torch.cuda.current_device() if device.index is None else device.index
         device = torch.device("cuda", index)
     elif device.type != "cpu":
-        raise ValueError(f"tensor parallelism runs on CUDA or on the CPU, not on {device}")
+        raise InvalidConfigError(f"tensor parallelism runs on CUDA or on the CPU, not on {device}")
     return device
 
 

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from acb import EngineConfig, InvalidSamplingParamsError, SamplingParams
+from acb import EngineConfig, InvalidConfigError, InvalidSamplingParamsError, SamplingParams
 from acb.config import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, MAX_TOP_K
 
 
@@ -103,11 +103,22 @@ def test_params_cannot_change_after_construction():
         dict(overlap="no"),
         dict(cuda_graphs=1),
         dict(record_step_timing="yes"),
+        dict(device="meta"),  # used to move the model there: its weights gone
+        dict(device="tpu"),
+        dict(device="cuda:x"),
+        dict(device=123),
     ],
 )
 def test_engine_config_limits_are_checked(fields):
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidConfigError):
         EngineConfig(**fields)
+
+
+def test_a_torch_device_is_stored_by_its_name():
+    import torch
+
+    assert EngineConfig(device=torch.device("cuda", 1)).device == "cuda:1"
+    assert EngineConfig(device=torch.device("cpu")).device == "cpu"
 
 
 def test_an_infinite_drain_timeout_means_wait():

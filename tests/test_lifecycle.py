@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 from conftest import random_prompts, reference_greedy
 
-from acb import Engine, EngineClosedError, EngineConfig, SamplingParams
+from acb import Engine, EngineClosedError, EngineConfig, InvalidConfigError, SamplingParams
 
 
 async def test_leaving_async_with_drains_running_requests(make_model, tokenizer):
@@ -79,6 +80,40 @@ async def test_a_refused_configuration_leaves_the_model_as_it_was(make_model, to
     )
     async with Engine(model, tokenizer) as engine:
         await engine.generate(ids[0].tolist(), SamplingParams(max_new_tokens=2))
+
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+
+
+@pytest.mark.parametrize(
+    "device", ["meta", "tpu", "mps", "cuda:99", "cuda:x", "", 123, pytest.param("cuda", marks=NO_CUDA)]
+)
+async def test_a_device_acb_cannot_run_on_is_refused_before_the_model_moves(make_model, tokenizer, device):
+    """``device="meta"`` used to move the model there first (its weights gone for good) and fail later with a
+    TypeError; a GPU the machine lacks failed inside torch. Both are refused, typed, before the model is touched."""
+    model, ref = make_model("llama", seed=4)
+    with pytest.raises(InvalidConfigError, match="device"):
+        Engine(model, tokenizer, EngineConfig(device=device))
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    ids = torch.tensor([random_prompts(1, [7], len(tokenizer), seed=4)[0]])
+    assert (
+        model.generate(ids, max_new_tokens=3, do_sample=False).tolist()
+        == ref.generate(ids, max_new_tokens=3, do_sample=False).tolist()
+    )
+    async with Engine(model, tokenizer, EngineConfig(device="cpu")) as engine:
+        out = await engine.generate(ids[0].tolist(), SamplingParams(max_new_tokens=3, ignore_eos=True))
+    assert out.token_ids == reference_greedy(ref, ids[0].tolist(), 3)
+
+
+def test_a_model_on_the_meta_device_is_refused(tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from acb.default_model import tiny_config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(tiny_config("llama"))
+    with pytest.raises(InvalidConfigError, match="meta"):
+        Engine(model, tokenizer)
 
 
 async def test_a_model_cast_between_engines_gets_its_lean_weights_fused_again(make_model, tokenizer):
