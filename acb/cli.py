@@ -45,7 +45,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     )
     e.add_argument("--num-kv-blocks", type=int, help="KV-cache blocks (default: sized from free memory)")
     e.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: %(default)s)")
-    e.add_argument("--max-model-len", type=int, help="longest prompt + output (default: the model's)")
+    e.add_argument(
+        "--max-model-len",
+        type=int,
+        help="longest prompt + output (default: the model's max_position_embeddings; no more than its positions)",
+    )
     e.add_argument(
         "--tensor-parallel-size", type=int, default=1, help="split the model over this many GPUs (default: %(default)s)"
     )

@@ -54,7 +54,10 @@ class EngineConfig:
     latency of the running streams, at some cost in time to first token under load (docs/tuning.md). ``None``: up
     to ``max_num_batched_tokens``."""
     max_model_len: int | None = None
-    """Longest prompt + output; ``None`` takes the model's ``max_position_embeddings``."""
+    """Longest prompt + output; ``None`` takes the model's ``max_position_embeddings`` (4096 if its config has none).
+    A larger value is refused by ``Engine(...)`` (``InvalidConfigError``): past them, learned position embeddings
+    (GPT-2) have no row and rotary ones were never trained; only rotary scaling in the model's config (``linear``,
+    ``dynamic``, ``yarn``) raises the limit, by its factor as vLLM does (``acb.model_setup.resolve_max_model_len``)."""
     admission_group: int | None = None
     """While a batch decodes and more requests queue than can start, new requests start in groups of at least this
     many (``None``: ``max_num_seqs // 8``), so that the eager step that starts their prompts runs once per group

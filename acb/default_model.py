@@ -40,8 +40,8 @@ def default_tokenizer():
 def tiny_config(arch: str = "llama", **overrides):
     """A small config of ``arch`` sized for the CPU (2 layers; 4 where layer kinds alternate). ``arch``: ``llama``,
     ``qwen2``, ``qwen3``, ``mistral`` (sliding window 8), ``qwen2-sliding`` (window 8 above layer 1), ``gemma3``
-    (sliding and full layers), ``phi3``, and two mixture-of-experts models for the generic path, ``mixtral`` and
-    ``qwen3-moe``."""
+    (sliding and full layers), ``phi3``, and for the generic path two mixture-of-experts models, ``mixtral`` and
+    ``qwen3-moe``, and ``gpt2`` (learned absolute positions: ``max_position_embeddings`` is its ``n_positions``)."""
     import transformers as tf
 
     tok = default_tokenizer()
@@ -70,6 +70,7 @@ def tiny_config(arch: str = "llama", **overrides):
             "final_logit_softcapping": 30.0, "tie_word_embeddings": True,
         }),
         "phi3": ("Phi3Config", {"sliding_window": 12}),
+        "gpt2": ("GPT2Config", {"num_key_value_heads": None, "n_inner": 128}),  # learned positions, no rotary
         "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}),
         "qwen3-moe": ("Qwen3MoeConfig", {
             "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,

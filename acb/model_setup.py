@@ -34,6 +34,7 @@ __all__ = [
     "Runtime",
     "build_runtime",
     "check_device",
+    "resolve_max_model_len",
     "release_model",
     "eos_ids",
     "default_sampling",
@@ -79,6 +80,7 @@ class Runtime:
 def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
     world = config.tensor_parallel_size
     check_device(config.device, world)  # before the model is moved there (model.to("meta") would drop its weights)
+    max_model_len = resolve_max_model_len(model.config, config.max_model_len)
     if config.device is None and world == 1:
         held = next(model.parameters()).device
         if held.type not in ("cpu", "cuda"):
@@ -98,7 +100,7 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
     attention.register()
     original_attention = _claim(model)
     try:
-        return _build_runtime(model, config, world, device, dtype, original_attention)
+        return _build_runtime(model, config, world, device, dtype, max_model_len, original_attention)
     except BaseException:  # a refused configuration leaves the user's model as it found it (model.generate works)
         release_model(model, original_attention)
         raise
@@ -110,13 +112,13 @@ def _build_runtime(
     world: int,
     device: torch.device,
     dtype: torch.dtype,
+    max_model_len: int,
     original_attention: str | None,
 ) -> Runtime:
     model.eval()
     model.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
 
     shape = ModelShape.from_config(model.config)
-    max_model_len = config.max_model_len or shape.max_position_embeddings or 4096
     lean = None
     use_lean = config.fast_path if config.fast_path is not None else device.type == "cuda"
     family, plan = lean_plan(model)
@@ -241,6 +243,40 @@ def _build_runtime(
         runner=runner,
         original_attention=original_attention,
         startup=startup,
+    )
+
+
+def resolve_max_model_len(model_config, wanted: int | None) -> int:
+    """``EngineConfig.max_model_len`` for this model: ``None`` takes the model's ``max_position_embeddings`` (4096
+    where its config has none); an explicit value past the positions the model has is refused. Those are
+    ``max_position_embeddings``, or as vLLM derives them for rotary scaling that extends the context (``linear``,
+    ``dynamic``: times its factor; ``yarn``: ``original_max_position_embeddings`` times its factor)."""
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    own = getattr(text, "max_position_embeddings", None)
+    if not isinstance(own, int) or own < 1:
+        return wanted or 4096
+    if wanted is None or wanted <= own:
+        return wanted or own
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None)
+    kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+    factor = rope.get("factor") if kind in ("linear", "dynamic", "yarn") else None
+    if isinstance(factor, int | float) and factor > 1:
+        base = (rope.get("original_max_position_embeddings") if kind == "yarn" else None) or own
+        if wanted <= int(base * factor):
+            return wanted
+        raise InvalidConfigError(
+            f"max_model_len={wanted} is more than the {int(base * factor)} positions this model takes "
+            f"({base} x its {kind} rotary scaling factor {factor:g}); give at most {int(base * factor)}"
+        )
+    if rope is None and not any(hasattr(text, a) for a in ("rope_theta", "rotary_dim", "rotary_pct")):
+        raise InvalidConfigError(
+            f"max_model_len={wanted} is more than this model's {own} positions (max_position_embeddings): its "
+            f"position embeddings are a learned table with no row past {own - 1}; give at most {own} (None: {own})"
+        )
+    raise InvalidConfigError(
+        f"max_model_len={wanted} is more than the {own} positions this model was trained for "
+        f"(max_position_embeddings): rotary positions past them give unreliable output; give at most {own} "
+        "(None: that), or extend the model's context with rotary scaling in its config (rope_parameters) first"
     )
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import types
 
 import pytest
 from conftest import random_prompts, reference_greedy
 
-from acb import Engine, EngineConfig, SamplingParams
+from acb import Engine, EngineConfig, InvalidConfigError, PromptTooLongError, SamplingParams
 
 ARCHS = ["llama", "qwen2", "qwen3"]
 LENGTHS = [5, 17, 33, 64, 3, 100, 48, 9, 71, 1]
@@ -131,6 +132,50 @@ async def test_max_model_len_ends_generation_with_length(make_model, tokenizer):
     assert out.token_ids == reference_greedy(ref, prompt, 8)
 
 
+async def test_a_model_with_learned_positions_runs_to_its_last_position_and_no_further(make_model, tokenizer):
+    """GPT-2 has ``n_positions`` rows of position embeddings: max_model_len defaults to that many, a request runs up
+    to the last one (``finish_reason="length"``, transformers' tokens) and a prompt that fills them all is refused
+    at submit, never an IndexError mid-generation."""
+    model, ref = make_model("gpt2", seed=6, max_position_embeddings=64)
+    prompts = random_prompts(2, [60, 64], len(tokenizer), seed=6)
+    async with Engine(model, tokenizer, EngineConfig(block_size=8)) as engine:
+        assert engine.max_model_len == 64
+        out = await engine.generate(prompts[0], SamplingParams(max_new_tokens=20, ignore_eos=True))
+        assert (out.token_ids, out.finish_reason) == (reference_greedy(ref, prompts[0], 4), "length")
+        with pytest.raises(PromptTooLongError, match="max_model_len is 64"):
+            await engine.generate(prompts[1], SamplingParams(max_new_tokens=2))
+
+
+@pytest.mark.parametrize("arch, words", [("gpt2", "learned table"), ("llama", "rotary")])
+async def test_a_max_model_len_past_the_models_positions_is_refused(arch, words, make_model, tokenizer):
+    """It used to be taken as given: GPT-2 failed every request that ran past ``n_positions`` with an IndexError in
+    a step, a rotary model silently ran past the positions it was trained for."""
+    model, ref = make_model(arch, seed=7, max_position_embeddings=64)
+    with pytest.raises(InvalidConfigError, match=f"max_model_len=128 .* 64 positions.*{words}"):
+        Engine(model, tokenizer, EngineConfig(max_model_len=128))
+    prompt = random_prompts(1, [10], len(tokenizer), seed=7)[0]
+    async with Engine(model, tokenizer, EngineConfig(max_model_len=64)) as engine:  # the model is as it was
+        out = await engine.generate(prompt, SamplingParams(max_new_tokens=5, ignore_eos=True))
+    assert out.token_ids == reference_greedy(ref, prompt, 5)
+
+
+def test_rotary_scaling_that_extends_the_context_raises_the_limit_as_vllm_derives_it():
+    from acb.default_model import tiny_config
+    from acb.model_setup import resolve_max_model_len
+
+    yarn = tiny_config("qwen2", max_position_embeddings=64)
+    yarn.rope_parameters = {**yarn.rope_parameters, "rope_type": "yarn", "factor": 4.0,
+                            "original_max_position_embeddings": 32}  # fmt: skip
+    assert resolve_max_model_len(yarn, None) == 64  # unset: the model's own, not the scaled limit
+    assert resolve_max_model_len(yarn, 128) == 128  # 32 x 4
+    with pytest.raises(InvalidConfigError, match="129 is more than the 128 positions"):
+        resolve_max_model_len(yarn, 129)
+    plain = tiny_config("llama", max_position_embeddings=64)
+    assert resolve_max_model_len(plain, 64) == 64 and resolve_max_model_len(plain, 8) == 8
+    unknown = types.SimpleNamespace()  # a config that does not say
+    assert resolve_max_model_len(unknown, None) == 4096 and resolve_max_model_len(unknown, 10**5) == 10**5
+
+
 async def test_logprobs_match_model_distribution(make_model, tokenizer):
     import torch
 
@@ -153,7 +198,7 @@ def test_the_cpu_path_imports_nothing_cuda_only():
     code = (
         "import asyncio, sys\n"
         "sys.modules['triton'] = None  # as if not installed: any import of it raises\n"
-        "from acb import Engine, EngineConfig, SamplingParams\n"
+        "from acb import Engine, EngineConfig, InvalidConfigError, PromptTooLongError, SamplingParams\n"
         "from acb.default_model import load_default\n"
         "async def main():\n"
         "    async with Engine(*load_default(), EngineConfig(fast_path=True)) as e:\n"
