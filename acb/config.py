@@ -133,8 +133,8 @@ class EngineConfig:
         _positive("block_size", self.block_size)
         if self.num_kv_blocks is not None:
             _positive("num_kv_blocks", self.num_kv_blocks)
-        if not 0.0 < self.kv_memory_fraction <= 1.0:
-            raise InvalidConfigError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
+        if not _is_number(self.kv_memory_fraction) or not 0.0 < self.kv_memory_fraction <= 1.0:  # NaN fails too
+            raise InvalidConfigError(f"kv_memory_fraction must be a number in (0, 1], got {self.kv_memory_fraction!r}")
         _positive("max_num_seqs", self.max_num_seqs)
         _positive("max_num_batched_tokens", self.max_num_batched_tokens)
         if self.prefill_chunk_tokens is not None:
@@ -146,14 +146,14 @@ class EngineConfig:
             raise InvalidConfigError(f"admission_order must be one of {ADMISSION_ORDERS}, got {self.admission_order!r}")
         if self.admission_group is not None:
             _positive("admission_group", self.admission_group)
-        if not isinstance(self.admission_max_delay, int) or self.admission_max_delay < 0:
+        if not _is_int(self.admission_max_delay) or self.admission_max_delay < 0:
             raise InvalidConfigError(f"admission_max_delay must be an integer >= 0, got {self.admission_max_delay!r}")
         for name in ("prefix_caching", "mixed_graphs", "overlap", "cuda_graphs", "record_step_timing"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not _is_int(self.decode_steps) or not 1 <= self.decode_steps <= 64:
             raise InvalidConfigError(f"decode_steps must be an integer in [1, 64], got {self.decode_steps!r}")
-        if not isinstance(self.overlap_depth, int) or not 2 <= self.overlap_depth <= 8:
+        if not _is_int(self.overlap_depth) or not 2 <= self.overlap_depth <= 8:
             raise InvalidConfigError(f"overlap_depth must be an integer in [2, 8], got {self.overlap_depth!r}")
         if self.max_num_batched_tokens < self.max_num_seqs and self.max_num_batched_tokens < 1:
             raise InvalidConfigError("max_num_batched_tokens must allow at least one token per step")
@@ -164,7 +164,7 @@ class EngineConfig:
         if self.max_prompt_chars is not None:
             _positive("max_prompt_chars", self.max_prompt_chars)
         _positive("long_prompt_chars", self.long_prompt_chars)
-        if not isinstance(self.drain_timeout, int | float) or not self.drain_timeout >= 0:  # NaN fails too
+        if not _is_number(self.drain_timeout) or not self.drain_timeout >= 0:  # NaN fails too
             raise InvalidConfigError(
                 f"drain_timeout must be a number of seconds >= 0 (inf: wait), got {self.drain_timeout!r}"
             )
@@ -201,7 +201,7 @@ def _device_name(device) -> str:
 
 
 def _positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not _is_int(value) or value < 1:
         raise InvalidConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
@@ -369,6 +369,10 @@ class SamplingParams:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _int_in(name: str, value: object, low: int, high: int) -> None:

@@ -123,3 +123,55 @@ def test_a_torch_device_is_stored_by_its_name():
 
 def test_an_infinite_drain_timeout_means_wait():
     assert EngineConfig(drain_timeout=float("inf")).drain_timeout == float("inf")
+
+
+# Every numeric field: (name, None allowed, +inf allowed, an integer field).
+ENGINE_NUMBERS = [
+    ("block_size", False, False, True), ("num_kv_blocks", True, False, True),
+    ("kv_memory_fraction", False, False, False), ("max_num_seqs", False, False, True),
+    ("max_num_batched_tokens", False, False, True), ("prefill_chunk_tokens", True, False, True),
+    ("max_model_len", True, False, True), ("admission_group", True, False, True),
+    ("admission_max_delay", False, False, True), ("max_pending", False, False, True),
+    ("overlap_depth", False, False, True), ("decode_steps", False, False, True),
+    ("tensor_parallel_size", False, False, True), ("long_prompt_chars", False, False, True),
+    ("max_prompt_chars", True, False, True), ("drain_timeout", False, True, False),
+]  # fmt: skip
+SAMPLING_NUMBERS = [
+    ("max_new_tokens", False, False, True), ("temperature", False, False, False), ("top_k", False, False, True),
+    ("top_p", False, False, False), ("seed", True, False, True), ("top_logprobs", False, False, True),
+    ("presence_penalty", False, False, False), ("frequency_penalty", False, False, False),
+    ("repetition_penalty", False, False, False), ("min_tokens", False, False, True), ("n", False, False, True),
+    ("best_of", True, False, True),
+]  # fmt: skip
+
+
+def _wrong(numbers) -> list:
+    out = []
+    for name, none_ok, inf_ok, integer in numbers:
+        wrong = ["1", "0.5", True, False, math.nan, -math.inf, [1]]
+        wrong += [] if none_ok else [None]
+        wrong += [] if inf_ok else [math.inf]
+        wrong += [1.5, 2.0] if integer else []
+        out += [pytest.param(name, v, id=f"{name}={v!r}") for v in wrong]
+    return out
+
+
+@pytest.mark.parametrize("name, value", _wrong(ENGINE_NUMBERS))
+def test_every_numeric_engine_config_field_refuses_wrong_types_typed(name, value):
+    """A string used to reach a comparison in ``__post_init__`` (``kv_memory_fraction="0.5"``: an untyped
+    TypeError) and a bool passed as a number (``drain_timeout=True``, ``admission_max_delay=True``)."""
+    with pytest.raises(InvalidConfigError, match=name):
+        EngineConfig(**{name: value})
+
+
+@pytest.mark.parametrize("name, value", _wrong(SAMPLING_NUMBERS))
+def test_every_numeric_sampling_field_refuses_wrong_types_typed(name, value):
+    with pytest.raises(InvalidSamplingParamsError) as info:
+        SamplingParams(**{name: value})
+    assert info.value.param == name
+
+
+@pytest.mark.parametrize("cls, numbers", [(EngineConfig, ENGINE_NUMBERS), (SamplingParams, SAMPLING_NUMBERS)])
+def test_the_lists_above_cover_every_numeric_field(cls, numbers):
+    numeric = {f.name for f in dataclasses.fields(cls) if f.type.split(" | ")[0] in ("int", "float")}
+    assert numeric == {n[0] for n in numbers}
