@@ -2,9 +2,10 @@
 queue of admitted requests waiting for the scheduler, with its backpressure.
 
 Work is bounded before it is done: a text prompt longer than ``max_prompt_chars`` is refused before the tokenizer
-sees it. Short prompts are tokenized on the event loop (microseconds); long ones, chat templates and large stop-string
-sets in the engine's own tokenizer thread, so the loop stays responsive and a flood of large prompts queues there
-instead of filling the default thread pool that the application shares.
+sees it (a chat: the prompt rendered with its chat template, template text included; its contents alone are checked
+before rendering). Short prompts are tokenized on the event loop (microseconds); long ones, chat templates and large
+stop-string sets in the engine's own tokenizer thread, so the loop stays responsive and a flood of large prompts
+queues there instead of filling the default thread pool that the application shares.
 """
 
 from __future__ import annotations
@@ -175,23 +176,26 @@ class Admission:
             )
 
     async def render_chat(self, messages: list[dict]) -> str:
-        """Render chat ``messages`` with the tokenizer's chat template, in the tokenizer thread, after bounding the
-        total size of their contents."""
+        """Render chat ``messages`` with the tokenizer's chat template, in the tokenizer thread. ``max_prompt_chars``
+        bounds the rendered prompt, template text included (what is then submitted and checked again, so a chat
+        that renders passes that check too); the contents alone are checked against it first, before rendering."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequestError("this model's tokenizer has no chat template; use a plain completion")
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise InvalidRequestError("messages must be a list of dicts", param="messages")
         texts = [t for m in messages for t in _texts(m.get("content"))]
-        self._check_size(sum(map(len, texts)), "chat")
+        self._check_size(sum(map(len, texts)), "chat (its message contents alone, before the chat template adds text)")
         for t in texts:
             _check_unicode(t, "chat")
         try:
             render = functools.partial(self.tokenizer.apply_chat_template, tokenize=False, add_generation_prompt=True)
-            return await self._offload(render, messages)
+            prompt = await self._offload(render, messages)
         except EngineClosedError:
             raise
         except Exception as exc:
             raise InvalidRequestError(f"the chat template rejected these messages: {exc}") from exc
+        self._check_size(len(prompt), "chat prompt (rendered with the chat template, its text included)")
+        return prompt
 
     def check_fits(self, num_prompt: int, params: SamplingParams) -> None:
         if num_prompt >= self.max_model_len:

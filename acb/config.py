@@ -122,9 +122,10 @@ class EngineConfig:
     long_prompt_chars: int = 2048
     """Prompts longer than this are tokenized in the engine's tokenizer thread, not on the event loop."""
     max_prompt_chars: int | None = None
-    """Longest text prompt (or chat, all message contents together), in characters, that admission will tokenize;
-    a longer one is refused with ``PromptTooLongError`` before any tokenizer work. ``None``: 16 × ``max_model_len``
-    (real text averages 3-5 characters per token, so this refuses only prompts that could not fit anyway)."""
+    """Longest text prompt, in characters, that admission will tokenize (a chat: the prompt rendered with its chat
+    template, template text included); a longer one is refused with ``PromptTooLongError`` before any tokenizer
+    work. ``None``: 16 × ``max_model_len`` (real text averages 3-5 characters per token, so this refuses only
+    prompts that could not fit anyway)."""
     drain_timeout: float = 30.0
     """Seconds ``close()`` lets running requests finish before it fails the rest with ``EngineClosedError``
     (``float("inf")``: as long as they take)."""

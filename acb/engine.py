@@ -310,7 +310,8 @@ class Engine(Stages):
 
     async def apply_chat_template(self, messages: list[dict]) -> str:
         """Render chat ``messages`` into a prompt with the tokenizer's chat template (in the engine's tokenizer
-        thread). Contents longer than ``max_prompt_chars`` in total are refused before rendering."""
+        thread). A rendered prompt longer than ``max_prompt_chars`` (template text included) is refused with
+        ``PromptTooLongError``; so are contents longer than that in total, before rendering."""
         self._check_loop()
         return await self._admission.render_chat(messages)
 

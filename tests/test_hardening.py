@@ -97,6 +97,28 @@ async def test_huge_prompts_are_refused_before_tokenizing(make_model, tokenizer,
         assert threads and threads[0].startswith("acb-tokenizer")
 
 
+async def test_a_chat_is_bounded_by_its_prompt_rendered_with_the_template(make_model, tokenizer):
+    """``max_prompt_chars`` counts a chat as the prompt its template renders. Contents just under the limit used to
+    pass ``apply_chat_template`` and then be refused at submit as "the prompt has N characters"."""
+    model, ref = make_model("llama", seed=8)
+    near = [{"role": "user", "content": "y" * 990}]
+    rendered = tokenizer.apply_chat_template(near, tokenize=False, add_generation_prompt=True)
+    assert len(rendered) > 1000
+    async with Engine(model, tokenizer, EngineConfig(max_prompt_chars=1000)) as engine:
+        with pytest.raises(PromptTooLongError) as info:
+            await engine.apply_chat_template(near)
+        assert f"has {len(rendered)} characters; at most 1000" in str(info.value)
+        assert "rendered with the chat template, its text included" in str(info.value)
+        assert info.value.param == "prompt"
+        with pytest.raises(PromptTooLongError, match="contents alone, before the chat template"):
+            await engine.apply_chat_template([{"role": "user", "content": "y" * 1001}])  # before rendering
+        within = [{"role": "user", "content": "a short question"}]
+        prompt = await engine.apply_chat_template(within)
+        assert prompt == tokenizer.apply_chat_template(within, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer.encode(prompt)
+        assert (await engine.generate(prompt, PARAMS)).token_ids == reference_greedy(ref, ids, 10)
+
+
 @pytest.mark.parametrize("prompt", ["ok \ud800 no", "\udfff"])
 async def test_lone_surrogates_are_bad_input_not_engine_failures(make_model, tokenizer, prompt):
     model, _ = make_model("llama")

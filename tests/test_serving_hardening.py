@@ -19,7 +19,7 @@ import pytest
 import uvicorn
 from soak import POISON, poison
 
-from acb import Engine, EngineConfig
+from acb import Engine, EngineConfig, PromptTooLongError
 from acb.serving import create_app
 
 
@@ -110,6 +110,25 @@ async def test_large_bodies_are_refused_before_they_are_read(make_model, tokeniz
             metrics = (await http.get("/metrics")).text
         assert 'acb_http_requests_total{endpoint="/v1/completions",status="413"} 1.0' in metrics
         assert 'acb_http_requests_total{endpoint="/v1/chat/completions",status="413"} 1.0' in metrics
+
+
+async def test_a_chat_over_max_prompt_chars_with_its_template_gets_a_400_saying_so(make_model, tokenizer):
+    """Contents under ``max_prompt_chars``, rendered prompt over it: one 400 that names the limit and the template
+    (the message the engine's own ``PromptTooLongError`` carries)."""
+    model, _ = make_model("llama")
+    engine = Engine(model, tokenizer, EngineConfig(max_prompt_chars=1000))
+    async with serving(engine) as url, httpx.AsyncClient(base_url=url, timeout=60) as http:
+        near = [{"role": "user", "content": "y" * 990}]
+        r = await http.post("/v1/chat/completions", json={"messages": near, "max_tokens": 2})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert (err["type"], err["param"]) == ("invalid_request_error", "messages")
+        with pytest.raises(PromptTooLongError) as info:
+            await engine.apply_chat_template(near)
+        assert err["message"] == str(info.value) and "chat template" in err["message"]
+        assert "max_prompt_chars" in err["message"]
+        ok = await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert ok.status_code == 200, ok.text
 
 
 async def test_a_client_that_leaves_before_its_first_token_frees_its_request(make_model, tokenizer):
