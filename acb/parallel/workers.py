@@ -293,8 +293,7 @@ def worker_main(
                     return
                 if op == _WARM:  # rank 0's counts: its row buckets are this rank's
                     if device.type == "cuda":
-                        lean.warm_gemms(*gemm_counts(geo.max_tokens, EAGER_TOKEN_MULTIPLE, geo.max_rows,
-                                                     lean.row_buckets))  # fmt: skip
+                        lean.warm_gemms(*gemm_counts(geo.max_tokens, multiple, geo.max_rows, lean.row_buckets))
                     continue
                 if end:
                     group.broadcast(inputs.region(end))
