@@ -44,6 +44,17 @@ class LeanInputs:
 # Eagerly run steps on CUDA pad their tokens to a multiple of this (LeanCausalLM.forward): the row counts their
 # GEMMs meet are then few enough for the warm-up to run each once (LeanCausalLM.warm_gemms).
 EAGER_TOKEN_MULTIPLE = 16
+# Steps of more tokens than this pad to a multiple of LARGE_STEP_MULTIPLE instead: cuBLAS computes whole 128-row tiles
+# anyway, and the warm-up, whose GEMM work grows with the square of the step budget, runs 8x fewer counts there.
+LARGE_STEP, LARGE_STEP_MULTIPLE = 8192, 128
+
+
+def padded_tokens(tokens: int, multiple: int) -> int:
+    """The token count a step of ``tokens`` runs its row-wise ops at, padding to ``multiple`` (1: none), or to
+    :data:`LARGE_STEP_MULTIPLE` past :data:`LARGE_STEP` tokens."""
+    if multiple > 1 and tokens > LARGE_STEP:
+        multiple = max(multiple, LARGE_STEP_MULTIPLE)
+    return -(-tokens // multiple) * multiple
 
 
 def pad_rows(rows: torch.Tensor, buckets: list[int]) -> torch.Tensor:
@@ -138,14 +149,15 @@ class LeanCausalLM:
         with the device busy, while every thread waits (the event loop included). So an eagerly run step meets only
         row counts a warm-up can run first (:meth:`warm_gemms`):
 
-        - ``token_multiple``: the step's tokens are padded up to a multiple of it (the engine's eager steps on CUDA:
-          :data:`EAGER_TOKEN_MULTIPLE`). Pad tokens run through every row-wise op (GEMMs, norms, activations) and
-          nothing else: attention reads and writes the real tokens only, so the pad rows never mix into them.
+        - ``token_multiple``: the step's tokens are padded up to a multiple of it (:func:`padded_tokens`; the
+          engine's eager steps on CUDA: :data:`EAGER_TOKEN_MULTIPLE`). Pad tokens run through every row-wise op
+          (GEMMs, norms, activations) and nothing else: attention reads and writes the real tokens only, so the pad
+          rows never mix into them.
         - The last layer's keys and values are cached for every token, but only the sampled rows go on past its
           attention (output projection, MLP, head): in a step with prompts, the other rows' would be thrown away.
           Their count is padded (repeating the first) to the smallest of :attr:`row_buckets` that holds them."""
         t = x.input_ids.shape[0]
-        padded = -(-t // token_multiple) * token_multiple
+        padded = padded_tokens(t, token_multiple)
         ids = x.input_ids if padded == t else F.pad(x.input_ids, (0, padded - t))
         out = None
         if padded != t:  # attention writes the real rows; the pad rows hold whatever, row-wise ops keep them apart

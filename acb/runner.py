@@ -37,7 +37,7 @@ from .generic_model import GenericCausalLM
 from .grammar import GrammarMasks
 from .kernels import decode_splits
 from .kv_cache import KVCache
-from .lean_model import EAGER_TOKEN_MULTIPLE, LeanCausalLM
+from .lean_model import EAGER_TOKEN_MULTIPLE, LeanCausalLM, padded_tokens
 from .logits import LogitsState
 from .sampling import SamplingTensors, Top, sample
 from .step_inputs import StepInputs
@@ -111,13 +111,12 @@ def _work(calls: queue.SimpleQueue) -> None:
 
 
 def gemm_counts(max_tokens: int, multiple: int, max_rows: int, row_buckets: list[int] | None):
-    """The row counts an eager step of the lean path gives its layers' GEMMs (multiples of ``multiple`` up to
-    ``max_tokens``, and every decode row count when steps are not padded), and the counts its LM head and last layer
-    meet (the decode graphs' buckets, or any count of sampled rows without graphs)."""
-    if multiple > 1:
-        counts = list(range(multiple, max_tokens + multiple, multiple))
-    else:
-        counts = list(range(1, max_tokens + 1))
+    """The row counts an eager step of the lean path gives its layers' GEMMs (every :func:`padded_tokens` count up to
+    ``max_tokens``'s; every count when ``multiple`` is 1), and the counts its LM head and last layer meet (the decode
+    graphs' buckets, or any count of sampled rows without graphs)."""
+    counts = sorted(
+        {padded_tokens(t, multiple) for t in range(1, max_tokens + 1, multiple)} | {padded_tokens(max_tokens, multiple)}
+    )
     heads = list(row_buckets) if row_buckets else list(range(1, max_rows + 1))
     return sorted(set(counts) | set(heads)), heads
 

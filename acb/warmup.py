@@ -6,8 +6,8 @@ alignment of its pointers), the caching allocator asks the driver for memory, cu
 GEMM shape (per row count: 3-5 ms each on an H200, up to ~70 ms with the device busy, with every thread waiting).
 
 1. The lean path's GEMMs run at every row count an eager step can give them: its steps pad their tokens to a
-   multiple of 16, so that is every multiple of 16 up to ``max_num_batched_tokens``, on every tensor-parallel rank
-   (:meth:`acb.runner.ModelRunner.warm_gemms`).
+   multiple of 16 (of 128 past 8,192 tokens: :func:`acb.lean_model.padded_tokens`), so that is every such count up
+   to ``max_num_batched_tokens``, on every tensor-parallel rank (:meth:`acb.runner.ModelRunner.warm_gemms`).
 2. Requests: first one step as large as the engine runs (``max_num_batched_tokens`` spread over as many prompts as
    that takes, within ``max_model_len``, half the KV cache and ``max_num_seqs``): its activations are the largest
    the allocator will be asked for, its GEMMs the tallest, and it decodes at that batch. Then a few short prompts

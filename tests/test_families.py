@@ -168,6 +168,12 @@ def test_the_gemm_warm_up_runs_every_row_count_an_eager_step_meets(make_model, m
     assert gemm_counts(64, 16, 8, [1, 2, 4, 8]) == ([1, 2, 4, 8, 16, 32, 48, 64], [1, 2, 4, 8])
     assert gemm_counts(40, 16, 3, None) == ([1, 2, 3, 16, 32, 48], [1, 2, 3])
     assert gemm_counts(5, 1, 2, None) == ([1, 2, 3, 4, 5], [1, 2])
+    # past LARGE_STEP tokens a step pads to whole 128-row tiles: the warm-up's counts thin out there alike
+    big, _ = gemm_counts(8500, 16, 4, [4])
+    assert big[-4:] == [8192, 8320, 8448, 8576] and len(big) == 1 + 8192 // 16 + 3
+    assert all(lm.padded_tokens(t, 16) in big for t in (1, 15, 16, 17, 8191, 8192, 8193, 8320, 8321, 8500))
+    assert [lm.padded_tokens(t, 16) for t in (1, 16, 17, 8192, 8193)] == [16, 16, 32, 8192, 8320]
+    assert lm.padded_tokens(8193, 1) == 8193  # no padding asked, none done
     model, _ = make_model("qwen2", seed=1)  # a Q/K/V bias: the biased GEMM is the one warmed
     lean = lm.LeanCausalLM(model, lean_plan(model)[0], 64)
     seen = []
