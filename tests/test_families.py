@@ -153,6 +153,32 @@ async def test_eager_steps_pad_their_tokens_to_a_multiple(arch, make_model, toke
     assert all(q == t for q, t in attended)  # attention sees the step's real tokens only
 
 
+async def test_a_step_past_8192_tokens_pads_to_whole_128_row_tiles(make_model, tokenizer):
+    """Five 1,800-token prompts start in one 9,000-token step: with padding on (forced on the CPU), its first layer
+    runs 9,088 rows (a multiple of 128, not only of 16), and the tokens stay ``generate``'s."""
+    model, ref = make_model("llama", seed=6)
+    prompts = random_prompts(5, [1800], len(tokenizer), seed=6)
+    expected = [reference_greedy(ref, p, 3) for p in prompts]
+    rows = []
+    config = EngineConfig(fast_path=True, overlap=False, max_num_batched_tokens=9000, num_kv_blocks=600)
+    async with Engine(model, tokenizer, config) as engine:
+        engine._runner.token_multiple = 16
+        lean = engine._runner.lean
+        before = lean.before_attention
+
+        def spy(i, h, residual, qkv_out=None):
+            if i == 0:
+                rows.append(h.shape[0])
+            return before(i, h, residual, qkv_out)
+
+        lean.before_attention = spy
+        outs = await asyncio.gather(
+            *(engine.generate(p, SamplingParams(max_new_tokens=3, ignore_eos=True)) for p in prompts)
+        )
+    assert [o.token_ids for o in outs] == expected
+    assert rows[0] == 9088 and all(r % 16 == 0 for r in rows)
+
+
 def test_the_gemm_warm_up_runs_every_row_count_an_eager_step_meets(make_model, monkeypatch):
     """``gemm_counts``: multiples of the padding up to the step budget, plus the rows the last layer and the head
     meet (the graphs' buckets, or any count without graphs); ``warm_gemms`` runs each layer shape's projections at
