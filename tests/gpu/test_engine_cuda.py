@@ -165,3 +165,30 @@ async def test_step_timing_records_every_steps_interval_and_shape(make_model, to
         assert any(graphed and tokens == rows for rows, tokens, graphed in shapes)  # decode rounds replayed graphs
         engine.clear_step_timing()
         assert engine.step_intervals() == [] and engine.step_shapes() == []
+
+
+async def test_eager_steps_are_padded_and_their_gemms_warmed_on_cuda(make_model, tokenizer):
+    """On CUDA the lean path's eager steps pad their tokens (to 16; to whole 128-row tiles past 8,192 tokens) and the
+    warm-up runs every such row count first. A 9,000-token first step (five 1,800-token prompts) runs 9,088 rows, a
+    later one of 35 tokens 48, and the tokens equal ``generate``'s (float32)."""
+    model, ref = make_model("llama", seed=6)
+    prompts = random_prompts(6, [1800, 1800, 1800, 1800, 1800, 35], len(tokenizer), seed=6)
+    expected = [reference_greedy(ref, p, 4) for p in prompts]
+    rows = []
+    config = EngineConfig(device="cuda", max_num_batched_tokens=9000, block_size=16, warmup=True)
+    async with Engine(model, tokenizer, config) as engine:
+        assert engine.startup["warmup_gemms_s"] > 0 and engine._runner.token_multiple == 16
+        lean = engine._runner.lean
+        before = lean.before_attention
+
+        def spy(i, h, residual, qkv_out=None):
+            if i == 0:
+                rows.append(h.shape[0])
+            return before(i, h, residual, qkv_out)
+
+        lean.before_attention = spy
+        params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+        first = await asyncio.gather(*(engine.generate(p, params) for p in prompts[:5]))
+        last = await engine.generate(prompts[5], params)
+    assert [o.token_ids for o in first] + [last.token_ids] == expected
+    assert 9088 in rows and 48 in rows
