@@ -98,6 +98,21 @@ def reference_greedy(model, prompt_ids: list[int], max_new_tokens: int, ignore_e
     return out[0, len(prompt_ids) :].tolist()
 
 
+def first_layer_rows(lean) -> list[int]:
+    """Spy on a lean model's :meth:`before_attention`: the list returned gets each forward's first-layer row count
+    (the step's tokens, with any padding)."""
+    rows = []
+    before = lean.before_attention
+
+    def spy(i, h, residual, qkv_out=None):
+        if i == 0:
+            rows.append(h.shape[0])
+        return before(i, h, residual, qkv_out)
+
+    lean.before_attention = spy
+    return rows
+
+
 def random_prompts(n: int, lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (lengths[i % len(lengths)],), generator=g).tolist() for i in range(n)]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from conftest import random_prompts, reference_greedy
+from conftest import first_layer_rows, random_prompts, reference_greedy
 
 from acb import Engine, EngineConfig, SamplingParams
 from acb.default_model import tiny_model
@@ -127,24 +127,19 @@ async def test_eager_steps_pad_their_tokens_to_a_multiple(arch, make_model, toke
     model, ref = make_model(arch, seed=5)
     prompts = random_prompts(4, [17, 9, 30, 3], len(tokenizer), seed=5)
     expected = [reference_greedy(ref, p, 6) for p in prompts]
-    rows, attended = [], []
+    attended = []
     async with Engine(model, tokenizer, EngineConfig(fast_path=True, overlap=False, cuda_graphs=False)) as engine:
         runner = engine._runner
         assert runner.token_multiple == 1  # the CPU pads nothing by default
         runner.token_multiple = 8
         lean = runner.lean
-        before, attend = lean.before_attention, lean._attend
-
-        def spy(i, h, residual, qkv_out=None):
-            if i == 0:
-                rows.append(h.shape[0])
-            return before(i, h, residual, qkv_out)
+        rows, attend = first_layer_rows(lean), lean._attend
 
         def spy_attend(i, lw, q, k, v, x, out=None):
             attended.append((q.shape[0], x.positions.shape[0]))
             return attend(i, lw, q, k, v, x, out)
 
-        lean.before_attention, lean._attend = spy, spy_attend
+        lean._attend = spy_attend
         outs = await asyncio.gather(
             *(engine.generate(p, SamplingParams(max_new_tokens=6, ignore_eos=True)) for p in prompts)
         )
@@ -159,19 +154,10 @@ async def test_a_step_past_8192_tokens_pads_to_whole_128_row_tiles(make_model, t
     model, ref = make_model("llama", seed=6)
     prompts = random_prompts(5, [1800], len(tokenizer), seed=6)
     expected = [reference_greedy(ref, p, 3) for p in prompts]
-    rows = []
     config = EngineConfig(fast_path=True, overlap=False, max_num_batched_tokens=9000, num_kv_blocks=600)
     async with Engine(model, tokenizer, config) as engine:
         engine._runner.token_multiple = 16
-        lean = engine._runner.lean
-        before = lean.before_attention
-
-        def spy(i, h, residual, qkv_out=None):
-            if i == 0:
-                rows.append(h.shape[0])
-            return before(i, h, residual, qkv_out)
-
-        lean.before_attention = spy
+        rows = first_layer_rows(engine._runner.lean)
         outs = await asyncio.gather(
             *(engine.generate(p, SamplingParams(max_new_tokens=3, ignore_eos=True)) for p in prompts)
         )
@@ -463,7 +449,7 @@ _DEVICE_ONLY_DECODE = """
 import asyncio, sys
 import torch
 sys.path.insert(0, "tests")
-from conftest import random_prompts, reference_greedy
+from conftest import first_layer_rows, random_prompts, reference_greedy
 from acb import Engine, EngineConfig, SamplingParams
 from acb.default_model import default_tokenizer, tiny_model
 from acb.generic_model import GenericCausalLM

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 import torch
-from conftest import random_prompts, reference_greedy
+from conftest import first_layer_rows, random_prompts, reference_greedy
 
 from acb import Engine, EngineConfig, SamplingParams
 
@@ -174,19 +174,10 @@ async def test_eager_steps_are_padded_and_their_gemms_warmed_on_cuda(make_model,
     model, ref = make_model("llama", seed=6)
     prompts = random_prompts(6, [1800, 1800, 1800, 1800, 1800, 35], len(tokenizer), seed=6)
     expected = [reference_greedy(ref, p, 4) for p in prompts]
-    rows = []
     config = EngineConfig(device="cuda", max_num_batched_tokens=9000, block_size=16, warmup=True)
     async with Engine(model, tokenizer, config) as engine:
         assert engine.startup["warmup_gemms_s"] > 0 and engine._runner.token_multiple == 16
-        lean = engine._runner.lean
-        before = lean.before_attention
-
-        def spy(i, h, residual, qkv_out=None):
-            if i == 0:
-                rows.append(h.shape[0])
-            return before(i, h, residual, qkv_out)
-
-        lean.before_attention = spy
+        rows = first_layer_rows(engine._runner.lean)
         params = SamplingParams(max_new_tokens=4, ignore_eos=True)
         first = await asyncio.gather(*(engine.generate(p, params) for p in prompts[:5]))
         last = await engine.generate(prompts[5], params)
