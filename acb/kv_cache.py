@@ -23,7 +23,6 @@ class ModelShape:
     num_kv_heads: int
     head_dim: int
     vocab_size: int
-    max_position_embeddings: int | None
 
     @classmethod
     def from_config(cls, config) -> ModelShape:
@@ -36,7 +35,6 @@ class ModelShape:
             num_kv_heads=getattr(text, "num_key_value_heads", None) or num_heads,
             head_dim=head_dim,
             vocab_size=text.vocab_size,
-            max_position_embeddings=getattr(text, "max_position_embeddings", None),
         )
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:

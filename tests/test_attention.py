@@ -31,7 +31,7 @@ def _dense(q, k, v, scale, window=None):
 def test_reference_matches_dense(case, window):
     torch.manual_seed(0)
     heads, kv_heads, dim, bs = 8, 2, 16, 4
-    shape = ModelShape(1, heads, kv_heads, dim, 100, None)
+    shape = ModelShape(1, heads, kv_heads, dim, 100)
     cache = KVCache(shape, num_blocks=64, block_size=bs, dtype=torch.float32, device=torch.device("cpu"))
     ctx_lens = [1, 5, 8, 13, 31] if case == "mixed" else [3, 9, 16, 17]
     new = [min(c, n) for c, n in zip(ctx_lens, [1, 5, 3, 13, 7])] if case == "mixed" else [1] * len(ctx_lens)
@@ -90,8 +90,7 @@ from acb.kv_cache import KVCache, ModelShape
 
 torch.manual_seed(0)
 heads, kvh, dim, bs, nblocks = 4, 2, 16, 8, 40
-shape = ModelShape(num_layers=1, num_heads=heads, num_kv_heads=kvh, head_dim=dim, vocab_size=10,
-                   max_position_embeddings=512)
+shape = ModelShape(num_layers=1, num_heads=heads, num_kv_heads=kvh, head_dim=dim, vocab_size=10)
 
 
 class Layer(torch.nn.Module):

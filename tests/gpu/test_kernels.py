@@ -34,7 +34,7 @@ TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=2e-2
 def _setup(ctx_lens, new, heads, kv_heads, dim, bs, dtype, seed=0):
     torch.manual_seed(seed)
     nblocks = sum(math.ceil(c / bs) for c in ctx_lens) + 3
-    shape = ModelShape(1, heads, kv_heads, dim, 100, None)
+    shape = ModelShape(1, heads, kv_heads, dim, 100)
     cache = KVCache(shape, nblocks, bs, dtype, torch.device(DEVICE))
     cache.layers[0].normal_()
     perm = torch.randperm(nblocks).tolist()
@@ -132,7 +132,7 @@ def test_prefill_matches_reference_on_mixed_steps(dtype, window, dim, heads, kv_
 def test_rope_and_cache_write(dtype, dim):
     torch.manual_seed(2)
     t, heads, kvh, bs = 7, 6, 2, 4
-    shape = ModelShape(1, heads, kvh, dim, 100, None)
+    shape = ModelShape(1, heads, kvh, dim, 100)
     cache = KVCache(shape, 8, bs, dtype, torch.device(DEVICE))
     q = torch.randn(t, heads, dim, device=DEVICE).to(dtype)
     k = torch.randn(t, kvh, dim, device=DEVICE).to(dtype)
