@@ -1,11 +1,12 @@
-"""Decode GEMMs against their weight-reading floor: cuBLAS (``F.linear``, what the lean path runs) and a candidate
-Triton split-K kernel for skinny products, per projection of a model shape and per batch size.
+"""Decode GEMMs against their weight-reading floor: cuBLAS (``F.linear``) and acb's split-K kernel for skinny
+products (``acb.kernels.linear.skinny_linear``), per projection of a model shape and per batch size.
 
 A decode step's projections read every weight once for a handful of rows, so each should run at the card's copy
 bandwidth. On an H200, W-share's decode steps of <= 32 rows took 5.4 ms of GPU against 3.8 ms of weight reading
 (docs/benchmarks.md), and ~60 % of the GPU time went to cuBLAS's skinny GEMM kernels. This measures each GEMM alone,
-inside a CUDA graph, cycling through enough copies of the weight that none is served from L2, and first checks the
-candidate against ``F.linear`` (fp32 accumulation; bf16 results within rounding)::
+inside a CUDA graph, cycling through enough copies of the weight that none is served from L2. ``skinny_linear`` runs
+its own pick (``acb.kernels.linear.pick``) and every configuration of :func:`candidates`, each first checked against
+``F.linear`` in fp32 (bf16 results within rounding) and against itself (bit-equal twice)::
 
     python -m bench.gemm --model llama-8b --rows 1,8,32,64,128,256 --json out.json
     python -m bench.gemm --model llama-8b --tp 2 ...     # one rank's shapes at TP=2 (half-width projections)
@@ -20,8 +21,6 @@ candidate against ``F.linear`` (fp32 accumulation; bf16 results within rounding)
 (``acb.kernels.fused.gate_up_act``, one Triton kernel, up to ``GATE_UP_ROWS`` rows) against cuBLAS gate/up followed
 by ``silu_mul`` (what it replaced), each after a check that both give the same values.
 
-The candidate (``skinny_linear``) is an experiment, not used by the engine: it moves into ``acb/kernels`` only if
-this table shows it beating cuBLAS where decode steps spend their time.
 """
 
 from __future__ import annotations
@@ -32,79 +31,29 @@ import sys
 import time
 
 import torch
-import triton
-import triton.language as tl
+
+from acb.kernels.linear import LINEAR_ROWS, pick, skinny_linear
 
 from .run import copy_bandwidth
 
-# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages): the candidate's configurations, all tried per shape
-CONFIGS = [
-    (64, 128, 1, 4, 4),
-    (64, 128, 2, 4, 4),
-    (64, 128, 4, 4, 4),
-    (32, 256, 2, 4, 3),
-    (128, 64, 1, 4, 5),
-    (128, 128, 2, 8, 3),
-    (32, 128, 4, 4, 4),
-]
 CALLS = 32  # calls per graph replay, cycling through the weight copies
+SPLITS = (1, 2, 3, 4, 6, 8)
 
 
-@triton.jit
-def _skinny_kernel(
-    X, W, Y, M, N, K, s_xm, s_wn, s_ym,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-):  # fmt: skip
-    """Y[M, N] (+)= X[M, K] @ W[N, K]^T over this program's share of K (every SPLIT_K-th block of BLOCK_K)."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rm = tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
-        kk = k0 + rk
-        x = tl.load(X + rm[:, None] * s_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-        w = tl.load(W + rn[:, None] * s_wn + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.0)
-        acc += tl.dot(x, tl.trans(w))
-    mask = (rm[:, None] < M) & (rn[None, :] < N)
-    ptr = Y + rm[:, None] * s_ym + rn[None, :]
-    if SPLIT_K == 1:
-        tl.store(ptr, acc.to(Y.dtype.element_ty), mask=mask)
+def candidates(rows: int) -> list:
+    """``skinny_linear``'s configurations tried at ``rows``: (BLOCK_N, BLOCK_K, SPLIT_K, warps, stages, SWAP), every
+    split of each compiled tile (the split is a run-time argument: it compiles nothing)."""
+    tiles = []
+    if rows > 64:
+        for bn, bk, warps, stages in [(128, 64, 8, 4), (128, 64, 4, 4), (128, 128, 8, 3), (64, 64, 4, 4),
+                                      (64, 128, 4, 4), (64, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 6)]:  # fmt: skip
+            tiles.append((bn, bk, warps, stages, False))
     else:
-        tl.atomic_add(ptr, acc, mask=mask)
-
-
-def skinny_linear(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    config=CONFIGS[0],
-    out: torch.Tensor | None = None,
-    workspace: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``x @ w.T`` in ``x``'s dtype, for a few rows of ``x`` (at most 64). With split-K the programs add their
-    partial sums into a float32 ``workspace`` (zeroed here), which is then copied into ``out``: three kernels, all
-    counted when the bench times it against cuBLAS."""
-    block_n, block_k, split_k, warps, stages = config
-    m, k = x.shape
-    n = w.shape[0]
-    if m > 64:
-        raise ValueError("skinny_linear is for at most 64 rows")
-    if out is None:
-        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    target = out
-    if split_k > 1:
-        target = workspace if workspace is not None else torch.empty(m, n, dtype=torch.float32, device=x.device)
-        target.zero_()
-    grid = (triton.cdiv(n, block_n), split_k)
-    _skinny_kernel[grid](
-        x, w, target, m, n, k, x.stride(0), w.stride(0), target.stride(0),
-        BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-        num_warps=warps, num_stages=stages,
-    )  # fmt: skip
-    if split_k > 1:
-        out.copy_(target)
-    return out
+        for bn, bk, warps, stages in [(64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3), (32, 256, 4, 3)]:
+            tiles.append((bn, bk, warps, stages, False))
+        for bn, bk, warps, stages in [(64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3), (128, 64, 4, 5)]:
+            tiles.append((bn, bk, warps, stages, True))
+    return [(bn, bk, split, w, st, swap) for bn, bk, w, st, swap in tiles for split in SPLITS]
 
 
 def projections(model: str, tp: int = 1) -> dict[str, tuple[int, int]]:
@@ -180,7 +129,8 @@ def measure(
             line = f"{name} {n}x{k} rows {m}: floor {row['floor_us']:.1f} µs, cuBLAS {row['cublas_us']:.1f}"
             line += "".join(f", {b} {us:.1f}" for b, us in row.get("blas_us", {}).items())
             if "triton_us" in row:
-                line += f", triton {row['triton_us']:7.1f} {row['triton_config']}"
+                line += f", skinny_linear best {row['triton_us']:.1f} {row['triton_config']}"
+                line += f", picked {row['picked_us']:.1f} {row['picked_config']}"
             print(line, file=sys.stderr, flush=True)
         weights.clear()
         torch.cuda.empty_cache()
@@ -204,20 +154,22 @@ def _shape(weights: list[torch.Tensor], m: int, blas: tuple[str, ...] = (), cand
         for name in blas:
             with _blas(name):
                 out["blas_us"][name] = _time(matmul, CALLS)
-    if m > 64 or not candidate:
+    if m > LINEAR_ROWS or not candidate:
         return out
-    ref = x.float() @ weights[0].float().t()
-    best = None
-    for cfg in CONFIGS:
-        got = skinny_linear(x, weights[0], cfg).float()
-        err = ((got - ref).abs().max() / ref.abs().max()).item()
-        if err > 1e-2:
-            raise AssertionError(f"skinny_linear {cfg} wrong for {n} x {k}, {m} rows: relative error {err:.2e}")
-        acc = torch.empty(m, n, device="cuda", dtype=torch.float32)
-        us = _time(lambda i, c=cfg, a=acc: skinny_linear(x, weights[i % copies], c, out=y, workspace=a), CALLS)
-        if best is None or us < best[1]:
-            best = (cfg, us)
-    out.update(triton_us=best[1], triton_config=list(best[0]))
+    ref = torch.nn.functional.linear(x.float(), weights[0].float())
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    tried = []
+    for cfg in [None] + candidates(m):
+        got = skinny_linear(x, weights[0], config=cfg)
+        err = ((got.float() - ref).abs().max() / ref.abs().max()).item()
+        if err > 1e-2 or not torch.equal(got, skinny_linear(x, weights[0], config=cfg)):
+            raise AssertionError(f"skinny_linear {cfg} wrong or not deterministic for {n} x {k}, {m} rows: {err:.2e}")
+        us = _time(lambda i, c=cfg: skinny_linear(x, weights[i % copies], config=c), CALLS)
+        tried.append((us, list(cfg or pick(m, n, k, sms))))
+        if cfg is None:
+            out["picked_us"], out["picked_config"] = us, tried[-1][1]
+    tried.sort()
+    out.update(triton_us=tried[0][0], triton_config=tried[0][1], top=tried[:5])
     return out
 
 
@@ -274,12 +226,14 @@ def table(results: list[dict], card: str) -> str:
     lines = [
         "| projection (N x K) | TP | rows | floor µs | cuBLAS µs | cuBLAS / floor | "
         + "".join(f"{b} µs | " for b in blas)
-        + "Triton split-K µs | Triton / floor | card |",
-        "|---|---|---|---|---|---|" + "---|" * len(blas) + "---|---|---|",
+        + "skinny_linear µs (its pick) | best configuration µs | best / floor | card |",
+        "|---|---|---|---|---|---|" + "---|" * len(blas) + "---|---|---|---|",
     ]
     for r in results:
         t = r.get("triton_us")
-        tri = f"{t:.1f} | {t / r['floor_us']:.2f}×" if t is not None else "— | —"
+        tri = "— | — | —"
+        if t is not None:
+            tri = f"{r['picked_us']:.1f} | {t:.1f} {tuple(r['triton_config'])} | {t / r['floor_us']:.2f}×"
         alt = "".join(f"{r['blas_us'][b]:.1f} | " for b in blas)
         lines.append(
             f"| {r['proj']} ({r['N']} x {r['K']}) | {r['tp']} | {r['rows']} | {r['floor_us']:.1f} | "
@@ -311,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", default="1,8,32,64,128,256")
     ap.add_argument("--tp", type=int, default=1, help="one rank's share of each projection at this tensor parallelism")
     ap.add_argument("--blas", default="", help=f"comma-separated, of {', '.join(BLAS)}: also time cuBLAS under each")
-    ap.add_argument("--no-candidate", action="store_true", help="skip the Triton split-K candidate")
+    ap.add_argument("--no-candidate", action="store_true", help="skip skinny_linear (cuBLAS only)")
     ap.add_argument("--mlp", action="store_true", help="time gate/up + activation: acb's fused kernel and cuBLAS")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
