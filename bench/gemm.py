@@ -115,10 +115,18 @@ class _blas:
 
 
 def measure(
-    model: str, rows: list[int], bandwidth: float, tp: int = 1, blas: tuple[str, ...] = (), candidate: bool = True
+    model: str,
+    rows: list[int],
+    bandwidth: float,
+    tp: int = 1,
+    blas: tuple[str, ...] = (),
+    candidate: bool = True,
+    only: tuple[str, ...] = (),
 ) -> list[dict]:
     results = []
     for name, (n, k) in projections(model, tp).items():
+        if only and name not in only:
+            continue
         copies = max(2, -(-256 * 2**20 // (n * k * 2)))  # > 256 MiB in all: L2 (50-60 MB) never holds the next one
         weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
         for m in rows:
@@ -267,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--blas", default="", help=f"comma-separated, of {', '.join(BLAS)}: also time cuBLAS under each")
     ap.add_argument("--no-candidate", action="store_true", help="skip skinny_linear (cuBLAS only)")
     ap.add_argument("--mlp", action="store_true", help="time gate/up + activation: acb's fused kernel and cuBLAS")
+    ap.add_argument("--proj", default="", help="comma-separated projections to time (default: all)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     blas = tuple(b for b in args.blas.split(",") if b)
@@ -279,7 +288,8 @@ def main(argv: list[str] | None = None) -> None:
         write_json(args.json, card, bandwidth, results)
         print(mlp_table(results, card))
         return
-    results = measure(args.model, rows, bandwidth, args.tp, blas, not args.no_candidate)
+    only = tuple(p for p in args.proj.split(",") if p)
+    results = measure(args.model, rows, bandwidth, args.tp, blas, not args.no_candidate, only)
     write_json(args.json, card, bandwidth, results)
     print(table(results, card))
 

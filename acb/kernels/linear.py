@@ -31,19 +31,21 @@ _TICKETS = 8192  # column tiles one call may have: N / BLOCK_N
 Config = tuple[int, int, int, int, int, bool]
 
 
-@triton.jit(do_not_specialize=["M", "k_per"])  # any row count and split, one compiled variant per tile
+@triton.jit(do_not_specialize=["M", "k_blocks"])  # any row count and split, one compiled variant per tile
 def _linear_kernel(
-    X, W, BIAS, Y, P, TICKETS, M, N, K, k_per, split_k, s_xm, s_wn, s_ym,
+    X, W, BIAS, Y, P, TICKETS, M, N, K, k_blocks, split_k, s_xm, s_wn, s_ym, s_pk,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr, EVEN: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """``Y[:, n] = X @ W[n] (+ BIAS[n])`` for this program's BLOCK_N columns n, over K from ``pid_k * k_per`` to
-    ``(pid_k + 1) * k_per`` (a multiple of BLOCK_K). With SPLIT the partial goes to ``P[pid_k]`` and the tile's last
-    program sums them all into Y."""
+    ``(pid_k + 1) * k_per``, ``k_per = k_blocks * BLOCK_K``. With SPLIT the partial goes to ``P + pid_k * s_pk``
+    and the tile's last program sums them all into Y. Offsets along K are multiples of BLOCK_K and ``s_pk`` one of
+    16 so that Triton knows the loads and stores are aligned (vector loads, async copies)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_per = k_blocks * BLOCK_K
     k_lo = pid_k * k_per
     k_hi = tl.minimum(k_lo + k_per, K)
     rk = k_lo + tl.arange(0, BLOCK_K)
@@ -75,14 +77,14 @@ def _linear_kernel(
     tile = rm[:, None] * N + rn[None, :]  # a partial tile's place in P[pid_k], [M, N] row-major
     last = True
     if SPLIT:
-        tl.store(P + pid_k * M * N + tile, acc, mask=out_mask)
+        tl.store(P + pid_k * s_pk + tile, acc, mask=out_mask)
         tl.debug_barrier()  # every thread's partial is written before the ticket says so
         last = tl.atomic_add(TICKETS + pid_n, 1, sem="acq_rel") == split_k - 1
         if last:
             tl.debug_barrier()  # (the ticket came to one thread) every thread reads after the acquire
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for s in range(0, split_k):  # in split order, whoever came last
-                acc += tl.load(P + s * M * N + tile, mask=out_mask, other=0.0, cache_modifier=".cg")
+                acc += tl.load(P + s * s_pk + tile, mask=out_mask, other=0.0, cache_modifier=".cg")
             tl.atomic_xchg(TICKETS + pid_n, 0)  # ready for the next call (or graph replay)
     if last:
         if HAS_BIAS:
@@ -108,14 +110,15 @@ def skinny_linear(
     tiles = triton.cdiv(n, block_n)
     if tiles > _TICKETS:
         raise ValueError(f"skinny_linear has tickets for {_TICKETS} column tiles, {n} columns need {tiles}")
-    k_per = triton.cdiv(triton.cdiv(k, block_k), split_k) * block_k
-    split_k = triton.cdiv(k, k_per)  # no empty split
+    k_blocks = triton.cdiv(triton.cdiv(k, block_k), split_k)
+    split_k = triton.cdiv(k, k_blocks * block_k)  # no empty split
+    s_pk = triton.cdiv(rows * n, 16) * 16
     x = x.contiguous()
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    partials = torch.empty(split_k, rows, n, dtype=torch.float32, device=x.device) if split_k > 1 else out
+    partials = torch.empty(split_k, s_pk, dtype=torch.float32, device=x.device) if split_k > 1 else out
     _linear_kernel[(tiles, split_k)](
-        x, w, bias if bias is not None else out, out, partials, _tickets(x.device), rows, n, k, k_per, split_k,
-        x.stride(0), w.stride(0), out.stride(0),
+        x, w, bias if bias is not None else out, out, partials, _tickets(x.device), rows, n, k, k_blocks, split_k,
+        x.stride(0), w.stride(0), out.stride(0), s_pk,
         HAS_BIAS=bias is not None, SPLIT=split_k > 1, SWAP=swap, EVEN=k % block_k == 0 and n % block_n == 0,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
