@@ -1,11 +1,11 @@
 """Decode GEMMs against their weight-reading floor: cuBLAS (``F.linear``) and acb's split-K kernel for skinny
-products (``acb.kernels.linear.skinny_linear``), per projection of a model shape and per batch size.
+products (:mod:`bench.skinny`, a candidate the engine does not use), per projection of a model shape and per batch size.
 
 A decode step's projections read every weight once for a handful of rows, so each should run at the card's copy
 bandwidth. On an H200, W-share's decode steps of <= 32 rows took 5.4 ms of GPU against 3.8 ms of weight reading
 (docs/benchmarks.md), and ~60 % of the GPU time went to cuBLAS's skinny GEMM kernels. This measures each GEMM alone,
 inside a CUDA graph, cycling through enough copies of the weight that none is served from L2. ``skinny_linear`` runs
-its own pick (``acb.kernels.linear.pick``) and every configuration of :func:`candidates`, each first checked against
+its own pick (``bench.skinny.pick``) and every configuration of :func:`candidates`, each first checked against
 ``F.linear`` in fp32 (bf16 results within rounding) and against itself (bit-equal twice)::
 
     python -m bench.gemm --model llama-8b --rows 1,8,32,64,128,256 --json out.json
@@ -32,9 +32,8 @@ import time
 
 import torch
 
-from acb.kernels.linear import LINEAR_ROWS, pick, skinny_linear
-
 from .run import copy_bandwidth
+from .skinny import LINEAR_ROWS, pick, skinny_linear
 
 CALLS = 32  # calls per graph replay, cycling through the weight copies
 SPLITS = (1, 2, 3, 4, 6, 8)

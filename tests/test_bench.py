@@ -56,26 +56,30 @@ def test_step_kinds_split_gpu_time_by_kind_of_step():
 
 _SKINNY = """
 import torch
-from bench.gemm import CONFIGS, skinny_linear
+from bench.skinny import LINEAR_ROWS, _tickets, skinny_linear
 torch.manual_seed(0)
+configs = [None, (64, 64, 1, 4, 2, False), (32, 32, 3, 4, 2, True), (64, 32, 4, 4, 2, False)]
 for dtype in (torch.float32, torch.float16):  # the interpreter's tl.dot mishandles bf16; the card checks bf16 itself
-    for m, n, k in [(1, 96, 256), (5, 130, 300), (33, 64, 520), (64, 200, 128)]:
+    for m, n, k in [(1, 96, 256), (5, 130, 300), (33, 64, 520), (100, 200, 128), (LINEAR_ROWS, 64, 1000)]:
         x = torch.randn(m, k, dtype=dtype)
         w = (torch.randn(n, k) * 0.05).to(dtype)
-        ref = x.float() @ w.float().t()
-        for config in CONFIGS:
-            got = skinny_linear(x, w, config).float()
+        b = torch.randn(n, dtype=dtype)
+        ref = x.float() @ w.float().t() + b.float()
+        for config in configs:
+            got = skinny_linear(x, w, b, config).float()
             assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-3, (dtype, m, n, k, config)
+assert not _tickets(torch.device("cpu")).any()  # every call's last programs handed their tickets back
 try:
-    skinny_linear(torch.zeros(65, 8), torch.zeros(8, 8))
+    skinny_linear(torch.zeros(LINEAR_ROWS + 1, 8), torch.zeros(8, 8))
 except ValueError:
     print("ok")
 """
 
 
 def test_the_candidate_skinny_gemm_computes_x_times_w_transposed():
-    """bench/gemm.py's split-K kernel (a candidate measured against cuBLAS on the card), under Triton's interpreter:
-    every configuration, rows that do not fill a block, N and K that do not divide by the tiles."""
+    """bench/skinny.py's split-K kernel (a candidate measured against cuBLAS on the card), under Triton's interpreter:
+    splits of K whose last program sums the partials, swapped operands, a bias, rows that do not fill a block, N and K
+    that do not divide by the tiles."""
     import os
     import subprocess
     import sys

@@ -26,7 +26,6 @@ pytest.importorskip("triton")
 from acb.attention import AttentionMetadata, paged_attention_reference  # noqa: E402
 from acb.kernels.attention import paged_decode, paged_prefill  # noqa: E402
 from acb.kernels.fused import GATE_UP_ROWS, add_rmsnorm, gate_up_act, rope_and_cache, silu_mul  # noqa: E402
-from acb.kernels.linear import LINEAR_ROWS, skinny_linear  # noqa: E402
 from acb.kv_cache import KVCache, ModelShape  # noqa: E402
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
@@ -158,63 +157,6 @@ def test_rope_and_cache_write(dtype, dim):
     flat_v = cache.layers[0][1].view(-1, kvh, dim)
     torch.testing.assert_close(flat_k[slots].float(), rot(k).float(), **TOL[dtype])
     torch.testing.assert_close(flat_v[slots], v)
-
-
-# (BLOCK_N, BLOCK_K, SPLIT_K, warps, stages, SWAP): no split; a split with the tensor cores' sides swapped; a split
-# of K that leaves the last program a short share (K=1,000 in 3 splits of 64-wide blocks)
-LINEAR_CONFIGS = [None, (64, 64, 1, 4, 3, False), (32, 64, 3, 4, 3, True), (128, 64, 4, 8, 3, False)]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n, k", [(256, 512), (200, 1000), (4096, 4096)])  # even; masked N and K; llama-8b's O
-@pytest.mark.parametrize("rows", [1, 5, 17, 33, 64, 100, LINEAR_ROWS])
-@pytest.mark.parametrize("config", LINEAR_CONFIGS, ids=["picked", "whole-k", "split3-swap", "split4"])
-def test_skinny_linear_equals_f_linear(dtype, n, k, rows, config):
-    """The decode steps' split-K projection against ``F.linear``: fp32 sums, one rounding, the bias in fp32; and the
-    same bits on a second call (the partials are summed in split order, whichever program finishes last)."""
-    if DEVICE == "cpu" and dtype == torch.bfloat16:
-        pytest.skip("Triton 3.9's interpreter multiplies bf16 tiles wrongly (tl.dot on raw bf16 loads)")
-    torch.manual_seed(rows + n)
-    x = torch.randn(rows, k, device=DEVICE).to(dtype)
-    w = (torch.randn(n, k, device=DEVICE) / k**0.5).to(dtype)
-    bias = torch.randn(n, device=DEVICE).to(dtype)
-    for b in (None, bias):
-        got = skinny_linear(x, w, b, config)
-        ref = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
-        assert got.shape == (rows, n) and got.dtype == dtype
-        torch.testing.assert_close(got.float(), ref, **TOL[dtype])
-        assert torch.equal(skinny_linear(x, w, b, config), got)
-
-
-def test_skinny_linear_replays_in_a_cuda_graph_with_its_tickets_reset():
-    """Each call's last programs hand their tickets back, so a graph that captured several splits replays right."""
-    if DEVICE == "cpu":
-        pytest.skip("CUDA graphs")
-    from acb.kernels.linear import _tickets
-
-    torch.manual_seed(0)
-    x = torch.randn(LINEAR_ROWS, 4096, device=DEVICE, dtype=torch.bfloat16)
-    ws = [torch.randn(n, 4096, device=DEVICE, dtype=torch.bfloat16) / 64 for n in (4096, 6144, 1000)]
-    eager = [skinny_linear(x, w) for w in ws]
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = [skinny_linear(x, w) for w in ws]
-    for _ in range(3):
-        for o in outs:
-            o.zero_()
-        graph.replay()
-        torch.cuda.synchronize()
-        assert all(torch.equal(o, e) for o, e in zip(outs, eager))
-    assert not _tickets(x.device).any()
-
-
-def test_skinny_linear_refuses_what_it_cannot_take():
-    x = torch.zeros(LINEAR_ROWS + 1, 64, device=DEVICE)
-    with pytest.raises(ValueError, match="at most"):
-        skinny_linear(x, torch.zeros(96, 64, device=DEVICE))
-    with pytest.raises(ValueError, match="contiguous rows"):
-        skinny_linear(x[:4], torch.zeros(64, 96, device=DEVICE).t())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

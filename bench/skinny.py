@@ -1,4 +1,6 @@
-"""``x @ w.T (+ bias)`` for the few rows of a decode step, in one kernel whatever its split over K.
+"""``x @ w.T (+ bias)`` for the few rows of a decode step, in one kernel whatever its split over K: ``bench.gemm``'s
+candidate against cuBLAS. Not used by the engine: on an H200 it ties cuBLAS at <= 64 rows and loses by 15-45 % at
+128 (docs/benchmarks.md, "A split-K projection in one kernel"), so it stays here until a table says otherwise.
 
 A decode step's projections read every weight once for at most a few hundred rows: they are bound by memory, and a
 tile over all of K leaves most SMs idle when N is small (llama-8b's O and down projections have 4,096 columns:
@@ -9,7 +11,7 @@ whichever program arrives last, so results do not depend on timing. The tickets 
 can replay the kernel.
 
 Tickets live in one buffer per device, shared by every call: two of these kernels must not run at once on one
-device (the engine runs its steps on one stream).
+device.
 """
 
 from __future__ import annotations
