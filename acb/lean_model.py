@@ -57,22 +57,6 @@ def padded_tokens(tokens: int, multiple: int) -> int:
     return -(-tokens // multiple) * multiple
 
 
-def cheapest_padding(times: dict[int, float], reach: float = 0.125, margin: float = 0.03) -> dict[int, int]:
-    """``{count: larger count}`` for the row counts of ``times`` (ms of a layer's GEMMs, :meth:`LeanCausalLM.
-    warm_gemms`) where padding further is cheaper: cuBLAS picks a kernel per row count, and some picks are slower
-    than a larger count's (an H200 took 285 µs for llama-8b's gate/up at 448 rows, 163 µs at 512). A count moves to
-    the cheapest one at most ``reach`` (a fraction of itself, at least 64 rows) above it, if that saves more than
-    ``margin`` of its time (more than a timing's noise)."""
-    counts = sorted(times)
-    table = {}
-    for i, m in enumerate(counts):
-        top = m + max(64, int(m * reach))
-        best = min((c for c in counts[i:] if c <= top), key=lambda c: (times[c], c))
-        if times[best] < times[m] * (1 - margin):
-            table[m] = best
-    return table
-
-
 def pad_rows(rows: torch.Tensor, buckets: list[int]) -> torch.Tensor:
     """``rows`` and copies of its first entry, up to the smallest bucket that holds them (``rows`` itself when it
     fills one, or no bucket does)."""
@@ -121,8 +105,6 @@ class LeanCausalLM:
         # row counts the decode graphs' capture already ran every GEMM at (their buckets; set by whoever captures
         # them): a step with prompts pads its sampled rows to one of them past the last attention (see forward)
         self.row_buckets: list[int] | None = None
-        # eager steps' padded token counts that run cheaper padded further (cheapest_padding; set by the warm-up)
-        self.pad_further: dict[int, int] = {}
         self.tables: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._positions = 0
         self._rotary_tables(max_positions)
@@ -168,15 +150,14 @@ class LeanCausalLM:
         row counts a warm-up can run first (:meth:`warm_gemms`):
 
         - ``token_multiple``: the step's tokens are padded up to a multiple of it (:func:`padded_tokens`; the
-          engine's eager steps on CUDA: :data:`EAGER_TOKEN_MULTIPLE`), then further where :attr:`pad_further` says
-          that runs cheaper. Pad tokens run through every row-wise op (GEMMs, norms, activations) and nothing else:
-          attention reads and writes the real tokens only, so the pad rows never mix into them.
+          engine's eager steps on CUDA: :data:`EAGER_TOKEN_MULTIPLE`). Pad tokens run through every row-wise op
+          (GEMMs, norms, activations) and nothing else: attention reads and writes the real tokens only, so the pad
+          rows never mix into them.
         - The last layer's keys and values are cached for every token, but only the sampled rows go on past its
           attention (output projection, MLP, head): in a step with prompts, the other rows' would be thrown away.
           Their count is padded (repeating the first) to the smallest of :attr:`row_buckets` that holds them."""
         t = x.input_ids.shape[0]
         padded = padded_tokens(t, token_multiple)
-        padded = self.pad_further.get(padded, padded)
         ids = x.input_ids if padded == t else F.pad(x.input_ids, (0, padded - t))
         out = None
         if padded != t:  # attention writes the real rows; the pad rows hold whatever, row-wise ops keep them apart
@@ -204,18 +185,15 @@ class LeanCausalLM:
         return logits if logits.shape[0] == n else logits[:n]
 
     @torch.inference_mode()
-    def warm_gemms(self, counts: list[int], head_counts: list[int], timed: list[int] = ()) -> dict[int, float]:
+    def warm_gemms(self, counts: list[int], head_counts: list[int]) -> None:
         """Run each distinct layer's GEMMs (and their activation) at every row count of ``counts``, and the LM head
         at every count of ``head_counts``, on scratch inputs: cuBLAS then has loaded the kernel of every shape an
-        eager step can give it (see :meth:`forward`). No collective runs (each rank warms its own shard).
-
-        Then time one more pass of those GEMMs at each count of ``timed`` (CUDA events, one synchronization in all):
-        returns ``{count: ms}``, for :func:`cheapest_padding`."""
+        eager step can give it (see :meth:`forward`). No collective runs (each rank warms its own shard)."""
         layers = {}
         for lw in self.layers:  # one layer per set of shapes (alike in every family acb has today)
             key = (lw.qkv_w.shape, lw.qkv_b is not None, lw.o_w.shape, lw.gate_up_w.shape, lw.down_w.shape)
             layers.setdefault(key, lw)
-        most = max([*counts, *head_counts, *timed], default=0)
+        most = max(counts + head_counts, default=0)
         scratch: dict[int, torch.Tensor] = {}
 
         def rows(m: int, k: int) -> torch.Tensor:  # contiguous [m, k], as the forward's inputs are
@@ -223,27 +201,13 @@ class LeanCausalLM:
                 scratch[k] = torch.zeros(most, k, dtype=self.dtype, device=self.device)
             return scratch[k][:m]
 
-        def layer_gemms(m: int) -> None:
-            for lw in layers.values():
+        for lw in layers.values():
+            for m in counts:
                 F.linear(rows(m, lw.qkv_w.shape[1]), lw.qkv_w, lw.qkv_b)
                 F.linear(rows(m, lw.o_w.shape[1]), lw.o_w)
                 F.linear(self._up(rows(m, lw.gate_up_w.shape[1]), lw), lw.down_w)
-
-        for m in counts:
-            layer_gemms(m)
         for m in head_counts:
             F.linear(rows(m, self.lm_head.shape[1]), self.lm_head)
-        if not timed:
-            return {}
-        events = []
-        for m in timed:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            layer_gemms(m)
-            end.record()
-            events.append((m, start, end))
-        torch.cuda.synchronize(self.device)
-        return {m: start.elapsed_time(end) for m, start, end in events}
 
     # The forward in pieces, split at attention (the only op that reads the step's layout): the mixed-step graphs
     # (acb.mixed_graphs) capture everything between two attentions and run attention eagerly on the true sizes.

@@ -37,7 +37,7 @@ from .generic_model import GenericCausalLM
 from .grammar import GrammarMasks
 from .kernels import decode_splits
 from .kv_cache import KVCache
-from .lean_model import EAGER_TOKEN_MULTIPLE, LeanCausalLM, cheapest_padding, padded_tokens
+from .lean_model import EAGER_TOKEN_MULTIPLE, LeanCausalLM, padded_tokens
 from .logits import LogitsState
 from .sampling import SamplingTensors, Top, sample
 from .step_inputs import StepInputs
@@ -110,18 +110,13 @@ def _work(calls: queue.SimpleQueue) -> None:
         del item, future, fn, args  # hold nothing of a finished step while waiting for the next
 
 
-def step_counts(max_tokens: int, multiple: int) -> list[int]:
-    """Every :func:`padded_tokens` count of a step of up to ``max_tokens`` tokens (every count when ``multiple`` is
-    1)."""
-    return sorted(
+def gemm_counts(max_tokens: int, multiple: int, max_rows: int, row_buckets: list[int] | None):
+    """The row counts an eager step of the lean path gives its layers' GEMMs (every :func:`padded_tokens` count up to
+    ``max_tokens``'s; every count when ``multiple`` is 1), and the counts its LM head and last layer meet (the decode
+    graphs' buckets, or any count of sampled rows without graphs)."""
+    counts = sorted(
         {padded_tokens(t, multiple) for t in range(1, max_tokens + 1, multiple)} | {padded_tokens(max_tokens, multiple)}
     )
-
-
-def gemm_counts(max_tokens: int, multiple: int, max_rows: int, row_buckets: list[int] | None):
-    """The row counts an eager step of the lean path gives its layers' GEMMs (:func:`step_counts`), and the counts its
-    LM head and last layer meet (the decode graphs' buckets, or any count of sampled rows without graphs)."""
-    counts = step_counts(max_tokens, multiple)
     heads = list(row_buckets) if row_buckets else list(range(1, max_rows + 1))
     return sorted(set(counts) | set(heads)), heads
 
@@ -201,8 +196,6 @@ class ModelRunner:
         for m in (lean, self.generic):  # (the lean model outlives the engine: this engine's buckets, or none)
             if m is not None:
                 m.row_buckets = self.graphs.buckets if self.graphs is not None else None
-        if lean is not None:  # an earlier engine's table; this engine's warm-up times its own
-            lean.pad_further = {}
         # piecewise graphs for the steps that start prompts (lean path, one process; eager pieces on the CPU)
         self.mixed = None
         if mixed_graphs and lean is not None and tp is None:
@@ -231,12 +224,9 @@ class ModelRunner:
         if self.lean is None or not self._cuda:
             return 0
         counts, heads = gemm_counts(self._max_tokens, self.token_multiple, self._max_rows, self.lean.row_buckets)
-        if self.tp is not None:  # every rank must pad alike: no per-rank timing, the plain multiple
+        if self.tp is not None:
             self._mirrored(lambda: self.tp.warm_gemms(), lambda: None)
-            self.lean.warm_gemms(counts, heads)
-        else:
-            times = self.lean.warm_gemms(counts, heads, timed=step_counts(self._max_tokens, self.token_multiple))
-            self.lean.pad_further.update(cheapest_padding(times))
+        self.lean.warm_gemms(counts, heads)
         torch.cuda.synchronize(self.device)
         return len(counts)
 

@@ -8,9 +8,6 @@ GEMM shape (per row count: 3-5 ms each on an H200, up to ~70 ms with the device 
 1. The lean path's GEMMs run at every row count an eager step can give them: its steps pad their tokens to a
    multiple of 16 (of 128 past 8,192 tokens: :func:`acb.lean_model.padded_tokens`), so that is every such count up
    to ``max_num_batched_tokens``, on every tensor-parallel rank (:meth:`acb.runner.ModelRunner.warm_gemms`).
-   Without tensor parallelism each count's layer GEMMs are then timed once more, and a count pads further where
-   a larger one within reach ran cheaper (:func:`acb.lean_model.cheapest_padding`: cuBLAS's pick per row count is
-   uneven).
 2. Requests: first one step as large as the engine runs (``max_num_batched_tokens`` spread over as many prompts as
    that takes, within ``max_model_len``, half the KV cache and ``max_num_seqs``): its activations are the largest
    the allocator will be asked for, its GEMMs the tallest, and it decodes at that batch. Then a few short prompts
@@ -65,12 +62,7 @@ async def run(engine) -> None:
     t0 = time.perf_counter()
     counts = await asyncio.wrap_future(engine._runner.warm_gemms())
     engine.startup["warmup_gemms_s"] = time.perf_counter() - t0
-    lean = engine._runner.lean
-    further = len(lean.pad_further) if lean is not None else 0
-    log.info(
-        "acb warm-up, GEMMs at %d row counts: %.2f s (%d step sizes pad further, where cuBLAS ran cheaper)",
-        counts, engine.startup["warmup_gemms_s"], further,
-    )  # fmt: skip
+    log.info("acb warm-up, GEMMs at %d row counts: %.2f s", counts, engine.startup["warmup_gemms_s"])
     t0 = time.perf_counter()
     await _requests(engine)
     engine.startup["warmup_requests_s"] = time.perf_counter() - t0

@@ -148,39 +148,6 @@ async def test_eager_steps_pad_their_tokens_to_a_multiple(arch, make_model, toke
     assert all(q == t for q, t in attended)  # attention sees the step's real tokens only
 
 
-async def test_a_step_pads_further_where_the_warm_up_found_a_larger_count_cheaper(make_model, tokenizer):
-    """``pad_further`` (the warm-up's timing on CUDA, :func:`cheapest_padding`) moves a padded count up to a cheaper
-    one: forced here, every eager step's first layer runs the table's count, and the tokens stay ``generate``'s."""
-    model, ref = make_model("llama", seed=7)
-    prompts = random_prompts(3, [21, 5, 40], len(tokenizer), seed=7)
-    expected = [reference_greedy(ref, p, 5) for p in prompts]
-    async with Engine(model, tokenizer, EngineConfig(fast_path=True, overlap=False, cuda_graphs=False)) as engine:
-        runner = engine._runner
-        assert runner.lean.pad_further == {}  # the CPU times nothing
-        runner.token_multiple = 8
-        runner.lean.pad_further = {m: 96 for m in range(8, 96, 8)}
-        rows = first_layer_rows(runner.lean)
-        outs = await asyncio.gather(
-            *(engine.generate(p, SamplingParams(max_new_tokens=5, ignore_eos=True)) for p in prompts)
-        )
-    assert [o.token_ids for o in outs] == expected
-    assert rows and set(rows) == {96}
-
-
-def test_cheapest_padding_moves_a_count_only_up_within_reach_and_past_the_noise():
-    from acb.lean_model import cheapest_padding
-
-    times = {16: 1.0, 32: 1.5, 48: 1.2, 64: 1.6, 512: 10.0, 576: 9.0, 640: 8.0, 1024: 20.0, 1152: 19.9}
-    table = cheapest_padding(times)
-    assert table[32] == 48  # cheaper and within 64 rows
-    assert 16 not in table and 48 not in table  # nothing larger in reach is cheaper
-    assert table[512] == 576  # 640 is cheaper still, but past 512 + 64
-    assert 576 not in table or table[576] == 640
-    assert 1024 not in table  # 0.5 % cheaper: noise, not a better kernel
-    assert all(v > k for k, v in table.items())
-    assert cheapest_padding({}) == {}
-
-
 async def test_a_step_past_8192_tokens_pads_to_whole_128_row_tiles(make_model, tokenizer):
     """Five 1,800-token prompts start in one 9,000-token step: with padding on (forced on the CPU), its first layer
     runs 9,088 rows (a multiple of 128, not only of 16), and the tokens stay ``generate``'s."""

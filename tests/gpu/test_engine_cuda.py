@@ -169,9 +169,8 @@ async def test_step_timing_records_every_steps_interval_and_shape(make_model, to
 
 async def test_eager_steps_are_padded_and_their_gemms_warmed_on_cuda(make_model, tokenizer):
     """On CUDA the lean path's eager steps pad their tokens (to 16; to whole 128-row tiles past 8,192 tokens) and the
-    warm-up runs every such row count first, timing each: a count moves up to a cheaper one where it found one. A
-    9,000-token first step (five 1,800-token prompts) runs 9,088 rows, a later one of 35 tokens 48 (or the larger
-    counts the table gives them), and the tokens equal ``generate``'s (float32)."""
+    warm-up runs every such row count first. A 9,000-token first step (five 1,800-token prompts) runs 9,088 rows, a
+    later one of 35 tokens 48, and the tokens equal ``generate``'s (float32)."""
     model, ref = make_model("llama", seed=6)
     prompts = random_prompts(6, [1800, 1800, 1800, 1800, 1800, 35], len(tokenizer), seed=6)
     expected = [reference_greedy(ref, p, 4) for p in prompts]
@@ -182,7 +181,5 @@ async def test_eager_steps_are_padded_and_their_gemms_warmed_on_cuda(make_model,
         params = SamplingParams(max_new_tokens=4, ignore_eos=True)
         first = await asyncio.gather(*(engine.generate(p, params) for p in prompts[:5]))
         last = await engine.generate(prompts[5], params)
-        further = dict(engine._runner.lean.pad_further)
     assert [o.token_ids for o in first] + [last.token_ids] == expected
-    assert further.get(9088, 9088) in rows and further.get(48, 48) in rows
-    assert all(k < v <= k + max(64, k // 8) and v % 16 == 0 for k, v in further.items())
+    assert 9088 in rows and 48 in rows
