@@ -1,5 +1,5 @@
-"""Decode GEMMs against their weight-reading floor: cuBLAS (``F.linear``) and acb's split-K kernel for skinny
-products (:mod:`bench.skinny`, a candidate the engine does not use), per projection of a model shape and per batch size.
+"""Decode GEMMs against their weight-reading floor: cuBLAS (``F.linear``) and a split-K Triton kernel for skinny
+products (:mod:`bench.skinny`, a candidate the engine does not use), per projection of a model shape and batch size.
 
 A decode step's projections read every weight once for a handful of rows, so each should run at the card's copy
 bandwidth. On an H200, W-share's decode steps of <= 32 rows took 5.4 ms of GPU against 3.8 ms of weight reading
