@@ -260,17 +260,18 @@ def _float_in(name: str, value: object, low: float, high: float, *, low_open: bo
     return f
 
 
+def _bounded_list(value: object, name: str, expected: str, most: int, items: str) -> None:
+    """``value`` is a list or tuple of at most ``most`` entries, else a typed error naming ``name``."""
+    if not isinstance(value, (list, tuple)):
+        raise InvalidSamplingParamsError(f"{name} must be {expected}, got {type(value).__name__}", param=name)
+    if len(value) > most:
+        raise InvalidSamplingParamsError(f"{name} has {len(value)} {items}; at most {most} are allowed", param=name)
+
+
 def _stop_strings(stop: object) -> tuple[str, ...]:
     if isinstance(stop, str):
         stop = (stop,)
-    if not isinstance(stop, (list, tuple)):
-        raise InvalidSamplingParamsError(
-            f"stop must be a string or a list of strings, got {type(stop).__name__}", param="stop"
-        )
-    if len(stop) > MAX_STOP_STRINGS:
-        raise InvalidSamplingParamsError(
-            f"stop has {len(stop)} strings; at most {MAX_STOP_STRINGS} are allowed", param="stop"
-        )
+    _bounded_list(stop, "stop", "a string or a list of strings", MAX_STOP_STRINGS, "strings")
     for s in stop:
         if not isinstance(s, str) or not s:
             raise InvalidSamplingParamsError("stop must be a list of non-empty strings", param="stop")
@@ -282,14 +283,7 @@ def _stop_strings(stop: object) -> tuple[str, ...]:
 
 
 def _stop_token_ids(ids: object) -> tuple[int, ...]:
-    if not isinstance(ids, (list, tuple)):
-        raise InvalidSamplingParamsError(
-            f"stop_token_ids must be a list of token ids, got {type(ids).__name__}", param="stop_token_ids"
-        )
-    if len(ids) > MAX_STOP_TOKEN_IDS:
-        raise InvalidSamplingParamsError(
-            f"stop_token_ids has {len(ids)} ids; at most {MAX_STOP_TOKEN_IDS} are allowed", param="stop_token_ids"
-        )
+    _bounded_list(ids, "stop_token_ids", "a list of token ids", MAX_STOP_TOKEN_IDS, "ids")
     if any(not _is_int(t) or t < 0 for t in ids):
         raise InvalidSamplingParamsError("stop_token_ids must be non-negative integers", param="stop_token_ids")
     return tuple(ids)
