@@ -113,18 +113,24 @@ class LeanCausalLM:
         self.workspace = None
         if self.on_cuda and workspace_rows:
             self.workspace = _decode_workspace(workspace_rows, self.num_heads, self.head_dim, self.device)
-        # each op's implementation, chosen once: Triton kernels on CUDA, plain torch on the CPU
-        if self.on_cuda:
+        self.kernels = False
+        self.use_kernels(self.on_cuda)
+
+    def use_kernels(self, on: bool) -> None:
+        """Choose each op's implementation, once: the Triton kernels (on CUDA; the CPU tests run them under Triton's
+        interpreter) or plain torch (on the CPU)."""
+        self.kernels = on
+        if on:
             from .kernels import attention as kattn
             from .kernels import fused
 
             self._k, self._kf = kattn, fused
             self._norm, self._attend = self._norm_cuda, self._attend_cuda
-            self._gate = self._kf.silu_mul if spec.activation == "silu" else _gelu_tanh_mul
+            self._gate = self._kf.silu_mul if self.spec.activation == "silu" else _gelu_tanh_mul
             self._up = self._up_cuda
         else:
             self._norm, self._attend = self._norm_torch, self._attend_torch
-            self._gate = _silu_mul if spec.activation == "silu" else _gelu_tanh_mul
+            self._gate = _silu_mul if self.spec.activation == "silu" else _gelu_tanh_mul
             self._up = self._up_unfused
 
     def ensure(self, max_positions: int, workspace_rows: int) -> None:
@@ -169,8 +175,10 @@ class LeanCausalLM:
             rows = torch.arange(t, device=self.device)
         elif rows is not None and self.row_buckets:
             rows = pad_rows(rows, self.row_buckets)
+        # a decode step's kernel norms q and k per head itself (Qwen3, Gemma 3: see _attend_cuda)
+        qk_norm = not (self.kernels and x.decode_splits)
         for i, lw in enumerate(self.layers):
-            q, k, v, residual = self.before_attention(i, h, residual)
+            q, k, v, residual = self.before_attention(i, h, residual, qk_norm=qk_norm)
             if out is None:
                 o = self._attend(i, lw, q, k, v, x)
             else:
@@ -217,10 +225,17 @@ class LeanCausalLM:
         return h if self.embed_scale is None else h * self.embed_scale
 
     def before_attention(
-        self, i: int, h: torch.Tensor, residual: torch.Tensor | None, qkv_out: torch.Tensor | None = None
+        self,
+        i: int,
+        h: torch.Tensor,
+        residual: torch.Tensor | None,
+        qkv_out: torch.Tensor | None = None,
+        qk_norm: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Layer ``i`` up to attention: ``(q, k, v, residual)``. The first layer starts the residual stream (a copy
-        of ``h``); later ones add ``h`` into it in place. ``qkv_out``: where the fused Q/K/V projection goes."""
+        of ``h``); later ones add ``h`` (after the previous layer's post-MLP norm, where it has one) into it in
+        place. ``qkv_out``: where the fused Q/K/V projection goes. ``qk_norm=False``: q and k come back before
+        their per-head norms, which the attention kernel then applies (a decode step on CUDA)."""
         lw = self.layers[i]
         if residual is None:
             residual = h.clone()
@@ -228,7 +243,7 @@ class LeanCausalLM:
         elif self._partial(i - 1):
             normed = self._reduce_norm(h, residual, lw.ln1)
         else:
-            normed = self._norm(h, residual, lw.ln1)
+            normed = self._norm(h, residual, lw.ln1, self.layers[i - 1].post_mlp_norm)
         t = normed.shape[0]
         if qkv_out is None:
             qkv = F.linear(normed, lw.qkv_w, lw.qkv_b)
@@ -239,14 +254,16 @@ class LeanCausalLM:
         q = qkv[:, : self._q_size].view(t, self.num_heads, self.head_dim)
         k = qkv[:, self._q_size : self._q_size + self._kv_size].view(t, self.num_kv_heads, self.head_dim)
         v = qkv[:, self._q_size + self._kv_size :].view(t, self.num_kv_heads, self.head_dim)
-        if lw.q_norm is not None:  # Qwen3, Gemma 3: RMSNorm over each head before rotary
+        if lw.q_norm is not None and qk_norm:  # Qwen3, Gemma 3: RMSNorm over each head before rotary
             q = self._norm(q.reshape(-1, self.head_dim), None, lw.q_norm).view(t, self.num_heads, self.head_dim)
             k = self._norm(k.reshape(-1, self.head_dim), None, lw.k_norm).view(t, self.num_kv_heads, self.head_dim)
         return q, k, v, residual
 
     def after_attention(self, i: int, o: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """Layer ``i`` from attention's output ``o`` ``[T, heads * head_dim]``: the output projection and the MLP
-        (``residual`` takes the attention's contribution in place); returns the MLP's output. Under tensor
+        (``residual`` takes the attention's contribution in place); returns the MLP's output, before the post-MLP
+        norm of a family that has one (Gemma 3): whatever reads it next applies that norm in its own kernel (the next
+        layer's first norm, or :meth:`head`). Under tensor
         parallelism each rank's heads and MLP columns give partial sums: the attention's is summed here (with the
         norm after it, :meth:`_reduce_norm`), the MLP's by whatever reads it next (the next layer's first norm, or
         :meth:`head`) unless a post-MLP norm needs it whole here (:meth:`_partial`)."""
@@ -255,16 +272,14 @@ class LeanCausalLM:
         if lw.post_attn_norm is not None:
             if self.group is not None:
                 self.group.all_reduce(attn)
-            normed = norm(norm(attn, None, lw.post_attn_norm), residual, lw.ln2)
+            normed = norm(attn, residual, lw.ln2, lw.post_attn_norm)
         elif self.group is not None:
             normed = self._reduce_norm(attn, residual, lw.ln2)
         else:
             normed = norm(attn, residual, lw.ln2)
         h = F.linear(self._up(normed, lw), lw.down_w)
-        if lw.post_mlp_norm is not None:
-            if self.group is not None:
-                self.group.all_reduce(h)
-            h = norm(h, None, lw.post_mlp_norm)
+        if lw.post_mlp_norm is not None and self.group is not None:
+            self.group.all_reduce(h)  # the norm needs the whole sum
         return h
 
     def _partial(self, i: int) -> bool:
@@ -285,7 +300,7 @@ class LeanCausalLM:
             h, residual = h[logits_idx], residual[logits_idx]
         if self._partial(len(self.layers) - 1):  # the rows the head reads, summed over the ranks
             h = self.group.all_reduce(h.contiguous())
-        logits = F.linear(self._norm(h, residual, self.norm), self.lm_head)
+        logits = F.linear(self._norm(h, residual, self.norm, self.layers[-1].post_mlp_norm), self.lm_head)
         if self.group is not None:  # each rank has its slice of the vocabulary
             logits = self.group.all_gather_last(logits)[:, : self.vocab_size]
         cap = self.spec.final_softcap
@@ -304,10 +319,11 @@ class LeanCausalLM:
     def _attend_cuda(self, i: int, lw: LeanLayer, q, k, v, x: LeanInputs, out=None) -> torch.Tensor:
         kv = self.kv_cache.layers[i]
         cos, sin = self.tables[lw.rope]
-        if x.decode_splits:  # rotary and the cache write inside the decode kernel
+        if x.decode_splits:  # rotary, the cache write and the per-head norms (forward deferred them) in the kernel
+            norms = None if lw.q_norm is None else (lw.q_norm, lw.k_norm, self.eps)
             o = self._k.paged_decode(q, kv, x.block_tables, x.seq_lens, self.scale, x.decode_splits,
                                      window=lw.window, workspace=self.workspace,
-                                     rope=(k, v, cos, sin, x.positions, x.slot_mapping))  # fmt: skip
+                                     rope=(k, v, cos, sin, x.positions, x.slot_mapping), qk_norm=norms)  # fmt: skip
             return o if out is None else out.copy_(o)
         self._kf.rope_and_cache(q, k, v, cos, sin, x.positions, x.slot_mapping, kv)
         if x.prefill_map is None:
@@ -336,10 +352,14 @@ class LeanCausalLM:
         """The fused gate/up projection, then :attr:`_gate` (the activation kernel on CUDA, torch on the CPU)."""
         return self._gate(F.linear(x, lw.gate_up_w))
 
-    def _norm_cuda(self, x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor) -> torch.Tensor:
-        return self._kf.add_rmsnorm(x, residual, w, self.eps)
+    # the norms: ``residual += x`` (when given), then RMSNorm with weight ``w``; ``pre``: x is RMSNormed with it first
 
-    def _norm_torch(self, x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor) -> torch.Tensor:
+    def _norm_cuda(self, x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, pre=None) -> torch.Tensor:
+        return self._kf.add_rmsnorm(x, residual, w, self.eps, pre)
+
+    def _norm_torch(self, x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, pre=None) -> torch.Tensor:
+        if pre is not None:
+            x = self._norm_torch(x, None, pre)
         if residual is not None:
             residual.add_(x)
             x = residual

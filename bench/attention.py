@@ -12,6 +12,7 @@ blocks of each sequence scattered), this times one layer's attention inside a CU
 - ``paged_prefill`` over the same rows, one query token each: what a step that also starts prompts runs.
 
     python -m bench.attention --rows 32,128,256 --contexts 512,1500,4000 --json out.json
+    python -m bench.attention --rows 32 --contexts 512 --shape 32,8,64    # llama-1b's geometry (W-family)
 
 ``--prefill`` times instead the prefill kernel on steps shaped like W-share's that start prompts (whole prompts of
 its length law, beside decode rows of long contexts), launched two ways: one program per block of query tokens
@@ -206,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--contexts", default="512,1500,4000")
     ap.add_argument("--max-model-len", type=int, default=8192, help="the engine's, which its split choice reads")
     ap.add_argument("--prefill", action="store_true", help="time the prefill kernel on W-share's prompt steps")
+    ap.add_argument("--shape", default="32,8,128", help="query heads, KV heads, head_dim (default: llama-8b's)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     card, bandwidth = card_and_bandwidth(ap)
@@ -216,7 +218,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     results = []
     for rows, ctx in itertools.product(map(int, args.rows.split(",")), map(int, args.contexts.split(","))):
-        results += measure(rows, ctx, bandwidth, args.max_model_len)
+        heads, kv_heads, dim = map(int, args.shape.split(","))
+        results += measure(rows, ctx, bandwidth, args.max_model_len, heads, kv_heads, dim)
         torch.cuda.empty_cache()
     write_json(args.json, card, bandwidth, results)
     print(table(results, card))

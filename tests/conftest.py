@@ -104,10 +104,10 @@ def first_layer_rows(lean) -> list[int]:
     rows = []
     before = lean.before_attention
 
-    def spy(i, h, residual, qkv_out=None):
+    def spy(i, h, residual, *args, **kwargs):
         if i == 0:
             rows.append(h.shape[0])
-        return before(i, h, residual, qkv_out)
+        return before(i, h, residual, *args, **kwargs)
 
     lean.before_attention = spy
     return rows

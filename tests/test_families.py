@@ -236,6 +236,81 @@ def test_the_fused_gate_up_kernel_equals_the_projection_then_the_activation():
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
 
 
+_LEAN_KERNEL_DECODE = """
+import asyncio, sys
+import torch
+sys.path.insert(0, "tests")
+from conftest import random_prompts, reference_greedy
+from acb import Engine, EngineConfig, SamplingParams
+from acb.default_model import default_tokenizer, tiny_model
+from acb.runner import ModelRunner
+
+# The lean path's decode steps as on CUDA, run eagerly: every op on its Triton kernel (interpreted), q/k norms,
+# rotary and the cache write inside the decode kernel, Gemma 3's sandwich norms fused into the next norm. Steps with
+# prompts keep the torch ops.
+decode_steps = []
+def forward(self, b, d, j=0):
+    if not b.decode_only or j:
+        return ModelRunner._forward.__wrapped__(self, b, d, j)
+    decode_steps.append(b.num_rows)
+    self.lean.use_kernels(True)
+    try:
+        return self._lean_decode(d, 2)[d.sample_idx]
+    finally:
+        self.lean.use_kernels(False)
+forward.__wrapped__ = ModelRunner._forward
+ModelRunner._forward = forward
+
+tok = default_tokenizer()
+for arch in sys.argv[1:]:
+    model = tiny_model(arch, seed=5)
+    ref = tiny_model(arch, seed=5)
+    prompts = random_prompts(4, [5, 17, 9, 12], len(tok), seed=2)
+    want = [reference_greedy(ref, p, 6) for p in prompts]
+    async def main():
+        async with Engine(model, tok, EngineConfig(block_size=8, fast_path=True, overlap=False)) as engine:
+            outs = await asyncio.gather(*(engine.generate(p, SamplingParams(max_new_tokens=6, ignore_eos=True))
+                                          for p in prompts))
+        return [o.token_ids for o in outs]
+    got = asyncio.run(main())
+    assert got == want, (arch, got, want)
+    assert decode_steps, arch
+    decode_steps.clear()
+print("ok")
+"""
+
+
+def test_the_lean_decode_step_on_the_kernels_gives_generate_s_tokens():
+    """The lean path's decode step as CUDA runs it (the forward its graphs capture: the Triton kernels, Qwen3's and
+    Gemma 3's per-head q/k norms inside the decode kernel, Gemma 3's post-attention and post-MLP norms inside the
+    next norm's kernel), eagerly under Triton's interpreter on the CPU, gives ``model.generate``'s tokens."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
+    cmd = [sys.executable, "-c", _LEAN_KERNEL_DECODE, "llama", "qwen3", "gemma3"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+def test_the_new_kernels_under_the_interpreter():
+    """The decode kernel's q/k norms, the norm with a norm before it, and the graphs' argmax: their tests in
+    tests/gpu/test_kernels.py, in float32 under Triton's interpreter (bfloat16 runs on the card)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
+    path = os.path.join(os.path.dirname(__file__), "gpu", "test_kernels.py")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path, "-k",
+           "(qk_norm or pre_norm or argmax) and not dtype1"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0 and " passed" in r.stdout and "failed" not in r.stdout, r.stdout[-3000:]
+
+
 @pytest.mark.parametrize("overlap", [True, False], ids=["async", "sync"])
 @pytest.mark.parametrize("arch", MOE)
 async def test_mixture_of_experts_models_run_the_generic_path(arch, overlap, make_model, tokenizer):

@@ -45,14 +45,17 @@ def _online_softmax(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
 
 @triton.jit
 def _decode_split_kernel(
-    Q, KC, VC, BT, LENS, OP, MP, LP, OUT, scale, KN, VN, COS, SIN, POS, SLOT,
+    Q, KC, VC, BT, LENS, OP, MP, LP, OUT, scale, KN, VN, COS, SIN, POS, SLOT, QW, KW, eps,
     s_qb, s_qh, s_kb, s_ks, s_kh, s_bt, s_ob, s_oh, s_os, s_mb, s_mh, s_b, s_h, s_knb, s_knh, s_vnb, s_vnh, s_cos,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, SPLITS: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr, ROPE: tl.constexpr,
+    QK_NORM: tl.constexpr,
 ):  # fmt: skip
     # ROPE: Q holds the step's query before rotary embedding; KN/VN the new token's key and value, not yet in the
     # cache. Every program rotates its query heads in registers; the program whose chunk holds the new position
     # also rotates the key and writes key and value to the cache slot SLOT[b], before its own loop reads them.
+    # QK_NORM (with ROPE): Q and KN come before their per-head RMSNorms too (weights QW, KW), which are applied
+    # first, with the arithmetic of acb.kernels.fused.add_rmsnorm (each head's row of D values, rounded once).
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -79,6 +82,12 @@ def _decode_split_kernel(
         q_row = Q + b * s_qb + heads[:, None] * s_qh
         qa = tl.load(q_row + d[None, :], mask=qmask, other=0.0).to(tl.float32)
         qb = tl.load(q_row + partner[None, :], mask=qmask, other=0.0).to(tl.float32)
+        if QK_NORM:
+            rq = tl.rsqrt(tl.sum(qa * qa, 1) / D + eps)[:, None]
+            wa = tl.load(QW + d, mask=d < D, other=0.0)[None, :]
+            wb = tl.load(QW + partner, mask=d < D, other=0.0)[None, :]
+            qa = ((qa * rq).to(QW.dtype.element_ty) * wa).to(Q.dtype.element_ty).to(tl.float32)
+            qb = ((qb * rq).to(QW.dtype.element_ty) * wb).to(Q.dtype.element_ty).to(tl.float32)
         c2, s2 = c[None, :], sn[None, :]
         q = tl.where(first[None, :], qa * c2 - qb * s2, qa * c2 + qb * s2).to(Q.dtype.element_ty)
         last = ctx - 1
@@ -86,6 +95,12 @@ def _decode_split_kernel(
             kn_row = KN + b * s_knb + kvh * s_knh
             ka = tl.load(kn_row + d, mask=d < D, other=0.0).to(tl.float32)
             kb = tl.load(kn_row + partner, mask=d < D, other=0.0).to(tl.float32)
+            if QK_NORM:
+                rk = tl.rsqrt(tl.sum(ka * ka, 0) / D + eps)
+                wa = tl.load(KW + d, mask=d < D, other=0.0)
+                wb = tl.load(KW + partner, mask=d < D, other=0.0)
+                ka = ((ka * rk).to(KW.dtype.element_ty) * wa).to(KN.dtype.element_ty).to(tl.float32)
+                kb = ((kb * rk).to(KW.dtype.element_ty) * wb).to(KN.dtype.element_ty).to(tl.float32)
             k_rot = tl.where(first, ka * c - kb * sn, ka * c + kb * sn)
             slot = tl.load(SLOT + b).to(tl.int64)
             cache = (slot // PAGE) * s_kb + (slot % PAGE) * s_ks + kvh * s_kh + d
@@ -167,13 +182,20 @@ def paged_decode(
     workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     tile: tuple[int, int, int] | None = None,
     rope: tuple[torch.Tensor, ...] | None = None,
+    qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """``tile``: ``(BLOCK_N, num_warps, num_stages)`` of the split kernel instead of the defaults (bench.attention
     times the choices).
 
     ``rope``: ``(k, v, cos, sin, positions, slot_mapping)`` of the step's new tokens, as
     :func:`acb.kernels.fused.rope_and_cache` takes them, with ``q`` before rotary: the kernel rotates q (in registers;
-    ``q`` itself is left as it is) and k, and writes k and v to the cache, one kernel instead of two per layer."""
+    ``q`` itself is left as it is) and k, and writes k and v to the cache, one kernel instead of two per layer.
+
+    ``qk_norm``: ``(q weight, k weight, eps)`` of per-head RMSNorms (Qwen3, Gemma 3) that ``q`` and the new key
+    (``rope``'s ``k``, which it needs) have not had yet: the kernel applies them before rotary, in registers, where
+    :func:`acb.kernels.fused.add_rmsnorm` on each would take two kernels and a copy of the strided q."""
+    if qk_norm is not None and rope is None:
+        raise ValueError("qk_norm comes with rope: the kernel norms the new key it writes to the cache")
     bsz, heads, dim = q.shape
     kvh = kv.shape[3]
     group = heads // kvh
@@ -189,15 +211,16 @@ def paged_decode(
     kc, vc = kv[0], kv[1]
     block_n, warps, stages = tile or _decode_tile(q)
     kn, vn, cos, sin, positions, slots = rope if rope is not None else (q, q, q, q, seq_lens, seq_lens)
+    qw, kw, eps = qk_norm if qk_norm is not None else (q, q, 0.0)
     _decode_split_kernel[(bsz, kvh, splits)](
-        q, kc, vc, block_tables, seq_lens, op, mp, lp, out, scale, kn, vn, cos, sin, positions, slots,
+        q, kc, vc, block_tables, seq_lens, op, mp, lp, out, scale, kn, vn, cos, sin, positions, slots, qw, kw, eps,
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
         op.stride(0), op.stride(1), op.stride(2), mp.stride(0), mp.stride(1), out.stride(0), out.stride(1),
         kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), cos.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim, D_PAD=triton.next_power_of_2(dim),
         BLOCK_N=block_n, PAGE=kv.shape[2],
         SPLITS=splits, WINDOW=window, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", ROPE=rope is not None,
-        num_warps=warps, num_stages=stages,
+        QK_NORM=qk_norm is not None, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if splits == 1:  # the split kernel wrote the output
         return out

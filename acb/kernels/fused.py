@@ -1,6 +1,7 @@
 """Small fused kernels of the lean model path: rotary embedding folded into the KV-cache write, residual add +
-RMSNorm, SiLU·mul, and the gate/up projection with its activation for the few rows of a decode step. Each replaces
-several kernels (and their round trips through memory)."""
+RMSNorm (after a norm of its own where Gemma 3 has one), SiLU·mul, and the gate/up projection with its activation
+for the few rows of a decode step. Each replaces several kernels (and their round trips through memory). Also the
+decode graphs' greedy argmax, of either path."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["rope_and_cache", "add_rmsnorm", "silu_mul", "gate_up_act", "GATE_UP_ROWS"]
+__all__ = ["rope_and_cache", "add_rmsnorm", "silu_mul", "gate_up_act", "GATE_UP_ROWS", "argmax_rows"]
 
 
 @triton.jit
@@ -72,11 +73,17 @@ def rope_and_cache(
 
 
 @triton.jit
-def _add_rmsnorm_kernel(X, R, W, OUT, s_x, s_r, s_o, n, eps, BLOCK: tl.constexpr, HAS_RES: tl.constexpr):
+def _add_rmsnorm_kernel(
+    X, R, W, PRE, OUT, s_x, s_r, s_o, n, eps, BLOCK: tl.constexpr, HAS_RES: tl.constexpr, HAS_PRE: tl.constexpr
+):  # fmt: skip
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
     x = tl.load(X + row * s_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_PRE:  # the same arithmetic as a call of its own with weight PRE (rounded to OUT's dtype), in registers
+        y = x * tl.rsqrt(tl.sum(x * x, 0) / n + eps)
+        p = tl.load(PRE + cols, mask=mask, other=0.0)
+        x = (y.to(PRE.dtype.element_ty) * p).to(OUT.dtype.element_ty).to(tl.float32)
     if HAS_RES:
         x += tl.load(R + row * s_r + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(R + row * s_r + cols, x.to(R.dtype.element_ty), mask=mask)
@@ -86,14 +93,21 @@ def _add_rmsnorm_kernel(X, R, W, OUT, s_x, s_r, s_o, n, eps, BLOCK: tl.constexpr
     tl.store(OUT + row * s_o + cols, (y.to(W.dtype.element_ty) * w).to(OUT.dtype.element_ty), mask=mask)
 
 
-def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``residual += x`` (when given), then RMSNorm of the sum; returns the normed rows (``x`` itself is kept)."""
+def add_rmsnorm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, pre: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``residual += x`` (when given), then RMSNorm of the sum; returns the normed rows (``x`` itself is kept).
+
+    ``pre``: RMSNorm ``x`` with this weight first (Gemma 3's norms on the attention's and the MLP's outputs, before
+    they join the residual stream): one kernel for what would be ``add_rmsnorm(add_rmsnorm(x, None, pre, eps),
+    residual, weight, eps)``, with the same result."""
     rows, n = x.shape
     out = torch.empty_like(x)
     res = residual if residual is not None else x
     _add_rmsnorm_kernel[(rows,)](
-        x, res, weight, out, x.stride(0), res.stride(0), out.stride(0), n, eps,
-        BLOCK=triton.next_power_of_2(n), HAS_RES=residual is not None, num_warps=8 if n >= 4096 else 4,
+        x, res, weight, pre if pre is not None else weight, out, x.stride(0), res.stride(0), out.stride(0), n, eps,
+        BLOCK=triton.next_power_of_2(n), HAS_RES=residual is not None, HAS_PRE=pre is not None,
+        num_warps=8 if n >= 4096 else 4,
     )  # fmt: skip
     return out
 
@@ -209,6 +223,54 @@ def gate_up_act(
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
     )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _argmax_chunk_kernel(X, VAL, IDX, s_x, n, CHUNKS, BLOCK: tl.constexpr):
+    """The largest value of one chunk of one row and the first column holding it; NaN counts as +inf."""
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(X + row.to(tl.int64) * s_x + cols, mask=cols < n, other=float("-inf")).to(tl.float32)
+    x = tl.where(x != x, float("inf"), x)
+    top = tl.max(x, 0)
+    tl.store(VAL + row * CHUNKS + chunk, top)
+    tl.store(IDX + row * CHUNKS + chunk, tl.min(tl.where(x == top, cols, n), 0))
+
+
+@triton.jit
+def _argmax_merge_kernel(VAL, IDX, OUT, n, CHUNKS, CHUNKS_PAD: tl.constexpr):
+    row = tl.program_id(0)
+    c = tl.arange(0, CHUNKS_PAD)
+    val = tl.load(VAL + row * CHUNKS + c, mask=c < CHUNKS, other=float("-inf"))
+    idx = tl.load(IDX + row * CHUNKS + c, mask=c < CHUNKS, other=n)
+    top = tl.max(val, 0)
+    tl.store(OUT + row, tl.min(tl.where(val == top, idx, n), 0).to(tl.int64))
+
+
+_ARGMAX_BLOCK = 4096
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(-1)`` of ``[rows, vocab]`` logits (int64 ``[rows]``): the first column holding each row's
+    largest value. A row with a NaN gives its first NaN or +inf, where torch gives its first NaN; either way the
+    value there is not finite, which is all :func:`acb.sampling.flag_non_finite` asks of it.
+
+    Two small kernels, chunks of a row then the row: torch's reduction gives a few dozen rows of a 128K vocabulary
+    a few blocks and took ~33 µs of a 1.3 ms decode step on an H200 (docs/benchmarks.md, issue 16)."""
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    rows, n = logits.shape
+    chunks = triton.cdiv(n, _ARGMAX_BLOCK)
+    val = torch.empty(rows, chunks, dtype=torch.float32, device=logits.device)
+    idx = torch.empty(rows, chunks, dtype=torch.int32, device=logits.device)
+    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    if rows == 0:
+        return out
+    _argmax_chunk_kernel[(rows, chunks)](logits, val, idx, logits.stride(0), n, chunks, BLOCK=_ARGMAX_BLOCK)
+    _argmax_merge_kernel[(rows,)](val, idx, out, n, chunks, CHUNKS_PAD=max(2, triton.next_power_of_2(chunks)),
+                                  num_warps=1)  # fmt: skip
     return out
 
 

@@ -25,7 +25,14 @@ pytest.importorskip("triton")
 
 from acb.attention import AttentionMetadata, paged_attention_reference  # noqa: E402
 from acb.kernels.attention import paged_decode, paged_prefill  # noqa: E402
-from acb.kernels.fused import GATE_UP_ROWS, add_rmsnorm, gate_up_act, rope_and_cache, silu_mul  # noqa: E402
+from acb.kernels.fused import (  # noqa: E402
+    GATE_UP_ROWS,
+    add_rmsnorm,
+    argmax_rows,
+    gate_up_act,
+    rope_and_cache,
+    silu_mul,
+)
 from acb.kv_cache import KVCache, ModelShape  # noqa: E402
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
@@ -107,6 +114,88 @@ def test_decode_with_rope_equals_rope_and_cache_then_decode(dtype, heads, kv_hea
     tol = dict(atol=0, rtol=0) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cache.layers[0], ref_cache, **tol)
     torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads, kv_heads, dim", [(8, 2, 64), (8, 8, 96), (4, 1, 256)])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_with_qk_norm_equals_the_norms_then_rope_and_decode(dtype, heads, kv_heads, dim, splits):
+    """Qwen3's and Gemma 3's per-head q/k norms inside the decode kernel (before rotary): the attention and the
+    cache are those of add_rmsnorm on each head's q and k, then rope_and_cache and the plain decode kernel."""
+    ctx = [1, 15, 16, 17, 64, 65, 100, 257]
+    bs = 16
+    cache, meta, q = _setup(ctx, [1] * len(ctx), heads, kv_heads, dim, bs, dtype, seed=5)
+    q = q * 3  # norms that matter: rows far from unit RMS
+    k = (torch.randn(len(ctx), kv_heads, dim, device=DEVICE) * 0.3).to(dtype)
+    v = torch.randn(len(ctx), kv_heads, dim, device=DEVICE).to(dtype)
+    qw = (torch.rand(dim, device=DEVICE) + 0.5).to(dtype)
+    kw = (torch.rand(dim, device=DEVICE) + 0.5).to(dtype)
+    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=DEVICE).float() / dim))
+    angles = torch.arange(300, device=DEVICE).float()[:, None] * inv[None, :]
+    cos, sin = angles.cos(), angles.sin()
+    lens = torch.tensor(ctx, device=DEVICE, dtype=torch.int32)
+    pos = (lens - 1).long()
+    slots = torch.stack([meta.block_tables[i, (c - 1) // bs].long() * bs + (c - 1) % bs for i, c in enumerate(ctx)])
+    ref_cache = cache.layers[0].clone()
+    ref_q = add_rmsnorm(q.reshape(-1, dim), None, qw, 1e-6).view_as(q)
+    ref_k = add_rmsnorm(k.reshape(-1, dim), None, kw, 1e-6).view_as(k)
+    rope_and_cache(ref_q, ref_k, v, cos, sin, pos, slots, ref_cache)
+    want = paged_decode(ref_q, ref_cache, meta.block_tables, lens, 0.125, splits)
+    q_in, k_in = q.clone(), k.clone()
+    got = paged_decode(q, cache.layers[0], meta.block_tables, lens, 0.125, splits,
+                       rope=(k, v, cos, sin, pos, slots), qk_norm=(qw, kw, 1e-6))  # fmt: skip
+    assert torch.equal(q, q_in) and torch.equal(k, k_in)
+    # the same arithmetic; a sum of squares taken in another order may move a bf16 rounding by one step
+    tol = dict(atol=1e-2, rtol=1e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache.layers[0], ref_cache, **tol)
+    torch.testing.assert_close(got, want, **tol)
+    with pytest.raises(ValueError, match="rope"):
+        paged_decode(q, cache.layers[0], meta.block_tables, lens, 0.125, splits, qk_norm=(qw, kw, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [96, 1152])
+def test_add_rmsnorm_with_a_pre_norm_equals_the_two_norms(dtype, width):
+    """Gemma 3's post-attention and post-MLP norms fused into the next norm: the same result, to the bit, and the
+    same residual, as the two calls they replace."""
+    torch.manual_seed(4)
+    x = (torch.randn(7, width, device=DEVICE) * 5).to(dtype)
+    r = torch.randn(7, width, device=DEVICE).to(dtype)
+    pre = (torch.rand(width, device=DEVICE) + 0.5).to(dtype)
+    w = (torch.rand(width, device=DEVICE) + 0.5).to(dtype)
+    r_want = r.clone()
+    want = add_rmsnorm(add_rmsnorm(x, None, pre, 1e-6), r_want, w, 1e-6)
+    got = add_rmsnorm(x, r, w, 1e-6, pre)
+    assert torch.equal(got, want) and torch.equal(r, r_want)
+    assert torch.equal(add_rmsnorm(x, None, w, 1e-6, pre), add_rmsnorm(add_rmsnorm(x, None, pre, 1e-6), None, w, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, vocab", [(1, 50), (3, 4096), (33, 4097), (8, 128256)])
+def test_argmax_rows_equals_torch_argmax(dtype, rows, vocab):
+    """The decode graphs' greedy argmax: the first column of each row's largest value, across its chunks."""
+    torch.manual_seed(rows)
+    x = torch.randn(rows, vocab, device=DEVICE).to(dtype)
+    assert torch.equal(argmax_rows(x), x.argmax(-1))
+    x = torch.randint(-3, 3, (rows, vocab), device=DEVICE).to(dtype)  # ties everywhere, across chunks
+    assert torch.equal(argmax_rows(x), x.argmax(-1))
+    x[:, vocab // 2 :] = 2  # the largest value in a later chunk too: still its first column
+    assert torch.equal(argmax_rows(x), x.argmax(-1))
+    assert argmax_rows(x[:, :0].reshape(0, vocab)).shape == (0,)
+
+
+def test_argmax_rows_lands_on_a_value_that_is_not_finite_where_a_row_has_one():
+    """What acb.sampling.flag_non_finite reads: a NaN or +inf row gives a column holding NaN or +inf, an all -inf
+    row gives column 0 (a -inf); finite rows beside them are unaffected."""
+    x = torch.randn(5, 9000, device=DEVICE)
+    want = x.argmax(-1)
+    x[0, 7000] = float("nan")
+    x[1, 100], x[1, 8000] = float("inf"), float("nan")
+    x[2] = float("-inf")
+    x[3, 4096] = float("inf")
+    got = argmax_rows(x)
+    assert got[0] == 7000 and got[1] == 100 and got[2] == 0 and got[3] == 4096 and got[4] == want[4]
+    assert not torch.isfinite(x.gather(-1, got[:, None])[:4]).any()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
