@@ -84,10 +84,10 @@ def _decode_split_kernel(
         qb = tl.load(q_row + partner[None, :], mask=qmask, other=0.0).to(tl.float32)
         if QK_NORM:
             rq = tl.rsqrt(tl.sum(qa * qa, 1) / D + eps)[:, None]
-            wa = tl.load(QW + d, mask=d < D, other=0.0)[None, :]
-            wb = tl.load(QW + partner, mask=d < D, other=0.0)[None, :]
-            qa = ((qa * rq).to(QW.dtype.element_ty) * wa).to(Q.dtype.element_ty).to(tl.float32)
-            qb = ((qb * rq).to(QW.dtype.element_ty) * wb).to(Q.dtype.element_ty).to(tl.float32)
+            qwa = tl.load(QW + d, mask=d < D, other=0.0)[None, :]
+            qwb = tl.load(QW + partner, mask=d < D, other=0.0)[None, :]
+            qa = ((qa * rq).to(QW.dtype.element_ty) * qwa).to(Q.dtype.element_ty).to(tl.float32)
+            qb = ((qb * rq).to(QW.dtype.element_ty) * qwb).to(Q.dtype.element_ty).to(tl.float32)
         c2, s2 = c[None, :], sn[None, :]
         q = tl.where(first[None, :], qa * c2 - qb * s2, qa * c2 + qb * s2).to(Q.dtype.element_ty)
         last = ctx - 1
@@ -95,12 +95,12 @@ def _decode_split_kernel(
             kn_row = KN + b * s_knb + kvh * s_knh
             ka = tl.load(kn_row + d, mask=d < D, other=0.0).to(tl.float32)
             kb = tl.load(kn_row + partner, mask=d < D, other=0.0).to(tl.float32)
-            if QK_NORM:
+            if QK_NORM:  # (names of their own: Triton types a name once per scope)
                 rk = tl.rsqrt(tl.sum(ka * ka, 0) / D + eps)
-                wa = tl.load(KW + d, mask=d < D, other=0.0)
-                wb = tl.load(KW + partner, mask=d < D, other=0.0)
-                ka = ((ka * rk).to(KW.dtype.element_ty) * wa).to(KN.dtype.element_ty).to(tl.float32)
-                kb = ((kb * rk).to(KW.dtype.element_ty) * wb).to(KN.dtype.element_ty).to(tl.float32)
+                kwa = tl.load(KW + d, mask=d < D, other=0.0)
+                kwb = tl.load(KW + partner, mask=d < D, other=0.0)
+                ka = ((ka * rk).to(KW.dtype.element_ty) * kwa).to(KN.dtype.element_ty).to(tl.float32)
+                kb = ((kb * rk).to(KW.dtype.element_ty) * kwb).to(KN.dtype.element_ty).to(tl.float32)
             k_rot = tl.where(first, ka * c - kb * sn, ka * c + kb * sn)
             slot = tl.load(SLOT + b).to(tl.int64)
             cache = (slot // PAGE) * s_kb + (slot % PAGE) * s_ks + kvh * s_kh + d
