@@ -69,22 +69,23 @@ def paged_attention_forward(
     q = query[0].transpose(0, 1)  # [T, H, D]
     k = key[0].transpose(0, 1)
     v = value[0].transpose(0, 1)
-    meta.kv_cache.write(module.layer_idx, k, v, meta.slot_mapping)
     scale = scaling if scaling is not None else 1.0 / math.sqrt(q.shape[-1])
     kv = meta.kv_cache.layers[module.layer_idx]
     window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
-    if meta.kernels is not None and softcap is None:  # the paged Triton kernels (no soft-capping in them)
-        if meta.decode_splits:
-            out = meta.kernels.paged_decode(q, kv, meta.block_tables, meta.device_seq_lens, scale, meta.decode_splits,
-                                            window=window or 0)  # fmt: skip
-        else:
-            if meta.prefill_map is None:
-                meta.prefill_map = meta.kernels.prefill_block_map(
-                    meta.device_query_start_loc, q.shape[0], meta.max_query_len, q.shape[1] // k.shape[1]
-                )
-            out = meta.kernels.paged_prefill(q, kv, meta.block_tables, meta.device_seq_lens,
-                                             meta.device_query_start_loc, meta.max_query_len, scale,
-                                             window=window or 0, block_map=meta.prefill_map)  # fmt: skip
+    kernels = meta.kernels is not None and softcap is None  # the paged Triton kernels (no soft-capping in them)
+    if kernels and meta.decode_splits:  # the decode kernel writes the new keys and values to the cache itself
+        out = meta.kernels.paged_decode(q, kv, meta.block_tables, meta.device_seq_lens, scale, meta.decode_splits,
+                                        window=window or 0, new_kv=(k, v, meta.slot_mapping))  # fmt: skip
+        return out.unsqueeze(0), None
+    meta.kv_cache.write(module.layer_idx, k, v, meta.slot_mapping)
+    if kernels:
+        if meta.prefill_map is None:
+            meta.prefill_map = meta.kernels.prefill_block_map(
+                meta.device_query_start_loc, q.shape[0], meta.max_query_len, q.shape[1] // k.shape[1]
+            )
+        out = meta.kernels.paged_prefill(q, kv, meta.block_tables, meta.device_seq_lens,
+                                         meta.device_query_start_loc, meta.max_query_len, scale,
+                                         window=window or 0, block_map=meta.prefill_map)  # fmt: skip
     else:
         out = paged_attention_reference(q, kv, meta, scale, sliding_window=window, softcap=softcap)
     return out.unsqueeze(0), None  # [1, T, H, D], as transformers expects

@@ -13,6 +13,11 @@ On CUDA two things make these modules cheaper without changing what they compute
   and the activation in one kernel (:func:`acb.kernels.fused.gate_up_act`) on steps of at most
   :data:`~acb.kernels.fused.GATE_UP_ROWS` tokens, the decode steps: each is checked at start against its own forward
   the same way (its activation first, on its own, in float32);
+- rotary embedding: a modeling module's ``apply_rotary_pos_emb`` (rotate-half, the whole head), which its attention
+  layers call, runs :func:`acb.kernels.fused.rotary` (one kernel instead of about ten) inside acb's forwards of this
+  model, once it is checked at start against the module's own function on random inputs of the model's geometry. The
+  module keeps the replacement while an engine uses it; outside acb's forwards it calls its own function;
+- the decode kernel writes the step's new keys and values to the cache itself (no separate cache write);
 - the decode step is captured in CUDA graphs like the lean path's (:mod:`acb.cuda_graphs`), when nothing in the
   model needs the host in the middle of a forward. Two things can:
 
@@ -27,7 +32,9 @@ On CUDA two things make these modules cheaper without changing what they compute
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -55,10 +62,12 @@ class GenericCausalLM:
         self._experts = [m for m in model.modules() if _is_experts(m)]
         self.fused_norms: list[torch.nn.Module] = []
         self.fused_mlps: list[torch.nn.Module] = []
+        self.fused_rotary: list[object] = []  # modeling modules whose apply_rotary_pos_emb runs the kernel
         self.row_buckets: list[int] | None = None  # the decode graphs' row counts (set by the runner)
         if device.type == "cuda":
             self.fuse_norms()
             self.fuse_mlps()
+            self.fuse_rotary()
 
     def fuse_norms(self) -> None:
         """Let every RMSNorm module that acb's fused kernel reproduces run that kernel (see the module's doc)."""
@@ -106,11 +115,62 @@ class GenericCausalLM:
                 m.forward = _fused_mlp(m.forward, m, activation, gate_up_act)
                 self.fused_mlps.append(m)
 
+    def fuse_rotary(self) -> None:
+        """Let the modeling modules of this model's layers run acb's rotary kernel in their ``apply_rotary_pos_emb``
+        inside this path's forwards, where the kernel reproduces it (see the module's doc)."""
+        from .kernels.fused import rotary, rotary_fits
+
+        param = next(self.model.parameters())
+        config = self.model.config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        heads = getattr(config, "num_attention_heads", None)
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        dim = getattr(config, "head_dim", None) or (heads and config.hidden_size // heads)
+        if not (isinstance(heads, int) and isinstance(kv_heads, int) and isinstance(dim, int)):
+            return
+        g = torch.Generator(device=param.device).manual_seed(0)
+        shapes = ((1, 5, heads, dim), (1, 5, kv_heads, dim), (1, 5, dim), (1, 5, dim))
+        q, k, cos, sin = (torch.randn(*x, generator=g, device=param.device).to(param.dtype) for x in shapes)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [1, heads, T, D], as the attention modules pass them
+        if not rotary_fits(q, k, cos, sin):
+            return
+        tol = 1e-5 if param.dtype == torch.float32 else 1e-2
+        seen = set()
+        for m in self.model.modules():
+            module = sys.modules.get(type(m).__module__)
+            if module is None or id(module) in seen:
+                continue
+            seen.add(id(module))
+            fn = getattr(module, "apply_rotary_pos_emb", None)
+            if not callable(fn):
+                continue
+            own = fn.own if isinstance(fn, _FusedRotary) else fn
+            try:
+                with torch.no_grad():
+                    want, got = own(q, k, cos, sin), rotary(q, k, cos, sin)
+            except Exception:
+                continue
+            if not (isinstance(want, tuple) and len(want) == 2):
+                continue
+            if all(w.shape == r.shape and torch.allclose(w, r, rtol=tol, atol=tol) for w, r in zip(want, got)):
+                if not isinstance(fn, _FusedRotary):
+                    fn = _FusedRotary(own, rotary, rotary_fits)
+                    module.apply_rotary_pos_emb = fn
+                fn.users += 1
+                self.fused_rotary.append(module)
+
     def release(self) -> None:
-        """Give the modules back their own forwards (the engine closed)."""
+        """Give the modules back their own forwards (the engine closed), and the modeling modules their own rotary
+        function once no engine uses the kernel in it."""
         for m in self.fused_norms + self.fused_mlps:
             del m.forward
-        self.fused_norms, self.fused_mlps = [], []
+        for module in self.fused_rotary:
+            fn = getattr(module, "apply_rotary_pos_emb", None)
+            if isinstance(fn, _FusedRotary):
+                fn.users -= 1
+                if fn.users == 0:
+                    module.apply_rotary_pos_emb = fn.own
+        self.fused_norms, self.fused_mlps, self.fused_rotary = [], [], []
 
     def forward(
         self,
@@ -143,13 +203,17 @@ class GenericCausalLM:
             max_query_len=max_query_len,
             decode_splits=decode_splits,
         )
-        out = self.model(
-            input_ids=d.input_ids[None],
-            position_ids=d.positions[None],
-            use_cache=False,
-            logits_to_keep=0 if rows is None else rows,
-            acb_meta=meta,
-        )
+        token = _ROTARY.set(bool(self.fused_rotary))
+        try:
+            out = self.model(
+                input_ids=d.input_ids[None],
+                position_ids=d.positions[None],
+                use_cache=False,
+                logits_to_keep=0 if rows is None else rows,
+                acb_meta=meta,
+            )
+        finally:
+            _ROTARY.reset(token)
         return out.logits[0] if rows is logits_rows else out.logits[0, : logits_rows.shape[0]]
 
     def graph_blocker(self) -> str | None:
@@ -184,6 +248,24 @@ class GenericCausalLM:
         finally:
             for c, impl in before:
                 c._experts_implementation = impl
+
+
+_ROTARY = contextvars.ContextVar("acb_generic_rotary", default=False)
+"""True inside a forward of a generic model whose modeling modules' rotary runs the kernel."""
+
+
+class _FusedRotary:
+    """A modeling module's ``apply_rotary_pos_emb`` while engines use the kernel in it: the kernel inside their
+    forwards (for inputs it takes), the module's own function everywhere else (other models, other callers)."""
+
+    def __init__(self, own, kernel, fits) -> None:
+        self.own, self.kernel, self.fits = own, kernel, fits
+        self.users = 0  # generic models whose check passed and that have not been released
+
+    def __call__(self, q, k, cos, sin, *args, **kwargs):
+        if _ROTARY.get() and not args and not kwargs and self.fits(q, k, cos, sin):
+            return self.kernel(q, k, cos, sin)
+        return self.own(q, k, cos, sin, *args, **kwargs)
 
 
 def _fused_norm(own, weight: torch.Tensor, eps: float, kernel):

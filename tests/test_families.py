@@ -527,20 +527,29 @@ sys.path.insert(0, "tests")
 from conftest import first_layer_rows, random_prompts, reference_greedy
 from acb import Engine, EngineConfig, SamplingParams
 from acb.default_model import default_tokenizer, tiny_model
-from acb.generic_model import GenericCausalLM
+from acb.generic_model import GenericCausalLM, _FusedRotary
 from acb.kernels import attention as kernels
 from acb.runner import ModelRunner
 
 # What a decode graph captures, run eagerly: the generic forward reading only device tensors (no host layout), the
 # Triton kernels (interpreted), the capturable experts, the fused norms and gated MLPs (these also in the steps with
 # prompts of at most 128 tokens, as on CUDA). Prefill keeps the reference attention.
-decode_steps, fused_mlps = [], []
+decode_steps, fused_mlps, rotary_calls = [], [], []
 def forward(self, b, d, j=0):
     if not self.generic.fused_norms:  # as on CUDA
         self.generic.fuse_norms()
         self.generic.fuse_mlps()
+        self.generic.fuse_rotary()
         assert self.generic.fused_norms
         fused_mlps.append(len(self.generic.fused_mlps))
+        (module,) = self.generic.fused_rotary  # the model's modeling module: its rotary runs the kernel
+        fn = module.apply_rotary_pos_emb
+        assert isinstance(fn, _FusedRotary) and fn.users == 1
+        kernel = fn.kernel
+        fn.kernel = lambda *a: rotary_calls.append(1) or kernel(*a)
+        q, k = torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16)
+        fn(q, k, torch.ones(1, 3, 16), torch.zeros(1, 3, 16))  # outside acb's forwards: the module's own function
+        assert not rotary_calls
     if not b.decode_only or j:
         return ModelRunner._forward.__wrapped__(self, b, d, j)
     decode_steps.append(b.num_rows)
@@ -572,14 +581,20 @@ for arch in sys.argv[1:]:
     dense = sum(isinstance(getattr(m, "gate_proj", None), torch.nn.Linear) for m in model.modules())
     assert fused_mlps.pop() == dense and (dense > 0) == (arch in ("llama", "gemma3", "qwen3")), arch  # every dense MLP
     assert all("forward" not in vars(m) for m in model.modules())  # norms and MLPs got their forwards back at close
+    assert rotary_calls, arch  # every attention layer of every step, prompts included
+    rotary_calls.clear()
+    module = sys.modules[type(model.model.layers[0].self_attn).__module__]
+    assert not isinstance(module.apply_rotary_pos_emb, _FusedRotary)  # the module's own function again
 print("ok")
 """
 
 
 def test_the_generic_decode_graph_forward_reads_only_the_device():
-    """The forward the generic path's decode graphs capture (no host-side layout, the Triton kernels, the capturable
-    experts, the fused norms: Llama's, Gemma's ``1 + w``, Qwen3's per-head; the fused gated MLPs: SiLU, Gemma's
-    tanh-GELU), run eagerly under Triton's interpreter on the CPU, gives ``model.generate``'s tokens."""
+    """The forward the generic path's decode graphs capture (no host-side layout, the Triton kernels, the decode
+    kernel writing the new keys and values, the capturable experts, the fused norms: Llama's, Gemma's ``1 + w``,
+    Qwen3's per-head; the fused gated MLPs: SiLU, Gemma's tanh-GELU; the modeling module's rotary on the kernel,
+    inside acb's forwards only, given back at close), run eagerly under Triton's interpreter on the CPU, gives
+    ``model.generate``'s tokens."""
     import os
     import subprocess
     import sys

@@ -49,11 +49,12 @@ def _decode_split_kernel(
     s_qb, s_qh, s_kb, s_ks, s_kh, s_bt, s_ob, s_oh, s_os, s_mb, s_mh, s_b, s_h, s_knb, s_knh, s_vnb, s_vnh, s_cos,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, SPLITS: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr, ROPE: tl.constexpr,
-    QK_NORM: tl.constexpr,
+    QK_NORM: tl.constexpr, NEW_KV: tl.constexpr,
 ):  # fmt: skip
-    # ROPE: Q holds the step's query before rotary embedding; KN/VN the new token's key and value, not yet in the
-    # cache. Every program rotates its query heads in registers; the program whose chunk holds the new position
-    # also rotates the key and writes key and value to the cache slot SLOT[b], before its own loop reads them.
+    # NEW_KV: KN/VN hold the new token's key and value, not yet in the cache: the program whose chunk holds the new
+    # position writes them to the cache slot SLOT[b], before its own loop reads them. ROPE (with NEW_KV): Q and KN
+    # come before rotary embedding; every program rotates its query heads in registers, and the key is rotated
+    # before it is written.
     # QK_NORM (with ROPE): Q and KN come before their per-head RMSNorms too (weights QW, KW), which are applied
     # first, with the arithmetic of acb.kernels.fused.add_rmsnorm (each head's row of D values, rounded once).
     b = tl.program_id(0)
@@ -90,10 +91,13 @@ def _decode_split_kernel(
             qb = ((qb * rq).to(QW.dtype.element_ty) * qwb).to(Q.dtype.element_ty).to(tl.float32)
         c2, s2 = c[None, :], sn[None, :]
         q = tl.where(first[None, :], qa * c2 - qb * s2, qa * c2 + qb * s2).to(Q.dtype.element_ty)
-        last = ctx - 1
-        if (split * chunk <= last) & (last < split * chunk + chunk):
-            kn_row = KN + b * s_knb + kvh * s_knh
-            ka = tl.load(kn_row + d, mask=d < D, other=0.0).to(tl.float32)
+    else:
+        q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=qmask, other=0.0)
+    last = ctx - 1
+    if NEW_KV and (split * chunk <= last) & (last < split * chunk + chunk):
+        kn_row = KN + b * s_knb + kvh * s_knh
+        ka = tl.load(kn_row + d, mask=d < D, other=0.0).to(tl.float32)
+        if ROPE:
             kb = tl.load(kn_row + partner, mask=d < D, other=0.0).to(tl.float32)
             if QK_NORM:  # (names of their own: Triton types a name once per scope)
                 rk = tl.rsqrt(tl.sum(ka * ka, 0) / D + eps)
@@ -101,15 +105,13 @@ def _decode_split_kernel(
                 kwb = tl.load(KW + partner, mask=d < D, other=0.0)
                 ka = ((ka * rk).to(KW.dtype.element_ty) * kwa).to(KN.dtype.element_ty).to(tl.float32)
                 kb = ((kb * rk).to(KW.dtype.element_ty) * kwb).to(KN.dtype.element_ty).to(tl.float32)
-            k_rot = tl.where(first, ka * c - kb * sn, ka * c + kb * sn)
-            slot = tl.load(SLOT + b).to(tl.int64)
-            cache = (slot // PAGE) * s_kb + (slot % PAGE) * s_ks + kvh * s_kh + d
-            tl.store(KC + cache, k_rot.to(KC.dtype.element_ty), mask=d < D)
-            v_new = tl.load(VN + b * s_vnb + kvh * s_vnh + d, mask=d < D, other=0.0)
-            tl.store(VC + cache, v_new.to(VC.dtype.element_ty), mask=d < D)
-            tl.debug_barrier()  # the block's writes are visible to its own loads below
-    else:
-        q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=qmask, other=0.0)
+            ka = tl.where(first, ka * c - kb * sn, ka * c + kb * sn)
+        slot = tl.load(SLOT + b).to(tl.int64)
+        cache = (slot // PAGE) * s_kb + (slot % PAGE) * s_ks + kvh * s_kh + d
+        tl.store(KC + cache, ka.to(KC.dtype.element_ty), mask=d < D)
+        v_new = tl.load(VN + b * s_vnb + kvh * s_vnh + d, mask=d < D, other=0.0)
+        tl.store(VC + cache, v_new.to(VC.dtype.element_ty), mask=d < D)
+        tl.debug_barrier()  # the block's writes are visible to its own loads below
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
@@ -183,6 +185,7 @@ def paged_decode(
     tile: tuple[int, int, int] | None = None,
     rope: tuple[torch.Tensor, ...] | None = None,
     qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``tile``: ``(BLOCK_N, num_warps, num_stages)`` of the split kernel instead of the defaults (bench.attention
     times the choices).
@@ -193,9 +196,15 @@ def paged_decode(
 
     ``qk_norm``: ``(q weight, k weight, eps)`` of per-head RMSNorms (Qwen3, Gemma 3) that ``q`` and the new key
     (``rope``'s ``k``, which it needs) have not had yet: the kernel applies them before rotary, in registers, where
-    :func:`acb.kernels.fused.add_rmsnorm` on each would take two kernels and a copy of the strided q."""
+    :func:`acb.kernels.fused.add_rmsnorm` on each would take two kernels and a copy of the strided q.
+
+    ``new_kv``: ``(k, v, slot_mapping)`` of the step's new tokens, already rotated (the generic path's): the kernel
+    writes them to the cache, one kernel where :meth:`acb.kv_cache.KVCache.write` takes two to four.
+    """
     if qk_norm is not None and rope is None:
         raise ValueError("qk_norm comes with rope: the kernel norms the new key it writes to the cache")
+    if rope is not None and new_kv is not None:
+        raise ValueError("rope or new_kv, not both: rope's keys and values are the new ones")
     bsz, heads, dim = q.shape
     kvh = kv.shape[3]
     group = heads // kvh
@@ -210,7 +219,14 @@ def paged_decode(
         op, mp, lp = (w[:bsz] for w in workspace)
     kc, vc = kv[0], kv[1]
     block_n, warps, stages = tile or _decode_tile(q)
-    kn, vn, cos, sin, positions, slots = rope if rope is not None else (q, q, q, q, seq_lens, seq_lens)
+    if rope is not None:
+        kn, vn, cos, sin, positions, slots = rope
+    elif new_kv is not None:
+        (kn, vn, slots), cos, sin, positions = new_kv, q, q, seq_lens
+    else:
+        kn, vn, cos, sin, positions, slots = q, q, q, q, seq_lens, seq_lens
+    if kn.stride(-1) != 1 or vn.stride(-1) != 1:
+        kn, vn = kn.contiguous(), vn.contiguous()
     qw, kw, eps = qk_norm if qk_norm is not None else (q, q, 0.0)
     _decode_split_kernel[(bsz, kvh, splits)](
         q, kc, vc, block_tables, seq_lens, op, mp, lp, out, scale, kn, vn, cos, sin, positions, slots, qw, kw, eps,
@@ -220,7 +236,7 @@ def paged_decode(
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim, D_PAD=triton.next_power_of_2(dim),
         BLOCK_N=block_n, PAGE=kv.shape[2],
         SPLITS=splits, WINDOW=window, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", ROPE=rope is not None,
-        QK_NORM=qk_norm is not None, num_warps=warps, num_stages=stages,
+        QK_NORM=qk_norm is not None, NEW_KV=rope is not None or new_kv is not None, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if splits == 1:  # the split kernel wrote the output
         return out

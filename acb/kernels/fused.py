@@ -1,7 +1,7 @@
 """Small fused kernels of the lean model path: rotary embedding folded into the KV-cache write, residual add +
 RMSNorm (after a norm of its own where Gemma 3 has one), SiLU·mul, and the gate/up projection with its activation
 for the few rows of a decode step. Each replaces several kernels (and their round trips through memory). Also the
-decode graphs' greedy argmax, of either path."""
+decode graphs' greedy argmax, and transformers' rotate-half rotary in one kernel, both for the generic path too."""
 
 from __future__ import annotations
 
@@ -11,7 +11,16 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["rope_and_cache", "add_rmsnorm", "silu_mul", "gate_up_act", "GATE_UP_ROWS", "argmax_rows"]
+__all__ = [
+    "rope_and_cache",
+    "add_rmsnorm",
+    "silu_mul",
+    "gate_up_act",
+    "GATE_UP_ROWS",
+    "argmax_rows",
+    "rotary",
+    "rotary_fits",
+]
 
 
 @triton.jit
@@ -70,6 +79,73 @@ def rope_and_cache(
         H=heads, H_PAD=triton.next_power_of_2(heads), HKV=kvh, HKV_PAD=triton.next_power_of_2(kvh), HALF=dim // 2,
         HALF_PAD=triton.next_power_of_2(dim // 2), num_warps=4,
     )  # fmt: skip
+
+
+@triton.jit
+def _rotary_rows(X, OUT, t, s_xt, s_xh, s_ot, s_oh, c, s, d, first, partner, H: tl.constexpr, H_PAD: tl.constexpr,
+                 D: tl.constexpr):  # fmt: skip
+    h = tl.arange(0, H_PAD)[:, None]
+    m = (h < H) & (d[None, :] < D)
+    x = tl.load(X + t * s_xt + h * s_xh + d[None, :], mask=m, other=0.0)
+    xp = tl.load(X + t * s_xt + h * s_xh + partner[None, :], mask=m, other=0.0)
+    rot = tl.where(first[None, :], -xp, xp)
+    ty = OUT.dtype.element_ty
+    out = (x * c[None, :]).to(ty).to(tl.float32) + (rot * s[None, :]).to(ty).to(tl.float32)
+    tl.store(OUT + t * s_ot + h * s_oh + d[None, :], out.to(ty), mask=m)
+
+
+@triton.jit
+def _rotary_kernel(
+    Q, K, COS, SIN, QO, KO, s_qt, s_qh, s_kt, s_kh, s_ct, s_st, s_qot, s_qoh, s_kot, s_koh,
+    H: tl.constexpr, H_PAD: tl.constexpr, HKV: tl.constexpr, HKV_PAD: tl.constexpr, D: tl.constexpr,
+    D_PAD: tl.constexpr,
+):  # fmt: skip
+    """One token's query and key heads: ``x * cos + rotate_half(x) * sin``, each product rounded to the dtype and
+    their sum rounded again, as transformers' ``apply_rotary_pos_emb`` computes it in that dtype."""
+    t = tl.program_id(0)
+    d = tl.arange(0, D_PAD)
+    first = d < D // 2
+    partner = tl.where(first, d + D // 2, d - D // 2)
+    c = tl.load(COS + t * s_ct + d, mask=d < D, other=0.0)
+    s = tl.load(SIN + t * s_st + d, mask=d < D, other=0.0)
+    _rotary_rows(Q, QO, t, s_qt, s_qh, s_qot, s_qoh, c, s, d, first, partner, H, H_PAD, D)
+    _rotary_rows(K, KO, t, s_kt, s_kh, s_kot, s_koh, c, s, d, first, partner, HKV, HKV_PAD, D)
+
+
+def rotary_fits(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether :func:`rotary` takes these (the layout transformers' attention modules pass): ``q [1, H, T, D]``,
+    ``k [1, Hkv, T, D]``, ``cos`` and ``sin [1, T, D]`` over the whole head, one dtype, rows of contiguous values."""
+    if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or q.shape[0] != 1 or k.shape[0] != 1:
+        return False
+    t, d = q.shape[2], q.shape[3]
+    return (
+        k.shape[2] == t
+        and k.shape[3] == d
+        and d % 2 == 0
+        and cos.shape == sin.shape == (1, t, d)
+        and q.dtype == k.dtype == cos.dtype == sin.dtype
+        and all(x.stride(-1) == 1 for x in (q, k, cos, sin))
+    )
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' ``apply_rotary_pos_emb(q, k, cos, sin)`` (rotate-half, the whole head) for inputs that
+    :func:`rotary_fits`, in one kernel where torch takes about ten; the results are laid out ``[1, T, heads, D]``
+    underneath, which the attention reads without a copy."""
+    _, heads, tokens, dim = q.shape
+    kvh = k.shape[1]
+    qo = torch.empty(1, tokens, heads, dim, dtype=q.dtype, device=q.device).transpose(1, 2)
+    ko = torch.empty(1, tokens, kvh, dim, dtype=k.dtype, device=k.device).transpose(1, 2)
+    if tokens == 0:
+        return qo, ko
+    # enable_fp_fusion=False: no fused multiply-adds, so that float32 rounds as torch's separate ops do
+    _rotary_kernel[(tokens,)](
+        q, k, cos, sin, qo, ko, q.stride(2), q.stride(1), k.stride(2), k.stride(1), cos.stride(1), sin.stride(1),
+        qo.stride(2), qo.stride(1), ko.stride(2), ko.stride(1),
+        H=heads, H_PAD=triton.next_power_of_2(heads), HKV=kvh, HKV_PAD=triton.next_power_of_2(kvh), D=dim,
+        D_PAD=triton.next_power_of_2(dim), num_warps=4, enable_fp_fusion=False,
+    )  # fmt: skip
+    return qo, ko
 
 
 @triton.jit
