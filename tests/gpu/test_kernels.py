@@ -31,6 +31,8 @@ from acb.kernels.fused import (  # noqa: E402
     argmax_rows,
     gate_up_act,
     rope_and_cache,
+    rotary,
+    rotary_fits,
     silu_mul,
 )
 from acb.kv_cache import KVCache, ModelShape  # noqa: E402
@@ -151,6 +153,49 @@ def test_decode_with_qk_norm_equals_the_norms_then_rope_and_decode(dtype, heads,
     torch.testing.assert_close(got, want, **tol)
     with pytest.raises(ValueError, match="rope"):
         paged_decode(q, cache.layers[0], meta.block_tables, lens, 0.125, splits, qk_norm=(qw, kw, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads, kv_heads, dim", [(8, 2, 64), (8, 8, 96), (4, 1, 256)])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_with_new_kv_equals_the_cache_write_then_decode(dtype, heads, kv_heads, dim, splits):
+    """The generic path's decode steps: the kernel writes the new (already rotated) keys and values to the cache,
+    then attends, as KVCache.write followed by the plain decode kernel; k and v are strided views, as there."""
+    ctx = [1, 15, 16, 17, 64, 65, 100, 257]
+    bs = 16
+    cache, meta, q = _setup(ctx, [1] * len(ctx), heads, kv_heads, dim, bs, dtype, seed=6)
+    kv_new = torch.randn(1, 2 * kv_heads, len(ctx), dim, device=DEVICE).to(dtype)  # [1, heads, T, D] layout
+    k, v = kv_new[0, :kv_heads].transpose(0, 1), kv_new[0, kv_heads:].transpose(0, 1)  # [T, Hkv, D], strided
+    lens = torch.tensor(ctx, device=DEVICE, dtype=torch.int32)
+    slots = torch.stack([meta.block_tables[i, (c - 1) // bs].long() * bs + (c - 1) % bs for i, c in enumerate(ctx)])
+    ref = KVCache(ModelShape(1, heads, kv_heads, dim, 100), cache.layers[0].shape[1], bs, dtype, torch.device(DEVICE))
+    ref.layers[0].copy_(cache.layers[0])
+    ref.write(0, k, v, slots)
+    want = paged_decode(q, ref.layers[0], meta.block_tables, lens, 0.125, splits)
+    got = paged_decode(q, cache.layers[0], meta.block_tables, lens, 0.125, splits, new_kv=(k, v, slots))
+    assert torch.equal(cache.layers[0], ref.layers[0])
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="not both"):
+        paged_decode(q, cache.layers[0], meta.block_tables, lens, 0.125, splits, new_kv=(k, v, slots),
+                     rope=(k, v, k, k, slots, slots))  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads, kv_heads, dim, tokens", [(8, 2, 64, 5), (3, 3, 96, 1), (4, 1, 256, 33)])
+def test_rotary_equals_transformers_apply_rotary_pos_emb(dtype, heads, kv_heads, dim, tokens):
+    """The generic path's rotary kernel gives what transformers' own function gives, to the bit (each product and
+    the sum rounded to the dtype, no fused multiply-add), on the strided layout attention modules pass."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    torch.manual_seed(tokens)
+    q = torch.randn(1, tokens, heads, dim, device=DEVICE).to(dtype).transpose(1, 2)
+    k = torch.randn(1, tokens, kv_heads, dim, device=DEVICE).to(dtype).transpose(1, 2)
+    cos, sin = (torch.randn(1, tokens, dim, device=DEVICE).to(dtype) for _ in range(2))
+    assert rotary_fits(q, k, cos, sin)
+    want, got = apply_rotary_pos_emb(q, k, cos, sin), rotary(q, k, cos, sin)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert not rotary_fits(q, k, cos[..., : dim // 2], sin[..., : dim // 2])  # partial rotary: not this kernel
+    assert not rotary_fits(q, k, cos.float(), sin.float()) or dtype == torch.float32
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
