@@ -201,8 +201,9 @@ def test_rotary_equals_transformers_apply_rotary_pos_emb(dtype, heads, kv_heads,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("width", [96, 1152])
 def test_add_rmsnorm_with_a_pre_norm_equals_the_two_norms(dtype, width):
-    """Gemma 3's post-attention and post-MLP norms fused into the next norm: the same result, to the bit, and the
-    same residual, as the two calls they replace."""
+    """Gemma 3's post-attention and post-MLP norms fused into the next norm: the same result and the same residual
+    as the two calls they replace; in bf16 (what the engine serves) to the bit. In fp32 the compiler may contract
+    the fused kernel's multiply-adds differently (an H200 differed by an ulp, session 16)."""
     torch.manual_seed(4)
     x = (torch.randn(7, width, device=DEVICE) * 5).to(dtype)
     r = torch.randn(7, width, device=DEVICE).to(dtype)
@@ -211,8 +212,12 @@ def test_add_rmsnorm_with_a_pre_norm_equals_the_two_norms(dtype, width):
     r_want = r.clone()
     want = add_rmsnorm(add_rmsnorm(x, None, pre, 1e-6), r_want, w, 1e-6)
     got = add_rmsnorm(x, r, w, 1e-6, pre)
-    assert torch.equal(got, want) and torch.equal(r, r_want)
-    assert torch.equal(add_rmsnorm(x, None, w, 1e-6, pre), add_rmsnorm(add_rmsnorm(x, None, pre, 1e-6), None, w, 1e-6))
+    tol = dict(atol=0, rtol=0) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(r, r_want, **tol)
+    plain = add_rmsnorm(add_rmsnorm(x, None, pre, 1e-6), None, w, 1e-6)
+    torch.testing.assert_close(add_rmsnorm(x, None, w, 1e-6, pre), plain, **tol)
+    assert not torch.allclose(got.float(), add_rmsnorm(x, r_want.clone(), w, 1e-6).float(), atol=1e-2)  # pre counts
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
