@@ -1,0 +1,99 @@
+"""Every Triton kernel of the GPU fast path compiles for a Hopper card, here on the CPU.
+
+Triton's interpreter (the other CPU tests of the kernels) runs a kernel's Python line by line and does not type it:
+a kernel that it runs can still be refused by the compiler on the card. Session 16 lost a device call to one
+(a name bound at one shape in a branch and at another in a nested one). Triton lowers a kernel for a target given by
+name without a GPU, so CI checks that each variant the engine launches compiles for sm_90, as the card does.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+triton = pytest.importorskip("triton")
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from acb.kernels import attention as A  # noqa: E402
+from acb.kernels import fused as F  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def _compile(fn, types: dict[str, str], constexprs: dict, num_warps: int = 4) -> None:
+    """Lower ``fn`` for sm_90; arguments not named in ``types`` or ``constexprs`` are int32."""
+    signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=TARGET,
+                       options={"num_warps": num_warps})  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _backend():
+    @triton.jit
+    def probe(X):
+        triton.language.store(X, 1.0)
+
+    try:
+        _compile(probe, {"X": "*fp32"}, {})
+    except Exception as exc:  # no CUDA backend or no ptxas in this Triton build
+        pytest.skip(f"Triton cannot compile for sm_90 here: {exc!r:.200}")
+
+
+DECODE_TYPES = {
+    **{n: "*bf16" for n in ("Q", "KC", "VC", "KN", "VN", "QW", "KW", "OUT")},
+    **{n: "*fp32" for n in ("OP", "MP", "LP", "COS", "SIN")},
+    "BT": "*i32", "LENS": "*i32", "POS": "*i64", "SLOT": "*i64", "scale": "fp32", "eps": "fp32",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "rope, qk_norm, new_kv", [(True, True, True), (True, False, True), (False, False, True), (False, False, False)]
+)  # the lean path's decode (with and without q/k norms), the generic path's, the plain kernel
+@pytest.mark.parametrize("dim, group, splits", [(64, 4, 2), (96, 1, 1), (256, 4, 8)])
+def test_the_decode_kernel_compiles(rope, qk_norm, new_kv, dim, group, splits):
+    consts = dict(GROUP=group, GROUP_PAD=max(16, group), D=dim, D_PAD=triton.next_power_of_2(dim), BLOCK_N=64,
+                  PAGE=16, SPLITS=splits, WINDOW=0, PRECISION="tf32", ROPE=rope, QK_NORM=qk_norm,
+                  NEW_KV=new_kv)  # fmt: skip
+    _compile(A._decode_split_kernel, DECODE_TYPES, consts)
+    if splits > 1:
+        types = {"OP": "*fp32", "MP": "*fp32", "LP": "*fp32", "OUT": "*bf16"}
+        _compile(A._decode_merge_kernel, types, dict(SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), D=dim,
+                                                     D_PAD=triton.next_power_of_2(dim)))  # fmt: skip
+
+
+def test_the_prefill_kernel_compiles():
+    types = {"Q": "*bf16", "KC": "*bf16", "VC": "*bf16", "BT": "*i32", "LENS": "*i32", "QSTART": "*i32",
+             "OUT": "*bf16", "MAP": "*i32", "scale": "fp32"}  # fmt: skip
+    consts = dict(GROUP=4, D=128, D_PAD=128, BLOCK_M=64, BLOCK_N=64, PAGE=16, WINDOW=0, PRECISION="tf32")
+    _compile(A._prefill_kernel, types, consts)
+
+
+@pytest.mark.parametrize("residual, pre", [(True, True), (True, False), (False, True), (False, False)])
+def test_the_norm_kernel_compiles(residual, pre):
+    types = {n: "*bf16" for n in ("X", "R", "W", "PRE", "OUT")} | {"eps": "fp32"}
+    _compile(F._add_rmsnorm_kernel, types, dict(BLOCK=2048, HAS_RES=residual, HAS_PRE=pre))
+
+
+def test_the_small_kernels_compile():
+    _compile(F._argmax_chunk_kernel, {"X": "*bf16", "VAL": "*fp32", "IDX": "*i32"}, {"BLOCK": F._ARGMAX_BLOCK})
+    _compile(F._argmax_merge_kernel, {"VAL": "*fp32", "IDX": "*i32", "OUT": "*i64"}, {"CHUNKS_PAD": 32}, 1)
+    for dim in (64, 96, 256):
+        consts = dict(H=32, H_PAD=32, HKV=8, HKV_PAD=8, D=dim, D_PAD=triton.next_power_of_2(dim))
+        _compile(F._rotary_kernel, {n: "*bf16" for n in ("Q", "K", "COS", "SIN", "QO", "KO")}, consts)
+    rope_types = {n: "*bf16" for n in ("Q", "K", "V", "KC", "VC")} | {"COS": "*fp32", "SIN": "*fp32", "POS": "*i64",
+                                                                      "SLOT": "*i64"}  # fmt: skip
+    _compile(F._rope_cache_kernel, rope_types, dict(H=32, H_PAD=32, HKV=8, HKV_PAD=8, HALF=48, HALF_PAD=64))
+    _compile(F._silu_mul_kernel, {"GU": "*bf16", "OUT": "*bf16"}, {"BLOCK": 1024})
+
+
+@pytest.mark.parametrize("block_m", sorted(F._GATE_UP_TILES))
+@pytest.mark.parametrize("act", [0, 1])
+def test_the_gate_up_kernel_compiles(block_m, act):
+    block_n, block_k, warps, _ = F._GATE_UP_TILES[block_m]
+    types = {n: "*bf16" for n in ("X", "G", "U", "OUT")}
+    consts = dict(ACT=act, EVEN=True, PRECISION="tf32", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    _compile(F._gate_up_act_kernel, types, consts, warps)
