@@ -73,7 +73,8 @@ def measure(
     ref = paged_decode(q, caches[0], tables, lens, scale, chosen).clone()
 
     def row(kernel: str, splits: int | None, tile, fn) -> dict:
-        out = dict(rows=rows, ctx=ctx, kernel=kernel, splits=splits, tile=tile, floor_us=round(floor_us, 2))
+        out = dict(rows=rows, ctx=ctx, kernel=kernel, splits=splits, tile=tile, floor_us=round(floor_us, 2),
+                   shape=[heads, kv_heads, dim])  # fmt: skip
         try:
             got = fn(0)
             ok = bool(torch.allclose(got.float(), ref.float(), atol=2e-2, rtol=2e-2))
@@ -180,9 +181,14 @@ def prefill_table(results: list[dict], card: str) -> str:
     return "\n".join(lines)
 
 
+def _geometry(results: list[dict]) -> str:
+    shapes = {tuple(r.get("shape", (32, 8, 128))) for r in results}
+    return "; ".join(f"{h} query heads on {kv} KV heads of {d}" for h, kv, d in sorted(shapes))
+
+
 def table(results: list[dict], card: str) -> str:
     lines = _head(
-        f"Decode attention, one layer (llama-8b geometry), {card}",
+        f"Decode attention, one layer ({_geometry(results)}), {card}",
         ["rows", "context", "floor µs", "engine's choice µs (splits)", "best decode µs (splits, tile)", "best / floor",
          "prefill kernel µs", "all equal"],
     )  # fmt: skip
