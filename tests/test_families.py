@@ -236,7 +236,30 @@ def test_the_fused_gate_up_kernel_equals_the_projection_then_the_activation():
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
 
 
-_LEAN_KERNEL_DECODE = """
+# The end of the interpreter scripts below: each architecture named on the command line served by an engine of the
+# script's FAST_PATH (greedy, 4 prompts, 6 tokens), against model.generate; then the script's own after(arch, model).
+_GREEDY_EACH_ARCH = """
+tok = default_tokenizer()
+for arch in sys.argv[1:]:
+    model = tiny_model(arch, seed=5)
+    ref = tiny_model(arch, seed=5)
+    prompts = random_prompts(4, [5, 17, 9, 12], len(tok), seed=2)
+    want = [reference_greedy(ref, p, 6) for p in prompts]
+    async def main():
+        async with Engine(model, tok, EngineConfig(block_size=8, fast_path=FAST_PATH, overlap=False)) as engine:
+            outs = await asyncio.gather(*(engine.generate(p, SamplingParams(max_new_tokens=6, ignore_eos=True))
+                                          for p in prompts))
+        return [o.token_ids for o in outs]
+    got = asyncio.run(main())
+    assert got == want, (arch, got, want)
+    assert decode_steps, arch
+    decode_steps.clear()
+    after(arch, model)
+print("ok")
+"""
+
+_LEAN_KERNEL_DECODE = (
+    """
 import asyncio, sys
 import torch
 sys.path.insert(0, "tests")
@@ -260,24 +283,12 @@ def forward(self, b, d, j=0):
         self.lean.use_kernels(False)
 forward.__wrapped__ = ModelRunner._forward
 ModelRunner._forward = forward
-
-tok = default_tokenizer()
-for arch in sys.argv[1:]:
-    model = tiny_model(arch, seed=5)
-    ref = tiny_model(arch, seed=5)
-    prompts = random_prompts(4, [5, 17, 9, 12], len(tok), seed=2)
-    want = [reference_greedy(ref, p, 6) for p in prompts]
-    async def main():
-        async with Engine(model, tok, EngineConfig(block_size=8, fast_path=True, overlap=False)) as engine:
-            outs = await asyncio.gather(*(engine.generate(p, SamplingParams(max_new_tokens=6, ignore_eos=True))
-                                          for p in prompts))
-        return [o.token_ids for o in outs]
-    got = asyncio.run(main())
-    assert got == want, (arch, got, want)
-    assert decode_steps, arch
-    decode_steps.clear()
-print("ok")
+FAST_PATH = True
+def after(arch, model):
+    pass
 """
+    + _GREEDY_EACH_ARCH
+)
 
 
 def test_the_lean_decode_step_on_the_kernels_gives_generate_s_tokens():
@@ -521,7 +532,8 @@ def test_only_gated_mlps_that_the_gate_up_kernel_reproduces_are_fused():
     assert all("forward" not in vars(m) for m in llama.modules())
 
 
-_DEVICE_ONLY_DECODE = """
+_DEVICE_ONLY_DECODE = (
+    """
 import asyncio, sys
 import torch
 sys.path.insert(0, "tests")
@@ -563,22 +575,8 @@ def forward(self, b, d, j=0):
 forward.__wrapped__ = ModelRunner._forward
 ModelRunner._forward = forward
 ModelRunner._forward.__wrapped__ = forward.__wrapped__
-
-tok = default_tokenizer()
-for arch in sys.argv[1:]:
-    model = tiny_model(arch, seed=5)
-    ref = tiny_model(arch, seed=5)
-    prompts = random_prompts(4, [5, 17, 9, 12], len(tok), seed=2)
-    want = [reference_greedy(ref, p, 6) for p in prompts]
-    async def main():
-        async with Engine(model, tok, EngineConfig(block_size=8, fast_path=False, overlap=False)) as engine:
-            outs = await asyncio.gather(*(engine.generate(p, SamplingParams(max_new_tokens=6, ignore_eos=True))
-                                          for p in prompts))
-        return [o.token_ids for o in outs]
-    got = asyncio.run(main())
-    assert got == want, (arch, got, want)
-    assert decode_steps, arch
-    decode_steps.clear()
+FAST_PATH = False
+def after(arch, model):
     dense = sum(isinstance(getattr(m, "gate_proj", None), torch.nn.Linear) for m in model.modules())
     assert fused_mlps.pop() == dense and (dense > 0) == (arch in ("llama", "gemma3", "qwen3")), arch  # every dense MLP
     assert all("forward" not in vars(m) for m in model.modules())  # norms and MLPs got their forwards back at close
@@ -586,8 +584,9 @@ for arch in sys.argv[1:]:
     rotary_calls.clear()
     module = sys.modules[type(model.model.layers[0].self_attn).__module__]
     assert not isinstance(module.apply_rotary_pos_emb, _FusedRotary)  # the module's own function again
-print("ok")
 """
+    + _GREEDY_EACH_ARCH
+)
 
 
 def test_the_generic_decode_graph_forward_reads_only_the_device():

@@ -56,6 +56,16 @@ def _setup(ctx_lens, new, heads, kv_heads, dim, bs, dtype, seed=0):
     return cache, meta, q
 
 
+def _decode_step(ctx, meta, dim, bs):
+    """A decode step's rotary tables (first halves, fp32), lengths, positions and cache slots (each sequence's last
+    position) over ``meta``'s block tables."""
+    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=DEVICE).float() / dim))
+    angles = torch.arange(300, device=DEVICE).float()[:, None] * inv[None, :]
+    lens = torch.tensor(ctx, device=DEVICE, dtype=torch.int32)
+    slots = torch.stack([meta.block_tables[i, (c - 1) // bs].long() * bs + (c - 1) % bs for i, c in enumerate(ctx)])
+    return angles.cos(), angles.sin(), lens, (lens - 1).long(), slots
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "heads, kv_heads, dim", [(8, 2, 64), (14, 2, 64), (4, 4, 16), (32, 8, 128), (8, 8, 96), (4, 1, 256)]
@@ -98,12 +108,7 @@ def test_decode_with_rope_equals_rope_and_cache_then_decode(dtype, heads, kv_hea
     cache, meta, q = _setup(ctx, [1] * len(ctx), heads, kv_heads, dim, bs, dtype, seed=3)
     k = torch.randn(len(ctx), kv_heads, dim, device=DEVICE).to(dtype)
     v = torch.randn(len(ctx), kv_heads, dim, device=DEVICE).to(dtype)
-    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=DEVICE).float() / dim))
-    angles = torch.arange(300, device=DEVICE).float()[:, None] * inv[None, :]
-    cos, sin = angles.cos(), angles.sin()
-    lens = torch.tensor(ctx, device=DEVICE, dtype=torch.int32)
-    pos = (lens - 1).long()
-    slots = torch.stack([meta.block_tables[i, (c - 1) // bs].long() * bs + (c - 1) % bs for i, c in enumerate(ctx)])
+    cos, sin, lens, pos, slots = _decode_step(ctx, meta, dim, bs)
     ref_cache, ref_q = cache.layers[0].clone(), q.clone()
     rope_and_cache(ref_q, k, v, cos, sin, pos, slots, ref_cache)
     want = paged_decode(ref_q, ref_cache, meta.block_tables, lens, 0.125, splits, window=window)
@@ -132,12 +137,7 @@ def test_decode_with_qk_norm_equals_the_norms_then_rope_and_decode(dtype, heads,
     v = torch.randn(len(ctx), kv_heads, dim, device=DEVICE).to(dtype)
     qw = (torch.rand(dim, device=DEVICE) + 0.5).to(dtype)
     kw = (torch.rand(dim, device=DEVICE) + 0.5).to(dtype)
-    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=DEVICE).float() / dim))
-    angles = torch.arange(300, device=DEVICE).float()[:, None] * inv[None, :]
-    cos, sin = angles.cos(), angles.sin()
-    lens = torch.tensor(ctx, device=DEVICE, dtype=torch.int32)
-    pos = (lens - 1).long()
-    slots = torch.stack([meta.block_tables[i, (c - 1) // bs].long() * bs + (c - 1) % bs for i, c in enumerate(ctx)])
+    cos, sin, lens, pos, slots = _decode_step(ctx, meta, dim, bs)
     ref_cache = cache.layers[0].clone()
     ref_q = add_rmsnorm(q.reshape(-1, dim), None, qw, 1e-6).view_as(q)
     ref_k = add_rmsnorm(k.reshape(-1, dim), None, kw, 1e-6).view_as(k)
@@ -166,8 +166,7 @@ def test_decode_with_new_kv_equals_the_cache_write_then_decode(dtype, heads, kv_
     cache, meta, q = _setup(ctx, [1] * len(ctx), heads, kv_heads, dim, bs, dtype, seed=6)
     kv_new = torch.randn(1, 2 * kv_heads, len(ctx), dim, device=DEVICE).to(dtype)  # [1, heads, T, D] layout
     k, v = kv_new[0, :kv_heads].transpose(0, 1), kv_new[0, kv_heads:].transpose(0, 1)  # [T, Hkv, D], strided
-    lens = torch.tensor(ctx, device=DEVICE, dtype=torch.int32)
-    slots = torch.stack([meta.block_tables[i, (c - 1) // bs].long() * bs + (c - 1) % bs for i, c in enumerate(ctx)])
+    _, _, lens, _, slots = _decode_step(ctx, meta, dim, bs)
     ref = KVCache(ModelShape(1, heads, kv_heads, dim, 100), cache.layers[0].shape[1], bs, dtype, torch.device(DEVICE))
     ref.layers[0].copy_(cache.layers[0])
     ref.write(0, k, v, slots)
