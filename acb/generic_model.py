@@ -40,7 +40,7 @@ from collections.abc import Iterator
 import torch
 
 from .attention import AttentionMetadata
-from .kv_cache import KVCache
+from .kv_cache import KVCache, ModelShape
 from .lean_model import pad_rows
 from .step_inputs import DeviceStep
 
@@ -121,15 +121,10 @@ class GenericCausalLM:
         from .kernels.fused import rotary, rotary_fits
 
         param = next(self.model.parameters())
-        config = self.model.config
-        config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        heads = getattr(config, "num_attention_heads", None)
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        dim = getattr(config, "head_dim", None) or (heads and config.hidden_size // heads)
-        if not (isinstance(heads, int) and isinstance(kv_heads, int) and isinstance(dim, int)):
-            return
+        geo = ModelShape.from_config(self.model.config)  # as the engine sizes the KV cache
         g = torch.Generator(device=param.device).manual_seed(0)
-        shapes = ((1, 5, heads, dim), (1, 5, kv_heads, dim), (1, 5, dim), (1, 5, dim))
+        dim = geo.head_dim
+        shapes = ((1, 5, geo.num_heads, dim), (1, 5, geo.num_kv_heads, dim), (1, 5, dim), (1, 5, dim))
         q, k, cos, sin = (torch.randn(*x, generator=g, device=param.device).to(param.dtype) for x in shapes)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [1, heads, T, D], as the attention modules pass them
         if not rotary_fits(q, k, cos, sin):
