@@ -12,6 +12,7 @@ through the generic path (transformers' own modules with acb's attention functio
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -114,6 +115,12 @@ class LeanCausalLM:
         if self.on_cuda and workspace_rows:
             self.workspace = _decode_workspace(workspace_rows, self.num_heads, self.head_dim, self.device)
         self.kernels = False
+        # the decode steps' work between attentions in one persistent kernel (acb.kernels.persistent), where it
+        # applies: one GPU, the kernels on, at most PERSISTENT_ROWS rows. ACB_PERSISTENT=0 turns it off (for A/B
+        # timing, or to rule it out).
+        self.persistent = group is None and os.environ.get("ACB_PERSISTENT", "1") != "0"
+        self._counters: torch.Tensor | None = None
+        self._embed_scale_value = None if spec.embed_scale is None else float(self.embed_scale.cpu())
         self.use_kernels(self.on_cuda)
 
     def use_kernels(self, on: bool) -> None:
@@ -128,6 +135,11 @@ class LeanCausalLM:
             self._norm, self._attend = self._norm_cuda, self._attend_cuda
             self._gate = self._kf.silu_mul if self.spec.activation == "silu" else _gelu_tanh_mul
             self._up = self._up_cuda
+            if self.persistent and self._counters is None:
+                from .kernels import persistent
+
+                self._between, self._counters = persistent.between_attentions, persistent.new_counters(self.device)
+                self._kp_rows = persistent.PERSISTENT_ROWS
         else:
             self._norm, self._attend = self._norm_torch, self._attend_torch
             self._gate = _silu_mul if self.spec.activation == "silu" else _gelu_tanh_mul
@@ -168,6 +180,8 @@ class LeanCausalLM:
         out = None
         if padded != t:  # attention writes the real rows; the pad rows hold whatever, row-wise ops keep them apart
             out = torch.empty(padded, self.num_heads, self.head_dim, dtype=self.dtype, device=self.device)
+        if self._persistent_step(x, padded):
+            return self._forward_persistent(x, ids, t, out)
         h, residual = self.embed_in(ids), None
         last = len(self.layers) - 1
         rows = x.logits_idx
@@ -251,13 +265,19 @@ class LeanCausalLM:
             qkv = torch.matmul(normed, lw.qkv_w.t(), out=qkv_out)
             if lw.qkv_b is not None:
                 qkv.add_(lw.qkv_b)
-        q = qkv[:, : self._q_size].view(t, self.num_heads, self.head_dim)
-        k = qkv[:, self._q_size : self._q_size + self._kv_size].view(t, self.num_kv_heads, self.head_dim)
-        v = qkv[:, self._q_size + self._kv_size :].view(t, self.num_kv_heads, self.head_dim)
+        q, k, v = self._heads(qkv)
         if lw.q_norm is not None and qk_norm:  # Qwen3, Gemma 3: RMSNorm over each head before rotary
             q = self._norm(q.reshape(-1, self.head_dim), None, lw.q_norm).view(t, self.num_heads, self.head_dim)
             k = self._norm(k.reshape(-1, self.head_dim), None, lw.k_norm).view(t, self.num_kv_heads, self.head_dim)
         return q, k, v, residual
+
+    def _heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The fused projection's ``[T, q + 2 kv]`` output as q ``[T, heads, D]``, k and v ``[T, kv heads, D]``."""
+        t = qkv.shape[0]
+        q = qkv[:, : self._q_size].view(t, self.num_heads, self.head_dim)
+        k = qkv[:, self._q_size : self._q_size + self._kv_size].view(t, self.num_kv_heads, self.head_dim)
+        v = qkv[:, self._q_size + self._kv_size :].view(t, self.num_kv_heads, self.head_dim)
+        return q, k, v
 
     def after_attention(self, i: int, o: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """Layer ``i`` from attention's output ``o`` ``[T, heads * head_dim]``: the output projection and the MLP
@@ -300,13 +320,62 @@ class LeanCausalLM:
             h, residual = h[logits_idx], residual[logits_idx]
         if self._partial(len(self.layers) - 1):  # the rows the head reads, summed over the ranks
             h = self.group.all_reduce(h.contiguous())
-        logits = F.linear(self._norm(h, residual, self.norm, self.layers[-1].post_mlp_norm), self.lm_head)
+        return self._logits(self._norm(h, residual, self.norm, self.layers[-1].post_mlp_norm))
+
+    def _logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """The LM head on the final norm's output (gathered over the ranks), soft-capped where the family does."""
+        logits = F.linear(normed, self.lm_head)
         if self.group is not None:  # each rank has its slice of the vocabulary
             logits = self.group.all_gather_last(logits)[:, : self.vocab_size]
         cap = self.spec.final_softcap
         if cap:
             logits = (torch.tanh(logits.float() / cap) * cap).to(logits.dtype)
         return logits
+
+    # -- a decode step with the work between attentions in one persistent kernel (acb.kernels.persistent) ------
+
+    def _persistent_step(self, x: LeanInputs, rows: int) -> bool:
+        return (
+            self._counters is not None
+            and self.kernels
+            and bool(x.decode_splits)
+            and x.logits_idx is None
+            and 0 < rows <= self._kp_rows
+        )
+
+    def _forward_persistent(self, x: LeanInputs, ids: torch.Tensor, t: int, out: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`forward` of a decode step: per layer, the attention kernel then one launch for everything up to
+        the next layer's attention (output projection, MLP, the next norm and Q/K/V; after the last layer, the
+        final norm). ``out``: where attention writes its ``t`` rows when the step is padded past them."""
+        h = self._embed(ids)
+        residual = torch.empty_like(h)
+        first, common = self.layers[0], dict(residual=residual, eps=self.eps, counters=self._counters)
+        normed, qkv = self._between(norm_w=first.ln1, h_in=h, embed_scale=self._embed_scale_value,
+                                    qkv_w=first.qkv_w, qkv_b=first.qkv_b, **common)  # fmt: skip
+        for i, lw in enumerate(self.layers):
+            q, k, v = self._heads(qkv)
+            if out is None:
+                o = self._attend(i, lw, q, k, v, x)
+            else:
+                self._attend(i, lw, q[:t], k[:t], v[:t], x, out=out[:t])
+                o = out
+            nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
+            normed, qkv = self._between(
+                o=o.reshape(o.shape[0], -1),
+                o_w=lw.o_w,
+                ln2=lw.ln2,
+                gate_up_w=lw.gate_up_w,
+                down_w=lw.down_w,
+                post_attn_norm=lw.post_attn_norm,
+                post_mlp_norm=lw.post_mlp_norm,
+                activation=self.spec.activation,
+                norm_w=self.norm if nxt is None else nxt.ln1,
+                qkv_w=None if nxt is None else nxt.qkv_w,
+                qkv_b=None if nxt is None else nxt.qkv_b,
+                **common,
+            )
+        logits = self._logits(normed)
+        return logits if logits.shape[0] == t else logits[:t]
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         if self.group is None:

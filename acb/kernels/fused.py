@@ -149,6 +149,25 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 
 
 @triton.jit
+def _norm_row(x, cols, mask, n, eps, R, W, PRE, OUT_TY: tl.constexpr, HAS_RES: tl.constexpr, HAS_PRE: tl.constexpr):
+    """One row's residual add + RMSNorm, :func:`add_rmsnorm`'s arithmetic: ``x`` (float32, zeros past ``n``) is
+    RMSNormed with PRE first (HAS_PRE, rounded to OUT_TY), added into the residual row R (HAS_RES, which takes the
+    sum rounded), then normed with W; returns the normed row in OUT_TY. Also the persistent decode kernel's
+    (:mod:`acb.kernels.persistent`)."""
+    if HAS_PRE:  # the same arithmetic as a call of its own with weight PRE (rounded to OUT's dtype), in registers
+        y = x * tl.rsqrt(tl.sum(x * x, 0) / n + eps)
+        p = tl.load(PRE + cols, mask=mask, other=0.0)
+        x = (y.to(PRE.dtype.element_ty) * p).to(OUT_TY).to(tl.float32)
+    if HAS_RES:
+        x += tl.load(R + cols, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+        tl.store(R + cols, x.to(R.dtype.element_ty), mask=mask)
+    var = tl.sum(x * x, 0) / n
+    y = x * tl.rsqrt(var + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0)
+    return (y.to(W.dtype.element_ty) * w).to(OUT_TY)
+
+
+@triton.jit
 def _add_rmsnorm_kernel(
     X, R, W, PRE, OUT, s_x, s_r, s_o, n, eps, BLOCK: tl.constexpr, HAS_RES: tl.constexpr, HAS_PRE: tl.constexpr
 ):  # fmt: skip
@@ -156,17 +175,8 @@ def _add_rmsnorm_kernel(
     cols = tl.arange(0, BLOCK)
     mask = cols < n
     x = tl.load(X + row * s_x + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_PRE:  # the same arithmetic as a call of its own with weight PRE (rounded to OUT's dtype), in registers
-        y = x * tl.rsqrt(tl.sum(x * x, 0) / n + eps)
-        p = tl.load(PRE + cols, mask=mask, other=0.0)
-        x = (y.to(PRE.dtype.element_ty) * p).to(OUT.dtype.element_ty).to(tl.float32)
-    if HAS_RES:
-        x += tl.load(R + row * s_r + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(R + row * s_r + cols, x.to(R.dtype.element_ty), mask=mask)
-    var = tl.sum(x * x, 0) / n
-    y = x * tl.rsqrt(var + eps)
-    w = tl.load(W + cols, mask=mask, other=0.0)
-    tl.store(OUT + row * s_o + cols, (y.to(W.dtype.element_ty) * w).to(OUT.dtype.element_ty), mask=mask)
+    out = _norm_row(x, cols, mask, n, eps, R + row * s_r, W, PRE, OUT.dtype.element_ty, HAS_RES, HAS_PRE)
+    tl.store(OUT + row * s_o + cols, out, mask=mask)
 
 
 def add_rmsnorm(

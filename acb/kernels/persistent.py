@@ -1,0 +1,351 @@
+"""A decode step's work between two attentions in one persistent kernel.
+
+Between layer ``i``'s attention and layer ``i + 1``'s, the lean decode step runs eight kernels one op each: output
+projection, residual add + norm, gate/up with its activation, down projection (cuBLAS splits it: two kernels), the
+next residual add + norm, the fused Q/K/V projection. At 1-3B shapes each kernel pays 2-5 µs of launch, ramp-up and
+tail on top of its reading time, about as much as the reading itself (docs/benchmarks.md, issue 16).
+
+:func:`between_attentions` runs all of it as one launch of one program per SM. The work is a list of tasks in the
+order the ops come, dealt out round-robin (task ``t`` to program ``t % G``, each program taking its tasks in order):
+
+====  ============================================  ===========================================================
+ A    output projection, one column tile and one   partial sums in float32
+      split of K per task
+ B    one row: residual add + RMSNorm              waits for every A task; sums their partials in split order
+ C    gate/up + activation, one column tile        waits for every B task
+ D    down projection, one column tile and one     waits for the C tiles that make its split of K
+      split of K per task
+ E    one row: residual add + RMSNorm (the next    waits for every D task (or reads the embeddings: the first
+      layer's input norm, or the final norm)       layer)
+ F    next layer's Q/K/V, one column tile and one  waits for every E task; the tile's last split to finish
+      split of K per task                          sums the partials in split order (a ticket per tile)
+====  ============================================  ===========================================================
+
+A task waits by reading a counter that the tasks it needs increment when done. Every task waits only for tasks
+listed before it, and every program takes its tasks in list order, so the smallest unfinished task never waits
+for anything unfinished: no deadlock, as long as all G programs can be resident at once (G = the SM count, one
+program per SM). The partial sums are added in a fixed order whoever finishes last, so results do not depend on
+timing. The last program to finish zeroes the counters for the next launch (a CUDA graph replays it as it is).
+
+The arithmetic is the per-op path's: products accumulated in float32 and rounded once to the model's dtype (a
+GEMM's output), norms as :func:`acb.kernels.fused.add_rmsnorm` computes them (the same code), the activation as
+:func:`acb.kernels.fused.gate_up_act`'s.
+
+Under Triton's interpreter (the CPU tests) the grid is one program, which runs every task in order.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .fused import _norm_row
+
+__all__ = ["between_attentions", "new_counters", "PERSISTENT_ROWS", "COUNTERS"]
+
+# Steps of at most this many rows (decode steps); more rows are compute-bound, where cuBLAS's wide tiles belong.
+PERSISTENT_ROWS = 64
+
+# The counters, int32: [0] programs done, [1] A tasks done, [2] B, [3] D, [4] E, [C_CHUNKS + s] C tiles done in
+# the down projection's split s, [F_TICKETS + tile] the F splits of a column tile done.
+MAX_SPLITS = 64
+COUNTERS = 2048  # F_TICKETS + the Q/K/V column tiles, at most
+MAX_QKV_TILES = COUNTERS - 8 - MAX_SPLITS
+C_CHUNKS: tl.constexpr = tl.constexpr(8)
+F_TICKETS: tl.constexpr = tl.constexpr(8 + MAX_SPLITS)
+_COUNTERS: tl.constexpr = tl.constexpr(COUNTERS)
+
+BLOCK_N = 64  # weight rows (output columns) per tile
+BLOCK_K = 128  # for 2-byte weights; 4-byte ones take 64 (the same bytes)
+
+
+@triton.jit
+def _wait(CNT, idx, target):
+    """Spin until counter ``idx`` reaches ``target``; then this program's reads see what those tasks wrote."""
+    while tl.load(CNT + idx, volatile=True) < target:
+        pass
+    tl.atomic_add(CNT + idx, 0, sem="acquire")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _signal(CNT, idx):
+    """This task's writes are done: count it."""
+    tl.debug_barrier()  # every thread's stores are issued before the (one) atomic releases them
+    tl.atomic_add(CNT + idx, 1, sem="release")
+
+
+@triton.jit
+def _tile(X, s_x, W, s_w, M, N, n0, k_lo, k_hi, BLOCK_M: tl.constexpr, EVEN: tl.constexpr,
+          PRECISION: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    """``acc[n, m] = sum_k W[n0 + n, k] X[m, k]`` over ``k_lo <= k < k_hi`` (float32 ``[BN, BLOCK_M]``): the
+    weights on the tensor cores' M side, which a few rows would leave mostly empty. ``k_lo`` is a multiple of BK."""
+    rm = tl.arange(0, BLOCK_M)
+    rn = n0 + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    xp = X + rm[:, None] * s_x + (k_lo + rk)[None, :]
+    wp = W + rn[:, None].to(tl.int64) * s_w + (k_lo + rk)[None, :]
+    rows = rm[:, None] < M
+    acc = tl.zeros((BN, BLOCK_M), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BK):
+        if EVEN:  # K a multiple of BK and N of BN: only the rows are masked
+            x = tl.load(xp, mask=rows, other=0.0, cache_modifier=".cg")
+            w = tl.load(wp)
+        else:
+            ks = (k0 + rk)[None, :] < k_hi
+            x = tl.load(xp, mask=rows & ks, other=0.0, cache_modifier=".cg")
+            w = tl.load(wp, mask=(rn[:, None] < N) & ks, other=0.0)
+        acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
+        xp += BK
+        wp += BK
+    return acc
+
+
+@triton.jit
+def _store_partial(P, s, acc, M, N, n0, BLOCK_M: tl.constexpr, BN: tl.constexpr):
+    """Split ``s``'s partial tile into ``P [splits, M, N]`` (float32)."""
+    rm = tl.arange(0, BLOCK_M)
+    rn = n0 + tl.arange(0, BN)
+    ptr = P + (s * M + rm[None, :]) * N + rn[:, None]
+    tl.store(ptr, acc, mask=(rm[None, :] < M) & (rn[:, None] < N))
+
+
+@triton.jit
+def _sum_row(P, splits, M, N, row, cols, mask, BLOCK_H: tl.constexpr):
+    """Row ``row`` of ``P [splits, M, N]`` summed over the splits in order (float32)."""
+    x = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for s in range(0, splits):
+        x += tl.load(P + (s * M + row) * N + cols, mask=mask, other=0.0, cache_modifier=".cg")
+    return x
+
+
+@triton.jit(do_not_specialize=["M", "G", "S_A", "S_D", "S_F", "ka_blocks", "kd_blocks", "kf_blocks"])
+def _between_kernel(
+    ATT, WO, LN2, PA, WG, WU, WD, PART_A, X2, ACT, PART_D,
+    H_IN, R, NW, PM, X1, WQKV, BQKV, PART_F, QKV, CNT,
+    M, G, HID, DQ, INTER, NQKV, s_o, s_wo, s_g, s_u, s_wd, s_wqkv, s_h,
+    S_A, S_D, S_F, ka_blocks, kd_blocks, kf_blocks, embed_scale, eps,
+    HAS_MLP: tl.constexpr, HAS_QKV: tl.constexpr, HAS_PA: tl.constexpr, HAS_PM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SCALE_IN: tl.constexpr, ACT_FN: tl.constexpr, SPLIT_F: tl.constexpr,
+    EVEN_A: tl.constexpr, EVEN_C: tl.constexpr, EVEN_D: tl.constexpr, EVEN_F: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    ty = X1.dtype.element_ty
+    cols = tl.arange(0, BLOCK_H)  # a row of the hidden size, for the norms
+    cmask = cols < HID
+    n_tiles_h = tl.cdiv(HID, BN)
+    n_a = n_tiles_h * S_A
+    n_c = tl.cdiv(INTER, BN)
+    n_d = n_tiles_h * S_D
+    kd_span = kd_blocks * BK
+    end_a = n_a if HAS_MLP else 0
+    end_b = end_a + M if HAS_MLP else 0
+    end_c = end_b + n_c if HAS_MLP else 0
+    end_d = end_c + n_d if HAS_MLP else 0
+    end_e = end_d + M
+    total = end_e + tl.cdiv(NQKV, BN) * S_F if HAS_QKV else end_e
+    for t in range(pid, total, G):
+        if t < end_a:  # A: the output projection, one tile of one split
+            tile = t // S_A
+            s = t % S_A
+            k_lo = s * ka_blocks * BK
+            acc = _tile(ATT, s_o, WO, s_wo, M, HID, tile * BN, k_lo, tl.minimum(k_lo + ka_blocks * BK, DQ), BLOCK_M,
+                        EVEN_A, PRECISION, BN, BK)  # fmt: skip
+            _store_partial(PART_A, s, acc, M, HID, tile * BN, BLOCK_M, BN)
+            _signal(CNT, 1)
+        elif t < end_b:  # B: one row's residual add + the norm before the MLP
+            row = t - end_a
+            _wait(CNT, 1, n_a)
+            x = _sum_row(PART_A, S_A, M, HID, row, cols, cmask, BLOCK_H).to(ty).to(tl.float32)
+            out = _norm_row(x, cols, cmask, HID, eps, R + row * s_h, LN2, PA, ty, True, HAS_PA)
+            tl.store(X2 + row * s_h + cols, out, mask=cmask)
+            _signal(CNT, 2)
+        elif t < end_c:  # C: gate/up and the activation, one tile of the intermediate columns
+            tile = t - end_b
+            _wait(CNT, 2, M)
+            g = _tile(X2, s_h, WG, s_g, M, INTER, tile * BN, 0, HID, BLOCK_M, EVEN_C, PRECISION, BN, BK)
+            u = _tile(X2, s_h, WU, s_u, M, INTER, tile * BN, 0, HID, BLOCK_M, EVEN_C, PRECISION, BN, BK)
+            g = g.to(ty).to(tl.float32)
+            if ACT_FN == 0:  # SiLU
+                a = g / (1.0 + tl.exp(-g))
+            else:  # GELU, tanh approximation (Gemma); tanh(z) = 2 sigmoid(2z) - 1
+                z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+                a = g * (1.0 - 1.0 / (1.0 + tl.exp(2.0 * z)))
+            val = a.to(ty) * u.to(ty)
+            rm = tl.arange(0, BLOCK_M)
+            rn = tile * BN + tl.arange(0, BN)
+            tl.store(ACT + rm[None, :] * INTER + rn[:, None], val, mask=(rm[None, :] < M) & (rn[:, None] < INTER))
+            _signal(CNT, C_CHUNKS + tile * BN // kd_span)
+        elif t < end_d:  # D: the down projection, one tile of one split, once its split of C is done
+            tile = (t - end_c) // S_D
+            s = (t - end_c) % S_D
+            k_lo = s * kd_span
+            k_hi = tl.minimum(k_lo + kd_span, INTER)
+            _wait(CNT, C_CHUNKS + s, tl.cdiv(k_hi - k_lo, BN))
+            acc = _tile(ACT, INTER, WD, s_wd, M, HID, tile * BN, k_lo, k_hi, BLOCK_M, EVEN_D, PRECISION, BN, BK)
+            _store_partial(PART_D, s, acc, M, HID, tile * BN, BLOCK_M, BN)
+            _signal(CNT, 3)
+        elif t < end_e:  # E: one row's residual add + the next norm (the first layer: the residual starts)
+            row = t - end_d
+            if HAS_MLP:
+                _wait(CNT, 3, n_d)
+                x = _sum_row(PART_D, S_D, M, HID, row, cols, cmask, BLOCK_H).to(ty).to(tl.float32)
+                out = _norm_row(x, cols, cmask, HID, eps, R + row * s_h, NW, PM, ty, True, HAS_PM)
+            else:
+                x = tl.load(H_IN + row * s_h + cols, mask=cmask, other=0.0).to(tl.float32)
+                if SCALE_IN:  # Gemma's embedding scale, rounded as a multiplication in the model's dtype
+                    x = (x * embed_scale).to(ty).to(tl.float32)
+                tl.store(R + row * s_h + cols, x.to(ty), mask=cmask)
+                out = _norm_row(x, cols, cmask, HID, eps, R + row * s_h, NW, PM, ty, False, False)
+            tl.store(X1 + row * s_h + cols, out, mask=cmask)
+            _signal(CNT, 4)
+        else:  # F: the next layer's Q/K/V, one tile of one split; the tile's last split writes it
+            tile = (t - end_e) // S_F
+            s = (t - end_e) % S_F
+            _wait(CNT, 4, M)
+            k_lo = s * kf_blocks * BK
+            acc = _tile(X1, s_h, WQKV, s_wqkv, M, NQKV, tile * BN, k_lo, tl.minimum(k_lo + kf_blocks * BK, HID),
+                        BLOCK_M, EVEN_F, PRECISION, BN, BK)  # fmt: skip
+            last = True
+            if SPLIT_F:
+                _store_partial(PART_F, s, acc, M, NQKV, tile * BN, BLOCK_M, BN)
+                tl.debug_barrier()
+                last = tl.atomic_add(CNT + F_TICKETS + tile, 1, sem="acq_rel") == S_F - 1
+                if last:
+                    tl.debug_barrier()
+                    acc = tl.zeros((BN, BLOCK_M), dtype=tl.float32)
+                    rm2 = tl.arange(0, BLOCK_M)
+                    rn2 = tile * BN + tl.arange(0, BN)
+                    for s2 in range(0, S_F):
+                        acc += tl.load(PART_F + (s2 * M + rm2[None, :]) * NQKV + rn2[:, None],
+                                       mask=(rm2[None, :] < M) & (rn2[:, None] < NQKV), other=0.0,
+                                       cache_modifier=".cg")  # fmt: skip
+            if last:
+                rm = tl.arange(0, BLOCK_M)
+                rn = tile * BN + tl.arange(0, BN)
+                if HAS_BIAS:
+                    acc += tl.load(BQKV + rn, mask=rn < NQKV, other=0.0).to(tl.float32)[:, None]
+                tl.store(QKV + rm[None, :] * NQKV + rn[:, None], acc.to(ty),
+                         mask=(rm[None, :] < M) & (rn[:, None] < NQKV))  # fmt: skip
+    # the last program out zeroes every counter for the next launch
+    tl.debug_barrier()
+    if tl.atomic_add(CNT + 0, 1, sem="acq_rel") == G - 1:
+        i = tl.arange(0, _COUNTERS)
+        tl.store(CNT + i, tl.zeros([_COUNTERS], dtype=tl.int32))
+
+
+def _splits(tiles: int, k: int, block_k: int, programs: int) -> tuple[int, int]:
+    """``(splits, blocks per split)`` of a K of ``k`` for ``tiles`` column tiles: enough splits to give every
+    program about one task, none shorter than two blocks."""
+    k_blocks = triton.cdiv(k, block_k)
+    want = max(1, min(MAX_SPLITS, programs // max(1, tiles), k_blocks // 2))
+    per = triton.cdiv(k_blocks, want)
+    return triton.cdiv(k_blocks, per), per
+
+
+def between_attentions(
+    *,
+    residual: torch.Tensor,
+    norm_w: torch.Tensor,
+    eps: float,
+    counters: torch.Tensor,
+    o: torch.Tensor | None = None,
+    o_w: torch.Tensor | None = None,
+    ln2: torch.Tensor | None = None,
+    gate_up_w: torch.Tensor | None = None,
+    down_w: torch.Tensor | None = None,
+    post_attn_norm: torch.Tensor | None = None,
+    post_mlp_norm: torch.Tensor | None = None,
+    activation: str = "silu",
+    h_in: torch.Tensor | None = None,
+    embed_scale: float | None = None,
+    qkv_w: torch.Tensor | None = None,
+    qkv_b: torch.Tensor | None = None,
+    programs: int | None = None,
+    split_target: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One launch of the persistent kernel: ``(normed, qkv)``.
+
+    - With ``o`` (the attention's output ``[M, heads * head_dim]``) and the layer's ``o_w``, ``ln2`` (and
+      ``post_attn_norm``), ``gate_up_w``, ``down_w``: that layer's output projection and MLP, whose output joins
+      ``residual`` (after ``post_mlp_norm`` where given) in place. Without ``o``: ``h_in`` (the embeddings, times
+      ``embed_scale`` where given) starts the residual stream, written into ``residual``.
+    - ``normed``: the residual stream RMSNormed with ``norm_w`` (the next layer's input norm, or the final norm).
+    - ``qkv``: with ``qkv_w`` (and ``qkv_b``), the next layer's fused Q/K/V projection of ``normed``; else None.
+
+    ``counters``: int32 ``[COUNTERS]``, zero, owned by the caller (launches on one stream may share it; two at once
+    may not). ``programs``: the grid (the SM count by default; one under Triton's interpreter, which runs programs one
+    after another). ``split_target``: the program count that the splits of K are sized for (by default
+    ``programs`` on CUDA, and an H100's 132 SMs elsewhere: the CPU tests split the work as the card does)."""
+    rows, hid = residual.shape
+    if rows > PERSISTENT_ROWS:
+        raise ValueError(f"between_attentions takes at most {PERSISTENT_ROWS} rows, got {rows}")
+    dev, dt = residual.device, residual.dtype
+    if programs is None:
+        programs = _sms(dev) if dev.type == "cuda" else 1
+    target = split_target or (programs if dev.type == "cuda" else 132)
+    block_k = BLOCK_K * 2 // residual.element_size()
+    block_m = max(16, triton.next_power_of_2(rows))
+    has_mlp = o is not None
+    tiles_h = triton.cdiv(hid, BLOCK_N)
+    x1 = torch.empty(rows, hid, dtype=dt, device=dev)
+    f32 = dict(dtype=torch.float32, device=dev)
+    if has_mlp:
+        dq = o.shape[1]
+        inter = gate_up_w.shape[0] // 2
+        gate, up = gate_up_w[:inter], gate_up_w[inter:]
+        s_a, ka = _splits(tiles_h, dq, block_k, target)
+        s_d, kd = _splits(tiles_h, inter, block_k, target)
+        part_a = torch.empty(s_a, rows, hid, **f32)
+        part_d = torch.empty(s_d, rows, hid, **f32)
+        x2 = torch.empty(rows, hid, dtype=dt, device=dev)
+        act = torch.empty(rows, inter, dtype=dt, device=dev)
+    else:
+        dq = inter = 0
+        o = o_w = ln2 = gate = up = down_w = part_a = part_d = x2 = act = x1
+        s_a = s_d = ka = kd = 1
+    has_qkv = qkv_w is not None
+    if has_qkv:
+        nqkv = qkv_w.shape[0]
+        s_f, kf = _splits(triton.cdiv(nqkv, BLOCK_N), hid, block_k, target)
+        if triton.cdiv(nqkv, BLOCK_N) > MAX_QKV_TILES:
+            raise ValueError(f"between_attentions has tickets for {MAX_QKV_TILES} Q/K/V column tiles")
+        qkv = torch.empty(rows, nqkv, dtype=dt, device=dev)
+        part_f = torch.empty(s_f, rows, nqkv, **f32) if s_f > 1 else qkv
+    else:
+        nqkv, s_f, kf = 0, 1, 1
+        qkv_w = qkv = part_f = x1
+    h_in = x1 if h_in is None else h_in
+    for t in (residual, x1, h_in):
+        if t.stride(0) != hid or t.stride(1) != 1:
+            raise ValueError("between_attentions reads and writes contiguous [rows, hidden] rows")
+    _between_kernel[(programs,)](
+        o, o_w, ln2, post_attn_norm if post_attn_norm is not None else norm_w, gate, up, down_w, part_a, x2, act,
+        part_d, h_in, residual, norm_w, post_mlp_norm if post_mlp_norm is not None else norm_w, x1, qkv_w,
+        qkv_b if qkv_b is not None else norm_w, part_f, qkv, counters,
+        rows, programs, hid, dq, inter, nqkv, o.stride(0), o_w.stride(0), gate.stride(0), up.stride(0),
+        down_w.stride(0), qkv_w.stride(0), hid, s_a, s_d, s_f, ka, kd, kf,
+        float(embed_scale) if embed_scale is not None else 1.0, eps,
+        HAS_MLP=has_mlp, HAS_QKV=has_qkv, HAS_PA=post_attn_norm is not None, HAS_PM=post_mlp_norm is not None,
+        HAS_BIAS=qkv_b is not None, SPLIT_F=s_f > 1, SCALE_IN=embed_scale is not None,
+        ACT_FN=0 if activation == "silu" else 1,
+        EVEN_A=dq % block_k == 0 and hid % BLOCK_N == 0, EVEN_C=hid % block_k == 0 and inter % BLOCK_N == 0,
+        EVEN_D=inter % block_k == 0 and hid % BLOCK_N == 0, EVEN_F=hid % block_k == 0 and nqkv % BLOCK_N == 0,
+        PRECISION="ieee" if dt == torch.float32 else "tf32", BLOCK_M=block_m, BN=BLOCK_N, BK=block_k,
+        BLOCK_H=triton.next_power_of_2(hid), num_warps=4, num_stages=3,
+    )  # fmt: skip
+    return x1, (qkv if has_qkv else None)
+
+
+def new_counters(device: torch.device) -> torch.Tensor:
+    """A zeroed counter buffer for :func:`between_attentions` (one per caller that may launch it on its own stream)."""
+    return torch.zeros(COUNTERS, dtype=torch.int32, device=device)
+
+
+@functools.cache
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
