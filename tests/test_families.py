@@ -291,16 +291,19 @@ def after(arch, model):
 )
 
 
-def test_the_lean_decode_step_on_the_kernels_gives_generate_s_tokens():
+@pytest.mark.parametrize("persistent", ["1", "0"], ids=["persistent", "per-op"])
+def test_the_lean_decode_step_on_the_kernels_gives_generate_s_tokens(persistent):
     """The lean path's decode step as CUDA runs it (the forward its graphs capture: the Triton kernels, Qwen3's and
-    Gemma 3's per-head q/k norms inside the decode kernel, Gemma 3's post-attention and post-MLP norms inside the
-    next norm's kernel), eagerly under Triton's interpreter on the CPU, gives ``model.generate``'s tokens."""
+    Gemma 3's per-head q/k norms inside the decode kernel), eagerly under Triton's interpreter on the CPU, gives
+    ``model.generate``'s tokens: with the work between attentions in the persistent kernel (one GPU, <= 64 rows),
+    and one op per kernel as tensor parallelism and larger steps run it (Gemma 3's post-attention and post-MLP
+    norms inside the next norm's kernel)."""
     import os
     import subprocess
     import sys
 
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
+    env = dict(os.environ, TRITON_INTERPRET="1", ACB_PERSISTENT=persistent, PYTHONPATH=os.pathsep.join(sys.path))
     cmd = [sys.executable, "-c", _LEAN_KERNEL_DECODE, "llama", "qwen3", "gemma3"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
@@ -318,7 +321,7 @@ def test_the_new_kernels_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
     path = os.path.join(os.path.dirname(__file__), "gpu", "test_kernels.py")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path, "-k",
-           "(qk_norm or pre_norm or argmax or new_kv or rotary_equals) and not dtype1"]  # fmt: skip
+           "(qk_norm or pre_norm or argmax or new_kv or rotary_equals or persistent) and not dtype1"]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0 and " passed" in r.stdout and "failed" not in r.stdout, r.stdout[-3000:]
 

@@ -18,17 +18,20 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from acb.kernels import attention as A  # noqa: E402
 from acb.kernels import fused as F  # noqa: E402
+from acb.kernels import persistent as P  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def _compile(fn, types: dict[str, str], constexprs: dict, num_warps: int = 4) -> None:
-    """Lower ``fn`` for sm_90; arguments not named in ``types`` or ``constexprs`` are int32."""
+def _compile(fn, types: dict[str, str], constexprs: dict, num_warps: int = 4, aligned: tuple[str, ...] = (), **opts):
+    """Lower ``fn`` for sm_90; arguments not named in ``types`` or ``constexprs`` are int32; those in ``aligned``
+    are multiples of 16 (pointers: 16-byte aligned), as Triton's launcher tells the compiler of such arguments."""
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=TARGET,
-                       options={"num_warps": num_warps})  # fmt: skip
+        return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                              target=TARGET, options={"num_warps": num_warps, **opts})  # fmt: skip
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -97,3 +100,36 @@ def test_the_gate_up_kernel_compiles(block_m, act):
     types = {n: "*bf16" for n in ("X", "G", "U", "OUT")}
     consts = dict(ACT=act, EVEN=True, PRECISION="tf32", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     _compile(F._gate_up_act_kernel, types, consts, warps)
+
+
+BETWEEN_TYPES = {
+    **{n: "*bf16" for n in "ATT WO LN2 PA WG WU WD X2 ACT H_IN R NW PM X1 WQKV BQKV QKV".split()},
+    **{n: "*fp32" for n in ("PART_A", "PART_D", "PART_F")},
+    "CNT": "*i32", "embed_scale": "fp32", "eps": "fp32",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},  # a middle layer of Llama / Qwen / Mistral / Phi-3
+        dict(HAS_PA=True, HAS_PM=True, ACT_FN=1),  # Gemma 3's
+        dict(HAS_MLP=False, SCALE_IN=True),  # a step's first launch
+        dict(HAS_QKV=False),  # its last
+        dict(EVEN_A=False, EVEN_C=False, EVEN_D=False, EVEN_F=False, SPLIT_F=False, HAS_BIAS=True, BLOCK_M=64),
+    ],
+)
+def test_the_persistent_kernel_compiles_and_pipelines_its_loads(variant):
+    """Each variant compiles; its products run on Hopper's warpgroup MMA and, at shapes whose tiles divide them
+    (every model in bench/workloads.py), its loads are pipelined (asynchronous copies), as the card's launches of
+    aligned tensors get them."""
+    consts = dict(HAS_MLP=True, HAS_QKV=True, HAS_PA=False, HAS_PM=False, HAS_BIAS=False, SCALE_IN=False, ACT_FN=0,
+                  SPLIT_F=True, EVEN_A=True, EVEN_C=True, EVEN_D=True, EVEN_F=True, PRECISION="tf32", BLOCK_M=32,
+                  BN=P.BLOCK_N, BK=P.BLOCK_K, BLOCK_H=2048) | variant  # fmt: skip
+    pointers = [n for n, t in BETWEEN_TYPES.items() if t.startswith("*")]
+    strides = ["s_o", "s_wo", "s_g", "s_u", "s_wd", "s_wqkv", "s_h"]
+    kernel = _compile(P._between_kernel, BETWEEN_TYPES, consts, aligned=(*pointers, *strides), num_stages=3)
+    ptx = kernel.asm["ptx"]
+    assert "wgmma.mma_async" in ptx
+    if consts["EVEN_C"]:  # (shapes of real models; odd ones, the tests' tiny models, load without the pipeline)
+        assert "cp.async" in ptx

@@ -358,3 +358,77 @@ def test_add_rmsnorm_and_silu_mul(dtype):
     gu = torch.randn(5, 2 * 1500, device=DEVICE).to(dtype)
     ref3 = torch.nn.functional.silu(gu[:, :1500].float()).to(dtype) * gu[:, 1500:]
     torch.testing.assert_close(silu_mul(gu).float(), ref3.float(), **TOL[dtype])
+
+
+def _norm_ref(x, residual, w, eps, pre=None):
+    """add_rmsnorm's arithmetic in torch: ``pre`` first, then ``residual += x`` (where given), then the norm."""
+    if pre is not None:
+        x = _norm_ref(x, None, pre, eps)
+    if residual is not None:
+        residual.add_(x)
+        x = residual
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gemma", [False, True], ids=["llama", "gemma"])
+@pytest.mark.parametrize("rows", [1, 5, 32, 64])
+def test_persistent_between_attentions_equals_the_per_op_arithmetic(dtype, gemma, rows):
+    """acb.kernels.persistent: a layer's output projection and MLP, the next norm and Q/K/V in one launch, against
+    the ops one by one; every K split (output projection, down and Q/K/V) taken; twice bit-equal (the counters
+    reset themselves, the partial sums add in a fixed order); the first layer's launch (embeddings in, Gemma's
+    embedding scale) and the last one's (the final norm, no Q/K/V)."""
+    from acb.kernels.persistent import between_attentions, new_counters
+
+    torch.manual_seed(rows)
+    hid, dq, inter, nq, eps = 256, 256, 448, 384, 1e-6
+    f = dict(device=DEVICE, dtype=dtype)
+    o, res = torch.randn(rows, dq, **f), torch.randn(rows, hid, **f)
+    o_w, gu, down = (
+        torch.randn(hid, dq, **f) / 16,
+        torch.randn(2 * inter, hid, **f) / 16,
+        torch.randn(hid, inter, **f) / 21,
+    )
+    qkv_w, qkv_b = torch.randn(nq, hid, **f) / 16, torch.randn(nq, **f) if gemma else None
+    ln2, nw = torch.rand(hid, **f) + 0.5, torch.rand(hid, **f) + 0.5
+    pa, pm = (torch.rand(hid, **f) + 0.5, torch.rand(hid, **f) + 0.5) if gemma else (None, None)
+    act = "gelu_tanh" if gemma else "silu"
+    counters = new_counters(torch.device(DEVICE))
+    layer = dict(o=o, o_w=o_w, ln2=ln2, gate_up_w=gu, down_w=down, post_attn_norm=pa, post_mlp_norm=pm, activation=act)
+
+    def run(**kw):
+        r = res.clone()
+        out = between_attentions(residual=r, norm_w=nw, eps=eps, counters=counters, split_target=132, **kw)
+        assert int(counters.abs().sum()) == 0
+        return (r, *out)
+
+    got = run(**layer, qkv_w=qkv_w, qkv_b=qkv_b)
+    assert all(torch.equal(a, b) for a, b in zip(got, run(**layer, qkv_w=qkv_w, qkv_b=qkv_b)))
+    r = res.clone()
+    x2 = _norm_ref(torch.nn.functional.linear(o, o_w), r, ln2, eps, pa)
+    g, u = torch.nn.functional.linear(x2, gu).chunk(2, -1)
+    a = torch.nn.functional.gelu(g.float(), approximate="tanh") if gemma else torch.nn.functional.silu(g.float())
+    h = torch.nn.functional.linear(a.to(dtype) * u, down)
+    normed = _norm_ref(h, r, nw, eps, pm)
+    want = (r, normed, torch.nn.functional.linear(normed, qkv_w, qkv_b))
+    # bf16: five roundings deep, so an ulp apart in a few places (values up to ~8, where an ulp is 0.03)
+    tol = TOL[dtype] if dtype == torch.float32 else dict(atol=6e-2, rtol=3e-2)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, **tol)
+    r_last, normed_last, none = run(**layer)  # the last layer: the final norm, nothing after it
+    assert none is None and torch.equal(r_last, got[0]) and torch.equal(normed_last, got[1])
+    h_in, scale = torch.randn(rows, hid, **f), 16.0 if gemma else None  # the first layer
+    r_first, normed_first, qkv_first = run(h_in=h_in, embed_scale=scale, qkv_w=qkv_w, qkv_b=qkv_b)
+    start = h_in * scale if gemma else h_in
+    assert torch.equal(r_first, start)
+    torch.testing.assert_close(normed_first, _norm_ref(start, None, nw, eps), **TOL[dtype])
+    torch.testing.assert_close(qkv_first, torch.nn.functional.linear(normed_first, qkv_w, qkv_b), **TOL[dtype])
+
+
+def test_persistent_between_attentions_refuses_more_rows_than_it_takes():
+    from acb.kernels.persistent import PERSISTENT_ROWS, between_attentions, new_counters
+
+    x = torch.zeros(PERSISTENT_ROWS + 1, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="at most"):
+        between_attentions(residual=x, norm_w=x[0], eps=1e-6, counters=new_counters(x.device), h_in=x)
