@@ -37,6 +37,7 @@ Under Triton's interpreter (the CPU tests) the grid is one program, which runs e
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -44,7 +45,7 @@ import triton.language as tl
 
 from .fused import _norm_row
 
-__all__ = ["between_attentions", "new_counters", "PERSISTENT_ROWS", "COUNTERS"]
+__all__ = ["between_attentions", "new_counters", "PERSISTENT_ROWS", "COUNTERS", "Tuning", "TUNING"]
 
 # Steps of at most this many rows (decode steps); more rows are compute-bound, where cuBLAS's wide tiles belong.
 PERSISTENT_ROWS = 64
@@ -59,7 +60,19 @@ F_TICKETS: tl.constexpr = tl.constexpr(8 + MAX_SPLITS)
 _COUNTERS: tl.constexpr = tl.constexpr(COUNTERS)
 
 BLOCK_N = 64  # weight rows (output columns) per tile
-BLOCK_K = 128  # for 2-byte weights; 4-byte ones take 64 (the same bytes)
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """How the kernel is launched (``python -m bench.persistent --sweep`` times the choices)."""
+
+    block_k: int = 128  # K per tile for 2-byte weights; 4-byte ones take half (the same bytes)
+    stages: int = 3  # tiles in flight per program (Triton's software pipeline)
+    per_sm: int = 1  # programs per SM (all must be resident at once)
+    prefetch: int = 0  # L2 bytes that a phase's waiting tasks may ask for ahead of their wait (0: none)
+
+
+TUNING = Tuning()
 
 
 @triton.jit
@@ -76,6 +89,17 @@ def _signal(CNT, idx):
     """This task's writes are done: count it."""
     tl.debug_barrier()  # every thread's stores are issued before the (one) atomic releases them
     tl.atomic_add(CNT + idx, 1, sem="release")
+
+
+@triton.jit
+def _prefetch(W, s_w, n0, N, k_lo, nbytes, BN: tl.constexpr):
+    """Ask L2 for ``nbytes`` (a multiple of 16) of each weight row ``n0 .. n0 + BN`` from column ``k_lo``: one bulk
+    prefetch per row, which nothing waits for. A task calls it before it waits, so that the wait reads weights."""
+    rn = n0 + tl.arange(0, BN)
+    ptr = W + tl.where(rn < N, rn, n0).to(tl.int64) * s_w + k_lo
+    size = tl.full([BN], nbytes, tl.int32)
+    tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
+                              [ptr, size], dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
 
 
 @triton.jit
@@ -122,16 +146,19 @@ def _sum_row(P, splits, M, N, row, cols, mask, BLOCK_H: tl.constexpr):
     return x
 
 
-@triton.jit(do_not_specialize=["M", "G", "S_A", "S_D", "S_F", "ka_blocks", "kd_blocks", "kf_blocks"])
+@triton.jit(
+    do_not_specialize=["M", "G", "S_A", "S_D", "S_F", "ka_blocks", "kd_blocks", "kf_blocks", "pf_c", "pf_d", "pf_f"]
+)
 def _between_kernel(
     ATT, WO, LN2, PA, WG, WU, WD, PART_A, X2, ACT, PART_D,
     H_IN, R, NW, PM, X1, WQKV, BQKV, PART_F, QKV, CNT,
     M, G, HID, DQ, INTER, NQKV, s_o, s_wo, s_g, s_u, s_wd, s_wqkv, s_h,
-    S_A, S_D, S_F, ka_blocks, kd_blocks, kf_blocks, embed_scale, eps,
+    S_A, S_D, S_F, ka_blocks, kd_blocks, kf_blocks, embed_scale, eps, pf_c, pf_d, pf_f,
     HAS_MLP: tl.constexpr, HAS_QKV: tl.constexpr, HAS_PA: tl.constexpr, HAS_PM: tl.constexpr,
     HAS_BIAS: tl.constexpr, SCALE_IN: tl.constexpr, ACT_FN: tl.constexpr, SPLIT_F: tl.constexpr,
     EVEN_A: tl.constexpr, EVEN_C: tl.constexpr, EVEN_D: tl.constexpr, EVEN_F: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BLOCK_H: tl.constexpr,
+    PREFETCH: tl.constexpr, ELEM: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     ty = X1.dtype.element_ty
@@ -166,6 +193,9 @@ def _between_kernel(
             _signal(CNT, 2)
         elif t < end_c:  # C: gate/up and the activation, one tile of the intermediate columns
             tile = t - end_b
+            if PREFETCH:
+                _prefetch(WG, s_g, tile * BN, INTER, 0, pf_c, BN)
+                _prefetch(WU, s_u, tile * BN, INTER, 0, pf_c, BN)
             _wait(CNT, 2, M)
             g = _tile(X2, s_h, WG, s_g, M, INTER, tile * BN, 0, HID, BLOCK_M, EVEN_C, PRECISION, BN, BK)
             u = _tile(X2, s_h, WU, s_u, M, INTER, tile * BN, 0, HID, BLOCK_M, EVEN_C, PRECISION, BN, BK)
@@ -185,6 +215,8 @@ def _between_kernel(
             s = (t - end_c) % S_D
             k_lo = s * kd_span
             k_hi = tl.minimum(k_lo + kd_span, INTER)
+            if PREFETCH:
+                _prefetch(WD, s_wd, tile * BN, HID, k_lo, tl.minimum(pf_d, (k_hi - k_lo) * ELEM) // 16 * 16, BN)
             _wait(CNT, C_CHUNKS + s, tl.cdiv(k_hi - k_lo, BN))
             acc = _tile(ACT, INTER, WD, s_wd, M, HID, tile * BN, k_lo, k_hi, BLOCK_M, EVEN_D, PRECISION, BN, BK)
             _store_partial(PART_D, s, acc, M, HID, tile * BN, BLOCK_M, BN)
@@ -206,8 +238,11 @@ def _between_kernel(
         else:  # F: the next layer's Q/K/V, one tile of one split; the tile's last split writes it
             tile = (t - end_e) // S_F
             s = (t - end_e) % S_F
-            _wait(CNT, 4, M)
             k_lo = s * kf_blocks * BK
+            if PREFETCH:
+                k_end = tl.minimum(k_lo + kf_blocks * BK, HID)
+                _prefetch(WQKV, s_wqkv, tile * BN, NQKV, k_lo, tl.minimum(pf_f, (k_end - k_lo) * ELEM) // 16 * 16, BN)
+            _wait(CNT, 4, M)
             acc = _tile(X1, s_h, WQKV, s_wqkv, M, NQKV, tile * BN, k_lo, tl.minimum(k_lo + kf_blocks * BK, HID),
                         BLOCK_M, EVEN_F, PRECISION, BN, BK)  # fmt: skip
             last = True
@@ -267,6 +302,7 @@ def between_attentions(
     qkv_b: torch.Tensor | None = None,
     programs: int | None = None,
     split_target: int | None = None,
+    tuning: Tuning | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One launch of the persistent kernel: ``(normed, qkv)``.
 
@@ -285,10 +321,13 @@ def between_attentions(
     if rows > PERSISTENT_ROWS:
         raise ValueError(f"between_attentions takes at most {PERSISTENT_ROWS} rows, got {rows}")
     dev, dt = residual.device, residual.dtype
+    tuning = tuning or TUNING
+    cuda = dev.type == "cuda"
     if programs is None:
-        programs = _sms(dev) if dev.type == "cuda" else 1
-    target = split_target or (programs if dev.type == "cuda" else 132)
-    block_k = BLOCK_K * 2 // residual.element_size()
+        programs = _sms(dev) * tuning.per_sm if cuda else 1
+    target = split_target or (programs if cuda else 132)
+    elem = residual.element_size()
+    block_k = tuning.block_k * 2 // elem
     block_m = max(16, triton.next_power_of_2(rows))
     has_mlp = o is not None
     tiles_h = triton.cdiv(hid, BLOCK_N)
@@ -320,25 +359,39 @@ def between_attentions(
         nqkv, s_f, kf = 0, 1, 1
         qkv_w = qkv = part_f = x1
     h_in = x1 if h_in is None else h_in
+    # per weight row, the bytes a waiting task prefetches: the phase's share of the budget, whole 128-byte lines
+    pf_c = _prefetch_bytes(tuning.prefetch, 2 * inter, hid * elem)
+    pf_d = _prefetch_bytes(tuning.prefetch, hid, inter * elem)
+    pf_f = _prefetch_bytes(tuning.prefetch, nqkv, hid * elem)
     for t in (residual, x1, h_in):
         if t.stride(0) != hid or t.stride(1) != 1:
             raise ValueError("between_attentions reads and writes contiguous [rows, hidden] rows")
+    stage = (BLOCK_N + block_m) * block_k * elem  # a weight tile and an activation tile, in shared memory
+    stages = max(2, min(tuning.stages, _shared(dev) // tuning.per_sm // stage)) if cuda else tuning.stages
     _between_kernel[(programs,)](
         o, o_w, ln2, post_attn_norm if post_attn_norm is not None else norm_w, gate, up, down_w, part_a, x2, act,
         part_d, h_in, residual, norm_w, post_mlp_norm if post_mlp_norm is not None else norm_w, x1, qkv_w,
         qkv_b if qkv_b is not None else norm_w, part_f, qkv, counters,
         rows, programs, hid, dq, inter, nqkv, o.stride(0), o_w.stride(0), gate.stride(0), up.stride(0),
         down_w.stride(0), qkv_w.stride(0), hid, s_a, s_d, s_f, ka, kd, kf,
-        float(embed_scale) if embed_scale is not None else 1.0, eps,
+        float(embed_scale) if embed_scale is not None else 1.0, eps, pf_c, pf_d, pf_f,
         HAS_MLP=has_mlp, HAS_QKV=has_qkv, HAS_PA=post_attn_norm is not None, HAS_PM=post_mlp_norm is not None,
         HAS_BIAS=qkv_b is not None, SPLIT_F=s_f > 1, SCALE_IN=embed_scale is not None,
         ACT_FN=0 if activation == "silu" else 1,
         EVEN_A=dq % block_k == 0 and hid % BLOCK_N == 0, EVEN_C=hid % block_k == 0 and inter % BLOCK_N == 0,
         EVEN_D=inter % block_k == 0 and hid % BLOCK_N == 0, EVEN_F=hid % block_k == 0 and nqkv % BLOCK_N == 0,
         PRECISION="ieee" if dt == torch.float32 else "tf32", BLOCK_M=block_m, BN=BLOCK_N, BK=block_k,
-        BLOCK_H=triton.next_power_of_2(hid), num_warps=4, num_stages=3,
+        BLOCK_H=triton.next_power_of_2(hid), PREFETCH=cuda and tuning.prefetch > 0, ELEM=elem, num_warps=4,
+        num_stages=stages,
     )  # fmt: skip
     return x1, (qkv if has_qkv else None)
+
+
+def _prefetch_bytes(budget: int, rows: int, row_bytes: int) -> int:
+    """Bytes of each of ``rows`` weight rows (``row_bytes`` each) that fit a prefetch ``budget``: whole lines."""
+    if budget <= 0 or rows <= 0:
+        return 0
+    return min(row_bytes, budget // rows) // 128 * 128
 
 
 def new_counters(device: torch.device) -> torch.Tensor:
@@ -349,3 +402,9 @@ def new_counters(device: torch.device) -> torch.Tensor:
 @functools.cache
 def _sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.cache
+def _shared(device: torch.device) -> int:
+    """Shared memory one SM gives its programs, less what Triton keeps for itself (bytes)."""
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin - 4096

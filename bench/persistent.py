@@ -1,0 +1,165 @@
+"""A decode step's work between two attentions, per layer: one op per kernel (the lean path's decode without the
+persistent kernel) against :mod:`acb.kernels.persistent`, each with every layer of a model shape in one CUDA graph
+(weights of their own per layer, so none is served from L2), against the layer's weight-reading floor::
+
+    python -m bench.persistent --model llama-1b --rows 32              # per-op vs the persistent kernel's default
+    python -m bench.persistent --model llama-1b --rows 32 --sweep      # and every tuning of SWEEP
+    python -m bench.persistent --model gemma3-1b,qwen3-1.7b --json out.json
+
+Each persistent variant is first checked against the per-op ops on the first layer (bf16, within a few ulps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from acb.kernels.persistent import TUNING, Tuning, between_attentions, new_counters
+
+from .run import copy_bandwidth
+from .workloads import FAMILY_MODELS
+
+SWEEP = [
+    Tuning(block_k=bk, stages=st, per_sm=ps, prefetch=pf)
+    for bk, st, ps, pf in itertools.product((128, 256), (3, 5), (1, 2), (0, 16 << 20))
+]
+REPLAYS = 20
+
+
+def shapes(model: str) -> dict:
+    """The layer shape of one of ``FAMILY_MODELS``: sizes, and the family's variants (Gemma's sandwich norms and
+    GELU, Qwen2's Q/K/V bias)."""
+    import transformers
+
+    cls, fields = FAMILY_MODELS[model]
+    cfg = getattr(transformers, cls)(**fields)
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return dict(
+        layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, inter=cfg.intermediate_size, dq=heads * dim,
+        nqkv=(heads + 2 * kv) * dim, gemma="gemma" in cfg.model_type, bias=cls == "Qwen2Config",
+    )  # fmt: skip
+
+
+def layer_weights(s: dict, dev: str) -> list[dict]:
+    torch.manual_seed(0)
+    b = dict(device=dev, dtype=torch.bfloat16)
+
+    def w(n, k):
+        return torch.randn(n, k, **b) / k**0.5
+
+    def norm():
+        return torch.rand(s["hidden"], **b) + 0.5
+
+    return [
+        dict(o_w=w(s["hidden"], s["dq"]), ln2=norm(), gate_up_w=w(2 * s["inter"], s["hidden"]),
+             down_w=w(s["hidden"], s["inter"]), ln1=norm(), qkv_w=w(s["nqkv"], s["hidden"]),
+             qkv_b=torch.randn(s["nqkv"], **b) if s["bias"] else None,
+             post_attn_norm=norm() if s["gemma"] else None, post_mlp_norm=norm() if s["gemma"] else None)
+        for _ in range(s["layers"])
+    ]  # fmt: skip
+
+
+def per_op(o, residual, lw, act, eps):
+    """The lean path's per-op decode between attentions (LeanCausalLM.after_attention, then before_attention)."""
+    from acb.kernels.fused import add_rmsnorm, gate_up_act
+
+    x2 = add_rmsnorm(F.linear(o, lw["o_w"]), residual, lw["ln2"], eps, lw["post_attn_norm"])
+    h = F.linear(gate_up_act(x2, lw["gate_up_w"], act), lw["down_w"])
+    x1 = add_rmsnorm(h, residual, lw["ln1"], eps, lw["post_mlp_norm"])
+    return x1, F.linear(x1, lw["qkv_w"], lw["qkv_b"])
+
+
+def persistent(o, residual, lw, act, eps, counters, tuning):
+    return between_attentions(
+        residual=residual, norm_w=lw["ln1"], eps=eps, counters=counters, o=o, o_w=lw["o_w"], ln2=lw["ln2"],
+        gate_up_w=lw["gate_up_w"], down_w=lw["down_w"], post_attn_norm=lw["post_attn_norm"],
+        post_mlp_norm=lw["post_mlp_norm"], activation=act, qkv_w=lw["qkv_w"], qkv_b=lw["qkv_b"], tuning=tuning,
+    )  # fmt: skip
+
+
+def time_layers(fn, layers: list[dict]) -> float:
+    """µs per layer of ``fn(layer)`` over every layer, in one CUDA graph (median of REPLAYS replays)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for lw in layers[:2]:
+            fn(lw)
+    torch.cuda.current_stream().wait_stream(stream)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for lw in layers:
+            fn(lw)
+    g.replay()
+    times = []
+    for _ in range(REPLAYS):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / len(layers))
+    return sorted(times)[len(times) // 2]
+
+
+def measure(model: str, rows: int, tunings: list[Tuning], bandwidth: float) -> list[dict]:
+    s = shapes(model)
+    layers = layer_weights(s, "cuda")
+    act, eps = ("gelu_tanh" if s["gemma"] else "silu"), 1e-6
+    o = torch.randn(rows, s["dq"], device="cuda", dtype=torch.bfloat16)
+    base = torch.randn(rows, s["hidden"], device="cuda", dtype=torch.bfloat16)
+    res = base.clone()
+    counters = new_counters(torch.device("cuda"))
+    weight_bytes = sum(t.numel() * t.element_size() for k, t in layers[0].items() if t is not None and k.endswith("_w"))
+    floor_us = weight_bytes / bandwidth * 1e6
+    want = per_op(o, base.clone(), layers[0], act, eps)
+    out = [dict(model=model, rows=rows, variant="per-op", us=time_layers(lambda lw: per_op(o, res, lw, act, eps),
+                                                                        layers), floor_us=floor_us)]  # fmt: skip
+    for tuning in tunings:
+        got = persistent(o, base.clone(), layers[0], act, eps, counters, tuning)
+        for x, y in zip(got, want):
+            err = (x.float() - y.float()).abs().max().item()
+            if err > 0.1 * max(1.0, y.float().abs().max().item()):
+                raise AssertionError(f"{model} {tuning}: persistent differs from per-op by {err}")
+        us = time_layers(lambda lw, t=tuning: persistent(o, res, lw, act, eps, counters, t), layers)
+        out.append(dict(model=model, rows=rows, variant=str(tuning), us=us, floor_us=floor_us))
+        print(
+            f"{model} {rows} {tuning}: {us:.1f} µs per layer (per-op {out[0]['us']:.1f})", file=sys.stderr, flush=True
+        )
+    return out
+
+
+def table(results: list[dict], card: str) -> str:
+    lines = ["| model | rows | variant | µs per layer | floor µs | / floor | card |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['model']} | {r['rows']} | {r['variant']} | {r['us']:.1f} | {r['floor_us']:.1f} | "
+                     f"{r['us'] / r['floor_us']:.2f}× | {card} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama-1b", help="comma-separated names of bench.workloads.FAMILY_MODELS")
+    ap.add_argument("--rows", default="32", help="comma-separated row counts (at most PERSISTENT_ROWS)")
+    ap.add_argument("--sweep", action="store_true", help="time every tuning of SWEEP, not only the default")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+    card = torch.cuda.get_device_name()
+    bandwidth = copy_bandwidth()
+    results = []
+    for model, rows in itertools.product(args.model.split(","), [int(r) for r in args.rows.split(",")]):
+        results += measure(model, rows, SWEEP if args.sweep else [TUNING], bandwidth)
+        print(table(results[-1:], card), file=sys.stderr, flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(card=card, copy_bw_GBps=bandwidth / 1e9, results=results), f, indent=2)
+    print(table(results, card))
+
+
+if __name__ == "__main__":
+    main()
