@@ -125,7 +125,7 @@ def test_the_persistent_kernel_compiles_and_pipelines_its_loads(variant):
     aligned tensors get them."""
     consts = dict(HAS_MLP=True, HAS_QKV=True, HAS_PA=False, HAS_PM=False, HAS_BIAS=False, SCALE_IN=False, ACT_FN=0,
                   SPLIT_F=True, EVEN_A=True, EVEN_C=True, EVEN_D=True, EVEN_F=True, PRECISION="tf32", BLOCK_M=32,
-                  BN=P.BLOCK_N, BK=P.BLOCK_K, BLOCK_H=2048) | variant  # fmt: skip
+                  BN=P.BLOCK_N, BK=P.TUNING.block_k, BLOCK_H=2048, PREFETCH=True, ELEM=2) | variant  # fmt: skip
     pointers = [n for n, t in BETWEEN_TYPES.items() if t.startswith("*")]
     strides = ["s_o", "s_wo", "s_g", "s_u", "s_wd", "s_wqkv", "s_h"]
     kernel = _compile(P._between_kernel, BETWEEN_TYPES, consts, aligned=(*pointers, *strides), num_stages=3)
