@@ -67,7 +67,7 @@ class Tuning:
     """How the kernel is launched (``python -m bench.persistent --sweep`` times the choices)."""
 
     block_k: int = 128  # K per tile for 2-byte weights; 4-byte ones take half (the same bytes)
-    stages: int = 3  # tiles in flight per program (Triton's software pipeline)
+    stages: int = 5  # tiles in flight per program (Triton's software pipeline)
     per_sm: int = 1  # programs per SM (all must be resident at once)
     prefetch: int = 0  # L2 bytes that a phase's waiting tasks may ask for ahead of their wait (0: none)
 
