@@ -274,12 +274,21 @@ def _between_kernel(
 
 
 def _splits(tiles: int, k: int, block_k: int, programs: int) -> tuple[int, int]:
-    """``(splits, blocks per split)`` of a K of ``k`` for ``tiles`` column tiles: enough splits to give every
-    program about one task, none shorter than two blocks."""
+    """``(splits, blocks per split)`` of a K of ``k`` for ``tiles`` column tiles: the split whose waves of tasks
+    over the programs finish first, a task costing its blocks plus _FILL (its pipeline filling up); the fewer
+    splits where two tie (fewer partial sums)."""
     k_blocks = triton.cdiv(k, block_k)
-    want = max(1, min(MAX_SPLITS, programs // max(1, tiles), k_blocks // 2))
-    per = triton.cdiv(k_blocks, want)
-    return triton.cdiv(k_blocks, per), per
+    best = None
+    for want in range(1, min(MAX_SPLITS, k_blocks) + 1):
+        per = triton.cdiv(k_blocks, want)
+        splits = triton.cdiv(k_blocks, per)
+        cost = triton.cdiv(tiles * splits, programs) * (per + _FILL)
+        if best is None or cost < best[0]:
+            best = (cost, splits, per)
+    return best[1], best[2]
+
+
+_FILL = 2
 
 
 def between_attentions(
