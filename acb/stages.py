@@ -11,7 +11,9 @@ submits (``_submit``: validate, tokenize, queue with backpressure), and the thre
 
 Requests end in three ways here: aborted (a stream let go, ``engine.abort``), failed (a step that could not be
 prepared or run, non-finite logits, a tokenizer error: only the requests concerned), or finished (their stream
-closed after the last token). Each frees its KV blocks at once.
+closed after the last token). Each frees its KV blocks at once. A request that a step fails gets its error through
+the delivery stage, behind the tokens already accepted for it: its stream reads every token generated before the
+failure, then the error, however far delivery lags behind the step loop.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from .errors import DuplicateRequestIdError, InvalidRequestError, RequestFailedError, WorkerFailedError
 from .outputs import Token
-from .scheduler import ScheduledStep
+from .scheduler import ScheduledStep, StepOutput
 from .sequence import Sequence
 from .stream import RequestState
 
@@ -35,6 +37,16 @@ if TYPE_CHECKING:
 __all__ = ["Stages"]
 
 log = logging.getLogger("acb")
+
+
+class _Failure:
+    """A request's error, queued for delivery behind the tokens accepted for it before (``_fail_in_order``)."""
+
+    __slots__ = ("state", "error")
+
+    def __init__(self, state: RequestState, error: Exception) -> None:
+        self.state = state
+        self.error = error
 
 
 class Stages:
@@ -134,7 +146,8 @@ class Stages:
         culprits = self._builder.culprits(step) or [(seq, exc) for seq in step.seqs]
         self._scheduler.unschedule(step)
         for seq, cause in culprits:
-            self._fail(self._live.get(seq.request_id), RequestFailedError(f"preparing a step failed: {cause!r}"), cause)
+            error = RequestFailedError(f"preparing a step failed: {cause!r}")
+            self._fail_in_order(self._live.get(seq.request_id), error, cause)
 
     def _pull_admissions(self) -> None:
         for state in self._queue.take(self._scheduler.room_for_new):
@@ -165,29 +178,37 @@ class Stages:
                 log.exception("step %d failed", step.step_id)
                 self._builder.invalidate()  # the step's block-table entries may not have reached the device
                 for seq in self._scheduler.on_step_failed(step):
-                    self._fail(self._live.get(seq.request_id), RequestFailedError(f"step failed: {exc!r}"), exc)
+                    error = RequestFailedError(f"step failed: {exc!r}")
+                    self._fail_in_order(self._live.get(seq.request_id), error, exc)
             else:
-                for seq in out.broken:
-                    self._fail(
-                        self._live.get(seq.request_id),
-                        RequestFailedError("the model produced non-finite logits (NaN or infinity) for this request"),
-                    )
                 self.tracer.add("process", t1, time.perf_counter())
-                if out.accepted and not overlap:  # sync mode: deliver, then prepare the next step
-                    self._to_detok.put_nowait(out)
+                if not overlap:  # sync mode: deliver, then prepare the next step
+                    self._hand_over(out)
             finally:
                 self._inflight.release()
                 self._work.set()
             # Overlap mode queues the tokens after waking the step loop, so the next step is prepared and launched
             # before these are detokenized: delivery stays off the host's path between two GPU steps.
-            if out is not None and out.accepted and overlap:
-                self._to_detok.put_nowait(out)
+            if out is not None and overlap:
+                self._hand_over(out)
+
+    def _hand_over(self, out: StepOutput) -> None:
+        """Queue a step's tokens for delivery, then the errors of its broken rows (a multi-step round's row keeps
+        the tokens it sampled before the broken one)."""
+        if out.accepted:
+            self._to_detok.put_nowait(out)
+        for seq in out.broken:
+            error = RequestFailedError("the model produced non-finite logits (NaN or infinity) for this request")
+            self._fail_in_order(self._live.get(seq.request_id), error)
 
     # -- stage: detokenization and delivery -----------------------------------------------------------------------
 
     async def _detok_loop(self) -> None:
         while True:
             out = await self._to_detok.get()
+            if type(out) is _Failure:  # after every token accepted for the request before it failed
+                self._fail(out.state, out.error)
+                continue
             t0 = time.perf_counter()
             ended, stopped, failed = self._delivery.deliver(out, self._live)
             for state, exc in failed:
@@ -223,6 +244,8 @@ class Stages:
             self._abort(state)
 
     def _fail(self, state: RequestState | None, error: Exception, cause: BaseException | None = None) -> None:
+        """End a request with ``error`` now: its stream reads the error after what was delivered to it so far
+        (tokens accepted but still queued for delivery are dropped; see :meth:`_fail_in_order`)."""
         if state is None:
             return
         if cause is not None:
@@ -231,6 +254,21 @@ class Stages:
         state.end(error)
         self._forget(state)
         self._work.set()
+
+    def _fail_in_order(self, state: RequestState | None, error: Exception, cause: BaseException | None = None) -> None:
+        """Fail a request that a step could not be prepared or run for. It stops at once (the scheduler lets its
+        blocks go, and no step still in flight adds tokens to it), but its error is queued for the delivery stage
+        behind the tokens already accepted for it, which may still wait there (with overlap, the next step is
+        prepared before the previous one's tokens are detokenized): its stream reads every token generated before
+        the failure, then the error, whatever the timing of the stages. If the engine stops first, ``close`` (or
+        the crash guard) fails the request at once, as it is still live."""
+        if state is None:
+            return
+        if cause is not None:
+            error.__cause__ = cause
+        self._scheduler.finish(state.seq, "error")
+        self._work.set()
+        self._to_detok.put_nowait(_Failure(state, error))  # then _fail, as any other request's ending
 
     def _forget(self, state: RequestState) -> None:
         self._queue.remove(state)

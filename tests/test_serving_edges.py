@@ -13,7 +13,7 @@ import httpx
 import pytest
 import uvicorn
 
-from acb import Engine, EngineConfig
+from acb import Engine, EngineConfig, RequestFailedError, SamplingParams
 from acb.serving import create_app
 from acb.serving.app import MAX_CHOICES
 
@@ -43,12 +43,16 @@ async def client(engine, **kw):
             yield http
 
 
-def fail_mid_way(engine, suffix: str, after: int):
-    """Every step holding a request whose id ends with ``suffix`` and that has ``after`` output tokens fails."""
+def fail_mid_way(engine, suffix: str, after: int, record: list | None = None):
+    """Every step holding a request whose id ends with ``suffix`` and that has ``after`` output tokens fails.
+    ``record`` gets, per failure, the output tokens such a request had then (what the engine accepted for it)."""
     build = engine._builder.build
 
     def fragile(step):
-        if any(s.request_id.endswith(suffix) and s.num_output >= after for s in step.seqs):
+        failing = [s for s in step.seqs if s.request_id.endswith(suffix) and s.num_output >= after]
+        if failing:
+            if record is not None:
+                record.append(list(failing[0].output_ids))
             raise OverflowError("boom")
         return build(step)
 
@@ -124,12 +128,17 @@ async def test_usage_counts_each_prompt_once_whatever_n(make_model, tokenizer, s
 
 
 async def test_tokens_delivered_before_a_mid_stream_error_are_written(make_model, tokenizer):
+    """Every token the engine generated before a step failed the request is written before the error event, also
+    when ``stream_interval`` > 1 reads several tokens at once. (How many tokens that is depends on how far the
+    overlapped pipeline got when the failure came, so each response is checked against what the engine had
+    accepted when it failed the request, not against the other.)"""
     model, _ = make_model("llama", seed=5)
     engine = Engine(model, tokenizer, EngineConfig(block_size=8))
-    texts = {}
+    accepted: list[list[int]] = []
     async with engine:
-        fail_mid_way(engine, "-0", 5)
+        fail_mid_way(engine, "-0", 5, accepted)
         for interval in (1, 8):
+            accepted.clear()
             app = create_app(engine, "tiny", stream_interval=interval)
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
                 r = await http.post(
@@ -138,8 +147,38 @@ async def test_tokens_delivered_before_a_mid_stream_error_are_written(make_model
                 )
             events = [json.loads(e[6:]) for e in r.text.split("\n\n") if e.startswith("data: {")]
             assert any("error" in e for e in events)
-            texts[interval] = "".join(c["text"] for e in events for c in e.get("choices", []))
-    assert texts[8] == texts[1], texts
+            text = "".join(c["text"] for e in events for c in e.get("choices", []))
+            assert accepted and len(accepted[0]) >= 5
+            assert text == tokenizer.decode(accepted[0]), (interval, text, accepted[0])
+
+
+async def test_a_failed_request_gets_every_token_accepted_before_its_error(make_model, tokenizer):
+    """A step fails a request while the tokens the engine accepted for it in earlier steps still wait for the
+    delivery stage (with overlap, the step loop prepares the next step before those are detokenized): they reach the
+    stream, then the error. The failure is injected exactly then, so this does not depend on timing."""
+    model, _ = make_model("llama", seed=5)
+    engine = Engine(model, tokenizer, EngineConfig(block_size=8))
+    accepted: list[list[int]] = []
+    async with engine:
+        build = engine._builder.build
+
+        def fragile(step):
+            for s in step.seqs:
+                if s.request_id == "r" and (accepted or (s.num_output >= 5 and engine._to_detok.qsize())):
+                    accepted.append(list(s.output_ids))
+                    raise OverflowError("boom")
+            return build(step)
+
+        engine._builder.build = fragile
+        ids = []
+        with pytest.raises(RequestFailedError, match="boom"):
+            async for tok in engine.stream(
+                [5, 6, 7], SamplingParams(max_new_tokens=50, ignore_eos=True), request_id="r"
+            ):
+                ids.append(tok.id)
+        await settle(engine)
+    assert accepted, "the failure was never injected while tokens waited for delivery"
+    assert ids == accepted[0], f"the stream got {ids}; the engine had accepted {accepted[0]} when it failed"
 
 
 @pytest.mark.parametrize("extra", [{"max_tokens": True}, {"n": True}, {"prompt": [True, 5]}, {"max_tokens": "3"}])
