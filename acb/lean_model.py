@@ -5,10 +5,10 @@ single GEMMs (the model's own projection weights become views into the fused one
 nothing is stored twice), residual add + RMSNorm is one kernel, SiLU·mul is one kernel, and rotary embedding is
 applied inside the decode attention kernel (decode steps) or the KV-cache write (steps with prompts). Attention runs
 on the paged Triton kernels (sliding windows per layer). A decode step of a few rows on one GPU runs everything
-between two attentions in one persistent kernel (:mod:`acb.kernels.persistent`). On the CPU (tests) the same forward runs on plain torch ops
-and the reference attention, so its logic is checked against ``model.generate`` without a GPU. The CPU or CUDA
-implementation of each op is chosen once, when the model is built. Any model without an adapter keeps running
-through the generic path (transformers' own modules with acb's attention function).
+between two attentions in one persistent kernel (:mod:`acb.kernels.persistent`). On the CPU (tests) the same forward
+runs on plain torch ops and the reference attention, so its logic is checked against ``model.generate`` without a
+GPU. The CPU or CUDA implementation of each op is chosen once, when the model is built. Any model without an
+adapter keeps running through the generic path (transformers' own modules with acb's attention function).
 """
 
 from __future__ import annotations
