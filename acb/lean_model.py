@@ -351,8 +351,10 @@ class LeanCausalLM:
         h = self._embed(ids)
         residual = torch.empty_like(h)
         first, common = self.layers[0], dict(residual=residual, eps=self.eps, counters=self._counters)
+        # (every launch gets a layer's sandwich norms and a Q/K/V bias, read only where used: one compiled variant)
         normed, qkv = self._between(norm_w=first.ln1, h_in=h, embed_scale=self._embed_scale_value,
-                                    qkv_w=first.qkv_w, qkv_b=first.qkv_b, **common)  # fmt: skip
+                                    qkv_w=first.qkv_w, qkv_b=first.qkv_b, post_attn_norm=first.post_attn_norm,
+                                    post_mlp_norm=first.post_mlp_norm, **common)  # fmt: skip
         for i, lw in enumerate(self.layers):
             q, k, v = self._heads(qkv)
             if out is None:
@@ -372,7 +374,7 @@ class LeanCausalLM:
                 activation=self.spec.activation,
                 norm_w=self.norm if nxt is None else nxt.ln1,
                 qkv_w=None if nxt is None else nxt.qkv_w,
-                qkv_b=None if nxt is None else nxt.qkv_b,
+                qkv_b=(nxt or lw).qkv_b,
                 **common,
             )
         logits = self._logits(normed)

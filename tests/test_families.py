@@ -304,7 +304,7 @@ def test_the_lean_decode_step_on_the_kernels_gives_generate_s_tokens(persistent)
 
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", ACB_PERSISTENT=persistent, PYTHONPATH=os.pathsep.join(sys.path))
-    cmd = [sys.executable, "-c", _LEAN_KERNEL_DECODE, "llama", "qwen3", "gemma3"]
+    cmd = [sys.executable, "-c", _LEAN_KERNEL_DECODE, "llama", "qwen3", "gemma3", "qwen2-sliding"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
 

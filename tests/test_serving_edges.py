@@ -152,12 +152,14 @@ async def test_tokens_delivered_before_a_mid_stream_error_are_written(make_model
             assert text == tokenizer.decode(accepted[0]), (interval, text, accepted[0])
 
 
-async def test_a_failed_request_gets_every_token_accepted_before_its_error(make_model, tokenizer):
+@pytest.mark.parametrize("decode_steps", [1, 4])
+async def test_a_failed_request_gets_every_token_accepted_before_its_error(make_model, tokenizer, decode_steps):
     """A step fails a request while the tokens the engine accepted for it in earlier steps still wait for the
-    delivery stage (with overlap, the step loop prepares the next step before those are detokenized): they reach the
-    stream, then the error. The failure is injected exactly then, so this does not depend on timing."""
+    delivery stage (with overlap, the step loop prepares the next step before those are detokenized; a multi-step
+    round accepts several at once): they reach the stream, then the error. The failure is injected exactly then, so
+    this does not depend on timing."""
     model, _ = make_model("llama", seed=5)
-    engine = Engine(model, tokenizer, EngineConfig(block_size=8))
+    engine = Engine(model, tokenizer, EngineConfig(block_size=8, decode_steps=decode_steps))
     accepted: list[list[int]] = []
     async with engine:
         build = engine._builder.build

@@ -147,19 +147,34 @@ def _sum_row(P, splits, M, N, row, cols, mask, BLOCK_H: tl.constexpr):
 
 
 @triton.jit(
-    do_not_specialize=["M", "G", "S_A", "S_D", "S_F", "ka_blocks", "kd_blocks", "kf_blocks", "pf_c", "pf_d", "pf_f"]
+    do_not_specialize=[
+        "M",
+        "G",
+        "S_A",
+        "S_D",
+        "S_F",
+        "ka_blocks",
+        "kd_blocks",
+        "kf_blocks",
+        "pf_c",
+        "pf_d",
+        "pf_f",
+        "has_mlp",
+        "NQKV",
+    ]
 )
 def _between_kernel(
     ATT, WO, LN2, PA, WG, WU, WD, PART_A, X2, ACT, PART_D,
     H_IN, R, NW, PM, X1, WQKV, BQKV, PART_F, QKV, CNT,
     M, G, HID, DQ, INTER, NQKV, s_o, s_wo, s_g, s_u, s_wd, s_wqkv, s_h,
-    S_A, S_D, S_F, ka_blocks, kd_blocks, kf_blocks, embed_scale, eps, pf_c, pf_d, pf_f,
-    HAS_MLP: tl.constexpr, HAS_QKV: tl.constexpr, HAS_PA: tl.constexpr, HAS_PM: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SCALE_IN: tl.constexpr, ACT_FN: tl.constexpr, SPLIT_F: tl.constexpr,
+    S_A, S_D, S_F, ka_blocks, kd_blocks, kf_blocks, embed_scale, eps, pf_c, pf_d, pf_f, has_mlp,
+    HAS_PA: tl.constexpr, HAS_PM: tl.constexpr, HAS_BIAS: tl.constexpr, ACT_FN: tl.constexpr,
     EVEN_A: tl.constexpr, EVEN_C: tl.constexpr, EVEN_D: tl.constexpr, EVEN_F: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BLOCK_H: tl.constexpr,
     PREFETCH: tl.constexpr, ELEM: tl.constexpr,
 ):  # fmt: skip
+    # One compiled variant serves a step's first launch (has_mlp 0: no A-D tasks), its middle ones and its last
+    # (NQKV 0: no F tasks): the flags that tell them apart are run-time values.
     pid = tl.program_id(0)
     ty = X1.dtype.element_ty
     cols = tl.arange(0, BLOCK_H)  # a row of the hidden size, for the norms
@@ -169,12 +184,12 @@ def _between_kernel(
     n_c = tl.cdiv(INTER, BN)
     n_d = n_tiles_h * S_D
     kd_span = kd_blocks * BK
-    end_a = n_a if HAS_MLP else 0
-    end_b = end_a + M if HAS_MLP else 0
-    end_c = end_b + n_c if HAS_MLP else 0
-    end_d = end_c + n_d if HAS_MLP else 0
+    end_a = n_a * has_mlp
+    end_b = end_a + M * has_mlp
+    end_c = end_b + n_c * has_mlp
+    end_d = end_c + n_d * has_mlp
     end_e = end_d + M
-    total = end_e + tl.cdiv(NQKV, BN) * S_F if HAS_QKV else end_e
+    total = end_e + tl.cdiv(NQKV, BN) * S_F
     for t in range(pid, total, G):
         if t < end_a:  # A: the output projection, one tile of one split
             tile = t // S_A
@@ -223,14 +238,14 @@ def _between_kernel(
             _signal(CNT, 3)
         elif t < end_e:  # E: one row's residual add + the next norm (the first layer: the residual starts)
             row = t - end_d
-            if HAS_MLP:
+            if has_mlp:
                 _wait(CNT, 3, n_d)
                 x = _sum_row(PART_D, S_D, M, HID, row, cols, cmask, BLOCK_H).to(ty).to(tl.float32)
                 out = _norm_row(x, cols, cmask, HID, eps, R + row * s_h, NW, PM, ty, True, HAS_PM)
             else:
                 x = tl.load(H_IN + row * s_h + cols, mask=cmask, other=0.0).to(tl.float32)
-                if SCALE_IN:  # Gemma's embedding scale, rounded as a multiplication in the model's dtype
-                    x = (x * embed_scale).to(ty).to(tl.float32)
+                # Gemma's embedding scale (1 elsewhere: exact), rounded as a multiplication in the model's dtype
+                x = (x * embed_scale).to(ty).to(tl.float32)
                 tl.store(R + row * s_h + cols, x.to(ty), mask=cmask)
                 out = _norm_row(x, cols, cmask, HID, eps, R + row * s_h, NW, PM, ty, False, False)
             tl.store(X1 + row * s_h + cols, out, mask=cmask)
@@ -245,8 +260,8 @@ def _between_kernel(
             _wait(CNT, 4, M)
             acc = _tile(X1, s_h, WQKV, s_wqkv, M, NQKV, tile * BN, k_lo, tl.minimum(k_lo + kf_blocks * BK, HID),
                         BLOCK_M, EVEN_F, PRECISION, BN, BK)  # fmt: skip
-            last = True
-            if SPLIT_F:
+            last = S_F == 1
+            if S_F > 1:
                 _store_partial(PART_F, s, acc, M, NQKV, tile * BN, BLOCK_M, BN)
                 tl.debug_barrier()
                 last = tl.atomic_add(CNT + F_TICKETS + tile, 1, sem="acq_rel") == S_F - 1
@@ -316,6 +331,10 @@ def between_attentions(
     - ``normed``: the residual stream RMSNormed with ``norm_w`` (the next layer's input norm, or the final norm).
     - ``qkv``: with ``qkv_w`` (and ``qkv_b``), the next layer's fused Q/K/V projection of ``normed``; else None.
 
+    ``post_attn_norm``, ``post_mlp_norm`` and ``qkv_b`` are read only where their phase runs, so a caller may pass a
+    step's launches the same ones (the first launch the first layer's norms, the last one the last layer's bias):
+    the launches then share one compiled variant.
+
     ``counters``: int32 ``[COUNTERS]``, zero, owned by the caller (launches on one stream may share it; two at once
     may not). ``programs``: the grid (the SM count by default; one under Triton's interpreter, which runs programs one
     after another). ``split_target``: the program count that the splits of K are sized for (by default
@@ -377,9 +396,8 @@ def between_attentions(
         qkv_b if qkv_b is not None else norm_w, part_f, qkv, counters,
         rows, programs, hid, dq, inter, nqkv, o.stride(0), o_w.stride(0), gate.stride(0), up.stride(0),
         down_w.stride(0), qkv_w.stride(0), hid, s_a, s_d, s_f, ka, kd, kf,
-        float(embed_scale) if embed_scale is not None else 1.0, eps, pf_c, pf_d, pf_f,
-        HAS_MLP=has_mlp, HAS_QKV=has_qkv, HAS_PA=post_attn_norm is not None, HAS_PM=post_mlp_norm is not None,
-        HAS_BIAS=qkv_b is not None, SPLIT_F=s_f > 1, SCALE_IN=embed_scale is not None,
+        float(embed_scale) if embed_scale is not None else 1.0, eps, pf_c, pf_d, pf_f, int(has_mlp),
+        HAS_PA=post_attn_norm is not None, HAS_PM=post_mlp_norm is not None, HAS_BIAS=qkv_b is not None,
         ACT_FN=0 if activation == "silu" else 1,
         EVEN_A=dq % block_k == 0 and hid % BLOCK_N == 0, EVEN_C=hid % block_k == 0 and inter % BLOCK_N == 0,
         EVEN_D=inter % block_k == 0 and hid % BLOCK_N == 0, EVEN_F=hid % block_k == 0 and nqkv % BLOCK_N == 0,
