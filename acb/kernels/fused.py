@@ -267,15 +267,21 @@ def _gate_up_act_kernel(
         xp += BLOCK_K
         gp += BLOCK_K
         up += BLOCK_K
-    ty = OUT.dtype.element_ty
+    out = _gated(acc_g, acc_u, OUT.dtype.element_ty, ACT)
+    tl.store(OUT + rm[:, None] * s_om + rn[None, :], out, mask=rows & (rn[None, :] < N))
+
+
+@triton.jit
+def _gated(acc_g, acc_u, ty: tl.constexpr, ACT: tl.constexpr):
+    """``act(g) * u`` in ``ty`` from the float32 gate and up products, each rounded to ``ty`` first as a GEMM writing
+    them out would; ACT 0: SiLU, 1: GELU (tanh approximation, Gemma). Also the persistent kernel's."""
     g = acc_g.to(ty).to(tl.float32)
-    if ACT == 0:  # SiLU
+    if ACT == 0:
         act = g / (1.0 + tl.exp(-g))
-    else:  # GELU, tanh approximation (Gemma); tanh(z) = 2 sigmoid(2z) - 1
+    else:  # tanh(z) = 2 sigmoid(2z) - 1
         z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
         act = g * (1.0 - 1.0 / (1.0 + tl.exp(2.0 * z)))
-    out = act.to(ty) * acc_u.to(ty)
-    tl.store(OUT + rm[:, None] * s_om + rn[None, :], out, mask=rows & (rn[None, :] < N))
+    return act.to(ty) * acc_u.to(ty)
 
 
 def gate_up_act(

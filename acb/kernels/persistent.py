@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused import _norm_row
+from .fused import _gated, _norm_row
 
 __all__ = ["between_attentions", "new_counters", "PERSISTENT_ROWS", "COUNTERS", "Tuning", "TUNING"]
 
@@ -214,13 +214,7 @@ def _between_kernel(
             _wait(CNT, 2, M)
             g = _tile(X2, s_h, WG, s_g, M, INTER, tile * BN, 0, HID, BLOCK_M, EVEN_C, PRECISION, BN, BK)
             u = _tile(X2, s_h, WU, s_u, M, INTER, tile * BN, 0, HID, BLOCK_M, EVEN_C, PRECISION, BN, BK)
-            g = g.to(ty).to(tl.float32)
-            if ACT_FN == 0:  # SiLU
-                a = g / (1.0 + tl.exp(-g))
-            else:  # GELU, tanh approximation (Gemma); tanh(z) = 2 sigmoid(2z) - 1
-                z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-                a = g * (1.0 - 1.0 / (1.0 + tl.exp(2.0 * z)))
-            val = a.to(ty) * u.to(ty)
+            val = _gated(g, u, ty, ACT_FN)
             rm = tl.arange(0, BLOCK_M)
             rn = tile * BN + tl.arange(0, BN)
             tl.store(ACT + rm[None, :] * INTER + rn[:, None], val, mask=(rm[None, :] < M) & (rn[:, None] < INTER))
