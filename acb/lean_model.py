@@ -177,12 +177,12 @@ class LeanCausalLM:
           Their count is padded (repeating the first) to the smallest of :attr:`row_buckets` that holds them."""
         t = x.input_ids.shape[0]
         padded = padded_tokens(t, token_multiple)
+        if padded == t and self._persistent_step(x, t):
+            return self._forward_persistent(x)
         ids = x.input_ids if padded == t else F.pad(x.input_ids, (0, padded - t))
         out = None
         if padded != t:  # attention writes the real rows; the pad rows hold whatever, row-wise ops keep them apart
             out = torch.empty(padded, self.num_heads, self.head_dim, dtype=self.dtype, device=self.device)
-        if self._persistent_step(x, padded):
-            return self._forward_persistent(x, ids, t, out)
         h, residual = self.embed_in(ids), None
         last = len(self.layers) - 1
         rows = x.logits_idx
@@ -336,6 +336,8 @@ class LeanCausalLM:
     # -- a decode step with the work between attentions in one persistent kernel (acb.kernels.persistent) ------
 
     def _persistent_step(self, x: LeanInputs, rows: int) -> bool:
+        """Whether this step runs :meth:`_forward_persistent`: a decode step of every row's logits (the decode
+        graphs'), few rows, the kernels on, one GPU (:attr:`persistent`)."""
         return (
             self._counters is not None
             and self.kernels
@@ -344,11 +346,11 @@ class LeanCausalLM:
             and 0 < rows <= self._kp_rows
         )
 
-    def _forward_persistent(self, x: LeanInputs, ids: torch.Tensor, t: int, out: torch.Tensor | None) -> torch.Tensor:
+    def _forward_persistent(self, x: LeanInputs) -> torch.Tensor:
         """:meth:`forward` of a decode step: per layer, the attention kernel then one launch for everything up to
         the next layer's attention (output projection, MLP, the next norm and Q/K/V; after the last layer, the
-        final norm). ``out``: where attention writes its ``t`` rows when the step is padded past them."""
-        h = self._embed(ids)
+        final norm)."""
+        h = self._embed(x.input_ids)
         residual = torch.empty_like(h)
         first, common = self.layers[0], dict(residual=residual, eps=self.eps, counters=self._counters)
         # (every launch gets a layer's sandwich norms and a Q/K/V bias, read only where used: one compiled variant)
@@ -357,11 +359,7 @@ class LeanCausalLM:
                                     post_mlp_norm=first.post_mlp_norm, **common)  # fmt: skip
         for i, lw in enumerate(self.layers):
             q, k, v = self._heads(qkv)
-            if out is None:
-                o = self._attend(i, lw, q, k, v, x)
-            else:
-                self._attend(i, lw, q[:t], k[:t], v[:t], x, out=out[:t])
-                o = out
+            o = self._attend(i, lw, q, k, v, x)
             nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
             normed, qkv = self._between(
                 o=o.reshape(o.shape[0], -1),
@@ -377,8 +375,7 @@ class LeanCausalLM:
                 qkv_b=(nxt or lw).qkv_b,
                 **common,
             )
-        logits = self._logits(normed)
-        return logits if logits.shape[0] == t else logits[:t]
+        return self._logits(normed)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         if self.group is None:

@@ -27,8 +27,10 @@ for anything unfinished: no deadlock, as long as all G programs can be resident 
 program per SM). Other work on the GPU only delays programs that are not resident yet, with one exception: two of
 these kernels running at once (two engines on streams of their own in one process, or two processes sharing the
 GPU through MPS) can each hold SMs that the other's waiting programs need. acb launches on the current stream, so
-engines in one process take turns unless their caller gives them streams; ``ACB_PERSISTENT=0`` is for the rest. The partial sums are added in a fixed order whoever finishes last, so results do not depend on
-timing. The last program to finish zeroes the counters for the next launch (a CUDA graph replays it as it is).
+engines in one process take turns unless their caller gives them streams; ``ACB_PERSISTENT=0`` is for the rest.
+
+The partial sums are added in a fixed order whoever finishes last, so results do not depend on timing. The last
+program to finish zeroes the counters for the next launch (a CUDA graph replays it as it is).
 
 The arithmetic is the per-op path's: products accumulated in float32 and rounded once to the model's dtype (a
 GEMM's output), norms as :func:`acb.kernels.fused.add_rmsnorm` computes them (the same code), the activation as
