@@ -6,7 +6,9 @@ persistent kernel) against :mod:`acb.kernels.persistent`, each with every layer 
     python -m bench.persistent --model llama-1b --rows 32 --sweep      # and every tuning of SWEEP
     python -m bench.persistent --model gemma3-1b,qwen3-1.7b --json out.json
 
-Each persistent variant is first checked against the per-op ops on the first layer (bf16, within a few ulps).
+Each persistent variant is first checked against the per-op ops on the first layer: bf16, every output within 10 %
+of its largest value (a wrong tile or split is off by the value itself; tests/gpu/test_kernels.py holds the kernel to
+a few ulps).
 """
 
 from __future__ import annotations

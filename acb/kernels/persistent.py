@@ -337,7 +337,8 @@ def between_attentions(
     ``counters``: int32 ``[COUNTERS]``, zero, owned by the caller (launches on one stream may share it; two at once
     may not). ``programs``: the grid (the SM count by default; one under Triton's interpreter, which runs programs one
     after another). ``split_target``: the program count that the splits of K are sized for (by default
-    ``programs`` on CUDA, and an H100's 132 SMs elsewhere: the CPU tests split the work as the card does)."""
+    ``programs`` on CUDA, and an H100's 132 SMs elsewhere: the CPU tests split the work as the card does).
+    ``tuning``: the launch's :class:`Tuning` (:data:`TUNING` by default)."""
     rows, hid = residual.shape
     if rows > PERSISTENT_ROWS:
         raise ValueError(f"between_attentions takes at most {PERSISTENT_ROWS} rows, got {rows}")
