@@ -134,12 +134,19 @@ def _tile(X, s_x, W, s_w, M, N, n0, k_lo, k_hi, BLOCK_M: tl.constexpr, EVEN: tl.
 
 
 @triton.jit
+def _tile_at(P, s, M, N, n0, BLOCK_M: tl.constexpr, BN: tl.constexpr):
+    """``(pointers, mask)`` of a :func:`_tile`-shaped ``[BN, BLOCK_M]`` tile (columns ``n0 ..``, every row) of slice
+    ``s`` of ``P [slices, M, N]``: a split's partial sums, or (slice 0) an output ``[M, N]``."""
+    rm = tl.arange(0, BLOCK_M)[None, :]
+    rn = n0 + tl.arange(0, BN)[:, None]
+    return P + (s * M + rm) * N + rn, (rm < M) & (rn < N)
+
+
+@triton.jit
 def _store_partial(P, s, acc, M, N, n0, BLOCK_M: tl.constexpr, BN: tl.constexpr):
     """Split ``s``'s partial tile into ``P [splits, M, N]`` (float32)."""
-    rm = tl.arange(0, BLOCK_M)
-    rn = n0 + tl.arange(0, BN)
-    ptr = P + (s * M + rm[None, :]) * N + rn[:, None]
-    tl.store(ptr, acc, mask=(rm[None, :] < M) & (rn[:, None] < N))
+    ptr, mask = _tile_at(P, s, M, N, n0, BLOCK_M, BN)
+    tl.store(ptr, acc, mask=mask)
 
 
 @triton.jit
@@ -219,10 +226,8 @@ def _between_kernel(
             _wait(CNT, 2, M)
             g = _tile(X2, s_h, WG, s_g, M, INTER, tile * BN, 0, HID, BLOCK_M, EVEN_C, PRECISION, BN, BK)
             u = _tile(X2, s_h, WU, s_u, M, INTER, tile * BN, 0, HID, BLOCK_M, EVEN_C, PRECISION, BN, BK)
-            val = _gated(g, u, ty, ACT_FN)
-            rm = tl.arange(0, BLOCK_M)
-            rn = tile * BN + tl.arange(0, BN)
-            tl.store(ACT + rm[None, :] * INTER + rn[:, None], val, mask=(rm[None, :] < M) & (rn[:, None] < INTER))
+            ptr, mask = _tile_at(ACT, 0, M, INTER, tile * BN, BLOCK_M, BN)
+            tl.store(ptr, _gated(g, u, ty, ACT_FN), mask=mask)
             _signal(CNT, C_CHUNKS + tile * BN // kd_span)
         elif t < end_d:  # D: the down projection, one tile of one split, once its split of C is done
             tile = (t - end_c) // S_D
@@ -253,12 +258,11 @@ def _between_kernel(
             tile = (t - end_e) // S_F
             s = (t - end_e) % S_F
             k_lo = s * kf_blocks * BK
+            k_hi = tl.minimum(k_lo + kf_blocks * BK, HID)
             if PREFETCH:
-                k_end = tl.minimum(k_lo + kf_blocks * BK, HID)
-                _prefetch(WQKV, s_wqkv, tile * BN, NQKV, k_lo, tl.minimum(pf_f, (k_end - k_lo) * ELEM) // 16 * 16, BN)
+                _prefetch(WQKV, s_wqkv, tile * BN, NQKV, k_lo, tl.minimum(pf_f, (k_hi - k_lo) * ELEM) // 16 * 16, BN)
             _wait(CNT, 4, M)
-            acc = _tile(X1, s_h, WQKV, s_wqkv, M, NQKV, tile * BN, k_lo, tl.minimum(k_lo + kf_blocks * BK, HID),
-                        BLOCK_M, EVEN_F, PRECISION, BN, BK)  # fmt: skip
+            acc = _tile(X1, s_h, WQKV, s_wqkv, M, NQKV, tile * BN, k_lo, k_hi, BLOCK_M, EVEN_F, PRECISION, BN, BK)
             last = S_F == 1
             if S_F > 1:
                 _store_partial(PART_F, s, acc, M, NQKV, tile * BN, BLOCK_M, BN)
@@ -267,19 +271,15 @@ def _between_kernel(
                 if last:
                     tl.debug_barrier()
                     acc = tl.zeros((BN, BLOCK_M), dtype=tl.float32)
-                    rm2 = tl.arange(0, BLOCK_M)
-                    rn2 = tile * BN + tl.arange(0, BN)
                     for s2 in range(0, S_F):
-                        acc += tl.load(PART_F + (s2 * M + rm2[None, :]) * NQKV + rn2[:, None],
-                                       mask=(rm2[None, :] < M) & (rn2[:, None] < NQKV), other=0.0,
-                                       cache_modifier=".cg")  # fmt: skip
+                        ptr, mask = _tile_at(PART_F, s2, M, NQKV, tile * BN, BLOCK_M, BN)
+                        acc += tl.load(ptr, mask=mask, other=0.0, cache_modifier=".cg")
             if last:
-                rm = tl.arange(0, BLOCK_M)
-                rn = tile * BN + tl.arange(0, BN)
                 if HAS_BIAS:
+                    rn = tile * BN + tl.arange(0, BN)
                     acc += tl.load(BQKV + rn, mask=rn < NQKV, other=0.0).to(tl.float32)[:, None]
-                tl.store(QKV + rm[None, :] * NQKV + rn[:, None], acc.to(ty),
-                         mask=(rm[None, :] < M) & (rn[:, None] < NQKV))  # fmt: skip
+                ptr, mask = _tile_at(QKV, 0, M, NQKV, tile * BN, BLOCK_M, BN)
+                tl.store(ptr, acc.to(ty), mask=mask)
     # the last program out zeroes every counter for the next launch
     tl.debug_barrier()
     if tl.atomic_add(CNT + 0, 1, sem="acq_rel") == G - 1:
