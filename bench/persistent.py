@@ -5,6 +5,7 @@ persistent kernel) against :mod:`acb.kernels.persistent`, each with every layer 
     python -m bench.persistent --model llama-1b --rows 32              # per-op vs the persistent kernel's default
     python -m bench.persistent --model llama-1b --rows 32 --sweep      # and every tuning of SWEEP
     python -m bench.persistent --model gemma3-1b,qwen3-1.7b --json out.json
+    python -m bench.persistent --model llama-1b --trace                # when each phase's tasks wait and work
 
 Each persistent variant is first checked against the per-op ops on the first layer: bf16, every output within 10 %
 of its largest value (a wrong tile or split is off by the value itself; tests/gpu/test_kernels.py holds the kernel to
@@ -21,6 +22,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from acb.kernels import persistent as P
 from acb.kernels.persistent import TUNING, Tuning, between_attentions, new_counters
 
 from .run import copy_bandwidth
@@ -76,12 +78,55 @@ def per_op(o, residual, lw, act, eps):
     return x1, F.linear(x1, lw["qkv_w"], lw["qkv_b"])
 
 
-def persistent(o, residual, lw, act, eps, counters, tuning):
+def persistent(o, residual, lw, act, eps, counters, tuning, trace=None):
     return between_attentions(
         residual=residual, norm_w=lw["ln1"], eps=eps, counters=counters, o=o, o_w=lw["o_w"], ln2=lw["ln2"],
         gate_up_w=lw["gate_up_w"], down_w=lw["down_w"], post_attn_norm=lw["post_attn_norm"],
         post_mlp_norm=lw["post_mlp_norm"], activation=act, qkv_w=lw["qkv_w"], qkv_b=lw["qkv_b"], tuning=tuning,
+        trace=trace,
     )  # fmt: skip
+
+
+def phase_sizes(s: dict, rows: int, programs: int, tuning: Tuning) -> list[tuple[str, int]]:
+    """The kernel's phases in task order, with their task counts (as :func:`between_attentions` splits them)."""
+    bk, cdiv = tuning.block_k, lambda a, b: -(-a // b)
+    tiles_h, n = cdiv(s["hidden"], P.BLOCK_N), P.BLOCK_N
+    s_a = P._splits(tiles_h, s["dq"], bk, programs)[0]
+    s_d = P._splits(tiles_h, s["inter"], bk, programs)[0]
+    s_f = P._splits(cdiv(s["nqkv"], n), s["hidden"], bk, programs)[0]
+    return [("A o-proj", tiles_h * s_a), ("B add+norm", rows), ("C gate/up+act", cdiv(s["inter"], n)),
+            ("D down", tiles_h * s_d), ("E add+norm", rows), ("F q/k/v", cdiv(s["nqkv"], n) * s_f)]  # fmt: skip
+
+
+def phases(trace: torch.Tensor, sizes: list[tuple[str, int]]) -> list[dict]:
+    """Per phase, from a launch's ``trace`` (``between_attentions(trace=...)``), µs from the launch's first task:
+    when its first task started, when the first and last of its waits ended, the median wait and work (after the
+    wait) of its tasks, the longest work, and when its last task ended."""
+    rec = trace.reshape(-1, 4).cpu()
+    rec = rec[rec[:, 0] >= 0].double()
+    t0 = rec[:, 1].min()
+    out, lo = [], 0
+    for name, n in sizes:
+        r = rec[(rec[:, 0] >= lo) & (rec[:, 0] < lo + n)]
+        lo += n
+        if not len(r):
+            continue
+        us = (r[:, 1:] - t0) / 1e3
+        wait, work = us[:, 1] - us[:, 0], us[:, 2] - us[:, 1]
+        out.append(dict(phase=name, tasks=len(r), start=us[:, 0].min().item(), first_go=us[:, 1].min().item(),
+                        last_go=us[:, 1].max().item(), wait_p50=wait.median().item(), work_p50=work.median().item(),
+                        work_max=work.max().item(), end=us[:, 2].max().item()))  # fmt: skip
+    return out
+
+
+def trace_table(model: str, tuning: Tuning, rows: list[dict]) -> str:
+    lines = [f"{model}, {tuning} (µs from the launch's first task)",
+             "| phase | tasks | first start | first go | last go | wait p50 | work p50 | work max | last end |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['phase']} | {r['tasks']} | {r['start']:.2f} | {r['first_go']:.2f} | {r['last_go']:.2f} | "
+                     f"{r['wait_p50']:.2f} | {r['work_p50']:.2f} | {r['work_max']:.2f} | {r['end']:.2f} |")  # fmt: skip
+    return "\n".join(lines)
 
 
 def time_layers(fn, layers: list[dict]) -> float:
@@ -108,7 +153,7 @@ def time_layers(fn, layers: list[dict]) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def measure(model: str, rows: int, tunings: list[Tuning], bandwidth: float) -> list[dict]:
+def measure(model: str, rows: int, tunings: list[Tuning], bandwidth: float, trace: bool = False) -> list[dict]:
     s = shapes(model)
     layers = layer_weights(s, "cuda")
     act, eps = ("gelu_tanh" if s["gemma"] else "silu"), 1e-6
@@ -129,6 +174,14 @@ def measure(model: str, rows: int, tunings: list[Tuning], bandwidth: float) -> l
                 raise AssertionError(f"{model} {tuning}: persistent differs from per-op by {err}")
         us = time_layers(lambda lw, t=tuning: persistent(o, res, lw, act, eps, counters, t), layers)
         out.append(dict(model=model, rows=rows, variant=str(tuning), us=us, floor_us=floor_us))
+        if trace:  # the last layer's launch, in the same graph of every layer
+            programs = P._sms(torch.device("cuda")) * tuning.per_sm
+            sizes = phase_sizes(s, rows, programs, tuning)
+            buf = torch.full((programs, -(-sum(n for _, n in sizes) // programs), 4), -1, dtype=torch.int64,
+                             device="cuda")  # fmt: skip
+            time_layers(lambda lw, t=tuning, b=buf: persistent(o, res, lw, act, eps, counters, t, b), layers)
+            out[-1]["phases"] = phases(buf, sizes)
+            print(trace_table(model, tuning, out[-1]["phases"]), file=sys.stderr, flush=True)
         print(
             f"{model} {rows} {tuning}: {us:.1f} µs per layer (per-op {out[0]['us']:.1f})", file=sys.stderr, flush=True
         )
@@ -148,13 +201,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="llama-1b", help="comma-separated names of bench.workloads.FAMILY_MODELS")
     ap.add_argument("--rows", default="32", help="comma-separated row counts (at most PERSISTENT_ROWS)")
     ap.add_argument("--sweep", action="store_true", help="time every tuning of SWEEP, not only the default")
+    ap.add_argument("--trace", action="store_true", help="and when each phase's tasks wait and work (last layer)")
+    ap.add_argument("--tunings", help="Python expressions of Tuning(...) to time instead, ';'-separated")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     card = torch.cuda.get_device_name()
     bandwidth = copy_bandwidth()
     results = []
     for model, rows in itertools.product(args.model.split(","), [int(r) for r in args.rows.split(",")]):
-        results += measure(model, rows, SWEEP if args.sweep else [TUNING], bandwidth)
+        tunings = [eval(t, {"Tuning": Tuning}) for t in args.tunings.split(";")] if args.tunings else None
+        results += measure(model, rows, tunings or (SWEEP if args.sweep else [TUNING]), bandwidth, args.trace)
         print(table(results[-1:], card), file=sys.stderr, flush=True)
         if args.json:
             with open(args.json, "w") as f:

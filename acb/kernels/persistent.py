@@ -75,18 +75,39 @@ class Tuning:
     stages: int = 5  # tiles in flight per program (Triton's software pipeline)
     per_sm: int = 1  # programs per SM (all must be resident at once)
     prefetch: int = 0  # L2 bytes that a phase's waiting tasks may ask for ahead of their wait (0: none)
+    early: bool = False  # a GEMM task loads its first weight tile before it waits
+    acquire: bool = False  # wait by spinning on an acquiring load (else a relaxed spin, then an acquiring atomic)
+    fuse_gu: bool = True  # gate and up tiles in one pipelined loop (else one loop after the other)
+    unroll: int = 4  # partial sums loaded this many splits at a time
 
 
 TUNING = Tuning()
 
 
 @triton.jit
-def _wait(CNT, idx, target):
+def _wait(CNT, idx, target, ACQUIRE: tl.constexpr):
     """Spin until counter ``idx`` reaches ``target``; then this program's reads see what those tasks wrote."""
-    while tl.load(CNT + idx, volatile=True) < target:
-        pass
-    tl.atomic_add(CNT + idx, 0, sem="acquire")
+    if ACQUIRE:  # every thread's own acquiring load (one round trip fewer; CUDA only)
+        while _load_acquire(CNT + idx) < target:
+            pass
+    else:
+        while tl.load(CNT + idx, volatile=True) < target:
+            pass
+        tl.atomic_add(CNT + idx, 0, sem="acquire")
     tl.debug_barrier()
+
+
+@triton.jit
+def _load_acquire(ptr):
+    return tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32,
+                                     is_pure=False, pack=1)  # fmt: skip
+
+
+@triton.jit
+def _now(dummy):
+    """The GPU's global nanosecond timer (for ``trace``)."""
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [dummy], dtype=tl.int64, is_pure=False,
+                                     pack=1)  # fmt: skip
 
 
 @triton.jit
@@ -108,29 +129,63 @@ def _prefetch(W, s_w, n0, N, k_lo, nbytes, BN: tl.constexpr):
 
 
 @triton.jit
-def _tile(X, s_x, W, s_w, M, N, n0, k_lo, k_hi, BLOCK_M: tl.constexpr, EVEN: tl.constexpr,
-          PRECISION: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+def _first(W, s_w, N, n0, k_lo, k_hi, EVEN: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """The weight tile ``W[n0 : n0 + BN, k_lo : k_lo + BK]`` that :func:`_tile` starts with (``early``: loaded
+    before the task waits, which weights never have to)."""
+    rn = n0 + tl.arange(0, BN)
+    rk = k_lo + tl.arange(0, BK)
+    wp = W + rn[:, None].to(tl.int64) * s_w + rk[None, :]
+    if EVEN:
+        return tl.load(wp)
+    return tl.load(wp, mask=(rn[:, None] < N) & (rk[None, :] < k_hi), other=0.0)
+
+
+@triton.jit
+def _tile(X, s_x, W, s_w, U, s_u, w0, u0, M, N, n0, k_lo, k_hi, BLOCK_M: tl.constexpr, EVEN: tl.constexpr,
+          PRECISION: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TWO: tl.constexpr,
+          EARLY: tl.constexpr):  # fmt: skip
     """``acc[n, m] = sum_k W[n0 + n, k] X[m, k]`` over ``k_lo <= k < k_hi`` (float32 ``[BN, BLOCK_M]``): the
-    weights on the tensor cores' M side, which a few rows would leave mostly empty. ``k_lo`` is a multiple of BK."""
+    weights on the tensor cores' M side, which a few rows would leave mostly empty. ``k_lo`` is a multiple of BK.
+    Returns ``(acc, acc_u)``: with ``TWO``, ``acc_u`` is the same product of ``U`` (gate and up in one loop), else
+    zeros. With ``EARLY``, ``w0`` (and ``u0``) are the first tiles, already loaded (:func:`_first`)."""
     rm = tl.arange(0, BLOCK_M)
     rn = n0 + tl.arange(0, BN)
     rk = tl.arange(0, BK)
     xp = X + rm[:, None] * s_x + (k_lo + rk)[None, :]
     wp = W + rn[:, None].to(tl.int64) * s_w + (k_lo + rk)[None, :]
+    up = U + rn[:, None].to(tl.int64) * s_u + (k_lo + rk)[None, :]
     rows = rm[:, None] < M
     acc = tl.zeros((BN, BLOCK_M), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BK):
+    acc_u = tl.zeros((BN, BLOCK_M), dtype=tl.float32)
+    k_start = k_lo
+    if EARLY:
+        x = tl.load(xp, mask=rows & ((k_lo + rk)[None, :] < k_hi), other=0.0, cache_modifier=".cg")
+        acc = tl.dot(w0, tl.trans(x), acc, input_precision=PRECISION)
+        if TWO:
+            acc_u = tl.dot(u0, tl.trans(x), acc_u, input_precision=PRECISION)
+        xp += BK
+        wp += BK
+        up += BK
+        k_start += BK
+    for k0 in range(k_start, k_hi, BK):
         if EVEN:  # K a multiple of BK and N of BN: only the rows are masked
             x = tl.load(xp, mask=rows, other=0.0, cache_modifier=".cg")
             w = tl.load(wp)
+            if TWO:
+                u = tl.load(up)
         else:
             ks = (k0 + rk)[None, :] < k_hi
             x = tl.load(xp, mask=rows & ks, other=0.0, cache_modifier=".cg")
             w = tl.load(wp, mask=(rn[:, None] < N) & ks, other=0.0)
+            if TWO:
+                u = tl.load(up, mask=(rn[:, None] < N) & ks, other=0.0)
         acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
+        if TWO:
+            acc_u = tl.dot(u, tl.trans(x), acc_u, input_precision=PRECISION)
         xp += BK
         wp += BK
-    return acc
+        up += BK
+    return acc, acc_u
 
 
 @triton.jit
@@ -150,11 +205,14 @@ def _store_partial(P, s, acc, M, N, n0, BLOCK_M: tl.constexpr, BN: tl.constexpr)
 
 
 @triton.jit
-def _sum_row(P, splits, M, N, row, cols, mask, BLOCK_H: tl.constexpr):
-    """Row ``row`` of ``P [splits, M, N]`` summed over the splits in order (float32)."""
+def _sum_row(P, splits, M, N, row, cols, mask, BLOCK_H: tl.constexpr, UNROLL: tl.constexpr):
+    """Row ``row`` of ``P [splits, M, N]`` summed over the splits in order (float32), UNROLL splits' loads in
+    flight at a time."""
     x = tl.zeros([BLOCK_H], dtype=tl.float32)
-    for s in range(0, splits):
-        x += tl.load(P + (s * M + row) * N + cols, mask=mask, other=0.0, cache_modifier=".cg")
+    for s0 in range(0, splits, UNROLL):
+        for i in tl.static_range(UNROLL):
+            x += tl.load(P + ((s0 + i) * M + row) * N + cols, mask=mask & (cols * 0 + s0 + i < splits), other=0.0,
+                         cache_modifier=".cg")  # fmt: skip
     return x
 
 
@@ -183,7 +241,8 @@ def _between_kernel(
     HAS_PA: tl.constexpr, HAS_PM: tl.constexpr, HAS_BIAS: tl.constexpr, ACT_FN: tl.constexpr,
     EVEN_A: tl.constexpr, EVEN_C: tl.constexpr, EVEN_D: tl.constexpr, EVEN_F: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BLOCK_H: tl.constexpr,
-    PREFETCH: tl.constexpr, ELEM: tl.constexpr,
+    PREFETCH: tl.constexpr, ELEM: tl.constexpr, EARLY: tl.constexpr, ACQUIRE: tl.constexpr, FUSE_GU: tl.constexpr,
+    UNROLL: tl.constexpr, TR, TRACE: tl.constexpr, MAX_TRACE: tl.constexpr,
 ):  # fmt: skip
     # One compiled variant serves a step's first launch (has_mlp 0: no A-D tasks), its middle ones and its last
     # (NQKV 0: no F tasks): the flags that tell them apart are run-time values.
@@ -203,18 +262,25 @@ def _between_kernel(
     end_e = end_d + M
     total = end_e + tl.cdiv(NQKV, BN) * S_F
     for t in range(pid, total, G):
+        if TRACE:
+            t_start = _now(pid)
+        t_go = t_start if TRACE else 0  # when the task's wait ended (trace)
         if t < end_a:  # A: the output projection, one tile of one split
             tile = t // S_A
             s = t % S_A
             k_lo = s * ka_blocks * BK
-            acc = _tile(ATT, s_o, WO, s_wo, M, HID, tile * BN, k_lo, tl.minimum(k_lo + ka_blocks * BK, DQ), BLOCK_M,
-                        EVEN_A, PRECISION, BN, BK)  # fmt: skip
+            k_hi = tl.minimum(k_lo + ka_blocks * BK, DQ)
+            w0 = _first(WO, s_wo, HID, tile * BN, k_lo, k_hi, EVEN_A, BN, BK) if EARLY else 0
+            acc, _ = _tile(ATT, s_o, WO, s_wo, WO, s_wo, w0, w0, M, HID, tile * BN, k_lo, k_hi, BLOCK_M, EVEN_A,
+                           PRECISION, BN, BK, False, EARLY)  # fmt: skip
             _store_partial(PART_A, s, acc, M, HID, tile * BN, BLOCK_M, BN)
             _signal(CNT, 1)
         elif t < end_b:  # B: one row's residual add + the norm before the MLP
             row = t - end_a
-            _wait(CNT, 1, n_a)
-            x = _sum_row(PART_A, S_A, M, HID, row, cols, cmask, BLOCK_H).to(ty).to(tl.float32)
+            _wait(CNT, 1, n_a, ACQUIRE)
+            if TRACE:
+                t_go = _now(pid)
+            x = _sum_row(PART_A, S_A, M, HID, row, cols, cmask, BLOCK_H, UNROLL).to(ty).to(tl.float32)
             out = _norm_row(x, cols, cmask, HID, eps, R + row * s_h, LN2, PA, ty, True, HAS_PA)
             tl.store(X2 + row * s_h + cols, out, mask=cmask)
             _signal(CNT, 2)
@@ -223,9 +289,19 @@ def _between_kernel(
             if PREFETCH:
                 _prefetch(WG, s_g, tile * BN, INTER, 0, pf_c, BN)
                 _prefetch(WU, s_u, tile * BN, INTER, 0, pf_c, BN)
-            _wait(CNT, 2, M)
-            g = _tile(X2, s_h, WG, s_g, M, INTER, tile * BN, 0, HID, BLOCK_M, EVEN_C, PRECISION, BN, BK)
-            u = _tile(X2, s_h, WU, s_u, M, INTER, tile * BN, 0, HID, BLOCK_M, EVEN_C, PRECISION, BN, BK)
+            g0 = _first(WG, s_g, INTER, tile * BN, 0, HID, EVEN_C, BN, BK) if EARLY else 0
+            u0 = _first(WU, s_u, INTER, tile * BN, 0, HID, EVEN_C, BN, BK) if EARLY and FUSE_GU else 0
+            _wait(CNT, 2, M, ACQUIRE)
+            if TRACE:
+                t_go = _now(pid)
+            if FUSE_GU:
+                g, u = _tile(X2, s_h, WG, s_g, WU, s_u, g0, u0, M, INTER, tile * BN, 0, HID, BLOCK_M, EVEN_C, PRECISION,
+                             BN, BK, True, EARLY)  # fmt: skip
+            else:
+                g, _ = _tile(X2, s_h, WG, s_g, WG, s_g, g0, g0, M, INTER, tile * BN, 0, HID, BLOCK_M, EVEN_C, PRECISION,
+                             BN, BK, False, EARLY)  # fmt: skip
+                u, _ = _tile(X2, s_h, WU, s_u, WU, s_u, g0, g0, M, INTER, tile * BN, 0, HID, BLOCK_M, EVEN_C, PRECISION,
+                             BN, BK, False, False)  # fmt: skip
             ptr, mask = _tile_at(ACT, 0, M, INTER, tile * BN, BLOCK_M, BN)
             tl.store(ptr, _gated(g, u, ty, ACT_FN), mask=mask)
             _signal(CNT, C_CHUNKS + tile * BN // kd_span)
@@ -236,15 +312,21 @@ def _between_kernel(
             k_hi = tl.minimum(k_lo + kd_span, INTER)
             if PREFETCH:
                 _prefetch(WD, s_wd, tile * BN, HID, k_lo, tl.minimum(pf_d, (k_hi - k_lo) * ELEM) // 16 * 16, BN)
-            _wait(CNT, C_CHUNKS + s, tl.cdiv(k_hi - k_lo, BN))
-            acc = _tile(ACT, INTER, WD, s_wd, M, HID, tile * BN, k_lo, k_hi, BLOCK_M, EVEN_D, PRECISION, BN, BK)
+            w0 = _first(WD, s_wd, HID, tile * BN, k_lo, k_hi, EVEN_D, BN, BK) if EARLY else 0
+            _wait(CNT, C_CHUNKS + s, tl.cdiv(k_hi - k_lo, BN), ACQUIRE)
+            if TRACE:
+                t_go = _now(pid)
+            acc, _ = _tile(ACT, INTER, WD, s_wd, WD, s_wd, w0, w0, M, HID, tile * BN, k_lo, k_hi, BLOCK_M, EVEN_D,
+                           PRECISION, BN, BK, False, EARLY)  # fmt: skip
             _store_partial(PART_D, s, acc, M, HID, tile * BN, BLOCK_M, BN)
             _signal(CNT, 3)
         elif t < end_e:  # E: one row's residual add + the next norm (the first layer: the residual starts)
             row = t - end_d
             if has_mlp:
-                _wait(CNT, 3, n_d)
-                x = _sum_row(PART_D, S_D, M, HID, row, cols, cmask, BLOCK_H).to(ty).to(tl.float32)
+                _wait(CNT, 3, n_d, ACQUIRE)
+                if TRACE:
+                    t_go = _now(pid)
+                x = _sum_row(PART_D, S_D, M, HID, row, cols, cmask, BLOCK_H, UNROLL).to(ty).to(tl.float32)
                 out = _norm_row(x, cols, cmask, HID, eps, R + row * s_h, NW, PM, ty, True, HAS_PM)
             else:
                 x = tl.load(H_IN + row * s_h + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -261,8 +343,12 @@ def _between_kernel(
             k_hi = tl.minimum(k_lo + kf_blocks * BK, HID)
             if PREFETCH:
                 _prefetch(WQKV, s_wqkv, tile * BN, NQKV, k_lo, tl.minimum(pf_f, (k_hi - k_lo) * ELEM) // 16 * 16, BN)
-            _wait(CNT, 4, M)
-            acc = _tile(X1, s_h, WQKV, s_wqkv, M, NQKV, tile * BN, k_lo, k_hi, BLOCK_M, EVEN_F, PRECISION, BN, BK)
+            w0 = _first(WQKV, s_wqkv, NQKV, tile * BN, k_lo, k_hi, EVEN_F, BN, BK) if EARLY else 0
+            _wait(CNT, 4, M, ACQUIRE)
+            if TRACE:
+                t_go = _now(pid)
+            acc, _ = _tile(X1, s_h, WQKV, s_wqkv, WQKV, s_wqkv, w0, w0, M, NQKV, tile * BN, k_lo, k_hi, BLOCK_M,
+                           EVEN_F, PRECISION, BN, BK, False, EARLY)  # fmt: skip
             last = S_F == 1
             if S_F > 1:
                 _store_partial(PART_F, s, acc, M, NQKV, tile * BN, BLOCK_M, BN)
@@ -271,15 +357,27 @@ def _between_kernel(
                 if last:
                     tl.debug_barrier()
                     acc = tl.zeros((BN, BLOCK_M), dtype=tl.float32)
-                    for s2 in range(0, S_F):
-                        ptr, mask = _tile_at(PART_F, s2, M, NQKV, tile * BN, BLOCK_M, BN)
-                        acc += tl.load(ptr, mask=mask, other=0.0, cache_modifier=".cg")
+                    for s0 in range(0, S_F, UNROLL):
+                        for i in tl.static_range(UNROLL):
+                            ptr, mask = _tile_at(PART_F, s0 + i, M, NQKV, tile * BN, BLOCK_M, BN)
+                            acc += tl.load(
+                                ptr,
+                                mask=mask & (tl.full(mask.shape, s0 + i, tl.int32) < S_F),
+                                other=0.0,
+                                cache_modifier=".cg",
+                            )
             if last:
                 if HAS_BIAS:
                     rn = tile * BN + tl.arange(0, BN)
                     acc += tl.load(BQKV + rn, mask=rn < NQKV, other=0.0).to(tl.float32)[:, None]
                 ptr, mask = _tile_at(QKV, 0, M, NQKV, tile * BN, BLOCK_M, BN)
                 tl.store(ptr, acc.to(ty), mask=mask)
+        if TRACE:  # [task, start, wait over, end] of this program's (t - pid) // G-th task
+            rec = TR + ((pid * MAX_TRACE + (t - pid) // G) * 4).to(tl.int64)
+            tl.store(rec, t.to(tl.int64))
+            tl.store(rec + 1, t_start)
+            tl.store(rec + 2, t_go)
+            tl.store(rec + 3, _now(pid))
     # the last program out zeroes every counter for the next launch
     tl.debug_barrier()
     if tl.atomic_add(CNT + 0, 1, sem="acq_rel") == G - 1:
@@ -320,6 +418,7 @@ def between_attentions(
     programs: int | None = None,
     split_target: int | None = None,
     tuning: Tuning | None = None,
+    trace: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One launch of the persistent kernel: ``(normed, qkv)``.
 
@@ -338,7 +437,9 @@ def between_attentions(
     may not). ``programs``: the grid (the SM count by default; one under Triton's interpreter, which runs programs one
     after another). ``split_target``: the program count that the splits of K are sized for (by default
     ``programs`` on CUDA, and an H100's 132 SMs elsewhere: the CPU tests split the work as the card does).
-    ``tuning``: the launch's :class:`Tuning` (:data:`TUNING` by default)."""
+    ``tuning``: the launch's :class:`Tuning` (:data:`TUNING` by default). ``trace`` (CUDA; ``bench.persistent
+    --trace``): int64 ``[programs, tasks, 4]``, where program ``p`` writes its ``j``-th task's
+    ``[task, start, wait over, end]`` in ``%globaltimer`` nanoseconds (``bench.persistent.phases`` reads it)."""
     rows, hid = residual.shape
     if rows > PERSISTENT_ROWS:
         raise ValueError(f"between_attentions takes at most {PERSISTENT_ROWS} rows, got {rows}")
@@ -388,8 +489,12 @@ def between_attentions(
     for t in (residual, x1, h_in):
         if t.stride(0) != hid or t.stride(1) != 1:
             raise ValueError("between_attentions reads and writes contiguous [rows, hidden] rows")
-    stage = (BLOCK_N + block_m) * block_k * elem  # a weight tile and an activation tile, in shared memory
-    stages = max(2, min(tuning.stages, _shared(dev) // tuning.per_sm // stage)) if cuda else tuning.stages
+    if trace is not None and (not cuda or trace.dtype != torch.int64 or trace.shape[0] < programs):
+        raise ValueError("trace: int64 [programs, tasks, 4] on CUDA")
+    stage = stage_bytes(tuning, block_m, elem)
+    stages = tuning.stages
+    if cuda:
+        stages = max(2, min(stages, _shared(dev) // tuning.per_sm // stage - tuning.early))
     _between_kernel[(programs,)](
         o, o_w, ln2, post_attn_norm if post_attn_norm is not None else norm_w, gate, up, down_w, part_a, x2, act,
         part_d, h_in, residual, norm_w, post_mlp_norm if post_mlp_norm is not None else norm_w, x1, qkv_w,
@@ -402,10 +507,18 @@ def between_attentions(
         EVEN_A=dq % block_k == 0 and hid % BLOCK_N == 0, EVEN_C=hid % block_k == 0 and inter % BLOCK_N == 0,
         EVEN_D=inter % block_k == 0 and hid % BLOCK_N == 0, EVEN_F=hid % block_k == 0 and nqkv % BLOCK_N == 0,
         PRECISION="ieee" if dt == torch.float32 else "tf32", BLOCK_M=block_m, BN=BLOCK_N, BK=block_k,
-        BLOCK_H=triton.next_power_of_2(hid), PREFETCH=cuda and tuning.prefetch > 0, ELEM=elem, num_warps=4,
-        num_stages=stages,
+        BLOCK_H=triton.next_power_of_2(hid), PREFETCH=cuda and tuning.prefetch > 0, ELEM=elem,
+        EARLY=tuning.early, ACQUIRE=cuda and tuning.acquire, FUSE_GU=tuning.fuse_gu, UNROLL=tuning.unroll,
+        TR=trace if trace is not None else counters, TRACE=trace is not None,
+        MAX_TRACE=trace.shape[1] if trace is not None else 1, num_warps=4, num_stages=stages,
     )  # fmt: skip
     return x1, (qkv if has_qkv else None)
+
+
+def stage_bytes(tuning: Tuning, block_m: int, elem: int) -> int:
+    """Shared memory of one pipeline stage: a weight tile (gate's and up's with ``fuse_gu``) and an activation tile.
+    An ``early`` first tile takes one stage more."""
+    return ((1 + tuning.fuse_gu) * BLOCK_N + block_m) * (tuning.block_k * 2 // elem) * elem
 
 
 def _prefetch_bytes(budget: int, rows: int, row_bytes: int) -> int:

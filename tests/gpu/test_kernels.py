@@ -426,6 +426,36 @@ def test_persistent_between_attentions_equals_the_per_op_arithmetic(dtype, gemma
     torch.testing.assert_close(qkv_first, torch.nn.functional.linear(normed_first, qkv_w, qkv_b), **TOL[dtype])
 
 
+@pytest.mark.parametrize(
+    "tuning",
+    ["Tuning(early=True)", "Tuning(fuse_gu=False, unroll=1)", "Tuning(unroll=3)", "Tuning(acquire=True)"],
+)
+def test_persistent_tunings_compute_what_the_default_does(tuning):
+    """bench.persistent's tunings change how tasks load and wait, not what they add up: the first weight tile loaded
+    before the wait, gate and up in one loop or two, the partial sums' loads unrolled by any count, an acquiring
+    spin. Each gives the default's outputs (fp32, where only an order of additions would tell them apart)."""
+    from acb.kernels.persistent import Tuning, between_attentions, new_counters
+
+    torch.manual_seed(0)
+    rows, hid, dq, inter, nq = 5, 256, 256, 448, 384
+    f = dict(device=DEVICE, dtype=torch.float32)
+    o, res = torch.randn(rows, dq, **f), torch.randn(rows, hid, **f)
+    kw = dict(o=o, o_w=torch.randn(hid, dq, **f) / 16, ln2=torch.rand(hid, **f) + 0.5,
+              gate_up_w=torch.randn(2 * inter, hid, **f) / 16, down_w=torch.randn(hid, inter, **f) / 21,
+              qkv_w=torch.randn(nq, hid, **f) / 16, norm_w=torch.rand(hid, **f) + 0.5, eps=1e-6,
+              split_target=132)  # fmt: skip
+    counters = new_counters(torch.device(DEVICE))
+
+    def run(t):
+        r = res.clone()
+        return (r, *between_attentions(residual=r, counters=counters, tuning=t, **kw))
+
+    want, got = run(None), run(eval(tuning, {"Tuning": Tuning}))
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, **TOL[torch.float32])
+    assert int(counters.abs().sum()) == 0
+
+
 def test_persistent_between_attentions_refuses_more_rows_than_it_takes():
     from acb.kernels.persistent import PERSISTENT_ROWS, between_attentions, new_counters
 
