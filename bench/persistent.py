@@ -5,7 +5,7 @@ persistent kernel) against :mod:`acb.kernels.persistent`, each with every layer 
     python -m bench.persistent --model llama-1b --rows 32              # per-op vs the persistent kernel's default
     python -m bench.persistent --model llama-1b --rows 32 --sweep      # and every tuning of SWEEP
     python -m bench.persistent --model gemma3-1b,qwen3-1.7b --json out.json
-    python -m bench.persistent --model llama-1b --trace                # when each phase's programs wait and work
+    python -m bench.persistent --model llama-1b --trace                # when each phase's tasks wait and work
 
 Each persistent variant is first checked against the per-op ops on the first layer: bf16, every output within 10 %
 of its largest value (a wrong tile or split is off by the value itself; tests/gpu/test_kernels.py holds the kernel to
@@ -28,10 +28,11 @@ from acb.kernels.persistent import TUNING, Tuning, between_attentions, new_count
 from .run import copy_bandwidth
 from .workloads import FAMILY_MODELS
 
-# Session 17 (H200) timed K per block 128 and 256, 3 to 7 stages, one and two programs per SM, an L2 prefetch of each
-# task's weights: 128, 4-6 stages, one program per SM and no prefetch were best (docs/benchmarks.md). Session 18
-# timed a first weight block loaded before the wait (much slower) and an acquiring spin (no faster).
-SWEEP = [Tuning(stages=st) for st in (3, 4, 5, 6)] + [Tuning(unroll=1)]
+# Session 17 (H200) timed K per tile 128 and 256, 3 to 7 stages, one and two programs per SM, an L2 prefetch of each
+# task's weights: 128, 5 stages, one program per SM and no prefetch were best. Session 18 timed a first weight tile
+# loaded before the wait (much slower), an acquiring spin, gate and up in two loops (no faster) and stream-K shares
+# (slower): docs/benchmarks.md.
+SWEEP = [Tuning(stages=st, stages_one=s1) for st, s1 in ((4, 4), (5, 5), (4, 8), (5, 8), (5, 6))]
 REPLAYS = 20
 
 
@@ -88,20 +89,28 @@ def persistent(o, residual, lw, act, eps, counters, tuning, trace=None):
     )  # fmt: skip
 
 
-PHASES = ("A o-proj", "B add+norm", "C gate/up+act", "D down", "E add+norm", "F q/k/v")
+def phase_sizes(s: dict, rows: int, programs: int, tuning: Tuning) -> list[tuple[str, int]]:
+    """The kernel's phases in task order, with their task counts (as :func:`between_attentions` splits them)."""
+    bk, cdiv = tuning.block_k, lambda a, b: -(-a // b)
+    tiles_h, n = cdiv(s["hidden"], P.BLOCK_N), P.BLOCK_N
+    s_a = P._splits(tiles_h, s["dq"], bk, programs)[0]
+    s_d = P._splits(tiles_h, s["inter"], bk, programs)[0]
+    s_f = P._splits(cdiv(s["nqkv"], n), s["hidden"], bk, programs)[0]
+    return [("A o-proj", tiles_h * s_a), ("B add+norm", rows), ("C gate/up+act", cdiv(s["inter"], n)),
+            ("D down", tiles_h * s_d), ("E add+norm", rows), ("F q/k/v", cdiv(s["nqkv"], n) * s_f)]  # fmt: skip
 
 
-def phases(trace: torch.Tensor) -> list[dict]:
-    """Per phase, from a launch's ``trace`` (``between_attentions(trace=...)``: ``[phase, start, wait over, end]``
-    ns per program and phase, -1 where a program ran none), µs from the launch's first record: when its first
-    program started it, when the first and last of its waits ended, the median wait and work (after the wait) of
-    its programs, the longest work, and when its last program ended."""
+def phases(trace: torch.Tensor, sizes: list[tuple[str, int]]) -> list[dict]:
+    """Per phase, from a launch's ``trace`` (``between_attentions(trace=...)``), µs from the launch's first task:
+    when its first task started, when the first and last of its waits ended, the median wait and work (after the
+    wait) of its tasks, the longest work, and when its last task ended."""
     rec = trace.reshape(-1, 4).cpu()
     rec = rec[rec[:, 0] >= 0].double()
     t0 = rec[:, 1].min()
-    out = []
-    for i, name in enumerate(PHASES):
-        r = rec[rec[:, 0] == i]
+    out, lo = [], 0
+    for name, n in sizes:
+        r = rec[(rec[:, 0] >= lo) & (rec[:, 0] < lo + n)]
+        lo += n
         if not len(r):
             continue
         us = (r[:, 1:] - t0) / 1e3
@@ -169,9 +178,11 @@ def measure(model: str, rows: int, tunings: list[Tuning], bandwidth: float, trac
         out.append(dict(model=model, rows=rows, variant=str(tuning), us=us, floor_us=floor_us))
         if trace:  # the last layer's launch, in the same graph of every layer
             programs = P._sms(torch.device("cuda")) * tuning.per_sm
-            buf = torch.full((programs, 6, 4), -1, dtype=torch.int64, device="cuda")
+            sizes = phase_sizes(s, rows, programs, tuning)
+            buf = torch.full((programs, -(-sum(n for _, n in sizes) // programs), 4), -1, dtype=torch.int64,
+                             device="cuda")  # fmt: skip
             time_layers(lambda lw, t=tuning, b=buf: persistent(o, res, lw, act, eps, counters, t, b), layers)
-            out[-1]["phases"] = phases(buf)
+            out[-1]["phases"] = phases(buf, sizes)
             print(trace_table(model, tuning, out[-1]["phases"]), file=sys.stderr, flush=True)
         print(
             f"{model} {rows} {tuning}: {us:.1f} µs per layer (per-op {out[0]['us']:.1f})", file=sys.stderr, flush=True
@@ -192,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="llama-1b", help="comma-separated names of bench.workloads.FAMILY_MODELS")
     ap.add_argument("--rows", default="32", help="comma-separated row counts (at most PERSISTENT_ROWS)")
     ap.add_argument("--sweep", action="store_true", help="time every tuning of SWEEP, not only the default")
-    ap.add_argument("--trace", action="store_true", help="and when each phase's programs wait and work (last layer)")
+    ap.add_argument("--trace", action="store_true", help="and when each phase's tasks wait and work (last layer)")
     ap.add_argument("--tunings", help="Python expressions of Tuning(...) to time instead, ';'-separated")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)

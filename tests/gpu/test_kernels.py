@@ -426,11 +426,14 @@ def test_persistent_between_attentions_equals_the_per_op_arithmetic(dtype, gemma
     torch.testing.assert_close(qkv_first, torch.nn.functional.linear(normed_first, qkv_w, qkv_b), **TOL[dtype])
 
 
-@pytest.mark.parametrize("shares, unroll", [(1, 4), (7, 1), (50, 3), (1000, 4)])
-def test_persistent_kernel_cut_into_any_number_of_shares_computes_the_same(shares, unroll):
-    """Stream-K: each GEMM cut into ``shares`` equal shares of its iterations (1: one program does everything; 1000:
-    more shares than some phases have iterations, so those take one iteration each), the pieces summed UNROLL
-    loads at a time, gives the outputs of the default cut (fp32: only the order of additions differs)."""
+@pytest.mark.parametrize(
+    "tuning",
+    ["Tuning(unroll=1)", "Tuning(unroll=3)", "Tuning(stages=3, stages_one=8)"],
+)
+def test_persistent_tunings_compute_what_the_default_does(tuning):
+    """bench.persistent's tunings change how tasks load, not what they add up: the partial sums' loads unrolled by
+    any count, each loop's pipeline depth. Each gives the default's outputs (fp32, where only an order of additions
+    would tell them apart)."""
     from acb.kernels.persistent import Tuning, between_attentions, new_counters
 
     torch.manual_seed(0)
@@ -439,20 +442,18 @@ def test_persistent_kernel_cut_into_any_number_of_shares_computes_the_same(share
     o, res = torch.randn(rows, dq, **f), torch.randn(rows, hid, **f)
     kw = dict(o=o, o_w=torch.randn(hid, dq, **f) / 16, ln2=torch.rand(hid, **f) + 0.5,
               gate_up_w=torch.randn(2 * inter, hid, **f) / 16, down_w=torch.randn(hid, inter, **f) / 21,
-              qkv_w=torch.randn(nq, hid, **f) / 16, norm_w=torch.rand(hid, **f) + 0.5, eps=1e-6)  # fmt: skip
+              qkv_w=torch.randn(nq, hid, **f) / 16, norm_w=torch.rand(hid, **f) + 0.5, eps=1e-6,
+              split_target=132)  # fmt: skip
     counters = new_counters(torch.device(DEVICE))
 
-    def run(**cut):
+    def run(t):
         r = res.clone()
-        out = (r, *between_attentions(residual=r, counters=counters, **cut, **kw))
-        assert int(counters.abs().sum()) == 0
-        return out
+        return (r, *between_attentions(residual=r, counters=counters, tuning=t, **kw))
 
-    programs = 1 if DEVICE == "cpu" else min(shares, torch.cuda.get_device_properties(0).multi_processor_count)
-    want = run(split_target=132)
-    got = run(split_target=shares, programs=programs, tuning=Tuning(unroll=unroll))
+    want, got = run(None), run(eval(tuning, {"Tuning": Tuning}))
     for x, y in zip(got, want):
         torch.testing.assert_close(x, y, **TOL[torch.float32])
+    assert int(counters.abs().sum()) == 0
 
 
 def test_persistent_between_attentions_refuses_more_rows_than_it_takes():
