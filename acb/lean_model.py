@@ -117,8 +117,8 @@ class LeanCausalLM:
             self.workspace = _decode_workspace(workspace_rows, self.num_heads, self.head_dim, self.device)
         self.kernels = False
         # the decode steps' work between attentions in one persistent kernel (acb.kernels.persistent), where it
-        # applies: one GPU, the kernels on, at most PERSISTENT_ROWS rows. ACB_PERSISTENT=0 turns it off (for A/B
-        # timing, or to rule it out).
+        # applies: one GPU, the kernels on, at most PERSISTENT_ROWS rows, every GEMM in one round of column tiles
+        # (persistent.one_round). ACB_PERSISTENT=0 turns it off (for A/B timing, or to rule it out).
         self.persistent = group is None and os.environ.get("ACB_PERSISTENT", "1") != "0"
         self._counters: torch.Tensor | None = None
         self._embed_scale_value = None if spec.embed_scale is None else float(self.embed_scale.cpu())
@@ -139,8 +139,13 @@ class LeanCausalLM:
             if self.persistent and self._counters is None:
                 from .kernels import persistent
 
-                self._between, self._counters = persistent.between_attentions, persistent.new_counters(self.device)
-                self._kp_rows = persistent.PERSISTENT_ROWS
+                lw = self.layers[0]  # (the SMs; on the CPU, Triton's interpreter, an H100's: the tests' cut)
+                programs = persistent._sms(self.device) if self.on_cuda else 132
+                if persistent.one_round(lw.o_w.shape[0], lw.gate_up_w.shape[0] // 2, lw.qkv_w.shape[0], programs):
+                    self._between, self._counters = persistent.between_attentions, persistent.new_counters(self.device)
+                    self._kp_rows = persistent.PERSISTENT_ROWS
+                else:
+                    self.persistent = False
         else:
             self._norm, self._attend = self._norm_torch, self._attend_torch
             self._gate = _silu_mul if self.spec.activation == "silu" else _gelu_tanh_mul

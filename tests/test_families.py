@@ -260,7 +260,7 @@ print("ok")
 
 _LEAN_KERNEL_DECODE = (
     """
-import asyncio, sys
+import asyncio, os, sys
 import torch
 sys.path.insert(0, "tests")
 from conftest import random_prompts, reference_greedy
@@ -277,6 +277,8 @@ def forward(self, b, d, j=0):
         return ModelRunner._forward.__wrapped__(self, b, d, j)
     decode_steps.append(b.num_rows)
     self.lean.use_kernels(True)
+    # the persistent kernel where ACB_PERSISTENT allows it (a tiny model's GEMMs are one round of column tiles)
+    assert (self.lean._counters is not None) == (os.environ["ACB_PERSISTENT"] == "1")
     try:
         return self._lean_decode(d, 2)[d.sample_idx]
     finally:
@@ -307,6 +309,19 @@ def test_the_lean_decode_step_on_the_kernels_gives_generate_s_tokens(persistent)
     cmd = [sys.executable, "-c", _LEAN_KERNEL_DECODE, "llama", "qwen3", "gemma3", "qwen2-sliding"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+def test_the_persistent_kernel_is_kept_to_shapes_whose_gemms_take_one_round_of_tiles():
+    """The lean path uses the persistent kernel only where every GEMM has at most one column tile per SM: where one
+    takes a second round (phi3-mini's Q/K/V, qwen2.5-1.5b's gate/up on 132 SMs) it was slower than the per-op
+    kernels on the card (docs/benchmarks.md, session 18)."""
+    from acb.kernels.persistent import one_round
+
+    assert one_round(2048, 8192, 3072, 132)  # llama-1b
+    assert one_round(3072, 8192, 6144, 132)  # mistral-3b: 128 gate/up tiles
+    assert not one_round(3072, 8192, 9216, 132)  # phi3-mini: 144 Q/K/V tiles
+    assert not one_round(1536, 8960, 2048, 132)  # qwen2.5-1.5b: 140 gate/up tiles
+    assert one_round(1536, 8960, 2048, 140)  # ... on a GPU of 140 SMs
 
 
 def test_the_new_kernels_under_the_interpreter():
