@@ -313,8 +313,8 @@ def test_the_lean_decode_step_on_the_kernels_gives_generate_s_tokens(persistent)
 
 def test_the_persistent_kernel_is_kept_to_shapes_whose_gemms_take_one_round_of_tiles():
     """The lean path uses the persistent kernel only where every GEMM has at most one column tile per SM: where one
-    takes a second round (phi3-mini's Q/K/V, qwen2.5-1.5b's gate/up on 132 SMs) it was slower than the per-op
-    kernels on the card (docs/benchmarks.md, session 18)."""
+    takes a second round (phi3-mini's Q/K/V, qwen2.5-1.5b's gate/up on 132 SMs) the per-op kernels were as fast or
+    faster on the card (docs/benchmarks.md, sessions 17 and 18)."""
     from acb.kernels.persistent import one_round
 
     assert one_round(2048, 8192, 3072, 132)  # llama-1b

@@ -439,9 +439,9 @@ def stage_bytes(tuning: Tuning, block_m: int, elem: int, weights: int) -> int:
 
 def one_round(hidden: int, intermediate: int, qkv_rows: int, programs: int) -> bool:
     """Whether every GEMM of the kernel has at most one column tile per program, so that no phase takes a second
-    round of tasks while most programs wait. Where one does (phi3-mini's 144 Q/K/V tiles, qwen2.5-1.5b's 140 gate/up
-    tiles on 132 SMs), the kernel was 2-9 % slower per layer than the per-op kernels on an H200 (session 18), and
-    the lean path keeps those."""
+    round of tasks while most programs wait. Where one does, the lean path keeps the per-op kernels: phi3-mini's 144
+    Q/K/V tiles on an H200's 132 SMs made the kernel 5-9 % slower per layer than those (sessions 17 and 18);
+    qwen2.5-1.5b's 140 gate/up tiles 1-5 % slower in session 18, 3 % faster in session 17 (docs/benchmarks.md)."""
     return max(triton.cdiv(n, BLOCK_N) for n in (hidden, intermediate, qkv_rows)) <= programs
 
 
