@@ -139,7 +139,7 @@ class LeanCausalLM:
             if self.persistent and self._counters is None:
                 from .kernels import persistent
 
-                lw = self.layers[0]  # (the SMs; on the CPU, Triton's interpreter, an H100's: the tests' cut)
+                lw = self.layers[0]  # its programs: the SMs (under Triton's interpreter an H100's, as the tests cut)
                 programs = persistent._sms(self.device) if self.on_cuda else 132
                 if persistent.one_round(lw.o_w.shape[0], lw.gate_up_w.shape[0] // 2, lw.qkv_w.shape[0], programs):
                     self._between, self._counters = persistent.between_attentions, persistent.new_counters(self.device)
