@@ -209,10 +209,12 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     card = torch.cuda.get_device_name()
     bandwidth = copy_bandwidth()
+    tunings = SWEEP if args.sweep else [TUNING]
+    if args.tunings:  # "Tuning(...)" expressions, nothing else in reach
+        tunings = [eval(t, {"__builtins__": {}, "Tuning": Tuning}) for t in args.tunings.split(";")]
     results = []
     for model, rows in itertools.product(args.model.split(","), [int(r) for r in args.rows.split(",")]):
-        tunings = [eval(t, {"Tuning": Tuning}) for t in args.tunings.split(";")] if args.tunings else None
-        results += measure(model, rows, tunings or (SWEEP if args.sweep else [TUNING]), bandwidth, args.trace)
+        results += measure(model, rows, tunings, bandwidth, args.trace)
         print(table(results[-1:], card), file=sys.stderr, flush=True)
         if args.json:
             with open(args.json, "w") as f:
