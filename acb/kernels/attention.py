@@ -21,7 +21,7 @@ import triton.language as tl
 
 from . import decode_splits
 
-__all__ = ["paged_decode", "paged_prefill", "prefill_block_map", "decode_splits"]
+__all__ = ["paged_decode", "paged_prefill", "prefill_block_map", "decode_splits", "decode_tile"]
 
 
 @triton.jit
@@ -142,11 +142,9 @@ def _decode_task(
         m_i, l_i, acc = _online_softmax(s, v, m_i, l_i, acc, PRECISION)
     if splits == 1:  # the whole context in this program: the output itself, no merge
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        o_ptr = OUT + b * s_b + heads[:, None] * s_h + d[None, :]
-        tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=qmask)
-    else:
-        o_ptr = OP + b * s_ob + heads[:, None] * s_oh + split * s_os + d[None, :]
-        tl.store(o_ptr, acc, mask=qmask)
+        tl.store(OUT + b * s_b + heads[:, None] * s_h + d[None, :], out.to(OUT.dtype.element_ty), mask=qmask)
+    else:  # (a run-time branch in the persistent kernel: no name bound to two types in it)
+        tl.store(OP + b * s_ob + heads[:, None] * s_oh + split * s_os + d[None, :], acc, mask=qmask)
         tl.store(MP + b * s_mb + heads * s_mh + split, m_i, mask=gmask)
         tl.store(LP + b * s_mb + heads * s_mh + split, l_i, mask=gmask)
 
@@ -165,12 +163,13 @@ def _merge_group(b, kvh, splits, OP, MP, LP, OUT, s_ob, s_oh, s_os, s_mb, s_mh, 
     m_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     for s in range(0, splits):
         m_max = tl.maximum(m_max, tl.load(ms + s, mask=gmask, other=float("-inf"), cache_modifier=".cg"))
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # (padding heads: every split -inf)
     denom = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
     qmask = gmask[:, None] & (d[None, :] < D)
     for s in range(0, splits):
         m = tl.load(ms + s, mask=gmask, other=float("-inf"), cache_modifier=".cg")
-        w = tl.where(m > float("-inf"), tl.exp(m - m_max), 0.0)
+        w = tl.exp(m - m_max)  # 0 for a split that saw nothing (m = -inf)
         denom += tl.load(LP + b * s_mb + heads * s_mh + s, mask=gmask, other=0.0, cache_modifier=".cg") * w
         part = tl.load(OP + b * s_ob + heads[:, None] * s_oh + s * s_os + d[None, :], mask=qmask, other=0.0,
                        cache_modifier=".cg")  # fmt: skip
@@ -200,20 +199,17 @@ def _decode_merge_kernel(
     tl.store(OUT + b * s_b + h * s_h + d, out.to(OUT.dtype.element_ty), mask=d < D)
 
 
-def _block_n(q: torch.Tensor) -> int:
-    """Keys per tile: 64, or 32 where rows are wider than 512 bytes (head_dim 256 in float32), so that two stages of
-    key and value tiles stay within an SM's shared memory (227 KB on H100)."""
-    return 64 if triton.next_power_of_2(q.shape[-1]) * q.element_size() <= 512 else 32
+def decode_tile(dim: int, elem: int) -> tuple[int, int, int]:
+    """The split kernel's ``(BLOCK_N, num_warps, num_stages)`` at head_dim ``dim`` of ``elem``-byte values.
 
-
-def _decode_tile(q: torch.Tensor) -> tuple[int, int, int]:
-    """The split kernel's ``(BLOCK_N, num_warps, num_stages)``: three stages of key and value tiles in flight where
-    they take at most 96 KB of shared memory (bf16 at head_dim ≤ 128), two otherwise. Measured with bench.attention
-    (docs/benchmarks.md): three stages took 2-10 % off two at 64-256 rows of 512-4,000 positions on an H200, and
-    tie on an H100."""
-    block_n = _block_n(q)
-    stage_bytes = 2 * block_n * triton.next_power_of_2(q.shape[-1]) * q.element_size()
-    return block_n, 4, 3 if 3 * stage_bytes <= 96 * 1024 else 2
+    BLOCK_N (keys per tile): 64, or 32 where rows are wider than 512 bytes (head_dim 256 in float32), so that two
+    stages of key and value tiles stay within an SM's shared memory (227 KB on H100). Three stages of key and value
+    tiles in flight where they take at most 96 KB of shared memory (bf16 at head_dim ≤ 128), two otherwise. Measured
+    with bench.attention (docs/benchmarks.md): three stages took 2-10 % off two at 64-256 rows of 512-4,000 positions
+    on an H200, and tie on an H100."""
+    width = triton.next_power_of_2(dim) * elem
+    block_n = 64 if width <= 512 else 32
+    return block_n, 4, 3 if 3 * 2 * block_n * width <= 96 * 1024 else 2
 
 
 def paged_decode(
@@ -262,7 +258,7 @@ def paged_decode(
     else:
         op, mp, lp = (w[:bsz] for w in workspace)
     kc, vc = kv[0], kv[1]
-    block_n, warps, stages = tile or _decode_tile(q)
+    block_n, warps, stages = tile or decode_tile(dim, q.element_size())
     if rope is not None:
         kn, vn, cos, sin, positions, slots = rope
     elif new_kv is not None:
@@ -393,7 +389,7 @@ def paged_prefill(
     if block_map is None:
         block_map = prefill_block_map(query_start_loc, q.shape[0], max_query_len, group)
     kc, vc = kv[0], kv[1]
-    block_n = _block_n(q)
+    block_n = decode_tile(dim, q.element_size())[0]  # (the keys per tile that fit two stages)
     _prefill_kernel[(block_map.shape[1], kvh)](
         q, kc, vc, block_tables, seq_lens, query_start_loc, out, block_map, scale, seq_lens.shape[0],
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
