@@ -516,9 +516,8 @@ def _attention_args(att: Attention | None, rows: int, qkv: torch.Tensor | None, 
     out = torch.empty(rows, att.heads, dim, dtype=kv.dtype, device=kv.device)
     if qkv is not None and qkv.shape[1] != (att.heads + 2 * kvh) * dim:
         raise ValueError("attention: the Q/K/V projection's width is not (heads + 2 kv heads) x head_dim")
-    if splits == 1:
-        op = mp = lp = out
-    elif att.workspace is not None and att.workspace[0].shape[0] >= rows and att.workspace[0].shape[2] >= splits:
+    # (float32 partial states even for one split, where they go unused: one compiled variant for every split count)
+    if att.workspace is not None and att.workspace[0].shape[0] >= rows and att.workspace[0].shape[2] >= splits:
         op, mp, lp = (w[:rows] for w in att.workspace)
     else:
         op = torch.empty(rows, att.heads, splits, dim, dtype=torch.float32, device=kv.device)
