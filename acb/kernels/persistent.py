@@ -512,7 +512,7 @@ def _attention_args(att: Attention | None, rows: int, qkv: torch.Tensor | None, 
     pairs = rows * kvh
     if pairs > MAX_PAIRS:
         raise ValueError(f"between_attentions has tickets for {MAX_PAIRS} (row, KV head) pairs, got {pairs}")
-    splits = tuning.att_splits or max(1, min(MAX_ATT_SPLITS, target // pairs))
+    splits = attention_splits(pairs, target, tuning)
     out = torch.empty(rows, att.heads, dim, dtype=kv.dtype, device=kv.device)
     if qkv is not None and qkv.shape[1] != (att.heads + 2 * kvh) * dim:
         raise ValueError("attention: the Q/K/V projection's width is not (heads + 2 kv heads) x head_dim")
@@ -536,6 +536,12 @@ def _attention_args(att: Attention | None, rows: int, qkv: torch.Tensor | None, 
                   D_PAD=triton.next_power_of_2(dim), BLOCK_NA=block_n, PAGE=page, QK_NORM=att.qk_norm is not None,
                   STAGES_G=stages)  # fmt: skip
     return args, consts, (out if qkv is not None else None)
+
+
+def attention_splits(pairs: int, programs: int, tuning: Tuning) -> int:
+    """Context splits per (row, KV head) pair of the attention in the launch: :attr:`Tuning.att_splits`, or as many
+    as give every program about one task."""
+    return tuning.att_splits or max(1, min(MAX_ATT_SPLITS, programs // pairs))
 
 
 def stage_bytes(tuning: Tuning, block_m: int, elem: int, weights: int) -> int:
