@@ -152,19 +152,34 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 def _norm_row(x, cols, mask, n, eps, R, W, PRE, OUT_TY: tl.constexpr, HAS_RES: tl.constexpr, HAS_PRE: tl.constexpr):
     """One row's residual add + RMSNorm, :func:`add_rmsnorm`'s arithmetic: ``x`` (float32, zeros past ``n``) is
     RMSNormed with PRE first (HAS_PRE, rounded to OUT_TY), added into the residual row R (HAS_RES, which takes the
-    sum rounded), then normed with W; returns the normed row in OUT_TY. Also the persistent decode kernel's
-    (:mod:`acb.kernels.persistent`)."""
+    sum rounded), then normed with W; returns the normed row in OUT_TY."""
+    r, w, p = _norm_inputs(R, W, PRE, cols, mask, HAS_RES, HAS_PRE)
+    return _norm_values(x, r, w, p, cols, mask, n, eps, R, OUT_TY, HAS_RES, HAS_PRE)
+
+
+@triton.jit
+def _norm_inputs(R, W, PRE, cols, mask, HAS_RES: tl.constexpr, HAS_PRE: tl.constexpr):
+    """A norm row's inputs other than the row itself: the residual row (HAS_RES), the weights, PRE's (HAS_PRE). The
+    persistent decode kernel loads them before it waits for the row."""
+    w = tl.load(W + cols, mask=mask, other=0.0)
+    r = tl.load(R + cols, mask=mask, other=0.0, cache_modifier=".cg") if HAS_RES else w
+    return r, w, tl.load(PRE + cols, mask=mask, other=0.0) if HAS_PRE else w
+
+
+@triton.jit
+def _norm_values(x, r, w, p, cols, mask, n, eps, R, OUT_TY: tl.constexpr, HAS_RES: tl.constexpr,
+                 HAS_PRE: tl.constexpr):  # fmt: skip
+    """:func:`_norm_row` on its :func:`_norm_inputs` (the residual row ``r``, the weights ``w`` and PRE's ``p``)
+    already loaded. The sum goes to R."""
     if HAS_PRE:  # the same arithmetic as a call of its own with weight PRE (rounded to OUT's dtype), in registers
         y = x * tl.rsqrt(tl.sum(x * x, 0) / n + eps)
-        p = tl.load(PRE + cols, mask=mask, other=0.0)
-        x = (y.to(PRE.dtype.element_ty) * p).to(OUT_TY).to(tl.float32)
+        x = (y.to(p.dtype) * p).to(OUT_TY).to(tl.float32)
     if HAS_RES:
-        x += tl.load(R + cols, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+        x += r.to(tl.float32)
         tl.store(R + cols, x.to(R.dtype.element_ty), mask=mask)
     var = tl.sum(x * x, 0) / n
     y = x * tl.rsqrt(var + eps)
-    w = tl.load(W + cols, mask=mask, other=0.0)
-    return (y.to(W.dtype.element_ty) * w).to(OUT_TY)
+    return (y.to(w.dtype) * w).to(OUT_TY)
 
 
 @triton.jit

@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from .attention import _decode_task, _merge_group, decode_tile
-from .fused import _gated, _norm_row
+from .fused import _gated, _norm_inputs, _norm_row, _norm_values
 
 __all__ = [
     "Attention",
@@ -255,11 +255,13 @@ def _between_kernel(
             _signal(CNT, 1)
         elif t < end_b:  # B: one row's residual add + the norm before the MLP
             row = t - end_a
+            # what does not wait: the residual row (the previous launch wrote it) and the norms' weights
+            r, w, p = _norm_inputs(R + row * s_h, LN2, PA, cols, cmask, True, HAS_PA)
             _wait(CNT, 1, n_a)
             if TRACE:
                 t_go = _now(pid)
             x = _sum_row(PART_A, S_A, M, HID, row, cols, cmask, BLOCK_H, UNROLL).to(ty).to(tl.float32)
-            out = _norm_row(x, cols, cmask, HID, eps, R + row * s_h, LN2, PA, ty, True, HAS_PA)
+            out = _norm_values(x, r, w, p, cols, cmask, HID, eps, R + row * s_h, ty, True, HAS_PA)
             tl.store(X2 + row * s_h + cols, out, mask=cmask)
             _signal(CNT, 2)
         elif t < end_c:  # C: gate/up and the activation, one tile of the intermediate columns
@@ -287,11 +289,13 @@ def _between_kernel(
         elif t < end_e:  # E: one row's residual add + the next norm (the first layer: the residual starts)
             row = t - end_d
             if has_mlp:
+                _wait(CNT, 2, M)  # B's residual rows (long done), then what does not wait for D
+                r, w, p = _norm_inputs(R + row * s_h, NW, PM, cols, cmask, True, HAS_PM)
                 _wait(CNT, 3, n_d)
                 if TRACE:
                     t_go = _now(pid)
                 x = _sum_row(PART_D, S_D, M, HID, row, cols, cmask, BLOCK_H, UNROLL).to(ty).to(tl.float32)
-                out = _norm_row(x, cols, cmask, HID, eps, R + row * s_h, NW, PM, ty, True, HAS_PM)
+                out = _norm_values(x, r, w, p, cols, cmask, HID, eps, R + row * s_h, ty, True, HAS_PM)
             else:
                 x = tl.load(H_IN + row * s_h + cols, mask=cmask, other=0.0).to(tl.float32)
                 # Gemma's embedding scale (1 elsewhere: exact), rounded as a multiplication in the model's dtype
