@@ -91,6 +91,8 @@ class Tuning:
     per_sm: int = 1  # programs per SM (all must be resident at once)
     unroll: int = 4  # partial sums loaded this many splits at a time
     att_splits: int = 0  # context splits of the attention in the launch (0: as many as fill one round of programs)
+    att_block: int = 0  # positions per tile of the attention in the launch (0: the decode kernel's)
+    att_stages: int = 0  # its pipeline depth (0: the decode kernel's)
 
 
 TUNING = Tuning()
@@ -530,6 +532,7 @@ def _attention_args(att: Attention | None, rows: int, qkv: torch.Tensor | None, 
     qw, kw = att.qk_norm if att.qk_norm is not None else (norm_w, norm_w)
     kc, vc = kv[0], kv[1]
     block_n, _, stages = decode_tile(dim, kv.element_size())
+    block_n, stages = tuning.att_block or block_n, tuning.att_stages or stages
     args = (
         kc, vc, att.block_tables, att.seq_lens, att.positions, att.slot_mapping, att.cos, att.sin, qw, kw, op, mp, lp,
         out, float(att.scale), int(att.window), splits, kvh, kc.stride(0), kc.stride(1), kc.stride(2),
