@@ -118,12 +118,8 @@ class LeanCausalLM:
         self.kernels = False
         # the decode steps' work between attentions in one persistent kernel (acb.kernels.persistent), where it
         # applies: one GPU, the kernels on, at most PERSISTENT_ROWS rows, every GEMM in one round of column tiles
-        # (persistent.one_round), with each layer's decode attention inside the launch that computes its Q/K/V.
-        # ACB_PERSISTENT=0 turns the kernel off, ACB_PERSISTENT=outside keeps attention out of it (for A/B timing,
-        # or to rule either out).
-        mode = os.environ.get("ACB_PERSISTENT", "1")
-        self.persistent = group is None and mode != "0"
-        self.attention_inside = mode != "outside"
+        # (persistent.one_round). ACB_PERSISTENT=0 turns it off (for A/B timing, or to rule it out).
+        self.persistent = group is None and os.environ.get("ACB_PERSISTENT", "1") != "0"
         self._counters: torch.Tensor | None = None
         self._embed_scale_value = None if spec.embed_scale is None else float(self.embed_scale.cpu())
         self.use_kernels(self.on_cuda)
@@ -146,8 +142,7 @@ class LeanCausalLM:
                 lw = self.layers[0]  # its programs: the SMs (under Triton's interpreter an H100's, as the tests cut)
                 programs = persistent._sms(self.device) if self.on_cuda else 132
                 if persistent.one_round(lw.o_w.shape[0], lw.gate_up_w.shape[0] // 2, lw.qkv_w.shape[0], programs):
-                    self._kp, self._between = persistent, persistent.between_attentions
-                    self._counters = persistent.new_counters(self.device)
+                    self._between, self._counters = persistent.between_attentions, persistent.new_counters(self.device)
                     self._kp_rows = persistent.PERSISTENT_ROWS
                 else:
                     self.persistent = False
@@ -357,25 +352,21 @@ class LeanCausalLM:
         )
 
     def _forward_persistent(self, x: LeanInputs) -> torch.Tensor:
-        """:meth:`forward` of a decode step: one launch per layer for everything from its output projection up to
-        the next layer's attention output (the MLP, the next norm, Q/K/V and attention; after the last layer, the
-        final norm), and a first launch up to the first layer's attention output. With :attr:`attention_inside`
-        off, the attention kernel runs between the launches instead."""
+        """:meth:`forward` of a decode step: per layer, the attention kernel then one launch for everything up to
+        the next layer's attention (output projection, MLP, the next norm and Q/K/V; after the last layer, the
+        final norm)."""
         h = self._embed(x.input_ids)
         residual = torch.empty_like(h)
         first, common = self.layers[0], dict(residual=residual, eps=self.eps, counters=self._counters)
-        # (every launch gets a layer's sandwich norms, a Q/K/V bias and an attention, read only where used: one
-        # compiled variant)
-        normed, qkv, o = self._between(norm_w=first.ln1, h_in=h, embed_scale=self._embed_scale_value,
-                                       qkv_w=first.qkv_w, qkv_b=first.qkv_b, post_attn_norm=first.post_attn_norm,
-                                       post_mlp_norm=first.post_mlp_norm, attention=self._attention(0, x),
-                                       **common)  # fmt: skip
+        # (every launch gets a layer's sandwich norms and a Q/K/V bias, read only where used: one compiled variant)
+        normed, qkv = self._between(norm_w=first.ln1, h_in=h, embed_scale=self._embed_scale_value,
+                                    qkv_w=first.qkv_w, qkv_b=first.qkv_b, post_attn_norm=first.post_attn_norm,
+                                    post_mlp_norm=first.post_mlp_norm, **common)  # fmt: skip
         for i, lw in enumerate(self.layers):
-            if o is None:
-                q, k, v = self._heads(qkv)
-                o = self._attend(i, lw, q, k, v, x)
+            q, k, v = self._heads(qkv)
+            o = self._attend(i, lw, q, k, v, x)
             nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
-            normed, qkv, o = self._between(
+            normed, qkv = self._between(
                 o=o.reshape(o.shape[0], -1),
                 o_w=lw.o_w,
                 ln2=lw.ln2,
@@ -387,22 +378,9 @@ class LeanCausalLM:
                 norm_w=self.norm if nxt is None else nxt.ln1,
                 qkv_w=None if nxt is None else nxt.qkv_w,
                 qkv_b=(nxt or lw).qkv_b,
-                attention=self._attention(i + 1 if nxt is not None else i, x),
                 **common,
             )
         return self._logits(normed)
-
-    def _attention(self, i: int, x: LeanInputs):
-        """Layer ``i``'s decode attention for the persistent kernel to run (None: :attr:`attention_inside` off)."""
-        if not self.attention_inside:
-            return None
-        lw = self.layers[i]
-        cos, sin = self.tables[lw.rope]
-        return self._kp.Attention(
-            kv=self.kv_cache.layers[i], block_tables=x.block_tables, seq_lens=x.seq_lens, positions=x.positions,
-            slot_mapping=x.slot_mapping, cos=cos, sin=sin, scale=self.scale, heads=self.num_heads, window=lw.window,
-            qk_norm=None if lw.q_norm is None else (lw.q_norm, lw.k_norm), workspace=self.workspace,
-        )  # fmt: skip
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         if self.group is None:

@@ -6,11 +6,6 @@ persistent kernel) against :mod:`acb.kernels.persistent`, each with every layer 
     python -m bench.persistent --model llama-1b --rows 32 --sweep      # and every tuning of SWEEP
     python -m bench.persistent --model gemma3-1b,qwen3-1.7b --json out.json
     python -m bench.persistent --model llama-1b --trace                # when each phase's tasks wait and work
-    python -m bench.persistent --model llama-1b --context 512          # each layer's decode attention too
-
-With ``--context N`` every row is a sequence of N positions (the new one included) and each layer has a KV cache of
-its own: the per-op variant runs the decode attention kernel after its ops, the persistent kernel runs it inside its
-launch (its G tasks) and, as "attention outside", as the kernel after the launch. The floor then counts the KV bytes.
 
 Each persistent variant is first checked against the per-op ops on the first layer: bf16, every output within 10 %
 of its largest value (a wrong tile or split is off by the value itself; tests/gpu/test_kernels.py holds the kernel to
@@ -52,8 +47,7 @@ def shapes(model: str) -> dict:
     dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     return dict(
         layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, inter=cfg.intermediate_size, dq=heads * dim,
-        nqkv=(heads + 2 * kv) * dim, gemma="gemma" in cfg.model_type, bias=cls == "Qwen2Config", heads=heads,
-        kv_heads=kv, dim=dim, qk_norm=cls in ("Qwen3Config", "Gemma3TextConfig"),
+        nqkv=(heads + 2 * kv) * dim, gemma="gemma" in cfg.model_type, bias=cls == "Qwen2Config",
     )  # fmt: skip
 
 
@@ -64,92 +58,46 @@ def layer_weights(s: dict, dev: str) -> list[dict]:
     def w(n, k):
         return torch.randn(n, k, **b) / k**0.5
 
-    def norm(n=s["hidden"]):
-        return torch.rand(n, **b) + 0.5
-
-    def norm_d():
-        return norm(s["dim"])
+    def norm():
+        return torch.rand(s["hidden"], **b) + 0.5
 
     return [
         dict(o_w=w(s["hidden"], s["dq"]), ln2=norm(), gate_up_w=w(2 * s["inter"], s["hidden"]),
              down_w=w(s["hidden"], s["inter"]), ln1=norm(), qkv_w=w(s["nqkv"], s["hidden"]),
              qkv_b=torch.randn(s["nqkv"], **b) if s["bias"] else None,
-             post_attn_norm=norm() if s["gemma"] else None, post_mlp_norm=norm() if s["gemma"] else None,
-             qk_norm=(norm_d(), norm_d()) if s["qk_norm"] else None)
+             post_attn_norm=norm() if s["gemma"] else None, post_mlp_norm=norm() if s["gemma"] else None)
         for _ in range(s["layers"])
     ]  # fmt: skip
 
 
-def add_attention(s: dict, layers: list[dict], rows: int, context: int, dev: str) -> None:
-    """Give each layer a KV cache of ``rows`` sequences of ``context`` positions (blocks of 16, random bf16) and the
-    step's :class:`acb.kernels.persistent.Attention` over it (``lw["att"]``): the new token at the last position."""
-    bs, kvh, dim = 16, s["kv_heads"], s["dim"]
-    per_seq = -(-context // bs)
-    tables = torch.arange(rows * per_seq, device=dev, dtype=torch.int32).view(rows, per_seq)
-    lens = torch.full((rows,), context, device=dev, dtype=torch.int32)
-    pos = (lens - 1).long()
-    slots = tables[:, (context - 1) // bs].long() * bs + (context - 1) % bs
-    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=dev).float() / dim))
-    angles = torch.arange(context, device=dev).float()[:, None] * inv[None, :]
-    cos, sin = angles.cos(), angles.sin()
-    for lw in layers:
-        kv = torch.randn(2, rows * per_seq, bs, kvh, dim, device=dev, dtype=torch.bfloat16)
-        lw["att"] = P.Attention(kv=kv, block_tables=tables, seq_lens=lens, positions=pos, slot_mapping=slots, cos=cos,
-                                sin=sin, scale=dim**-0.5, heads=s["heads"], qk_norm=lw["qk_norm"])  # fmt: skip
-
-
-def attend(qkv, att):
-    """The decode attention kernel on a Q/K/V projection's output (the lean path's with attention outside)."""
-    from acb.kernels import decode_splits
-    from acb.kernels.attention import paged_decode
-
-    rows, kvh, dim = qkv.shape[0], att.kv.shape[3], att.kv.shape[4]
-    q, k, v = qkv.split([att.heads * dim, kvh * dim, kvh * dim], 1)
-    q, k, v = (t.reshape(rows, -1, dim) for t in (q, k, v))
-    splits = decode_splits(rows, kvh, int(att.kv.shape[1] * att.kv.shape[2] // rows))
-    norms = None if att.qk_norm is None else (*att.qk_norm, 1e-6)
-    return paged_decode(q, att.kv, att.block_tables, att.seq_lens, att.scale, splits,
-                        rope=(k, v, att.cos, att.sin, att.positions, att.slot_mapping), qk_norm=norms)  # fmt: skip
-
-
 def per_op(o, residual, lw, act, eps):
-    """The lean path's per-op decode between attentions (LeanCausalLM.after_attention, then before_attention), and
-    the attention kernel where the layer has one (``--context``)."""
+    """The lean path's per-op decode between attentions (LeanCausalLM.after_attention, then before_attention)."""
     from acb.kernels.fused import add_rmsnorm, gate_up_act
 
     x2 = add_rmsnorm(F.linear(o, lw["o_w"]), residual, lw["ln2"], eps, lw["post_attn_norm"])
     h = F.linear(gate_up_act(x2, lw["gate_up_w"], act), lw["down_w"])
     x1 = add_rmsnorm(h, residual, lw["ln1"], eps, lw["post_mlp_norm"])
-    qkv = F.linear(x1, lw["qkv_w"], lw["qkv_b"])
-    return x1, qkv, (attend(qkv, lw["att"]) if "att" in lw else None)
+    return x1, F.linear(x1, lw["qkv_w"], lw["qkv_b"])
 
 
-def persistent(o, residual, lw, act, eps, counters, tuning, trace=None, inside=True):
-    """One launch of the persistent kernel; with a layer's attention (``--context``) inside it, or (``inside``
-    False) as the attention kernel after it."""
-    x1, qkv, att = between_attentions(
+def persistent(o, residual, lw, act, eps, counters, tuning, trace=None):
+    return between_attentions(
         residual=residual, norm_w=lw["ln1"], eps=eps, counters=counters, o=o, o_w=lw["o_w"], ln2=lw["ln2"],
         gate_up_w=lw["gate_up_w"], down_w=lw["down_w"], post_attn_norm=lw["post_attn_norm"],
         post_mlp_norm=lw["post_mlp_norm"], activation=act, qkv_w=lw["qkv_w"], qkv_b=lw["qkv_b"], tuning=tuning,
-        trace=trace, attention=lw.get("att") if inside else None,
+        trace=trace,
     )  # fmt: skip
-    if "att" in lw and not inside:
-        att = attend(qkv, lw["att"])
-    return x1, qkv, att
 
 
-def phase_sizes(s: dict, rows: int, programs: int, tuning: Tuning, attention: bool = False) -> list[tuple[str, int]]:
+def phase_sizes(s: dict, rows: int, programs: int, tuning: Tuning) -> list[tuple[str, int]]:
     """The kernel's phases in task order, with their task counts (as :func:`between_attentions` splits them)."""
     bk, cdiv = tuning.block_k, lambda a, b: -(-a // b)
     tiles_h, n = cdiv(s["hidden"], P.BLOCK_N), P.BLOCK_N
     s_a = P._splits(tiles_h, s["dq"], bk, programs)[0]
     s_d = P._splits(tiles_h, s["inter"], bk, programs)[0]
     s_f = P._splits(cdiv(s["nqkv"], n), s["hidden"], bk, programs)[0]
-    pairs = rows * s["kv_heads"]
-    s_g = P.attention_splits(pairs, programs, tuning) if attention else 0
     return [("A o-proj", tiles_h * s_a), ("B add+norm", rows), ("C gate/up+act", cdiv(s["inter"], n)),
-            ("D down", tiles_h * s_d), ("E add+norm", rows), ("F q/k/v", cdiv(s["nqkv"], n) * s_f),
-            ("G attention", pairs * s_g)]  # fmt: skip
+            ("D down", tiles_h * s_d), ("E add+norm", rows), ("F q/k/v", cdiv(s["nqkv"], n) * s_f)]  # fmt: skip
 
 
 def phases(trace: torch.Tensor, sizes: list[tuple[str, int]]) -> list[dict]:
@@ -207,40 +155,30 @@ def time_layers(fn, layers: list[dict]) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def measure(model: str, rows: int, tunings: list[Tuning], bandwidth: float, trace: bool = False,
-            context: int = 0) -> list[dict]:  # fmt: skip
+def measure(model: str, rows: int, tunings: list[Tuning], bandwidth: float, trace: bool = False) -> list[dict]:
     s = shapes(model)
     layers = layer_weights(s, "cuda")
-    if context:
-        add_attention(s, layers, rows, context, "cuda")
     act, eps = ("gelu_tanh" if s["gemma"] else "silu"), 1e-6
     o = torch.randn(rows, s["dq"], device="cuda", dtype=torch.bfloat16)
     base = torch.randn(rows, s["hidden"], device="cuda", dtype=torch.bfloat16)
     res = base.clone()
     counters = new_counters(torch.device("cuda"))
     weight_bytes = sum(t.numel() * t.element_size() for k, t in layers[0].items() if t is not None and k.endswith("_w"))
-    kv_bytes = rows * context * s["kv_heads"] * s["dim"] * 2 * 2
-    floor_us = (weight_bytes + kv_bytes) / bandwidth * 1e6
+    floor_us = weight_bytes / bandwidth * 1e6
     want = per_op(o, base.clone(), layers[0], act, eps)
-    out = [dict(model=model, rows=rows, context=context, variant="per-op",
-                us=time_layers(lambda lw: per_op(o, res, lw, act, eps), layers), floor_us=floor_us)]  # fmt: skip
-    if context:  # the persistent kernel with the attention kernel after each launch
-        us = time_layers(lambda lw: persistent(o, res, lw, act, eps, counters, TUNING, inside=False), layers)
-        out.append(dict(model=model, rows=rows, context=context, variant="attention outside", us=us,
-                        floor_us=floor_us))  # fmt: skip
+    out = [dict(model=model, rows=rows, variant="per-op", us=time_layers(lambda lw: per_op(o, res, lw, act, eps),
+                                                                        layers), floor_us=floor_us)]  # fmt: skip
     for tuning in tunings:
         got = persistent(o, base.clone(), layers[0], act, eps, counters, tuning)
         for x, y in zip(got, want):
-            if y is None:
-                continue
             err = (x.float() - y.float()).abs().max().item()
             if err > 0.1 * max(1.0, y.float().abs().max().item()):
                 raise AssertionError(f"{model} {tuning}: persistent differs from per-op by {err}")
         us = time_layers(lambda lw, t=tuning: persistent(o, res, lw, act, eps, counters, t), layers)
-        out.append(dict(model=model, rows=rows, context=context, variant=str(tuning), us=us, floor_us=floor_us))
+        out.append(dict(model=model, rows=rows, variant=str(tuning), us=us, floor_us=floor_us))
         if trace:  # the last layer's launch, in the same graph of every layer
             programs = P._sms(torch.device("cuda")) * tuning.per_sm
-            sizes = phase_sizes(s, rows, programs, tuning, bool(context))
+            sizes = phase_sizes(s, rows, programs, tuning)
             buf = torch.full((programs, -(-sum(n for _, n in sizes) // programs), 4), -1, dtype=torch.int64,
                              device="cuda")  # fmt: skip
             time_layers(lambda lw, t=tuning, b=buf: persistent(o, res, lw, act, eps, counters, t, b), layers)
@@ -253,11 +191,10 @@ def measure(model: str, rows: int, tunings: list[Tuning], bandwidth: float, trac
 
 
 def table(results: list[dict], card: str) -> str:
-    lines = ["| model | rows | context | variant | µs per layer | floor µs | / floor | card |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| model | rows | variant | µs per layer | floor µs | / floor | card |", "|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['model']} | {r['rows']} | {r['context'] or '—'} | {r['variant']} | {r['us']:.1f} | "
-                     f"{r['floor_us']:.1f} | {r['us'] / r['floor_us']:.2f}× | {card} |")  # fmt: skip
+        lines.append(f"| {r['model']} | {r['rows']} | {r['variant']} | {r['us']:.1f} | {r['floor_us']:.1f} | "
+                     f"{r['us'] / r['floor_us']:.2f}× | {card} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -268,7 +205,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sweep", action="store_true", help="time every tuning of SWEEP, not only the default")
     ap.add_argument("--trace", action="store_true", help="and when each phase's tasks wait and work (last layer)")
     ap.add_argument("--tunings", help="Python expressions of Tuning(...) to time instead, ';'-separated")
-    ap.add_argument("--context", type=int, default=0, help="positions per sequence: each layer's attention too")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     card = torch.cuda.get_device_name()
@@ -278,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
         tunings = [eval(t, {"__builtins__": {}, "Tuning": Tuning}) for t in args.tunings.split(";")]
     results = []
     for model, rows in itertools.product(args.model.split(","), [int(r) for r in args.rows.split(",")]):
-        results += measure(model, rows, tunings, bandwidth, args.trace, args.context)
+        results += measure(model, rows, tunings, bandwidth, args.trace)
         print(table(results[-1:], card), file=sys.stderr, flush=True)
         if args.json:
             with open(args.json, "w") as f:

@@ -161,12 +161,12 @@ def test_the_decode_tile_keeps_its_stages_within_shared_memory(dtype, dim, tile)
     """The split kernel's default tile: three stages of K and V tiles only where they take at most 96 KB, so that
     wide heads and float32 still fit an SM's shared memory (bench.attention measured the three stages)."""
     pytest.importorskip("triton")
-    from acb.kernels.attention import decode_tile
+    from acb.kernels.attention import _decode_tile
 
-    elem = torch.empty(0, dtype=dtype).element_size()
-    assert decode_tile(dim, elem) == tile
+    q = torch.empty(1, 4, dim, dtype=dtype)
+    assert _decode_tile(q) == tile
     block_n, _, stages = tile
-    assert stages * 2 * block_n * (1 << (dim - 1).bit_length()) * elem <= 128 * 1024
+    assert stages * 2 * block_n * (1 << (dim - 1).bit_length()) * q.element_size() <= 128 * 1024
 
 
 @pytest.mark.parametrize("group", [1, 4, 7])

@@ -277,10 +277,8 @@ def forward(self, b, d, j=0):
         return ModelRunner._forward.__wrapped__(self, b, d, j)
     decode_steps.append(b.num_rows)
     self.lean.use_kernels(True)
-    # the persistent kernel where ACB_PERSISTENT allows it (a tiny model's GEMMs are one round of column tiles),
-    # with attention inside its launches unless ACB_PERSISTENT=outside
-    assert (self.lean._counters is not None) == (os.environ["ACB_PERSISTENT"] != "0")
-    assert self.lean.attention_inside == (os.environ["ACB_PERSISTENT"] != "outside")
+    # the persistent kernel where ACB_PERSISTENT allows it (a tiny model's GEMMs are one round of column tiles)
+    assert (self.lean._counters is not None) == (os.environ["ACB_PERSISTENT"] == "1")
     try:
         return self._lean_decode(d, 2)[d.sample_idx]
     finally:
@@ -295,14 +293,13 @@ def after(arch, model):
 )
 
 
-@pytest.mark.parametrize("persistent", ["1", "outside", "0"], ids=["persistent", "attention-outside", "per-op"])
+@pytest.mark.parametrize("persistent", ["1", "0"], ids=["persistent", "per-op"])
 def test_the_lean_decode_step_on_the_kernels_gives_generate_s_tokens(persistent):
     """The lean path's decode step as CUDA runs it (the forward its graphs capture: the Triton kernels, Qwen3's and
     Gemma 3's per-head q/k norms inside the decode kernel), eagerly under Triton's interpreter on the CPU, gives
-    ``model.generate``'s tokens: with everything from one attention's output to the next one's in the persistent
-    kernel (one GPU, <= 64 rows; sliding windows and Gemma 3's local and global layers included), with attention
-    kept out of its launches (ACB_PERSISTENT=outside), and one op per kernel as tensor parallelism and larger steps
-    run it (Gemma 3's post-attention and post-MLP norms inside the next norm's kernel)."""
+    ``model.generate``'s tokens: with the work between attentions in the persistent kernel (one GPU, <= 64 rows),
+    and one op per kernel as tensor parallelism and larger steps run it (Gemma 3's post-attention and post-MLP
+    norms inside the next norm's kernel)."""
     import os
     import subprocess
     import sys

@@ -106,11 +106,7 @@ BETWEEN_TYPES = {
     **{n: "*bf16" for n in "ATT WO LN2 PA WG WU WD X2 ACT H_IN R NW PM X1 WQKV BQKV QKV".split()},
     **{n: "*fp32" for n in ("PART_A", "PART_D", "PART_F")},
     "CNT": "*i32", "TR": "*i64", "embed_scale": "fp32", "eps": "fp32",
-    **{n: "*bf16" for n in ("KC", "VC", "QW", "KW", "OUT")},
-    **{n: "*fp32" for n in ("OP", "MP", "LP", "COS", "SIN")},
-    "BT": "*i32", "LENS": "*i32", "POS": "*i64", "SLOT": "*i64", "scale": "fp32",
 }  # fmt: skip
-ATTENTION = dict(HAS_ATT=True, GROUP=4, GROUP_PAD=16, D=64, D_PAD=64, BLOCK_NA=64, PAGE=16, QK_NORM=False, STAGES_G=3)
 
 
 @pytest.mark.parametrize(
@@ -121,9 +117,6 @@ ATTENTION = dict(HAS_ATT=True, GROUP=4, GROUP_PAD=16, D=64, D_PAD=64, BLOCK_NA=6
         dict(HAS_BIAS=True),  # Qwen2
         dict(EVEN_A=False, EVEN_C=False, EVEN_D=False, EVEN_F=False, BLOCK_M=64),  # odd sizes (the tests' models)
         dict(TRACE=True, UNROLL=1, STAGES_1=8),  # bench.persistent's trace and tunings
-        ATTENTION,  # Llama-1B's attention in the launch
-        ATTENTION | dict(HAS_PA=True, HAS_PM=True, ACT_FN=1, D=256, D_PAD=256, QK_NORM=True, STAGES_G=2),  # Gemma 3
-        ATTENTION | dict(TRACE=True),
     ],
 )
 def test_the_persistent_kernel_compiles_and_pipelines_its_loads(variant):
@@ -132,8 +125,7 @@ def test_the_persistent_kernel_compiles_and_pipelines_its_loads(variant):
     aligned tensors get them."""
     consts = dict(HAS_PA=False, HAS_PM=False, HAS_BIAS=False, ACT_FN=0, EVEN_A=True, EVEN_C=True, EVEN_D=True,
                   EVEN_F=True, PRECISION="tf32", BLOCK_M=32, BN=P.BLOCK_N, BK=P.TUNING.block_k, BLOCK_H=2048,
-                  STAGES_C=5, STAGES_1=5, UNROLL=4, TRACE=False, MAX_TRACE=8, HAS_ATT=False, GROUP=1, GROUP_PAD=16,
-                  D=16, D_PAD=16, BLOCK_NA=16, PAGE=16, QK_NORM=False, STAGES_G=2) | variant  # fmt: skip
+                  STAGES_C=5, STAGES_1=5, UNROLL=4, TRACE=False, MAX_TRACE=8) | variant  # fmt: skip
     pointers = [n for n, t in BETWEEN_TYPES.items() if t.startswith("*")]
     strides = ["s_o", "s_wo", "s_g", "s_u", "s_wd", "s_wqkv", "s_h"]
     kernel = _compile(P._between_kernel, BETWEEN_TYPES, consts, aligned=(*pointers, *strides))

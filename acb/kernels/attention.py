@@ -21,7 +21,7 @@ import triton.language as tl
 
 from . import decode_splits
 
-__all__ = ["paged_decode", "paged_prefill", "prefill_block_map", "decode_splits", "decode_tile"]
+__all__ = ["paged_decode", "paged_prefill", "prefill_block_map", "decode_splits"]
 
 
 @triton.jit
@@ -51,36 +51,20 @@ def _decode_split_kernel(
     PAGE: tl.constexpr, SPLITS: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr, ROPE: tl.constexpr,
     QK_NORM: tl.constexpr, NEW_KV: tl.constexpr,
 ):  # fmt: skip
-    _decode_task(tl.program_id(0), tl.program_id(1), tl.program_id(2), SPLITS, WINDOW, Q, KC, VC, BT, LENS, OP, MP, LP,
-                 OUT, scale, KN, VN, COS, SIN, POS, SLOT, QW, KW, eps, s_qb, s_qh, s_kb, s_ks, s_kh, s_bt, s_ob, s_oh,
-                 s_os, s_mb, s_mh, s_b, s_h, s_knb, s_knh, s_vnb, s_vnh, s_cos, GROUP, GROUP_PAD, D, D_PAD, BLOCK_N,
-                 PAGE, PRECISION, ROPE, QK_NORM, NEW_KV, None, "")  # fmt: skip
-
-
-@triton.jit
-def _decode_task(
-    b, kvh, split, splits, window, Q, KC, VC, BT, LENS, OP, MP, LP, OUT, scale, KN, VN, COS, SIN, POS, SLOT, QW, KW,
-    eps, s_qb, s_qh, s_kb, s_ks, s_kh, s_bt, s_ob, s_oh, s_os, s_mb, s_mh, s_b, s_h, s_knb, s_knh, s_vnb, s_vnh, s_cos,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAGE: tl.constexpr, PRECISION: tl.constexpr, ROPE: tl.constexpr, QK_NORM: tl.constexpr, NEW_KV: tl.constexpr,
-    STAGES: tl.constexpr, FRESH: tl.constexpr,
-):  # fmt: skip
-    """Split ``split`` of ``splits`` of sequence ``b``'s context, for the query heads of KV head ``kvh``: the output
-    itself (one split) or its partial softmax state. ``splits`` and ``window`` are constants in the split kernel and
-    run-time values in the persistent kernel (:mod:`acb.kernels.persistent`), which runs this as its tasks; there Q,
-    KN and VN were written by other programs of the same launch, and FRESH (``".cg"``) makes their loads bypass L1.
-    STAGES: the loop's pipeline depth (None: the kernel's).
-
-    NEW_KV: KN/VN hold the new token's key and value, not yet in the cache: the program whose chunk holds the new
-    position writes them to the cache slot SLOT[b], before its own loop reads them. ROPE (with NEW_KV): Q and KN come
-    before rotary embedding; every program rotates its query heads in registers, and the key is rotated before it is
-    written. QK_NORM (with ROPE): Q and KN come before their per-head RMSNorms too (weights QW, KW), which are applied
-    first, with the arithmetic of acb.kernels.fused.add_rmsnorm (each head's row of D values, rounded once)."""
+    # NEW_KV: KN/VN hold the new token's key and value, not yet in the cache: the program whose chunk holds the new
+    # position writes them to the cache slot SLOT[b], before its own loop reads them. ROPE (with NEW_KV): Q and KN
+    # come before rotary embedding; every program rotates its query heads in registers, and the key is rotated
+    # before it is written.
+    # QK_NORM (with ROPE): Q and KN come before their per-head RMSNorms too (weights QW, KW), which are applied
+    # first, with the arithmetic of acb.kernels.fused.add_rmsnorm (each head's row of D values, rounded once).
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
     ctx = tl.load(LENS + b)
-    chunk = tl.cdiv(tl.cdiv(ctx, splits), BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(ctx, SPLITS), BLOCK_N) * BLOCK_N
     start = split * chunk
-    if window > 0:
-        start = tl.maximum(start, ctx - window)
+    if WINDOW > 0:
+        start = tl.maximum(start, ctx - WINDOW)
     end = tl.minimum(split * chunk + chunk, ctx)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, D_PAD)  # head_dim padded to a power of two (Phi-3's 96); padding columns read as zeros
@@ -97,8 +81,8 @@ def _decode_task(
         c = tl.load(COS + angle, mask=d < D, other=0.0)
         sn = tl.load(SIN + angle, mask=d < D, other=0.0)
         q_row = Q + b * s_qb + heads[:, None] * s_qh
-        qa = tl.load(q_row + d[None, :], mask=qmask, other=0.0, cache_modifier=FRESH).to(tl.float32)
-        qb = tl.load(q_row + partner[None, :], mask=qmask, other=0.0, cache_modifier=FRESH).to(tl.float32)
+        qa = tl.load(q_row + d[None, :], mask=qmask, other=0.0).to(tl.float32)
+        qb = tl.load(q_row + partner[None, :], mask=qmask, other=0.0).to(tl.float32)
         if QK_NORM:
             rq = tl.rsqrt(tl.sum(qa * qa, 1) / D + eps)[:, None]
             qwa = tl.load(QW + d, mask=d < D, other=0.0)[None, :]
@@ -108,13 +92,13 @@ def _decode_task(
         c2, s2 = c[None, :], sn[None, :]
         q = tl.where(first[None, :], qa * c2 - qb * s2, qa * c2 + qb * s2).to(Q.dtype.element_ty)
     else:
-        q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=qmask, other=0.0, cache_modifier=FRESH)
+        q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=qmask, other=0.0)
     last = ctx - 1
     if NEW_KV and (split * chunk <= last) & (last < split * chunk + chunk):
         kn_row = KN + b * s_knb + kvh * s_knh
-        ka = tl.load(kn_row + d, mask=d < D, other=0.0, cache_modifier=FRESH).to(tl.float32)
+        ka = tl.load(kn_row + d, mask=d < D, other=0.0).to(tl.float32)
         if ROPE:
-            kb = tl.load(kn_row + partner, mask=d < D, other=0.0, cache_modifier=FRESH).to(tl.float32)
+            kb = tl.load(kn_row + partner, mask=d < D, other=0.0).to(tl.float32)
             if QK_NORM:  # (names of their own: Triton types a name once per scope)
                 rk = tl.rsqrt(tl.sum(ka * ka, 0) / D + eps)
                 kwa = tl.load(KW + d, mask=d < D, other=0.0)
@@ -125,13 +109,13 @@ def _decode_task(
         slot = tl.load(SLOT + b).to(tl.int64)
         cache = (slot // PAGE) * s_kb + (slot % PAGE) * s_ks + kvh * s_kh + d
         tl.store(KC + cache, ka.to(KC.dtype.element_ty), mask=d < D)
-        v_new = tl.load(VN + b * s_vnb + kvh * s_vnh + d, mask=d < D, other=0.0, cache_modifier=FRESH)
+        v_new = tl.load(VN + b * s_vnb + kvh * s_vnh + d, mask=d < D, other=0.0)
         tl.store(VC + cache, v_new.to(VC.dtype.element_ty), mask=d < D)
         tl.debug_barrier()  # the block's writes are visible to its own loads below
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
-    for n0 in tl.range(start, end, BLOCK_N, num_stages=STAGES):
+    for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         nmask = pos < end
         off = _kv_offsets(BT, b, s_bt, pos, nmask, kvh, s_kb, s_ks, s_kh, PAGE)
@@ -140,42 +124,15 @@ def _decode_task(
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_i, l_i, acc = _online_softmax(s, v, m_i, l_i, acc, PRECISION)
-    if splits == 1:  # the whole context in this program: the output itself, no merge
+    if SPLITS == 1:  # the whole context in this program: the output itself, no merge kernel
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        tl.store(OUT + b * s_b + heads[:, None] * s_h + d[None, :], out.to(OUT.dtype.element_ty), mask=qmask)
-    else:  # (a run-time branch in the persistent kernel: no name bound to two types in it)
-        tl.store(OP + b * s_ob + heads[:, None] * s_oh + split * s_os + d[None, :], acc, mask=qmask)
+        o_ptr = OUT + b * s_b + heads[:, None] * s_h + d[None, :]
+        tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=qmask)
+    else:
+        o_ptr = OP + b * s_ob + heads[:, None] * s_oh + split * s_os + d[None, :]
+        tl.store(o_ptr, acc, mask=qmask)
         tl.store(MP + b * s_mb + heads * s_mh + split, m_i, mask=gmask)
         tl.store(LP + b * s_mb + heads * s_mh + split, l_i, mask=gmask)
-
-
-@triton.jit
-def _merge_group(b, kvh, splits, OP, MP, LP, OUT, s_ob, s_oh, s_os, s_mb, s_mh, s_b, s_h, GROUP: tl.constexpr,
-                 GROUP_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):  # fmt: skip
-    """The output of KV head ``kvh``'s query heads for sequence ``b`` from its ``splits`` partial states (the
-    persistent kernel's last split to finish; :func:`_decode_merge_kernel`'s arithmetic, the splits added in order).
-    The partials were written by other programs of the same launch: their loads bypass L1."""
-    g = tl.arange(0, GROUP_PAD)
-    d = tl.arange(0, D_PAD)
-    heads = kvh * GROUP + g
-    gmask = g < GROUP
-    ms = MP + b * s_mb + heads * s_mh
-    m_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    for s in range(0, splits):
-        m_max = tl.maximum(m_max, tl.load(ms + s, mask=gmask, other=float("-inf"), cache_modifier=".cg"))
-    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # (padding heads: every split -inf)
-    denom = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
-    qmask = gmask[:, None] & (d[None, :] < D)
-    for s in range(0, splits):
-        m = tl.load(ms + s, mask=gmask, other=float("-inf"), cache_modifier=".cg")
-        w = tl.exp(m - m_max)  # 0 for a split that saw nothing (m = -inf)
-        denom += tl.load(LP + b * s_mb + heads * s_mh + s, mask=gmask, other=0.0, cache_modifier=".cg") * w
-        part = tl.load(OP + b * s_ob + heads[:, None] * s_oh + s * s_os + d[None, :], mask=qmask, other=0.0,
-                       cache_modifier=".cg")  # fmt: skip
-        acc += part * w[:, None]
-    out = acc / tl.where(denom == 0.0, 1.0, denom)[:, None]
-    tl.store(OUT + b * s_b + heads[:, None] * s_h + d[None, :], out.to(OUT.dtype.element_ty), mask=qmask)
 
 
 @triton.jit
@@ -199,17 +156,20 @@ def _decode_merge_kernel(
     tl.store(OUT + b * s_b + h * s_h + d, out.to(OUT.dtype.element_ty), mask=d < D)
 
 
-def decode_tile(dim: int, elem: int) -> tuple[int, int, int]:
-    """The split kernel's ``(BLOCK_N, num_warps, num_stages)`` at head_dim ``dim`` of ``elem``-byte values.
+def _block_n(q: torch.Tensor) -> int:
+    """Keys per tile: 64, or 32 where rows are wider than 512 bytes (head_dim 256 in float32), so that two stages of
+    key and value tiles stay within an SM's shared memory (227 KB on H100)."""
+    return 64 if triton.next_power_of_2(q.shape[-1]) * q.element_size() <= 512 else 32
 
-    BLOCK_N (keys per tile): 64, or 32 where rows are wider than 512 bytes (head_dim 256 in float32), so that two
-    stages of key and value tiles stay within an SM's shared memory (227 KB on H100). Three stages of key and value
-    tiles in flight where they take at most 96 KB of shared memory (bf16 at head_dim ≤ 128), two otherwise. Measured
-    with bench.attention (docs/benchmarks.md): three stages took 2-10 % off two at 64-256 rows of 512-4,000 positions
-    on an H200, and tie on an H100."""
-    width = triton.next_power_of_2(dim) * elem
-    block_n = 64 if width <= 512 else 32
-    return block_n, 4, 3 if 3 * 2 * block_n * width <= 96 * 1024 else 2
+
+def _decode_tile(q: torch.Tensor) -> tuple[int, int, int]:
+    """The split kernel's ``(BLOCK_N, num_warps, num_stages)``: three stages of key and value tiles in flight where
+    they take at most 96 KB of shared memory (bf16 at head_dim ≤ 128), two otherwise. Measured with bench.attention
+    (docs/benchmarks.md): three stages took 2-10 % off two at 64-256 rows of 512-4,000 positions on an H200, and
+    tie on an H100."""
+    block_n = _block_n(q)
+    stage_bytes = 2 * block_n * triton.next_power_of_2(q.shape[-1]) * q.element_size()
+    return block_n, 4, 3 if 3 * stage_bytes <= 96 * 1024 else 2
 
 
 def paged_decode(
@@ -258,7 +218,7 @@ def paged_decode(
     else:
         op, mp, lp = (w[:bsz] for w in workspace)
     kc, vc = kv[0], kv[1]
-    block_n, warps, stages = tile or decode_tile(dim, q.element_size())
+    block_n, warps, stages = tile or _decode_tile(q)
     if rope is not None:
         kn, vn, cos, sin, positions, slots = rope
     elif new_kv is not None:
@@ -389,7 +349,7 @@ def paged_prefill(
     if block_map is None:
         block_map = prefill_block_map(query_start_loc, q.shape[0], max_query_len, group)
     kc, vc = kv[0], kv[1]
-    block_n = decode_tile(dim, q.element_size())[0]  # (the keys per tile that fit two stages)
+    block_n = _block_n(q)
     _prefill_kernel[(block_map.shape[1], kvh)](
         q, kc, vc, block_tables, seq_lens, query_start_loc, out, block_map, scale, seq_lens.shape[0],
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),

@@ -48,34 +48,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import _decode_task, _merge_group, decode_tile
 from .fused import _gated, _norm_inputs, _norm_row, _norm_values
 
-__all__ = [
-    "Attention",
-    "between_attentions",
-    "new_counters",
-    "one_round",
-    "PERSISTENT_ROWS",
-    "COUNTERS",
-    "Tuning",
-    "TUNING",
-]
+__all__ = ["between_attentions", "new_counters", "one_round", "PERSISTENT_ROWS", "COUNTERS", "Tuning", "TUNING"]
 
 # Steps of at most this many rows (decode steps); more rows are compute-bound, where cuBLAS's wide tiles belong.
 PERSISTENT_ROWS = 64
 
-# The counters, int32: [0] programs done, [1] A tasks done, [2] B, [3] D, [4] E, [5] F tiles written, [C_CHUNKS + s]
-# C tiles done in the down projection's split s, [F_TICKETS + tile] the F splits of a column tile done,
-# [G_TICKETS + pair] the G splits of a (sequence, KV head) pair done.
+# The counters, int32: [0] programs done, [1] A tasks done, [2] B, [3] D, [4] E, [C_CHUNKS + s] C tiles done in
+# the down projection's split s, [F_TICKETS + tile] the F splits of a column tile done.
 MAX_SPLITS = 64
-COUNTERS = 4096
-MAX_QKV_TILES = 2048 - 8 - MAX_SPLITS
-MAX_PAIRS = COUNTERS - 2048  # rows x KV heads of the attention in the launch
-MAX_ATT_SPLITS = 32
+COUNTERS = 2048  # F_TICKETS + the Q/K/V column tiles, at most
+MAX_QKV_TILES = COUNTERS - 8 - MAX_SPLITS
 C_CHUNKS: tl.constexpr = tl.constexpr(8)
 F_TICKETS: tl.constexpr = tl.constexpr(8 + MAX_SPLITS)
-G_TICKETS: tl.constexpr = tl.constexpr(2048)
 _COUNTERS: tl.constexpr = tl.constexpr(COUNTERS)
 
 BLOCK_N = 64  # weight rows (output columns) per tile
@@ -90,32 +76,9 @@ class Tuning:
     stages_one: int = 5  # tiles in flight in the other GEMMs' loops (one weight tile per stage, not two)
     per_sm: int = 1  # programs per SM (all must be resident at once)
     unroll: int = 4  # partial sums loaded this many splits at a time
-    att_splits: int = 0  # context splits of the attention in the launch (0: as many as fill one round of programs)
-    att_block: int = 0  # positions per tile of the attention in the launch (0: the decode kernel's)
-    att_stages: int = 0  # its pipeline depth (0: the decode kernel's)
 
 
 TUNING = Tuning()
-
-
-@dataclass(frozen=True)
-class Attention:
-    """The next layer's decode attention, for :func:`between_attentions` to run in the same launch once that layer's
-    Q/K/V is written: what :func:`acb.kernels.attention.paged_decode` takes with ``rope=`` (rotary, the cache write
-    of the new key and value, and with ``qk_norm`` the per-head norms, all inside), one query token per row."""
-
-    kv: torch.Tensor  # the layer's cache [2, blocks, block_size, kv_heads, head_dim]
-    block_tables: torch.Tensor  # [rows, max_blocks]
-    seq_lens: torch.Tensor  # [rows], the new token included
-    positions: torch.Tensor  # [rows]
-    slot_mapping: torch.Tensor  # [rows]
-    cos: torch.Tensor  # the rotary tables [positions, head_dim / 2]
-    sin: torch.Tensor
-    scale: float
-    heads: int
-    window: int = 0  # a sliding window's width (0: none)
-    qk_norm: tuple[torch.Tensor, torch.Tensor] | None = None  # per-head RMSNorm weights of q and k (eps: the model's)
-    workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # partial states, as paged_decode's
 
 
 @triton.jit
@@ -207,24 +170,20 @@ def _sum_row(P, splits, M, N, row, cols, mask, BLOCK_H: tl.constexpr, UNROLL: tl
     return x
 
 
-@triton.jit(do_not_specialize=["M", "G", "S_A", "S_D", "S_F", "ka_blocks", "kd_blocks", "kf_blocks", "has_mlp", "NQKV",
-                               "S_G", "window"])  # fmt: skip
+@triton.jit(do_not_specialize=["M", "G", "S_A", "S_D", "S_F", "ka_blocks", "kd_blocks", "kf_blocks", "has_mlp", "NQKV"])
 def _between_kernel(
     ATT, WO, LN2, PA, WG, WU, WD, PART_A, X2, ACT, PART_D,
     H_IN, R, NW, PM, X1, WQKV, BQKV, PART_F, QKV, CNT,
     M, G, HID, DQ, INTER, NQKV, s_o, s_wo, s_g, s_u, s_wd, s_wqkv, s_h,
     S_A, S_D, S_F, ka_blocks, kd_blocks, kf_blocks, embed_scale, eps, has_mlp,
-    KC, VC, BT, LENS, POS, SLOT, COS, SIN, QW, KW, OP, MP, LP, OUT, scale, window, S_G, KVH,
-    s_kb, s_ks, s_kh, s_bt, s_ob, s_oh, s_os, s_mb, s_mh, s_ab, s_ah, s_cos,
     HAS_PA: tl.constexpr, HAS_PM: tl.constexpr, HAS_BIAS: tl.constexpr, ACT_FN: tl.constexpr,
     EVEN_A: tl.constexpr, EVEN_C: tl.constexpr, EVEN_D: tl.constexpr, EVEN_F: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BLOCK_H: tl.constexpr,
     STAGES_C: tl.constexpr, STAGES_1: tl.constexpr, UNROLL: tl.constexpr, TR, TRACE: tl.constexpr,
-    MAX_TRACE: tl.constexpr, HAS_ATT: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
-    D_PAD: tl.constexpr, BLOCK_NA: tl.constexpr, PAGE: tl.constexpr, QK_NORM: tl.constexpr, STAGES_G: tl.constexpr,
+    MAX_TRACE: tl.constexpr,
 ):  # fmt: skip
     # One compiled variant serves a step's first launch (has_mlp 0: no A-D tasks), its middle ones and its last
-    # (NQKV 0: no F or G tasks): the flags that tell them apart are run-time values.
+    # (NQKV 0: no F tasks): the flags that tell them apart are run-time values.
     pid = tl.program_id(0)
     ty = X1.dtype.element_ty
     cols = tl.arange(0, BLOCK_H)  # a row of the hidden size, for the norms
@@ -239,9 +198,7 @@ def _between_kernel(
     end_c = end_b + n_c * has_mlp
     end_d = end_c + n_d * has_mlp
     end_e = end_d + M
-    n_f = tl.cdiv(NQKV, BN)
-    end_f = end_e + n_f * S_F
-    total = end_f + (M * KVH * S_G if HAS_ATT and NQKV > 0 else 0)
+    total = end_e + tl.cdiv(NQKV, BN) * S_F
     for t in range(pid, total, G):
         if TRACE:
             t_start = _now(pid)
@@ -306,7 +263,7 @@ def _between_kernel(
                 out = _norm_row(x, cols, cmask, HID, eps, R + row * s_h, NW, PM, ty, False, False)
             tl.store(X1 + row * s_h + cols, out, mask=cmask)
             _signal(CNT, 4)
-        elif t < end_f:  # F: the next layer's Q/K/V, one tile of one split; the tile's last split writes it
+        else:  # F: the next layer's Q/K/V, one tile of one split; the tile's last split writes it
             tile = (t - end_e) // S_F
             s = (t - end_e) % S_F
             k_lo = s * kf_blocks * BK
@@ -339,27 +296,6 @@ def _between_kernel(
                     acc += tl.load(BQKV + rn, mask=rn < NQKV, other=0.0).to(tl.float32)[:, None]
                 ptr, mask = _tile_at(QKV, 0, M, NQKV, tile * BN, BLOCK_M, BN)
                 tl.store(ptr, acc.to(ty), mask=mask)
-                if HAS_ATT:
-                    _signal(CNT, 5)
-        elif HAS_ATT:  # G: the next layer's attention, one split of a sequence's context for one KV head's queries
-            pair = (t - end_f) // S_G
-            split = (t - end_f) % S_G
-            b = pair // KVH
-            kvh = pair % KVH
-            _wait(CNT, 5, n_f)
-            if TRACE:
-                t_go = _now(pid)
-            q_size = KVH * GROUP * D
-            _decode_task(b, kvh, split, S_G, window, QKV, KC, VC, BT, LENS, OP, MP, LP, OUT, scale, QKV + q_size,
-                         QKV + q_size + KVH * D, COS, SIN, POS, SLOT, QW, KW, eps, NQKV, D, s_kb, s_ks, s_kh, s_bt,
-                         s_ob, s_oh, s_os, s_mb, s_mh, s_ab, s_ah, NQKV, D, NQKV, D, s_cos, GROUP, GROUP_PAD, D, D_PAD,
-                         BLOCK_NA, PAGE, PRECISION, True, QK_NORM, True, STAGES_G, ".cg")  # fmt: skip
-            if S_G > 1:  # the pair's last split to finish merges the partial states
-                tl.debug_barrier()
-                if tl.atomic_add(CNT + G_TICKETS + pair, 1, sem="acq_rel") == S_G - 1:
-                    tl.debug_barrier()
-                    _merge_group(b, kvh, S_G, OP, MP, LP, OUT, s_ob, s_oh, s_os, s_mb, s_mh, s_ab, s_ah, GROUP,
-                                 GROUP_PAD, D, D_PAD)  # fmt: skip
         if TRACE:  # [task, start, wait over, end] of this program's (t - pid) // G-th task
             rec = TR + ((pid * MAX_TRACE + (t - pid) // G) * 4).to(tl.int64)
             tl.store(rec, t.to(tl.int64))
@@ -407,9 +343,8 @@ def between_attentions(
     split_target: int | None = None,
     tuning: Tuning | None = None,
     trace: torch.Tensor | None = None,
-    attention: Attention | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """One launch of the persistent kernel: ``(normed, qkv, attended)``.
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One launch of the persistent kernel: ``(normed, qkv)``.
 
     - With ``o`` (the attention's output ``[M, heads * head_dim]``) and the layer's ``o_w``, ``ln2`` (and
       ``post_attn_norm``), ``gate_up_w``, ``down_w``: that layer's output projection and MLP, whose output joins
@@ -417,9 +352,6 @@ def between_attentions(
       ``embed_scale`` where given) starts the residual stream, written into ``residual``.
     - ``normed``: the residual stream RMSNormed with ``norm_w`` (the next layer's input norm, or the final norm).
     - ``qkv``: with ``qkv_w`` (and ``qkv_b``), the next layer's fused Q/K/V projection of ``normed``; else None.
-    - ``attended``: with ``qkv_w`` and ``attention``, that layer's attention output ``[rows, heads, head_dim]``
-      (its new key and value written to the cache); else None. A launch without ``qkv_w`` may still be given an
-      ``attention`` (then unused), so that it shares the others' compiled variant.
 
     ``post_attn_norm``, ``post_mlp_norm`` and ``qkv_b`` are read only where their phase runs, so a caller may pass a
     step's launches the same ones (the first launch the first layer's norms, the last one the last layer's bias):
@@ -474,7 +406,6 @@ def between_attentions(
         nqkv, s_f, kf = 0, 1, 1
         qkv_w = qkv = part_f = x1
     h_in = x1 if h_in is None else h_in
-    att_args, att_consts, out = _attention_args(attention, rows, qkv if has_qkv else None, norm_w, target, tuning)
     for t in (residual, x1, h_in):
         if t.stride(0) != hid or t.stride(1) != 1:
             raise ValueError("between_attentions reads and writes contiguous [rows, hidden] rows")
@@ -491,7 +422,7 @@ def between_attentions(
         qkv_b if qkv_b is not None else norm_w, part_f, qkv, counters,
         rows, programs, hid, dq, inter, nqkv, o.stride(0), o_w.stride(0), gate.stride(0), up.stride(0),
         down_w.stride(0), qkv_w.stride(0), hid, s_a, s_d, s_f, ka, kd, kf,
-        float(embed_scale) if embed_scale is not None else 1.0, eps, int(has_mlp), *att_args,
+        float(embed_scale) if embed_scale is not None else 1.0, eps, int(has_mlp),
         HAS_PA=post_attn_norm is not None, HAS_PM=post_mlp_norm is not None, HAS_BIAS=qkv_b is not None,
         ACT_FN=0 if activation == "silu" else 1,
         EVEN_A=dq % block_k == 0 and hid % BLOCK_N == 0, EVEN_C=hid % block_k == 0 and inter % BLOCK_N == 0,
@@ -499,56 +430,9 @@ def between_attentions(
         PRECISION="ieee" if dt == torch.float32 else "tf32", BLOCK_M=block_m, BN=BLOCK_N, BK=block_k,
         BLOCK_H=triton.next_power_of_2(hid), STAGES_C=stages_c, STAGES_1=stages_1, UNROLL=tuning.unroll,
         TR=trace if trace is not None else counters, TRACE=trace is not None,
-        MAX_TRACE=trace.shape[1] if trace is not None else 1, **att_consts, num_warps=4,
+        MAX_TRACE=trace.shape[1] if trace is not None else 1, num_warps=4,
     )  # fmt: skip
-    return x1, (qkv if has_qkv else None), out
-
-
-def _attention_args(att: Attention | None, rows: int, qkv: torch.Tensor | None, norm_w: torch.Tensor, target: int,
-                    tuning: Tuning) -> tuple[tuple, dict, torch.Tensor | None]:  # fmt: skip
-    """The kernel's attention arguments (G tasks), its constants, and the output it writes (None: no G tasks)."""
-    if att is None:  # no G tasks (HAS_ATT drops their code): any pointers
-        args = (norm_w,) * 14 + (1.0, 0, 1, 1) + (0,) * 12
-        consts = dict(HAS_ATT=False, GROUP=1, GROUP_PAD=16, D=16, D_PAD=16, BLOCK_NA=16, PAGE=16, QK_NORM=False,
-                      STAGES_G=2)  # fmt: skip
-        return args, consts, None
-    kv = att.kv
-    page, kvh, dim = kv.shape[2], kv.shape[3], kv.shape[4]
-    group = att.heads // kvh
-    pairs = rows * kvh
-    if pairs > MAX_PAIRS:
-        raise ValueError(f"between_attentions has tickets for {MAX_PAIRS} (row, KV head) pairs, got {pairs}")
-    splits = attention_splits(pairs, target, tuning)
-    out = torch.empty(rows, att.heads, dim, dtype=kv.dtype, device=kv.device)
-    if qkv is not None and qkv.shape[1] != (att.heads + 2 * kvh) * dim:
-        raise ValueError("attention: the Q/K/V projection's width is not (heads + 2 kv heads) x head_dim")
-    # (float32 partial states even for one split, where they go unused: one compiled variant for every split count)
-    if att.workspace is not None and att.workspace[0].shape[0] >= rows and att.workspace[0].shape[2] >= splits:
-        op, mp, lp = (w[:rows] for w in att.workspace)
-    else:
-        op = torch.empty(rows, att.heads, splits, dim, dtype=torch.float32, device=kv.device)
-        mp = torch.empty(rows, att.heads, splits, dtype=torch.float32, device=kv.device)
-        lp = torch.empty_like(mp)
-    qw, kw = att.qk_norm if att.qk_norm is not None else (norm_w, norm_w)
-    kc, vc = kv[0], kv[1]
-    block_n, _, stages = decode_tile(dim, kv.element_size())
-    block_n, stages = tuning.att_block or block_n, tuning.att_stages or stages
-    args = (
-        kc, vc, att.block_tables, att.seq_lens, att.positions, att.slot_mapping, att.cos, att.sin, qw, kw, op, mp, lp,
-        out, float(att.scale), int(att.window), splits, kvh, kc.stride(0), kc.stride(1), kc.stride(2),
-        att.block_tables.stride(0), op.stride(0), op.stride(1), op.stride(2), mp.stride(0), mp.stride(1),
-        out.stride(0), out.stride(1), att.cos.stride(0),
-    )  # fmt: skip
-    consts = dict(HAS_ATT=True, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim,
-                  D_PAD=triton.next_power_of_2(dim), BLOCK_NA=block_n, PAGE=page, QK_NORM=att.qk_norm is not None,
-                  STAGES_G=stages)  # fmt: skip
-    return args, consts, (out if qkv is not None else None)
-
-
-def attention_splits(pairs: int, programs: int, tuning: Tuning) -> int:
-    """Context splits per (row, KV head) pair of the attention in the launch: :attr:`Tuning.att_splits`, or as many
-    as give every program about one task."""
-    return tuning.att_splits or max(1, min(MAX_ATT_SPLITS, programs // pairs))
+    return x1, (qkv if has_qkv else None)
 
 
 def stage_bytes(tuning: Tuning, block_m: int, elem: int, weights: int) -> int:
