@@ -21,13 +21,14 @@ order the ops come, dealt out round-robin (task ``t`` to program ``t % G``, each
       split of K per task                          sums the partials in split order (a ticket per tile)
 ====  ============================================  ===========================================================
 
-A task waits by reading a counter that the tasks it needs increment when done. Every task waits only for tasks
-listed before it, and every program takes its tasks in list order, so the smallest unfinished task never waits
-for anything unfinished: no deadlock, as long as all G programs can be resident at once (G = the SM count, one
-program per SM). Other work on the GPU only delays programs that are not resident yet, with one exception: two of
-these kernels running at once (two engines on streams of their own in one process, or two processes sharing the
-GPU through MPS) can each hold SMs that the other's waiting programs need. acb launches on the current stream, so
-engines in one process take turns unless their caller gives them streams; ``ACB_PERSISTENT=0`` is for the rest.
+A task waits by reading a counter that the tasks it needs increment when done; what it can load before (a norm row's
+residual row and weights) it loads first. Every task waits only for tasks listed before it, and every program takes
+its tasks in list order, so the smallest unfinished task never waits for anything unfinished: no deadlock, as long
+as all G programs can be resident at once (G = the SM count, one program per SM). Other work on the GPU only delays
+programs that are not resident yet, with one exception: two of these kernels running at once (two engines on streams
+of their own in one process, or two processes sharing the GPU through MPS) can each hold SMs that the other's
+waiting programs need. acb launches on the current stream, so engines in one process take turns unless their caller
+gives them streams; ``ACB_PERSISTENT=0`` is for the rest.
 
 The partial sums are added in a fixed order whoever finishes last, so results do not depend on timing. The last
 program to finish zeroes the counters for the next launch (a CUDA graph replays it as it is).
