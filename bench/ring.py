@@ -33,7 +33,6 @@ import sys
 
 import torch
 import torch.nn.functional as F
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
@@ -166,8 +165,9 @@ def _phase(P: gl.constexpr, ring, xring, j, cph, ct, cs, pid, G, X, Y, CNT, prev
                 acc = mma_v2(x, w.permute((1, 0)).load(B_L), acc)
             gl.thread_barrier()  # every warp is done with both slots before they are refilled
             if CROSS:
-                cph, ct, cs = _issue_ahead(ring, j + DEPTH, cph, ct, cs, pid, G, W0, W1, W2, W3, K0, K1, K2, K3,
-                                           T0, T1, T2, T3, BN0, BN1, BN2, BN3, CL0, CL1, CL2, CL3, SL, DEPTH)
+                cph, ct, cs = _issue_ahead(ring, j + DEPTH, cph, ct, cs, pid, G, W0, W1, W2, W3,
+                                           K0, K1, K2, K3, T0, T1, T2, T3, BN0, BN1, BN2, BN3,
+                                           CL0, CL1, CL2, CL3, SL, DEPTH)  # fmt: skip
             else:
                 _copy_w(ring.index((j + XA) % DEPTH), W_PTR, K, n0, (k + XA) * BK, k + XA < stages, BN, BK, CLW, SL)
             _copy_x(xring.index(k % XA), X, K, (k + XA) * BK, k + XA < stages, BK, CLX, SL)
@@ -261,7 +261,8 @@ def layer_weights(s: dict, layers: int, bn_gu: int) -> list[dict]:
     for _ in range(layers):
         gate, up = w(s["inter"], s["hidden"]), w(s["inter"], s["hidden"])
         out.append(dict(o=w(s["hidden"], s["dq"]), gate=gate, up=up, gu=gate_up_tiles(gate, up, bn_gu),
-                        gu_plain=torch.cat([gate, up]), down=w(s["hidden"], s["inter"]), qkv=w(s["nqkv"], s["hidden"])))  # fmt: skip
+                        gu_plain=torch.cat([gate, up]), down=w(s["hidden"], s["inter"]),
+                        qkv=w(s["nqkv"], s["hidden"])))  # fmt: skip
     return out
 
 
@@ -338,8 +339,8 @@ def measure(model: str, bns: tuple[int, ...], depths: list[int], xa: int, bandwi
                     raise AssertionError(f"{model} depth {depth} cross {cross}: phase {p} off by {err}")
             ring(x0, layers[0])  # the counters were reset: a second launch gives the same
             name = f"ring, depth {depth}, across tasks" if cross else f"per-task pipeline, {xa} tiles"
-            out.append(dict(base, variant=name, depth=depth, cross=cross, us=time_layers(lambda lw: ring(x0, lw),
-                                                                                             layers)))  # fmt: skip
+            us = time_layers(lambda lw, ring=ring: ring(x0, lw), layers)
+            out.append(dict(base, variant=name, depth=depth, cross=cross, us=us))
     return out
 
 
