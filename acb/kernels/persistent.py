@@ -84,10 +84,13 @@ TUNING = Tuning()
 
 @triton.jit
 def _wait(CNT, idx, target):
-    """Spin until counter ``idx`` reaches ``target``; then this program's reads see what those tasks wrote."""
+    """Spin until counter ``idx`` reaches ``target``; then this program's reads see what those tasks wrote. The spin
+    reads relaxed; an acquiring add ends it, its result compared so that it stays: Triton 3.6 (the card's) deletes
+    an atomic whose result is unused, and with it the acquire that orders the reads after the others' writes."""
     while tl.load(CNT + idx, volatile=True) < target:
         pass
-    tl.atomic_add(CNT + idx, 0, sem="acquire")
+    while tl.atomic_add(CNT + idx, 0, sem="acquire") < target:  # runs once: the count only grows
+        pass
     tl.debug_barrier()
 
 
