@@ -19,9 +19,10 @@ Weights stream by TMA through a ring of DEPTH shared-memory slots, each with its
 ring's next copy is issued as soon as a slot frees, for whichever task and phase comes next in this program's list,
 so a program's weight reads never stop at a wait. Without it (the per-task pipeline, as Triton does it) a task
 issues its first DEPTH copies after its wait. The activations' tiles (float32) come from L2 by ``cp.async``, XA tiles
-ahead within the task. ``no waits`` drops the waits (wrong results, unchecked): the streaming alone, the bound that
-waiting can approach. (Session 20's first two versions copied the weights by ``cp.async`` too, in the same commit
-groups as the activations, which forced each weight copy to land within XA tiles: the ring could not run ahead.)
+ahead within the task. ``no waits`` drops the waits (wrong results, unchecked): the bound that waiting can approach;
+``weights only`` also drops the activations and the products: the TMA stream of the weights alone. (Session 20's
+first two versions copied the weights by ``cp.async`` too, in the same commit groups as the activations, which forced
+each weight copy to land within XA tiles: the ring could not run ahead.)
 
     python -m bench.ring --model llama-1b                 # check, then time cross / per-task / cuBLAS / the floor
     python -m bench.ring --model llama-1b,qwen3-1.7b --depth 6,8 --json out.json
@@ -142,7 +143,7 @@ def _wait(CNT, idx, target):
 def _phase(P: gl.constexpr, ring, bars, xring, j, jw, cph, ct, cs, pid, G, X, Y, Z, z_numel, CNT, prev_tasks,
            start, D0, D1, D2, D3, SP0, SP1, SP2, SP3, K0, K1, K2, K3, T0, T1, T2, T3,
            D, KS, SP, K, count, N, TWO: gl.constexpr, DEPTH: gl.constexpr, XA: gl.constexpr,
-           CROSS: gl.constexpr, WAIT: gl.constexpr):  # fmt: skip
+           CROSS: gl.constexpr, WAIT: gl.constexpr, MATH: gl.constexpr):  # fmt: skip
     """This program's tasks of phase ``P``: a column tile of BN weight rows times a split of K each (with ``TWO``,
     64 gate rows then 64 up rows, whose SiLU(gate) * up makes 64 output columns; no split)."""
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[2, 2], instr_shape=[16, 8])
@@ -168,7 +169,7 @@ def _phase(P: gl.constexpr, ring, bars, xring, j, jw, cph, ct, cs, pid, G, X, Y,
                     _tma_w(ring, bars, jw, D, u, SP, K, i, DEPTH)
                     jw += 1
         for i in gl.static_range(XA):  # this task's first activation tiles
-            _copy_x(xring.index(i), X, KS, u, SP, K, i, i < stages, XL)
+            _copy_x(xring.index(i), X, KS, u, SP, K, i, (i < stages) & MATH, XL)
             cp.commit_group()
         acc = gl.zeros([32, OUT], gl.float32, MMA)
         acc_u = gl.zeros([32, OUT], gl.float32, MMA)
@@ -176,12 +177,13 @@ def _phase(P: gl.constexpr, ring, bars, xring, j, jw, cph, ct, cs, pid, G, X, Y,
             cp.wait_group(XA - 1)
             mbarrier.wait(bars.index(j % DEPTH), (j // DEPTH) & 1)
             w = ring.index(j % DEPTH)
-            x = gl.convert_layout(xring.index(k % XA).load(XL).to(gl.bfloat16), A_L)
-            if TWO:
-                acc = mma_v2(x, w.slice(0, OUT, 0).permute((1, 0)).load(B_L), acc)
-                acc_u = mma_v2(x, w.slice(OUT, OUT, 0).permute((1, 0)).load(B_L), acc_u)
-            else:
-                acc = mma_v2(x, w.permute((1, 0)).load(B_L), acc)
+            if MATH:
+                x = gl.convert_layout(xring.index(k % XA).load(XL).to(gl.bfloat16), A_L)
+                if TWO:
+                    acc = mma_v2(x, w.slice(0, OUT, 0).permute((1, 0)).load(B_L), acc)
+                    acc_u = mma_v2(x, w.slice(OUT, OUT, 0).permute((1, 0)).load(B_L), acc_u)
+                else:
+                    acc = mma_v2(x, w.permute((1, 0)).load(B_L), acc)
             gl.thread_barrier()  # every warp is done with both slots before they are refilled
             fence_async_shared()  # (and the TMA's writes come after those reads)
             if CROSS:
@@ -191,7 +193,7 @@ def _phase(P: gl.constexpr, ring, bars, xring, j, jw, cph, ct, cs, pid, G, X, Y,
             elif k + DEPTH < stages:
                 _tma_w(ring, bars, jw, D, u, SP, K, k + DEPTH, DEPTH)
                 jw += 1
-            _copy_x(xring.index(k % XA), X, KS, u, SP, K, k + XA, k + XA < stages, XL)
+            _copy_x(xring.index(k % XA), X, KS, u, SP, K, k + XA, (k + XA < stages) & MATH, XL)
             cp.commit_group()
             j += 1
         if TWO:
@@ -211,7 +213,8 @@ def _phase(P: gl.constexpr, ring, bars, xring, j, jw, cph, ct, cs, pid, G, X, Y,
 @gluon.jit
 def _ring_kernel(X0, Y0, Y1, Y2, Y3, D0, D1, D2, D3, CNT, KS0, KS1, KS2, KS3, SP0, SP1, SP2, SP3,
                  K0, K1, K2, K3, T0, T1, T2, T3, N0, N1, N2, N3, Z0, Z1, Z2, Z3, G,
-                 DEPTH: gl.constexpr, XA: gl.constexpr, CROSS: gl.constexpr, WAIT: gl.constexpr):  # fmt: skip
+                 DEPTH: gl.constexpr, XA: gl.constexpr, CROSS: gl.constexpr, WAIT: gl.constexpr,
+                 MATH: gl.constexpr):  # fmt: skip
     pid = gl.program_id(0)
     XSL: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
     ring = gl.allocate_shared_memory(gl.bfloat16, [DEPTH, BN, BK], D0.layout)
@@ -234,16 +237,16 @@ def _ring_kernel(X0, Y0, Y1, Y2, Y3, D0, D1, D2, D3, CNT, KS0, KS1, KS2, KS3, SP
     # phase p zeroes, if it is accumulated into, the output of phase p + 2 (mod 4): nobody reads it then
     j, jw, cph, ct, cs = _phase(0, ring, bars, xring, j, jw, cph, ct, cs, pid, G, X0, Y0, Y2, Z2, CNT, 0, 0,
                                 D0, D1, D2, D3, SP0, SP1, SP2, SP3, K0, K1, K2, K3, T0, T1, T2, T3,
-                                D0, KS0, SP0, K0, T0, N0, False, DEPTH, XA, CROSS, WAIT)  # fmt: skip
+                                D0, KS0, SP0, K0, T0, N0, False, DEPTH, XA, CROSS, WAIT, MATH)  # fmt: skip
     j, jw, cph, ct, cs = _phase(1, ring, bars, xring, j, jw, cph, ct, cs, pid, G, Y0, Y1, Y3, Z3, CNT, T0, off1,
                                 D0, D1, D2, D3, SP0, SP1, SP2, SP3, K0, K1, K2, K3, T0, T1, T2, T3,
-                                D1, KS1, SP1, K1, T1, N1, True, DEPTH, XA, CROSS, WAIT)  # fmt: skip
+                                D1, KS1, SP1, K1, T1, N1, True, DEPTH, XA, CROSS, WAIT, MATH)  # fmt: skip
     j, jw, cph, ct, cs = _phase(2, ring, bars, xring, j, jw, cph, ct, cs, pid, G, Y1, Y2, Y0, Z0, CNT, T1, off2,
                                 D0, D1, D2, D3, SP0, SP1, SP2, SP3, K0, K1, K2, K3, T0, T1, T2, T3,
-                                D2, KS2, SP2, K2, T2, N2, False, DEPTH, XA, CROSS, WAIT)  # fmt: skip
+                                D2, KS2, SP2, K2, T2, N2, False, DEPTH, XA, CROSS, WAIT, MATH)  # fmt: skip
     j, jw, cph, ct, cs = _phase(3, ring, bars, xring, j, jw, cph, ct, cs, pid, G, Y2, Y3, Y1, Z1, CNT, T2, off3,
                                 D0, D1, D2, D3, SP0, SP1, SP2, SP3, K0, K1, K2, K3, T0, T1, T2, T3,
-                                D3, KS3, SP3, K3, T3, N3, False, DEPTH, XA, CROSS, WAIT)  # fmt: skip
+                                D3, KS3, SP3, K3, T3, N3, False, DEPTH, XA, CROSS, WAIT, MATH)  # fmt: skip
     cp.wait_group(0)
     for i in gl.static_range(DEPTH):
         mbarrier.invalidate(bars.index(i))
@@ -295,8 +298,8 @@ def reference(x0: torch.Tensor, lw: dict) -> list[torch.Tensor]:
 class Ring:
     """Launches of :func:`_ring_kernel` for one layer shape and one choice of splits."""
 
-    def __init__(self, s: dict, splits, depth: int, xa: int, cross: bool, wait: bool = True):
-        self.depth, self.xa, self.cross, self.wait = depth, xa, cross, wait
+    def __init__(self, s: dict, splits, depth: int, xa: int, cross: bool, wait: bool = True, math: bool = True):
+        self.depth, self.xa, self.cross, self.wait, self.math = depth, xa, cross, wait, math
         ks = (s["dq"], s["hidden"], s["inter"], s["hidden"])
         ns = (s["hidden"], 2 * s["inter"], s["hidden"], s["nqkv"])
         self.splits = tuple(1 if p == 1 else sp for p, sp in enumerate(splits))  # gate/up: the activation needs all K
@@ -325,7 +328,7 @@ class Ring:
         _ring_kernel[(self.G,)](
             x0, *self.ys, *lw["descs"], self.cnt, *self.ks_full, *self.splits, *self.k_split, *self.tasks,
             *(y.shape[1] for y in self.ys), *self.zero, self.G, self.depth, self.xa, self.cross, self.wait,
-            num_warps=4,
+            self.math, num_warps=4,
         )  # fmt: skip
         return self.ys
 
@@ -355,9 +358,10 @@ def measure(model: str, splits, depths: list[int], xa: int, bandwidth: float) ->
     xb = x0.bfloat16()
     out = [dict(base, variant="cuBLAS per op", us=time_layers(lambda lw: cublas_chain(xb, lw, bufs), layers))]
     want = reference(x0, layers[0])
-    variants = [(d, True, True) for d in depths] + [(d, False, True) for d in depths] + [(depths[-1], True, False)]
-    for depth, cross, wait in variants:
-        ring = Ring(s, splits, depth, xa, cross, wait)
+    variants = [(d, True, True, True) for d in depths] + [(d, False, True, True) for d in depths]
+    variants += [(d, True, False, True) for d in depths] + [(d, True, False, False) for d in depths]
+    for depth, cross, wait, math in variants:
+        ring = Ring(s, splits, depth, xa, cross, wait, math)
         if wait:
             for _ in range(2):  # a second launch gives the same: the counters and the accumulated buffers were reset
                 got = ring(x0, layers[0])
@@ -367,14 +371,16 @@ def measure(model: str, splits, depths: list[int], xa: int, bandwidth: float) ->
                     err = (x - y).abs().max().item()
                     if err > 0.02 * max(1.0, y.abs().max().item()):
                         raise AssertionError(f"{model} depth {depth} cross {cross}: phase {p} off by {err}")
-        if not wait:
-            name = f"no waits (streaming only), depth {depth}"
+        if not math:
+            name = f"weights only (no activations, no products, no waits), depth {depth}"
+        elif not wait:
+            name = f"no waits, depth {depth}"
         elif cross:
             name = f"ring, depth {depth}, across tasks"
         else:
             name = f"per-task pipeline, depth {depth}"
         us = time_layers(lambda lw, ring=ring: ring(x0, lw), layers)
-        out.append(dict(base, variant=name, depth=depth, cross=cross, wait=wait, us=us))
+        out.append(dict(base, variant=name, depth=depth, cross=cross, wait=wait, math=math, us=us))
     return out
 
 
