@@ -298,7 +298,8 @@ def reference(x0: torch.Tensor, lw: dict) -> list[torch.Tensor]:
 class Ring:
     """Launches of :func:`_ring_kernel` for one layer shape and one choice of splits."""
 
-    def __init__(self, s: dict, splits, depth: int, xa: int, cross: bool, wait: bool = True, math: bool = True):
+    def __init__(self, s: dict, splits, depth: int, xa: int, cross: bool, wait: bool = True, math: bool = True,
+                 per_sm: int = 1):  # fmt: skip
         self.depth, self.xa, self.cross, self.wait, self.math = depth, xa, cross, wait, math
         ks = (s["dq"], s["hidden"], s["inter"], s["hidden"])
         ns = (s["hidden"], 2 * s["inter"], s["hidden"], s["nqkv"])
@@ -306,11 +307,12 @@ class Ring:
         for n, k, sp in zip(ns, ks, self.splits):
             if n % TILE[0] or k % (sp * TILE[1]):
                 raise ValueError(f"tiles of {TILE} and {sp} splits do not divide the GEMM {n} x {k}")
-        if depth * TILE[0] * TILE[1] * 2 + xa * BM * TILE[1] * 4 + 8 * 1024 > SHARED:
+        if (depth * TILE[0] * TILE[1] * 2 + xa * BM * TILE[1] * 4 + 8 * 1024) * per_sm > SHARED:
             raise ValueError(f"depth {depth} and {xa} activation tiles do not fit")
         self.ks_full, self.k_split = ks, tuple(k // sp for k, sp in zip(ks, self.splits))
         self.tasks = tuple(n // TILE[0] * sp for n, sp in zip(ns, self.splits))
-        self.G = torch.cuda.get_device_properties(0).multi_processor_count
+        # every program must be resident at once (they wait for each other): per_sm of them fit on each SM
+        self.G = torch.cuda.get_device_properties(0).multi_processor_count * per_sm
         self.cnt = torch.zeros(8, dtype=torch.int32, device="cuda")
         outs = (s["hidden"], s["inter"], s["hidden"], s["nqkv"])
         self.ys = [torch.zeros(BM, n, device="cuda", dtype=torch.float32) for n in outs]
@@ -345,14 +347,15 @@ def cublas_chain(x0: torch.Tensor, lw: dict, bufs: list[torch.Tensor]) -> None:
     torch.mm(y2, lw["qkv"].T, out=y3)
 
 
-def measure(model: str, splits, depths: list[int], xa: int, bandwidth: float) -> list[dict]:
+def measure(model: str, splits, depths: list[int], xa: int, bandwidth: float, per_sm: int = 1) -> list[dict]:
     from .persistent import shapes, time_layers
 
     s = shapes(model)
     layers = layer_weights(s, s["layers"], TILE[0])
     x0 = torch.randn(BM, s["dq"], device="cuda", dtype=torch.float32)
     weight_bytes = sum(lw.numel() * 2 for k, lw in layers[0].items() if k in ("o", "gu", "down", "qkv"))
-    base = dict(model=model, rows=BM, floor_us=weight_bytes / bandwidth * 1e6, splits=list(splits), xa=xa)
+    base = dict(model=model, rows=BM, floor_us=weight_bytes / bandwidth * 1e6, splits=list(splits), xa=xa,
+                per_sm=per_sm)  # fmt: skip
     bufs = [torch.empty(BM, n, device="cuda", dtype=torch.bfloat16) for n in (s["hidden"], 2 * s["inter"],
                                                                                s["hidden"], s["nqkv"])]  # fmt: skip
     xb = x0.bfloat16()
@@ -361,7 +364,7 @@ def measure(model: str, splits, depths: list[int], xa: int, bandwidth: float) ->
     variants = [(d, True, True, True) for d in depths] + [(d, False, True, True) for d in depths]
     variants += [(d, True, False, True) for d in depths] + [(d, True, False, False) for d in depths]
     for depth, cross, wait, math in variants:
-        ring = Ring(s, splits, depth, xa, cross, wait, math)
+        ring = Ring(s, splits, depth, xa, cross, wait, math, per_sm)
         if wait:
             for _ in range(2):  # a second launch gives the same: the counters and the accumulated buffers were reset
                 got = ring(x0, layers[0])
@@ -392,17 +395,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--splits", default="8,1,8,4", help="splits of K of the O, gate/up, down and Q/K/V phases")
     ap.add_argument("--depth", default="4,8,12", help="weight tiles in the ring (16 KB each)")
     ap.add_argument("--xa", type=int, default=3, help="activation tiles in flight within a task")
+    ap.add_argument("--per-sm", type=int, default=1, help="programs per SM (all resident: the ring shrinks to fit)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     bandwidth = copy_bandwidth()
     splits = tuple(int(b) for b in args.splits.split(","))
     rows = []
     for model in args.model.split(","):
-        rows += measure(model, splits, [int(d) for d in args.depth.split(",")], args.xa, bandwidth)
+        rows += measure(model, splits, [int(d) for d in args.depth.split(",")], args.xa, bandwidth, args.per_sm)
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; µs per layer, the four GEMMs of a decode layer, {BM} rows")
-    print("| model | splits | variant | µs | / floor |\n|---|---|---|---|---|")
+    print("| model | splits | programs per SM | variant | µs | / floor |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['splits']} | {r['variant']} | {r['us']:.1f} | {r['us'] / r['floor_us']:.2f}× |")
+        print(f"| {r['model']} | {r['splits']} | {r['per_sm']} | {r['variant']} | {r['us']:.1f} | "
+              f"{r['us'] / r['floor_us']:.2f}× |")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(bandwidth=bandwidth, device=torch.cuda.get_device_name(), rows=rows), f, indent=1)
