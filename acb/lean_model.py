@@ -116,10 +116,11 @@ class LeanCausalLM:
         if self.on_cuda and workspace_rows:
             self.workspace = _decode_workspace(workspace_rows, self.num_heads, self.head_dim, self.device)
         self.kernels = False
-        # the decode steps' work between attentions in one persistent kernel (acb.kernels.persistent), where it
-        # applies: one GPU, the kernels on, at most PERSISTENT_ROWS rows, every GEMM in one round of column tiles
-        # (persistent.one_round). ACB_PERSISTENT=0 turns it off (for A/B timing, or to rule it out).
-        self.persistent = group is None and os.environ.get("ACB_PERSISTENT", "1") != "0"
+        # ACB_PERSISTENT=1: the decode steps' work between attentions in one persistent kernel
+        # (acb.kernels.persistent), where it applies: one GPU, the kernels on, at most PERSISTENT_ROWS rows, every
+        # GEMM in one round of column tiles (persistent.one_round). Off by default: with each wait's acquire in
+        # place it was 0-6 % slower per layer than the per-op kernels (H200, session 20, docs/benchmarks.md).
+        self.persistent = group is None and os.environ.get("ACB_PERSISTENT", "0") == "1"
         self._counters: torch.Tensor | None = None
         self._embed_scale_value = None if spec.embed_scale is None else float(self.embed_scale.cpu())
         self.use_kernels(self.on_cuda)
