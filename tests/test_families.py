@@ -311,6 +311,25 @@ def test_the_lean_decode_step_on_the_kernels_gives_generate_s_tokens(persistent)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
 
 
+def test_the_persistent_kernel_is_opt_in(monkeypatch, make_model):
+    """The lean model runs the work between attentions op by op unless ACB_PERSISTENT=1: with each wait's acquire in
+    place the persistent kernel was 0-4 % slower per layer on the card (docs/benchmarks.md, session 20)."""
+    pytest.importorskip("triton")
+    import acb.lean_model as lm
+    from acb.families import lean_plan
+
+    model, _ = make_model("llama", seed=1)
+    for value, on in ((None, False), ("0", False), ("yes", False), ("1", True)):
+        if value is None:
+            monkeypatch.delenv("ACB_PERSISTENT", raising=False)
+        else:
+            monkeypatch.setenv("ACB_PERSISTENT", value)
+        lean = lm.LeanCausalLM(model, lean_plan(model)[0], 64)
+        assert lean.persistent is on
+        lean.use_kernels(True)  # (the CPU's kernels: Triton's interpreter)
+        assert (lean._counters is not None) is on
+
+
 def test_the_persistent_kernel_is_kept_to_shapes_whose_gemms_take_one_round_of_tiles():
     """The lean path uses the persistent kernel only where every GEMM has at most one column tile per SM: where one
     takes a second round (phi3-mini's Q/K/V, qwen2.5-1.5b's gate/up on 132 SMs) the per-op kernels were as fast or

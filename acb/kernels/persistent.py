@@ -28,7 +28,8 @@ as all G programs can be resident at once (G = the SM count, one program per SM)
 programs that are not resident yet, with one exception: two of these kernels running at once (two engines on streams
 of their own in one process, or two processes sharing the GPU through MPS) can each hold SMs that the other's
 waiting programs need. acb launches on the current stream, so engines in one process take turns unless their caller
-gives them streams; ``ACB_PERSISTENT=0`` is for the rest.
+gives them streams. The lean model uses this kernel only with ``ACB_PERSISTENT=1``: with each wait's acquire in place
+it was 0-4 % slower per layer than the per-op kernels (H200, session 20, docs/benchmarks.md).
 
 The partial sums are added in a fixed order whoever finishes last, so results do not depend on timing. The last
 program to finish zeroes the counters for the next launch (a CUDA graph replays it as it is).
