@@ -119,7 +119,8 @@ class LeanCausalLM:
         # ACB_PERSISTENT=1: the decode steps' work between attentions in one persistent kernel
         # (acb.kernels.persistent), where it applies: one GPU, the kernels on, at most PERSISTENT_ROWS rows, every
         # GEMM in one round of column tiles (persistent.one_round). Off by default: with each wait's acquire in
-        # place it was 0-6 % slower per layer than the per-op kernels (H200, session 20, docs/benchmarks.md).
+        # place it was 0-4 % slower per layer than the per-op kernels, within 2 % per step (H200, session 20,
+        # docs/benchmarks.md), and its first compile takes ~15 s.
         self.persistent = group is None and os.environ.get("ACB_PERSISTENT", "0") == "1"
         self._counters: torch.Tensor | None = None
         self._embed_scale_value = None if spec.embed_scale is None else float(self.embed_scale.cpu())
