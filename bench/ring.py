@@ -50,7 +50,6 @@ BM = 32  # rows (a decode step's sequences); the spike times exactly this many
 TILE = (128, 64)  # a weight tile: 128 rows (gate/up: 64 gate rows then the same up rows) x 64 of K, 16 KB
 BN, BK = gl.constexpr(TILE[0]), gl.constexpr(TILE[1])  # (one TMA box: 128-byte rows)
 SHARED = 227 * 1024  # what one program may allocate on Hopper
-REPLAYS = 20
 
 
 @gluon.jit
