@@ -59,7 +59,15 @@ def _case(rows: int, ctx: int, heads: int, kv_heads: int, dim: int, copies: int,
 
 
 def measure(
-    rows: int, ctx: int, bandwidth: float, max_model_len: int, heads: int = 32, kv_heads: int = 8, dim: int = 128
+    rows: int,
+    ctx: int,
+    bandwidth: float,
+    max_model_len: int,
+    heads: int = 32,
+    kv_heads: int = 8,
+    dim: int = 128,
+    splits_grid: list[int] = SPLITS,
+    tiles: list[tuple[int, int, int]] = TILES,
 ) -> list[dict]:
     kv_bytes = rows * ctx * kv_heads * dim * 2 * 2  # K and V, bf16, one layer
     copies = min(CALLS, max(2, -(-(256 << 20) // kv_bytes)))
@@ -85,7 +93,7 @@ def measure(
 
     results = [row("decode, engine's choice", chosen, None,
                    lambda i: paged_decode(q, caches[i], tables, lens, scale, chosen, out=res))]  # fmt: skip
-    for splits, tile in itertools.product(SPLITS, TILES):
+    for splits, tile in itertools.product(splits_grid, tiles):
         if splits > 1 and ctx // splits < tile[0]:
             continue
         results.append(row("decode", splits, tile,
@@ -214,6 +222,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-model-len", type=int, default=8192, help="the engine's, which its split choice reads")
     ap.add_argument("--prefill", action="store_true", help="time the prefill kernel on W-share's prompt steps")
     ap.add_argument("--shape", default="32,8,128", help="query heads, KV heads, head_dim (default: llama-8b's)")
+    ap.add_argument("--splits", default=",".join(map(str, SPLITS)), help="split counts of the grid")
+    ap.add_argument(
+        "--tiles",
+        default=",".join("x".join(map(str, t)) for t in TILES),
+        help="tiles of the grid, BLOCK_Nxwarpsxstages, comma-separated ('none': the engine's choice only)",
+    )
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     card, bandwidth = card_and_bandwidth(ap)
@@ -225,7 +239,9 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for rows, ctx in itertools.product(map(int, args.rows.split(",")), map(int, args.contexts.split(","))):
         heads, kv_heads, dim = map(int, args.shape.split(","))
-        results += measure(rows, ctx, bandwidth, args.max_model_len, heads, kv_heads, dim)
+        tiles = [] if args.tiles == "none" else [tuple(map(int, t.split("x"))) for t in args.tiles.split(",")]
+        splits = [int(x) for x in args.splits.split(",")]
+        results += measure(rows, ctx, bandwidth, args.max_model_len, heads, kv_heads, dim, splits, tiles)
         torch.cuda.empty_cache()
     write_json(args.json, card, bandwidth, results)
     print(table(results, card))
