@@ -2,18 +2,16 @@
 
 Built from an already-loaded transformers model, sharing its weights: Q/K/V and gate/up projections are fused into
 single GEMMs (the model's own projection weights become views into the fused ones, so the model keeps working and
-nothing is stored twice), residual add + RMSNorm is one kernel, SiLU·mul is one kernel, and rotary embedding is
-applied inside the decode attention kernel (decode steps) or the KV-cache write (steps with prompts). Attention runs
-on the paged Triton kernels (sliding windows per layer). A decode step of a few rows on one GPU runs everything
-between two attentions in one persistent kernel (:mod:`acb.kernels.persistent`). On the CPU (tests) the same forward
-runs on plain torch ops and the reference attention, so its logic is checked against ``model.generate`` without a
-GPU. The CPU or CUDA implementation of each op is chosen once, when the model is built. Any model without an
-adapter keeps running through the generic path (transformers' own modules with acb's attention function).
+nothing is stored twice), residual add + RMSNorm is one kernel, SiLU·mul is one kernel, and rotary embedding is applied
+inside the decode attention kernel (decode steps) or the KV-cache write (steps with prompts). Attention runs on the
+paged Triton kernels (sliding windows per layer). On the CPU (tests) the same forward runs on plain torch ops and the
+reference attention, so its logic is checked against ``model.generate`` without a GPU. The CPU or CUDA implementation of
+each op is chosen once, when the model is built. Any model without an adapter keeps running through the generic path
+(transformers' own modules with acb's attention function).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -116,14 +114,6 @@ class LeanCausalLM:
         if self.on_cuda and workspace_rows:
             self.workspace, self.tickets = _decode_workspace(workspace_rows, spec, self.device)
         self.kernels = False
-        # ACB_PERSISTENT=1: the decode steps' work between attentions in one persistent kernel
-        # (acb.kernels.persistent), where it applies: one GPU, the kernels on, at most PERSISTENT_ROWS rows, every
-        # GEMM in one round of column tiles (persistent.one_round). Off by default: with each wait's acquire in
-        # place it was 0-4 % slower per layer than the per-op kernels, within 2 % per step (H200, session 20,
-        # docs/benchmarks.md), and its first compile takes ~15 s.
-        self.persistent = group is None and os.environ.get("ACB_PERSISTENT", "0") == "1"
-        self._counters: torch.Tensor | None = None
-        self._embed_scale_value = None if spec.embed_scale is None else float(self.embed_scale.cpu())
         self.use_kernels(self.on_cuda)
 
     def use_kernels(self, on: bool) -> None:
@@ -138,16 +128,6 @@ class LeanCausalLM:
             self._norm, self._attend = self._norm_cuda, self._attend_cuda
             self._gate = self._kf.silu_mul if self.spec.activation == "silu" else _gelu_tanh_mul
             self._up = self._up_cuda
-            if self.persistent and self._counters is None:
-                from .kernels import persistent
-
-                lw = self.layers[0]  # its programs: the SMs (under Triton's interpreter an H100's, as the tests cut)
-                programs = persistent._sms(self.device) if self.on_cuda else 132
-                if persistent.one_round(lw.o_w.shape[0], lw.gate_up_w.shape[0] // 2, lw.qkv_w.shape[0], programs):
-                    self._between, self._counters = persistent.between_attentions, persistent.new_counters(self.device)
-                    self._kp_rows = persistent.PERSISTENT_ROWS
-                else:
-                    self.persistent = False
         else:
             self._norm, self._attend = self._norm_torch, self._attend_torch
             self._gate = _silu_mul if self.spec.activation == "silu" else _gelu_tanh_mul
@@ -184,8 +164,6 @@ class LeanCausalLM:
           Their count is padded (repeating the first) to the smallest of :attr:`row_buckets` that holds them."""
         t = x.input_ids.shape[0]
         padded = padded_tokens(t, token_multiple)
-        if padded == t and self._persistent_step(x, t):
-            return self._forward_persistent(x)
         ids = x.input_ids if padded == t else F.pad(x.input_ids, (0, padded - t))
         out = None
         if padded != t:  # attention writes the real rows; the pad rows hold whatever, row-wise ops keep them apart
@@ -339,50 +317,6 @@ class LeanCausalLM:
         if cap:
             logits = (torch.tanh(logits.float() / cap) * cap).to(logits.dtype)
         return logits
-
-    # -- a decode step with the work between attentions in one persistent kernel (acb.kernels.persistent) ------
-
-    def _persistent_step(self, x: LeanInputs, rows: int) -> bool:
-        """Whether this step runs :meth:`_forward_persistent`: a decode step of every row's logits (the decode
-        graphs'), few rows, the kernels on, one GPU (:attr:`persistent`)."""
-        return (
-            self._counters is not None
-            and self.kernels
-            and bool(x.decode_splits)
-            and x.logits_idx is None
-            and 0 < rows <= self._kp_rows
-        )
-
-    def _forward_persistent(self, x: LeanInputs) -> torch.Tensor:
-        """:meth:`forward` of a decode step: per layer, the attention kernel then one launch for everything up to
-        the next layer's attention (output projection, MLP, the next norm and Q/K/V; after the last layer, the
-        final norm)."""
-        h = self._embed(x.input_ids)
-        residual = torch.empty_like(h)
-        first, common = self.layers[0], dict(residual=residual, eps=self.eps, counters=self._counters)
-        # (every launch gets a layer's sandwich norms and a Q/K/V bias, read only where used: one compiled variant)
-        normed, qkv = self._between(norm_w=first.ln1, h_in=h, embed_scale=self._embed_scale_value,
-                                    qkv_w=first.qkv_w, qkv_b=first.qkv_b, post_attn_norm=first.post_attn_norm,
-                                    post_mlp_norm=first.post_mlp_norm, **common)  # fmt: skip
-        for i, lw in enumerate(self.layers):
-            q, k, v = self._heads(qkv)
-            o = self._attend(i, lw, q, k, v, x)
-            nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
-            normed, qkv = self._between(
-                o=o.reshape(o.shape[0], -1),
-                o_w=lw.o_w,
-                ln2=lw.ln2,
-                gate_up_w=lw.gate_up_w,
-                down_w=lw.down_w,
-                post_attn_norm=lw.post_attn_norm,
-                post_mlp_norm=lw.post_mlp_norm,
-                activation=self.spec.activation,
-                norm_w=self.norm if nxt is None else nxt.ln1,
-                qkv_w=None if nxt is None else nxt.qkv_w,
-                qkv_b=(nxt or lw).qkv_b,
-                **common,
-            )
-        return self._logits(normed)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         if self.group is None:

@@ -1,11 +1,12 @@
 """A spike for issue 16: does a ring of weight tiles kept across tasks and phases close the persistent kernel's
 per-phase gap?
 
-Sessions 17-19 found the persistent kernel (:mod:`acb.kernels.persistent`) 1.4-2.7× a layer's weight-reading floor,
-and its trace put the excess at each phase's start: a task loads its first weight tiles only after it waits for the
-phase before, so each of a layer's four GEMM phases pays a memory latency and a pipeline ramp. Triton cannot load
-ahead of a wait without holding the tiles in registers (27-39 % slower, session 18). Gluon (Triton's lower-level
-dialect) can: ``cp.async`` copies land in shared memory while the program spins.
+Sessions 17-19 found the persistent kernel (``acb/kernels/persistent.py``, removed in session 21: see git history at
+8efec7e) 1.4-2.7× a layer's weight-reading floor, and its trace put the excess at each phase's start: a task loads its
+first weight tiles only after it waits for the phase before, so each of a layer's four GEMM phases pays a memory
+latency and a pipeline ramp. Triton cannot load ahead of a wait without holding the tiles in registers (27-39 %
+slower, session 18). Gluon (Triton's lower-level dialect) can: ``cp.async`` copies land in shared memory while the
+program spins.
 
 This kernel runs the four GEMMs of a decode layer (no norms, no residual: what is measured is the weight stream):
 
@@ -28,7 +29,7 @@ each weight copy to land within XA tiles: the ring could not run ahead.)
     python -m bench.ring --model llama-1b,qwen3-1.7b --depth 6,8 --json out.json
 
 It needs Gluon as Triton 3.6 spells it and a Hopper card; every layer of the shape is one CUDA graph, weights of
-their own per layer (none served from L2), as ``bench.persistent``.
+their own per layer (none served from L2).
 """
 
 from __future__ import annotations
@@ -46,10 +47,54 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from .workloads import FAMILY_MODELS
+
 BM = 32  # rows (a decode step's sequences); the spike times exactly this many
 TILE = (128, 64)  # a weight tile: 128 rows (gate/up: 64 gate rows then the same up rows) x 64 of K, 16 KB
 BN, BK = gl.constexpr(TILE[0]), gl.constexpr(TILE[1])  # (one TMA box: 128-byte rows)
 SHARED = 227 * 1024  # what one program may allocate on Hopper
+
+
+REPLAYS = 20
+
+
+def shapes(model: str) -> dict:
+    """The layer shape of one of ``FAMILY_MODELS``: sizes, and the family's variants (Gemma's sandwich norms and
+    GELU, Qwen2's Q/K/V bias)."""
+    import transformers
+
+    cls, fields = FAMILY_MODELS[model]
+    cfg = getattr(transformers, cls)(**fields)
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return dict(
+        layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, inter=cfg.intermediate_size, dq=heads * dim,
+        nqkv=(heads + 2 * kv) * dim, gemma="gemma" in cfg.model_type, bias=cls == "Qwen2Config",
+    )  # fmt: skip
+
+
+def time_layers(fn, layers: list[dict]) -> float:
+    """µs per layer of ``fn(layer)`` over every layer, in one CUDA graph (median of REPLAYS replays)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for lw in layers[:2]:
+            fn(lw)
+    torch.cuda.current_stream().wait_stream(stream)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for lw in layers:
+            fn(lw)
+    g.replay()
+    times = []
+    for _ in range(REPLAYS):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / len(layers))
+    return sorted(times)[len(times) // 2]
 
 
 @gluon.jit
@@ -347,8 +392,6 @@ def cublas_chain(x0: torch.Tensor, lw: dict, bufs: list[torch.Tensor]) -> None:
 
 
 def measure(model: str, splits, depths: list[int], xa: int, bandwidth: float, per_sm: int = 1) -> list[dict]:
-    from .persistent import shapes, time_layers
-
     s = shapes(model)
     layers = layer_weights(s, s["layers"], TILE[0])
     x0 = torch.randn(BM, s["dq"], device="cuda", dtype=torch.float32)

@@ -412,21 +412,3 @@ def test_the_attention_table_picks_the_fastest_equal_decode_variant():
     ]
     row = table(results, "card").splitlines()[-1]
     assert row == "| 32 | 512 | 10.0 | 14.0 (2) | 11.0 (4, (64, 4, 3)) | 1.10× | 40.0 | False |"
-
-
-def test_the_persistent_kernels_trace_reads_as_phases():
-    """bench.persistent --trace: records [task, start, wait over, end] (ns) become, per phase, when its tasks
-    started, waited and worked, from the launch's first task; unused records (-1) are skipped."""
-    import torch
-
-    from bench.persistent import phases
-
-    rec = torch.full((2, 3, 4), -1, dtype=torch.int64)  # two programs, up to three tasks each
-    rec[0, 0] = torch.tensor([0, 1000, 1000, 3000])  # phase A: tasks 0 and 1
-    rec[1, 0] = torch.tensor([1, 1500, 1500, 2500])
-    rec[0, 1] = torch.tensor([2, 3000, 4000, 4500])  # phase B: task 2, waited 1 µs, worked 0.5
-    got = phases(rec, [("A", 2), ("B", 1), ("C", 4)])
-    assert [p["phase"] for p in got] == ["A", "B"] and [p["tasks"] for p in got] == [2, 1]
-    a, b = got
-    assert (a["start"], a["first_go"], a["last_go"], a["end"], a["work_max"]) == (0.0, 0.0, 0.5, 2.0, 2.0)
-    assert (b["start"], b["first_go"], b["wait_p50"], b["work_p50"], b["end"]) == (2.0, 3.0, 1.0, 0.5, 3.5)

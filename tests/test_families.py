@@ -277,8 +277,6 @@ def forward(self, b, d, j=0):
         return ModelRunner._forward.__wrapped__(self, b, d, j)
     decode_steps.append(b.num_rows)
     self.lean.use_kernels(True)
-    # the persistent kernel where ACB_PERSISTENT allows it (a tiny model's GEMMs are one round of column tiles)
-    assert (self.lean._counters is not None) == (os.environ["ACB_PERSISTENT"] == "1")
     try:
         return self._lean_decode(d, 2)[d.sample_idx]
     finally:
@@ -293,60 +291,25 @@ def after(arch, model):
 )
 
 
-@pytest.mark.parametrize("persistent", ["1", "0"], ids=["persistent", "per-op"])
-def test_the_lean_decode_step_on_the_kernels_gives_generate_s_tokens(persistent):
+def test_the_lean_decode_step_on_the_kernels_gives_generate_s_tokens():
     """The lean path's decode step as CUDA runs it (the forward its graphs capture: the Triton kernels, Qwen3's and
-    Gemma 3's per-head q/k norms inside the decode kernel), eagerly under Triton's interpreter on the CPU, gives
-    ``model.generate``'s tokens: with the work between attentions in the persistent kernel (one GPU, <= 64 rows),
-    and one op per kernel as tensor parallelism and larger steps run it (Gemma 3's post-attention and post-MLP
-    norms inside the next norm's kernel)."""
+    Gemma 3's per-head q/k norms inside the decode kernel, Gemma 3's post-attention and post-MLP norms inside the next
+    norm's kernel), eagerly under Triton's interpreter on the CPU, gives ``model.generate``'s tokens."""
     import os
     import subprocess
     import sys
 
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", ACB_PERSISTENT=persistent, PYTHONPATH=os.pathsep.join(sys.path))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
     cmd = [sys.executable, "-c", _LEAN_KERNEL_DECODE, "llama", "qwen3", "gemma3", "qwen2-sliding"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
 
 
-def test_the_persistent_kernel_is_opt_in(monkeypatch, make_model):
-    """The lean model runs the work between attentions op by op unless ACB_PERSISTENT=1: with each wait's acquire in
-    place the persistent kernel was 0-4 % slower per layer on the card (docs/benchmarks.md, session 20)."""
-    pytest.importorskip("triton")
-    import acb.lean_model as lm
-    from acb.families import lean_plan
-
-    model, _ = make_model("llama", seed=1)
-    for value, on in ((None, False), ("0", False), ("yes", False), ("1", True)):
-        if value is None:
-            monkeypatch.delenv("ACB_PERSISTENT", raising=False)
-        else:
-            monkeypatch.setenv("ACB_PERSISTENT", value)
-        lean = lm.LeanCausalLM(model, lean_plan(model)[0], 64)
-        assert lean.persistent is on
-        lean.use_kernels(True)  # (the CPU's kernels: Triton's interpreter)
-        assert (lean._counters is not None) is on
-
-
-def test_the_persistent_kernel_is_kept_to_shapes_whose_gemms_take_one_round_of_tiles():
-    """The lean path uses the persistent kernel only where every GEMM has at most one column tile per SM: where one
-    takes a second round (phi3-mini's Q/K/V, qwen2.5-1.5b's gate/up on 132 SMs) the per-op kernels were as fast or
-    faster on the card (docs/benchmarks.md, sessions 17 and 18)."""
-    from acb.kernels.persistent import one_round
-
-    assert one_round(2048, 8192, 3072, 132)  # llama-1b
-    assert one_round(3072, 8192, 6144, 132)  # mistral-3b: 128 gate/up tiles
-    assert not one_round(3072, 8192, 9216, 132)  # phi3-mini: 144 Q/K/V tiles
-    assert not one_round(1536, 8960, 2048, 132)  # qwen2.5-1.5b: 140 gate/up tiles
-    assert one_round(1536, 8960, 2048, 140)  # ... on a GPU of 140 SMs
-
-
 def test_the_new_kernels_under_the_interpreter():
-    """The decode kernel's q/k norms and its cache write of new keys and values, the norm with a norm before it, the
-    graphs' argmax and the generic path's rotary: their tests in tests/gpu/test_kernels.py, in float32 under
-    Triton's interpreter (bfloat16 runs on the card)."""
+    """The decode kernel's q/k norms, its cache write of new keys and values and its merge in the last split, the
+    norm with a norm before it, the graphs' argmax and the generic path's rotary: their tests in
+    tests/gpu/test_kernels.py, in float32 under Triton's interpreter (bfloat16 runs on the card)."""
     import os
     import subprocess
     import sys
@@ -355,7 +318,7 @@ def test_the_new_kernels_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
     path = os.path.join(os.path.dirname(__file__), "gpu", "test_kernels.py")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path, "-k",
-           "(qk_norm or pre_norm or argmax or new_kv or rotary_equals or persistent) and not dtype1"]  # fmt: skip
+           "(qk_norm or pre_norm or argmax or new_kv or rotary_equals or last_split) and not dtype1"]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0 and " passed" in r.stdout and "failed" not in r.stdout, r.stdout[-3000:]
 

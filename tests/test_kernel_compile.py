@@ -8,7 +8,6 @@ name without a GPU, so CI checks that each variant the engine launches compiles 
 
 from __future__ import annotations
 
-import inspect
 import warnings
 
 import pytest
@@ -19,7 +18,6 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from acb.kernels import attention as A  # noqa: E402
 from acb.kernels import fused as F  # noqa: E402
-from acb.kernels import persistent as P  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -99,43 +97,3 @@ def test_the_gate_up_kernel_compiles(block_m, act):
     types = {n: "*bf16" for n in ("X", "G", "U", "OUT")}
     consts = dict(ACT=act, EVEN=True, PRECISION="tf32", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     _compile(F._gate_up_act_kernel, types, consts, warps)
-
-
-BETWEEN_TYPES = {
-    **{n: "*bf16" for n in "ATT WO LN2 PA WG WU WD X2 ACT H_IN R NW PM X1 WQKV BQKV QKV".split()},
-    **{n: "*fp32" for n in ("PART_A", "PART_D", "PART_F")},
-    "CNT": "*i32", "TR": "*i64", "embed_scale": "fp32", "eps": "fp32",
-}  # fmt: skip
-
-
-@pytest.mark.parametrize(
-    "variant",
-    [
-        {},  # Llama / Qwen3 / Mistral / Phi-3
-        dict(HAS_PA=True, HAS_PM=True, ACT_FN=1),  # Gemma 3
-        dict(HAS_BIAS=True),  # Qwen2
-        dict(EVEN_A=False, EVEN_C=False, EVEN_D=False, EVEN_F=False, BLOCK_M=64),  # odd sizes (the tests' models)
-        dict(TRACE=True, UNROLL=1, STAGES_1=8),  # bench.persistent's trace and tunings
-    ],
-)
-def test_the_persistent_kernel_compiles_and_pipelines_its_loads(variant):
-    """Each variant compiles; its products run on Hopper's warpgroup MMA and, at shapes whose tiles divide them
-    (every model in bench/workloads.py), its loads are pipelined (asynchronous copies), as the card's launches of
-    aligned tensors get them."""
-    consts = dict(HAS_PA=False, HAS_PM=False, HAS_BIAS=False, ACT_FN=0, EVEN_A=True, EVEN_C=True, EVEN_D=True,
-                  EVEN_F=True, PRECISION="tf32", BLOCK_M=32, BN=P.BLOCK_N, BK=P.TUNING.block_k, BLOCK_H=2048,
-                  STAGES_C=5, STAGES_1=5, UNROLL=4, TRACE=False, MAX_TRACE=8) | variant  # fmt: skip
-    pointers = [n for n, t in BETWEEN_TYPES.items() if t.startswith("*")]
-    strides = ["s_o", "s_wo", "s_g", "s_u", "s_wd", "s_wqkv", "s_h"]
-    kernel = _compile(P._between_kernel, BETWEEN_TYPES, consts, aligned=(*pointers, *strides))
-    # the launch sizes each loop's stages to fit on its own: the loops must share the memory, not add it up
-    plan = [consts[k] * P.stage_bytes(P.TUNING, consts["BLOCK_M"], 2, w) for k, w in (("STAGES_C", 2), ("STAGES_1", 1))]
-    assert kernel.metadata.shared <= max(plan)
-    ptx = kernel.asm["ptx"]
-    assert "wgmma.mma_async" in ptx
-    # every wait ends in an acquire: Triton 3.6 (the card's) deleted the acquiring add of persistent._wait while its
-    # result was unused (session 20); without it nothing orders a task's reads after the writes it waited for
-    waits = inspect.getsource(P._between_kernel.fn).count("_wait(CNT")
-    assert waits >= 6 and ptx.count(".acquire.") >= waits
-    if consts["EVEN_C"]:  # (shapes of real models; odd ones, the tests' tiny models, load without the pipeline)
-        assert "cp.async" in ptx

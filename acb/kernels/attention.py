@@ -141,34 +141,33 @@ def _decode_split_kernel(
         ticket = TK + b * tl.num_programs(1) + kvh
         if tl.atomic_add(ticket, 1, sem="acq_rel") == SPLITS - 1:
             tl.debug_barrier()
-            _merge_splits(OP + b * s_ob, MP + b * s_mb, LP + b * s_mb, OUT + b * s_b, heads, g, d, s_oh, s_os, s_mh,
-                          s_h, GROUP, D, SPLITS, SPLITS_PAD)  # fmt: skip
+            _merge_splits(OP + b * s_ob, MP + b * s_mb, LP + b * s_mb, OUT + b * s_b, kvh * GROUP, s_oh, s_os, s_mh,
+                          s_h, GROUP, D, D_PAD, SPLITS, SPLITS_PAD)  # fmt: skip
             tl.store(ticket, 0)  # zero again for the next launch (the next layer, the next graph replay)
 
 
 @triton.jit
-def _merge_splits(OP, MP, LP, OUT, heads, g, d, s_oh, s_os, s_mh, s_h, GROUP: tl.constexpr, D: tl.constexpr,
-                  SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):  # fmt: skip
-    """Merge one row's ``SPLITS`` partial softmax states of the query heads ``heads`` into the output: each split's
-    unnormalised output weighted by ``exp(m - max m)``, over the splits' weighted sums. Loads bypass L1 (``.cg``):
-    other programs wrote these."""
-    gmask = g < GROUP
+def _merge_splits(OP, MP, LP, OUT, head0, s_oh, s_os, s_mh, s_h, GROUP: tl.constexpr, D: tl.constexpr,
+                  D_PAD: tl.constexpr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):  # fmt: skip
+    """Merge one row's ``SPLITS`` partial softmax states of the query heads ``head0 ..`` ``head0 + GROUP - 1`` into
+    the output: each split's unnormalised output weighted by ``exp(m - max m)``, over the splits' weighted sums.
+    Each head's splits load at once (the heads unrolled, so their loads overlap too), bypassing L1 (``.cg``): other
+    programs wrote them."""
     s = tl.arange(0, SPLITS_PAD)
-    smask = gmask[:, None] & (s[None, :] < SPLITS)
-    ms = tl.load(MP + heads[:, None] * s_mh + s[None, :], mask=smask, other=float("-inf"), cache_modifier=".cg")
-    ls = tl.load(LP + heads[:, None] * s_mh + s[None, :], mask=smask, other=0.0, cache_modifier=".cg")
-    m_max = tl.max(ms, 1)
-    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)  # a row with nothing visible (a graph's padding row)
-    denom = tl.sum(ls * tl.where(ms > float("-inf"), tl.exp(ms - m_safe[:, None]), 0.0), 1)
-    qmask = gmask[:, None] & (d[None, :] < D)
-    out = tl.zeros([g.shape[0], d.shape[0]], tl.float32)
-    for i in range(SPLITS):
-        m_i = tl.load(MP + heads * s_mh + i, mask=gmask, other=float("-inf"), cache_modifier=".cg")
-        w = tl.where(m_i > float("-inf"), tl.exp(m_i - m_safe), 0.0)
-        part = tl.load(OP + heads[:, None] * s_oh + i * s_os + d[None, :], mask=qmask, other=0.0, cache_modifier=".cg")
-        out += part * w[:, None]
-    out = out / tl.where(denom == 0.0, 1.0, denom)[:, None]
-    tl.store(OUT + heads[:, None] * s_h + d[None, :], out.to(OUT.dtype.element_ty), mask=qmask)
+    smask = s < SPLITS
+    d = tl.arange(0, D_PAD)
+    for j in tl.static_range(GROUP):
+        h = head0 + j
+        m = tl.load(MP + h * s_mh + s, mask=smask, other=float("-inf"), cache_modifier=".cg")
+        lsum = tl.load(LP + h * s_mh + s, mask=smask, other=0.0, cache_modifier=".cg")
+        m_max = tl.max(m, 0)
+        m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # a row with nothing visible (a graph's padding row)
+        w = tl.where(m > float("-inf"), tl.exp(m - m_max), 0.0)
+        denom = tl.sum(lsum * w, 0)
+        acc = tl.load(OP + h * s_oh + s[:, None] * s_os + d[None, :], mask=smask[:, None] & (d[None, :] < D),
+                      other=0.0, cache_modifier=".cg")  # fmt: skip
+        out = tl.sum(acc * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
+        tl.store(OUT + h * s_h + d, out.to(OUT.dtype.element_ty), mask=d < D)
 
 
 def _block_n(q: torch.Tensor) -> int:

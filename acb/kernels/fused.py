@@ -153,29 +153,13 @@ def _norm_row(x, cols, mask, n, eps, R, W, PRE, OUT_TY: tl.constexpr, HAS_RES: t
     """One row's residual add + RMSNorm, :func:`add_rmsnorm`'s arithmetic: ``x`` (float32, zeros past ``n``) is
     RMSNormed with PRE first (HAS_PRE, rounded to OUT_TY), added into the residual row R (HAS_RES, which takes the
     sum rounded), then normed with W; returns the normed row in OUT_TY."""
-    r, w, p = _norm_inputs(R, W, PRE, cols, mask, HAS_RES, HAS_PRE)
-    return _norm_values(x, r, w, p, cols, mask, n, eps, R, OUT_TY, HAS_RES, HAS_PRE)
-
-
-@triton.jit
-def _norm_inputs(R, W, PRE, cols, mask, HAS_RES: tl.constexpr, HAS_PRE: tl.constexpr):
-    """A norm row's inputs other than the row itself: the residual row (HAS_RES), the weights, PRE's (HAS_PRE). The
-    persistent decode kernel loads them before it waits for the row."""
     w = tl.load(W + cols, mask=mask, other=0.0)
-    r = tl.load(R + cols, mask=mask, other=0.0, cache_modifier=".cg") if HAS_RES else w
-    return r, w, tl.load(PRE + cols, mask=mask, other=0.0) if HAS_PRE else w
-
-
-@triton.jit
-def _norm_values(x, r, w, p, cols, mask, n, eps, R, OUT_TY: tl.constexpr, HAS_RES: tl.constexpr,
-                 HAS_PRE: tl.constexpr):  # fmt: skip
-    """:func:`_norm_row` on its :func:`_norm_inputs` (the residual row ``r``, the weights ``w`` and PRE's ``p``)
-    already loaded. The sum goes to R."""
     if HAS_PRE:  # the same arithmetic as a call of its own with weight PRE (rounded to OUT's dtype), in registers
+        p = tl.load(PRE + cols, mask=mask, other=0.0)
         y = x * tl.rsqrt(tl.sum(x * x, 0) / n + eps)
         x = (y.to(p.dtype) * p).to(OUT_TY).to(tl.float32)
     if HAS_RES:
-        x += r.to(tl.float32)
+        x += tl.load(R + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(R + cols, x.to(R.dtype.element_ty), mask=mask)
     var = tl.sum(x * x, 0) / n
     y = x * tl.rsqrt(var + eps)
@@ -289,7 +273,7 @@ def _gate_up_act_kernel(
 @triton.jit
 def _gated(acc_g, acc_u, ty: tl.constexpr, ACT: tl.constexpr):
     """``act(g) * u`` in ``ty`` from the float32 gate and up products, each rounded to ``ty`` first as a GEMM writing
-    them out would; ACT 0: SiLU, 1: GELU (tanh approximation, Gemma). Also the persistent kernel's."""
+    them out would; ACT 0: SiLU, 1: GELU (tanh approximation, Gemma)."""
     g = acc_g.to(ty).to(tl.float32)
     if ACT == 0:
         act = g / (1.0 + tl.exp(-g))
