@@ -51,18 +51,14 @@ GRAPH_EXPERTS = "acb_graph"
 
 
 class GenericCausalLM:
-    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, device: torch.device, max_rows: int = 0) -> None:
-        """``max_rows``: the most sequences a decode step holds (the decode kernel's tickets are sized for them)."""
+    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, device: torch.device) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.kernels = None  # chosen once: on CUDA the Triton kernels, elsewhere the reference
-        self.decode_tickets = None  # the split decode kernel's, shared by the layers (paged_decode's tickets)
         if device.type == "cuda":
             from .kernels import attention as kernels
 
             self.kernels = kernels
-            kv_heads = max(layer.shape[3] for layer in kv_cache.layers)
-            self.decode_tickets = torch.zeros(max_rows * kv_heads, dtype=torch.int32, device=device)
         self._experts = [m for m in model.modules() if _is_experts(m)]
         self.fused_norms: list[torch.nn.Module] = []
         self.fused_mlps: list[torch.nn.Module] = []
@@ -201,7 +197,6 @@ class GenericCausalLM:
             device_query_start_loc=d.query_start_loc,
             max_query_len=max_query_len,
             decode_splits=decode_splits,
-            decode_tickets=self.decode_tickets,
         )
         token = _ROTARY.set(bool(self.fused_rotary))
         try:

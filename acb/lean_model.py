@@ -110,9 +110,9 @@ class LeanCausalLM:
         self._rotary_tables(max_positions)
         q_rows = self.num_heads * self.head_dim
         self._q_size, self._kv_size = q_rows, self.num_kv_heads * self.head_dim
-        self.workspace = self.tickets = None
+        self.workspace = None
         if self.on_cuda and workspace_rows:
-            self.workspace, self.tickets = _decode_workspace(workspace_rows, spec, self.device)
+            self.workspace = _decode_workspace(workspace_rows, self.num_heads, self.head_dim, self.device)
         self.kernels = False
         self.use_kernels(self.on_cuda)
 
@@ -138,7 +138,7 @@ class LeanCausalLM:
         if self._positions < max_positions:
             self._rotary_tables(max_positions)
         if self.workspace is not None and self.workspace[0].shape[0] < workspace_rows:
-            self.workspace, self.tickets = _decode_workspace(workspace_rows, self.spec, self.device)
+            self.workspace = _decode_workspace(workspace_rows, self.num_heads, self.head_dim, self.device)
 
     def _rotary_tables(self, max_positions: int) -> None:
         """cos/sin of every position from the model's own rotary modules (rope scaling included), first halves."""
@@ -332,7 +332,7 @@ class LeanCausalLM:
         if x.decode_splits:  # rotary, the cache write and the per-head norms (forward deferred them) in the kernel
             norms = None if lw.q_norm is None else (lw.q_norm, lw.k_norm, self.eps)
             o = self._k.paged_decode(q, kv, x.block_tables, x.seq_lens, self.scale, x.decode_splits,
-                                     window=lw.window, workspace=self.workspace, tickets=self.tickets,
+                                     window=lw.window, workspace=self.workspace,
                                      rope=(k, v, cos, sin, x.positions, x.slot_mapping), qk_norm=norms)  # fmt: skip
             return o if out is None else out.copy_(o)
         self._kf.rope_and_cache(q, k, v, cos, sin, x.positions, x.slot_mapping, kv)
@@ -394,10 +394,8 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torc
     return x * c + torch.cat([-x[..., half:], x[..., :half]], -1) * s
 
 
-def _decode_workspace(rows: int, spec, device) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-    """The split decode kernel's partial states for up to 32 splits, and its tickets (zero; each launch leaves them
-    zero), for ``rows`` rows; the model's layers share them (their launches run one after the other)."""
-    op = torch.empty(rows, spec.num_heads, 32, spec.head_dim, dtype=torch.float32, device=device)
-    mp = torch.empty(rows, spec.num_heads, 32, dtype=torch.float32, device=device)
-    tickets = torch.zeros(rows * spec.num_kv_heads, dtype=torch.int32, device=device)
-    return (op, mp, torch.empty_like(mp)), tickets
+def _decode_workspace(rows: int, heads: int, dim: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    splits = 32
+    op = torch.empty(rows, heads, splits, dim, dtype=torch.float32, device=device)
+    mp = torch.empty(rows, heads, splits, dtype=torch.float32, device=device)
+    return op, mp, torch.empty_like(mp)

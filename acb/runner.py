@@ -147,7 +147,7 @@ class ModelRunner:
         self.device = device
         self.lean = lean
         self.tp = tp
-        self.generic = GenericCausalLM(model, kv_cache, device, max_num_seqs) if lean is None else None
+        self.generic = GenericCausalLM(model, kv_cache, device) if lean is None else None
         # why the decode steps of a model on the generic path cannot be captured (they run eagerly then), or None
         self.graph_blocker = self.generic.graph_blocker() if graphs and self.generic is not None else None
         graphs = graphs and self.graph_blocker is None

@@ -215,7 +215,7 @@ def copy_bandwidth() -> float:
 
 
 KERNEL_CATEGORIES = [  # (category, substrings of kernel names), first match wins
-    ("attention", ("_decode_split", "_prefill_kernel", "attention", "flash")),
+    ("attention", ("_decode_split", "_decode_merge", "_prefill_kernel", "attention", "flash")),
     ("all-reduce / gather", ("nccl", "one_shot", "_barrier", "allreduce", "all_reduce")),
     ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "splitkreduce", "cublas", "_skinny")),
     ("norm / rotary / activation (fused)", ("rmsnorm", "_rope", "_silu", "_gelu")),

@@ -185,3 +185,21 @@ def test_the_prefill_block_map_lists_each_block_of_query_tokens_once(group):
     assert got.dtype == torch.int32 and got.shape[1] % 4 == 0
     assert [tuple(c) for c in got.t().tolist()[: len(want)]] == want
     assert (got[0, len(want) :] == len(news)).all()
+
+
+@pytest.mark.parametrize(
+    "batch, kv_heads, max_context, want",
+    [
+        (32, 1, 784, 9),  # gemma3-1b under W-family: 264 programs want 9 splits, 784 positions allow 12
+        (32, 2, 784, 5),  # qwen2.5-1.5b
+        (32, 8, 784, 2),  # llama-1b
+        (33, 8, 8192, 1),  # one split from 33 rows at 8 KV heads: no merge kernel
+        (1, 8, 8192, 32),  # at most 32 (the workspace's)
+        (1, 8, 100, 1),  # no split shorter than a tile of 64 positions
+        (4, 1, 300, 4),
+    ],
+)
+def test_decode_splits_fill_the_gpu_twice_in_tiles_of_64_positions(batch, kv_heads, max_context, want):
+    from acb.kernels import decode_splits
+
+    assert decode_splits(batch, kv_heads, max_context, 132) == want

@@ -16,6 +16,12 @@ __all__ = ["decode_splits"]
 
 def decode_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int = 132) -> int:
     """Context splits per sequence for :func:`acb.kernels.attention.paged_decode`: enough programs to fill the GPU
-    twice, none shorter than 256 positions."""
+    twice, none shorter than one tile of 64 positions at ``max_context``, at most 32. The kernel sizes each split
+    from the row's own length when it runs (whole tiles), so a shorter row leaves its last splits empty; a decode
+    graph, which fixes the count for every row it will see, reads the engine's ``max_model_len`` here.
+
+    The floor was 256 positions until session 21: it gave models of one or two KV heads (Gemma 3 1B, Qwen2.5 1.5B)
+    3 splits at 32 rows under a ``max_model_len`` of 784, where 8-9 read the context 12 % faster (H200,
+    docs/benchmarks.md)."""
     want = max(1, -(-2 * num_sms // max(1, batch * num_kv_heads)))
-    return int(min(want, max(1, max_context // 256), 32))
+    return int(min(want, max(1, max_context // 64), 32))

@@ -2,10 +2,9 @@
 
 - :func:`paged_decode`: one query token per sequence, flash-decoding style. Programs split each context into
   ``num_splits`` chunks (more parallelism when batches are small and contexts long); each program serves all the
-  query heads of one KV head (grouped-query attention without repeating K/V) and writes its partial softmax state;
-  the last of a row's splits to finish (a ticket per row and KV head) merges them all and writes the output, so one
-  kernel runs per layer whatever the split count (with one split, which large batches get, there is nothing to
-  merge). Sequence lengths are read on the device, so the launch is CUDA-graph safe. Given the
+  query heads of one KV head (grouped-query attention without repeating K/V), then a second kernel merges the
+  splits' partial softmax states (with one split, which large batches get, the program writes the output itself and
+  no second kernel runs). Sequence lengths are read on the device, so the launch is CUDA-graph safe. Given the
   step's new keys and values (``rope=``), it also applies rotary embedding and writes them to the cache, which the
   lean path's decode steps use instead of a separate :func:`acb.kernels.fused.rope_and_cache` launch per layer.
 - :func:`paged_prefill`: any number of query tokens per sequence (chunked prefill and mixed steps), causal over the
@@ -46,11 +45,11 @@ def _online_softmax(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
 
 @triton.jit
 def _decode_split_kernel(
-    Q, KC, VC, BT, LENS, OP, MP, LP, OUT, TK, scale, KN, VN, COS, SIN, POS, SLOT, QW, KW, eps,
+    Q, KC, VC, BT, LENS, OP, MP, LP, OUT, scale, KN, VN, COS, SIN, POS, SLOT, QW, KW, eps,
     s_qb, s_qh, s_kb, s_ks, s_kh, s_bt, s_ob, s_oh, s_os, s_mb, s_mh, s_b, s_h, s_knb, s_knh, s_vnb, s_vnh, s_cos,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAGE: tl.constexpr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, WINDOW: tl.constexpr,
-    PRECISION: tl.constexpr, ROPE: tl.constexpr, QK_NORM: tl.constexpr, NEW_KV: tl.constexpr,
+    PAGE: tl.constexpr, SPLITS: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr, ROPE: tl.constexpr,
+    QK_NORM: tl.constexpr, NEW_KV: tl.constexpr,
 ):  # fmt: skip
     # NEW_KV: KN/VN hold the new token's key and value, not yet in the cache: the program whose chunk holds the new
     # position writes them to the cache slot SLOT[b], before its own loop reads them. ROPE (with NEW_KV): Q and KN
@@ -134,40 +133,27 @@ def _decode_split_kernel(
         tl.store(o_ptr, acc, mask=qmask)
         tl.store(MP + b * s_mb + heads * s_mh + split, m_i, mask=gmask)
         tl.store(LP + b * s_mb + heads * s_mh + split, l_i, mask=gmask)
-        # The last of the row's splits to finish merges them. Its ticket's acquire orders its loads after the other
-        # programs' stores, which their tickets released; the atomic's result is used (Triton deletes an atomic
-        # whose result is not, and its ordering with it: tests/test_kernel_compile.py checks the PTX).
-        tl.debug_barrier()  # every thread's partial state is written before the (one) atomic releases it
-        ticket = TK + b * tl.num_programs(1) + kvh
-        if tl.atomic_add(ticket, 1, sem="acq_rel") == SPLITS - 1:
-            tl.debug_barrier()
-            _merge_splits(OP + b * s_ob, MP + b * s_mb, LP + b * s_mb, OUT + b * s_b, kvh * GROUP, s_oh, s_os, s_mh,
-                          s_h, GROUP, D, D_PAD, SPLITS, SPLITS_PAD)  # fmt: skip
-            tl.store(ticket, 0)  # zero again for the next launch (the next layer, the next graph replay)
 
 
 @triton.jit
-def _merge_splits(OP, MP, LP, OUT, head0, s_oh, s_os, s_mh, s_h, GROUP: tl.constexpr, D: tl.constexpr,
-                  D_PAD: tl.constexpr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):  # fmt: skip
-    """Merge one row's ``SPLITS`` partial softmax states of the query heads ``head0 ..`` ``head0 + GROUP - 1`` into
-    the output: each split's unnormalised output weighted by ``exp(m - max m)``, over the splits' weighted sums.
-    Each head's splits load at once (the heads unrolled, so their loads overlap too), bypassing L1 (``.cg``): other
-    programs wrote them."""
+def _decode_merge_kernel(
+    OP, MP, LP, OUT, s_ob, s_oh, s_os, s_mb, s_mh, s_b, s_h,
+    SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    h = tl.program_id(1)
     s = tl.arange(0, SPLITS_PAD)
     smask = s < SPLITS
     d = tl.arange(0, D_PAD)
-    for j in tl.static_range(GROUP):
-        h = head0 + j
-        m = tl.load(MP + h * s_mh + s, mask=smask, other=float("-inf"), cache_modifier=".cg")
-        lsum = tl.load(LP + h * s_mh + s, mask=smask, other=0.0, cache_modifier=".cg")
-        m_max = tl.max(m, 0)
-        m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # a row with nothing visible (a graph's padding row)
-        w = tl.where(m > float("-inf"), tl.exp(m - m_max), 0.0)
-        denom = tl.sum(lsum * w, 0)
-        acc = tl.load(OP + h * s_oh + s[:, None] * s_os + d[None, :], mask=smask[:, None] & (d[None, :] < D),
-                      other=0.0, cache_modifier=".cg")  # fmt: skip
-        out = tl.sum(acc * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
-        tl.store(OUT + h * s_h + d, out.to(OUT.dtype.element_ty), mask=d < D)
+    m = tl.load(MP + b * s_mb + h * s_mh + s, mask=smask, other=float("-inf"))
+    lsum = tl.load(LP + b * s_mb + h * s_mh + s, mask=smask, other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.where(m > float("-inf"), tl.exp(m - m_max), 0.0)
+    denom = tl.sum(lsum * w, 0)
+    acc = tl.load(OP + b * s_ob + h * s_oh + s[:, None] * s_os + d[None, :], mask=smask[:, None] & (d[None, :] < D),
+                  other=0.0)  # fmt: skip
+    out = tl.sum(acc * w[:, None], 0) / denom
+    tl.store(OUT + b * s_b + h * s_h + d, out.to(OUT.dtype.element_ty), mask=d < D)
 
 
 def _block_n(q: torch.Tensor) -> int:
@@ -196,19 +182,12 @@ def paged_decode(
     out: torch.Tensor | None = None,
     window: int = 0,
     workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    tickets: torch.Tensor | None = None,
     tile: tuple[int, int, int] | None = None,
     rope: tuple[torch.Tensor, ...] | None = None,
     qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
     new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``workspace``: ``(partial outputs [rows, heads, splits, D], maxima [rows, heads, splits], sums [rows, heads,
-    splits])`` in float32, for ``splits`` > 1 (new ones if None or too small). ``tickets``: int32, at least ``B * Hkv``
-    of them, zero, which every launch leaves zero (the last split of a row resets its ticket); the caller keeps it
-    for every launch on its stream (a model: one for all its layers), since a new one costs a memset per launch. Two
-    launches that may run at once must not share it.
-
-    ``tile``: ``(BLOCK_N, num_warps, num_stages)`` of the split kernel instead of the defaults (bench.attention
+    """``tile``: ``(BLOCK_N, num_warps, num_stages)`` of the split kernel instead of the defaults (bench.attention
     times the choices).
 
     ``rope``: ``(k, v, cos, sin, positions, slot_mapping)`` of the step's new tokens, as
@@ -231,17 +210,13 @@ def paged_decode(
     group = heads // kvh
     out = torch.empty_like(q) if out is None else out
     if splits == 1:  # no partial states: the kernel writes ``out`` (which also stands in for the unused pointers)
-        op = mp = lp = tickets = out
+        op = mp = lp = out
+    elif workspace is None:
+        op = torch.empty(bsz, heads, splits, dim, dtype=torch.float32, device=q.device)
+        mp = torch.empty(bsz, heads, splits, dtype=torch.float32, device=q.device)
+        lp = torch.empty_like(mp)
     else:
-        if workspace is None or workspace[1].shape[0] < bsz or workspace[1].shape[2] < splits:
-            workspace = (
-                torch.empty(bsz, heads, splits, dim, dtype=torch.float32, device=q.device),
-                torch.empty(bsz, heads, splits, dtype=torch.float32, device=q.device),
-                torch.empty(bsz, heads, splits, dtype=torch.float32, device=q.device),
-            )
-        op, mp, lp = workspace
-        if tickets is None or tickets.numel() < bsz * kvh:
-            tickets = torch.zeros(bsz * kvh, dtype=torch.int32, device=q.device)
+        op, mp, lp = (w[:bsz] for w in workspace)
     kc, vc = kv[0], kv[1]
     block_n, warps, stages = tile or _decode_tile(q)
     if rope is not None:
@@ -254,15 +229,21 @@ def paged_decode(
         kn, vn = kn.contiguous(), vn.contiguous()
     qw, kw, eps = qk_norm if qk_norm is not None else (q, q, 0.0)
     _decode_split_kernel[(bsz, kvh, splits)](
-        q, kc, vc, block_tables, seq_lens, op, mp, lp, out, tickets, scale, kn, vn, cos, sin, positions, slots, qw, kw,
-        eps, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
+        q, kc, vc, block_tables, seq_lens, op, mp, lp, out, scale, kn, vn, cos, sin, positions, slots, qw, kw, eps,
+        q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
         op.stride(0), op.stride(1), op.stride(2), mp.stride(0), mp.stride(1), out.stride(0), out.stride(1),
         kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), cos.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim, D_PAD=triton.next_power_of_2(dim),
         BLOCK_N=block_n, PAGE=kv.shape[2],
-        SPLITS=splits, SPLITS_PAD=max(2, triton.next_power_of_2(splits)), WINDOW=window,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", ROPE=rope is not None, QK_NORM=qk_norm is not None,
-        NEW_KV=rope is not None or new_kv is not None, num_warps=warps, num_stages=stages,
+        SPLITS=splits, WINDOW=window, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", ROPE=rope is not None,
+        QK_NORM=qk_norm is not None, NEW_KV=rope is not None or new_kv is not None, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    if splits == 1:  # the split kernel wrote the output
+        return out
+    _decode_merge_kernel[(bsz, heads)](
+        op, mp, lp, out, op.stride(0), op.stride(1), op.stride(2), mp.stride(0), mp.stride(1),
+        out.stride(0), out.stride(1), SPLITS=splits, SPLITS_PAD=max(2, triton.next_power_of_2(splits)), D=dim,
+        D_PAD=triton.next_power_of_2(dim), num_warps=2,
     )  # fmt: skip
     return out
 

@@ -81,24 +81,6 @@ def test_decode_matches_reference(dtype, heads, kv_heads, dim, splits):
     torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
 
 
-@pytest.mark.parametrize("heads, kv_heads, dim", [(8, 2, 64), (4, 1, 256)])
-@pytest.mark.parametrize("splits", [2, 7, 16])
-def test_the_last_split_merges_and_leaves_the_tickets_zero(heads, kv_heads, dim, splits):
-    """Each row's last split to finish merges the partial states: the same output launch after launch on one set of
-    tickets (a model's layers share theirs), the tickets zero after each; splits with no positions (the short rows)
-    take part too."""
-    ctx = [1, 15, 16, 17, 100, 257]
-    cache, meta, q = _setup(ctx, [1] * len(ctx), heads, kv_heads, dim, 16, torch.float32)
-    lens = torch.tensor(ctx, device=DEVICE, dtype=torch.int32)
-    tickets = torch.zeros(len(ctx) * kv_heads + 5, dtype=torch.int32, device=DEVICE)
-    meta.decode_only = False
-    ref = paged_attention_reference(q, cache.layers[0], meta, 0.125)
-    for _ in range(3):
-        out = paged_decode(q, cache.layers[0], meta.block_tables, lens, 0.125, splits, tickets=tickets)
-        torch.testing.assert_close(out, ref, **TOL[torch.float32])
-        assert not tickets.any()
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tile", [(32, 2, 3), (128, 8, 2)])
 @pytest.mark.parametrize("splits", [1, 2])
