@@ -212,14 +212,24 @@ def test_the_cpu_path_imports_nothing_cuda_only():
 @pytest.mark.parametrize("order", ["arrival", "longest_first"])
 async def test_admission_order_picks_who_takes_a_free_slot(order, make_model, tokenizer):
     """One batch slot, held by a first request while five more queue (the longest of them cancelled while queued):
-    ``arrival`` starts them in submission order, ``longest_first`` by their ``max_new_tokens``, most first; every
-    request's tokens still equal ``generate``'s, and the cancelled one never runs."""
+    when it leaves, ``arrival`` starts them in submission order, ``longest_first`` by their ``max_new_tokens``, most
+    first; every request's tokens still equal ``generate``'s, and the cancelled one never runs. (The first request
+    asks for far more tokens than it is let run, and leaves only once the queue is as the test wants it: a first
+    request that finished on its own raced the queueing, and failed this test on a fast or a loaded machine.)"""
     model, ref = make_model("llama", seed=6)
     prompts = random_prompts(6, [7, 12, 5, 9, 20, 3], len(tokenizer), seed=6)
-    max_new = [12, 3, 9, 5, 14, 7]
+    max_new = [1, 3, 9, 5, 14, 7]
     expected = [reference_greedy(ref, p, n) for p, n in zip(prompts, max_new)]
     config = EngineConfig(max_num_seqs=1, admission_group=1, admission_order=order)
     finished = []
+
+    async def until(predicate) -> None:
+        for _ in range(1000):
+            if predicate():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("the engine never got there")
+
     async with Engine(model, tokenizer, config) as engine:
 
         async def one(i: int):
@@ -227,18 +237,21 @@ async def test_admission_order_picks_who_takes_a_free_slot(order, make_model, to
             finished.append(i)
             return out
 
-        first = engine.stream(prompts[0], SamplingParams(max_new_tokens=max_new[0], ignore_eos=True))
-        got = [await anext(first)]  # request 0 holds the slot
+        first = engine.stream(prompts[0], SamplingParams(max_new_tokens=1500, ignore_eos=True))
+        got = await anext(first)  # request 0 holds the slot
         tasks = [asyncio.create_task(one(i)) for i in range(1, 6)]
-        await asyncio.sleep(0.05)  # all five queued behind it
+        await until(lambda: engine.stats().num_waiting == 5)  # all five queued behind it
         tasks[3].cancel()  # request 4, the longest of them
-        got += [t async for t in first]
+        await asyncio.wait([tasks[3]])
+        await until(lambda: engine.stats().num_waiting == 4)
+        assert engine.stats().num_running == 1 and not finished
+        await first.aclose()  # request 0 leaves: its slot goes to the queue, in the engine's order
         outs = await asyncio.gather(*tasks, return_exceptions=True)
         assert engine.stats().kv_blocks_free == engine.stats().kv_blocks_total
     assert isinstance(outs[3], asyncio.CancelledError)
     assert finished == ([1, 2, 3, 5] if order == "arrival" else [2, 5, 3, 1])
     assert [o.token_ids for i, o in enumerate(outs) if i != 3] == [expected[i] for i in (1, 2, 3, 5)]
-    assert [t.id for t in got] == expected[0]
+    assert [got.id] == expected[0]
 
 
 def test_admission_order_is_checked():
