@@ -218,7 +218,7 @@ async def test_admission_order_picks_who_takes_a_free_slot(order, make_model, to
     request that finished on its own raced the queueing, and failed this test on a fast or a loaded machine.)"""
     model, ref = make_model("llama", seed=6)
     prompts = random_prompts(6, [7, 12, 5, 9, 20, 3], len(tokenizer), seed=6)
-    max_new = [1, 3, 9, 5, 14, 7]
+    max_new = [12, 3, 9, 5, 14, 7]  # request 0: the tokens read of it before it leaves
     expected = [reference_greedy(ref, p, n) for p, n in zip(prompts, max_new)]
     config = EngineConfig(max_num_seqs=1, admission_group=1, admission_order=order)
     finished = []
@@ -238,20 +238,21 @@ async def test_admission_order_picks_who_takes_a_free_slot(order, make_model, to
             return out
 
         first = engine.stream(prompts[0], SamplingParams(max_new_tokens=1500, ignore_eos=True))
-        got = await anext(first)  # request 0 holds the slot
+        got = [await anext(first)]  # request 0 holds the slot
         tasks = [asyncio.create_task(one(i)) for i in range(1, 6)]
         await until(lambda: engine.stats().num_waiting == 5)  # all five queued behind it
         tasks[3].cancel()  # request 4, the longest of them
         await asyncio.wait([tasks[3]])
         await until(lambda: engine.stats().num_waiting == 4)
         assert engine.stats().num_running == 1 and not finished
+        got += [await anext(first) for _ in range(max_new[0] - 1)]
         await first.aclose()  # request 0 leaves: its slot goes to the queue, in the engine's order
         outs = await asyncio.gather(*tasks, return_exceptions=True)
         assert engine.stats().kv_blocks_free == engine.stats().kv_blocks_total
     assert isinstance(outs[3], asyncio.CancelledError)
     assert finished == ([1, 2, 3, 5] if order == "arrival" else [2, 5, 3, 1])
     assert [o.token_ids for i, o in enumerate(outs) if i != 3] == [expected[i] for i in (1, 2, 3, 5)]
-    assert [got.id] == expected[0]
+    assert [t.id for t in got] == expected[0]
 
 
 def test_admission_order_is_checked():
