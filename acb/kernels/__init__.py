@@ -22,6 +22,6 @@ def decode_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int 
 
     The floor was 256 positions until session 21: it held models of one or two KV heads (Gemma 3 1B, Qwen2.5 1.5B)
     at 3 splits at 32 rows under a ``max_model_len`` of 784; with 9 and 5, their attention took 12 % and 5 % less GPU
-    time per layer and their decode steps 3.6-4.6 % less (W-family, H200, docs/benchmarks.md, session 21)."""
+    time per layer, about 3 % and 1 % of their decode steps (W-family, H200, docs/benchmarks.md, session 21)."""
     want = max(1, -(-2 * num_sms // max(1, batch * num_kv_heads)))
     return int(min(want, max(1, max_context // 64), 32))
