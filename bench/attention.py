@@ -236,11 +236,11 @@ def main(argv: list[str] | None = None) -> None:
         write_json(args.json, card, bandwidth, results)
         print(prefill_table(results, card))
         return
+    heads, kv_heads, dim = map(int, args.shape.split(","))
+    tiles = [] if args.tiles == "none" else [tuple(map(int, t.split("x"))) for t in args.tiles.split(",")]
+    splits = [int(x) for x in args.splits.split(",")]
     results = []
     for rows, ctx in itertools.product(map(int, args.rows.split(",")), map(int, args.contexts.split(","))):
-        heads, kv_heads, dim = map(int, args.shape.split(","))
-        tiles = [] if args.tiles == "none" else [tuple(map(int, t.split("x"))) for t in args.tiles.split(",")]
-        splits = [int(x) for x in args.splits.split(",")]
         results += measure(rows, ctx, bandwidth, args.max_model_len, heads, kv_heads, dim, splits, tiles)
         torch.cuda.empty_cache()
     write_json(args.json, card, bandwidth, results)

@@ -260,7 +260,7 @@ print("ok")
 
 _LEAN_KERNEL_DECODE = (
     """
-import asyncio, os, sys
+import asyncio, sys
 import torch
 sys.path.insert(0, "tests")
 from conftest import random_prompts, reference_greedy
