@@ -237,14 +237,13 @@ class LeanCausalLM:
         place. ``qkv_out``: where the fused Q/K/V projection goes. ``qk_norm=False``: q and k come back before
         their per-head norms, which the attention kernel then applies (a decode step on CUDA)."""
         lw = self.layers[i]
-        pf = self._prefetch("qkv", lw.qkv_w)
         if residual is None:
             residual = h.clone()
-            normed = self._norm(h, None, lw.ln1, prefetch=pf)
+            normed = self._norm(h, None, lw.ln1)
         elif self._partial(i - 1):
             normed = self._reduce_norm(h, residual, lw.ln1)
         else:
-            normed = self._norm(h, residual, lw.ln1, self.layers[i - 1].post_mlp_norm, prefetch=pf)
+            normed = self._norm(h, residual, lw.ln1, self.layers[i - 1].post_mlp_norm)
         t = normed.shape[0]
         if qkv_out is None:
             qkv = F.linear(normed, lw.qkv_w, lw.qkv_b)
@@ -276,16 +275,15 @@ class LeanCausalLM:
         :meth:`head`) unless a post-MLP norm needs it whole here (:meth:`_partial`)."""
         lw, norm = self.layers[i], self._norm
         attn = F.linear(o, lw.o_w)
-        pf = self._prefetch("gate_up", lw.gate_up_w)
         if lw.post_attn_norm is not None:
             if self.group is not None:
                 self.group.all_reduce(attn)
-            normed = norm(attn, residual, lw.ln2, lw.post_attn_norm, prefetch=pf)
+            normed = norm(attn, residual, lw.ln2, lw.post_attn_norm)
         elif self.group is not None:
             normed = self._reduce_norm(attn, residual, lw.ln2)
         else:
-            normed = norm(attn, residual, lw.ln2, prefetch=pf)
-        h = F.linear(self._up(normed, lw, self._prefetch("down", lw.down_w)), lw.down_w)
+            normed = norm(attn, residual, lw.ln2)
+        h = F.linear(self._up(normed, lw), lw.down_w)
         if lw.post_mlp_norm is not None and self.group is not None:
             self.group.all_reduce(h)  # the norm needs the whole sum
         return h
@@ -335,8 +333,7 @@ class LeanCausalLM:
             norms = None if lw.q_norm is None else (lw.q_norm, lw.k_norm, self.eps)
             o = self._k.paged_decode(q, kv, x.block_tables, x.seq_lens, self.scale, x.decode_splits,
                                      window=lw.window, workspace=self.workspace,
-                                     rope=(k, v, cos, sin, x.positions, x.slot_mapping), qk_norm=norms,
-                                     prefetch=self._prefetch("o", lw.o_w))  # fmt: skip
+                                     rope=(k, v, cos, sin, x.positions, x.slot_mapping), qk_norm=norms)  # fmt: skip
             return o if out is None else out.copy_(o)
         self._kf.rope_and_cache(q, k, v, cos, sin, x.positions, x.slot_mapping, kv)
         if x.prefill_map is None:
@@ -354,34 +351,23 @@ class LeanCausalLM:
 
     # -- fused ops on CUDA, plain torch twins on the CPU ------------------------------------------------------------
 
-    def _prefetch(self, name: str, weight: torch.Tensor) -> torch.Tensor | None:
-        """``weight``, for the kernel before the one that reads it to ask L2 for (:mod:`acb.kernels.prefetch`), where
-        the kernels run and ``name`` is one of the prefetch targets; else None."""
-        if not self.kernels:
-            return None
-        from .kernels import prefetch
-
-        return weight if prefetch.MODE and name in prefetch.TARGETS else None
-
-    def _up_cuda(self, x: torch.Tensor, lw: LeanLayer, prefetch: torch.Tensor | None = None) -> torch.Tensor:
+    def _up_cuda(self, x: torch.Tensor, lw: LeanLayer) -> torch.Tensor:
         """The MLP's gate/up projection and activation: one Triton kernel for a decode step's few rows, cuBLAS and
         the activation kernel for more (where cuBLAS's wide tiles win)."""
         if x.shape[0] <= self._kf.GATE_UP_ROWS:
-            return self._kf.gate_up_act(x, lw.gate_up_w, self.spec.activation, prefetch=prefetch)
+            return self._kf.gate_up_act(x, lw.gate_up_w, self.spec.activation)
         return self._up_unfused(x, lw)
 
-    def _up_unfused(self, x: torch.Tensor, lw: LeanLayer, prefetch: torch.Tensor | None = None) -> torch.Tensor:
+    def _up_unfused(self, x: torch.Tensor, lw: LeanLayer) -> torch.Tensor:
         """The fused gate/up projection, then :attr:`_gate` (the activation kernel on CUDA, torch on the CPU)."""
         return self._gate(F.linear(x, lw.gate_up_w))
 
     # the norms: ``residual += x`` (when given), then RMSNorm with weight ``w``; ``pre``: x is RMSNormed with it first
 
-    def _norm_cuda(self, x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, pre=None,
-                   prefetch=None) -> torch.Tensor:  # fmt: skip
-        return self._kf.add_rmsnorm(x, residual, w, self.eps, pre, prefetch)
+    def _norm_cuda(self, x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, pre=None) -> torch.Tensor:
+        return self._kf.add_rmsnorm(x, residual, w, self.eps, pre)
 
-    def _norm_torch(self, x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, pre=None,
-                    prefetch=None) -> torch.Tensor:  # fmt: skip
+    def _norm_torch(self, x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, pre=None) -> torch.Tensor:
         if pre is not None:
             x = self._norm_torch(x, None, pre)
         if residual is not None:

@@ -46,7 +46,7 @@ def _backend():
 
 
 DECODE_TYPES = {
-    **{n: "*bf16" for n in ("Q", "KC", "VC", "KN", "VN", "QW", "KW", "OUT", "PF")},
+    **{n: "*bf16" for n in ("Q", "KC", "VC", "KN", "VN", "QW", "KW", "OUT")},
     **{n: "*fp32" for n in ("OP", "MP", "LP", "COS", "SIN")},
     "BT": "*i32", "LENS": "*i32", "POS": "*i64", "SLOT": "*i64", "scale": "fp32", "eps": "fp32",
 }  # fmt: skip
@@ -55,11 +55,11 @@ DECODE_TYPES = {
 @pytest.mark.parametrize(
     "rope, qk_norm, new_kv", [(True, True, True), (True, False, True), (False, False, True), (False, False, False)]
 )  # the lean path's decode (with and without q/k norms), the generic path's, the plain kernel
-@pytest.mark.parametrize("dim, group, splits, pf_mode", [(64, 4, 2, 2), (96, 1, 1, 0), (256, 4, 8, 1)])
-def test_the_decode_kernel_compiles(rope, qk_norm, new_kv, dim, group, splits, pf_mode):
+@pytest.mark.parametrize("dim, group, splits", [(64, 4, 2), (96, 1, 1), (256, 4, 8)])
+def test_the_decode_kernel_compiles(rope, qk_norm, new_kv, dim, group, splits):
     consts = dict(GROUP=group, GROUP_PAD=max(16, group), D=dim, D_PAD=triton.next_power_of_2(dim), BLOCK_N=64,
                   PAGE=16, SPLITS=splits, WINDOW=0, PRECISION="tf32", ROPE=rope, QK_NORM=qk_norm,
-                  NEW_KV=new_kv, PF_MODE=pf_mode, PF_LANES=128)  # fmt: skip
+                  NEW_KV=new_kv)  # fmt: skip
     _compile(A._decode_split_kernel, DECODE_TYPES, consts)
     if splits > 1:
         types = {"OP": "*fp32", "MP": "*fp32", "LP": "*fp32", "OUT": "*bf16"}
@@ -74,15 +74,10 @@ def test_the_prefill_kernel_compiles():
     _compile(A._prefill_kernel, types, consts)
 
 
-@pytest.mark.parametrize(
-    "residual, pre, pf_mode", [(True, True, 2), (True, False, 1), (False, True, 0), (False, False, 2)]
-)
-def test_the_norm_kernel_compiles(residual, pre, pf_mode):
-    types = {n: "*bf16" for n in ("X", "R", "W", "PRE", "OUT", "PF")} | {"eps": "fp32"}
-    consts = dict(BLOCK=2048, HAS_RES=residual, HAS_PRE=pre, PF_MODE=pf_mode, PF_LANES=128)
-    kernel = _compile(F._add_rmsnorm_kernel, types, consts)
-    # the prefetch is a hint with no result: the compiler must keep it all the same
-    assert ("prefetch" in kernel.asm["ptx"]) == (pf_mode != 0)
+@pytest.mark.parametrize("residual, pre", [(True, True), (True, False), (False, True), (False, False)])
+def test_the_norm_kernel_compiles(residual, pre):
+    types = {n: "*bf16" for n in ("X", "R", "W", "PRE", "OUT")} | {"eps": "fp32"}
+    _compile(F._add_rmsnorm_kernel, types, dict(BLOCK=2048, HAS_RES=residual, HAS_PRE=pre))
 
 
 def test_the_small_kernels_compile():
@@ -98,10 +93,9 @@ def test_the_small_kernels_compile():
 
 
 @pytest.mark.parametrize("block_m", sorted(F._GATE_UP_TILES))
-@pytest.mark.parametrize("act, pf_mode", [(0, 2), (1, 0)])
-def test_the_gate_up_kernel_compiles(block_m, act, pf_mode):
+@pytest.mark.parametrize("act", [0, 1])
+def test_the_gate_up_kernel_compiles(block_m, act):
     block_n, block_k, warps, _ = F._GATE_UP_TILES[block_m]
-    types = {n: "*bf16" for n in ("X", "G", "U", "OUT", "PF")}
-    consts = dict(ACT=act, EVEN=True, PRECISION="tf32", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                  PF_MODE=pf_mode, PF_LANES=32 * warps)  # fmt: skip
+    types = {n: "*bf16" for n in ("X", "G", "U", "OUT")}
+    consts = dict(ACT=act, EVEN=True, PRECISION="tf32", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     _compile(F._gate_up_act_kernel, types, consts, warps)

@@ -20,8 +20,6 @@ import triton
 import triton.language as tl
 
 from . import decode_splits
-from . import prefetch as _pf
-from .prefetch import prefetch_l2
 
 __all__ = ["paged_decode", "paged_prefill", "prefill_block_map", "decode_splits"]
 
@@ -47,11 +45,11 @@ def _online_softmax(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
 
 @triton.jit
 def _decode_split_kernel(
-    Q, KC, VC, BT, LENS, OP, MP, LP, OUT, scale, KN, VN, COS, SIN, POS, SLOT, QW, KW, eps, PF, pf_bytes,
+    Q, KC, VC, BT, LENS, OP, MP, LP, OUT, scale, KN, VN, COS, SIN, POS, SLOT, QW, KW, eps,
     s_qb, s_qh, s_kb, s_ks, s_kh, s_bt, s_ob, s_oh, s_os, s_mb, s_mh, s_b, s_h, s_knb, s_knh, s_vnb, s_vnh, s_cos,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, SPLITS: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr, ROPE: tl.constexpr,
-    QK_NORM: tl.constexpr, NEW_KV: tl.constexpr, PF_MODE: tl.constexpr, PF_LANES: tl.constexpr,
+    QK_NORM: tl.constexpr, NEW_KV: tl.constexpr,
 ):  # fmt: skip
     # NEW_KV: KN/VN hold the new token's key and value, not yet in the cache: the program whose chunk holds the new
     # position writes them to the cache slot SLOT[b], before its own loop reads them. ROPE (with NEW_KV): Q and KN
@@ -62,9 +60,6 @@ def _decode_split_kernel(
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    # PF: the next kernel's weights (the output projection's), asked into L2 while attention reads the cache
-    programs = tl.num_programs(0) * tl.num_programs(1) * SPLITS
-    prefetch_l2(PF, pf_bytes, (b * tl.num_programs(1) + kvh) * SPLITS + split, programs, PF_MODE, PF_LANES)
     ctx = tl.load(LENS + b)
     chunk = tl.cdiv(tl.cdiv(ctx, SPLITS), BLOCK_N) * BLOCK_N
     start = split * chunk
@@ -191,7 +186,6 @@ def paged_decode(
     rope: tuple[torch.Tensor, ...] | None = None,
     qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
     new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    prefetch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``tile``: ``(BLOCK_N, num_warps, num_stages)`` of the split kernel instead of the defaults (bench.attention
     times the choices).
@@ -206,8 +200,6 @@ def paged_decode(
 
     ``new_kv``: ``(k, v, slot_mapping)`` of the step's new tokens, already rotated (the generic path's): the kernel
     writes them to the cache, one kernel where :meth:`acb.kv_cache.KVCache.write` takes two to four.
-
-    ``prefetch``: a weight the next kernel reads, which the split kernel asks L2 for (:mod:`acb.kernels.prefetch`).
     """
     if qk_norm is not None and rope is None:
         raise ValueError("qk_norm comes with rope: the kernel norms the new key it writes to the cache")
@@ -236,19 +228,15 @@ def paged_decode(
     if kn.stride(-1) != 1 or vn.stride(-1) != 1:
         kn, vn = kn.contiguous(), vn.contiguous()
     qw, kw, eps = qk_norm if qk_norm is not None else (q, q, 0.0)
-    pf_mode = _pf.mode(q.device) if prefetch is not None else 0
-    pf, pf_bytes = _pf.region(prefetch) if pf_mode else (q, 0)
     _decode_split_kernel[(bsz, kvh, splits)](
         q, kc, vc, block_tables, seq_lens, op, mp, lp, out, scale, kn, vn, cos, sin, positions, slots, qw, kw, eps,
-        pf, pf_bytes,
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
         op.stride(0), op.stride(1), op.stride(2), mp.stride(0), mp.stride(1), out.stride(0), out.stride(1),
         kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), cos.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim, D_PAD=triton.next_power_of_2(dim),
         BLOCK_N=block_n, PAGE=kv.shape[2],
         SPLITS=splits, WINDOW=window, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", ROPE=rope is not None,
-        QK_NORM=qk_norm is not None, NEW_KV=rope is not None or new_kv is not None, PF_MODE=pf_mode,
-        PF_LANES=32 * warps, num_warps=warps, num_stages=stages,
+        QK_NORM=qk_norm is not None, NEW_KV=rope is not None or new_kv is not None, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if splits == 1:  # the split kernel wrote the output
         return out

@@ -11,9 +11,6 @@ import torch
 import triton
 import triton.language as tl
 
-from . import prefetch as _pf
-from .prefetch import prefetch_l2
-
 __all__ = [
     "rope_and_cache",
     "add_rmsnorm",
@@ -171,11 +168,9 @@ def _norm_row(x, cols, mask, n, eps, R, W, PRE, OUT_TY: tl.constexpr, HAS_RES: t
 
 @triton.jit
 def _add_rmsnorm_kernel(
-    X, R, W, PRE, OUT, PF, pf_bytes, s_x, s_r, s_o, n, eps, BLOCK: tl.constexpr, HAS_RES: tl.constexpr,
-    HAS_PRE: tl.constexpr, PF_MODE: tl.constexpr, PF_LANES: tl.constexpr,
+    X, R, W, PRE, OUT, s_x, s_r, s_o, n, eps, BLOCK: tl.constexpr, HAS_RES: tl.constexpr, HAS_PRE: tl.constexpr
 ):  # fmt: skip
     row = tl.program_id(0)
-    prefetch_l2(PF, pf_bytes, row, tl.num_programs(0), PF_MODE, PF_LANES)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
     x = tl.load(X + row * s_x + cols, mask=mask, other=0.0).to(tl.float32)
@@ -184,30 +179,20 @@ def _add_rmsnorm_kernel(
 
 
 def add_rmsnorm(
-    x: torch.Tensor,
-    residual: torch.Tensor | None,
-    weight: torch.Tensor,
-    eps: float,
-    pre: torch.Tensor | None = None,
-    prefetch: torch.Tensor | None = None,
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, pre: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``residual += x`` (when given), then RMSNorm of the sum; returns the normed rows (``x`` itself is kept).
 
     ``pre``: RMSNorm ``x`` with this weight first (Gemma 3's norms on the attention's and the MLP's outputs, before
     they join the residual stream): one kernel for what would be ``add_rmsnorm(add_rmsnorm(x, None, pre, eps),
-    residual, weight, eps)``, with the same result.
-
-    ``prefetch``: a weight the next kernel reads, which this one asks L2 for (:mod:`acb.kernels.prefetch`)."""
+    residual, weight, eps)``, with the same result."""
     rows, n = x.shape
     out = torch.empty_like(x)
     res = residual if residual is not None else x
-    pf_mode = _pf.mode(x.device) if prefetch is not None else 0
-    pf, pf_bytes = _pf.region(prefetch) if pf_mode else (x, 0)
-    warps = 8 if n >= 4096 else 4
     _add_rmsnorm_kernel[(rows,)](
-        x, res, weight, pre if pre is not None else weight, out, pf, pf_bytes, x.stride(0), res.stride(0),
-        out.stride(0), n, eps, BLOCK=triton.next_power_of_2(n), HAS_RES=residual is not None, HAS_PRE=pre is not None,
-        PF_MODE=pf_mode, PF_LANES=32 * warps, num_warps=warps,
+        x, res, weight, pre if pre is not None else weight, out, x.stride(0), res.stride(0), out.stride(0), n, eps,
+        BLOCK=triton.next_power_of_2(n), HAS_RES=residual is not None, HAS_PRE=pre is not None,
+        num_warps=8 if n >= 4096 else 4,
     )  # fmt: skip
     return out
 
@@ -247,17 +232,15 @@ _GATE_UP_WIDE = (128, 64, 8, 4)
 
 @triton.jit(do_not_specialize=["M"])  # any row count, one compiled variant per tile: no compile mid-serving
 def _gate_up_act_kernel(
-    X, G, U, OUT, PF, pf_bytes, M, N, K, s_xm, s_gn, s_un, s_om,
+    X, G, U, OUT, M, N, K, s_xm, s_gn, s_un, s_om,
     ACT: tl.constexpr, EVEN: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PF_MODE: tl.constexpr, PF_LANES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """``OUT[:, n] = act(X @ G[n]) * (X @ U[n])`` for this program's BLOCK_N columns n and BLOCK_M rows: one pass
     over the gate weights' rows and the matching up rows, the activation in the epilogue. The products are rounded
     to OUT's dtype before the activation, as a GEMM writing them out would."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    prefetch_l2(PF, pf_bytes, pid_m * tl.num_programs(1) + pid_n, tl.num_programs(0) * tl.num_programs(1), PF_MODE,
-                PF_LANES)  # fmt: skip
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -301,17 +284,12 @@ def _gated(acc_g, acc_u, ty: tl.constexpr, ACT: tl.constexpr):
 
 
 def gate_up_act(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    activation: str = "silu",
-    up: torch.Tensor | None = None,
-    prefetch: torch.Tensor | None = None,
+    x: torch.Tensor, w: torch.Tensor, activation: str = "silu", up: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``act(x @ gate.T) * (x @ up.T)`` for ``w = [gate | up]`` of shape ``[2 * I, K]`` (or ``w = gate`` and ``up``
     apart, each ``[I, K]``, as transformers' MLP modules hold them) and at most :data:`GATE_UP_ROWS` rows of
     ``x [M, K]``; ``activation``: ``"silu"`` or ``"gelu_tanh"``. One kernel where cuBLAS + :func:`silu_mul` take two
-    and write the ``[M, 2 * I]`` product out between them. ``prefetch``: a weight the next kernel reads, which this
-    one asks L2 for (:mod:`acb.kernels.prefetch`)."""
+    and write the ``[M, 2 * I]`` product out between them."""
     rows, k = x.shape
     if up is None:
         w, up = w.chunk(2)
@@ -330,14 +308,11 @@ def gate_up_act(
     stages = max(2, min(stages, shared // stage))  # what shared memory holds (an A100 has 164 KB, an H100 227 KB)
     x = x.contiguous()
     out = torch.empty(rows, inter, dtype=x.dtype, device=x.device)
-    pf_mode = _pf.mode(x.device) if prefetch is not None else 0
-    pf, pf_bytes = _pf.region(prefetch) if pf_mode else (x, 0)
     _gate_up_act_kernel[(triton.cdiv(rows, block_m), triton.cdiv(inter, block_n))](
-        x, w, up, out, pf, pf_bytes, rows, inter, k, x.stride(0), w.stride(0), up.stride(0), out.stride(0),
+        x, w, up, out, rows, inter, k, x.stride(0), w.stride(0), up.stride(0), out.stride(0),
         ACT=0 if activation == "silu" else 1, EVEN=k % block_k == 0 and inter % block_n == 0,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PF_MODE=pf_mode, PF_LANES=32 * warps, num_warps=warps,
-        num_stages=stages,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out
 
