@@ -275,7 +275,7 @@ def _gate_up_act_kernel(
     cols = rn[:, None] < N
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)  # summed over K once, after the loop
     for k0 in range(0, K, BLOCK_K):
         if EVEN:  # K a multiple of BLOCK_K, N of BLOCK_N: only the rows are masked
             ks = rows
@@ -291,7 +291,7 @@ def _gate_up_act_kernel(
         if NORM:
             r = tl.load(rp, mask=ks, other=0.0)
             x = (x.to(tl.float32) + r.to(tl.float32)).to(R.dtype.element_ty)
-            squares += tl.sum(x.to(tl.float32) * x.to(tl.float32), 1)
+            squares += x.to(tl.float32) * x.to(tl.float32)
             nw = tl.load(NW + k0 + rk, mask=k0 + rk < K, other=0.0)
             x = (x.to(NW.dtype.element_ty) * nw[None, :]).to(X.dtype.element_ty)
             rp += BLOCK_K
@@ -301,7 +301,7 @@ def _gate_up_act_kernel(
         gp += BLOCK_K
         up += BLOCK_K
     if NORM:
-        scale = tl.rsqrt(squares / K + eps)[:, None]
+        scale = tl.rsqrt(tl.sum(squares, 1) / K + eps)[:, None]
         acc_g *= scale
         acc_u *= scale
     out = _gated(acc_g, acc_u, OUT.dtype.element_ty, ACT)
