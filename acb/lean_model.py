@@ -12,7 +12,6 @@ each op is chosen once, when the model is built. Any model without an adapter ke
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -48,9 +47,6 @@ EAGER_TOKEN_MULTIPLE = 16
 # Steps of more tokens than this pad to a multiple of LARGE_STEP_MULTIPLE instead: cuBLAS computes whole 128-row tiles
 # anyway, and the warm-up, whose GEMM work grows with the square of the step budget, runs 8x fewer counts there.
 LARGE_STEP, LARGE_STEP_MULTIPLE = 8192, 128
-# The MLP's first norm folded into the gate/up kernel where it can be (LeanCausalLM._folds); ACB_FOLD_NORM=0 keeps
-# the norm a kernel of its own (the A/B in docs/benchmarks.md, session 22).
-FOLD_NORM = os.environ.get("ACB_FOLD_NORM", "1") != "0"
 
 
 def padded_tokens(tokens: int, multiple: int) -> int:
@@ -181,9 +177,8 @@ class LeanCausalLM:
             rows = pad_rows(rows, self.row_buckets)
         # a decode step's kernel norms q and k per head itself (Qwen3, Gemma 3: see _attend_cuda)
         qk_norm = not (self.kernels and x.decode_splits)
-        pending = None
         for i, lw in enumerate(self.layers):
-            q, k, v, residual = self.before_attention(i, h, residual, qk_norm=qk_norm, pending=pending)
+            q, k, v, residual = self.before_attention(i, h, residual, qk_norm=qk_norm)
             if out is None:
                 o = self._attend(i, lw, q, k, v, x)
             else:
@@ -192,8 +187,8 @@ class LeanCausalLM:
             o = o.reshape(q.shape[0], -1)
             if i == last and rows is not None:
                 o, residual = o[rows], residual[rows]
-            h, pending = self.after_attention(i, o, residual)
-        logits = self.head(h, residual, None, pending)
+            h = self.after_attention(i, o, residual)
+        logits = self.head(h, residual, None)
         n = t if x.logits_idx is None else x.logits_idx.shape[0]
         return logits if logits.shape[0] == n else logits[:n]
 
@@ -236,12 +231,10 @@ class LeanCausalLM:
         residual: torch.Tensor | None,
         qkv_out: torch.Tensor | None = None,
         qk_norm: bool = True,
-        pending: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Layer ``i`` up to attention: ``(q, k, v, residual)``. The first layer starts the residual stream (a copy
         of ``h``); later ones add ``h`` (after the previous layer's post-MLP norm, where it has one) into it in
-        place, after ``pending`` (the previous layer's attention output, where :meth:`after_attention` left it to
-        add). ``qkv_out``: where the fused Q/K/V projection goes. ``qk_norm=False``: q and k come back before
+        place. ``qkv_out``: where the fused Q/K/V projection goes. ``qk_norm=False``: q and k come back before
         their per-head norms, which the attention kernel then applies (a decode step on CUDA)."""
         lw = self.layers[i]
         if residual is None:
@@ -250,7 +243,7 @@ class LeanCausalLM:
         elif self._partial(i - 1):
             normed = self._reduce_norm(h, residual, lw.ln1)
         else:
-            normed = self._norm(h, residual, lw.ln1, self.layers[i - 1].post_mlp_norm, also=pending)
+            normed = self._norm(h, residual, lw.ln1, self.layers[i - 1].post_mlp_norm)
         t = normed.shape[0]
         if qkv_out is None:
             qkv = F.linear(normed, lw.qkv_w, lw.qkv_b)
@@ -272,27 +265,16 @@ class LeanCausalLM:
         v = qkv[:, self._q_size + self._kv_size :].view(t, self.num_kv_heads, self.head_dim)
         return q, k, v
 
-    def after_attention(
-        self, i: int, o: torch.Tensor, residual: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Layer ``i`` from attention's output ``o`` ``[T, heads * head_dim]``: the output projection and the MLP.
-        Returns ``(h, pending)``: the MLP's output, before the post-MLP norm of a family that has one (Gemma 3),
-        which whatever reads it next applies in its own kernel (the next layer's first norm, or :meth:`head`); and
-        the attention's contribution to ``residual`` where it is still to be added (by that same reader, before
-        ``h``), else None (``residual`` took it in place).
-
-        ``pending`` is the output projection's result when the MLP's first norm is folded into its gate/up kernel
-        (:meth:`_folds`): that kernel reads ``residual + attn`` and cannot write the sum, which its other programs
-        still read.
-
-        Under tensor parallelism each rank's heads and MLP columns give partial sums: the attention's is summed
-        here (with the norm after it, :meth:`_reduce_norm`), the MLP's by whatever reads it next (the next layer's
-        first norm, or :meth:`head`) unless a post-MLP norm needs it whole here (:meth:`_partial`)."""
+    def after_attention(self, i: int, o: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """Layer ``i`` from attention's output ``o`` ``[T, heads * head_dim]``: the output projection and the MLP
+        (``residual`` takes the attention's contribution in place); returns the MLP's output, before the post-MLP
+        norm of a family that has one (Gemma 3): whatever reads it next applies that norm in its own kernel (the next
+        layer's first norm, or :meth:`head`). Under tensor
+        parallelism each rank's heads and MLP columns give partial sums: the attention's is summed here (with the
+        norm after it, :meth:`_reduce_norm`), the MLP's by whatever reads it next (the next layer's first norm, or
+        :meth:`head`) unless a post-MLP norm needs it whole here (:meth:`_partial`)."""
         lw, norm = self.layers[i], self._norm
         attn = F.linear(o, lw.o_w)
-        if self._folds(lw, attn.shape[0]):
-            up = self._kf.gate_up_act(attn, lw.gate_up_w, self.spec.activation, norm=(residual, lw.ln2, self.eps))
-            return F.linear(up, lw.down_w), attn
         if lw.post_attn_norm is not None:
             if self.group is not None:
                 self.group.all_reduce(attn)
@@ -304,19 +286,7 @@ class LeanCausalLM:
         h = F.linear(self._up(normed, lw), lw.down_w)
         if lw.post_mlp_norm is not None and self.group is not None:
             self.group.all_reduce(h)  # the norm needs the whole sum
-        return h, None
-
-    def _folds(self, lw: LeanLayer, rows: int) -> bool:
-        """Whether the MLP's first norm goes into its gate/up kernel (:func:`acb.kernels.fused.gate_up_act`'s
-        ``norm``): on CUDA, for a decode step's few rows, one rank, and no norm on the attention's output (Gemma 3's
-        needs its whole row before the add)."""
-        return (
-            FOLD_NORM
-            and self.kernels
-            and self.group is None
-            and lw.post_attn_norm is None
-            and rows <= self._kf.GATE_UP_ROWS
-        )
+        return h
 
     def _partial(self, i: int) -> bool:
         """Whether layer ``i``'s MLP output (what :meth:`after_attention` returns) is still a per-rank partial sum."""
@@ -330,21 +300,13 @@ class LeanCausalLM:
             normed = self._norm(self.group.all_reduce(x), residual, w)
         return normed
 
-    def head(
-        self,
-        h: torch.Tensor,
-        residual: torch.Tensor,
-        logits_idx: torch.Tensor | None,
-        pending: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The last residual add (``pending``, then ``h``: see :meth:`after_attention`), the final norm and the LM
-        head, for the rows ``logits_idx`` (None: all)."""
+    def head(self, h: torch.Tensor, residual: torch.Tensor, logits_idx: torch.Tensor | None) -> torch.Tensor:
+        """The last residual add, the final norm and the LM head, for the rows ``logits_idx`` (None: all)."""
         if logits_idx is not None:
             h, residual = h[logits_idx], residual[logits_idx]
-            pending = None if pending is None else pending[logits_idx]
         if self._partial(len(self.layers) - 1):  # the rows the head reads, summed over the ranks
             h = self.group.all_reduce(h.contiguous())
-        return self._logits(self._norm(h, residual, self.norm, self.layers[-1].post_mlp_norm, also=pending))
+        return self._logits(self._norm(h, residual, self.norm, self.layers[-1].post_mlp_norm))
 
     def _logits(self, normed: torch.Tensor) -> torch.Tensor:
         """The LM head on the final norm's output (gathered over the ranks), soft-capped where the family does."""
@@ -402,16 +364,12 @@ class LeanCausalLM:
 
     # the norms: ``residual += x`` (when given), then RMSNorm with weight ``w``; ``pre``: x is RMSNormed with it first
 
-    def _norm_cuda(self, x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, pre=None,
-                   also=None) -> torch.Tensor:  # fmt: skip
-        return self._kf.add_rmsnorm(x, residual, w, self.eps, pre, also)
+    def _norm_cuda(self, x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, pre=None) -> torch.Tensor:
+        return self._kf.add_rmsnorm(x, residual, w, self.eps, pre)
 
-    def _norm_torch(self, x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, pre=None,
-                    also=None) -> torch.Tensor:  # fmt: skip
+    def _norm_torch(self, x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, pre=None) -> torch.Tensor:
         if pre is not None:
             x = self._norm_torch(x, None, pre)
-        if also is not None:
-            residual.add_(also)
         if residual is not None:
             residual.add_(x)
             x = residual

@@ -47,7 +47,6 @@ class _Bucket:
     normed: tuple[torch.Tensor, torch.Tensor] | None  # per-head-normed Q and K (families with Q/K norms)
     residual: torch.Tensor | None = None
     h: torch.Tensor | None = None  # the last layer's output
-    pending: torch.Tensor | None = None  # its attention output, where the head still adds it (LeanCausalLM.head)
     outs: list = field(default_factory=list)  # per layer (q, k, v): what its attention reads
     logits: dict[int, torch.Tensor] = field(default_factory=dict)  # per row bucket
     graphs: list[torch.cuda.CUDAGraph] = field(default_factory=list)  # the pieces
@@ -90,14 +89,14 @@ class MixedGraphs:
         computed now (eagerly, or while a graph captures it)."""
         lean = self.lean
         if j == 0:
-            h, residual, pending = lean.embed_in(bk.ids), None, None
+            h, residual = lean.embed_in(bk.ids), None
         else:
             residual = bk.residual
-            h, pending = lean.after_attention(j - 1, bk.attn.view(bk.tokens, -1), residual)
+            h = lean.after_attention(j - 1, bk.attn.view(bk.tokens, -1), residual)
         if j == len(lean.layers):
-            bk.h, bk.pending = h, pending
+            bk.h = h
             return
-        q, k, v, bk.residual = lean.before_attention(j, h, residual, qkv_out=bk.qkv, pending=pending)
+        q, k, v, bk.residual = lean.before_attention(j, h, residual, qkv_out=bk.qkv)
         if bk.normed is not None and lean.layers[j].q_norm is not None:  # normed copies: one static place
             q, k = bk.normed[0].copy_(q), bk.normed[1].copy_(k)
         if len(bk.outs) <= j:
@@ -107,7 +106,7 @@ class MixedGraphs:
 
     def _head(self, bk: _Bucket, rows: int) -> None:
         """The logits of the first ``rows`` entries of ``bk.rows`` (a row bucket)."""
-        bk.logits[rows] = self.lean.head(bk.h, bk.residual, bk.rows[:rows], bk.pending)
+        bk.logits[rows] = self.lean.head(bk.h, bk.residual, bk.rows[:rows])
 
     def _capture(self, bk: _Bucket, pool) -> None:
         pieces = range(len(self.lean.layers) + 1)

@@ -149,22 +149,17 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 
 
 @triton.jit
-def _norm_row(x, cols, mask, n, eps, R, W, PRE, X2, OUT_TY: tl.constexpr, HAS_RES: tl.constexpr,
-              HAS_PRE: tl.constexpr, HAS_X2: tl.constexpr):  # fmt: skip
+def _norm_row(x, cols, mask, n, eps, R, W, PRE, OUT_TY: tl.constexpr, HAS_RES: tl.constexpr, HAS_PRE: tl.constexpr):
     """One row's residual add + RMSNorm, :func:`add_rmsnorm`'s arithmetic: ``x`` (float32, zeros past ``n``) is
     RMSNormed with PRE first (HAS_PRE, rounded to OUT_TY), added into the residual row R (HAS_RES, which takes the
-    sum rounded; after the row X2, HAS_X2, added and rounded the same way), then normed with W; returns the normed
-    row in OUT_TY."""
+    sum rounded), then normed with W; returns the normed row in OUT_TY."""
     w = tl.load(W + cols, mask=mask, other=0.0)
     if HAS_PRE:  # the same arithmetic as a call of its own with weight PRE (rounded to OUT's dtype), in registers
         p = tl.load(PRE + cols, mask=mask, other=0.0)
         y = x * tl.rsqrt(tl.sum(x * x, 0) / n + eps)
         x = (y.to(p.dtype) * p).to(OUT_TY).to(tl.float32)
     if HAS_RES:
-        r = tl.load(R + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_X2:
-            r = (r + tl.load(X2 + cols, mask=mask, other=0.0).to(tl.float32)).to(R.dtype.element_ty).to(tl.float32)
-        x += r
+        x += tl.load(R + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(R + cols, x.to(R.dtype.element_ty), mask=mask)
     var = tl.sum(x * x, 0) / n
     y = x * tl.rsqrt(var + eps)
@@ -173,44 +168,31 @@ def _norm_row(x, cols, mask, n, eps, R, W, PRE, X2, OUT_TY: tl.constexpr, HAS_RE
 
 @triton.jit
 def _add_rmsnorm_kernel(
-    X, R, W, PRE, X2, OUT, s_x, s_r, s_x2, s_o, n, eps, BLOCK: tl.constexpr, HAS_RES: tl.constexpr,
-    HAS_PRE: tl.constexpr, HAS_X2: tl.constexpr,
+    X, R, W, PRE, OUT, s_x, s_r, s_o, n, eps, BLOCK: tl.constexpr, HAS_RES: tl.constexpr, HAS_PRE: tl.constexpr
 ):  # fmt: skip
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
     x = tl.load(X + row * s_x + cols, mask=mask, other=0.0).to(tl.float32)
-    out = _norm_row(x, cols, mask, n, eps, R + row * s_r, W, PRE, X2 + row * s_x2, OUT.dtype.element_ty, HAS_RES,
-                    HAS_PRE, HAS_X2)  # fmt: skip
+    out = _norm_row(x, cols, mask, n, eps, R + row * s_r, W, PRE, OUT.dtype.element_ty, HAS_RES, HAS_PRE)
     tl.store(OUT + row * s_o + cols, out, mask=mask)
 
 
 def add_rmsnorm(
-    x: torch.Tensor,
-    residual: torch.Tensor | None,
-    weight: torch.Tensor,
-    eps: float,
-    pre: torch.Tensor | None = None,
-    also: torch.Tensor | None = None,
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, pre: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``residual += x`` (when given), then RMSNorm of the sum; returns the normed rows (``x`` itself is kept).
 
     ``pre``: RMSNorm ``x`` with this weight first (Gemma 3's norms on the attention's and the MLP's outputs, before
     they join the residual stream): one kernel for what would be ``add_rmsnorm(add_rmsnorm(x, None, pre, eps),
-    residual, weight, eps)``, with the same result.
-
-    ``also``: rows added into ``residual`` first, before ``x`` (each sum rounded): the attention's output that a
-    gate/up projection with the norm folded in (:func:`gate_up_act`'s ``norm``) read but did not add."""
+    residual, weight, eps)``, with the same result."""
     rows, n = x.shape
     out = torch.empty_like(x)
     res = residual if residual is not None else x
-    if also is not None and (residual is None or also.shape != x.shape or also.stride(-1) != 1):
-        raise ValueError("add_rmsnorm's also comes with a residual, in x's shape, rows contiguous")
-    x2 = also if also is not None else x
     _add_rmsnorm_kernel[(rows,)](
-        x, res, weight, pre if pre is not None else weight, x2, out, x.stride(0), res.stride(0), x2.stride(0),
-        out.stride(0), n, eps, BLOCK=triton.next_power_of_2(n), HAS_RES=residual is not None, HAS_PRE=pre is not None,
-        HAS_X2=also is not None, num_warps=8 if n >= 4096 else 4,
+        x, res, weight, pre if pre is not None else weight, out, x.stride(0), res.stride(0), out.stride(0), n, eps,
+        BLOCK=triton.next_power_of_2(n), HAS_RES=residual is not None, HAS_PRE=pre is not None,
+        num_warps=8 if n >= 4096 else 4,
     )  # fmt: skip
     return out
 
@@ -250,60 +232,40 @@ _GATE_UP_WIDE = (128, 64, 8, 4)
 
 @triton.jit(do_not_specialize=["M"])  # any row count, one compiled variant per tile: no compile mid-serving
 def _gate_up_act_kernel(
-    X, G, U, OUT, R, NW, eps, M, N, K, s_xm, s_gn, s_un, s_om, s_rm,
-    ACT: tl.constexpr, EVEN: tl.constexpr, PRECISION: tl.constexpr, NORM: tl.constexpr,
+    X, G, U, OUT, M, N, K, s_xm, s_gn, s_un, s_om,
+    ACT: tl.constexpr, EVEN: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """``OUT[:, n] = act(X @ G[n]) * (X @ U[n])`` for this program's BLOCK_N columns n and BLOCK_M rows: one pass
     over the gate weights' rows and the matching up rows, the activation in the epilogue. The products are rounded
-    to OUT's dtype before the activation, as a GEMM writing them out would.
-
-    NORM: X is ``RMSNorm(R + X) * NW`` instead, in the same pass. RMSNorm scales each row by one number,
-    ``rsqrt(mean(x^2) + eps)``, so the loop feeds ``x * NW`` to the products while it sums ``x^2`` over the same
-    tiles, and the epilogue scales the products by it: no pass of its own over the row. ``x = R + X`` is rounded to
-    R's dtype, as the residual stream holds it (R itself is not written)."""
+    to OUT's dtype before the activation, as a GEMM writing them out would."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     xp = X + rm[:, None] * s_xm + rk[None, :]
-    rp = R + rm[:, None] * s_rm + rk[None, :]
     gp = G + rn[:, None].to(tl.int64) * s_gn + rk[None, :]
     up = U + rn[:, None].to(tl.int64) * s_un + rk[None, :]
     rows = rm[:, None] < M
     cols = rn[:, None] < N
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)  # summed over K once, after the loop
     for k0 in range(0, K, BLOCK_K):
         if EVEN:  # K a multiple of BLOCK_K, N of BLOCK_N: only the rows are masked
-            ks = rows
             x = tl.load(xp, mask=rows, other=0.0)
             wg = tl.load(gp)
             wu = tl.load(up)
         else:
-            kin = (k0 + rk)[None, :] < K
-            ks = rows & kin
-            x = tl.load(xp, mask=ks, other=0.0)
-            wg = tl.load(gp, mask=cols & kin, other=0.0)
-            wu = tl.load(up, mask=cols & kin, other=0.0)
-        if NORM:
-            r = tl.load(rp, mask=ks, other=0.0)
-            x = (x.to(tl.float32) + r.to(tl.float32)).to(R.dtype.element_ty)
-            squares += x.to(tl.float32) * x.to(tl.float32)
-            nw = tl.load(NW + k0 + rk, mask=k0 + rk < K, other=0.0)
-            x = (x.to(NW.dtype.element_ty) * nw[None, :]).to(X.dtype.element_ty)
-            rp += BLOCK_K
+            ks = (k0 + rk)[None, :] < K
+            x = tl.load(xp, mask=rows & ks, other=0.0)
+            wg = tl.load(gp, mask=cols & ks, other=0.0)
+            wu = tl.load(up, mask=cols & ks, other=0.0)
         acc_g = tl.dot(x, tl.trans(wg), acc_g, input_precision=PRECISION)
         acc_u = tl.dot(x, tl.trans(wu), acc_u, input_precision=PRECISION)
         xp += BLOCK_K
         gp += BLOCK_K
         up += BLOCK_K
-    if NORM:
-        scale = tl.rsqrt(tl.sum(squares, 1) / K + eps)[:, None]
-        acc_g *= scale
-        acc_u *= scale
     out = _gated(acc_g, acc_u, OUT.dtype.element_ty, ACT)
     tl.store(OUT + rm[:, None] * s_om + rn[None, :], out, mask=rows & (rn[None, :] < N))
 
@@ -322,21 +284,12 @@ def _gated(acc_g, acc_u, ty: tl.constexpr, ACT: tl.constexpr):
 
 
 def gate_up_act(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    activation: str = "silu",
-    up: torch.Tensor | None = None,
-    norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    x: torch.Tensor, w: torch.Tensor, activation: str = "silu", up: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``act(x @ gate.T) * (x @ up.T)`` for ``w = [gate | up]`` of shape ``[2 * I, K]`` (or ``w = gate`` and ``up``
     apart, each ``[I, K]``, as transformers' MLP modules hold them) and at most :data:`GATE_UP_ROWS` rows of
     ``x [M, K]``; ``activation``: ``"silu"`` or ``"gelu_tanh"``. One kernel where cuBLAS + :func:`silu_mul` take two
-    and write the ``[M, 2 * I]`` product out between them.
-
-    ``norm``: ``(residual, weight, eps)``: the projection takes ``RMSNorm(residual + x) * weight`` instead of ``x``,
-    in the same pass (what ``add_rmsnorm(x, residual, weight, eps)`` would give it, up to rounding: the norm's scale
-    multiplies the products instead of their inputs). ``residual`` is read, not written: the caller adds ``x`` into
-    it later (:func:`add_rmsnorm`'s ``also``). One kernel fewer per layer."""
+    and write the ``[M, 2 * I]`` product out between them."""
     rows, k = x.shape
     if up is None:
         w, up = w.chunk(2)
@@ -351,17 +304,14 @@ def gate_up_act(
     if block_m == 128 and triton.cdiv(inter, _GATE_UP_WIDE[0]) >= 3 * sms // 4:
         block_n, block_k, warps, stages = _GATE_UP_WIDE
     block_k = block_k * 2 // x.element_size()
-    stage = (block_m * (2 if norm is not None else 1) + 2 * block_n) * block_k * x.element_size()
+    stage = (block_m + 2 * block_n) * block_k * x.element_size()
     stages = max(2, min(stages, shared // stage))  # what shared memory holds (an A100 has 164 KB, an H100 227 KB)
     x = x.contiguous()
     out = torch.empty(rows, inter, dtype=x.dtype, device=x.device)
-    residual, nw, eps = norm if norm is not None else (x, x, 0.0)
-    if residual.shape != x.shape or residual.stride(-1) != 1:
-        raise ValueError("gate_up_act's norm takes a residual of x's shape, rows contiguous")
     _gate_up_act_kernel[(triton.cdiv(rows, block_m), triton.cdiv(inter, block_n))](
-        x, w, up, out, residual, nw, eps, rows, inter, k, x.stride(0), w.stride(0), up.stride(0), out.stride(0),
-        residual.stride(0), ACT=0 if activation == "silu" else 1, EVEN=k % block_k == 0 and inter % block_n == 0,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", NORM=norm is not None,
+        x, w, up, out, rows, inter, k, x.stride(0), w.stride(0), up.stride(0), out.stride(0),
+        ACT=0 if activation == "silu" else 1, EVEN=k % block_k == 0 and inter % block_n == 0,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out
