@@ -12,8 +12,7 @@ each op is chosen once, when the model is built. Any model without an adapter ke
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -48,9 +47,6 @@ EAGER_TOKEN_MULTIPLE = 16
 # Steps of more tokens than this pad to a multiple of LARGE_STEP_MULTIPLE instead: cuBLAS computes whole 128-row tiles
 # anyway, and the warm-up, whose GEMM work grows with the square of the step budget, runs 8x fewer counts there.
 LARGE_STEP, LARGE_STEP_MULTIPLE = 8192, 128
-# The MLP's norm folded into the output projection and the gate/up kernel where a layer allows it (LeanCausalLM._folds);
-# ACB_FOLD_NORM=0 keeps the norm a kernel of its own (the A/B of docs/benchmarks.md, session 22).
-FOLD_NORM = os.environ.get("ACB_FOLD_NORM", "1") != "0"
 
 
 def padded_tokens(tokens: int, multiple: int) -> int:
@@ -105,13 +101,7 @@ class LeanCausalLM:
         self.embed_scale = (
             None if spec.embed_scale is None else torch.tensor(spec.embed_scale, dtype=self.dtype, device=self.device)
         )
-        # layers whose MLP norm is folded: its weight goes into gate/up's weights here (see after_attention)
-        self._folded = [self._folds(lw) for lw in spec.layers]
-        with torch.no_grad():  # new tensors: the model's own stay as they are
-            self.layers: list[LeanLayer] = [
-                replace(lw, gate_up_w=lw.gate_up_w * lw.ln2, ln2=torch.ones_like(lw.ln2)) if fold else lw
-                for lw, fold in zip(spec.layers, self._folded)
-            ]
+        self.layers: list[LeanLayer] = spec.layers
         # row counts the decode graphs' capture already ran every GEMM at (their buckets; set by whoever captures
         # them): a step with prompts pads its sampled rows to one of them past the last attention (see forward)
         self.row_buckets: list[int] | None = None
@@ -208,9 +198,9 @@ class LeanCausalLM:
         at every count of ``head_counts``, on scratch inputs: cuBLAS then has loaded the kernel of every shape an
         eager step can give it (see :meth:`forward`). No collective runs (each rank warms its own shard)."""
         layers = {}
-        for lw, fold in zip(self.layers, self._folded):  # one layer per set of shapes (alike in every family today)
-            key = (lw.qkv_w.shape, lw.qkv_b is not None, lw.o_w.shape, lw.gate_up_w.shape, lw.down_w.shape, fold)
-            layers.setdefault(key, (lw, fold))
+        for lw in self.layers:  # one layer per set of shapes (alike in every family acb has today)
+            key = (lw.qkv_w.shape, lw.qkv_b is not None, lw.o_w.shape, lw.gate_up_w.shape, lw.down_w.shape)
+            layers.setdefault(key, lw)
         most = max(counts + head_counts, default=0)
         scratch: dict[int, torch.Tensor] = {}
 
@@ -219,13 +209,10 @@ class LeanCausalLM:
                 scratch[k] = torch.zeros(most, k, dtype=self.dtype, device=self.device)
             return scratch[k][:m]
 
-        for lw, fold in layers.values():
+        for lw in layers.values():
             for m in counts:
                 F.linear(rows(m, lw.qkv_w.shape[1]), lw.qkv_w, lw.qkv_b)
-                if fold:  # the output projection adding into the residual: cuBLAS's kernel with beta = 1
-                    torch.addmm(rows(m, lw.o_w.shape[0]), rows(m, lw.o_w.shape[1]), lw.o_w.t())
-                else:
-                    F.linear(rows(m, lw.o_w.shape[1]), lw.o_w)
+                F.linear(rows(m, lw.o_w.shape[1]), lw.o_w)
                 F.linear(self._up(rows(m, lw.gate_up_w.shape[1]), lw), lw.down_w)
         for m in head_counts:
             F.linear(rows(m, self.lm_head.shape[1]), self.lm_head)
@@ -287,13 +274,6 @@ class LeanCausalLM:
         norm after it, :meth:`_reduce_norm`), the MLP's by whatever reads it next (the next layer's first norm, or
         :meth:`head`) unless a post-MLP norm needs it whole here (:meth:`_partial`)."""
         lw, norm = self.layers[i], self._norm
-        if self._folded[i]:  # the output projection adds into the residual; gate/up norms it (ln2 is all ones)
-            residual.addmm_(o, lw.o_w.t())
-            if self.kernels and o.shape[0] <= self._kf.GATE_UP_ROWS:
-                up = self._kf.gate_up_act(residual, lw.gate_up_w, self.spec.activation, norm_eps=self.eps)
-            else:
-                up = self._up(norm(residual, None, lw.ln2), lw)
-            return F.linear(up, lw.down_w)
         attn = F.linear(o, lw.o_w)
         if lw.post_attn_norm is not None:
             if self.group is not None:
@@ -307,16 +287,6 @@ class LeanCausalLM:
         if lw.post_mlp_norm is not None and self.group is not None:
             self.group.all_reduce(h)  # the norm needs the whole sum
         return h
-
-    def _folds(self, lw: LeanLayer) -> bool:
-        """Whether layer ``lw``'s MLP norm is folded away. Its weight then scales gate/up's weights (once, here), the
-        output projection adds straight into the residual (``addmm``), and the gate/up kernel of a decode step norms
-        the residual's rows itself (:func:`acb.kernels.fused.gate_up_act`'s ``norm_eps``): two kernels fewer per
-        layer, the norm's and the residual add's. Not under tensor parallelism (the residual takes a sum over
-        ranks) nor with a norm on the attention's output (Gemma 3: it needs the whole row before the add). The
-        rounding differs from transformers' (the norm's weight multiplies the weights, not the normed rows; the
-        products are scaled, not their inputs), by a bf16 ulp here and there."""
-        return FOLD_NORM and self.group is None and lw.post_attn_norm is None
 
     def _partial(self, i: int) -> bool:
         """Whether layer ``i``'s MLP output (what :meth:`after_attention` returns) is still a per-rank partial sum."""

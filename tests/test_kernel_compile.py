@@ -93,10 +93,9 @@ def test_the_small_kernels_compile():
 
 
 @pytest.mark.parametrize("block_m", sorted(F._GATE_UP_TILES))
-@pytest.mark.parametrize("act, norm, even", [(0, True, True), (1, False, True), (0, True, False)])
-def test_the_gate_up_kernel_compiles(block_m, act, norm, even):
+@pytest.mark.parametrize("act", [0, 1])
+def test_the_gate_up_kernel_compiles(block_m, act):
     block_n, block_k, warps, _ = F._GATE_UP_TILES[block_m]
-    types = {n: "*bf16" for n in ("X", "G", "U", "OUT")} | {"eps": "fp32"}
-    consts = dict(ACT=act, EVEN=even, PRECISION="tf32", NORM=norm, BLOCK_M=block_m, BLOCK_N=block_n,
-                  BLOCK_K=block_k)  # fmt: skip
+    types = {n: "*bf16" for n in ("X", "G", "U", "OUT")}
+    consts = dict(ACT=act, EVEN=True, PRECISION="tf32", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     _compile(F._gate_up_act_kernel, types, consts, warps)

@@ -232,18 +232,13 @@ _GATE_UP_WIDE = (128, 64, 8, 4)
 
 @triton.jit(do_not_specialize=["M"])  # any row count, one compiled variant per tile: no compile mid-serving
 def _gate_up_act_kernel(
-    X, G, U, OUT, eps, M, N, K, s_xm, s_gn, s_un, s_om,
-    ACT: tl.constexpr, EVEN: tl.constexpr, PRECISION: tl.constexpr, NORM: tl.constexpr,
+    X, G, U, OUT, M, N, K, s_xm, s_gn, s_un, s_om,
+    ACT: tl.constexpr, EVEN: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """``OUT[:, n] = act(X @ G[n]) * (X @ U[n])`` for this program's BLOCK_N columns n and BLOCK_M rows: one pass
     over the gate weights' rows and the matching up rows, the activation in the epilogue. The products are rounded
-    to OUT's dtype before the activation, as a GEMM writing them out would.
-
-    NORM: each row of X is RMSNormed first (no weight: the caller scaled G and U by it). The norm scales a row by one
-    number, so the products take X as it is and the epilogue scales them by ``rsqrt(mean(x^2) + eps)``, from sums of
-    x^2 over a second load of each tile: the tile that feeds the products must reach them untouched, or the loop
-    stops streaming the weights (docs/benchmarks.md, session 22)."""
+    to OUT's dtype before the activation, as a GEMM writing them out would."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -256,31 +251,21 @@ def _gate_up_act_kernel(
     cols = rn[:, None] < N
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)  # summed over K once, after the loop
     for k0 in range(0, K, BLOCK_K):
         if EVEN:  # K a multiple of BLOCK_K, N of BLOCK_N: only the rows are masked
-            xmask = rows
             x = tl.load(xp, mask=rows, other=0.0)
             wg = tl.load(gp)
             wu = tl.load(up)
         else:
             ks = (k0 + rk)[None, :] < K
-            xmask = rows & ks
-            x = tl.load(xp, mask=xmask, other=0.0)
+            x = tl.load(xp, mask=rows & ks, other=0.0)
             wg = tl.load(gp, mask=cols & ks, other=0.0)
             wu = tl.load(up, mask=cols & ks, other=0.0)
-        if NORM:  # a load of its own (another cache hint, so that the compiler keeps it apart from x's)
-            xs = tl.load(xp, mask=xmask, other=0.0, cache_modifier=".cg").to(tl.float32)
-            squares += xs * xs
         acc_g = tl.dot(x, tl.trans(wg), acc_g, input_precision=PRECISION)
         acc_u = tl.dot(x, tl.trans(wu), acc_u, input_precision=PRECISION)
         xp += BLOCK_K
         gp += BLOCK_K
         up += BLOCK_K
-    if NORM:
-        scale = tl.rsqrt(tl.sum(squares, 1) / K + eps)[:, None]
-        acc_g *= scale
-        acc_u *= scale
     out = _gated(acc_g, acc_u, OUT.dtype.element_ty, ACT)
     tl.store(OUT + rm[:, None] * s_om + rn[None, :], out, mask=rows & (rn[None, :] < N))
 
@@ -299,20 +284,12 @@ def _gated(acc_g, acc_u, ty: tl.constexpr, ACT: tl.constexpr):
 
 
 def gate_up_act(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    activation: str = "silu",
-    up: torch.Tensor | None = None,
-    norm_eps: float | None = None,
+    x: torch.Tensor, w: torch.Tensor, activation: str = "silu", up: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``act(x @ gate.T) * (x @ up.T)`` for ``w = [gate | up]`` of shape ``[2 * I, K]`` (or ``w = gate`` and ``up``
     apart, each ``[I, K]``, as transformers' MLP modules hold them) and at most :data:`GATE_UP_ROWS` rows of
     ``x [M, K]``; ``activation``: ``"silu"`` or ``"gelu_tanh"``. One kernel where cuBLAS + :func:`silu_mul` take two
-    and write the ``[M, 2 * I]`` product out between them.
-
-    ``norm_eps``: RMSNorm each row of ``x`` first (with this eps and no weight: fold the norm's weight into ``w``,
-    ``w * weight``), in the same pass: what ``add_rmsnorm(x, None, ones, eps)`` would give it, up to rounding (the
-    norm's scale multiplies the products instead of their inputs). One kernel fewer."""
+    and write the ``[M, 2 * I]`` product out between them."""
     rows, k = x.shape
     if up is None:
         w, up = w.chunk(2)
@@ -332,9 +309,9 @@ def gate_up_act(
     x = x.contiguous()
     out = torch.empty(rows, inter, dtype=x.dtype, device=x.device)
     _gate_up_act_kernel[(triton.cdiv(rows, block_m), triton.cdiv(inter, block_n))](
-        x, w, up, out, norm_eps or 0.0, rows, inter, k, x.stride(0), w.stride(0), up.stride(0), out.stride(0),
+        x, w, up, out, rows, inter, k, x.stride(0), w.stride(0), up.stride(0), out.stride(0),
         ACT=0 if activation == "silu" else 1, EVEN=k % block_k == 0 and inter % block_n == 0,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", NORM=norm_eps is not None,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out
