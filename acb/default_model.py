@@ -86,13 +86,21 @@ def tiny_config(arch: str = "llama", **overrides):
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
-    """A tiny causal LM with random weights drawn from ``seed``."""
+    """A tiny causal LM with random weights drawn from ``seed``.
+
+    The norms' weights are drawn too, within ±0.5 of what transformers initialises them to (ones, or zeros where a
+    norm scales by ``1 + w``): left at their initial values they would let a test pass with a norm's weight applied
+    twice, to the wrong norm, or not at all."""
     from transformers import AutoModelForCausalLM
 
     config = tiny_config(arch, **overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.add_(torch.rand(p.shape, dtype=torch.float32).to(p.dtype) - 0.5)
     return model.eval()
 
 
