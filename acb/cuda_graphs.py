@@ -3,7 +3,7 @@
 One graph per batch-size bucket, captured at start-up on the fixed layout of :class:`~acb.step_inputs.StepInputs`:
 the graph reads the staged fields, derives input ids, block tables and cache slots on the device, runs the model's
 forward (the lean model's, or the generic path's: transformers' modules with acb's kernels), and samples greedily
-(each row's argmax, :func:`acb.kernels.fused.argmax_rows`, written to the token buffer at the row's slot). A decode
+(each row's argmax, :func:`acb.kernels.fused.argmax_into`, written to the token buffer at the row's slot). A decode
 step of ``B`` sequences is staged padded to the smallest bucket ``>= B``; padding rows use a scratch slot whose block
 table is a scratch block no sequence owns.
 
@@ -23,7 +23,6 @@ from collections.abc import Callable
 import torch
 
 from .kernels import decode_splits
-from .sampling import flag_non_finite
 from .step_inputs import DeviceStep, StepInputs
 
 __all__ = ["DecodeGraphs", "DecodeForward", "graph_buckets", "graph_rows"]
@@ -67,9 +66,9 @@ class DecodeGraphs:
         ``collectives``: the forward meets other ranks (tensor parallelism): capture in ``thread_local`` mode, so
         that NCCL's watchdog thread may query its events meanwhile."""
         self._mode = "thread_local" if collectives else "global"
-        from .kernels.fused import argmax_rows  # Triton (the CUDA build's); graphs exist on CUDA only
+        from .kernels.fused import argmax_into  # Triton (the CUDA build's); graphs exist on CUDA only
 
-        self._argmax = argmax_rows
+        self._argmax_into = argmax_into
         self.model_forward = forward
         self.inputs = inputs
         self.num_kv_heads = num_kv_heads
@@ -85,10 +84,9 @@ class DecodeGraphs:
             self.inputs.advance(self.inputs.fixed_views, b)
         d = self.inputs.derive(self.inputs.fixed_views, b, b, b)
         logits = self.model_forward(d, splits)
-        greedy = self._argmax(logits)  # logits.argmax(-1), as sampling.sample's greedy rows (bf16 -> fp32 keeps
-        # the order), in two small kernels where torch's reduction took ~33 µs of a 1B model's 1.3 ms step
-        self.inputs.token_buf[d.sample_slots] = greedy
-        return logits, flag_non_finite(logits, greedy, greedy)  # -1 where the logits are not finite
+        # logits.argmax(-1), as sampling.sample's greedy rows (bf16 -> fp32 keeps the order), written to the token
+        # buffer and flagged -1 where the logits are not finite (sampling.flag_non_finite), in two small kernels
+        return logits, self._argmax_into(logits, self.inputs.token_buf, d.sample_slots)
 
     def _capture(self, max_model_len: int) -> None:
         kv_heads = self.num_kv_heads

@@ -9,7 +9,8 @@ sized to the step, so that their copy carries nothing but the step.
 The device owns each sequence slot's block table (``tables [slots + 1, max_blocks]``, the last row a scratch row for
 graph padding). A step carries only the table entries written since the last one; the device applies them, then
 derives what the kernels read: input ids (the host's, or a row's previous sample from the token buffer), each row's
-block table, and each token's KV-cache slot. The same derivation runs eagerly and inside the graphs.
+block table, and each token's KV-cache slot. The same derivation runs eagerly and inside the graphs: one Triton kernel
+on CUDA (:mod:`acb.kernels.step`), torch on the CPU.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from .batch import StepBatch
 from .lean_model import LeanInputs
 
-__all__ = ["StepInputs", "DeviceStep"]
+__all__ = ["StepInputs", "DeviceStep", "step_indices_torch"]
 
 # int64 regions, by size class: per token (T), per row (B), per row + 1, per sampled row (S), per table update (U)
 _TOKEN = ("host_ids", "from_device", "token_rows", "positions")
@@ -83,6 +84,12 @@ class StepInputs:
         self.scratch_slot = num_slots  # the tables' and the token buffer's spare row
         self.token_buf = token_buf
         self.cuda = device.type == "cuda"
+        if self.cuda:  # one Triton kernel where torch launches ten, inside every decode graph
+            from .kernels.step import step_indices
+
+            self._indices = step_indices
+        else:
+            self._indices = step_indices_torch
         self.capacity = (max_tokens, max_rows)
         size = _layout(max_tokens, max_rows, max_rows)[1]
         self.tables = torch.full((num_slots + 1, max_blocks), scratch_block, dtype=torch.int64, device=device)
@@ -220,18 +227,17 @@ class StepInputs:
     def derive(self, v: dict[str, torch.Tensor], t: int, n: int, s: int) -> DeviceStep:
         """The device tensors of a staged step of ``t`` tokens, ``n`` rows and ``s`` sampled rows, from its views
         (the same code runs inside the decode graphs, on padded sizes)."""
-        slots = v["slots"][:n]
         positions = v["positions"][:t]
-        token_slots = slots[v["token_rows"][:t]]
-        input_ids = torch.where(v["from_device"][:t].bool(), self.token_buf[token_slots], v["host_ids"][:t])
-        bs = self.block_size
-        slot_mapping = self.tables[token_slots, positions // bs] * bs + positions % bs
+        input_ids, slot_mapping, block_tables = self._indices(
+            v["host_ids"][:t], v["from_device"][:t], v["token_rows"][:t], positions, v["slots"][:n], self.token_buf,
+            self.tables, self.block_size,
+        )  # fmt: skip
         return DeviceStep(
             input_ids=input_ids,
             positions=positions,
             slot_mapping=slot_mapping,
             seq_lens=v["seq_lens"][:n],
-            block_tables=self.tables[slots],
+            block_tables=block_tables,
             query_start_loc=v["query_start_loc"][: n + 1],
             sample_idx=v["sample_idx"][:s],
             sample_slots=v["sample_slots"][:s],
@@ -241,6 +247,24 @@ class StepInputs:
             top_p=v["top_p"][:s],
             seeds=v["seeds"][:s],
         )
+
+
+def step_indices_torch(
+    host_ids: torch.Tensor,
+    from_device: torch.Tensor,
+    token_rows: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+    token_buf: torch.Tensor,
+    tables: torch.Tensor,
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(input_ids, slot_mapping, block_tables)`` of a step, in torch: the CPU's version of
+    :func:`acb.kernels.step.step_indices` (which says what each is), and its reference."""
+    token_slots = slots[token_rows]
+    input_ids = torch.where(from_device.bool(), token_buf[token_slots], host_ids)
+    slot_mapping = tables[token_slots, positions // block_size] * block_size + positions % block_size
+    return input_ids, slot_mapping, tables[slots]
 
 
 _ALIGN = 2  # int64 elements: every field starts on a 16-byte boundary

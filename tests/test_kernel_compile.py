@@ -18,6 +18,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from acb.kernels import attention as A  # noqa: E402
 from acb.kernels import fused as F  # noqa: E402
+from acb.kernels import step as S  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -82,7 +83,11 @@ def test_the_norm_kernel_compiles(residual, pre):
 
 def test_the_small_kernels_compile():
     _compile(F._argmax_chunk_kernel, {"X": "*bf16", "VAL": "*fp32", "IDX": "*i32"}, {"BLOCK": F._ARGMAX_BLOCK})
-    _compile(F._argmax_merge_kernel, {"VAL": "*fp32", "IDX": "*i32", "OUT": "*i64"}, {"CHUNKS_PAD": 32}, 1)
+    merge_types = {"VAL": "*fp32", "IDX": "*i32", "OUT": "*i64", "TOKENS": "*i64", "SLOTS": "*i64"}
+    for into in (False, True):
+        _compile(F._argmax_merge_kernel, merge_types, {"CHUNKS_PAD": 32, "INTO": into}, 1)
+    step_types = {n: "*i64" for n in S._step_indices_kernel.arg_names[:10]}
+    _compile(S._step_indices_kernel, step_types, dict(BS=16, BLOCK=S._BLOCK, COLS=S._COLS))
     for dim in (64, 96, 256):
         consts = dict(H=32, H_PAD=32, HKV=8, HKV_PAD=8, D=dim, D_PAD=triton.next_power_of_2(dim))
         _compile(F._rotary_kernel, {n: "*bf16" for n in ("Q", "K", "COS", "SIN", "QO", "KO")}, consts)

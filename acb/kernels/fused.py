@@ -18,6 +18,7 @@ __all__ = [
     "gate_up_act",
     "GATE_UP_ROWS",
     "argmax_rows",
+    "argmax_into",
     "rotary",
     "rotary_fits",
 ]
@@ -331,13 +332,19 @@ def _argmax_chunk_kernel(X, VAL, IDX, s_x, n, CHUNKS, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _argmax_merge_kernel(VAL, IDX, OUT, n, CHUNKS, CHUNKS_PAD: tl.constexpr):
+def _argmax_merge_kernel(VAL, IDX, OUT, TOKENS, SLOTS, n, CHUNKS, CHUNKS_PAD: tl.constexpr, INTO: tl.constexpr):
+    """The row's argmax from its chunks'. ``INTO``: also written to ``TOKENS`` at the row's slot, and ``OUT`` gets
+    ``-1`` where the row's largest value is not finite (a NaN counted as +inf, +inf, or a row of -inf)."""
     row = tl.program_id(0)
     c = tl.arange(0, CHUNKS_PAD)
     val = tl.load(VAL + row * CHUNKS + c, mask=c < CHUNKS, other=float("-inf"))
     idx = tl.load(IDX + row * CHUNKS + c, mask=c < CHUNKS, other=n)
     top = tl.max(val, 0)
-    tl.store(OUT + row, tl.min(tl.where(val == top, idx, n), 0).to(tl.int64))
+    best = tl.min(tl.where(val == top, idx, n), 0).to(tl.int64)
+    if INTO:
+        tl.store(TOKENS + tl.load(SLOTS + row), best)
+        best = tl.where((top > float("-inf")) & (top < float("inf")), best, -1)
+    tl.store(OUT + row, best)
 
 
 _ARGMAX_BLOCK = 4096
@@ -350,6 +357,18 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
 
     Two small kernels, chunks of a row then the row: torch's reduction gives a few dozen rows of a 128K vocabulary
     a few blocks and took ~33 µs of a 1.3 ms decode step on an H200 (docs/benchmarks.md, issue 16)."""
+    return _argmax(logits, None)
+
+
+def argmax_into(logits: torch.Tensor, tokens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """A decode graph's greedy sample: each row's :func:`argmax_rows`, written to ``tokens`` (the token buffer) at
+    the row's entry of ``slots``, and returned with ``-1`` in the rows whose logits are not finite, as
+    :func:`acb.sampling.flag_non_finite` flags them. In the two kernels of :func:`argmax_rows`, where the write and
+    the flag took five more (an index write, a gather, ``isfinite``, a negation and a fill)."""
+    return _argmax(logits, (tokens, slots))
+
+
+def _argmax(logits: torch.Tensor, into: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     rows, n = logits.shape
@@ -360,7 +379,9 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     if rows == 0:
         return out
     _argmax_chunk_kernel[(rows, chunks)](logits, val, idx, logits.stride(0), n, chunks, BLOCK=_ARGMAX_BLOCK)
-    _argmax_merge_kernel[(rows,)](val, idx, out, n, chunks, CHUNKS_PAD=max(2, triton.next_power_of_2(chunks)),
+    tokens, slots = into if into is not None else (out, out)
+    _argmax_merge_kernel[(rows,)](val, idx, out, tokens, slots, n, chunks,
+                                  CHUNKS_PAD=max(2, triton.next_power_of_2(chunks)), INTO=into is not None,
                                   num_warps=1)  # fmt: skip
     return out
 

@@ -28,6 +28,7 @@ from acb.kernels.attention import paged_decode, paged_prefill  # noqa: E402
 from acb.kernels.fused import (  # noqa: E402
     GATE_UP_ROWS,
     add_rmsnorm,
+    argmax_into,
     argmax_rows,
     gate_up_act,
     rope_and_cache,
@@ -35,7 +36,10 @@ from acb.kernels.fused import (  # noqa: E402
     rotary_fits,
     silu_mul,
 )
+from acb.kernels.step import step_indices  # noqa: E402
 from acb.kv_cache import KVCache, ModelShape  # noqa: E402
+from acb.sampling import flag_non_finite  # noqa: E402
+from acb.step_inputs import step_indices_torch  # noqa: E402
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
@@ -217,6 +221,56 @@ def test_add_rmsnorm_with_a_pre_norm_equals_the_two_norms(dtype, width):
     plain = add_rmsnorm(add_rmsnorm(x, None, pre, 1e-6), None, w, 1e-6)
     torch.testing.assert_close(add_rmsnorm(x, None, w, 1e-6, pre), plain, **tol)
     assert not torch.allclose(got.float(), add_rmsnorm(x, r_want.clone(), w, 1e-6).float(), atol=1e-2)  # pre counts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, vocab", [(1, 50), (3, 4096), (33, 4097)])
+def test_argmax_into_writes_each_rows_argmax_at_its_slot_and_flags_rows_that_are_not_finite(dtype, rows, vocab):
+    """The decode graphs' greedy sample in two kernels: the token buffer gets ``argmax`` at each row's slot (other
+    slots untouched), and the returned tokens are ``flag_non_finite``'s, -1 where a row holds a NaN or +inf or
+    only -inf."""
+    torch.manual_seed(rows)
+    x = torch.randint(-3, 3, (rows, vocab), device=DEVICE).to(dtype)  # ties, across chunks too
+    if rows > 2:
+        x[0, vocab - 1] = float("nan")
+        x[1, 3] = float("inf")
+        x[2] = float("-inf")
+    slots = torch.randperm(2 * rows + 1, device=DEVICE)[:rows]
+    buf = torch.full((2 * rows + 1,), -7, dtype=torch.int64, device=DEVICE)
+    got = argmax_into(x, buf, slots)
+    greedy = argmax_rows(x)
+    want = buf.clone().fill_(-7)
+    want[slots] = greedy
+    assert torch.equal(buf, want)
+    assert torch.equal(got, flag_non_finite(x, greedy, greedy))
+    assert (got[:3] == -1).all() == (rows > 2) and torch.equal(got[3:], x[3:].argmax(-1))
+
+
+@pytest.mark.parametrize(
+    "rows, tokens_per_row, max_blocks",
+    [(32, 1, 49), (5, 1, 300), (3, 250, 20), (0, 0, 8)],
+    ids=["decode", "long-tables", "prompts", "empty"],
+)
+def test_step_indices_equal_the_torch_derivation(rows, tokens_per_row, max_blocks):
+    """A step's input ids, cache slots and block tables from one kernel, as torch derives them (tables wider than a
+    program's columns, more tokens than one program takes, rows reading the host's ids or their last sample),
+    reading fields in place at offsets of one buffer as the staged layout does."""
+    torch.manual_seed(rows + max_blocks)
+    bs, num_slots = 16, 40
+    t = rows * tokens_per_row
+    tables = torch.randint(0, 10_000, (num_slots + 1, max_blocks), device=DEVICE)
+    token_buf = torch.randint(0, 50_000, (num_slots + 1,), device=DEVICE)
+    buf = torch.zeros(3 + 4 * t + rows, dtype=torch.int64, device=DEVICE)  # fields at odd offsets of one buffer
+    host_ids, from_device, token_rows, positions = (buf[3 + k * t : 3 + (k + 1) * t] for k in range(4))
+    slots = buf[3 + 4 * t :]
+    slots.copy_(torch.randperm(num_slots + 1, device=DEVICE)[:rows])
+    token_rows.copy_(torch.arange(rows, device=DEVICE).repeat_interleave(tokens_per_row))
+    host_ids.random_(0, 50_000)
+    from_device.copy_(torch.randint(0, 2, (t,), device=DEVICE))
+    positions.random_(0, max_blocks * bs)
+    args = (host_ids, from_device, token_rows, positions, slots, token_buf, tables, bs)
+    for got, want in zip(step_indices(*args), step_indices_torch(*args)):
+        assert got.dtype == torch.int64 and torch.equal(got, want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
