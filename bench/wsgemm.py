@@ -1,0 +1,305 @@
+"""Issue 16, the megakernel's first gate: how close to the copy floor can one decode projection's weights stream,
+alone and under a warp-specialised GEMM?
+
+Session 20's spike (``bench/ring.py``) streamed a layer's weights through a ring of 16 KB TMA boxes, one program per
+SM, the same four warps waiting for each box and doing the tile's work: the weights alone ran at 1.2-1.3x the copy
+floor, and each tile's own work added ~35 %. Its note named what a kernel within 15 % of the floor needs: a better
+stream, and the work off the stream's path (a producer warp copying, a consumer warpgroup multiplying with wgmma, the
+activations as bf16 in shared memory). This bench measures both halves, per projection of a decode layer (32 rows,
+bf16, every layer's weights of their own, one CUDA graph over all layers so that none is served from L2):
+
+- ``stream``: a Gluon kernel that only copies the weights into shared memory by TMA, ``depth`` boxes in flight per
+  program, one program per task of the GEMM below or ``per_sm`` persistent programs per SM: what the memory system
+  gives this many programs;
+- ``sum``: a plain Triton kernel reading the same bytes with vector loads, many programs per SM (the ceiling of a
+  kernel that does nothing else);
+- ``ws``: the warp-specialised GEMM ``y = x @ W^T``: a one-warp partition issues the TMA copies of W's ``[BN, 64]``
+  boxes and x's ``[32, 64]`` box into a ring of ``depth`` slots, the default warpgroup multiplies ``W_tile @ x^T``
+  by wgmma (the weights as the 64/128-row operand: M=32 is below wgmma's 64) and frees each slot when its product is
+  done. K may be split; each split writes float32 partials ``[splits, 32, N]`` that the next kernel would sum (the
+  norm that follows O and down reads them in the engine's layout);
+- ``cuBLAS``: ``torch.mm`` into bf16, the engine's kernel for these projections today.
+
+Every ``ws`` variant is first checked against a float32 product. Floors use the copy bandwidth of the same run.
+
+    python -m bench.wsgemm --model llama-1b,mistral-3b --json out.json
+
+It needs Gluon as Triton 3.6 spells it (the card's) and a Hopper card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from functools import partial
+
+import torch
+import triton
+import triton.language as tl
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+ROWS = 32  # a decode step's sequences
+BK = gl.constexpr(64)  # K per box: 128 bytes of bf16, the widest swizzled TMA row
+SHARED = 227 * 1024
+
+
+# -- the weights alone ---------------------------------------------------------------------------------------------
+
+
+@gluon.jit
+def _stream_kernel(desc, tiles, per_row, G, DEPTH: gl.constexpr):
+    """Copy boxes ``pid, pid + G, ...`` of ``desc``'s matrix into a ring of DEPTH shared-memory slots, each copy issued
+    as soon as its slot's previous copy has landed. Nothing reads them: this is the stream that a GEMM's producer
+    could at best keep up."""
+    BR: gl.constexpr = desc.block_type.shape[0]
+    BC: gl.constexpr = desc.block_type.shape[1]
+    pid = gl.program_id(0)
+    ring = gl.allocate_shared_memory(desc.dtype, [DEPTH, BR, BC], desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [DEPTH, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(DEPTH):
+        mbarrier.init(bars.index(i), count=1)
+    n = (tiles - pid + G - 1) // G
+    for i in gl.static_range(DEPTH):
+        t = pid + i * G
+        mbarrier.expect(bars.index(i), desc.block_type.nbytes, pred=i < n)
+        tma.async_copy_global_to_shared(desc, [(t // per_row) * BR, (t % per_row) * BC], bars.index(i),
+                                        ring.index(i), pred=i < n)  # fmt: skip
+    for i in range(n):
+        s = i % DEPTH
+        mbarrier.wait(bars.index(s), (i // DEPTH) & 1)
+        if i + DEPTH < n:
+            t = pid + (i + DEPTH) * G
+            mbarrier.expect(bars.index(s), desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(desc, [(t // per_row) * BR, (t % per_row) * BC], bars.index(s),
+                                            ring.index(s))  # fmt: skip
+    for i in gl.static_range(DEPTH):
+        mbarrier.invalidate(bars.index(i))
+
+
+@triton.jit
+def _sum_kernel(W, OUT, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    """Each program sums ITERS blocks of BLOCK elements (16-byte vector loads): the plain-load stream."""
+    pid = tl.program_id(0)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(ITERS):
+        offs = (pid * ITERS + i) * BLOCK + tl.arange(0, BLOCK)
+        acc += tl.load(W + offs, mask=offs < n, other=0.0).to(tl.float32)
+    tl.store(OUT + pid, tl.sum(acc))
+
+
+# -- the warp-specialised GEMM -------------------------------------------------------------------------------------
+
+
+@gluon.jit
+def _ws_producer(wdesc, xdesc, ring_w, ring_x, ready, empty, n0, k0, stages):
+    """One warp: copy W's box and x's box of each K stage into the ring, waiting only for the slot to be free."""
+    DEPTH: gl.constexpr = ring_w.type.shape[0]
+    for i in range(stages):
+        s = i % DEPTH
+        mbarrier.wait(empty.index(s), ((i // DEPTH) & 1) ^ 1)  # a fresh barrier counts as freed once
+        mbarrier.expect(ready.index(s), wdesc.block_type.nbytes + xdesc.block_type.nbytes)
+        k = k0 + i * BK
+        tma.async_copy_global_to_shared(wdesc, [n0, k], ready.index(s), ring_w.index(s))
+        tma.async_copy_global_to_shared(xdesc, [0, k], ready.index(s), ring_x.index(s))
+
+
+@gluon.jit
+def _ws_consumer(ring_w, ring_x, ready, empty, OUT, n0, split, N, stages, num_warps: gl.constexpr):
+    """The default warpgroup: ``acc[BN, 32] += W_tile @ x_tile^T`` per stage by wgmma, one product in flight; a
+    slot is freed once the product that read it is done. Writes ``OUT[split, m, n0 + i] = acc[i, m]``."""
+    DEPTH: gl.constexpr = ring_w.type.shape[0]
+    BN: gl.constexpr = ring_w.type.shape[1]
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                  instr_shape=[16, 32, 16])  # fmt: skip
+    acc = gl.zeros([BN, 32], gl.float32, MMA)
+    for i in range(stages):
+        s = i % DEPTH
+        mbarrier.wait(ready.index(s), (i // DEPTH) & 1)
+        acc = warpgroup_mma(ring_w.index(s), ring_x.index(s).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        if i > 0:  # the product of stage i - 1 is done: its slot may be refilled
+            mbarrier.arrive(empty.index((i - 1) % DEPTH), count=1)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    rn = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
+    rm = gl.arange(0, 32, layout=gl.SliceLayout(0, MMA))
+    gl.store(OUT + split * 32 * N + rm[None, :] * N + rn[:, None], acc.to(OUT.dtype.element_ty))
+
+
+@gluon.jit
+def _ws_gemm_kernel(wdesc, xdesc, OUT, N, KSPLIT, DEPTH: gl.constexpr, num_warps: gl.constexpr):
+    """One program per (column tile of BN weight rows, split of K)."""
+    BN: gl.constexpr = wdesc.block_type.shape[0]
+    pid = gl.program_id(0)
+    tiles = N // BN
+    n0 = (pid % tiles) * BN
+    split = pid // tiles
+    stages = KSPLIT // BK
+    ring_w = gl.allocate_shared_memory(wdesc.dtype, [DEPTH, BN, BK], wdesc.layout)
+    ring_x = gl.allocate_shared_memory(xdesc.dtype, [DEPTH, 32, BK], xdesc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [DEPTH, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [DEPTH, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(DEPTH):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    gl.warp_specialize([
+        (_ws_consumer, (ring_w, ring_x, ready, empty, OUT, n0, split, N, stages, num_warps)),
+        (_ws_producer, (wdesc, xdesc, ring_w, ring_x, ready, empty, n0, split * KSPLIT, stages)),
+    ], [1], [24])  # fmt: skip
+
+
+# -- the host side -------------------------------------------------------------------------------------------------
+
+
+def _layout(shape):
+    return gl.NVMMASharedLayout.get_default_for(list(shape), gl.bfloat16)
+
+
+class WsGemm:
+    """``x [32, K] @ W [N, K]^T`` by :func:`_ws_gemm_kernel`: ``bn`` weight rows per program, ``splits`` of K,
+    ``depth`` ring slots. Output: bf16 ``[32, N]`` without splits, else float32 partials ``[splits, 32, N]``."""
+
+    def __init__(self, n: int, k: int, bn: int, splits: int, depth: int):
+        if n % bn or k % (splits * BK):
+            raise ValueError(f"{bn} rows and {splits} splits of {BK} do not tile {n} x {k}")
+        if depth * (bn + ROWS) * BK * 2 + 1024 > SHARED:
+            raise ValueError(f"depth {depth} does not fit")
+        self.n, self.k, self.bn, self.splits, self.depth = n, k, bn, splits, depth
+        self.grid = (n // bn * splits,)
+        dtype = torch.bfloat16 if splits == 1 else torch.float32
+        self.out = torch.empty(splits, ROWS, n, device="cuda", dtype=dtype)
+
+    def descriptors(self, w: torch.Tensor, x: torch.Tensor):
+        return (TensorDescriptor.from_tensor(w, [self.bn, BK], _layout([self.bn, BK])),
+                TensorDescriptor.from_tensor(x, [ROWS, BK], _layout([ROWS, BK])))  # fmt: skip
+
+    def __call__(self, wdesc, xdesc) -> torch.Tensor:
+        _ws_gemm_kernel[self.grid](wdesc, xdesc, self.out, self.n, self.k // self.splits, self.depth, num_warps=4)
+        return self.out
+
+    def result(self) -> torch.Tensor:
+        return self.out[0].float() if self.splits == 1 else self.out.sum(0)
+
+
+def projections(model: str) -> dict[str, tuple[int, int]]:
+    """N x K of a decode layer's projections (gate and up as one)."""
+    from .ring import shapes
+
+    s = shapes(model)
+    return dict(qkv=(s["nqkv"], s["hidden"]), o=(s["hidden"], s["dq"]), gate_up=(2 * s["inter"], s["hidden"]),
+                down=(s["hidden"], s["inter"]), layers=s["layers"])  # fmt: skip
+
+
+def splits_for(n: int, k: int, bn: int, sms: int) -> int:
+    """The fewest splits of K that give every SM a program (at most K / 256 of them: four boxes a split)."""
+    sp = 1
+    while n // bn * sp < sms and k % (2 * sp * BK) == 0 and k // (2 * sp) >= 4 * BK:
+        sp *= 2
+    return sp
+
+
+def _mm(x, y, w):
+    torch.mm(x, w.T, out=y)
+
+
+def _sum(part, grid, block, iters, w):
+    _sum_kernel[(grid,)](w, part, w.numel(), block, iters, num_warps=8)
+
+
+def _stream(tiles, per_row, programs, depth, desc):
+    _stream_kernel[(programs,)](desc, tiles, per_row, programs, depth, num_warps=1)
+
+
+def _ws(g, descs):
+    g(*descs)
+
+
+def measure_projection(model: str, name: str, n: int, k: int, layers: int, bandwidth: float, depths: list[int],
+                       bns: list[int]) -> list[dict]:  # fmt: skip
+    from .ring import time_layers
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    torch.manual_seed(0)
+    x = torch.randn(ROWS, k, device="cuda", dtype=torch.bfloat16)
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(layers)]
+    floor = n * k * 2 / bandwidth * 1e6
+    rows = []
+
+    def row(variant, fn, inputs, **kw):
+        us = time_layers(fn, inputs)
+        rows.append(dict(model=model, proj=name, n=n, k=k, floor_us=floor, variant=variant, us=us, **kw))
+        print(f"{model} {name} {n}x{k}: {variant}: {us:.2f} us ({us / floor:.2f}x)", flush=True)
+
+    row("cuBLAS", partial(_mm, x, torch.empty(ROWS, n, device="cuda", dtype=torch.bfloat16)), ws)
+    part = torch.empty(1 << 16, device="cuda", dtype=torch.float32)
+    for block, iters in ((2048, 4), (4096, 8)):
+        grid = triton.cdiv(n * k, block * iters)
+        if grid <= part.numel():
+            row(f"sum {block}x{iters}", partial(_sum, part, grid, block, iters), [w.view(-1) for w in ws])
+    want = x.float() @ ws[0].float().T
+    for bn in (b for b in bns if n % b == 0):
+        sp = splits_for(n, k, bn, sms)
+        for depth in depths:
+            try:
+                g = WsGemm(n, k, bn, sp, depth)
+            except ValueError:
+                continue
+            descs = [g.descriptors(w, x) for w in ws]
+            g(*descs[0])
+            err = (g.result() - want).abs().max().item()
+            if err > 0.02 * want.abs().max().item():
+                raise AssertionError(f"{model} {name} bn {bn} depth {depth} splits {sp}: off by {err}")
+            row(f"ws bn {bn} splits {sp} depth {depth}", partial(_ws, g), descs, bn=bn, splits=sp, depth=depth,
+                programs=g.grid[0], max_err=err)  # fmt: skip
+            # the same programs and ring, copying the weights only
+            sdescs = [TensorDescriptor.from_tensor(w, [bn, BK], _layout([bn, BK])) for w in ws]
+            row(f"stream bn {bn} depth {depth}, {g.grid[0]} programs",
+                partial(_stream, n // bn * (k // BK), k // BK, g.grid[0], depth), sdescs, bn=bn, depth=depth,
+                programs=g.grid[0])  # fmt: skip
+    sdescs = [TensorDescriptor.from_tensor(w, [128, BK], _layout([128, BK])) for w in ws]
+    for per_sm in (1, 2):
+        for depth in (d for d in depths if per_sm * d * 128 * BK * 2 + 1024 <= SHARED):
+            row(f"stream persistent, {per_sm} per SM, depth {depth}",
+                partial(_stream, n // 128 * (k // BK), k // BK, sms * per_sm, depth), sdescs, per_sm=per_sm,
+                depth=depth)  # fmt: skip
+    return rows
+
+
+def measure(model: str, bandwidth: float, depths: list[int], bns: list[int]) -> list[dict]:
+    shapes = projections(model)
+    layers = shapes.pop("layers")
+    rows = []
+    for name, (n, k) in shapes.items():
+        rows += measure_projection(model, name, n, k, layers, bandwidth, depths, bns)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .run import copy_bandwidth
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama-1b")
+    ap.add_argument("--depth", default="4,8,12")
+    ap.add_argument("--bn", default="64,128")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    bandwidth = copy_bandwidth()
+    rows = []
+    for model in args.model.split(","):
+        rows += measure(model, bandwidth, [int(d) for d in args.depth.split(",")], [int(b) for b in args.bn.split(",")])
+    print(f"\ncopy bandwidth {bandwidth / 1e12:.2f} TB/s; µs per projection per layer, {ROWS} rows, bf16")
+    print("| model | projection | variant | µs | / floor |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['proj']} {r['n']}x{r['k']} | {r['variant']} | {r['us']:.2f} | "
+              f"{r['us'] / r['floor_us']:.2f}× |")  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(bandwidth=bandwidth, device=torch.cuda.get_device_name(), rows=rows), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
