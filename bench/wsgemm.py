@@ -43,7 +43,8 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 ROWS = 32  # a decode step's sequences
-BK = gl.constexpr(64)  # K per box: 128 bytes of bf16, the widest swizzled TMA row
+K_BOX = 64  # K per box: 128 bytes of bf16, the widest swizzled TMA row
+BK = gl.constexpr(K_BOX)  # (the kernels' name for it)
 SHARED = 227 * 1024
 
 
@@ -163,9 +164,9 @@ class WsGemm:
     ``depth`` ring slots. Output: bf16 ``[32, N]`` without splits, else float32 partials ``[splits, 32, N]``."""
 
     def __init__(self, n: int, k: int, bn: int, splits: int, depth: int):
-        if n % bn or k % (splits * BK):
-            raise ValueError(f"{bn} rows and {splits} splits of {BK} do not tile {n} x {k}")
-        if depth * (bn + ROWS) * BK * 2 + 1024 > SHARED:
+        if n % bn or k % (splits * K_BOX):
+            raise ValueError(f"{bn} rows and {splits} splits of {K_BOX} do not tile {n} x {k}")
+        if depth * (bn + ROWS) * K_BOX * 2 + 1024 > SHARED:
             raise ValueError(f"depth {depth} does not fit")
         self.n, self.k, self.bn, self.splits, self.depth = n, k, bn, splits, depth
         self.grid = (n // bn * splits,)
@@ -173,8 +174,8 @@ class WsGemm:
         self.out = torch.empty(splits, ROWS, n, device="cuda", dtype=dtype)
 
     def descriptors(self, w: torch.Tensor, x: torch.Tensor):
-        return (TensorDescriptor.from_tensor(w, [self.bn, BK], _layout([self.bn, BK])),
-                TensorDescriptor.from_tensor(x, [ROWS, BK], _layout([ROWS, BK])))  # fmt: skip
+        return (TensorDescriptor.from_tensor(w, [self.bn, K_BOX], _layout([self.bn, K_BOX])),
+                TensorDescriptor.from_tensor(x, [ROWS, K_BOX], _layout([ROWS, K_BOX])))  # fmt: skip
 
     def __call__(self, wdesc, xdesc) -> torch.Tensor:
         _ws_gemm_kernel[self.grid](wdesc, xdesc, self.out, self.n, self.k // self.splits, self.depth, num_warps=4)
@@ -196,7 +197,7 @@ def projections(model: str) -> dict[str, tuple[int, int]]:
 def splits_for(n: int, k: int, bn: int, sms: int) -> int:
     """The fewest splits of K that give every SM a program (at most K / 256 of them: four boxes a split)."""
     sp = 1
-    while n // bn * sp < sms and k % (2 * sp * BK) == 0 and k // (2 * sp) >= 4 * BK:
+    while n // bn * sp < sms and k % (2 * sp * K_BOX) == 0 and k // (2 * sp) >= 4 * K_BOX:
         sp *= 2
     return sp
 
@@ -255,15 +256,15 @@ def measure_projection(model: str, name: str, n: int, k: int, layers: int, bandw
             row(f"ws bn {bn} splits {sp} depth {depth}", partial(_ws, g), descs, bn=bn, splits=sp, depth=depth,
                 programs=g.grid[0], max_err=err)  # fmt: skip
             # the same programs and ring, copying the weights only
-            sdescs = [TensorDescriptor.from_tensor(w, [bn, BK], _layout([bn, BK])) for w in ws]
+            sdescs = [TensorDescriptor.from_tensor(w, [bn, K_BOX], _layout([bn, K_BOX])) for w in ws]
             row(f"stream bn {bn} depth {depth}, {g.grid[0]} programs",
-                partial(_stream, n // bn * (k // BK), k // BK, g.grid[0], depth), sdescs, bn=bn, depth=depth,
+                partial(_stream, n // bn * (k // K_BOX), k // K_BOX, g.grid[0], depth), sdescs, bn=bn, depth=depth,
                 programs=g.grid[0])  # fmt: skip
-    sdescs = [TensorDescriptor.from_tensor(w, [128, BK], _layout([128, BK])) for w in ws]
+    sdescs = [TensorDescriptor.from_tensor(w, [128, K_BOX], _layout([128, K_BOX])) for w in ws]
     for per_sm in (1, 2):
-        for depth in (d for d in depths if per_sm * d * 128 * BK * 2 + 1024 <= SHARED):
+        for depth in (d for d in depths if per_sm * d * 128 * K_BOX * 2 + 1024 <= SHARED):
             row(f"stream persistent, {per_sm} per SM, depth {depth}",
-                partial(_stream, n // 128 * (k // BK), k // BK, sms * per_sm, depth), sdescs, per_sm=per_sm,
+                partial(_stream, n // 128 * (k // K_BOX), k // K_BOX, sms * per_sm, depth), sdescs, per_sm=per_sm,
                 depth=depth)  # fmt: skip
     return rows
 
