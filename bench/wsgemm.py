@@ -96,34 +96,50 @@ def _sum_kernel(W, OUT, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
 
 
 @gluon.jit
-def _ws_producer(wdesc, xdesc, ring_w, ring_x, ready, empty, n0, k0, stages):
-    """One warp: copy W's box and x's box of each K stage into the ring, waiting only for the slot to be free."""
+def _ws_producer(wdesc, xdesc, ring_w, ring_x, ready, empty, xbar, n0, k0, STAGES: gl.constexpr,
+                 XONCE: gl.constexpr):  # fmt: skip
+    """One warp: copy W's box (and x's, unless XONCE copied all of this split's x first) of each K stage into the
+    ring, waiting only for the slot to be free."""
     DEPTH: gl.constexpr = ring_w.type.shape[0]
-    for i in range(stages):
+    if XONCE:
+        mbarrier.expect(xbar, STAGES * xdesc.block_type.nbytes)
+        for i in gl.static_range(STAGES):
+            tma.async_copy_global_to_shared(xdesc, [0, k0 + i * BK], xbar, ring_x.index(i))
+    for i in range(STAGES):
         s = i % DEPTH
         mbarrier.wait(empty.index(s), ((i // DEPTH) & 1) ^ 1)  # a fresh barrier counts as freed once
-        mbarrier.expect(ready.index(s), wdesc.block_type.nbytes + xdesc.block_type.nbytes)
         k = k0 + i * BK
+        if XONCE:
+            mbarrier.expect(ready.index(s), wdesc.block_type.nbytes)
+        else:
+            mbarrier.expect(ready.index(s), wdesc.block_type.nbytes + xdesc.block_type.nbytes)
+            tma.async_copy_global_to_shared(xdesc, [0, k], ready.index(s), ring_x.index(s))
         tma.async_copy_global_to_shared(wdesc, [n0, k], ready.index(s), ring_w.index(s))
-        tma.async_copy_global_to_shared(xdesc, [0, k], ready.index(s), ring_x.index(s))
 
 
 @gluon.jit
-def _ws_consumer(ring_w, ring_x, ready, empty, OUT, n0, split, N, stages, num_warps: gl.constexpr):
-    """The default warpgroup: ``acc[BN, 32] += W_tile @ x_tile^T`` per stage by wgmma, one product in flight; a
-    slot is freed once the product that read it is done. Writes ``OUT[split, m, n0 + i] = acc[i, m]``."""
+def _ws_consumer(ring_w, ring_x, ready, empty, xbar, OUT, n0, split, N, STAGES: gl.constexpr,
+                 XONCE: gl.constexpr, INFLIGHT: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    """The default warpgroup(s): ``acc[BN, 32] += W_tile @ x_tile^T`` per stage by wgmma, INFLIGHT products in
+    flight; a slot is freed once the product that read it is done. Writes ``OUT[split, m, n0 + i] = acc[i, m]``."""
     DEPTH: gl.constexpr = ring_w.type.shape[0]
     BN: gl.constexpr = ring_w.type.shape[1]
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, 32, 16])  # fmt: skip
     acc = gl.zeros([BN, 32], gl.float32, MMA)
-    for i in range(stages):
+    if XONCE:
+        mbarrier.wait(xbar, 0)
+    for i in range(STAGES):
         s = i % DEPTH
         mbarrier.wait(ready.index(s), (i // DEPTH) & 1)
-        acc = warpgroup_mma(ring_w.index(s), ring_x.index(s).permute((1, 0)), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-        if i > 0:  # the product of stage i - 1 is done: its slot may be refilled
-            mbarrier.arrive(empty.index((i - 1) % DEPTH), count=1)
+        if XONCE:
+            xs = ring_x.index(i)
+        else:
+            xs = ring_x.index(s)
+        acc = warpgroup_mma(ring_w.index(s), xs.permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=INFLIGHT, deps=(acc,))
+        if i >= INFLIGHT:  # the product of stage i - INFLIGHT is done: its slot may be refilled
+            mbarrier.arrive(empty.index((i - INFLIGHT) % DEPTH), count=1)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     rn = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
     rm = gl.arange(0, 32, layout=gl.SliceLayout(0, MMA))
@@ -131,24 +147,27 @@ def _ws_consumer(ring_w, ring_x, ready, empty, OUT, n0, split, N, stages, num_wa
 
 
 @gluon.jit
-def _ws_gemm_kernel(wdesc, xdesc, OUT, N, KSPLIT, DEPTH: gl.constexpr, num_warps: gl.constexpr):
-    """One program per (column tile of BN weight rows, split of K)."""
+def _ws_gemm_kernel(wdesc, xdesc, OUT, N, DEPTH: gl.constexpr, STAGES: gl.constexpr, XONCE: gl.constexpr,
+                    INFLIGHT: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    """One program per (column tile of BN weight rows, split of K of STAGES boxes)."""
     BN: gl.constexpr = wdesc.block_type.shape[0]
+    XSLOTS: gl.constexpr = STAGES if XONCE else DEPTH
     pid = gl.program_id(0)
     tiles = N // BN
     n0 = (pid % tiles) * BN
     split = pid // tiles
-    stages = KSPLIT // BK
     ring_w = gl.allocate_shared_memory(wdesc.dtype, [DEPTH, BN, BK], wdesc.layout)
-    ring_x = gl.allocate_shared_memory(xdesc.dtype, [DEPTH, 32, BK], xdesc.layout)
+    ring_x = gl.allocate_shared_memory(xdesc.dtype, [XSLOTS, 32, BK], xdesc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [DEPTH, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [DEPTH, 1], mbarrier.MBarrierLayout())
+    xbar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(xbar, count=1)
     for i in gl.static_range(DEPTH):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
     gl.warp_specialize([
-        (_ws_consumer, (ring_w, ring_x, ready, empty, OUT, n0, split, N, stages, num_warps)),
-        (_ws_producer, (wdesc, xdesc, ring_w, ring_x, ready, empty, n0, split * KSPLIT, stages)),
+        (_ws_consumer, (ring_w, ring_x, ready, empty, xbar, OUT, n0, split, N, STAGES, XONCE, INFLIGHT, num_warps)),
+        (_ws_producer, (wdesc, xdesc, ring_w, ring_x, ready, empty, xbar, n0, split * STAGES * BK, STAGES, XONCE)),
     ], [1], [24])  # fmt: skip
 
 
@@ -161,14 +180,21 @@ def _layout(shape):
 
 class WsGemm:
     """``x [32, K] @ W [N, K]^T`` by :func:`_ws_gemm_kernel`: ``bn`` weight rows per program, ``splits`` of K,
-    ``depth`` ring slots. Output: bf16 ``[32, N]`` without splits, else float32 partials ``[splits, 32, N]``."""
+    ``depth`` ring slots, ``inflight`` products in flight, x copied once per program (``xonce``) or per stage, one or
+    two consumer warpgroups. Output: bf16 ``[32, N]`` without splits, else float32 partials ``[splits, 32, N]``."""
 
-    def __init__(self, n: int, k: int, bn: int, splits: int, depth: int):
+    def __init__(self, n: int, k: int, bn: int, splits: int, depth: int, inflight: int = 1, xonce: bool = False,
+                 warps: int = 4):  # fmt: skip
         if n % bn or k % (splits * K_BOX):
             raise ValueError(f"{bn} rows and {splits} splits of {K_BOX} do not tile {n} x {k}")
-        if depth * (bn + ROWS) * K_BOX * 2 + 1024 > SHARED:
+        self.stages = k // splits // K_BOX
+        xslots = self.stages if xonce else depth
+        if depth * bn * K_BOX * 2 + xslots * ROWS * K_BOX * 2 + 1024 > SHARED or inflight >= depth:
             raise ValueError(f"depth {depth} does not fit")
+        if warps == 8 and bn < 128:
+            raise ValueError("two warpgroups take 128 rows")
         self.n, self.k, self.bn, self.splits, self.depth = n, k, bn, splits, depth
+        self.inflight, self.xonce, self.warps = inflight, xonce, warps
         self.grid = (n // bn * splits,)
         dtype = torch.bfloat16 if splits == 1 else torch.float32
         self.out = torch.empty(splits, ROWS, n, device="cuda", dtype=dtype)
@@ -178,7 +204,8 @@ class WsGemm:
                 TensorDescriptor.from_tensor(x, [ROWS, K_BOX], _layout([ROWS, K_BOX])))  # fmt: skip
 
     def __call__(self, wdesc, xdesc) -> torch.Tensor:
-        _ws_gemm_kernel[self.grid](wdesc, xdesc, self.out, self.n, self.k // self.splits, self.depth, num_warps=4)
+        _ws_gemm_kernel[self.grid](wdesc, xdesc, self.out, self.n, self.depth, self.stages, self.xonce,
+                                   self.inflight, num_warps=self.warps)  # fmt: skip
         return self.out
 
     def result(self) -> torch.Tensor:
@@ -236,36 +263,36 @@ def measure_projection(model: str, name: str, n: int, k: int, layers: int, bandw
 
     row("cuBLAS", partial(_mm, x, torch.empty(ROWS, n, device="cuda", dtype=torch.bfloat16)), ws)
     part = torch.empty(1 << 16, device="cuda", dtype=torch.float32)
-    for block, iters in ((2048, 4), (4096, 8)):
+    for block, iters in ((2048, 4),):
         grid = triton.cdiv(n * k, block * iters)
         if grid <= part.numel():
             row(f"sum {block}x{iters}", partial(_sum, part, grid, block, iters), [w.view(-1) for w in ws])
     want = x.float() @ ws[0].float().T
+    variants = [(1, False, 4), (2, False, 4), (1, True, 4), (2, True, 4), (2, False, 8), (2, True, 8)]
     for bn in (b for b in bns if n % b == 0):
         sp = splits_for(n, k, bn, sms)
         for depth in depths:
-            try:
-                g = WsGemm(n, k, bn, sp, depth)
-            except ValueError:
-                continue
-            descs = [g.descriptors(w, x) for w in ws]
-            g(*descs[0])
-            err = (g.result() - want).abs().max().item()
-            if err > 0.02 * want.abs().max().item():
-                raise AssertionError(f"{model} {name} bn {bn} depth {depth} splits {sp}: off by {err}")
-            row(f"ws bn {bn} splits {sp} depth {depth}", partial(_ws, g), descs, bn=bn, splits=sp, depth=depth,
-                programs=g.grid[0], max_err=err)  # fmt: skip
-            # the same programs and ring, copying the weights only
-            sdescs = [TensorDescriptor.from_tensor(w, [bn, K_BOX], _layout([bn, K_BOX])) for w in ws]
-            row(f"stream bn {bn} depth {depth}, {g.grid[0]} programs",
-                partial(_stream, n // bn * (k // K_BOX), k // K_BOX, g.grid[0], depth), sdescs, bn=bn, depth=depth,
-                programs=g.grid[0])  # fmt: skip
+            for inflight, xonce, warps in variants:
+                try:
+                    g = WsGemm(n, k, bn, sp, depth, inflight, xonce, warps)
+                except ValueError:
+                    continue
+                descs = [g.descriptors(w, x) for w in ws]
+                g(*descs[0])
+                err = (g.result() - want).abs().max().item()
+                if err > 0.02 * want.abs().max().item():
+                    raise AssertionError(f"{model} {name} {vars(g)}: off by {err}")
+                row(f"ws bn {bn} splits {sp} depth {depth} inflight {inflight} x {'once' if xonce else 'per stage'} "
+                    f"warps {warps}", partial(_ws, g), descs, bn=bn, splits=sp, depth=depth, inflight=inflight,
+                    xonce=xonce, warps=warps, programs=g.grid[0], max_err=err)  # fmt: skip
+        # the same programs and ring, copying the weights only
+        sdescs = [TensorDescriptor.from_tensor(w, [bn, K_BOX], _layout([bn, K_BOX])) for w in ws]
+        row(f"stream bn {bn} depth 4, {n // bn * sp} programs",
+            partial(_stream, n // bn * (k // K_BOX), k // K_BOX, n // bn * sp, 4), sdescs, bn=bn, depth=4,
+            programs=n // bn * sp)  # fmt: skip
     sdescs = [TensorDescriptor.from_tensor(w, [128, K_BOX], _layout([128, K_BOX])) for w in ws]
-    for per_sm in (1, 2):
-        for depth in (d for d in depths if per_sm * d * 128 * K_BOX * 2 + 1024 <= SHARED):
-            row(f"stream persistent, {per_sm} per SM, depth {depth}",
-                partial(_stream, n // 128 * (k // K_BOX), k // K_BOX, sms * per_sm, depth), sdescs, per_sm=per_sm,
-                depth=depth)  # fmt: skip
+    row("stream persistent, 2 per SM, depth 4", partial(_stream, n // 128 * (k // K_BOX), k // K_BOX, sms * 2, 4),
+        sdescs, per_sm=2, depth=4)  # fmt: skip
     return rows
 
 
