@@ -96,10 +96,10 @@ def _sum_kernel(W, OUT, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
 
 
 @gluon.jit
-def _ws_producer(wdesc, xdesc, ring_w, ring_x, ready, empty, xbar, n0, k0, STAGES: gl.constexpr,
-                 XONCE: gl.constexpr):  # fmt: skip
-    """One warp: copy W's box (and x's, unless XONCE copied all of this split's x first) of each K stage into the
-    ring, waiting only for the slot to be free."""
+def _ws_producer(wdesc, xdesc, ring_w, ring_x, ready, empty, xbar, n0, k0, rot, STAGES: gl.constexpr,
+                 XONCE: gl.constexpr, XCOPY: gl.constexpr):  # fmt: skip
+    """One warp: copy W's box (and x's, unless XONCE copied all of this split's x first, or XCOPY is off) of each K
+    stage into the ring, waiting only for the slot to be free. Stage i reads K box ``(i + rot) % STAGES``."""
     DEPTH: gl.constexpr = ring_w.type.shape[0]
     if XONCE:
         mbarrier.expect(xbar, STAGES * xdesc.block_type.nbytes)
@@ -108,8 +108,8 @@ def _ws_producer(wdesc, xdesc, ring_w, ring_x, ready, empty, xbar, n0, k0, STAGE
     for i in range(STAGES):
         s = i % DEPTH
         mbarrier.wait(empty.index(s), ((i // DEPTH) & 1) ^ 1)  # a fresh barrier counts as freed once
-        k = k0 + i * BK
-        if XONCE:
+        k = k0 + ((i + rot) % STAGES) * BK
+        if XONCE or not XCOPY:
             mbarrier.expect(ready.index(s), wdesc.block_type.nbytes)
         else:
             mbarrier.expect(ready.index(s), wdesc.block_type.nbytes + xdesc.block_type.nbytes)
@@ -118,8 +118,9 @@ def _ws_producer(wdesc, xdesc, ring_w, ring_x, ready, empty, xbar, n0, k0, STAGE
 
 
 @gluon.jit
-def _ws_consumer(ring_w, ring_x, ready, empty, xbar, OUT, n0, split, N, STAGES: gl.constexpr,
-                 XONCE: gl.constexpr, INFLIGHT: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+def _ws_consumer(ring_w, ring_x, ready, empty, xbar, OUT, n0, split, N, rot, STAGES: gl.constexpr,
+                 XONCE: gl.constexpr, INFLIGHT: gl.constexpr, MATH: gl.constexpr,
+                 num_warps: gl.constexpr):  # fmt: skip
     """The default warpgroup(s): ``acc[BN, 32] += W_tile @ x_tile^T`` per stage by wgmma, INFLIGHT products in
     flight; a slot is freed once the product that read it is done. Writes ``OUT[split, m, n0 + i] = acc[i, m]``."""
     DEPTH: gl.constexpr = ring_w.type.shape[0]
@@ -132,14 +133,17 @@ def _ws_consumer(ring_w, ring_x, ready, empty, xbar, OUT, n0, split, N, STAGES: 
     for i in range(STAGES):
         s = i % DEPTH
         mbarrier.wait(ready.index(s), (i // DEPTH) & 1)
-        if XONCE:
-            xs = ring_x.index(i)
-        else:
-            xs = ring_x.index(s)
-        acc = warpgroup_mma(ring_w.index(s), xs.permute((1, 0)), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=INFLIGHT, deps=(acc,))
-        if i >= INFLIGHT:  # the product of stage i - INFLIGHT is done: its slot may be refilled
-            mbarrier.arrive(empty.index((i - INFLIGHT) % DEPTH), count=1)
+        if MATH:
+            if XONCE:
+                xs = ring_x.index((i + rot) % STAGES)
+            else:
+                xs = ring_x.index(s)
+            acc = warpgroup_mma(ring_w.index(s), xs.permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=INFLIGHT, deps=(acc,))
+            if i >= INFLIGHT:  # the product of stage i - INFLIGHT is done: its slot may be refilled
+                mbarrier.arrive(empty.index((i - INFLIGHT) % DEPTH), count=1)
+        else:  # the pipeline alone: a slot is free as soon as it has landed
+            mbarrier.arrive(empty.index(s), count=1)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     rn = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
     rm = gl.arange(0, 32, layout=gl.SliceLayout(0, MMA))
@@ -148,14 +152,20 @@ def _ws_consumer(ring_w, ring_x, ready, empty, xbar, OUT, n0, split, N, STAGES: 
 
 @gluon.jit
 def _ws_gemm_kernel(wdesc, xdesc, OUT, N, DEPTH: gl.constexpr, STAGES: gl.constexpr, XONCE: gl.constexpr,
-                    INFLIGHT: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
-    """One program per (column tile of BN weight rows, split of K of STAGES boxes)."""
+                    INFLIGHT: gl.constexpr, ROT: gl.constexpr, MATH: gl.constexpr, XCOPY: gl.constexpr,
+                    num_warps: gl.constexpr):  # fmt: skip
+    """One program per (column tile of BN weight rows, split of K of STAGES boxes). ROT: each program starts its K
+    loop at a box of its own (``pid % STAGES``), so that programs do not all read the same activation box at once;
+    MATH off: no products (the pipeline alone); XCOPY off (only without MATH): no activation copies."""
     BN: gl.constexpr = wdesc.block_type.shape[0]
     XSLOTS: gl.constexpr = STAGES if XONCE else DEPTH
     pid = gl.program_id(0)
     tiles = N // BN
     n0 = (pid % tiles) * BN
     split = pid // tiles
+    rot = 0
+    if ROT:
+        rot = pid % STAGES
     ring_w = gl.allocate_shared_memory(wdesc.dtype, [DEPTH, BN, BK], wdesc.layout)
     ring_x = gl.allocate_shared_memory(xdesc.dtype, [XSLOTS, 32, BK], xdesc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [DEPTH, 1], mbarrier.MBarrierLayout())
@@ -166,8 +176,10 @@ def _ws_gemm_kernel(wdesc, xdesc, OUT, N, DEPTH: gl.constexpr, STAGES: gl.conste
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
     gl.warp_specialize([
-        (_ws_consumer, (ring_w, ring_x, ready, empty, xbar, OUT, n0, split, N, STAGES, XONCE, INFLIGHT, num_warps)),
-        (_ws_producer, (wdesc, xdesc, ring_w, ring_x, ready, empty, xbar, n0, split * STAGES * BK, STAGES, XONCE)),
+        (_ws_consumer, (ring_w, ring_x, ready, empty, xbar, OUT, n0, split, N, rot, STAGES, XONCE, INFLIGHT, MATH,
+                        num_warps)),
+        (_ws_producer, (wdesc, xdesc, ring_w, ring_x, ready, empty, xbar, n0, split * STAGES * BK, rot, STAGES, XONCE,
+                        XCOPY)),
     ], [1], [24])  # fmt: skip
 
 
@@ -184,7 +196,7 @@ class WsGemm:
     two consumer warpgroups. Output: bf16 ``[32, N]`` without splits, else float32 partials ``[splits, 32, N]``."""
 
     def __init__(self, n: int, k: int, bn: int, splits: int, depth: int, inflight: int = 1, xonce: bool = False,
-                 warps: int = 4):  # fmt: skip
+                 warps: int = 4, rot: bool = False, math: bool = True, xcopy: bool = True):  # fmt: skip
         if n % bn or k % (splits * K_BOX):
             raise ValueError(f"{bn} rows and {splits} splits of {K_BOX} do not tile {n} x {k}")
         self.stages = k // splits // K_BOX
@@ -195,6 +207,7 @@ class WsGemm:
             raise ValueError("two warpgroups take 128 rows")
         self.n, self.k, self.bn, self.splits, self.depth = n, k, bn, splits, depth
         self.inflight, self.xonce, self.warps = inflight, xonce, warps
+        self.rot, self.math, self.xcopy = rot, math, xcopy or math
         self.grid = (n // bn * splits,)
         dtype = torch.bfloat16 if splits == 1 else torch.float32
         self.out = torch.empty(splits, ROWS, n, device="cuda", dtype=dtype)
@@ -205,7 +218,7 @@ class WsGemm:
 
     def __call__(self, wdesc, xdesc) -> torch.Tensor:
         _ws_gemm_kernel[self.grid](wdesc, xdesc, self.out, self.n, self.depth, self.stages, self.xonce,
-                                   self.inflight, num_warps=self.warps)  # fmt: skip
+                                   self.inflight, self.rot, self.math, self.xcopy, num_warps=self.warps)  # fmt: skip
         return self.out
 
     def result(self) -> torch.Tensor:
@@ -268,23 +281,36 @@ def measure_projection(model: str, name: str, n: int, k: int, layers: int, bandw
         if grid <= part.numel():
             row(f"sum {block}x{iters}", partial(_sum, part, grid, block, iters), [w.view(-1) for w in ws])
     want = x.float() @ ws[0].float().T
-    variants = [(1, False, 4), (2, False, 4), (1, True, 4), (2, True, 4), (2, False, 8), (2, True, 8)]
+    # (inflight, x once, warps, rotated K order, products, activation copies)
+    variants = [
+        (1, False, 4, False, True, True),
+        (1, False, 4, True, True, True),
+        (1, True, 4, True, True, True),
+        (1, False, 4, False, False, True),
+        (1, False, 4, True, False, True),
+        (1, False, 4, False, False, False),
+    ]
     for bn in (b for b in bns if n % b == 0):
         sp = splits_for(n, k, bn, sms)
         for depth in depths:
-            for inflight, xonce, warps in variants:
+            for inflight, xonce, warps, rot, math, xcopy in variants:
                 try:
-                    g = WsGemm(n, k, bn, sp, depth, inflight, xonce, warps)
+                    g = WsGemm(n, k, bn, sp, depth, inflight, xonce, warps, rot, math, xcopy)
                 except ValueError:
                     continue
                 descs = [g.descriptors(w, x) for w in ws]
                 g(*descs[0])
-                err = (g.result() - want).abs().max().item()
-                if err > 0.02 * want.abs().max().item():
-                    raise AssertionError(f"{model} {name} {vars(g)}: off by {err}")
-                row(f"ws bn {bn} splits {sp} depth {depth} inflight {inflight} x {'once' if xonce else 'per stage'} "
-                    f"warps {warps}", partial(_ws, g), descs, bn=bn, splits=sp, depth=depth, inflight=inflight,
-                    xonce=xonce, warps=warps, programs=g.grid[0], max_err=err)  # fmt: skip
+                err = float("nan")
+                if math:
+                    err = (g.result() - want).abs().max().item()
+                    if err > 0.02 * want.abs().max().item():
+                        raise AssertionError(f"{model} {name} {vars(g)}: off by {err}")
+                what = ("products" if math else "no products") + (
+                    ", x per stage" if xcopy and not xonce else ", x once" if xonce else ", no x"
+                )
+                row(f"ws bn {bn} splits {sp} depth {depth}, {what}{', rotated' if rot else ''}", partial(_ws, g),
+                    descs, bn=bn, splits=sp, depth=depth, inflight=inflight, xonce=xonce, warps=warps, rot=rot,
+                    math=math, xcopy=xcopy, programs=g.grid[0], max_err=err)  # fmt: skip
         # the same programs and ring, copying the weights only
         sdescs = [TensorDescriptor.from_tensor(w, [bn, K_BOX], _layout([bn, K_BOX])) for w in ws]
         row(f"stream bn {bn} depth 4, {n // bn * sp} programs",
