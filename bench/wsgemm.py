@@ -52,10 +52,25 @@ SHARED = 227 * 1024
 
 
 @gluon.jit
-def _stream_kernel(desc, tiles, per_row, G, DEPTH: gl.constexpr):
-    """Copy boxes ``pid, pid + G, ...`` of ``desc``'s matrix into a ring of DEPTH shared-memory slots, each copy issued
-    as soon as its slot's previous copy has landed. Nothing reads them: this is the stream that a GEMM's producer
-    could at best keep up."""
+def _stream_box(desc, t, pid, per_row, tiles_n, stages, i, GEMM_ORDER: gl.constexpr):
+    """The coordinates of this program's ``i``-th box: global box ``t`` in row-major order, or (GEMM_ORDER) box ``i``
+    of the K range of the GEMM program ``pid`` (row tile ``pid % tiles_n``, split ``pid // tiles_n``)."""
+    BR: gl.constexpr = desc.block_type.shape[0]
+    BC: gl.constexpr = desc.block_type.shape[1]
+    if GEMM_ORDER:
+        r = (pid % tiles_n) * BR
+        c = ((pid // tiles_n) * stages + i) * BC
+    else:
+        r = (t // per_row) * BR
+        c = (t % per_row) * BC
+    return r, c
+
+
+@gluon.jit
+def _stream_kernel(desc, tiles, per_row, G, tiles_n, stages, DEPTH: gl.constexpr, GEMM_ORDER: gl.constexpr):
+    """Copy boxes ``pid, pid + G, ...`` of ``desc``'s matrix (or, GEMM_ORDER, the boxes that GEMM program ``pid``
+    reads, in its order) into a ring of DEPTH shared-memory slots, each copy issued as soon as its slot's previous
+    copy has landed. Nothing reads them: this is the stream that a GEMM's producer could at best keep up."""
     BR: gl.constexpr = desc.block_type.shape[0]
     BC: gl.constexpr = desc.block_type.shape[1]
     pid = gl.program_id(0)
@@ -63,20 +78,21 @@ def _stream_kernel(desc, tiles, per_row, G, DEPTH: gl.constexpr):
     bars = gl.allocate_shared_memory(gl.int64, [DEPTH, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(DEPTH):
         mbarrier.init(bars.index(i), count=1)
-    n = (tiles - pid + G - 1) // G
+    if GEMM_ORDER:
+        n = stages
+    else:
+        n = (tiles - pid + G - 1) // G
     for i in gl.static_range(DEPTH):
-        t = pid + i * G
+        r, c = _stream_box(desc, pid + i * G, pid, per_row, tiles_n, stages, i, GEMM_ORDER)
         mbarrier.expect(bars.index(i), desc.block_type.nbytes, pred=i < n)
-        tma.async_copy_global_to_shared(desc, [(t // per_row) * BR, (t % per_row) * BC], bars.index(i),
-                                        ring.index(i), pred=i < n)  # fmt: skip
+        tma.async_copy_global_to_shared(desc, [r, c], bars.index(i), ring.index(i), pred=i < n)
     for i in range(n):
         s = i % DEPTH
         mbarrier.wait(bars.index(s), (i // DEPTH) & 1)
         if i + DEPTH < n:
-            t = pid + (i + DEPTH) * G
+            r, c = _stream_box(desc, pid + (i + DEPTH) * G, pid, per_row, tiles_n, stages, i + DEPTH, GEMM_ORDER)
             mbarrier.expect(bars.index(s), desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(desc, [(t // per_row) * BR, (t % per_row) * BC], bars.index(s),
-                                            ring.index(s))  # fmt: skip
+            tma.async_copy_global_to_shared(desc, [r, c], bars.index(s), ring.index(s))
     for i in gl.static_range(DEPTH):
         mbarrier.invalidate(bars.index(i))
 
@@ -96,11 +112,13 @@ def _sum_kernel(W, OUT, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
 
 
 @gluon.jit
-def _ws_producer(wdesc, xdesc, ring_w, ring_x, ready, empty, xbar, n0, k0, rot, STAGES: gl.constexpr,
-                 XONCE: gl.constexpr, XCOPY: gl.constexpr):  # fmt: skip
+def _ws_producer(wdesc, xdesc, ring_w, ring_x, ready, empty, xbar, n0, k0, rot, KB, STAGES: gl.constexpr,
+                 XONCE: gl.constexpr, XCOPY: gl.constexpr, TILED: gl.constexpr):  # fmt: skip
     """One warp: copy W's box (and x's, unless XONCE copied all of this split's x first, or XCOPY is off) of each K
-    stage into the ring, waiting only for the slot to be free. Stage i reads K box ``(i + rot) % STAGES``."""
+    stage into the ring, waiting only for the slot to be free. Stage i reads K box ``(i + rot) % STAGES``. TILED: W
+    is stored box by box (``[N / BN, KB, BN, 64]``, see :func:`tiled`), so each box is 16 contiguous KB."""
     DEPTH: gl.constexpr = ring_w.type.shape[0]
+    BN: gl.constexpr = ring_w.type.shape[1]
     if XONCE:
         mbarrier.expect(xbar, STAGES * xdesc.block_type.nbytes)
         for i in gl.static_range(STAGES):
@@ -114,7 +132,10 @@ def _ws_producer(wdesc, xdesc, ring_w, ring_x, ready, empty, xbar, n0, k0, rot, 
         else:
             mbarrier.expect(ready.index(s), wdesc.block_type.nbytes + xdesc.block_type.nbytes)
             tma.async_copy_global_to_shared(xdesc, [0, k], ready.index(s), ring_x.index(s))
-        tma.async_copy_global_to_shared(wdesc, [n0, k], ready.index(s), ring_w.index(s))
+        if TILED:
+            tma.async_copy_global_to_shared(wdesc, [(n0 // BN * KB + k // BK) * BN, 0], ready.index(s), ring_w.index(s))
+        else:
+            tma.async_copy_global_to_shared(wdesc, [n0, k], ready.index(s), ring_w.index(s))
 
 
 @gluon.jit
@@ -151,9 +172,9 @@ def _ws_consumer(ring_w, ring_x, ready, empty, xbar, OUT, n0, split, N, rot, STA
 
 
 @gluon.jit
-def _ws_gemm_kernel(wdesc, xdesc, OUT, N, DEPTH: gl.constexpr, STAGES: gl.constexpr, XONCE: gl.constexpr,
+def _ws_gemm_kernel(wdesc, xdesc, OUT, N, KB, DEPTH: gl.constexpr, STAGES: gl.constexpr, XONCE: gl.constexpr,
                     INFLIGHT: gl.constexpr, ROT: gl.constexpr, MATH: gl.constexpr, XCOPY: gl.constexpr,
-                    num_warps: gl.constexpr):  # fmt: skip
+                    TILED: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     """One program per (column tile of BN weight rows, split of K of STAGES boxes). ROT: each program starts its K
     loop at a box of its own (``pid % STAGES``), so that programs do not all read the same activation box at once;
     MATH off: no products (the pipeline alone); XCOPY off (only without MATH): no activation copies."""
@@ -178,8 +199,8 @@ def _ws_gemm_kernel(wdesc, xdesc, OUT, N, DEPTH: gl.constexpr, STAGES: gl.conste
     gl.warp_specialize([
         (_ws_consumer, (ring_w, ring_x, ready, empty, xbar, OUT, n0, split, N, rot, STAGES, XONCE, INFLIGHT, MATH,
                         num_warps)),
-        (_ws_producer, (wdesc, xdesc, ring_w, ring_x, ready, empty, xbar, n0, split * STAGES * BK, rot, STAGES, XONCE,
-                        XCOPY)),
+        (_ws_producer, (wdesc, xdesc, ring_w, ring_x, ready, empty, xbar, n0, split * STAGES * BK, rot, KB, STAGES,
+                        XONCE, XCOPY, TILED)),
     ], [1], [24])  # fmt: skip
 
 
@@ -196,7 +217,8 @@ class WsGemm:
     two consumer warpgroups. Output: bf16 ``[32, N]`` without splits, else float32 partials ``[splits, 32, N]``."""
 
     def __init__(self, n: int, k: int, bn: int, splits: int, depth: int, inflight: int = 1, xonce: bool = False,
-                 warps: int = 4, rot: bool = False, math: bool = True, xcopy: bool = True):  # fmt: skip
+                 warps: int = 4, rot: bool = False, math: bool = True, xcopy: bool = True,
+                 tiled: bool = False):  # fmt: skip
         if n % bn or k % (splits * K_BOX):
             raise ValueError(f"{bn} rows and {splits} splits of {K_BOX} do not tile {n} x {k}")
         self.stages = k // splits // K_BOX
@@ -207,22 +229,31 @@ class WsGemm:
             raise ValueError("two warpgroups take 128 rows")
         self.n, self.k, self.bn, self.splits, self.depth = n, k, bn, splits, depth
         self.inflight, self.xonce, self.warps = inflight, xonce, warps
-        self.rot, self.math, self.xcopy = rot, math, xcopy or math
+        self.rot, self.math, self.xcopy, self.tiled = rot, math, xcopy or math, tiled
         self.grid = (n // bn * splits,)
         dtype = torch.bfloat16 if splits == 1 else torch.float32
         self.out = torch.empty(splits, ROWS, n, device="cuda", dtype=dtype)
 
     def descriptors(self, w: torch.Tensor, x: torch.Tensor):
+        """``w``: ``[N, K]``, or with ``tiled`` its :func:`tiled` form."""
         return (TensorDescriptor.from_tensor(w, [self.bn, K_BOX], _layout([self.bn, K_BOX])),
                 TensorDescriptor.from_tensor(x, [ROWS, K_BOX], _layout([ROWS, K_BOX])))  # fmt: skip
 
     def __call__(self, wdesc, xdesc) -> torch.Tensor:
-        _ws_gemm_kernel[self.grid](wdesc, xdesc, self.out, self.n, self.depth, self.stages, self.xonce,
-                                   self.inflight, self.rot, self.math, self.xcopy, num_warps=self.warps)  # fmt: skip
+        _ws_gemm_kernel[self.grid](wdesc, xdesc, self.out, self.n, self.k // K_BOX, self.depth, self.stages,
+                                   self.xonce, self.inflight, self.rot, self.math, self.xcopy, self.tiled,
+                                   num_warps=self.warps)  # fmt: skip
         return self.out
 
     def result(self) -> torch.Tensor:
         return self.out[0].float() if self.splits == 1 else self.out.sum(0)
+
+
+def tiled(w: torch.Tensor, bn: int) -> torch.Tensor:
+    """``w [N, K]`` stored box by box: ``[N / bn, K / 64, bn, 64]`` as a ``[N * K / 64, 64]`` matrix, so that each
+    ``[bn, 64]`` box a GEMM program reads is one contiguous run of memory."""
+    n, k = w.shape
+    return w.view(n // bn, bn, k // K_BOX, K_BOX).permute(0, 2, 1, 3).reshape(-1, K_BOX).contiguous()
 
 
 def projections(model: str) -> dict[str, tuple[int, int]]:
@@ -250,8 +281,8 @@ def _sum(part, grid, block, iters, w):
     _sum_kernel[(grid,)](w, part, w.numel(), block, iters, num_warps=8)
 
 
-def _stream(tiles, per_row, programs, depth, desc):
-    _stream_kernel[(programs,)](desc, tiles, per_row, programs, depth, num_warps=1)
+def _stream(tiles, per_row, programs, depth, desc, tiles_n=1, stages=1, gemm_order=False):
+    _stream_kernel[(programs,)](desc, tiles, per_row, programs, tiles_n, stages, depth, gemm_order, num_warps=1)
 
 
 def _ws(g, descs):
@@ -281,24 +312,25 @@ def measure_projection(model: str, name: str, n: int, k: int, layers: int, bandw
         if grid <= part.numel():
             row(f"sum {block}x{iters}", partial(_sum, part, grid, block, iters), [w.view(-1) for w in ws])
     want = x.float() @ ws[0].float().T
-    # (inflight, x once, warps, rotated K order, products, activation copies)
+    # (inflight, x once, warps, rotated K order, products, activation copies, W stored box by box)
     variants = [
-        (1, False, 4, False, True, True),
-        (1, False, 4, True, True, True),
-        (1, True, 4, True, True, True),
-        (1, False, 4, False, False, True),
-        (1, False, 4, True, False, True),
-        (1, False, 4, False, False, False),
+        (1, False, 4, False, True, True, False),
+        (1, False, 4, False, True, True, True),
+        (1, False, 4, False, False, False, False),
+        (1, False, 4, False, False, False, True),
     ]
     for bn in (b for b in bns if n % b == 0):
         sp = splits_for(n, k, bn, sms)
+        wt = None
         for depth in depths:
-            for inflight, xonce, warps, rot, math, xcopy in variants:
+            for inflight, xonce, warps, rot, math, xcopy, tile in variants:
                 try:
-                    g = WsGemm(n, k, bn, sp, depth, inflight, xonce, warps, rot, math, xcopy)
+                    g = WsGemm(n, k, bn, sp, depth, inflight, xonce, warps, rot, math, xcopy, tile)
                 except ValueError:
                     continue
-                descs = [g.descriptors(w, x) for w in ws]
+                if tile and wt is None:
+                    wt = [tiled(w, bn) for w in ws]
+                descs = [g.descriptors(w, x) for w in (wt if tile else ws)]
                 g(*descs[0])
                 err = float("nan")
                 if math:
@@ -308,14 +340,21 @@ def measure_projection(model: str, name: str, n: int, k: int, layers: int, bandw
                 what = ("products" if math else "no products") + (
                     ", x per stage" if xcopy and not xonce else ", x once" if xonce else ", no x"
                 )
-                row(f"ws bn {bn} splits {sp} depth {depth}, {what}{', rotated' if rot else ''}", partial(_ws, g),
-                    descs, bn=bn, splits=sp, depth=depth, inflight=inflight, xonce=xonce, warps=warps, rot=rot,
-                    math=math, xcopy=xcopy, programs=g.grid[0], max_err=err)  # fmt: skip
-        # the same programs and ring, copying the weights only
+                what += (", rotated" if rot else "") + (", W box by box" if tile else "")
+                row(f"ws bn {bn} splits {sp} depth {depth}, {what}", partial(_ws, g), descs, bn=bn, splits=sp,
+                    depth=depth, inflight=inflight, xonce=xonce, warps=warps, rot=rot, math=math, xcopy=xcopy,
+                    tiled=tile, programs=g.grid[0], max_err=err)  # fmt: skip
+        del wt
+        # the same programs and ring, copying the weights only: row-major order across programs, or each program
+        # its GEMM's boxes in its GEMM's order
         sdescs = [TensorDescriptor.from_tensor(w, [bn, K_BOX], _layout([bn, K_BOX])) for w in ws]
-        row(f"stream bn {bn} depth 4, {n // bn * sp} programs",
-            partial(_stream, n // bn * (k // K_BOX), k // K_BOX, n // bn * sp, 4), sdescs, bn=bn, depth=4,
-            programs=n // bn * sp)  # fmt: skip
+        for depth in depths:
+            row(f"stream bn {bn} depth {depth}, {n // bn * sp} programs",
+                partial(_stream, n // bn * (k // K_BOX), k // K_BOX, n // bn * sp, depth), sdescs, bn=bn, depth=depth,
+                programs=n // bn * sp)  # fmt: skip
+            row(f"stream bn {bn} depth {depth}, {n // bn * sp} programs, GEMM order",
+                partial(_stream, 0, 0, n // bn * sp, depth, tiles_n=n // bn, stages=k // sp // K_BOX,
+                        gemm_order=True), sdescs, bn=bn, depth=depth, programs=n // bn * sp)  # fmt: skip
     sdescs = [TensorDescriptor.from_tensor(w, [128, K_BOX], _layout([128, K_BOX])) for w in ws]
     row("stream persistent, 2 per SM, depth 4", partial(_stream, n // 128 * (k // K_BOX), k // K_BOX, sms * 2, 4),
         sdescs, per_sm=2, depth=4)  # fmt: skip
