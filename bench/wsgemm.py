@@ -218,7 +218,7 @@ class WsGemm:
 
     def __init__(self, n: int, k: int, bn: int, splits: int, depth: int, inflight: int = 1, xonce: bool = False,
                  warps: int = 4, rot: bool = False, math: bool = True, xcopy: bool = True,
-                 tiled: bool = False):  # fmt: skip
+                 tiled: bool = False, maxnreg: int | None = None):  # fmt: skip
         if n % bn or k % (splits * K_BOX):
             raise ValueError(f"{bn} rows and {splits} splits of {K_BOX} do not tile {n} x {k}")
         self.stages = k // splits // K_BOX
@@ -230,6 +230,9 @@ class WsGemm:
         self.n, self.k, self.bn, self.splits, self.depth = n, k, bn, splits, depth
         self.inflight, self.xonce, self.warps = inflight, xonce, warps
         self.rot, self.math, self.xcopy, self.tiled = rot, math, xcopy or math, tiled
+        # registers per thread: a warp-specialised kernel reserves maxnreg for every one of its num_warps + 4 warps
+        # (256 by default: the whole register file, one program per SM)
+        self.opts = {} if maxnreg is None else {"maxnreg": maxnreg}
         self.grid = (n // bn * splits,)
         dtype = torch.bfloat16 if splits == 1 else torch.float32
         self.out = torch.empty(splits, ROWS, n, device="cuda", dtype=dtype)
@@ -242,7 +245,7 @@ class WsGemm:
     def __call__(self, wdesc, xdesc) -> torch.Tensor:
         _ws_gemm_kernel[self.grid](wdesc, xdesc, self.out, self.n, self.k // K_BOX, self.depth, self.stages,
                                    self.xonce, self.inflight, self.rot, self.math, self.xcopy, self.tiled,
-                                   num_warps=self.warps)  # fmt: skip
+                                   num_warps=self.warps, **self.opts)  # fmt: skip
         return self.out
 
     def result(self) -> torch.Tensor:
@@ -323,9 +326,9 @@ def measure_projection(model: str, name: str, n: int, k: int, layers: int, bandw
         sp = splits_for(n, k, bn, sms)
         wt = None
         for depth in depths:
-            for inflight, xonce, warps, rot, math, xcopy, tile in variants:
+            for inflight, xonce, warps, rot, math, xcopy, tile, regs in variants:
                 try:
-                    g = WsGemm(n, k, bn, sp, depth, inflight, xonce, warps, rot, math, xcopy, tile)
+                    g = WsGemm(n, k, bn, sp, depth, inflight, xonce, warps, rot, math, xcopy, tile, regs)
                 except ValueError:
                     continue
                 if tile and wt is None:
@@ -340,10 +343,11 @@ def measure_projection(model: str, name: str, n: int, k: int, layers: int, bandw
                 what = ("products" if math else "no products") + (
                     ", x per stage" if xcopy and not xonce else ", x once" if xonce else ", no x"
                 )
-                what += (", rotated" if rot else "") + (", W box by box" if tile else "")
+                what += (", rotated" if rot else "") + (", W box by box" if tile else "") + f", maxnreg {regs or 256}"
+                what += f", {inflight} in flight" if inflight > 1 else ""
                 row(f"ws bn {bn} splits {sp} depth {depth}, {what}", partial(_ws, g), descs, bn=bn, splits=sp,
                     depth=depth, inflight=inflight, xonce=xonce, warps=warps, rot=rot, math=math, xcopy=xcopy,
-                    tiled=tile, programs=g.grid[0], max_err=err)  # fmt: skip
+                    tiled=tile, maxnreg=regs or 256, programs=g.grid[0], max_err=err)  # fmt: skip
         del wt
         # the same programs and ring, copying the weights only: row-major order across programs, or each program
         # its GEMM's boxes in its GEMM's order
