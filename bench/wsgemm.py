@@ -316,12 +316,11 @@ def measure_projection(model: str, name: str, n: int, k: int, layers: int, bandw
             row(f"sum {block}x{iters}", partial(_sum, part, grid, block, iters), [w.view(-1) for w in ws])
     want = x.float() @ ws[0].float().T
     # (inflight, x once, warps, rotated K order, products, activation copies, W stored box by box)
-    variants = [
-        (1, False, 4, False, True, True, False),
-        (1, False, 4, False, True, True, True),
-        (1, False, 4, False, False, False, False),
-        (1, False, 4, False, False, False, True),
-    ]
+    # (inflight, x once, warps, rotated K order, products, activation copies, W stored box by box, maxnreg)
+    variants = [(1, False, 4, False, True, True, False, None), (1, False, 4, False, True, True, False, 128),
+                (1, False, 4, False, True, True, True, 128), (1, False, 4, False, True, True, False, 80),
+                (1, False, 4, False, True, True, True, 80), (1, False, 4, False, False, False, False, 128),
+                (2, False, 4, False, True, True, True, 128)]  # fmt: skip
     for bn in (b for b in bns if n % b == 0):
         sp = splits_for(n, k, bn, sms)
         wt = None
