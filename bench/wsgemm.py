@@ -315,7 +315,6 @@ def measure_projection(model: str, name: str, n: int, k: int, layers: int, bandw
         if grid <= part.numel():
             row(f"sum {block}x{iters}", partial(_sum, part, grid, block, iters), [w.view(-1) for w in ws])
     want = x.float() @ ws[0].float().T
-    # (inflight, x once, warps, rotated K order, products, activation copies, W stored box by box)
     # (inflight, x once, warps, rotated K order, products, activation copies, W stored box by box, maxnreg)
     variants = [(1, False, 4, False, True, True, False, None), (1, False, 4, False, True, True, False, 128),
                 (1, False, 4, False, True, True, True, 128), (1, False, 4, False, True, True, False, 80),
