@@ -12,6 +12,8 @@ each op is chosen once, when the model is built. Any model without an adapter ke
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -132,6 +134,33 @@ class LeanCausalLM:
             self._norm, self._attend = self._norm_torch, self._attend_torch
             self._gate = _silu_mul if self.spec.activation == "silu" else _gelu_tanh_mul
             self._up = self._up_unfused
+        self.use_split_projections(on)
+
+    def use_split_projections(self, on: bool, make=None) -> None:
+        """The output and down projections of steps of at most ``split_rows`` rows as split-K partial sums that the
+        next norm adds up (:mod:`acb.kernels.projection`; docs/architecture.md), where the kernel runs: a Hopper
+        GPU, bf16/fp16 weights, one rank, ``ACB_SPLIT_PROJECTIONS`` not ``0``. ``split_reason`` says why not
+        (None: on). ``make``: a factory of the projections (weight -> callable returning ``[splits, rows, N]``
+        partials) in place of the kernel's, which the CPU tests use to run the same data path."""
+        from .kernels import projection  # (importable without a GPU)
+
+        self._split: list[tuple] = []
+        self.split_rows = projection.MAX_ROWS
+        reason = "off" if not on else None
+        if on and make is None:
+            reason = projection.unavailable(self.device, self.dtype)
+            if reason is None and self.group is not None:
+                reason = "tensor parallelism (each rank's partial sums go to the all-reduce)"
+            if reason is None and os.environ.get("ACB_SPLIT_PROJECTIONS", "1") == "0":
+                reason = "ACB_SPLIT_PROJECTIONS=0"
+            make = projection.SplitProjection
+        if reason is None:  # a weight whose shape the tiles do not divide keeps cuBLAS
+            fits = getattr(make, "fits", lambda n, k: None)
+            self._split = [tuple(make(w) if fits(*w.shape) is None else None for w in (lw.o_w, lw.down_w))
+                           for lw in self.layers]  # fmt: skip
+        else:
+            self.split_rows = 0
+        self.split_reason = reason
 
     def ensure(self, max_positions: int, workspace_rows: int) -> None:
         """Grow the rotary tables and the decode workspace for an engine of that geometry."""
@@ -216,6 +245,17 @@ class LeanCausalLM:
                 F.linear(self._up(rows(m, lw.gate_up_w.shape[1]), lw), lw.down_w)
         for m in head_counts:
             F.linear(rows(m, self.lm_head.shape[1]), self.lm_head)
+        # the split projections (and the norm that sums their partials): one compiled variant per weight shape and
+        # box of rows (32 or 64), each compiled here rather than by the first step that meets it
+        boxes = sorted({32 if m <= 32 else 64 for m in counts if 0 < m <= self.split_rows})
+        for i, split in enumerate(self._split):
+            lw = self.layers[i]
+            for proj, k, pre in ((split[0], lw.o_w.shape[1], lw.post_attn_norm),
+                                 (split[1], lw.down_w.shape[1], lw.post_mlp_norm)):  # fmt: skip
+                for m in boxes if proj is not None else ():
+                    parts = proj(rows(m, k))
+                    zeros = torch.zeros(m, parts.shape[2], dtype=self.dtype, device=self.device)
+                    self._norm(parts, zeros, lw.ln2, pre)
 
     # The forward in pieces, split at attention (the only op that reads the step's layout): the mixed-step graphs
     # (acb.mixed_graphs) capture everything between two attentions and run attention eagerly on the true sizes.
@@ -269,12 +309,15 @@ class LeanCausalLM:
         """Layer ``i`` from attention's output ``o`` ``[T, heads * head_dim]``: the output projection and the MLP
         (``residual`` takes the attention's contribution in place); returns the MLP's output, before the post-MLP
         norm of a family that has one (Gemma 3): whatever reads it next applies that norm in its own kernel (the next
-        layer's first norm, or :meth:`head`). Under tensor
+        layer's first norm, or :meth:`head`). With split projections (:meth:`use_split_projections`, steps of at
+        most ``split_rows`` rows) the output and down projections give float32 partial sums ``[splits, T, N]``,
+        which those norms add up (the MLP's output is returned as such). Under tensor
         parallelism each rank's heads and MLP columns give partial sums: the attention's is summed here (with the
         norm after it, :meth:`_reduce_norm`), the MLP's by whatever reads it next (the next layer's first norm, or
         :meth:`head`) unless a post-MLP norm needs it whole here (:meth:`_partial`)."""
         lw, norm = self.layers[i], self._norm
-        attn = F.linear(o, lw.o_w)
+        split = self._split[i] if o.shape[0] <= self.split_rows else (None, None)
+        attn = F.linear(o, lw.o_w) if split[0] is None else split[0](o)
         if lw.post_attn_norm is not None:
             if self.group is not None:
                 self.group.all_reduce(attn)
@@ -283,7 +326,8 @@ class LeanCausalLM:
             normed = self._reduce_norm(attn, residual, lw.ln2)
         else:
             normed = norm(attn, residual, lw.ln2)
-        h = F.linear(self._up(normed, lw), lw.down_w)
+        up = self._up(normed, lw)
+        h = F.linear(up, lw.down_w) if split[1] is None else split[1](up)
         if lw.post_mlp_norm is not None and self.group is not None:
             self.group.all_reduce(h)  # the norm needs the whole sum
         return h
@@ -302,8 +346,8 @@ class LeanCausalLM:
 
     def head(self, h: torch.Tensor, residual: torch.Tensor, logits_idx: torch.Tensor | None) -> torch.Tensor:
         """The last residual add, the final norm and the LM head, for the rows ``logits_idx`` (None: all)."""
-        if logits_idx is not None:
-            h, residual = h[logits_idx], residual[logits_idx]
+        if logits_idx is not None:  # (rows are the second axis of split partial sums)
+            h, residual = (h[:, logits_idx] if h.dim() == 3 else h[logits_idx]), residual[logits_idx]
         if self._partial(len(self.layers) - 1):  # the rows the head reads, summed over the ranks
             h = self.group.all_reduce(h.contiguous())
         return self._logits(self._norm(h, residual, self.norm, self.layers[-1].post_mlp_norm))
@@ -368,6 +412,8 @@ class LeanCausalLM:
         return self._kf.add_rmsnorm(x, residual, w, self.eps, pre)
 
     def _norm_torch(self, x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, pre=None) -> torch.Tensor:
+        if x.dim() == 3:  # split partial sums: added in order, rounded as the whole product would be
+            x = functools.reduce(torch.add, x.unbind(0)).to(w.dtype)
         if pre is not None:
             x = self._norm_torch(x, None, pre)
         if residual is not None:

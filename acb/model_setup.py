@@ -221,6 +221,9 @@ def _build_runtime(
              startup["runner_s"])  # fmt: skip
     if runner.graph_blocker is not None:
         why += f"; decode steps run eagerly: {runner.graph_blocker}"
+    if lean is not None and lean.on_cuda and world == 1:  # the decode steps' output and down projections
+        how = "split-K kernel" if lean.split_reason is None else f"cuBLAS ({lean.split_reason})"
+        why += f"; output and down projections of steps up to {lean.split_rows or 64} rows: {how}"
     model._acb_owner = weakref.ref(runner)
     return Runtime(
         device=device,

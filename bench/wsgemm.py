@@ -42,6 +42,9 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+# Triton 3.6 (the card's) names the TMA load async_copy_global_to_shared; 3.9 (CI's) calls it async_load
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
 ROWS = 32  # a decode step's sequences
 K_BOX = 64  # K per box: 128 bytes of bf16, the widest swizzled TMA row
 BK = gl.constexpr(K_BOX)  # (the kernels' name for it)
@@ -85,14 +88,14 @@ def _stream_kernel(desc, tiles, per_row, G, tiles_n, stages, DEPTH: gl.constexpr
     for i in gl.static_range(DEPTH):
         r, c = _stream_box(desc, pid + i * G, pid, per_row, tiles_n, stages, i, GEMM_ORDER)
         mbarrier.expect(bars.index(i), desc.block_type.nbytes, pred=i < n)
-        tma.async_copy_global_to_shared(desc, [r, c], bars.index(i), ring.index(i), pred=i < n)
+        _tma_load(desc, [r, c], bars.index(i), ring.index(i), pred=i < n)
     for i in range(n):
         s = i % DEPTH
         mbarrier.wait(bars.index(s), (i // DEPTH) & 1)
         if i + DEPTH < n:
             r, c = _stream_box(desc, pid + (i + DEPTH) * G, pid, per_row, tiles_n, stages, i + DEPTH, GEMM_ORDER)
             mbarrier.expect(bars.index(s), desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(desc, [r, c], bars.index(s), ring.index(s))
+            _tma_load(desc, [r, c], bars.index(s), ring.index(s))
     for i in gl.static_range(DEPTH):
         mbarrier.invalidate(bars.index(i))
 
@@ -122,7 +125,7 @@ def _ws_producer(wdesc, xdesc, ring_w, ring_x, ready, empty, xbar, n0, k0, rot, 
     if XONCE:
         mbarrier.expect(xbar, STAGES * xdesc.block_type.nbytes)
         for i in gl.static_range(STAGES):
-            tma.async_copy_global_to_shared(xdesc, [0, k0 + i * BK], xbar, ring_x.index(i))
+            _tma_load(xdesc, [0, k0 + i * BK], xbar, ring_x.index(i))
     for i in range(STAGES):
         s = i % DEPTH
         mbarrier.wait(empty.index(s), ((i // DEPTH) & 1) ^ 1)  # a fresh barrier counts as freed once
@@ -131,11 +134,11 @@ def _ws_producer(wdesc, xdesc, ring_w, ring_x, ready, empty, xbar, n0, k0, rot, 
             mbarrier.expect(ready.index(s), wdesc.block_type.nbytes)
         else:
             mbarrier.expect(ready.index(s), wdesc.block_type.nbytes + xdesc.block_type.nbytes)
-            tma.async_copy_global_to_shared(xdesc, [0, k], ready.index(s), ring_x.index(s))
+            _tma_load(xdesc, [0, k], ready.index(s), ring_x.index(s))
         if TILED:
-            tma.async_copy_global_to_shared(wdesc, [(n0 // BN * KB + k // BK) * BN, 0], ready.index(s), ring_w.index(s))
+            _tma_load(wdesc, [(n0 // BN * KB + k // BK) * BN, 0], ready.index(s), ring_w.index(s))
         else:
-            tma.async_copy_global_to_shared(wdesc, [n0, k], ready.index(s), ring_w.index(s))
+            _tma_load(wdesc, [n0, k], ready.index(s), ring_w.index(s))
 
 
 @gluon.jit

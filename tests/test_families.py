@@ -266,6 +266,7 @@ sys.path.insert(0, "tests")
 from conftest import random_prompts, reference_greedy
 from acb import Engine, EngineConfig, SamplingParams
 from acb.default_model import default_tokenizer, tiny_model
+from acb.kernels.projection import TorchSplitProjection
 from acb.runner import ModelRunner
 
 # The lean path's decode steps as on CUDA, run eagerly: every op on its Triton kernel (interpreted), q/k norms,
@@ -277,6 +278,8 @@ def forward(self, b, d, j=0):
         return ModelRunner._forward.__wrapped__(self, b, d, j)
     decode_steps.append(b.num_rows)
     self.lean.use_kernels(True)
+    if SPLIT:  # the output and down projections as split partial sums (torch), summed by the norm kernel
+        self.lean.use_split_projections(True, make=TorchSplitProjection)
     try:
         return self._lean_decode(d, 2)[d.sample_idx]
     finally:
@@ -284,6 +287,8 @@ def forward(self, b, d, j=0):
 forward.__wrapped__ = ModelRunner._forward
 ModelRunner._forward = forward
 FAST_PATH = True
+SPLIT = "--split" in sys.argv
+sys.argv = [a for a in sys.argv if a != "--split"]
 def after(arch, model):
     pass
 """
@@ -306,6 +311,68 @@ def test_the_lean_decode_step_on_the_kernels_gives_generate_s_tokens():
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
 
 
+def test_the_lean_decode_step_with_split_projections_gives_generate_s_tokens():
+    """The same decode step with the output and down projections as split partial sums (their torch twin: the
+    Gluon kernel needs a Hopper GPU) summed by the norm kernel, interpreted: ``model.generate``'s tokens (Gemma 3:
+    with its post-attention norm applied to the summed partials first)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
+    cmd = [sys.executable, "-c", _LEAN_KERNEL_DECODE, "--split", "llama", "gemma3"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["async", "sync"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+async def test_split_projections_partial_sums_give_generate_s_tokens(arch, overlap, make_model, tokenizer):
+    """The output and down projections as split-K partial sums (on the CPU: their torch twin, two or three shares of K),
+    summed by the norms that read them (the next layer's, the final one before the head, Gemma 3's with its
+    post-attention norm first): ``generate``'s tokens, in steps of at most ``split_rows`` rows; larger steps keep
+    the plain projection. Every step here runs through it (prompts of up to 40 tokens, 64 rows at most)."""
+    from acb.kernels.projection import TorchSplitProjection
+
+    model, ref = make_model(arch, seed=3)
+    prompts = random_prompts(6, [5, 17, 33, 3, 40, 12], len(tokenizer), seed=3)
+    expected = [reference_greedy(ref, p, 12) for p in prompts]
+    calls = []
+
+    def make(w):
+        proj = TorchSplitProjection(w)
+        assert proj.splits > 1
+
+        def run(x):
+            calls.append(x.shape[0])
+            return proj(x)
+
+        return run
+
+    config = EngineConfig(block_size=8, max_num_batched_tokens=64, overlap=overlap, fast_path=True)
+    async with Engine(model, tokenizer, config) as engine:
+        lean = engine._runner.lean
+        assert lean.split_reason == "off" and lean.split_rows == 0  # (the CPU's torch ops)
+        lean.use_split_projections(True, make=make)
+        assert lean.split_reason is None and lean.split_rows == 64
+        outs = await asyncio.gather(*(engine.generate(p, SamplingParams(max_new_tokens=12, ignore_eos=True))
+                                      for p in prompts))  # fmt: skip
+    assert [o.token_ids for o in outs] == expected
+    assert calls and max(calls) <= 64
+
+
+def test_split_projections_stay_off_where_the_kernel_cannot_run(make_model):
+    """``split_reason`` names why the lean model keeps cuBLAS for every projection: off, or the device."""
+    from acb.lean_model import LeanCausalLM
+
+    model, _ = make_model("llama", seed=3)
+    lean = LeanCausalLM(model, lean_plan(model)[0], 64)
+    assert lean.split_reason == "off" and lean.split_rows == 0 and not lean._split
+    lean.use_split_projections(True)
+    assert lean.split_reason == "not a CUDA device" and lean.split_rows == 0
+
+
 def test_the_new_kernels_under_the_interpreter():
     """The decode kernel's q/k norms and its cache write of new keys and values, the norm with a norm before it, the
     graphs' argmax and the generic path's rotary: their tests in tests/gpu/test_kernels.py, in float32 under
@@ -318,7 +385,7 @@ def test_the_new_kernels_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
     path = os.path.join(os.path.dirname(__file__), "gpu", "test_kernels.py")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path, "-k",
-           "(qk_norm or pre_norm or argmax_rows or new_kv or rotary_equals) and not dtype1"]  # fmt: skip
+           "(qk_norm or pre_norm or argmax_rows or new_kv or rotary_equals or partials) and not dtype1"]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0 and " passed" in r.stdout and "failed" not in r.stdout, r.stdout[-3000:]
 

@@ -104,3 +104,35 @@ def test_the_gate_up_kernel_compiles(block_m, act):
     types = {n: "*bf16" for n in ("X", "G", "U", "OUT")}
     consts = dict(ACT=act, EVEN=True, PRECISION="tf32", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     _compile(F._gate_up_act_kernel, types, consts, warps)
+
+
+@pytest.mark.parametrize("rows, bn, dtype", [(32, 128, "bf16"), (64, 64, "fp16"), (64, 128, "bf16")])
+def test_the_split_projection_compiles(rows, bn, dtype):
+    """The Gluon kernel of the split-K output and down projections (acb.kernels.projection) lowers for sm_90 with
+    its register budget: wgmma products, TMA copies, a one-warp producer given back its registers."""
+    import torch
+
+    from acb.kernels import projection as P
+
+    if P._GLUON is not None:
+        pytest.skip(P._GLUON)
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    w, x = torch.empty(2048, 1024, dtype=tdtype), torch.empty(rows, 1024, dtype=tdtype)
+    wdesc = P.TensorDescriptor.from_tensor(w, [bn, P.K_BOX], P._layout([bn, P.K_BOX], tdtype))
+    xdesc = P.TensorDescriptor.from_tensor(x, [rows, P.K_BOX], P._layout([rows, P.K_BOX], tdtype))
+    fn = P._split_projection_kernel
+    consts = {"STAGES": 4, "DEPTH_": P.DEPTH, "num_warps": 4}
+    args = dict(wdesc=wdesc, xdesc=xdesc, OUT=torch.empty(4, rows, 2048), M=rows, N=2048)
+    signature = {n: "constexpr" if n in consts else mangle_type(args[n]) for n in fn.arg_names}
+    source = GluonASTSource(fn, signature, constexprs={(fn.arg_names.index(n),): v for n, v in consts.items()})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kernel = triton.compile(source, target=TARGET, options={"num_warps": 4, "maxnreg": P.MAXNREG})
+    ptx = kernel.asm["ptx"]
+    ptx_type = {"bf16": "bf16", "fp16": "f16"}[dtype]
+    assert f"wgmma.mma_async.sync.aligned.m64n{rows}k16.f32.{ptx_type}.{ptx_type}" in ptx
+    assert "cp.async.bulk.tensor" in ptx and f".maxnreg {P.MAXNREG}" in ptx
+    assert "setmaxnreg.dec.sync.aligned.u32 \t24" in ptx

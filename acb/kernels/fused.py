@@ -167,14 +167,23 @@ def _norm_row(x, cols, mask, n, eps, R, W, PRE, OUT_TY: tl.constexpr, HAS_RES: t
     return (y.to(w.dtype) * w).to(OUT_TY)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["splits", "s_split"])  # one variant whatever the split count
 def _add_rmsnorm_kernel(
-    X, R, W, PRE, OUT, s_x, s_r, s_o, n, eps, BLOCK: tl.constexpr, HAS_RES: tl.constexpr, HAS_PRE: tl.constexpr
+    X, R, W, PRE, OUT, s_x, s_r, s_o, n, eps, splits, s_split,
+    BLOCK: tl.constexpr, HAS_RES: tl.constexpr, HAS_PRE: tl.constexpr, PARTIALS: tl.constexpr,
 ):  # fmt: skip
+    """One row. PARTIALS: X holds ``splits`` float32 partial sums of the row (``s_split`` apart), added in order
+    and rounded to OUT's dtype, as the GEMM that wrote them whole would have rounded its output."""
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
-    x = tl.load(X + row * s_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if PARTIALS:
+        x = tl.load(X + row * s_x + cols, mask=mask, other=0.0)
+        for i in range(1, splits):
+            x += tl.load(X + i * s_split + row * s_x + cols, mask=mask, other=0.0)
+        x = x.to(OUT.dtype.element_ty).to(tl.float32)
+    else:
+        x = tl.load(X + row * s_x + cols, mask=mask, other=0.0).to(tl.float32)
     out = _norm_row(x, cols, mask, n, eps, R + row * s_r, W, PRE, OUT.dtype.element_ty, HAS_RES, HAS_PRE)
     tl.store(OUT + row * s_o + cols, out, mask=mask)
 
@@ -186,14 +195,26 @@ def add_rmsnorm(
 
     ``pre``: RMSNorm ``x`` with this weight first (Gemma 3's norms on the attention's and the MLP's outputs, before
     they join the residual stream): one kernel for what would be ``add_rmsnorm(add_rmsnorm(x, None, pre, eps),
-    residual, weight, eps)``, with the same result."""
-    rows, n = x.shape
-    out = torch.empty_like(x)
-    res = residual if residual is not None else x
+    residual, weight, eps)``, with the same result.
+
+    ``x`` may also be float32 partial sums ``[splits, rows, n]`` of a split-K projection
+    (:class:`acb.kernels.projection.SplitProjection`): they are added in order and rounded to the dtype of
+    ``residual`` (or of ``weight`` without one) first, as the whole product written out would have been."""
+    partials = x.dim() == 3
+    if partials:
+        splits, rows, n = x.shape
+        dtype = residual.dtype if residual is not None else weight.dtype
+        out = torch.empty(rows, n, dtype=dtype, device=x.device)
+        s_x, s_split = x.stride(1), x.stride(0)
+    else:
+        rows, n = x.shape
+        out = torch.empty_like(x)
+        splits, s_x, s_split = 1, x.stride(0), 0
+    res = residual if residual is not None else out
     _add_rmsnorm_kernel[(rows,)](
-        x, res, weight, pre if pre is not None else weight, out, x.stride(0), res.stride(0), out.stride(0), n, eps,
-        BLOCK=triton.next_power_of_2(n), HAS_RES=residual is not None, HAS_PRE=pre is not None,
-        num_warps=8 if n >= 4096 else 4,
+        x, res, weight, pre if pre is not None else weight, out, s_x, res.stride(0), out.stride(0), n, eps, splits,
+        s_split, BLOCK=triton.next_power_of_2(n), HAS_RES=residual is not None, HAS_PRE=pre is not None,
+        PARTIALS=partials, num_warps=8 if n >= 4096 else 4,
     )  # fmt: skip
     return out
 

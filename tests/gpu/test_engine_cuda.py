@@ -183,3 +183,52 @@ async def test_eager_steps_are_padded_and_their_gemms_warmed_on_cuda(make_model,
         last = await engine.generate(prompts[5], params)
     assert [o.token_ids for o in first] + [last.token_ids] == expected
     assert 9088 in rows and 48 in rows
+
+
+SPLIT_SHAPES = {  # tiny models whose output and down projections the split-K kernel takes (K a multiple of 256)
+    "llama": dict(hidden_size=256, intermediate_size=1024, num_attention_heads=4, num_key_value_heads=2),
+    "gemma3": dict(hidden_size=256, intermediate_size=1024, num_attention_heads=4, num_key_value_heads=2,
+                   head_dim=64, query_pre_attn_scalar=64),
+}  # fmt: skip
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                    reason="needs a Hopper GPU")  # fmt: skip
+@pytest.mark.parametrize("path", ["graphs", "mixed", "lean-eager"])
+@pytest.mark.parametrize("arch", list(SPLIT_SHAPES))
+async def test_split_projections_keep_the_greedy_tokens_on_hopper(arch, path, monkeypatch, tokenizer):
+    """bf16 models whose output and down projections run as split-K partial sums (acb.kernels.projection), summed
+    by the norms after them: the engine gives the tokens of the same engine with cuBLAS
+    (``ACB_SPLIT_PROJECTIONS=0``), where a sequence may part only at a near-tie of the float32 reference (the two
+    sum their float32 products in different orders before rounding to bf16)."""
+    import copy
+
+    from acb.default_model import tiny_model
+
+    ref = tiny_model(arch, seed=11, **SPLIT_SHAPES[arch]).cuda()
+    prompts = random_prompts(12, [5, 17, 33, 64, 3, 100], len(tokenizer), seed=7)
+    config = EngineConfig(device="cuda", max_num_batched_tokens=64, block_size=16, **PATHS[path])
+
+    async def run(split: bool):
+        monkeypatch.setenv("ACB_SPLIT_PROJECTIONS", "1" if split else "0")
+        model = copy.deepcopy(ref).to(torch.bfloat16)
+        async with Engine(model, tokenizer, config) as engine:
+            outs = await asyncio.gather(*(engine.generate(p, SamplingParams(max_new_tokens=24, ignore_eos=True))
+                                          for p in prompts))  # fmt: skip
+            reason = engine.path_reason
+        return [o.token_ids for o in outs], reason
+
+    (split, reason_on), (plain, reason_off) = await run(True), await run(False)
+    assert "up to 64 rows: split-K kernel" in reason_on, reason_on
+    assert "cuBLAS (ACB_SPLIT_PROJECTIONS=0)" in reason_off, reason_off
+    same = 0
+    for p, a, b in zip(prompts, split, plain):
+        j = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if j is None:
+            same += 1
+            continue
+        with torch.no_grad():
+            logits = ref(torch.tensor([p + a[:j]], device="cuda")).logits[0, -1].float()
+        gap = (logits[a[j]] - logits[b[j]]).abs().item()
+        assert gap < 0.05 * (logits.max() - logits.mean()).item(), (j, gap)  # a near-tie, not an error
+    assert same >= len(prompts) // 2

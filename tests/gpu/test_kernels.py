@@ -395,6 +395,59 @@ def test_gate_up_act_refuses_more_rows_than_it_is_tuned_for():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("splits, width, pre", [(1, 96, False), (3, 96, True), (8, 1152, False)])
+def test_add_rmsnorm_sums_a_split_projections_partials(dtype, splits, width, pre):
+    """Partial sums ``[splits, rows, n]`` (float32) in place of the projection's output: the same norm and the same
+    residual as the splits added in order and rounded to the model's dtype, to the bit; a split left out shows."""
+    torch.manual_seed(5)
+    parts = torch.randn(splits, 7, width, device=DEVICE) * 3
+    r = torch.randn(7, width, device=DEVICE).to(dtype)
+    w = (torch.rand(width, device=DEVICE) + 0.5).to(dtype)
+    pw = (torch.rand(width, device=DEVICE) + 0.5).to(dtype) if pre else None
+    whole = parts[0].clone()
+    for p in parts[1:]:
+        whole += p
+    r_want = r.clone()
+    want = add_rmsnorm(whole.to(dtype), r_want, w, 1e-6, pw)
+    got = add_rmsnorm(parts, r, w, 1e-6, pw)
+    assert got.dtype == dtype and got.shape == (7, width)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    torch.testing.assert_close(r, r_want, atol=0, rtol=0)
+    torch.testing.assert_close(add_rmsnorm(parts, None, w, 1e-6), add_rmsnorm(whole.to(dtype), None, w, 1e-6),
+                               atol=0, rtol=0)  # fmt: skip
+    if splits > 1:
+        assert not torch.allclose(add_rmsnorm(parts[1:], r_want.clone(), w, 1e-6, pw).float(), want.float(), atol=1e-2)
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.get_device_capability()[0] != 9, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n, k", [(2048, 2048), (2048, 8192), (1152, 1024), (3072, 4096), (640, 256)])
+@pytest.mark.parametrize("rows", [1, 7, 32, 33, 64])
+def test_split_projection_matches_a_float32_product(dtype, n, k, rows):
+    """The split-K projection's partials add up to ``x @ w.T`` (float32 products of the same inputs), at every row
+    count a call takes (a single row, fewer than a box, a box, one past it, two boxes), in splits that each cover
+    their own part of K; its rows past ``rows`` are never written."""
+    from acb.kernels.projection import SplitProjection
+
+    torch.manual_seed(6)
+    w = (torch.randn(n, k, device=DEVICE) / k**0.5).to(dtype)
+    x = torch.randn(rows, k, device=DEVICE).to(dtype)
+    proj = SplitProjection(w)
+    parts = proj(x)
+    assert parts.shape == (proj.splits, rows, n) and parts.dtype == torch.float32
+    want = x.float() @ w.float().T
+    torch.testing.assert_close(parts.sum(0), want, atol=2e-3, rtol=2e-3)
+    if proj.splits > 1:  # each split is its own share of K
+        share = k // proj.splits
+        torch.testing.assert_close(parts[1], x[:, share : 2 * share].float() @ w[:, share : 2 * share].float().T,
+                                   atol=2e-3, rtol=2e-3)  # fmt: skip
+    again = proj(x[: max(1, rows - 1)].clone())  # a second call, fewer rows: nothing left from the first
+    torch.testing.assert_close(again.sum(0), want[: max(1, rows - 1)], atol=2e-3, rtol=2e-3)
+    with pytest.raises(ValueError):
+        proj(torch.randn(65, k, device=DEVICE).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_add_rmsnorm_and_silu_mul(dtype):
     torch.manual_seed(3)
     x = torch.randn(5, 96, device=DEVICE).to(dtype)

@@ -1,0 +1,200 @@
+"""A decode step's output and down projections on Hopper: a warp-specialised Gluon kernel whose split-K partial
+sums the next norm adds up (:func:`acb.kernels.fused.add_rmsnorm` takes them).
+
+cuBLAS runs these two projections of a decode step (32 rows, a few to tens of MB of weights) at 1.6-3.2× the time
+their weights take to read; a kernel that only streams the same bytes takes 1.1-2.1× (the rest is each launch's
+fixed cost). This one comes within ~5-20 % of that stream (``bench/wsgemm.py``, docs/benchmarks.md, session 24):
+
+- one program per (tile of ``BN`` weight rows, split of K), enough splits that every SM gets a program;
+- a one-warp partition copies each stage's ``[BN, 64]`` weight box and the ``[ROWS, 64]`` box of the activations by
+  TMA into a ring of ``DEPTH`` shared-memory slots, waiting only for a slot to be freed;
+- the default warpgroup multiplies ``W_tile @ x_tile^T`` by wgmma (the weights as the 64/128-row operand, since a
+  decode step's rows are fewer than wgmma's 64) and frees each slot once the product that read it is done;
+- each split writes its float32 partial product ``[splits, rows, N]``; the norm that reads the projection next sums
+  the splits in order, rounds the sum to the model's dtype (as a GEMM writing it out would) and goes on as before.
+  No reduce kernel, no atomics: the same bits every time.
+
+A warp-specialised kernel reserves its register budget for each of its warps, the idle ones included: at the
+default 256 registers a thread, one program fills an SM's register file, and the kernel ran 1.3-1.7× slower than
+with 128 (``maxnreg``), which lets two programs share an SM.
+
+Only CUDA devices of compute capability 9 (the wgmma and TMA instructions), bf16 or fp16 weights, up to
+:data:`MAX_ROWS` rows, and shapes the tiles divide: :func:`unavailable` says why not, and everything else keeps
+cuBLAS. Gluon is Triton's experimental lower-level dialect; its TMA load is named ``async_copy_global_to_shared`` in
+Triton 3.6 and ``async_load`` in 3.9, both taken here.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _GLUON = None
+except Exception as exc:  # an older Triton, or one without the NVIDIA backend
+    _GLUON = f"Triton's Gluon dialect is not available ({type(exc).__name__}: {exc})"
+
+__all__ = ["MAX_ROWS", "SplitProjection", "TorchSplitProjection", "unavailable"]
+
+MAX_ROWS = 64
+"""The most rows a call takes (wgmma's N side of the swapped product); more rows go to cuBLAS."""
+
+K_BOX = 64  # K per TMA box: 128 bytes of 2-byte elements, the widest swizzled box row
+DEPTH = 4  # ring slots: 4 x (16 + 8) KB, two programs per SM (bench/wsgemm.py: deeper was no faster)
+MAXNREG = 128  # registers per thread (see the module's docstring)
+MIN_SPLIT_BOXES = 4  # each split reads at least this many boxes of K
+
+
+if _GLUON is None:
+    BK = gl.constexpr(K_BOX)
+
+    @gluon.jit
+    def _producer(wdesc, xdesc, ring_w, ring_x, ready, empty, n0, k0, STAGES: gl.constexpr):
+        """One warp: copy stage i's weight box and activation box into slot ``i % DEPTH`` once it is free."""
+        depth: gl.constexpr = ring_w.type.shape[0]
+        for i in range(STAGES):
+            s = i % depth
+            mbarrier.wait(empty.index(s), ((i // depth) & 1) ^ 1)  # a fresh barrier counts as freed once
+            mbarrier.expect(ready.index(s), wdesc.block_type.nbytes + xdesc.block_type.nbytes)
+            k = k0 + i * BK
+            _tma_load(xdesc, [0, k], ready.index(s), ring_x.index(s))
+            _tma_load(wdesc, [n0, k], ready.index(s), ring_w.index(s))
+
+    @gluon.jit
+    def _consumer(ring_w, ring_x, ready, empty, OUT, n0, split, M, N, STAGES: gl.constexpr,
+                  num_warps: gl.constexpr):  # fmt: skip
+        """The default warpgroup: ``acc[BN, ROWS] += W_tile @ x_tile^T`` per stage, one product in flight, each slot
+        freed when the product that read it is done; then ``OUT[split, m, n0 + i] = acc[i, m]`` for ``m < M``."""
+        depth: gl.constexpr = ring_w.type.shape[0]
+        BN: gl.constexpr = ring_w.type.shape[1]
+        ROWS: gl.constexpr = ring_x.type.shape[1]
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                      instr_shape=[16, ROWS, 16])  # fmt: skip
+        acc = gl.zeros([BN, ROWS], gl.float32, MMA)
+        for i in range(STAGES):
+            s = i % depth
+            mbarrier.wait(ready.index(s), (i // depth) & 1)
+            acc = warpgroup_mma(ring_w.index(s), ring_x.index(s).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            if i > 0:  # the product of stage i - 1 is done: its slot may be refilled
+                mbarrier.arrive(empty.index((i - 1) % depth), count=1)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        rn = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
+        rm = gl.arange(0, ROWS, layout=gl.SliceLayout(0, MMA))
+        ptr = OUT + split * M * N + rm[None, :] * N + rn[:, None]
+        gl.store(ptr, acc, mask=(rm < M)[None, :])
+
+    @gluon.jit
+    def _split_projection_kernel(wdesc, xdesc, OUT, M, N, STAGES: gl.constexpr, DEPTH_: gl.constexpr,
+                                 num_warps: gl.constexpr):  # fmt: skip
+        """Program ``pid``: weight rows ``(pid % tiles) * BN ..`` times split ``pid // tiles`` of K."""
+        BN: gl.constexpr = wdesc.block_type.shape[0]
+        ROWS: gl.constexpr = xdesc.block_type.shape[0]
+        pid = gl.program_id(0)
+        tiles = N // BN
+        n0 = (pid % tiles) * BN
+        split = pid // tiles
+        ring_w = gl.allocate_shared_memory(wdesc.dtype, [DEPTH_, BN, BK], wdesc.layout)
+        ring_x = gl.allocate_shared_memory(xdesc.dtype, [DEPTH_, ROWS, BK], xdesc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [DEPTH_, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [DEPTH_, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(DEPTH_):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        gl.warp_specialize([
+            (_consumer, (ring_w, ring_x, ready, empty, OUT, n0, split, M, N, STAGES, num_warps)),
+            (_producer, (wdesc, xdesc, ring_w, ring_x, ready, empty, n0, split * STAGES * BK, STAGES)),
+        ], [1], [24])  # fmt: skip
+
+
+def unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why :class:`SplitProjection` cannot run on ``device`` for weights of ``dtype`` (None: it can)."""
+    if device.type != "cuda":
+        return "not a CUDA device"
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"weights of {dtype} (it takes bf16 and fp16)"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major != 9:
+        return f"compute capability {major}.{minor} (it needs Hopper's wgmma and TMA: 9.x)"
+    return _GLUON
+
+
+@functools.cache
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _layout(shape: list[int], dtype: torch.dtype):
+    return gl.NVMMASharedLayout.get_default_for(shape, gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
+
+
+class SplitProjection:
+    """``x @ w.T`` for one weight ``w [N, K]``, as float32 partial sums ``[splits, rows, N]``.
+
+    Built once per weight (the weight's TMA descriptor and the tiling are fixed); :meth:`fits` says whether a shape
+    can take it, and a call returns the partials, which :func:`acb.kernels.fused.add_rmsnorm` sums."""
+
+    def __init__(self, w: torch.Tensor):
+        n, k = w.shape
+        reason = self.fits(n, k)
+        if reason is not None:
+            raise ValueError(reason)
+        self.n, self.k, self.dtype = n, k, w.dtype
+        self.bn = 128 if n % 128 == 0 else 64
+        self.splits = _splits(n, k, self.bn, _sms(w.device))
+        self.stages = k // self.splits // K_BOX
+        self.weight = w  # the descriptor holds its pointer
+        self.wdesc = TensorDescriptor.from_tensor(w, [self.bn, K_BOX], _layout([self.bn, K_BOX], w.dtype))
+
+    @staticmethod
+    def fits(n: int, k: int) -> str | None:
+        """Why a weight of ``n x k`` cannot take this kernel (None: it can)."""
+        if n % 64:
+            return f"{n} output columns (a multiple of 64 is needed)"
+        if k % (MIN_SPLIT_BOXES * K_BOX):
+            return f"{k} input columns (a multiple of {MIN_SPLIT_BOXES * K_BOX} is needed)"
+        return None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.shape[0]
+        if not 0 < m <= MAX_ROWS or x.shape[1] != self.k:
+            raise ValueError(f"SplitProjection takes 1-{MAX_ROWS} rows of {self.k}, got {tuple(x.shape)}")
+        if x.stride(1) != 1 or x.stride(0) != self.k or x.data_ptr() % 16:
+            x = x.contiguous()
+        rows = 32 if m <= 32 else 64
+        xdesc = TensorDescriptor.from_tensor(x, [rows, K_BOX], _layout([rows, K_BOX], x.dtype))
+        out = torch.empty(self.splits, m, self.n, dtype=torch.float32, device=x.device)
+        _split_projection_kernel[(self.n // self.bn * self.splits,)](
+            self.wdesc, xdesc, out, m, self.n, self.stages, DEPTH, num_warps=4, maxnreg=MAXNREG
+        )
+        return out
+
+
+class TorchSplitProjection:
+    """The same partial sums in torch, ``splits`` equal shares of K (fewer if they do not divide it): the reference
+    of :class:`SplitProjection`'s output, and the projections with which the CPU tests run the lean model's split
+    data path (:meth:`acb.lean_model.LeanCausalLM.use_split_projections`)."""
+
+    def __init__(self, w: torch.Tensor, splits: int = 3):
+        self.weight = w
+        self.splits = next(s for s in range(splits, 0, -1) if w.shape[1] % s == 0)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        share = self.weight.shape[1] // self.splits
+        return torch.stack([x[:, i * share : (i + 1) * share].float() @ self.weight[:, i * share : (i + 1) * share]
+                            .float().T for i in range(self.splits)])  # fmt: skip
+
+
+def _splits(n: int, k: int, bn: int, sms: int) -> int:
+    """The fewest splits of K (halving) that give every SM a program, none under MIN_SPLIT_BOXES boxes."""
+    sp = 1
+    while n // bn * sp < sms and k % (2 * sp * K_BOX) == 0 and k // (2 * sp) >= MIN_SPLIT_BOXES * K_BOX:
+        sp *= 2
+    return sp
