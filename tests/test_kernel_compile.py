@@ -78,7 +78,9 @@ def test_the_prefill_kernel_compiles():
 @pytest.mark.parametrize("residual, pre", [(True, True), (True, False), (False, True), (False, False)])
 def test_the_norm_kernel_compiles(residual, pre):
     types = {n: "*bf16" for n in ("X", "R", "W", "PRE", "OUT")} | {"eps": "fp32"}
-    _compile(F._add_rmsnorm_kernel, types, dict(BLOCK=2048, HAS_RES=residual, HAS_PRE=pre))
+    _compile(F._add_rmsnorm_kernel, types, dict(BLOCK=2048, HAS_RES=residual, HAS_PRE=pre, SPLITS=0))
+    types["X"] = "*fp32"  # a split projection's partial sums
+    _compile(F._add_rmsnorm_kernel, types, dict(BLOCK=2048, HAS_RES=residual, HAS_PRE=pre, SPLITS=8))
 
 
 def test_the_small_kernels_compile():
@@ -106,7 +108,7 @@ def test_the_gate_up_kernel_compiles(block_m, act):
     _compile(F._gate_up_act_kernel, types, consts, warps)
 
 
-@pytest.mark.parametrize("rows, bn, dtype", [(32, 128, "bf16"), (64, 64, "fp16"), (64, 128, "bf16")])
+@pytest.mark.parametrize("rows, bn, dtype", [(32, 64, "bf16"), (64, 64, "fp16"), (64, 128, "bf16")])
 def test_the_split_projection_compiles(rows, bn, dtype):
     """The Gluon kernel of the split-K output and down projections (acb.kernels.projection) lowers for sm_90 with
     its register budget: wgmma products, TMA copies, a one-warp producer given back its registers."""

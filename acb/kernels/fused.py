@@ -167,19 +167,20 @@ def _norm_row(x, cols, mask, n, eps, R, W, PRE, OUT_TY: tl.constexpr, HAS_RES: t
     return (y.to(w.dtype) * w).to(OUT_TY)
 
 
-@triton.jit(do_not_specialize=["splits", "s_split"])  # one variant whatever the split count
+@triton.jit
 def _add_rmsnorm_kernel(
-    X, R, W, PRE, OUT, s_x, s_r, s_o, n, eps, splits, s_split,
-    BLOCK: tl.constexpr, HAS_RES: tl.constexpr, HAS_PRE: tl.constexpr, PARTIALS: tl.constexpr,
+    X, R, W, PRE, OUT, s_x, s_r, s_o, n, eps, s_split,
+    BLOCK: tl.constexpr, HAS_RES: tl.constexpr, HAS_PRE: tl.constexpr, SPLITS: tl.constexpr,
 ):  # fmt: skip
-    """One row. PARTIALS: X holds ``splits`` float32 partial sums of the row (``s_split`` apart), added in order
-    and rounded to OUT's dtype, as the GEMM that wrote them whole would have rounded its output."""
+    """One row. SPLITS > 0: X holds that many float32 partial sums of the row (``s_split`` apart), added in order and
+    rounded to OUT's dtype, as the GEMM that wrote them whole would have rounded its output. (The splits' loads are
+    unrolled, so they are all in flight at once: one after another, a row of 8 splits took longer than the norm.)"""
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
-    if PARTIALS:
+    if SPLITS > 0:
         x = tl.load(X + row * s_x + cols, mask=mask, other=0.0)
-        for i in range(1, splits):
+        for i in tl.static_range(1, SPLITS):
             x += tl.load(X + i * s_split + row * s_x + cols, mask=mask, other=0.0)
         x = x.to(OUT.dtype.element_ty).to(tl.float32)
     else:
@@ -200,8 +201,7 @@ def add_rmsnorm(
     ``x`` may also be float32 partial sums ``[splits, rows, n]`` of a split-K projection
     (:class:`acb.kernels.projection.SplitProjection`): they are added in order and rounded to the dtype of
     ``residual`` (or of ``weight`` without one) first, as the whole product written out would have been."""
-    partials = x.dim() == 3
-    if partials:
+    if x.dim() == 3:
         splits, rows, n = x.shape
         dtype = residual.dtype if residual is not None else weight.dtype
         out = torch.empty(rows, n, dtype=dtype, device=x.device)
@@ -209,12 +209,12 @@ def add_rmsnorm(
     else:
         rows, n = x.shape
         out = torch.empty_like(x)
-        splits, s_x, s_split = 1, x.stride(0), 0
+        splits, s_x, s_split = 0, x.stride(0), 0
     res = residual if residual is not None else out
     _add_rmsnorm_kernel[(rows,)](
-        x, res, weight, pre if pre is not None else weight, out, s_x, res.stride(0), out.stride(0), n, eps, splits,
-        s_split, BLOCK=triton.next_power_of_2(n), HAS_RES=residual is not None, HAS_PRE=pre is not None,
-        PARTIALS=partials, num_warps=8 if n >= 4096 else 4,
+        x, res, weight, pre if pre is not None else weight, out, s_x, res.stride(0), out.stride(0), n, eps, s_split,
+        BLOCK=triton.next_power_of_2(n), HAS_RES=residual is not None, HAS_PRE=pre is not None, SPLITS=splits,
+        num_warps=8 if n >= 4096 else 4,
     )  # fmt: skip
     return out
 

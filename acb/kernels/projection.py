@@ -5,7 +5,7 @@ cuBLAS runs these two projections of a decode step (32 rows, a few to tens of MB
 their weights take to read; a kernel that only streams the same bytes takes 1.1-2.1× (the rest is each launch's
 fixed cost). This one comes within ~5-20 % of that stream (``bench/wsgemm.py``, docs/benchmarks.md, session 24):
 
-- one program per (tile of ``BN`` weight rows, split of K), enough splits that every SM gets a program;
+- one program per (tile of 64 weight rows, split of K), enough splits that nearly every SM gets a program;
 - a one-warp partition copies each stage's ``[BN, 64]`` weight box and the ``[ROWS, 64]`` box of the activations by
   TMA into a ring of ``DEPTH`` shared-memory slots, waiting only for a slot to be freed;
 - the default warpgroup multiplies ``W_tile @ x_tile^T`` by wgmma (the weights as the 64/128-row operand, since a
@@ -47,7 +47,8 @@ MAX_ROWS = 64
 """The most rows a call takes (wgmma's N side of the swapped product); more rows go to cuBLAS."""
 
 K_BOX = 64  # K per TMA box: 128 bytes of 2-byte elements, the widest swizzled box row
-DEPTH = 4  # ring slots: 4 x (16 + 8) KB, two programs per SM (bench/wsgemm.py: deeper was no faster)
+BN = 64  # weight rows per program: 128 was no faster, and needs twice the splits for the same programs
+DEPTH = 4  # ring slots (8 for splits of 16 boxes or more), each 8 KB of weights and 4-8 KB of activations
 MAXNREG = 128  # registers per thread (see the module's docstring)
 MIN_SPLIT_BOXES = 4  # each split reads at least this many boxes of K
 
@@ -147,9 +148,10 @@ class SplitProjection:
         if reason is not None:
             raise ValueError(reason)
         self.n, self.k, self.dtype = n, k, w.dtype
-        self.bn = 128 if n % 128 == 0 else 64
-        self.splits = _splits(n, k, self.bn, _sms(w.device))
+        self.bn = BN
+        self.splits = _splits(n, k, BN, _sms(w.device))
         self.stages = k // self.splits // K_BOX
+        self.depth = DEPTH if self.stages < 16 else 2 * DEPTH  # long splits: more in flight (mistral-3b's down)
         self.weight = w  # the descriptor holds its pointer
         self.wdesc = TensorDescriptor.from_tensor(w, [self.bn, K_BOX], _layout([self.bn, K_BOX], w.dtype))
 
@@ -172,7 +174,7 @@ class SplitProjection:
         xdesc = TensorDescriptor.from_tensor(x, [rows, K_BOX], _layout([rows, K_BOX], x.dtype))
         out = torch.empty(self.splits, m, self.n, dtype=torch.float32, device=x.device)
         _split_projection_kernel[(self.n // self.bn * self.splits,)](
-            self.wdesc, xdesc, out, m, self.n, self.stages, DEPTH, num_warps=4, maxnreg=MAXNREG
+            self.wdesc, xdesc, out, m, self.n, self.stages, self.depth, num_warps=4, maxnreg=MAXNREG
         )
         return out
 
@@ -193,8 +195,9 @@ class TorchSplitProjection:
 
 
 def _splits(n: int, k: int, bn: int, sms: int) -> int:
-    """The fewest splits of K (halving) that give every SM a program, none under MIN_SPLIT_BOXES boxes."""
+    """The fewest splits of K (doubling) that give nine SMs in ten a program, none under MIN_SPLIT_BOXES boxes.
+    Every split costs the norm after the projection a float32 row to read, so no more than that."""
     sp = 1
-    while n // bn * sp < sms and k % (2 * sp * K_BOX) == 0 and k // (2 * sp) >= MIN_SPLIT_BOXES * K_BOX:
+    while 10 * (n // bn * sp) < 9 * sms and k % (2 * sp * K_BOX) == 0 and k // (2 * sp) >= MIN_SPLIT_BOXES * K_BOX:
         sp *= 2
     return sp
