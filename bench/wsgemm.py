@@ -366,6 +366,68 @@ def measure_projection(model: str, name: str, n: int, k: int, layers: int, bandw
     return rows
 
 
+def _mm_norm(x, res, nw, w):
+    from acb.kernels.fused import add_rmsnorm
+
+    add_rmsnorm(torch.mm(x, w.T), res, nw, 1e-6)
+
+
+def _proj(x, p):
+    p(x)
+
+
+def _proj_norm(x, res, nw, p):
+    from acb.kernels.fused import add_rmsnorm
+
+    add_rmsnorm(p(x), res, nw, 1e-6)
+
+
+def measure_engine(model: str, bandwidth: float) -> list[dict]:
+    """The engine's projection kernel (acb.kernels.projection) at each split count and ring depth, alone and with
+    the norm that sums its partials (add_rmsnorm), against cuBLAS and the norm of its bf16 output: the output and
+    down projections of a decode layer, 32 rows."""
+    shapes = projections(model)
+    layers = shapes.pop("layers")
+    return [r for name in ("o", "down") for r in _engine_projection(model, name, *shapes[name], layers, bandwidth)]
+
+
+def _engine_projection(model: str, name: str, n: int, k: int, layers: int, bandwidth: float) -> list[dict]:
+    from acb.kernels.projection import SplitProjection
+
+    from .ring import time_layers
+
+    torch.manual_seed(0)
+    x = torch.randn(ROWS, k, device="cuda", dtype=torch.bfloat16)
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(layers)]
+    res = torch.randn(ROWS, n, device="cuda", dtype=torch.bfloat16)
+    nw = torch.ones(n, device="cuda", dtype=torch.bfloat16)
+    floor = n * k * 2 / bandwidth * 1e6
+    want = x.float() @ ws[0].float().T
+    rows = []
+
+    def row(variant, fn, inputs, **kw):
+        us = time_layers(fn, inputs)
+        rows.append(dict(model=model, proj=name, n=n, k=k, floor_us=floor, variant=variant, us=us, **kw))
+        print(f"{model} {name} {n}x{k}: {variant}: {us:.2f} us ({us / floor:.2f}x)", flush=True)
+
+    row("cuBLAS", partial(_mm, x, torch.empty(ROWS, n, device="cuda", dtype=torch.bfloat16)), ws)
+    row("cuBLAS + norm", partial(_mm_norm, x, res, nw), ws)
+    for splits in (1, 2, 4, 8):
+        for depth in (4, 8, 12):
+            try:
+                projs = [SplitProjection(w, splits, depth) for w in ws]
+            except ValueError:
+                continue
+            err = (projs[0](x).sum(0) - want).abs().max().item()
+            if err > 0.02 * want.abs().max().item():
+                raise AssertionError(f"{model} {name} splits {splits} depth {depth}: off by {err}")
+            kw = dict(splits=splits, depth=depth, programs=n // projs[0].bn * splits, max_err=err)
+            row(f"split projection, {splits} splits, depth {depth}", partial(_proj, x), projs, **kw)
+            row(f"split projection + norm, {splits} splits, depth {depth}", partial(_proj_norm, x, res, nw), projs,
+                **kw)  # fmt: skip
+    return rows
+
+
 def measure(model: str, bandwidth: float, depths: list[int], bns: list[int]) -> list[dict]:
     shapes = projections(model)
     layers = shapes.pop("layers")
@@ -382,12 +444,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="llama-1b")
     ap.add_argument("--depth", default="4,8,12")
     ap.add_argument("--bn", default="64,128")
+    ap.add_argument("--engine", action="store_true", help="the engine's kernel, alone and with the norm after it")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     bandwidth = copy_bandwidth()
     rows = []
     for model in args.model.split(","):
-        rows += measure(model, bandwidth, [int(d) for d in args.depth.split(",")], [int(b) for b in args.bn.split(",")])
+        if args.engine:
+            rows += measure_engine(model, bandwidth)
+        else:
+            rows += measure(model, bandwidth, [int(d) for d in args.depth.split(",")],
+                            [int(b) for b in args.bn.split(",")])  # fmt: skip
     print(f"\ncopy bandwidth {bandwidth / 1e12:.2f} TB/s; µs per projection per layer, {ROWS} rows, bf16")
     print("| model | projection | variant | µs | / floor |\n|---|---|---|---|---|")
     for r in rows:

@@ -142,16 +142,19 @@ class SplitProjection:
     Built once per weight (the weight's TMA descriptor and the tiling are fixed); :meth:`fits` says whether a shape
     can take it, and a call returns the partials, which :func:`acb.kernels.fused.add_rmsnorm` sums."""
 
-    def __init__(self, w: torch.Tensor):
+    def __init__(self, w: torch.Tensor, splits: int | None = None, depth: int | None = None):
+        """``splits`` and ``depth``: the split count and the ring's slots instead of the defaults (bench.wsgemm)."""
         n, k = w.shape
         reason = self.fits(n, k)
         if reason is not None:
             raise ValueError(reason)
         self.n, self.k, self.dtype = n, k, w.dtype
         self.bn = BN
-        self.splits = _splits(n, k, BN, _sms(w.device))
+        self.splits = splits or _splits(n, k, BN, _sms(w.device))
+        if k % (self.splits * K_BOX):
+            raise ValueError(f"{self.splits} splits of whole {K_BOX}-column boxes do not divide {k}")
         self.stages = k // self.splits // K_BOX
-        self.depth = DEPTH if self.stages < 16 else 2 * DEPTH  # long splits: more in flight (mistral-3b's down)
+        self.depth = depth or (DEPTH if self.stages < 16 else 2 * DEPTH)  # long splits: more in flight
         self.weight = w  # the descriptor holds its pointer
         self.wdesc = TensorDescriptor.from_tensor(w, [self.bn, K_BOX], _layout([self.bn, K_BOX], w.dtype))
 
