@@ -154,13 +154,31 @@ class LeanCausalLM:
             if reason is None and os.environ.get("ACB_SPLIT_PROJECTIONS", "1") == "0":
                 reason = "ACB_SPLIT_PROJECTIONS=0"
             make = projection.SplitProjection
-        if reason is None:  # a weight whose shape the tiles do not divide keeps cuBLAS
-            fits = getattr(make, "fits", lambda n, k: None)
-            self._split = [tuple(make(w) if fits(*w.shape) is None else None for w in (lw.o_w, lw.down_w))
-                           for lw in self.layers]  # fmt: skip
-        else:
+        if reason is None:
+            reason = self._build_split(make, trial=make is projection.SplitProjection)
+        if reason is not None:
+            self._split = []
             self.split_rows = 0
         self.split_reason = reason
+
+    def _build_split(self, make, trial: bool) -> str | None:
+        """Each layer's output and down projections from ``make`` (a weight whose shape the tiles do not divide
+        keeps cuBLAS). ``trial``: build (compile) and run each once on a zero row first. Gluon is Triton's
+        experimental dialect and its API moves between releases, so on a Triton the kernel does not build on the
+        engine keeps cuBLAS and says why, instead of failing a step."""
+        fits = getattr(make, "fits", lambda n, k: None)
+        try:
+            self._split = [tuple(make(w) if fits(*w.shape) is None else None for w in (lw.o_w, lw.down_w))
+                           for lw in self.layers]  # fmt: skip
+            for proj in (p for split in self._split for p in split if p is not None and trial):
+                proj(torch.zeros(1, proj.k, dtype=self.dtype, device=self.device))
+            if trial:
+                torch.cuda.synchronize(self.device)
+        except Exception as exc:  # noqa: BLE001 (whatever fails in the experimental kernel means: not here)
+            if not trial:
+                raise
+            return f"the split kernel did not build or run here ({type(exc).__name__}: {str(exc)[:200]})"
+        return None
 
     def ensure(self, max_positions: int, workspace_rows: int) -> None:
         """Grow the rotary tables and the decode workspace for an engine of that geometry."""

@@ -372,6 +372,30 @@ def test_split_projections_stay_off_where_the_kernel_cannot_run(make_model):
     lean.use_split_projections(True)
     assert lean.split_reason == "not a CUDA device" and lean.split_rows == 0
 
+    class Broken:  # a kernel that does not build on this Triton: the trial says so, nothing is kept
+        def __init__(self, w):
+            self.k = w.shape[1]
+
+        def __call__(self, x):
+            raise RuntimeError("no such op")
+
+    broken = Broken
+
+    assert "did not build or run here (RuntimeError: no such op)" in lean._build_split(broken, trial=True)
+
+
+def test_split_projection_tiling():
+    """Which weights the kernel takes (64-row tiles, K in splits of at least four 64-column boxes), and how many
+    splits: the fewest that give seven SMs in ten a program on an H200 (132 SMs), as bench.wsgemm --engine chose."""
+    from acb.kernels.projection import SplitProjection, _splits
+
+    assert SplitProjection.fits(2048, 8192) is None and SplitProjection.fits(1152, 1024) is None
+    assert "64" in SplitProjection.fits(100, 1024) and "256" in SplitProjection.fits(2048, 1000)
+    assert _splits(2048, 2048, 64, 132) == 4 and _splits(2048, 8192, 64, 132) == 4  # llama-1b: o, down
+    assert _splits(3072, 4096, 64, 132) == 2 and _splits(3072, 8192, 64, 132) == 2  # mistral-3b
+    assert _splits(1152, 1024, 64, 132) == 4  # gemma3-1b's o: 72 programs, splits of four boxes at least
+    assert _splits(16384, 2048, 64, 132) == 1
+
 
 def test_the_new_kernels_under_the_interpreter():
     """The decode kernel's q/k norms and its cache write of new keys and values, the norm with a norm before it, the

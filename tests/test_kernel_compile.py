@@ -126,7 +126,7 @@ def test_the_split_projection_compiles(rows, bn, dtype):
     wdesc = P.TensorDescriptor.from_tensor(w, [bn, P.K_BOX], P._layout([bn, P.K_BOX], tdtype))
     xdesc = P.TensorDescriptor.from_tensor(x, [rows, P.K_BOX], P._layout([rows, P.K_BOX], tdtype))
     fn = P._split_projection_kernel
-    consts = {"STAGES": 4, "DEPTH_": P.DEPTH, "num_warps": 4}
+    consts = {"STAGES": 4, "DEPTH_": P.DEPTH[rows], "num_warps": 4}
     args = dict(wdesc=wdesc, xdesc=xdesc, OUT=torch.empty(4, rows, 2048), M=rows, N=2048)
     signature = {n: "constexpr" if n in consts else mangle_type(args[n]) for n in fn.arg_names}
     source = GluonASTSource(fn, signature, constexprs={(fn.arg_names.index(n),): v for n, v in consts.items()})

@@ -5,7 +5,7 @@ cuBLAS runs these two projections of a decode step (32 rows, a few to tens of MB
 their weights take to read; a kernel that only streams the same bytes takes 1.1-2.1× (the rest is each launch's
 fixed cost). This one comes within ~5-20 % of that stream (``bench/wsgemm.py``, docs/benchmarks.md, session 24):
 
-- one program per (tile of 64 weight rows, split of K), enough splits that nearly every SM gets a program;
+- one program per (tile of 64 weight rows, split of K), enough splits that most SMs get a program;
 - a one-warp partition copies each stage's ``[BN, 64]`` weight box and the ``[ROWS, 64]`` box of the activations by
   TMA into a ring of ``DEPTH`` shared-memory slots, waiting only for a slot to be freed;
 - the default warpgroup multiplies ``W_tile @ x_tile^T`` by wgmma (the weights as the 64/128-row operand, since a
@@ -48,7 +48,7 @@ MAX_ROWS = 64
 
 K_BOX = 64  # K per TMA box: 128 bytes of 2-byte elements, the widest swizzled box row
 BN = 64  # weight rows per program: 128 was no faster, and needs twice the splits for the same programs
-DEPTH = 4  # ring slots (8 for splits of 16 boxes or more), each 8 KB of weights and 4-8 KB of activations
+DEPTH = {32: 8, 64: 6}  # ring slots by box of rows: 8 x 12 KB or 6 x 16 KB, two programs per SM either way
 MAXNREG = 128  # registers per thread (see the module's docstring)
 MIN_SPLIT_BOXES = 4  # each split reads at least this many boxes of K
 
@@ -154,7 +154,7 @@ class SplitProjection:
         if k % (self.splits * K_BOX):
             raise ValueError(f"{self.splits} splits of whole {K_BOX}-column boxes do not divide {k}")
         self.stages = k // self.splits // K_BOX
-        self.depth = depth or (DEPTH if self.stages < 16 else 2 * DEPTH)  # long splits: more in flight
+        self.depth = depth  # None: by the box of rows (__call__)
         self.weight = w  # the descriptor holds its pointer
         self.wdesc = TensorDescriptor.from_tensor(w, [self.bn, K_BOX], _layout([self.bn, K_BOX], w.dtype))
 
@@ -174,10 +174,11 @@ class SplitProjection:
         if x.stride(1) != 1 or x.stride(0) != self.k or x.data_ptr() % 16:
             x = x.contiguous()
         rows = 32 if m <= 32 else 64
+        depth = self.depth or DEPTH[rows]
         xdesc = TensorDescriptor.from_tensor(x, [rows, K_BOX], _layout([rows, K_BOX], x.dtype))
         out = torch.empty(self.splits, m, self.n, dtype=torch.float32, device=x.device)
         _split_projection_kernel[(self.n // self.bn * self.splits,)](
-            self.wdesc, xdesc, out, m, self.n, self.stages, self.depth, num_warps=4, maxnreg=MAXNREG
+            self.wdesc, xdesc, out, m, self.n, self.stages, depth, num_warps=4, maxnreg=MAXNREG
         )
         return out
 
@@ -198,9 +199,10 @@ class TorchSplitProjection:
 
 
 def _splits(n: int, k: int, bn: int, sms: int) -> int:
-    """The fewest splits of K (doubling) that give nine SMs in ten a program, none under MIN_SPLIT_BOXES boxes.
-    Every split costs the norm after the projection a float32 row to read, so no more than that."""
+    """The fewest splits of K (doubling) that give seven SMs in ten a program, none under MIN_SPLIT_BOXES boxes.
+    Every split costs the norm after the projection a float32 row to read (~0.3 µs a split at 32 rows), and a
+    second program per SM adds little: with the norm, 2-4 splits beat 8 (bench.wsgemm --engine, session 24)."""
     sp = 1
-    while 10 * (n // bn * sp) < 9 * sms and k % (2 * sp * K_BOX) == 0 and k // (2 * sp) >= MIN_SPLIT_BOXES * K_BOX:
+    while 10 * (n // bn * sp) < 7 * sms and k % (2 * sp * K_BOX) == 0 and k // (2 * sp) >= MIN_SPLIT_BOXES * K_BOX:
         sp *= 2
     return sp
