@@ -1,8 +1,10 @@
 """Triton kernels of the GPU fast path: paged attention (decode and prefill; the decode kernel also applies rotary
 and per-head q/k norms and writes the new keys and values), rotary + KV-cache write, fused residual + RMSNorm, SiLU·mul,
 the decode steps' gate/up projection with its activation, the decode graphs' greedy argmax and transformers'
-rotate-half rotary for the generic path (:mod:`.attention`, :mod:`.fused`); the one-shot all-reduce of tensor
-parallelism (:mod:`.one_shot`).
+rotate-half rotary for the generic path (:mod:`.attention`, :mod:`.fused`); a step's derived inputs
+(:mod:`.step`); the decode steps' output and down projections on Hopper, a warp-specialised Gluon kernel whose split-K
+partial sums the next norm adds up (:mod:`.projection`); the one-shot all-reduce of tensor parallelism
+(:mod:`.one_shot`).
 
 The kernel modules need Triton (shipped with CUDA builds of torch); this package's own namespace does not, so the
 CPU path can use the launch heuristics below. The plain-torch reference in :mod:`acb.attention` is the oracle the

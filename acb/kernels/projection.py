@@ -1,9 +1,11 @@
 """A decode step's output and down projections on Hopper: a warp-specialised Gluon kernel whose split-K partial
 sums the next norm adds up (:func:`acb.kernels.fused.add_rmsnorm` takes them).
 
-cuBLAS runs these two projections of a decode step (32 rows, a few to tens of MB of weights) at 1.6-3.2× the time
+cuBLAS runs these two projections of a decode step (32 rows, 8-34 MB of weights at 1-3B) at 1.6-3.2× the time
 their weights take to read; a kernel that only streams the same bytes takes 1.1-2.1× (the rest is each launch's
-fixed cost). This one comes within ~5-20 % of that stream (``bench/wsgemm.py``, docs/benchmarks.md, session 24):
+fixed cost, ~2 µs). This one comes within 15-20 % of that stream, 1.3-3.4 µs a launch under cuBLAS, and the norm
+that sums its partials pays back 0.3-0.4 µs a split of that: 2-3 % off a 1-3B model's decode step on an H200
+(``bench/wsgemm.py``; docs/benchmarks.md, session 24):
 
 - one program per (tile of 64 weight rows, split of K), enough splits that most SMs get a program;
 - a one-warp partition copies each stage's ``[BN, 64]`` weight box and the ``[ROWS, 64]`` box of the activations by
