@@ -295,22 +295,28 @@ def _ws(g, descs):
     g(*descs)
 
 
-def measure_projection(model: str, name: str, n: int, k: int, layers: int, bandwidth: float, depths: list[int],
-                       bns: list[int]) -> list[dict]:  # fmt: skip
+def _setup(model: str, name: str, n: int, k: int, layers: int, bandwidth: float):
+    """Inputs of one projection (activations, each layer's weights, the floor) and a recorder of timed rows."""
     from .ring import time_layers
 
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
     torch.manual_seed(0)
     x = torch.randn(ROWS, k, device="cuda", dtype=torch.bfloat16)
     ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(layers)]
     floor = n * k * 2 / bandwidth * 1e6
-    rows = []
+    rows: list[dict] = []
 
     def row(variant, fn, inputs, **kw):
         us = time_layers(fn, inputs)
         rows.append(dict(model=model, proj=name, n=n, k=k, floor_us=floor, variant=variant, us=us, **kw))
         print(f"{model} {name} {n}x{k}: {variant}: {us:.2f} us ({us / floor:.2f}x)", flush=True)
 
+    return x, ws, rows, row
+
+
+def measure_projection(model: str, name: str, n: int, k: int, layers: int, bandwidth: float, depths: list[int],
+                       bns: list[int]) -> list[dict]:  # fmt: skip
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    x, ws, rows, row = _setup(model, name, n, k, layers, bandwidth)
     row("cuBLAS", partial(_mm, x, torch.empty(ROWS, n, device="cuda", dtype=torch.bfloat16)), ws)
     part = torch.empty(1 << 16, device="cuda", dtype=torch.float32)
     for block, iters in ((2048, 4),):
@@ -394,22 +400,10 @@ def measure_engine(model: str, bandwidth: float) -> list[dict]:
 def _engine_projection(model: str, name: str, n: int, k: int, layers: int, bandwidth: float) -> list[dict]:
     from acb.kernels.projection import SplitProjection
 
-    from .ring import time_layers
-
-    torch.manual_seed(0)
-    x = torch.randn(ROWS, k, device="cuda", dtype=torch.bfloat16)
-    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(layers)]
+    x, ws, rows, row = _setup(model, name, n, k, layers, bandwidth)
     res = torch.randn(ROWS, n, device="cuda", dtype=torch.bfloat16)
     nw = torch.ones(n, device="cuda", dtype=torch.bfloat16)
-    floor = n * k * 2 / bandwidth * 1e6
     want = x.float() @ ws[0].float().T
-    rows = []
-
-    def row(variant, fn, inputs, **kw):
-        us = time_layers(fn, inputs)
-        rows.append(dict(model=model, proj=name, n=n, k=k, floor_us=floor, variant=variant, us=us, **kw))
-        print(f"{model} {name} {n}x{k}: {variant}: {us:.2f} us ({us / floor:.2f}x)", flush=True)
-
     row("cuBLAS", partial(_mm, x, torch.empty(ROWS, n, device="cuda", dtype=torch.bfloat16)), ws)
     row("cuBLAS + norm", partial(_mm_norm, x, res, nw), ws)
     for splits in (1, 2, 4, 8):
