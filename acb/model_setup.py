@@ -22,6 +22,7 @@ from .config import EngineConfig
 from .cuda_graphs import graph_rows
 from .errors import InvalidConfigError, ModelInUseError
 from .families import adapter, lean_plan
+from .kernels.projection import MAX_ROWS
 from .kv_cache import KVCache, ModelShape, auto_num_blocks
 from .lean_model import LeanCausalLM
 from .parallel.checkpoint import has_checkpoint, read_shard
@@ -159,6 +160,8 @@ def _build_runtime(
         if lean is None:
             lean = LeanCausalLM(model, family, max_model_len, workspace_rows=config.max_num_seqs)
             model._acb_lean = lean
+        else:  # each engine reads ACB_SPLIT_PROJECTIONS anew
+            lean.use_split_projections(lean.kernels)
         lean.ensure(max_model_len, config.max_num_seqs)
     elif config.fast_path:
         raise InvalidConfigError(f"fast_path=True, but the lean model path does not take this model ({why})")
@@ -223,7 +226,7 @@ def _build_runtime(
         why += f"; decode steps run eagerly: {runner.graph_blocker}"
     if lean is not None and lean.on_cuda and world == 1:  # the decode steps' output and down projections
         how = "split-K kernel" if lean.split_reason is None else f"cuBLAS ({lean.split_reason})"
-        why += f"; output and down projections of steps up to {lean.split_rows or 64} rows: {how}"
+        why += f"; output and down projections of steps up to {MAX_ROWS} rows: {how}"
     model._acb_owner = weakref.ref(runner)
     return Runtime(
         device=device,
