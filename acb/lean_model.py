@@ -13,7 +13,6 @@ each op is chosen once, when the model is built. Any model without an adapter ke
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -144,41 +143,11 @@ class LeanCausalLM:
         partials) in place of the kernel's, which the CPU tests use to run the same data path."""
         from .kernels import projection  # (importable without a GPU)
 
-        self._split: list[tuple] = []
-        self.split_rows = projection.MAX_ROWS
-        reason = "off" if not on else None
-        if on and make is None:
-            reason = projection.unavailable(self.device, self.dtype)
-            if reason is None and self.group is not None:
-                reason = "tensor parallelism (each rank's partial sums go to the all-reduce)"
-            if reason is None and os.environ.get("ACB_SPLIT_PROJECTIONS", "1") == "0":
-                reason = "ACB_SPLIT_PROJECTIONS=0"
-            make = projection.SplitProjection
-        if reason is None:
-            reason = self._build_split(make, trial=make is projection.SplitProjection)
-        if reason is not None:
-            self._split = []
-            self.split_rows = 0
-        self.split_reason = reason
-
-    def _build_split(self, make, trial: bool) -> str | None:
-        """Each layer's output and down projections from ``make`` (a weight whose shape the tiles do not divide
-        keeps cuBLAS). ``trial``: build (compile) and run each once on a zero row first. Gluon is Triton's
-        experimental dialect and its API moves between releases, so on a Triton the kernel does not build on the
-        engine keeps cuBLAS and says why, instead of failing a step."""
-        fits = getattr(make, "fits", lambda n, k: None)
-        try:
-            self._split = [tuple(make(w) if fits(*w.shape) is None else None for w in (lw.o_w, lw.down_w))
-                           for lw in self.layers]  # fmt: skip
-            for proj in (p for split in self._split for p in split if p is not None and trial):
-                proj(torch.zeros(1, proj.k, dtype=self.dtype, device=self.device))
-            if trial:
-                torch.cuda.synchronize(self.device)
-        except Exception as exc:  # noqa: BLE001 (whatever fails in the experimental kernel means: not here)
-            if not trial:
-                raise
-            return f"the split kernel did not build or run here ({type(exc).__name__}: {str(exc)[:200]})"
-        return None
+        self._split, self.split_reason = [], "off"
+        if on:
+            weights = [(lw.o_w, lw.down_w) for lw in self.layers]
+            self._split, self.split_reason = projection.choose(weights, self.group is not None, make)
+        self.split_rows = projection.MAX_ROWS if self._split else 0
 
     def ensure(self, max_positions: int, workspace_rows: int) -> None:
         """Grow the rotary tables and the decode workspace for an engine of that geometry."""
@@ -263,17 +232,18 @@ class LeanCausalLM:
                 F.linear(self._up(rows(m, lw.gate_up_w.shape[1]), lw), lw.down_w)
         for m in head_counts:
             F.linear(rows(m, self.lm_head.shape[1]), self.lm_head)
-        # the split projections (and the norm that sums their partials): one compiled variant per weight shape and
-        # box of rows (32 or 64), each compiled here rather than by the first step that meets it
+        # the split projections and the norm that sums their partials: a compiled variant per weight shape and box of
+        # rows (32 or 64), compiled here rather than by the first step that meets it
         boxes = sorted({32 if m <= 32 else 64 for m in counts if 0 < m <= self.split_rows})
-        for i, split in enumerate(self._split):
-            lw = self.layers[i]
-            for proj, k, pre in ((split[0], lw.o_w.shape[1], lw.post_attn_norm),
-                                 (split[1], lw.down_w.shape[1], lw.post_mlp_norm)):  # fmt: skip
+        seen = set()
+        for lw, split in zip(self.layers, self._split):
+            if (key := (lw.o_w.shape, lw.down_w.shape, lw.post_attn_norm is None, lw.post_mlp_norm is None)) in seen:
+                continue
+            seen.add(key)
+            for proj, pre in zip(split, (lw.post_attn_norm, lw.post_mlp_norm)):
                 for m in boxes if proj is not None else ():
-                    parts = proj(rows(m, k))
-                    zeros = torch.zeros(m, parts.shape[2], dtype=self.dtype, device=self.device)
-                    self._norm(parts, zeros, lw.ln2, pre)
+                    parts = proj(rows(m, proj.weight.shape[1]))
+                    self._norm(parts, torch.zeros(m, parts.shape[2], dtype=self.dtype, device=self.device), lw.ln2, pre)
 
     # The forward in pieces, split at attention (the only op that reads the step's layout): the mixed-step graphs
     # (acb.mixed_graphs) capture everything between two attentions and run attention eagerly on the true sizes.

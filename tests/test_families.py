@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 from conftest import first_layer_rows, random_prompts, reference_greedy
 
 from acb import Engine, EngineConfig, SamplingParams
@@ -372,16 +373,28 @@ def test_split_projections_stay_off_where_the_kernel_cannot_run(make_model):
     lean.use_split_projections(True)
     assert lean.split_reason == "not a CUDA device" and lean.split_rows == 0
 
-    class Broken:  # a kernel that does not build on this Triton: the trial says so, nothing is kept
+
+def test_a_split_kernel_that_does_not_build_keeps_cublas_and_says_why(monkeypatch):
+    """Gluon is experimental: each projection is built and run once when chosen, and a failure (here a stand-in
+    kernel that raises) leaves every projection on cuBLAS with the reason, instead of failing a step."""
+    from acb.kernels import projection
+
+    class Broken:
+        fits = staticmethod(projection.SplitProjection.fits)
+
         def __init__(self, w):
-            self.k = w.shape[1]
+            self.k, self.dtype, self.weight = w.shape[1], w.dtype, w
 
         def __call__(self, x):
             raise RuntimeError("no such op")
 
-    broken = Broken
-
-    assert "did not build or run here (RuntimeError: no such op)" in lean._build_split(broken, trial=True)
+    monkeypatch.setattr(projection, "unavailable", lambda device, dtype: None)
+    monkeypatch.setattr(projection, "SplitProjection", Broken)
+    w = torch.zeros(64, 256)
+    assert projection.choose([(w, w)]) == ([], "the split kernel did not build or run here (RuntimeError: no such op)")
+    assert projection.choose([(w, w)], tensor_parallel=True)[1].startswith("tensor parallelism")
+    monkeypatch.setenv("ACB_SPLIT_PROJECTIONS", "0")
+    assert projection.choose([(w, w)]) == ([], "ACB_SPLIT_PROJECTIONS=0")
 
 
 def test_split_projection_tiling():

@@ -29,6 +29,7 @@ Triton 3.6 and ``async_load`` in 3.9, both taken here.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -43,7 +44,7 @@ try:
 except Exception as exc:  # an older Triton, or one without the NVIDIA backend
     _GLUON = f"Triton's Gluon dialect is not available ({type(exc).__name__}: {exc})"
 
-__all__ = ["MAX_ROWS", "SplitProjection", "TorchSplitProjection", "unavailable"]
+__all__ = ["MAX_ROWS", "SplitProjection", "TorchSplitProjection", "choose", "unavailable"]
 
 MAX_ROWS = 64
 """The most rows a call takes (wgmma's N side of the swapped product); more rows go to cuBLAS."""
@@ -127,6 +128,38 @@ def unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
     if major != 9:
         return f"compute capability {major}.{minor} (it needs Hopper's wgmma and TMA: 9.x)"
     return _GLUON
+
+
+def choose(weights: list[tuple[torch.Tensor, torch.Tensor]], tensor_parallel: bool = False, make=None):
+    """Each layer's (output, down) projections and why not: ``(projections, reason)``, ``projections`` a list of
+    pairs (None for a weight whose shape the tiles do not divide, which keeps cuBLAS) and ``reason`` None, or the
+    list empty and ``reason`` why the kernel does not run here: the device, the dtype, ``tensor_parallel`` (each
+    rank's partial sums go to the all-reduce), ``ACB_SPLIT_PROJECTIONS=0``, or a failure to build. Gluon is Triton's
+    experimental dialect and its API moves between releases, so each projection is built and run once on a zero row
+    here: on a Triton the kernel does not build on, the engine keeps cuBLAS and says why instead of failing a step.
+    ``make``: projections of another kind (the CPU tests' :class:`TorchSplitProjection`), taken as they are."""
+    if make is None:
+        w = weights[0][0]
+        reason = unavailable(w.device, w.dtype)
+        if reason is None and tensor_parallel:
+            reason = "tensor parallelism (each rank's partial sums go to the all-reduce)"
+        if reason is None and os.environ.get("ACB_SPLIT_PROJECTIONS", "1") == "0":
+            reason = "ACB_SPLIT_PROJECTIONS=0"
+        if reason is not None:
+            return [], reason
+    fits = getattr(make, "fits", lambda n, k: None) if make is not None else SplitProjection.fits
+    build = make or SplitProjection
+    try:
+        projections = [tuple(build(w) if fits(*w.shape) is None else None for w in pair) for pair in weights]
+        if make is None:
+            for proj in (p for pair in projections for p in pair if p is not None):
+                proj(torch.zeros(1, proj.k, dtype=proj.dtype, device=proj.weight.device))
+            torch.cuda.synchronize(weights[0][0].device)
+    except Exception as exc:  # noqa: BLE001 (whatever fails in the experimental kernel means: not here)
+        if make is not None:
+            raise
+        return [], f"the split kernel did not build or run here ({type(exc).__name__}: {str(exc)[:200]})"
+    return projections, None
 
 
 @functools.cache
