@@ -304,7 +304,8 @@ class LeanCausalLM:
         norm after it, :meth:`_reduce_norm`), the MLP's by whatever reads it next (the next layer's first norm, or
         :meth:`head`) unless a post-MLP norm needs it whole here (:meth:`_partial`)."""
         lw, norm = self.layers[i], self._norm
-        split = self._split[i] if o.shape[0] <= self.split_rows else (None, None)
+        # (a step can carry no row past the last attention: a prompt chunk that samples nothing)
+        split = self._split[i] if 0 < o.shape[0] <= self.split_rows else (None, None)
         attn = F.linear(o, lw.o_w) if split[0] is None else split[0](o)
         if lw.post_attn_norm is not None:
             if self.group is not None:

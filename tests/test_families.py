@@ -333,11 +333,12 @@ async def test_split_projections_partial_sums_give_generate_s_tokens(arch, overl
     """The output and down projections as split-K partial sums (on the CPU: their torch twin, two or three shares of K),
     summed by the norms that read them (the next layer's, the final one before the head, Gemma 3's with its
     post-attention norm first): ``generate``'s tokens, in steps of at most ``split_rows`` rows; larger steps keep
-    the plain projection. Every step here runs through it (prompts of up to 40 tokens, 64 rows at most)."""
+    the plain projection. Every step here runs through it (64 tokens at most), the first one a chunk of a 100-token
+    prompt that samples no row (nothing goes past its last attention, and nothing reaches the projections)."""
     from acb.kernels.projection import TorchSplitProjection
 
     model, ref = make_model(arch, seed=3)
-    prompts = random_prompts(6, [5, 17, 33, 3, 40, 12], len(tokenizer), seed=3)
+    prompts = random_prompts(7, [100, 5, 17, 33, 3, 40, 12], len(tokenizer), seed=3)
     expected = [reference_greedy(ref, p, 12) for p in prompts]
     calls = []
 
@@ -360,7 +361,7 @@ async def test_split_projections_partial_sums_give_generate_s_tokens(arch, overl
         outs = await asyncio.gather(*(engine.generate(p, SamplingParams(max_new_tokens=12, ignore_eos=True))
                                       for p in prompts))  # fmt: skip
     assert [o.token_ids for o in outs] == expected
-    assert calls and max(calls) <= 64
+    assert calls and 0 < min(calls) and max(calls) <= 64
 
 
 def test_split_projections_stay_off_where_the_kernel_cannot_run(make_model):
