@@ -147,8 +147,8 @@ def choose(weights: list[tuple[torch.Tensor, torch.Tensor]], tensor_parallel: bo
             reason = "ACB_SPLIT_PROJECTIONS=0"
         if reason is not None:
             return [], reason
-    fits = getattr(make, "fits", lambda n, k: None) if make is not None else SplitProjection.fits
     build = make or SplitProjection
+    fits = getattr(build, "fits", lambda n, k: None)
     try:
         projections = [tuple(build(w) if fits(*w.shape) is None else None for w in pair) for pair in weights]
         if make is None:
