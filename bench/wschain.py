@@ -1,0 +1,371 @@
+"""Issue 16, the megakernel's second gate: does a warp-specialised weight stream that crosses the boundaries between
+a decode layer's GEMMs hide what each GEMM's own launch costs?
+
+Gate 1 (``bench/wsgemm.py``, session 24) found that a kernel reading one projection's weights takes its floor plus
+~2 µs per launch whatever it does, so a layer of one launch per GEMM cannot come within 15 % of its floor. Session
+20's ring (``bench/ring.py``) ran the weight stream ahead across the waits between phases in one launch, but its
+copies were issued by the same warps that did the products, and it gained nothing. Here the stream has a warp of its
+own:
+
+- one persistent launch runs the work between two attentions of a layer as four phases: O, gate/up, down, and the
+  next layer's Q/K/V (no norms, no SiLU: the four weights are the bytes; the activation of each phase is the
+  previous phase's output, gate/up's first ``inter`` columns standing in for SiLU(gate) * up);
+- a phase is tasks of 64 weight rows times a split of K (``bench.wsgemm``'s tiles); program ``pid`` takes tasks
+  ``pid, pid + G, ...`` of every phase in turn;
+- a one-warp producer copies each stage's weight box and activation box by TMA into a ring of ``depth`` slots. With
+  ``ahead``, it copies a task's first weight boxes *before* it waits for the phase before (a counter of finished
+  tiles), so the ring fills with the next phase's weights while the last tiles of this one finish elsewhere;
+  without, it waits first (what a launch per phase amounts to, minus the launch);
+- the default warpgroup multiplies by wgmma as the engine's split projection does; each split writes its float32
+  partial, takes a ticket on its tile, and the last split of a tile sums the partials in order, writes the tile in
+  bf16 and counts it finished.
+
+Variants, every layer with its own weights in one CUDA graph (µs per layer; the floor is the four weights at the
+copy bandwidth measured in the same run):
+- ``one launch, ahead`` / ``one launch, wait first``: the four phases in one launch;
+- ``a launch per phase``: the same kernel, one phase per launch (the per-op structure with the same GEMM);
+- ``cuBLAS``: four ``torch.mm`` per layer.
+
+Each kernel variant is first checked against torch (each phase's bf16 output within 2 % of its largest value), twice
+(the tickets and counters reset themselves).
+
+    python -m bench.wschain --model llama-1b,mistral-3b --depth 6,8 --json out.json
+
+It needs Gluon as Triton 3.6 spells it (the card's) and a Hopper card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from .ring import shapes, time_layers
+
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
+ROWS = 32  # a decode step's sequences
+TILE = (64, 64)  # weight rows x K per box (8 KB); the activation box is [ROWS, 64]
+BK = gl.constexpr(TILE[1])
+SHARED = 227 * 1024
+TMAX = 1024  # the most tiles a phase may have (the tickets' stride)
+
+
+@gluon.jit
+def _fence_after_wait(CNT, idx, target):
+    """Spin until counter ``idx`` reaches ``target``, then order the TMA copies issued next after what was counted
+    (acquiring loads, then a proxy fence: the tiles were written by plain stores, the copies read them by TMA)."""
+    while gl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [CNT + idx], dtype=gl.int32,
+                                    is_pure=False, pack=1) < target:  # fmt: skip
+        pass
+    gl.inline_asm_elementwise("fence.proxy.async.global; mov.u32 $0, 0;", "=r,l", [CNT + idx], dtype=gl.int32,
+                              is_pure=False, pack=1)  # fmt: skip
+
+
+@gluon.jit
+def _fence_gpu(CNT):
+    """Every thread: its stores before what it does next, for the whole GPU, plain and TMA readers alike."""
+    gl.inline_asm_elementwise("fence.proxy.async.global; fence.acq_rel.gpu; mov.u32 $0, 0;", "=r,l", [CNT],
+                              dtype=gl.int32, is_pure=False, pack=1)  # fmt: skip
+
+
+@gluon.jit
+def _produce(wdesc, xdesc, ring_w, ring_x, ready, empty, CNT, it, pid, G, tiles, S, stages, pre, prev_tiles,
+             WAIT_ON: gl.constexpr):  # fmt: skip
+    """One phase's copies for this program: for each task, the weight boxes of its first ``pre`` stages, then (if
+    this launch ran the phase ``WAIT_ON`` before) the wait for that phase's tiles, then the activation boxes of
+    those stages, then both boxes of every later stage as slots free up."""
+    depth: gl.constexpr = ring_w.type.shape[0]
+    BN: gl.constexpr = wdesc.block_type.shape[0]
+    nbytes: gl.constexpr = wdesc.block_type.nbytes + xdesc.block_type.nbytes
+    for t in range(pid, tiles * S, G):
+        n0 = (t % tiles) * BN
+        k0 = (t // tiles) * stages * BK
+        for i in range(pre):
+            j = it + i
+            s = j % depth
+            mbarrier.wait(empty.index(s), ((j // depth) & 1) ^ 1)  # a fresh barrier counts as freed once
+            mbarrier.expect(ready.index(s), nbytes)  # the slot completes when the activation box lands too
+            _tma_load(wdesc, [n0, k0 + i * BK], ready.index(s), ring_w.index(s))
+        if WAIT_ON >= 0:
+            _fence_after_wait(CNT, WAIT_ON, prev_tiles)
+        for i in range(pre):
+            s = (it + i) % depth
+            _tma_load(xdesc, [0, k0 + i * BK], ready.index(s), ring_x.index(s))
+        for i in range(pre, stages):
+            j = it + i
+            s = j % depth
+            mbarrier.wait(empty.index(s), ((j // depth) & 1) ^ 1)
+            mbarrier.expect(ready.index(s), nbytes)
+            _tma_load(xdesc, [0, k0 + i * BK], ready.index(s), ring_x.index(s))
+            _tma_load(wdesc, [n0, k0 + i * BK], ready.index(s), ring_w.index(s))
+        it += stages
+    return it
+
+
+@gluon.jit
+def _consume(ring_w, ring_x, ready, empty, OUT, PART, TICK, CNT, it, pid, G, tiles, S, stages, N,
+             P: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    """One phase's products for this program: ``acc[BN, ROWS] = W_tile @ x^T`` over the task's stages; then the
+    tile in bf16 (one split), or the partial and a ticket, the last split of a tile summing all of them in order."""
+    depth: gl.constexpr = ring_w.type.shape[0]
+    BN: gl.constexpr = ring_w.type.shape[1]
+    R: gl.constexpr = ring_x.type.shape[1]
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                  instr_shape=[16, R, 16])  # fmt: skip
+    rn = gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
+    rm = gl.arange(0, R, layout=gl.SliceLayout(0, MMA))
+    offs = rm[None, :] * N + rn[:, None]
+    for t in range(pid, tiles * S, G):
+        tile = t % tiles
+        split = t // tiles
+        acc = gl.zeros([BN, R], gl.float32, MMA)
+        for i in range(stages):
+            j = it + i
+            s = j % depth
+            mbarrier.wait(ready.index(s), (j // depth) & 1)
+            acc = warpgroup_mma(ring_w.index(s), ring_x.index(s).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            if i > 0:  # the product of stage i - 1 is done: its slot may be refilled
+                mbarrier.arrive(empty.index((j - 1) % depth), count=1)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(empty.index((it + stages - 1) % depth), count=1)
+        it += stages
+        tile_out = OUT + tile * BN + offs
+        if S == 1:
+            gl.store(tile_out, acc.to(gl.bfloat16))
+            _fence_gpu(CNT)
+            gl.thread_barrier()
+            gl.atomic_add(CNT + P, 1, sem="release")
+        else:
+            gl.store(PART + split * R * N + tile * BN + offs, acc)
+            _fence_gpu(CNT)
+            gl.thread_barrier()
+            ticket = gl.atomic_add(TICK + P * 1024 + tile, 1, sem="acq_rel")
+            if ticket == S - 1:  # the tile's last split: the sum of all of them, in order
+                _fence_gpu(CNT)
+                total = gl.zeros([BN, R], gl.float32, MMA)
+                for sp in range(S):
+                    total += gl.load(PART + sp * R * N + tile * BN + offs, cache_modifier=".cg")
+                gl.store(tile_out, total.to(gl.bfloat16))
+                gl.store(TICK + P * 1024 + tile, 0)  # for the next launch
+                _fence_gpu(CNT)
+                gl.thread_barrier()
+                gl.atomic_add(CNT + P, 1, sem="release")
+    return it
+
+
+@gluon.jit
+def _producer(w0, w1, w2, w3, x0, x1, x2, x3, ring_w, ring_x, ready, empty, CNT, pid, G, T0, T1, T2, T3,
+              S0, S1, S2, S3, K0, K1, K2, K3, E0, E1, E2, E3, FIRST: gl.constexpr, LAST: gl.constexpr):  # fmt: skip
+    it = pid * 0
+    if FIRST <= 0 and LAST >= 0:
+        it = _produce(w0, x0, ring_w, ring_x, ready, empty, CNT, it, pid, G, T0, S0, K0, E0, 0, -1)
+    if FIRST <= 1 and LAST >= 1:
+        it = _produce(w1, x1, ring_w, ring_x, ready, empty, CNT, it, pid, G, T1, S1, K1, E1, T0,
+                      0 if FIRST <= 0 else -1)  # fmt: skip
+    if FIRST <= 2 and LAST >= 2:
+        it = _produce(w2, x2, ring_w, ring_x, ready, empty, CNT, it, pid, G, T2, S2, K2, E2, T1,
+                      1 if FIRST <= 1 else -1)  # fmt: skip
+    if FIRST <= 3 and LAST >= 3:
+        it = _produce(w3, x3, ring_w, ring_x, ready, empty, CNT, it, pid, G, T3, S3, K3, E3, T2,
+                      2 if FIRST <= 2 else -1)  # fmt: skip
+
+
+@gluon.jit
+def _consumer(ring_w, ring_x, ready, empty, O0, O1, O2, O3, N0, N1, N2, N3, PART, TICK, CNT, pid, G,
+              T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, FIRST: gl.constexpr, LAST: gl.constexpr,
+              num_warps: gl.constexpr):  # fmt: skip
+    it = pid * 0
+    if FIRST <= 0 and LAST >= 0:
+        it = _consume(ring_w, ring_x, ready, empty, O0, PART, TICK, CNT, it, pid, G, T0, S0, K0, N0, 0, num_warps)
+    if FIRST <= 1 and LAST >= 1:
+        it = _consume(ring_w, ring_x, ready, empty, O1, PART, TICK, CNT, it, pid, G, T1, S1, K1, N1, 1, num_warps)
+    if FIRST <= 2 and LAST >= 2:
+        it = _consume(ring_w, ring_x, ready, empty, O2, PART, TICK, CNT, it, pid, G, T2, S2, K2, N2, 2, num_warps)
+    if FIRST <= 3 and LAST >= 3:
+        it = _consume(ring_w, ring_x, ready, empty, O3, PART, TICK, CNT, it, pid, G, T3, S3, K3, N3, 3, num_warps)
+    done = gl.atomic_add(CNT + 7, 1, sem="acq_rel")
+    if done == G - 1:  # the last program out: every wait of this launch is over, the counters start again at 0
+        for i in gl.static_range(8):
+            gl.store(CNT + i, 0)
+
+
+@gluon.jit
+def _chain_kernel(w0, w1, w2, w3, x0, x1, x2, x3, O0, O1, O2, O3, N0, N1, N2, N3, T0, T1, T2, T3,
+                  S0, S1, S2, S3, K0, K1, K2, K3, E0, E1, E2, E3, PART, TICK, CNT, G,
+                  FIRST: gl.constexpr, LAST: gl.constexpr, DEPTH: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    """Phases FIRST..LAST of the chain: phase p multiplies activation ``x_p`` (a TMA descriptor of ``[ROWS, K]``)
+    by weight ``w_p`` into bf16 ``O_p [ROWS, N_p]``, in ``T_p`` tiles of ``S_p`` splits of ``K_p`` stages each;
+    ``E_p`` weight boxes of each task go out before its wait."""
+    pid = gl.program_id(0)
+    BN: gl.constexpr = w0.block_type.shape[0]
+    R: gl.constexpr = x0.block_type.shape[0]
+    ring_w = gl.allocate_shared_memory(w0.dtype, [DEPTH, BN, BK], w0.layout)
+    ring_x = gl.allocate_shared_memory(x0.dtype, [DEPTH, R, BK], x0.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [DEPTH, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [DEPTH, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(DEPTH):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    gl.warp_specialize([
+        (_consumer, (ring_w, ring_x, ready, empty, O0, O1, O2, O3, N0, N1, N2, N3, PART, TICK, CNT, pid, G,
+                     T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, FIRST, LAST, num_warps)),
+        (_producer, (w0, w1, w2, w3, x0, x1, x2, x3, ring_w, ring_x, ready, empty, CNT, pid, G, T0, T1, T2, T3,
+                     S0, S1, S2, S3, K0, K1, K2, K3, E0, E1, E2, E3, FIRST, LAST)),
+    ], [1], [24])  # fmt: skip
+
+
+# -- the host side -------------------------------------------------------------------------------------------------
+
+
+def _layout(shape: list[int]):
+    return gl.NVMMASharedLayout.get_default_for(shape, gl.bfloat16)
+
+
+def chain_shapes(s: dict) -> list[tuple[int, int]]:
+    """(N, K) of the four phases: O, gate/up, down (reading gate/up's first ``inter`` columns), Q/K/V."""
+    return [(s["hidden"], s["dq"]), (2 * s["inter"], s["hidden"]), (s["hidden"], s["inter"]), (s["nqkv"], s["hidden"])]
+
+
+def splits_for(n: int, k: int, programs: int) -> int:
+    """The most splits (doubling) that keep the tasks within one round of the programs and 2+ boxes per split."""
+    sp = 1
+    while n // TILE[0] * sp * 2 <= programs and k % (2 * sp * TILE[1]) == 0 and k // (2 * sp) >= 2 * TILE[1]:
+        sp *= 2
+    return sp
+
+
+class Chain:
+    """Launches of :func:`_chain_kernel` for one layer shape: ``launches`` 1 (all four phases) or 4 (one each)."""
+
+    def __init__(self, s: dict, depth: int, ahead: bool, launches: int, per_sm: int, splits=None):
+        self.shapes = chain_shapes(s)
+        self.inter = s["inter"]
+        self.G = torch.cuda.get_device_properties(0).multi_processor_count * per_sm  # all resident: they wait
+        if (depth * (TILE[0] + ROWS) * TILE[1] * 2 + 1024) * per_sm > SHARED:
+            raise ValueError(f"depth {depth} does not fit {per_sm} programs per SM")
+        self.splits = list(splits) if splits else [splits_for(n, k, self.G) for n, k in self.shapes]
+        for (n, k), sp in zip(self.shapes, self.splits):
+            if n % TILE[0] or k % (sp * TILE[1]) or n // TILE[0] > TMAX:
+                raise ValueError(f"tiles of {TILE} and {sp} splits do not divide the GEMM {n} x {k}")
+        self.tiles = [n // TILE[0] for n, _ in self.shapes]
+        self.stages = [k // sp // TILE[1] for (_, k), sp in zip(self.shapes, self.splits)]
+        self.pre = [min(st, depth) if ahead else 0 for st in self.stages]
+        self.depth, self.launches = depth, launches
+        dev = dict(device="cuda")
+        self.cnt = torch.zeros(8, dtype=torch.int32, **dev)
+        self.tick = torch.zeros(4 * TMAX, dtype=torch.int32, **dev)
+        self.part = torch.empty(max(sp * ROWS * n for (n, _), sp in zip(self.shapes, self.splits)), **dev)
+        self.outs = [torch.zeros(ROWS, n, dtype=torch.bfloat16, **dev) for n, _ in self.shapes]
+        xl = _layout([ROWS, TILE[1]])
+        ins = [None, self.outs[0], self.outs[1][:, : self.inter], self.outs[2]]
+        self.xdescs = [None] + [TensorDescriptor.from_tensor(x, [ROWS, TILE[1]], xl) for x in ins[1:]]
+
+    @staticmethod
+    def weights(s: dict, layers: int) -> list[list[torch.Tensor]]:
+        torch.manual_seed(0)
+        out = []
+        for _ in range(layers):
+            ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for n, k in chain_shapes(s)]
+            descs = [TensorDescriptor.from_tensor(w, list(TILE), _layout(list(TILE))) for w in ws]
+            out.append(dict(w=ws, descs=descs))
+        return out
+
+    def __call__(self, x0desc, lw: dict) -> list[torch.Tensor]:
+        xs = [x0desc] + self.xdescs[1:]
+        ranges = [(0, 3)] if self.launches == 1 else [(p, p) for p in range(4)]
+        for first, last in ranges:
+            _chain_kernel[(self.G,)](
+                *lw["descs"], *xs, *self.outs, *(n for n, _ in self.shapes), *self.tiles, *self.splits,
+                *self.stages, *self.pre, self.part, self.tick, self.cnt, self.G, first, last, self.depth,
+                num_warps=4, maxnreg=128,
+            )  # fmt: skip
+        return self.outs
+
+
+def reference(x0: torch.Tensor, ws: list[torch.Tensor], inter: int) -> list[torch.Tensor]:
+    """The chain in torch as the kernel rounds it: float32 products of bf16 operands, each output rounded to bf16."""
+    outs, x = [], x0
+    for p, w in enumerate(ws):
+        y = (x.float() @ w.float().T).bfloat16()
+        outs.append(y)
+        x = y[:, :inter] if p == 1 else y
+    return outs
+
+
+def cublas(x0: torch.Tensor, lw: dict, bufs: list[torch.Tensor], inter: int) -> None:
+    x = x0
+    for p, (w, y) in enumerate(zip(lw["w"], bufs)):
+        torch.mm(x, w.T, out=y)
+        x = y[:, :inter] if p == 1 else y
+
+
+def measure(model: str, depths: list[int], per_sm: int, bandwidth: float, splits=None) -> list[dict]:
+    s = shapes(model)
+    layers = Chain.weights(s, s["layers"])
+    floor = sum(n * k * 2 for n, k in chain_shapes(s)) / bandwidth * 1e6
+    x0 = torch.randn(ROWS, s["dq"], device="cuda", dtype=torch.bfloat16)
+    x0desc = TensorDescriptor.from_tensor(x0, [ROWS, TILE[1]], _layout([ROWS, TILE[1]]))
+    bufs = [torch.empty(ROWS, n, device="cuda", dtype=torch.bfloat16) for n, _ in chain_shapes(s)]
+    base = dict(model=model, rows=ROWS, floor_us=floor, per_sm=per_sm)
+    rows = [dict(base, variant="cuBLAS, a call per GEMM",
+                 us=time_layers(lambda lw: cublas(x0, lw, bufs, s["inter"]), layers))]  # fmt: skip
+    want = reference(x0, layers[0]["w"], s["inter"])
+    for depth in depths:
+        for launches, ahead in ((1, True), (1, False), (4, False), (4, True)):
+            chain = Chain(s, depth, ahead, launches, per_sm, splits)
+            for _ in range(2):  # the second launch checks that the tickets and counters were reset
+                got = chain(x0desc, layers[0])
+                torch.cuda.synchronize()
+                for p, (g, w) in enumerate(zip(got, want)):
+                    err = (g.float() - w.float()).abs().max().item()
+                    if err > 0.02 * max(1.0, w.float().abs().max().item()):
+                        raise AssertionError(f"{model} depth {depth} launches {launches}: phase {p} off by {err}")
+            name = ("one launch" if launches == 1 else "a launch per phase") + (", ahead" if ahead else ", wait first")
+            us = time_layers(lambda lw, c=chain: c(x0desc, lw), layers)
+            rows.append(dict(base, variant=name, depth=depth, splits=chain.splits, launches=launches, ahead=ahead,
+                             us=us))  # fmt: skip
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .run import copy_bandwidth
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama-1b")
+    ap.add_argument("--depth", default="6,8", help="ring slots (an 8 KB weight box and a 4 KB activation box each)")
+    ap.add_argument("--per-sm", default="2", help="programs per SM, comma-separated (all resident)")
+    ap.add_argument("--splits", help="splits of K of the four phases (default: one round of the programs)")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    bandwidth = copy_bandwidth()
+    splits = [int(v) for v in args.splits.split(",")] if args.splits else None
+    rows = []
+    for model in args.model.split(","):
+        for per_sm in (int(v) for v in args.per_sm.split(",")):
+            depths = [d for d in (int(v) for v in args.depth.split(",")) if (d * 12 + 1) * 1024 * per_sm <= SHARED]
+            try:
+                rows += measure(model, depths, per_sm, bandwidth, splits)
+            except Exception as exc:  # noqa: BLE001 (one model's failure leaves the others' rows)
+                print(f"!! {model} per_sm {per_sm}: {type(exc).__name__}: {exc}", flush=True)
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; µs per layer: O, gate/up, down, Q/K/V of a decode layer, "
+          f"{ROWS} rows")  # fmt: skip
+    print("| model | programs per SM | depth | splits | variant | µs | / floor |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['per_sm']} | {r.get('depth', '')} | {r.get('splits', '')} | {r['variant']} | "
+              f"{r['us']:.1f} | {r['us'] / r['floor_us']:.2f}× |")  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(bandwidth=bandwidth, device=torch.cuda.get_device_name(), rows=rows), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
