@@ -56,6 +56,12 @@ BK = gl.constexpr(TILE[1])
 SHARED = 227 * 1024
 TMAX = 1024  # the most tiles a phase may have (the tickets' stride)
 TMAX_ = gl.constexpr(TMAX)
+# the parts of a chain, for taking it apart (MODE): the activations' copies, the waits between phases, the products,
+# the tiles' stores and counts, the tickets (without them a split phase's sums are not made), and a fence of every
+# consumer thread before each count (without it, only the counting thread's release orders the tile's stores)
+X_LOADS, WAITS, PRODUCTS, SIGNALS, TICKETS, FENCES = (1 << i for i in range(6))
+FULL = 63
+X_LOADS_, WAITS_, PRODUCTS_, SIGNALS_, TICKETS_, FENCES_ = (gl.constexpr(1 << i) for i in range(6))  # (in kernels)
 
 
 @gluon.jit
@@ -81,10 +87,11 @@ def _produce(wdesc, xdesc, ring_w, ring_x, ready, empty, CNT, it, pid, G, tiles,
              WAIT_ON: gl.constexpr, MODE: gl.constexpr):  # fmt: skip
     """One phase's copies for this program: for each task, the weight boxes of its first ``pre`` stages, then (if
     this launch ran the phase ``WAIT_ON`` before) the wait for that phase's tiles, then the activation boxes of
-    those stages, then both boxes of every later stage as slots free up. MODE 2: the weight boxes alone, no wait."""
+    those stages, then both boxes of every later stage as slots free up (``MODE``: see :data:`FULL`)."""
     depth: gl.constexpr = ring_w.type.shape[0]
     BN: gl.constexpr = wdesc.block_type.shape[0]
-    XB: gl.constexpr = 0 if MODE == 2 else xdesc.block_type.nbytes
+    X: gl.constexpr = (MODE & X_LOADS_) != 0
+    XB: gl.constexpr = xdesc.block_type.nbytes if X else 0
     nbytes: gl.constexpr = wdesc.block_type.nbytes + XB
     for t in range(pid, tiles * S, G):
         n0 = (t % tiles) * BN
@@ -95,9 +102,9 @@ def _produce(wdesc, xdesc, ring_w, ring_x, ready, empty, CNT, it, pid, G, tiles,
             mbarrier.wait(empty.index(s), ((j // depth) & 1) ^ 1)  # a fresh barrier counts as freed once
             mbarrier.expect(ready.index(s), nbytes)  # the slot completes when the activation box lands too
             _tma_load(wdesc, [n0, k0 + i * BK], ready.index(s), ring_w.index(s))
-        if WAIT_ON >= 0 and MODE != 2:
+        if WAIT_ON >= 0 and (MODE & WAITS_) != 0:
             _fence_after_wait(CNT, WAIT_ON, target)
-        if MODE != 2:
+        if X:
             for i in range(pre):
                 s = (it + i) % depth
                 _tma_load(xdesc, [0, k0 + i * BK], ready.index(s), ring_x.index(s))
@@ -106,7 +113,7 @@ def _produce(wdesc, xdesc, ring_w, ring_x, ready, empty, CNT, it, pid, G, tiles,
             s = j % depth
             mbarrier.wait(empty.index(s), ((j // depth) & 1) ^ 1)
             mbarrier.expect(ready.index(s), nbytes)
-            if MODE != 2:
+            if X:
                 _tma_load(xdesc, [0, k0 + i * BK], ready.index(s), ring_x.index(s))
             _tma_load(wdesc, [n0, k0 + i * BK], ready.index(s), ring_w.index(s))
         it += stages
@@ -118,8 +125,8 @@ def _consume(ring_w, ring_x, ready, empty, OUT, PART, TICK, CNT, it, pid, G, til
              P: gl.constexpr, MODE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     """One phase's products for this program: ``acc[BN, ROWS] = W_tile @ x^T`` over the task's stages; then the
     tile in bf16 (one split), or the partial and a ticket, the last split of a tile summing all of them in order.
-    MODE 1: no tickets (each split counts itself done; the sums are not made). MODE 2: no products, no epilogue:
-    each slot is freed as soon as it has landed."""
+    ``MODE`` (see :data:`FULL`) takes parts away: without products each slot is freed as soon as it has landed;
+    without tickets each split counts itself done (the sums are not made)."""
     depth: gl.constexpr = ring_w.type.shape[0]
     BN: gl.constexpr = ring_w.type.shape[1]
     R: gl.constexpr = ring_x.type.shape[1]
@@ -136,7 +143,7 @@ def _consume(ring_w, ring_x, ready, empty, OUT, PART, TICK, CNT, it, pid, G, til
             j = it + i
             s = j % depth
             mbarrier.wait(ready.index(s), (j // depth) & 1)
-            if MODE == 2:
+            if (MODE & PRODUCTS_) == 0:
                 mbarrier.arrive(empty.index(s), count=1)
             else:
                 acc = warpgroup_mma(ring_w.index(s), ring_x.index(s).permute((1, 0)), acc, is_async=True)
@@ -144,28 +151,32 @@ def _consume(ring_w, ring_x, ready, empty, OUT, PART, TICK, CNT, it, pid, G, til
                 if i > 0:  # the product of stage i - 1 is done: its slot may be refilled
                     mbarrier.arrive(empty.index((j - 1) % depth), count=1)
         it += stages
-        if MODE != 2:
+        if (MODE & PRODUCTS_) != 0:
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             mbarrier.arrive(empty.index((it - 1) % depth), count=1)
+        if (MODE & SIGNALS_) != 0:
             tile_out = OUT + tile * BN + offs
             if S == 1:
                 gl.store(tile_out, acc.to(gl.bfloat16))
             else:
                 gl.store(PART + split * R * N + tile * BN + offs, acc)
-            _fence_gpu(CNT)
+            if (MODE & FENCES_) != 0:
+                _fence_gpu(CNT)
             gl.thread_barrier()
-            if S == 1 or MODE == 1:
+            if S == 1 or (MODE & TICKETS_) == 0:
                 gl.atomic_add(CNT + P, 1, sem="release")
             else:
                 ticket = gl.atomic_add(TICK + P * TMAX_ + tile, 1, sem="acq_rel")
                 if ticket == S - 1:  # the tile's last split: the sum of all of them, in order
-                    _fence_gpu(CNT)
+                    if (MODE & FENCES_) != 0:
+                        _fence_gpu(CNT)
                     total = gl.zeros([BN, R], gl.float32, MMA)
                     for sp in range(S):
                         total += gl.load(PART + sp * R * N + tile * BN + offs, cache_modifier=".cg")
                     gl.store(tile_out, total.to(gl.bfloat16))
                     gl.store(TICK + P * TMAX_ + tile, 0)  # for the next launch
-                    _fence_gpu(CNT)
+                    if (MODE & FENCES_) != 0:
+                        _fence_gpu(CNT)
                     gl.thread_barrier()
                     gl.atomic_add(CNT + P, 1, sem="release")
     return it
@@ -219,8 +230,8 @@ def _chain_kernel(w0, w1, w2, w3, x0, x1, x2, x3, O0, O1, O2, O3, N0, N1, N2, N3
                   num_warps: gl.constexpr):  # fmt: skip
     """Phases FIRST..LAST of the chain: phase p multiplies activation ``x_p`` (a TMA descriptor of ``[ROWS, K]``)
     by weight ``w_p`` into bf16 ``O_p [ROWS, N_p]``, in ``T_p`` tiles of ``S_p`` splits of ``K_p`` stages each;
-    ``E_p`` weight boxes of each task go out before its wait for ``A_p`` counts of phase ``p - 1``. MODE 0: the
-    chain; 1: no tickets (the split phases' sums are not made); 2: the weight stream alone."""
+    ``E_p`` weight boxes of each task go out before its wait for ``A_p`` counts of phase ``p - 1``. ``MODE``: the
+    parts of :data:`FULL` that run."""
     pid = gl.program_id(0)
     BN: gl.constexpr = w0.block_type.shape[0]
     R: gl.constexpr = x0.block_type.shape[0]
@@ -262,7 +273,7 @@ def splits_for(n: int, k: int, programs: int) -> int:
 class Chain:
     """Launches of :func:`_chain_kernel` for one layer shape: ``launches`` 1 (all four phases) or 4 (one each)."""
 
-    def __init__(self, s: dict, depth: int, ahead: bool, launches: int, per_sm: int, splits=None, mode: int = 0):
+    def __init__(self, s: dict, depth: int, ahead: bool, launches: int, per_sm: int, splits=None, mode: int = FULL):
         self.shapes = chain_shapes(s)
         self.inter = s["inter"]
         self.G = torch.cuda.get_device_properties(0).multi_processor_count * per_sm  # all resident: they wait
@@ -277,7 +288,7 @@ class Chain:
         self.pre = [min(st, depth) if ahead else 0 for st in self.stages]
         self.depth, self.launches, self.mode = depth, launches, mode
         # what phase p waits for: phase p - 1's tiles (each counted by its last split), or with no tickets its tasks
-        done = [t * (sp if mode == 1 else 1) for t, sp in zip(self.tiles, self.splits)]
+        done = [t * (1 if mode & TICKETS else sp) for t, sp in zip(self.tiles, self.splits)]
         self.targets = done[:3]
         dev = dict(device="cuda")
         self.cnt = torch.zeros(8, dtype=torch.int32, **dev)
@@ -310,6 +321,17 @@ class Chain:
         return self.outs
 
 
+def describe(mode: int) -> str:
+    """What a MODE leaves out, in words."""
+    if mode == FULL:
+        return "the chain"
+    if mode & ~(X_LOADS | PRODUCTS) == 0:
+        parts = ["weights"] + (["activations"] if mode & X_LOADS else []) + (["products"] if mode & PRODUCTS else [])
+        return " + ".join(parts) + " only (no waits, no stores)"
+    gone = [n for n, f in (("fences", FENCES), ("tickets: sums not made", TICKETS)) if not mode & f]
+    return "the chain without " + ", ".join(gone)
+
+
 def reference(x0: torch.Tensor, ws: list[torch.Tensor], inter: int) -> list[torch.Tensor]:
     """The chain in torch as the kernel rounds it: float32 products of bf16 operands, each output rounded to bf16."""
     outs, x = [], x0
@@ -338,20 +360,24 @@ def measure(model: str, depths: list[int], per_sm: int, bandwidth: float, splits
     rows = [dict(base, variant="cuBLAS, a call per GEMM",
                  us=time_layers(lambda lw: cublas(x0, lw, bufs, s["inter"]), layers))]  # fmt: skip
     want = reference(x0, layers[0]["w"], s["inter"])
-    variants = [(0, 1, True), (0, 1, False), (0, 4, False), (1, 1, True), (1, 4, False), (2, 1, False), (2, 4, False)]
-    names = {0: "", 1: " (no tickets: sums not made)", 2: " (weights alone)"}
+    no_fence = FULL & ~FENCES
+    variants = [(FULL, 1, True), (FULL, 1, False), (FULL, 4, False), (no_fence, 1, True), (no_fence, 4, False),
+                (no_fence & ~TICKETS, 1, True), (X_LOADS | PRODUCTS, 1, False), (X_LOADS, 1, False), (0, 1, False),
+                (0, 4, False)]  # fmt: skip
     for depth in depths:
         for mode, launches, ahead in variants:
             chain = Chain(s, depth, ahead, launches, per_sm, splits, mode)
-            for _ in range(2 if mode == 0 else 1):  # the second launch checks that tickets and counters were reset
+            checked = mode & TICKETS != 0
+            for _ in range(2 if checked else 1):  # the second launch checks that tickets and counters were reset
                 got = chain(x0desc, layers[0])
                 torch.cuda.synchronize()
                 for p, (g, w) in enumerate(zip(got, want)):
                     err = (g.float() - w.float()).abs().max().item()
-                    if mode == 0 and err > 0.02 * max(1.0, w.float().abs().max().item()):
-                        raise AssertionError(f"{model} depth {depth} launches {launches}: phase {p} off by {err}")
-            name = "one launch" if launches == 1 else "a launch per phase"
-            name += (", ahead" if ahead else ", wait first" if mode < 2 else "") + names[mode]
+                    if checked and err > 0.02 * max(1.0, w.float().abs().max().item()):
+                        raise AssertionError(f"{model} depth {depth} mode {mode} launches {launches}: phase {p} "
+                                             f"off by {err}")  # fmt: skip
+            name = ("one launch" if launches == 1 else "a launch per phase") + (", ahead" if ahead else "")
+            name += f": {describe(mode)}"
             us = time_layers(lambda lw, c=chain: c(x0desc, lw), layers)
             rows.append(dict(base, variant=name, depth=depth, splits=chain.splits, launches=launches, ahead=ahead,
                              mode=mode, us=us))  # fmt: skip
