@@ -61,7 +61,9 @@ TMAX_ = gl.constexpr(TMAX)
 # consumer thread before each count (without it, only the counting thread's release orders the tile's stores)
 X_LOADS, WAITS, PRODUCTS, SIGNALS, TICKETS, FENCES = (1 << i for i in range(6))
 FULL = 63
-X_LOADS_, WAITS_, PRODUCTS_, SIGNALS_, TICKETS_, FENCES_ = (gl.constexpr(1 << i) for i in range(6))  # (in kernels)
+# and, not a part but a way: the weights and the activations copied by two producer warps, the weights' never waiting
+TWO_PRODUCERS = 64
+X_LOADS_, WAITS_, PRODUCTS_, SIGNALS_, TICKETS_, FENCES_, TWO_PRODUCERS_ = (gl.constexpr(1 << i) for i in range(7))
 
 
 @gluon.jit
@@ -118,6 +120,72 @@ def _produce(wdesc, xdesc, ring_w, ring_x, ready, empty, CNT, it, pid, G, tiles,
             _tma_load(wdesc, [n0, k0 + i * BK], ready.index(s), ring_w.index(s))
         it += stages
     return it
+
+
+@gluon.jit
+def _produce_w(wdesc, ring_w, ready, empty, it, pid, G, tiles, S, stages):
+    """TWO_PRODUCERS: one phase's weight boxes for this program, each as soon as its slot is free; never waits for
+    another phase, so the stream runs the ring's depth ahead across tasks and phases alike."""
+    depth: gl.constexpr = ring_w.type.shape[0]
+    BN: gl.constexpr = wdesc.block_type.shape[0]
+    for t in range(pid, tiles * S, G):
+        n0 = (t % tiles) * BN
+        k0 = (t // tiles) * stages * BK
+        for i in range(stages):
+            j = it + i
+            s = j % depth
+            mbarrier.wait(empty.index(s), ((j // depth) & 1) ^ 1)
+            mbarrier.expect(ready.index(s), wdesc.block_type.nbytes)  # one of the slot's two arrivals
+            _tma_load(wdesc, [n0, k0 + i * BK], ready.index(s), ring_w.index(s))
+        it += stages
+    return it
+
+
+@gluon.jit
+def _produce_x(xdesc, ring_x, ready, empty, CNT, it, pid, G, tiles, S, stages, target, WAIT_ON: gl.constexpr,
+               MODE: gl.constexpr):  # fmt: skip
+    """TWO_PRODUCERS: one phase's activation boxes for this program, after the wait for the phase before."""
+    depth: gl.constexpr = ring_x.type.shape[0]
+    for t in range(pid, tiles * S, G):
+        k0 = (t // tiles) * stages * BK
+        if WAIT_ON >= 0 and (MODE & WAITS_) != 0:
+            _fence_after_wait(CNT, WAIT_ON, target)
+        for i in range(stages):
+            j = it + i
+            s = j % depth
+            mbarrier.wait(empty.index(s), ((j // depth) & 1) ^ 1)
+            mbarrier.expect(ready.index(s), xdesc.block_type.nbytes)
+            _tma_load(xdesc, [0, k0 + i * BK], ready.index(s), ring_x.index(s))
+        it += stages
+    return it
+
+
+@gluon.jit
+def _producer_w(w0, w1, w2, w3, ring_w, ready, empty, pid, G, T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3,
+                FIRST: gl.constexpr, LAST: gl.constexpr):  # fmt: skip
+    it = pid * 0
+    if FIRST <= 0 and LAST >= 0:
+        it = _produce_w(w0, ring_w, ready, empty, it, pid, G, T0, S0, K0)
+    if FIRST <= 1 and LAST >= 1:
+        it = _produce_w(w1, ring_w, ready, empty, it, pid, G, T1, S1, K1)
+    if FIRST <= 2 and LAST >= 2:
+        it = _produce_w(w2, ring_w, ready, empty, it, pid, G, T2, S2, K2)
+    if FIRST <= 3 and LAST >= 3:
+        it = _produce_w(w3, ring_w, ready, empty, it, pid, G, T3, S3, K3)
+
+
+@gluon.jit
+def _producer_x(x0, x1, x2, x3, ring_x, ready, empty, CNT, pid, G, T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3,
+                A1, A2, A3, FIRST: gl.constexpr, LAST: gl.constexpr, MODE: gl.constexpr):  # fmt: skip
+    it = pid * 0
+    if FIRST <= 0 and LAST >= 0:
+        it = _produce_x(x0, ring_x, ready, empty, CNT, it, pid, G, T0, S0, K0, 0, -1, MODE)
+    if FIRST <= 1 and LAST >= 1:
+        it = _produce_x(x1, ring_x, ready, empty, CNT, it, pid, G, T1, S1, K1, A1, 0 if FIRST <= 0 else -1, MODE)
+    if FIRST <= 2 and LAST >= 2:
+        it = _produce_x(x2, ring_x, ready, empty, CNT, it, pid, G, T2, S2, K2, A2, 1 if FIRST <= 1 else -1, MODE)
+    if FIRST <= 3 and LAST >= 3:
+        it = _produce_x(x3, ring_x, ready, empty, CNT, it, pid, G, T3, S3, K3, A3, 2 if FIRST <= 2 else -1, MODE)
 
 
 @gluon.jit
@@ -239,15 +307,123 @@ def _chain_kernel(w0, w1, w2, w3, x0, x1, x2, x3, O0, O1, O2, O3, N0, N1, N2, N3
     ring_x = gl.allocate_shared_memory(x0.dtype, [DEPTH, R, BK], x0.layout)
     ready = gl.allocate_shared_memory(gl.int64, [DEPTH, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [DEPTH, 1], mbarrier.MBarrierLayout())
+    TWO: gl.constexpr = (MODE & TWO_PRODUCERS_) != 0 and (MODE & X_LOADS_) != 0
     for i in gl.static_range(DEPTH):
-        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(ready.index(i), count=2 if TWO else 1)
         mbarrier.init(empty.index(i), count=1)
-    gl.warp_specialize([
-        (_consumer, (ring_w, ring_x, ready, empty, O0, O1, O2, O3, N0, N1, N2, N3, PART, TICK, CNT, pid, G,
-                     T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, FIRST, LAST, MODE, num_warps)),
-        (_producer, (w0, w1, w2, w3, x0, x1, x2, x3, ring_w, ring_x, ready, empty, CNT, pid, G, T0, T1, T2, T3,
-                     S0, S1, S2, S3, K0, K1, K2, K3, E0, E1, E2, E3, A1, A2, A3, FIRST, LAST, MODE)),
-    ], [1], [24])  # fmt: skip
+    if TWO:
+        gl.warp_specialize(
+            [
+                (
+                    _consumer,
+                    (
+                        ring_w,
+                        ring_x,
+                        ready,
+                        empty,
+                        O0,
+                        O1,
+                        O2,
+                        O3,
+                        N0,
+                        N1,
+                        N2,
+                        N3,
+                        PART,
+                        TICK,
+                        CNT,
+                        pid,
+                        G,
+                        T0,
+                        T1,
+                        T2,
+                        T3,
+                        S0,
+                        S1,
+                        S2,
+                        S3,
+                        K0,
+                        K1,
+                        K2,
+                        K3,
+                        FIRST,
+                        LAST,
+                        MODE,
+                        num_warps,
+                    ),
+                ),
+                (
+                    _producer_w,
+                    (
+                        w0,
+                        w1,
+                        w2,
+                        w3,
+                        ring_w,
+                        ready,
+                        empty,
+                        pid,
+                        G,
+                        T0,
+                        T1,
+                        T2,
+                        T3,
+                        S0,
+                        S1,
+                        S2,
+                        S3,
+                        K0,
+                        K1,
+                        K2,
+                        K3,
+                        FIRST,
+                        LAST,
+                    ),
+                ),
+                (
+                    _producer_x,
+                    (
+                        x0,
+                        x1,
+                        x2,
+                        x3,
+                        ring_x,
+                        ready,
+                        empty,
+                        CNT,
+                        pid,
+                        G,
+                        T0,
+                        T1,
+                        T2,
+                        T3,
+                        S0,
+                        S1,
+                        S2,
+                        S3,
+                        K0,
+                        K1,
+                        K2,
+                        K3,
+                        A1,
+                        A2,
+                        A3,
+                        FIRST,
+                        LAST,
+                        MODE,
+                    ),
+                ),
+            ],
+            [1, 1],
+            [24, 24],
+        )
+    else:
+        gl.warp_specialize([
+            (_consumer, (ring_w, ring_x, ready, empty, O0, O1, O2, O3, N0, N1, N2, N3, PART, TICK, CNT, pid, G,
+                         T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, FIRST, LAST, MODE, num_warps)),
+            (_producer, (w0, w1, w2, w3, x0, x1, x2, x3, ring_w, ring_x, ready, empty, CNT, pid, G, T0, T1, T2,
+                         T3, S0, S1, S2, S3, K0, K1, K2, K3, E0, E1, E2, E3, A1, A2, A3, FIRST, LAST, MODE)),
+        ], [1], [24])  # fmt: skip
 
 
 # -- the host side -------------------------------------------------------------------------------------------------
@@ -323,6 +499,8 @@ class Chain:
 
 def describe(mode: int) -> str:
     """What a MODE leaves out, in words."""
+    if mode & TWO_PRODUCERS:
+        return describe(mode & ~TWO_PRODUCERS) + ", two producers"
     if mode == FULL:
         return "the chain"
     if mode & ~(X_LOADS | PRODUCTS) == 0:
@@ -361,9 +539,11 @@ def measure(model: str, depths: list[int], per_sm: int, bandwidth: float, splits
                  us=time_layers(lambda lw: cublas(x0, lw, bufs, s["inter"]), layers))]  # fmt: skip
     want = reference(x0, layers[0]["w"], s["inter"])
     no_fence = FULL & ~FENCES
-    variants = [(FULL, 1, True), (FULL, 1, False), (FULL, 4, False), (no_fence, 1, True), (no_fence, 4, False),
-                (no_fence & ~TICKETS, 1, True), (X_LOADS | PRODUCTS, 1, False), (X_LOADS, 1, False), (0, 1, False),
-                (0, 4, False)]  # fmt: skip
+    no_fence = FULL & ~FENCES
+    two = TWO_PRODUCERS
+    variants = [(FULL, 1, True), (FULL, 4, False), (FULL | two, 1, True), (no_fence, 1, True),
+                (no_fence | two, 1, True), (no_fence & ~TICKETS | two, 1, True), (X_LOADS | PRODUCTS, 1, False),
+                (X_LOADS | PRODUCTS | two, 1, False), (0, 1, False)]  # fmt: skip
     for depth in depths:
         for mode, launches, ahead in variants:
             chain = Chain(s, depth, ahead, launches, per_sm, splits, mode)
