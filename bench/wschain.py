@@ -63,18 +63,38 @@ X_LOADS, WAITS, PRODUCTS, SIGNALS, TICKETS, FENCES = (1 << i for i in range(6))
 FULL = 63
 # and, not a part but a way: the weights and the activations copied by two producer warps, the weights' never waiting
 TWO_PRODUCERS = 64
-X_LOADS_, WAITS_, PRODUCTS_, SIGNALS_, TICKETS_, FENCES_, TWO_PRODUCERS_ = (gl.constexpr(1 << i) for i in range(7))
+# and a trace: each program's time stamps per phase (see :func:`trace`)
+TRACE = 128
+# and the waits' polls spaced by a sleep (each program's producer polls one counter; the tiles' counts go to it too)
+BACKOFF = 256
+X_LOADS_, WAITS_, PRODUCTS_, SIGNALS_, TICKETS_, FENCES_ = (gl.constexpr(1 << i) for i in range(6))  # (in kernels)
+TWO_PRODUCERS_, TRACE_, BACKOFF_ = gl.constexpr(TWO_PRODUCERS), gl.constexpr(TRACE), gl.constexpr(BACKOFF)
+CNT_STRIDE = 32  # int32s between two counters: each on a line of its own
+CNT_STRIDE_ = gl.constexpr(CNT_STRIDE)
+TRACE_AT = 8 * CNT_STRIDE  # the trace's first int32 in the counters' buffer
+TRACE_AT_ = gl.constexpr(TRACE_AT)
 
 
 @gluon.jit
-def _fence_after_wait(CNT, idx, target):
+def _fence_after_wait(CNT, idx, target, MODE: gl.constexpr):
     """Spin until counter ``idx`` reaches ``target``, then order the TMA copies issued next after what was counted
     (acquiring loads, then a proxy fence: the tiles were written by plain stores, the copies read them by TMA)."""
-    while gl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [CNT + idx], dtype=gl.int32,
+    ptr = CNT + idx * CNT_STRIDE_
+    while gl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [ptr], dtype=gl.int32,
                                     is_pure=False, pack=1) < target:  # fmt: skip
-        pass
-    gl.inline_asm_elementwise("fence.proxy.async.global; mov.u32 $0, 0;", "=r,l", [CNT + idx], dtype=gl.int32,
+        if (MODE & BACKOFF_) != 0:
+            gl.inline_asm_elementwise("nanosleep.u32 128; mov.u32 $0, 0;", "=r,l", [ptr], dtype=gl.int32,
+                                      is_pure=False, pack=1)  # fmt: skip
+    gl.inline_asm_elementwise("fence.proxy.async.global; mov.u32 $0, 0;", "=r,l", [ptr], dtype=gl.int32,
                               is_pure=False, pack=1)  # fmt: skip
+
+
+@gluon.jit
+def _stamp(CNT, pid, P, k):
+    """TRACE: the global timer (ns) as stamp ``k`` of program ``pid`` in phase ``P``: 0 its first stage ready, 1
+    its last task counted, 2 its wait for the phase before over."""
+    t = gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,l", [CNT], dtype=gl.int64, is_pure=False, pack=1)
+    gl.store((CNT + TRACE_AT_).to(gl.pointer_type(gl.int64)) + (pid * 4 + P) * 3 + k, t)
 
 
 @gluon.jit
@@ -105,7 +125,9 @@ def _produce(wdesc, xdesc, ring_w, ring_x, ready, empty, CNT, it, pid, G, tiles,
             mbarrier.expect(ready.index(s), nbytes)  # the slot completes when the activation box lands too
             _tma_load(wdesc, [n0, k0 + i * BK], ready.index(s), ring_w.index(s))
         if WAIT_ON >= 0 and (MODE & WAITS_) != 0:
-            _fence_after_wait(CNT, WAIT_ON, target)
+            _fence_after_wait(CNT, WAIT_ON, target, MODE)
+            if (MODE & TRACE_) != 0:
+                _stamp(CNT, pid, WAIT_ON + 1, 2)
         if X:
             for i in range(pre):
                 s = (it + i) % depth
@@ -149,7 +171,9 @@ def _produce_x(xdesc, ring_x, ready, empty, CNT, it, pid, G, tiles, S, stages, t
     for t in range(pid, tiles * S, G):
         k0 = (t // tiles) * stages * BK
         if WAIT_ON >= 0 and (MODE & WAITS_) != 0:
-            _fence_after_wait(CNT, WAIT_ON, target)
+            _fence_after_wait(CNT, WAIT_ON, target, MODE)
+            if (MODE & TRACE_) != 0:
+                _stamp(CNT, pid, WAIT_ON + 1, 2)
         for i in range(stages):
             j = it + i
             s = j % depth
@@ -211,6 +235,9 @@ def _consume(ring_w, ring_x, ready, empty, OUT, PART, TICK, CNT, it, pid, G, til
             j = it + i
             s = j % depth
             mbarrier.wait(ready.index(s), (j // depth) & 1)
+            if (MODE & TRACE_) != 0:
+                if t == pid and i == 0:
+                    _stamp(CNT, pid, P, 0)
             if (MODE & PRODUCTS_) == 0:
                 mbarrier.arrive(empty.index(s), count=1)
             else:
@@ -232,7 +259,7 @@ def _consume(ring_w, ring_x, ready, empty, OUT, PART, TICK, CNT, it, pid, G, til
                 _fence_gpu(CNT)
             gl.thread_barrier()
             if S == 1 or (MODE & TICKETS_) == 0:
-                gl.atomic_add(CNT + P, 1, sem="release")
+                gl.atomic_add(CNT + P * CNT_STRIDE_, 1, sem="release")
             else:
                 ticket = gl.atomic_add(TICK + P * TMAX_ + tile, 1, sem="acq_rel")
                 if ticket == S - 1:  # the tile's last split: the sum of all of them, in order
@@ -246,7 +273,9 @@ def _consume(ring_w, ring_x, ready, empty, OUT, PART, TICK, CNT, it, pid, G, til
                     if (MODE & FENCES_) != 0:
                         _fence_gpu(CNT)
                     gl.thread_barrier()
-                    gl.atomic_add(CNT + P, 1, sem="release")
+                    gl.atomic_add(CNT + P * CNT_STRIDE_, 1, sem="release")
+        if (MODE & TRACE_) != 0:
+            _stamp(CNT, pid, P, 1)
     return it
 
 
@@ -285,10 +314,10 @@ def _consumer(ring_w, ring_x, ready, empty, O0, O1, O2, O3, N0, N1, N2, N3, PART
     if FIRST <= 3 and LAST >= 3:
         it = _consume(ring_w, ring_x, ready, empty, O3, PART, TICK, CNT, it, pid, G, T3, S3, K3, N3, 3, MODE,
                           num_warps)  # fmt: skip
-    done = gl.atomic_add(CNT + 7, 1, sem="acq_rel")
+    done = gl.atomic_add(CNT + 7 * CNT_STRIDE_, 1, sem="acq_rel")
     if done == G - 1:  # the last program out: every wait of this launch is over, the counters start again at 0
         for i in gl.static_range(8):
-            gl.store(CNT + i, 0)
+            gl.store(CNT + i * CNT_STRIDE_, 0)
 
 
 @gluon.jit
@@ -467,7 +496,7 @@ class Chain:
         done = [t * (1 if mode & TICKETS else sp) for t, sp in zip(self.tiles, self.splits)]
         self.targets = done[:3]
         dev = dict(device="cuda")
-        self.cnt = torch.zeros(8, dtype=torch.int32, **dev)
+        self.cnt = torch.zeros(TRACE_AT + self.G * 4 * 3 * 2, dtype=torch.int32, **dev)
         self.tick = torch.zeros(4 * TMAX, dtype=torch.int32, **dev)
         self.part = torch.empty(max(sp * ROWS * n for (n, _), sp in zip(self.shapes, self.splits)), **dev)
         self.outs = [torch.zeros(ROWS, n, dtype=torch.bfloat16, **dev) for n, _ in self.shapes]
@@ -497,8 +526,33 @@ class Chain:
         return self.outs
 
 
+def trace(chain: Chain, x0desc, lw: dict) -> list[dict]:
+    """One launch of ``chain`` (its mode with TRACE) and, per phase, µs from the launch's first ready stage: when
+    the programs' first stages were ready, when their waits for the phase before were over, and when they counted
+    their last task (min / median / max over the programs that had a task in the phase)."""
+    traced = Chain.__new__(Chain)
+    traced.__dict__.update(chain.__dict__, mode=chain.mode | TRACE)
+    traced(x0desc, lw)
+    torch.cuda.synchronize()
+    st = chain.cnt[TRACE_AT:].view(torch.int64).view(chain.G, 4, 3).cpu().double()
+    t0 = st[:, 0, 0].min()
+    out = []
+    for p, (tiles, sp) in enumerate(zip(chain.tiles, chain.splits)):
+        busy = st[: min(chain.G, tiles * sp), p]
+        row = {"phase": p}
+        for k, name in ((0, "first ready"), (2, "wait over"), (1, "last counted")):
+            if k == 2 and p == 0:
+                continue
+            v = ((busy[:, k] - t0) / 1e3).sort().values
+            row[name] = (v[0].item(), v[len(v) // 2].item(), v[-1].item())
+        out.append(row)
+    return out
+
+
 def describe(mode: int) -> str:
     """What a MODE leaves out, in words."""
+    if mode & BACKOFF:
+        return describe(mode & ~BACKOFF) + ", polls spaced"
     if mode & TWO_PRODUCERS:
         return describe(mode & ~TWO_PRODUCERS) + ", two producers"
     if mode == FULL:
@@ -527,7 +581,8 @@ def cublas(x0: torch.Tensor, lw: dict, bufs: list[torch.Tensor], inter: int) -> 
         x = y[:, :inter] if p == 1 else y
 
 
-def measure(model: str, depths: list[int], per_sm: int, bandwidth: float, splits=None) -> list[dict]:
+def measure(model: str, depths: list[int], per_sm: int, bandwidth: float, splits=None, traces=(),
+            variants=None) -> list[dict]:  # fmt: skip
     s = shapes(model)
     layers = Chain.weights(s, s["layers"])
     floor = sum(n * k * 2 for n, k in chain_shapes(s)) / bandwidth * 1e6
@@ -541,7 +596,7 @@ def measure(model: str, depths: list[int], per_sm: int, bandwidth: float, splits
     no_fence = FULL & ~FENCES
     no_fence = FULL & ~FENCES
     two = TWO_PRODUCERS
-    variants = [(FULL, 1, True), (FULL, 4, False), (FULL | two, 1, True), (no_fence, 1, True),
+    variants = variants or [(FULL, 1, True), (FULL, 4, False), (FULL | two, 1, True), (no_fence, 1, True),
                 (no_fence | two, 1, True), (no_fence & ~TICKETS | two, 1, True), (X_LOADS | PRODUCTS, 1, False),
                 (X_LOADS | PRODUCTS | two, 1, False), (0, 1, False)]  # fmt: skip
     for depth in depths:
@@ -559,6 +614,12 @@ def measure(model: str, depths: list[int], per_sm: int, bandwidth: float, splits
             name = ("one launch" if launches == 1 else "a launch per phase") + (", ahead" if ahead else "")
             name += f": {describe(mode)}"
             us = time_layers(lambda lw, c=chain: c(x0desc, lw), layers)
+            if mode in traces and launches == 1:
+                print(f"trace: {model}, {per_sm} per SM, depth {depth}, {describe(mode)} ({us:.1f} µs per layer); "
+                      "µs from the first ready stage, min / median / max over programs")  # fmt: skip
+                for r in trace(chain, x0desc, layers[-1]):
+                    print(f"  phase {r['phase']}: " + "; ".join(f"{k} {a:.1f} / {b:.1f} / {c:.1f}" for k, (a, b, c)
+                                                               in r.items() if k != "phase"))  # fmt: skip
             rows.append(dict(base, variant=name, depth=depth, splits=chain.splits, launches=launches, ahead=ahead,
                              mode=mode, us=us))  # fmt: skip
     return rows
@@ -572,16 +633,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--depth", default="6,8", help="ring slots (an 8 KB weight box and a 4 KB activation box each)")
     ap.add_argument("--per-sm", default="2", help="programs per SM, comma-separated (all resident)")
     ap.add_argument("--splits", help="splits of K of the four phases (default: one round of the programs)")
+    ap.add_argument("--modes", help="variants as MODE:launches (ints), comma-separated (default: the parts)")
+    ap.add_argument("--trace", default="", help="modes (ints, comma-separated) to trace once after timing")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     bandwidth = copy_bandwidth()
     splits = [int(v) for v in args.splits.split(",")] if args.splits else None
+    traces = {int(v) for v in args.trace.split(",") if v}
+    variants = None
+    if args.modes:
+        variants = [(int(m), int(n), True) for m, n in (v.split(":") for v in args.modes.split(","))]
     rows = []
     for model in args.model.split(","):
         for per_sm in (int(v) for v in args.per_sm.split(",")):
             depths = [d for d in (int(v) for v in args.depth.split(",")) if (d * 12 + 1) * 1024 * per_sm <= SHARED]
             try:
-                rows += measure(model, depths, per_sm, bandwidth, splits)
+                rows += measure(model, depths, per_sm, bandwidth, splits, traces, variants)
             except Exception as exc:  # noqa: BLE001 (one model's failure leaves the others' rows)
                 print(f"!! {model} per_sm {per_sm}: {type(exc).__name__}: {exc}", flush=True)
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; µs per layer: O, gate/up, down, Q/K/V of a decode layer, "
