@@ -618,8 +618,8 @@ def measure(model: str, depths: list[int], per_sm: int, bandwidth: float, splits
                 print(f"trace: {model}, {per_sm} per SM, depth {depth}, {describe(mode)} ({us:.1f} µs per layer); "
                       "µs from the first ready stage, min / median / max over programs")  # fmt: skip
                 for r in trace(chain, x0desc, layers[-1]):
-                    print(f"  phase {r['phase']}: " + "; ".join(f"{k} {a:.1f} / {b:.1f} / {c:.1f}" for k, (a, b, c)
-                                                               in r.items() if k != "phase"))  # fmt: skip
+                    parts = [f"{k} {v[0]:.1f} / {v[1]:.1f} / {v[2]:.1f}" for k, v in r.items() if k != "phase"]
+                    print(f"  phase {r['phase']}: " + "; ".join(parts))
             rows.append(dict(base, variant=name, depth=depth, splits=chain.splits, launches=launches, ahead=ahead,
                              mode=mode, us=us))  # fmt: skip
     return rows
