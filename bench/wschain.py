@@ -67,8 +67,11 @@ TWO_PRODUCERS = 64
 TRACE = 128
 # and the waits' polls spaced by a sleep (each program's producer polls one counter; the tiles' counts go to it too)
 BACKOFF = 256
+# and each program's K boxes in an order rotated by its index (programs in step read different activation boxes)
+ROTATE = 512
 X_LOADS_, WAITS_, PRODUCTS_, SIGNALS_, TICKETS_, FENCES_ = (gl.constexpr(1 << i) for i in range(6))  # (in kernels)
 TWO_PRODUCERS_, TRACE_, BACKOFF_ = gl.constexpr(TWO_PRODUCERS), gl.constexpr(TRACE), gl.constexpr(BACKOFF)
+ROTATE_ = gl.constexpr(ROTATE)
 CNT_STRIDE = 32  # int32s between two counters: each on a line of its own
 CNT_STRIDE_ = gl.constexpr(CNT_STRIDE)
 TRACE_AT = 8 * CNT_STRIDE  # the trace's first int32 in the counters' buffer
@@ -118,12 +121,15 @@ def _produce(wdesc, xdesc, ring_w, ring_x, ready, empty, CNT, it, pid, G, tiles,
     for t in range(pid, tiles * S, G):
         n0 = (t % tiles) * BN
         k0 = (t // tiles) * stages * BK
+        rot = pid * 0
+        if (MODE & ROTATE_) != 0:  # programs in step read different K boxes
+            rot = pid % stages
         for i in range(pre):
             j = it + i
             s = j % depth
             mbarrier.wait(empty.index(s), ((j // depth) & 1) ^ 1)  # a fresh barrier counts as freed once
             mbarrier.expect(ready.index(s), nbytes)  # the slot completes when the activation box lands too
-            _tma_load(wdesc, [n0, k0 + i * BK], ready.index(s), ring_w.index(s))
+            _tma_load(wdesc, [n0, k0 + ((i + rot) % stages) * BK], ready.index(s), ring_w.index(s))
         if WAIT_ON >= 0 and (MODE & WAITS_) != 0:
             _fence_after_wait(CNT, WAIT_ON, target, MODE)
             if (MODE & TRACE_) != 0:
@@ -131,21 +137,21 @@ def _produce(wdesc, xdesc, ring_w, ring_x, ready, empty, CNT, it, pid, G, tiles,
         if X:
             for i in range(pre):
                 s = (it + i) % depth
-                _tma_load(xdesc, [0, k0 + i * BK], ready.index(s), ring_x.index(s))
+                _tma_load(xdesc, [0, k0 + ((i + rot) % stages) * BK], ready.index(s), ring_x.index(s))
         for i in range(pre, stages):
             j = it + i
             s = j % depth
             mbarrier.wait(empty.index(s), ((j // depth) & 1) ^ 1)
             mbarrier.expect(ready.index(s), nbytes)
             if X:
-                _tma_load(xdesc, [0, k0 + i * BK], ready.index(s), ring_x.index(s))
-            _tma_load(wdesc, [n0, k0 + i * BK], ready.index(s), ring_w.index(s))
+                _tma_load(xdesc, [0, k0 + ((i + rot) % stages) * BK], ready.index(s), ring_x.index(s))
+            _tma_load(wdesc, [n0, k0 + ((i + rot) % stages) * BK], ready.index(s), ring_w.index(s))
         it += stages
     return it
 
 
 @gluon.jit
-def _produce_w(wdesc, ring_w, ready, empty, it, pid, G, tiles, S, stages):
+def _produce_w(wdesc, ring_w, ready, empty, it, pid, G, tiles, S, stages, MODE: gl.constexpr):
     """TWO_PRODUCERS: one phase's weight boxes for this program, each as soon as its slot is free; never waits for
     another phase, so the stream runs the ring's depth ahead across tasks and phases alike."""
     depth: gl.constexpr = ring_w.type.shape[0]
@@ -153,12 +159,15 @@ def _produce_w(wdesc, ring_w, ready, empty, it, pid, G, tiles, S, stages):
     for t in range(pid, tiles * S, G):
         n0 = (t % tiles) * BN
         k0 = (t // tiles) * stages * BK
+        rot = pid * 0
+        if (MODE & ROTATE_) != 0:  # programs in step read different K boxes
+            rot = pid % stages
         for i in range(stages):
             j = it + i
             s = j % depth
             mbarrier.wait(empty.index(s), ((j // depth) & 1) ^ 1)
             mbarrier.expect(ready.index(s), wdesc.block_type.nbytes)  # one of the slot's two arrivals
-            _tma_load(wdesc, [n0, k0 + i * BK], ready.index(s), ring_w.index(s))
+            _tma_load(wdesc, [n0, k0 + ((i + rot) % stages) * BK], ready.index(s), ring_w.index(s))
         it += stages
     return it
 
@@ -170,6 +179,9 @@ def _produce_x(xdesc, ring_x, ready, empty, CNT, it, pid, G, tiles, S, stages, t
     depth: gl.constexpr = ring_x.type.shape[0]
     for t in range(pid, tiles * S, G):
         k0 = (t // tiles) * stages * BK
+        rot = pid * 0
+        if (MODE & ROTATE_) != 0:  # programs in step read different K boxes
+            rot = pid % stages
         if WAIT_ON >= 0 and (MODE & WAITS_) != 0:
             _fence_after_wait(CNT, WAIT_ON, target, MODE)
             if (MODE & TRACE_) != 0:
@@ -179,23 +191,23 @@ def _produce_x(xdesc, ring_x, ready, empty, CNT, it, pid, G, tiles, S, stages, t
             s = j % depth
             mbarrier.wait(empty.index(s), ((j // depth) & 1) ^ 1)
             mbarrier.expect(ready.index(s), xdesc.block_type.nbytes)
-            _tma_load(xdesc, [0, k0 + i * BK], ready.index(s), ring_x.index(s))
+            _tma_load(xdesc, [0, k0 + ((i + rot) % stages) * BK], ready.index(s), ring_x.index(s))
         it += stages
     return it
 
 
 @gluon.jit
 def _producer_w(w0, w1, w2, w3, ring_w, ready, empty, pid, G, T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3,
-                FIRST: gl.constexpr, LAST: gl.constexpr):  # fmt: skip
+                FIRST: gl.constexpr, LAST: gl.constexpr, MODE: gl.constexpr):  # fmt: skip
     it = pid * 0
     if FIRST <= 0 and LAST >= 0:
-        it = _produce_w(w0, ring_w, ready, empty, it, pid, G, T0, S0, K0)
+        it = _produce_w(w0, ring_w, ready, empty, it, pid, G, T0, S0, K0, MODE)
     if FIRST <= 1 and LAST >= 1:
-        it = _produce_w(w1, ring_w, ready, empty, it, pid, G, T1, S1, K1)
+        it = _produce_w(w1, ring_w, ready, empty, it, pid, G, T1, S1, K1, MODE)
     if FIRST <= 2 and LAST >= 2:
-        it = _produce_w(w2, ring_w, ready, empty, it, pid, G, T2, S2, K2)
+        it = _produce_w(w2, ring_w, ready, empty, it, pid, G, T2, S2, K2, MODE)
     if FIRST <= 3 and LAST >= 3:
-        it = _produce_w(w3, ring_w, ready, empty, it, pid, G, T3, S3, K3)
+        it = _produce_w(w3, ring_w, ready, empty, it, pid, G, T3, S3, K3, MODE)
 
 
 @gluon.jit
@@ -341,111 +353,14 @@ def _chain_kernel(w0, w1, w2, w3, x0, x1, x2, x3, O0, O1, O2, O3, N0, N1, N2, N3
         mbarrier.init(ready.index(i), count=2 if TWO else 1)
         mbarrier.init(empty.index(i), count=1)
     if TWO:
-        gl.warp_specialize(
-            [
-                (
-                    _consumer,
-                    (
-                        ring_w,
-                        ring_x,
-                        ready,
-                        empty,
-                        O0,
-                        O1,
-                        O2,
-                        O3,
-                        N0,
-                        N1,
-                        N2,
-                        N3,
-                        PART,
-                        TICK,
-                        CNT,
-                        pid,
-                        G,
-                        T0,
-                        T1,
-                        T2,
-                        T3,
-                        S0,
-                        S1,
-                        S2,
-                        S3,
-                        K0,
-                        K1,
-                        K2,
-                        K3,
-                        FIRST,
-                        LAST,
-                        MODE,
-                        num_warps,
-                    ),
-                ),
-                (
-                    _producer_w,
-                    (
-                        w0,
-                        w1,
-                        w2,
-                        w3,
-                        ring_w,
-                        ready,
-                        empty,
-                        pid,
-                        G,
-                        T0,
-                        T1,
-                        T2,
-                        T3,
-                        S0,
-                        S1,
-                        S2,
-                        S3,
-                        K0,
-                        K1,
-                        K2,
-                        K3,
-                        FIRST,
-                        LAST,
-                    ),
-                ),
-                (
-                    _producer_x,
-                    (
-                        x0,
-                        x1,
-                        x2,
-                        x3,
-                        ring_x,
-                        ready,
-                        empty,
-                        CNT,
-                        pid,
-                        G,
-                        T0,
-                        T1,
-                        T2,
-                        T3,
-                        S0,
-                        S1,
-                        S2,
-                        S3,
-                        K0,
-                        K1,
-                        K2,
-                        K3,
-                        A1,
-                        A2,
-                        A3,
-                        FIRST,
-                        LAST,
-                        MODE,
-                    ),
-                ),
-            ],
-            [1, 1],
-            [24, 24],
-        )
+        gl.warp_specialize([
+            (_consumer, (ring_w, ring_x, ready, empty, O0, O1, O2, O3, N0, N1, N2, N3, PART, TICK, CNT, pid, G,
+                         T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, FIRST, LAST, MODE, num_warps)),
+            (_producer_w, (w0, w1, w2, w3, ring_w, ready, empty, pid, G, T0, T1, T2, T3, S0, S1, S2, S3,
+                           K0, K1, K2, K3, FIRST, LAST, MODE)),
+            (_producer_x, (x0, x1, x2, x3, ring_x, ready, empty, CNT, pid, G, T0, T1, T2, T3, S0, S1, S2, S3,
+                           K0, K1, K2, K3, A1, A2, A3, FIRST, LAST, MODE)),
+        ], [1, 1], [24, 24])  # fmt: skip
     else:
         gl.warp_specialize([
             (_consumer, (ring_w, ring_x, ready, empty, O0, O1, O2, O3, N0, N1, N2, N3, PART, TICK, CNT, pid, G,
@@ -534,16 +449,20 @@ def trace(chain: Chain, x0desc, lw: dict) -> list[dict]:
     traced.__dict__.update(chain.__dict__, mode=chain.mode | TRACE)
     traced(x0desc, lw)
     torch.cuda.synchronize()
-    st = chain.cnt[TRACE_AT:].view(torch.int64).view(chain.G, 4, 3).cpu().double()
-    t0 = st[:, 0, 0].min()
+    return trace_rows(chain.cnt[TRACE_AT:].view(torch.int64).view(chain.G, 4, 3).cpu(), chain.tiles, chain.splits)
+
+
+def trace_rows(st: torch.Tensor, tiles: list[int], splits: list[int]) -> list[dict]:
+    """:func:`trace`'s figures from the stamps ``[programs, 4 phases, 3]`` (ns)."""
+    t0 = st[: min(len(st), tiles[0] * splits[0]), 0, 0].min()
     out = []
-    for p, (tiles, sp) in enumerate(zip(chain.tiles, chain.splits)):
-        busy = st[: min(chain.G, tiles * sp), p]
+    for p, (t, sp) in enumerate(zip(tiles, splits)):
+        busy = st[: min(len(st), t * sp), p]
         row = {"phase": p}
         for k, name in ((0, "first ready"), (2, "wait over"), (1, "last counted")):
             if k == 2 and p == 0:
                 continue
-            v = ((busy[:, k] - t0) / 1e3).sort().values
+            v = ((busy[:, k] - t0).double() / 1e3).sort().values
             row[name] = (v[0].item(), v[len(v) // 2].item(), v[-1].item())
         out.append(row)
     return out
@@ -551,12 +470,16 @@ def trace(chain: Chain, x0desc, lw: dict) -> list[dict]:
 
 def describe(mode: int) -> str:
     """What a MODE leaves out, in words."""
+    if mode & ROTATE:
+        return describe(mode & ~ROTATE) + ", K rotated"
     if mode & BACKOFF:
         return describe(mode & ~BACKOFF) + ", polls spaced"
     if mode & TWO_PRODUCERS:
         return describe(mode & ~TWO_PRODUCERS) + ", two producers"
     if mode == FULL:
         return "the chain"
+    if mode == FULL & ~FENCES & ~TICKETS & ~X_LOADS:
+        return "the chain without fences, tickets, activations' copies"
     if mode & ~(X_LOADS | PRODUCTS) == 0:
         parts = ["weights"] + (["activations"] if mode & X_LOADS else []) + (["products"] if mode & PRODUCTS else [])
         return " + ".join(parts) + " only (no waits, no stores)"
