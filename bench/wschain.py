@@ -512,7 +512,7 @@ def measure(model: str, depths: list[int], per_sm: int, bandwidth: float, splits
     x0 = torch.randn(ROWS, s["dq"], device="cuda", dtype=torch.bfloat16)
     x0desc = TensorDescriptor.from_tensor(x0, [ROWS, TILE[1]], _layout([ROWS, TILE[1]]))
     bufs = [torch.empty(ROWS, n, device="cuda", dtype=torch.bfloat16) for n, _ in chain_shapes(s)]
-    base = dict(model=model, rows=ROWS, floor_us=floor, per_sm=per_sm)
+    base = dict(model=model, rows=ROWS, floor_us=floor, per_sm=per_sm, bn=TILE[0])
     rows = [dict(base, variant="cuBLAS, a call per GEMM",
                  us=time_layers(lambda lw: cublas(x0, lw, bufs, s["inter"]), layers))]  # fmt: skip
     want = reference(x0, layers[0]["w"], s["inter"])
@@ -540,7 +540,7 @@ def measure(model: str, depths: list[int], per_sm: int, bandwidth: float, splits
             if mode in traces and launches == 1:
                 print(f"trace: {model}, {per_sm} per SM, depth {depth}, {describe(mode)} ({us:.1f} µs per layer); "
                       "µs from the first ready stage, min / median / max over programs")  # fmt: skip
-                for r in trace(chain, x0desc, layers[-1]):
+                for r in trace(chain, x0desc, layers[0]):  # (the graph went through every layer since: cold)
                     parts = [f"{k} {v[0]:.1f} / {v[1]:.1f} / {v[2]:.1f}" for k, v in r.items() if k != "phase"]
                     print(f"  phase {r['phase']}: " + "; ".join(parts))
             rows.append(dict(base, variant=name, depth=depth, splits=chain.splits, launches=launches, ahead=ahead,
@@ -549,6 +549,7 @@ def measure(model: str, depths: list[int], per_sm: int, bandwidth: float, splits
 
 
 def main(argv: list[str] | None = None) -> int:
+    global TILE
     from .run import copy_bandwidth
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -556,10 +557,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--depth", default="6,8", help="ring slots (an 8 KB weight box and a 4 KB activation box each)")
     ap.add_argument("--per-sm", default="2", help="programs per SM, comma-separated (all resident)")
     ap.add_argument("--splits", help="splits of K of the four phases (default: one round of the programs)")
+    ap.add_argument("--bn", type=int, default=TILE[0], help="weight rows per tile (64 or 128)")
     ap.add_argument("--modes", help="variants as MODE:launches (ints), comma-separated (default: the parts)")
     ap.add_argument("--trace", default="", help="modes (ints, comma-separated) to trace once after timing")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    TILE = (args.bn, TILE[1])
     bandwidth = copy_bandwidth()
     splits = [int(v) for v in args.splits.split(",")] if args.splits else None
     traces = {int(v) for v in args.trace.split(",") if v}
@@ -569,17 +572,19 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for model in args.model.split(","):
         for per_sm in (int(v) for v in args.per_sm.split(",")):
-            depths = [d for d in (int(v) for v in args.depth.split(",")) if (d * 12 + 1) * 1024 * per_sm <= SHARED]
+            slot = (TILE[0] + ROWS) * TILE[1] * 2
+            depths = [d for d in (int(v) for v in args.depth.split(",")) if (d * slot + 1024) * per_sm <= SHARED]
             try:
                 rows += measure(model, depths, per_sm, bandwidth, splits, traces, variants)
             except Exception as exc:  # noqa: BLE001 (one model's failure leaves the others' rows)
                 print(f"!! {model} per_sm {per_sm}: {type(exc).__name__}: {exc}", flush=True)
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; µs per layer: O, gate/up, down, Q/K/V of a decode layer, "
           f"{ROWS} rows")  # fmt: skip
-    print("| model | programs per SM | depth | splits | variant | µs | / floor |\n|---|---|---|---|---|---|---|")
+    print("| model | programs per SM | weight rows per tile | depth | splits | variant | µs | / floor |\n"
+          "|---|---|---|---|---|---|---|---|")  # fmt: skip
     for r in rows:
-        print(f"| {r['model']} | {r['per_sm']} | {r.get('depth', '')} | {r.get('splits', '')} | {r['variant']} | "
-              f"{r['us']:.1f} | {r['us'] / r['floor_us']:.2f}× |")  # fmt: skip
+        print(f"| {r['model']} | {r['per_sm']} | {r['bn']} | {r.get('depth', '')} | {r.get('splits', '')} | "
+              f"{r['variant']} | {r['us']:.1f} | {r['us'] / r['floor_us']:.2f}× |")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(bandwidth=bandwidth, device=torch.cuda.get_device_name(), rows=rows), f, indent=1)
