@@ -49,6 +49,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from .ring import shapes, time_layers
 
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # (3.9's name)
 
 ROWS = 32  # a decode step's sequences
 TILE = (64, 64)  # weight rows x K per box (8 KB); the activation box is [ROWS, 64]
@@ -269,7 +270,7 @@ def _consume(ring_w, ring_x, ready, empty, OUT, PART, TICK, CNT, it, pid, G, til
                 gl.store(PART + split * R * N + tile * BN + offs, acc)
             if (MODE & FENCES_) != 0:
                 _fence_gpu(CNT)
-            gl.thread_barrier()
+            _barrier()
             if S == 1 or (MODE & TICKETS_) == 0:
                 gl.atomic_add(CNT + P * CNT_STRIDE_, 1, sem="release")
             else:
@@ -284,7 +285,7 @@ def _consume(ring_w, ring_x, ready, empty, OUT, PART, TICK, CNT, it, pid, G, til
                     gl.store(TICK + P * TMAX_ + tile, 0)  # for the next launch
                     if (MODE & FENCES_) != 0:
                         _fence_gpu(CNT)
-                    gl.thread_barrier()
+                    _barrier()
                     gl.atomic_add(CNT + P * CNT_STRIDE_, 1, sem="release")
         if (MODE & TRACE_) != 0:
             _stamp(CNT, pid, P, 1)

@@ -412,3 +412,23 @@ def test_the_attention_table_picks_the_fastest_equal_decode_variant():
     ]
     row = table(results, "card").splitlines()[-1]
     assert row == "| 32 | 512 | 10.0 | 14.0 (2) | 11.0 (4, (64, 4, 3)) | 1.10× | 40.0 | False |"
+
+
+def test_the_chain_bench_splits_and_reads_its_trace():
+    """bench.wschain's host side: the splits fill one round of the programs, and a trace's stamps become µs from
+    the first ready stage over the programs that had a task in each phase (the others' stamps are left out)."""
+    torch = pytest.importorskip("torch")
+    wschain = pytest.importorskip("bench.wschain")
+
+    assert wschain.splits_for(2048, 2048, 132) == 4  # 32 tiles x 4 = 128 tasks <= 132
+    assert wschain.splits_for(16384, 2048, 132) == 1  # 256 tiles: already more than one round
+    assert wschain.splits_for(2048, 256, 528) == 2  # never under two boxes of K a split
+    st = torch.zeros(6, 4, 3, dtype=torch.int64) + 1_795_975_307_409_677_000  # as large as the global timer's
+    st[:, :, 1] += 5_000
+    st[:, 1, 0] += 7_000
+    st[1, 0, 0] -= 250
+    st[4:, 0] = 0  # programs 4 and 5 had no task in phase 0
+    rows = wschain.trace_rows(st, tiles=[2, 6, 1, 1], splits=[2, 1, 1, 1])
+    assert rows[0] == {"phase": 0, "first ready": (0.0, 0.25, 0.25), "last counted": (5.25, 5.25, 5.25)}
+    assert rows[1]["first ready"] == (7.25, 7.25, 7.25) and rows[1]["wait over"] == (0.25, 0.25, 0.25)
+    assert rows[2]["last counted"] == (5.25, 5.25, 5.25) and "wait over" in rows[3]

@@ -138,3 +138,35 @@ def test_the_split_projection_compiles(rows, bn, dtype):
     assert f"wgmma.mma_async.sync.aligned.m64n{rows}k16.f32.{ptx_type}.{ptx_type}" in ptx
     assert "cp.async.bulk.tensor" in ptx and f".maxnreg {P.MAXNREG}" in ptx
     assert "setmaxnreg.dec.sync.aligned.u32 \t24" in ptx
+
+
+@pytest.mark.parametrize("mode", ["full", "two producers, traced, spaced polls, rotated"])
+def test_the_chain_bench_compiles(mode):
+    """bench.wschain (the megakernel's second gate) lowers for sm_90 in the variants it times: the producer's wait
+    acquires (and fences the TMA proxy after it), the tiles' counts release, the register budget is given back."""
+    import torch
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    from bench import wschain as C
+
+    bits = C.FULL | (C.TWO_PRODUCERS | C.TRACE | C.BACKOFF | C.ROTATE if mode != "full" else 0)
+    w, x = torch.empty(2048, 2048, dtype=torch.bfloat16), torch.empty(32, 2048, dtype=torch.bfloat16)
+    wdesc = C.TensorDescriptor.from_tensor(w, list(C.TILE), C._layout(list(C.TILE)))
+    xdesc = C.TensorDescriptor.from_tensor(x, [C.ROWS, C.TILE[1]], C._layout([C.ROWS, C.TILE[1]]))
+    fn = C._chain_kernel
+    consts = {"FIRST": 0, "LAST": 3, "DEPTH": 8, "MODE": bits, "num_warps": 4}
+    args = [wdesc] * 4 + [xdesc] * 4 + [torch.empty(32, 2048, dtype=torch.bfloat16)] * 4 + [2048] * 4 + [32] * 4
+    args += [4] * 4 + [8] * 4 + [8] * 4 + [32] * 3  # splits, stages, boxes before the wait, wait targets
+    counts = torch.empty(8, dtype=torch.int32)
+    args += [torch.empty(8), counts, counts, 132, 0, 3, 8, bits, 4]  # partials, tickets, counters, programs, ...
+    signature = {n: "constexpr" if n in consts else mangle_type(a) for n, a in zip(fn.arg_names, args)}
+    source = GluonASTSource(fn, signature, constexprs={(fn.arg_names.index(n),): v for n, v in consts.items()})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ptx = triton.compile(source, target=TARGET, options={"num_warps": 4, "maxnreg": 128}).asm["ptx"]
+    assert "ld.acquire.gpu.global.b32" in ptx and "fence.proxy.async.global" in ptx
+    assert "global.gpu.release.add" in ptx  # the tiles' counts (an atom, or a red where the result goes unused)
+    assert "atom.global.gpu.acq_rel.add" in ptx  # the tickets
+    assert "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16" in ptx and "setmaxnreg.dec" in ptx
+    assert ("globaltimer" in ptx) == (mode != "full") and ("nanosleep" in ptx) == (mode != "full")
