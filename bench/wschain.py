@@ -109,6 +109,32 @@ def _fence_gpu(CNT):
 
 
 @gluon.jit
+def _task(t, pid, tiles, stages, BN: gl.constexpr, MODE: gl.constexpr):
+    """Task ``t`` of a phase: its first weight row, its first K column, and how far its K boxes are rotated
+    (ROTATE: by the program's index, so that programs in step read different boxes; else 0)."""
+    rot = pid * 0
+    if (MODE & ROTATE_) != 0:
+        rot = pid % stages
+    return (t % tiles) * BN, (t // tiles) * stages * BK, rot
+
+
+@gluon.jit
+def _k(k0, i, rot, stages):
+    """The K column of a task's stage ``i``."""
+    return k0 + ((i + rot) % stages) * BK
+
+
+@gluon.jit
+def _wait_for(CNT, pid, target, WAIT_ON: gl.constexpr, MODE: gl.constexpr):
+    """A task's wait for ``target`` counts of phase WAIT_ON (none for the launch's first phase, or without WAITS),
+    stamped when over (TRACE)."""
+    if WAIT_ON >= 0 and (MODE & WAITS_) != 0:
+        _fence_after_wait(CNT, WAIT_ON, target, MODE)
+        if (MODE & TRACE_) != 0:
+            _stamp(CNT, pid, WAIT_ON + 1, 2)
+
+
+@gluon.jit
 def _produce(wdesc, xdesc, ring_w, ring_x, ready, empty, CNT, it, pid, G, tiles, S, stages, pre, target,
              WAIT_ON: gl.constexpr, MODE: gl.constexpr):  # fmt: skip
     """One phase's copies for this program: for each task, the weight boxes of its first ``pre`` stages, then (if
@@ -120,33 +146,26 @@ def _produce(wdesc, xdesc, ring_w, ring_x, ready, empty, CNT, it, pid, G, tiles,
     XB: gl.constexpr = xdesc.block_type.nbytes if X else 0
     nbytes: gl.constexpr = wdesc.block_type.nbytes + XB
     for t in range(pid, tiles * S, G):
-        n0 = (t % tiles) * BN
-        k0 = (t // tiles) * stages * BK
-        rot = pid * 0
-        if (MODE & ROTATE_) != 0:  # programs in step read different K boxes
-            rot = pid % stages
+        n0, k0, rot = _task(t, pid, tiles, stages, BN, MODE)
         for i in range(pre):
             j = it + i
             s = j % depth
             mbarrier.wait(empty.index(s), ((j // depth) & 1) ^ 1)  # a fresh barrier counts as freed once
             mbarrier.expect(ready.index(s), nbytes)  # the slot completes when the activation box lands too
-            _tma_load(wdesc, [n0, k0 + ((i + rot) % stages) * BK], ready.index(s), ring_w.index(s))
-        if WAIT_ON >= 0 and (MODE & WAITS_) != 0:
-            _fence_after_wait(CNT, WAIT_ON, target, MODE)
-            if (MODE & TRACE_) != 0:
-                _stamp(CNT, pid, WAIT_ON + 1, 2)
+            _tma_load(wdesc, [n0, _k(k0, i, rot, stages)], ready.index(s), ring_w.index(s))
+        _wait_for(CNT, pid, target, WAIT_ON, MODE)
         if X:
             for i in range(pre):
                 s = (it + i) % depth
-                _tma_load(xdesc, [0, k0 + ((i + rot) % stages) * BK], ready.index(s), ring_x.index(s))
+                _tma_load(xdesc, [0, _k(k0, i, rot, stages)], ready.index(s), ring_x.index(s))
         for i in range(pre, stages):
             j = it + i
             s = j % depth
             mbarrier.wait(empty.index(s), ((j // depth) & 1) ^ 1)
             mbarrier.expect(ready.index(s), nbytes)
             if X:
-                _tma_load(xdesc, [0, k0 + ((i + rot) % stages) * BK], ready.index(s), ring_x.index(s))
-            _tma_load(wdesc, [n0, k0 + ((i + rot) % stages) * BK], ready.index(s), ring_w.index(s))
+                _tma_load(xdesc, [0, _k(k0, i, rot, stages)], ready.index(s), ring_x.index(s))
+            _tma_load(wdesc, [n0, _k(k0, i, rot, stages)], ready.index(s), ring_w.index(s))
         it += stages
     return it
 
@@ -158,17 +177,13 @@ def _produce_w(wdesc, ring_w, ready, empty, it, pid, G, tiles, S, stages, MODE: 
     depth: gl.constexpr = ring_w.type.shape[0]
     BN: gl.constexpr = wdesc.block_type.shape[0]
     for t in range(pid, tiles * S, G):
-        n0 = (t % tiles) * BN
-        k0 = (t // tiles) * stages * BK
-        rot = pid * 0
-        if (MODE & ROTATE_) != 0:  # programs in step read different K boxes
-            rot = pid % stages
+        n0, k0, rot = _task(t, pid, tiles, stages, BN, MODE)
         for i in range(stages):
             j = it + i
             s = j % depth
             mbarrier.wait(empty.index(s), ((j // depth) & 1) ^ 1)
             mbarrier.expect(ready.index(s), wdesc.block_type.nbytes)  # one of the slot's two arrivals
-            _tma_load(wdesc, [n0, k0 + ((i + rot) % stages) * BK], ready.index(s), ring_w.index(s))
+            _tma_load(wdesc, [n0, _k(k0, i, rot, stages)], ready.index(s), ring_w.index(s))
         it += stages
     return it
 
@@ -179,20 +194,14 @@ def _produce_x(xdesc, ring_x, ready, empty, CNT, it, pid, G, tiles, S, stages, t
     """TWO_PRODUCERS: one phase's activation boxes for this program, after the wait for the phase before."""
     depth: gl.constexpr = ring_x.type.shape[0]
     for t in range(pid, tiles * S, G):
-        k0 = (t // tiles) * stages * BK
-        rot = pid * 0
-        if (MODE & ROTATE_) != 0:  # programs in step read different K boxes
-            rot = pid % stages
-        if WAIT_ON >= 0 and (MODE & WAITS_) != 0:
-            _fence_after_wait(CNT, WAIT_ON, target, MODE)
-            if (MODE & TRACE_) != 0:
-                _stamp(CNT, pid, WAIT_ON + 1, 2)
+        _, k0, rot = _task(t, pid, tiles, stages, 0, MODE)
+        _wait_for(CNT, pid, target, WAIT_ON, MODE)
         for i in range(stages):
             j = it + i
             s = j % depth
             mbarrier.wait(empty.index(s), ((j // depth) & 1) ^ 1)
             mbarrier.expect(ready.index(s), xdesc.block_type.nbytes)
-            _tma_load(xdesc, [0, k0 + ((i + rot) % stages) * BK], ready.index(s), ring_x.index(s))
+            _tma_load(xdesc, [0, _k(k0, i, rot, stages)], ready.index(s), ring_x.index(s))
         it += stages
     return it
 
