@@ -22,16 +22,24 @@ own:
 
 Variants, every layer with its own weights in one CUDA graph (µs per layer; the floor is the four weights at the
 copy bandwidth measured in the same run):
-- ``one launch, ahead`` / ``one launch, wait first``: the four phases in one launch;
+- ``one launch`` (``ahead`` or not): the four phases in one launch;
 - ``a launch per phase``: the same kernel, one phase per launch (the per-op structure with the same GEMM);
-- ``cuBLAS``: four ``torch.mm`` per layer.
+- ``cuBLAS``: four ``torch.mm`` per layer;
+- ``MODE`` flags (``--modes MODE:launches,...``; :data:`FULL` is the chain) take parts away (the activations'
+  copies, the waits, the products, the stores and counts, the tickets, the per-thread fences) or change the way:
+  ``TWO_PRODUCERS`` (the weights' producer never waits), ``BACKOFF`` (spaced polls), ``ROTATE`` (K orders per
+  program); ``TRACE`` (``--trace``) stamps each program's phases with the global timer; ``--bn 128`` takes 128-row
+  weight tiles.
 
-Each kernel variant is first checked against torch (each phase's bf16 output within 2 % of its largest value), twice
-(the tickets and counters reset themselves).
+Each variant with tickets is first checked against torch (each phase's bf16 output within 2 % of its largest
+value), twice (the tickets and counters reset themselves).
 
     python -m bench.wschain --model llama-1b,mistral-3b --depth 6,8 --json out.json
 
-It needs Gluon as Triton 3.6 spells it (the card's) and a Hopper card.
+Session 25 (docs/benchmarks.md): one launch streams a layer's weights at 1.06-1.07x the floor (1.27-1.45x with a
+launch per phase), and with every activation and product at 1.07-1.09x while nothing waits; with the waits, counts
+and tickets the chain is 1.47-1.87x, no faster than cuBLAS per GEMM. It needs a Hopper card and Triton's Gluon (3.6
+on the card; CI compiles it with 3.9).
 """
 
 from __future__ import annotations
