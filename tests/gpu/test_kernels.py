@@ -1,7 +1,9 @@
 """Triton kernels against the plain-torch reference: bf16 and fp32, odd lengths, GQA, block boundaries.
 
 Runs on CUDA; on a CPU machine, ``TRITON_INTERPRET=1 python -m pytest tests/gpu/test_kernels.py`` runs the same
-checks through Triton's interpreter (slow, but it checks the kernels' logic).
+checks through Triton's interpreter (slow, but it checks the kernels' logic), except the bf16 cases of the kernels
+that do arithmetic in bf16 (:data:`BF16_ARITHMETIC`): Triton 3.9's interpreter computes bf16 arithmetic on the raw
+bits (two bf16 tiles' ``x * w`` gives values near 1e37), so those run on the card only.
 
 Tolerances: fp32 kernels use IEEE dot products, so they agree with the reference to ~1e-5; bf16 inputs are
 compared with atol/rtol 2e-2 (bf16 has 8 mantissa bits; the kernels accumulate in fp32, the reference in bf16 SDPA).
@@ -42,6 +44,23 @@ from acb.sampling import flag_non_finite  # noqa: E402
 from acb.step_inputs import step_indices_torch  # noqa: E402
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+# tests whose kernels multiply or add bf16 values as bf16 (a norm's weight, a dot of raw bf16 tiles, rotary on bf16
+# rows): their bf16 cases fail under Triton 3.9's interpreter whatever the kernel does (see the module's docstring)
+BF16_ARITHMETIC = {
+    "test_add_rmsnorm_and_silu_mul", "test_add_rmsnorm_sums_a_split_projections_partials",
+    "test_add_rmsnorm_with_a_pre_norm_equals_the_two_norms", "test_decode_matches_reference",
+    "test_decode_with_another_tile_matches_reference", "test_decode_with_qk_norm_equals_the_norms_then_rope_and_decode",
+    "test_prefill_matches_reference_on_mixed_steps", "test_rotary_equals_transformers_apply_rotary_pos_emb",
+    "test_gate_up_act_equals_the_projection_then_the_activation",
+}  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _bf16_on_the_card_only(request):
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    if DEVICE == "cpu" and params.get("dtype") == torch.bfloat16 and request.node.originalname in BF16_ARITHMETIC:
+        pytest.skip("Triton 3.9's interpreter computes bf16 arithmetic on the raw bits: bf16 runs on the card")
 
 
 def _setup(ctx_lens, new, heads, kv_heads, dim, bs, dtype, seed=0):
@@ -360,8 +379,6 @@ def test_rope_and_cache_write(dtype, dim):
 def test_gate_up_act_equals_the_projection_then_the_activation(dtype, activation, hidden, inter, rows):
     """The decode steps' fused gate/up kernel against cuBLAS's product rounded to the dtype, then the activation
     (what the lean path runs for more rows): the same roundings, so only the sums' order differs."""
-    if DEVICE == "cpu" and dtype == torch.bfloat16:
-        pytest.skip("Triton 3.9's interpreter multiplies bf16 tiles wrongly (tl.dot on raw bf16 loads)")
     torch.manual_seed(rows)
     x = torch.randn(rows, hidden, device=DEVICE).to(dtype)
     w = (torch.randn(2 * inter, hidden, device=DEVICE) / hidden**0.5).to(dtype)
