@@ -65,22 +65,16 @@ BK = gl.constexpr(TILE[1])
 SHARED = 227 * 1024
 TMAX = 1024  # the most tiles a phase may have (the tickets' stride)
 TMAX_ = gl.constexpr(TMAX)
-# the parts of a chain, for taking it apart (MODE): the activations' copies, the waits between phases, the products,
-# the tiles' stores and counts, the tickets (without them a split phase's sums are not made), and a fence of every
-# consumer thread before each count (without it, only the counting thread's release orders the tile's stores)
+# MODE, a bit each. The parts of a chain, for taking it apart: the activations' copies, the waits between phases,
+# the products, the tiles' stores and counts, the tickets (without them a split phase's sums are not made), and a
+# fence of every consumer thread before each count (without it only the counting thread's release orders the stores)
 X_LOADS, WAITS, PRODUCTS, SIGNALS, TICKETS, FENCES = (1 << i for i in range(6))
 FULL = 63
-# and, not a part but a way: the weights and the activations copied by two producer warps, the weights' never waiting
-TWO_PRODUCERS = 64
-# and a trace: each program's time stamps per phase (see :func:`trace`)
-TRACE = 128
-# and the waits' polls spaced by a sleep (each program's producer polls one counter; the tiles' counts go to it too)
-BACKOFF = 256
-# and each program's K boxes in an order rotated by its index (programs in step read different activation boxes)
-ROTATE = 512
+# ways rather than parts: two producer warps (the weights' never waits), a trace of each program's time stamps per
+# phase (:func:`trace`), polls spaced by a sleep, each program's K boxes in an order rotated by its index
+TWO_PRODUCERS, TRACE, BACKOFF, ROTATE = (1 << i for i in range(6, 10))
 X_LOADS_, WAITS_, PRODUCTS_, SIGNALS_, TICKETS_, FENCES_ = (gl.constexpr(1 << i) for i in range(6))  # (in kernels)
-TWO_PRODUCERS_, TRACE_, BACKOFF_ = gl.constexpr(TWO_PRODUCERS), gl.constexpr(TRACE), gl.constexpr(BACKOFF)
-ROTATE_ = gl.constexpr(ROTATE)
+TWO_PRODUCERS_, TRACE_, BACKOFF_, ROTATE_ = (gl.constexpr(1 << i) for i in range(6, 10))
 CNT_STRIDE = 32  # int32s between two counters: each on a line of its own
 CNT_STRIDE_ = gl.constexpr(CNT_STRIDE)
 TRACE_AT = 8 * CNT_STRIDE  # the trace's first int32 in the counters' buffer
