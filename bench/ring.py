@@ -73,6 +73,18 @@ def shapes(model: str) -> dict:
     )  # fmt: skip
 
 
+def report(rows: list[dict], columns: dict, bandwidth: float, path: str | None) -> None:
+    """Print ``rows`` as a markdown table, ``columns`` mapping each header to its cell (a function of a row), and
+    with ``path`` write them as JSON with the copy bandwidth and the card: the layout of the kernel spikes' committed
+    raw results (bench.ring, bench.wsgemm, bench.wschain)."""
+    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+    for r in rows:
+        print("| " + " | ".join(cell(r) for cell in columns.values()) + " |")
+    if path:
+        with open(path, "w") as f:
+            json.dump(dict(bandwidth=bandwidth, device=torch.cuda.get_device_name(), rows=rows), f, indent=1)
+
+
 def time_layers(fn, layers: list[dict]) -> float:
     """µs per layer of ``fn(layer)`` over every layer, in one CUDA graph (median of REPLAYS replays)."""
     stream = torch.cuda.Stream()
@@ -446,13 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.model.split(","):
         rows += measure(model, splits, [int(d) for d in args.depth.split(",")], args.xa, bandwidth, args.per_sm)
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; µs per layer, the four GEMMs of a decode layer, {BM} rows")
-    print("| model | splits | programs per SM | variant | µs | / floor |\n|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['model']} | {r['splits']} | {r['per_sm']} | {r['variant']} | {r['us']:.1f} | "
-              f"{r['us'] / r['floor_us']:.2f}× |")  # fmt: skip
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(bandwidth=bandwidth, device=torch.cuda.get_device_name(), rows=rows), f, indent=1)
+    report(rows, {"model": lambda r: r["model"], "splits": lambda r: f"{r['splits']}", "programs per SM":
+                  lambda r: f"{r['per_sm']}", "variant": lambda r: r["variant"], "µs": lambda r: f"{r['us']:.1f}",
+                  "/ floor": lambda r: f"{r['us'] / r['floor_us']:.2f}×"}, bandwidth, args.json)  # fmt: skip
     return 0
 
 

@@ -45,7 +45,6 @@ on the card; CI compiles it with 3.9).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
@@ -54,7 +53,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .ring import shapes, time_layers
+from .ring import report, shapes, time_layers
 
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # (3.9's name)
@@ -592,14 +591,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"!! {model} per_sm {per_sm}: {type(exc).__name__}: {exc}", flush=True)
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; µs per layer: O, gate/up, down, Q/K/V of a decode layer, "
           f"{ROWS} rows")  # fmt: skip
-    print("| model | programs per SM | weight rows per tile | depth | splits | variant | µs | / floor |\n"
-          "|---|---|---|---|---|---|---|---|")  # fmt: skip
-    for r in rows:
-        print(f"| {r['model']} | {r['per_sm']} | {r['bn']} | {r.get('depth', '')} | {r.get('splits', '')} | "
-              f"{r['variant']} | {r['us']:.1f} | {r['us'] / r['floor_us']:.2f}× |")  # fmt: skip
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(bandwidth=bandwidth, device=torch.cuda.get_device_name(), rows=rows), f, indent=1)
+    report(rows, {"model": lambda r: r["model"], "programs per SM": lambda r: f"{r['per_sm']}",
+                  "weight rows per tile": lambda r: f"{r['bn']}", "depth": lambda r: f"{r.get('depth', '')}",
+                  "splits": lambda r: f"{r.get('splits', '')}", "variant": lambda r: r["variant"],
+                  "µs": lambda r: f"{r['us']:.1f}", "/ floor": lambda r: f"{r['us'] / r['floor_us']:.2f}×"},
+           bandwidth, args.json)  # fmt: skip
     return 0
 
 

@@ -30,7 +30,6 @@ It needs Gluon as Triton 3.6 spells it (the card's) and a Hopper card.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from functools import partial
 
@@ -41,6 +40,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from .ring import report
 
 # Triton 3.6 (the card's) names the TMA load async_copy_global_to_shared; 3.9 (CI's) calls it async_load
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -450,13 +451,9 @@ def main(argv: list[str] | None = None) -> int:
             rows += measure(model, bandwidth, [int(d) for d in args.depth.split(",")],
                             [int(b) for b in args.bn.split(",")])  # fmt: skip
     print(f"\ncopy bandwidth {bandwidth / 1e12:.2f} TB/s; µs per projection per layer, {ROWS} rows, bf16")
-    print("| model | projection | variant | µs | / floor |\n|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['model']} | {r['proj']} {r['n']}x{r['k']} | {r['variant']} | {r['us']:.2f} | "
-              f"{r['us'] / r['floor_us']:.2f}× |")  # fmt: skip
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(bandwidth=bandwidth, device=torch.cuda.get_device_name(), rows=rows), f, indent=1)
+    report(rows, {"model": lambda r: r["model"], "projection": lambda r: f"{r['proj']} {r['n']}x{r['k']}",
+                  "variant": lambda r: r["variant"], "µs": lambda r: f"{r['us']:.2f}",
+                  "/ floor": lambda r: f"{r['us'] / r['floor_us']:.2f}×"}, bandwidth, args.json)  # fmt: skip
     return 0
 
 

@@ -432,3 +432,20 @@ def test_the_chain_bench_splits_and_reads_its_trace():
     assert rows[0] == {"phase": 0, "first ready": (0.0, 0.25, 0.25), "last counted": (5.25, 5.25, 5.25)}
     assert rows[1]["first ready"] == (7.25, 7.25, 7.25) and rows[1]["wait over"] == (0.25, 0.25, 0.25)
     assert rows[2]["last counted"] == (5.25, 5.25, 5.25) and "wait over" in rows[3]
+
+
+def test_the_kernel_spikes_report_a_table_and_their_json(tmp_path, capsys, monkeypatch):
+    """bench.ring's ``report`` (bench.ring, bench.wsgemm and bench.wschain end with it): a markdown row per result,
+    and the JSON layout of their committed raw results (the copy bandwidth, the card, the rows)."""
+    torch = pytest.importorskip("torch")
+    ring = pytest.importorskip("bench.ring")
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a card")
+    rows = [dict(model="llama-1b", us=53.7, floor_us=28.77), dict(model="mistral-3b", us=71.9, floor_us=50.39)]
+    cells = {"model": lambda r: r["model"], "µs": lambda r: f"{r['us']:.1f}",
+             "/ floor": lambda r: f"{r['us'] / r['floor_us']:.2f}×"}  # fmt: skip
+    ring.report(rows, cells, 4.2e12, str(tmp_path / "out.json"))
+    assert capsys.readouterr().out.splitlines() == [
+        "| model | µs | / floor |", "|---|---|---|", "| llama-1b | 53.7 | 1.87× |", "| mistral-3b | 71.9 | 1.43× |"
+    ]  # fmt: skip
+    assert json.loads((tmp_path / "out.json").read_text()) == dict(bandwidth=4.2e12, device="a card", rows=rows)
