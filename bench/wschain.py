@@ -50,12 +50,12 @@ import sys
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .ring import report, shapes, time_layers
+from .wsgemm import _layout, _tma_load
 
-_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # (3.9's name)
 
 ROWS = 32  # a decode step's sequences
@@ -384,10 +384,6 @@ def _chain_kernel(w0, w1, w2, w3, x0, x1, x2, x3, O0, O1, O2, O3, N0, N1, N2, N3
 # -- the host side -------------------------------------------------------------------------------------------------
 
 
-def _layout(shape: list[int]):
-    return gl.NVMMASharedLayout.get_default_for(shape, gl.bfloat16)
-
-
 def chain_shapes(s: dict) -> list[tuple[int, int]]:
     """(N, K) of the four phases: O, gate/up, down (reading gate/up's first ``inter`` columns), Q/K/V."""
     return [(s["hidden"], s["dq"]), (2 * s["inter"], s["hidden"]), (s["hidden"], s["inter"]), (s["nqkv"], s["hidden"])]
@@ -527,7 +523,6 @@ def measure(model: str, depths: list[int], per_sm: int, bandwidth: float, splits
     rows = [dict(base, variant="cuBLAS, a call per GEMM",
                  us=time_layers(lambda lw: cublas(x0, lw, bufs, s["inter"]), layers))]  # fmt: skip
     want = reference(x0, layers[0]["w"], s["inter"])
-    no_fence = FULL & ~FENCES
     no_fence = FULL & ~FENCES
     two = TWO_PRODUCERS
     variants = variants or [(FULL, 1, True), (FULL, 4, False), (FULL | two, 1, True), (no_fence, 1, True),

@@ -34,6 +34,19 @@ def _compile(fn, types: dict[str, str], constexprs: dict, num_warps: int = 4, al
                               target=TARGET, options={"num_warps": num_warps, **opts})  # fmt: skip
 
 
+def _compile_gluon(fn, args: list, constexprs: dict, maxnreg: int) -> str:
+    """Lower the Gluon kernel ``fn`` for sm_90 with ``args`` (every argument, in order, constexprs included) at
+    ``maxnreg`` registers a thread; returns its PTX."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    signature = {n: "constexpr" if n in constexprs else mangle_type(a) for n, a in zip(fn.arg_names, args)}
+    source = GluonASTSource(fn, signature, constexprs={(fn.arg_names.index(n),): v for n, v in constexprs.items()})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return triton.compile(source, target=TARGET, options={"num_warps": 4, "maxnreg": maxnreg}).asm["ptx"]
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _backend():
     @triton.jit
@@ -118,22 +131,13 @@ def test_the_split_projection_compiles(rows, bn, dtype):
 
     if P._GLUON is not None:
         pytest.skip(P._GLUON)
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import mangle_type
-
     tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     w, x = torch.empty(2048, 1024, dtype=tdtype), torch.empty(rows, 1024, dtype=tdtype)
     wdesc = P.TensorDescriptor.from_tensor(w, [bn, P.K_BOX], P._layout([bn, P.K_BOX], tdtype))
     xdesc = P.TensorDescriptor.from_tensor(x, [rows, P.K_BOX], P._layout([rows, P.K_BOX], tdtype))
-    fn = P._split_projection_kernel
     consts = {"STAGES": 4, "DEPTH_": P.DEPTH[rows], "num_warps": 4}
-    args = dict(wdesc=wdesc, xdesc=xdesc, OUT=torch.empty(4, rows, 2048), M=rows, N=2048)
-    signature = {n: "constexpr" if n in consts else mangle_type(args[n]) for n in fn.arg_names}
-    source = GluonASTSource(fn, signature, constexprs={(fn.arg_names.index(n),): v for n, v in consts.items()})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        kernel = triton.compile(source, target=TARGET, options={"num_warps": 4, "maxnreg": P.MAXNREG})
-    ptx = kernel.asm["ptx"]
+    args = [wdesc, xdesc, torch.empty(4, rows, 2048), rows, 2048, 4, P.DEPTH[rows], 4]
+    ptx = _compile_gluon(P._split_projection_kernel, args, consts, P.MAXNREG)
     ptx_type = {"bf16": "bf16", "fp16": "f16"}[dtype]
     assert f"wgmma.mma_async.sync.aligned.m64n{rows}k16.f32.{ptx_type}.{ptx_type}" in ptx
     assert "cp.async.bulk.tensor" in ptx and f".maxnreg {P.MAXNREG}" in ptx
@@ -145,25 +149,18 @@ def test_the_chain_bench_compiles(mode):
     """bench.wschain (the megakernel's second gate) lowers for sm_90 in the variants it times: the producer's wait
     acquires (and fences the TMA proxy after it), the tiles' counts release, the register budget is given back."""
     import torch
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import mangle_type
 
     C = pytest.importorskip("bench.wschain")  # (Gluon, as this Triton spells it)
     bits = C.FULL | (C.TWO_PRODUCERS | C.TRACE | C.BACKOFF | C.ROTATE if mode != "full" else 0)
     w, x = torch.empty(2048, 2048, dtype=torch.bfloat16), torch.empty(32, 2048, dtype=torch.bfloat16)
     wdesc = C.TensorDescriptor.from_tensor(w, list(C.TILE), C._layout(list(C.TILE)))
     xdesc = C.TensorDescriptor.from_tensor(x, [C.ROWS, C.TILE[1]], C._layout([C.ROWS, C.TILE[1]]))
-    fn = C._chain_kernel
     consts = {"FIRST": 0, "LAST": 3, "DEPTH": 8, "MODE": bits, "num_warps": 4}
     args = [wdesc] * 4 + [xdesc] * 4 + [torch.empty(32, 2048, dtype=torch.bfloat16)] * 4 + [2048] * 4 + [32] * 4
     args += [4] * 4 + [8] * 4 + [8] * 4 + [32] * 3  # splits, stages, boxes before the wait, wait targets
     counts = torch.empty(8, dtype=torch.int32)
     args += [torch.empty(8), counts, counts, 132, 0, 3, 8, bits, 4]  # partials, tickets, counters, programs, ...
-    signature = {n: "constexpr" if n in consts else mangle_type(a) for n, a in zip(fn.arg_names, args)}
-    source = GluonASTSource(fn, signature, constexprs={(fn.arg_names.index(n),): v for n, v in consts.items()})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ptx = triton.compile(source, target=TARGET, options={"num_warps": 4, "maxnreg": 128}).asm["ptx"]
+    ptx = _compile_gluon(C._chain_kernel, args, consts, 128)
     assert "ld.acquire.gpu.global.b32" in ptx and "fence.proxy.async.global" in ptx
     assert "global.gpu.release.add" in ptx  # the tiles' counts (an atom, or a red where the result goes unused)
     assert "atom.global.gpu.acq_rel.add" in ptx  # the tickets
