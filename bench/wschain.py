@@ -72,8 +72,13 @@ FULL = 63
 # ways rather than parts: two producer warps (the weights' never waits), a trace of each program's time stamps per
 # phase (:func:`trace`), polls spaced by a sleep, each program's K boxes in an order rotated by its index
 TWO_PRODUCERS, TRACE, BACKOFF, ROTATE = (1 << i for i in range(6, 10))
+# gate 3: each stage's activation box waits only for the tile of the phase before that it reads (the tile's own
+# counter: its splits' counts, or the count of its sum), instead of the whole phase before
+TILE_WAITS = 1 << 10
 X_LOADS_, WAITS_, PRODUCTS_, SIGNALS_, TICKETS_, FENCES_ = (gl.constexpr(1 << i) for i in range(6))  # (in kernels)
-TWO_PRODUCERS_, TRACE_, BACKOFF_, ROTATE_ = (gl.constexpr(1 << i) for i in range(6, 10))
+TWO_PRODUCERS_, TRACE_, BACKOFF_, ROTATE_, TILE_WAITS_ = (gl.constexpr(1 << i) for i in range(6, 11))
+SPAN = 64  # TILE_WAITS: the most stages a task may have (one poll reads all their tiles' counters)
+SPAN_ = gl.constexpr(SPAN)
 CNT_STRIDE = 32  # int32s between two counters: each on a line of its own
 CNT_STRIDE_ = gl.constexpr(CNT_STRIDE)
 TRACE_AT = 8 * CNT_STRIDE  # the trace's first int32 in the counters' buffer
@@ -136,16 +141,52 @@ def _wait_for(CNT, pid, target, WAIT_ON: gl.constexpr, MODE: gl.constexpr):
 
 
 @gluon.jit
-def _produce(wdesc, xdesc, ring_w, ring_x, ready, empty, CNT, it, pid, G, tiles, S, stages, pre, target,
+def _ready_upto(TC, k0, rot, stages, target, BN: gl.constexpr, MODE: gl.constexpr):
+    """TILE_WAITS: the first of a task's stages whose activation box is not ready yet (``SPAN`` when all are): the
+    box at column ``k`` is the tile ``k // BN`` of the phase before, ready when its counter in ``TC`` reaches
+    ``target``. One acquiring load per stage, all of them in one round trip."""
+    r = gl.arange(0, SPAN_, layout=gl.BlockedLayout([SPAN_ // 32], [32], [1], [0]))
+    live = r < stages
+    col = k0 + ((gl.where(live, r, 0) + rot) % stages) * BK
+    v = gl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [TC + col // BN], dtype=gl.int32,
+                                  is_pure=False, pack=1)  # fmt: skip
+    return gl.min(gl.where(live & (v < target), r, SPAN_), axis=0)
+
+
+@gluon.jit
+def _wait_for_stage(TC, CNT, pid, t, i, k0, rot, stages, target, P: gl.constexpr, BN: gl.constexpr,
+                    MODE: gl.constexpr):  # fmt: skip
+    """TILE_WAITS: spin until stage ``i`` of the task is ready (:func:`_ready_upto`), then order the TMA copies
+    issued next after what the lanes acquired (the warp's barrier, then a proxy fence); returns how many leading
+    stages are known ready. Stamped (TRACE) when the phase's first task may start."""
+    upto = _ready_upto(TC, k0, rot, stages, target, BN, MODE)
+    while upto <= i:
+        if (MODE & BACKOFF_) != 0:
+            gl.inline_asm_elementwise("nanosleep.u32 128; mov.u32 $0, 0;", "=r,l", [TC], dtype=gl.int32,
+                                      is_pure=False, pack=1)  # fmt: skip
+        upto = _ready_upto(TC, k0, rot, stages, target, BN, MODE)
+    gl.inline_asm_elementwise("bar.warp.sync -1; fence.proxy.async.global; mov.u32 $0, 0;", "=r,l", [TC],
+                              dtype=gl.int32, is_pure=False, pack=1)  # fmt: skip
+    if (MODE & TRACE_) != 0:
+        if t == pid and i == 0:
+            _stamp(CNT, pid, P, 2)
+    return upto
+
+
+@gluon.jit
+def _produce(wdesc, xdesc, ring_w, ring_x, ready, empty, CNT, TICK, it, pid, G, tiles, S, stages, pre, target,
              WAIT_ON: gl.constexpr, MODE: gl.constexpr):  # fmt: skip
     """One phase's copies for this program: for each task, the weight boxes of its first ``pre`` stages, then (if
     this launch ran the phase ``WAIT_ON`` before) the wait for that phase's tiles, then the activation boxes of
-    those stages, then both boxes of every later stage as slots free up (``MODE``: see :data:`FULL`)."""
+    those stages, then both boxes of every later stage as slots free up. With TILE_WAITS each activation box waits
+    only for its own tile of the phase before (``MODE``: see :data:`FULL`)."""
     depth: gl.constexpr = ring_w.type.shape[0]
     BN: gl.constexpr = wdesc.block_type.shape[0]
     X: gl.constexpr = (MODE & X_LOADS_) != 0
     XB: gl.constexpr = xdesc.block_type.nbytes if X else 0
     nbytes: gl.constexpr = wdesc.block_type.nbytes + XB
+    TILED: gl.constexpr = WAIT_ON >= 0 and (MODE & WAITS_) != 0 and (MODE & TILE_WAITS_) != 0
+    TC = TICK + (4 + WAIT_ON) * TMAX_  # the tile counters of the phase before
     for t in range(pid, tiles * S, G):
         n0, k0, rot = _task(t, pid, tiles, stages, BN, MODE)
         for i in range(pre):
@@ -154,19 +195,21 @@ def _produce(wdesc, xdesc, ring_w, ring_x, ready, empty, CNT, it, pid, G, tiles,
             mbarrier.wait(empty.index(s), ((j // depth) & 1) ^ 1)  # a fresh barrier counts as freed once
             mbarrier.expect(ready.index(s), nbytes)  # the slot completes when the activation box lands too
             _tma_load(wdesc, [n0, _k(k0, i, rot, stages)], ready.index(s), ring_w.index(s))
-        _wait_for(CNT, pid, target, WAIT_ON, MODE)
-        if X:
-            for i in range(pre):
-                s = (it + i) % depth
-                _tma_load(xdesc, [0, _k(k0, i, rot, stages)], ready.index(s), ring_x.index(s))
-        for i in range(pre, stages):
+        if not TILED:
+            _wait_for(CNT, pid, target, WAIT_ON, MODE)
+        upto = pid * 0
+        for i in range(stages):
             j = it + i
             s = j % depth
-            mbarrier.wait(empty.index(s), ((j // depth) & 1) ^ 1)
-            mbarrier.expect(ready.index(s), nbytes)
+            if i >= pre:
+                mbarrier.wait(empty.index(s), ((j // depth) & 1) ^ 1)
+                mbarrier.expect(ready.index(s), nbytes)
+                _tma_load(wdesc, [n0, _k(k0, i, rot, stages)], ready.index(s), ring_w.index(s))
+            if TILED:
+                if i >= upto:
+                    upto = _wait_for_stage(TC, CNT, pid, t, i, k0, rot, stages, target, WAIT_ON + 1, BN, MODE)
             if X:
                 _tma_load(xdesc, [0, _k(k0, i, rot, stages)], ready.index(s), ring_x.index(s))
-            _tma_load(wdesc, [n0, _k(k0, i, rot, stages)], ready.index(s), ring_w.index(s))
         it += stages
     return it
 
@@ -236,6 +279,16 @@ def _producer_x(x0, x1, x2, x3, ring_x, ready, empty, CNT, pid, G, T0, T1, T2, T
 
 
 @gluon.jit
+def _count(CNT, TICK, tile, P: gl.constexpr, MODE: gl.constexpr):
+    """A tile of phase ``P`` is done (or one of its splits, without tickets): its phase's counter, or with
+    TILE_WAITS its own (``TICK``'s second half), released after its stores."""
+    if (MODE & TILE_WAITS_) != 0:
+        gl.atomic_add(TICK + (4 + P) * TMAX_ + tile, 1, sem="release")
+    else:
+        gl.atomic_add(CNT + P * CNT_STRIDE_, 1, sem="release")
+
+
+@gluon.jit
 def _consume(ring_w, ring_x, ready, empty, OUT, PART, TICK, CNT, it, pid, G, tiles, S, stages, N,
              P: gl.constexpr, MODE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     """One phase's products for this program: ``acc[BN, ROWS] = W_tile @ x^T`` over the task's stages; then the
@@ -277,12 +330,12 @@ def _consume(ring_w, ring_x, ready, empty, OUT, PART, TICK, CNT, it, pid, G, til
             if S == 1:
                 gl.store(tile_out, acc.to(gl.bfloat16))
             else:
-                gl.store(PART + split * R * N + tile * BN + offs, acc)
+                gl.store(PART + split * R * N + tile * BN + offs, acc)  # (PART: this phase's own)
             if (MODE & FENCES_) != 0:
                 _fence_gpu(CNT)
             _barrier()
             if S == 1 or (MODE & TICKETS_) == 0:
-                gl.atomic_add(CNT + P * CNT_STRIDE_, 1, sem="release")
+                _count(CNT, TICK, tile, P, MODE)
             else:
                 ticket = gl.atomic_add(TICK + P * TMAX_ + tile, 1, sem="acq_rel")
                 if ticket == S - 1:  # the tile's last split: the sum of all of them, in order
@@ -296,27 +349,27 @@ def _consume(ring_w, ring_x, ready, empty, OUT, PART, TICK, CNT, it, pid, G, til
                     if (MODE & FENCES_) != 0:
                         _fence_gpu(CNT)
                     _barrier()
-                    gl.atomic_add(CNT + P * CNT_STRIDE_, 1, sem="release")
+                    _count(CNT, TICK, tile, P, MODE)
         if (MODE & TRACE_) != 0:
             _stamp(CNT, pid, P, 1)
     return it
 
 
 @gluon.jit
-def _producer(w0, w1, w2, w3, x0, x1, x2, x3, ring_w, ring_x, ready, empty, CNT, pid, G, T0, T1, T2, T3,
+def _producer(w0, w1, w2, w3, x0, x1, x2, x3, ring_w, ring_x, ready, empty, CNT, TICK, pid, G, T0, T1, T2, T3,
               S0, S1, S2, S3, K0, K1, K2, K3, E0, E1, E2, E3, A1, A2, A3, FIRST: gl.constexpr, LAST: gl.constexpr,
               MODE: gl.constexpr):  # fmt: skip
     it = pid * 0
     if FIRST <= 0 and LAST >= 0:
-        it = _produce(w0, x0, ring_w, ring_x, ready, empty, CNT, it, pid, G, T0, S0, K0, E0, 0, -1, MODE)
+        it = _produce(w0, x0, ring_w, ring_x, ready, empty, CNT, TICK, it, pid, G, T0, S0, K0, E0, 0, -1, MODE)
     if FIRST <= 1 and LAST >= 1:
-        it = _produce(w1, x1, ring_w, ring_x, ready, empty, CNT, it, pid, G, T1, S1, K1, E1, A1,
+        it = _produce(w1, x1, ring_w, ring_x, ready, empty, CNT, TICK, it, pid, G, T1, S1, K1, E1, A1,
                       0 if FIRST <= 0 else -1, MODE)  # fmt: skip
     if FIRST <= 2 and LAST >= 2:
-        it = _produce(w2, x2, ring_w, ring_x, ready, empty, CNT, it, pid, G, T2, S2, K2, E2, A2,
+        it = _produce(w2, x2, ring_w, ring_x, ready, empty, CNT, TICK, it, pid, G, T2, S2, K2, E2, A2,
                       1 if FIRST <= 1 else -1, MODE)  # fmt: skip
     if FIRST <= 3 and LAST >= 3:
-        it = _produce(w3, x3, ring_w, ring_x, ready, empty, CNT, it, pid, G, T3, S3, K3, E3, A3,
+        it = _produce(w3, x3, ring_w, ring_x, ready, empty, CNT, TICK, it, pid, G, T3, S3, K3, E3, A3,
                       2 if FIRST <= 2 else -1, MODE)  # fmt: skip
 
 
@@ -324,23 +377,39 @@ def _producer(w0, w1, w2, w3, x0, x1, x2, x3, ring_w, ring_x, ready, empty, CNT,
 def _consumer(ring_w, ring_x, ready, empty, O0, O1, O2, O3, N0, N1, N2, N3, PART, TICK, CNT, pid, G,
               T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, FIRST: gl.constexpr, LAST: gl.constexpr,
               MODE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    R: gl.constexpr = ring_x.type.shape[1]
+    P1 = PART + S0 * R * N0  # each phase's partials apart: with TILE_WAITS, phases overlap
+    P2 = P1 + S1 * R * N1
+    P3 = P2 + S2 * R * N2
     it = pid * 0
     if FIRST <= 0 and LAST >= 0:
         it = _consume(ring_w, ring_x, ready, empty, O0, PART, TICK, CNT, it, pid, G, T0, S0, K0, N0, 0, MODE,
-                          num_warps)  # fmt: skip
+                      num_warps)  # fmt: skip
     if FIRST <= 1 and LAST >= 1:
-        it = _consume(ring_w, ring_x, ready, empty, O1, PART, TICK, CNT, it, pid, G, T1, S1, K1, N1, 1, MODE,
-                          num_warps)  # fmt: skip
+        it = _consume(ring_w, ring_x, ready, empty, O1, P1, TICK, CNT, it, pid, G, T1, S1, K1, N1, 1, MODE,
+                      num_warps)  # fmt: skip
     if FIRST <= 2 and LAST >= 2:
-        it = _consume(ring_w, ring_x, ready, empty, O2, PART, TICK, CNT, it, pid, G, T2, S2, K2, N2, 2, MODE,
-                          num_warps)  # fmt: skip
+        it = _consume(ring_w, ring_x, ready, empty, O2, P2, TICK, CNT, it, pid, G, T2, S2, K2, N2, 2, MODE,
+                      num_warps)  # fmt: skip
     if FIRST <= 3 and LAST >= 3:
-        it = _consume(ring_w, ring_x, ready, empty, O3, PART, TICK, CNT, it, pid, G, T3, S3, K3, N3, 3, MODE,
-                          num_warps)  # fmt: skip
+        it = _consume(ring_w, ring_x, ready, empty, O3, P3, TICK, CNT, it, pid, G, T3, S3, K3, N3, 3, MODE,
+                      num_warps)  # fmt: skip
     done = gl.atomic_add(CNT + 7 * CNT_STRIDE_, 1, sem="acq_rel")
     if done == G - 1:  # the last program out: every wait of this launch is over, the counters start again at 0
         for i in gl.static_range(8):
             gl.store(CNT + i * CNT_STRIDE_, 0)
+        if (MODE & TILE_WAITS_) != 0:  # and the tile counters
+            r = gl.arange(0, 32 * num_warps, layout=gl.BlockedLayout([1], [32], [num_warps], [0]))
+            _zero(TICK + 4 * TMAX_, T0, r)
+            _zero(TICK + 5 * TMAX_, T1, r)
+            _zero(TICK + 6 * TMAX_, T2, r)
+            _zero(TICK + 7 * TMAX_, T3, r)
+
+
+@gluon.jit
+def _zero(X, n, r):
+    for i in range(0, n, r.shape[0]):
+        gl.store(X + i + r, 0, mask=i + r < n)
 
 
 @gluon.jit
@@ -376,7 +445,7 @@ def _chain_kernel(w0, w1, w2, w3, x0, x1, x2, x3, O0, O1, O2, O3, N0, N1, N2, N3
         gl.warp_specialize([
             (_consumer, (ring_w, ring_x, ready, empty, O0, O1, O2, O3, N0, N1, N2, N3, PART, TICK, CNT, pid, G,
                          T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, FIRST, LAST, MODE, num_warps)),
-            (_producer, (w0, w1, w2, w3, x0, x1, x2, x3, ring_w, ring_x, ready, empty, CNT, pid, G, T0, T1, T2,
+            (_producer, (w0, w1, w2, w3, x0, x1, x2, x3, ring_w, ring_x, ready, empty, CNT, TICK, pid, G, T0, T1, T2,
                          T3, S0, S1, S2, S3, K0, K1, K2, K3, E0, E1, E2, E3, A1, A2, A3, FIRST, LAST, MODE)),
         ], [1], [24])  # fmt: skip
 
@@ -414,13 +483,17 @@ class Chain:
         self.stages = [k // sp // TILE[1] for (_, k), sp in zip(self.shapes, self.splits)]
         self.pre = [min(st, depth) if ahead else 0 for st in self.stages]
         self.depth, self.launches, self.mode = depth, launches, mode
-        # what phase p waits for: phase p - 1's tiles (each counted by its last split), or with no tickets its tasks
-        done = [t * (1 if mode & TICKETS else sp) for t, sp in zip(self.tiles, self.splits)]
-        self.targets = done[:3]
+        # what phase p waits for: phase p - 1's tiles (each counted by its last split), or with no tickets its tasks;
+        # with TILE_WAITS, what one tile's counter must reach
+        per_tile = [1 if mode & TICKETS or sp == 1 else sp for sp in self.splits]
+        done = [t * c for t, c in zip(self.tiles, per_tile)]
+        self.targets = (per_tile if mode & TILE_WAITS else done)[:3]
+        if mode & TILE_WAITS and (mode & TWO_PRODUCERS or max(self.stages) > SPAN):
+            raise ValueError(f"tile waits take one producer and at most {SPAN} stages a task")
         dev = dict(device="cuda")
         self.cnt = torch.zeros(TRACE_AT + self.G * 4 * 3 * 2, dtype=torch.int32, **dev)
-        self.tick = torch.zeros(4 * TMAX, dtype=torch.int32, **dev)
-        self.part = torch.empty(max(sp * ROWS * n for (n, _), sp in zip(self.shapes, self.splits)), **dev)
+        self.tick = torch.zeros(8 * TMAX, dtype=torch.int32, **dev)  # the tickets, then the tile counters
+        self.part = torch.empty(sum(sp * ROWS * n for (n, _), sp in zip(self.shapes, self.splits)), **dev)
         self.outs = [torch.zeros(ROWS, n, dtype=torch.bfloat16, **dev) for n, _ in self.shapes]
         xl = _layout([ROWS, TILE[1]])
         ins = [None, self.outs[0], self.outs[1][:, : self.inter], self.outs[2]]
@@ -477,6 +550,8 @@ def trace_rows(st: torch.Tensor, tiles: list[int], splits: list[int]) -> list[di
 
 def describe(mode: int) -> str:
     """What a MODE leaves out, in words."""
+    if mode & TILE_WAITS:
+        return describe(mode & ~TILE_WAITS) + ", tile waits"
     if mode & ROTATE:
         return describe(mode & ~ROTATE) + ", K rotated"
     if mode & BACKOFF:
