@@ -570,7 +570,8 @@ def trace(chain: Chain, x0desc, lw: dict) -> list[dict]:
     traced.__dict__.update(chain.__dict__, mode=chain.mode | TRACE)
     traced(x0desc, lw)
     torch.cuda.synchronize()
-    return trace_rows(chain.cnt[TRACE_AT:].view(torch.int64).view(chain.G, 4, 3).cpu(), chain.tiles, chain.splits)
+    st = chain.cnt[TRACE_AT : TRACE_AT + chain.G * 4 * 3 * 2].view(torch.int64).view(chain.G, 4, 3)
+    return trace_rows(st.cpu(), chain.tiles, chain.splits)
 
 
 def stage_gaps(chain: Chain, least_us: float = 0.5) -> list[str]:
