@@ -75,8 +75,11 @@ TWO_PRODUCERS, TRACE, BACKOFF, ROTATE = (1 << i for i in range(6, 10))
 # gate 3: each stage's activation box waits only for the tile of the phase before that it reads (the tile's own
 # counter: its splits' counts, or the count of its sum), instead of the whole phase before
 TILE_WAITS = 1 << 10
+# only a program's first task of a phase copies weight boxes ahead and waits; its later tasks copy each stage's two
+# boxes together (the phase before is known done; a tile wait polls after the stage's weight box has gone out)
+AHEAD_ONCE = 1 << 11
 X_LOADS_, WAITS_, PRODUCTS_, SIGNALS_, TICKETS_, FENCES_ = (gl.constexpr(1 << i) for i in range(6))  # (in kernels)
-TWO_PRODUCERS_, TRACE_, BACKOFF_, ROTATE_, TILE_WAITS_ = (gl.constexpr(1 << i) for i in range(6, 11))
+TWO_PRODUCERS_, TRACE_, BACKOFF_, ROTATE_, TILE_WAITS_, AHEAD_ONCE_ = (gl.constexpr(1 << i) for i in range(6, 12))
 SPAN = 64  # TILE_WAITS: the most stages a task may have (one poll reads all their tiles' counters)
 SPAN_ = gl.constexpr(SPAN)
 CNT_STRIDE = 32  # int32s between two counters: each on a line of its own
@@ -205,24 +208,31 @@ def _produce(wdesc, xdesc, ring_w, ring_x, ready, empty, CNT, TICK, it, pid, G, 
     X: gl.constexpr = (MODE & X_LOADS_) != 0
     XB: gl.constexpr = xdesc.block_type.nbytes if X else 0
     nbytes: gl.constexpr = wdesc.block_type.nbytes + XB
-    TILED: gl.constexpr = WAIT_ON >= 0 and WAIT_ON < 3 and (MODE & WAITS_) != 0 and (MODE & TILE_WAITS_) != 0
+    WAITS: gl.constexpr = WAIT_ON >= 0 and (MODE & WAITS_) != 0
+    TILED: gl.constexpr = WAITS and WAIT_ON < 3 and (MODE & TILE_WAITS_) != 0
+    ONCE: gl.constexpr = (MODE & AHEAD_ONCE_) != 0
     TC = TICK + (4 + WAIT_ON) * TMAX_  # the tile counters of the phase before
     for t in range(pid, tiles * S, G):
         n0, k0, rot = _task(t, pid, tiles, stages, BN, MODE)
         n0 += layer * tiles * BN  # (each weight is every layer's, stacked)
-        for i in range(pre):
+        first = t == pid
+        ahead = pre
+        if ONCE:
+            ahead = gl.where(first and WAITS, pre, 0)
+        for i in range(ahead):
             j = it + i
             s = j % depth
             mbarrier.wait(empty.index(s), ((j // depth) & 1) ^ 1)  # a fresh barrier counts as freed once
             mbarrier.expect(ready.index(s), nbytes)  # the slot completes when the activation box lands too
             _tma_load(wdesc, [n0, _k(k0, i, rot, stages)], ready.index(s), ring_w.index(s))
         if not TILED:
-            _wait_for(CNT, pid, target, WAIT_ON, MODE)
+            if first or not ONCE:
+                _wait_for(CNT, pid, target, WAIT_ON, MODE)
         upto = pid * 0
         for i in range(stages):
             j = it + i
             s = j % depth
-            if i >= pre:
+            if i >= ahead:
                 mbarrier.wait(empty.index(s), ((j // depth) & 1) ^ 1)
                 mbarrier.expect(ready.index(s), nbytes)
                 _tma_load(wdesc, [n0, _k(k0, i, rot, stages)], ready.index(s), ring_w.index(s))
@@ -613,6 +623,8 @@ def trace_rows(st: torch.Tensor, tiles: list[int], splits: list[int]) -> list[di
 
 def describe(mode: int) -> str:
     """What a MODE leaves out, in words."""
+    if mode & AHEAD_ONCE:
+        return describe(mode & ~AHEAD_ONCE) + ", ahead once a phase"
     if mode & TILE_WAITS:
         return describe(mode & ~TILE_WAITS) + ", tile waits"
     if mode & ROTATE:
@@ -628,7 +640,7 @@ def describe(mode: int) -> str:
     if mode & ~(X_LOADS | PRODUCTS) == 0:
         parts = ["weights"] + (["activations"] if mode & X_LOADS else []) + (["products"] if mode & PRODUCTS else [])
         return " + ".join(parts) + " only (no waits, no stores)"
-    gone = [n for n, f in (("fences", FENCES), ("tickets: sums not made", TICKETS)) if not mode & f]
+    gone = [n for n, f in (("waits", WAITS), ("fences", FENCES), ("tickets: sums not made", TICKETS)) if not mode & f]
     return "the chain without " + ", ".join(gone)
 
 
@@ -675,7 +687,7 @@ def measure(model: str, depths: list[int], per_sm: int, bandwidth: float, splits
     for depth in depths:
         for mode, launches, ahead in variants:
             chain = Chain(s, depth, ahead, launches, per_sm, splits, mode)
-            checked = mode & TICKETS != 0
+            checked = mode & TICKETS and mode & WAITS  # (without waits, the products read what is there)
             whole = launches == 0
             for _ in range(2 if checked else 1):  # the second launch checks that tickets and counters were reset
                 got = chain(x0desc, stack if whole else layers[0])
