@@ -78,8 +78,13 @@ TILE_WAITS = 1 << 10
 # only a program's first task of a phase copies weight boxes ahead and waits; its later tasks copy each stage's two
 # boxes together (the phase before is known done; a tile wait polls after the stage's weight box has gone out)
 AHEAD_ONCE = 1 << 11
+# a warp of its own counts the tiles (and takes the tickets, and sums the splits): the consumer hands it each stored
+# tile through shared memory and goes on to its next task instead of waiting for its release to complete
+SIGNAL_WARP = 1 << 12
 X_LOADS_, WAITS_, PRODUCTS_, SIGNALS_, TICKETS_, FENCES_ = (gl.constexpr(1 << i) for i in range(6))  # (in kernels)
-TWO_PRODUCERS_, TRACE_, BACKOFF_, ROTATE_, TILE_WAITS_, AHEAD_ONCE_ = (gl.constexpr(1 << i) for i in range(6, 12))
+TWO_PRODUCERS_, TRACE_, BACKOFF_, ROTATE_, TILE_WAITS_, AHEAD_ONCE_, SIGNAL_WARP_ = (
+    gl.constexpr(1 << i) for i in range(6, 13)
+)
 SPAN = 64  # TILE_WAITS: the most stages a task may have (one poll reads all their tiles' counters)
 SPAN_ = gl.constexpr(SPAN)
 CNT_STRIDE = 32  # int32s between two counters: each on a line of its own
@@ -321,12 +326,14 @@ def _count(CNT, TICK, tile, P: gl.constexpr, MODE: gl.constexpr):
 
 
 @gluon.jit
-def _consume(ring_w, ring_x, ready, empty, OUT, PART, TICK, CNT, it, pid, G, tiles, S, stages, N,
+def _consume(ring_w, ring_x, ready, empty, stored, freed, OUT, PART, TICK, CNT, it, nt, pid, G, tiles, S, stages, N,
              P: gl.constexpr, MODE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     """One phase's products for this program: ``acc[BN, ROWS] = W_tile @ x^T`` over the task's stages; then the
     tile in bf16 (one split), or the partial and a ticket, the last split of a tile summing all of them in order.
     ``MODE`` (see :data:`FULL`) takes parts away: without products each slot is freed as soon as it has landed;
-    without tickets each split counts itself done (the sums are not made)."""
+    without tickets each split counts itself done (the sums are not made). With SIGNAL_WARP the counts, tickets and
+    sums are :func:`_signal`'s: the consumer hands each stored tile over (``stored``, its ``nt``-th task) and goes on.
+    Returns the stages and tasks consumed so far."""
     depth: gl.constexpr = ring_w.type.shape[0]
     BN: gl.constexpr = ring_w.type.shape[1]
     R: gl.constexpr = ring_x.type.shape[1]
@@ -367,7 +374,10 @@ def _consume(ring_w, ring_x, ready, empty, OUT, PART, TICK, CNT, it, pid, G, til
             if (MODE & FENCES_) != 0:
                 _fence_gpu(CNT)
             _barrier()
-            if S == 1 or (MODE & TICKETS_) == 0:
+            if (MODE & SIGNAL_WARP_) != 0:  # (the barrier orders every thread's stores before the hand-over)
+                mbarrier.wait(freed.index(nt % 2), ((nt // 2) & 1) ^ 1)
+                mbarrier.arrive(stored.index(nt % 2), count=1)
+            elif S == 1 or (MODE & TICKETS_) == 0:
                 _count(CNT, TICK, tile, P, MODE)
             else:
                 ticket = gl.atomic_add(TICK + P * TMAX_ + tile, 1, sem="acq_rel")
@@ -383,9 +393,61 @@ def _consume(ring_w, ring_x, ready, empty, OUT, PART, TICK, CNT, it, pid, G, til
                         _fence_gpu(CNT)
                     _barrier()
                     _count(CNT, TICK, tile, P, MODE)
+        if (MODE & TRACE_) != 0 and (MODE & SIGNAL_WARP_) == 0:
+            _stamp(CNT, pid, P, 1)
+        nt += 1
+    return it, nt
+
+
+@gluon.jit
+def _signal(stored, freed, OUT, PART, TICK, CNT, nt, pid, G, tiles, S, N, R: gl.constexpr, BN: gl.constexpr,
+            P: gl.constexpr, MODE: gl.constexpr):  # fmt: skip
+    """SIGNAL_WARP: one phase's counts for this program, in the consumer's order: for each task, once the consumer
+    has stored its tile (or partial), the tile's count, or the split's ticket and, for a tile's last split, the sum
+    of its splits in order (eight rows at a time), then the count. Returns the tasks signalled so far."""
+    L: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [1, 1], [1, 0])
+    rows = gl.arange(0, 8, layout=gl.SliceLayout(1, L))
+    cols = gl.arange(0, BN, layout=gl.SliceLayout(0, L))
+    for t in range(pid, tiles * S, G):
+        tile = t % tiles
+        mbarrier.wait(stored.index(nt % 2), (nt // 2) & 1)
+        mbarrier.arrive(freed.index(nt % 2), count=1)
+        if S == 1 or (MODE & TICKETS_) == 0:
+            _count(CNT, TICK, tile, P, MODE)
+        else:
+            ticket = gl.atomic_add(TICK + P * TMAX_ + tile, 1, sem="acq_rel")
+            if ticket == S - 1:  # the tile's last split: the sum of all of them, in order
+                for r0 in range(0, R, 8):
+                    offs = (r0 + rows[:, None]) * N + tile * BN + cols[None, :]
+                    total = gl.zeros([8, BN], gl.float32, L)
+                    for sp in range(S):
+                        total += gl.load(PART + sp * R * N + offs, cache_modifier=".cg")
+                    gl.store(OUT + offs, total.to(gl.bfloat16))
+                gl.store(TICK + P * TMAX_ + tile, 0)  # for the next launch
+                _count(CNT, TICK, tile, P, MODE)
         if (MODE & TRACE_) != 0:
             _stamp(CNT, pid, P, 1)
-    return it
+        nt += 1
+    return nt
+
+
+@gluon.jit
+def _signaller(stored, freed, O0, O1, O2, O3, N0, N1, N2, N3, PART, TICK, CNT, pid, G, NL, T0, T1, T2, T3,
+               S0, S1, S2, S3, R: gl.constexpr, BN: gl.constexpr, FIRST: gl.constexpr, LAST: gl.constexpr,
+               MODE: gl.constexpr):  # fmt: skip
+    """SIGNAL_WARP: every layer's and phase's counts for this program (:func:`_signal`), then the launch's end."""
+    P0, P1, P2, P3 = _parts(PART, R, S0, S1, S2, N0, N1, N2)
+    nt = pid * 0
+    for _ in range(NL):
+        if FIRST <= 0 and LAST >= 0:
+            nt = _signal(stored, freed, O0, P0, TICK, CNT, nt, pid, G, T0, S0, N0, R, BN, 0, MODE)
+        if FIRST <= 1 and LAST >= 1:
+            nt = _signal(stored, freed, O1, P1, TICK, CNT, nt, pid, G, T1, S1, N1, R, BN, 1, MODE)
+        if FIRST <= 2 and LAST >= 2:
+            nt = _signal(stored, freed, O2, P2, TICK, CNT, nt, pid, G, T2, S2, N2, R, BN, 2, MODE)
+        if FIRST <= 3 and LAST >= 3:
+            nt = _signal(stored, freed, O3, P3, TICK, CNT, nt, pid, G, T3, S3, N3, R, BN, 3, MODE)
+    _launch_end(TICK, CNT, G, T0, T1, T2, T3, 1, MODE)
 
 
 @gluon.jit
@@ -415,29 +477,19 @@ def _producer(w0, w1, w2, w3, x0, x1, x2, x3, x0b, ring_w, ring_x, ready, empty,
 
 
 @gluon.jit
-def _consumer(ring_w, ring_x, ready, empty, O0, O1, O2, O3, N0, N1, N2, N3, PART, TICK, CNT, pid, G, NL,
-              T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, FIRST: gl.constexpr, LAST: gl.constexpr,
-              MODE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
-    R: gl.constexpr = ring_x.type.shape[1]
-    P1 = PART + S0 * R * N0  # each phase's partials apart: with TILE_WAITS, phases overlap
+def _parts(PART, R: gl.constexpr, S0, S1, S2, N0, N1, N2):
+    """Each phase's float32 partials, apart (with TILE_WAITS or every layer in one launch, phases overlap)."""
+    P1 = PART + S0 * R * N0
     P2 = P1 + S1 * R * N1
-    P3 = P2 + S2 * R * N2
-    it = pid * 0
-    for _ in range(NL):
-        if FIRST <= 0 and LAST >= 0:
-            it = _consume(ring_w, ring_x, ready, empty, O0, PART, TICK, CNT, it, pid, G, T0, S0, K0, N0, 0, MODE,
-                          num_warps)  # fmt: skip
-        if FIRST <= 1 and LAST >= 1:
-            it = _consume(ring_w, ring_x, ready, empty, O1, P1, TICK, CNT, it, pid, G, T1, S1, K1, N1, 1, MODE,
-                          num_warps)  # fmt: skip
-        if FIRST <= 2 and LAST >= 2:
-            it = _consume(ring_w, ring_x, ready, empty, O2, P2, TICK, CNT, it, pid, G, T2, S2, K2, N2, 2, MODE,
-                          num_warps)  # fmt: skip
-        if FIRST <= 3 and LAST >= 3:
-            it = _consume(ring_w, ring_x, ready, empty, O3, P3, TICK, CNT, it, pid, G, T3, S3, K3, N3, 3, MODE,
-                          num_warps)  # fmt: skip
+    return PART, P1, P2, P2 + S2 * R * N2
+
+
+@gluon.jit
+def _launch_end(TICK, CNT, G, T0, T1, T2, T3, num_warps: gl.constexpr, MODE: gl.constexpr):
+    """After a program's last count: the last program out (every wait of this launch is over) sets the counters
+    back to 0 for the next launch."""
     done = gl.atomic_add(CNT + 7 * CNT_STRIDE_, 1, sem="acq_rel")
-    if done == G - 1:  # the last program out: every wait of this launch is over, the counters start again at 0
+    if done == G - 1:
         for i in gl.static_range(8):
             gl.store(CNT + i * CNT_STRIDE_, 0)
         if (MODE & TILE_WAITS_) != 0:  # and the tile counters
@@ -446,6 +498,31 @@ def _consumer(ring_w, ring_x, ready, empty, O0, O1, O2, O3, N0, N1, N2, N3, PART
             _zero(TICK + 5 * TMAX_, T1, r)
             _zero(TICK + 6 * TMAX_, T2, r)
             _zero(TICK + 7 * TMAX_, T3, r)
+
+
+@gluon.jit
+def _consumer(ring_w, ring_x, ready, empty, stored, freed, O0, O1, O2, O3, N0, N1, N2, N3, PART, TICK, CNT, pid, G,
+              NL, T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, FIRST: gl.constexpr, LAST: gl.constexpr,
+              MODE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    R: gl.constexpr = ring_x.type.shape[1]
+    P0, P1, P2, P3 = _parts(PART, R, S0, S1, S2, N0, N1, N2)
+    it = pid * 0
+    nt = pid * 0
+    for _ in range(NL):
+        if FIRST <= 0 and LAST >= 0:
+            it, nt = _consume(ring_w, ring_x, ready, empty, stored, freed, O0, P0, TICK, CNT, it, nt, pid, G, T0, S0,
+                              K0, N0, 0, MODE, num_warps)  # fmt: skip
+        if FIRST <= 1 and LAST >= 1:
+            it, nt = _consume(ring_w, ring_x, ready, empty, stored, freed, O1, P1, TICK, CNT, it, nt, pid, G, T1, S1,
+                              K1, N1, 1, MODE, num_warps)  # fmt: skip
+        if FIRST <= 2 and LAST >= 2:
+            it, nt = _consume(ring_w, ring_x, ready, empty, stored, freed, O2, P2, TICK, CNT, it, nt, pid, G, T2, S2,
+                              K2, N2, 2, MODE, num_warps)  # fmt: skip
+        if FIRST <= 3 and LAST >= 3:
+            it, nt = _consume(ring_w, ring_x, ready, empty, stored, freed, O3, P3, TICK, CNT, it, nt, pid, G, T3, S3,
+                              K3, N3, 3, MODE, num_warps)  # fmt: skip
+    if (MODE & SIGNAL_WARP_) == 0:
+        _launch_end(TICK, CNT, G, T0, T1, T2, T3, num_warps, MODE)
 
 
 @gluon.jit
@@ -471,23 +548,38 @@ def _chain_kernel(w0, w1, w2, w3, x0, x1, x2, x3, x0b, O0, O1, O2, O3, N0, N1, N
     ring_x = gl.allocate_shared_memory(x0.dtype, [DEPTH, R, BK], x0.layout)
     ready = gl.allocate_shared_memory(gl.int64, [DEPTH, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [DEPTH, 1], mbarrier.MBarrierLayout())
+    stored = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # (SIGNAL_WARP's hand-over)
+    freed = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     TWO: gl.constexpr = (MODE & TWO_PRODUCERS_) != 0 and (MODE & X_LOADS_) != 0
     for i in gl.static_range(DEPTH):
         mbarrier.init(ready.index(i), count=2 if TWO else 1)
         mbarrier.init(empty.index(i), count=1)
+    for i in gl.static_range(2):
+        mbarrier.init(stored.index(i), count=1)
+        mbarrier.init(freed.index(i), count=1)
     if TWO:
         gl.warp_specialize([
-            (_consumer, (ring_w, ring_x, ready, empty, O0, O1, O2, O3, N0, N1, N2, N3, PART, TICK, CNT, pid, G, NL,
-                         T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, FIRST, LAST, MODE, num_warps)),
+            (_consumer, (ring_w, ring_x, ready, empty, stored, freed, O0, O1, O2, O3, N0, N1, N2, N3, PART, TICK, CNT,
+                         pid, G, NL, T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, FIRST, LAST, MODE, num_warps)),
             (_producer_w, (w0, w1, w2, w3, ring_w, ready, empty, pid, G, T0, T1, T2, T3, S0, S1, S2, S3,
                            K0, K1, K2, K3, FIRST, LAST, MODE)),
             (_producer_x, (x0, x1, x2, x3, ring_x, ready, empty, CNT, pid, G, T0, T1, T2, T3, S0, S1, S2, S3,
                            K0, K1, K2, K3, A1, A2, A3, FIRST, LAST, MODE)),
         ], [1, 1], [24, 24])  # fmt: skip
+    elif (MODE & SIGNAL_WARP_) != 0:
+        gl.warp_specialize([
+            (_consumer, (ring_w, ring_x, ready, empty, stored, freed, O0, O1, O2, O3, N0, N1, N2, N3, PART, TICK, CNT,
+                         pid, G, NL, T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, FIRST, LAST, MODE, num_warps)),
+            (_producer, (w0, w1, w2, w3, x0, x1, x2, x3, x0b, ring_w, ring_x, ready, empty, CNT, TICK, pid, G, NL,
+                         T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, E0, E1, E2, E3, A0, A1, A2, A3, FIRST, LAST,
+                         MODE)),
+            (_signaller, (stored, freed, O0, O1, O2, O3, N0, N1, N2, N3, PART, TICK, CNT, pid, G, NL, T0, T1, T2, T3,
+                          S0, S1, S2, S3, R, BN, FIRST, LAST, MODE)),
+        ], [1, 1], [24, 80])  # fmt: skip
     else:
         gl.warp_specialize([
-            (_consumer, (ring_w, ring_x, ready, empty, O0, O1, O2, O3, N0, N1, N2, N3, PART, TICK, CNT, pid, G, NL,
-                         T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, FIRST, LAST, MODE, num_warps)),
+            (_consumer, (ring_w, ring_x, ready, empty, stored, freed, O0, O1, O2, O3, N0, N1, N2, N3, PART, TICK, CNT,
+                         pid, G, NL, T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, FIRST, LAST, MODE, num_warps)),
             (_producer, (w0, w1, w2, w3, x0, x1, x2, x3, x0b, ring_w, ring_x, ready, empty, CNT, TICK, pid, G, NL,
                          T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, E0, E1, E2, E3, A0, A1, A2, A3, FIRST, LAST,
                          MODE)),
@@ -623,6 +715,8 @@ def trace_rows(st: torch.Tensor, tiles: list[int], splits: list[int]) -> list[di
 
 def describe(mode: int) -> str:
     """What a MODE leaves out, in words."""
+    if mode & SIGNAL_WARP:
+        return describe(mode & ~SIGNAL_WARP) + ", a signal warp"
     if mode & AHEAD_ONCE:
         return describe(mode & ~AHEAD_ONCE) + ", ahead once a phase"
     if mode & TILE_WAITS:
