@@ -50,7 +50,12 @@ import sys
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .ring import report, shapes, time_layers
@@ -81,9 +86,13 @@ AHEAD_ONCE = 1 << 11
 # a warp of its own counts the tiles (and takes the tickets, and sums the splits): the consumer hands it each stored
 # tile through shared memory and goes on to its next task instead of waiting for its release to complete
 SIGNAL_WARP = 1 << 12
+# split sums without tickets: every phase's output is float32, one per layer, zeroed before the launch; the splits
+# add into it (red.add) and count, and the next phase reads it (float32 boxes, made bf16 in shared memory by the
+# consumer before each product)
+RED_SUMS = 1 << 13
 X_LOADS_, WAITS_, PRODUCTS_, SIGNALS_, TICKETS_, FENCES_ = (gl.constexpr(1 << i) for i in range(6))  # (in kernels)
-TWO_PRODUCERS_, TRACE_, BACKOFF_, ROTATE_, TILE_WAITS_, AHEAD_ONCE_, SIGNAL_WARP_ = (
-    gl.constexpr(1 << i) for i in range(6, 13)
+TWO_PRODUCERS_, TRACE_, BACKOFF_, ROTATE_, TILE_WAITS_, AHEAD_ONCE_, SIGNAL_WARP_, RED_SUMS_ = (
+    gl.constexpr(1 << i) for i in range(6, 14)
 )
 SPAN = 64  # TILE_WAITS: the most stages a task may have (one poll reads all their tiles' counters)
 SPAN_ = gl.constexpr(SPAN)
@@ -201,7 +210,7 @@ def _wait_for_stage(TC, CNT, pid, t, i, k0, rot, stages, target, twin, P: gl.con
 
 
 @gluon.jit
-def _produce(wdesc, xdesc, ring_w, ring_x, ready, empty, CNT, TICK, it, pid, G, layer, tiles, S, stages, pre,
+def _produce(wdesc, xdesc, ring_w, ring_x, ready, empty, CNT, TICK, it, pid, G, layer, xrow, tiles, S, stages, pre,
              target, twin, WAIT_ON: gl.constexpr, MODE: gl.constexpr):  # fmt: skip
     """One phase of layer ``layer``'s copies for this program: for each task, the weight boxes of its first ``pre``
     stages, then (if this launch ran the phase ``WAIT_ON`` before) the wait for that phase's tiles, then the
@@ -246,7 +255,7 @@ def _produce(wdesc, xdesc, ring_w, ring_x, ready, empty, CNT, TICK, it, pid, G, 
                     upto = _wait_for_stage(TC, CNT, pid, t, i, k0, rot, stages, target, twin, WAIT_ON + 1, BN,
                                            MODE)  # fmt: skip
             if X:
-                _tma_load(xdesc, [0, _k(k0, i, rot, stages)], ready.index(s), ring_x.index(s))
+                _tma_load(xdesc, [xrow, _k(k0, i, rot, stages)], ready.index(s), ring_x.index(s))
         it += stages
     return it
 
@@ -326,7 +335,8 @@ def _count(CNT, TICK, tile, P: gl.constexpr, MODE: gl.constexpr):
 
 
 @gluon.jit
-def _consume(ring_w, ring_x, ready, empty, stored, freed, OUT, PART, TICK, CNT, it, nt, pid, G, tiles, S, stages, N,
+def _consume(ring_w, ring_x, xs, ready, empty, stored, freed, OUT, PART, TICK, CNT, it, nt, pid, G, ly, tiles, S,
+             stages, N,
              P: gl.constexpr, MODE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     """One phase's products for this program: ``acc[BN, ROWS] = W_tile @ x^T`` over the task's stages; then the
     tile in bf16 (one split), or the partial and a ticket, the last split of a tile summing all of them in order.
@@ -342,6 +352,8 @@ def _consume(ring_w, ring_x, ready, empty, stored, freed, OUT, PART, TICK, CNT, 
     rn = gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
     rm = gl.arange(0, R, layout=gl.SliceLayout(0, MMA))
     offs = rm[None, :] * N + rn[:, None]
+    RED: gl.constexpr = (MODE & RED_SUMS_) != 0
+    XL: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [num_warps, 1], [1, 0])  # (RED: a float32 box in registers)
     for t in range(pid, tiles * S, G):
         tile = t % tiles
         split = t // tiles
@@ -357,7 +369,14 @@ def _consume(ring_w, ring_x, ready, empty, stored, freed, OUT, PART, TICK, CNT, 
             if (MODE & PRODUCTS_) == 0:
                 mbarrier.arrive(empty.index(s), count=1)
             else:
-                acc = warpgroup_mma(ring_w.index(s), ring_x.index(s).permute((1, 0)), acc, is_async=True)
+                if RED:  # the box in bf16, in one of two buffers (the product before may still read the other)
+                    xb = xs.index(j % 2)
+                    xb.store(ring_x.index(s).load(XL).to(gl.bfloat16))
+                    fence_async_shared()
+                    _barrier()
+                else:
+                    xb = ring_x.index(s)
+                acc = warpgroup_mma(ring_w.index(s), xb.permute((1, 0)), acc, is_async=True)
                 acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
                 if i > 0:  # the product of stage i - 1 is done: its slot may be refilled
                     mbarrier.arrive(empty.index((j - 1) % depth), count=1)
@@ -367,7 +386,12 @@ def _consume(ring_w, ring_x, ready, empty, stored, freed, OUT, PART, TICK, CNT, 
             mbarrier.arrive(empty.index((it - 1) % depth), count=1)
         if (MODE & SIGNALS_) != 0:
             tile_out = OUT + tile * BN + offs
-            if S == 1:
+            if RED:  # this layer's rows of the float32 output: the split's product stored, or added
+                if S == 1:
+                    gl.store(tile_out + ly * R * N, acc)
+                else:
+                    gl.atomic_add(tile_out + ly * R * N, acc, sem="relaxed")
+            elif S == 1:
                 gl.store(tile_out, acc.to(gl.bfloat16))
             else:
                 gl.store(PART + split * R * N + tile * BN + offs, acc)  # (PART: this phase's own)
@@ -455,24 +479,27 @@ def _producer(w0, w1, w2, w3, x0, x1, x2, x3, x0b, ring_w, ring_x, ready, empty,
               T3, S0, S1, S2, S3, K0, K1, K2, K3, E0, E1, E2, E3, A0, A1, A2, A3, FIRST: gl.constexpr,
               LAST: gl.constexpr, MODE: gl.constexpr):  # fmt: skip
     BN: gl.constexpr = w0.block_type.shape[0]
+    R: gl.constexpr = x0.block_type.shape[0]
+    RED: gl.constexpr = (MODE & RED_SUMS_) != 0  # (then each layer's activations are rows of their own)
     twin = S2 * K2 * BK // BN  # down's K is gate/up's first half: each box's up tile is this many tiles on
     it = pid * 0
     for ly in range(NL):  # counters only grow within a launch: layer ly waits for ly + 1 times a layer's counts
+        xr = ly * R if RED else 0
         if FIRST <= 0 and LAST >= 0:
             if ly == 0:
-                it = _produce(w0, x0, ring_w, ring_x, ready, empty, CNT, TICK, it, pid, G, ly, T0, S0, K0, E0, 0, 0,
-                              -1, MODE)  # fmt: skip
+                it = _produce(w0, x0, ring_w, ring_x, ready, empty, CNT, TICK, it, pid, G, ly, 0, T0, S0, K0, E0, 0,
+                              0, -1, MODE)  # fmt: skip
             else:  # the layer before's Q/K/V (its first columns, as wide as O's input) stands in for attention
-                it = _produce(w0, x0b, ring_w, ring_x, ready, empty, CNT, TICK, it, pid, G, ly, T0, S0, K0, E0,
-                              ly * A0, 0, 3, MODE)  # fmt: skip
+                it = _produce(w0, x0b, ring_w, ring_x, ready, empty, CNT, TICK, it, pid, G, ly, xr - R if RED else 0,
+                              T0, S0, K0, E0, ly * A0, 0, 3, MODE)  # fmt: skip
         if FIRST <= 1 and LAST >= 1:
-            it = _produce(w1, x1, ring_w, ring_x, ready, empty, CNT, TICK, it, pid, G, ly, T1, S1, K1, E1,
+            it = _produce(w1, x1, ring_w, ring_x, ready, empty, CNT, TICK, it, pid, G, ly, xr, T1, S1, K1, E1,
                           (ly + 1) * A1, 0, 0 if FIRST <= 0 else -1, MODE)  # fmt: skip
         if FIRST <= 2 and LAST >= 2:
-            it = _produce(w2, x2, ring_w, ring_x, ready, empty, CNT, TICK, it, pid, G, ly, T2, S2, K2, E2,
+            it = _produce(w2, x2, ring_w, ring_x, ready, empty, CNT, TICK, it, pid, G, ly, xr, T2, S2, K2, E2,
                           (ly + 1) * A2, twin, 1 if FIRST <= 1 else -1, MODE)  # fmt: skip
         if FIRST <= 3 and LAST >= 3:
-            it = _produce(w3, x3, ring_w, ring_x, ready, empty, CNT, TICK, it, pid, G, ly, T3, S3, K3, E3,
+            it = _produce(w3, x3, ring_w, ring_x, ready, empty, CNT, TICK, it, pid, G, ly, xr, T3, S3, K3, E3,
                           (ly + 1) * A3, 0, 2 if FIRST <= 2 else -1, MODE)  # fmt: skip
 
 
@@ -501,26 +528,26 @@ def _launch_end(TICK, CNT, G, T0, T1, T2, T3, num_warps: gl.constexpr, MODE: gl.
 
 
 @gluon.jit
-def _consumer(ring_w, ring_x, ready, empty, stored, freed, O0, O1, O2, O3, N0, N1, N2, N3, PART, TICK, CNT, pid, G,
+def _consumer(ring_w, ring_x, xs, ready, empty, stored, freed, O0, O1, O2, O3, N0, N1, N2, N3, PART, TICK, CNT, pid, G,
               NL, T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, FIRST: gl.constexpr, LAST: gl.constexpr,
               MODE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     R: gl.constexpr = ring_x.type.shape[1]
     P0, P1, P2, P3 = _parts(PART, R, S0, S1, S2, N0, N1, N2)
     it = pid * 0
     nt = pid * 0
-    for _ in range(NL):
+    for ly in range(NL):
         if FIRST <= 0 and LAST >= 0:
-            it, nt = _consume(ring_w, ring_x, ready, empty, stored, freed, O0, P0, TICK, CNT, it, nt, pid, G, T0, S0,
-                              K0, N0, 0, MODE, num_warps)  # fmt: skip
+            it, nt = _consume(ring_w, ring_x, xs, ready, empty, stored, freed, O0, P0, TICK, CNT, it, nt, pid, G,
+                              ly, T0, S0, K0, N0, 0, MODE, num_warps)  # fmt: skip
         if FIRST <= 1 and LAST >= 1:
-            it, nt = _consume(ring_w, ring_x, ready, empty, stored, freed, O1, P1, TICK, CNT, it, nt, pid, G, T1, S1,
-                              K1, N1, 1, MODE, num_warps)  # fmt: skip
+            it, nt = _consume(ring_w, ring_x, xs, ready, empty, stored, freed, O1, P1, TICK, CNT, it, nt, pid, G,
+                              ly, T1, S1, K1, N1, 1, MODE, num_warps)  # fmt: skip
         if FIRST <= 2 and LAST >= 2:
-            it, nt = _consume(ring_w, ring_x, ready, empty, stored, freed, O2, P2, TICK, CNT, it, nt, pid, G, T2, S2,
-                              K2, N2, 2, MODE, num_warps)  # fmt: skip
+            it, nt = _consume(ring_w, ring_x, xs, ready, empty, stored, freed, O2, P2, TICK, CNT, it, nt, pid, G,
+                              ly, T2, S2, K2, N2, 2, MODE, num_warps)  # fmt: skip
         if FIRST <= 3 and LAST >= 3:
-            it, nt = _consume(ring_w, ring_x, ready, empty, stored, freed, O3, P3, TICK, CNT, it, nt, pid, G, T3, S3,
-                              K3, N3, 3, MODE, num_warps)  # fmt: skip
+            it, nt = _consume(ring_w, ring_x, xs, ready, empty, stored, freed, O3, P3, TICK, CNT, it, nt, pid, G,
+                              ly, T3, S3, K3, N3, 3, MODE, num_warps)  # fmt: skip
     if (MODE & SIGNAL_WARP_) == 0:
         _launch_end(TICK, CNT, G, T0, T1, T2, T3, num_warps, MODE)
 
@@ -545,7 +572,9 @@ def _chain_kernel(w0, w1, w2, w3, x0, x1, x2, x3, x0b, O0, O1, O2, O3, N0, N1, N
     BN: gl.constexpr = w0.block_type.shape[0]
     R: gl.constexpr = x0.block_type.shape[0]
     ring_w = gl.allocate_shared_memory(w0.dtype, [DEPTH, BN, BK], w0.layout)
-    ring_x = gl.allocate_shared_memory(x0.dtype, [DEPTH, R, BK], x0.layout)
+    ring_x = gl.allocate_shared_memory(x0.dtype, [DEPTH, R, BK], x0.layout)  # (float32 with RED_SUMS)
+    XS: gl.constexpr = 2 if (MODE & RED_SUMS_) != 0 else 1
+    xs = gl.allocate_shared_memory(gl.bfloat16, [XS, R, BK], gl.NVMMASharedLayout.get_default_for([R, BK], gl.bfloat16))
     ready = gl.allocate_shared_memory(gl.int64, [DEPTH, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [DEPTH, 1], mbarrier.MBarrierLayout())
     stored = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # (SIGNAL_WARP's hand-over)
@@ -559,8 +588,9 @@ def _chain_kernel(w0, w1, w2, w3, x0, x1, x2, x3, x0b, O0, O1, O2, O3, N0, N1, N
         mbarrier.init(freed.index(i), count=1)
     if TWO:
         gl.warp_specialize([
-            (_consumer, (ring_w, ring_x, ready, empty, stored, freed, O0, O1, O2, O3, N0, N1, N2, N3, PART, TICK, CNT,
-                         pid, G, NL, T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, FIRST, LAST, MODE, num_warps)),
+            (_consumer, (ring_w, ring_x, xs, ready, empty, stored, freed, O0, O1, O2, O3, N0, N1, N2, N3, PART,
+                         TICK, CNT, pid, G, NL, T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, FIRST, LAST, MODE,
+                         num_warps)),
             (_producer_w, (w0, w1, w2, w3, ring_w, ready, empty, pid, G, T0, T1, T2, T3, S0, S1, S2, S3,
                            K0, K1, K2, K3, FIRST, LAST, MODE)),
             (_producer_x, (x0, x1, x2, x3, ring_x, ready, empty, CNT, pid, G, T0, T1, T2, T3, S0, S1, S2, S3,
@@ -568,8 +598,9 @@ def _chain_kernel(w0, w1, w2, w3, x0, x1, x2, x3, x0b, O0, O1, O2, O3, N0, N1, N
         ], [1, 1], [24, 24])  # fmt: skip
     elif (MODE & SIGNAL_WARP_) != 0:
         gl.warp_specialize([
-            (_consumer, (ring_w, ring_x, ready, empty, stored, freed, O0, O1, O2, O3, N0, N1, N2, N3, PART, TICK, CNT,
-                         pid, G, NL, T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, FIRST, LAST, MODE, num_warps)),
+            (_consumer, (ring_w, ring_x, xs, ready, empty, stored, freed, O0, O1, O2, O3, N0, N1, N2, N3, PART,
+                         TICK, CNT, pid, G, NL, T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, FIRST, LAST, MODE,
+                         num_warps)),
             (_producer, (w0, w1, w2, w3, x0, x1, x2, x3, x0b, ring_w, ring_x, ready, empty, CNT, TICK, pid, G, NL,
                          T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, E0, E1, E2, E3, A0, A1, A2, A3, FIRST, LAST,
                          MODE)),
@@ -578,8 +609,9 @@ def _chain_kernel(w0, w1, w2, w3, x0, x1, x2, x3, x0b, O0, O1, O2, O3, N0, N1, N
         ], [1, 1], [24, 80])  # fmt: skip
     else:
         gl.warp_specialize([
-            (_consumer, (ring_w, ring_x, ready, empty, stored, freed, O0, O1, O2, O3, N0, N1, N2, N3, PART, TICK, CNT,
-                         pid, G, NL, T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, FIRST, LAST, MODE, num_warps)),
+            (_consumer, (ring_w, ring_x, xs, ready, empty, stored, freed, O0, O1, O2, O3, N0, N1, N2, N3, PART,
+                         TICK, CNT, pid, G, NL, T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, FIRST, LAST, MODE,
+                         num_warps)),
             (_producer, (w0, w1, w2, w3, x0, x1, x2, x3, x0b, ring_w, ring_x, ready, empty, CNT, TICK, pid, G, NL,
                          T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, E0, E1, E2, E3, A0, A1, A2, A3, FIRST, LAST,
                          MODE)),
@@ -587,6 +619,13 @@ def _chain_kernel(w0, w1, w2, w3, x0, x1, x2, x3, x0b, O0, O1, O2, O3, N0, N1, N
 
 
 # -- the host side -------------------------------------------------------------------------------------------------
+
+
+def shared_bytes(depth: int, red: bool) -> int:
+    """A program's shared memory: ``depth`` slots of a weight box and an activation box (float32 with RED_SUMS,
+    which also takes two bf16 boxes to multiply from), and its barriers."""
+    x = ROWS * TILE[1] * (4 if red else 2)
+    return depth * (TILE[0] * TILE[1] * 2 + x) + (2 * ROWS * TILE[1] * 2 if red else 0) + 1024
 
 
 def chain_shapes(s: dict) -> list[tuple[int, int]]:
@@ -604,13 +643,16 @@ def splits_for(n: int, k: int, programs: int) -> int:
 
 class Chain:
     """Launches of :func:`_chain_kernel` for one layer shape: ``launches`` 1 (a layer's four phases), 4 (one each),
-    or 0 (every layer's phases in one launch: call it with :meth:`weights`'s ``stack``)."""
+    or 0 (``layers`` layers' phases in one launch: call it with :meth:`weights`'s ``stack``). Called with the first
+    activation's descriptors in bf16 and in float32 (RED_SUMS reads float32); returns the last layer's outputs."""
 
-    def __init__(self, s: dict, depth: int, ahead: bool, launches: int, per_sm: int, splits=None, mode: int = FULL):
+    def __init__(self, s: dict, depth: int, ahead: bool, launches: int, per_sm: int, splits=None, mode: int = FULL,
+                 layers: int = 1):  # fmt: skip
         self.shapes = chain_shapes(s)
         self.inter = s["inter"]
         self.G = torch.cuda.get_device_properties(0).multi_processor_count * per_sm  # all resident: they wait
-        if (depth * (TILE[0] + ROWS) * TILE[1] * 2 + 1024) * per_sm > SHARED:
+        self.red = bool(mode & RED_SUMS)
+        if shared_bytes(depth, self.red) * per_sm > SHARED:
             raise ValueError(f"depth {depth} does not fit {per_sm} programs per SM")
         self.splits = list(splits) if splits else [splits_for(n, k, self.G) for n, k in self.shapes]
         for (n, k), sp in zip(self.shapes, self.splits):
@@ -622,6 +664,8 @@ class Chain:
         self.depth, self.launches, self.mode = depth, launches, mode
         # what phase p waits for: phase p - 1's tiles (each counted by its last split), or with no tickets its tasks;
         # with TILE_WAITS, what one tile's counter must reach
+        if self.red and mode & (TICKETS | TWO_PRODUCERS):
+            raise ValueError("RED_SUMS makes the sums without tickets, and takes one producer")
         per_tile = [1 if mode & TICKETS or sp == 1 else sp for sp in self.splits]
         done = [t * c for t, c in zip(self.tiles, per_tile)]
         self.targets = (per_tile if mode & TILE_WAITS else done)[:3]
@@ -634,8 +678,20 @@ class Chain:
         self.cnt = torch.zeros(STAGES_AT + TRACED * MAXIT * 2, dtype=torch.int32, **dev)
         self.tick = torch.zeros(8 * TMAX, dtype=torch.int32, **dev)  # the tickets, then the tile counters
         self.part = torch.empty(sum(sp * ROWS * n for (n, _), sp in zip(self.shapes, self.splits)), **dev)
-        self.outs = [torch.zeros(ROWS, n, dtype=torch.bfloat16, **dev) for n, _ in self.shapes]
-        xl = _layout([ROWS, TILE[1]])
+        if self.red:  # float32 outputs, a layer's rows each; the phases with splits first, the part zeroed per launch
+            nl = layers if launches == 0 else 1
+            sizes = [nl * ROWS * n for n, _ in self.shapes]
+            order = sorted(range(4), key=lambda p: self.splits[p] == 1)
+            buf = torch.empty(sum(sizes), **dev)
+            self.zeroed = buf[: sum(sizes[p] for p in order if self.splits[p] > 1)]
+            self.outs, at = [None] * 4, 0
+            for p in order:
+                self.outs[p] = buf[at : at + sizes[p]].view(nl * ROWS, self.shapes[p][0])
+                at += sizes[p]
+            xl = gl.NVMMASharedLayout(0, 32, 2)  # (the consumer reads the box into registers: no swizzle needed)
+        else:
+            self.outs = [torch.zeros(ROWS, n, dtype=torch.bfloat16, **dev) for n, _ in self.shapes]
+            xl = _layout([ROWS, TILE[1]])
         ins = [None, self.outs[0], self.outs[1][:, : self.inter], self.outs[2], self.outs[3][:, : self.shapes[0][1]]]
         self.xdescs = [None] + [TensorDescriptor.from_tensor(x, [ROWS, TILE[1]], xl) for x in ins[1:]]
 
@@ -652,8 +708,10 @@ class Chain:
             out.append(dict(w=ws, descs=[desc(w) for w in ws]))
         return out, dict(w=stacked, descs=[desc(w) for w in stacked], layers=layers)
 
-    def __call__(self, x0desc, lw: dict) -> list[torch.Tensor]:
-        xs = [x0desc] + self.xdescs[1:]
+    def __call__(self, x0descs, lw: dict) -> list[torch.Tensor]:
+        xs = [x0descs[self.red]] + self.xdescs[1:]
+        if self.red:
+            self.zeroed.zero_()
         ranges = [(0, 3)] if self.launches in (0, 1) else [(p, p) for p in range(4)]
         for first, last in ranges:
             _chain_kernel[(self.G,)](
@@ -661,7 +719,7 @@ class Chain:
                 *self.stages, *self.pre, self.a0, *self.targets, self.part, self.tick, self.cnt, self.G,
                 lw.get("layers", 1), first, last, self.depth, self.mode, num_warps=4, maxnreg=128,
             )  # fmt: skip
-        return self.outs
+        return [o[-ROWS:] for o in self.outs]
 
 
 def trace(chain: Chain, x0desc, lw: dict) -> list[dict]:
@@ -715,6 +773,8 @@ def trace_rows(st: torch.Tensor, tiles: list[int], splits: list[int]) -> list[di
 
 def describe(mode: int) -> str:
     """What a MODE leaves out, in words."""
+    if mode & RED_SUMS:
+        return describe(mode & ~RED_SUMS).replace("tickets: sums not made", "tickets") + ", sums by red.add"
     if mode & SIGNAL_WARP:
         return describe(mode & ~SIGNAL_WARP) + ", a signal warp"
     if mode & AHEAD_ONCE:
@@ -766,7 +826,8 @@ def measure(model: str, depths: list[int], per_sm: int, bandwidth: float, splits
     layers, stack = Chain.weights(s, s["layers"])
     floor = sum(n * k * 2 for n, k in chain_shapes(s)) / bandwidth * 1e6
     x0 = torch.randn(ROWS, s["dq"], device="cuda", dtype=torch.bfloat16)
-    x0desc = TensorDescriptor.from_tensor(x0, [ROWS, TILE[1]], _layout([ROWS, TILE[1]]))
+    x0desc = (TensorDescriptor.from_tensor(x0, [ROWS, TILE[1]], _layout([ROWS, TILE[1]])),
+              TensorDescriptor.from_tensor(x0.float(), [ROWS, TILE[1]], gl.NVMMASharedLayout(0, 32, 2)))  # fmt: skip
     bufs = [torch.empty(ROWS, n, device="cuda", dtype=torch.bfloat16) for n, _ in chain_shapes(s)]
     base = dict(model=model, rows=ROWS, floor_us=floor, per_sm=per_sm, bn=TILE[0])
     rows = [dict(base, variant="cuBLAS, a call per GEMM",
@@ -780,8 +841,13 @@ def measure(model: str, depths: list[int], per_sm: int, bandwidth: float, splits
                 (X_LOADS | PRODUCTS | two, 1, False), (0, 1, False)]  # fmt: skip
     for depth in depths:
         for mode, launches, ahead in variants:
-            chain = Chain(s, depth, ahead, launches, per_sm, splits, mode)
-            checked = mode & TICKETS and mode & WAITS  # (without waits, the products read what is there)
+            try:
+                chain = Chain(s, depth, ahead, launches, per_sm, splits, mode, len(layers))
+            except ValueError as exc:  # (a variant that does not fit leaves the others)
+                print(f"!! {model} depth {depth} mode {mode}: {exc}", flush=True)
+                continue
+            # the sums are made (and checked) with tickets or RED_SUMS; without waits the products read what is there
+            checked = mode & (TICKETS | RED_SUMS) and mode & WAITS
             whole = launches == 0
             for _ in range(2 if checked else 1):  # the second launch checks that tickets and counters were reset
                 got = chain(x0desc, stack if whole else layers[0])
@@ -839,8 +905,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for model in args.model.split(","):
         for per_sm in (int(v) for v in args.per_sm.split(",")):
-            slot = (TILE[0] + ROWS) * TILE[1] * 2
-            depths = [d for d in (int(v) for v in args.depth.split(",")) if (d * slot + 1024) * per_sm <= SHARED]
+            depths = [d for d in (int(v) for v in args.depth.split(",")) if shared_bytes(d, False) * per_sm <= SHARED]
             try:
                 rows += measure(model, depths, per_sm, bandwidth, splits, traces, variants)
             except Exception as exc:  # noqa: BLE001 (one model's failure leaves the others' rows)
