@@ -387,10 +387,15 @@ def _consume(ring_w, ring_x, xs, ready, empty, stored, freed, OUT, PART, TICK, C
         if (MODE & SIGNALS_) != 0:
             tile_out = OUT + tile * BN + offs
             if RED:  # this layer's rows of the float32 output: the split's product stored, or added
+                # (four consecutive columns a thread: one 16-byte red.add, not four)
+                RL: gl.constexpr = gl.BlockedLayout([4, 1], [16, 2], [1, num_warps], [0, 1])
+                vn = gl.arange(0, BN, layout=gl.SliceLayout(1, RL))
+                vm = gl.arange(0, R, layout=gl.SliceLayout(0, RL))
+                dst = OUT + (ly * R + vm[None, :]) * N + tile * BN + vn[:, None]
                 if S == 1:
-                    gl.store(tile_out + ly * R * N, acc)
+                    gl.store(dst, gl.convert_layout(acc, RL))
                 else:
-                    gl.atomic_add(tile_out + ly * R * N, acc, sem="relaxed")
+                    gl.atomic_add(dst, gl.convert_layout(acc, RL), sem="relaxed")
             elif S == 1:
                 gl.store(tile_out, acc.to(gl.bfloat16))
             else:
@@ -623,9 +628,10 @@ def _chain_kernel(w0, w1, w2, w3, x0, x1, x2, x3, x0b, O0, O1, O2, O3, N0, N1, N
 
 def shared_bytes(depth: int, red: bool) -> int:
     """A program's shared memory: ``depth`` slots of a weight box and an activation box (float32 with RED_SUMS,
-    which also takes two bf16 boxes to multiply from), and its barriers."""
+    which also takes two bf16 boxes to multiply from and a tile's float32 to store), and its barriers."""
     x = ROWS * TILE[1] * (4 if red else 2)
-    return depth * (TILE[0] * TILE[1] * 2 + x) + (2 * ROWS * TILE[1] * 2 if red else 0) + 1024
+    extra = 2 * ROWS * TILE[1] * 2 + TILE[0] * ROWS * 4 if red else 0  # (and the outputs' change of layout)
+    return depth * (TILE[0] * TILE[1] * 2 + x) + extra + 1024
 
 
 def chain_shapes(s: dict) -> list[tuple[int, int]]:
