@@ -8,6 +8,7 @@ name without a GPU, so CI checks that each variant the engine launches compiles 
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -34,14 +35,17 @@ def _compile(fn, types: dict[str, str], constexprs: dict, num_warps: int = 4, al
                               target=TARGET, options={"num_warps": num_warps, **opts})  # fmt: skip
 
 
-def _compile_gluon(fn, args: list, constexprs: dict, maxnreg: int) -> str:
+def _compile_gluon(fn, args: list, constexprs: dict, maxnreg: int, aligned: tuple = ()) -> str:
     """Lower the Gluon kernel ``fn`` for sm_90 with ``args`` (every argument, in order, constexprs included) at
-    ``maxnreg`` registers a thread; returns its PTX."""
+    ``maxnreg`` registers a thread, the arguments named in ``aligned`` known to be multiples of 16 (as the launcher
+    finds them); returns its PTX."""
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
     signature = {n: "constexpr" if n in constexprs else mangle_type(a) for n, a in zip(fn.arg_names, args)}
-    source = GluonASTSource(fn, signature, constexprs={(fn.arg_names.index(n),): v for n, v in constexprs.items()})
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    source = GluonASTSource(fn, signature, constexprs={(fn.arg_names.index(n),): v for n, v in constexprs.items()},
+                            attrs=attrs)  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return triton.compile(source, target=TARGET, options={"num_warps": 4, "maxnreg": maxnreg}).asm["ptx"]
@@ -144,25 +148,40 @@ def test_the_split_projection_compiles(rows, bn, dtype):
     assert "setmaxnreg.dec.sync.aligned.u32 \t24" in ptx
 
 
-@pytest.mark.parametrize("mode", ["full", "two producers, traced, spaced polls, rotated"])
+CHAIN_MODES = ["full", "two producers, traced, spaced polls, rotated", "gate 3: sums by red.add, a signal warp"]
+
+
+@pytest.mark.parametrize("mode", CHAIN_MODES)
 def test_the_chain_bench_compiles(mode):
-    """bench.wschain (the megakernel's second gate) lowers for sm_90 in the variants it times: the producer's wait
-    acquires (and fences the TMA proxy after it), the tiles' counts release, the register budget is given back."""
+    """bench.wschain (the megakernel's second and third gates) lowers for sm_90 in the variants it times: the
+    producer's wait acquires (and fences the TMA proxy after it), the tiles' counts release, the register budget is
+    given back; the third gate's split sums are 16-byte atomic adds of float32, its tile waits poll every stage's
+    counters at once and order the copies after them for the whole warp."""
     import torch
 
     C = pytest.importorskip("bench.wschain")  # (Gluon, as this Triton spells it)
-    bits = C.FULL | (C.TWO_PRODUCERS | C.TRACE | C.BACKOFF | C.ROTATE if mode != "full" else 0)
-    w, x = torch.empty(2048, 2048, dtype=torch.bfloat16), torch.empty(32, 2048, dtype=torch.bfloat16)
+    gate3 = C.RED_SUMS | C.SIGNAL_WARP | C.AHEAD_ONCE | C.TILE_WAITS | C.TRACE
+    bits = {CHAIN_MODES[0]: C.FULL, CHAIN_MODES[1]: C.FULL | C.TWO_PRODUCERS | C.TRACE | C.BACKOFF | C.ROTATE,
+            CHAIN_MODES[2]: C.FULL & ~C.TICKETS & ~C.FENCES | gate3}[mode]  # fmt: skip
+    act = torch.float32 if bits & C.RED_SUMS else torch.bfloat16  # (the activations and outputs)
+    w, x = torch.empty(2048, 2048, dtype=torch.bfloat16), torch.empty(32, 2048, dtype=act)
     wdesc = C.TensorDescriptor.from_tensor(w, list(C.TILE), C._layout(list(C.TILE)))
-    xdesc = C.TensorDescriptor.from_tensor(x, [C.ROWS, C.TILE[1]], C._layout([C.ROWS, C.TILE[1]]))
+    xl = C.gl.NVMMASharedLayout(0, 32, 2) if bits & C.RED_SUMS else C._layout([C.ROWS, C.TILE[1]])
+    xdesc = C.TensorDescriptor.from_tensor(x, [C.ROWS, C.TILE[1]], xl)
     consts = {"FIRST": 0, "LAST": 3, "DEPTH": 8, "MODE": bits, "num_warps": 4}
-    args = [wdesc] * 4 + [xdesc] * 4 + [torch.empty(32, 2048, dtype=torch.bfloat16)] * 4 + [2048] * 4 + [32] * 4
-    args += [4] * 4 + [8] * 4 + [8] * 4 + [32] * 3  # splits, stages, boxes before the wait, wait targets
+    args = [wdesc] * 4 + [xdesc] * 5 + [torch.empty(32, 2048, dtype=act)] * 4 + [2048] * 4 + [32] * 4
+    args += [4] * 4 + [8] * 4 + [8] * 4 + [32] * 4  # splits, stages, boxes before the wait, wait targets
     counts = torch.empty(8, dtype=torch.int32)
-    args += [torch.empty(8), counts, counts, 132, 0, 3, 8, bits, 4]  # partials, tickets, counters, programs, ...
-    ptx = _compile_gluon(C._chain_kernel, args, consts, 128)
+    args += [torch.empty(8), counts, counts, 132, 16, 0, 3, 8, bits, 4]  # partials, tickets, counters, programs, ...
+    aligned = ("O0", "O1", "O2", "O3", "N0", "N1", "N2", "N3", "PART", "TICK", "CNT")
+    ptx = _compile_gluon(C._chain_kernel, args, consts, 128, aligned)
     assert "ld.acquire.gpu.global.b32" in ptx and "fence.proxy.async.global" in ptx
     assert "global.gpu.release.add" in ptx  # the tiles' counts (an atom, or a red where the result goes unused)
-    assert "atom.global.gpu.acq_rel.add" in ptx  # the tickets
     assert "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16" in ptx and "setmaxnreg.dec" in ptx
-    assert ("globaltimer" in ptx) == (mode != "full") and ("nanosleep" in ptx) == (mode != "full")
+    traced = bits & C.TRACE != 0
+    assert ("globaltimer" in ptx) == traced and ("nanosleep" in ptx) == (bits & C.BACKOFF != 0)
+    if bits & C.RED_SUMS:
+        assert re.search(r"(red|atom)\.global\.gpu\.relaxed\.add\.v4\.f32", ptx)  # one add per 4 columns
+        assert "bar.warp.sync" in ptx  # the tile waits' lanes, before the copies
+    # the launch's end takes one acquire-release count; the tickets one more each phase (none with red.add)
+    assert (ptx.count("atom.global.gpu.acq_rel.add") > 1) == (bits & C.TICKETS != 0)
