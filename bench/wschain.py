@@ -1,5 +1,6 @@
-"""Issue 16, the megakernel's second gate: does a warp-specialised weight stream that crosses the boundaries between
-a decode layer's GEMMs hide what each GEMM's own launch costs?
+"""Issue 16, the megakernel's second and third gates: does a warp-specialised weight stream that crosses the
+boundaries between a decode layer's GEMMs (gate 2), and then between its layers (gate 3), hide what each GEMM's own
+launch costs, and what do the dependencies between the GEMMs cost?
 
 Gate 1 (``bench/wsgemm.py``, session 24) found that a kernel reading one projection's weights takes its floor plus
 ~2 µs per launch whatever it does, so a layer of one launch per GEMM cannot come within 15 % of its floor. Session
@@ -9,7 +10,9 @@ own:
 
 - one persistent launch runs the work between two attentions of a layer as four phases: O, gate/up, down, and the
   next layer's Q/K/V (no norms, no SiLU: the four weights are the bytes; the activation of each phase is the
-  previous phase's output, gate/up's first ``inter`` columns standing in for SiLU(gate) * up);
+  previous phase's output, gate/up's first ``inter`` columns standing in for SiLU(gate) * up). With ``launches`` 0
+  it runs every layer's four phases (each weight stacked over the layers); a layer's O then reads the first
+  columns of the Q/K/V before it and waits for all of it (attention's stand-in);
 - a phase is tasks of 64 weight rows times a split of K (``bench.wsgemm``'s tiles); program ``pid`` takes tasks
   ``pid, pid + G, ...`` of every phase in turn;
 - a one-warp producer copies each stage's weight box and activation box by TMA into a ring of ``depth`` slots. With
@@ -22,24 +25,31 @@ own:
 
 Variants, every layer with its own weights in one CUDA graph (µs per layer; the floor is the four weights at the
 copy bandwidth measured in the same run):
-- ``one launch`` (``ahead`` or not): the four phases in one launch;
+- ``one launch`` (``ahead`` or not): the four phases in one launch; ``one launch for every layer`` (launches 0);
 - ``a launch per phase``: the same kernel, one phase per launch (the per-op structure with the same GEMM);
 - ``cuBLAS``: four ``torch.mm`` per layer;
 - ``MODE`` flags (``--modes MODE:launches,...``; :data:`FULL` is the chain) take parts away (the activations'
   copies, the waits, the products, the stores and counts, the tickets, the per-thread fences) or change the way:
   ``TWO_PRODUCERS`` (the weights' producer never waits), ``BACKOFF`` (spaced polls), ``ROTATE`` (K orders per
-  program); ``TRACE`` (``--trace``) stamps each program's phases with the global timer; ``--bn 128`` takes 128-row
-  weight tiles.
+  program); ``TRACE`` (``--trace``) stamps each program's phases, and every stage of four programs, with the global
+  timer; ``--bn 128`` takes 128-row weight tiles. Gate 3's: ``TILE_WAITS`` (a stage waits only for the tiles it
+  reads), ``AHEAD_ONCE`` (weights ahead only before a phase's first wait), ``SIGNAL_WARP`` (a warp of its own
+  counts), ``RED_SUMS`` (the splits add into float32 outputs: no tickets).
+- Without stores (``SIGNALS``) nothing reads the products, and ptxas drops most of them (8 of the chain's 32 wgmma
+  instructions are left, by ``cuobjdump -sass``): those rows measure the weights' and activations' streams, not the
+  products. The least a chain with every product costs is the ``SIGNALS`` row without waits.
 
-Each variant with tickets is first checked against torch (each phase's bf16 output within 2 % of its largest
-value), twice (the tickets and counters reset themselves).
+Each variant that makes its sums and waits (tickets, or ``RED_SUMS``) is first checked against torch (each phase's
+output within 2 % of its largest value; 5 % after every layer in one launch), twice (the tickets and counters reset
+themselves).
 
     python -m bench.wschain --model llama-1b,mistral-3b --depth 6,8 --json out.json
 
 Session 25 (docs/benchmarks.md): one launch streams a layer's weights at 1.06-1.07x the floor (1.27-1.45x with a
-launch per phase), and with every activation and product at 1.07-1.09x while nothing waits; with the waits, counts
-and tickets the chain is 1.47-1.87x, no faster than cuBLAS per GEMM. It needs a Hopper card and Triton's Gluon (3.6
-on the card; CI compiles it with 3.9).
+launch per phase); with the waits, counts and tickets the chain is 1.47-1.87x, no faster than cuBLAS per GEMM.
+Session 26: every layer in one launch, a signal warp and red.add sums: the correct chain is 1.24-1.96x its floor
+over the six families (cuBLAS one call per GEMM 1.37-2.45x, same runs); the waits at the phase boundaries, 2-3 µs
+each, are most of what is left. It needs a Hopper card and Triton's Gluon (3.6 on the card; CI compiles it with 3.9).
 """
 
 from __future__ import annotations
@@ -797,7 +807,7 @@ def describe(mode: int) -> str:
         return "the chain"
     if mode == FULL & ~FENCES & ~TICKETS & ~X_LOADS:
         return "the chain without fences, tickets, activations' copies"
-    if mode & ~(X_LOADS | PRODUCTS) == 0:
+    if mode & ~(X_LOADS | PRODUCTS) == 0:  # (products nothing stores: ptxas drops most; see the docstring)
         parts = ["weights"] + (["activations"] if mode & X_LOADS else []) + (["products"] if mode & PRODUCTS else [])
         return " + ".join(parts) + " only (no waits, no stores)"
     gone = [n for n, f in (("waits", WAITS), ("fences", FENCES), ("tickets: sums not made", TICKETS)) if not mode & f]
