@@ -434,6 +434,45 @@ def test_the_chain_bench_splits_and_reads_its_trace():
     assert rows[2]["last counted"] == (5.25, 5.25, 5.25) and "wait over" in rows[3]
 
 
+def test_the_chain_bench_traces_stages_and_chains_layers():
+    """bench.wschain's third gate, host side: every stage stamp of the four traced programs is placed in its phase,
+    task and stage, and a wait shows up where it happened; the torch reference chains the layers (a layer's O reads
+    the first columns of the Q/K/V before it); the shared memory a variant takes decides whether it runs; the flags
+    are named in a row's variant."""
+    torch = pytest.importorskip("torch")
+    C = pytest.importorskip("bench.wschain")
+
+    chain = C.Chain.__new__(C.Chain)  # (the host side only: a chain's shape, no card)
+    chain.G, chain.tiles, chain.splits, chain.stages = 4, [2, 6, 1, 1], [2, 1, 1, 1], [2, 3, 2, 2]
+    chain.cnt = torch.zeros(C.STAGES_AT + C.TRACED * C.MAXIT * 2, dtype=torch.int32)
+    st = chain.cnt[C.STAGES_AT :].view(torch.int64).view(C.TRACED, C.MAXIT)
+    st[:, :20] = torch.arange(20) * 250 + 1_795_975_307_409_677_000
+    st[0, 5:] += 2_000  # program 0 (tasks 0 of phase 0, 0 and 4 of phase 1, 0 of 2 and of 3) waits before stage 5
+    lines = C.stage_gaps(chain)
+    assert len(lines) == 4 and lines[0].startswith("program 0: first stage ready at 0.0, last at 4.8;")
+    assert "2.2 before phase 1 task 1 stage 0 (at 3.2)" in lines[0] and "0.25 / 0.25 / 0.25 / 0.25" in lines[0]
+    assert lines[3].startswith("program 3:") and "waits: none" in lines[3] and "- / -" in lines[3]
+
+    torch.manual_seed(0)
+    layers = [[torch.randn(n, k) / k**0.5 for n, k in ((8, 4), (12, 8), (8, 6), (10, 8))] for _ in range(3)]
+    x0 = torch.randn(2, 4)
+    one = C.reference(x0, layers[:1], inter=6)
+    assert [tuple(o.shape) for o in one] == [(2, 8), (2, 12), (2, 8), (2, 10)]
+    assert torch.equal(one[2], (one[1][:, :6].float() @ layers[0][2].T).bfloat16())  # down reads gate/up's first 6
+    three = C.reference(x0, layers, inter=6)
+    two = C.reference(x0, layers[:2], inter=6)
+    assert torch.equal(three[0], (two[3][:, :4].float() @ layers[2][0].T).bfloat16())
+
+    assert C.shared_bytes(8, False) == 8 * (8192 + 4096) + 1024
+    assert C.shared_bytes(8, True) == 8 * (8192 + 8192) + 2 * 4096 + 8192 + 1024  # float32 boxes, bf16 copies
+    assert C.shared_bytes(12, True) <= C.SHARED < C.shared_bytes(14, True)  # (one program per SM)
+    assert 2 * C.shared_bytes(6, True) <= C.SHARED < 2 * C.shared_bytes(7, True)  # (two)
+    assert C.describe(C.FULL & ~C.FENCES & ~C.TICKETS | C.RED_SUMS | C.SIGNAL_WARP | C.TILE_WAITS) == (
+        "the chain without fences, tickets, tile waits, a signal warp, sums by red.add"
+    )
+    assert C.describe(C.X_LOADS | C.PRODUCTS | C.SIGNALS) == "the chain without waits, fences, tickets: sums not made"
+
+
 def test_the_kernel_spikes_report_a_table_and_their_json(tmp_path, capsys, monkeypatch):
     """bench.ring's ``report`` (bench.ring, bench.wsgemm and bench.wschain end with it): a markdown row per result,
     and the JSON layout of their committed raw results (the copy bandwidth, the card, the rows)."""
