@@ -48,8 +48,9 @@ themselves).
 Session 25 (docs/benchmarks.md): one launch streams a layer's weights at 1.06-1.07x the floor (1.27-1.45x with a
 launch per phase); with the waits, counts and tickets the chain is 1.47-1.87x, no faster than cuBLAS per GEMM.
 Session 26: every layer in one launch, a signal warp and red.add sums: the correct chain is 1.24-1.96x its floor
-over the six families (cuBLAS one call per GEMM 1.37-2.45x, same runs); the waits at the phase boundaries, 2-3 µs
-each, are most of what is left. It needs a Hopper card and Triton's Gluon (3.6 on the card; CI compiles it with 3.9).
+over the six families (cuBLAS one call per GEMM 1.37-2.45x, same runs); the waits at the phase boundaries, 2-3.6
+µs each, are most of what is left. It needs a Hopper card and Triton's Gluon (3.6 on the card; CI compiles it with
+3.9).
 """
 
 from __future__ import annotations
@@ -224,7 +225,8 @@ def _produce(wdesc, xdesc, ring_w, ring_x, ready, empty, CNT, TICK, it, pid, G, 
              target, twin, WAIT_ON: gl.constexpr, MODE: gl.constexpr):  # fmt: skip
     """One phase of layer ``layer``'s copies for this program: for each task, the weight boxes of its first ``pre``
     stages, then (if this launch ran the phase ``WAIT_ON`` before) the wait for that phase's tiles, then the
-    activation boxes of those stages, then both boxes of every later stage as slots free up. With TILE_WAITS each
+    activation boxes of those stages (from row ``xrow``: RED_SUMS keeps a layer's activations in rows of their own),
+    then both boxes of every later stage as slots free up. With TILE_WAITS each
     activation box of phases 1-3 waits only for its own tiles of the phase before (``MODE``: see :data:`FULL`); the
     output projection of a later layer waits for the whole Q/K/V before it (attention's stand-in)."""
     depth: gl.constexpr = ring_w.type.shape[0]
@@ -346,8 +348,7 @@ def _count(CNT, TICK, tile, P: gl.constexpr, MODE: gl.constexpr):
 
 @gluon.jit
 def _consume(ring_w, ring_x, xs, ready, empty, stored, freed, OUT, PART, TICK, CNT, it, nt, pid, G, ly, tiles, S,
-             stages, N,
-             P: gl.constexpr, MODE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+             stages, N, P: gl.constexpr, MODE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     """One phase's products for this program: ``acc[BN, ROWS] = W_tile @ x^T`` over the task's stages; then the
     tile in bf16 (one split), or the partial and a ticket, the last split of a tile summing all of them in order.
     ``MODE`` (see :data:`FULL`) takes parts away: without products each slot is freed as soon as it has landed;
@@ -493,6 +494,7 @@ def _signaller(stored, freed, O0, O1, O2, O3, N0, N1, N2, N3, PART, TICK, CNT, p
 def _producer(w0, w1, w2, w3, x0, x1, x2, x3, x0b, ring_w, ring_x, ready, empty, CNT, TICK, pid, G, NL, T0, T1, T2,
               T3, S0, S1, S2, S3, K0, K1, K2, K3, E0, E1, E2, E3, A0, A1, A2, A3, FIRST: gl.constexpr,
               LAST: gl.constexpr, MODE: gl.constexpr):  # fmt: skip
+    """The producer warp: every layer's phases FIRST..LAST in turn (:func:`_produce`)."""
     BN: gl.constexpr = w0.block_type.shape[0]
     R: gl.constexpr = x0.block_type.shape[0]
     RED: gl.constexpr = (MODE & RED_SUMS_) != 0  # (then each layer's activations are rows of their own)
@@ -569,6 +571,7 @@ def _consumer(ring_w, ring_x, xs, ready, empty, stored, freed, O0, O1, O2, O3, N
 
 @gluon.jit
 def _zero(X, n, r):
+    """``X[:n] = 0``, ``r.shape[0]`` at a time."""
     for i in range(0, n, r.shape[0]):
         gl.store(X + i + r, 0, mask=i + r < n)
 
