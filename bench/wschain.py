@@ -49,7 +49,9 @@ Session 25 (docs/benchmarks.md): one launch streams a layer's weights at 1.06-1.
 launch per phase); with the waits, counts and tickets the chain is 1.47-1.87x, no faster than cuBLAS per GEMM.
 Session 26: every layer in one launch, a signal warp and red.add sums: the correct chain is 1.24-1.96x its floor
 over the six families (cuBLAS one call per GEMM 1.37-2.45x, same runs); the waits at the phase boundaries, 2-3.6
-µs each, are most of what is left. It needs a Hopper card and Triton's Gluon (3.6 on the card; CI compiles it with
+µs each, are most of what is left, likely because the consumer (0.26-0.29 µs a weight box) is no faster than the
+stream and never catches up (not yet tested; ``--bn 128`` with ``RED_SUMS`` compiles, and is the first test). It
+needs a Hopper card and Triton's Gluon (3.6 on the card; CI compiles it with
 3.9).
 """
 
