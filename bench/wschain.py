@@ -34,7 +34,8 @@ copy bandwidth measured in the same run):
   program); ``TRACE`` (``--trace``) stamps each program's phases, and every stage of four programs, with the global
   timer; ``--bn 128`` takes 128-row weight tiles. Gate 3's: ``TILE_WAITS`` (a stage waits only for the tiles it
   reads), ``AHEAD_ONCE`` (weights ahead only before a phase's first wait), ``SIGNAL_WARP`` (a warp of its own
-  counts), ``RED_SUMS`` (the splits add into float32 outputs: no tickets).
+  counts), ``RED_SUMS`` (the splits add into float32 outputs: no tickets); ``INFLIGHT2`` (two products in flight;
+  compiled in session 26, not yet run).
 - Without stores (``SIGNALS``) nothing reads the products, and ptxas drops most of them (8 of the chain's 32 wgmma
   instructions are left, by ``cuobjdump -sass``): those rows measure the weights' and activations' streams, not the
   products. The least a chain with every product costs is the ``SIGNALS`` row without waits.
@@ -50,7 +51,7 @@ launch per phase); with the waits, counts and tickets the chain is 1.47-1.87x, n
 Session 26: every layer in one launch, a signal warp and red.add sums: the correct chain is 1.24-1.96x its floor
 over the six families (cuBLAS one call per GEMM 1.37-2.45x, same runs); the waits at the phase boundaries, 2-3.6
 µs each, are most of what is left, likely because the consumer (0.26-0.29 µs a weight box) is no faster than the
-stream and never catches up (not yet tested; ``--bn 128`` with ``RED_SUMS`` compiles, and is the first test). It
+stream and never catches up (not yet tested; ``--bn 128`` with ``RED_SUMS``, and ``INFLIGHT2``, are the first tests). It
 needs a Hopper card and Triton's Gluon (3.6 on the card; CI compiles it with
 3.9).
 """
@@ -103,9 +104,12 @@ SIGNAL_WARP = 1 << 12
 # add into it (red.add) and count, and the next phase reads it (float32 boxes, made bf16 in shared memory by the
 # consumer before each product)
 RED_SUMS = 1 << 13
+# two products in flight instead of one (a slot is refilled two stages after its product was issued), against a
+# consumer no faster than the stream (session 26's reading of its traces); compiled, not yet run on a card
+INFLIGHT2 = 1 << 14
 X_LOADS_, WAITS_, PRODUCTS_, SIGNALS_, TICKETS_, FENCES_ = (gl.constexpr(1 << i) for i in range(6))  # (in kernels)
-TWO_PRODUCERS_, TRACE_, BACKOFF_, ROTATE_, TILE_WAITS_, AHEAD_ONCE_, SIGNAL_WARP_, RED_SUMS_ = (
-    gl.constexpr(1 << i) for i in range(6, 14)
+TWO_PRODUCERS_, TRACE_, BACKOFF_, ROTATE_, TILE_WAITS_, AHEAD_ONCE_, SIGNAL_WARP_, RED_SUMS_, INFLIGHT2_ = (
+    gl.constexpr(1 << i) for i in range(6, 15)
 )
 SPAN = 64  # TILE_WAITS: the most stages a task may have (one poll reads all their tiles' counters)
 SPAN_ = gl.constexpr(SPAN)
@@ -367,6 +371,8 @@ def _consume(ring_w, ring_x, xs, ready, empty, stored, freed, OUT, PART, TICK, C
     offs = rm[None, :] * N + rn[:, None]
     RED: gl.constexpr = (MODE & RED_SUMS_) != 0
     XL: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [num_warps, 1], [1, 0])  # (RED: a float32 box in registers)
+    FLIGHT: gl.constexpr = 2 if (MODE & INFLIGHT2_) != 0 else 1  # products in flight
+    NXS: gl.constexpr = xs.type.shape[0]
     for t in range(pid, tiles * S, G):
         tile = t % tiles
         split = t // tiles
@@ -382,21 +388,23 @@ def _consume(ring_w, ring_x, xs, ready, empty, stored, freed, OUT, PART, TICK, C
             if (MODE & PRODUCTS_) == 0:
                 mbarrier.arrive(empty.index(s), count=1)
             else:
-                if RED:  # the box in bf16, in one of two buffers (the product before may still read the other)
-                    xb = xs.index(j % 2)
+                if RED:  # the box in bf16, in one of FLIGHT + 1 buffers (the products in flight read the others)
+                    xb = xs.index(j % NXS)
                     xb.store(ring_x.index(s).load(XL).to(gl.bfloat16))
                     fence_async_shared()
                     _barrier()
                 else:
                     xb = ring_x.index(s)
                 acc = warpgroup_mma(ring_w.index(s), xb.permute((1, 0)), acc, is_async=True)
-                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-                if i > 0:  # the product of stage i - 1 is done: its slot may be refilled
-                    mbarrier.arrive(empty.index((j - 1) % depth), count=1)
+                acc = warpgroup_mma_wait(num_outstanding=FLIGHT, deps=(acc,))
+                if i >= FLIGHT:  # the product of stage i - FLIGHT is done: its slot may be refilled
+                    mbarrier.arrive(empty.index((j - FLIGHT) % depth), count=1)
         it += stages
         if (MODE & PRODUCTS_) != 0:
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             mbarrier.arrive(empty.index((it - 1) % depth), count=1)
+            if FLIGHT == 2:  # (a task has 2+ stages: the host checks)
+                mbarrier.arrive(empty.index((it - 2) % depth), count=1)
         if (MODE & SIGNALS_) != 0:
             tile_out = OUT + tile * BN + offs
             if RED:  # this layer's rows of the float32 output: the split's product stored, or added
@@ -593,7 +601,7 @@ def _chain_kernel(w0, w1, w2, w3, x0, x1, x2, x3, x0b, O0, O1, O2, O3, N0, N1, N
     R: gl.constexpr = x0.block_type.shape[0]
     ring_w = gl.allocate_shared_memory(w0.dtype, [DEPTH, BN, BK], w0.layout)
     ring_x = gl.allocate_shared_memory(x0.dtype, [DEPTH, R, BK], x0.layout)  # (float32 with RED_SUMS)
-    XS: gl.constexpr = 2 if (MODE & RED_SUMS_) != 0 else 1
+    XS: gl.constexpr = (3 if (MODE & INFLIGHT2_) != 0 else 2) if (MODE & RED_SUMS_) != 0 else 1
     xs = gl.allocate_shared_memory(gl.bfloat16, [XS, R, BK], gl.NVMMASharedLayout.get_default_for([R, BK], gl.bfloat16))
     ready = gl.allocate_shared_memory(gl.int64, [DEPTH, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [DEPTH, 1], mbarrier.MBarrierLayout())
@@ -641,11 +649,14 @@ def _chain_kernel(w0, w1, w2, w3, x0, x1, x2, x3, x0b, O0, O1, O2, O3, N0, N1, N
 # -- the host side -------------------------------------------------------------------------------------------------
 
 
-def shared_bytes(depth: int, red: bool) -> int:
+def shared_bytes(depth: int, mode: int) -> int:
     """A program's shared memory: ``depth`` slots of a weight box and an activation box (float32 with RED_SUMS,
-    which also takes two bf16 boxes to multiply from and a tile's float32 to store), and its barriers."""
+    which also takes two bf16 boxes to multiply from, three with INFLIGHT2, and a tile's float32 to store), and its
+    barriers."""
+    red = mode & RED_SUMS
     x = ROWS * TILE[1] * (4 if red else 2)
-    extra = 2 * ROWS * TILE[1] * 2 + TILE[0] * ROWS * 4 if red else 0  # (and the outputs' change of layout)
+    copies = 3 if mode & INFLIGHT2 else 2
+    extra = copies * ROWS * TILE[1] * 2 + TILE[0] * ROWS * 4 if red else 0  # (and the outputs' change of layout)
     return depth * (TILE[0] * TILE[1] * 2 + x) + extra + 1024
 
 
@@ -673,7 +684,7 @@ class Chain:
         self.inter = s["inter"]
         self.G = torch.cuda.get_device_properties(0).multi_processor_count * per_sm  # all resident: they wait
         self.red = bool(mode & RED_SUMS)
-        if shared_bytes(depth, self.red) * per_sm > SHARED:
+        if shared_bytes(depth, mode) * per_sm > SHARED:
             raise ValueError(f"depth {depth} does not fit {per_sm} programs per SM")
         self.splits = list(splits) if splits else [splits_for(n, k, self.G) for n, k in self.shapes]
         for (n, k), sp in zip(self.shapes, self.splits):
@@ -690,6 +701,8 @@ class Chain:
         per_tile = [1 if mode & TICKETS or sp == 1 else sp for sp in self.splits]
         done = [t * c for t, c in zip(self.tiles, per_tile)]
         self.targets = (per_tile if mode & TILE_WAITS else done)[:3]
+        if mode & INFLIGHT2 and min(self.stages) < 2:
+            raise ValueError("two products in flight take two or more stages a task")
         if mode & TILE_WAITS and (mode & TWO_PRODUCERS or max(self.stages) > SPAN):
             raise ValueError(f"tile waits take one producer and at most {SPAN} stages a task")
         if launches == 0 and mode & TWO_PRODUCERS:
@@ -794,6 +807,8 @@ def trace_rows(st: torch.Tensor, tiles: list[int], splits: list[int]) -> list[di
 
 def describe(mode: int) -> str:
     """What a MODE leaves out, in words."""
+    if mode & INFLIGHT2:
+        return describe(mode & ~INFLIGHT2) + ", two products in flight"
     if mode & RED_SUMS:
         return describe(mode & ~RED_SUMS).replace("tickets: sums not made", "tickets") + ", sums by red.add"
     if mode & SIGNAL_WARP:
@@ -926,7 +941,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for model in args.model.split(","):
         for per_sm in (int(v) for v in args.per_sm.split(",")):
-            depths = [d for d in (int(v) for v in args.depth.split(",")) if shared_bytes(d, False) * per_sm <= SHARED]
+            depths = [d for d in (int(v) for v in args.depth.split(",")) if shared_bytes(d, 0) * per_sm <= SHARED]
             try:
                 rows += measure(model, depths, per_sm, bandwidth, splits, traces, variants)
             except Exception as exc:  # noqa: BLE001 (one model's failure leaves the others' rows)

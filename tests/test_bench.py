@@ -463,10 +463,12 @@ def test_the_chain_bench_traces_stages_and_chains_layers():
     two = C.reference(x0, layers[:2], inter=6)
     assert torch.equal(three[0], (two[3][:, :4].float() @ layers[2][0].T).bfloat16())
 
-    assert C.shared_bytes(8, False) == 8 * (8192 + 4096) + 1024
-    assert C.shared_bytes(8, True) == 8 * (8192 + 8192) + 2 * 4096 + 8192 + 1024  # float32 boxes, bf16 copies
-    assert C.shared_bytes(12, True) <= C.SHARED < C.shared_bytes(14, True)  # (one program per SM)
-    assert 2 * C.shared_bytes(6, True) <= C.SHARED < 2 * C.shared_bytes(7, True)  # (two)
+    red = C.RED_SUMS
+    assert C.shared_bytes(8, 0) == 8 * (8192 + 4096) + 1024
+    assert C.shared_bytes(8, red) == 8 * (8192 + 8192) + 2 * 4096 + 8192 + 1024  # float32 boxes, bf16 copies
+    assert C.shared_bytes(8, red | C.INFLIGHT2) == C.shared_bytes(8, red) + 4096  # a third copy
+    assert C.shared_bytes(12, red) <= C.SHARED < C.shared_bytes(14, red)  # (one program per SM)
+    assert 2 * C.shared_bytes(6, red) <= C.SHARED < 2 * C.shared_bytes(7, red)  # (two)
     assert C.describe(C.FULL & ~C.FENCES & ~C.TICKETS | C.RED_SUMS | C.SIGNAL_WARP | C.TILE_WAITS) == (
         "the chain without fences, tickets, tile waits, a signal warp, sums by red.add"
     )

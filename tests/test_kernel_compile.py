@@ -148,7 +148,8 @@ def test_the_split_projection_compiles(rows, bn, dtype):
     assert "setmaxnreg.dec.sync.aligned.u32 \t24" in ptx
 
 
-CHAIN_MODES = ["full", "two producers, traced, spaced polls, rotated", "gate 3: sums by red.add, a signal warp"]
+CHAIN_MODES = ["full", "two producers, traced, spaced polls, rotated", "gate 3: sums by red.add, a signal warp",
+               "gate 3, two products in flight"]  # fmt: skip
 
 
 @pytest.mark.parametrize("mode", CHAIN_MODES)
@@ -162,7 +163,8 @@ def test_the_chain_bench_compiles(mode):
     C = pytest.importorskip("bench.wschain")  # (Gluon, as this Triton spells it)
     gate3 = C.RED_SUMS | C.SIGNAL_WARP | C.AHEAD_ONCE | C.TILE_WAITS | C.TRACE
     bits = {CHAIN_MODES[0]: C.FULL, CHAIN_MODES[1]: C.FULL | C.TWO_PRODUCERS | C.TRACE | C.BACKOFF | C.ROTATE,
-            CHAIN_MODES[2]: C.FULL & ~C.TICKETS & ~C.FENCES | gate3}[mode]  # fmt: skip
+            CHAIN_MODES[2]: C.FULL & ~C.TICKETS & ~C.FENCES | gate3,
+            CHAIN_MODES[3]: C.FULL & ~C.TICKETS & ~C.FENCES | C.RED_SUMS | C.INFLIGHT2}[mode]  # fmt: skip
     act = torch.float32 if bits & C.RED_SUMS else torch.bfloat16  # (the activations and outputs)
     w, x = torch.empty(2048, 2048, dtype=torch.bfloat16), torch.empty(32, 2048, dtype=act)
     wdesc = C.TensorDescriptor.from_tensor(w, list(C.TILE), C._layout(list(C.TILE)))
@@ -182,6 +184,9 @@ def test_the_chain_bench_compiles(mode):
     assert ("globaltimer" in ptx) == traced and ("nanosleep" in ptx) == (bits & C.BACKOFF != 0)
     if bits & C.RED_SUMS:
         assert re.search(r"(red|atom)\.global\.gpu\.relaxed\.add\.v4\.f32", ptx)  # one add per 4 columns
+    if bits & C.TILE_WAITS:
         assert "bar.warp.sync" in ptx  # the tile waits' lanes, before the copies
+    # the products wait for all but one (or two) in flight
+    assert bool(re.search(r"wgmma\.wait_group\.sync\.aligned\s+2;", ptx)) == bool(bits & C.INFLIGHT2)
     # the launch's end takes one acquire-release count; the tickets one more each phase (none with red.add)
     assert (ptx.count("atom.global.gpu.acq_rel.add") > 1) == (bits & C.TICKETS != 0)
