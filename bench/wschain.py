@@ -34,8 +34,9 @@ copy bandwidth measured in the same run):
   program); ``TRACE`` (``--trace``) stamps each program's phases, and every stage of four programs, with the global
   timer; ``--bn 128`` takes 128-row weight tiles. Gate 3's: ``TILE_WAITS`` (a stage waits only for the tiles it
   reads), ``AHEAD_ONCE`` (weights ahead only before a phase's first wait), ``SIGNAL_WARP`` (a warp of its own
-  counts), ``RED_SUMS`` (the splits add into float32 outputs: no tickets); ``INFLIGHT2`` (two products in flight;
-  compiled in session 26, not yet run).
+  counts), ``RED_SUMS`` (the splits add into float32 outputs: no tickets); ``INFLIGHT2`` (two products in flight)
+  and ``--warps 8`` with ``--bn 128`` (two consumer warpgroups, 64 weight rows each): compiled in session 26, not yet
+  run.
 - Without stores (``SIGNALS``) nothing reads the products, and ptxas drops most of them (8 of the chain's 32 wgmma
   instructions are left, by ``cuobjdump -sass``): those rows measure the weights' and activations' streams, not the
   products. The least a chain with every product costs is the ``SIGNALS`` row without waits.
@@ -51,7 +52,8 @@ launch per phase); with the waits, counts and tickets the chain is 1.47-1.87x, n
 Session 26: every layer in one launch, a signal warp and red.add sums: the correct chain is 1.24-1.96x its floor
 over the six families (cuBLAS one call per GEMM 1.37-2.45x, same runs); the waits at the phase boundaries, 2-3.6
 µs each, are most of what is left, likely because the consumer (0.26-0.29 µs a weight box) is no faster than the
-stream and never catches up (not yet tested; ``--bn 128`` with ``RED_SUMS``, and ``INFLIGHT2``, are the first tests). It
+stream and never catches up (not yet tested; ``--bn 128``, ``--warps 8`` and ``INFLIGHT2`` with ``RED_SUMS`` are
+the first tests). It
 needs a Hopper card and Triton's Gluon (3.6 on the card; CI compiles it with
 3.9).
 """
@@ -679,11 +681,14 @@ class Chain:
     activation's descriptors in bf16 and in float32 (RED_SUMS reads float32); returns the last layer's outputs."""
 
     def __init__(self, s: dict, depth: int, ahead: bool, launches: int, per_sm: int, splits=None, mode: int = FULL,
-                 layers: int = 1):  # fmt: skip
+                 layers: int = 1, warps: int = 4):  # fmt: skip
         self.shapes = chain_shapes(s)
         self.inter = s["inter"]
         self.G = torch.cuda.get_device_properties(0).multi_processor_count * per_sm  # all resident: they wait
         self.red = bool(mode & RED_SUMS)
+        if warps != 4 and (warps != 8 or TILE[0] != 128):
+            raise ValueError("a consumer of 8 warps (two warpgroups, 64 weight rows each) takes 128-row tiles")
+        self.warps = warps
         if shared_bytes(depth, mode) * per_sm > SHARED:
             raise ValueError(f"depth {depth} does not fit {per_sm} programs per SM")
         self.splits = list(splits) if splits else [splits_for(n, k, self.G) for n, k in self.shapes]
@@ -751,7 +756,7 @@ class Chain:
             _chain_kernel[(self.G,)](
                 *lw["descs"], *xs, *self.outs, *(n for n, _ in self.shapes), *self.tiles, *self.splits,
                 *self.stages, *self.pre, self.a0, *self.targets, self.part, self.tick, self.cnt, self.G,
-                lw.get("layers", 1), first, last, self.depth, self.mode, num_warps=4, maxnreg=128,
+                lw.get("layers", 1), first, last, self.depth, self.mode, num_warps=self.warps, maxnreg=128,
             )  # fmt: skip
         return [o[-ROWS:] for o in self.outs]
 
@@ -857,7 +862,7 @@ def cublas(x0: torch.Tensor, lw: dict, bufs: list[torch.Tensor], inter: int) -> 
 
 
 def measure(model: str, depths: list[int], per_sm: int, bandwidth: float, splits=None, traces=(),
-            variants=None) -> list[dict]:  # fmt: skip
+            variants=None, warps: int = 4) -> list[dict]:  # fmt: skip
     s = shapes(model)
     layers, stack = Chain.weights(s, s["layers"])
     floor = sum(n * k * 2 for n, k in chain_shapes(s)) / bandwidth * 1e6
@@ -865,7 +870,7 @@ def measure(model: str, depths: list[int], per_sm: int, bandwidth: float, splits
     x0desc = (TensorDescriptor.from_tensor(x0, [ROWS, TILE[1]], _layout([ROWS, TILE[1]])),
               TensorDescriptor.from_tensor(x0.float(), [ROWS, TILE[1]], gl.NVMMASharedLayout(0, 32, 2)))  # fmt: skip
     bufs = [torch.empty(ROWS, n, device="cuda", dtype=torch.bfloat16) for n, _ in chain_shapes(s)]
-    base = dict(model=model, rows=ROWS, floor_us=floor, per_sm=per_sm, bn=TILE[0])
+    base = dict(model=model, rows=ROWS, floor_us=floor, per_sm=per_sm, bn=TILE[0], warps=warps)
     rows = [dict(base, variant="cuBLAS, a call per GEMM",
                  us=time_layers(lambda lw: cublas(x0, lw, bufs, s["inter"]), layers))]  # fmt: skip
     want = {1: reference(x0, [layers[0]["w"]], s["inter"])}  # (what one layer's launches give)
@@ -878,7 +883,7 @@ def measure(model: str, depths: list[int], per_sm: int, bandwidth: float, splits
     for depth in depths:
         for mode, launches, ahead in variants:
             try:
-                chain = Chain(s, depth, ahead, launches, per_sm, splits, mode, len(layers))
+                chain = Chain(s, depth, ahead, launches, per_sm, splits, mode, len(layers), warps)
             except ValueError as exc:  # (a variant that does not fit leaves the others)
                 print(f"!! {model} depth {depth} mode {mode}: {exc}", flush=True)
                 continue
@@ -923,6 +928,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-sm", default="2", help="programs per SM, comma-separated (all resident)")
     ap.add_argument("--splits", help="splits of K of the four phases (default: one round of the programs)")
     ap.add_argument("--bn", type=int, default=TILE[0], help="weight rows per tile (64 or 128)")
+    ap.add_argument("--warps", type=int, default=4, help="the consumer's warps: 4, or 8 (two warpgroups) with --bn 128")
     ap.add_argument(
         "--modes",
         help="variants as MODE:launches (ints; launches 0: every layer in one launch), comma-separated "
@@ -943,13 +949,14 @@ def main(argv: list[str] | None = None) -> int:
         for per_sm in (int(v) for v in args.per_sm.split(",")):
             depths = [d for d in (int(v) for v in args.depth.split(",")) if shared_bytes(d, 0) * per_sm <= SHARED]
             try:
-                rows += measure(model, depths, per_sm, bandwidth, splits, traces, variants)
+                rows += measure(model, depths, per_sm, bandwidth, splits, traces, variants, args.warps)
             except Exception as exc:  # noqa: BLE001 (one model's failure leaves the others' rows)
                 print(f"!! {model} per_sm {per_sm}: {type(exc).__name__}: {exc}", flush=True)
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; µs per layer: O, gate/up, down, Q/K/V of a decode layer, "
           f"{ROWS} rows")  # fmt: skip
     report(rows, {"model": lambda r: r["model"], "programs per SM": lambda r: f"{r['per_sm']}",
-                  "weight rows per tile": lambda r: f"{r['bn']}", "depth": lambda r: f"{r.get('depth', '')}",
+                  "weight rows per tile": lambda r: f"{r['bn']}", "consumer warps": lambda r: f"{r['warps']}",
+                  "depth": lambda r: f"{r.get('depth', '')}",
                   "splits": lambda r: f"{r.get('splits', '')}", "variant": lambda r: r["variant"],
                   "µs": lambda r: f"{r['us']:.1f}", "/ floor": lambda r: f"{r['us'] / r['floor_us']:.2f}×"},
            bandwidth, args.json)  # fmt: skip

@@ -35,7 +35,7 @@ def _compile(fn, types: dict[str, str], constexprs: dict, num_warps: int = 4, al
                               target=TARGET, options={"num_warps": num_warps, **opts})  # fmt: skip
 
 
-def _compile_gluon(fn, args: list, constexprs: dict, maxnreg: int, aligned: tuple = ()) -> str:
+def _compile_gluon(fn, args: list, constexprs: dict, maxnreg: int, aligned: tuple = (), num_warps: int = 4) -> str:
     """Lower the Gluon kernel ``fn`` for sm_90 with ``args`` (every argument, in order, constexprs included) at
     ``maxnreg`` registers a thread, the arguments named in ``aligned`` known to be multiples of 16 (as the launcher
     finds them); returns its PTX."""
@@ -48,7 +48,7 @@ def _compile_gluon(fn, args: list, constexprs: dict, maxnreg: int, aligned: tupl
                             attrs=attrs)  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return triton.compile(source, target=TARGET, options={"num_warps": 4, "maxnreg": maxnreg}).asm["ptx"]
+        return triton.compile(source, target=TARGET, options={"num_warps": num_warps, "maxnreg": maxnreg}).asm["ptx"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -149,7 +149,7 @@ def test_the_split_projection_compiles(rows, bn, dtype):
 
 
 CHAIN_MODES = ["full", "two producers, traced, spaced polls, rotated", "gate 3: sums by red.add, a signal warp",
-               "gate 3, two products in flight"]  # fmt: skip
+               "gate 3, two products in flight", "gate 3, 128-row tiles, two consumer warpgroups"]  # fmt: skip
 
 
 @pytest.mark.parametrize("mode", CHAIN_MODES)
@@ -164,19 +164,21 @@ def test_the_chain_bench_compiles(mode):
     gate3 = C.RED_SUMS | C.SIGNAL_WARP | C.AHEAD_ONCE | C.TILE_WAITS | C.TRACE
     bits = {CHAIN_MODES[0]: C.FULL, CHAIN_MODES[1]: C.FULL | C.TWO_PRODUCERS | C.TRACE | C.BACKOFF | C.ROTATE,
             CHAIN_MODES[2]: C.FULL & ~C.TICKETS & ~C.FENCES | gate3,
-            CHAIN_MODES[3]: C.FULL & ~C.TICKETS & ~C.FENCES | C.RED_SUMS | C.INFLIGHT2}[mode]  # fmt: skip
+            CHAIN_MODES[3]: C.FULL & ~C.TICKETS & ~C.FENCES | C.RED_SUMS | C.INFLIGHT2,
+            CHAIN_MODES[4]: C.FULL & ~C.TICKETS & ~C.FENCES | C.RED_SUMS | C.SIGNAL_WARP}[mode]  # fmt: skip
+    warps, tile = (8, [128, C.TILE[1]]) if mode == CHAIN_MODES[4] else (4, list(C.TILE))
     act = torch.float32 if bits & C.RED_SUMS else torch.bfloat16  # (the activations and outputs)
     w, x = torch.empty(2048, 2048, dtype=torch.bfloat16), torch.empty(32, 2048, dtype=act)
-    wdesc = C.TensorDescriptor.from_tensor(w, list(C.TILE), C._layout(list(C.TILE)))
+    wdesc = C.TensorDescriptor.from_tensor(w, tile, C._layout(tile))
     xl = C.gl.NVMMASharedLayout(0, 32, 2) if bits & C.RED_SUMS else C._layout([C.ROWS, C.TILE[1]])
     xdesc = C.TensorDescriptor.from_tensor(x, [C.ROWS, C.TILE[1]], xl)
-    consts = {"FIRST": 0, "LAST": 3, "DEPTH": 8, "MODE": bits, "num_warps": 4}
+    consts = {"FIRST": 0, "LAST": 3, "DEPTH": 8, "MODE": bits, "num_warps": warps}
     args = [wdesc] * 4 + [xdesc] * 5 + [torch.empty(32, 2048, dtype=act)] * 4 + [2048] * 4 + [32] * 4
     args += [4] * 4 + [8] * 4 + [8] * 4 + [32] * 4  # splits, stages, boxes before the wait, wait targets
     counts = torch.empty(8, dtype=torch.int32)
-    args += [torch.empty(8), counts, counts, 132, 16, 0, 3, 8, bits, 4]  # partials, tickets, counters, programs, ...
+    args += [torch.empty(8), counts, counts, 132, 16, 0, 3, 8, bits, warps]  # partials, tickets, counters, programs...
     aligned = ("O0", "O1", "O2", "O3", "N0", "N1", "N2", "N3", "PART", "TICK", "CNT")
-    ptx = _compile_gluon(C._chain_kernel, args, consts, 128, aligned)
+    ptx = _compile_gluon(C._chain_kernel, args, consts, 128, aligned, warps)
     assert "ld.acquire.gpu.global.b32" in ptx and "fence.proxy.async.global" in ptx
     assert "global.gpu.release.add" in ptx  # the tiles' counts (an atom, or a red where the result goes unused)
     assert "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16" in ptx and "setmaxnreg.dec" in ptx
