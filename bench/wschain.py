@@ -53,9 +53,13 @@ Session 26: every layer in one launch, a signal warp and red.add sums: the corre
 over the six families (cuBLAS one call per GEMM 1.37-2.45x, same runs); the waits at the phase boundaries, 2-3.6
 µs each, are most of what is left, likely because the consumer (0.26-0.29 µs a weight box) is no faster than the
 stream and never catches up (not yet tested; ``--bn 128``, ``--warps 8`` and ``INFLIGHT2`` with ``RED_SUMS`` are
-the first tests). It
-needs a Hopper card and Triton's Gluon (3.6 on the card; CI compiles it with
-3.9).
+the first tests). It needs a Hopper card and Triton's Gluon (3.6 on the card; CI compiles it with 3.9).
+
+Next, the first card call of the fourth gate (no code to write; each checked against torch before it is timed):
+
+    python -m bench.wschain --model llama-1b,gemma3-1b --per-sm 1 --depth 8 --modes 14351:0,30735:0
+    python -m bench.wschain --model llama-1b,gemma3-1b --per-sm 1 --depth 8 --bn 128 --modes 14351:0,30735:0
+    python -m bench.wschain --model llama-1b,gemma3-1b --per-sm 1 --depth 8 --bn 128 --warps 8 --modes 14351:0
 """
 
 from __future__ import annotations
