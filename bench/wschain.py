@@ -73,13 +73,12 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
-    warpgroup_mma,
     warpgroup_mma_wait,
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .ring import report, shapes, time_layers
-from .wsgemm import _layout, _tma_load
+from .wsgemm import _layout, _mma_step, _tma_load
 
 _barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # (3.9's name)
 
@@ -401,10 +400,7 @@ def _consume(ring_w, ring_x, xs, ready, empty, stored, freed, OUT, PART, TICK, C
                     _barrier()
                 else:
                     xb = ring_x.index(s)
-                acc = warpgroup_mma(ring_w.index(s), xb.permute((1, 0)), acc, is_async=True)
-                acc = warpgroup_mma_wait(num_outstanding=FLIGHT, deps=(acc,))
-                if i >= FLIGHT:  # the product of stage i - FLIGHT is done: its slot may be refilled
-                    mbarrier.arrive(empty.index((j - FLIGHT) % depth), count=1)
+                acc = _mma_step(ring_w.index(s), xb, acc, empty, i, j, FLIGHT)
         it += stages
         if (MODE & PRODUCTS_) != 0:
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))

@@ -143,6 +143,17 @@ def _ws_producer(wdesc, xdesc, ring_w, ring_x, ready, empty, xbar, n0, k0, rot, 
 
 
 @gluon.jit
+def _mma_step(w, x, acc, empty, i, j, INFLIGHT: gl.constexpr):
+    """A task's ``i``-th stage (the ring's ``j``-th): ``acc += w @ x^T`` by wgmma with INFLIGHT products left in
+    flight, then the slot of the product that is done refilled (stage ``i - INFLIGHT``'s)."""
+    acc = warpgroup_mma(w, x.permute((1, 0)), acc, is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=INFLIGHT, deps=(acc,))
+    if i >= INFLIGHT:
+        mbarrier.arrive(empty.index((j - INFLIGHT) % empty.type.shape[0]), count=1)
+    return acc
+
+
+@gluon.jit
 def _ws_consumer(ring_w, ring_x, ready, empty, xbar, OUT, n0, split, N, rot, STAGES: gl.constexpr,
                  XONCE: gl.constexpr, INFLIGHT: gl.constexpr, MATH: gl.constexpr,
                  num_warps: gl.constexpr):  # fmt: skip
@@ -163,10 +174,7 @@ def _ws_consumer(ring_w, ring_x, ready, empty, xbar, OUT, n0, split, N, rot, STA
                 xs = ring_x.index((i + rot) % STAGES)
             else:
                 xs = ring_x.index(s)
-            acc = warpgroup_mma(ring_w.index(s), xs.permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=INFLIGHT, deps=(acc,))
-            if i >= INFLIGHT:  # the product of stage i - INFLIGHT is done: its slot may be refilled
-                mbarrier.arrive(empty.index((i - INFLIGHT) % DEPTH), count=1)
+            acc = _mma_step(ring_w.index(s), xs, acc, empty, i, i, INFLIGHT)
         else:  # the pipeline alone: a slot is free as soon as it has landed
             mbarrier.arrive(empty.index(s), count=1)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
