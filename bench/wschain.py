@@ -195,7 +195,7 @@ def _wait_for(CNT, pid, target, WAIT_ON: gl.constexpr, MODE: gl.constexpr):
 
 
 @gluon.jit
-def _ready_upto(TC, k0, rot, stages, target, twin, BN: gl.constexpr, MODE: gl.constexpr):
+def _ready_upto(TC, k0, rot, stages, target, twin, BN: gl.constexpr):
     """TILE_WAITS: the first of a task's stages whose activation box is not ready yet (``SPAN`` when all are): the
     box at column ``k`` is made from the tile ``k // BN`` of the phase before and its ``twin`` (the tile ``twin``
     further: down's box of SiLU(gate) * up needs a gate tile and an up tile; 0 for none), each ready when its
@@ -217,12 +217,12 @@ def _wait_for_stage(TC, CNT, pid, t, i, k0, rot, stages, target, twin, P: gl.con
     """TILE_WAITS: spin until stage ``i`` of the task is ready (:func:`_ready_upto`), then order the TMA copies
     issued next after what the lanes acquired (the warp's barrier, then a proxy fence); returns how many leading
     stages are known ready. Stamped (TRACE) when the phase's first task may start."""
-    upto = _ready_upto(TC, k0, rot, stages, target, twin, BN, MODE)
+    upto = _ready_upto(TC, k0, rot, stages, target, twin, BN)
     while upto <= i:
         if (MODE & BACKOFF_) != 0:
             gl.inline_asm_elementwise("nanosleep.u32 128; mov.u32 $0, 0;", "=r,l", [TC], dtype=gl.int32,
                                       is_pure=False, pack=1)  # fmt: skip
-        upto = _ready_upto(TC, k0, rot, stages, target, twin, BN, MODE)
+        upto = _ready_upto(TC, k0, rot, stages, target, twin, BN)
     gl.inline_asm_elementwise("bar.warp.sync -1; fence.proxy.async.global; mov.u32 $0, 0;", "=r,l", [TC],
                               dtype=gl.int32, is_pure=False, pack=1)  # fmt: skip
     if (MODE & TRACE_) != 0:
