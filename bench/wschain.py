@@ -112,9 +112,12 @@ RED_SUMS = 1 << 13
 # two products in flight instead of one (a slot is refilled two stages after its product was issued), against a
 # consumer no faster than the stream (session 26's reading of its traces); compiled, not yet run on a card
 INFLIGHT2 = 1 << 14
+# gate 4: every weight box is the weight's first (one 8 KB box, hot in L2 for every program): the chain as it would
+# run with a free weight stream, so its stage gaps are the consumer's own pace (the sums are wrong: not checked)
+SAME_BOX = 1 << 15
 X_LOADS_, WAITS_, PRODUCTS_, SIGNALS_, TICKETS_, FENCES_ = (gl.constexpr(1 << i) for i in range(6))  # (in kernels)
-TWO_PRODUCERS_, TRACE_, BACKOFF_, ROTATE_, TILE_WAITS_, AHEAD_ONCE_, SIGNAL_WARP_, RED_SUMS_, INFLIGHT2_ = (
-    gl.constexpr(1 << i) for i in range(6, 15)
+TWO_PRODUCERS_, TRACE_, BACKOFF_, ROTATE_, TILE_WAITS_, AHEAD_ONCE_, SIGNAL_WARP_, RED_SUMS_, INFLIGHT2_, SAME_BOX_ = (
+    gl.constexpr(1 << i) for i in range(6, 16)
 )
 SPAN = 64  # TILE_WAITS: the most stages a task may have (one poll reads all their tiles' counters)
 SPAN_ = gl.constexpr(SPAN)
@@ -248,6 +251,7 @@ def _produce(wdesc, xdesc, ring_w, ring_x, ready, empty, CNT, TICK, it, pid, G, 
     WAITS: gl.constexpr = WAIT_ON >= 0 and (MODE & WAITS_) != 0
     TILED: gl.constexpr = WAITS and WAIT_ON < 3 and (MODE & TILE_WAITS_) != 0
     ONCE: gl.constexpr = (MODE & AHEAD_ONCE_) != 0
+    KEEP: gl.constexpr = 0 if (MODE & SAME_BOX_) != 0 else 1  # (SAME_BOX: every weight box at [0, 0])
     TC = TICK + (4 + WAIT_ON) * TMAX_  # the tile counters of the phase before
     for t in range(pid, tiles * S, G):
         n0, k0, rot = _task(t, pid, tiles, stages, BN, MODE)
@@ -261,7 +265,7 @@ def _produce(wdesc, xdesc, ring_w, ring_x, ready, empty, CNT, TICK, it, pid, G, 
             s = j % depth
             mbarrier.wait(empty.index(s), ((j // depth) & 1) ^ 1)  # a fresh barrier counts as freed once
             mbarrier.expect(ready.index(s), nbytes)  # the slot completes when the activation box lands too
-            _tma_load(wdesc, [n0, _k(k0, i, rot, stages)], ready.index(s), ring_w.index(s))
+            _tma_load(wdesc, [n0 * KEEP, _k(k0, i, rot, stages) * KEEP], ready.index(s), ring_w.index(s))
         if not TILED:
             if first or not ONCE:
                 _wait_for(CNT, pid, target, WAIT_ON, MODE)
@@ -272,7 +276,7 @@ def _produce(wdesc, xdesc, ring_w, ring_x, ready, empty, CNT, TICK, it, pid, G, 
             if i >= ahead:
                 mbarrier.wait(empty.index(s), ((j // depth) & 1) ^ 1)
                 mbarrier.expect(ready.index(s), nbytes)
-                _tma_load(wdesc, [n0, _k(k0, i, rot, stages)], ready.index(s), ring_w.index(s))
+                _tma_load(wdesc, [n0 * KEEP, _k(k0, i, rot, stages) * KEEP], ready.index(s), ring_w.index(s))
             if TILED:
                 if i >= upto:
                     upto = _wait_for_stage(TC, CNT, pid, t, i, k0, rot, stages, target, twin, WAIT_ON + 1, BN,
@@ -773,15 +777,19 @@ def trace(chain: Chain, x0desc, lw: dict) -> list[dict]:
     return trace_rows(st.cpu(), chain.tiles, chain.splits)
 
 
-def stage_gaps(chain: Chain, least_us: float = 0.5) -> list[str]:
+def stage_gaps(chain: Chain, least_us: float = 0.5, burst: int = 10) -> list[str]:
     """After :func:`trace`: for each of the four traced programs, the median time between two of its stages being
-    ready, per phase, and every wait of ``least_us`` or more (which phase, task and stage it came before)."""
+    ready, per phase, and every wait of ``least_us`` or more (which phase, task and stage it came before); for the
+    first program, the ``burst`` gaps after each phase's first stage."""
     st = chain.cnt[STAGES_AT:].view(torch.int64).view(TRACED, MAXIT).cpu()
     t0 = st[:, 0].min()
     lines = []
     for sel, pid in enumerate((0, 1, chain.G // 2, chain.G - 1)):
         where = [(p, n, i) for p, (t, sp, k) in enumerate(zip(chain.tiles, chain.splits, chain.stages))
                  for n in range(len(range(pid, t * sp, chain.G))) for i in range(k)]  # fmt: skip
+        if not where:  # (a program with no task: more programs than a phase's tasks)
+            lines.append(f"program {pid}: no task")
+            continue
         at = ((st[sel, : len(where)] - t0).double() / 1e3).tolist()
         per_phase = []
         for p in range(4):
@@ -791,6 +799,11 @@ def stage_gaps(chain: Chain, least_us: float = 0.5) -> list[str]:
                 for (a, b, w) in zip(at, at[1:], where[1:]) if b - a >= least_us]  # fmt: skip
         lines.append(f"program {pid}: first stage ready at {at[0]:.1f}, last at {at[-1]:.1f}; median µs between "
                      f"stages per phase {' / '.join(per_phase)}; waits: {'; '.join(long) or 'none'}")  # fmt: skip
+        if sel == 0:  # after each boundary, the consumer's pace while the stages the ring holds are ready
+            firsts = [n for n, w in enumerate(where) if w[1:] == (0, 0) and n > 0]
+            lines.append(f"program {pid}: µs between its first {burst + 1} stages of each phase after the first: " +
+                         "; ".join(" ".join(f"{b - a:.2f}" for a, b in zip(at[n : n + burst], at[n + 1 : n + burst + 1]))
+                                   for n in firsts))  # fmt: skip
     return lines
 
 
@@ -812,6 +825,8 @@ def trace_rows(st: torch.Tensor, tiles: list[int], splits: list[int]) -> list[di
 
 def describe(mode: int) -> str:
     """What a MODE leaves out, in words."""
+    if mode & SAME_BOX:
+        return describe(mode & ~SAME_BOX) + ", every weight box one box in L2"
     if mode & INFLIGHT2:
         return describe(mode & ~INFLIGHT2) + ", two products in flight"
     if mode & RED_SUMS:
@@ -888,7 +903,7 @@ def measure(model: str, depths: list[int], per_sm: int, bandwidth: float, splits
                 print(f"!! {model} depth {depth} mode {mode}: {exc}", flush=True)
                 continue
             # the sums are made (and checked) with tickets or RED_SUMS; without waits the products read what is there
-            checked = mode & (TICKETS | RED_SUMS) and mode & WAITS
+            checked = mode & (TICKETS | RED_SUMS) and mode & WAITS and not mode & SAME_BOX
             whole = launches == 0
             for _ in range(2 if checked else 1):  # the second launch checks that tickets and counters were reset
                 got = chain(x0desc, stack if whole else layers[0])

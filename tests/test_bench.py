@@ -449,9 +449,13 @@ def test_the_chain_bench_traces_stages_and_chains_layers():
     st[:, :20] = torch.arange(20) * 250 + 1_795_975_307_409_677_000
     st[0, 5:] += 2_000  # program 0 (tasks 0 of phase 0, 0 and 4 of phase 1, 0 of 2 and of 3) waits before stage 5
     lines = C.stage_gaps(chain)
-    assert len(lines) == 4 and lines[0].startswith("program 0: first stage ready at 0.0, last at 4.8;")
+    assert len(lines) == 5 and lines[0].startswith("program 0: first stage ready at 0.0, last at 4.8;")
     assert "2.2 before phase 1 task 1 stage 0 (at 3.2)" in lines[0] and "0.25 / 0.25 / 0.25 / 0.25" in lines[0]
-    assert lines[3].startswith("program 3:") and "waits: none" in lines[3] and "- / -" in lines[3]
+    # program 0's stages after each phase's first: phases 1 (its two tasks: the wait before the second), 2 and 3
+    assert lines[1].endswith(": 0.25 0.25 2.25 0.25 0.25 0.25 0.25 0.25 0.25; 0.25 0.25 0.25; 0.25")
+    assert lines[4].startswith("program 3:") and "waits: none" in lines[4] and "- / -" in lines[4]
+    chain.G = 8  # program 7 (the last traced) has no task in any phase
+    assert C.stage_gaps(chain)[-1] == "program 7: no task"
 
     torch.manual_seed(0)
     layers = [[torch.randn(n, k) / k**0.5 for n, k in ((8, 4), (12, 8), (8, 6), (10, 8))] for _ in range(3)]
