@@ -801,8 +801,8 @@ def stage_gaps(chain: Chain, least_us: float = 0.5, burst: int = 10) -> list[str
                      f"stages per phase {' / '.join(per_phase)}; waits: {'; '.join(long) or 'none'}")  # fmt: skip
         if sel == 0:  # after each boundary, the consumer's pace while the stages the ring holds are ready
             firsts = [n for n, w in enumerate(where) if w[1:] == (0, 0) and n > 0]
-            pace = lambda n: " ".join(f"{b - a:.2f}" for a, b in zip(at[n : n + burst], at[n + 1 : n + burst + 1]))  # noqa: E731
-            gaps = [pace(n) for n in firsts]
+            step = [b - a for a, b in zip(at, at[1:])]
+            gaps = [" ".join(f"{g:.2f}" for g in step[n : n + burst]) for n in firsts]
             lines.append(f"program {pid}: µs between its first {burst + 1} stages of each phase after the first: "
                          + "; ".join(gaps))  # fmt: skip
     return lines
