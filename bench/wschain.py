@@ -115,10 +115,14 @@ INFLIGHT2 = 1 << 14
 # gate 4: every weight box is the weight's first (one 8 KB box, hot in L2 for every program): the chain as it would
 # run with a free weight stream, so its stage gaps are the consumer's own pace (the sums are wrong: not checked)
 SAME_BOX = 1 << 15
+# gate 4, the consumer's parts: RED_SUMS without the float32 box's change to bf16 (the products read bf16 boxes never
+# filled: the change's cost; not checked)
+RAW_X = 1 << 16
 X_LOADS_, WAITS_, PRODUCTS_, SIGNALS_, TICKETS_, FENCES_ = (gl.constexpr(1 << i) for i in range(6))  # (in kernels)
-TWO_PRODUCERS_, TRACE_, BACKOFF_, ROTATE_, TILE_WAITS_, AHEAD_ONCE_, SIGNAL_WARP_, RED_SUMS_, INFLIGHT2_, SAME_BOX_ = (
-    gl.constexpr(1 << i) for i in range(6, 16)
+TWO_PRODUCERS_, TRACE_, BACKOFF_, ROTATE_, TILE_WAITS_, AHEAD_ONCE_, SIGNAL_WARP_, RED_SUMS_ = (
+    gl.constexpr(1 << i) for i in range(6, 14)
 )
+INFLIGHT2_, SAME_BOX_, RAW_X_ = (gl.constexpr(1 << i) for i in range(14, 17))
 SPAN = 64  # TILE_WAITS: the most stages a task may have (one poll reads all their tiles' counters)
 SPAN_ = gl.constexpr(SPAN)
 CNT_STRIDE = 32  # int32s between two counters: each on a line of its own
@@ -399,9 +403,10 @@ def _consume(ring_w, ring_x, xs, ready, empty, stored, freed, OUT, PART, TICK, C
             else:
                 if RED:  # the box in bf16, in one of FLIGHT + 1 buffers (the products in flight read the others)
                     xb = xs.index(j % NXS)
-                    xb.store(ring_x.index(s).load(XL).to(gl.bfloat16))
-                    fence_async_shared()
-                    _barrier()
+                    if (MODE & RAW_X_) == 0:
+                        xb.store(ring_x.index(s).load(XL).to(gl.bfloat16))
+                        fence_async_shared()
+                        _barrier()
                 else:
                     xb = ring_x.index(s)
                 acc = _mma_step(ring_w.index(s), xb, acc, empty, i, j, FLIGHT)
@@ -828,6 +833,8 @@ def describe(mode: int) -> str:
     """What a MODE leaves out, in words."""
     if mode & SAME_BOX:
         return describe(mode & ~SAME_BOX) + ", every weight box one box in L2"
+    if mode & RAW_X:
+        return describe(mode & ~RAW_X) + ", no change to bf16"
     if mode & INFLIGHT2:
         return describe(mode & ~INFLIGHT2) + ", two products in flight"
     if mode & RED_SUMS:
@@ -904,7 +911,7 @@ def measure(model: str, depths: list[int], per_sm: int, bandwidth: float, splits
                 print(f"!! {model} depth {depth} mode {mode}: {exc}", flush=True)
                 continue
             # the sums are made (and checked) with tickets or RED_SUMS; without waits the products read what is there
-            checked = mode & (TICKETS | RED_SUMS) and mode & WAITS and not mode & SAME_BOX
+            checked = mode & (TICKETS | RED_SUMS) and mode & WAITS and not mode & (SAME_BOX | RAW_X)
             whole = launches == 0
             for _ in range(2 if checked else 1):  # the second launch checks that tickets and counters were reset
                 got = chain(x0desc, stack if whole else layers[0])
