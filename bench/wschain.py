@@ -858,7 +858,11 @@ def describe(mode: int) -> str:
     if mode & ~(X_LOADS | PRODUCTS) == 0:  # (products nothing stores: ptxas drops most; see the docstring)
         parts = ["weights"] + (["activations"] if mode & X_LOADS else []) + (["products"] if mode & PRODUCTS else [])
         return " + ".join(parts) + " only (no waits, no stores)"
-    gone = [n for n, f in (("waits", WAITS), ("fences", FENCES), ("tickets: sums not made", TICKETS)) if not mode & f]
+    gone = [
+        n
+        for n, f in (("products", PRODUCTS), ("waits", WAITS), ("fences", FENCES), ("tickets: sums not made", TICKETS))
+        if not mode & f
+    ]
     return "the chain without " + ", ".join(gone)
 
 
