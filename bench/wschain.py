@@ -118,11 +118,14 @@ SAME_BOX = 1 << 15
 # gate 4, the consumer's parts: RED_SUMS without the float32 box's change to bf16 (the products read bf16 boxes never
 # filled: the change's cost; not checked)
 RAW_X = 1 << 16
+# gate 4: RED_SUMS in bf16: the outputs are bf16, the splits add with bf16 red.adds (each sum rounded once a split),
+# and the next phase multiplies the copied box as it is (no change to bf16, half the activations' bytes)
+BF16_SUMS = 1 << 17
 X_LOADS_, WAITS_, PRODUCTS_, SIGNALS_, TICKETS_, FENCES_ = (gl.constexpr(1 << i) for i in range(6))  # (in kernels)
 TWO_PRODUCERS_, TRACE_, BACKOFF_, ROTATE_, TILE_WAITS_, AHEAD_ONCE_, SIGNAL_WARP_, RED_SUMS_ = (
     gl.constexpr(1 << i) for i in range(6, 14)
 )
-INFLIGHT2_, SAME_BOX_, RAW_X_ = (gl.constexpr(1 << i) for i in range(14, 17))
+INFLIGHT2_, SAME_BOX_, RAW_X_, BF16_SUMS_ = (gl.constexpr(1 << i) for i in range(14, 18))
 SPAN = 64  # TILE_WAITS: the most stages a task may have (one poll reads all their tiles' counters)
 SPAN_ = gl.constexpr(SPAN)
 CNT_STRIDE = 32  # int32s between two counters: each on a line of its own
@@ -401,7 +404,8 @@ def _consume(ring_w, ring_x, xs, ready, empty, stored, freed, OUT, PART, TICK, C
             if (MODE & PRODUCTS_) == 0:
                 mbarrier.arrive(empty.index(s), count=1)
             else:
-                if RED:  # the box in bf16, in one of FLIGHT + 1 buffers (the products in flight read the others)
+                if RED and (MODE & BF16_SUMS_) == 0:  # the box in bf16, in one of FLIGHT + 1 buffers (the products
+                    # in flight read the others)
                     xb = xs.index(j % NXS)
                     if (MODE & RAW_X_) == 0:
                         xb.store(ring_x.index(s).load(XL).to(gl.bfloat16))
@@ -424,10 +428,10 @@ def _consume(ring_w, ring_x, xs, ready, empty, stored, freed, OUT, PART, TICK, C
                 vn = gl.arange(0, BN, layout=gl.SliceLayout(1, RL))
                 vm = gl.arange(0, R, layout=gl.SliceLayout(0, RL))
                 dst = OUT + (ly * R + vm[None, :]) * N + tile * BN + vn[:, None]
-                if S == 1:
-                    gl.store(dst, gl.convert_layout(acc, RL))
+                if S == 1:  # (BF16_SUMS: bf16)
+                    gl.store(dst, gl.convert_layout(acc, RL).to(OUT.dtype.element_ty))
                 else:
-                    gl.atomic_add(dst, gl.convert_layout(acc, RL), sem="relaxed")
+                    gl.atomic_add(dst, gl.convert_layout(acc, RL).to(OUT.dtype.element_ty), sem="relaxed")
             elif S == 1:
                 gl.store(tile_out, acc.to(gl.bfloat16))
             else:
@@ -612,7 +616,7 @@ def _chain_kernel(w0, w1, w2, w3, x0, x1, x2, x3, x0b, O0, O1, O2, O3, N0, N1, N
     R: gl.constexpr = x0.block_type.shape[0]
     ring_w = gl.allocate_shared_memory(w0.dtype, [DEPTH, BN, BK], w0.layout)
     ring_x = gl.allocate_shared_memory(x0.dtype, [DEPTH, R, BK], x0.layout)  # (float32 with RED_SUMS)
-    XS: gl.constexpr = (3 if (MODE & INFLIGHT2_) != 0 else 2) if (MODE & RED_SUMS_) != 0 else 1
+    XS: gl.constexpr = (3 if (MODE & INFLIGHT2_) != 0 else 2) if (MODE & (RED_SUMS_ | BF16_SUMS_)) == RED_SUMS_ else 1
     xs = gl.allocate_shared_memory(gl.bfloat16, [XS, R, BK], gl.NVMMASharedLayout.get_default_for([R, BK], gl.bfloat16))
     ready = gl.allocate_shared_memory(gl.int64, [DEPTH, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [DEPTH, 1], mbarrier.MBarrierLayout())
@@ -663,10 +667,11 @@ def _chain_kernel(w0, w1, w2, w3, x0, x1, x2, x3, x0b, O0, O1, O2, O3, N0, N1, N
 def shared_bytes(depth: int, mode: int) -> int:
     """A program's shared memory: ``depth`` slots of a weight box and an activation box (float32 with RED_SUMS,
     which also takes two bf16 boxes to multiply from, three with INFLIGHT2, and a tile's float32 to store), and its
-    barriers."""
+    barriers. With BF16_SUMS the boxes are bf16 and multiplied as they are."""
     red = mode & RED_SUMS
-    x = ROWS * TILE[1] * (4 if red else 2)
-    copies = 3 if mode & INFLIGHT2 else 2
+    f32 = red and not mode & BF16_SUMS
+    x = ROWS * TILE[1] * (4 if f32 else 2)
+    copies = (3 if mode & INFLIGHT2 else 2) if f32 else 0
     extra = copies * ROWS * TILE[1] * 2 + TILE[0] * ROWS * 4 if red else 0  # (and the outputs' change of layout)
     return depth * (TILE[0] * TILE[1] * 2 + x) + extra + 1024
 
@@ -695,6 +700,7 @@ class Chain:
         self.inter = s["inter"]
         self.G = torch.cuda.get_device_properties(0).multi_processor_count * per_sm  # all resident: they wait
         self.red = bool(mode & RED_SUMS)
+        self.f32 = self.red and not mode & BF16_SUMS  # (the activations' dtype: float32 boxes, or bf16)
         if warps != 4 and (warps != 8 or TILE[0] != 128):
             raise ValueError("a consumer of 8 warps (two warpgroups, 64 weight rows each) takes 128-row tiles")
         self.warps = warps
@@ -710,6 +716,8 @@ class Chain:
         self.depth, self.launches, self.mode = depth, launches, mode
         # what phase p waits for: phase p - 1's tiles (each counted by its last split), or with no tickets its tasks;
         # with TILE_WAITS, what one tile's counter must reach
+        if mode & BF16_SUMS and not self.red:
+            raise ValueError("BF16_SUMS is a way of RED_SUMS")
         if self.red and mode & (TICKETS | TWO_PRODUCERS):
             raise ValueError("RED_SUMS makes the sums without tickets, and takes one producer")
         per_tile = [1 if mode & TICKETS or sp == 1 else sp for sp in self.splits]
@@ -726,17 +734,18 @@ class Chain:
         self.cnt = torch.zeros(STAGES_AT + TRACED * MAXIT * 2, dtype=torch.int32, **dev)
         self.tick = torch.zeros(8 * TMAX, dtype=torch.int32, **dev)  # the tickets, then the tile counters
         self.part = torch.empty(sum(sp * ROWS * n for (n, _), sp in zip(self.shapes, self.splits)), **dev)
-        if self.red:  # float32 outputs, a layer's rows each; the phases with splits first, the part zeroed per launch
+        if self.red:  # float32 (or bf16) outputs, a layer's rows each; the phases with splits first, zeroed per launch
             nl = layers if launches == 0 else 1
             sizes = [nl * ROWS * n for n, _ in self.shapes]
             order = sorted(range(4), key=lambda p: self.splits[p] == 1)
-            buf = torch.empty(sum(sizes), **dev)
+            buf = torch.empty(sum(sizes), dtype=torch.float32 if self.f32 else torch.bfloat16, **dev)
             self.zeroed = buf[: sum(sizes[p] for p in order if self.splits[p] > 1)]
             self.outs, at = [None] * 4, 0
             for p in order:
                 self.outs[p] = buf[at : at + sizes[p]].view(nl * ROWS, self.shapes[p][0])
                 at += sizes[p]
-            xl = gl.NVMMASharedLayout(0, 32, 2)  # (the consumer reads the box into registers: no swizzle needed)
+            # (the consumer reads a float32 box into registers: no swizzle needed; a bf16 box goes to the product)
+            xl = gl.NVMMASharedLayout(0, 32, 2) if self.f32 else _layout([ROWS, TILE[1]])
         else:
             self.outs = [torch.zeros(ROWS, n, dtype=torch.bfloat16, **dev) for n, _ in self.shapes]
             xl = _layout([ROWS, TILE[1]])
@@ -757,7 +766,7 @@ class Chain:
         return out, dict(w=stacked, descs=[desc(w) for w in stacked], layers=layers)
 
     def __call__(self, x0descs, lw: dict) -> list[torch.Tensor]:
-        xs = [x0descs[self.red]] + self.xdescs[1:]
+        xs = [x0descs[self.f32]] + self.xdescs[1:]
         if self.red:
             self.zeroed.zero_()
         ranges = [(0, 3)] if self.launches in (0, 1) else [(p, p) for p in range(4)]
@@ -835,6 +844,8 @@ def describe(mode: int) -> str:
         return describe(mode & ~SAME_BOX) + ", every weight box one box in L2"
     if mode & RAW_X:
         return describe(mode & ~RAW_X) + ", no change to bf16"
+    if mode & BF16_SUMS:
+        return describe(mode & ~BF16_SUMS) + " in bf16"
     if mode & INFLIGHT2:
         return describe(mode & ~INFLIGHT2) + ", two products in flight"
     if mode & RED_SUMS:
@@ -915,7 +926,7 @@ def measure(model: str, depths: list[int], per_sm: int, bandwidth: float, splits
                 print(f"!! {model} depth {depth} mode {mode}: {exc}", flush=True)
                 continue
             # the sums are made (and checked) with tickets or RED_SUMS; without waits the products read what is there
-            checked = mode & (TICKETS | RED_SUMS) and mode & WAITS and not mode & (SAME_BOX | RAW_X)
+            checked = mode & (TICKETS | RED_SUMS) and mode & WAITS and mode & X_LOADS and not mode & (SAME_BOX | RAW_X)
             whole = launches == 0
             for _ in range(2 if checked else 1):  # the second launch checks that tickets and counters were reset
                 got = chain(x0desc, stack if whole else layers[0])
