@@ -121,8 +121,8 @@ RAW_X = 1 << 16
 # gate 4: RED_SUMS in bf16: the outputs are bf16, the splits add with bf16 red.adds (each sum rounded once a split),
 # and the next phase multiplies the copied box as it is (no change to bf16, half the activations' bytes)
 BF16_SUMS = 1 << 17
-# gate 4: before a phase's first wait, its first task's next ``depth`` weight boxes after those the ring takes are
-# prefetched into L2 (a bulk prefetch per box row), so that the weights keep streaming while the phase before ends
+# gate 4: before a phase's first wait, its first task's next ``2 * depth`` weight boxes after those the ring takes are
+# prefetched into L2 (a prefetch per 32-byte sector), so that the weights keep streaming while the phase before ends
 L2_AHEAD = 1 << 18
 X_LOADS_, WAITS_, PRODUCTS_, SIGNALS_, TICKETS_, FENCES_ = (gl.constexpr(1 << i) for i in range(6))  # (in kernels)
 TWO_PRODUCERS_, TRACE_, BACKOFF_, ROTATE_, TILE_WAITS_, AHEAD_ONCE_, SIGNAL_WARP_, RED_SUMS_ = (
@@ -278,7 +278,7 @@ def _produce(wdesc, xdesc, ring_w, ring_x, ready, empty, CNT, TICK, WA, it, pid,
             _tma_load(wdesc, [n0 * KEEP, _k(k0, i, rot, stages) * KEEP], ready.index(s), ring_w.index(s))
         if (MODE & L2_AHEAD_) != 0:
             if first and WAITS:
-                _prefetch_l2(WA, n0, k0, rot, stages, ahead, S * stages * BK, depth, BN)
+                _prefetch_l2(WA, n0, k0, rot, stages, ahead, S * stages * BK, 2 * depth, BN)
         if not TILED:
             if first or not ONCE:
                 _wait_for(CNT, pid, target, WAIT_ON, MODE)
@@ -302,14 +302,15 @@ def _produce(wdesc, xdesc, ring_w, ring_x, ready, empty, CNT, TICK, WA, it, pid,
 
 @gluon.jit
 def _prefetch_l2(WA, n0, k0, rot, stages, first, K, count: gl.constexpr, BN: gl.constexpr):
-    """L2_AHEAD: a task's weight boxes ``first``, ... (``count`` of them, within its ``stages``) into L2: a 128-byte
-    bulk prefetch per box row. ``WA`` holds the weight's address (its rows ``K`` elements long, bf16)."""
-    r = gl.arange(0, BN, layout=gl.BlockedLayout([BN // 32], [32], [1], [0]))
-    rows = gl.load(WA) + (n0 + r).to(gl.int64) * K * 2
+    """L2_AHEAD: a task's weight boxes ``first``, ... (``count`` of them, within its ``stages``) into L2: a prefetch
+    per 32-byte sector of each box row, by the warp's lanes. ``WA`` holds the weight's address (its rows ``K``
+    elements long, bf16). (A 128-byte bulk prefetch per row, tried first, took the copy engine ~25 ns each.)"""
+    r = gl.arange(0, BN * 4, layout=gl.BlockedLayout([BN * 4 // 32], [32], [1], [0]))
+    sectors = gl.load(WA) + (n0 + r // 4).to(gl.int64) * K * 2 + (r % 4) * 32
     for i in range(first, gl.minimum(first + count, stages)):
-        at = rows + _k(k0, i, rot, stages) * 2
-        gl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], 128; mov.u32 $0, 0;", "=r,l", [at],
-                                  dtype=gl.int32, is_pure=False, pack=1)  # fmt: skip
+        at = sectors + _k(k0, i, rot, stages) * 2
+        gl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [at], dtype=gl.int32,
+                                  is_pure=False, pack=1)  # fmt: skip
 
 
 @gluon.jit
@@ -920,6 +921,18 @@ def reference(x0: torch.Tensor, layers: list[list[torch.Tensor]], inter: int) ->
     return outs
 
 
+def check(chain: Chain, x0desc, lw: dict, want: list[torch.Tensor], runs: int) -> float:
+    """Run ``chain`` ``runs`` times (at least once; the second run checks that its tickets and counters were reset)
+    and return its outputs' largest error against ``want``, as a share of their largest value (at least 1)."""
+    off = 0.0
+    for _ in range(max(runs, 1)):
+        got = chain(x0desc, lw)
+        torch.cuda.synchronize()
+        for g, w in zip(got, want):
+            off = max(off, (g.float() - w.float()).abs().max().item() / max(1.0, w.float().abs().max().item()))
+    return off
+
+
 def cublas(x0: torch.Tensor, lw: dict, bufs: list[torch.Tensor], inter: int) -> None:
     x = x0
     for p, (w, y) in enumerate(zip(lw["w"], bufs)):
@@ -956,15 +969,13 @@ def measure(model: str, depths: list[int], per_sm: int, bandwidth: float, splits
             # the sums are made (and checked) with tickets or RED_SUMS; without waits the products read what is there
             checked = mode & (TICKETS | RED_SUMS) and mode & WAITS and mode & X_LOADS and not mode & (SAME_BOX | RAW_X)
             whole = launches == 0
-            for _ in range(2 if checked else 1):  # the second launch checks that tickets and counters were reset
-                got = chain(x0desc, stack if whole else layers[0])
-                torch.cuda.synchronize()
-                for p, (g, w) in enumerate(zip(got, want[0 if whole else 1])):
-                    err = (g.float() - w.float()).abs().max().item()
-                    # (a race gives errors as large as the values; roundings that differ, across 16 layers, less)
-                    if checked and err > (0.05 if whole else 0.02) * max(1.0, w.float().abs().max().item()):
-                        raise AssertionError(f"{model} depth {depth} mode {mode} launches {launches}: phase {p} "
-                                             f"off by {err}")  # fmt: skip
+            off = check(chain, x0desc, stack if whole else layers[0], want[0 if whole else 1], 2 if checked else 0)
+            # (a race gives errors as large as the values; roundings that differ, across 16-32 layers, less: bf16
+            # sums round each split's add, up to 3 more roundings an output)
+            if checked and off > (0.05 if whole else 0.02) * (2 if mode & BF16_SUMS else 1):
+                print(f"!! {model} depth {depth} mode {mode} launches {launches}: off by {off:.3f} of the largest "
+                      "value: not timed", flush=True)  # fmt: skip
+                continue
             name = {0: "one launch for every layer", 1: "one launch", 4: "a launch per phase"}[launches]
             name += (", ahead" if ahead else "") + f": {describe(mode)}"
             if whole:
@@ -980,7 +991,7 @@ def measure(model: str, depths: list[int], per_sm: int, bandwidth: float, splits
                 for line in stage_gaps(chain):
                     print(f"  {line}")
             rows.append(dict(base, variant=name, depth=depth, splits=chain.splits, launches=launches, ahead=ahead,
-                             mode=mode, us=us))  # fmt: skip
+                             mode=mode, us=us, off=off if checked else None))  # fmt: skip
     return rows
 
 
@@ -1024,7 +1035,8 @@ def main(argv: list[str] | None = None) -> int:
                   "weight rows per tile": lambda r: f"{r['bn']}", "consumer warps": lambda r: f"{r['warps']}",
                   "depth": lambda r: f"{r.get('depth', '')}",
                   "splits": lambda r: f"{r.get('splits', '')}", "variant": lambda r: r["variant"],
-                  "µs": lambda r: f"{r['us']:.1f}", "/ floor": lambda r: f"{r['us'] / r['floor_us']:.2f}×"},
+                  "µs": lambda r: f"{r['us']:.1f}", "/ floor": lambda r: f"{r['us'] / r['floor_us']:.2f}×",
+                  "off (checked)": lambda r: "" if r.get("off") is None else f"{100 * r['off']:.1f} %"},
            bandwidth, args.json)  # fmt: skip
     return 0
 
