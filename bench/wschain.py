@@ -739,7 +739,8 @@ class Chain:
                 raise ValueError(f"tiles of {TILE} and {sp} splits do not divide the GEMM {n} x {k}")
         self.tiles = [n // TILE[0] for n, _ in self.shapes]
         self.stages = [k // sp // TILE[1] for (_, k), sp in zip(self.shapes, self.splits)]
-        self.pre = [min(st, depth) if ahead else 0 for st in self.stages]
+        # (ahead: True for as many boxes as the ring holds, or how many)
+        self.pre = [min(st, depth if ahead is True else int(ahead)) if ahead else 0 for st in self.stages]
         self.depth, self.launches, self.mode = depth, launches, mode
         # what phase p waits for: phase p - 1's tiles (each counted by its last split), or with no tickets its tasks;
         # with TILE_WAITS, what one tile's counter must reach
@@ -977,7 +978,7 @@ def measure(model: str, depths: list[int], per_sm: int, bandwidth: float, splits
                       "value: not timed", flush=True)  # fmt: skip
                 continue
             name = {0: "one launch for every layer", 1: "one launch", 4: "a launch per phase"}[launches]
-            name += (", ahead" if ahead else "") + f": {describe(mode)}"
+            name += (", ahead" + ("" if ahead is True else f" {ahead} boxes") if ahead else "") + f": {describe(mode)}"
             if whole:
                 us = time_layers(lambda _, c=chain: c(x0desc, stack), [stack]) / len(layers)
             else:
@@ -1011,6 +1012,7 @@ def main(argv: list[str] | None = None) -> int:
         help="variants as MODE:launches (ints; launches 0: every layer in one launch), comma-separated "
         "(default: the parts)",
     )
+    ap.add_argument("--ahead", type=int, help="weight boxes a task copies ahead of its wait (default: the ring's depth)")
     ap.add_argument("--trace", default="", help="modes (ints, comma-separated) to trace once after timing")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
@@ -1020,7 +1022,8 @@ def main(argv: list[str] | None = None) -> int:
     traces = {int(v) for v in args.trace.split(",") if v}
     variants = None
     if args.modes:
-        variants = [(int(m), int(n), True) for m, n in (v.split(":") for v in args.modes.split(","))]
+        ahead = True if args.ahead is None else args.ahead
+        variants = [(int(m), int(n), ahead) for m, n in (v.split(":") for v in args.modes.split(","))]
     rows = []
     for model in args.model.split(","):
         for per_sm in (int(v) for v in args.per_sm.split(",")):
