@@ -1012,7 +1012,7 @@ def main(argv: list[str] | None = None) -> int:
         help="variants as MODE:launches (ints; launches 0: every layer in one launch), comma-separated "
         "(default: the parts)",
     )
-    ap.add_argument("--ahead", type=int, help="weight boxes a task copies ahead of its wait (default: the ring's depth)")
+    ap.add_argument("--ahead", type=int, help="weight boxes a task copies ahead of its wait (default: the depth)")
     ap.add_argument("--trace", default="", help="modes (ints, comma-separated) to trace once after timing")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
