@@ -121,14 +121,11 @@ RAW_X = 1 << 16
 # gate 4: RED_SUMS in bf16: the outputs are bf16, the splits add with bf16 red.adds (each sum rounded once a split),
 # and the next phase multiplies the copied box as it is (no change to bf16, half the activations' bytes)
 BF16_SUMS = 1 << 17
-# gate 4: before a phase's first wait, its first task's next ``2 * depth`` weight boxes after those the ring takes are
-# prefetched into L2 (a prefetch per 32-byte sector), so that the weights keep streaming while the phase before ends
-L2_AHEAD = 1 << 18
 X_LOADS_, WAITS_, PRODUCTS_, SIGNALS_, TICKETS_, FENCES_ = (gl.constexpr(1 << i) for i in range(6))  # (in kernels)
 TWO_PRODUCERS_, TRACE_, BACKOFF_, ROTATE_, TILE_WAITS_, AHEAD_ONCE_, SIGNAL_WARP_, RED_SUMS_ = (
     gl.constexpr(1 << i) for i in range(6, 14)
 )
-INFLIGHT2_, SAME_BOX_, RAW_X_, BF16_SUMS_, L2_AHEAD_ = (gl.constexpr(1 << i) for i in range(14, 19))
+INFLIGHT2_, SAME_BOX_, RAW_X_, BF16_SUMS_ = (gl.constexpr(1 << i) for i in range(14, 18))
 SPAN = 64  # TILE_WAITS: the most stages a task may have (one poll reads all their tiles' counters)
 SPAN_ = gl.constexpr(SPAN)
 CNT_STRIDE = 32  # int32s between two counters: each on a line of its own
@@ -245,8 +242,8 @@ def _wait_for_stage(TC, CNT, pid, t, i, k0, rot, stages, target, twin, P: gl.con
 
 
 @gluon.jit
-def _produce(wdesc, xdesc, ring_w, ring_x, ready, empty, CNT, TICK, WA, it, pid, G, layer, xrow, tiles, S, stages,
-             pre, target, twin, WAIT_ON: gl.constexpr, MODE: gl.constexpr):  # fmt: skip
+def _produce(wdesc, xdesc, ring_w, ring_x, ready, empty, CNT, TICK, it, pid, G, layer, xrow, tiles, S, stages, pre,
+             target, twin, WAIT_ON: gl.constexpr, MODE: gl.constexpr):  # fmt: skip
     """One phase of layer ``layer``'s copies for this program: for each task, the weight boxes of its first ``pre``
     stages, then (if this launch ran the phase ``WAIT_ON`` before) the wait for that phase's tiles, then the
     activation boxes of those stages (from row ``xrow``: RED_SUMS keeps a layer's activations in rows of their own),
@@ -276,9 +273,6 @@ def _produce(wdesc, xdesc, ring_w, ring_x, ready, empty, CNT, TICK, WA, it, pid,
             mbarrier.wait(empty.index(s), ((j // depth) & 1) ^ 1)  # a fresh barrier counts as freed once
             mbarrier.expect(ready.index(s), nbytes)  # the slot completes when the activation box lands too
             _tma_load(wdesc, [n0 * KEEP, _k(k0, i, rot, stages) * KEEP], ready.index(s), ring_w.index(s))
-        if (MODE & L2_AHEAD_) != 0:
-            if first and WAITS:
-                _prefetch_l2(WA, n0, k0, rot, stages, ahead, S * stages * BK, 2 * depth, BN)
         if not TILED:
             if first or not ONCE:
                 _wait_for(CNT, pid, target, WAIT_ON, MODE)
@@ -298,19 +292,6 @@ def _produce(wdesc, xdesc, ring_w, ring_x, ready, empty, CNT, TICK, WA, it, pid,
                 _tma_load(xdesc, [xrow, _k(k0, i, rot, stages)], ready.index(s), ring_x.index(s))
         it += stages
     return it
-
-
-@gluon.jit
-def _prefetch_l2(WA, n0, k0, rot, stages, first, K, count: gl.constexpr, BN: gl.constexpr):
-    """L2_AHEAD: a task's weight boxes ``first``, ... (``count`` of them, within its ``stages``) into L2: a prefetch
-    per 32-byte sector of each box row, by the warp's lanes. ``WA`` holds the weight's address (its rows ``K``
-    elements long, bf16). (A 128-byte bulk prefetch per row, tried first, took the copy engine ~25 ns each.)"""
-    r = gl.arange(0, BN * 4, layout=gl.BlockedLayout([BN * 4 // 32], [32], [1], [0]))
-    sectors = gl.load(WA) + (n0 + r // 4).to(gl.int64) * K * 2 + (r % 4) * 32
-    for i in range(first, gl.minimum(first + count, stages)):
-        at = sectors + _k(k0, i, rot, stages) * 2
-        gl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [at], dtype=gl.int32,
-                                  is_pure=False, pack=1)  # fmt: skip
 
 
 @gluon.jit
@@ -535,8 +516,7 @@ def _signaller(stored, freed, O0, O1, O2, O3, N0, N1, N2, N3, PART, TICK, CNT, p
 
 
 @gluon.jit
-def _producer(w0, w1, w2, w3, x0, x1, x2, x3, x0b, ring_w, ring_x, ready, empty, CNT, TICK, WADDR, pid, G, NL, T0,
-              T1, T2,
+def _producer(w0, w1, w2, w3, x0, x1, x2, x3, x0b, ring_w, ring_x, ready, empty, CNT, TICK, pid, G, NL, T0, T1, T2,
               T3, S0, S1, S2, S3, K0, K1, K2, K3, E0, E1, E2, E3, A0, A1, A2, A3, FIRST: gl.constexpr,
               LAST: gl.constexpr, MODE: gl.constexpr):  # fmt: skip
     """The producer warp: every layer's phases FIRST..LAST in turn (:func:`_produce`)."""
@@ -549,19 +529,19 @@ def _producer(w0, w1, w2, w3, x0, x1, x2, x3, x0b, ring_w, ring_x, ready, empty,
         xr = ly * R if RED else 0
         if FIRST <= 0 and LAST >= 0:
             if ly == 0:
-                it = _produce(w0, x0, ring_w, ring_x, ready, empty, CNT, TICK, WADDR, it, pid, G, ly, 0, T0, S0, K0,
+                it = _produce(w0, x0, ring_w, ring_x, ready, empty, CNT, TICK, it, pid, G, ly, 0, T0, S0, K0,
                               E0, 0, 0, -1, MODE)  # fmt: skip
             else:  # the layer before's Q/K/V (its first columns, as wide as O's input) stands in for attention
-                it = _produce(w0, x0b, ring_w, ring_x, ready, empty, CNT, TICK, WADDR, it, pid, G, ly,
+                it = _produce(w0, x0b, ring_w, ring_x, ready, empty, CNT, TICK, it, pid, G, ly,
                               xr - R if RED else 0, T0, S0, K0, E0, ly * A0, 0, 3, MODE)  # fmt: skip
         if FIRST <= 1 and LAST >= 1:
-            it = _produce(w1, x1, ring_w, ring_x, ready, empty, CNT, TICK, WADDR + 1, it, pid, G, ly, xr, T1, S1, K1,
+            it = _produce(w1, x1, ring_w, ring_x, ready, empty, CNT, TICK, it, pid, G, ly, xr, T1, S1, K1,
                           E1, (ly + 1) * A1, 0, 0 if FIRST <= 0 else -1, MODE)  # fmt: skip
         if FIRST <= 2 and LAST >= 2:
-            it = _produce(w2, x2, ring_w, ring_x, ready, empty, CNT, TICK, WADDR + 2, it, pid, G, ly, xr, T2, S2, K2,
+            it = _produce(w2, x2, ring_w, ring_x, ready, empty, CNT, TICK, it, pid, G, ly, xr, T2, S2, K2,
                           E2, (ly + 1) * A2, twin, 1 if FIRST <= 1 else -1, MODE)  # fmt: skip
         if FIRST <= 3 and LAST >= 3:
-            it = _produce(w3, x3, ring_w, ring_x, ready, empty, CNT, TICK, WADDR + 3, it, pid, G, ly, xr, T3, S3, K3,
+            it = _produce(w3, x3, ring_w, ring_x, ready, empty, CNT, TICK, it, pid, G, ly, xr, T3, S3, K3,
                           E3, (ly + 1) * A3, 0, 2 if FIRST <= 2 else -1, MODE)  # fmt: skip
 
 
@@ -623,7 +603,7 @@ def _zero(X, n, r):
 
 @gluon.jit
 def _chain_kernel(w0, w1, w2, w3, x0, x1, x2, x3, x0b, O0, O1, O2, O3, N0, N1, N2, N3, T0, T1, T2, T3,
-                  S0, S1, S2, S3, K0, K1, K2, K3, E0, E1, E2, E3, A0, A1, A2, A3, PART, TICK, CNT, WADDR, G, NL,
+                  S0, S1, S2, S3, K0, K1, K2, K3, E0, E1, E2, E3, A0, A1, A2, A3, PART, TICK, CNT, G, NL,
                   FIRST: gl.constexpr, LAST: gl.constexpr, DEPTH: gl.constexpr, MODE: gl.constexpr,
                   num_warps: gl.constexpr):  # fmt: skip
     """Phases FIRST..LAST of the chain, for ``NL`` layers: phase p multiplies activation ``x_p`` (a TMA descriptor
@@ -664,8 +644,7 @@ def _chain_kernel(w0, w1, w2, w3, x0, x1, x2, x3, x0b, O0, O1, O2, O3, N0, N1, N
             (_consumer, (ring_w, ring_x, xs, ready, empty, stored, freed, O0, O1, O2, O3, N0, N1, N2, N3, PART,
                          TICK, CNT, pid, G, NL, T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, FIRST, LAST, MODE,
                          num_warps)),
-            (_producer, (w0, w1, w2, w3, x0, x1, x2, x3, x0b, ring_w, ring_x, ready, empty, CNT, TICK, WADDR, pid, G,
-                         NL,
+            (_producer, (w0, w1, w2, w3, x0, x1, x2, x3, x0b, ring_w, ring_x, ready, empty, CNT, TICK, pid, G, NL,
                          T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, E0, E1, E2, E3, A0, A1, A2, A3, FIRST, LAST,
                          MODE)),
             (_signaller, (stored, freed, O0, O1, O2, O3, N0, N1, N2, N3, PART, TICK, CNT, pid, G, NL, T0, T1, T2, T3,
@@ -676,8 +655,7 @@ def _chain_kernel(w0, w1, w2, w3, x0, x1, x2, x3, x0b, O0, O1, O2, O3, N0, N1, N
             (_consumer, (ring_w, ring_x, xs, ready, empty, stored, freed, O0, O1, O2, O3, N0, N1, N2, N3, PART,
                          TICK, CNT, pid, G, NL, T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, FIRST, LAST, MODE,
                          num_warps)),
-            (_producer, (w0, w1, w2, w3, x0, x1, x2, x3, x0b, ring_w, ring_x, ready, empty, CNT, TICK, WADDR, pid, G,
-                         NL,
+            (_producer, (w0, w1, w2, w3, x0, x1, x2, x3, x0b, ring_w, ring_x, ready, empty, CNT, TICK, pid, G, NL,
                          T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, E0, E1, E2, E3, A0, A1, A2, A3, FIRST, LAST,
                          MODE)),
         ], [1], [24])  # fmt: skip
@@ -709,11 +687,6 @@ def splits_for(n: int, k: int, programs: int) -> int:
     while n // TILE[0] * sp * 2 <= programs and k % (2 * sp * TILE[1]) == 0 and k // (2 * sp) >= 2 * TILE[1]:
         sp *= 2
     return sp
-
-
-def _addresses(ws: list[torch.Tensor]) -> torch.Tensor:
-    """The weights' addresses, for L2_AHEAD's prefetches."""
-    return torch.tensor([w.data_ptr() for w in ws], dtype=torch.int64, device=ws[0].device)
 
 
 class Chain:
@@ -790,8 +763,8 @@ class Chain:
         out = []
         for i in range(layers):
             ws = [w[i * n : (i + 1) * n] for w, (n, _) in zip(stacked, chain_shapes(s))]
-            out.append(dict(w=ws, descs=[desc(w) for w in ws], addr=_addresses(ws)))
-        return out, dict(w=stacked, descs=[desc(w) for w in stacked], addr=_addresses(stacked), layers=layers)
+            out.append(dict(w=ws, descs=[desc(w) for w in ws]))
+        return out, dict(w=stacked, descs=[desc(w) for w in stacked], layers=layers)
 
     def __call__(self, x0descs, lw: dict) -> list[torch.Tensor]:
         xs = [x0descs[self.f32]] + self.xdescs[1:]
@@ -801,7 +774,7 @@ class Chain:
         for first, last in ranges:
             _chain_kernel[(self.G,)](
                 *lw["descs"], *xs, *self.outs, *(n for n, _ in self.shapes), *self.tiles, *self.splits,
-                *self.stages, *self.pre, self.a0, *self.targets, self.part, self.tick, self.cnt, lw["addr"], self.G,
+                *self.stages, *self.pre, self.a0, *self.targets, self.part, self.tick, self.cnt, self.G,
                 lw.get("layers", 1), first, last, self.depth, self.mode, num_warps=self.warps, maxnreg=128,
             )  # fmt: skip
         return [o[-ROWS:] for o in self.outs]
@@ -874,8 +847,6 @@ def describe(mode: int) -> str:
         return describe(mode & ~RAW_X) + ", no change to bf16"
     if mode & BF16_SUMS:
         return describe(mode & ~BF16_SUMS) + " in bf16"
-    if mode & L2_AHEAD:
-        return describe(mode & ~L2_AHEAD) + ", weights ahead into L2"
     if mode & INFLIGHT2:
         return describe(mode & ~INFLIGHT2) + ", two products in flight"
     if mode & RED_SUMS:
