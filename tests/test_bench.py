@@ -477,6 +477,37 @@ def test_the_chain_bench_traces_stages_and_chains_layers():
         "the chain without fences, tickets, tile waits, a signal warp, sums by red.add"
     )
     assert C.describe(C.X_LOADS | C.PRODUCTS | C.SIGNALS) == "the chain without waits, fences, tickets: sums not made"
+    # gate 4: bf16 sums take bf16 boxes and no copies to change (two programs per SM at depth 8 again)
+    bf16 = red | C.BF16_SUMS
+    assert C.shared_bytes(8, bf16) == 8 * (8192 + 4096) + 8192 + 1024 and 2 * C.shared_bytes(8, bf16) <= C.SHARED
+    assert C.describe(C.FULL & ~C.FENCES & ~C.TICKETS | bf16 | C.SAME_BOX) == (
+        "the chain without fences, tickets, sums by red.add in bf16, every weight box one box in L2"
+    )
+    assert C.describe(C.X_LOADS | C.SIGNALS | C.WAITS | red | C.RAW_X) == (
+        "the chain without products, fences, tickets, sums by red.add, no change to bf16"
+    )
+
+
+def test_the_chain_bench_checks_every_run_against_its_largest_value(monkeypatch):
+    """bench.wschain's check: each run's outputs against the reference, the largest error as a share of the
+    largest value (at least 1); a second run is checked too (a counter that was not reset shows there)."""
+    torch = pytest.importorskip("torch")
+    C = pytest.importorskip("bench.wschain")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    want = [torch.tensor([[4.0, -2.0]]), torch.tensor([[0.5, 0.25]])]
+    runs = [
+        [torch.tensor([[4.0, -2.2]]), torch.tensor([[0.5, 0.25]])],  # 0.2 of 4
+        [torch.tensor([[4.0, -2.0]]), torch.tensor([[0.5, 0.75]])],
+    ]  # 0.5 of (at least) 1: the second run
+    calls = []
+
+    def chain(x0desc, lw):
+        calls.append(lw)
+        return runs[len(calls) - 1]
+
+    assert C.check(chain, None, "layer", want, runs=2) == pytest.approx(0.5) and calls == ["layer", "layer"]
+    calls.clear()
+    assert C.check(chain, None, "layer", want, runs=0) == pytest.approx(0.05) and len(calls) == 1  # (timed only)
 
 
 def test_the_kernel_spikes_report_a_table_and_their_json(tmp_path, capsys, monkeypatch):

@@ -149,7 +149,8 @@ def test_the_split_projection_compiles(rows, bn, dtype):
 
 
 CHAIN_MODES = ["full", "two producers, traced, spaced polls, rotated", "gate 3: sums by red.add, a signal warp",
-               "gate 3, two products in flight", "gate 3, 128-row tiles, two consumer warpgroups"]  # fmt: skip
+               "gate 3, two products in flight", "gate 3, 128-row tiles, two consumer warpgroups",
+               "gate 4: sums by bf16 red.add, every weight box one box"]  # fmt: skip
 
 
 @pytest.mark.parametrize("mode", CHAIN_MODES)
@@ -157,7 +158,8 @@ def test_the_chain_bench_compiles(mode):
     """bench.wschain (the megakernel's second and third gates) lowers for sm_90 in the variants it times: the
     producer's wait acquires (and fences the TMA proxy after it), the tiles' counts release, the register budget is
     given back; the third gate's split sums are 16-byte atomic adds of float32, its tile waits poll every stage's
-    counters at once and order the copies after them for the whole warp."""
+    counters at once and order the copies after them for the whole warp; the fourth gate's bf16 sums are 8-byte
+    atomic adds of bf16."""
     import torch
 
     C = pytest.importorskip("bench.wschain")  # (Gluon, as this Triton spells it)
@@ -165,12 +167,15 @@ def test_the_chain_bench_compiles(mode):
     bits = {CHAIN_MODES[0]: C.FULL, CHAIN_MODES[1]: C.FULL | C.TWO_PRODUCERS | C.TRACE | C.BACKOFF | C.ROTATE,
             CHAIN_MODES[2]: C.FULL & ~C.TICKETS & ~C.FENCES | gate3,
             CHAIN_MODES[3]: C.FULL & ~C.TICKETS & ~C.FENCES | C.RED_SUMS | C.INFLIGHT2,
-            CHAIN_MODES[4]: C.FULL & ~C.TICKETS & ~C.FENCES | C.RED_SUMS | C.SIGNAL_WARP}[mode]  # fmt: skip
+            CHAIN_MODES[4]: C.FULL & ~C.TICKETS & ~C.FENCES | C.RED_SUMS | C.SIGNAL_WARP,
+            CHAIN_MODES[5]: C.FULL & ~C.TICKETS & ~C.FENCES | C.RED_SUMS | C.BF16_SUMS | C.SIGNAL_WARP
+                            | C.SAME_BOX}[mode]  # fmt: skip
     warps, tile = (8, [128, C.TILE[1]]) if mode == CHAIN_MODES[4] else (4, list(C.TILE))
-    act = torch.float32 if bits & C.RED_SUMS else torch.bfloat16  # (the activations and outputs)
+    f32 = bits & C.RED_SUMS and not bits & C.BF16_SUMS
+    act = torch.float32 if f32 else torch.bfloat16  # (the activations and outputs)
     w, x = torch.empty(2048, 2048, dtype=torch.bfloat16), torch.empty(32, 2048, dtype=act)
     wdesc = C.TensorDescriptor.from_tensor(w, tile, C._layout(tile))
-    xl = C.gl.NVMMASharedLayout(0, 32, 2) if bits & C.RED_SUMS else C._layout([C.ROWS, C.TILE[1]])
+    xl = C.gl.NVMMASharedLayout(0, 32, 2) if f32 else C._layout([C.ROWS, C.TILE[1]])
     xdesc = C.TensorDescriptor.from_tensor(x, [C.ROWS, C.TILE[1]], xl)
     consts = {"FIRST": 0, "LAST": 3, "DEPTH": 8, "MODE": bits, "num_warps": warps}
     args = [wdesc] * 4 + [xdesc] * 5 + [torch.empty(32, 2048, dtype=act)] * 4 + [2048] * 4 + [32] * 4
@@ -184,8 +189,10 @@ def test_the_chain_bench_compiles(mode):
     assert "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16" in ptx and "setmaxnreg.dec" in ptx
     traced = bits & C.TRACE != 0
     assert ("globaltimer" in ptx) == traced and ("nanosleep" in ptx) == (bits & C.BACKOFF != 0)
-    if bits & C.RED_SUMS:
+    if f32:
         assert re.search(r"(red|atom)\.global\.gpu\.relaxed\.add\.v4\.f32", ptx)  # one add per 4 columns
+    if bits & C.BF16_SUMS:  # (four columns a thread: 8 bytes)
+        assert re.search(r"(red|atom)\.global\.gpu\.relaxed\.add\.noftz\.v4\.bf16", ptx) and "v4.f32" not in ptx
     if bits & C.TILE_WAITS:
         assert "bar.warp.sync" in ptx  # the tile waits' lanes, before the copies
     # the products wait for all but one (or two) in flight
