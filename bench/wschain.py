@@ -35,8 +35,10 @@ copy bandwidth measured in the same run):
   timer; ``--bn 128`` takes 128-row weight tiles. Gate 3's: ``TILE_WAITS`` (a stage waits only for the tiles it
   reads), ``AHEAD_ONCE`` (weights ahead only before a phase's first wait), ``SIGNAL_WARP`` (a warp of its own
   counts), ``RED_SUMS`` (the splits add into float32 outputs: no tickets); ``INFLIGHT2`` (two products in flight)
-  and ``--warps 8`` with ``--bn 128`` (two consumer warpgroups, 64 weight rows each): compiled in session 26, not yet
-  run.
+  and ``--warps 8`` with ``--bn 128`` (two consumer warpgroups, 64 weight rows each). Gate 4's: ``SAME_BOX`` (every
+  weight box one box hot in L2: the consumer's own pace), ``RAW_X`` (no change of the float32 box to bf16: its
+  cost), ``BF16_SUMS`` (``RED_SUMS`` into bf16 outputs: bf16 atomic adds, bf16 boxes multiplied as copied), and
+  ``--ahead N`` (how many weight boxes a task copies before its wait; default the ring's depth).
 - Without stores (``SIGNALS``) nothing reads the products, and ptxas drops most of them (8 of the chain's 32 wgmma
   instructions are left, by ``cuobjdump -sass``): those rows measure the weights' and activations' streams, not the
   products. The least a chain with every product costs is the ``SIGNALS`` row without waits.
@@ -50,16 +52,18 @@ themselves).
 Session 25 (docs/benchmarks.md): one launch streams a layer's weights at 1.06-1.07x the floor (1.27-1.45x with a
 launch per phase); with the waits, counts and tickets the chain is 1.47-1.87x, no faster than cuBLAS per GEMM.
 Session 26: every layer in one launch, a signal warp and red.add sums: the correct chain is 1.24-1.96x its floor
-over the six families (cuBLAS one call per GEMM 1.37-2.45x, same runs); the waits at the phase boundaries, 2-3.6
-µs each, are most of what is left, likely because the consumer (0.26-0.29 µs a weight box) is no faster than the
-stream and never catches up (not yet tested; ``--bn 128``, ``--warps 8`` and ``INFLIGHT2`` with ``RED_SUMS`` are
-the first tests). It needs a Hopper card and Triton's Gluon (3.6 on the card; CI compiles it with 3.9).
+over the six families (cuBLAS one call per GEMM 1.37-2.45x, same runs). Session 27: the consumer set the pace (0.26
+µs a stage even with the weights free, ``SAME_BOX``), for the float32 boxes and their change to bf16; with
+``BF16_SUMS`` it takes 0.16 µs a stage and the chain is 1.18-1.70x its floor (1.10-1.28x without waits), at the
+price of bf16 roundings in the sums, in any order. The boundaries are what is left: the spread between a phase's
+first and last program to finish (1-2 µs), then the polls and the next activation box. Deeper rings, weights
+prefetched into L2 during the wait (tried and taken out) and fewer boxes ahead did not shorten them. The fifth gate,
+not yet written: tasks handed out from a counter per phase, smaller, so that faster SMs take more. It needs a Hopper
+card and Triton's Gluon (3.6 on the card; CI compiles it with 3.9).
 
-Next, the first card call of the fourth gate (no code to write; each checked against torch before it is timed):
+The session's best chain (bf16 sums), checked against torch before it is timed:
 
-    python -m bench.wschain --model llama-1b,gemma3-1b --per-sm 1 --depth 8 --modes 14351:0,30735:0
-    python -m bench.wschain --model llama-1b,gemma3-1b --per-sm 1 --depth 8 --bn 128 --modes 14351:0,30735:0
-    python -m bench.wschain --model llama-1b,gemma3-1b --per-sm 1 --depth 8 --bn 128 --warps 8 --modes 14351:0
+    python -m bench.wschain --model llama-1b,mistral-3b --per-sm 1,2 --depth 8 --modes 14351:0,145423:0
 """
 
 from __future__ import annotations
@@ -110,7 +114,7 @@ SIGNAL_WARP = 1 << 12
 # consumer before each product)
 RED_SUMS = 1 << 13
 # two products in flight instead of one (a slot is refilled two stages after its product was issued), against a
-# consumer no faster than the stream (session 26's reading of its traces); compiled, not yet run on a card
+# consumer no faster than the stream (session 26's reading); session 27: no faster (the float32 boxes were the cause)
 INFLIGHT2 = 1 << 14
 # gate 4: every weight box is the weight's first (one 8 KB box, hot in L2 for every program): the chain as it would
 # run with a free weight stream, so its stage gaps are the consumer's own pace (the sums are wrong: not checked)
