@@ -129,7 +129,13 @@ X_LOADS_, WAITS_, PRODUCTS_, SIGNALS_, TICKETS_, FENCES_ = (gl.constexpr(1 << i)
 TWO_PRODUCERS_, TRACE_, BACKOFF_, ROTATE_, TILE_WAITS_, AHEAD_ONCE_, SIGNAL_WARP_, RED_SUMS_ = (
     gl.constexpr(1 << i) for i in range(6, 14)
 )
+# gate 5: tasks handed out from a counter per phase (in TICK, whose tickets RED_SUMS does not use) instead of in
+# turn, so that programs on faster SMs take more of them: with more splits than one round needs, a phase ends within
+# one small task of its first program. The producer claims each task and tells the consumer through shared memory
+# (a task number per ring slot; -1 ends the phase), the consumer tells the signal warp the same way.
+DYNAMIC = 1 << 19  # (1 << 18 was session 27's L2_AHEAD, taken out)
 INFLIGHT2_, SAME_BOX_, RAW_X_, BF16_SUMS_ = (gl.constexpr(1 << i) for i in range(14, 18))
+DYNAMIC_ = gl.constexpr(DYNAMIC)
 SPAN = 64  # TILE_WAITS: the most stages a task may have (one poll reads all their tiles' counters)
 SPAN_ = gl.constexpr(SPAN)
 CNT_STRIDE = 32  # int32s between two counters: each on a line of its own
@@ -246,14 +252,45 @@ def _wait_for_stage(TC, CNT, pid, t, i, k0, rot, stages, target, twin, P: gl.con
 
 
 @gluon.jit
-def _produce(wdesc, xdesc, ring_w, ring_x, ready, empty, CNT, TICK, it, pid, G, layer, xrow, tiles, S, stages, pre,
-             target, twin, WAIT_ON: gl.constexpr, MODE: gl.constexpr):  # fmt: skip
+def _produce(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TICK, it, q, pid, G, layer, xrow, tiles, S, stages,
+             pre, target, twin, P: gl.constexpr, WAIT_ON: gl.constexpr, MODE: gl.constexpr):  # fmt: skip
     """One phase of layer ``layer``'s copies for this program: for each task, the weight boxes of its first ``pre``
     stages, then (if this launch ran the phase ``WAIT_ON`` before) the wait for that phase's tiles, then the
     activation boxes of those stages (from row ``xrow``: RED_SUMS keeps a layer's activations in rows of their own),
     then both boxes of every later stage as slots free up. With TILE_WAITS each
     activation box of phases 1-3 waits only for its own tiles of the phase before (``MODE``: see :data:`FULL`); the
-    output projection of a later layer waits for the whole Q/K/V before it (attention's stand-in)."""
+    output projection of a later layer waits for the whole Q/K/V before it (attention's stand-in). DYNAMIC: the
+    tasks are claimed from phase ``P``'s counter (``q``: a claim made at the layer before's end, or -1) and the
+    phase ends with a slot of task -1; returns the ring's position and the claim kept for the next layer."""
+    depth: gl.constexpr = ring_w.type.shape[0]
+    TC = TICK + (4 + WAIT_ON) * TMAX_  # the tile counters of the phase before
+    if (MODE & DYNAMIC_) != 0:
+        n = tiles * S
+        if q < 0:  # (no claim kept from the layer before)
+            q = gl.atomic_add(TICK + P * TMAX_, 1, sem="relaxed")
+        k = pid * 0
+        while q < (layer + 1) * n:  # (a claim past this layer's tasks is kept for the next layer)
+            it = _produce_task(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TC, it, pid, q - layer * n,
+                               k == 0, layer, xrow, tiles, stages, pre, target, twin, WAIT_ON, MODE)  # fmt: skip
+            k += 1
+            q = gl.atomic_add(TICK + P * TMAX_, 1, sem="relaxed")
+        s = it % depth  # the phase's end: a slot with no copies, task -1
+        mbarrier.wait(empty.index(s), ((it // depth) & 1) ^ 1)
+        _put(dyn, s, -1)
+        mbarrier.arrive(ready.index(s), count=1)
+        it += 1
+    else:
+        for t in range(pid, tiles * S, G):
+            it = _produce_task(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TC, it, pid, t, t == pid, layer,
+                               xrow, tiles, stages, pre, target, twin, WAIT_ON, MODE)  # fmt: skip
+    return it, q
+
+
+@gluon.jit
+def _produce_task(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TC, it, pid, t, first, layer, xrow, tiles,
+                  stages, pre, target, twin, WAIT_ON: gl.constexpr, MODE: gl.constexpr):  # fmt: skip
+    """:func:`_produce`'s task ``t`` (``first``: the program's first of the phase). DYNAMIC: its number goes to the
+    consumer with its first stage's slot."""
     depth: gl.constexpr = ring_w.type.shape[0]
     BN: gl.constexpr = wdesc.block_type.shape[0]
     X: gl.constexpr = (MODE & X_LOADS_) != 0
@@ -263,39 +300,57 @@ def _produce(wdesc, xdesc, ring_w, ring_x, ready, empty, CNT, TICK, it, pid, G, 
     TILED: gl.constexpr = WAITS and WAIT_ON < 3 and (MODE & TILE_WAITS_) != 0
     ONCE: gl.constexpr = (MODE & AHEAD_ONCE_) != 0
     KEEP: gl.constexpr = 0 if (MODE & SAME_BOX_) != 0 else 1  # (SAME_BOX: every weight box at [0, 0])
-    TC = TICK + (4 + WAIT_ON) * TMAX_  # the tile counters of the phase before
-    for t in range(pid, tiles * S, G):
-        n0, k0, rot = _task(t, pid, tiles, stages, BN, MODE)
-        n0 += layer * tiles * BN  # (each weight is every layer's, stacked)
-        first = t == pid
-        ahead = pre
-        if ONCE:
-            ahead = gl.where(first and WAITS, pre, 0)
-        for i in range(ahead):
-            j = it + i
-            s = j % depth
-            mbarrier.wait(empty.index(s), ((j // depth) & 1) ^ 1)  # a fresh barrier counts as freed once
-            mbarrier.expect(ready.index(s), nbytes)  # the slot completes when the activation box lands too
+    DYN: gl.constexpr = (MODE & DYNAMIC_) != 0
+    n0, k0, rot = _task(t, pid, tiles, stages, BN, MODE)
+    n0 += layer * tiles * BN  # (each weight is every layer's, stacked)
+    ahead = pre
+    if ONCE:
+        ahead = gl.where(first and WAITS, pre, 0)
+    for i in range(ahead):
+        j = it + i
+        s = j % depth
+        mbarrier.wait(empty.index(s), ((j // depth) & 1) ^ 1)  # a fresh barrier counts as freed once
+        if DYN:
+            if i == 0:
+                _put(dyn, s, t)
+        mbarrier.expect(ready.index(s), nbytes)  # the slot completes when the activation box lands too
+        _tma_load(wdesc, [n0 * KEEP, _k(k0, i, rot, stages) * KEEP], ready.index(s), ring_w.index(s))
+    if not TILED:
+        if first or not ONCE:
+            _wait_for(CNT, pid, target, WAIT_ON, MODE)
+    upto = pid * 0
+    for i in range(stages):
+        j = it + i
+        s = j % depth
+        if i >= ahead:
+            mbarrier.wait(empty.index(s), ((j // depth) & 1) ^ 1)
+            if DYN:
+                if i == 0:
+                    _put(dyn, s, t)
+            mbarrier.expect(ready.index(s), nbytes)
             _tma_load(wdesc, [n0 * KEEP, _k(k0, i, rot, stages) * KEEP], ready.index(s), ring_w.index(s))
-        if not TILED:
-            if first or not ONCE:
-                _wait_for(CNT, pid, target, WAIT_ON, MODE)
-        upto = pid * 0
-        for i in range(stages):
-            j = it + i
-            s = j % depth
-            if i >= ahead:
-                mbarrier.wait(empty.index(s), ((j // depth) & 1) ^ 1)
-                mbarrier.expect(ready.index(s), nbytes)
-                _tma_load(wdesc, [n0 * KEEP, _k(k0, i, rot, stages) * KEEP], ready.index(s), ring_w.index(s))
-            if TILED:
-                if i >= upto:
-                    upto = _wait_for_stage(TC, CNT, pid, t, i, k0, rot, stages, target, twin, WAIT_ON + 1, BN,
-                                           MODE)  # fmt: skip
-            if X:
-                _tma_load(xdesc, [xrow, _k(k0, i, rot, stages)], ready.index(s), ring_x.index(s))
-        it += stages
+        if TILED:
+            if i >= upto:
+                upto = _wait_for_stage(TC, CNT, pid, t, i, k0, rot, stages, target, twin, WAIT_ON + 1, BN,
+                                       MODE)  # fmt: skip
+        if X:
+            _tma_load(xdesc, [xrow, _k(k0, i, rot, stages)], ready.index(s), ring_x.index(s))
+    it += stages
     return it
+
+
+@gluon.jit
+def _put(dyn, i, v):
+    """DYNAMIC: ``dyn[i] = v`` (a task's number, or -1), in shared memory."""
+    L: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+    dyn.index(i).store(gl.full([1], v, gl.int32, L))
+
+
+@gluon.jit
+def _get(dyn, i):
+    """DYNAMIC: ``dyn[i]``."""
+    L: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+    return gl.max(dyn.index(i).load(L), axis=0)
 
 
 @gluon.jit
@@ -373,14 +428,55 @@ def _count(CNT, TICK, tile, P: gl.constexpr, MODE: gl.constexpr):
 
 
 @gluon.jit
-def _consume(ring_w, ring_x, xs, ready, empty, stored, freed, OUT, PART, TICK, CNT, it, nt, pid, G, ly, tiles, S,
+def _consume(ring_w, ring_x, xs, ready, empty, stored, freed, dyn, OUT, PART, TICK, CNT, it, nt, pid, G, ly, tiles, S,
              stages, N, P: gl.constexpr, MODE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     """One phase's products for this program: ``acc[BN, ROWS] = W_tile @ x^T`` over the task's stages; then the
     tile in bf16 (one split), or the partial and a ticket, the last split of a tile summing all of them in order.
     ``MODE`` (see :data:`FULL`) takes parts away: without products each slot is freed as soon as it has landed;
     without tickets each split counts itself done (the sums are not made). With SIGNAL_WARP the counts, tickets and
     sums are :func:`_signal`'s: the consumer hands each stored tile over (``stored``, its ``nt``-th task) and goes on.
+    DYNAMIC: each task's number comes with its first slot, until a slot of task -1 (passed on to the signal warp).
     Returns the stages and tasks consumed so far."""
+    depth: gl.constexpr = ring_w.type.shape[0]
+    if (MODE & DYNAMIC_) != 0:
+        k = pid * 0
+        t = pid * 0
+        while t >= 0:
+            s = it % depth
+            mbarrier.wait(ready.index(s), (it // depth) & 1)
+            t = _get(dyn, s)
+            if t >= 0:
+                it, nt = _consume_task(ring_w, ring_x, xs, ready, empty, stored, freed, dyn, OUT, PART, TICK, CNT, it,
+                                       nt, pid, G, ly, t, k == 0, tiles, S, stages, N, P, MODE, num_warps)  # fmt: skip
+                k += 1
+            else:
+                mbarrier.arrive(empty.index(s), count=1)
+                it += 1
+                _hand_over(stored, freed, dyn, nt, -1, MODE)
+                nt += 1
+    else:
+        for t in range(pid, tiles * S, G):
+            it, nt = _consume_task(ring_w, ring_x, xs, ready, empty, stored, freed, dyn, OUT, PART, TICK, CNT, it, nt,
+                                   pid, G, ly, t, t == pid, tiles, S, stages, N, P, MODE, num_warps)  # fmt: skip
+    return it, nt
+
+
+@gluon.jit
+def _hand_over(stored, freed, dyn, nt, tile, MODE: gl.constexpr):
+    """SIGNAL_WARP: the consumer's ``nt``-th task (its tile's stores done by every thread) to the signal warp, through
+    one of two hand-over barriers; DYNAMIC: with its tile (-1: the phase's end) in ``dyn``'s last two slots."""
+    mbarrier.wait(freed.index(nt % 2), ((nt // 2) & 1) ^ 1)
+    if (MODE & DYNAMIC_) != 0:
+        _put(dyn, dyn.type.shape[0] - 2 + nt % 2, tile)
+        _barrier()
+    mbarrier.arrive(stored.index(nt % 2), count=1)
+
+
+@gluon.jit
+def _consume_task(ring_w, ring_x, xs, ready, empty, stored, freed, dyn, OUT, PART, TICK, CNT, it, nt, pid, G, ly, t,
+                  first, tiles, S, stages, N, P: gl.constexpr, MODE: gl.constexpr,
+                  num_warps: gl.constexpr):  # fmt: skip
+    """:func:`_consume`'s task ``t`` (``first``: the program's first of the phase)."""
     depth: gl.constexpr = ring_w.type.shape[0]
     BN: gl.constexpr = ring_w.type.shape[1]
     R: gl.constexpr = ring_x.type.shape[1]
@@ -393,90 +489,101 @@ def _consume(ring_w, ring_x, xs, ready, empty, stored, freed, OUT, PART, TICK, C
     XL: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [num_warps, 1], [1, 0])  # (RED: a float32 box in registers)
     FLIGHT: gl.constexpr = 2 if (MODE & INFLIGHT2_) != 0 else 1  # products in flight
     NXS: gl.constexpr = xs.type.shape[0]
-    for t in range(pid, tiles * S, G):
-        tile = t % tiles
-        split = t // tiles
-        acc = gl.zeros([BN, R], gl.float32, MMA)
-        for i in range(stages):
-            j = it + i
-            s = j % depth
-            mbarrier.wait(ready.index(s), (j // depth) & 1)
-            if (MODE & TRACE_) != 0:
-                if t == pid and i == 0:
-                    _stamp(CNT, pid, P, 0)
-                _stamp_stage(CNT, pid, G, j)
-            if (MODE & PRODUCTS_) == 0:
-                mbarrier.arrive(empty.index(s), count=1)
-            else:
-                if RED and (MODE & BF16_SUMS_) == 0:  # the box in bf16, in one of FLIGHT + 1 buffers (the products
-                    # in flight read the others)
-                    xb = xs.index(j % NXS)
-                    if (MODE & RAW_X_) == 0:
-                        xb.store(ring_x.index(s).load(XL).to(gl.bfloat16))
-                        fence_async_shared()
-                        _barrier()
-                else:
-                    xb = ring_x.index(s)
-                acc = _mma_step(ring_w.index(s), xb, acc, empty, i, j, FLIGHT)
-        it += stages
-        if (MODE & PRODUCTS_) != 0:
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            mbarrier.arrive(empty.index((it - 1) % depth), count=1)
-            if FLIGHT == 2:  # (a task has 2+ stages: the host checks)
-                mbarrier.arrive(empty.index((it - 2) % depth), count=1)
-        if (MODE & SIGNALS_) != 0:
-            tile_out = OUT + tile * BN + offs
-            if RED:  # this layer's rows of the float32 output: the split's product stored, or added
-                # (four consecutive columns a thread: one 16-byte red.add, not four)
-                RL: gl.constexpr = gl.BlockedLayout([4, 1], [16, 2], [1, num_warps], [0, 1])
-                vn = gl.arange(0, BN, layout=gl.SliceLayout(1, RL))
-                vm = gl.arange(0, R, layout=gl.SliceLayout(0, RL))
-                dst = OUT + (ly * R + vm[None, :]) * N + tile * BN + vn[:, None]
-                if S == 1:  # (BF16_SUMS: bf16)
-                    gl.store(dst, gl.convert_layout(acc, RL).to(OUT.dtype.element_ty))
-                else:
-                    gl.atomic_add(dst, gl.convert_layout(acc, RL).to(OUT.dtype.element_ty), sem="relaxed")
-            elif S == 1:
-                gl.store(tile_out, acc.to(gl.bfloat16))
-            else:
-                gl.store(PART + split * R * N + tile * BN + offs, acc)  # (PART: this phase's own)
-            if (MODE & FENCES_) != 0:
-                _fence_gpu(CNT)
-            _barrier()
-            if (MODE & SIGNAL_WARP_) != 0:  # (the barrier orders every thread's stores before the hand-over)
-                mbarrier.wait(freed.index(nt % 2), ((nt // 2) & 1) ^ 1)
-                mbarrier.arrive(stored.index(nt % 2), count=1)
-            elif S == 1 or (MODE & TICKETS_) == 0:
-                _count(CNT, TICK, tile, P, MODE)
-            else:
-                ticket = gl.atomic_add(TICK + P * TMAX_ + tile, 1, sem="acq_rel")
-                if ticket == S - 1:  # the tile's last split: the sum of all of them, in order
-                    if (MODE & FENCES_) != 0:
-                        _fence_gpu(CNT)
-                    total = gl.zeros([BN, R], gl.float32, MMA)
-                    for sp in range(S):
-                        total += gl.load(PART + sp * R * N + tile * BN + offs, cache_modifier=".cg")
-                    gl.store(tile_out, total.to(gl.bfloat16))
-                    gl.store(TICK + P * TMAX_ + tile, 0)  # for the next launch
-                    if (MODE & FENCES_) != 0:
-                        _fence_gpu(CNT)
+    tile = t % tiles
+    split = t // tiles
+    acc = gl.zeros([BN, R], gl.float32, MMA)
+    for i in range(stages):
+        j = it + i
+        s = j % depth
+        mbarrier.wait(ready.index(s), (j // depth) & 1)
+        if (MODE & TRACE_) != 0:
+            if first and i == 0:
+                _stamp(CNT, pid, P, 0)
+            _stamp_stage(CNT, pid, G, j)
+        if (MODE & PRODUCTS_) == 0:
+            mbarrier.arrive(empty.index(s), count=1)
+        else:
+            if RED and (MODE & BF16_SUMS_) == 0:  # the box in bf16, in one of FLIGHT + 1 buffers (the products
+                # in flight read the others)
+                xb = xs.index(j % NXS)
+                if (MODE & RAW_X_) == 0:
+                    xb.store(ring_x.index(s).load(XL).to(gl.bfloat16))
+                    fence_async_shared()
                     _barrier()
-                    _count(CNT, TICK, tile, P, MODE)
-        if (MODE & TRACE_) != 0 and (MODE & SIGNAL_WARP_) == 0:
-            _stamp(CNT, pid, P, 1)
-        nt += 1
+            else:
+                xb = ring_x.index(s)
+            acc = _mma_step(ring_w.index(s), xb, acc, empty, i, j, FLIGHT)
+    it += stages
+    if (MODE & PRODUCTS_) != 0:
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(empty.index((it - 1) % depth), count=1)
+        if FLIGHT == 2:  # (a task has 2+ stages: the host checks)
+            mbarrier.arrive(empty.index((it - 2) % depth), count=1)
+    if (MODE & SIGNALS_) != 0:
+        tile_out = OUT + tile * BN + offs
+        if RED:  # this layer's rows of the float32 output: the split's product stored, or added
+            # (four consecutive columns a thread: one 16-byte red.add, not four)
+            RL: gl.constexpr = gl.BlockedLayout([4, 1], [16, 2], [1, num_warps], [0, 1])
+            vn = gl.arange(0, BN, layout=gl.SliceLayout(1, RL))
+            vm = gl.arange(0, R, layout=gl.SliceLayout(0, RL))
+            dst = OUT + (ly * R + vm[None, :]) * N + tile * BN + vn[:, None]
+            if S == 1:  # (BF16_SUMS: bf16)
+                gl.store(dst, gl.convert_layout(acc, RL).to(OUT.dtype.element_ty))
+            else:
+                gl.atomic_add(dst, gl.convert_layout(acc, RL).to(OUT.dtype.element_ty), sem="relaxed")
+        elif S == 1:
+            gl.store(tile_out, acc.to(gl.bfloat16))
+        else:
+            gl.store(PART + split * R * N + tile * BN + offs, acc)  # (PART: this phase's own)
+        if (MODE & FENCES_) != 0:
+            _fence_gpu(CNT)
+        _barrier()
+        if (MODE & SIGNAL_WARP_) != 0:  # (the barrier orders every thread's stores before the hand-over)
+            _hand_over(stored, freed, dyn, nt, tile, MODE)
+        elif S == 1 or (MODE & TICKETS_) == 0:
+            _count(CNT, TICK, tile, P, MODE)
+        else:
+            ticket = gl.atomic_add(TICK + P * TMAX_ + tile, 1, sem="acq_rel")
+            if ticket == S - 1:  # the tile's last split: the sum of all of them, in order
+                if (MODE & FENCES_) != 0:
+                    _fence_gpu(CNT)
+                total = gl.zeros([BN, R], gl.float32, MMA)
+                for sp in range(S):
+                    total += gl.load(PART + sp * R * N + tile * BN + offs, cache_modifier=".cg")
+                gl.store(tile_out, total.to(gl.bfloat16))
+                gl.store(TICK + P * TMAX_ + tile, 0)  # for the next launch
+                if (MODE & FENCES_) != 0:
+                    _fence_gpu(CNT)
+                _barrier()
+                _count(CNT, TICK, tile, P, MODE)
+    if (MODE & TRACE_) != 0 and (MODE & SIGNAL_WARP_) == 0:
+        _stamp(CNT, pid, P, 1)
+    nt += 1
     return it, nt
 
 
 @gluon.jit
-def _signal(stored, freed, OUT, PART, TICK, CNT, nt, pid, G, tiles, S, N, R: gl.constexpr, BN: gl.constexpr,
+def _signal(stored, freed, dyn, OUT, PART, TICK, CNT, nt, pid, G, tiles, S, N, R: gl.constexpr, BN: gl.constexpr,
             P: gl.constexpr, MODE: gl.constexpr):  # fmt: skip
     """SIGNAL_WARP: one phase's counts for this program, in the consumer's order: for each task, once the consumer
     has stored its tile (or partial), the tile's count, or the split's ticket and, for a tile's last split, the sum
-    of its splits in order (eight rows at a time), then the count. Returns the tasks signalled so far."""
+    of its splits in order (eight rows at a time), then the count. DYNAMIC (no tickets): each task's tile comes with
+    it, until the phase's end (-1). Returns the tasks signalled so far."""
     L: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [1, 1], [1, 0])
     rows = gl.arange(0, 8, layout=gl.SliceLayout(1, L))
     cols = gl.arange(0, BN, layout=gl.SliceLayout(0, L))
+    if (MODE & DYNAMIC_) != 0:
+        tile = pid * 0
+        while tile >= 0:
+            mbarrier.wait(stored.index(nt % 2), (nt // 2) & 1)
+            tile = _get(dyn, dyn.type.shape[0] - 2 + nt % 2)
+            mbarrier.arrive(freed.index(nt % 2), count=1)
+            if tile >= 0:
+                _count(CNT, TICK, tile, P, MODE)
+                if (MODE & TRACE_) != 0:
+                    _stamp(CNT, pid, P, 1)
+            nt += 1
+        return nt
     for t in range(pid, tiles * S, G):
         tile = t % tiles
         mbarrier.wait(stored.index(nt % 2), (nt // 2) & 1)
@@ -501,7 +608,7 @@ def _signal(stored, freed, OUT, PART, TICK, CNT, nt, pid, G, tiles, S, N, R: gl.
 
 
 @gluon.jit
-def _signaller(stored, freed, O0, O1, O2, O3, N0, N1, N2, N3, PART, TICK, CNT, pid, G, NL, T0, T1, T2, T3,
+def _signaller(stored, freed, dyn, O0, O1, O2, O3, N0, N1, N2, N3, PART, TICK, CNT, pid, G, NL, T0, T1, T2, T3,
                S0, S1, S2, S3, R: gl.constexpr, BN: gl.constexpr, FIRST: gl.constexpr, LAST: gl.constexpr,
                MODE: gl.constexpr):  # fmt: skip
     """SIGNAL_WARP: every layer's and phase's counts for this program (:func:`_signal`), then the launch's end."""
@@ -509,19 +616,19 @@ def _signaller(stored, freed, O0, O1, O2, O3, N0, N1, N2, N3, PART, TICK, CNT, p
     nt = pid * 0
     for _ in range(NL):
         if FIRST <= 0 and LAST >= 0:
-            nt = _signal(stored, freed, O0, P0, TICK, CNT, nt, pid, G, T0, S0, N0, R, BN, 0, MODE)
+            nt = _signal(stored, freed, dyn, O0, P0, TICK, CNT, nt, pid, G, T0, S0, N0, R, BN, 0, MODE)
         if FIRST <= 1 and LAST >= 1:
-            nt = _signal(stored, freed, O1, P1, TICK, CNT, nt, pid, G, T1, S1, N1, R, BN, 1, MODE)
+            nt = _signal(stored, freed, dyn, O1, P1, TICK, CNT, nt, pid, G, T1, S1, N1, R, BN, 1, MODE)
         if FIRST <= 2 and LAST >= 2:
-            nt = _signal(stored, freed, O2, P2, TICK, CNT, nt, pid, G, T2, S2, N2, R, BN, 2, MODE)
+            nt = _signal(stored, freed, dyn, O2, P2, TICK, CNT, nt, pid, G, T2, S2, N2, R, BN, 2, MODE)
         if FIRST <= 3 and LAST >= 3:
-            nt = _signal(stored, freed, O3, P3, TICK, CNT, nt, pid, G, T3, S3, N3, R, BN, 3, MODE)
+            nt = _signal(stored, freed, dyn, O3, P3, TICK, CNT, nt, pid, G, T3, S3, N3, R, BN, 3, MODE)
     _launch_end(TICK, CNT, G, T0, T1, T2, T3, 1, MODE)
 
 
 @gluon.jit
-def _producer(w0, w1, w2, w3, x0, x1, x2, x3, x0b, ring_w, ring_x, ready, empty, CNT, TICK, pid, G, NL, T0, T1, T2,
-              T3, S0, S1, S2, S3, K0, K1, K2, K3, E0, E1, E2, E3, A0, A1, A2, A3, FIRST: gl.constexpr,
+def _producer(w0, w1, w2, w3, x0, x1, x2, x3, x0b, ring_w, ring_x, ready, empty, dyn, CNT, TICK, pid, G, NL, T0, T1,
+              T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, E0, E1, E2, E3, A0, A1, A2, A3, FIRST: gl.constexpr,
               LAST: gl.constexpr, MODE: gl.constexpr):  # fmt: skip
     """The producer warp: every layer's phases FIRST..LAST in turn (:func:`_produce`)."""
     BN: gl.constexpr = w0.block_type.shape[0]
@@ -529,24 +636,28 @@ def _producer(w0, w1, w2, w3, x0, x1, x2, x3, x0b, ring_w, ring_x, ready, empty,
     RED: gl.constexpr = (MODE & RED_SUMS_) != 0  # (then each layer's activations are rows of their own)
     twin = S2 * K2 * BK // BN  # down's K is gate/up's first half: each box's up tile is this many tiles on
     it = pid * 0
+    q0 = pid * 0 - 1  # (DYNAMIC: each phase's claim kept for the next layer; none yet)
+    q1 = q0
+    q2 = q0
+    q3 = q0
     for ly in range(NL):  # counters only grow within a launch: layer ly waits for ly + 1 times a layer's counts
         xr = ly * R if RED else 0
         if FIRST <= 0 and LAST >= 0:
             if ly == 0:
-                it = _produce(w0, x0, ring_w, ring_x, ready, empty, CNT, TICK, it, pid, G, ly, 0, T0, S0, K0,
-                              E0, 0, 0, -1, MODE)  # fmt: skip
+                it, q0 = _produce(w0, x0, ring_w, ring_x, ready, empty, dyn, CNT, TICK, it, q0, pid, G, ly, 0, T0, S0,
+                                  K0, E0, 0, 0, 0, -1, MODE)  # fmt: skip
             else:  # the layer before's Q/K/V (its first columns, as wide as O's input) stands in for attention
-                it = _produce(w0, x0b, ring_w, ring_x, ready, empty, CNT, TICK, it, pid, G, ly,
-                              xr - R if RED else 0, T0, S0, K0, E0, ly * A0, 0, 3, MODE)  # fmt: skip
+                it, q0 = _produce(w0, x0b, ring_w, ring_x, ready, empty, dyn, CNT, TICK, it, q0, pid, G, ly,
+                                  xr - R if RED else 0, T0, S0, K0, E0, ly * A0, 0, 0, 3, MODE)  # fmt: skip
         if FIRST <= 1 and LAST >= 1:
-            it = _produce(w1, x1, ring_w, ring_x, ready, empty, CNT, TICK, it, pid, G, ly, xr, T1, S1, K1,
-                          E1, (ly + 1) * A1, 0, 0 if FIRST <= 0 else -1, MODE)  # fmt: skip
+            it, q1 = _produce(w1, x1, ring_w, ring_x, ready, empty, dyn, CNT, TICK, it, q1, pid, G, ly, xr, T1, S1, K1,
+                              E1, (ly + 1) * A1, 0, 1, 0 if FIRST <= 0 else -1, MODE)  # fmt: skip
         if FIRST <= 2 and LAST >= 2:
-            it = _produce(w2, x2, ring_w, ring_x, ready, empty, CNT, TICK, it, pid, G, ly, xr, T2, S2, K2,
-                          E2, (ly + 1) * A2, twin, 1 if FIRST <= 1 else -1, MODE)  # fmt: skip
+            it, q2 = _produce(w2, x2, ring_w, ring_x, ready, empty, dyn, CNT, TICK, it, q2, pid, G, ly, xr, T2, S2, K2,
+                              E2, (ly + 1) * A2, twin, 2, 1 if FIRST <= 1 else -1, MODE)  # fmt: skip
         if FIRST <= 3 and LAST >= 3:
-            it = _produce(w3, x3, ring_w, ring_x, ready, empty, CNT, TICK, it, pid, G, ly, xr, T3, S3, K3,
-                          E3, (ly + 1) * A3, 0, 2 if FIRST <= 2 else -1, MODE)  # fmt: skip
+            it, q3 = _produce(w3, x3, ring_w, ring_x, ready, empty, dyn, CNT, TICK, it, q3, pid, G, ly, xr, T3, S3, K3,
+                              E3, (ly + 1) * A3, 0, 3, 2 if FIRST <= 2 else -1, MODE)  # fmt: skip
 
 
 @gluon.jit
@@ -565,6 +676,9 @@ def _launch_end(TICK, CNT, G, T0, T1, T2, T3, num_warps: gl.constexpr, MODE: gl.
     if done == G - 1:
         for i in gl.static_range(8):
             gl.store(CNT + i * CNT_STRIDE_, 0)
+        if (MODE & DYNAMIC_) != 0:  # and the tasks' claims
+            for p in gl.static_range(4):
+                gl.store(TICK + p * TMAX_, 0)
         if (MODE & TILE_WAITS_) != 0:  # and the tile counters
             r = gl.arange(0, 32 * num_warps, layout=gl.BlockedLayout([1], [32], [num_warps], [0]))
             _zero(TICK + 4 * TMAX_, T0, r)
@@ -574,8 +688,8 @@ def _launch_end(TICK, CNT, G, T0, T1, T2, T3, num_warps: gl.constexpr, MODE: gl.
 
 
 @gluon.jit
-def _consumer(ring_w, ring_x, xs, ready, empty, stored, freed, O0, O1, O2, O3, N0, N1, N2, N3, PART, TICK, CNT, pid, G,
-              NL, T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, FIRST: gl.constexpr, LAST: gl.constexpr,
+def _consumer(ring_w, ring_x, xs, ready, empty, stored, freed, dyn, O0, O1, O2, O3, N0, N1, N2, N3, PART, TICK, CNT,
+              pid, G, NL, T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, FIRST: gl.constexpr, LAST: gl.constexpr,
               MODE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     R: gl.constexpr = ring_x.type.shape[1]
     P0, P1, P2, P3 = _parts(PART, R, S0, S1, S2, N0, N1, N2)
@@ -583,16 +697,16 @@ def _consumer(ring_w, ring_x, xs, ready, empty, stored, freed, O0, O1, O2, O3, N
     nt = pid * 0
     for ly in range(NL):
         if FIRST <= 0 and LAST >= 0:
-            it, nt = _consume(ring_w, ring_x, xs, ready, empty, stored, freed, O0, P0, TICK, CNT, it, nt, pid, G,
+            it, nt = _consume(ring_w, ring_x, xs, ready, empty, stored, freed, dyn, O0, P0, TICK, CNT, it, nt, pid, G,
                               ly, T0, S0, K0, N0, 0, MODE, num_warps)  # fmt: skip
         if FIRST <= 1 and LAST >= 1:
-            it, nt = _consume(ring_w, ring_x, xs, ready, empty, stored, freed, O1, P1, TICK, CNT, it, nt, pid, G,
+            it, nt = _consume(ring_w, ring_x, xs, ready, empty, stored, freed, dyn, O1, P1, TICK, CNT, it, nt, pid, G,
                               ly, T1, S1, K1, N1, 1, MODE, num_warps)  # fmt: skip
         if FIRST <= 2 and LAST >= 2:
-            it, nt = _consume(ring_w, ring_x, xs, ready, empty, stored, freed, O2, P2, TICK, CNT, it, nt, pid, G,
+            it, nt = _consume(ring_w, ring_x, xs, ready, empty, stored, freed, dyn, O2, P2, TICK, CNT, it, nt, pid, G,
                               ly, T2, S2, K2, N2, 2, MODE, num_warps)  # fmt: skip
         if FIRST <= 3 and LAST >= 3:
-            it, nt = _consume(ring_w, ring_x, xs, ready, empty, stored, freed, O3, P3, TICK, CNT, it, nt, pid, G,
+            it, nt = _consume(ring_w, ring_x, xs, ready, empty, stored, freed, dyn, O3, P3, TICK, CNT, it, nt, pid, G,
                               ly, T3, S3, K3, N3, 3, MODE, num_warps)  # fmt: skip
     if (MODE & SIGNAL_WARP_) == 0:
         _launch_end(TICK, CNT, G, T0, T1, T2, T3, num_warps, MODE)
@@ -626,6 +740,8 @@ def _chain_kernel(w0, w1, w2, w3, x0, x1, x2, x3, x0b, O0, O1, O2, O3, N0, N1, N
     empty = gl.allocate_shared_memory(gl.int64, [DEPTH, 1], mbarrier.MBarrierLayout())
     stored = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # (SIGNAL_WARP's hand-over)
     freed = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    DYN: gl.constexpr = (MODE & DYNAMIC_) != 0  # (a task number per slot, then the hand-over's two)
+    dyn = gl.allocate_shared_memory(gl.int32, [DEPTH + 2 if DYN else 1, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     TWO: gl.constexpr = (MODE & TWO_PRODUCERS_) != 0 and (MODE & X_LOADS_) != 0
     for i in gl.static_range(DEPTH):
         mbarrier.init(ready.index(i), count=2 if TWO else 1)
@@ -635,7 +751,7 @@ def _chain_kernel(w0, w1, w2, w3, x0, x1, x2, x3, x0b, O0, O1, O2, O3, N0, N1, N
         mbarrier.init(freed.index(i), count=1)
     if TWO:
         gl.warp_specialize([
-            (_consumer, (ring_w, ring_x, xs, ready, empty, stored, freed, O0, O1, O2, O3, N0, N1, N2, N3, PART,
+            (_consumer, (ring_w, ring_x, xs, ready, empty, stored, freed, dyn, O0, O1, O2, O3, N0, N1, N2, N3, PART,
                          TICK, CNT, pid, G, NL, T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, FIRST, LAST, MODE,
                          num_warps)),
             (_producer_w, (w0, w1, w2, w3, ring_w, ready, empty, pid, G, T0, T1, T2, T3, S0, S1, S2, S3,
@@ -645,21 +761,21 @@ def _chain_kernel(w0, w1, w2, w3, x0, x1, x2, x3, x0b, O0, O1, O2, O3, N0, N1, N
         ], [1, 1], [24, 24])  # fmt: skip
     elif (MODE & SIGNAL_WARP_) != 0:
         gl.warp_specialize([
-            (_consumer, (ring_w, ring_x, xs, ready, empty, stored, freed, O0, O1, O2, O3, N0, N1, N2, N3, PART,
+            (_consumer, (ring_w, ring_x, xs, ready, empty, stored, freed, dyn, O0, O1, O2, O3, N0, N1, N2, N3, PART,
                          TICK, CNT, pid, G, NL, T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, FIRST, LAST, MODE,
                          num_warps)),
-            (_producer, (w0, w1, w2, w3, x0, x1, x2, x3, x0b, ring_w, ring_x, ready, empty, CNT, TICK, pid, G, NL,
+            (_producer, (w0, w1, w2, w3, x0, x1, x2, x3, x0b, ring_w, ring_x, ready, empty, dyn, CNT, TICK, pid, G, NL,
                          T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, E0, E1, E2, E3, A0, A1, A2, A3, FIRST, LAST,
                          MODE)),
-            (_signaller, (stored, freed, O0, O1, O2, O3, N0, N1, N2, N3, PART, TICK, CNT, pid, G, NL, T0, T1, T2, T3,
-                          S0, S1, S2, S3, R, BN, FIRST, LAST, MODE)),
+            (_signaller, (stored, freed, dyn, O0, O1, O2, O3, N0, N1, N2, N3, PART, TICK, CNT, pid, G, NL, T0, T1, T2,
+                          T3, S0, S1, S2, S3, R, BN, FIRST, LAST, MODE)),
         ], [1, 1], [24, 80])  # fmt: skip
     else:
         gl.warp_specialize([
-            (_consumer, (ring_w, ring_x, xs, ready, empty, stored, freed, O0, O1, O2, O3, N0, N1, N2, N3, PART,
+            (_consumer, (ring_w, ring_x, xs, ready, empty, stored, freed, dyn, O0, O1, O2, O3, N0, N1, N2, N3, PART,
                          TICK, CNT, pid, G, NL, T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, FIRST, LAST, MODE,
                          num_warps)),
-            (_producer, (w0, w1, w2, w3, x0, x1, x2, x3, x0b, ring_w, ring_x, ready, empty, CNT, TICK, pid, G, NL,
+            (_producer, (w0, w1, w2, w3, x0, x1, x2, x3, x0b, ring_w, ring_x, ready, empty, dyn, CNT, TICK, pid, G, NL,
                          T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, E0, E1, E2, E3, A0, A1, A2, A3, FIRST, LAST,
                          MODE)),
         ], [1], [24])  # fmt: skip
@@ -723,6 +839,8 @@ class Chain:
         # with TILE_WAITS, what one tile's counter must reach
         if mode & BF16_SUMS and not self.red:
             raise ValueError("BF16_SUMS is a way of RED_SUMS")
+        if mode & DYNAMIC and (not mode & SIGNAL_WARP or not self.red or mode & (TILE_WAITS | TRACE)):
+            raise ValueError("DYNAMIC takes RED_SUMS and a signal warp, and no tile waits or trace")
         if self.red and mode & (TICKETS | TWO_PRODUCERS):
             raise ValueError("RED_SUMS makes the sums without tickets, and takes one producer")
         per_tile = [1 if mode & TICKETS or sp == 1 else sp for sp in self.splits]
@@ -845,6 +963,8 @@ def trace_rows(st: torch.Tensor, tiles: list[int], splits: list[int]) -> list[di
 
 def describe(mode: int) -> str:
     """What a MODE leaves out, in words."""
+    if mode & DYNAMIC:
+        return describe(mode & ~DYNAMIC) + ", tasks claimed"
     if mode & SAME_BOX:
         return describe(mode & ~SAME_BOX) + ", every weight box one box in L2"
     if mode & RAW_X:
