@@ -38,7 +38,8 @@ copy bandwidth measured in the same run):
   and ``--warps 8`` with ``--bn 128`` (two consumer warpgroups, 64 weight rows each). Gate 4's: ``SAME_BOX`` (every
   weight box one box hot in L2: the consumer's own pace), ``RAW_X`` (no change of the float32 box to bf16: its
   cost), ``BF16_SUMS`` (``RED_SUMS`` into bf16 outputs: bf16 atomic adds, bf16 boxes multiplied as copied), and
-  ``--ahead N`` (how many weight boxes a task copies before its wait; default the ring's depth).
+  ``--ahead N`` (how many weight boxes a task copies before its wait; default the ring's depth). Gate 5's:
+  ``DYNAMIC`` (tasks claimed from a counter per phase instead of handed out in turn; with ``--splits``, smaller).
 - Without stores (``SIGNALS``) nothing reads the products, and ptxas drops most of them (8 of the chain's 32 wgmma
   instructions are left, by ``cuobjdump -sass``): those rows measure the weights' and activations' streams, not the
   products. The least a chain with every product costs is the ``SIGNALS`` row without waits.
@@ -57,9 +58,9 @@ over the six families (cuBLAS one call per GEMM 1.37-2.45x, same runs). Session 
 ``BF16_SUMS`` it takes 0.16 µs a stage and the chain is 1.18-1.70x its floor (1.10-1.28x without waits), at the
 price of bf16 roundings in the sums, in any order. The boundaries are what is left: the spread between a phase's
 first and last program to finish (1-2 µs), then the polls and the next activation box. Deeper rings, weights
-prefetched into L2 during the wait (tried and taken out) and fewer boxes ahead did not shorten them. The fifth gate,
-not yet written: tasks handed out from a counter per phase, smaller, so that faster SMs take more. It needs a Hopper
-card and Triton's Gluon (3.6 on the card; CI compiles it with 3.9).
+prefetched into L2 during the wait (tried and taken out), fewer boxes ahead, and tasks claimed from a counter
+(``DYNAMIC``, 1-2.5 µs a layer slower; smaller tasks slower still) did not shorten them. It needs a Hopper card and
+Triton's Gluon (3.6 on the card; CI compiles it with 3.9).
 
 The session's best chain (bf16 sums), checked against torch before it is timed:
 
