@@ -486,6 +486,11 @@ def test_the_chain_bench_traces_stages_and_chains_layers():
     assert C.describe(C.X_LOADS | C.SIGNALS | C.WAITS | red | C.RAW_X) == (
         "the chain without products, fences, tickets, sums by red.add, no change to bf16"
     )
+    # gate 5: tasks claimed, named last; its number is not the taken-out L2_AHEAD's (1 << 18)
+    assert C.describe(C.FULL & ~C.FENCES & ~C.TICKETS | bf16 | C.SIGNAL_WARP | C.DYNAMIC).endswith(
+        "a signal warp, sums by red.add in bf16, tasks claimed"
+    )
+    assert C.DYNAMIC == 1 << 19
 
 
 def test_the_chain_bench_checks_every_run_against_its_largest_value(monkeypatch):
