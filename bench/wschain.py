@@ -962,32 +962,21 @@ def trace_rows(st: torch.Tensor, tiles: list[int], splits: list[int]) -> list[di
     return out
 
 
+# the ways of a MODE, in words, outermost first (each named after those below it)
+_WAYS = ((DYNAMIC, ", tasks claimed"), (SAME_BOX, ", every weight box one box in L2"), (RAW_X, ", no change to bf16"),
+         (BF16_SUMS, " in bf16"), (INFLIGHT2, ", two products in flight"), (RED_SUMS, ", sums by red.add"),
+         (SIGNAL_WARP, ", a signal warp"), (AHEAD_ONCE, ", ahead once a phase"), (TILE_WAITS, ", tile waits"),
+         (ROTATE, ", K rotated"), (BACKOFF, ", polls spaced"), (TWO_PRODUCERS, ", two producers"))  # fmt: skip
+
+
 def describe(mode: int) -> str:
     """What a MODE leaves out, in words."""
-    if mode & DYNAMIC:
-        return describe(mode & ~DYNAMIC) + ", tasks claimed"
-    if mode & SAME_BOX:
-        return describe(mode & ~SAME_BOX) + ", every weight box one box in L2"
-    if mode & RAW_X:
-        return describe(mode & ~RAW_X) + ", no change to bf16"
-    if mode & BF16_SUMS:
-        return describe(mode & ~BF16_SUMS) + " in bf16"
-    if mode & INFLIGHT2:
-        return describe(mode & ~INFLIGHT2) + ", two products in flight"
-    if mode & RED_SUMS:
-        return describe(mode & ~RED_SUMS).replace("tickets: sums not made", "tickets") + ", sums by red.add"
-    if mode & SIGNAL_WARP:
-        return describe(mode & ~SIGNAL_WARP) + ", a signal warp"
-    if mode & AHEAD_ONCE:
-        return describe(mode & ~AHEAD_ONCE) + ", ahead once a phase"
-    if mode & TILE_WAITS:
-        return describe(mode & ~TILE_WAITS) + ", tile waits"
-    if mode & ROTATE:
-        return describe(mode & ~ROTATE) + ", K rotated"
-    if mode & BACKOFF:
-        return describe(mode & ~BACKOFF) + ", polls spaced"
-    if mode & TWO_PRODUCERS:
-        return describe(mode & ~TWO_PRODUCERS) + ", two producers"
+    for flag, words in _WAYS:
+        if mode & flag:
+            inner = describe(mode & ~flag)
+            if flag == RED_SUMS:  # (the sums are made, without tickets)
+                inner = inner.replace("tickets: sums not made", "tickets")
+            return inner + words
     if mode == FULL:
         return "the chain"
     if mode == FULL & ~FENCES & ~TICKETS & ~X_LOADS:
