@@ -133,8 +133,8 @@ TWO_PRODUCERS_, TRACE_, BACKOFF_, ROTATE_, TILE_WAITS_, AHEAD_ONCE_, SIGNAL_WARP
 # gate 5: tasks handed out from a counter per phase (in TICK, whose tickets RED_SUMS does not use) instead of in
 # turn, so that programs on faster SMs take more of them: with more splits than one round needs, a phase ends within
 # one small task of its first program. The producer claims each task and tells the consumer through shared memory
-# (a task number per ring slot; -1 ends the phase), the consumer tells the signal warp the same way. Session 27: correct,
-# and 1-2.5 µs a layer slower (the claims' round trips; smaller tasks were slower still, claimed or not)
+# (a task number per ring slot; -1 ends the phase), the consumer tells the signal warp the same way. Session 27:
+# correct, and 1-2.5 µs a layer slower (the claims' round trips; smaller tasks were slower still, claimed or not)
 DYNAMIC = 1 << 19  # (1 << 18 was session 27's L2_AHEAD, taken out)
 INFLIGHT2_, SAME_BOX_, RAW_X_, BF16_SUMS_ = (gl.constexpr(1 << i) for i in range(14, 18))
 DYNAMIC_ = gl.constexpr(DYNAMIC)
