@@ -136,8 +136,14 @@ TWO_PRODUCERS_, TRACE_, BACKOFF_, ROTATE_, TILE_WAITS_, AHEAD_ONCE_, SIGNAL_WARP
 # (a task number per ring slot; -1 ends the phase), the consumer tells the signal warp the same way. Session 27:
 # correct, and 1-2.5 µs a layer slower (the claims' round trips; smaller tasks were slower still, claimed or not)
 DYNAMIC = 1 << 19  # (1 << 18 was session 27's L2_AHEAD, taken out)
+# gate 5: every program an equal share of each phase's weight boxes (tile after tile, each tile's K in order), instead
+# of whole tasks in turn. A phase's 64-row tiles rarely divide into the programs (qwen2.5-1.5b's gate/up: 280 tiles
+# on 132 programs, so 16 programs take three while the mean is 2.1), and the phase ends with its busiest program. A
+# program's share may start and end inside a tile: it adds its part of the tile (RED_SUMS), and a tile it has whole
+# it stores. ``S_p`` is then how many programs share phase p (``--least``: at least that many boxes each)
+BALANCED = 1 << 20
 INFLIGHT2_, SAME_BOX_, RAW_X_, BF16_SUMS_ = (gl.constexpr(1 << i) for i in range(14, 18))
-DYNAMIC_ = gl.constexpr(DYNAMIC)
+DYNAMIC_, BALANCED_ = gl.constexpr(DYNAMIC), gl.constexpr(BALANCED)
 SPAN = 64  # TILE_WAITS: the most stages a task may have (one poll reads all their tiles' counters)
 SPAN_ = gl.constexpr(SPAN)
 CNT_STRIDE = 32  # int32s between two counters: each on a line of its own
@@ -191,13 +197,43 @@ def _fence_gpu(CNT):
 
 
 @gluon.jit
-def _task(t, pid, tiles, stages, BN: gl.constexpr, MODE: gl.constexpr):
-    """Task ``t`` of a phase: its first weight row, its first K column, and how far its K boxes are rotated
-    (ROTATE: by the program's index, so that programs in step read different boxes; else 0)."""
+def _tasks(pid, tiles, S, stages, G, MODE: gl.constexpr):
+    """A program's tasks of a phase, as ``range(lo, hi, step)``: in turn, tasks ``pid, pid + G, ...`` of ``tiles *
+    S``; BALANCED, the tiles that its share of the phase's boxes touches (``S`` programs share them, ``stages``
+    boxes a tile)."""
+    lo = pid
+    hi = tiles * S
+    step = G
+    if (MODE & BALANCED_) != 0:
+        b0, b1 = _share(pid, tiles, S, stages)
+        lo = b0 // stages
+        hi = gl.where(b1 > b0, (b1 + stages - 1) // stages, lo)
+        step = G * 0 + 1
+    return lo, hi, step
+
+
+@gluon.jit
+def _share(pid, tiles, S, stages):
+    """BALANCED: the program's share of a phase's ``tiles * stages`` boxes, ``[b0, b1)`` (empty from pid ``S``)."""
+    total = tiles * stages
+    return gl.where(pid < S, pid, S) * total // S, gl.where(pid + 1 < S, pid + 1, S) * total // S
+
+
+@gluon.jit
+def _task(t, pid, tiles, S, stages, BN: gl.constexpr, MODE: gl.constexpr):
+    """Task ``t`` of a phase: its first weight row, its first K column, how far its K boxes are rotated (ROTATE:
+    by the program's index, so that programs in step read different boxes; else 0), and its stages (``stages``;
+    BALANCED: the part of tile ``t`` in the program's share)."""
     rot = pid * 0
     if (MODE & ROTATE_) != 0:
         rot = pid % stages
-    return (t % tiles) * BN, (t // tiles) * stages * BK, rot
+    kb = (t // tiles) * stages
+    n = stages
+    if (MODE & BALANCED_) != 0:
+        b0, b1 = _share(pid, tiles, S, stages)
+        kb = gl.where(b0 > t * stages, b0 - t * stages, 0)
+        n = gl.where(b1 < (t + 1) * stages, b1 - t * stages, stages) - kb
+    return (t % tiles) * BN, kb * BK, rot, n
 
 
 @gluon.jit
@@ -273,7 +309,7 @@ def _produce(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TICK, it, q, 
         k = pid * 0
         while q < (layer + 1) * n:  # (a claim past this layer's tasks is kept for the next layer)
             it = _produce_task(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TC, it, pid, q - layer * n,
-                               k == 0, layer, xrow, tiles, stages, pre, target, twin, WAIT_ON, MODE)  # fmt: skip
+                               k == 0, layer, xrow, tiles, S, stages, pre, target, twin, WAIT_ON, MODE)  # fmt: skip
             k += 1
             q = gl.atomic_add(TICK + P * TMAX_, 1, sem="relaxed")
         s = it % depth  # the phase's end: a slot with no copies, task -1
@@ -282,14 +318,15 @@ def _produce(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TICK, it, q, 
         mbarrier.arrive(ready.index(s), count=1)
         it += 1
     else:
-        for t in range(pid, tiles * S, G):
-            it = _produce_task(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TC, it, pid, t, t == pid, layer,
-                               xrow, tiles, stages, pre, target, twin, WAIT_ON, MODE)  # fmt: skip
+        lo, hi, step = _tasks(pid, tiles, S, stages, G, MODE)
+        for t in range(lo, hi, step):
+            it = _produce_task(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TC, it, pid, t, t == lo, layer,
+                               xrow, tiles, S, stages, pre, target, twin, WAIT_ON, MODE)  # fmt: skip
     return it, q
 
 
 @gluon.jit
-def _produce_task(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TC, it, pid, t, first, layer, xrow, tiles,
+def _produce_task(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TC, it, pid, t, first, layer, xrow, tiles, S,
                   stages, pre, target, twin, WAIT_ON: gl.constexpr, MODE: gl.constexpr):  # fmt: skip
     """:func:`_produce`'s task ``t`` (``first``: the program's first of the phase). DYNAMIC: its number goes to the
     consumer with its first stage's slot."""
@@ -303,9 +340,11 @@ def _produce_task(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TC, it, 
     ONCE: gl.constexpr = (MODE & AHEAD_ONCE_) != 0
     KEEP: gl.constexpr = 0 if (MODE & SAME_BOX_) != 0 else 1  # (SAME_BOX: every weight box at [0, 0])
     DYN: gl.constexpr = (MODE & DYNAMIC_) != 0
-    n0, k0, rot = _task(t, pid, tiles, stages, BN, MODE)
+    n0, k0, rot, stages = _task(t, pid, tiles, S, stages, BN, MODE)  # (BALANCED: the task's own stages)
     n0 += layer * tiles * BN  # (each weight is every layer's, stacked)
     ahead = pre
+    if (MODE & BALANCED_) != 0:
+        ahead = gl.where(stages < pre, stages, pre)
     if ONCE:
         ahead = gl.where(first and WAITS, pre, 0)
     for i in range(ahead):
@@ -362,7 +401,7 @@ def _produce_w(wdesc, ring_w, ready, empty, it, pid, G, tiles, S, stages, MODE: 
     depth: gl.constexpr = ring_w.type.shape[0]
     BN: gl.constexpr = wdesc.block_type.shape[0]
     for t in range(pid, tiles * S, G):
-        n0, k0, rot = _task(t, pid, tiles, stages, BN, MODE)
+        n0, k0, rot, _ = _task(t, pid, tiles, S, stages, BN, MODE)
         for i in range(stages):
             j = it + i
             s = j % depth
@@ -379,7 +418,7 @@ def _produce_x(xdesc, ring_x, ready, empty, CNT, it, pid, G, tiles, S, stages, t
     """TWO_PRODUCERS: one phase's activation boxes for this program, after the wait for the phase before."""
     depth: gl.constexpr = ring_x.type.shape[0]
     for t in range(pid, tiles * S, G):
-        _, k0, rot = _task(t, pid, tiles, stages, 0, MODE)
+        _, k0, rot, _ = _task(t, pid, tiles, S, stages, 0, MODE)
         _wait_for(CNT, pid, target, WAIT_ON, MODE)
         for i in range(stages):
             j = it + i
@@ -457,9 +496,15 @@ def _consume(ring_w, ring_x, xs, ready, empty, stored, freed, dyn, OUT, PART, TI
                 _hand_over(stored, freed, dyn, nt, -1, MODE)
                 nt += 1
     else:
-        for t in range(pid, tiles * S, G):
+        lo, hi, step = _tasks(pid, tiles, S, stages, G, MODE)
+        for t in range(lo, hi, step):
+            St = S
+            n = stages
+            if (MODE & BALANCED_) != 0:  # (a tile the program has whole is stored, a part of one added)
+                _, _, _, n = _task(t, pid, tiles, S, stages, 0, MODE)
+                St = gl.where(n == stages, 1, 2)
             it, nt = _consume_task(ring_w, ring_x, xs, ready, empty, stored, freed, dyn, OUT, PART, TICK, CNT, it, nt,
-                                   pid, G, ly, t, t == pid, tiles, S, stages, N, P, MODE, num_warps)  # fmt: skip
+                                   pid, G, ly, t, t == lo, tiles, St, n, N, P, MODE, num_warps)  # fmt: skip
     return it, nt
 
 
@@ -565,8 +610,8 @@ def _consume_task(ring_w, ring_x, xs, ready, empty, stored, freed, dyn, OUT, PAR
 
 
 @gluon.jit
-def _signal(stored, freed, dyn, OUT, PART, TICK, CNT, nt, pid, G, tiles, S, N, R: gl.constexpr, BN: gl.constexpr,
-            P: gl.constexpr, MODE: gl.constexpr):  # fmt: skip
+def _signal(stored, freed, dyn, OUT, PART, TICK, CNT, nt, pid, G, tiles, S, stages, N, R: gl.constexpr,
+            BN: gl.constexpr, P: gl.constexpr, MODE: gl.constexpr):  # fmt: skip
     """SIGNAL_WARP: one phase's counts for this program, in the consumer's order: for each task, once the consumer
     has stored its tile (or partial), the tile's count, or the split's ticket and, for a tile's last split, the sum
     of its splits in order (eight rows at a time), then the count. DYNAMIC (no tickets): each task's tile comes with
@@ -586,7 +631,8 @@ def _signal(stored, freed, dyn, OUT, PART, TICK, CNT, nt, pid, G, tiles, S, N, R
                     _stamp(CNT, pid, P, 1)
             nt += 1
         return nt
-    for t in range(pid, tiles * S, G):
+    lo, hi, step = _tasks(pid, tiles, S, stages, G, MODE)
+    for t in range(lo, hi, step):
         tile = t % tiles
         mbarrier.wait(stored.index(nt % 2), (nt // 2) & 1)
         mbarrier.arrive(freed.index(nt % 2), count=1)
@@ -611,20 +657,20 @@ def _signal(stored, freed, dyn, OUT, PART, TICK, CNT, nt, pid, G, tiles, S, N, R
 
 @gluon.jit
 def _signaller(stored, freed, dyn, O0, O1, O2, O3, N0, N1, N2, N3, PART, TICK, CNT, pid, G, NL, T0, T1, T2, T3,
-               S0, S1, S2, S3, R: gl.constexpr, BN: gl.constexpr, FIRST: gl.constexpr, LAST: gl.constexpr,
-               MODE: gl.constexpr):  # fmt: skip
+               S0, S1, S2, S3, K0, K1, K2, K3, R: gl.constexpr, BN: gl.constexpr, FIRST: gl.constexpr,
+               LAST: gl.constexpr, MODE: gl.constexpr):  # fmt: skip
     """SIGNAL_WARP: every layer's and phase's counts for this program (:func:`_signal`), then the launch's end."""
     P0, P1, P2, P3 = _parts(PART, R, S0, S1, S2, N0, N1, N2)
     nt = pid * 0
     for _ in range(NL):
         if FIRST <= 0 and LAST >= 0:
-            nt = _signal(stored, freed, dyn, O0, P0, TICK, CNT, nt, pid, G, T0, S0, N0, R, BN, 0, MODE)
+            nt = _signal(stored, freed, dyn, O0, P0, TICK, CNT, nt, pid, G, T0, S0, K0, N0, R, BN, 0, MODE)
         if FIRST <= 1 and LAST >= 1:
-            nt = _signal(stored, freed, dyn, O1, P1, TICK, CNT, nt, pid, G, T1, S1, N1, R, BN, 1, MODE)
+            nt = _signal(stored, freed, dyn, O1, P1, TICK, CNT, nt, pid, G, T1, S1, K1, N1, R, BN, 1, MODE)
         if FIRST <= 2 and LAST >= 2:
-            nt = _signal(stored, freed, dyn, O2, P2, TICK, CNT, nt, pid, G, T2, S2, N2, R, BN, 2, MODE)
+            nt = _signal(stored, freed, dyn, O2, P2, TICK, CNT, nt, pid, G, T2, S2, K2, N2, R, BN, 2, MODE)
         if FIRST <= 3 and LAST >= 3:
-            nt = _signal(stored, freed, dyn, O3, P3, TICK, CNT, nt, pid, G, T3, S3, N3, R, BN, 3, MODE)
+            nt = _signal(stored, freed, dyn, O3, P3, TICK, CNT, nt, pid, G, T3, S3, K3, N3, R, BN, 3, MODE)
     _launch_end(TICK, CNT, G, T0, T1, T2, T3, 1, MODE)
 
 
@@ -770,7 +816,7 @@ def _chain_kernel(w0, w1, w2, w3, x0, x1, x2, x3, x0b, O0, O1, O2, O3, N0, N1, N
                          T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, E0, E1, E2, E3, A0, A1, A2, A3, FIRST, LAST,
                          MODE)),
             (_signaller, (stored, freed, dyn, O0, O1, O2, O3, N0, N1, N2, N3, PART, TICK, CNT, pid, G, NL, T0, T1, T2,
-                          T3, S0, S1, S2, S3, R, BN, FIRST, LAST, MODE)),
+                          T3, S0, S1, S2, S3, K0, K1, K2, K3, R, BN, FIRST, LAST, MODE)),
         ], [1, 1], [24, 80])  # fmt: skip
     else:
         gl.warp_specialize([
@@ -811,13 +857,19 @@ def splits_for(n: int, k: int, programs: int) -> int:
     return sp
 
 
+def equal_shares(shapes: list[tuple[int, int]], programs: int, least: int) -> list[int]:
+    """BALANCED: how many programs share each phase's boxes: all of them, unless that leaves a share under ``least``
+    boxes."""
+    return [max(1, min(programs, n // TILE[0] * (k // TILE[1]) // least)) for n, k in shapes]
+
+
 class Chain:
     """Launches of :func:`_chain_kernel` for one layer shape: ``launches`` 1 (a layer's four phases), 4 (one each),
     or 0 (``layers`` layers' phases in one launch: call it with :meth:`weights`'s ``stack``). Called with the first
     activation's descriptors in bf16 and in float32 (RED_SUMS reads float32); returns the last layer's outputs."""
 
     def __init__(self, s: dict, depth: int, ahead: bool, launches: int, per_sm: int, splits=None, mode: int = FULL,
-                 layers: int = 1, warps: int = 4):  # fmt: skip
+                 layers: int = 1, warps: int = 4, least: int = 1):  # fmt: skip
         self.shapes = chain_shapes(s)
         self.inter = s["inter"]
         self.G = torch.cuda.get_device_properties(0).multi_processor_count * per_sm  # all resident: they wait
@@ -828,12 +880,17 @@ class Chain:
         self.warps = warps
         if shared_bytes(depth, mode) * per_sm > SHARED:
             raise ValueError(f"depth {depth} does not fit {per_sm} programs per SM")
+        self.balanced = bool(mode & BALANCED)
+        if self.balanced:  # (the splits: how many programs share each phase, ``least`` boxes or more each)
+            if splits or not mode & RED_SUMS or mode & (DYNAMIC | TILE_WAITS | INFLIGHT2):
+                raise ValueError("equal shares take RED_SUMS, no --splits, and no claims, tile waits or INFLIGHT2")
+            splits = equal_shares(self.shapes, self.G, least)
         self.splits = list(splits) if splits else [splits_for(n, k, self.G) for n, k in self.shapes]
         for (n, k), sp in zip(self.shapes, self.splits):
-            if n % TILE[0] or k % (sp * TILE[1]) or n // TILE[0] > TMAX:
+            if n % TILE[0] or k % ((1 if self.balanced else sp) * TILE[1]) or n // TILE[0] > TMAX:
                 raise ValueError(f"tiles of {TILE} and {sp} splits do not divide the GEMM {n} x {k}")
         self.tiles = [n // TILE[0] for n, _ in self.shapes]
-        self.stages = [k // sp // TILE[1] for (_, k), sp in zip(self.shapes, self.splits)]
+        self.stages = [k // (1 if self.balanced else sp) // TILE[1] for (_, k), sp in zip(self.shapes, self.splits)]
         # (ahead: True for as many boxes as the ring holds, or how many)
         self.pre = [min(st, depth if ahead is True else int(ahead)) if ahead else 0 for st in self.stages]
         self.depth, self.launches, self.mode = depth, launches, mode
@@ -846,7 +903,9 @@ class Chain:
         if self.red and mode & (TICKETS | TWO_PRODUCERS):
             raise ValueError("RED_SUMS makes the sums without tickets, and takes one producer")
         per_tile = [1 if mode & TICKETS or sp == 1 else sp for sp in self.splits]
-        done = [t * c for t, c in zip(self.tiles, per_tile)]
+        done = [sum(len(self.spans(p, pid)) for pid in range(self.G)) for p in range(4)]  # (a count per task)
+        if not self.balanced:
+            done = [t * c for t, c in zip(self.tiles, per_tile)]
         self.targets = (per_tile if mode & TILE_WAITS else done)[:3]
         if mode & INFLIGHT2 and min(self.stages) < 2:
             raise ValueError("two products in flight take two or more stages a task")
@@ -858,13 +917,17 @@ class Chain:
         dev = dict(device="cuda")
         self.cnt = torch.zeros(STAGES_AT + TRACED * MAXIT * 2, dtype=torch.int32, **dev)
         self.tick = torch.zeros(8 * TMAX, dtype=torch.int32, **dev)  # the tickets, then the tile counters
-        self.part = torch.empty(sum(sp * ROWS * n for (n, _), sp in zip(self.shapes, self.splits)), **dev)
-        if self.red:  # float32 (or bf16) outputs, a layer's rows each; the phases with splits first, zeroed per launch
+        parts = [1 if self.balanced else sp for sp in self.splits]  # (RED_SUMS reads no partials)
+        self.part = torch.empty(sum(sp * ROWS * n for (n, _), sp in zip(self.shapes, parts)), **dev)
+        if self.red:  # float32 (or bf16) outputs, a layer's rows each; the phases with split tiles first, zeroed per
+            # launch
             nl = layers if launches == 0 else 1
             sizes = [nl * ROWS * n for n, _ in self.shapes]
-            order = sorted(range(4), key=lambda p: self.splits[p] == 1)
+            summed = [any(n < k for pid in range(self.G) for _, _, n in self.spans(p, pid)) for p, k in
+                      enumerate(self.stages)] if self.balanced else [sp > 1 for sp in self.splits]  # fmt: skip
+            order = sorted(range(4), key=lambda p: not summed[p])
             buf = torch.empty(sum(sizes), dtype=torch.float32 if self.f32 else torch.bfloat16, **dev)
-            self.zeroed = buf[: sum(sizes[p] for p in order if self.splits[p] > 1)]
+            self.zeroed = buf[: sum(sizes[p] for p in order if summed[p])]
             self.outs, at = [None] * 4, 0
             for p in order:
                 self.outs[p] = buf[at : at + sizes[p]].view(nl * ROWS, self.shapes[p][0])
@@ -876,6 +939,21 @@ class Chain:
             xl = _layout([ROWS, TILE[1]])
         ins = [None, self.outs[0], self.outs[1][:, : self.inter], self.outs[2], self.outs[3][:, : self.shapes[0][1]]]
         self.xdescs = [None] + [TensorDescriptor.from_tensor(x, [ROWS, TILE[1]], xl) for x in ins[1:]]
+
+    def spans(self, p: int, pid: int) -> list[tuple[int, int, int]]:
+        """Program ``pid``'s tasks of phase ``p`` as the kernel makes them (:func:`_tasks`, :func:`_task`): each
+        task's tile, first box of K and stages."""
+        tiles, sp, st = self.tiles[p], self.splits[p], self.stages[p]
+        if not self.balanced:
+            return [(t % tiles, t // tiles * st, st) for t in range(pid, tiles * sp, self.G)]
+        total = tiles * st
+        b0, b1 = min(pid, sp) * total // sp, min(pid + 1, sp) * total // sp
+        return [(t, max(b0 - t * st, 0), min(b1 - t * st, st) - max(b0 - t * st, 0))
+                for t in range(b0 // st, -(-b1 // st) if b1 > b0 else 0)]  # fmt: skip
+
+    def busy(self) -> list[int]:
+        """How many programs (the first ones) have a task in each phase."""
+        return [sp if self.balanced else min(self.G, t * sp) for t, sp in zip(self.tiles, self.splits)]
 
     @staticmethod
     def weights(s: dict, layers: int) -> tuple[list[dict], dict]:
@@ -913,7 +991,7 @@ def trace(chain: Chain, x0desc, lw: dict) -> list[dict]:
     traced(x0desc, lw)
     torch.cuda.synchronize()
     st = chain.cnt[TRACE_AT : TRACE_AT + chain.G * 4 * 3 * 2].view(torch.int64).view(chain.G, 4, 3)
-    return trace_rows(st.cpu(), chain.tiles, chain.splits)
+    return trace_rows(st.cpu(), chain.busy())
 
 
 def stage_gaps(chain: Chain, least_us: float = 0.5, burst: int = 10) -> list[str]:
@@ -924,8 +1002,7 @@ def stage_gaps(chain: Chain, least_us: float = 0.5, burst: int = 10) -> list[str
     t0 = st[:, 0].min()
     lines = []
     for sel, pid in enumerate((0, 1, chain.G // 2, chain.G - 1)):
-        where = [(p, n, i) for p, (t, sp, k) in enumerate(zip(chain.tiles, chain.splits, chain.stages))
-                 for n in range(len(range(pid, t * sp, chain.G))) for i in range(k)]  # fmt: skip
+        where = [(p, n, i) for p in range(4) for n, (_, _, k) in enumerate(chain.spans(p, pid)) for i in range(k)]
         if not where:  # (a program with no task: more programs than a phase's tasks)
             lines.append(f"program {pid}: no task")
             continue
@@ -947,27 +1024,29 @@ def stage_gaps(chain: Chain, least_us: float = 0.5, burst: int = 10) -> list[str
     return lines
 
 
-def trace_rows(st: torch.Tensor, tiles: list[int], splits: list[int]) -> list[dict]:
-    """:func:`trace`'s figures from the stamps ``[programs, 4 phases, 3]`` (ns)."""
-    t0 = st[: min(len(st), tiles[0] * splits[0]), 0, 0].min()
+def trace_rows(st: torch.Tensor, busy: list[int]) -> list[dict]:
+    """:func:`trace`'s figures from the stamps ``[programs, 4 phases, 3]`` (ns) of the ``busy[p]`` first programs
+    (those with a task in phase p)."""
+    t0 = st[: busy[0], 0, 0].min()
     out = []
-    for p, (t, sp) in enumerate(zip(tiles, splits)):
-        busy = st[: min(len(st), t * sp), p]
+    for p, b in enumerate(busy):
+        ours = st[:b, p]
         row = {"phase": p}
         for k, name in ((0, "first ready"), (2, "wait over"), (1, "last counted")):
             if k == 2 and p == 0:
                 continue
-            v = ((busy[:, k] - t0).double() / 1e3).sort().values
+            v = ((ours[:, k] - t0).double() / 1e3).sort().values
             row[name] = (v[0].item(), v[len(v) // 2].item(), v[-1].item())
         out.append(row)
     return out
 
 
 # the ways of a MODE, in words, outermost first (each named after those below it)
-_WAYS = ((DYNAMIC, ", tasks claimed"), (SAME_BOX, ", every weight box one box in L2"), (RAW_X, ", no change to bf16"),
-         (BF16_SUMS, " in bf16"), (INFLIGHT2, ", two products in flight"), (RED_SUMS, ", sums by red.add"),
-         (SIGNAL_WARP, ", a signal warp"), (AHEAD_ONCE, ", ahead once a phase"), (TILE_WAITS, ", tile waits"),
-         (ROTATE, ", K rotated"), (BACKOFF, ", polls spaced"), (TWO_PRODUCERS, ", two producers"))  # fmt: skip
+_WAYS = ((BALANCED, ", equal shares"), (DYNAMIC, ", tasks claimed"), (SAME_BOX, ", every weight box one box in L2"),
+         (RAW_X, ", no change to bf16"), (BF16_SUMS, " in bf16"), (INFLIGHT2, ", two products in flight"),
+         (RED_SUMS, ", sums by red.add"), (SIGNAL_WARP, ", a signal warp"), (AHEAD_ONCE, ", ahead once a phase"),
+         (TILE_WAITS, ", tile waits"), (ROTATE, ", K rotated"), (BACKOFF, ", polls spaced"),
+         (TWO_PRODUCERS, ", two producers"))  # fmt: skip
 
 
 def describe(mode: int) -> str:
@@ -1028,7 +1107,7 @@ def cublas(x0: torch.Tensor, lw: dict, bufs: list[torch.Tensor], inter: int) -> 
 
 
 def measure(model: str, depths: list[int], per_sm: int, bandwidth: float, splits=None, traces=(),
-            variants=None, warps: int = 4) -> list[dict]:  # fmt: skip
+            variants=None, warps: int = 4, least: int = 1) -> list[dict]:  # fmt: skip
     s = shapes(model)
     layers, stack = Chain.weights(s, s["layers"])
     floor = sum(n * k * 2 for n, k in chain_shapes(s)) / bandwidth * 1e6
@@ -1049,7 +1128,8 @@ def measure(model: str, depths: list[int], per_sm: int, bandwidth: float, splits
     for depth in depths:
         for mode, launches, ahead in variants:
             try:
-                chain = Chain(s, depth, ahead, launches, per_sm, splits, mode, len(layers), warps)
+                chain = Chain(s, depth, ahead, launches, per_sm, None if mode & BALANCED else splits, mode,
+                              len(layers), warps, least)  # fmt: skip
             except ValueError as exc:  # (a variant that does not fit leaves the others)
                 print(f"!! {model} depth {depth} mode {mode}: {exc}", flush=True)
                 continue
@@ -1078,7 +1158,8 @@ def measure(model: str, depths: list[int], per_sm: int, bandwidth: float, splits
                 for line in stage_gaps(chain):
                     print(f"  {line}")
             rows.append(dict(base, variant=name, depth=depth, splits=chain.splits, launches=launches, ahead=ahead,
-                             mode=mode, us=us, off=off if checked else None))  # fmt: skip
+                             mode=mode, us=us, off=off if checked else None,
+                             least=least if mode & BALANCED else None))  # fmt: skip
     return rows
 
 
@@ -1098,6 +1179,7 @@ def main(argv: list[str] | None = None) -> int:
         help="variants as MODE:launches (ints; launches 0: every layer in one launch), comma-separated "
         "(default: the parts)",
     )
+    ap.add_argument("--least", type=int, default=1, help="BALANCED: the fewest weight boxes a program's share has")
     ap.add_argument("--ahead", type=int, help="weight boxes a task copies ahead of its wait (default: the depth)")
     ap.add_argument("--trace", default="", help="modes (ints, comma-separated) to trace once after timing")
     ap.add_argument("--json")
@@ -1115,7 +1197,7 @@ def main(argv: list[str] | None = None) -> int:
         for per_sm in (int(v) for v in args.per_sm.split(",")):
             depths = [d for d in (int(v) for v in args.depth.split(",")) if shared_bytes(d, 0) * per_sm <= SHARED]
             try:
-                rows += measure(model, depths, per_sm, bandwidth, splits, traces, variants, args.warps)
+                rows += measure(model, depths, per_sm, bandwidth, splits, traces, variants, args.warps, args.least)
             except Exception as exc:  # noqa: BLE001 (one model's failure leaves the others' rows)
                 print(f"!! {model} per_sm {per_sm}: {type(exc).__name__}: {exc}", flush=True)
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; µs per layer: O, gate/up, down, Q/K/V of a decode layer, "

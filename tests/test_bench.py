@@ -428,7 +428,7 @@ def test_the_chain_bench_splits_and_reads_its_trace():
     st[:, 1, 0] += 7_000
     st[1, 0, 0] -= 250
     st[4:, 0] = 0  # programs 4 and 5 had no task in phase 0
-    rows = wschain.trace_rows(st, tiles=[2, 6, 1, 1], splits=[2, 1, 1, 1])
+    rows = wschain.trace_rows(st, busy=[4, 6, 1, 1])  # (2 tiles x 2 splits, 6 tiles, ...)
     assert rows[0] == {"phase": 0, "first ready": (0.0, 0.25, 0.25), "last counted": (5.25, 5.25, 5.25)}
     assert rows[1]["first ready"] == (7.25, 7.25, 7.25) and rows[1]["wait over"] == (0.25, 0.25, 0.25)
     assert rows[2]["last counted"] == (5.25, 5.25, 5.25) and "wait over" in rows[3]
@@ -444,6 +444,7 @@ def test_the_chain_bench_traces_stages_and_chains_layers():
 
     chain = C.Chain.__new__(C.Chain)  # (the host side only: a chain's shape, no card)
     chain.G, chain.tiles, chain.splits, chain.stages = 4, [2, 6, 1, 1], [2, 1, 1, 1], [2, 3, 2, 2]
+    chain.balanced = False
     chain.cnt = torch.zeros(C.STAGES_AT + C.TRACED * C.MAXIT * 2, dtype=torch.int32)
     st = chain.cnt[C.STAGES_AT :].view(torch.int64).view(C.TRACED, C.MAXIT)
     st[:, :20] = torch.arange(20) * 250 + 1_795_975_307_409_677_000
@@ -491,6 +492,49 @@ def test_the_chain_bench_traces_stages_and_chains_layers():
         "a signal warp, sums by red.add in bf16, tasks claimed"
     )
     assert C.DYNAMIC == 1 << 19
+    assert C.describe(C.FULL & ~C.FENCES & ~C.TICKETS | bf16 | C.SIGNAL_WARP | C.BALANCED).endswith(
+        "sums by red.add in bf16, equal shares"
+    )
+
+
+def _balanced_chain(C, shapes, programs, least):
+    chain = C.Chain.__new__(C.Chain)  # (the host side only: a chain's shape, no card)
+    chain.G, chain.balanced = programs, True
+    chain.tiles = [n // C.TILE[0] for n, _ in shapes]
+    chain.stages = [k // C.TILE[1] for _, k in shapes]
+    chain.splits = C.equal_shares(shapes, programs, least)
+    return chain
+
+
+@pytest.mark.parametrize("programs", [132, 264])
+@pytest.mark.parametrize("least", [1, 4])
+@pytest.mark.parametrize("model", ["llama-1b", "qwen2.5-1.5b", "gemma3-1b", "phi3-mini"])
+def test_the_chain_bench_shares_each_phase_equally(model, least, programs):
+    """bench.wschain's gate 5 (BALANCED), host side, as the kernel splits a phase: every weight box of every phase
+    goes to exactly one program; the programs that share a phase take shares that differ by one box at most, of
+    ``least`` boxes or more (fewer programs share a small phase); each task is a run of one tile's K boxes."""
+    pytest.importorskip("transformers")
+    C = pytest.importorskip("bench.wschain")
+    from bench.ring import shapes
+
+    chain = _balanced_chain(C, C.chain_shapes(shapes(model)), programs, least)
+    for p, (tiles, boxes, sharing) in enumerate(zip(chain.tiles, chain.stages, chain.splits)):
+        seen = [0] * (tiles * boxes)
+        shares = []
+        for pid in range(programs):
+            tasks = chain.spans(p, pid)
+            assert all(n >= 1 and 0 <= k0 and k0 + n <= boxes for _, k0, n in tasks)
+            assert [t for t, _, _ in tasks] == list(range(tasks[0][0], tasks[0][0] + len(tasks))) if tasks else True
+            for t, k0, n in tasks:
+                for k in range(k0, k0 + n):
+                    seen[t * boxes + k] += 1
+            shares.append(sum(n for _, _, n in tasks))
+        assert seen == [1] * (tiles * boxes)
+        assert all(s == 0 for s in shares[sharing:]) and max(shares) - min(shares[:sharing]) <= 1
+        assert min(shares[:sharing]) >= min(least, tiles * boxes) and chain.busy()[p] == sharing
+    # qwen2.5-1.5b's gate/up at 132 programs: 280 tiles of 24 boxes; in turn 16 programs take three tiles
+    if model == "qwen2.5-1.5b" and programs == 132:
+        assert sum(n for _, _, n in chain.spans(1, 0)) == 280 * 24 // 132 < 3 * 24
 
 
 def test_the_chain_bench_checks_every_run_against_its_largest_value(monkeypatch):
