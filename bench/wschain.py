@@ -346,7 +346,7 @@ def _produce_task(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TC, it, 
     if (MODE & BALANCED_) != 0:
         ahead = gl.where(stages < pre, stages, pre)
     if ONCE:
-        ahead = gl.where(first and WAITS, pre, 0)
+        ahead = gl.where(first and WAITS, ahead, 0)
     for i in range(ahead):
         j = it + i
         s = j % depth
