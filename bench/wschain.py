@@ -142,8 +142,15 @@ DYNAMIC = 1 << 19  # (1 << 18 was session 27's L2_AHEAD, taken out)
 # program's share may start and end inside a tile: it adds its part of the tile (RED_SUMS), and a tile it has whole
 # it stores. ``S_p`` is then how many programs share phase p (``--least``: at least that many boxes each)
 BALANCED = 1 << 20
+# gate 5: BALANCED with shares weighed by each SM's pace (a program reads its SM's ``[b0, b1)`` of each phase from a
+# table at TICK[4 * TMAX + p * SHW + 2 * smid], which :meth:`Chain.weigh` fills from a traced run's paces): SMs do
+# not stream equally fast (session 27's traces: 0.19-0.26 µs a stage in one phase), so with equal shares the slowest
+# SM ends every phase while the others wait
+WEIGHTED = 1 << 21
+SHW = 512  # int32s of a phase's share table: (b0, b1) for 256 SMs
+SHW_ = gl.constexpr(SHW)
 INFLIGHT2_, SAME_BOX_, RAW_X_, BF16_SUMS_ = (gl.constexpr(1 << i) for i in range(14, 18))
-DYNAMIC_, BALANCED_ = gl.constexpr(DYNAMIC), gl.constexpr(BALANCED)
+DYNAMIC_, BALANCED_, WEIGHTED_ = gl.constexpr(DYNAMIC), gl.constexpr(BALANCED), gl.constexpr(WEIGHTED)
 SPAN = 64  # TILE_WAITS: the most stages a task may have (one poll reads all their tiles' counters)
 SPAN_ = gl.constexpr(SPAN)
 CNT_STRIDE = 32  # int32s between two counters: each on a line of its own
@@ -154,6 +161,8 @@ TRACED = 4  # TRACE also stamps every stage of four programs (the first two, the
 MAXIT = 1024  # ... up to this many stages each
 STAGES_AT = TRACE_AT + 1024 * 4 * 3 * 2  # (int32s; room for the per-phase stamps of 1,024 programs)
 STAGES_AT_, MAXIT_ = gl.constexpr(STAGES_AT), gl.constexpr(MAXIT)
+SMID_AT = STAGES_AT + TRACED * MAXIT * 2  # TRACE: each program's SM (int32s, 1,024 programs)
+SMID_AT_ = gl.constexpr(SMID_AT)
 
 
 @gluon.jit
@@ -197,7 +206,7 @@ def _fence_gpu(CNT):
 
 
 @gluon.jit
-def _tasks(pid, tiles, S, stages, G, MODE: gl.constexpr):
+def _tasks(pid, tiles, S, stages, G, SH, MODE: gl.constexpr):
     """A program's tasks of a phase, as ``range(lo, hi, step)``: in turn, tasks ``pid, pid + G, ...`` of ``tiles *
     S``; BALANCED, the tiles that its share of the phase's boxes touches (``S`` programs share them, ``stages``
     boxes a tile)."""
@@ -205,7 +214,7 @@ def _tasks(pid, tiles, S, stages, G, MODE: gl.constexpr):
     hi = tiles * S
     step = G
     if (MODE & BALANCED_) != 0:
-        b0, b1 = _share(pid, tiles, S, stages)
+        b0, b1 = _share(pid, tiles, S, stages, SH, MODE)
         lo = b0 // stages
         hi = gl.where(b1 > b0, (b1 + stages - 1) // stages, lo)
         step = G * 0 + 1
@@ -213,14 +222,21 @@ def _tasks(pid, tiles, S, stages, G, MODE: gl.constexpr):
 
 
 @gluon.jit
-def _share(pid, tiles, S, stages):
-    """BALANCED: the program's share of a phase's ``tiles * stages`` boxes, ``[b0, b1)`` (empty from pid ``S``)."""
+def _share(pid, tiles, S, stages, SH, MODE: gl.constexpr):
+    """BALANCED: the program's share of a phase's ``tiles * stages`` boxes, ``[b0, b1)`` (empty from pid ``S``);
+    WEIGHTED: its SM's, from the phase's table ``SH``."""
     total = tiles * stages
-    return gl.where(pid < S, pid, S) * total // S, gl.where(pid + 1 < S, pid + 1, S) * total // S
+    b0 = gl.where(pid < S, pid, S) * total // S
+    b1 = gl.where(pid + 1 < S, pid + 1, S) * total // S
+    if (MODE & WEIGHTED_) != 0:
+        sm = gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,l", [SH], dtype=gl.int32, is_pure=True, pack=1)
+        b0 = gl.load(SH + 2 * sm)
+        b1 = gl.load(SH + 2 * sm + 1)
+    return b0, b1
 
 
 @gluon.jit
-def _task(t, pid, tiles, S, stages, BN: gl.constexpr, MODE: gl.constexpr):
+def _task(t, pid, tiles, S, stages, SH, BN: gl.constexpr, MODE: gl.constexpr):
     """Task ``t`` of a phase: its first weight row, its first K column, how far its K boxes are rotated (ROTATE:
     by the program's index, so that programs in step read different boxes; else 0), and its stages (``stages``;
     BALANCED: the part of tile ``t`` in the program's share)."""
@@ -230,7 +246,7 @@ def _task(t, pid, tiles, S, stages, BN: gl.constexpr, MODE: gl.constexpr):
     kb = (t // tiles) * stages
     n = stages
     if (MODE & BALANCED_) != 0:
-        b0, b1 = _share(pid, tiles, S, stages)
+        b0, b1 = _share(pid, tiles, S, stages, SH, MODE)
         kb = gl.where(b0 > t * stages, b0 - t * stages, 0)
         n = gl.where(b1 < (t + 1) * stages, b1 - t * stages, stages) - kb
     return (t % tiles) * BN, kb * BK, rot, n
@@ -308,7 +324,7 @@ def _produce(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TICK, it, q, 
             q = gl.atomic_add(TICK + P * TMAX_, 1, sem="relaxed")
         k = pid * 0
         while q < (layer + 1) * n:  # (a claim past this layer's tasks is kept for the next layer)
-            it = _produce_task(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TC, it, pid, q - layer * n,
+            it = _produce_task(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TC, TC, it, pid, q - layer * n,
                                k == 0, layer, xrow, tiles, S, stages, pre, target, twin, WAIT_ON, MODE)  # fmt: skip
             k += 1
             q = gl.atomic_add(TICK + P * TMAX_, 1, sem="relaxed")
@@ -318,16 +334,17 @@ def _produce(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TICK, it, q, 
         mbarrier.arrive(ready.index(s), count=1)
         it += 1
     else:
-        lo, hi, step = _tasks(pid, tiles, S, stages, G, MODE)
+        SH = TICK + 4 * TMAX_ + P * SHW_  # (WEIGHTED's shares)
+        lo, hi, step = _tasks(pid, tiles, S, stages, G, SH, MODE)
         for t in range(lo, hi, step):
-            it = _produce_task(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TC, it, pid, t, t == lo, layer,
-                               xrow, tiles, S, stages, pre, target, twin, WAIT_ON, MODE)  # fmt: skip
+            it = _produce_task(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TC, SH, it, pid, t, t == lo,
+                               layer, xrow, tiles, S, stages, pre, target, twin, WAIT_ON, MODE)  # fmt: skip
     return it, q
 
 
 @gluon.jit
-def _produce_task(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TC, it, pid, t, first, layer, xrow, tiles, S,
-                  stages, pre, target, twin, WAIT_ON: gl.constexpr, MODE: gl.constexpr):  # fmt: skip
+def _produce_task(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TC, SH, it, pid, t, first, layer, xrow, tiles,
+                  S, stages, pre, target, twin, WAIT_ON: gl.constexpr, MODE: gl.constexpr):  # fmt: skip
     """:func:`_produce`'s task ``t`` (``first``: the program's first of the phase). DYNAMIC: its number goes to the
     consumer with its first stage's slot."""
     depth: gl.constexpr = ring_w.type.shape[0]
@@ -340,7 +357,7 @@ def _produce_task(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TC, it, 
     ONCE: gl.constexpr = (MODE & AHEAD_ONCE_) != 0
     KEEP: gl.constexpr = 0 if (MODE & SAME_BOX_) != 0 else 1  # (SAME_BOX: every weight box at [0, 0])
     DYN: gl.constexpr = (MODE & DYNAMIC_) != 0
-    n0, k0, rot, stages = _task(t, pid, tiles, S, stages, BN, MODE)  # (BALANCED: the task's own stages)
+    n0, k0, rot, stages = _task(t, pid, tiles, S, stages, SH, BN, MODE)  # (BALANCED: the task's own stages)
     n0 += layer * tiles * BN  # (each weight is every layer's, stacked)
     ahead = pre
     if (MODE & BALANCED_) != 0:
@@ -401,7 +418,7 @@ def _produce_w(wdesc, ring_w, ready, empty, it, pid, G, tiles, S, stages, MODE: 
     depth: gl.constexpr = ring_w.type.shape[0]
     BN: gl.constexpr = wdesc.block_type.shape[0]
     for t in range(pid, tiles * S, G):
-        n0, k0, rot, _ = _task(t, pid, tiles, S, stages, BN, MODE)
+        n0, k0, rot, _ = _task(t, pid, tiles, S, stages, ready, BN, MODE)  # (no shares: no table)
         for i in range(stages):
             j = it + i
             s = j % depth
@@ -418,7 +435,7 @@ def _produce_x(xdesc, ring_x, ready, empty, CNT, it, pid, G, tiles, S, stages, t
     """TWO_PRODUCERS: one phase's activation boxes for this program, after the wait for the phase before."""
     depth: gl.constexpr = ring_x.type.shape[0]
     for t in range(pid, tiles * S, G):
-        _, k0, rot, _ = _task(t, pid, tiles, S, stages, 0, MODE)
+        _, k0, rot, _ = _task(t, pid, tiles, S, stages, ready, 0, MODE)
         _wait_for(CNT, pid, target, WAIT_ON, MODE)
         for i in range(stages):
             j = it + i
@@ -496,12 +513,13 @@ def _consume(ring_w, ring_x, xs, ready, empty, stored, freed, dyn, OUT, PART, TI
                 _hand_over(stored, freed, dyn, nt, -1, MODE)
                 nt += 1
     else:
-        lo, hi, step = _tasks(pid, tiles, S, stages, G, MODE)
+        SH = TICK + 4 * TMAX_ + P * SHW_
+        lo, hi, step = _tasks(pid, tiles, S, stages, G, SH, MODE)
         for t in range(lo, hi, step):
             St = S
             n = stages
             if (MODE & BALANCED_) != 0:  # (a tile the program has whole is stored, a part of one added)
-                _, _, _, n = _task(t, pid, tiles, S, stages, 0, MODE)
+                _, _, _, n = _task(t, pid, tiles, S, stages, SH, 0, MODE)
                 St = gl.where(n == stages, 1, 2)
             it, nt = _consume_task(ring_w, ring_x, xs, ready, empty, stored, freed, dyn, OUT, PART, TICK, CNT, it, nt,
                                    pid, G, ly, t, t == lo, tiles, St, n, N, P, MODE, num_warps)  # fmt: skip
@@ -631,7 +649,7 @@ def _signal(stored, freed, dyn, OUT, PART, TICK, CNT, nt, pid, G, tiles, S, stag
                     _stamp(CNT, pid, P, 1)
             nt += 1
         return nt
-    lo, hi, step = _tasks(pid, tiles, S, stages, G, MODE)
+    lo, hi, step = _tasks(pid, tiles, S, stages, G, TICK + 4 * TMAX_ + P * SHW_, MODE)
     for t in range(lo, hi, step):
         tile = t % tiles
         mbarrier.wait(stored.index(nt % 2), (nt // 2) & 1)
@@ -743,6 +761,9 @@ def _consumer(ring_w, ring_x, xs, ready, empty, stored, freed, dyn, O0, O1, O2, 
     P0, P1, P2, P3 = _parts(PART, R, S0, S1, S2, N0, N1, N2)
     it = pid * 0
     nt = pid * 0
+    if (MODE & TRACE_) != 0:  # (the program's SM, for WEIGHTED's paces)
+        gl.store(CNT + SMID_AT_ + pid, gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,l", [CNT], dtype=gl.int32,
+                                                                 is_pure=True, pack=1))  # fmt: skip
     for ly in range(NL):
         if FIRST <= 0 and LAST >= 0:
             it, nt = _consume(ring_w, ring_x, xs, ready, empty, stored, freed, dyn, O0, P0, TICK, CNT, it, nt, pid, G,
@@ -881,6 +902,8 @@ class Chain:
         if shared_bytes(depth, mode) * per_sm > SHARED:
             raise ValueError(f"depth {depth} does not fit {per_sm} programs per SM")
         self.balanced = bool(mode & BALANCED)
+        if mode & WEIGHTED and not self.balanced:
+            raise ValueError("WEIGHTED is a way of BALANCED")
         if self.balanced:  # (the splits: how many programs share each phase, ``least`` boxes or more each)
             if splits or not mode & RED_SUMS or mode & (DYNAMIC | TILE_WAITS | INFLIGHT2):
                 raise ValueError("equal shares take RED_SUMS, no --splits, and no claims, tile waits or INFLIGHT2")
@@ -915,7 +938,7 @@ class Chain:
             raise ValueError("every layer in one launch takes one producer")
         self.a0 = done[3]  # a later layer's output projection waits for the whole Q/K/V before it
         dev = dict(device="cuda")
-        self.cnt = torch.zeros(STAGES_AT + TRACED * MAXIT * 2, dtype=torch.int32, **dev)
+        self.cnt = torch.zeros(SMID_AT + 1024, dtype=torch.int32, **dev)
         self.tick = torch.zeros(8 * TMAX, dtype=torch.int32, **dev)  # the tickets, then the tile counters
         parts = [1 if self.balanced else sp for sp in self.splits]  # (RED_SUMS reads no partials)
         self.part = torch.empty(sum(sp * ROWS * n for (n, _), sp in zip(self.shapes, parts)), **dev)
@@ -925,6 +948,8 @@ class Chain:
             sizes = [nl * ROWS * n for n, _ in self.shapes]
             summed = [any(n < k for pid in range(self.G) for _, _, n in self.spans(p, pid)) for p, k in
                       enumerate(self.stages)] if self.balanced else [sp > 1 for sp in self.splits]  # fmt: skip
+            if mode & WEIGHTED:  # (shares by pace seldom end on a tile's edge)
+                summed = [True] * 4
             order = sorted(range(4), key=lambda p: not summed[p])
             buf = torch.empty(sum(sizes), dtype=torch.float32 if self.f32 else torch.bfloat16, **dev)
             self.zeroed = buf[: sum(sizes[p] for p in order if summed[p])]
@@ -950,6 +975,27 @@ class Chain:
         b0, b1 = min(pid, sp) * total // sp, min(pid + 1, sp) * total // sp
         return [(t, max(b0 - t * st, 0), min(b1 - t * st, st) - max(b0 - t * st, 0))
                 for t in range(b0 // st, -(-b1 // st) if b1 > b0 else 0)]  # fmt: skip
+
+    def weigh(self, pace: dict[int, float]) -> list[dict[int, tuple[int, int]]]:
+        """WEIGHTED: each SM's share of each phase's boxes in proportion to its ``pace`` (boxes per µs, by SM id),
+        into the kernel's tables; the waits' targets follow (a count per task). Returns the shares."""
+        sms = sorted(pace)
+        if len(sms) != self.G or max(sms) >= SHW // 2:
+            raise ValueError(f"{len(sms)} SMs paced for {self.G} programs")
+        cum = [0.0]
+        for sm in sms:
+            cum.append(cum[-1] + pace[sm])
+        table = torch.zeros(4, SHW, dtype=torch.int32)
+        shares, done = [], []
+        for p, (tiles, st) in enumerate(zip(self.tiles, self.stages)):
+            cuts = [round(tiles * st * c / cum[-1]) for c in cum]
+            shares.append({sm: (cuts[i], cuts[i + 1]) for i, sm in enumerate(sms)})
+            for sm, (b0, b1) in shares[-1].items():
+                table[p, 2 * sm], table[p, 2 * sm + 1] = b0, b1
+            done.append(sum((b1 - 1) // st - b0 // st + 1 for b0, b1 in shares[-1].values() if b1 > b0))
+        self.tick[4 * TMAX : 4 * TMAX + 4 * SHW].copy_(table.view(-1))
+        self.targets, self.a0 = done[:3], done[3]
+        return shares
 
     def busy(self) -> list[int]:
         """How many programs (the first ones) have a task in each phase."""
@@ -992,6 +1038,33 @@ def trace(chain: Chain, x0desc, lw: dict) -> list[dict]:
     torch.cuda.synchronize()
     st = chain.cnt[TRACE_AT : TRACE_AT + chain.G * 4 * 3 * 2].view(torch.int64).view(chain.G, 4, 3)
     return trace_rows(st.cpu(), chain.busy())
+
+
+def paces(chain: Chain, x0desc, lw: dict, runs: int = 3) -> tuple[dict[int, float], list[str]]:
+    """WEIGHTED's calibration: ``runs`` traced launches of ``chain`` (BALANCED: equal shares) and each SM's pace
+    over gate/up and down (its boxes per µs from its first ready stage to its last count), averaged; and lines that
+    say how the paces spread and whether they repeat from run to run (an SM's own speed, or noise)."""
+    seen = []
+    for _ in range(runs):
+        trace(chain, x0desc, lw)
+        st = chain.cnt[TRACE_AT : TRACE_AT + chain.G * 4 * 3 * 2].view(torch.int64).view(chain.G, 4, 3).cpu()
+        sm = chain.cnt[SMID_AT : SMID_AT + chain.G].cpu().tolist()
+        pace = {}
+        for pid in range(chain.G):
+            boxes = sum(n for p in (1, 2) for _, _, n in chain.spans(p, pid))
+            us = sum((st[pid, p, 1] - st[pid, p, 0]).item() for p in (1, 2)) / 1e3
+            pace[sm[pid]] = boxes / us
+        if len(pace) != chain.G:
+            raise ValueError(f"{chain.G} programs on {len(pace)} SMs")
+        seen.append(pace)
+    sms = sorted(seen[0])
+    mean = {sm: sum(p[sm] for p in seen) / runs for sm in sms}
+    v = sorted(mean.values())
+    a, b = torch.tensor([seen[0][sm] for sm in sms]), torch.tensor([seen[-1][sm] for sm in sms])
+    r = torch.corrcoef(torch.stack([a, b]))[0, 1].item()
+    lines = [f"paces (boxes per µs, {runs} traced runs): min {v[0]:.2f}, median {v[len(v) // 2]:.2f}, max {v[-1]:.2f}; "
+             f"first run against last, correlation {r:.2f}"]  # fmt: skip
+    return mean, lines
 
 
 def stage_gaps(chain: Chain, least_us: float = 0.5, burst: int = 10) -> list[str]:
@@ -1042,11 +1115,11 @@ def trace_rows(st: torch.Tensor, busy: list[int]) -> list[dict]:
 
 
 # the ways of a MODE, in words, outermost first (each named after those below it)
-_WAYS = ((BALANCED, ", equal shares"), (DYNAMIC, ", tasks claimed"), (SAME_BOX, ", every weight box one box in L2"),
-         (RAW_X, ", no change to bf16"), (BF16_SUMS, " in bf16"), (INFLIGHT2, ", two products in flight"),
-         (RED_SUMS, ", sums by red.add"), (SIGNAL_WARP, ", a signal warp"), (AHEAD_ONCE, ", ahead once a phase"),
-         (TILE_WAITS, ", tile waits"), (ROTATE, ", K rotated"), (BACKOFF, ", polls spaced"),
-         (TWO_PRODUCERS, ", two producers"))  # fmt: skip
+_WAYS = ((WEIGHTED, ""), (BALANCED, ", equal shares"), (DYNAMIC, ", tasks claimed"),
+         (SAME_BOX, ", every weight box one box in L2"), (RAW_X, ", no change to bf16"), (BF16_SUMS, " in bf16"),
+         (INFLIGHT2, ", two products in flight"), (RED_SUMS, ", sums by red.add"), (SIGNAL_WARP, ", a signal warp"),
+         (AHEAD_ONCE, ", ahead once a phase"), (TILE_WAITS, ", tile waits"), (ROTATE, ", K rotated"),
+         (BACKOFF, ", polls spaced"), (TWO_PRODUCERS, ", two producers"))  # fmt: skip
 
 
 def describe(mode: int) -> str:
@@ -1056,6 +1129,8 @@ def describe(mode: int) -> str:
             inner = describe(mode & ~flag)
             if flag == RED_SUMS:  # (the sums are made, without tickets)
                 inner = inner.replace("tickets: sums not made", "tickets")
+            if flag == WEIGHTED:
+                inner = inner.replace("equal shares", "shares by each SM's pace")
             return inner + words
     if mode == FULL:
         return "the chain"
@@ -1133,6 +1208,12 @@ def measure(model: str, depths: list[int], per_sm: int, bandwidth: float, splits
             except ValueError as exc:  # (a variant that does not fit leaves the others)
                 print(f"!! {model} depth {depth} mode {mode}: {exc}", flush=True)
                 continue
+            if mode & WEIGHTED:  # (calibrated on equal shares, same depth; then checked and timed as any other)
+                even = Chain(s, depth, ahead, launches, per_sm, None, mode & ~WEIGHTED, len(layers), warps, least)
+                pace, lines = paces(even, x0desc, layers[0])
+                chain.weigh(pace)
+                for line in lines:
+                    print(f"{model} depth {depth}: {line}", flush=True)
             # the sums are made (and checked) with tickets or RED_SUMS; without waits the products read what is there
             checked = mode & (TICKETS | RED_SUMS) and mode & WAITS and mode & X_LOADS and not mode & (SAME_BOX | RAW_X)
             whole = launches == 0

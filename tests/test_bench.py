@@ -495,6 +495,9 @@ def test_the_chain_bench_traces_stages_and_chains_layers():
     assert C.describe(C.FULL & ~C.FENCES & ~C.TICKETS | bf16 | C.SIGNAL_WARP | C.BALANCED).endswith(
         "sums by red.add in bf16, equal shares"
     )
+    assert C.describe(C.FULL & ~C.FENCES & ~C.TICKETS | bf16 | C.BALANCED | C.WEIGHTED).endswith(
+        "sums by red.add in bf16, shares by each SM's pace"
+    )
 
 
 def _balanced_chain(C, shapes, programs, least):
@@ -535,6 +538,34 @@ def test_the_chain_bench_shares_each_phase_equally(model, least, programs):
     # qwen2.5-1.5b's gate/up at 132 programs: 280 tiles of 24 boxes; in turn 16 programs take three tiles
     if model == "qwen2.5-1.5b" and programs == 132:
         assert sum(n for _, _, n in chain.spans(1, 0)) == 280 * 24 // 132 < 3 * 24
+
+
+def test_the_chain_bench_weighs_the_shares_by_each_sms_pace():
+    """bench.wschain's WEIGHTED, host side: every box of a phase goes to exactly one SM, in SM order, each SM's
+    share in proportion to its pace (a faster SM more); the table the kernel reads holds each SM's [b0, b1) at
+    ``2 * smid``; the waits' targets are the tasks (tiles touched) of all the shares."""
+    torch = pytest.importorskip("torch")
+    C = pytest.importorskip("bench.wschain")
+
+    chain = _balanced_chain(C, [(2048, 2048), (16384, 2048), (2048, 8192), (3072, 2048)], 4, 1)
+    chain.tick = torch.zeros(8 * C.TMAX, dtype=torch.int32)
+    pace = {3: 1.0, 7: 2.0, 8: 1.0, 40: 4.0}  # (SM ids need not be 0..G-1)
+    shares = chain.weigh(pace)
+    table = chain.tick[4 * C.TMAX :].view(-1)
+    for p, (tiles, boxes) in enumerate(zip(chain.tiles, chain.stages)):
+        got = shares[p]
+        assert [got[sm] for sm in (3, 7, 8, 40)] == sorted(got.values())  # (SM order, contiguous)
+        assert got[3][0] == 0 and got[40][1] == tiles * boxes
+        assert all(got[a][1] == got[b][0] for a, b in ((3, 7), (7, 8), (8, 40)))
+        sizes = {sm: b1 - b0 for sm, (b0, b1) in got.items()}
+        assert abs(sizes[40] - tiles * boxes * 4 / 8) <= 1 and abs(sizes[7] - 2 * sizes[3]) <= 2
+        for sm, (b0, b1) in got.items():
+            assert table[p * C.SHW + 2 * sm].item() == b0 and table[p * C.SHW + 2 * sm + 1].item() == b1
+    # llama-1b's O (32 tiles of 32 boxes): shares of 128, 256, 128 and 512 boxes touch 4, 8, 4 and 16 tiles
+    assert chain.a0 == sum(len(range(b0 // 32, -(-b1 // 32))) for b0, b1 in shares[3].values())
+    assert chain.targets[0] == 4 + 8 + 4 + 16
+    with pytest.raises(ValueError, match="5 SMs paced for 4 programs"):
+        chain.weigh({**pace, 9: 1.0})
 
 
 def test_the_chain_bench_checks_every_run_against_its_largest_value(monkeypatch):
