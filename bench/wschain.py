@@ -1071,7 +1071,7 @@ def stage_gaps(chain: Chain, least_us: float = 0.5, burst: int = 10) -> list[str
     """After :func:`trace`: for each of the four traced programs, the median time between two of its stages being
     ready, per phase, and every wait of ``least_us`` or more (which phase, task and stage it came before); for the
     first program, the ``burst`` gaps after each phase's first stage."""
-    st = chain.cnt[STAGES_AT:].view(torch.int64).view(TRACED, MAXIT).cpu()
+    st = chain.cnt[STAGES_AT:SMID_AT].view(torch.int64).view(TRACED, MAXIT).cpu()
     t0 = st[:, 0].min()
     lines = []
     for sel, pid in enumerate((0, 1, chain.G // 2, chain.G - 1)):

@@ -445,8 +445,8 @@ def test_the_chain_bench_traces_stages_and_chains_layers():
     chain = C.Chain.__new__(C.Chain)  # (the host side only: a chain's shape, no card)
     chain.G, chain.tiles, chain.splits, chain.stages = 4, [2, 6, 1, 1], [2, 1, 1, 1], [2, 3, 2, 2]
     chain.balanced = False
-    chain.cnt = torch.zeros(C.STAGES_AT + C.TRACED * C.MAXIT * 2, dtype=torch.int32)
-    st = chain.cnt[C.STAGES_AT :].view(torch.int64).view(C.TRACED, C.MAXIT)
+    chain.cnt = torch.zeros(C.SMID_AT + 1024, dtype=torch.int32)  # (as Chain makes it)
+    st = chain.cnt[C.STAGES_AT : C.SMID_AT].view(torch.int64).view(C.TRACED, C.MAXIT)
     st[:, :20] = torch.arange(20) * 250 + 1_795_975_307_409_677_000
     st[0, 5:] += 2_000  # program 0 (tasks 0 of phase 0, 0 and 4 of phase 1, 0 of 2 and of 3) waits before stage 5
     lines = C.stage_gaps(chain)
