@@ -39,7 +39,9 @@ copy bandwidth measured in the same run):
   weight box one box hot in L2: the consumer's own pace), ``RAW_X`` (no change of the float32 box to bf16: its
   cost), ``BF16_SUMS`` (``RED_SUMS`` into bf16 outputs: bf16 atomic adds, bf16 boxes multiplied as copied), and
   ``--ahead N`` (how many weight boxes a task copies before its wait; default the ring's depth). Gate 5's:
-  ``DYNAMIC`` (tasks claimed from a counter per phase instead of handed out in turn; with ``--splits``, smaller).
+  ``DYNAMIC`` (tasks claimed from a counter per phase instead of handed out in turn; with ``--splits``, smaller),
+  ``BALANCED`` (every program an equal share of each phase's weight boxes, cut at any box; ``--least N``: at least N
+  boxes a share) and ``WEIGHTED`` (BALANCED with each SM's share in proportion to its pace, from traced runs).
 - Without stores (``SIGNALS``) nothing reads the products, and ptxas drops most of them (8 of the chain's 32 wgmma
   instructions are left, by ``cuobjdump -sass``): those rows measure the weights' and activations' streams, not the
   products. The least a chain with every product costs is the ``SIGNALS`` row without waits.
@@ -59,8 +61,11 @@ over the six families (cuBLAS one call per GEMM 1.37-2.45x, same runs). Session 
 price of bf16 roundings in the sums, in any order. The boundaries are what is left: the spread between a phase's
 first and last program to finish (1-2 µs), then the polls and the next activation box. Deeper rings, weights
 prefetched into L2 during the wait (tried and taken out), fewer boxes ahead, and tasks claimed from a counter
-(``DYNAMIC``, 1-2.5 µs a layer slower; smaller tasks slower still) did not shorten them. It needs a Hopper card and
-Triton's Gluon (3.6 on the card; CI compiles it with 3.9).
+(``DYNAMIC``, 1-2.5 µs a layer slower; smaller tasks slower still) did not shorten them. Session 28: equal shares of
+each phase's boxes (``BALANCED``) instead of whole tasks in turn help only where a few programs had a long extra task
+(phi3-mini's Q/K/V, 4-5 %) and cost llama-1b 2.5-2.7 µs a layer; the SMs' paces differ by ±3 % and do not repeat from
+run to run (correlation -0.2 to 0.2), so shares weighed by them (``WEIGHTED``) gain nothing. It needs a Hopper card
+and Triton's Gluon (3.6 on the card; CI compiles it with 3.9).
 
 The session's best chain (bf16 sums), checked against torch before it is timed:
 
