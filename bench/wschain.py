@@ -1241,7 +1241,7 @@ def measure(model: str, depths: list[int], per_sm: int, bandwidth: float, splits
                 for r in trace(chain, x0desc, layers[0]):  # (the graph went through every layer since: cold)
                     parts = [f"{k} {v[0]:.1f} / {v[1]:.1f} / {v[2]:.1f}" for k, v in r.items() if k != "phase"]
                     print(f"  phase {r['phase']}: " + "; ".join(parts))
-                for line in stage_gaps(chain):
+                for line in stage_gaps(chain) if not mode & WEIGHTED else []:  # (its shares are by SM, not pid)
                     print(f"  {line}")
             rows.append(dict(base, variant=name, depth=depth, splits=chain.splits, launches=launches, ahead=ahead,
                              mode=mode, us=us, off=off if checked else None,
