@@ -931,9 +931,9 @@ class Chain:
         if self.red and mode & (TICKETS | TWO_PRODUCERS):
             raise ValueError("RED_SUMS makes the sums without tickets, and takes one producer")
         per_tile = [1 if mode & TICKETS or sp == 1 else sp for sp in self.splits]
-        done = [sum(len(self.spans(p, pid)) for pid in range(self.G)) for p in range(4)]  # (a count per task)
-        if not self.balanced:
-            done = [t * c for t, c in zip(self.tiles, per_tile)]
+        done = [t * c for t, c in zip(self.tiles, per_tile)]
+        if self.balanced:  # (a count per task: a share's tiles)
+            done = [sum(len(self.spans(p, pid)) for pid in range(self.G)) for p in range(4)]
         self.targets = (per_tile if mode & TILE_WAITS else done)[:3]
         if mode & INFLIGHT2 and min(self.stages) < 2:
             raise ValueError("two products in flight take two or more stages a task")
@@ -947,8 +947,7 @@ class Chain:
         self.tick = torch.zeros(8 * TMAX, dtype=torch.int32, **dev)  # the tickets, then the tile counters
         parts = [1 if self.balanced else sp for sp in self.splits]  # (RED_SUMS reads no partials)
         self.part = torch.empty(sum(sp * ROWS * n for (n, _), sp in zip(self.shapes, parts)), **dev)
-        if self.red:  # float32 (or bf16) outputs, a layer's rows each; the phases with split tiles first, zeroed per
-            # launch
+        if self.red:  # float32 (or bf16) outputs, a layer's rows each; phases with split tiles first, zeroed per launch
             nl = layers if launches == 0 else 1
             sizes = [nl * ROWS * n for n, _ in self.shapes]
             summed = [any(n < k for pid in range(self.G) for _, _, n in self.spans(p, pid)) for p, k in
