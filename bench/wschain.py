@@ -152,10 +152,19 @@ BALANCED = 1 << 20
 # not stream equally fast (session 27's traces: 0.19-0.26 µs a stage in one phase), so with equal shares the slowest
 # SM ends every phase while the others wait
 WEIGHTED = 1 << 21
+# gate 5: phases that overlap. Each phase runs in blocks: ``W`` waves of its tiles (all but Q/K/V, whose output the next
+# layer's O takes whole) times ``W`` chunks of its K (all but O, whose input is the whole Q/K/V), wave-major, every
+# program an equal share of every block (BALANCED within a block). With TILE_WAITS each box waits for the tile of the
+# phase before that it reads, counted in boxes, so a program's first block of a phase needs only the first wave of
+# the phase before, done long before, and the last wave is needed only a block or more later: the spread between the
+# programs' ends of a phase falls inside the next phase's stream. gate/up's waves hold gate and up tiles in pairs (down
+# reads both). ``S_p`` is then ``W``
+WAVES = 1 << 22
 SHW = 512  # int32s of a phase's share table: (b0, b1) for 256 SMs
 SHW_ = gl.constexpr(SHW)
 INFLIGHT2_, SAME_BOX_, RAW_X_, BF16_SUMS_ = (gl.constexpr(1 << i) for i in range(14, 18))
 DYNAMIC_, BALANCED_, WEIGHTED_ = gl.constexpr(DYNAMIC), gl.constexpr(BALANCED), gl.constexpr(WEIGHTED)
+WAVES_ = gl.constexpr(WAVES)
 SPAN = 64  # TILE_WAITS: the most stages a task may have (one poll reads all their tiles' counters)
 SPAN_ = gl.constexpr(SPAN)
 CNT_STRIDE = 32  # int32s between two counters: each on a line of its own
@@ -211,28 +220,56 @@ def _fence_gpu(CNT):
 
 
 @gluon.jit
-def _tasks(pid, tiles, S, stages, G, SH, MODE: gl.constexpr):
+def _tasks(pid, tiles, S, stages, G, SH, blk, PH: gl.constexpr, MODE: gl.constexpr):
     """A program's tasks of a phase, as ``range(lo, hi, step)``: in turn, tasks ``pid, pid + G, ...`` of ``tiles *
     S``; BALANCED, the tiles that its share of the phase's boxes touches (``S`` programs share them, ``stages``
-    boxes a tile)."""
+    boxes a tile); WAVES, of block ``blk``'s boxes (tiles counted from the block's first)."""
     lo = pid
     hi = tiles * S
     step = G
     if (MODE & BALANCED_) != 0:
-        b0, b1 = _share(pid, tiles, S, stages, SH, MODE)
-        lo = b0 // stages
-        hi = gl.where(b1 > b0, (b1 + stages - 1) // stages, lo)
+        b0, b1 = _share(pid, tiles, S, stages, G, SH, blk, PH, MODE)
+        kc = _block(tiles, S, stages, blk, PH, MODE)[3]
+        lo = b0 // kc
+        hi = gl.where(b1 > b0, (b1 + kc - 1) // kc, lo)
         step = G * 0 + 1
     return lo, hi, step
 
 
 @gluon.jit
-def _share(pid, tiles, S, stages, SH, MODE: gl.constexpr):
+def _blocks(W, PH: gl.constexpr):
+    """WAVES: phase PH's blocks: its waves (1 for Q/K/V) times its chunks of K (1 for O)."""
+    return (1 if PH == 3 else W) * (1 if PH == 0 else W)
+
+
+@gluon.jit
+def _block(tiles, S, stages, blk, PH: gl.constexpr, MODE: gl.constexpr):
+    """Block ``blk`` of a phase: its first tile position, its first box of K, its tiles and its boxes a tile (the
+    whole phase without WAVES)."""
+    p0 = blk * 0
+    k0 = blk * 0
+    tb = tiles
+    kc = stages
+    if (MODE & WAVES_) != 0:
+        C = 1 if PH == 0 else S
+        tb = tiles // (1 if PH == 3 else S)
+        kc = stages // C
+        p0 = (blk // C) * tb
+        k0 = (blk % C) * kc
+    return p0, k0, tb, kc
+
+
+@gluon.jit
+def _share(pid, tiles, S, stages, G, SH, blk, PH: gl.constexpr, MODE: gl.constexpr):
     """BALANCED: the program's share of a phase's ``tiles * stages`` boxes, ``[b0, b1)`` (empty from pid ``S``);
-    WEIGHTED: its SM's, from the phase's table ``SH``."""
+    WEIGHTED: its SM's, from the phase's table ``SH``; WAVES: of block ``blk``'s boxes (every program a share)."""
     total = tiles * stages
     b0 = gl.where(pid < S, pid, S) * total // S
     b1 = gl.where(pid + 1 < S, pid + 1, S) * total // S
+    if (MODE & WAVES_) != 0:
+        _, _, tb, kc = _block(tiles, S, stages, blk, PH, MODE)
+        b0 = pid * (tb * kc) // G
+        b1 = (pid + 1) * (tb * kc) // G
     if (MODE & WEIGHTED_) != 0:
         sm = gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,l", [SH], dtype=gl.int32, is_pure=True, pack=1)
         b0 = gl.load(SH + 2 * sm)
@@ -241,20 +278,26 @@ def _share(pid, tiles, S, stages, SH, MODE: gl.constexpr):
 
 
 @gluon.jit
-def _task(t, pid, tiles, S, stages, SH, BN: gl.constexpr, MODE: gl.constexpr):
+def _task(t, pid, tiles, S, stages, G, SH, blk, BN: gl.constexpr, PH: gl.constexpr, MODE: gl.constexpr):
     """Task ``t`` of a phase: its first weight row, its first K column, how far its K boxes are rotated (ROTATE:
     by the program's index, so that programs in step read different boxes; else 0), and its stages (``stages``;
-    BALANCED: the part of tile ``t`` in the program's share)."""
+    BALANCED: the part of tile ``t`` in the program's share; WAVES: of block ``blk``'s tile ``t``)."""
     rot = pid * 0
     if (MODE & ROTATE_) != 0:
         rot = pid % stages
     kb = (t // tiles) * stages
     n = stages
+    tile = t % tiles
     if (MODE & BALANCED_) != 0:
-        b0, b1 = _share(pid, tiles, S, stages, SH, MODE)
-        kb = gl.where(b0 > t * stages, b0 - t * stages, 0)
-        n = gl.where(b1 < (t + 1) * stages, b1 - t * stages, stages) - kb
-    return (t % tiles) * BN, kb * BK, rot, n
+        b0, b1 = _share(pid, tiles, S, stages, G, SH, blk, PH, MODE)
+        p0, k0, _, kc = _block(tiles, S, stages, blk, PH, MODE)
+        kb = gl.where(b0 > t * kc, b0 - t * kc, 0)
+        n = gl.where(b1 < (t + 1) * kc, b1 - t * kc, kc) - kb
+        kb += k0
+        tile = p0 + t
+        if (MODE & WAVES_) != 0 and PH == 1:  # (gate/up: gate and up tiles in pairs)
+            tile = tile // 2 + (tile % 2) * (tiles // 2)
+    return tile * BN, kb * BK, rot, n
 
 
 @gluon.jit
@@ -291,7 +334,7 @@ def _ready_upto(TC, k0, rot, stages, target, twin, BN: gl.constexpr):
 
 
 @gluon.jit
-def _wait_for_stage(TC, CNT, pid, t, i, k0, rot, stages, target, twin, P: gl.constexpr, BN: gl.constexpr,
+def _wait_for_stage(TC, CNT, pid, first, i, k0, rot, stages, target, twin, P: gl.constexpr, BN: gl.constexpr,
                     MODE: gl.constexpr):  # fmt: skip
     """TILE_WAITS: spin until stage ``i`` of the task is ready (:func:`_ready_upto`), then order the TMA copies
     issued next after what the lanes acquired (the warp's barrier, then a proxy fence); returns how many leading
@@ -305,7 +348,7 @@ def _wait_for_stage(TC, CNT, pid, t, i, k0, rot, stages, target, twin, P: gl.con
     gl.inline_asm_elementwise("bar.warp.sync -1; fence.proxy.async.global; mov.u32 $0, 0;", "=r,l", [TC],
                               dtype=gl.int32, is_pure=False, pack=1)  # fmt: skip
     if (MODE & TRACE_) != 0:
-        if t == pid and i == 0:
+        if first and i == 0:
             _stamp(CNT, pid, P, 2)
     return upto
 
@@ -330,7 +373,8 @@ def _produce(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TICK, it, q, 
         k = pid * 0
         while q < (layer + 1) * n:  # (a claim past this layer's tasks is kept for the next layer)
             it = _produce_task(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TC, TC, it, pid, q - layer * n,
-                               k == 0, layer, xrow, tiles, S, stages, pre, target, twin, WAIT_ON, MODE)  # fmt: skip
+                               k == 0, layer, xrow, tiles, S, stages, G, pid * 0, pre, target, twin, P, WAIT_ON,
+                               MODE)  # fmt: skip
             k += 1
             q = gl.atomic_add(TICK + P * TMAX_, 1, sem="relaxed")
         s = it % depth  # the phase's end: a slot with no copies, task -1
@@ -340,16 +384,33 @@ def _produce(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TICK, it, q, 
         it += 1
     else:
         SH = TICK + 4 * TMAX_ + P * SHW_  # (WEIGHTED's shares)
-        lo, hi, step = _tasks(pid, tiles, S, stages, G, SH, MODE)
-        for t in range(lo, hi, step):
-            it = _produce_task(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TC, SH, it, pid, t, t == lo,
-                               layer, xrow, tiles, S, stages, pre, target, twin, WAIT_ON, MODE)  # fmt: skip
+        if (MODE & WAVES_) != 0:
+            for blk in range(_blocks(S, P)):
+                it = _produce_block(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TC, SH, it, pid, G, layer,
+                                    xrow, tiles, S, stages, blk, pre, target, twin, P, WAIT_ON, MODE)  # fmt: skip
+        else:
+            it = _produce_block(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TC, SH, it, pid, G, layer, xrow,
+                                tiles, S, stages, pid * 0, pre, target, twin, P, WAIT_ON, MODE)  # fmt: skip
     return it, q
 
 
 @gluon.jit
+def _produce_block(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TC, SH, it, pid, G, layer, xrow, tiles, S,
+                   stages, blk, pre, target, twin, P: gl.constexpr, WAIT_ON: gl.constexpr,
+                   MODE: gl.constexpr):  # fmt: skip
+    """:func:`_produce`'s tasks in turn, or of its share (of block ``blk``: WAVES)."""
+    lo, hi, step = _tasks(pid, tiles, S, stages, G, SH, blk, P, MODE)
+    for t in range(lo, hi, step):
+        it = _produce_task(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TC, SH, it, pid, t,
+                           (blk == 0) & (t == lo), layer, xrow, tiles, S, stages, G, blk, pre, target, twin, P,
+                           WAIT_ON, MODE)  # fmt: skip
+    return it
+
+
+@gluon.jit
 def _produce_task(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TC, SH, it, pid, t, first, layer, xrow, tiles,
-                  S, stages, pre, target, twin, WAIT_ON: gl.constexpr, MODE: gl.constexpr):  # fmt: skip
+                  S, stages, G, blk, pre, target, twin, PH: gl.constexpr, WAIT_ON: gl.constexpr,
+                  MODE: gl.constexpr):  # fmt: skip
     """:func:`_produce`'s task ``t`` (``first``: the program's first of the phase). DYNAMIC: its number goes to the
     consumer with its first stage's slot."""
     depth: gl.constexpr = ring_w.type.shape[0]
@@ -362,7 +423,7 @@ def _produce_task(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TC, SH, 
     ONCE: gl.constexpr = (MODE & AHEAD_ONCE_) != 0
     KEEP: gl.constexpr = 0 if (MODE & SAME_BOX_) != 0 else 1  # (SAME_BOX: every weight box at [0, 0])
     DYN: gl.constexpr = (MODE & DYNAMIC_) != 0
-    n0, k0, rot, stages = _task(t, pid, tiles, S, stages, SH, BN, MODE)  # (BALANCED: the task's own stages)
+    n0, k0, rot, stages = _task(t, pid, tiles, S, stages, G, SH, blk, BN, PH, MODE)  # (BALANCED: its own stages)
     n0 += layer * tiles * BN  # (each weight is every layer's, stacked)
     ahead = pre
     if (MODE & BALANCED_) != 0:
@@ -394,7 +455,7 @@ def _produce_task(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TC, SH, 
             _tma_load(wdesc, [n0 * KEEP, _k(k0, i, rot, stages) * KEEP], ready.index(s), ring_w.index(s))
         if TILED:
             if i >= upto:
-                upto = _wait_for_stage(TC, CNT, pid, t, i, k0, rot, stages, target, twin, WAIT_ON + 1, BN,
+                upto = _wait_for_stage(TC, CNT, pid, first, i, k0, rot, stages, target, twin, WAIT_ON + 1, BN,
                                        MODE)  # fmt: skip
         if X:
             _tma_load(xdesc, [xrow, _k(k0, i, rot, stages)], ready.index(s), ring_x.index(s))
@@ -423,7 +484,7 @@ def _produce_w(wdesc, ring_w, ready, empty, it, pid, G, tiles, S, stages, MODE: 
     depth: gl.constexpr = ring_w.type.shape[0]
     BN: gl.constexpr = wdesc.block_type.shape[0]
     for t in range(pid, tiles * S, G):
-        n0, k0, rot, _ = _task(t, pid, tiles, S, stages, ready, BN, MODE)  # (no shares: no table)
+        n0, k0, rot, _ = _task(t, pid, tiles, S, stages, G, ready, 0, BN, 0, MODE)  # (no shares: no table)
         for i in range(stages):
             j = it + i
             s = j % depth
@@ -440,7 +501,7 @@ def _produce_x(xdesc, ring_x, ready, empty, CNT, it, pid, G, tiles, S, stages, t
     """TWO_PRODUCERS: one phase's activation boxes for this program, after the wait for the phase before."""
     depth: gl.constexpr = ring_x.type.shape[0]
     for t in range(pid, tiles * S, G):
-        _, k0, rot, _ = _task(t, pid, tiles, S, stages, ready, 0, MODE)
+        _, k0, rot, _ = _task(t, pid, tiles, S, stages, G, ready, 0, 0, 0, MODE)
         _wait_for(CNT, pid, target, WAIT_ON, MODE)
         for i in range(stages):
             j = it + i
@@ -481,11 +542,11 @@ def _producer_x(x0, x1, x2, x3, ring_x, ready, empty, CNT, pid, G, T0, T1, T2, T
 
 
 @gluon.jit
-def _count(CNT, TICK, tile, P: gl.constexpr, MODE: gl.constexpr):
+def _count(CNT, TICK, tile, n, P: gl.constexpr, MODE: gl.constexpr):
     """A tile of phase ``P`` is done (or one of its splits, without tickets): its phase's counter, or with
-    TILE_WAITS its own (``TICK``'s second half), released after its stores."""
+    TILE_WAITS its own (``TICK``'s second half), released after its stores; WAVES counts a tile's ``n`` boxes."""
     if (MODE & TILE_WAITS_) != 0:
-        gl.atomic_add(TICK + (4 + P) * TMAX_ + tile, 1, sem="release")
+        gl.atomic_add(TICK + (4 + P) * TMAX_ + tile, n, sem="release")
     if (MODE & TILE_WAITS_) == 0 or P == 3:  # (the next layer's output projection waits for the whole of Q/K/V)
         gl.atomic_add(CNT + P * CNT_STRIDE_, 1, sem="release")
 
@@ -519,15 +580,32 @@ def _consume(ring_w, ring_x, xs, ready, empty, stored, freed, dyn, OUT, PART, TI
                 nt += 1
     else:
         SH = TICK + 4 * TMAX_ + P * SHW_
-        lo, hi, step = _tasks(pid, tiles, S, stages, G, SH, MODE)
-        for t in range(lo, hi, step):
-            St = S
-            n = stages
-            if (MODE & BALANCED_) != 0:  # (a tile the program has whole is stored, a part of one added)
-                _, _, _, n = _task(t, pid, tiles, S, stages, SH, 0, MODE)
-                St = gl.where(n == stages, 1, 2)
-            it, nt = _consume_task(ring_w, ring_x, xs, ready, empty, stored, freed, dyn, OUT, PART, TICK, CNT, it, nt,
-                                   pid, G, ly, t, t == lo, tiles, St, n, N, P, MODE, num_warps)  # fmt: skip
+        if (MODE & WAVES_) != 0:
+            for blk in range(_blocks(S, P)):
+                it, nt = _consume_block(ring_w, ring_x, xs, ready, empty, stored, freed, dyn, OUT, PART, TICK, CNT, SH,
+                                        it, nt, pid, G, ly, tiles, S, stages, N, blk, P, MODE, num_warps)  # fmt: skip
+        else:
+            it, nt = _consume_block(ring_w, ring_x, xs, ready, empty, stored, freed, dyn, OUT, PART, TICK, CNT, SH, it,
+                                    nt, pid, G, ly, tiles, S, stages, N, pid * 0, P, MODE, num_warps)  # fmt: skip
+    return it, nt
+
+
+@gluon.jit
+def _consume_block(ring_w, ring_x, xs, ready, empty, stored, freed, dyn, OUT, PART, TICK, CNT, SH, it, nt, pid, G, ly,
+                   tiles, S, stages, N, blk, P: gl.constexpr, MODE: gl.constexpr,
+                   num_warps: gl.constexpr):  # fmt: skip
+    """:func:`_consume`'s tasks in turn, or of its share (of block ``blk``: WAVES)."""
+    lo, hi, step = _tasks(pid, tiles, S, stages, G, SH, blk, P, MODE)
+    for t in range(lo, hi, step):
+        St = S
+        n = stages
+        tile = t
+        if (MODE & BALANCED_) != 0:  # (a tile the program has whole is stored, a part of one added)
+            tile, _, _, n = _task(t, pid, tiles, S, stages, G, SH, blk, 1, P, MODE)
+            St = gl.where(n == stages, 1, 2)
+        it, nt = _consume_task(ring_w, ring_x, xs, ready, empty, stored, freed, dyn, OUT, PART, TICK, CNT, it, nt,
+                               pid, G, ly, tile, (blk == 0) & (t == lo), tiles, St, n, N, P, MODE,
+                               num_warps)  # fmt: skip
     return it, nt
 
 
@@ -611,7 +689,7 @@ def _consume_task(ring_w, ring_x, xs, ready, empty, stored, freed, dyn, OUT, PAR
         if (MODE & SIGNAL_WARP_) != 0:  # (the barrier orders every thread's stores before the hand-over)
             _hand_over(stored, freed, dyn, nt, tile, MODE)
         elif S == 1 or (MODE & TICKETS_) == 0:
-            _count(CNT, TICK, tile, P, MODE)
+            _count(CNT, TICK, tile, 1, P, MODE)
         else:
             ticket = gl.atomic_add(TICK + P * TMAX_ + tile, 1, sem="acq_rel")
             if ticket == S - 1:  # the tile's last split: the sum of all of them, in order
@@ -625,7 +703,7 @@ def _consume_task(ring_w, ring_x, xs, ready, empty, stored, freed, dyn, OUT, PAR
                 if (MODE & FENCES_) != 0:
                     _fence_gpu(CNT)
                 _barrier()
-                _count(CNT, TICK, tile, P, MODE)
+                _count(CNT, TICK, tile, 1, P, MODE)
     if (MODE & TRACE_) != 0 and (MODE & SIGNAL_WARP_) == 0:
         _stamp(CNT, pid, P, 1)
     nt += 1
@@ -649,18 +727,33 @@ def _signal(stored, freed, dyn, OUT, PART, TICK, CNT, nt, pid, G, tiles, S, stag
             tile = _get(dyn, dyn.type.shape[0] - 2 + nt % 2)
             mbarrier.arrive(freed.index(nt % 2), count=1)
             if tile >= 0:
-                _count(CNT, TICK, tile, P, MODE)
+                _count(CNT, TICK, tile, 1, P, MODE)
                 if (MODE & TRACE_) != 0:
                     _stamp(CNT, pid, P, 1)
             nt += 1
         return nt
-    lo, hi, step = _tasks(pid, tiles, S, stages, G, TICK + 4 * TMAX_ + P * SHW_, MODE)
-    for t in range(lo, hi, step):
+    if (MODE & BALANCED_) != 0:  # (RED_SUMS: no tickets) a count per task; WAVES counts the task's boxes
+        SH = TICK + 4 * TMAX_ + P * SHW_
+        nb = pid * 0 + 1
+        if (MODE & WAVES_) != 0:
+            nb = pid * 0 + _blocks(S, P)
+        for blk in range(nb):
+            lo, hi, step = _tasks(pid, tiles, S, stages, G, SH, blk, P, MODE)
+            for t in range(lo, hi, step):
+                tile, _, _, n = _task(t, pid, tiles, S, stages, G, SH, blk, 1, P, MODE)
+                mbarrier.wait(stored.index(nt % 2), (nt // 2) & 1)
+                mbarrier.arrive(freed.index(nt % 2), count=1)
+                _count(CNT, TICK, tile, n, P, MODE)
+                if (MODE & TRACE_) != 0:
+                    _stamp(CNT, pid, P, 1)
+                nt += 1
+        return nt
+    for t in range(pid, tiles * S, G):
         tile = t % tiles
         mbarrier.wait(stored.index(nt % 2), (nt // 2) & 1)
         mbarrier.arrive(freed.index(nt % 2), count=1)
         if S == 1 or (MODE & TICKETS_) == 0:
-            _count(CNT, TICK, tile, P, MODE)
+            _count(CNT, TICK, tile, 1, P, MODE)
         else:
             ticket = gl.atomic_add(TICK + P * TMAX_ + tile, 1, sem="acq_rel")
             if ticket == S - 1:  # the tile's last split: the sum of all of them, in order
@@ -671,7 +764,7 @@ def _signal(stored, freed, dyn, OUT, PART, TICK, CNT, nt, pid, G, tiles, S, stag
                         total += gl.load(PART + sp * R * N + offs, cache_modifier=".cg")
                     gl.store(OUT + offs, total.to(gl.bfloat16))
                 gl.store(TICK + P * TMAX_ + tile, 0)  # for the next launch
-                _count(CNT, TICK, tile, P, MODE)
+                _count(CNT, TICK, tile, 1, P, MODE)
         if (MODE & TRACE_) != 0:
             _stamp(CNT, pid, P, 1)
         nt += 1
@@ -706,6 +799,8 @@ def _producer(w0, w1, w2, w3, x0, x1, x2, x3, x0b, ring_w, ring_x, ready, empty,
     R: gl.constexpr = x0.block_type.shape[0]
     RED: gl.constexpr = (MODE & RED_SUMS_) != 0  # (then each layer's activations are rows of their own)
     twin = S2 * K2 * BK // BN  # down's K is gate/up's first half: each box's up tile is this many tiles on
+    if (MODE & BALANCED_) != 0:  # (K2: all of down's K)
+        twin = K2 * BK // BN
     it = pid * 0
     q0 = pid * 0 - 1  # (DYNAMIC: each phase's claim kept for the next layer; none yet)
     q1 = q0
@@ -883,6 +978,11 @@ def splits_for(n: int, k: int, programs: int) -> int:
     return sp
 
 
+def blocks(p: int, waves: int) -> tuple[int, int]:
+    """WAVES: phase p's waves of tiles and chunks of K (:func:`_blocks`)."""
+    return (1 if p == 3 else waves), (1 if p == 0 else waves)
+
+
 def equal_shares(shapes: list[tuple[int, int]], programs: int, least: int) -> list[int]:
     """BALANCED: how many programs share each phase's boxes: all of them, unless that leaves a share under ``least``
     boxes."""
@@ -895,7 +995,7 @@ class Chain:
     activation's descriptors in bf16 and in float32 (RED_SUMS reads float32); returns the last layer's outputs."""
 
     def __init__(self, s: dict, depth: int, ahead: bool, launches: int, per_sm: int, splits=None, mode: int = FULL,
-                 layers: int = 1, warps: int = 4, least: int = 1):  # fmt: skip
+                 layers: int = 1, warps: int = 4, least: int = 1, waves: int = 2):  # fmt: skip
         self.shapes = chain_shapes(s)
         self.inter = s["inter"]
         self.G = torch.cuda.get_device_properties(0).multi_processor_count * per_sm  # all resident: they wait
@@ -909,16 +1009,23 @@ class Chain:
         self.balanced = bool(mode & BALANCED)
         if mode & WEIGHTED and not self.balanced:
             raise ValueError("WEIGHTED is a way of BALANCED")
+        if mode & WAVES and (not self.balanced or mode & WEIGHTED or not mode & TILE_WAITS or not mode & SIGNAL_WARP):
+            raise ValueError("WAVES is a way of BALANCED (not WEIGHTED), with tile waits and a signal warp")
         if self.balanced:  # (the splits: how many programs share each phase, ``least`` boxes or more each)
-            if splits or not mode & RED_SUMS or mode & (DYNAMIC | TILE_WAITS | INFLIGHT2):
-                raise ValueError("equal shares take RED_SUMS, no --splits, and no claims, tile waits or INFLIGHT2")
-            splits = equal_shares(self.shapes, self.G, least)
+            if splits or not mode & RED_SUMS or mode & (DYNAMIC | INFLIGHT2) or mode & TILE_WAITS and not mode & WAVES:
+                raise ValueError("equal shares take RED_SUMS, no --splits, no claims or INFLIGHT2, tile waits only in "
+                                 "waves")  # fmt: skip
+            splits = [waves] * 4 if mode & WAVES else equal_shares(self.shapes, self.G, least)
         self.splits = list(splits) if splits else [splits_for(n, k, self.G) for n, k in self.shapes]
         for (n, k), sp in zip(self.shapes, self.splits):
             if n % TILE[0] or k % ((1 if self.balanced else sp) * TILE[1]) or n // TILE[0] > TMAX:
                 raise ValueError(f"tiles of {TILE} and {sp} splits do not divide the GEMM {n} x {k}")
         self.tiles = [n // TILE[0] for n, _ in self.shapes]
         self.stages = [k // (1 if self.balanced else sp) // TILE[1] for (_, k), sp in zip(self.shapes, self.splits)]
+        self.waves = bool(mode & WAVES)
+        for p, (t, st) in enumerate(zip(self.tiles, self.stages)):
+            if self.waves and (t % blocks(p, waves)[0] or st % blocks(p, waves)[1] or p == 1 and t // waves % 2):
+                raise ValueError(f"{waves} waves do not divide phase {p}'s {t} tiles of {st} boxes")
         # (ahead: True for as many boxes as the ring holds, or how many)
         self.pre = [min(st, depth if ahead is True else int(ahead)) if ahead else 0 for st in self.stages]
         self.depth, self.launches, self.mode = depth, launches, mode
@@ -935,9 +1042,12 @@ class Chain:
         if self.balanced:  # (a count per task: a share's tiles)
             done = [sum(len(self.spans(p, pid)) for pid in range(self.G)) for p in range(4)]
         self.targets = (per_tile if mode & TILE_WAITS else done)[:3]
+        if self.waves:  # (a tile is done when all its boxes are counted)
+            self.targets = self.stages[:3]
         if mode & INFLIGHT2 and min(self.stages) < 2:
             raise ValueError("two products in flight take two or more stages a task")
-        if mode & TILE_WAITS and (mode & TWO_PRODUCERS or max(self.stages) > SPAN):
+        most = max(n for p in range(4) for pid in range(self.G) for _, _, n in self.spans(p, pid))
+        if mode & TILE_WAITS and (mode & TWO_PRODUCERS or most > SPAN):
             raise ValueError(f"tile waits take one producer and at most {SPAN} stages a task")
         if launches == 0 and mode & TWO_PRODUCERS:
             raise ValueError("every layer in one launch takes one producer")
@@ -975,6 +1085,18 @@ class Chain:
         tiles, sp, st = self.tiles[p], self.splits[p], self.stages[p]
         if not self.balanced:
             return [(t % tiles, t // tiles * st, st) for t in range(pid, tiles * sp, self.G)]
+        if self.waves:  # (a share of every block, wave-major; gate/up's tiles in pairs)
+            (na, nc), out = blocks(p, sp), []
+            tb, kc = tiles // na, st // nc
+            e0, e1 = pid * tb * kc // self.G, (pid + 1) * tb * kc // self.G
+            for blk in range(na * nc):
+                a, c = divmod(blk, nc)
+                for i in range(e0 // kc, -(-e1 // kc) if e1 > e0 else 0):
+                    pos = a * tb + i
+                    tile = pos // 2 + pos % 2 * (tiles // 2) if p == 1 else pos
+                    k0 = max(e0 - i * kc, 0)
+                    out.append((tile, c * kc + k0, min(e1 - i * kc, kc) - k0))
+            return out
         total = tiles * st
         b0, b1 = min(pid, sp) * total // sp, min(pid + 1, sp) * total // sp
         return [(t, max(b0 - t * st, 0), min(b1 - t * st, st) - max(b0 - t * st, 0))
@@ -1003,6 +1125,8 @@ class Chain:
 
     def busy(self) -> list[int]:
         """How many programs (the first ones) have a task in each phase."""
+        if self.waves:
+            return [self.G] * 4
         return [sp if self.balanced else min(self.G, t * sp) for t, sp in zip(self.tiles, self.splits)]
 
     @staticmethod
@@ -1119,7 +1243,7 @@ def trace_rows(st: torch.Tensor, busy: list[int]) -> list[dict]:
 
 
 # the ways of a MODE, in words, outermost first (each named after those below it)
-_WAYS = ((WEIGHTED, ""), (BALANCED, ", equal shares"), (DYNAMIC, ", tasks claimed"),
+_WAYS = ((WAVES, ", in waves"), (WEIGHTED, ""), (BALANCED, ", equal shares"), (DYNAMIC, ", tasks claimed"),
          (SAME_BOX, ", every weight box one box in L2"), (RAW_X, ", no change to bf16"), (BF16_SUMS, " in bf16"),
          (INFLIGHT2, ", two products in flight"), (RED_SUMS, ", sums by red.add"), (SIGNAL_WARP, ", a signal warp"),
          (AHEAD_ONCE, ", ahead once a phase"), (TILE_WAITS, ", tile waits"), (ROTATE, ", K rotated"),
@@ -1186,7 +1310,7 @@ def cublas(x0: torch.Tensor, lw: dict, bufs: list[torch.Tensor], inter: int) -> 
 
 
 def measure(model: str, depths: list[int], per_sm: int, bandwidth: float, splits=None, traces=(),
-            variants=None, warps: int = 4, least: int = 1) -> list[dict]:  # fmt: skip
+            variants=None, warps: int = 4, least: int = 1, waves: int = 2) -> list[dict]:  # fmt: skip
     s = shapes(model)
     layers, stack = Chain.weights(s, s["layers"])
     floor = sum(n * k * 2 for n, k in chain_shapes(s)) / bandwidth * 1e6
@@ -1208,7 +1332,7 @@ def measure(model: str, depths: list[int], per_sm: int, bandwidth: float, splits
         for mode, launches, ahead in variants:
             try:
                 chain = Chain(s, depth, ahead, launches, per_sm, None if mode & BALANCED else splits, mode,
-                              len(layers), warps, least)  # fmt: skip
+                              len(layers), warps, least, waves)  # fmt: skip
             except ValueError as exc:  # (a variant that does not fit leaves the others)
                 print(f"!! {model} depth {depth} mode {mode}: {exc}", flush=True)
                 continue
@@ -1244,7 +1368,8 @@ def measure(model: str, depths: list[int], per_sm: int, bandwidth: float, splits
                     print(f"  {line}")
             rows.append(dict(base, variant=name, depth=depth, splits=chain.splits, launches=launches, ahead=ahead,
                              mode=mode, us=us, off=off if checked else None,
-                             least=least if mode & BALANCED else None))  # fmt: skip
+                             least=least if mode & BALANCED else None,
+                             waves=waves if mode & WAVES else None))  # fmt: skip
     return rows
 
 
@@ -1265,6 +1390,7 @@ def main(argv: list[str] | None = None) -> int:
         "(default: the parts)",
     )
     ap.add_argument("--least", type=int, default=1, help="BALANCED: the fewest weight boxes a program's share has")
+    ap.add_argument("--waves", type=int, default=2, help="WAVES: waves of tiles (and chunks of K) a phase")
     ap.add_argument("--ahead", type=int, help="weight boxes a task copies ahead of its wait (default: the depth)")
     ap.add_argument("--trace", default="", help="modes (ints, comma-separated) to trace once after timing")
     ap.add_argument("--json")
@@ -1282,7 +1408,8 @@ def main(argv: list[str] | None = None) -> int:
         for per_sm in (int(v) for v in args.per_sm.split(",")):
             depths = [d for d in (int(v) for v in args.depth.split(",")) if shared_bytes(d, 0) * per_sm <= SHARED]
             try:
-                rows += measure(model, depths, per_sm, bandwidth, splits, traces, variants, args.warps, args.least)
+                rows += measure(model, depths, per_sm, bandwidth, splits, traces, variants, args.warps, args.least,
+                                args.waves)  # fmt: skip
             except Exception as exc:  # noqa: BLE001 (one model's failure leaves the others' rows)
                 print(f"!! {model} per_sm {per_sm}: {type(exc).__name__}: {exc}", flush=True)
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; µs per layer: O, gate/up, down, Q/K/V of a decode layer, "

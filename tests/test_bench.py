@@ -444,7 +444,7 @@ def test_the_chain_bench_traces_stages_and_chains_layers():
 
     chain = C.Chain.__new__(C.Chain)  # (the host side only: a chain's shape, no card)
     chain.G, chain.tiles, chain.splits, chain.stages = 4, [2, 6, 1, 1], [2, 1, 1, 1], [2, 3, 2, 2]
-    chain.balanced = False
+    chain.balanced = chain.waves = False
     chain.cnt = torch.zeros(C.SMID_AT + 1024, dtype=torch.int32)  # (as Chain makes it)
     st = chain.cnt[C.STAGES_AT : C.SMID_AT].view(torch.int64).view(C.TRACED, C.MAXIT)
     st[:, :20] = torch.arange(20) * 250 + 1_795_975_307_409_677_000
@@ -498,11 +498,14 @@ def test_the_chain_bench_traces_stages_and_chains_layers():
     assert C.describe(C.FULL & ~C.FENCES & ~C.TICKETS | bf16 | C.BALANCED | C.WEIGHTED).endswith(
         "sums by red.add in bf16, shares by each SM's pace"
     )
+    assert C.describe(C.FULL & ~C.FENCES & ~C.TICKETS | bf16 | C.BALANCED | C.TILE_WAITS | C.WAVES).endswith(
+        "tile waits, sums by red.add in bf16, equal shares, in waves"
+    )
 
 
 def _balanced_chain(C, shapes, programs, least):
     chain = C.Chain.__new__(C.Chain)  # (the host side only: a chain's shape, no card)
-    chain.G, chain.balanced = programs, True
+    chain.G, chain.balanced, chain.waves = programs, True, False
     chain.tiles = [n // C.TILE[0] for n, _ in shapes]
     chain.stages = [k // C.TILE[1] for _, k in shapes]
     chain.splits = C.equal_shares(shapes, programs, least)
@@ -538,6 +541,49 @@ def test_the_chain_bench_shares_each_phase_equally(model, least, programs):
     # qwen2.5-1.5b's gate/up at 132 programs: 280 tiles of 24 boxes; in turn 16 programs take three tiles
     if model == "qwen2.5-1.5b" and programs == 132:
         assert sum(n for _, _, n in chain.spans(1, 0)) == 280 * 24 // 132 < 3 * 24
+
+
+@pytest.mark.parametrize("waves", [2, 3])
+@pytest.mark.parametrize("model", ["llama-1b", "qwen2.5-1.5b", "gemma3-1b", "mistral-3b"])
+def test_the_chain_bench_runs_each_phase_in_waves(model, waves):
+    """bench.wschain's WAVES, host side, as the kernel splits a phase into blocks (waves of tiles times chunks of
+    K): every box of every phase goes to exactly one program; every program has a share of every block, in block
+    order; and a task in K chunk c reads only tiles of wave c of the phase before (down's boxes their gate tile and
+    its up twin too), so a program's first block of a phase needs only the first wave of the phase before."""
+    pytest.importorskip("transformers")
+    C = pytest.importorskip("bench.wschain")
+    from bench.ring import shapes
+
+    shp = C.chain_shapes(shapes(model))
+    programs = 132
+    chain = _balanced_chain(C, shp, programs, 1)
+    chain.waves, chain.splits = True, [waves] * 4
+    if any(t % C.blocks(p, waves)[0] or k % C.blocks(p, waves)[1] or p == 1 and t // waves % 2
+           for p, (t, k) in enumerate(zip(chain.tiles, chain.stages))):  # fmt: skip
+        pytest.skip(f"{waves} waves do not divide {model}'s phases")
+
+    def wave_of(p, tile):  # (the wave of phase p that makes ``tile``; gate/up's positions hold its tiles in pairs)
+        t = chain.tiles[p]
+        pos = 2 * tile if p != 1 or tile < t // 2 else 2 * (tile - t // 2) + 1
+        return (pos if p == 1 else tile) // (t // C.blocks(p, waves)[0])
+
+    for p, (tiles, boxes) in enumerate(zip(chain.tiles, chain.stages)):
+        seen = [0] * (tiles * boxes)
+        kc = boxes // C.blocks(p, waves)[1]
+        for pid in range(programs):
+            tasks = chain.spans(p, pid)
+            assert all(1 <= n <= kc and k0 // kc == (k0 + n - 1) // kc for _, k0, n in tasks)  # (within a chunk)
+            for tile, k0, n in tasks:
+                for k in range(k0, k0 + n):
+                    seen[tile * boxes + k] += 1
+                if p > 0:  # K box k is tile k of the phase before (and down's, its up twin too)
+                    reads = [k for k in range(k0, k0 + n)] + ([k + chain.tiles[1] // 2 for k in range(k0, k0 + n)]
+                                                              if p == 2 else [])  # fmt: skip
+                    assert {wave_of(p - 1, r) for r in reads} == {k0 // kc}
+            if p > 0:
+                assert tasks[0][1] < kc  # (the first task reads the first wave)
+        assert seen == [1] * (tiles * boxes)
+    assert chain.busy() == [programs] * 4
 
 
 def test_the_chain_bench_weighs_the_shares_by_each_sms_pace():
