@@ -41,7 +41,8 @@ copy bandwidth measured in the same run):
   ``--ahead N`` (how many weight boxes a task copies before its wait; default the ring's depth). Gate 5's:
   ``DYNAMIC`` (tasks claimed from a counter per phase instead of handed out in turn; with ``--splits``, smaller),
   ``BALANCED`` (every program an equal share of each phase's weight boxes, cut at any box; ``--least N``: at least N
-  boxes a share) and ``WEIGHTED`` (BALANCED with each SM's share in proportion to its pace, from traced runs).
+  boxes a share), ``WEIGHTED`` (BALANCED with each SM's share in proportion to its pace, from traced runs) and
+  ``WAVES`` (BALANCED in blocks of tile waves times K chunks, with TILE_WAITS; ``--waves N``).
 - Without stores (``SIGNALS``) nothing reads the products, and ptxas drops most of them (8 of the chain's 32 wgmma
   instructions are left, by ``cuobjdump -sass``): those rows measure the weights' and activations' streams, not the
   products. The least a chain with every product costs is the ``SIGNALS`` row without waits.
@@ -64,7 +65,9 @@ prefetched into L2 during the wait (tried and taken out), fewer boxes ahead, and
 (``DYNAMIC``, 1-2.5 µs a layer slower; smaller tasks slower still) did not shorten them. Session 28: equal shares of
 each phase's boxes (``BALANCED``) instead of whole tasks in turn help only where a few programs had a long extra task
 (phi3-mini's Q/K/V, 4-5 %) and cost llama-1b 2.5-2.7 µs a layer; the SMs' paces differ by ±3 % and do not repeat from
-run to run (correlation -0.2 to 0.2), so shares weighed by them (``WEIGHTED``) gain nothing. It needs a Hopper card
+run to run (correlation -0.2 to 0.5), so shares weighed by them (``WEIGHTED``) gain nothing; phases in waves
+(``WAVES``, tile waits counting boxes) are 4-45 % slower: every task's start waits for its tile poll and first
+activation copy, and without barriers the programs drift apart. It needs a Hopper card
 and Triton's Gluon (3.6 on the card; CI compiles it with 3.9).
 
 The session's best chain (bf16 sums), checked against torch before it is timed:
