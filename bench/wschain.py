@@ -163,11 +163,15 @@ WEIGHTED = 1 << 21
 # programs' ends of a phase falls inside the next phase's stream. gate/up's waves hold gate and up tiles in pairs (down
 # reads both). ``S_p`` is then ``W``
 WAVES = 1 << 22
+# gate 5, with WAVES: a task's tile counters are read (relaxed) before its first two weight boxes go out and looked
+# at after them, then fenced (acquire, and the async proxy), so that the poll's round trip no longer stops the
+# producer at every task's start
+POLL_EARLY = 1 << 23
 SHW = 512  # int32s of a phase's share table: (b0, b1) for 256 SMs
 SHW_ = gl.constexpr(SHW)
 INFLIGHT2_, SAME_BOX_, RAW_X_, BF16_SUMS_ = (gl.constexpr(1 << i) for i in range(14, 18))
 DYNAMIC_, BALANCED_, WEIGHTED_ = gl.constexpr(DYNAMIC), gl.constexpr(BALANCED), gl.constexpr(WEIGHTED)
-WAVES_ = gl.constexpr(WAVES)
+WAVES_, POLL_EARLY_ = gl.constexpr(WAVES), gl.constexpr(POLL_EARLY)
 SPAN = 64  # TILE_WAITS: the most stages a task may have (one poll reads all their tiles' counters)
 SPAN_ = gl.constexpr(SPAN)
 CNT_STRIDE = 32  # int32s between two counters: each on a line of its own
@@ -325,14 +329,33 @@ def _ready_upto(TC, k0, rot, stages, target, twin, BN: gl.constexpr):
     box at column ``k`` is made from the tile ``k // BN`` of the phase before and its ``twin`` (the tile ``twin``
     further: down's box of SiLU(gate) * up needs a gate tile and an up tile; 0 for none), each ready when its
     counter in ``TC`` reaches ``target``. Two acquiring loads per stage, all in one round trip."""
+    r, live, v, v2 = _poll(TC, k0, rot, stages, twin, BN, False)
+    return _upto(r, live, v, v2, target)
+
+
+@gluon.jit
+def _poll(TC, k0, rot, stages, twin, BN: gl.constexpr, RELAXED: gl.constexpr):
+    """:func:`_ready_upto`'s loads (relaxed: POLL_EARLY's, read before they are looked at)."""
     r = gl.arange(0, SPAN_, layout=gl.BlockedLayout([SPAN_ // 32], [32], [1], [0]))
     live = r < stages
     col = k0 + ((gl.where(live, r, 0) + rot) % stages) * BK
     ptrs = TC + col // BN
-    v = gl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [ptrs], dtype=gl.int32,
-                                  is_pure=False, pack=1)  # fmt: skip
-    v2 = gl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [ptrs + twin], dtype=gl.int32,
-                                   is_pure=False, pack=1)  # fmt: skip
+    if RELAXED:
+        v = gl.inline_asm_elementwise("ld.relaxed.gpu.global.b32 $0, [$1];", "=r,l", [ptrs], dtype=gl.int32,
+                                      is_pure=False, pack=1)  # fmt: skip
+        v2 = gl.inline_asm_elementwise("ld.relaxed.gpu.global.b32 $0, [$1];", "=r,l", [ptrs + twin],
+                                       dtype=gl.int32, is_pure=False, pack=1)  # fmt: skip
+    else:
+        v = gl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [ptrs], dtype=gl.int32,
+                                      is_pure=False, pack=1)  # fmt: skip
+        v2 = gl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [ptrs + twin],
+                                       dtype=gl.int32, is_pure=False, pack=1)  # fmt: skip
+    return r, live, v, v2
+
+
+@gluon.jit
+def _upto(r, live, v, v2, target):
+    """:func:`_ready_upto` from its loads."""
     return gl.min(gl.where(live & ((v < target) | (v2 < target)), r, SPAN_), axis=0)
 
 
@@ -426,6 +449,7 @@ def _produce_task(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TC, SH, 
     ONCE: gl.constexpr = (MODE & AHEAD_ONCE_) != 0
     KEEP: gl.constexpr = 0 if (MODE & SAME_BOX_) != 0 else 1  # (SAME_BOX: every weight box at [0, 0])
     DYN: gl.constexpr = (MODE & DYNAMIC_) != 0
+    EARLY: gl.constexpr = TILED and (MODE & POLL_EARLY_) != 0
     n0, k0, rot, stages = _task(t, pid, tiles, S, stages, G, SH, blk, BN, PH, MODE)  # (BALANCED: its own stages)
     n0 += layer * tiles * BN  # (each weight is every layer's, stacked)
     ahead = pre
@@ -433,6 +457,9 @@ def _produce_task(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TC, SH, 
         ahead = gl.where(stages < pre, stages, pre)
     if ONCE:
         ahead = gl.where(first and WAITS, ahead, 0)
+    if EARLY:  # the counters read now, looked at once the first two weight boxes (at least) are out
+        r, live, v, v2 = _poll(TC, k0, rot, stages, twin, BN, True)
+        ahead = gl.where(ahead < 2, gl.where(stages < 2, stages, 2), ahead)
     for i in range(ahead):
         j = it + i
         s = j % depth
@@ -446,6 +473,11 @@ def _produce_task(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TC, SH, 
         if first or not ONCE:
             _wait_for(CNT, pid, target, WAIT_ON, MODE)
     upto = pid * 0
+    if EARLY:
+        upto = _upto(r, live, v, v2, target)
+        if upto > 0:  # (what the relaxed loads saw, acquired, for the copies too)
+            gl.inline_asm_elementwise("fence.acq_rel.gpu; bar.warp.sync -1; fence.proxy.async.global; mov.u32 $0, 0;",
+                                      "=r,l", [TC], dtype=gl.int32, is_pure=False, pack=1)  # fmt: skip
     for i in range(stages):
         j = it + i
         s = j % depth
@@ -1014,6 +1046,8 @@ class Chain:
             raise ValueError("WEIGHTED is a way of BALANCED")
         if mode & WAVES and (not self.balanced or mode & WEIGHTED or not mode & TILE_WAITS or not mode & SIGNAL_WARP):
             raise ValueError("WAVES is a way of BALANCED (not WEIGHTED), with tile waits and a signal warp")
+        if mode & POLL_EARLY and not mode & WAVES:
+            raise ValueError("POLL_EARLY is a way of WAVES")
         if self.balanced:  # (the splits: how many programs share each phase, ``least`` boxes or more each)
             if splits or not mode & RED_SUMS or mode & (DYNAMIC | INFLIGHT2) or mode & TILE_WAITS and not mode & WAVES:
                 raise ValueError("equal shares take RED_SUMS, no --splits, no claims or INFLIGHT2, tile waits only in "
@@ -1246,11 +1280,11 @@ def trace_rows(st: torch.Tensor, busy: list[int]) -> list[dict]:
 
 
 # the ways of a MODE, in words, outermost first (each named after those below it)
-_WAYS = ((WAVES, ", in waves"), (WEIGHTED, ""), (BALANCED, ", equal shares"), (DYNAMIC, ", tasks claimed"),
-         (SAME_BOX, ", every weight box one box in L2"), (RAW_X, ", no change to bf16"), (BF16_SUMS, " in bf16"),
-         (INFLIGHT2, ", two products in flight"), (RED_SUMS, ", sums by red.add"), (SIGNAL_WARP, ", a signal warp"),
-         (AHEAD_ONCE, ", ahead once a phase"), (TILE_WAITS, ", tile waits"), (ROTATE, ", K rotated"),
-         (BACKOFF, ", polls spaced"), (TWO_PRODUCERS, ", two producers"))  # fmt: skip
+_WAYS = ((POLL_EARLY, ", polls early"), (WAVES, ", in waves"), (WEIGHTED, ""), (BALANCED, ", equal shares"),
+         (DYNAMIC, ", tasks claimed"), (SAME_BOX, ", every weight box one box in L2"), (RAW_X, ", no change to bf16"),
+         (BF16_SUMS, " in bf16"), (INFLIGHT2, ", two products in flight"), (RED_SUMS, ", sums by red.add"),
+         (SIGNAL_WARP, ", a signal warp"), (AHEAD_ONCE, ", ahead once a phase"), (TILE_WAITS, ", tile waits"),
+         (ROTATE, ", K rotated"), (BACKOFF, ", polls spaced"), (TWO_PRODUCERS, ", two producers"))  # fmt: skip
 
 
 def describe(mode: int) -> str:

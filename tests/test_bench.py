@@ -501,6 +501,9 @@ def test_the_chain_bench_traces_stages_and_chains_layers():
     assert C.describe(C.FULL & ~C.FENCES & ~C.TICKETS | bf16 | C.BALANCED | C.TILE_WAITS | C.WAVES).endswith(
         "tile waits, sums by red.add in bf16, equal shares, in waves"
     )
+    assert C.describe(
+        C.FULL & ~C.FENCES & ~C.TICKETS | bf16 | C.BALANCED | C.TILE_WAITS | C.WAVES | C.POLL_EARLY
+    ).endswith("in waves, polls early")
 
 
 def _balanced_chain(C, shapes, programs, least):

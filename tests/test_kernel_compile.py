@@ -151,7 +151,8 @@ def test_the_split_projection_compiles(rows, bn, dtype):
 CHAIN_MODES = ["full", "two producers, traced, spaced polls, rotated", "gate 3: sums by red.add, a signal warp",
                "gate 3, two products in flight", "gate 3, 128-row tiles, two consumer warpgroups",
                "gate 4: sums by bf16 red.add, every weight box one box", "gate 5: tasks claimed",
-               "gate 5: equal shares", "gate 5: shares by each SM's pace", "gate 5: in waves"]  # fmt: skip
+               "gate 5: equal shares", "gate 5: shares by each SM's pace", "gate 5: in waves",
+               "gate 5: in waves, polls early"]  # fmt: skip
 
 
 @pytest.mark.parametrize("mode", CHAIN_MODES)
@@ -162,7 +163,7 @@ def test_the_chain_bench_compiles(mode):
     counters at once and order the copies after them for the whole warp; the fourth gate's bf16 sums are 8-byte
     atomic adds of bf16; the fifth gate's tasks are claimed from a counter (an atomic add whose result is used), or
     each program's share of a phase is cut into its tiles (a tile it has whole is stored, a part of one added), its
-    SM's share read by its SM's id, or in waves (the tile waits again, counting boxes)."""
+    SM's share read by its SM's id, or in waves (the tile waits again, counting boxes; their polls read early)."""
     import torch
 
     C = pytest.importorskip("bench.wschain")  # (Gluon, as this Triton spells it)
@@ -180,7 +181,9 @@ def test_the_chain_bench_compiles(mode):
             CHAIN_MODES[8]: C.FULL & ~C.TICKETS & ~C.FENCES | C.RED_SUMS | C.BF16_SUMS | C.SIGNAL_WARP
                             | C.AHEAD_ONCE | C.BALANCED | C.WEIGHTED,
             CHAIN_MODES[9]: C.FULL & ~C.TICKETS & ~C.FENCES | C.RED_SUMS | C.BF16_SUMS | C.SIGNAL_WARP
-                            | C.AHEAD_ONCE | C.BALANCED | C.TILE_WAITS | C.WAVES}[mode]  # fmt: skip
+                            | C.AHEAD_ONCE | C.BALANCED | C.TILE_WAITS | C.WAVES,
+            CHAIN_MODES[10]: C.FULL & ~C.TICKETS & ~C.FENCES | C.RED_SUMS | C.BF16_SUMS | C.SIGNAL_WARP
+                             | C.AHEAD_ONCE | C.BALANCED | C.TILE_WAITS | C.WAVES | C.POLL_EARLY}[mode]  # fmt: skip
     warps, tile = (8, [128, C.TILE[1]]) if mode == CHAIN_MODES[4] else (4, list(C.TILE))
     f32 = bits & C.RED_SUMS and not bits & C.BF16_SUMS
     act = torch.float32 if f32 else torch.bfloat16  # (the activations and outputs)
@@ -215,3 +218,5 @@ def test_the_chain_bench_compiles(mode):
     if bits & C.BALANCED:  # (whole tiles stored, parts added: both, in every phase)
         assert ptx.count("add.noftz.v4.bf16") >= 4 and ptx.count("st.global.v2.b32") >= 4
     assert ("%smid" in ptx) == bool(bits & (C.WEIGHTED | C.TRACE))  # (its share by its SM; the trace says which)
+    if bits & C.POLL_EARLY:  # (a task's counters read relaxed, then acquired by a fence once looked at)
+        assert "ld.relaxed.gpu.global.b32" in ptx and "fence.acq_rel.gpu; bar.warp.sync" in ptx
