@@ -182,6 +182,8 @@ TRACED = 4  # TRACE also stamps every stage of four programs (the first two, the
 MAXIT = 1024  # ... up to this many stages each
 STAGES_AT = TRACE_AT + 1024 * 4 * 3 * 2  # (int32s; room for the per-phase stamps of 1,024 programs)
 STAGES_AT_, MAXIT_ = gl.constexpr(STAGES_AT), gl.constexpr(MAXIT)
+_LD_ACQUIRE = gl.constexpr("ld.acquire.gpu.global.b32 $0, [$1];")
+_LD_RELAXED = gl.constexpr("ld.relaxed.gpu.global.b32 $0, [$1];")
 SMID_AT = STAGES_AT + TRACED * MAXIT * 2  # TRACE: each program's SM (int32s, 1,024 programs)
 SMID_AT_ = gl.constexpr(SMID_AT)
 
@@ -340,16 +342,9 @@ def _poll(TC, k0, rot, stages, twin, BN: gl.constexpr, RELAXED: gl.constexpr):
     live = r < stages
     col = k0 + ((gl.where(live, r, 0) + rot) % stages) * BK
     ptrs = TC + col // BN
-    if RELAXED:
-        v = gl.inline_asm_elementwise("ld.relaxed.gpu.global.b32 $0, [$1];", "=r,l", [ptrs], dtype=gl.int32,
-                                      is_pure=False, pack=1)  # fmt: skip
-        v2 = gl.inline_asm_elementwise("ld.relaxed.gpu.global.b32 $0, [$1];", "=r,l", [ptrs + twin],
-                                       dtype=gl.int32, is_pure=False, pack=1)  # fmt: skip
-    else:
-        v = gl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [ptrs], dtype=gl.int32,
-                                      is_pure=False, pack=1)  # fmt: skip
-        v2 = gl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [ptrs + twin],
-                                       dtype=gl.int32, is_pure=False, pack=1)  # fmt: skip
+    LD: gl.constexpr = _LD_RELAXED if RELAXED else _LD_ACQUIRE
+    v = gl.inline_asm_elementwise(LD, "=r,l", [ptrs], dtype=gl.int32, is_pure=False, pack=1)
+    v2 = gl.inline_asm_elementwise(LD, "=r,l", [ptrs + twin], dtype=gl.int32, is_pure=False, pack=1)
     return r, live, v, v2
 
 
