@@ -30,14 +30,14 @@ copy bandwidth measured in the same run):
 - ``cuBLAS``: four ``torch.mm`` per layer;
 - ``MODE`` flags (``--modes MODE:launches,...``; :data:`FULL` is the chain) take parts away (the activations'
   copies, the waits, the products, the stores and counts, the tickets, the per-thread fences) or change the way:
-  ``TWO_PRODUCERS`` (the weights' producer never waits), ``BACKOFF`` (spaced polls), ``ROTATE`` (K orders per
-  program); ``TRACE`` (``--trace``) stamps each program's phases, and every stage of four programs, with the global
-  timer; ``--bn 128`` takes 128-row weight tiles. Gate 3's: ``TILE_WAITS`` (a stage waits only for the tiles it
-  reads), ``AHEAD_ONCE`` (weights ahead only before a phase's first wait), ``SIGNAL_WARP`` (a warp of its own
-  counts), ``RED_SUMS`` (the splits add into float32 outputs: no tickets); ``INFLIGHT2`` (two products in flight)
-  and ``--warps 8`` with ``--bn 128`` (two consumer warpgroups, 64 weight rows each). Gate 4's: ``SAME_BOX`` (every
-  weight box one box hot in L2: the consumer's own pace), ``RAW_X`` (no change of the float32 box to bf16: its
-  cost), ``BF16_SUMS`` (``RED_SUMS`` into bf16 outputs: bf16 atomic adds, bf16 boxes multiplied as copied), and
+  ``TWO_PRODUCERS`` (the weights' producer never waits; with a signal warp), ``BACKOFF`` (spaced polls), ``ROTATE``
+  (K orders per program); ``TRACE`` (``--trace``) stamps each program's phases, and every stage of four programs,
+  with the global timer; ``--bn 128`` takes 128-row weight tiles. Gate 3's: ``TILE_WAITS`` (a stage waits only for
+  the tiles it reads), ``AHEAD_ONCE`` (weights ahead only before a phase's first wait), ``SIGNAL_WARP`` (a warp of
+  its own counts), ``RED_SUMS`` (the splits add into float32 outputs: no tickets); ``INFLIGHT2`` (two products in
+  flight) and ``--warps 8`` with ``--bn 128`` (two consumer warpgroups, 64 weight rows each). Gate 4's: ``SAME_BOX``
+  (every weight box one box hot in L2: the consumer's own pace), ``RAW_X`` (no change of the float32 box to bf16:
+  its cost), ``BF16_SUMS`` (``RED_SUMS`` into bf16 outputs: bf16 atomic adds, bf16 boxes multiplied as copied), and
   ``--ahead N`` (how many weight boxes a task copies before its wait; default the ring's depth). Gate 5's:
   ``DYNAMIC`` (tasks claimed from a counter per phase instead of handed out in turn; with ``--splits``, smaller),
   ``BALANCED`` (every program an equal share of each phase's weight boxes, cut at any box; ``--least N``: at least N
@@ -376,7 +376,8 @@ def _wait_for_stage(TC, CNT, pid, first, i, k0, rot, stages, target, twin, P: gl
 
 @gluon.jit
 def _produce(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TICK, it, q, pid, G, layer, xrow, tiles, S, stages,
-             pre, target, twin, P: gl.constexpr, WAIT_ON: gl.constexpr, MODE: gl.constexpr):  # fmt: skip
+             pre, target, twin, P: gl.constexpr, WAIT_ON: gl.constexpr, MODE: gl.constexpr,
+             COPIES: gl.constexpr):  # fmt: skip
     """One phase of layer ``layer``'s copies for this program: for each task, the weight boxes of its first ``pre``
     stages, then (if this launch ran the phase ``WAIT_ON`` before) the wait for that phase's tiles, then the
     activation boxes of those stages (from row ``xrow``: RED_SUMS keeps a layer's activations in rows of their own),
@@ -395,7 +396,7 @@ def _produce(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TICK, it, q, 
         while q < (layer + 1) * n:  # (a claim past this layer's tasks is kept for the next layer)
             it = _produce_task(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TC, TC, it, pid, q - layer * n,
                                k == 0, layer, xrow, tiles, S, stages, G, pid * 0, pre, target, twin, P, WAIT_ON,
-                               MODE)  # fmt: skip
+                               MODE, COPIES)  # fmt: skip
             k += 1
             q = gl.atomic_add(TICK + P * TMAX_, 1, sem="relaxed")
         s = it % depth  # the phase's end: a slot with no copies, task -1
@@ -408,38 +409,40 @@ def _produce(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TICK, it, q, 
         if (MODE & WAVES_) != 0:
             for blk in range(_blocks(S, P)):
                 it = _produce_block(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TC, SH, it, pid, G, layer,
-                                    xrow, tiles, S, stages, blk, pre, target, twin, P, WAIT_ON, MODE)  # fmt: skip
+                                    xrow, tiles, S, stages, blk, pre, target, twin, P, WAIT_ON, MODE,
+                                    COPIES)  # fmt: skip
         else:
             it = _produce_block(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TC, SH, it, pid, G, layer, xrow,
-                                tiles, S, stages, pid * 0, pre, target, twin, P, WAIT_ON, MODE)  # fmt: skip
+                                tiles, S, stages, pid * 0, pre, target, twin, P, WAIT_ON, MODE, COPIES)  # fmt: skip
     return it, q
 
 
 @gluon.jit
 def _produce_block(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TC, SH, it, pid, G, layer, xrow, tiles, S,
-                   stages, blk, pre, target, twin, P: gl.constexpr, WAIT_ON: gl.constexpr,
-                   MODE: gl.constexpr):  # fmt: skip
+                   stages, blk, pre, target, twin, P: gl.constexpr, WAIT_ON: gl.constexpr, MODE: gl.constexpr,
+                   COPIES: gl.constexpr):  # fmt: skip
     """:func:`_produce`'s tasks in turn, or of its share (of block ``blk``: WAVES)."""
     lo, hi, step = _tasks(pid, tiles, S, stages, G, SH, blk, P, MODE)
     for t in range(lo, hi, step):
         it = _produce_task(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TC, SH, it, pid, t,
                            (blk == 0) & (t == lo), layer, xrow, tiles, S, stages, G, blk, pre, target, twin, P,
-                           WAIT_ON, MODE)  # fmt: skip
+                           WAIT_ON, MODE, COPIES)  # fmt: skip
     return it
 
 
 @gluon.jit
 def _produce_task(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TC, SH, it, pid, t, first, layer, xrow, tiles,
-                  S, stages, G, blk, pre, target, twin, PH: gl.constexpr, WAIT_ON: gl.constexpr,
-                  MODE: gl.constexpr):  # fmt: skip
+                  S, stages, G, blk, pre, target, twin, PH: gl.constexpr, WAIT_ON: gl.constexpr, MODE: gl.constexpr,
+                  COPIES: gl.constexpr):  # fmt: skip
     """:func:`_produce`'s task ``t`` (``first``: the program's first of the phase). DYNAMIC: its number goes to the
-    consumer with its first stage's slot."""
+    consumer with its first stage's slot. ``COPIES``: both boxes of each stage (0), or with TWO_PRODUCERS the weight
+    boxes alone (1: never waits for another phase) or the activation boxes alone (2: the waits)."""
     depth: gl.constexpr = ring_w.type.shape[0]
     BN: gl.constexpr = wdesc.block_type.shape[0]
-    X: gl.constexpr = (MODE & X_LOADS_) != 0
+    X: gl.constexpr = (MODE & X_LOADS_) != 0 and COPIES != 1
     XB: gl.constexpr = xdesc.block_type.nbytes if X else 0
-    nbytes: gl.constexpr = wdesc.block_type.nbytes + XB
-    WAITS: gl.constexpr = WAIT_ON >= 0 and (MODE & WAITS_) != 0
+    nbytes: gl.constexpr = (wdesc.block_type.nbytes if COPIES != 2 else 0) + XB
+    WAITS: gl.constexpr = WAIT_ON >= 0 and (MODE & WAITS_) != 0 and COPIES != 1
     TILED: gl.constexpr = WAITS and WAIT_ON < 3 and (MODE & TILE_WAITS_) != 0
     ONCE: gl.constexpr = (MODE & AHEAD_ONCE_) != 0
     KEEP: gl.constexpr = 0 if (MODE & SAME_BOX_) != 0 else 1  # (SAME_BOX: every weight box at [0, 0])
@@ -455,6 +458,8 @@ def _produce_task(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TC, SH, 
     if EARLY:  # the counters read now, looked at once the first two weight boxes (at least) are out
         r, live, v, v2 = _poll(TC, k0, rot, stages, twin, BN, True)
         ahead = gl.where(ahead < 2, gl.where(stages < 2, stages, 2), ahead)
+    if COPIES != 0:  # (two producers: each copies its boxes as slots free up; only the activations' producer waits)
+        ahead = pid * 0
     for i in range(ahead):
         j = it + i
         s = j % depth
@@ -464,7 +469,7 @@ def _produce_task(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TC, SH, 
                 _put(dyn, s, t)
         mbarrier.expect(ready.index(s), nbytes)  # the slot completes when the activation box lands too
         _tma_load(wdesc, [n0 * KEEP, _k(k0, i, rot, stages) * KEEP], ready.index(s), ring_w.index(s))
-    if not TILED:
+    if not TILED and COPIES != 1:
         if first or not ONCE:
             _wait_for(CNT, pid, target, WAIT_ON, MODE)
     upto = pid * 0
@@ -482,7 +487,8 @@ def _produce_task(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TC, SH, 
                 if i == 0:
                     _put(dyn, s, t)
             mbarrier.expect(ready.index(s), nbytes)
-            _tma_load(wdesc, [n0 * KEEP, _k(k0, i, rot, stages) * KEEP], ready.index(s), ring_w.index(s))
+            if COPIES != 2:
+                _tma_load(wdesc, [n0 * KEEP, _k(k0, i, rot, stages) * KEEP], ready.index(s), ring_w.index(s))
         if TILED:
             if i >= upto:
                 upto = _wait_for_stage(TC, CNT, pid, first, i, k0, rot, stages, target, twin, WAIT_ON + 1, BN,
@@ -505,70 +511,6 @@ def _get(dyn, i):
     """DYNAMIC: ``dyn[i]``."""
     L: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
     return gl.max(dyn.index(i).load(L), axis=0)
-
-
-@gluon.jit
-def _produce_w(wdesc, ring_w, ready, empty, it, pid, G, tiles, S, stages, MODE: gl.constexpr):
-    """TWO_PRODUCERS: one phase's weight boxes for this program, each as soon as its slot is free; never waits for
-    another phase, so the stream runs the ring's depth ahead across tasks and phases alike."""
-    depth: gl.constexpr = ring_w.type.shape[0]
-    BN: gl.constexpr = wdesc.block_type.shape[0]
-    for t in range(pid, tiles * S, G):
-        n0, k0, rot, _ = _task(t, pid, tiles, S, stages, G, ready, 0, BN, 0, MODE)  # (no shares: no table)
-        for i in range(stages):
-            j = it + i
-            s = j % depth
-            mbarrier.wait(empty.index(s), ((j // depth) & 1) ^ 1)
-            mbarrier.expect(ready.index(s), wdesc.block_type.nbytes)  # one of the slot's two arrivals
-            _tma_load(wdesc, [n0, _k(k0, i, rot, stages)], ready.index(s), ring_w.index(s))
-        it += stages
-    return it
-
-
-@gluon.jit
-def _produce_x(xdesc, ring_x, ready, empty, CNT, it, pid, G, tiles, S, stages, target, WAIT_ON: gl.constexpr,
-               MODE: gl.constexpr):  # fmt: skip
-    """TWO_PRODUCERS: one phase's activation boxes for this program, after the wait for the phase before."""
-    depth: gl.constexpr = ring_x.type.shape[0]
-    for t in range(pid, tiles * S, G):
-        _, k0, rot, _ = _task(t, pid, tiles, S, stages, G, ready, 0, 0, 0, MODE)
-        _wait_for(CNT, pid, target, WAIT_ON, MODE)
-        for i in range(stages):
-            j = it + i
-            s = j % depth
-            mbarrier.wait(empty.index(s), ((j // depth) & 1) ^ 1)
-            mbarrier.expect(ready.index(s), xdesc.block_type.nbytes)
-            _tma_load(xdesc, [0, _k(k0, i, rot, stages)], ready.index(s), ring_x.index(s))
-        it += stages
-    return it
-
-
-@gluon.jit
-def _producer_w(w0, w1, w2, w3, ring_w, ready, empty, pid, G, T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3,
-                FIRST: gl.constexpr, LAST: gl.constexpr, MODE: gl.constexpr):  # fmt: skip
-    it = pid * 0
-    if FIRST <= 0 and LAST >= 0:
-        it = _produce_w(w0, ring_w, ready, empty, it, pid, G, T0, S0, K0, MODE)
-    if FIRST <= 1 and LAST >= 1:
-        it = _produce_w(w1, ring_w, ready, empty, it, pid, G, T1, S1, K1, MODE)
-    if FIRST <= 2 and LAST >= 2:
-        it = _produce_w(w2, ring_w, ready, empty, it, pid, G, T2, S2, K2, MODE)
-    if FIRST <= 3 and LAST >= 3:
-        it = _produce_w(w3, ring_w, ready, empty, it, pid, G, T3, S3, K3, MODE)
-
-
-@gluon.jit
-def _producer_x(x0, x1, x2, x3, ring_x, ready, empty, CNT, pid, G, T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3,
-                A1, A2, A3, FIRST: gl.constexpr, LAST: gl.constexpr, MODE: gl.constexpr):  # fmt: skip
-    it = pid * 0
-    if FIRST <= 0 and LAST >= 0:
-        it = _produce_x(x0, ring_x, ready, empty, CNT, it, pid, G, T0, S0, K0, 0, -1, MODE)
-    if FIRST <= 1 and LAST >= 1:
-        it = _produce_x(x1, ring_x, ready, empty, CNT, it, pid, G, T1, S1, K1, A1, 0 if FIRST <= 0 else -1, MODE)
-    if FIRST <= 2 and LAST >= 2:
-        it = _produce_x(x2, ring_x, ready, empty, CNT, it, pid, G, T2, S2, K2, A2, 1 if FIRST <= 1 else -1, MODE)
-    if FIRST <= 3 and LAST >= 3:
-        it = _produce_x(x3, ring_x, ready, empty, CNT, it, pid, G, T3, S3, K3, A3, 2 if FIRST <= 2 else -1, MODE)
 
 
 @gluon.jit
@@ -823,8 +765,9 @@ def _signaller(stored, freed, dyn, O0, O1, O2, O3, N0, N1, N2, N3, PART, TICK, C
 @gluon.jit
 def _producer(w0, w1, w2, w3, x0, x1, x2, x3, x0b, ring_w, ring_x, ready, empty, dyn, CNT, TICK, pid, G, NL, T0, T1,
               T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, E0, E1, E2, E3, A0, A1, A2, A3, FIRST: gl.constexpr,
-              LAST: gl.constexpr, MODE: gl.constexpr):  # fmt: skip
-    """The producer warp: every layer's phases FIRST..LAST in turn (:func:`_produce`)."""
+              LAST: gl.constexpr, MODE: gl.constexpr, COPIES: gl.constexpr):  # fmt: skip
+    """The producer warp: every layer's phases FIRST..LAST in turn (:func:`_produce`); with TWO_PRODUCERS, one of
+    two (``COPIES`` 1: the weight boxes, 2: the activation boxes)."""
     BN: gl.constexpr = w0.block_type.shape[0]
     R: gl.constexpr = x0.block_type.shape[0]
     RED: gl.constexpr = (MODE & RED_SUMS_) != 0  # (then each layer's activations are rows of their own)
@@ -841,19 +784,19 @@ def _producer(w0, w1, w2, w3, x0, x1, x2, x3, x0b, ring_w, ring_x, ready, empty,
         if FIRST <= 0 and LAST >= 0:
             if ly == 0:
                 it, q0 = _produce(w0, x0, ring_w, ring_x, ready, empty, dyn, CNT, TICK, it, q0, pid, G, ly, 0, T0, S0,
-                                  K0, E0, 0, 0, 0, -1, MODE)  # fmt: skip
+                                  K0, E0, 0, 0, 0, -1, MODE, COPIES)  # fmt: skip
             else:  # the layer before's Q/K/V (its first columns, as wide as O's input) stands in for attention
                 it, q0 = _produce(w0, x0b, ring_w, ring_x, ready, empty, dyn, CNT, TICK, it, q0, pid, G, ly,
-                                  xr - R if RED else 0, T0, S0, K0, E0, ly * A0, 0, 0, 3, MODE)  # fmt: skip
+                                  xr - R if RED else 0, T0, S0, K0, E0, ly * A0, 0, 0, 3, MODE, COPIES)  # fmt: skip
         if FIRST <= 1 and LAST >= 1:
             it, q1 = _produce(w1, x1, ring_w, ring_x, ready, empty, dyn, CNT, TICK, it, q1, pid, G, ly, xr, T1, S1, K1,
-                              E1, (ly + 1) * A1, 0, 1, 0 if FIRST <= 0 else -1, MODE)  # fmt: skip
+                              E1, (ly + 1) * A1, 0, 1, 0 if FIRST <= 0 else -1, MODE, COPIES)  # fmt: skip
         if FIRST <= 2 and LAST >= 2:
             it, q2 = _produce(w2, x2, ring_w, ring_x, ready, empty, dyn, CNT, TICK, it, q2, pid, G, ly, xr, T2, S2, K2,
-                              E2, (ly + 1) * A2, twin, 2, 1 if FIRST <= 1 else -1, MODE)  # fmt: skip
+                              E2, (ly + 1) * A2, twin, 2, 1 if FIRST <= 1 else -1, MODE, COPIES)  # fmt: skip
         if FIRST <= 3 and LAST >= 3:
             it, q3 = _produce(w3, x3, ring_w, ring_x, ready, empty, dyn, CNT, TICK, it, q3, pid, G, ly, xr, T3, S3, K3,
-                              E3, (ly + 1) * A3, 0, 3, 2 if FIRST <= 2 else -1, MODE)  # fmt: skip
+                              E3, (ly + 1) * A3, 0, 3, 2 if FIRST <= 2 else -1, MODE, COPIES)  # fmt: skip
 
 
 @gluon.jit
@@ -948,16 +891,20 @@ def _chain_kernel(w0, w1, w2, w3, x0, x1, x2, x3, x0b, O0, O1, O2, O3, N0, N1, N
     for i in gl.static_range(2):
         mbarrier.init(stored.index(i), count=1)
         mbarrier.init(freed.index(i), count=1)
-    if TWO:
+    if TWO:  # (with a signal warp: the host checks)
         gl.warp_specialize([
             (_consumer, (ring_w, ring_x, xs, ready, empty, stored, freed, dyn, O0, O1, O2, O3, N0, N1, N2, N3, PART,
                          TICK, CNT, pid, G, NL, T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, FIRST, LAST, MODE,
                          num_warps)),
-            (_producer_w, (w0, w1, w2, w3, ring_w, ready, empty, pid, G, T0, T1, T2, T3, S0, S1, S2, S3,
-                           K0, K1, K2, K3, FIRST, LAST, MODE)),
-            (_producer_x, (x0, x1, x2, x3, ring_x, ready, empty, CNT, pid, G, T0, T1, T2, T3, S0, S1, S2, S3,
-                           K0, K1, K2, K3, A1, A2, A3, FIRST, LAST, MODE)),
-        ], [1, 1], [24, 24])  # fmt: skip
+            (_producer, (w0, w1, w2, w3, x0, x1, x2, x3, x0b, ring_w, ring_x, ready, empty, dyn, CNT, TICK, pid, G, NL,
+                         T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, E0, E1, E2, E3, A0, A1, A2, A3, FIRST, LAST,
+                         MODE, 1)),
+            (_signaller, (stored, freed, dyn, O0, O1, O2, O3, N0, N1, N2, N3, PART, TICK, CNT, pid, G, NL, T0, T1, T2,
+                          T3, S0, S1, S2, S3, K0, K1, K2, K3, R, BN, FIRST, LAST, MODE)),
+            (_producer, (w0, w1, w2, w3, x0, x1, x2, x3, x0b, ring_w, ring_x, ready, empty, dyn, CNT, TICK, pid, G, NL,
+                         T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, E0, E1, E2, E3, A0, A1, A2, A3, FIRST, LAST,
+                         MODE, 2)),
+        ], [1, 1, 1], [24, 80, 24])  # fmt: skip
     elif (MODE & SIGNAL_WARP_) != 0:
         gl.warp_specialize([
             (_consumer, (ring_w, ring_x, xs, ready, empty, stored, freed, dyn, O0, O1, O2, O3, N0, N1, N2, N3, PART,
@@ -965,7 +912,7 @@ def _chain_kernel(w0, w1, w2, w3, x0, x1, x2, x3, x0b, O0, O1, O2, O3, N0, N1, N
                          num_warps)),
             (_producer, (w0, w1, w2, w3, x0, x1, x2, x3, x0b, ring_w, ring_x, ready, empty, dyn, CNT, TICK, pid, G, NL,
                          T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, E0, E1, E2, E3, A0, A1, A2, A3, FIRST, LAST,
-                         MODE)),
+                         MODE, 0)),
             (_signaller, (stored, freed, dyn, O0, O1, O2, O3, N0, N1, N2, N3, PART, TICK, CNT, pid, G, NL, T0, T1, T2,
                           T3, S0, S1, S2, S3, K0, K1, K2, K3, R, BN, FIRST, LAST, MODE)),
         ], [1, 1], [24, 80])  # fmt: skip
@@ -976,7 +923,7 @@ def _chain_kernel(w0, w1, w2, w3, x0, x1, x2, x3, x0b, O0, O1, O2, O3, N0, N1, N
                          num_warps)),
             (_producer, (w0, w1, w2, w3, x0, x1, x2, x3, x0b, ring_w, ring_x, ready, empty, dyn, CNT, TICK, pid, G, NL,
                          T0, T1, T2, T3, S0, S1, S2, S3, K0, K1, K2, K3, E0, E1, E2, E3, A0, A1, A2, A3, FIRST, LAST,
-                         MODE)),
+                         MODE, 0)),
         ], [1], [24])  # fmt: skip
 
 
@@ -1067,8 +1014,10 @@ class Chain:
             raise ValueError("BF16_SUMS is a way of RED_SUMS")
         if mode & DYNAMIC and (not mode & SIGNAL_WARP or not self.red or mode & (TILE_WAITS | TRACE)):
             raise ValueError("DYNAMIC takes RED_SUMS and a signal warp, and no tile waits or trace")
-        if self.red and mode & (TICKETS | TWO_PRODUCERS):
-            raise ValueError("RED_SUMS makes the sums without tickets, and takes one producer")
+        if self.red and mode & TICKETS:
+            raise ValueError("RED_SUMS makes the sums without tickets")
+        if mode & TWO_PRODUCERS and (not mode & SIGNAL_WARP or mode & (DYNAMIC | POLL_EARLY)):
+            raise ValueError("two producers take a signal warp, and no claims or early polls")
         per_tile = [1 if mode & TICKETS or sp == 1 else sp for sp in self.splits]
         done = [t * c for t, c in zip(self.tiles, per_tile)]
         if self.balanced:  # (a count per task: a share's tiles)
@@ -1079,10 +1028,8 @@ class Chain:
         if mode & INFLIGHT2 and min(self.stages) < 2:
             raise ValueError("two products in flight take two or more stages a task")
         most = max(n for p in range(4) for pid in range(self.G) for _, _, n in self.spans(p, pid))
-        if mode & TILE_WAITS and (mode & TWO_PRODUCERS or most > SPAN):
-            raise ValueError(f"tile waits take one producer and at most {SPAN} stages a task")
-        if launches == 0 and mode & TWO_PRODUCERS:
-            raise ValueError("every layer in one launch takes one producer")
+        if mode & TILE_WAITS and most > SPAN:
+            raise ValueError(f"tile waits take at most {SPAN} stages a task")
         self.a0 = done[3]  # a later layer's output projection waits for the whole Q/K/V before it
         dev = dict(device="cuda")
         self.cnt = torch.zeros(SMID_AT + 1024, dtype=torch.int32, **dev)
@@ -1356,7 +1303,7 @@ def measure(model: str, depths: list[int], per_sm: int, bandwidth: float, splits
     want = {1: reference(x0, [layers[0]["w"]], s["inter"])}  # (what one layer's launches give)
     want[0] = reference(x0, [lw["w"] for lw in layers], s["inter"])  # (every layer in one launch)
     no_fence = FULL & ~FENCES
-    two = TWO_PRODUCERS
+    two = TWO_PRODUCERS | SIGNAL_WARP
     variants = variants or [(FULL, 1, True), (FULL, 4, False), (FULL | two, 1, True), (no_fence, 1, True),
                 (no_fence | two, 1, True), (no_fence & ~TICKETS | two, 1, True), (X_LOADS | PRODUCTS, 1, False),
                 (X_LOADS | PRODUCTS | two, 1, False), (0, 1, False)]  # fmt: skip

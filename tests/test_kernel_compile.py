@@ -148,11 +148,12 @@ def test_the_split_projection_compiles(rows, bn, dtype):
     assert "setmaxnreg.dec.sync.aligned.u32 \t24" in ptx
 
 
-CHAIN_MODES = ["full", "two producers, traced, spaced polls, rotated", "gate 3: sums by red.add, a signal warp",
-               "gate 3, two products in flight", "gate 3, 128-row tiles, two consumer warpgroups",
+CHAIN_MODES = ["full", "two producers (a signal warp), traced, spaced polls, rotated",
+               "gate 3: sums by red.add, a signal warp", "gate 3, two products in flight",
+               "gate 3, 128-row tiles, two consumer warpgroups",
                "gate 4: sums by bf16 red.add, every weight box one box", "gate 5: tasks claimed",
                "gate 5: equal shares", "gate 5: shares by each SM's pace", "gate 5: in waves",
-               "gate 5: in waves, polls early"]  # fmt: skip
+               "gate 5: in waves, polls early", "gate 5: in waves, two producers"]  # fmt: skip
 
 
 @pytest.mark.parametrize("mode", CHAIN_MODES)
@@ -168,7 +169,8 @@ def test_the_chain_bench_compiles(mode):
 
     C = pytest.importorskip("bench.wschain")  # (Gluon, as this Triton spells it)
     gate3 = C.RED_SUMS | C.SIGNAL_WARP | C.AHEAD_ONCE | C.TILE_WAITS | C.TRACE
-    bits = {CHAIN_MODES[0]: C.FULL, CHAIN_MODES[1]: C.FULL | C.TWO_PRODUCERS | C.TRACE | C.BACKOFF | C.ROTATE,
+    bits = {CHAIN_MODES[0]: C.FULL, CHAIN_MODES[1]: C.FULL | C.TWO_PRODUCERS | C.SIGNAL_WARP | C.TRACE | C.BACKOFF
+                                                   | C.ROTATE,
             CHAIN_MODES[2]: C.FULL & ~C.TICKETS & ~C.FENCES | gate3,
             CHAIN_MODES[3]: C.FULL & ~C.TICKETS & ~C.FENCES | C.RED_SUMS | C.INFLIGHT2,
             CHAIN_MODES[4]: C.FULL & ~C.TICKETS & ~C.FENCES | C.RED_SUMS | C.SIGNAL_WARP,
@@ -183,7 +185,9 @@ def test_the_chain_bench_compiles(mode):
             CHAIN_MODES[9]: C.FULL & ~C.TICKETS & ~C.FENCES | C.RED_SUMS | C.BF16_SUMS | C.SIGNAL_WARP
                             | C.AHEAD_ONCE | C.BALANCED | C.TILE_WAITS | C.WAVES,
             CHAIN_MODES[10]: C.FULL & ~C.TICKETS & ~C.FENCES | C.RED_SUMS | C.BF16_SUMS | C.SIGNAL_WARP
-                             | C.AHEAD_ONCE | C.BALANCED | C.TILE_WAITS | C.WAVES | C.POLL_EARLY}[mode]  # fmt: skip
+                             | C.AHEAD_ONCE | C.BALANCED | C.TILE_WAITS | C.WAVES | C.POLL_EARLY,
+            CHAIN_MODES[11]: C.FULL & ~C.TICKETS & ~C.FENCES | C.RED_SUMS | C.BF16_SUMS | C.SIGNAL_WARP
+                             | C.AHEAD_ONCE | C.BALANCED | C.TILE_WAITS | C.WAVES | C.TWO_PRODUCERS}[mode]  # fmt: skip
     warps, tile = (8, [128, C.TILE[1]]) if mode == CHAIN_MODES[4] else (4, list(C.TILE))
     f32 = bits & C.RED_SUMS and not bits & C.BF16_SUMS
     act = torch.float32 if f32 else torch.bfloat16  # (the activations and outputs)
