@@ -66,8 +66,9 @@ prefetched into L2 during the wait (tried and taken out), fewer boxes ahead, and
 each phase's boxes (``BALANCED``) instead of whole tasks in turn help only where a few programs had a long extra task
 (phi3-mini's Q/K/V, 4-5 %) and cost llama-1b 2.5-2.7 µs a layer; the SMs' paces differ by ±3 % and repeat little
 from run to run (correlation -0.2 to 0.5), so shares weighed by them (``WEIGHTED``) gain nothing; phases in waves
-(``WAVES``, tile waits counting boxes) are 4-45 % slower, also with their polls read early (``POLL_EARLY``): 3-4
-times the tasks, each start and end ~0.6 µs or more of the consumer, and without barriers the programs drift apart.
+(``WAVES``, tile waits counting boxes) are 4-45 % slower, also with their polls read early (``POLL_EARLY``) or with
+two producers (``TWO_PRODUCERS``): 3-4 times the tasks, each start and end ~0.6 µs or more of the consumer, and
+without barriers the programs drift apart.
 It needs a Hopper card and Triton's Gluon (3.6 on the card; CI compiles it with 3.9).
 
 The session's best chain (bf16 sums), checked against torch before it is timed:
