@@ -479,6 +479,9 @@ def _produce_task(wdesc, xdesc, ring_w, ring_x, ready, empty, dyn, CNT, TC, SH, 
         if upto > 0:  # (what the relaxed loads saw, acquired, for the copies too)
             gl.inline_asm_elementwise("fence.acq_rel.gpu; bar.warp.sync -1; fence.proxy.async.global; mov.u32 $0, 0;",
                                       "=r,l", [TC], dtype=gl.int32, is_pure=False, pack=1)  # fmt: skip
+            if (MODE & TRACE_) != 0:  # (the phase's wait is over here when the early poll saw its tiles done)
+                if first:
+                    _stamp(CNT, pid, WAIT_ON + 1, 2)
     for i in range(stages):
         j = it + i
         s = j % depth
