@@ -14,6 +14,14 @@ blocks of each sequence scattered), this times one layer's attention inside a CU
     python -m bench.attention --rows 32,128,256 --contexts 512,1500,4000 --json out.json
     python -m bench.attention --rows 32 --contexts 512 --shape 32,8,64    # llama-1b's geometry (W-family)
 
+``--after-gemm HIDDEN`` times instead a layer's Q/K/V projection (cuBLAS, ``HIDDEN`` inputs, its own weights per
+layer) followed by its attention as the lean path's decode runs it (rotary and the new key and value written by the
+kernel), with the attention kernels launched three ways: plain; under programmatic dependent launch waiting first;
+under it reading lengths and block tables and asking L2 for the keys and values before waiting (``paged_decode``'s
+``pdl`` 0, 1, 2). Each layer of the graph has its own weights and cache::
+
+    python -m bench.attention --after-gemm 2048 --rows 32 --contexts 256,512,768 --shape 32,8,64 --max-model-len 784
+
 ``--prefill`` times instead the prefill kernel on steps shaped like W-share's that start prompts (whole prompts of
 its length law, beside decode rows of long contexts), launched two ways: one program per block of query tokens
 that exist (``prefill_block_map``, the engine's), and ``max_query_len``'s worth of programs for every sequence,
@@ -103,6 +111,68 @@ def measure(
     results.append(row("prefill kernel (a mixed step's decode rows)", None, None,
                        lambda i: paged_prefill(q, caches[i], tables, lens, starts, 1, scale, out=res)))  # fmt: skip
     return results
+
+
+def measure_after_gemm(
+    rows: int, ctx: int, bandwidth: float, max_model_len: int, heads: int, kv_heads: int, dim: int, hidden: int
+) -> list[dict]:
+    """µs per layer of Q/K/V (cuBLAS) then attention, for ``pdl`` 0, 1, 2, and of each part alone."""
+    kv_bytes = rows * ctx * kv_heads * dim * 2 * 2
+    n = (heads + 2 * kv_heads) * dim
+    floor_us = (kv_bytes + hidden * n * 2) / bandwidth * 1e6
+    caches, tables, lens, _ = _case(rows, ctx, heads, kv_heads, dim, CALLS)
+    weights = [torch.randn(hidden, n, device="cuda", dtype=torch.bfloat16) / hidden**0.5 for _ in range(CALLS)]
+    x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
+    qkv = torch.empty(rows, n, device="cuda", dtype=torch.bfloat16)
+    q = qkv[:, : heads * dim].view(rows, heads, dim)
+    k = qkv[:, heads * dim : (heads + kv_heads) * dim].view(rows, kv_heads, dim)
+    v = qkv[:, (heads + kv_heads) * dim :].view(rows, kv_heads, dim)
+    angles = torch.arange(max_model_len, device="cuda")[:, None] * torch.rand(dim // 2, device="cuda")[None, :]
+    cos, sin = angles.cos(), angles.sin()
+    positions = (lens - 1).long()
+    slots = tables.gather(1, (positions // PAGE)[:, None]).squeeze(1).long() * PAGE + positions % PAGE
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    splits = decode_splits(rows, kv_heads, max_model_len, sms)
+    scale, res = dim**-0.5, torch.empty_like(q)
+
+    def attention(i: int, pdl: int) -> torch.Tensor:
+        return paged_decode(q, caches[i], tables, lens, scale, splits, out=res, pdl=pdl,
+                            rope=(k, v, cos, sin, positions, slots))  # fmt: skip
+
+    def layer(i: int, pdl: int) -> torch.Tensor:
+        torch.mm(x, weights[i], out=qkv)
+        return attention(i, pdl)
+
+    ref = layer(0, 0).clone()
+    out = dict(rows=rows, ctx=ctx, shape=[heads, kv_heads, dim], hidden=hidden, splits=splits,
+               floor_us=round(floor_us, 2))  # fmt: skip
+    gemm_us = _time(lambda i: torch.mm(x, weights[i], out=qkv), CALLS)
+    results = [
+        dict(out, part="Q/K/V alone", us=round(gemm_us, 2), equal=True),
+        dict(out, part="attention alone", us=round(_time(lambda i: attention(i, 0), CALLS), 2), equal=True),
+    ]
+    for pdl in (0, 1, 2):
+        got = layer(0, pdl)
+        equal = bool(torch.equal(got, ref))
+        results.append(dict(out, part=f"Q/K/V + attention, pdl {pdl}", equal=equal,
+                            us=round(_time(lambda i, p=pdl: layer(i, p), CALLS), 2) if equal else None))  # fmt: skip
+    return results
+
+
+def after_gemm_table(results: list[dict], card: str) -> str:
+    columns = ["shape (heads, KV heads, dim; hidden)", "rows", "context", "splits", "floor µs", "Q/K/V alone",
+               "attention alone", "pdl 0", "pdl 1 (wait first)", "pdl 2 (tables, L2 first)", "all equal"]  # fmt: skip
+    lines = _head(f"A layer's Q/K/V (cuBLAS) then its decode attention, µs per layer, {card}", columns)
+    for _, group in itertools.groupby(results, key=lambda r: (tuple(r["shape"]), r["rows"], r["ctx"])):
+        g = list(group)
+        by = {r["part"]: r for r in g}
+        first = g[0]
+        cells = [by[p]["us"] for p in ("Q/K/V alone", "attention alone")]
+        cells += [by[f"Q/K/V + attention, pdl {p}"]["us"] for p in (0, 1, 2)]
+        lines.append(f"| {first['shape']}; {first['hidden']} | {first['rows']} | {first['ctx']} | {first['splits']} "
+                     f"| {first['floor_us']} | " + " | ".join(str(c) for c in cells)
+                     + f" | {all(r['equal'] for r in g)} |")  # fmt: skip
+    return "\n".join(lines)
 
 
 # (name, decode rows, their contexts (low, high), prompt tokens): steps of W-share that start prompts
@@ -228,6 +298,13 @@ def main(argv: list[str] | None = None) -> None:
         default=",".join("x".join(map(str, t)) for t in TILES),
         help="tiles of the grid, BLOCK_Nxwarpsxstages, comma-separated ('none': the engine's choice only)",
     )
+    ap.add_argument(
+        "--after-gemm",
+        type=int,
+        default=0,
+        metavar="HIDDEN",
+        help="time Q/K/V (HIDDEN inputs) then attention, with and without programmatic dependent launch",
+    )
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     card, bandwidth = card_and_bandwidth(ap)
@@ -240,6 +317,14 @@ def main(argv: list[str] | None = None) -> None:
     tiles = [] if args.tiles == "none" else [tuple(map(int, t.split("x"))) for t in args.tiles.split(",")]
     splits = [int(x) for x in args.splits.split(",")]
     results = []
+    if args.after_gemm:
+        for rows, ctx in itertools.product(map(int, args.rows.split(",")), map(int, args.contexts.split(","))):
+            results += measure_after_gemm(rows, ctx, bandwidth, args.max_model_len, heads, kv_heads, dim,
+                                          args.after_gemm)  # fmt: skip
+            torch.cuda.empty_cache()
+        write_json(args.json, card, bandwidth, results)
+        print(after_gemm_table(results, card))
+        return
     for rows, ctx in itertools.product(map(int, args.rows.split(",")), map(int, args.contexts.split(","))):
         results += measure(rows, ctx, bandwidth, args.max_model_len, heads, kv_heads, dim, splits, tiles)
         torch.cuda.empty_cache()

@@ -147,6 +147,57 @@ def test_decode_with_rope_equals_rope_and_cache_then_decode(dtype, heads, kv_hea
     torch.testing.assert_close(got, want, **tol)
 
 
+@pytest.mark.skipif(DEVICE == "cpu" or torch.cuda.get_device_capability() < (9, 0),
+                    reason="programmatic dependent launch: compute capability 9.0 or later")  # fmt: skip
+@pytest.mark.parametrize("heads, kv_heads, dim", [(32, 8, 64), (12, 2, 128), (4, 1, 256), (32, 32, 96)])
+@pytest.mark.parametrize("splits", [1, 3, 9])
+def test_decode_under_pdl_after_the_projection_that_writes_q_equals_plain_launches(heads, kv_heads, dim, splits):
+    """``pdl`` 1 and 2 in a CUDA graph of layers, each a matmul writing q, k and v then the decode kernel (the lean
+    path's order): the same output and cache bits as plain launches. With 2 the kernel reads lengths and tables and
+    asks L2 for its keys and values while the matmul may still run; it must read q and the new key only after it."""
+    ctx = [1, 2, 15, 16, 17, 64, 65, 100, 257, 300]
+    bs, layers, hidden = 16, 4, 1024
+    cache, meta, _ = _setup(ctx, [1] * len(ctx), heads, kv_heads, dim, bs, torch.bfloat16, seed=7)
+    cos, sin, lens, pos, slots = _decode_step(ctx, meta, dim, bs)
+    n = (heads + 2 * kv_heads) * dim
+    x = torch.randn(len(ctx), hidden, device=DEVICE, dtype=torch.bfloat16)
+    weights = [torch.randn(hidden, n, device=DEVICE, dtype=torch.bfloat16) / hidden**0.5 for _ in range(layers)]
+    start = cache.layers[0].clone()
+
+    def run(pdl: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        kv = start.clone()
+        qkv = torch.empty(len(ctx), n, device=DEVICE, dtype=torch.bfloat16)
+        q = qkv[:, : heads * dim].view(-1, heads, dim)
+        k = qkv[:, heads * dim : (heads + kv_heads) * dim].view(-1, kv_heads, dim)
+        v = qkv[:, (heads + kv_heads) * dim :].view(-1, kv_heads, dim)
+        outs = [torch.empty_like(q) for _ in range(layers)]
+
+        def step():
+            for w, out in zip(weights, outs):
+                torch.mm(x, w, out=qkv)
+                paged_decode(q, kv, meta.block_tables, lens, 0.125, splits, out=out, pdl=pdl,
+                             rope=(k, v, cos, sin, pos, slots))  # fmt: skip
+
+        step()  # compile outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        for out in outs:
+            out.zero_()
+        kv.copy_(start)
+        graph.replay()
+        torch.cuda.synchronize()
+        return [o.clone() for o in outs], kv
+
+    want, want_kv = run(0)
+    for pdl in (1, 2):
+        got, got_kv = run(pdl)
+        assert torch.equal(got_kv, want_kv)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads, kv_heads, dim", [(8, 2, 64), (8, 8, 96), (4, 1, 256)])
 @pytest.mark.parametrize("splits", [1, 3, 9])  # 9: Gemma 3 1B's at 32 rows, most of them empty at these contexts
