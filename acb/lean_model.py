@@ -13,6 +13,7 @@ each op is chosen once, when the model is built. Any model without an adapter ke
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -121,6 +122,7 @@ class LeanCausalLM:
         """Choose each op's implementation, once: the Triton kernels (on CUDA; the CPU tests run them under Triton's
         interpreter) or plain torch (on the CPU)."""
         self.kernels = on
+        self.pdl, self.pdl_reason = False, "not on the kernels"
         if on:
             from .kernels import attention as kattn
             from .kernels import fused
@@ -129,6 +131,7 @@ class LeanCausalLM:
             self._norm, self._attend = self._norm_cuda, self._attend_cuda
             self._gate = self._kf.silu_mul if self.spec.activation == "silu" else _gelu_tanh_mul
             self._up = self._up_cuda
+            self.pdl, self.pdl_reason = _pdl_choice(self.device, self.group is not None)
         else:
             self._norm, self._attend = self._norm_torch, self._attend_torch
             self._gate = _silu_mul if self.spec.activation == "silu" else _gelu_tanh_mul
@@ -148,6 +151,11 @@ class LeanCausalLM:
             weights = [(lw.o_w, lw.down_w) for lw in self.layers]
             self._split, self.split_reason = projection.choose(weights, self.group is not None, make)
         self.split_rows = projection.MAX_ROWS if self._split else 0
+        self._split_pdl = self.pdl and make is None  # (another factory's projections take only their input)
+
+    def _project(self, proj, x: torch.Tensor) -> torch.Tensor:
+        """A split projection's partial sums of ``x``, launched under PDL where the lean model's kernels are."""
+        return proj(x, pdl=True) if self._split_pdl else proj(x)
 
     def ensure(self, max_positions: int, workspace_rows: int) -> None:
         """Grow the rotary tables and the decode workspace for an engine of that geometry."""
@@ -242,7 +250,7 @@ class LeanCausalLM:
             seen.add(key)
             for proj, pre in zip(split, (lw.post_attn_norm, lw.post_mlp_norm)):
                 for m in boxes if proj is not None else ():
-                    parts = proj(rows(m, proj.weight.shape[1]))
+                    parts = self._project(proj, rows(m, proj.weight.shape[1]))
                     self._norm(parts, torch.zeros(m, parts.shape[2], dtype=self.dtype, device=self.device), lw.ln2, pre)
 
     # The forward in pieces, split at attention (the only op that reads the step's layout): the mixed-step graphs
@@ -306,7 +314,7 @@ class LeanCausalLM:
         lw, norm = self.layers[i], self._norm
         # (a step can carry no row past the last attention: a prompt chunk that samples nothing)
         split = self._split[i] if 0 < o.shape[0] <= self.split_rows else (None, None)
-        attn = F.linear(o, lw.o_w) if split[0] is None else split[0](o)
+        attn = F.linear(o, lw.o_w) if split[0] is None else self._project(split[0], o)
         if lw.post_attn_norm is not None:
             if self.group is not None:
                 self.group.all_reduce(attn)
@@ -316,7 +324,7 @@ class LeanCausalLM:
         else:
             normed = norm(attn, residual, lw.ln2)
         up = self._up(normed, lw)
-        h = F.linear(up, lw.down_w) if split[1] is None else split[1](up)
+        h = F.linear(up, lw.down_w) if split[1] is None else self._project(split[1], up)
         if lw.post_mlp_norm is not None and self.group is not None:
             self.group.all_reduce(h)  # the norm needs the whole sum
         return h
@@ -366,7 +374,8 @@ class LeanCausalLM:
             norms = None if lw.q_norm is None else (lw.q_norm, lw.k_norm, self.eps)
             o = self._k.paged_decode(q, kv, x.block_tables, x.seq_lens, self.scale, x.decode_splits,
                                      window=lw.window, workspace=self.workspace,
-                                     rope=(k, v, cos, sin, x.positions, x.slot_mapping), qk_norm=norms)  # fmt: skip
+                                     rope=(k, v, cos, sin, x.positions, x.slot_mapping), qk_norm=norms,
+                                     pdl=int(self.pdl))  # fmt: skip
             return o if out is None else out.copy_(o)
         self._kf.rope_and_cache(q, k, v, cos, sin, x.positions, x.slot_mapping, kv)
         if x.prefill_map is None:
@@ -388,7 +397,7 @@ class LeanCausalLM:
         """The MLP's gate/up projection and activation: one Triton kernel for a decode step's few rows, cuBLAS and
         the activation kernel for more (where cuBLAS's wide tiles win)."""
         if x.shape[0] <= self._kf.GATE_UP_ROWS:
-            return self._kf.gate_up_act(x, lw.gate_up_w, self.spec.activation)
+            return self._kf.gate_up_act(x, lw.gate_up_w, self.spec.activation, pdl=self.pdl)
         return self._up_unfused(x, lw)
 
     def _up_unfused(self, x: torch.Tensor, lw: LeanLayer) -> torch.Tensor:
@@ -398,7 +407,7 @@ class LeanCausalLM:
     # the norms: ``residual += x`` (when given), then RMSNorm with weight ``w``; ``pre``: x is RMSNormed with it first
 
     def _norm_cuda(self, x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, pre=None) -> torch.Tensor:
-        return self._kf.add_rmsnorm(x, residual, w, self.eps, pre)
+        return self._kf.add_rmsnorm(x, residual, w, self.eps, pre, pdl=self.pdl)
 
     def _norm_torch(self, x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, pre=None) -> torch.Tensor:
         if x.dim() == 3:  # split partial sums: added in order, rounded as the whole product would be
@@ -410,6 +419,26 @@ class LeanCausalLM:
             x = residual
         xf = x.float()
         return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def _pdl_choice(device: torch.device, tensor_parallel: bool) -> tuple[bool, str | None]:
+    """Whether the lean path's own kernels launch under programmatic dependent launch, and why not (None: they do).
+
+    Under PDL a kernel may start before the kernel before it ends: its launch, and the split projections' first
+    weight boxes, overlap that kernel's end, and it waits for it (``griddepcontrol.wait``) before it reads or writes
+    anything the kernel before could touch. The norms, gate/up, attention (split and merge) and the split projections
+    take it; cuBLAS's GEMMs keep plain launches, so a kernel after one starts only as it ends. Hopper or later,
+    one rank (the all-reduces of tensor parallelism between them were not measured), ``ACB_PDL`` not ``0``."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False, "not a CUDA device"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 9:
+        return False, f"compute capability {major}.{minor} (programmatic dependent launch needs 9.0 or later)"
+    if tensor_parallel:
+        return False, "tensor parallelism"
+    if os.environ.get("ACB_PDL", "1") == "0":
+        return False, "ACB_PDL=0"
+    return True, None
 
 
 def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -104,9 +104,11 @@ def test_the_prefill_kernel_compiles():
 @pytest.mark.parametrize("residual, pre", [(True, True), (True, False), (False, True), (False, False)])
 def test_the_norm_kernel_compiles(residual, pre):
     types = {n: "*bf16" for n in ("X", "R", "W", "PRE", "OUT")} | {"eps": "fp32"}
-    _compile(F._add_rmsnorm_kernel, types, dict(BLOCK=2048, HAS_RES=residual, HAS_PRE=pre, SPLITS=0))
+    _compile(F._add_rmsnorm_kernel, types, dict(BLOCK=2048, HAS_RES=residual, HAS_PRE=pre, SPLITS=0, PDL=False))
     types["X"] = "*fp32"  # a split projection's partial sums
-    _compile(F._add_rmsnorm_kernel, types, dict(BLOCK=2048, HAS_RES=residual, HAS_PRE=pre, SPLITS=8))
+    ptx = _compile(F._add_rmsnorm_kernel, types, dict(BLOCK=2048, HAS_RES=residual, HAS_PRE=pre, SPLITS=8, PDL=True))
+    ptx = ptx.asm["ptx"]  # under PDL: the wait before any load
+    assert ptx.index("griddepcontrol.wait") < ptx.index("ld.global")
 
 
 def test_the_small_kernels_compile():
@@ -130,14 +132,22 @@ def test_the_small_kernels_compile():
 def test_the_gate_up_kernel_compiles(block_m, act):
     block_n, block_k, warps, _ = F._GATE_UP_TILES[block_m]
     types = {n: "*bf16" for n in ("X", "G", "U", "OUT")}
-    consts = dict(ACT=act, EVEN=True, PRECISION="tf32", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
-    _compile(F._gate_up_act_kernel, types, consts, warps)
+    for pdl in (False, True):
+        consts = dict(ACT=act, EVEN=True, PRECISION="tf32", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                      PDL=pdl)  # fmt: skip
+        ptx = _compile(F._gate_up_act_kernel, types, consts, warps).asm["ptx"]
+        assert ("griddepcontrol.wait" in ptx) == pdl
+        if pdl:  # before any load
+            assert ptx.index("griddepcontrol.wait") < min(ptx.find(op) for op in ("ld.global", "cp.async") if op in ptx)
 
 
 @pytest.mark.parametrize("rows, bn, dtype", [(32, 64, "bf16"), (64, 64, "fp16"), (64, 128, "bf16")])
-def test_the_split_projection_compiles(rows, bn, dtype):
+@pytest.mark.parametrize("stages, pdl", [(4, False), (4, True), (16, True)])
+def test_the_split_projection_compiles(rows, bn, dtype, stages, pdl):
     """The Gluon kernel of the split-K output and down projections (acb.kernels.projection) lowers for sm_90 with
-    its register budget: wgmma products, TMA copies, a one-warp producer given back its registers."""
+    its register budget: wgmma products, TMA copies, a one-warp producer given back its registers. Under PDL the
+    producer copies the ring's first round of weight boxes (all the stages, when fewer), then waits, then copies
+    the activations."""
     import torch
 
     from acb.kernels import projection as P
@@ -148,9 +158,13 @@ def test_the_split_projection_compiles(rows, bn, dtype):
     w, x = torch.empty(2048, 1024, dtype=tdtype), torch.empty(rows, 1024, dtype=tdtype)
     wdesc = P.TensorDescriptor.from_tensor(w, [bn, P.K_BOX], P._layout([bn, P.K_BOX], tdtype))
     xdesc = P.TensorDescriptor.from_tensor(x, [rows, P.K_BOX], P._layout([rows, P.K_BOX], tdtype))
-    consts = {"STAGES": 4, "DEPTH_": P.DEPTH[rows], "num_warps": 4}
-    args = [wdesc, xdesc, torch.empty(4, rows, 2048), rows, 2048, 4, P.DEPTH[rows], 4]
+    consts = {"STAGES": stages, "DEPTH_": P.DEPTH[rows], "PDL": pdl, "num_warps": 4}
+    args = [wdesc, xdesc, torch.empty(4, rows, 2048), rows, 2048, stages, P.DEPTH[rows], pdl, 4]
     ptx = _compile_gluon(P._split_projection_kernel, args, consts, P.MAXNREG)
+    assert ("griddepcontrol.wait" in ptx) == pdl
+    if pdl:
+        first = min(stages, P.DEPTH[rows])
+        assert ptx[: ptx.index("griddepcontrol.wait")].count("cp.async.bulk.tensor") == first
     ptx_type = {"bf16": "bf16", "fp16": "f16"}[dtype]
     assert f"wgmma.mma_async.sync.aligned.m64n{rows}k16.f32.{ptx_type}.{ptx_type}" in ptx
     assert "cp.async.bulk.tensor" in ptx and f".maxnreg {P.MAXNREG}" in ptx

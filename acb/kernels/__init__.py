@@ -13,7 +13,7 @@ tests hold these kernels to.
 
 from __future__ import annotations
 
-__all__ = ["decode_splits"]
+__all__ = ["decode_splits", "pdl_launch"]
 
 
 def decode_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int = 132) -> int:
@@ -27,3 +27,10 @@ def decode_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int 
     time per layer, about 3 % and 1 % of their decode steps (W-family, H200, docs/benchmarks.md, session 21)."""
     want = max(1, -(-2 * num_sms // max(1, batch * num_kv_heads)))
     return int(min(want, max(1, max_context // 64), 32))
+
+
+def pdl_launch(on: bool) -> dict:
+    """Triton's launch option for a kernel launched under programmatic dependent launch (Hopper and later): it may
+    start before the kernel before it in the stream ends, and waits for it (``gdc_wait``) before it reads what that
+    kernel writes. Empty when ``on`` is false: a plain launch."""
+    return {"launch_pdl": True} if on else {}

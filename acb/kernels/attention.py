@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import decode_splits
+from . import decode_splits, pdl_launch
 
 __all__ = ["paged_decode", "paged_prefill", "prefill_block_map", "decode_splits"]
 
@@ -262,7 +262,7 @@ def paged_decode(
     if kn.stride(-1) != 1 or vn.stride(-1) != 1:
         kn, vn = kn.contiguous(), vn.contiguous()
     qw, kw, eps = qk_norm if qk_norm is not None else (q, q, 0.0)
-    launch = {"launch_pdl": True} if pdl else {}
+    launch = pdl_launch(pdl)
     pf_step = 64 // kv.element_size()  # elements per 64 bytes
     _decode_split_kernel[(bsz, kvh, splits)](
         q, kc, vc, block_tables, seq_lens, op, mp, lp, out, scale, kn, vn, cos, sin, positions, slots, qw, kw, eps,

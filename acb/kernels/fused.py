@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl_launch
+
 __all__ = [
     "rope_and_cache",
     "add_rmsnorm",
@@ -170,11 +172,14 @@ def _norm_row(x, cols, mask, n, eps, R, W, PRE, OUT_TY: tl.constexpr, HAS_RES: t
 @triton.jit
 def _add_rmsnorm_kernel(
     X, R, W, PRE, OUT, s_x, s_r, s_o, n, eps, s_split,
-    BLOCK: tl.constexpr, HAS_RES: tl.constexpr, HAS_PRE: tl.constexpr, SPLITS: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_RES: tl.constexpr, HAS_PRE: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One row. SPLITS > 0: X holds that many float32 partial sums of the row (``s_split`` apart), added in order and
     rounded to OUT's dtype, as the GEMM that wrote them whole would have rounded its output. (The splits' loads are
-    unrolled, so they are all in flight at once: one after another, a row of 8 splits took longer than the norm.)"""
+    unrolled, so they are all in flight at once: one after another, a row of 8 splits took longer than the norm.)
+    PDL: launched under programmatic dependent launch, it waits for the kernel before first thing."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
@@ -190,7 +195,12 @@ def _add_rmsnorm_kernel(
 
 
 def add_rmsnorm(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, pre: torch.Tensor | None = None
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    pre: torch.Tensor | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """``residual += x`` (when given), then RMSNorm of the sum; returns the normed rows (``x`` itself is kept).
 
@@ -200,7 +210,10 @@ def add_rmsnorm(
 
     ``x`` may also be float32 partial sums ``[splits, rows, n]`` of a split-K projection
     (:class:`acb.kernels.projection.SplitProjection`): they are added in order and rounded to the dtype of
-    ``residual`` (or of ``weight`` without one) first, as the whole product written out would have been."""
+    ``residual`` (or of ``weight`` without one) first, as the whole product written out would have been.
+
+    ``pdl`` (CUDA, compute capability 9.0 or later): launched under programmatic dependent launch, so that its launch
+    overlaps the end of the kernel before it, which it waits for before it reads or writes anything."""
     if x.dim() == 3:
         splits, rows, n = x.shape
         dtype = residual.dtype if residual is not None else weight.dtype
@@ -214,7 +227,7 @@ def add_rmsnorm(
     _add_rmsnorm_kernel[(rows,)](
         x, res, weight, pre if pre is not None else weight, out, s_x, res.stride(0), out.stride(0), n, eps, s_split,
         BLOCK=triton.next_power_of_2(n), HAS_RES=residual is not None, HAS_PRE=pre is not None, SPLITS=splits,
-        num_warps=8 if n >= 4096 else 4,
+        PDL=pdl, num_warps=8 if n >= 4096 else 4, **pdl_launch(pdl),
     )  # fmt: skip
     return out
 
@@ -256,11 +269,13 @@ _GATE_UP_WIDE = (128, 64, 8, 4)
 def _gate_up_act_kernel(
     X, G, U, OUT, M, N, K, s_xm, s_gn, s_un, s_om,
     ACT: tl.constexpr, EVEN: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """``OUT[:, n] = act(X @ G[n]) * (X @ U[n])`` for this program's BLOCK_N columns n and BLOCK_M rows: one pass
     over the gate weights' rows and the matching up rows, the activation in the epilogue. The products are rounded
-    to OUT's dtype before the activation, as a GEMM writing them out would."""
+    to OUT's dtype before the activation, as a GEMM writing them out would. PDL: see :func:`add_rmsnorm`."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -306,12 +321,12 @@ def _gated(acc_g, acc_u, ty: tl.constexpr, ACT: tl.constexpr):
 
 
 def gate_up_act(
-    x: torch.Tensor, w: torch.Tensor, activation: str = "silu", up: torch.Tensor | None = None
+    x: torch.Tensor, w: torch.Tensor, activation: str = "silu", up: torch.Tensor | None = None, pdl: bool = False
 ) -> torch.Tensor:
     """``act(x @ gate.T) * (x @ up.T)`` for ``w = [gate | up]`` of shape ``[2 * I, K]`` (or ``w = gate`` and ``up``
     apart, each ``[I, K]``, as transformers' MLP modules hold them) and at most :data:`GATE_UP_ROWS` rows of
     ``x [M, K]``; ``activation``: ``"silu"`` or ``"gelu_tanh"``. One kernel where cuBLAS + :func:`silu_mul` take two
-    and write the ``[M, 2 * I]`` product out between them."""
+    and write the ``[M, 2 * I]`` product out between them. ``pdl``: as :func:`add_rmsnorm`'s."""
     rows, k = x.shape
     if up is None:
         w, up = w.chunk(2)
@@ -334,7 +349,8 @@ def gate_up_act(
         x, w, up, out, rows, inter, k, x.stride(0), w.stride(0), up.stride(0), out.stride(0),
         ACT=0 if activation == "silu" else 1, EVEN=k % block_k == 0 and inter % block_n == 0,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl, num_warps=warps, num_stages=stages,
+        **pdl_launch(pdl),
     )  # fmt: skip
     return out
 

@@ -33,6 +33,8 @@ import os
 
 import torch
 
+from . import pdl_launch
+
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -60,10 +62,24 @@ if _GLUON is None:
     BK = gl.constexpr(K_BOX)
 
     @gluon.jit
-    def _producer(wdesc, xdesc, ring_w, ring_x, ready, empty, n0, k0, STAGES: gl.constexpr):
-        """One warp: copy stage i's weight box and activation box into slot ``i % DEPTH`` once it is free."""
+    def _producer(wdesc, xdesc, ring_w, ring_x, ready, empty, n0, k0, STAGES: gl.constexpr, PDL: gl.constexpr):
+        """One warp: copy stage i's weight box and activation box into slot ``i % DEPTH`` once it is free. PDL
+        (launched under programmatic dependent launch): the weight boxes of the ring's first round first (no kernel
+        writes the weights), then the wait for the kernel before, which writes the activations; every other copy
+        and the consumer's stores come after that wait."""
         depth: gl.constexpr = ring_w.type.shape[0]
-        for i in range(STAGES):
+        first: gl.constexpr = depth if depth < STAGES else STAGES
+        start = 0
+        if PDL:
+            for i in gl.static_range(first):  # fresh slots: nothing to wait for
+                mbarrier.expect(ready.index(i), wdesc.block_type.nbytes + xdesc.block_type.nbytes)
+                _tma_load(wdesc, [n0, k0 + i * BK], ready.index(i), ring_w.index(i))
+            gl.inline_asm_elementwise("griddepcontrol.wait; mov.u32 $0, 0;", "=r,l", [n0], dtype=gl.int32,
+                                      is_pure=False, pack=1)  # fmt: skip
+            for i in gl.static_range(first):
+                _tma_load(xdesc, [0, k0 + i * BK], ready.index(i), ring_x.index(i))
+            start = first
+        for i in range(start, STAGES):
             s = i % depth
             mbarrier.wait(empty.index(s), ((i // depth) & 1) ^ 1)  # a fresh barrier counts as freed once
             mbarrier.expect(ready.index(s), wdesc.block_type.nbytes + xdesc.block_type.nbytes)
@@ -97,7 +113,7 @@ if _GLUON is None:
 
     @gluon.jit
     def _split_projection_kernel(wdesc, xdesc, OUT, M, N, STAGES: gl.constexpr, DEPTH_: gl.constexpr,
-                                 num_warps: gl.constexpr):  # fmt: skip
+                                 PDL: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
         """Program ``pid``: weight rows ``(pid % tiles) * BN ..`` times split ``pid // tiles`` of K."""
         BN: gl.constexpr = wdesc.block_type.shape[0]
         ROWS: gl.constexpr = xdesc.block_type.shape[0]
@@ -114,7 +130,7 @@ if _GLUON is None:
             mbarrier.init(empty.index(i), count=1)
         gl.warp_specialize([
             (_consumer, (ring_w, ring_x, ready, empty, OUT, n0, split, M, N, STAGES, num_warps)),
-            (_producer, (wdesc, xdesc, ring_w, ring_x, ready, empty, n0, split * STAGES * BK, STAGES)),
+            (_producer, (wdesc, xdesc, ring_w, ring_x, ready, empty, n0, split * STAGES * BK, STAGES, PDL)),
         ], [1], [24])  # fmt: skip
 
 
@@ -202,7 +218,9 @@ class SplitProjection:
             return f"{k} input columns (a multiple of {MIN_SPLIT_BOXES * K_BOX} is needed)"
         return None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+        """``pdl``: launched under programmatic dependent launch, each program copies its first weight boxes while
+        the kernel before (which writes ``x``) may still run, then waits for it."""
         m = x.shape[0]
         if not 0 < m <= MAX_ROWS or x.shape[1] != self.k:
             raise ValueError(f"SplitProjection takes 1-{MAX_ROWS} rows of {self.k}, got {tuple(x.shape)}")
@@ -213,7 +231,7 @@ class SplitProjection:
         xdesc = TensorDescriptor.from_tensor(x, [rows, K_BOX], _layout([rows, K_BOX], x.dtype))
         out = torch.empty(self.splits, m, self.n, dtype=torch.float32, device=x.device)
         _split_projection_kernel[(self.n // self.bn * self.splits,)](
-            self.wdesc, xdesc, out, m, self.n, self.stages, depth, num_warps=4, maxnreg=MAXNREG
+            self.wdesc, xdesc, out, m, self.n, self.stages, depth, pdl, num_warps=4, maxnreg=MAXNREG, **pdl_launch(pdl)
         )
         return out
 
@@ -227,7 +245,7 @@ class TorchSplitProjection:
         self.weight = w
         self.splits = next(s for s in range(splits, 0, -1) if w.shape[1] % s == 0)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, pdl: bool = False) -> torch.Tensor:
         share = self.weight.shape[1] // self.splits
         return torch.stack([x[:, i * share : (i + 1) * share].float() @ self.weight[:, i * share : (i + 1) * share]
                             .float().T for i in range(self.splits)])  # fmt: skip

@@ -516,6 +516,54 @@ def test_split_projection_matches_a_float32_product(dtype, n, k, rows):
         proj(torch.randn(65, k, device=DEVICE).to(dtype))
 
 
+@pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.get_device_capability()[0] != 9, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("rows, hidden, inter", [(32, 2048, 8192), (7, 1152, 6912), (64, 1024, 2048)])
+def test_a_layers_kernels_under_pdl_in_a_graph_equal_plain_launches(rows, hidden, inter):
+    """The lean path's MLP chain in a CUDA graph of layers, each kernel of it launched under programmatic dependent
+    launch: a matmul (plain), the norm, gate/up, the split down projection (its first weight boxes copied before its
+    wait), the norm that sums its partials, and so on: the same bits as plain launches. A kernel that read its input
+    before its wait, or wrote before it, would read the previous layer's values."""
+    from acb.kernels.projection import SplitProjection
+
+    torch.manual_seed(9)
+    layers = 4
+    x0 = torch.randn(rows, hidden, device=DEVICE, dtype=torch.bfloat16)
+    mats = [torch.randn(hidden, hidden, device=DEVICE, dtype=torch.bfloat16) / hidden**0.5 for _ in range(layers)]
+    ups = [torch.randn(2 * inter, hidden, device=DEVICE, dtype=torch.bfloat16) / hidden**0.5 for _ in range(layers)]
+    downs = [SplitProjection(torch.randn(hidden, inter, device=DEVICE, dtype=torch.bfloat16) / inter**0.5)
+             for _ in range(layers)]  # fmt: skip
+    w = (torch.rand(hidden, device=DEVICE) + 0.5).to(torch.bfloat16)
+
+    def run(pdl: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        residual = torch.empty_like(x0)
+        out = torch.empty_like(x0)
+
+        def chain():
+            residual.copy_(x0)
+            h = x0
+            for m, up, down in zip(mats, ups, downs):
+                a = torch.mm(h, m)
+                normed = add_rmsnorm(a, residual, w, 1e-6, pdl=pdl)
+                parts = down(gate_up_act(normed, up, "silu", pdl=pdl), pdl=pdl)
+                h = add_rmsnorm(parts, residual, w, 1e-6, pdl=pdl)
+            out.copy_(h)
+
+        chain()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            chain()
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        return out.clone(), residual.clone()
+
+    want = run(False)
+    got = run(True)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert want[0].abs().sum() > 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_add_rmsnorm_and_silu_mul(dtype):
     torch.manual_seed(3)
