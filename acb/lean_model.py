@@ -375,7 +375,7 @@ class LeanCausalLM:
             o = self._k.paged_decode(q, kv, x.block_tables, x.seq_lens, self.scale, x.decode_splits,
                                      window=lw.window, workspace=self.workspace,
                                      rope=(k, v, cos, sin, x.positions, x.slot_mapping), qk_norm=norms,
-                                     pdl=int(self.pdl))  # fmt: skip
+                                     pdl=self.pdl)  # fmt: skip
             return o if out is None else out.copy_(o)
         self._kf.rope_and_cache(q, k, v, cos, sin, x.positions, x.slot_mapping, kv)
         if x.prefill_map is None:
@@ -429,8 +429,10 @@ def _pdl_choice(device: torch.device, tensor_parallel: bool) -> tuple[bool, str 
     anything the kernel before could touch. The norms, gate/up, attention (split and merge) and the split projections
     take it; cuBLAS's GEMMs keep plain launches, so a kernel after one starts only as it ends. Hopper or later,
     one rank (the all-reduces of tensor parallelism between them were not measured), ``ACB_PDL`` not ``0``."""
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    if device.type != "cuda":
         return False, "not a CUDA device"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return False, "Triton's interpreter"
     major, minor = torch.cuda.get_device_capability(device)
     if major < 9:
         return False, f"compute capability {major}.{minor} (programmatic dependent launch needs 9.0 or later)"

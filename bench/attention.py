@@ -16,9 +16,8 @@ blocks of each sequence scattered), this times one layer's attention inside a CU
 
 ``--after-gemm HIDDEN`` times instead a layer's Q/K/V projection (cuBLAS, ``HIDDEN`` inputs, its own weights per
 layer) followed by its attention as the lean path's decode runs it (rotary and the new key and value written by the
-kernel), with the attention kernels launched three ways: plain; under programmatic dependent launch waiting first;
-under it reading lengths and block tables and asking L2 for the keys and values before waiting (``paged_decode``'s
-``pdl`` 0, 1, 2). Each layer of the graph has its own weights and cache::
+kernel), the attention kernels launched plainly and under programmatic dependent launch (``paged_decode``'s
+``pdl``). Each layer of the graph has its own weights and cache::
 
     python -m bench.attention --after-gemm 2048 --rows 32 --contexts 256,512,768 --shape 32,8,64 --max-model-len 784
 
@@ -116,7 +115,7 @@ def measure(
 def measure_after_gemm(
     rows: int, ctx: int, bandwidth: float, max_model_len: int, heads: int, kv_heads: int, dim: int, hidden: int
 ) -> list[dict]:
-    """µs per layer of Q/K/V (cuBLAS) then attention, for ``pdl`` 0, 1, 2, and of each part alone."""
+    """µs per layer of Q/K/V (cuBLAS) then attention, with ``pdl`` off and on, and of each part alone."""
     kv_bytes = rows * ctx * kv_heads * dim * 2 * 2
     n = (heads + 2 * kv_heads) * dim
     floor_us = (kv_bytes + hidden * n * 2) / bandwidth * 1e6
@@ -135,40 +134,40 @@ def measure_after_gemm(
     splits = decode_splits(rows, kv_heads, max_model_len, sms)
     scale, res = dim**-0.5, torch.empty_like(q)
 
-    def attention(i: int, pdl: int) -> torch.Tensor:
+    def attention(i: int, pdl: bool) -> torch.Tensor:
         return paged_decode(q, caches[i], tables, lens, scale, splits, out=res, pdl=pdl,
                             rope=(k, v, cos, sin, positions, slots))  # fmt: skip
 
-    def layer(i: int, pdl: int) -> torch.Tensor:
+    def layer(i: int, pdl: bool) -> torch.Tensor:
         torch.mm(x, weights[i], out=qkv)
         return attention(i, pdl)
 
-    ref = layer(0, 0).clone()
+    ref = layer(0, False).clone()
     out = dict(rows=rows, ctx=ctx, shape=[heads, kv_heads, dim], hidden=hidden, splits=splits,
                floor_us=round(floor_us, 2))  # fmt: skip
     gemm_us = _time(lambda i: torch.mm(x, weights[i], out=qkv), CALLS)
     results = [
         dict(out, part="Q/K/V alone", us=round(gemm_us, 2), equal=True),
-        dict(out, part="attention alone", us=round(_time(lambda i: attention(i, 0), CALLS), 2), equal=True),
+        dict(out, part="attention alone", us=round(_time(lambda i: attention(i, False), CALLS), 2), equal=True),
     ]
-    for pdl in (0, 1, 2):
+    for pdl in (False, True):
         got = layer(0, pdl)
         equal = bool(torch.equal(got, ref))
-        results.append(dict(out, part=f"Q/K/V + attention, pdl {pdl}", equal=equal,
+        results.append(dict(out, part=f"Q/K/V + attention, pdl {int(pdl)}", equal=equal,
                             us=round(_time(lambda i, p=pdl: layer(i, p), CALLS), 2) if equal else None))  # fmt: skip
     return results
 
 
 def after_gemm_table(results: list[dict], card: str) -> str:
     columns = ["shape (heads, KV heads, dim; hidden)", "rows", "context", "splits", "floor µs", "Q/K/V alone",
-               "attention alone", "pdl 0", "pdl 1 (wait first)", "pdl 2 (tables, L2 first)", "all equal"]  # fmt: skip
+               "attention alone", "plain", "PDL", "all equal"]  # fmt: skip
     lines = _head(f"A layer's Q/K/V (cuBLAS) then its decode attention, µs per layer, {card}", columns)
     for _, group in itertools.groupby(results, key=lambda r: (tuple(r["shape"]), r["rows"], r["ctx"])):
         g = list(group)
         by = {r["part"]: r for r in g}
         first = g[0]
         cells = [by[p]["us"] for p in ("Q/K/V alone", "attention alone")]
-        cells += [by[f"Q/K/V + attention, pdl {p}"]["us"] for p in (0, 1, 2)]
+        cells += [by[f"Q/K/V + attention, pdl {p}"]["us"] for p in (0, 1)]
         lines.append(f"| {first['shape']}; {first['hidden']} | {first['rows']} | {first['ctx']} | {first['splits']} "
                      f"| {first['floor_us']} | " + " | ".join(str(c) for c in cells)
                      + f" | {all(r['equal'] for r in g)} |")  # fmt: skip

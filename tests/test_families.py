@@ -398,6 +398,28 @@ def test_a_split_kernel_that_does_not_build_keeps_cublas_and_says_why(monkeypatc
     assert projection.choose([(w, w)]) == ([], "ACB_SPLIT_PROJECTIONS=0")
 
 
+def test_where_the_lean_kernels_launch_under_pdl(monkeypatch):
+    """Programmatic dependent launch is chosen once, when the lean model picks its kernels: CUDA cards of compute
+    capability 9.0 or later, one rank, unless ACB_PDL=0; the reason says why not. (The CPU tests' kernels, under
+    Triton's interpreter, never take it.)"""
+    from acb.lean_model import _pdl_choice
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("ACB_PDL", raising=False)
+    cuda = torch.device("cuda", 0)
+    assert _pdl_choice(torch.device("cpu"), False) == (False, "not a CUDA device")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert _pdl_choice(cuda, False) == (True, None)
+    assert _pdl_choice(cuda, True) == (False, "tensor parallelism")
+    monkeypatch.setenv("ACB_PDL", "0")
+    assert _pdl_choice(cuda, False) == (False, "ACB_PDL=0")
+    monkeypatch.setenv("ACB_PDL", "1")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    assert _pdl_choice(cuda, False)[0] is False and "8.9" in _pdl_choice(cuda, False)[1]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _pdl_choice(cuda, False) == (False, "Triton's interpreter")
+
+
 def test_split_projection_tiling():
     """Which weights the kernel takes (64-row tiles, K in splits of at least four 64-column boxes), and how many
     splits: the fewest that give seven SMs in ten a program on an H200 (132 SMs), as bench.wsgemm --engine chose."""

@@ -32,14 +32,6 @@ def _kv_offsets(BT, b, s_bt, pos, nmask, kvh, s_kb, s_ks, s_kh, PAGE: tl.constex
 
 
 @triton.jit
-def _prefetch_l2(ptrs):
-    """Ask L2 for the line of each pointer (a hint: returns at once, loads nothing into registers)."""
-    return tl.inline_asm_elementwise(
-        "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
-    )
-
-
-@triton.jit
 def _online_softmax(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
     """Fold one tile of scores ``s`` (masked entries -inf) and values ``v`` into the running softmax state."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -57,18 +49,19 @@ def _decode_split_kernel(
     s_qb, s_qh, s_kb, s_ks, s_kh, s_bt, s_ob, s_oh, s_os, s_mb, s_mh, s_b, s_h, s_knb, s_knh, s_vnb, s_vnh, s_cos,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, SPLITS: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr, ROPE: tl.constexpr,
-    QK_NORM: tl.constexpr, NEW_KV: tl.constexpr, PDL: tl.constexpr, PF_STEP: tl.constexpr, PF_N: tl.constexpr,
+    QK_NORM: tl.constexpr, NEW_KV: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    # PDL (launched under programmatic dependent launch, Hopper): 1 waits for the kernel before first thing; 2 first
-    # reads what that kernel does not write (the row's length and block table, written before it started) and asks
-    # L2 for its chunk's keys and values, then waits, and reads q and the new key and value only after the wait.
+    # PDL (launched under programmatic dependent launch, Hopper): wait for the kernel before first thing, and let the
+    # merge kernel launch once this program's state is stored. (Reading the lengths and block tables and asking L2
+    # for the chunk's keys and values before the wait was slower: the Q/K/V GEMM before it, cuBLAS, lets the kernel
+    # launch only as its own programs end, so that work did not overlap it; docs/benchmarks.md, session 29.)
     # NEW_KV: KN/VN hold the new token's key and value, not yet in the cache: the program whose chunk holds the new
     # position writes them to the cache slot SLOT[b], before its own loop reads them. ROPE (with NEW_KV): Q and KN
     # come before rotary embedding; every program rotates its query heads in registers, and the key is rotated
     # before it is written.
     # QK_NORM (with ROPE): Q and KN come before their per-head RMSNorms too (weights QW, KW), which are applied
     # first, with the arithmetic of acb.kernels.fused.add_rmsnorm (each head's row of D values, rounded once).
-    if PDL == 1:
+    if PDL:
         tl.extra.cuda.gdc_wait()
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -82,15 +75,6 @@ def _decode_split_kernel(
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, D_PAD)  # head_dim padded to a power of two (Phi-3's 96); padding columns read as zeros
     dmask = d[None, :] < D
-    if PDL == 2:
-        # a request every 64 bytes of a row and one at its end: every line of a row not aligned to 128 bytes too
-        cols = tl.minimum(tl.arange(0, PF_N) * PF_STEP, D - 1)
-        for n0 in range(start, end, BLOCK_N):
-            pos = n0 + tl.arange(0, BLOCK_N)
-            off = _kv_offsets(BT, b, s_bt, pos, pos < end, kvh, s_kb, s_ks, s_kh, PAGE)  # masked: page 0
-            _prefetch_l2(KC + off[:, None] + cols[None, :])
-            _prefetch_l2(VC + off[:, None] + cols[None, :])
-        tl.extra.cuda.gdc_wait()
     heads = kvh * GROUP + g
     gmask = g < GROUP
     qmask = gmask[:, None] & dmask
@@ -155,7 +139,7 @@ def _decode_split_kernel(
         tl.store(o_ptr, acc, mask=qmask)
         tl.store(MP + b * s_mb + heads * s_mh + split, m_i, mask=gmask)
         tl.store(LP + b * s_mb + heads * s_mh + split, l_i, mask=gmask)
-    if PDL != 0:  # the merge may launch once every split has stored its state (it waits for them all anyway)
+    if PDL:  # the merge may launch once every split has stored its state (it waits for them all anyway)
         tl.extra.cuda.gdc_launch_dependents()
 
 
@@ -164,7 +148,7 @@ def _decode_merge_kernel(
     OP, MP, LP, OUT, s_ob, s_oh, s_os, s_mb, s_mh, s_b, s_h,
     SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    if PDL != 0:
+    if PDL:
         tl.extra.cuda.gdc_wait()
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -212,7 +196,7 @@ def paged_decode(
     rope: tuple[torch.Tensor, ...] | None = None,
     qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
     new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    pdl: int = 0,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """``tile``: ``(BLOCK_N, num_warps, num_stages)`` of the split kernel instead of the defaults (bench.attention
     times the choices).
@@ -229,11 +213,8 @@ def paged_decode(
     writes them to the cache, one kernel where :meth:`acb.kv_cache.KVCache.write` takes two to four.
 
     ``pdl`` (CUDA, compute capability 9.0 or later): both kernels launch under programmatic dependent launch, so
-    that they may start before the kernel before them ends. 1: the split kernel waits for it first thing. 2: it first
-    reads the rows' lengths and block tables and asks L2 for its chunk's keys and values (none of which the kernel
-    before writes: they were written before it started), then waits, then reads ``q`` and the new key and value.
-    The split kernel lets the merge launch once its states are stored, and the merge waits for them. 0: plain
-    launches (the CPU, Triton's interpreter, older cards).
+    that each launch overlaps the end of the kernel before it; each waits for that kernel first thing. The split
+    kernel lets the merge launch once its states are stored.
     """
     if qk_norm is not None and rope is None:
         raise ValueError("qk_norm comes with rope: the kernel norms the new key it writes to the cache")
@@ -263,7 +244,6 @@ def paged_decode(
         kn, vn = kn.contiguous(), vn.contiguous()
     qw, kw, eps = qk_norm if qk_norm is not None else (q, q, 0.0)
     launch = pdl_launch(pdl)
-    pf_step = 64 // kv.element_size()  # elements per 64 bytes
     _decode_split_kernel[(bsz, kvh, splits)](
         q, kc, vc, block_tables, seq_lens, op, mp, lp, out, scale, kn, vn, cos, sin, positions, slots, qw, kw, eps,
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
@@ -272,8 +252,8 @@ def paged_decode(
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim, D_PAD=triton.next_power_of_2(dim),
         BLOCK_N=block_n, PAGE=kv.shape[2],
         SPLITS=splits, WINDOW=window, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", ROPE=rope is not None,
-        QK_NORM=qk_norm is not None, NEW_KV=rope is not None or new_kv is not None, PDL=pdl, PF_STEP=pf_step,
-        PF_N=triton.next_power_of_2(-(-dim // pf_step) + 1), num_warps=warps, num_stages=stages, **launch,
+        QK_NORM=qk_norm is not None, NEW_KV=rope is not None or new_kv is not None, PDL=pdl, num_warps=warps,
+        num_stages=stages, **launch,
     )  # fmt: skip
     if splits == 1:  # the split kernel wrote the output
         return out
