@@ -80,6 +80,19 @@ def _setup(ctx_lens, new, heads, kv_heads, dim, bs, dtype, seed=0):
     return cache, meta, q
 
 
+def _replay_once(fn, reset) -> None:
+    """Run ``fn`` once (compiling its kernels), capture it in a CUDA graph, ``reset()`` what it wrote, replay the
+    graph once and wait for it: the outputs are then the graph's."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    reset()
+    graph.replay()
+    torch.cuda.synchronize()
+
+
 def _decode_step(ctx, meta, dim, bs):
     """A decode step's rotary tables (first halves, fp32), lengths, positions and cache slots (each sequence's last
     position) over ``meta``'s block tables."""
@@ -177,16 +190,12 @@ def test_decode_under_pdl_after_the_projection_that_writes_q_equals_plain_launch
                 paged_decode(q, kv, meta.block_tables, lens, 0.125, splits, out=out, pdl=pdl,
                              rope=(k, v, cos, sin, pos, slots))  # fmt: skip
 
-        step()  # compile outside the capture
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        for out in outs:
-            out.zero_()
-        kv.copy_(start)
-        graph.replay()
-        torch.cuda.synchronize()
+        def reset():
+            for out in outs:
+                out.zero_()
+            kv.copy_(start)
+
+        _replay_once(step, reset)
         return [o.clone() for o in outs], kv
 
     want, want_kv = run(False)
@@ -546,14 +555,7 @@ def test_a_layers_kernels_under_pdl_in_a_graph_equal_plain_launches(rows, hidden
                 h = add_rmsnorm(parts, residual, w, 1e-6, pdl=pdl)
             out.copy_(h)
 
-        chain()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            chain()
-        out.zero_()
-        graph.replay()
-        torch.cuda.synchronize()
+        _replay_once(chain, out.zero_)
         return out.clone(), residual.clone()
 
     want = run(False)
