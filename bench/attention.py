@@ -316,19 +316,15 @@ def main(argv: list[str] | None = None) -> None:
     tiles = [] if args.tiles == "none" else [tuple(map(int, t.split("x"))) for t in args.tiles.split(",")]
     splits = [int(x) for x in args.splits.split(",")]
     results = []
-    if args.after_gemm:
-        for rows, ctx in itertools.product(map(int, args.rows.split(",")), map(int, args.contexts.split(","))):
+    for rows, ctx in itertools.product(map(int, args.rows.split(",")), map(int, args.contexts.split(","))):
+        if args.after_gemm:
             results += measure_after_gemm(rows, ctx, bandwidth, args.max_model_len, heads, kv_heads, dim,
                                           args.after_gemm)  # fmt: skip
-            torch.cuda.empty_cache()
-        write_json(args.json, card, bandwidth, results)
-        print(after_gemm_table(results, card))
-        return
-    for rows, ctx in itertools.product(map(int, args.rows.split(",")), map(int, args.contexts.split(","))):
-        results += measure(rows, ctx, bandwidth, args.max_model_len, heads, kv_heads, dim, splits, tiles)
+        else:
+            results += measure(rows, ctx, bandwidth, args.max_model_len, heads, kv_heads, dim, splits, tiles)
         torch.cuda.empty_cache()
     write_json(args.json, card, bandwidth, results)
-    print(table(results, card))
+    print(after_gemm_table(results, card) if args.after_gemm else table(results, card))
 
 
 if __name__ == "__main__":
