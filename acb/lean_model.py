@@ -13,7 +13,6 @@ each op is chosen once, when the model is built. Any model without an adapter ke
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 
 from .attention import AttentionMetadata, paged_attention_reference
 from .families import LeanLayer, LeanSpec, adapter
+from .kernels import pdl_choice
 from .kv_cache import KVCache
 
 __all__ = ["LeanCausalLM", "LeanInputs"]
@@ -131,7 +131,7 @@ class LeanCausalLM:
             self._norm, self._attend = self._norm_cuda, self._attend_cuda
             self._gate = self._kf.silu_mul if self.spec.activation == "silu" else _gelu_tanh_mul
             self._up = self._up_cuda
-            self.pdl, self.pdl_reason = _pdl_choice(self.device, self.group is not None)
+            self.pdl, self.pdl_reason = pdl_choice(self.device, self.group is not None)
         else:
             self._norm, self._attend = self._norm_torch, self._attend_torch
             self._gate = _silu_mul if self.spec.activation == "silu" else _gelu_tanh_mul
@@ -419,28 +419,6 @@ class LeanCausalLM:
             x = residual
         xf = x.float()
         return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-
-
-def _pdl_choice(device: torch.device, tensor_parallel: bool) -> tuple[bool, str | None]:
-    """Whether the lean path's own kernels launch under programmatic dependent launch, and why not (None: they do).
-
-    Under PDL a kernel may start before the kernel before it ends: its launch, and the split projections' first
-    weight boxes, overlap that kernel's end, and it waits for it (``griddepcontrol.wait``) before it reads or writes
-    anything the kernel before could touch. The norms, gate/up, attention (split and merge) and the split projections
-    take it; cuBLAS's GEMMs keep plain launches, so a kernel after one starts only as it ends. Hopper or later,
-    one rank (the all-reduces of tensor parallelism between them were not measured), ``ACB_PDL`` not ``0``."""
-    if device.type != "cuda":
-        return False, "not a CUDA device"
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return False, "Triton's interpreter"
-    major, minor = torch.cuda.get_device_capability(device)
-    if major < 9:
-        return False, f"compute capability {major}.{minor} (programmatic dependent launch needs 9.0 or later)"
-    if tensor_parallel:
-        return False, "tensor parallelism"
-    if os.environ.get("ACB_PDL", "1") == "0":
-        return False, "ACB_PDL=0"
-    return True, None
 
 
 def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -402,22 +402,22 @@ def test_where_the_lean_kernels_launch_under_pdl(monkeypatch):
     """Programmatic dependent launch is chosen once, when the lean model picks its kernels: CUDA cards of compute
     capability 9.0 or later, one rank, unless ACB_PDL=0; the reason says why not. (The CPU tests' kernels, under
     Triton's interpreter, never take it.)"""
-    from acb.lean_model import _pdl_choice
+    from acb.kernels import pdl_choice
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("ACB_PDL", raising=False)
     cuda = torch.device("cuda", 0)
-    assert _pdl_choice(torch.device("cpu"), False) == (False, "not a CUDA device")
+    assert pdl_choice(torch.device("cpu"), False) == (False, "not a CUDA device")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert _pdl_choice(cuda, False) == (True, None)
-    assert _pdl_choice(cuda, True) == (False, "tensor parallelism")
+    assert pdl_choice(cuda, False) == (True, None)
+    assert pdl_choice(cuda, True) == (False, "tensor parallelism")
     monkeypatch.setenv("ACB_PDL", "0")
-    assert _pdl_choice(cuda, False) == (False, "ACB_PDL=0")
+    assert pdl_choice(cuda, False) == (False, "ACB_PDL=0")
     monkeypatch.setenv("ACB_PDL", "1")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
-    assert _pdl_choice(cuda, False)[0] is False and "8.9" in _pdl_choice(cuda, False)[1]
+    assert pdl_choice(cuda, False)[0] is False and "8.9" in pdl_choice(cuda, False)[1]
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert _pdl_choice(cuda, False) == (False, "Triton's interpreter")
+    assert pdl_choice(cuda, False) == (False, "Triton's interpreter")
 
 
 def test_split_projection_tiling():

@@ -13,7 +13,11 @@ tests hold these kernels to.
 
 from __future__ import annotations
 
-__all__ = ["decode_splits", "pdl_launch"]
+import os
+
+import torch
+
+__all__ = ["decode_splits", "pdl_choice", "pdl_launch"]
 
 
 def decode_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int = 132) -> int:
@@ -34,3 +38,25 @@ def pdl_launch(on: bool) -> dict:
     start before the kernel before it in the stream ends, and waits for it (``gdc_wait``) before it reads what that
     kernel writes. Empty when ``on`` is false: a plain launch."""
     return {"launch_pdl": True} if on else {}
+
+
+def pdl_choice(device: torch.device, tensor_parallel: bool) -> tuple[bool, str | None]:
+    """Whether the lean path's own kernels launch under programmatic dependent launch, and why not (None: they do).
+
+    Under PDL a kernel may start before the kernel before it ends: its launch, and the split projections' first
+    weight boxes, overlap that kernel's end, and it waits for it (``griddepcontrol.wait``) before it reads or writes
+    anything the kernel before could touch. The norms, gate/up, attention (split and merge) and the split projections
+    take it; cuBLAS's GEMMs keep plain launches, so a kernel after one starts only as it ends. Hopper or later,
+    one rank (the all-reduces of tensor parallelism between them were not measured), ``ACB_PDL`` not ``0``."""
+    if device.type != "cuda":
+        return False, "not a CUDA device"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return False, "Triton's interpreter"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 9:
+        return False, f"compute capability {major}.{minor} (programmatic dependent launch needs 9.0 or later)"
+    if tensor_parallel:
+        return False, "tensor parallelism"
+    if os.environ.get("ACB_PDL", "1") == "0":
+        return False, "ACB_PDL=0"
+    return True, None
