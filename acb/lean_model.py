@@ -149,13 +149,8 @@ class LeanCausalLM:
         self._split, self.split_reason = [], "off"
         if on:
             weights = [(lw.o_w, lw.down_w) for lw in self.layers]
-            self._split, self.split_reason = projection.choose(weights, self.group is not None, make)
+            self._split, self.split_reason = projection.choose(weights, self.group is not None, make, self.pdl)
         self.split_rows = projection.MAX_ROWS if self._split else 0
-        self._split_pdl = self.pdl and make is None  # (another factory's projections take only their input)
-
-    def _project(self, proj, x: torch.Tensor) -> torch.Tensor:
-        """A split projection's partial sums of ``x``, launched under PDL where the lean model's kernels are."""
-        return proj(x, pdl=True) if self._split_pdl else proj(x)
 
     def ensure(self, max_positions: int, workspace_rows: int) -> None:
         """Grow the rotary tables and the decode workspace for an engine of that geometry."""
@@ -250,7 +245,7 @@ class LeanCausalLM:
             seen.add(key)
             for proj, pre in zip(split, (lw.post_attn_norm, lw.post_mlp_norm)):
                 for m in boxes if proj is not None else ():
-                    parts = self._project(proj, rows(m, proj.weight.shape[1]))
+                    parts = proj(rows(m, proj.weight.shape[1]))
                     self._norm(parts, torch.zeros(m, parts.shape[2], dtype=self.dtype, device=self.device), lw.ln2, pre)
 
     # The forward in pieces, split at attention (the only op that reads the step's layout): the mixed-step graphs
@@ -314,7 +309,7 @@ class LeanCausalLM:
         lw, norm = self.layers[i], self._norm
         # (a step can carry no row past the last attention: a prompt chunk that samples nothing)
         split = self._split[i] if 0 < o.shape[0] <= self.split_rows else (None, None)
-        attn = F.linear(o, lw.o_w) if split[0] is None else self._project(split[0], o)
+        attn = F.linear(o, lw.o_w) if split[0] is None else split[0](o)
         if lw.post_attn_norm is not None:
             if self.group is not None:
                 self.group.all_reduce(attn)
@@ -324,7 +319,7 @@ class LeanCausalLM:
         else:
             normed = norm(attn, residual, lw.ln2)
         up = self._up(normed, lw)
-        h = F.linear(up, lw.down_w) if split[1] is None else self._project(split[1], up)
+        h = F.linear(up, lw.down_w) if split[1] is None else split[1](up)
         if lw.post_mlp_norm is not None and self.group is not None:
             self.group.all_reduce(h)  # the norm needs the whole sum
         return h

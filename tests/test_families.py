@@ -383,7 +383,7 @@ def test_a_split_kernel_that_does_not_build_keeps_cublas_and_says_why(monkeypatc
     class Broken:
         fits = staticmethod(projection.SplitProjection.fits)
 
-        def __init__(self, w):
+        def __init__(self, w, pdl=False):
             self.k, self.dtype, self.weight = w.shape[1], w.dtype, w
 
         def __call__(self, x):

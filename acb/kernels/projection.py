@@ -146,14 +146,17 @@ def unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
     return _GLUON
 
 
-def choose(weights: list[tuple[torch.Tensor, torch.Tensor]], tensor_parallel: bool = False, make=None):
+def choose(
+    weights: list[tuple[torch.Tensor, torch.Tensor]], tensor_parallel: bool = False, make=None, pdl: bool = False
+):
     """Each layer's (output, down) projections and why not: ``(projections, reason)``, ``projections`` a list of
     pairs (None for a weight whose shape the tiles do not divide, which keeps cuBLAS) and ``reason`` None, or the
     list empty and ``reason`` why the kernel does not run here: the device, the dtype, ``tensor_parallel`` (each
     rank's partial sums go to the all-reduce), ``ACB_SPLIT_PROJECTIONS=0``, or a failure to build. Gluon is Triton's
     experimental dialect and its API moves between releases, so each projection is built and run once on a zero row
     here: on a Triton the kernel does not build on, the engine keeps cuBLAS and says why instead of failing a step.
-    ``make``: projections of another kind (the CPU tests' :class:`TorchSplitProjection`), taken as they are."""
+    ``make``: projections of another kind (the CPU tests' :class:`TorchSplitProjection`), taken as they are.
+    ``pdl``: the kernel's projections launch under programmatic dependent launch (:class:`SplitProjection`)."""
     if make is None:
         w = weights[0][0]
         reason = unavailable(w.device, w.dtype)
@@ -163,8 +166,10 @@ def choose(weights: list[tuple[torch.Tensor, torch.Tensor]], tensor_parallel: bo
             reason = "ACB_SPLIT_PROJECTIONS=0"
         if reason is not None:
             return [], reason
-    build = make or SplitProjection
-    fits = getattr(build, "fits", lambda n, k: None)
+    if make is None:
+        build, fits = (lambda w: SplitProjection(w, pdl=pdl)), SplitProjection.fits
+    else:
+        build, fits = make, getattr(make, "fits", lambda n, k: None)
     try:
         projections = [tuple(build(w) if fits(*w.shape) is None else None for w in pair) for pair in weights]
         if make is None:
@@ -193,8 +198,10 @@ class SplitProjection:
     Built once per weight (the weight's TMA descriptor and the tiling are fixed); :meth:`fits` says whether a shape
     can take it, and a call returns the partials, which :func:`acb.kernels.fused.add_rmsnorm` sums."""
 
-    def __init__(self, w: torch.Tensor, splits: int | None = None, depth: int | None = None):
-        """``splits`` and ``depth``: the split count and the ring's slots instead of the defaults (bench.wsgemm)."""
+    def __init__(self, w: torch.Tensor, splits: int | None = None, depth: int | None = None, pdl: bool = False):
+        """``splits`` and ``depth``: the split count and the ring's slots instead of the defaults (bench.wsgemm).
+        ``pdl``: every call launches under programmatic dependent launch: each program copies its first weight boxes
+        while the kernel before (which writes the input) may still run, then waits for it."""
         n, k = w.shape
         reason = self.fits(n, k)
         if reason is not None:
@@ -206,6 +213,7 @@ class SplitProjection:
             raise ValueError(f"{self.splits} splits of whole {K_BOX}-column boxes do not divide {k}")
         self.stages = k // self.splits // K_BOX
         self.depth = depth  # None: by the box of rows (__call__)
+        self.pdl = pdl
         self.weight = w  # the descriptor holds its pointer
         self.wdesc = TensorDescriptor.from_tensor(w, [self.bn, K_BOX], _layout([self.bn, K_BOX], w.dtype))
 
@@ -218,9 +226,7 @@ class SplitProjection:
             return f"{k} input columns (a multiple of {MIN_SPLIT_BOXES * K_BOX} is needed)"
         return None
 
-    def __call__(self, x: torch.Tensor, pdl: bool = False) -> torch.Tensor:
-        """``pdl``: launched under programmatic dependent launch, each program copies its first weight boxes while
-        the kernel before (which writes ``x``) may still run, then waits for it."""
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = x.shape[0]
         if not 0 < m <= MAX_ROWS or x.shape[1] != self.k:
             raise ValueError(f"SplitProjection takes 1-{MAX_ROWS} rows of {self.k}, got {tuple(x.shape)}")
@@ -231,8 +237,9 @@ class SplitProjection:
         xdesc = TensorDescriptor.from_tensor(x, [rows, K_BOX], _layout([rows, K_BOX], x.dtype))
         out = torch.empty(self.splits, m, self.n, dtype=torch.float32, device=x.device)
         _split_projection_kernel[(self.n // self.bn * self.splits,)](
-            self.wdesc, xdesc, out, m, self.n, self.stages, depth, pdl, num_warps=4, maxnreg=MAXNREG, **pdl_launch(pdl)
-        )
+            self.wdesc, xdesc, out, m, self.n, self.stages, depth, self.pdl, num_warps=4, maxnreg=MAXNREG,
+            **pdl_launch(self.pdl),
+        )  # fmt: skip
         return out
 
 
@@ -245,7 +252,7 @@ class TorchSplitProjection:
         self.weight = w
         self.splits = next(s for s in range(splits, 0, -1) if w.shape[1] % s == 0)
 
-    def __call__(self, x: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         share = self.weight.shape[1] // self.splits
         return torch.stack([x[:, i * share : (i + 1) * share].float() @ self.weight[:, i * share : (i + 1) * share]
                             .float().T for i in range(self.splits)])  # fmt: skip

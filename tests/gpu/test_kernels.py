@@ -537,11 +537,11 @@ def test_a_layers_kernels_under_pdl_in_a_graph_equal_plain_launches(rows, hidden
     x0 = torch.randn(rows, hidden, device=DEVICE, dtype=torch.bfloat16)
     mats = [torch.randn(hidden, hidden, device=DEVICE, dtype=torch.bfloat16) / hidden**0.5 for _ in range(layers)]
     ups = [torch.randn(2 * inter, hidden, device=DEVICE, dtype=torch.bfloat16) / hidden**0.5 for _ in range(layers)]
-    downs = [SplitProjection(torch.randn(hidden, inter, device=DEVICE, dtype=torch.bfloat16) / inter**0.5)
-             for _ in range(layers)]  # fmt: skip
+    down_ws = [torch.randn(hidden, inter, device=DEVICE, dtype=torch.bfloat16) / inter**0.5 for _ in range(layers)]
     w = (torch.rand(hidden, device=DEVICE) + 0.5).to(torch.bfloat16)
 
     def run(pdl: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        downs = [SplitProjection(dw, pdl=pdl) for dw in down_ws]
         residual = torch.empty_like(x0)
         out = torch.empty_like(x0)
 
@@ -551,7 +551,7 @@ def test_a_layers_kernels_under_pdl_in_a_graph_equal_plain_launches(rows, hidden
             for m, up, down in zip(mats, ups, downs):
                 a = torch.mm(h, m)
                 normed = add_rmsnorm(a, residual, w, 1e-6, pdl=pdl)
-                parts = down(gate_up_act(normed, up, "silu", pdl=pdl), pdl=pdl)
+                parts = down(gate_up_act(normed, up, "silu", pdl=pdl))
                 h = add_rmsnorm(parts, residual, w, 1e-6, pdl=pdl)
             out.copy_(h)
 
