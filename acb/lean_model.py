@@ -122,7 +122,7 @@ class LeanCausalLM:
         """Choose each op's implementation, once: the Triton kernels (on CUDA; the CPU tests run them under Triton's
         interpreter) or plain torch (on the CPU)."""
         self.kernels = on
-        self.pdl, self.pdl_reason = False, "not on the kernels"
+        self.pdl, self.pdl_reason = 0, "not on the kernels"
         if on:
             from .kernels import attention as kattn
             from .kernels import fused

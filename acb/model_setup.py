@@ -227,7 +227,7 @@ def _build_runtime(
     if lean is not None and lean.on_cuda and world == 1:  # the decode steps' output and down projections
         how = "split-K kernel" if lean.split_reason is None else f"cuBLAS ({lean.split_reason})"
         why += f"; output and down projections of steps up to {MAX_ROWS} rows: {how}"
-        why += "; programmatic dependent launch: " + ("on" if lean.pdl else f"off ({lean.pdl_reason})")
+        why += "; programmatic dependent launch: " + (f"level {lean.pdl}" if lean.pdl else f"off ({lean.pdl_reason})")
     model._acb_owner = weakref.ref(runner)
     return Runtime(
         device=device,

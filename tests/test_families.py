@@ -400,24 +400,31 @@ def test_a_split_kernel_that_does_not_build_keeps_cublas_and_says_why(monkeypatc
 
 def test_where_the_lean_kernels_launch_under_pdl(monkeypatch):
     """Programmatic dependent launch is chosen once, when the lean model picks its kernels: CUDA cards of compute
-    capability 9.0 or later, one rank, unless ACB_PDL=0; the reason says why not. (The CPU tests' kernels, under
-    Triton's interpreter, never take it.)"""
-    from acb.kernels import pdl_choice
+    capability 9.0 or later, one rank, at the level ACB_PDL names (2 by default, 0 off; anything else is an error);
+    the reason says why not. (The CPU tests' kernels, under Triton's interpreter, never take it.)"""
+    from acb.kernels import PDL_EARLY, pdl_choice
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("ACB_PDL", raising=False)
     cuda = torch.device("cuda", 0)
-    assert pdl_choice(torch.device("cpu"), False) == (False, "not a CUDA device")
+    assert pdl_choice(torch.device("cpu"), False) == (0, "not a CUDA device")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert pdl_choice(cuda, False) == (True, None)
-    assert pdl_choice(cuda, True) == (False, "tensor parallelism")
+    assert pdl_choice(cuda, False) == (PDL_EARLY, None) == (2, None)
+    assert pdl_choice(cuda, True) == (0, "tensor parallelism")
+    for level in (1, 2, 3):
+        monkeypatch.setenv("ACB_PDL", str(level))
+        assert pdl_choice(cuda, False) == (level, None)
     monkeypatch.setenv("ACB_PDL", "0")
-    assert pdl_choice(cuda, False) == (False, "ACB_PDL=0")
+    assert pdl_choice(cuda, False) == (0, "ACB_PDL=0")
+    for bad in ("on", "4", ""):
+        monkeypatch.setenv("ACB_PDL", bad)
+        with pytest.raises(ValueError, match="ACB_PDL is 0, 1, 2 or 3"):
+            pdl_choice(cuda, False)
     monkeypatch.setenv("ACB_PDL", "1")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
-    assert pdl_choice(cuda, False)[0] is False and "8.9" in pdl_choice(cuda, False)[1]
+    assert pdl_choice(cuda, False)[0] == 0 and "8.9" in pdl_choice(cuda, False)[1]
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert pdl_choice(cuda, False) == (False, "Triton's interpreter")
+    assert pdl_choice(cuda, False) == (0, "Triton's interpreter")
 
 
 def test_split_projection_tiling():

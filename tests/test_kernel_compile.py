@@ -74,7 +74,7 @@ DECODE_TYPES = {
     "rope, qk_norm, new_kv", [(True, True, True), (True, False, True), (False, False, True), (False, False, False)]
 )  # the lean path's decode (with and without q/k norms), the generic path's, the plain kernel
 @pytest.mark.parametrize("dim, group, splits", [(64, 4, 2), (96, 1, 1), (256, 4, 8)])
-@pytest.mark.parametrize("pdl", [False, True])
+@pytest.mark.parametrize("pdl", [0, 1, 2])
 def test_the_decode_kernel_compiles(rope, qk_norm, new_kv, dim, group, splits, pdl):
     if pdl and (rope, qk_norm) != (True, True) and new_kv:
         pytest.skip("the wait does not depend on rope or the q/k norms: the lean path's decode and the plain kernel")
@@ -82,16 +82,29 @@ def test_the_decode_kernel_compiles(rope, qk_norm, new_kv, dim, group, splits, p
                   PAGE=16, SPLITS=splits, WINDOW=0, PRECISION="tf32", ROPE=rope, QK_NORM=qk_norm,
                   NEW_KV=new_kv, PDL=pdl)  # fmt: skip
     ptx = _compile(A._decode_split_kernel, DECODE_TYPES, consts).asm["ptx"]
-    assert ("griddepcontrol.wait" in ptx) == pdl
-    if pdl:  # before any load; the merge's launch allowed after the last store
-        assert ptx.index("griddepcontrol.wait") < ptx.index("ld.global")
+    _check_pdl(ptx, pdl)
+    if pdl == 1:  # the merge's launch allowed after the last store
         assert ptx.rindex("st.global") < ptx.index("griddepcontrol.launch_dependents")
     if splits > 1:
         types = {"OP": "*fp32", "MP": "*fp32", "LP": "*fp32", "OUT": "*bf16"}
         pad = triton.next_power_of_2
         consts = dict(SPLITS=splits, SPLITS_PAD=pad(splits), D=dim, D_PAD=pad(dim), PDL=pdl)
         merge = _compile(A._decode_merge_kernel, types, consts).asm["ptx"]
-        assert ("griddepcontrol.wait" in merge) == pdl
+        _check_pdl(merge, pdl, trigger_at_exit=True)
+
+
+def _check_pdl(ptx: str, level: int, trigger_at_exit: bool = False) -> None:
+    """Where a Triton kernel compiled at PDL ``level`` waits and lets the next kernel launch: no ``griddepcontrol``
+    at level 0; the wait before any global load from level 1; from level 2 the trigger right after the wait, before
+    any load too. ``trigger_at_exit``: at level 1 the kernel has no trigger (its programs' exits are)."""
+    loads = [i for i in (ptx.find(op) for op in ("ld.global", "cp.async")) if i >= 0]
+    assert ("griddepcontrol.wait" in ptx) == (level > 0)
+    if level:
+        assert ptx.index("griddepcontrol.wait") < min(loads)
+    if level >= 2:
+        assert ptx.index("griddepcontrol.wait") < ptx.index("griddepcontrol.launch_dependents") < min(loads)
+    elif trigger_at_exit:
+        assert "griddepcontrol.launch_dependents" not in ptx
 
 
 def test_the_prefill_kernel_compiles():
@@ -106,9 +119,9 @@ def test_the_norm_kernel_compiles(residual, pre):
     types = {n: "*bf16" for n in ("X", "R", "W", "PRE", "OUT")} | {"eps": "fp32"}
     _compile(F._add_rmsnorm_kernel, types, dict(BLOCK=2048, HAS_RES=residual, HAS_PRE=pre, SPLITS=0, PDL=False))
     types["X"] = "*fp32"  # a split projection's partial sums
-    ptx = _compile(F._add_rmsnorm_kernel, types, dict(BLOCK=2048, HAS_RES=residual, HAS_PRE=pre, SPLITS=8, PDL=True))
-    ptx = ptx.asm["ptx"]  # under PDL: the wait before any load
-    assert ptx.index("griddepcontrol.wait") < ptx.index("ld.global")
+    for pdl in (1, 2):
+        consts = dict(BLOCK=2048, HAS_RES=residual, HAS_PRE=pre, SPLITS=8, PDL=pdl)
+        _check_pdl(_compile(F._add_rmsnorm_kernel, types, consts).asm["ptx"], pdl, trigger_at_exit=True)
 
 
 def test_the_small_kernels_compile():
@@ -132,22 +145,25 @@ def test_the_small_kernels_compile():
 def test_the_gate_up_kernel_compiles(block_m, act):
     block_n, block_k, warps, _ = F._GATE_UP_TILES[block_m]
     types = {n: "*bf16" for n in ("X", "G", "U", "OUT")}
-    for pdl in (False, True):
+    for pdl in (0, 1, 2, 3):
         consts = dict(ACT=act, EVEN=True, PRECISION="tf32", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                       PDL=pdl)  # fmt: skip
         ptx = _compile(F._gate_up_act_kernel, types, consts, warps).asm["ptx"]
-        assert ("griddepcontrol.wait" in ptx) == pdl
-        if pdl:  # before any load
-            assert ptx.index("griddepcontrol.wait") < min(ptx.find(op) for op in ("ld.global", "cp.async") if op in ptx)
+        if pdl < 3:
+            _check_pdl(ptx, pdl, trigger_at_exit=True)
+        else:  # the first tile's weights (two loads a thread at least) before the wait, the trigger right after it
+            wait = ptx.index("griddepcontrol.wait")
+            assert ptx[:wait].count("ld.global") >= 2
+            assert wait < ptx.index("griddepcontrol.launch_dependents") < ptx.index("ld.global", wait)
 
 
 @pytest.mark.parametrize("rows, bn, dtype", [(32, 64, "bf16"), (64, 64, "fp16"), (64, 128, "bf16")])
-@pytest.mark.parametrize("stages, pdl", [(4, False), (4, True), (16, True)])
+@pytest.mark.parametrize("stages, pdl", [(4, 0), (4, 1), (16, 1), (16, 2)])
 def test_the_split_projection_compiles(rows, bn, dtype, stages, pdl):
     """The Gluon kernel of the split-K output and down projections (acb.kernels.projection) lowers for sm_90 with
     its register budget: wgmma products, TMA copies, a one-warp producer given back its registers. Under PDL the
     producer copies the ring's first round of weight boxes (all the stages, when fewer), then waits, then copies
-    the activations."""
+    the activations; from level 2 both partitions let the next kernel launch (the producer after its wait)."""
     import torch
 
     from acb.kernels import projection as P
@@ -161,10 +177,11 @@ def test_the_split_projection_compiles(rows, bn, dtype, stages, pdl):
     consts = {"STAGES": stages, "DEPTH_": P.DEPTH[rows], "PDL": pdl, "num_warps": 4}
     args = [wdesc, xdesc, torch.empty(4, rows, 2048), rows, 2048, stages, P.DEPTH[rows], pdl, 4]
     ptx = _compile_gluon(P._split_projection_kernel, args, consts, P.MAXNREG)
-    assert ("griddepcontrol.wait" in ptx) == pdl
+    assert ("griddepcontrol.wait" in ptx) == (pdl > 0)
     if pdl:
         first = min(stages, P.DEPTH[rows])
         assert ptx[: ptx.index("griddepcontrol.wait")].count("cp.async.bulk.tensor") == first
+    assert ptx.count("griddepcontrol.launch_dependents") == (2 if pdl >= 2 else 0)
     ptx_type = {"bf16": "bf16", "fp16": "f16"}[dtype]
     assert f"wgmma.mma_async.sync.aligned.m64n{rows}k16.f32.{ptx_type}.{ptx_type}" in ptx
     assert "cp.async.bulk.tensor" in ptx and f".maxnreg {P.MAXNREG}" in ptx

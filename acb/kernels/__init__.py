@@ -17,7 +17,7 @@ import os
 
 import torch
 
-__all__ = ["decode_splits", "pdl_choice", "pdl_launch"]
+__all__ = ["decode_splits", "pdl_choice", "pdl_launch", "PDL_WAIT", "PDL_EARLY", "PDL_EARLY_WEIGHTS"]
 
 
 def decode_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int = 132) -> int:
@@ -33,30 +33,45 @@ def decode_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int 
     return int(min(want, max(1, max_context // 64), 32))
 
 
-def pdl_launch(on: bool) -> dict:
+PDL_WAIT = 1
+"""PDL level 1: each kernel waits for the one before first thing and lets the next launch as its programs end."""
+PDL_EARLY = 2
+"""PDL level 2: each kernel also lets the next launch as soon as it has waited (``gdc_launch_dependents``), so the
+next kernel's programs take the SMs it leaves free while it works: the split projections copy their first weight
+boxes then, the others get their launch out of the way."""
+PDL_EARLY_WEIGHTS = 3
+"""PDL level 3: level 2, and gate/up loads its first tile of weights before it waits."""
+
+
+def pdl_launch(on: int) -> dict:
     """Triton's launch option for a kernel launched under programmatic dependent launch (Hopper and later): it may
     start before the kernel before it in the stream ends, and waits for it (``gdc_wait``) before it reads what that
-    kernel writes. Empty when ``on`` is false: a plain launch."""
+    kernel writes. Empty when ``on`` is 0 or false: a plain launch."""
     return {"launch_pdl": True} if on else {}
 
 
-def pdl_choice(device: torch.device, tensor_parallel: bool) -> tuple[bool, str | None]:
-    """Whether the lean path's own kernels launch under programmatic dependent launch, and why not (None: they do).
+def pdl_choice(device: torch.device, tensor_parallel: bool) -> tuple[int, str | None]:
+    """The PDL level at which the lean path's own kernels launch (0: plain launches), and why not (None: they do).
 
-    Under PDL a kernel may start before the kernel before it ends: its launch, and the split projections' first
-    weight boxes, overlap that kernel's end, and it waits for it (``griddepcontrol.wait``) before it reads or writes
-    anything the kernel before could touch. The norms, gate/up, attention (split and merge) and the split projections
-    take it; cuBLAS's GEMMs keep plain launches, so a kernel after one starts only as it ends. Hopper or later,
-    one rank (the all-reduces of tensor parallelism between them were not measured), ``ACB_PDL`` not ``0``."""
+    Under programmatic dependent launch a kernel may start before the kernel before it ends: its launch, and the
+    split projections' first weight boxes, overlap that kernel's end, and it waits for it (``griddepcontrol.wait``)
+    before it reads or writes anything the kernel before could touch. The norms, gate/up, attention (split and
+    merge) and the split projections take it; cuBLAS's GEMMs keep plain launches, so a kernel after one starts only
+    as it ends. Hopper or later, one rank (the all-reduces of tensor parallelism between them were not measured).
+    ``ACB_PDL``: ``0`` off, ``1`` (:data:`PDL_WAIT`), ``2`` (:data:`PDL_EARLY`, the default) or ``3``
+    (:data:`PDL_EARLY_WEIGHTS`)."""
     if device.type != "cuda":
-        return False, "not a CUDA device"
+        return 0, "not a CUDA device"
     if os.environ.get("TRITON_INTERPRET") == "1":
-        return False, "Triton's interpreter"
+        return 0, "Triton's interpreter"
     major, minor = torch.cuda.get_device_capability(device)
     if major < 9:
-        return False, f"compute capability {major}.{minor} (programmatic dependent launch needs 9.0 or later)"
+        return 0, f"compute capability {major}.{minor} (programmatic dependent launch needs 9.0 or later)"
     if tensor_parallel:
-        return False, "tensor parallelism"
-    if os.environ.get("ACB_PDL", "1") == "0":
-        return False, "ACB_PDL=0"
-    return True, None
+        return 0, "tensor parallelism"
+    env = os.environ.get("ACB_PDL", str(PDL_EARLY))
+    if env not in ("0", "1", "2", "3"):
+        raise ValueError(f"ACB_PDL is 0, 1, 2 or 3, not {env!r}")
+    if env == "0":
+        return 0, "ACB_PDL=0"
+    return int(env), None

@@ -51,8 +51,9 @@ def _decode_split_kernel(
     PAGE: tl.constexpr, SPLITS: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr, ROPE: tl.constexpr,
     QK_NORM: tl.constexpr, NEW_KV: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    # PDL (launched under programmatic dependent launch, Hopper): wait for the kernel before first thing, and let the
-    # merge kernel launch once this program's state is stored. (Reading the lengths and block tables and asking L2
+    # PDL (launched under programmatic dependent launch, Hopper; acb.kernels.pdl_choice's level): wait for the kernel
+    # before first thing; at level 1 let the merge kernel launch once this program's state is stored, from level 2
+    # right after the wait. (Reading the lengths and block tables and asking L2
     # for the chunk's keys and values before the wait was slower: the Q/K/V GEMM before it, cuBLAS, lets the kernel
     # launch only as its own programs end, so that work did not overlap it; docs/benchmarks.md, session 29.)
     # NEW_KV: KN/VN hold the new token's key and value, not yet in the cache: the program whose chunk holds the new
@@ -63,6 +64,8 @@ def _decode_split_kernel(
     # first, with the arithmetic of acb.kernels.fused.add_rmsnorm (each head's row of D values, rounded once).
     if PDL:
         tl.extra.cuda.gdc_wait()
+    if PDL >= 2:  # (level 2: the merge, or O, may launch now, onto the SMs this kernel leaves free)
+        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -139,7 +142,7 @@ def _decode_split_kernel(
         tl.store(o_ptr, acc, mask=qmask)
         tl.store(MP + b * s_mb + heads * s_mh + split, m_i, mask=gmask)
         tl.store(LP + b * s_mb + heads * s_mh + split, l_i, mask=gmask)
-    if PDL:  # the merge may launch once every split has stored its state (it waits for them all anyway)
+    if PDL == 1:  # the merge may launch once every split has stored its state (it waits for them all anyway)
         tl.extra.cuda.gdc_launch_dependents()
 
 
@@ -150,6 +153,8 @@ def _decode_merge_kernel(
 ):  # fmt: skip
     if PDL:
         tl.extra.cuda.gdc_wait()
+    if PDL >= 2:
+        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.arange(0, SPLITS_PAD)
@@ -196,7 +201,7 @@ def paged_decode(
     rope: tuple[torch.Tensor, ...] | None = None,
     qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
     new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    pdl: bool = False,
+    pdl: int = 0,
 ) -> torch.Tensor:
     """``tile``: ``(BLOCK_N, num_warps, num_stages)`` of the split kernel instead of the defaults (bench.attention
     times the choices).
@@ -212,9 +217,10 @@ def paged_decode(
     ``new_kv``: ``(k, v, slot_mapping)`` of the step's new tokens, already rotated (the generic path's): the kernel
     writes them to the cache, one kernel where :meth:`acb.kv_cache.KVCache.write` takes two to four.
 
-    ``pdl`` (CUDA, compute capability 9.0 or later): both kernels launch under programmatic dependent launch, so
-    that each launch overlaps the end of the kernel before it; each waits for that kernel first thing. The split
-    kernel lets the merge launch once its states are stored.
+    ``pdl`` (CUDA, compute capability 9.0 or later; a level of :func:`acb.kernels.pdl_choice`): both kernels launch
+    under programmatic dependent launch, so that each launch overlaps the end of the kernel before it; each waits
+    for that kernel first thing. At level 1 the split kernel lets the merge launch once its states are stored; from
+    level 2 each lets the next kernel launch right after its wait.
     """
     if qk_norm is not None and rope is None:
         raise ValueError("qk_norm comes with rope: the kernel norms the new key it writes to the cache")

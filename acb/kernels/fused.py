@@ -177,9 +177,12 @@ def _add_rmsnorm_kernel(
     """One row. SPLITS > 0: X holds that many float32 partial sums of the row (``s_split`` apart), added in order and
     rounded to OUT's dtype, as the GEMM that wrote them whole would have rounded its output. (The splits' loads are
     unrolled, so they are all in flight at once: one after another, a row of 8 splits took longer than the norm.)
-    PDL: launched under programmatic dependent launch, it waits for the kernel before first thing."""
+    PDL (launched under programmatic dependent launch, :func:`acb.kernels.pdl_choice`'s level): it waits for the
+    kernel before first thing, and from level 2 lets the next kernel launch right after."""
     if PDL:
         tl.extra.cuda.gdc_wait()
+    if PDL >= 2:
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
@@ -200,7 +203,7 @@ def add_rmsnorm(
     weight: torch.Tensor,
     eps: float,
     pre: torch.Tensor | None = None,
-    pdl: bool = False,
+    pdl: int = 0,
 ) -> torch.Tensor:
     """``residual += x`` (when given), then RMSNorm of the sum; returns the normed rows (``x`` itself is kept).
 
@@ -212,8 +215,9 @@ def add_rmsnorm(
     (:class:`acb.kernels.projection.SplitProjection`): they are added in order and rounded to the dtype of
     ``residual`` (or of ``weight`` without one) first, as the whole product written out would have been.
 
-    ``pdl`` (CUDA, compute capability 9.0 or later): launched under programmatic dependent launch, so that its launch
-    overlaps the end of the kernel before it, which it waits for before it reads or writes anything."""
+    ``pdl`` (CUDA, compute capability 9.0 or later; a level of :func:`acb.kernels.pdl_choice`): launched under
+    programmatic dependent launch, so that its launch overlaps the end of the kernel before it, which it waits for
+    before it reads or writes anything; from level 2 it lets the next kernel launch right after."""
     if x.dim() == 3:
         splits, rows, n = x.shape
         dtype = residual.dtype if residual is not None else weight.dtype
@@ -273,9 +277,8 @@ def _gate_up_act_kernel(
 ):  # fmt: skip
     """``OUT[:, n] = act(X @ G[n]) * (X @ U[n])`` for this program's BLOCK_N columns n and BLOCK_M rows: one pass
     over the gate weights' rows and the matching up rows, the activation in the epilogue. The products are rounded
-    to OUT's dtype before the activation, as a GEMM writing them out would. PDL: see :func:`add_rmsnorm`."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
+    to OUT's dtype before the activation, as a GEMM writing them out would. PDL: see :func:`add_rmsnorm`; at level
+    3 the program loads its first tile of weights (which no kernel writes) before it waits, where K allows."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -288,7 +291,25 @@ def _gate_up_act_kernel(
     cols = rn[:, None] < N
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_first = 0
+    if PDL >= 3:  # (EVEN: the wrapper passes 3 only then) the first tile's weights before the wait, its product after
+        wg = tl.load(gp)
+        wu = tl.load(up)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+        x = tl.load(xp, mask=rows, other=0.0)
+        acc_g = tl.dot(x, tl.trans(wg), acc_g, input_precision=PRECISION)
+        acc_u = tl.dot(x, tl.trans(wu), acc_u, input_precision=PRECISION)
+        xp += BLOCK_K
+        gp += BLOCK_K
+        up += BLOCK_K
+        k_first = BLOCK_K
+    else:
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        if PDL >= 2:
+            tl.extra.cuda.gdc_launch_dependents()
+    for k0 in range(k_first, K, BLOCK_K):
         if EVEN:  # K a multiple of BLOCK_K, N of BLOCK_N: only the rows are masked
             x = tl.load(xp, mask=rows, other=0.0)
             wg = tl.load(gp)
@@ -321,12 +342,13 @@ def _gated(acc_g, acc_u, ty: tl.constexpr, ACT: tl.constexpr):
 
 
 def gate_up_act(
-    x: torch.Tensor, w: torch.Tensor, activation: str = "silu", up: torch.Tensor | None = None, pdl: bool = False
+    x: torch.Tensor, w: torch.Tensor, activation: str = "silu", up: torch.Tensor | None = None, pdl: int = 0
 ) -> torch.Tensor:
     """``act(x @ gate.T) * (x @ up.T)`` for ``w = [gate | up]`` of shape ``[2 * I, K]`` (or ``w = gate`` and ``up``
     apart, each ``[I, K]``, as transformers' MLP modules hold them) and at most :data:`GATE_UP_ROWS` rows of
     ``x [M, K]``; ``activation``: ``"silu"`` or ``"gelu_tanh"``. One kernel where cuBLAS + :func:`silu_mul` take two
-    and write the ``[M, 2 * I]`` product out between them. ``pdl``: as :func:`add_rmsnorm`'s."""
+    and write the ``[M, 2 * I]`` product out between them. ``pdl``: as :func:`add_rmsnorm`'s; at level 3 each
+    program loads its first tile of weights before it waits."""
     rows, k = x.shape
     if up is None:
         w, up = w.chunk(2)
@@ -345,11 +367,12 @@ def gate_up_act(
     stages = max(2, min(stages, shared // stage))  # what shared memory holds (an A100 has 164 KB, an H100 227 KB)
     x = x.contiguous()
     out = torch.empty(rows, inter, dtype=x.dtype, device=x.device)
+    even = k % block_k == 0 and inter % block_n == 0
     _gate_up_act_kernel[(triton.cdiv(rows, block_m), triton.cdiv(inter, block_n))](
         x, w, up, out, rows, inter, k, x.stride(0), w.stride(0), up.stride(0), out.stride(0),
-        ACT=0 if activation == "silu" else 1, EVEN=k % block_k == 0 and inter % block_n == 0,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl, num_warps=warps, num_stages=stages,
+        ACT=0 if activation == "silu" else 1, EVEN=even, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PDL=int(pdl) if even else min(int(pdl), 2),
+        num_warps=warps, num_stages=stages,
         **pdl_launch(pdl),
     )  # fmt: skip
     return out

@@ -62,11 +62,25 @@ if _GLUON is None:
     BK = gl.constexpr(K_BOX)
 
     @gluon.jit
+    def _gdc_wait(anchor):
+        """``griddepcontrol.wait`` (programmatic dependent launch) for the calling partition's threads; ``anchor``:
+        any scalar (inline assembly takes an operand)."""
+        gl.inline_asm_elementwise("griddepcontrol.wait; mov.u32 $0, 0;", "=r,l", [anchor], dtype=gl.int32,
+                                  is_pure=False, pack=1)  # fmt: skip
+
+    @gluon.jit
+    def _gdc_launch_dependents(anchor):
+        """``griddepcontrol.launch_dependents``: the next kernel may launch (as :func:`_gdc_wait`)."""
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; mov.u32 $0, 0;", "=r,l", [anchor],
+                                  dtype=gl.int32, is_pure=False, pack=1)  # fmt: skip
+
+    @gluon.jit
     def _producer(wdesc, xdesc, ring_w, ring_x, ready, empty, n0, k0, STAGES: gl.constexpr, PDL: gl.constexpr):
         """One warp: copy stage i's weight box and activation box into slot ``i % DEPTH`` once it is free. PDL
-        (launched under programmatic dependent launch): the weight boxes of the ring's first round first (no kernel
-        writes the weights), then the wait for the kernel before, which writes the activations; every other copy
-        and the consumer's stores come after that wait."""
+        (launched under programmatic dependent launch, :func:`acb.kernels.pdl_choice`'s level): the weight boxes of
+        the ring's first round first (no kernel writes the weights), then the wait for the kernel before, which
+        writes the activations; every other copy and the consumer's stores come after that wait. From level 2 the
+        next kernel may launch right after it."""
         depth: gl.constexpr = ring_w.type.shape[0]
         first: gl.constexpr = depth if depth < STAGES else STAGES
         start = 0
@@ -74,8 +88,9 @@ if _GLUON is None:
             for i in gl.static_range(first):  # fresh slots: nothing to wait for
                 mbarrier.expect(ready.index(i), wdesc.block_type.nbytes + xdesc.block_type.nbytes)
                 _tma_load(wdesc, [n0, k0 + i * BK], ready.index(i), ring_w.index(i))
-            gl.inline_asm_elementwise("griddepcontrol.wait; mov.u32 $0, 0;", "=r,l", [n0], dtype=gl.int32,
-                                      is_pure=False, pack=1)  # fmt: skip
+            _gdc_wait(n0)
+            if PDL >= 2:
+                _gdc_launch_dependents(n0)
             for i in gl.static_range(first):
                 _tma_load(xdesc, [0, k0 + i * BK], ready.index(i), ring_x.index(i))
             start = first
@@ -88,16 +103,20 @@ if _GLUON is None:
             _tma_load(wdesc, [n0, k], ready.index(s), ring_w.index(s))
 
     @gluon.jit
-    def _consumer(ring_w, ring_x, ready, empty, OUT, n0, split, M, N, STAGES: gl.constexpr,
+    def _consumer(ring_w, ring_x, ready, empty, OUT, n0, split, M, N, STAGES: gl.constexpr, PDL: gl.constexpr,
                   num_warps: gl.constexpr):  # fmt: skip
         """The default warpgroup: ``acc[BN, ROWS] += W_tile @ x_tile^T`` per stage, one product in flight, each slot
-        freed when the product that read it is done; then ``OUT[split, m, n0 + i] = acc[i, m]`` for ``m < M``."""
+        freed when the product that read it is done; then ``OUT[split, m, n0 + i] = acc[i, m]`` for ``m < M``.
+        PDL level 2 or more: once the first stage is in (so the producer has waited), the next kernel may launch."""
         depth: gl.constexpr = ring_w.type.shape[0]
         BN: gl.constexpr = ring_w.type.shape[1]
         ROWS: gl.constexpr = ring_x.type.shape[1]
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                       instr_shape=[16, ROWS, 16])  # fmt: skip
         acc = gl.zeros([BN, ROWS], gl.float32, MMA)
+        if PDL >= 2:  # the first stage's activations are in, so the producer has waited
+            mbarrier.wait(ready.index(0), 0)
+            _gdc_launch_dependents(n0)
         for i in range(STAGES):
             s = i % depth
             mbarrier.wait(ready.index(s), (i // depth) & 1)
@@ -129,7 +148,7 @@ if _GLUON is None:
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=1)
         gl.warp_specialize([
-            (_consumer, (ring_w, ring_x, ready, empty, OUT, n0, split, M, N, STAGES, num_warps)),
+            (_consumer, (ring_w, ring_x, ready, empty, OUT, n0, split, M, N, STAGES, PDL, num_warps)),
             (_producer, (wdesc, xdesc, ring_w, ring_x, ready, empty, n0, split * STAGES * BK, STAGES, PDL)),
         ], [1], [24])  # fmt: skip
 
@@ -146,9 +165,7 @@ def unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
     return _GLUON
 
 
-def choose(
-    weights: list[tuple[torch.Tensor, torch.Tensor]], tensor_parallel: bool = False, make=None, pdl: bool = False
-):
+def choose(weights: list[tuple[torch.Tensor, torch.Tensor]], tensor_parallel: bool = False, make=None, pdl: int = 0):
     """Each layer's (output, down) projections and why not: ``(projections, reason)``, ``projections`` a list of
     pairs (None for a weight whose shape the tiles do not divide, which keeps cuBLAS) and ``reason`` None, or the
     list empty and ``reason`` why the kernel does not run here: the device, the dtype, ``tensor_parallel`` (each
@@ -198,10 +215,11 @@ class SplitProjection:
     Built once per weight (the weight's TMA descriptor and the tiling are fixed); :meth:`fits` says whether a shape
     can take it, and a call returns the partials, which :func:`acb.kernels.fused.add_rmsnorm` sums."""
 
-    def __init__(self, w: torch.Tensor, splits: int | None = None, depth: int | None = None, pdl: bool = False):
+    def __init__(self, w: torch.Tensor, splits: int | None = None, depth: int | None = None, pdl: int = 0):
         """``splits`` and ``depth``: the split count and the ring's slots instead of the defaults (bench.wsgemm).
-        ``pdl``: every call launches under programmatic dependent launch: each program copies its first weight boxes
-        while the kernel before (which writes the input) may still run, then waits for it."""
+        ``pdl`` (a level of :func:`acb.kernels.pdl_choice`): every call launches under programmatic dependent
+        launch: each program copies its first weight boxes while the kernel before (which writes the input) may
+        still run, then waits for it; from level 2 it lets the next kernel launch right after."""
         n, k = w.shape
         reason = self.fits(n, k)
         if reason is not None:

@@ -164,9 +164,10 @@ def test_decode_with_rope_equals_rope_and_cache_then_decode(dtype, heads, kv_hea
                     reason="programmatic dependent launch: compute capability 9.0 or later")  # fmt: skip
 @pytest.mark.parametrize("heads, kv_heads, dim", [(32, 8, 64), (12, 2, 128), (4, 1, 256), (32, 32, 96)])
 @pytest.mark.parametrize("splits", [1, 3, 9])
-def test_decode_under_pdl_after_the_projection_that_writes_q_equals_plain_launches(heads, kv_heads, dim, splits):
-    """``pdl`` in a CUDA graph of layers, each a matmul writing q, k and v then the decode kernel (the lean path's
-    order): the same output and cache bits as plain launches."""
+@pytest.mark.parametrize("level", [1, 2])
+def test_decode_under_pdl_after_the_projection_that_writes_q_equals_plain_launches(heads, kv_heads, dim, splits, level):
+    """``pdl`` (each level) in a CUDA graph of layers, each a matmul writing q, k and v then the decode kernel (the
+    lean path's order): the same output and cache bits as plain launches."""
     ctx = [1, 2, 15, 16, 17, 64, 65, 100, 257, 300]
     bs, layers, hidden = 16, 4, 1024
     cache, meta, _ = _setup(ctx, [1] * len(ctx), heads, kv_heads, dim, bs, torch.bfloat16, seed=7)
@@ -176,7 +177,7 @@ def test_decode_under_pdl_after_the_projection_that_writes_q_equals_plain_launch
     weights = [torch.randn(hidden, n, device=DEVICE, dtype=torch.bfloat16) / hidden**0.5 for _ in range(layers)]
     start = cache.layers[0].clone()
 
-    def run(pdl: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def run(pdl: int) -> tuple[list[torch.Tensor], torch.Tensor]:
         kv = start.clone()
         qkv = torch.empty(len(ctx), n, device=DEVICE, dtype=torch.bfloat16)
         q = qkv[:, : heads * dim].view(-1, heads, dim)
@@ -198,8 +199,8 @@ def test_decode_under_pdl_after_the_projection_that_writes_q_equals_plain_launch
         _replay_once(step, reset)
         return [o.clone() for o in outs], kv
 
-    want, want_kv = run(False)
-    got, got_kv = run(True)
+    want, want_kv = run(0)
+    got, got_kv = run(level)
     assert torch.equal(got_kv, want_kv)
     for g, w in zip(got, want):
         assert torch.equal(g, w)
@@ -525,11 +526,13 @@ def test_split_projection_matches_a_float32_product(dtype, n, k, rows):
 
 @pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.get_device_capability()[0] != 9, reason="needs a Hopper GPU")
 @pytest.mark.parametrize("rows, hidden, inter", [(32, 2048, 8192), (7, 1152, 6912), (64, 1024, 2048)])
-def test_a_layers_kernels_under_pdl_in_a_graph_equal_plain_launches(rows, hidden, inter):
+@pytest.mark.parametrize("level", [1, 2, 3])
+def test_a_layers_kernels_under_pdl_in_a_graph_equal_plain_launches(rows, hidden, inter, level):
     """The lean path's MLP chain in a CUDA graph of layers, each kernel of it launched under programmatic dependent
-    launch: a matmul (plain), the norm, gate/up, the split down projection (its first weight boxes copied before its
-    wait), the norm that sums its partials, and so on: the same bits as plain launches. A kernel that read its input
-    before its wait, or wrote before it, would read the previous layer's values."""
+    launch (each level): a matmul (plain), the norm, gate/up (at level 3 its first weights loaded before its wait),
+    the split down projection (its first weight boxes copied before its wait), the norm that sums its partials, and
+    so on: the same bits as plain launches. A kernel that read its input before its wait, or wrote before it, would
+    read the previous layer's values."""
     from acb.kernels.projection import SplitProjection
 
     torch.manual_seed(9)
@@ -540,7 +543,7 @@ def test_a_layers_kernels_under_pdl_in_a_graph_equal_plain_launches(rows, hidden
     down_ws = [torch.randn(hidden, inter, device=DEVICE, dtype=torch.bfloat16) / inter**0.5 for _ in range(layers)]
     w = (torch.rand(hidden, device=DEVICE) + 0.5).to(torch.bfloat16)
 
-    def run(pdl: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(pdl: int) -> tuple[torch.Tensor, torch.Tensor]:
         downs = [SplitProjection(dw, pdl=pdl) for dw in down_ws]
         residual = torch.empty_like(x0)
         out = torch.empty_like(x0)
@@ -558,8 +561,8 @@ def test_a_layers_kernels_under_pdl_in_a_graph_equal_plain_launches(rows, hidden
         _replay_once(chain, out.zero_)
         return out.clone(), residual.clone()
 
-    want = run(False)
-    got = run(True)
+    want = run(0)
+    got = run(level)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert want[0].abs().sum() > 0
 
