@@ -364,14 +364,15 @@ def gate_up_act(
         block_n, block_k, warps, stages = _GATE_UP_WIDE
     block_k = block_k * 2 // x.element_size()
     stage = (block_m + 2 * block_n) * block_k * x.element_size()
-    stages = max(2, min(stages, shared // stage))  # what shared memory holds (an A100 has 164 KB, an H100 227 KB)
+    even = k % block_k == 0 and inter % block_n == 0
+    early = pdl >= 3 and even  # the first tile loaded before the wait, its product staged outside the loop's ring
+    stages = max(2, min(stages, shared // stage - early))  # what shared memory holds (A100: 164 KB, H100: 227 KB)
     x = x.contiguous()
     out = torch.empty(rows, inter, dtype=x.dtype, device=x.device)
-    even = k % block_k == 0 and inter % block_n == 0
     _gate_up_act_kernel[(triton.cdiv(rows, block_m), triton.cdiv(inter, block_n))](
         x, w, up, out, rows, inter, k, x.stride(0), w.stride(0), up.stride(0), out.stride(0),
         ACT=0 if activation == "silu" else 1, EVEN=even, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PDL=int(pdl) if even else min(int(pdl), 2),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PDL=3 if early else min(int(pdl), 2),
         num_warps=warps, num_stages=stages,
         **pdl_launch(pdl),
     )  # fmt: skip
