@@ -13,7 +13,6 @@ each op is chosen once, when the model is built. Any model without an adapter ke
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -141,23 +140,17 @@ class LeanCausalLM:
 
     def use_split_projections(self, on: bool, make=None) -> None:
         """The output and down projections of steps of at most ``split_rows`` rows as split-K partial sums that the
-        next norm adds up, and the Q/K/V projection of decode steps as partial sums that the decode kernel adds up
-        (:mod:`acb.kernels.projection`; docs/architecture.md), where the kernel runs: a Hopper GPU, bf16/fp16
-        weights, one rank, ``ACB_SPLIT_PROJECTIONS`` not ``0``. ``split_reason`` says why not (None: on). ``make``: a
-        factory of the projections (``make(weight, bias=...)`` -> callable returning ``[splits, rows, N]`` partials)
-        in place of the kernel's, which the CPU tests use to run the same data path. ``ACB_SPLIT_QKV=0`` keeps the
-        Q/K/V projection on cuBLAS (``split_names`` lists those that take the kernel)."""
+        next norm adds up (:mod:`acb.kernels.projection`; docs/architecture.md), where the kernel runs: a Hopper
+        GPU, bf16/fp16 weights, one rank, ``ACB_SPLIT_PROJECTIONS`` not ``0``. ``split_reason`` says why not
+        (None: on). ``make``: a factory of the projections (weight -> callable returning ``[splits, rows, N]``
+        partials) in place of the kernel's, which the CPU tests use to run the same data path."""
         from .kernels import projection  # (importable without a GPU)
 
-        self._split, self.split_reason, self.split_names = [], "off", ()
+        self._split, self.split_reason = [], "off"
         if on:
-            qkv = os.environ.get("ACB_SPLIT_QKV", "1") != "0"
-            weights = [((lw.qkv_w, lw.qkv_b) if qkv else None, (lw.o_w, None), (lw.down_w, None)) for lw in self.layers]
+            weights = [(lw.o_w, lw.down_w) for lw in self.layers]
             self._split, self.split_reason = projection.choose(weights, self.group is not None, make, self.pdl)
         self.split_rows = projection.MAX_ROWS if self._split else 0
-        if self._split:
-            names = ("Q/K/V (decode steps)", "output", "down")
-            self.split_names = tuple(n for n, p in zip(names, self._split[0]) if p is not None)
 
     def ensure(self, max_positions: int, workspace_rows: int) -> None:
         """Grow the rotary tables and the decode workspace for an engine of that geometry."""
@@ -201,18 +194,16 @@ class LeanCausalLM:
             rows = torch.arange(t, device=self.device)
         elif rows is not None and self.row_buckets:
             rows = pad_rows(rows, self.row_buckets)
-        # a decode step's kernel norms q and k per head itself (Qwen3, Gemma 3: see _attend_cuda), and adds up the
-        # split Q/K/V projection's partial sums (before_attention's split_qkv)
+        # a decode step's kernel norms q and k per head itself (Qwen3, Gemma 3: see _attend_cuda)
         qk_norm = not (self.kernels and x.decode_splits)
-        split_qkv = self.kernels and bool(x.decode_splits) and out is None
         for i, lw in enumerate(self.layers):
-            q, k, v, residual = self.before_attention(i, h, residual, qk_norm=qk_norm, split_qkv=split_qkv)
+            q, k, v, residual = self.before_attention(i, h, residual, qk_norm=qk_norm)
             if out is None:
                 o = self._attend(i, lw, q, k, v, x)
             else:
                 self._attend(i, lw, q[:t], k[:t], v[:t], x, out=out[:t])
                 o = out
-            o = o.reshape(o.shape[0], -1)
+            o = o.reshape(q.shape[0], -1)
             if i == last and rows is not None:
                 o, residual = o[rows], residual[rows]
             h = self.after_attention(i, o, residual)
@@ -244,19 +235,14 @@ class LeanCausalLM:
                 F.linear(self._up(rows(m, lw.gate_up_w.shape[1]), lw), lw.down_w)
         for m in head_counts:
             F.linear(rows(m, self.lm_head.shape[1]), self.lm_head)
-        # the split projections and the norm that sums the output and down projections' partials: a compiled
-        # variant per weight shape and box of rows (32 or 64), compiled here rather than by the first step that meets
-        # it (the decode kernel that sums Q/K/V's is compiled by the decode graphs' warm-up)
+        # the split projections and the norm that sums their partials: a compiled variant per weight shape and box of
+        # rows (32 or 64), compiled here rather than by the first step that meets it
         boxes = sorted({32 if m <= 32 else 64 for m in counts if 0 < m <= self.split_rows})
         seen = set()
-        for lw, (qkv, *split) in zip(self.layers, self._split):
-            key = (lw.qkv_w.shape, lw.qkv_b is None, lw.o_w.shape, lw.down_w.shape, lw.post_attn_norm is None,
-                   lw.post_mlp_norm is None)  # fmt: skip
-            if key in seen:
+        for lw, split in zip(self.layers, self._split):
+            if (key := (lw.o_w.shape, lw.down_w.shape, lw.post_attn_norm is None, lw.post_mlp_norm is None)) in seen:
                 continue
             seen.add(key)
-            for m in boxes if qkv is not None else ():
-                qkv(rows(m, lw.qkv_w.shape[1]))
             for proj, pre in zip(split, (lw.post_attn_norm, lw.post_mlp_norm)):
                 for m in boxes if proj is not None else ():
                     parts = proj(rows(m, proj.weight.shape[1]))
@@ -276,15 +262,11 @@ class LeanCausalLM:
         residual: torch.Tensor | None,
         qkv_out: torch.Tensor | None = None,
         qk_norm: bool = True,
-        split_qkv: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Layer ``i`` up to attention: ``(q, k, v, residual)``. The first layer starts the residual stream (a copy
         of ``h``); later ones add ``h`` (after the previous layer's post-MLP norm, where it has one) into it in
         place. ``qkv_out``: where the fused Q/K/V projection goes. ``qk_norm=False``: q and k come back before
-        their per-head norms, which the attention kernel then applies (a decode step on CUDA). ``split_qkv``: where
-        the layer has a split Q/K/V projection (:meth:`use_split_projections`) and the step at most ``split_rows``
-        rows, q, k and v come back as its float32 partial sums ``[splits, T, heads, D]``, which the decode kernel
-        adds up (a decode step on CUDA, with ``qk_norm=False``)."""
+        their per-head norms, which the attention kernel then applies (a decode step on CUDA)."""
         lw = self.layers[i]
         if residual is None:
             residual = h.clone()
@@ -294,8 +276,6 @@ class LeanCausalLM:
         else:
             normed = self._norm(h, residual, lw.ln1, self.layers[i - 1].post_mlp_norm)
         t = normed.shape[0]
-        if split_qkv and 0 < t <= self.split_rows and self._split[i][0] is not None:
-            return *self._heads(self._split[i][0](normed)), residual
         if qkv_out is None:
             qkv = F.linear(normed, lw.qkv_w, lw.qkv_b)
         else:
@@ -309,11 +289,12 @@ class LeanCausalLM:
         return q, k, v, residual
 
     def _heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The fused projection's ``[..., T, q + 2 kv]`` output (or its partial sums) as q ``[..., T, heads, D]``, k
-        and v ``[..., T, kv heads, D]``."""
-        q, k, v = qkv.split([self._q_size, self._kv_size, self._kv_size], -1)
-        return (q.unflatten(-1, (self.num_heads, self.head_dim)), k.unflatten(-1, (self.num_kv_heads, self.head_dim)),
-                v.unflatten(-1, (self.num_kv_heads, self.head_dim)))  # fmt: skip
+        """The fused projection's ``[T, q + 2 kv]`` output as q ``[T, heads, D]``, k and v ``[T, kv heads, D]``."""
+        t = qkv.shape[0]
+        q = qkv[:, : self._q_size].view(t, self.num_heads, self.head_dim)
+        k = qkv[:, self._q_size : self._q_size + self._kv_size].view(t, self.num_kv_heads, self.head_dim)
+        v = qkv[:, self._q_size + self._kv_size :].view(t, self.num_kv_heads, self.head_dim)
+        return q, k, v
 
     def after_attention(self, i: int, o: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """Layer ``i`` from attention's output ``o`` ``[T, heads * head_dim]``: the output projection and the MLP
@@ -327,8 +308,8 @@ class LeanCausalLM:
         :meth:`head`) unless a post-MLP norm needs it whole here (:meth:`_partial`)."""
         lw, norm = self.layers[i], self._norm
         # (a step can carry no row past the last attention: a prompt chunk that samples nothing)
-        _, o_split, down_split = self._split[i] if 0 < o.shape[0] <= self.split_rows else (None, None, None)
-        attn = F.linear(o, lw.o_w) if o_split is None else o_split(o)
+        split = self._split[i] if 0 < o.shape[0] <= self.split_rows else (None, None)
+        attn = F.linear(o, lw.o_w) if split[0] is None else split[0](o)
         if lw.post_attn_norm is not None:
             if self.group is not None:
                 self.group.all_reduce(attn)
@@ -338,7 +319,7 @@ class LeanCausalLM:
         else:
             normed = norm(attn, residual, lw.ln2)
         up = self._up(normed, lw)
-        h = F.linear(up, lw.down_w) if down_split is None else down_split(up)
+        h = F.linear(up, lw.down_w) if split[1] is None else split[1](up)
         if lw.post_mlp_norm is not None and self.group is not None:
             self.group.all_reduce(h)  # the norm needs the whole sum
         return h

@@ -224,11 +224,9 @@ def _build_runtime(
              startup["runner_s"])  # fmt: skip
     if runner.graph_blocker is not None:
         why += f"; decode steps run eagerly: {runner.graph_blocker}"
-    if lean is not None and lean.on_cuda and world == 1:  # the decode steps' split projections
-        if lean.split_reason is None:
-            why += f"; split-K kernel for the projections of steps up to {MAX_ROWS} rows: {', '.join(lean.split_names)}"
-        else:
-            why += f"; projections of steps up to {MAX_ROWS} rows: cuBLAS ({lean.split_reason})"
+    if lean is not None and lean.on_cuda and world == 1:  # the decode steps' output and down projections
+        how = "split-K kernel" if lean.split_reason is None else f"cuBLAS ({lean.split_reason})"
+        why += f"; output and down projections of steps up to {MAX_ROWS} rows: {how}"
         why += "; programmatic dependent launch: " + (f"level {lean.pdl}" if lean.pdl else f"off ({lean.pdl_reason})")
     model._acb_owner = weakref.ref(runner)
     return Runtime(

@@ -274,20 +274,13 @@ from acb.runner import ModelRunner
 # rotary and the cache write inside the decode kernel, Gemma 3's sandwich norms fused into the next norm. Steps with
 # prompts keep the torch ops.
 decode_steps = []
-split_calls = set()  # (rows, columns) of every split projection's call
-def make(w, bias=None):
-    proj = TorchSplitProjection(w, bias=bias)
-    def run(x):
-        split_calls.add((x.shape[0], w.shape[0]))
-        return proj(x)
-    return run
 def forward(self, b, d, j=0):
     if not b.decode_only or j:
         return ModelRunner._forward.__wrapped__(self, b, d, j)
     decode_steps.append(b.num_rows)
     self.lean.use_kernels(True)
-    if SPLIT:  # the Q/K/V, output and down projections as split partial sums (torch), summed by the decode kernel
-        self.lean.use_split_projections(True, make=make)  # and the norm kernel
+    if SPLIT:  # the output and down projections as split partial sums (torch), summed by the norm kernel
+        self.lean.use_split_projections(True, make=TorchSplitProjection)
     try:
         return self._lean_decode(d, 2)[d.sample_idx]
     finally:
@@ -298,12 +291,7 @@ FAST_PATH = True
 SPLIT = "--split" in sys.argv
 sys.argv = [a for a in sys.argv if a != "--split"]
 def after(arch, model):
-    if SPLIT:  # every decode step's three projections (rows: the step's; columns: q + 2 kv, hidden, hidden)
-        lw = model.model.layers[0]
-        qkv = sum(m.weight.shape[0] for m in (lw.self_attn.q_proj, lw.self_attn.k_proj, lw.self_attn.v_proj))
-        columns = {qkv, model.config.hidden_size}
-        assert {c for _, c in split_calls} == columns, (arch, split_calls, columns)
-        split_calls.clear()
+    pass
 """
     + _GREEDY_EACH_ARCH
 )
@@ -325,17 +313,16 @@ def test_the_lean_decode_step_on_the_kernels_gives_generate_s_tokens():
 
 
 def test_the_lean_decode_step_with_split_projections_gives_generate_s_tokens():
-    """The same decode step with the Q/K/V, output and down projections as split partial sums (their torch twin:
-    the Gluon kernel needs a Hopper GPU), Q/K/V's summed by the decode kernel (Qwen2: its bias added into the first
-    split), the others by the norm kernel, interpreted: ``model.generate``'s tokens (Gemma 3: with its post-attention
-    norm applied to the summed partials first)."""
+    """The same decode step with the output and down projections as split partial sums (their torch twin: the
+    Gluon kernel needs a Hopper GPU) summed by the norm kernel, interpreted: ``model.generate``'s tokens (Gemma 3:
+    with its post-attention norm applied to the summed partials first)."""
     import os
     import subprocess
     import sys
 
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
-    cmd = [sys.executable, "-c", _LEAN_KERNEL_DECODE, "--split", "llama", "gemma3", "qwen2", "qwen3"]
+    cmd = [sys.executable, "-c", _LEAN_KERNEL_DECODE, "--split", "llama", "gemma3"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
 
@@ -355,8 +342,8 @@ async def test_split_projections_partial_sums_give_generate_s_tokens(arch, overl
     expected = [reference_greedy(ref, p, 12) for p in prompts]
     calls = []
 
-    def make(w, bias=None):
-        proj = TorchSplitProjection(w, bias=bias)
+    def make(w):
+        proj = TorchSplitProjection(w)
         assert proj.splits > 1
 
         def run(x):
@@ -388,24 +375,6 @@ def test_split_projections_stay_off_where_the_kernel_cannot_run(make_model):
     assert lean.split_reason == "not a CUDA device" and lean.split_rows == 0
 
 
-def test_acb_split_qkv_0_keeps_the_qkv_projection_on_cublas(monkeypatch, make_model):
-    """The Q/K/V projection takes the split kernel with the output and down projections (``split_names`` lists
-    them), unless ``ACB_SPLIT_QKV=0``; a Qwen2 layer's Q/K/V bias goes to the projection that adds it."""
-    from acb.kernels.projection import TorchSplitProjection
-    from acb.lean_model import LeanCausalLM
-
-    model, _ = make_model("qwen2", seed=3)
-    lean = LeanCausalLM(model, lean_plan(model)[0], 64)
-    lean.use_split_projections(True, make=TorchSplitProjection)
-    assert lean.split_names == ("Q/K/V (decode steps)", "output", "down")
-    qkv, o, down = lean._split[0]
-    assert qkv.weight is lean.layers[0].qkv_w and qkv.bias is lean.layers[0].qkv_b is not None
-    assert o.bias is None and down.bias is None
-    monkeypatch.setenv("ACB_SPLIT_QKV", "0")
-    lean.use_split_projections(True, make=TorchSplitProjection)
-    assert lean.split_names == ("output", "down") and all(s[0] is None and s[1] for s in lean._split)
-
-
 def test_a_split_kernel_that_does_not_build_keeps_cublas_and_says_why(monkeypatch):
     """Gluon is experimental: each projection is built and run once when chosen, and a failure (here a stand-in
     kernel that raises) leaves every projection on cuBLAS with the reason, instead of failing a step."""
@@ -414,7 +383,7 @@ def test_a_split_kernel_that_does_not_build_keeps_cublas_and_says_why(monkeypatc
     class Broken:
         fits = staticmethod(projection.SplitProjection.fits)
 
-        def __init__(self, w, pdl=0, bias=None):
+        def __init__(self, w, pdl=False):
             self.k, self.dtype, self.weight = w.shape[1], w.dtype, w
 
         def __call__(self, x):
@@ -423,11 +392,10 @@ def test_a_split_kernel_that_does_not_build_keeps_cublas_and_says_why(monkeypatc
     monkeypatch.setattr(projection, "unavailable", lambda device, dtype: None)
     monkeypatch.setattr(projection, "SplitProjection", Broken)
     w = torch.zeros(64, 256)
-    layers = [((w, None), (w, None), (w, None))]
-    assert projection.choose(layers) == ([], "the split kernel did not build or run here (RuntimeError: no such op)")
-    assert projection.choose(layers, tensor_parallel=True)[1].startswith("tensor parallelism")
+    assert projection.choose([(w, w)]) == ([], "the split kernel did not build or run here (RuntimeError: no such op)")
+    assert projection.choose([(w, w)], tensor_parallel=True)[1].startswith("tensor parallelism")
     monkeypatch.setenv("ACB_SPLIT_PROJECTIONS", "0")
-    assert projection.choose(layers) == ([], "ACB_SPLIT_PROJECTIONS=0")
+    assert projection.choose([(w, w)]) == ([], "ACB_SPLIT_PROJECTIONS=0")
 
 
 def test_where_the_lean_kernels_launch_under_pdl(monkeypatch):

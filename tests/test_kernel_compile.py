@@ -75,19 +75,13 @@ DECODE_TYPES = {
 )  # the lean path's decode (with and without q/k norms), the generic path's, the plain kernel
 @pytest.mark.parametrize("dim, group, splits", [(64, 4, 2), (96, 1, 1), (256, 4, 8)])
 @pytest.mark.parametrize("pdl", [0, 1, 2])
-@pytest.mark.parametrize("parts", [0, 3])
-def test_the_decode_kernel_compiles(rope, qk_norm, new_kv, dim, group, splits, pdl, parts):
-    """Every variant of the decode kernel; ``parts``: q, k and v as float32 partial sums of the split Q/K/V
-    projection (the lean path's decode, with rope), which it sums as it reads them."""
+def test_the_decode_kernel_compiles(rope, qk_norm, new_kv, dim, group, splits, pdl):
     if pdl and (rope, qk_norm) != (True, True) and new_kv:
         pytest.skip("the wait does not depend on rope or the q/k norms: the lean path's decode and the plain kernel")
-    if parts and not rope:
-        pytest.skip("partial sums come with rope")
     consts = dict(GROUP=group, GROUP_PAD=max(16, group), D=dim, D_PAD=triton.next_power_of_2(dim), BLOCK_N=64,
                   PAGE=16, SPLITS=splits, WINDOW=0, PRECISION="tf32", ROPE=rope, QK_NORM=qk_norm,
-                  NEW_KV=new_kv, PARTS=parts, PDL=pdl)  # fmt: skip
-    types = DECODE_TYPES | ({n: "*fp32" for n in ("Q", "KN", "VN")} if parts else {})
-    ptx = _compile(A._decode_split_kernel, types, consts).asm["ptx"]
+                  NEW_KV=new_kv, PDL=pdl)  # fmt: skip
+    ptx = _compile(A._decode_split_kernel, DECODE_TYPES, consts).asm["ptx"]
     _check_pdl(ptx, pdl)
     if pdl == 1:  # the merge's launch allowed after the last store
         assert ptx.rindex("st.global") < ptx.index("griddepcontrol.launch_dependents")
@@ -164,8 +158,8 @@ def test_the_gate_up_kernel_compiles(block_m, act):
 
 
 @pytest.mark.parametrize("rows, bn, dtype", [(32, 64, "bf16"), (64, 64, "fp16"), (64, 128, "bf16")])
-@pytest.mark.parametrize("stages, pdl, bias", [(4, 0, False), (4, 1, True), (16, 1, False), (16, 2, True)])
-def test_the_split_projection_compiles(rows, bn, dtype, stages, pdl, bias):
+@pytest.mark.parametrize("stages, pdl", [(4, 0), (4, 1), (16, 1), (16, 2)])
+def test_the_split_projection_compiles(rows, bn, dtype, stages, pdl):
     """The Gluon kernel of the split-K output and down projections (acb.kernels.projection) lowers for sm_90 with
     its register budget: wgmma products, TMA copies, a one-warp producer given back its registers. Under PDL the
     producer copies the ring's first round of weight boxes (all the stages, when fewer), then waits, then copies
@@ -180,16 +174,14 @@ def test_the_split_projection_compiles(rows, bn, dtype, stages, pdl, bias):
     w, x = torch.empty(2048, 1024, dtype=tdtype), torch.empty(rows, 1024, dtype=tdtype)
     wdesc = P.TensorDescriptor.from_tensor(w, [bn, P.K_BOX], P._layout([bn, P.K_BOX], tdtype))
     xdesc = P.TensorDescriptor.from_tensor(x, [rows, P.K_BOX], P._layout([rows, P.K_BOX], tdtype))
-    consts = {"STAGES": stages, "DEPTH_": P.DEPTH[rows], "HAS_BIAS": bias, "PDL": pdl, "num_warps": 4}
-    out, b = torch.empty(4, rows, 2048), torch.empty(2048, dtype=tdtype)
-    args = [wdesc, xdesc, out, b if bias else out, rows, 2048, stages, P.DEPTH[rows], bias, pdl, 4]
+    consts = {"STAGES": stages, "DEPTH_": P.DEPTH[rows], "PDL": pdl, "num_warps": 4}
+    args = [wdesc, xdesc, torch.empty(4, rows, 2048), rows, 2048, stages, P.DEPTH[rows], pdl, 4]
     ptx = _compile_gluon(P._split_projection_kernel, args, consts, P.MAXNREG)
     assert ("griddepcontrol.wait" in ptx) == (pdl > 0)
     if pdl:
         first = min(stages, P.DEPTH[rows])
         assert ptx[: ptx.index("griddepcontrol.wait")].count("cp.async.bulk.tensor") == first
     assert ptx.count("griddepcontrol.launch_dependents") == (2 if pdl >= 2 else 0)
-    assert ("ld.global" in ptx) == bias  # the bias, its only load that is not a TMA copy
     ptx_type = {"bf16": "bf16", "fp16": "f16"}[dtype]
     assert f"wgmma.mma_async.sync.aligned.m64n{rows}k16.f32.{ptx_type}.{ptx_type}" in ptx
     assert "cp.async.bulk.tensor" in ptx and f".maxnreg {P.MAXNREG}" in ptx

@@ -44,25 +44,12 @@ def _online_softmax(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _rounded_in(ptr, mask, PARTS: tl.constexpr, s_part, TY: tl.constexpr):
-    """float32 values at ``ptr``: as they are (PARTS == 0), or the sum of PARTS float32 partial sums ``s_part`` apart,
-    added in order and rounded to TY, as the GEMM that wrote them whole would have rounded its output."""
-    if PARTS == 0:
-        return tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(ptr, mask=mask, other=0.0)
-    for i in tl.static_range(1, PARTS):
-        x += tl.load(ptr + i * s_part, mask=mask, other=0.0)
-    return x.to(TY).to(tl.float32)
-
-
-@triton.jit
 def _decode_split_kernel(
     Q, KC, VC, BT, LENS, OP, MP, LP, OUT, scale, KN, VN, COS, SIN, POS, SLOT, QW, KW, eps,
     s_qb, s_qh, s_kb, s_ks, s_kh, s_bt, s_ob, s_oh, s_os, s_mb, s_mh, s_b, s_h, s_knb, s_knh, s_vnb, s_vnh, s_cos,
-    s_part,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, SPLITS: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr, ROPE: tl.constexpr,
-    QK_NORM: tl.constexpr, NEW_KV: tl.constexpr, PARTS: tl.constexpr, PDL: tl.constexpr,
+    QK_NORM: tl.constexpr, NEW_KV: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     # PDL (launched under programmatic dependent launch, Hopper; acb.kernels.pdl_choice's level): wait for the kernel
     # before first thing; at level 1 let the merge kernel launch once this program's state is stored, from level 2
@@ -75,8 +62,6 @@ def _decode_split_kernel(
     # before it is written.
     # QK_NORM (with ROPE): Q and KN come before their per-head RMSNorms too (weights QW, KW), which are applied
     # first, with the arithmetic of acb.kernels.fused.add_rmsnorm (each head's row of D values, rounded once).
-    # PARTS > 0 (with ROPE): Q, KN and VN hold that many float32 partial sums of the Q/K/V projection (``s_part``
-    # apart, acb.kernels.projection.SplitProjection), added and rounded to the model's dtype (OUT's) as they are read.
     if PDL:
         tl.extra.cuda.gdc_wait()
     if PDL >= 2:  # (level 2: the merge, or O, may launch now, onto the SMs this kernel leaves free)
@@ -105,35 +90,35 @@ def _decode_split_kernel(
         c = tl.load(COS + angle, mask=d < D, other=0.0)
         sn = tl.load(SIN + angle, mask=d < D, other=0.0)
         q_row = Q + b * s_qb + heads[:, None] * s_qh
-        qa = _rounded_in(q_row + d[None, :], qmask, PARTS, s_part, OUT.dtype.element_ty)
-        qb = _rounded_in(q_row + partner[None, :], qmask, PARTS, s_part, OUT.dtype.element_ty)
+        qa = tl.load(q_row + d[None, :], mask=qmask, other=0.0).to(tl.float32)
+        qb = tl.load(q_row + partner[None, :], mask=qmask, other=0.0).to(tl.float32)
         if QK_NORM:
             rq = tl.rsqrt(tl.sum(qa * qa, 1) / D + eps)[:, None]
             qwa = tl.load(QW + d, mask=d < D, other=0.0)[None, :]
             qwb = tl.load(QW + partner, mask=d < D, other=0.0)[None, :]
-            qa = ((qa * rq).to(QW.dtype.element_ty) * qwa).to(OUT.dtype.element_ty).to(tl.float32)
-            qb = ((qb * rq).to(QW.dtype.element_ty) * qwb).to(OUT.dtype.element_ty).to(tl.float32)
+            qa = ((qa * rq).to(QW.dtype.element_ty) * qwa).to(Q.dtype.element_ty).to(tl.float32)
+            qb = ((qb * rq).to(QW.dtype.element_ty) * qwb).to(Q.dtype.element_ty).to(tl.float32)
         c2, s2 = c[None, :], sn[None, :]
-        q = tl.where(first[None, :], qa * c2 - qb * s2, qa * c2 + qb * s2).to(OUT.dtype.element_ty)
+        q = tl.where(first[None, :], qa * c2 - qb * s2, qa * c2 + qb * s2).to(Q.dtype.element_ty)
     else:
         q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=qmask, other=0.0)
     last = ctx - 1
     if NEW_KV and (split * chunk <= last) & (last < split * chunk + chunk):
         kn_row = KN + b * s_knb + kvh * s_knh
-        ka = _rounded_in(kn_row + d, d < D, PARTS, s_part, OUT.dtype.element_ty)
+        ka = tl.load(kn_row + d, mask=d < D, other=0.0).to(tl.float32)
         if ROPE:
-            kb = _rounded_in(kn_row + partner, d < D, PARTS, s_part, OUT.dtype.element_ty)
+            kb = tl.load(kn_row + partner, mask=d < D, other=0.0).to(tl.float32)
             if QK_NORM:  # (names of their own: Triton types a name once per scope)
                 rk = tl.rsqrt(tl.sum(ka * ka, 0) / D + eps)
                 kwa = tl.load(KW + d, mask=d < D, other=0.0)
                 kwb = tl.load(KW + partner, mask=d < D, other=0.0)
-                ka = ((ka * rk).to(KW.dtype.element_ty) * kwa).to(OUT.dtype.element_ty).to(tl.float32)
-                kb = ((kb * rk).to(KW.dtype.element_ty) * kwb).to(OUT.dtype.element_ty).to(tl.float32)
+                ka = ((ka * rk).to(KW.dtype.element_ty) * kwa).to(KN.dtype.element_ty).to(tl.float32)
+                kb = ((kb * rk).to(KW.dtype.element_ty) * kwb).to(KN.dtype.element_ty).to(tl.float32)
             ka = tl.where(first, ka * c - kb * sn, ka * c + kb * sn)
         slot = tl.load(SLOT + b).to(tl.int64)
         cache = (slot // PAGE) * s_kb + (slot % PAGE) * s_ks + kvh * s_kh + d
         tl.store(KC + cache, ka.to(KC.dtype.element_ty), mask=d < D)
-        v_new = _rounded_in(VN + b * s_vnb + kvh * s_vnh + d, d < D, PARTS, s_part, OUT.dtype.element_ty)
+        v_new = tl.load(VN + b * s_vnb + kvh * s_vnh + d, mask=d < D, other=0.0)
         tl.store(VC + cache, v_new.to(VC.dtype.element_ty), mask=d < D)
         tl.debug_barrier()  # the block's writes are visible to its own loads below
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
@@ -203,7 +188,7 @@ def _decode_tile(q: torch.Tensor) -> tuple[int, int, int]:
 
 
 def paged_decode(
-    q: torch.Tensor,  # [B, H, D], or [P, B, H, D] float32 partial sums (see ``rope``)
+    q: torch.Tensor,  # [B, H, D]
     kv: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
     block_tables: torch.Tensor,  # [B, max_blocks] int
     seq_lens: torch.Tensor,  # [B] int, on the device
@@ -223,11 +208,7 @@ def paged_decode(
 
     ``rope``: ``(k, v, cos, sin, positions, slot_mapping)`` of the step's new tokens, as
     :func:`acb.kernels.fused.rope_and_cache` takes them, with ``q`` before rotary: the kernel rotates q (in registers;
-    ``q`` itself is left as it is) and k, and writes k and v to the cache, one kernel instead of two per layer. With
-    ``rope``, q, k and v may also be float32 partial sums ``[P, B, heads, D]`` of a split-K Q/K/V projection, views of
-    one ``[P, B, N]`` tensor (:class:`acb.kernels.projection.SplitProjection`): the kernel adds each value's P parts in
-    order and rounds the sum to the cache's dtype as it reads it, so no kernel sums them before (the output, ``out``,
-    is in the cache's dtype).
+    ``q`` itself is left as it is) and k, and writes k and v to the cache, one kernel instead of two per layer.
 
     ``qk_norm``: ``(q weight, k weight, eps)`` of per-head RMSNorms (Qwen3, Gemma 3) that ``q`` and the new key
     (``rope``'s ``k``, which it needs) have not had yet: the kernel applies them before rotary, in registers, where
@@ -245,20 +226,10 @@ def paged_decode(
         raise ValueError("qk_norm comes with rope: the kernel norms the new key it writes to the cache")
     if rope is not None and new_kv is not None:
         raise ValueError("rope or new_kv, not both: rope's keys and values are the new ones")
-    parts, s_part = 0, 0
-    if q.dim() == 4:  # partial sums of q, k and v
-        if rope is None:
-            raise ValueError("partial sums of q come with rope: the kernel sums the new key and value too")
-        k, v = rope[0], rope[1]
-        if not (q.dtype == k.dtype == v.dtype == torch.float32 and q.stride(0) == k.stride(0) == v.stride(0)):
-            raise ValueError("q, k and v as partial sums: float32 views of one [parts, rows, N] tensor")
-        parts, s_part = q.shape[0], q.stride(0)
-        q, rope = q[0], (k[0], v[0], *rope[2:])
     bsz, heads, dim = q.shape
     kvh = kv.shape[3]
     group = heads // kvh
-    if out is None:
-        out = torch.empty(q.shape, dtype=kv.dtype, device=q.device) if parts else torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     if splits == 1:  # no partial states: the kernel writes ``out`` (which also stands in for the unused pointers)
         op = mp = lp = out
     elif workspace is None:
@@ -268,14 +239,14 @@ def paged_decode(
     else:
         op, mp, lp = (w[:bsz] for w in workspace)
     kc, vc = kv[0], kv[1]
-    block_n, warps, stages = tile or _decode_tile(out)  # (the model's dtype, which partial sums are not)
+    block_n, warps, stages = tile or _decode_tile(q)
     if rope is not None:
         kn, vn, cos, sin, positions, slots = rope
     elif new_kv is not None:
         (kn, vn, slots), cos, sin, positions = new_kv, q, q, seq_lens
     else:
         kn, vn, cos, sin, positions, slots = q, q, q, q, seq_lens, seq_lens
-    if (kn.stride(-1) != 1 or vn.stride(-1) != 1) and not parts:
+    if kn.stride(-1) != 1 or vn.stride(-1) != 1:
         kn, vn = kn.contiguous(), vn.contiguous()
     qw, kw, eps = qk_norm if qk_norm is not None else (q, q, 0.0)
     launch = pdl_launch(pdl)
@@ -283,12 +254,12 @@ def paged_decode(
         q, kc, vc, block_tables, seq_lens, op, mp, lp, out, scale, kn, vn, cos, sin, positions, slots, qw, kw, eps,
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
         op.stride(0), op.stride(1), op.stride(2), mp.stride(0), mp.stride(1), out.stride(0), out.stride(1),
-        kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), cos.stride(0), s_part,
+        kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), cos.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim, D_PAD=triton.next_power_of_2(dim),
-        BLOCK_N=block_n, PAGE=kv.shape[2], SPLITS=splits, WINDOW=window,
-        PRECISION="ieee" if out.dtype == torch.float32 else "tf32", ROPE=rope is not None, QK_NORM=qk_norm is not None,
-        NEW_KV=rope is not None or new_kv is not None, PARTS=parts, PDL=pdl, num_warps=warps, num_stages=stages,
-        **launch,
+        BLOCK_N=block_n, PAGE=kv.shape[2],
+        SPLITS=splits, WINDOW=window, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", ROPE=rope is not None,
+        QK_NORM=qk_norm is not None, NEW_KV=rope is not None or new_kv is not None, PDL=pdl, num_warps=warps,
+        num_stages=stages, **launch,
     )  # fmt: skip
     if splits == 1:  # the split kernel wrote the output
         return out

@@ -103,12 +103,11 @@ if _GLUON is None:
             _tma_load(wdesc, [n0, k], ready.index(s), ring_w.index(s))
 
     @gluon.jit
-    def _consumer(ring_w, ring_x, ready, empty, OUT, BIAS, n0, split, M, N, STAGES: gl.constexpr,
-                  HAS_BIAS: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    def _consumer(ring_w, ring_x, ready, empty, OUT, n0, split, M, N, STAGES: gl.constexpr, PDL: gl.constexpr,
+                  num_warps: gl.constexpr):  # fmt: skip
         """The default warpgroup: ``acc[BN, ROWS] += W_tile @ x_tile^T`` per stage, one product in flight, each slot
-        freed when the product that read it is done; then ``OUT[split, m, n0 + i] = acc[i, m]`` for ``m < M``, the
-        bias (HAS_BIAS) added into split 0's. PDL level 2 or more: once the first stage is in (so the producer has
-        waited), the next kernel may launch."""
+        freed when the product that read it is done; then ``OUT[split, m, n0 + i] = acc[i, m]`` for ``m < M``.
+        PDL level 2 or more: once the first stage is in (so the producer has waited), the next kernel may launch."""
         depth: gl.constexpr = ring_w.type.shape[0]
         BN: gl.constexpr = ring_w.type.shape[1]
         ROWS: gl.constexpr = ring_x.type.shape[1]
@@ -128,15 +127,12 @@ if _GLUON is None:
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         rn = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
         rm = gl.arange(0, ROWS, layout=gl.SliceLayout(0, MMA))
-        if HAS_BIAS:
-            bias = gl.load(BIAS + rn).to(gl.float32) * (split == 0).to(gl.float32)
-            acc = acc + gl.expand_dims(bias, 1)
         ptr = OUT + split * M * N + rm[None, :] * N + rn[:, None]
         gl.store(ptr, acc, mask=(rm < M)[None, :])
 
     @gluon.jit
-    def _split_projection_kernel(wdesc, xdesc, OUT, BIAS, M, N, STAGES: gl.constexpr, DEPTH_: gl.constexpr,
-                                 HAS_BIAS: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    def _split_projection_kernel(wdesc, xdesc, OUT, M, N, STAGES: gl.constexpr, DEPTH_: gl.constexpr,
+                                 PDL: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
         """Program ``pid``: weight rows ``(pid % tiles) * BN ..`` times split ``pid // tiles`` of K."""
         BN: gl.constexpr = wdesc.block_type.shape[0]
         ROWS: gl.constexpr = xdesc.block_type.shape[0]
@@ -152,7 +148,7 @@ if _GLUON is None:
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=1)
         gl.warp_specialize([
-            (_consumer, (ring_w, ring_x, ready, empty, OUT, BIAS, n0, split, M, N, STAGES, HAS_BIAS, PDL, num_warps)),
+            (_consumer, (ring_w, ring_x, ready, empty, OUT, n0, split, M, N, STAGES, PDL, num_warps)),
             (_producer, (wdesc, xdesc, ring_w, ring_x, ready, empty, n0, split * STAGES * BK, STAGES, PDL)),
         ], [1], [24])  # fmt: skip
 
@@ -169,25 +165,17 @@ def unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
     return _GLUON
 
 
-def choose(
-    layers: list[tuple[tuple[torch.Tensor, torch.Tensor | None], ...]],
-    tensor_parallel: bool = False,
-    make=None,
-    pdl: int = 0,
-):
-    """Each layer's projections and why not: ``(projections, reason)``. ``layers``: per layer, a tuple of ``(weight,
-    bias or None)`` (the lean model's Q/K/V, output and down projections), or None for one that keeps cuBLAS.
-    ``projections``: per layer, a tuple of the same length (None for those and for a weight whose shape the tiles
-    do not divide, which keep cuBLAS); ``reason`` None, or the
+def choose(weights: list[tuple[torch.Tensor, torch.Tensor]], tensor_parallel: bool = False, make=None, pdl: int = 0):
+    """Each layer's (output, down) projections and why not: ``(projections, reason)``, ``projections`` a list of
+    pairs (None for a weight whose shape the tiles do not divide, which keeps cuBLAS) and ``reason`` None, or the
     list empty and ``reason`` why the kernel does not run here: the device, the dtype, ``tensor_parallel`` (each
     rank's partial sums go to the all-reduce), ``ACB_SPLIT_PROJECTIONS=0``, or a failure to build. Gluon is Triton's
     experimental dialect and its API moves between releases, so each projection is built and run once on a zero row
     here: on a Triton the kernel does not build on, the engine keeps cuBLAS and says why instead of failing a step.
-    ``make``: projections of another kind (the CPU tests' :class:`TorchSplitProjection`), called as ``make(weight,
-    bias=bias)``. ``pdl``: the kernel's projections launch under programmatic dependent launch at that level
-    (:class:`SplitProjection`)."""
-    w = next(wb[0] for wb in layers[0] if wb is not None)
+    ``make``: projections of another kind (the CPU tests' :class:`TorchSplitProjection`), taken as they are.
+    ``pdl``: the kernel's projections launch under programmatic dependent launch (:class:`SplitProjection`)."""
     if make is None:
+        w = weights[0][0]
         reason = unavailable(w.device, w.dtype)
         if reason is None and tensor_parallel:
             reason = "tensor parallelism (each rank's partial sums go to the all-reduce)"
@@ -195,16 +183,16 @@ def choose(
             reason = "ACB_SPLIT_PROJECTIONS=0"
         if reason is not None:
             return [], reason
-        build, fits = (lambda w, bias: SplitProjection(w, pdl=pdl, bias=bias)), SplitProjection.fits
+    if make is None:
+        build, fits = (lambda w: SplitProjection(w, pdl=pdl)), SplitProjection.fits
     else:
         build, fits = make, getattr(make, "fits", lambda n, k: None)
     try:
-        projections = [tuple(None if wb is None or fits(*wb[0].shape) else build(wb[0], bias=wb[1]) for wb in ws)
-                       for ws in layers]  # fmt: skip
+        projections = [tuple(build(w) if fits(*w.shape) is None else None for w in pair) for pair in weights]
         if make is None:
-            for proj in (p for ps in projections for p in ps if p is not None):
+            for proj in (p for pair in projections for p in pair if p is not None):
                 proj(torch.zeros(1, proj.k, dtype=proj.dtype, device=proj.weight.device))
-            torch.cuda.synchronize(w.device)
+            torch.cuda.synchronize(weights[0][0].device)
     except Exception as exc:  # noqa: BLE001 (whatever fails in the experimental kernel means: not here)
         if make is not None:
             raise
@@ -227,16 +215,8 @@ class SplitProjection:
     Built once per weight (the weight's TMA descriptor and the tiling are fixed); :meth:`fits` says whether a shape
     can take it, and a call returns the partials, which :func:`acb.kernels.fused.add_rmsnorm` sums."""
 
-    def __init__(
-        self,
-        w: torch.Tensor,
-        splits: int | None = None,
-        depth: int | None = None,
-        pdl: int = 0,
-        bias: torch.Tensor | None = None,
-    ):
+    def __init__(self, w: torch.Tensor, splits: int | None = None, depth: int | None = None, pdl: int = 0):
         """``splits`` and ``depth``: the split count and the ring's slots instead of the defaults (bench.wsgemm).
-        ``bias`` ``[N]``: added into the first split's partial sums (so the partials sum to ``x @ w.T + bias``).
         ``pdl`` (a level of :func:`acb.kernels.pdl_choice`): every call launches under programmatic dependent
         launch: each program copies its first weight boxes while the kernel before (which writes the input) may
         still run, then waits for it; from level 2 it lets the next kernel launch right after."""
@@ -252,7 +232,6 @@ class SplitProjection:
         self.stages = k // self.splits // K_BOX
         self.depth = depth  # None: by the box of rows (__call__)
         self.pdl = pdl
-        self.bias = bias
         self.weight = w  # the descriptor holds its pointer
         self.wdesc = TensorDescriptor.from_tensor(w, [self.bn, K_BOX], _layout([self.bn, K_BOX], w.dtype))
 
@@ -276,8 +255,8 @@ class SplitProjection:
         xdesc = TensorDescriptor.from_tensor(x, [rows, K_BOX], _layout([rows, K_BOX], x.dtype))
         out = torch.empty(self.splits, m, self.n, dtype=torch.float32, device=x.device)
         _split_projection_kernel[(self.n // self.bn * self.splits,)](
-            self.wdesc, xdesc, out, out if self.bias is None else self.bias, m, self.n, self.stages, depth,
-            self.bias is not None, self.pdl, num_warps=4, maxnreg=MAXNREG, **pdl_launch(self.pdl),
+            self.wdesc, xdesc, out, m, self.n, self.stages, depth, self.pdl, num_warps=4, maxnreg=MAXNREG,
+            **pdl_launch(self.pdl),
         )  # fmt: skip
         return out
 
@@ -287,17 +266,14 @@ class TorchSplitProjection:
     of :class:`SplitProjection`'s output, and the projections with which the CPU tests run the lean model's split
     data path (:meth:`acb.lean_model.LeanCausalLM.use_split_projections`)."""
 
-    def __init__(self, w: torch.Tensor, splits: int = 3, bias: torch.Tensor | None = None):
-        self.weight, self.bias = w, bias
+    def __init__(self, w: torch.Tensor, splits: int = 3):
+        self.weight = w
         self.splits = next(s for s in range(splits, 0, -1) if w.shape[1] % s == 0)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         share = self.weight.shape[1] // self.splits
-        parts = torch.stack([x[:, i * share : (i + 1) * share].float() @ self.weight[:, i * share : (i + 1) * share]
-                             .float().T for i in range(self.splits)])  # fmt: skip
-        if self.bias is not None:
-            parts[0] += self.bias.float()
-        return parts
+        return torch.stack([x[:, i * share : (i + 1) * share].float() @ self.weight[:, i * share : (i + 1) * share]
+                            .float().T for i in range(self.splits)])  # fmt: skip
 
 
 def _splits(n: int, k: int, bn: int, sms: int) -> int:

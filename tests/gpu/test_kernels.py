@@ -54,7 +54,6 @@ BF16_ARITHMETIC = {
     "test_decode_with_another_tile_matches_reference", "test_decode_with_qk_norm_equals_the_norms_then_rope_and_decode",
     "test_prefill_matches_reference_on_mixed_steps", "test_rotary_equals_transformers_apply_rotary_pos_emb",
     "test_gate_up_act_equals_the_projection_then_the_activation",
-    "test_decode_of_qkv_partial_sums_equals_decode_of_their_sum",
 }  # fmt: skip
 
 
@@ -166,18 +165,9 @@ def test_decode_with_rope_equals_rope_and_cache_then_decode(dtype, heads, kv_hea
 @pytest.mark.parametrize("heads, kv_heads, dim", [(32, 8, 64), (12, 2, 128), (4, 1, 256), (32, 32, 96)])
 @pytest.mark.parametrize("splits", [1, 3, 9])
 @pytest.mark.parametrize("level", [1, 2])
-@pytest.mark.parametrize("projection", ["matmul", "split"])
-def test_decode_under_pdl_after_the_projection_that_writes_q_equals_plain_launches(
-    heads, kv_heads, dim, splits, level, projection
-):
-    """``pdl`` (each level) in a CUDA graph of layers, each a projection writing q, k and v then the decode kernel
-    (the lean path's order): the same output and cache bits as plain launches. The projection: a matmul (cuBLAS,
-    plain launches), or on Hopper the split-K kernel under PDL at the same level, whose partial sums the decode
-    kernel adds up (copying its first weights before its wait)."""
-    if projection == "split" and torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the split-K projection needs a Hopper GPU")
-    from acb.kernels.projection import SplitProjection
-
+def test_decode_under_pdl_after_the_projection_that_writes_q_equals_plain_launches(heads, kv_heads, dim, splits, level):
+    """``pdl`` (each level) in a CUDA graph of layers, each a matmul writing q, k and v then the decode kernel (the
+    lean path's order): the same output and cache bits as plain launches."""
     ctx = [1, 2, 15, 16, 17, 64, 65, 100, 257, 300]
     bs, layers, hidden = 16, 4, 1024
     cache, meta, _ = _setup(ctx, [1] * len(ctx), heads, kv_heads, dim, bs, torch.bfloat16, seed=7)
@@ -190,19 +180,14 @@ def test_decode_under_pdl_after_the_projection_that_writes_q_equals_plain_launch
     def run(pdl: int) -> tuple[list[torch.Tensor], torch.Tensor]:
         kv = start.clone()
         qkv = torch.empty(len(ctx), n, device=DEVICE, dtype=torch.bfloat16)
-        outs = [torch.empty(len(ctx), heads, dim, device=DEVICE, dtype=torch.bfloat16) for _ in range(layers)]
-        splits_of = [SplitProjection(w.T.contiguous(), pdl=pdl) for w in weights] if projection == "split" else []
-
-        def heads_of(t):
-            a, b, c = t.split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
-            return a.unflatten(-1, (heads, dim)), b.unflatten(-1, (kv_heads, dim)), c.unflatten(-1, (kv_heads, dim))
+        q = qkv[:, : heads * dim].view(-1, heads, dim)
+        k = qkv[:, heads * dim : (heads + kv_heads) * dim].view(-1, kv_heads, dim)
+        v = qkv[:, (heads + kv_heads) * dim :].view(-1, kv_heads, dim)
+        outs = [torch.empty_like(q) for _ in range(layers)]
 
         def step():
-            for i, (w, out) in enumerate(zip(weights, outs)):
-                if splits_of:
-                    q, k, v = heads_of(splits_of[i](x))
-                else:
-                    q, k, v = heads_of(torch.mm(x, w, out=qkv))
+            for w, out in zip(weights, outs):
+                torch.mm(x, w, out=qkv)
                 paged_decode(q, kv, meta.block_tables, lens, 0.125, splits, out=out, pdl=pdl,
                              rope=(k, v, cos, sin, pos, slots))  # fmt: skip
 
@@ -251,48 +236,6 @@ def test_decode_with_qk_norm_equals_the_norms_then_rope_and_decode(dtype, heads,
     torch.testing.assert_close(got, want, **tol)
     with pytest.raises(ValueError, match="rope"):
         paged_decode(q, cache.layers[0], meta.block_tables, lens, 0.125, splits, qk_norm=(qw, kw, 1e-6))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("heads, kv_heads, dim", [(8, 2, 64), (8, 8, 96), (4, 1, 256)])
-@pytest.mark.parametrize("splits", [1, 3])
-@pytest.mark.parametrize("parts", [1, 3])
-@pytest.mark.parametrize("qk_norm", [False, True])
-def test_decode_of_qkv_partial_sums_equals_decode_of_their_sum(dtype, heads, kv_heads, dim, splits, parts, qk_norm):
-    """The lean path's decode steps on Hopper: q, k and v as float32 partial sums of the split Q/K/V projection
-    (views of one ``[parts, rows, q + 2 kv]`` tensor), which the kernel adds in order and rounds to the cache's dtype
-    as it reads them: the same attention and cache bits as the kernel given those sums, rounded; the partials
-    themselves untouched. Partial sums without rope, or not float32 views of one tensor, are refused."""
-    ctx = [1, 15, 16, 17, 64, 65, 100, 257]
-    bs = 16
-    cache, meta, _ = _setup(ctx, [1] * len(ctx), heads, kv_heads, dim, bs, dtype, seed=8)
-    cos, sin, lens, pos, slots = _decode_step(ctx, meta, dim, bs)
-    n = (heads + 2 * kv_heads) * dim
-    qkv = torch.randn(parts, len(ctx), n, device=DEVICE) * 2
-    whole = qkv[0].clone()
-    for i in range(1, parts):  # in order, as the kernel adds them
-        whole += qkv[i]
-    whole = whole.to(dtype)
-    views = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
-    q, k, v = (t.unflatten(-1, (-1, dim)) for t in views)
-    wq, wk, wv = (t.unflatten(-1, (-1, dim)) for t in whole.split([heads * dim, kv_heads * dim, kv_heads * dim], -1))
-    norms = None
-    if qk_norm:
-        norms = ((torch.rand(dim, device=DEVICE) + 0.5).to(dtype), (torch.rand(dim, device=DEVICE) + 0.5).to(dtype),
-                 1e-6)  # fmt: skip
-    ref_cache = cache.layers[0].clone()
-    want = paged_decode(wq, ref_cache, meta.block_tables, lens, 0.125, splits, rope=(wk, wv, cos, sin, pos, slots),
-                        qk_norm=norms)  # fmt: skip
-    qkv_in = qkv.clone()
-    got = paged_decode(q, cache.layers[0], meta.block_tables, lens, 0.125, splits, rope=(k, v, cos, sin, pos, slots),
-                       qk_norm=norms)  # fmt: skip
-    assert got.dtype == dtype and torch.equal(qkv, qkv_in)
-    assert torch.equal(cache.layers[0], ref_cache) and torch.equal(got, want)
-    with pytest.raises(ValueError, match="rope"):
-        paged_decode(q, cache.layers[0], meta.block_tables, lens, 0.125, splits)
-    with pytest.raises(ValueError, match="views of one"):
-        paged_decode(q, cache.layers[0], meta.block_tables, lens, 0.125, splits,
-                     rope=(k.contiguous(), v, cos, sin, pos, slots))  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -579,9 +522,6 @@ def test_split_projection_matches_a_float32_product(dtype, n, k, rows):
     torch.testing.assert_close(again.sum(0), want[: max(1, rows - 1)], atol=2e-3, rtol=2e-3)
     with pytest.raises(ValueError):
         proj(torch.randn(65, k, device=DEVICE).to(dtype))
-    bias = torch.randn(n, device=DEVICE).to(dtype)  # (Qwen2's Q/K/V): added into the first split's partials only
-    with_bias = SplitProjection(w, bias=bias)(x)
-    assert torch.equal(with_bias[0], parts[0] + bias.float()) and torch.equal(with_bias[1:], parts[1:])
 
 
 @pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.get_device_capability()[0] != 9, reason="needs a Hopper GPU")
