@@ -17,7 +17,7 @@ import os
 
 import torch
 
-__all__ = ["decode_splits", "pdl_choice", "pdl_launch", "PDL_WAIT", "PDL_EARLY", "PDL_EARLY_WEIGHTS"]
+__all__ = ["decode_splits", "pdl_choice", "pdl_launch", "PDL_WAIT", "PDL_EARLY"]
 
 
 def decode_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int = 132) -> int:
@@ -39,8 +39,6 @@ PDL_EARLY = 2
 """PDL level 2: each kernel also lets the next launch as soon as it has waited (``gdc_launch_dependents``), so the
 next kernel's programs take the SMs it leaves free while it works: the split projections copy their first weight
 boxes then, the others get their launch out of the way."""
-PDL_EARLY_WEIGHTS = 3
-"""PDL level 3: level 2, and gate/up loads its first tile of weights before it waits."""
 
 
 def pdl_launch(on: int) -> dict:
@@ -58,8 +56,7 @@ def pdl_choice(device: torch.device, tensor_parallel: bool) -> tuple[int, str | 
     before it reads or writes anything the kernel before could touch. The norms, gate/up, attention (split and
     merge) and the split projections take it; cuBLAS's GEMMs keep plain launches, so a kernel after one starts only
     as it ends. Hopper or later, one rank (the all-reduces of tensor parallelism between them were not measured).
-    ``ACB_PDL``: ``0`` off, ``1`` (:data:`PDL_WAIT`), ``2`` (:data:`PDL_EARLY`, the default) or ``3``
-    (:data:`PDL_EARLY_WEIGHTS`)."""
+    ``ACB_PDL``: ``0`` off, ``1`` (:data:`PDL_WAIT`) or ``2`` (:data:`PDL_EARLY`, the default)."""
     if device.type != "cuda":
         return 0, "not a CUDA device"
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -70,8 +67,8 @@ def pdl_choice(device: torch.device, tensor_parallel: bool) -> tuple[int, str | 
     if tensor_parallel:
         return 0, "tensor parallelism"
     env = os.environ.get("ACB_PDL", str(PDL_EARLY))
-    if env not in ("0", "1", "2", "3"):
-        raise ValueError(f"ACB_PDL is 0, 1, 2 or 3, not {env!r}")
+    if env not in ("0", "1", "2"):
+        raise ValueError(f"ACB_PDL is 0, 1 or 2, not {env!r}")
     if env == "0":
         return 0, "ACB_PDL=0"
     return int(env), None

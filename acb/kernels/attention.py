@@ -53,9 +53,9 @@ def _decode_split_kernel(
 ):  # fmt: skip
     # PDL (launched under programmatic dependent launch, Hopper; acb.kernels.pdl_choice's level): wait for the kernel
     # before first thing; at level 1 let the merge kernel launch once this program's state is stored, from level 2
-    # right after the wait. (Reading the lengths and block tables and asking L2
-    # for the chunk's keys and values before the wait was slower: the Q/K/V GEMM before it, cuBLAS, lets the kernel
-    # launch only as its own programs end, so that work did not overlap it; docs/benchmarks.md, session 29.)
+    # right after the wait. (Reading the lengths and block tables and asking L2 for the chunk's keys and values
+    # before the wait was slower: the Q/K/V GEMM before it, cuBLAS, lets the kernel launch only as its own programs
+    # end, so that work did not overlap it; docs/benchmarks.md, session 29.)
     # NEW_KV: KN/VN hold the new token's key and value, not yet in the cache: the program whose chunk holds the new
     # position writes them to the cache slot SLOT[b], before its own loop reads them. ROPE (with NEW_KV): Q and KN
     # come before rotary embedding; every program rotates its query heads in registers, and the key is rotated

@@ -277,8 +277,12 @@ def _gate_up_act_kernel(
 ):  # fmt: skip
     """``OUT[:, n] = act(X @ G[n]) * (X @ U[n])`` for this program's BLOCK_N columns n and BLOCK_M rows: one pass
     over the gate weights' rows and the matching up rows, the activation in the epilogue. The products are rounded
-    to OUT's dtype before the activation, as a GEMM writing them out would. PDL: see :func:`add_rmsnorm`; at level
-    3 the program loads its first tile of weights (which no kernel writes) before it waits, where K allows."""
+    to OUT's dtype before the activation, as a GEMM writing them out would. PDL: see :func:`add_rmsnorm`. (Loading
+    the first tile of weights before the wait gained nothing: docs/benchmarks.md, session 30.)"""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    if PDL >= 2:
+        tl.extra.cuda.gdc_launch_dependents()
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -291,25 +295,7 @@ def _gate_up_act_kernel(
     cols = rn[:, None] < N
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_first = 0
-    if PDL >= 3:  # (EVEN: the wrapper passes 3 only then) the first tile's weights before the wait, its product after
-        wg = tl.load(gp)
-        wu = tl.load(up)
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-        x = tl.load(xp, mask=rows, other=0.0)
-        acc_g = tl.dot(x, tl.trans(wg), acc_g, input_precision=PRECISION)
-        acc_u = tl.dot(x, tl.trans(wu), acc_u, input_precision=PRECISION)
-        xp += BLOCK_K
-        gp += BLOCK_K
-        up += BLOCK_K
-        k_first = BLOCK_K
-    else:
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-        if PDL >= 2:
-            tl.extra.cuda.gdc_launch_dependents()
-    for k0 in range(k_first, K, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         if EVEN:  # K a multiple of BLOCK_K, N of BLOCK_N: only the rows are masked
             x = tl.load(xp, mask=rows, other=0.0)
             wg = tl.load(gp)
@@ -347,8 +333,7 @@ def gate_up_act(
     """``act(x @ gate.T) * (x @ up.T)`` for ``w = [gate | up]`` of shape ``[2 * I, K]`` (or ``w = gate`` and ``up``
     apart, each ``[I, K]``, as transformers' MLP modules hold them) and at most :data:`GATE_UP_ROWS` rows of
     ``x [M, K]``; ``activation``: ``"silu"`` or ``"gelu_tanh"``. One kernel where cuBLAS + :func:`silu_mul` take two
-    and write the ``[M, 2 * I]`` product out between them. ``pdl``: as :func:`add_rmsnorm`'s; at level 3 each
-    program loads its first tile of weights before it waits."""
+    and write the ``[M, 2 * I]`` product out between them. ``pdl``: as :func:`add_rmsnorm`'s."""
     rows, k = x.shape
     if up is None:
         w, up = w.chunk(2)
@@ -364,16 +349,14 @@ def gate_up_act(
         block_n, block_k, warps, stages = _GATE_UP_WIDE
     block_k = block_k * 2 // x.element_size()
     stage = (block_m + 2 * block_n) * block_k * x.element_size()
-    even = k % block_k == 0 and inter % block_n == 0
-    early = pdl >= 3 and even  # the first tile loaded before the wait, its product staged outside the loop's ring
-    stages = max(2, min(stages, shared // stage - early))  # what shared memory holds (A100: 164 KB, H100: 227 KB)
+    stages = max(2, min(stages, shared // stage))  # what shared memory holds (an A100 has 164 KB, an H100 227 KB)
     x = x.contiguous()
     out = torch.empty(rows, inter, dtype=x.dtype, device=x.device)
     _gate_up_act_kernel[(triton.cdiv(rows, block_m), triton.cdiv(inter, block_n))](
         x, w, up, out, rows, inter, k, x.stride(0), w.stride(0), up.stride(0), out.stride(0),
-        ACT=0 if activation == "silu" else 1, EVEN=even, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PDL=3 if early else min(int(pdl), 2),
-        num_warps=warps, num_stages=stages,
+        ACT=0 if activation == "silu" else 1, EVEN=k % block_k == 0 and inter % block_n == 0,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl, num_warps=warps, num_stages=stages,
         **pdl_launch(pdl),
     )  # fmt: skip
     return out
