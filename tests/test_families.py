@@ -401,8 +401,7 @@ def test_a_split_kernel_that_does_not_build_keeps_cublas_and_says_why(monkeypatc
 def test_where_the_lean_kernels_launch_under_pdl(monkeypatch):
     """Programmatic dependent launch is chosen once, when the lean model picks its kernels: CUDA cards of compute
     capability 9.0 or later, one rank, at the level ACB_PDL names (2 by default, 1, or 0: off; anything else is an
-    error);
-    the reason says why not. (The CPU tests' kernels, under Triton's interpreter, never take it.)"""
+    error); the reason says why not. (The CPU tests' kernels, under Triton's interpreter, never take it.)"""
     from acb.kernels import PDL_EARLY, pdl_choice
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
