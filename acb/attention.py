@@ -47,6 +47,7 @@ class AttentionMetadata:
     device_query_start_loc: torch.Tensor | None = None  # [B + 1]
     max_query_len: int = 0
     decode_splits: int = 0  # > 0 in a decode-only step: the split decode kernel
+    pdl: int = 0  # the decode kernel's PDL level (acb.kernels.pdl_choice)
     prefill_map: torch.Tensor | None = None  # the prefill kernel's programs, made by the step's first layer
 
 
@@ -75,7 +76,7 @@ def paged_attention_forward(
     kernels = meta.kernels is not None and softcap is None  # the paged Triton kernels (no soft-capping in them)
     if kernels and meta.decode_splits:  # the decode kernel writes the new keys and values to the cache itself
         out = meta.kernels.paged_decode(q, kv, meta.block_tables, meta.device_seq_lens, scale, meta.decode_splits,
-                                        window=window or 0, new_kv=(k, v, meta.slot_mapping))  # fmt: skip
+                                        window=window or 0, new_kv=(k, v, meta.slot_mapping), pdl=meta.pdl)  # fmt: skip
         return out.unsqueeze(0), None
     meta.kv_cache.write(module.layer_idx, k, v, meta.slot_mapping)
     if kernels:

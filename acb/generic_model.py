@@ -4,7 +4,7 @@ Models without a family adapter (:mod:`acb.families`) run here, and so does ever
 Their attention layers call :func:`acb.attention.paged_attention_forward`, which on CUDA runs the Triton kernels of
 :mod:`acb.kernels.attention` and elsewhere the plain-torch reference.
 
-On CUDA two things make these modules cheaper without changing what they compute:
+On CUDA acb makes these modules cheaper without changing what they compute:
 
 - RMSNorm modules run acb's fused kernel (one kernel instead of about six): each norm is checked at start, on a
   random input of its width, against its own forward, as ``w * norm(x)`` (Llama's) or ``(1 + w) * norm(x)`` (Gemma's);
@@ -18,6 +18,11 @@ On CUDA two things make these modules cheaper without changing what they compute
   model, once it is checked at start against the module's own function on random inputs of the model's geometry. The
   module keeps the replacement while an engine uses it; outside acb's forwards it calls its own function;
 - the decode kernel writes the step's new keys and values to the cache itself (no separate cache write);
+- these kernels (the norms, gate/up, rotary, the decode kernel and its split merge) launch under programmatic
+  dependent launch at the lean path's level (:func:`acb.kernels.pdl_choice`, ``ACB_PDL``): each may launch while the
+  kernel before it ends, and waits for it before it reads or writes anything. transformers' GEMMs and element-wise
+  ops launch plainly, so the overlap is where two of acb's kernels meet (the norm and gate/up; rotary, attention and
+  its merge);
 - the decode step is captured in CUDA graphs like the lean path's (:mod:`acb.cuda_graphs`), when nothing in the
   model needs the host in the middle of a forward. Two things can:
 
@@ -40,6 +45,7 @@ from collections.abc import Iterator
 import torch
 
 from .attention import AttentionMetadata
+from .kernels import pdl_choice
 from .kv_cache import KVCache, ModelShape
 from .lean_model import pad_rows
 from .step_inputs import DeviceStep
@@ -64,6 +70,8 @@ class GenericCausalLM:
         self.fused_mlps: list[torch.nn.Module] = []
         self.fused_rotary: list[object] = []  # modeling modules whose apply_rotary_pos_emb runs the kernel
         self.row_buckets: list[int] | None = None  # the decode graphs' row counts (set by the runner)
+        # the PDL level of acb's kernels in this model (its norms, gate/up, rotary, attention), and why not
+        self.pdl, self.pdl_reason = pdl_choice(device, tensor_parallel=False)
         if device.type == "cuda":
             self.fuse_norms()
             self.fuse_mlps()
@@ -89,7 +97,7 @@ class GenericCausalLM:
                     continue
                 for w in (weight, 1.0 + weight.float()):
                     if torch.allclose(add_rmsnorm(x, None, w, eps), want, rtol=1e-2, atol=1e-2):
-                        m.forward = _fused_norm(m.forward, w, eps, add_rmsnorm)
+                        m.forward = _fused_norm(m.forward, w, eps, add_rmsnorm, self.pdl)
                         self.fused_norms.append(m)
                         break
 
@@ -112,7 +120,7 @@ class GenericCausalLM:
                 got = m.down_proj(gate_up_act(x, gate, activation, up=up))
             tol = 1e-5 if gate.dtype == torch.float32 else 1e-2
             if want.shape == got.shape and torch.allclose(got, want, rtol=tol, atol=tol):
-                m.forward = _fused_mlp(m.forward, m, activation, gate_up_act)
+                m.forward = _fused_mlp(m.forward, m, activation, gate_up_act, self.pdl)
                 self.fused_mlps.append(m)
 
     def fuse_rotary(self) -> None:
@@ -197,8 +205,9 @@ class GenericCausalLM:
             device_query_start_loc=d.query_start_loc,
             max_query_len=max_query_len,
             decode_splits=decode_splits,
+            pdl=self.pdl,
         )
-        token = _ROTARY.set(bool(self.fused_rotary))
+        token = _ROTARY.set(self.pdl if self.fused_rotary else None)
         try:
             out = self.model(
                 input_ids=d.input_ids[None],
@@ -245,8 +254,9 @@ class GenericCausalLM:
                 c._experts_implementation = impl
 
 
-_ROTARY = contextvars.ContextVar("acb_generic_rotary", default=False)
-"""True inside a forward of a generic model whose modeling modules' rotary runs the kernel."""
+_ROTARY: contextvars.ContextVar[int | None] = contextvars.ContextVar("acb_generic_rotary", default=None)
+"""Inside a forward of a generic model whose modeling modules' rotary runs the kernel: the PDL level the kernel
+launches at (:func:`acb.kernels.pdl_choice`); None everywhere else."""
 
 
 class _FusedRotary:
@@ -258,19 +268,21 @@ class _FusedRotary:
         self.users = 0  # generic models whose check passed and that have not been released
 
     def __call__(self, q, k, cos, sin, *args, **kwargs):
-        if _ROTARY.get() and not args and not kwargs and self.fits(q, k, cos, sin):
-            return self.kernel(q, k, cos, sin)
+        pdl = _ROTARY.get()
+        if pdl is not None and not args and not kwargs and self.fits(q, k, cos, sin):
+            return self.kernel(q, k, cos, sin, pdl=pdl)
         return self.own(q, k, cos, sin, *args, **kwargs)
 
 
-def _fused_norm(own, weight: torch.Tensor, eps: float, kernel):
-    """A norm's forward through the fused kernel, for inputs of the width and dtype it was checked at."""
+def _fused_norm(own, weight: torch.Tensor, eps: float, kernel, pdl: int):
+    """A norm's forward through the fused kernel, for inputs of the width and dtype it was checked at, launched at
+    PDL level ``pdl``."""
     width, dtype = weight.shape[0], own.__self__.weight.dtype
 
     def forward(hidden_states: torch.Tensor) -> torch.Tensor:
         if hidden_states.dtype != dtype or hidden_states.shape[-1] != width:
             return own(hidden_states)
-        return kernel(hidden_states.reshape(-1, width), None, weight, eps).view(hidden_states.shape)
+        return kernel(hidden_states.reshape(-1, width), None, weight, eps, pdl=pdl).view(hidden_states.shape)
 
     return forward
 
@@ -303,9 +315,10 @@ def _gelu_tanh(t: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.gelu(t, approximate="tanh")
 
 
-def _fused_mlp(own, m: torch.nn.Module, activation: str, kernel):
-    """A gated MLP's forward through the gate/up kernel, for steps of at most ``GATE_UP_ROWS`` tokens of the width
-    and dtype it was checked at; its own forward for the rest (prompt steps: cuBLAS's large tiles)."""
+def _fused_mlp(own, m: torch.nn.Module, activation: str, kernel, pdl: int):
+    """A gated MLP's forward through the gate/up kernel (launched at PDL level ``pdl``), for steps of at most
+    ``GATE_UP_ROWS`` tokens of the width and dtype it was checked at; its own forward for the rest (prompt steps:
+    cuBLAS's large tiles)."""
     from .kernels.fused import GATE_UP_ROWS
 
     gate, up = m.gate_proj.weight, m.up_proj.weight
@@ -314,7 +327,7 @@ def _fused_mlp(own, m: torch.nn.Module, activation: str, kernel):
     def forward(x: torch.Tensor) -> torch.Tensor:
         if x.dtype != dtype or x.shape[-1] != width or x.numel() > GATE_UP_ROWS * width:
             return own(x)
-        h = kernel(x.reshape(-1, width), gate, activation, up=up)
+        h = kernel(x.reshape(-1, width), gate, activation, up=up, pdl=pdl)
         return m.down_proj(h).view(*x.shape[:-1], -1)
 
     return forward

@@ -22,6 +22,7 @@ from .config import EngineConfig
 from .cuda_graphs import graph_rows
 from .errors import InvalidConfigError, ModelInUseError
 from .families import adapter, lean_plan
+from .kernels import pdl_words
 from .kernels.projection import MAX_ROWS
 from .kv_cache import KVCache, ModelShape, auto_num_blocks
 from .lean_model import LeanCausalLM
@@ -227,7 +228,9 @@ def _build_runtime(
     if lean is not None and lean.on_cuda and world == 1:  # the decode steps' output and down projections
         how = "split-K kernel" if lean.split_reason is None else f"cuBLAS ({lean.split_reason})"
         why += f"; output and down projections of steps up to {MAX_ROWS} rows: {how}"
-        why += "; programmatic dependent launch: " + (f"level {lean.pdl}" if lean.pdl else f"off ({lean.pdl_reason})")
+        why += "; " + pdl_words(lean.pdl, lean.pdl_reason)
+    elif runner.generic is not None and runner.generic.kernels is not None:  # its norms, gate/up, rotary, attention
+        why += "; " + pdl_words(runner.generic.pdl, runner.generic.pdl_reason)
     model._acb_owner = weakref.ref(runner)
     return Runtime(
         device=device,

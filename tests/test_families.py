@@ -5,6 +5,8 @@ exercised (prompts and outputs longer than the window)."""
 from __future__ import annotations
 
 import asyncio
+import sys
+import types
 
 import pytest
 import torch
@@ -427,6 +429,91 @@ def test_where_the_lean_kernels_launch_under_pdl(monkeypatch):
     assert pdl_choice(cuda, False) == (0, "Triton's interpreter")
 
 
+def test_the_generic_paths_kernels_launch_at_its_pdl_level(monkeypatch):
+    """The generic path chooses its PDL level once, as the lean path does (none on the CPU), and hands it to every
+    kernel of acb it runs: the fused norms and gated MLPs, the rotary kernel inside its forwards, and the decode
+    kernel through the attention's metadata. Recorded here with torch twins of the kernels, whose arithmetic the
+    other tests check."""
+    import torch.nn.functional as F
+
+    import acb.kernels.fused as fused
+    from acb import generic_model
+    from acb.attention import AttentionMetadata, paged_attention_forward
+    from acb.generic_model import GenericCausalLM
+
+    llama = tiny_model("llama")
+    generic = GenericCausalLM(llama, None, torch.device("cpu"))
+    assert (generic.pdl, generic.pdl_reason) == (0, "not a CUDA device")
+    generic.pdl = 2  # as pdl_choice answers on an H100 or H200
+    seen = []
+
+    def norm(x, residual, w, eps, pdl=0):
+        seen.append(("norm", pdl))
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(w.dtype) * w
+
+    def gate_up(x, gate, activation, up, pdl=0):
+        seen.append(("gate/up", pdl))
+        return F.silu(x @ gate.t()) * (x @ up.t())
+
+    def rotary(q, k, cos, sin, pdl=0):
+        seen.append(("rotary", pdl))
+        return own_rotary(q, k, cos, sin)
+
+    module = sys.modules[type(llama.model.layers[0].self_attn).__module__]
+    own_rotary = module.apply_rotary_pos_emb
+    monkeypatch.setattr(fused, "add_rmsnorm", norm)
+    monkeypatch.setattr(fused, "gate_up_act", gate_up)
+    monkeypatch.setattr(fused, "rotary", rotary)
+    monkeypatch.setattr(fused, "rotary_fits", lambda *a: True)
+    try:
+        generic.fuse_norms()
+        generic.fuse_mlps()
+        generic.fuse_rotary()
+        assert generic.fused_norms and generic.fused_mlps and generic.fused_rotary
+        seen.clear()  # the checks at start call the kernels plainly
+        layer, x = llama.model.layers[0], torch.randn(1, 3, 64)
+        layer.input_layernorm(x), layer.mlp(x)
+        q, k, cos = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 3, 16), torch.randn(1, 3, 16)
+        module.apply_rotary_pos_emb(q, k, cos, cos)  # outside acb's forwards: the module's own function
+        token = generic_model._ROTARY.set(generic.pdl)
+        try:
+            module.apply_rotary_pos_emb(q, k, cos, cos)
+        finally:
+            generic_model._ROTARY.reset(token)
+        assert seen == [("norm", 2), ("gate/up", 2), ("rotary", 2)]
+    finally:
+        generic.release()
+
+    class Kernels:  # the decode kernel, as the attention calls it
+        def paged_decode(self, q, kv, tables, lens, scale, splits, window=0, new_kv=None, pdl=0):
+            seen.append(("decode", pdl))
+            return torch.zeros_like(q)
+
+    class KV:
+        layers = [None]
+
+    attn = llama.model.layers[0].self_attn
+    meta = AttentionMetadata(KV(), None, [], [], None, True, kernels=Kernels(), decode_splits=3, pdl=generic.pdl)
+    paged_attention_forward(attn, torch.randn(1, 4, 3, 16), torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16), None,
+                            acb_meta=meta)  # fmt: skip
+    assert seen[-1] == ("decode", 2)
+
+    class Model(torch.nn.Module):  # what a forward of the generic path hands the model
+        config = llama.config
+
+        def forward(self, **kwargs):
+            seen.append(("forward", kwargs["acb_meta"].pdl, generic_model._ROTARY.get()))
+            return types.SimpleNamespace(logits=torch.zeros(1, 1, 8))
+
+    generic.model, generic.fused_rotary = Model(), [module]
+    ids = torch.zeros(1, dtype=torch.long)
+    d = types.SimpleNamespace(input_ids=ids, positions=ids, slot_mapping=None, block_tables=None, seq_lens=None,
+                              query_start_loc=None)  # fmt: skip
+    generic.forward(d, decode_only=True, max_query_len=1, decode_splits=1)
+    assert seen[-1] == ("forward", 2, 2)
+
+
 def test_split_projection_tiling():
     """Which weights the kernel takes (64-row tiles, K in splits of at least four 64-column boxes), and how many
     splits: the fewest that give seven SMs in ten a program on an H200 (132 SMs), as bench.wsgemm --engine chose."""
@@ -596,7 +683,7 @@ def test_only_single_input_norms_that_the_kernel_reproduces_are_fused():
     llama.model.extra = torch.nn.ModuleList([GatedRMSNorm(), BrokenRMSNorm()])
     generic = GenericCausalLM(llama, None, torch.device("cpu"))
 
-    def torch_kernel(x, residual, w, eps):
+    def torch_kernel(x, residual, w, eps, pdl=0):
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(w.dtype) * w
 
@@ -645,7 +732,7 @@ def test_only_gated_mlps_that_the_gate_up_kernel_reproduces_are_fused():
     )
     generic = GenericCausalLM(llama, None, torch.device("cpu"))
 
-    def torch_kernel(x, gate, activation, up):
+    def torch_kernel(x, gate, activation, up, pdl=0):
         act = F.silu if activation == "silu" else (lambda t: F.gelu(t, approximate="tanh"))
         return act(x @ gate.t()) * (x @ up.t())
 
@@ -693,7 +780,7 @@ def forward(self, b, d, j=0):
         fn = module.apply_rotary_pos_emb
         assert isinstance(fn, _FusedRotary) and fn.users == 1
         kernel = fn.kernel
-        fn.kernel = lambda *a: rotary_calls.append(1) or kernel(*a)
+        fn.kernel = lambda *a, **kw: rotary_calls.append(1) or kernel(*a, **kw)
         q, k = torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16)
         fn(q, k, torch.ones(1, 3, 16), torch.zeros(1, 3, 16))  # outside acb's forwards: the module's own function
         assert not rotary_calls

@@ -76,8 +76,8 @@ DECODE_TYPES = {
 @pytest.mark.parametrize("dim, group, splits", [(64, 4, 2), (96, 1, 1), (256, 4, 8)])
 @pytest.mark.parametrize("pdl", [0, 1, 2])
 def test_the_decode_kernel_compiles(rope, qk_norm, new_kv, dim, group, splits, pdl):
-    if pdl and (rope, qk_norm) != (True, True) and new_kv:
-        pytest.skip("the wait does not depend on rope or the q/k norms: the lean path's decode and the plain kernel")
+    if pdl and (rope, qk_norm, new_kv) == (True, False, True):
+        pytest.skip("the wait does not depend on the q/k norms: checked with them, and without rope (generic path)")
     consts = dict(GROUP=group, GROUP_PAD=max(16, group), D=dim, D_PAD=triton.next_power_of_2(dim), BLOCK_N=64,
                   PAGE=16, SPLITS=splits, WINDOW=0, PRECISION="tf32", ROPE=rope, QK_NORM=qk_norm,
                   NEW_KV=new_kv, PDL=pdl)  # fmt: skip
@@ -131,9 +131,10 @@ def test_the_small_kernels_compile():
         _compile(F._argmax_merge_kernel, merge_types, {"CHUNKS_PAD": 32, "INTO": into}, 1)
     step_types = {n: "*i64" for n in S._step_indices_kernel.arg_names[:10]}
     _compile(S._step_indices_kernel, step_types, dict(BS=16, BLOCK=S._BLOCK, COLS=S._COLS))
-    for dim in (64, 96, 256):
-        consts = dict(H=32, H_PAD=32, HKV=8, HKV_PAD=8, D=dim, D_PAD=triton.next_power_of_2(dim))
-        _compile(F._rotary_kernel, {n: "*bf16" for n in ("Q", "K", "COS", "SIN", "QO", "KO")}, consts)
+    for dim, pdl in ((64, 0), (96, 1), (256, 2)):  # the generic path's rotary, at each PDL level
+        consts = dict(H=32, H_PAD=32, HKV=8, HKV_PAD=8, D=dim, D_PAD=triton.next_power_of_2(dim), PDL=pdl)
+        ptx = _compile(F._rotary_kernel, {n: "*bf16" for n in ("Q", "K", "COS", "SIN", "QO", "KO")}, consts)
+        _check_pdl(ptx.asm["ptx"], pdl, trigger_at_exit=True)
     rope_types = {n: "*bf16" for n in ("Q", "K", "V", "KC", "VC")} | {"COS": "*fp32", "SIN": "*fp32", "POS": "*i64",
                                                                       "SLOT": "*i64"}  # fmt: skip
     _compile(F._rope_cache_kernel, rope_types, dict(H=32, H_PAD=32, HKV=8, HKV_PAD=8, HALF=48, HALF_PAD=64))

@@ -17,7 +17,7 @@ import os
 
 import torch
 
-__all__ = ["decode_splits", "pdl_choice", "pdl_launch", "PDL_WAIT", "PDL_EARLY"]
+__all__ = ["decode_splits", "pdl_choice", "pdl_launch", "pdl_words", "PDL_WAIT", "PDL_EARLY"]
 
 
 def decode_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int = 132) -> int:
@@ -72,3 +72,8 @@ def pdl_choice(device: torch.device, tensor_parallel: bool) -> tuple[int, str | 
     if env == "0":
         return 0, "ACB_PDL=0"
     return int(env), None
+
+
+def pdl_words(level: int, reason: str | None) -> str:
+    """:func:`pdl_choice`'s answer as ``path_reason`` says it."""
+    return "programmatic dependent launch: " + (f"level {level}" if level else f"off ({reason})")

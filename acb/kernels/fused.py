@@ -101,10 +101,15 @@ def _rotary_rows(X, OUT, t, s_xt, s_xh, s_ot, s_oh, c, s, d, first, partner, H: 
 def _rotary_kernel(
     Q, K, COS, SIN, QO, KO, s_qt, s_qh, s_kt, s_kh, s_ct, s_st, s_qot, s_qoh, s_kot, s_koh,
     H: tl.constexpr, H_PAD: tl.constexpr, HKV: tl.constexpr, HKV_PAD: tl.constexpr, D: tl.constexpr,
-    D_PAD: tl.constexpr,
+    D_PAD: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One token's query and key heads: ``x * cos + rotate_half(x) * sin``, each product rounded to the dtype and
-    their sum rounded again, as transformers' ``apply_rotary_pos_emb`` computes it in that dtype."""
+    their sum rounded again, as transformers' ``apply_rotary_pos_emb`` computes it in that dtype. PDL: as
+    :func:`_add_rmsnorm_kernel`'s."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    if PDL >= 2:
+        tl.extra.cuda.gdc_launch_dependents()
     t = tl.program_id(0)
     d = tl.arange(0, D_PAD)
     first = d < D // 2
@@ -131,10 +136,12 @@ def rotary_fits(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
     )
 
 
-def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pdl: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' ``apply_rotary_pos_emb(q, k, cos, sin)`` (rotate-half, the whole head) for inputs that
     :func:`rotary_fits`, in one kernel where torch takes about ten; the results are laid out ``[1, T, heads, D]``
-    underneath, which the attention reads without a copy."""
+    underneath, which the attention reads without a copy. ``pdl``: as :func:`add_rmsnorm`'s."""
     _, heads, tokens, dim = q.shape
     kvh = k.shape[1]
     qo = torch.empty(1, tokens, heads, dim, dtype=q.dtype, device=q.device).transpose(1, 2)
@@ -146,7 +153,7 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         q, k, cos, sin, qo, ko, q.stride(2), q.stride(1), k.stride(2), k.stride(1), cos.stride(1), sin.stride(1),
         qo.stride(2), qo.stride(1), ko.stride(2), ko.stride(1),
         H=heads, H_PAD=triton.next_power_of_2(heads), HKV=kvh, HKV_PAD=triton.next_power_of_2(kvh), D=dim,
-        D_PAD=triton.next_power_of_2(dim), num_warps=4, enable_fp_fusion=False,
+        D_PAD=triton.next_power_of_2(dim), PDL=pdl, num_warps=4, enable_fp_fusion=False, **pdl_launch(pdl),
     )  # fmt: skip
     return qo, ko
 

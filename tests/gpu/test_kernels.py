@@ -206,6 +206,56 @@ def test_decode_under_pdl_after_the_projection_that_writes_q_equals_plain_launch
         assert torch.equal(g, w)
 
 
+@pytest.mark.skipif(DEVICE == "cpu" or torch.cuda.get_device_capability() < (9, 0),
+                    reason="programmatic dependent launch: compute capability 9.0 or later")  # fmt: skip
+@pytest.mark.parametrize("heads, kv_heads, dim", [(32, 8, 64), (4, 1, 256)])
+@pytest.mark.parametrize("splits", [1, 9])
+@pytest.mark.parametrize("level", [1, 2])
+def test_the_generic_paths_attention_under_pdl_equals_plain_launches(heads, kv_heads, dim, splits, level):
+    """The generic path's order in a CUDA graph of layers: the norm, a matmul writing q, k and v (cuBLAS, a plain
+    launch), transformers' rotary as acb's kernel, then the decode kernel writing the new keys and values, acb's
+    kernels at PDL ``level``: the same output and cache bits as plain launches."""
+    ctx = [1, 2, 15, 16, 17, 64, 65, 100, 257, 300]
+    bs, layers, hidden, t = 16, 4, 1024, len(ctx)
+    cache, meta, _ = _setup(ctx, [1] * t, heads, kv_heads, dim, bs, torch.bfloat16, seed=7)
+    _, _, lens, _, slots = _decode_step(ctx, meta, dim, bs)
+    n = (heads + 2 * kv_heads) * dim
+    x = torch.randn(t, hidden, device=DEVICE, dtype=torch.bfloat16)
+    norm_w = (torch.rand(hidden, device=DEVICE) + 0.5).to(torch.bfloat16)
+    weights = [torch.randn(hidden, n, device=DEVICE, dtype=torch.bfloat16) / hidden**0.5 for _ in range(layers)]
+    cos, sin = (torch.randn(1, t, dim, device=DEVICE).to(torch.bfloat16) for _ in range(2))
+    start = cache.layers[0].clone()
+
+    def run(pdl: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        kv = start.clone()
+        qkv = torch.empty(t, n, device=DEVICE, dtype=torch.bfloat16)
+        q = qkv[:, : heads * dim].view(1, t, heads, dim).transpose(1, 2)  # as the attention modules pass them
+        k = qkv[:, heads * dim : (heads + kv_heads) * dim].view(1, t, kv_heads, dim).transpose(1, 2)
+        v = qkv[:, (heads + kv_heads) * dim :].view(t, kv_heads, dim)
+        outs = [torch.empty(t, heads, dim, device=DEVICE, dtype=torch.bfloat16) for _ in range(layers)]
+
+        def step():
+            for w, out in zip(weights, outs):
+                torch.mm(add_rmsnorm(x, None, norm_w, 1e-6, pdl=pdl), w, out=qkv)
+                qr, kr = rotary(q, k, cos, sin, pdl=pdl)
+                paged_decode(qr[0].transpose(0, 1), kv, meta.block_tables, lens, 0.125, splits, out=out, pdl=pdl,
+                             new_kv=(kr[0].transpose(0, 1), v, slots))  # fmt: skip
+
+        def reset():
+            for out in outs:
+                out.zero_()
+            kv.copy_(start)
+
+        _replay_once(step, reset)
+        return [o.clone() for o in outs], kv
+
+    want, want_kv = run(0)
+    got, got_kv = run(level)
+    assert torch.equal(got_kv, want_kv)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads, kv_heads, dim", [(8, 2, 64), (8, 8, 96), (4, 1, 256)])
 @pytest.mark.parametrize("splits", [1, 3, 9])  # 9: Gemma 3 1B's at 32 rows, most of them empty at these contexts
