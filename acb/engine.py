@@ -18,31 +18,24 @@ synchronous baseline).
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
-import time
-from collections.abc import Awaitable, Callable
 
-import anyio
 import torch
 
-from . import aio, choices, warmup
+from . import aio, choices
 from .admission import Admission, AdmissionQueue, Prompt, require_params
 from .bridge import CompletionBridge
 from .config import EngineConfig, SamplingParams
 from .delivery import Delivery
 from .detokenizer import text_decoder
 from .errors import (
-    EngineClosedError,
     InvalidRequestError,
-    RequestFailedError,
-    WrongEventLoopError,
 )
-from .model_setup import build_runtime, check_device, default_sampling, eos_ids, load_pretrained, release_model
+from .lifecycle import Lifecycle
+from .model_setup import build_runtime, check_device, default_sampling, eos_ids, load_pretrained
 from .outputs import Completion, EngineStats
 from .sequence import Sequence
-from .stages import Stages
 from .stream import RequestState, RequestStream
 from .tracing import Trace, Tracer
 
@@ -51,7 +44,7 @@ __all__ = ["Engine"]
 log = logging.getLogger("acb")
 
 
-class Engine(Stages):
+class Engine(Lifecycle):
     """An asyncio continuous-batching engine around a transformers causal LM.
 
     While it runs, the engine owns the model: it switches the model's attention to acb's paged attention (run
@@ -127,120 +120,6 @@ class Engine(Stages):
         check_device(config.device, config.tensor_parallel_size)  # before loading the weights
         model, tokenizer = load_pretrained(path_or_id, dtype, trust_remote_code, config.tensor_parallel_size)
         return cls(model, tokenizer, config)
-
-    @property
-    def state(self) -> str:
-        """``"new"``, ``"running"``, ``"closing"``, ``"closed"`` or ``"failed"``."""
-        return self._state
-
-    @property
-    def running(self) -> bool:
-        """Whether the engine accepts requests now."""
-        return self._state == "running"
-
-    # -- lifecycle ----------------------------------------------------------------------------------------------
-
-    async def start(self) -> None:
-        """Start the pipeline tasks on the running event loop. A closed engine starts anew: it takes the model over
-        again and builds a fresh KV cache (what was cached before is gone)."""
-        if self._state == "closed":
-            self._build()
-        if self._state != "new":
-            raise EngineClosedError(f"the engine cannot be started now (it is {self._state})")
-        self._loop = loop = aio.current_loop()
-        self._launched: aio.Mailbox = aio.Mailbox(loop)  # of StepHandle
-        self._to_detok: aio.Mailbox = aio.Mailbox(loop)  # of StepOutput
-        self._inflight = aio.Slots(loop, self.config.overlap_depth if self.config.overlap else 1)
-        self._work = aio.Signal(loop)
-        self._idle = aio.Signal(loop)
-        self._idle.set()
-        self._closing = aio.Signal(loop)
-        self._tasks = [
-            loop.spawn(lambda: self._guard(self._step_loop), "acb-step-loop"),
-            loop.spawn(lambda: self._guard(self._completion_loop), "acb-completion-loop"),
-            loop.spawn(lambda: self._guard(self._detok_loop), "acb-detok-loop"),
-        ]
-        self._state = "running"
-        log.info("acb engine started on %s: %s", self.device, self.path_reason)
-        warmup = self.config.warmup if self.config.warmup is not None else self.device.type == "cuda"
-        if warmup:
-            t0 = time.perf_counter()
-            try:
-                await self._warm_up()
-            except BaseException:  # start() fails as a whole: nothing of this engine keeps running or holds the model
-                await self.close(drain=False)
-                raise
-            self.startup["warmup_s"] = time.perf_counter() - t0
-            log.info("acb warm-up: %.2f s", self.startup["warmup_s"])
-
-    async def _warm_up(self) -> None:
-        await warmup.run(self)
-
-    def _reset_counters(self) -> None:
-        """The counters of ``stats()`` start again (after the warm-up)."""
-        self._steps = 0
-        self._scheduler.num_preemptions = 0
-        self._blocks.stats = type(self._blocks.stats)()
-
-    async def close(self, *, drain: bool = True) -> None:
-        """Stop accepting requests, let running ones finish (up to ``drain_timeout``), fail the rest with
-        :class:`EngineClosedError`, and stop the pipeline.
-
-        Returns within about ``drain_timeout`` even if a step never completes (a hung kernel): the step's worker
-        thread is then left behind, and the engine's memory with it."""
-        if self._state in ("new", "closed"):
-            if self._state == "new":
-                self._runner.close(timeout=0)  # never started: no step ran; frees the model at once
-                release_model(self.model, self._original_attention)
-            self._state = "closed"
-            return
-        self._check_loop()
-        deadline = time.monotonic() + self.config.drain_timeout
-        if self._state == "failed":
-            await self._stop_tasks()
-            await self._stop_workers(deadline)
-            self._state = "closed"
-            return
-        if self._state == "closing":
-            await self._closed_event.wait()
-            return
-        self._state = "closing"
-        self._closed_event = aio.Signal(self._loop)
-        self._closing.set()
-        self._queue.wake_all()  # submitters waiting for room see the engine closing and raise EngineClosedError
-        try:
-            if drain and self._live:
-                with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
-                    await self._idle.wait()
-            for state in list(self._live.values()):
-                self._fail(state, EngineClosedError("the engine closed before this request finished"))
-            await self._stop_tasks()
-            await self._stop_workers(deadline)
-        finally:
-            self._state = "closed"
-            self._closed_event.set()
-
-    async def _stop_tasks(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            await task.wait()
-
-    async def _stop_workers(self, deadline: float) -> None:
-        self._admission.close()
-        # At least a moment for a step that is about to finish, even with drain_timeout=0.
-        grace = max(0.5, deadline - time.monotonic())
-        if not await anyio.to_thread.run_sync(functools.partial(self._runner.close, timeout=grace)):
-            log.error("a model step did not finish within drain_timeout; its worker thread is left running")
-        else:
-            release_model(self.model, self._original_attention)
-
-    async def __aenter__(self) -> Engine:
-        await self.start()
-        return self
-
-    async def __aexit__(self, exc_type, exc, tb) -> None:
-        await self.close(drain=exc_type is None)
 
     # -- public API ---------------------------------------------------------------------------------------------
 
@@ -387,42 +266,10 @@ class Engine(Stages):
             steps=self._steps,
         )
 
-    async def _guard(self, stage: Callable[[], Awaitable[None]]) -> None:
-        """Run a pipeline stage; if it dies of a bug, fail every live request and refuse new ones instead of
-        leaving streams hanging."""
-        try:
-            await stage()
-        except aio.cancelled_exc_class():
-            raise
-        except BaseException as exc:
-            log.critical("an acb pipeline stage crashed; the engine stops serving", exc_info=True)
-            self._state = "failed"
-            self._closing.set()
-            for state in list(self._live.values()):
-                self._fail(state, RequestFailedError(f"the engine failed: {exc!r}"), exc)
-            raise
-
     # -- checks on the way in (admission itself, `_submit`, is the first stage: acb/stages.py) -----------------
 
     def _new_request_id(self) -> str:
         return f"req-{next(self._ids)}"
-
-    def _check_open(self) -> None:
-        if self._state != "running":
-            raise EngineClosedError(
-                "the engine is not running: use `async with engine:` (or `await engine.start()`)"
-                if self._state == "new"
-                else f"the engine is {self._state}"
-            )
-
-    def _check_loop(self) -> None:
-        """Refuse a caller on another event loop before it touches any state (microseconds)."""
-        loop = self._loop
-        if loop is not None and not loop.is_closed() and not loop.is_current():
-            raise WrongEventLoopError(
-                "this engine runs on another event loop (it was started there); use it from that loop, e.g. with "
-                "asyncio.run_coroutine_threadsafe(coro, loop) (on trio: trio.from_thread.run) from another thread"
-            )
 
 
 class _Link:

@@ -20,6 +20,7 @@ __all__ = [
     "MAX_LOGIT_BIAS",
     "MAX_N",
     "MAX_GRAMMAR_CHARS",
+    "MIN_REPETITION_PENALTY",
 ]
 
 
@@ -40,6 +41,9 @@ MAX_N = 64
 """Largest ``n`` and ``best_of``."""
 MAX_GRAMMAR_CHARS = 65536
 """Longest JSON schema (as JSON), regex or grammar, in characters."""
+MIN_REPETITION_PENALTY = 1e-6
+"""Smallest ``repetition_penalty``: a seen token's positive logit is divided by it, which must stay finite in float32
+(below about 1e-37 it overflowed, and the request failed on non-finite logits)."""
 _FLOAT32_MAX = 3.4028234663852886e38
 
 
@@ -133,7 +137,7 @@ class SamplingParams:
         set_(
             self,
             "repetition_penalty",
-            _float_in("repetition_penalty", self.repetition_penalty, 0.0, 10.0, low_open=True),
+            _float_in("repetition_penalty", self.repetition_penalty, MIN_REPETITION_PENALTY, 10.0),
         )
         _int_in("min_tokens", self.min_tokens, 0, self.max_new_tokens)
         set_(self, "logit_bias", _logit_bias(self.logit_bias))
@@ -214,7 +218,8 @@ def _logit_bias(bias: object) -> tuple[tuple[int, float], ...] | None:
         )
     out = {}
     for k, v in pairs:
-        if isinstance(k, str) and k.isdigit():  # JSON object keys (OpenAI sends them as strings)
+        if isinstance(k, str) and k.isascii() and k.isdigit():  # JSON object keys (OpenAI sends them as strings);
+            # not "²" or "٣", which str.isdigit() also takes
             k = int(k)
         if not _is_int(k) or k < 0:
             raise InvalidSamplingParamsError(f"logit_bias keys must be token ids, got {k!r}", param="logit_bias")

@@ -2,8 +2,9 @@
 
 :class:`Stages` is a mixin of the engine: its methods are the engine's (they read the engine's scheduler, batch
 builder, runner, bridge, queues and live requests, built in ``Engine._build``), kept here so that ``engine.py`` holds
-the public API and the lifecycle, and this module the four stages: admission, which runs in the task of whoever
-submits (``_submit``: validate, tokenize, queue with backpressure), and the three loops that ``Engine.start`` spawns:
+the public API, ``lifecycle.py`` the starting and stopping, and this module the four stages: admission, which runs in
+the task of whoever submits (``_submit``: validate, tokenize, queue with backpressure), and the three loops that
+``Engine.start`` spawns:
 
 - ``_step_loop``: scheduling, batch preparation and launch (the launch itself runs on the step worker thread);
 - ``_completion_loop``: awaits each launched step's completion and accepts its tokens;

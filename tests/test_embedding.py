@@ -3,6 +3,8 @@ start again, dtypes are written as torch users write them."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 from conftest import reference_greedy
@@ -82,3 +84,54 @@ async def test_from_pretrained_takes_every_dtype_spelling(tmp_path, tokenizer, d
     assert engine.dtype == want
     async with engine:
         assert (await engine.generate("hello", PARAMS)).finish_reason == "length"
+
+
+async def test_a_restart_builds_in_a_worker_thread_while_the_loop_serves(make_model, tokenizer, monkeypatch):
+    """A closed engine's ``start()`` builds it anew (on CUDA: the KV cache and the decode graphs' capture) in a
+    worker thread: the loop keeps running other tasks meanwhile, the engine says ``"starting"``, a ``close()`` then
+    waits for the build and gives the model back, and a second ``start()`` is refused."""
+    import threading
+    import time
+
+    from acb import EngineClosedError
+
+    model, ref = make_model("llama", seed=69)
+    engine = Engine(model, tokenizer, EngineConfig(block_size=8))
+    async with engine:
+        pass
+    build, threads = engine._build, []
+
+    def slow_build():
+        threads.append(threading.current_thread())
+        time.sleep(0.3)  # a long build: a blocking one would stop the ticks below
+        build()
+
+    monkeypatch.setattr(engine, "_build", slow_build)
+    ticks = 0
+
+    async def tick():
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    try:
+        starting = asyncio.create_task(engine.start())
+        await asyncio.sleep(0.05)
+        assert engine.state == "starting" and not engine.running
+        with pytest.raises(EngineClosedError, match="starting"):
+            await engine.start()
+        await starting
+        assert threads and threads[0] is not threading.main_thread() and ticks >= 10
+        assert (await engine.generate([4, 5, 6], PARAMS)).token_ids == reference_greedy(ref, [4, 5, 6], 6)
+        await engine.close()
+        starting = asyncio.create_task(engine.start())
+        await asyncio.sleep(0.05)
+        await engine.close()  # during the build: waits for it, then closes what it built
+        await starting
+        assert engine.state == "closed"
+    finally:
+        ticker.cancel()
+    async with Engine(model, tokenizer):  # the model was given back
+        pass

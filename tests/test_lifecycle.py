@@ -282,3 +282,55 @@ def test_the_warm_up_meets_the_prefill_kernels_small_tile(group):
 
     _, short = warmup.plan(EngineConfig(max_num_batched_tokens=8192), 4096, 10**6, vocab=1000, group=group)
     assert max(len(ids) for ids, _ in short) * group <= 16 or (group > 16 and all(len(ids) == 1 for ids, _ in short))
+
+
+async def test_a_cancelled_close_still_stops_the_engine_and_gives_the_model_back(make_model, tokenizer):
+    """Only the drain of ``close()`` is cancellable: a timeout around it (or Ctrl-C) while a request runs still
+    fails what is left, stops the pipeline and frees the model, so that a later engine on it starts."""
+    model, ref = make_model("llama", seed=3)
+    engine = Engine(model, tokenizer, EngineConfig(block_size=8))
+    await engine.start()
+    task = asyncio.create_task(engine.generate([5, 6, 7], SamplingParams(max_new_tokens=2000, ignore_eos=True)))
+    while engine.stats().num_running == 0:
+        await asyncio.sleep(0.005)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.05):
+            await engine.close()
+    assert engine.state == "closed" and all(t.done() for t in engine._tasks)
+    with pytest.raises(EngineClosedError):
+        await task
+    assert engine.stats().kv_blocks_free == engine.stats().kv_blocks_total
+    async with Engine(model, tokenizer) as again:  # the model was given back: no ModelInUseError
+        out = await again.generate([5, 6, 7], SamplingParams(max_new_tokens=4, ignore_eos=True))
+    assert out.token_ids == reference_greedy(ref, [5, 6, 7], 4)
+
+
+def test_an_engine_whose_event_loop_ended_unclosed_refuses_with_a_typed_error_then_closes_and_starts_again(
+    make_model, tokenizer
+):
+    """An engine started under one ``asyncio.run()`` that ended without closing it: a request from a later loop is
+    refused with EngineClosedError (nothing of it is kept), ``close()`` from that loop tears the engine down and
+    gives the model back, and the engine starts again there."""
+    model, ref = make_model("llama", seed=5)
+    engine = Engine(model, tokenizer, EngineConfig(block_size=8))
+    asyncio.run(engine.start())
+    want = reference_greedy(ref, [4, 5, 6], 5)
+    params = SamplingParams(max_new_tokens=5, ignore_eos=True)
+
+    async def later():
+        with pytest.raises(EngineClosedError, match="event loop this engine was started on has ended"):
+            await engine.generate([4, 5, 6], params)
+        assert not engine._live and engine.state == "running"
+        await engine.close()
+        assert engine.state == "closed"
+        async with engine:
+            return (await engine.generate([4, 5, 6], params)).token_ids
+
+    assert asyncio.run(later()) == want
+    assert engine.state == "closed"
+
+    async def next_engine():  # the model is free again
+        async with Engine(model, tokenizer) as again:
+            return (await again.generate([4, 5, 6], params)).token_ids
+
+    assert asyncio.run(next_engine()) == want

@@ -200,11 +200,16 @@ async def test_top_logprobs_match_a_log_softmax_reference(decode_steps, make_mod
         (dict(frequency_penalty=-3), "frequency_penalty"),
         (dict(frequency_penalty=float("nan")), "frequency_penalty"),
         (dict(repetition_penalty=0), "repetition_penalty"),
+        (dict(repetition_penalty=1e-46), "repetition_penalty"),  # 0 in float32: the logits would overflow
+        (dict(repetition_penalty=5e-7), "repetition_penalty"),
         (dict(repetition_penalty="1.2"), "repetition_penalty"),
         (dict(min_tokens=-1), "min_tokens"),
         (dict(min_tokens=5, max_new_tokens=4), "min_tokens"),
         (dict(logit_bias={3: 101}), "logit_bias"),
         (dict(logit_bias={"x": 1}), "logit_bias"),
+        (dict(logit_bias={"²": 1}), "logit_bias"),  # str.isdigit() takes it, int() does not
+        (dict(logit_bias={"٣": 1}), "logit_bias"),  # an Arabic-Indic 3, which int() would read as token 3
+        (dict(logit_bias={"-3": 1}), "logit_bias"),
         (dict(logit_bias={3: True}), "logit_bias"),
         (dict(logit_bias=[1, 2]), "logit_bias"),
         (dict(logit_bias={i: 1.0 for i in range(1025)}), "logit_bias"),
