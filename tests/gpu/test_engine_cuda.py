@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import first_layer_rows, random_prompts, reference_greedy
 
-from acb import Engine, EngineConfig, SamplingParams
+from acb import Engine, EngineClosedError, EngineConfig, SamplingParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -46,6 +46,37 @@ async def test_greedy_matches_generate_on_cuda(arch, overlap, path, make_model, 
     assert [o.token_ids for o in outs] == expected
     assert stats.num_preemptions > 0
     assert stats.kv_blocks_free == stats.kv_blocks_total
+
+
+@pytest.mark.parametrize("path", ["graphs", "mixed", "generic"])
+async def test_a_restart_captures_its_graphs_in_a_worker_thread_and_matches_generate(path, make_model, tokenizer):
+    """A closed engine's ``start()`` builds it anew in a worker thread (acb.lifecycle): there the KV cache, the lean
+    model's buffers and the decode (and mixed-step) graphs are made and captured on the engine's device; the
+    restarted engine's greedy tokens are still ``generate``'s, and a cancelled ``close()`` still gives the model
+    back to the next start."""
+    model, ref = make_model("llama", seed=2)
+    prompts = random_prompts(6, [5, 17, 33, 64], len(tokenizer), seed=4)
+    expected = [reference_greedy(ref, p, 16) for p in prompts]
+    config = EngineConfig(device="cuda", max_num_batched_tokens=64, block_size=16, num_kv_blocks=30, **PATHS[path])
+    engine = Engine(model, tokenizer, config)
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    for _ in range(2):
+        async with engine:
+            outs = await asyncio.gather(*(engine.generate(p, params) for p in prompts))
+            assert (engine._runner.graphs is not None) and engine.fast_path == (path != "generic")
+        assert [o.token_ids for o in outs] == expected
+    await engine.start()
+    task = asyncio.create_task(engine.generate(prompts[0], SamplingParams(max_new_tokens=200, ignore_eos=True)))
+    await asyncio.sleep(0.05)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.01):
+            await engine.close()
+    assert engine.state == "closed"
+    (late,) = await asyncio.gather(task, return_exceptions=True)
+    assert isinstance(late, EngineClosedError) or late.finish_reason == "length"
+    async with engine:
+        outs = await asyncio.gather(*(engine.generate(p, params) for p in prompts))
+    assert [o.token_ids for o in outs] == expected
 
 
 async def test_seeded_sampling_on_cuda_is_batch_independent(make_model, tokenizer):
