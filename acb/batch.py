@@ -267,7 +267,6 @@ class BatchBuilder:
     def _adopt(self, slot: int, seq) -> None:
         """A sequence took this slot: record its sampling parameters once, for every step it runs in."""
         p = seq.params
-        self._owner[slot] = seq
         self._temperature[slot] = p.temperature
         self._top_k[slot] = p.top_k
         self._top_p[slot] = p.top_p
@@ -293,6 +292,8 @@ class BatchBuilder:
                     sorted(seq.stop_ids) if p.min_tokens else None,
                 )
             )
+        self._owner[slot] = seq  # last: a value that failed above leaves the slot unowned, so that `culprits`,
+        # building each row alone, finds the request it came from instead of failing the whole step
 
     def _diffs(self, seqs: list, rows: list[int] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Block-table entries the device lacks, for ``rows`` of ``seqs`` (``None``: check every row)."""

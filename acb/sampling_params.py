@@ -21,6 +21,7 @@ __all__ = [
     "MAX_N",
     "MAX_GRAMMAR_CHARS",
     "MIN_REPETITION_PENALTY",
+    "MAX_NEW_TOKENS",
 ]
 
 
@@ -41,6 +42,9 @@ MAX_N = 64
 """Largest ``n`` and ``best_of``."""
 MAX_GRAMMAR_CHARS = 65536
 """Longest JSON schema (as JSON), regex or grammar, in characters."""
+MAX_NEW_TOKENS = 2**31 - 1
+"""Largest ``max_new_tokens`` (and so ``min_tokens``): a request ends at the model's length limit long before; the
+bound keeps both within the 64-bit integers the batch builder stores them in."""
 MIN_REPETITION_PENALTY = 1e-6
 """Smallest ``repetition_penalty``: a seen token's positive logit is divided by it, which must stay finite in float32
 (below about 1e-37 it overflowed, and the request failed on non-finite logits)."""
@@ -112,9 +116,10 @@ class SamplingParams:
         set_ = object.__setattr__  # frozen: normalize in place once, here
         set_(self, "stop", _stop_strings(self.stop))
         set_(self, "stop_token_ids", _stop_token_ids(self.stop_token_ids))
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+        if not _is_int(self.max_new_tokens) or not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
             raise InvalidSamplingParamsError(
-                f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}", param="max_new_tokens"
+                f"max_new_tokens must be an integer in [1, {MAX_NEW_TOKENS}], got {self.max_new_tokens!r}",
+                param="max_new_tokens",
             )
         set_(self, "temperature", _float_in("temperature", self.temperature, 0.0, _FLOAT32_MAX))
         if not _is_int(self.top_k) or not 0 <= self.top_k <= MAX_TOP_K:
@@ -218,8 +223,8 @@ def _logit_bias(bias: object) -> tuple[tuple[int, float], ...] | None:
         )
     out = {}
     for k, v in pairs:
-        if isinstance(k, str) and k.isascii() and k.isdigit():  # JSON object keys (OpenAI sends them as strings);
-            # not "²" or "٣", which str.isdigit() also takes
+        if isinstance(k, str) and k.isascii() and k.isdigit() and len(k) <= 18:  # JSON object keys (OpenAI sends
+            # them as strings); not "²" or "٣", which str.isdigit() also takes, nor more digits than int() parses
             k = int(k)
         if not _is_int(k) or k < 0:
             raise InvalidSamplingParamsError(f"logit_bias keys must be token ids, got {k!r}", param="logit_bias")

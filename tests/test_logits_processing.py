@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 import torch
-from conftest import break_preparation_of, random_prompts
+from conftest import break_preparation_of, random_prompts, reference_greedy
 from transformers import (
     LogitsProcessor,
     MinNewTokensLengthLogitsProcessor,
@@ -210,6 +210,9 @@ async def test_top_logprobs_match_a_log_softmax_reference(decode_steps, make_mod
         (dict(logit_bias={"²": 1}), "logit_bias"),  # str.isdigit() takes it, int() does not
         (dict(logit_bias={"٣": 1}), "logit_bias"),  # an Arabic-Indic 3, which int() would read as token 3
         (dict(logit_bias={"-3": 1}), "logit_bias"),
+        (dict(logit_bias={"9" * 5000: 1}), "logit_bias"),  # more digits than int() parses
+        (dict(max_new_tokens=2**31), "max_new_tokens"),
+        (dict(max_new_tokens=2**63, min_tokens=2**63), "max_new_tokens"),  # min_tokens overflowed the batch builder
         (dict(logit_bias={3: True}), "logit_bias"),
         (dict(logit_bias=[1, 2]), "logit_bias"),
         (dict(logit_bias={i: 1.0 for i in range(1025)}), "logit_bias"),
@@ -317,4 +320,32 @@ async def test_penalized_requests_survive_a_step_that_could_not_be_prepared(make
             return_exceptions=True,
         )
     assert isinstance(results[-1], RequestFailedError)
+    assert [r.token_ids for r in results[:-1]] == expected
+
+
+@pytest.mark.loops("asyncio")
+async def test_a_value_the_batch_builder_cannot_store_fails_its_request_only(make_model, tokenizer, caplog):
+    """A request whose sampling values fail when the batch builder records them for its slot (here a ``min_tokens``
+    beyond int64, which validation now refuses, forced past it) fails alone: the builder owns the slot only once
+    every value is in, so the row-by-row rebuild finds the request instead of failing its whole step."""
+    import dataclasses
+    import logging
+
+    from acb.errors import RequestFailedError
+
+    caplog.set_level(logging.CRITICAL, logger="acb")
+    model, ref = make_model("llama", seed=9)
+    prompts = random_prompts(4, [6, 15], len(tokenizer), seed=9)
+    expected = [reference_greedy(ref, p, 10) for p in prompts]
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    bad = dataclasses.replace(params, min_tokens=1)
+    object.__setattr__(bad, "min_tokens", 2**63)
+    async with Engine(model, tokenizer, EngineConfig(block_size=8)) as engine:
+        results = await asyncio.gather(
+            *(engine.generate(p, params, request_id=f"r{i}") for i, p in enumerate(prompts)),
+            engine.generate([5, 6], bad, request_id="bad"),
+            return_exceptions=True,
+        )
+        assert engine.stats().kv_blocks_free == engine.stats().kv_blocks_total
+    assert isinstance(results[-1], RequestFailedError), results[-1]
     assert [r.token_ids for r in results[:-1]] == expected

@@ -139,6 +139,13 @@ async def test_openai_client_completions(served):
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": []}, "tools"),
         ("/v1/completions", {"prompt": "x", "stream": True, "stream_options": {"continuous_usage": True}},
          "stream_options"),
+        ("/v1/completions", {"prompt": "x", "stream": True, "stream_options": {"include_usage": "false"}},
+         "stream_options"),  # a string is not a bool (it read as true)
+        ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),  # no stream
+        # values past what acb stores: a 400 for the request, never a 500 that fails the others' steps
+        ("/v1/completions", {"prompt": "x", "max_tokens": 2**63, "min_tokens": 2**63}, "max_tokens"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"9" * 5000: 1}}, "logit_bias"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"²": 1}}, "logit_bias"),
     ],
 )  # fmt: skip
 async def test_invalid_requests_get_openai_style_400s(served, path, body, param):

@@ -256,3 +256,19 @@ async def test_chat_content_parts_other_than_text_are_refused(make_model, tokeni
         r = await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}]})
     assert ok.status_code == 200, ok.text
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.content", r.text
+
+
+async def test_chat_text_parts_reach_the_template_as_the_plain_string(make_model, tokenizer):
+    """Text parts are joined (by newlines) into the string the template renders: the same prompt, token for token,
+    as the message written as one string, never the list's Python repr."""
+    model, _ = make_model("llama", seed=11)
+    parts = [{"type": "text", "text": "hello"}, {"type": "text", "text": "there"}]
+    body = {"max_tokens": 2, "ignore_eos": True}
+    async with client(Engine(model, tokenizer)) as http:
+        chat = [{"role": "user", "content": parts}]
+        as_parts = await http.post("/v1/chat/completions", json={"messages": chat, **body})
+        chat = [{"role": "user", "content": "hello\nthere"}]
+        as_text = await http.post("/v1/chat/completions", json={"messages": chat, **body})
+    assert as_parts.status_code == as_text.status_code == 200, as_parts.text
+    assert as_parts.json()["usage"]["prompt_tokens"] == as_text.json()["usage"]["prompt_tokens"]
+    assert as_parts.json()["choices"][0]["message"] == as_text.json()["choices"][0]["message"]

@@ -272,7 +272,7 @@ async def _respond(server: _Server, request: Request, endpoint: str, req, prompt
     logprobs = params.logprobs
     if req.stream:  # (best_of > n was refused for streams)
         metrics.requests.labels(endpoint, "200").inc()
-        include_usage = bool((req.stream_options or {}).get("include_usage"))
+        include_usage = (req.stream_options or {}).get("include_usage", False)  # a bool (to_sampling_params)
         body = sse(server, rid, streams, firsts, chat, include_usage, logprobs, prompt_tokens)
         return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     try:

@@ -83,12 +83,16 @@ class ChatMessage(BaseModel):
     @field_validator("content")
     @classmethod
     def _text_parts(cls, content):
-        """Content parts are text: an image (or any other kind) would be dropped by the chat template unseen."""
-        for part in content if isinstance(content, list) else ():
+        """Content parts are text: an image (or any other kind) would be dropped by the chat template unseen. The
+        template gets their texts joined by newlines, as a plain string (as vLLM joins them): a template prints a
+        message's content as a string, and a list would reach the prompt as its Python repr."""
+        if not isinstance(content, list):
+            return content
+        for part in content:
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise ValueError(f"content parts must be {{'type': 'text', 'text': ...}}; {part.get('type')!r} "
                                  "parts are not supported")  # fmt: skip
-        return content
+        return "\n".join(part["text"] for part in content)
 
 
 class ChatCompletionRequest(_Base):
@@ -127,9 +131,14 @@ def to_sampling_params(req: _Base, defaults: SamplingParams) -> SamplingParams:
     for name in req.model_extra or {}:
         if name not in _INFORMATIONAL:
             raise UnsupportedFieldError(name, "is not supported by this server; leave it out")
-    unknown_options = set(req.stream_options or {}) - {"include_usage"}
-    if unknown_options:
-        raise UnsupportedFieldError("stream_options", f"supports only include_usage, not {sorted(unknown_options)}")
+    if req.stream_options is not None:
+        if not req.stream:
+            raise UnsupportedFieldError("stream_options", "is only allowed with stream: true")
+        unknown_options = set(req.stream_options) - {"include_usage"}
+        if unknown_options:
+            raise UnsupportedFieldError("stream_options", f"supports only include_usage, not {sorted(unknown_options)}")
+        if not isinstance(req.stream_options.get("include_usage", False), bool):
+            raise UnsupportedFieldError("stream_options", "include_usage must be true or false")
     if isinstance(req, CompletionRequest):
         if req.echo:
             raise UnsupportedFieldError("echo", "is not supported")
