@@ -93,6 +93,26 @@ def _replay_once(fn, reset) -> None:
     torch.cuda.synchronize()
 
 
+def _replayed(step, outs: list[torch.Tensor], kv: torch.Tensor, start: torch.Tensor):
+    """What ``step`` writes (``outs`` and the cache ``kv``, which starts as ``start``) when replayed once from a CUDA
+    graph (:func:`_replay_once`)."""
+
+    def reset():
+        for out in outs:
+            out.zero_()
+        kv.copy_(start)
+
+    _replay_once(step, reset)
+    return [o.clone() for o in outs], kv
+
+
+def _assert_same_bits(want, got) -> None:
+    """Two :func:`_replayed` results hold the same bits: every output and the cache."""
+    assert torch.equal(got[1], want[1])
+    for g, w in zip(got[0], want[0]):
+        assert torch.equal(g, w)
+
+
 def _decode_step(ctx, meta, dim, bs):
     """A decode step's rotary tables (first halves, fp32), lengths, positions and cache slots (each sequence's last
     position) over ``meta``'s block tables."""
@@ -191,19 +211,9 @@ def test_decode_under_pdl_after_the_projection_that_writes_q_equals_plain_launch
                 paged_decode(q, kv, meta.block_tables, lens, 0.125, splits, out=out, pdl=pdl,
                              rope=(k, v, cos, sin, pos, slots))  # fmt: skip
 
-        def reset():
-            for out in outs:
-                out.zero_()
-            kv.copy_(start)
+        return _replayed(step, outs, kv, start)
 
-        _replay_once(step, reset)
-        return [o.clone() for o in outs], kv
-
-    want, want_kv = run(0)
-    got, got_kv = run(level)
-    assert torch.equal(got_kv, want_kv)
-    for g, w in zip(got, want):
-        assert torch.equal(g, w)
+    _assert_same_bits(run(0), run(level))
 
 
 @pytest.mark.skipif(DEVICE == "cpu" or torch.cuda.get_device_capability() < (9, 0),
@@ -241,19 +251,9 @@ def test_the_generic_paths_attention_under_pdl_equals_plain_launches(heads, kv_h
                 paged_decode(qr[0].transpose(0, 1), kv, meta.block_tables, lens, 0.125, splits, out=out, pdl=pdl,
                              new_kv=(kr[0].transpose(0, 1), v, slots))  # fmt: skip
 
-        def reset():
-            for out in outs:
-                out.zero_()
-            kv.copy_(start)
+        return _replayed(step, outs, kv, start)
 
-        _replay_once(step, reset)
-        return [o.clone() for o in outs], kv
-
-    want, want_kv = run(0)
-    got, got_kv = run(level)
-    assert torch.equal(got_kv, want_kv)
-    for g, w in zip(got, want):
-        assert torch.equal(g, w)
+    _assert_same_bits(run(0), run(level))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
