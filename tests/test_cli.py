@@ -315,3 +315,54 @@ def test_generate_and_batch_take_constraints_and_penalties(tmp_path, capsys):
     assert code == 1 and "error" in out[2] and "frequency_penalty" in out[2]["error"]["message"]
     assert len(out[0]["text"]) == 3 and set(out[0]["text"]) <= set("xyz")
     assert out[1]["token_ids"] == [5, 5, 5]  # a bias of 100 wins over any penalty in [-2, 2]
+
+
+@pytest.mark.parametrize("api_processes", [0, 1], ids=["one process", "api processes"])
+def test_sigterm_drains_then_ends_a_stream_with_an_error_event_and_refuses_new_connections(api_processes):
+    """SIGTERM while a stream runs, in one process and with API processes alike: the stream runs on through the
+    drain (``--drain-timeout``), then ends with an error event and ``[DONE]`` (not a cut connection); a request
+    during the drain is refused at once (not accepted and left hanging); the server exits cleanly."""
+    import signal
+    import threading
+
+    import httpx
+
+    port = _free_port()
+    extra = ["--api-processes", str(api_processes)] if api_processes else []
+    proc = subprocess.Popen([*ACB, "serve", "--port", str(port), "--device", "cpu", "--log-level", "warning",
+                             "--drain-timeout", "2", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    late: dict = {}
+
+    def during_the_drain():
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        try:
+            late["status"] = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code
+        except httpx.HTTPError as exc:
+            late["status"] = type(exc).__name__
+        late["s"] = time.monotonic() - t0
+
+    try:
+        _wait_up(proc, port)
+        body = {"prompt": "a", "max_tokens": 100_000, "ignore_eos": True, "stream": True}
+        with httpx.Client(timeout=60) as client, client.stream("POST", f"{url}/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            while not next(lines).startswith("data: {"):
+                pass
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            thread = threading.Thread(target=during_the_drain)
+            thread.start()
+            events = [line for line in lines if line.startswith("data: ")]  # raises if the connection is cut
+            took = time.monotonic() - t0
+        thread.join()
+        assert proc.wait(30) in (0, -signal.SIGTERM)  # in one process uvicorn re-raises the signal it handled
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert events[-1] == "data: [DONE]" and '"error"' in events[-2], events[-3:]
+    assert 1.5 < took < 5, took  # it ran through the drain, then ended
+    assert late["status"] in ("ConnectError", 503) and late["s"] < 1.5, late

@@ -322,13 +322,72 @@ async def test_an_api_process_that_stops_reading_is_dropped_and_its_requests_end
     """A peer that stops reading (a stopped process): once more than MAX_UNSENT_BYTES wait for it, the engine's side
     drops the connection and ends its requests, instead of buffering its tokens for ever."""
     from acb import SamplingParams
-    from acb.serving import remote as remote_module
+    from acb.serving import wire
 
     async with _pair(make_model, tokenizer) as (engine, host, remote):
         (peer,) = host._peers
         stream = await remote.submit("go on", SamplingParams(max_new_tokens=200, ignore_eos=True), request_id="s")
         await stream.__anext__()
-        monkeypatch.setattr(remote_module, "MAX_UNSENT_BYTES", -1)  # as if the peer had stopped reading long ago
+        monkeypatch.setattr(wire, "MAX_UNSENT_BYTES", -1)  # as if the peer had stopped reading long ago
         assert await _until(lambda: not host._peers, 10), "the connection was not dropped"
         assert await _settle(engine)  # its request ended and freed its blocks
         assert peer.writer.is_closing()
+
+
+async def test_a_burst_of_large_requests_is_refused_one_by_one_and_the_link_stays(make_model, tokenizer, monkeypatch):
+    """More bytes of prompts and chats than MAX_UNSENT_BYTES at once (a dozen 8 MB bodies; the bound shrunk here):
+    the API side holds its requests back until the engine has read what waits, instead of dropping its own link to
+    the engine (which ended the whole API process, every client with it). Each request gets its own refusal, and
+    the link then serves a normal request."""
+    from acb import PromptTooLongError, SamplingParams
+    from acb.serving import wire
+
+    monkeypatch.setattr(wire, "MAX_UNSENT_BYTES", 1 << 20)
+    async with _pair(make_model, tokenizer) as (engine, host, remote):
+        big = "a" * (3 << 20)  # over the engine's max_prompt_chars; three times the bound
+        results = await asyncio.gather(
+            *(remote.submit(big, request_id=f"big{i}") for i in range(6)),
+            *(remote.apply_chat_template([{"role": "user", "content": big}]) for _ in range(3)),
+            return_exceptions=True,
+        )
+        assert all(isinstance(r, PromptTooLongError) for r in results), results
+        assert not remote._reading.done() and host._peers
+        stream = await remote.submit("hello", SamplingParams(max_new_tokens=3, ignore_eos=True), request_id="ok")
+        assert len([t async for t in stream]) == 3
+
+
+async def test_every_api_process_scrape_answers_the_http_counts_of_them_all(make_model, tokenizer):
+    """With several API processes, a scrape answers the sum of every process's HTTP counters (a process that has
+    gone keeps its last counts in it), whichever process the scrape reaches: not each process's own counts, which
+    jumped from one scrape to the next."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from acb.serving.metrics import ServerMetrics
+
+    def values(text: str) -> dict:
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(text) for s in f.samples}  # fmt: skip
+
+    from prometheus_client import generate_latest
+
+    async with _pair(make_model, tokenizer) as (engine, host, first):
+        second = await RemoteEngine.connect(host.path)
+        metrics = [ServerMetrics(first), ServerMetrics(second)]
+        for m, n in zip(metrics, (3, 5)):
+            m.requests.labels("/v1/completions", "200").inc(n)
+            m.generated_tokens.inc(10 * n)
+            m.ttft.observe(0.02 * n)
+        await asyncio.sleep(0.6)  # each process's counts go with the engine's state reports, twice a second
+        scrapes = [values(generate_latest(await m.exported()).decode()) for m in metrics]
+        assert scrapes[0] == scrapes[1]
+        got = scrapes[0]
+        assert got[("acb_http_requests_total", (("endpoint", "/v1/completions"), ("status", "200")))] == 8
+        assert got[("acb_generated_tokens_total", ())] == 80
+        assert got[("acb_time_to_first_token_seconds_count", ())] == 2
+        assert got[("acb_kv_blocks_total", ())] == engine.stats().kv_blocks_total  # the engine's gauges too
+        await second.close()  # its counts stay in the sum
+        assert await _until(lambda: len(host._peers) == 1)
+        metrics[0].generated_tokens.inc(1)
+        assert values(generate_latest(await metrics[0].exported()).decode())[("acb_generated_tokens_total", ())] == 81
+        assert metrics[0].registry is not None and values(generate_latest(metrics[0].registry).decode())[
+            ("acb_generated_tokens_total", ())] == 31  # fmt: skip

@@ -178,7 +178,8 @@ async def health(request: Request) -> JSONResponse:
 
 
 async def prometheus(request: Request) -> Response:
-    return Response(generate_latest(_server(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    registry = await _server(request).metrics.exported()
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 async def list_models(request: Request) -> ModelList:

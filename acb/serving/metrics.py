@@ -1,13 +1,22 @@
-"""Prometheus metrics of a served engine, in a registry of the app's own (several apps may share a process)."""
+"""Prometheus metrics of a served engine, in a registry of the app's own (several apps may share a process).
+
+With API processes (:mod:`.processes`) each process counts its own HTTP requests, tokens and TTFT, and whichever
+process a scrape reaches would answer with its own counts only: counters that jump between processes' values, which
+Prometheus reads as resets. So each API process sends its counts to the engine's process (:meth:`ServerMetrics.
+snapshot`, with the engine's state reports, and on every scrape), which keeps every process's latest (a process that
+ends keeps its last), and a scrape answers with their sum (:func:`merge`)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, Metric
 from prometheus_client.core import GaugeMetricFamily
 
 from ..engine import Engine
 
-__all__ = ["ServerMetrics"]
+__all__ = ["ServerMetrics", "merge"]
+
+Snapshot = list[tuple[str, str, str, list[tuple[str, tuple, float]]]]
+"""Metric families as plain data: ``(name, documentation, type, [(sample name, labels, value), ...])``."""
 
 
 class _EngineCollector:
@@ -41,6 +50,7 @@ class _EngineCollector:
 
 class ServerMetrics:
     def __init__(self, engine: Engine) -> None:
+        self.engine = engine
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "acb_http_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=self.registry
@@ -54,3 +64,51 @@ class ServerMetrics:
             registry=self.registry,
         )
         self.registry.register(_EngineCollector(engine))
+        if hasattr(engine, "share_counters"):  # an API process: its counts go to the engine's process
+            engine.share_counters(self.snapshot)
+
+    def snapshot(self) -> Snapshot:
+        """This app's own counts (HTTP requests, tokens, TTFT), as plain data to send to the engine's process."""
+        return [
+            (m.name, m.documentation, m.type, [(x.name, tuple(sorted(x.labels.items())), x.value) for x in m.samples
+                                               if not x.name.endswith("_created")])  # times, which do not add up
+            for metric in (self.requests, self.prompt_tokens, self.generated_tokens, self.ttft)
+            for m in metric.collect()
+        ]  # fmt: skip
+
+    async def exported(self) -> CollectorRegistry:
+        """What a scrape answers: this registry, or for an API process the counts of every API process summed (with
+        the engine's gauges as this process last heard them)."""
+        share = getattr(self.engine, "server_counters", None)
+        if share is None:
+            return self.registry
+        registry = CollectorRegistry()
+        registry.register(_Families(await share(self.snapshot())))
+        registry.register(_EngineCollector(self.engine))
+        return registry
+
+
+def merge(snapshots: list[Snapshot]) -> Snapshot:
+    """Several processes' counts as one: each sample summed over the processes that have it."""
+    families: dict[str, tuple[str, str, dict]] = {}
+    for snapshot in snapshots:
+        for name, doc, kind, samples in snapshot:
+            sums = families.setdefault(name, (doc, kind, {}))[2]
+            for sample, labels, value in samples:
+                sums[(sample, labels)] = sums.get((sample, labels), 0.0) + value
+    return [(name, doc, kind, [(s, labels, v) for (s, labels), v in sums.items()])
+            for name, (doc, kind, sums) in families.items()]  # fmt: skip
+
+
+class _Families:
+    """A :data:`Snapshot` as a collector."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+
+    def collect(self):
+        for name, doc, kind, samples in self.snapshot:
+            metric = Metric(name, doc, kind)
+            for sample, labels, value in samples:
+                metric.add_sample(sample, dict(labels), value)
+            yield metric

@@ -3,11 +3,11 @@
 This process keeps the engine (and its event loop) and serves it on a Unix socket (:class:`~.remote.EngineHost`);
 each API process runs :func:`~.app.create_app` over a :class:`~.remote.RemoteEngine` under uvicorn, on the same
 TCP port: this process binds and listens, and each API process accepts on that socket (handed over at start), so a
-taken port fails here and port 0 picks one port for all. On SIGTERM or SIGINT the API
-processes stop accepting connections and let their open requests finish (up to ``drain_timeout``), then the engine
-closes. :func:`api_processes` does the same for the length of an ``async with`` block (benchmarks). An API process
-that dies takes its open requests with it (the engine frees their KV blocks) while the others serve on; if every
-one is gone, serving ends with an error.
+taken port fails here and port 0 picks one port for all. On SIGTERM or SIGINT the API processes stop accepting
+connections and the engine closes, draining: open requests finish (up to ``drain_timeout``), what is left ends
+with an error, as from the server in one process. :func:`api_processes` serves for the length of an ``async with``
+block (benchmarks) and leaves the engine open. An API process that dies takes its open requests with it (the engine
+frees their KV blocks) while the others serve on; if every one is gone, serving ends with an error.
 """
 
 from __future__ import annotations
@@ -78,6 +78,9 @@ async def api_processes(
             for p in procs:
                 p.start()
             await _started(procs, ready)
+            # Each API process has its copy of the listener now. This process's copy would keep the port accepting
+            # connections (that no one serves) after the API processes stop accepting, until this process exits.
+            listener.close()
             yield f"http://{host}:{port}", procs
         finally:
             for p in procs:  # SIGTERM: each stops accepting and lets its open requests finish
@@ -103,13 +106,20 @@ async def serve_processes(
     """Serve the started ``engine`` through ``processes`` API processes until SIGTERM/SIGINT or cancellation, then
     close it; the other arguments as :func:`acb.serving.serve`'s. Raises ``OSError`` when the port cannot be bound,
     and ``RuntimeError`` when an API process fails to start or every one has died."""
+    closing = None
     try:
         async with api_processes(engine, processes, host, port, model_name, log_level, max_body_bytes, api_key,
                                  stream_interval, timeout_keep_alive) as (url, procs):  # fmt: skip
             if on_ready is not None:
                 on_ready(url)
             await _until_stopped(procs)
+            # The engine drains as the API processes do (leaving the block stops them): its requests finish, up to
+            # drain_timeout, what is left then ends with an error event, and new requests get 503s meanwhile, as
+            # from the server in one process; closing it only after the API processes had exited cut the streams.
+            closing = asyncio.ensure_future(engine.close(drain=True))
     finally:
+        if closing is not None:
+            await closing
         await engine.close(drain=True)
 
 

@@ -14,6 +14,7 @@ pickle is safe among them, and nowhere else. API process to engine::
     ("submit", rid, prompt, params, stream_interval, choices)   admit (``choices``: params.n samples, own streams)
     ("abort", rid)                                                end a request (or each of its samples)
     ("chat", call, messages)                                      render a chat with the engine's template
+    ("counters", call, snapshot)                                  the app's HTTP counts (call 0: no reply wanted)
 
 engine to API process::
 
@@ -22,7 +23,7 @@ engine to API process::
     ("refused", rid, error)                  admission raised (a typed acb error, rebuilt on the other side)
     ("tokens", id, [Token, ...])             what a stream delivered since the last frame
     ("failed", id, error)                    a stream ended with an error
-    ("reply", call, value, error)            a chat rendering's result
+    ("reply", call, value, error)            a chat rendering's result, or every API process's counts summed
     ("state", state, stats)                  the engine's state and load, on change and twice a second
 """
 
@@ -31,68 +32,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import pickle
-import struct
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from .. import errors
-from ..errors import AcbError, DuplicateRequestIdError, EngineClosedError, RequestFailedError
+from ..errors import AcbError, DuplicateRequestIdError, EngineClosedError
+from .metrics import merge
+from .wire import Outbox, read, rebuilt, wire_error
 
 __all__ = ["EngineHost", "RemoteEngine", "RemoteStream"]
 
-_HEADER = struct.Struct("!I")
-MAX_UNSENT_BYTES = 64 << 20
-"""Most bytes waiting for a peer that does not read (at W-serve's rates, over a minute of its tokens)."""
 _STATE_EVERY_S = 0.5
-
-
-async def _read(reader: asyncio.StreamReader) -> list | None:
-    """The next frame's messages, or None at the end of the connection."""
-    try:
-        header = await reader.readexactly(_HEADER.size)
-        return pickle.loads(await reader.readexactly(_HEADER.unpack(header)[0]))
-    except (asyncio.IncompleteReadError, ConnectionError):
-        return None
-
-
-class _Outbox:
-    """Messages for one peer, written as one frame per loop iteration. A peer that stops reading (a stopped or hung
-    process) is dropped once :data:`MAX_UNSENT_BYTES` wait for it, rather than growing this process's memory: its
-    requests end as if it had died."""
-
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self.writer = writer
-        self._messages: list = []
-
-    def send(self, message: tuple) -> None:
-        if not self._messages:
-            asyncio.get_running_loop().call_soon(self._flush)
-        self._messages.append(message)
-
-    def _flush(self) -> None:
-        data, self._messages = pickle.dumps(self._messages, pickle.HIGHEST_PROTOCOL), []
-        if not self.writer.is_closing():
-            self.writer.write(_HEADER.pack(len(data)) + data)
-            if self.writer.transport.get_write_buffer_size() > MAX_UNSENT_BYTES:
-                self.writer.transport.abort()
-
-
-def _wire_error(exc: BaseException) -> tuple[str, str, str | None]:
-    """An error as the wire carries it: acb's own by class name (the other side raises the same class), anything
-    else as a failed request."""
-    name = type(exc).__name__ if isinstance(exc, AcbError) and hasattr(errors, type(exc).__name__) else ""
-    return name or "RequestFailedError", str(exc) or type(exc).__name__, getattr(exc, "param", None)
-
-
-def _rebuilt(wire: tuple[str, str, str | None]) -> AcbError:
-    name, message, param = wire
-    cls = getattr(errors, name, RequestFailedError)
-    exc = cls.__new__(cls)
-    Exception.__init__(exc, message)
-    if param is not None:
-        exc.param = param
-    return exc
 
 
 # -- the engine's side ---------------------------------------------------------------------------------------------
@@ -105,6 +56,8 @@ class EngineHost:
         self.engine, self.path = engine, path
         self._server: asyncio.AbstractServer | None = None
         self._peers: set[_Peer] = set()
+        self.counters: dict[int, list] = {}  # each API process's latest HTTP counts, kept after it ends
+        self._connections = itertools.count()
 
     async def start(self) -> None:
         self._server = await asyncio.start_unix_server(self._serve, path=self.path)
@@ -117,10 +70,10 @@ class EngineHost:
             await peer.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = _Peer(self.engine, writer)
+        peer = _Peer(self.engine, writer, self.counters, next(self._connections))
         self._peers.add(peer)
         try:
-            while (frame := await _read(reader)) is not None:
+            while (frame := await read(reader)) is not None:
                 for message in frame:
                     peer.handle(message)
         finally:
@@ -131,9 +84,10 @@ class EngineHost:
 class _Peer:
     """One API process's connection: its requests' streams, each forwarded by a task of its own."""
 
-    def __init__(self, engine, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, engine, writer: asyncio.StreamWriter, counters: dict[int, list], number: int) -> None:
         self.engine, self.writer = engine, writer
-        self.out = _Outbox(writer)
+        self._counters, self._number = counters, number
+        self.out = Outbox(writer, drop_unread=True)
         self._tasks: dict[str, asyncio.Task] = {}  # request id -> its admission, then its forwarding
         self.out.send(
             ("hello", {"tokenizer": engine.tokenizer, "default_params": engine.default_params,
@@ -146,7 +100,7 @@ class _Peer:
         if kind == "submit":
             _, rid, prompt, params, interval, choices = message
             if rid in self._tasks:  # a client's duplicate id: the engine refuses it as it would in-process
-                self.out.send(("refused", rid, _wire_error(errors.DuplicateRequestIdError(f"duplicate {rid!r}"))))
+                self.out.send(("refused", rid, wire_error(errors.DuplicateRequestIdError(f"duplicate {rid!r}"))))
                 return
             task = self._tasks[rid] = asyncio.ensure_future(self._run(rid, prompt, params, interval, choices))
             # forgotten when it ends, also when cancelled before it ever ran (then its finally never runs)
@@ -157,6 +111,10 @@ class _Peer:
                 task.cancel()
         elif kind == "chat":
             asyncio.ensure_future(self._chat(message[1], message[2]))
+        elif kind == "counters":
+            self._counters[self._number] = message[2]
+            if message[1]:
+                self.out.send(("reply", message[1], merge(list(self._counters.values())), None))
 
     async def _run(self, rid: str, prompt, params, interval: int, choices: bool) -> None:
         streams = []
@@ -167,7 +125,7 @@ class _Peer:
                 else:
                     streams = [await self.engine.submit(prompt, params, request_id=rid, stream_interval=interval)]
             except AcbError as exc:
-                self.out.send(("refused", rid, _wire_error(exc)))
+                self.out.send(("refused", rid, wire_error(exc)))
                 return
             self.out.send(("admitted", rid, [(s.request_id, s.num_prompt_tokens) for s in streams]))
             await asyncio.gather(*(self._forward(s) for s in streams))
@@ -190,13 +148,13 @@ class _Peer:
         except StopAsyncIteration:
             return
         except Exception as exc:  # the request failed (the engine serves on)
-            self.out.send(("failed", stream.request_id, _wire_error(exc)))
+            self.out.send(("failed", stream.request_id, wire_error(exc)))
 
     async def _chat(self, call: int, messages: list) -> None:
         try:
             self.out.send(("reply", call, await self.engine.apply_chat_template(messages), None))
         except Exception as exc:  # every call gets its reply (anything but acb's own errors as a failed request)
-            self.out.send(("reply", call, None, _wire_error(exc)))
+            self.out.send(("reply", call, None, wire_error(exc)))
 
     async def _report(self) -> None:
         """The engine's state as soon as it changes (checked every 50 ms), with its load at least every
@@ -233,7 +191,7 @@ class RemoteEngine:
     in-process; if the engine's process goes away, every open request fails with :class:`EngineClosedError`."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hello: dict) -> None:
-        self._reader, self.out = reader, _Outbox(writer)
+        self._reader, self.out = reader, Outbox(writer, drop_unread=False)
         self.tokenizer = hello["tokenizer"]
         self.default_params = hello["default_params"]
         self.config = _Config(hello["drain_timeout"])
@@ -243,12 +201,13 @@ class RemoteEngine:
         self._streams: dict[str, RemoteStream] = {}
         self._next_call = 0
         self.on_disconnect: Callable[[], None] | None = None  # called once the engine's connection has ended
+        self._counts: Callable[[], list] | None = None  # the app's HTTP counts (share_counters)
         self._reading = asyncio.ensure_future(self._read_loop())
 
     @classmethod
     async def connect(cls, path: str) -> RemoteEngine:
         reader, writer = await asyncio.open_unix_connection(path)
-        hello = await _read(reader)
+        hello = await read(reader)
         if not hello or hello[0][0] != "hello":
             writer.close()
             raise EngineClosedError(f"no engine answered on {path}")
@@ -273,6 +232,7 @@ class RemoteEngine:
             raise EngineClosedError(f"the engine is not running (it is {self.state})")
 
     async def _admit(self, prompt, params, rid: str, interval: int, choices: bool) -> list[RemoteStream]:
+        await self.out.room()
         self._check_running()
         if rid in self._admissions or rid in self._streams:
             raise DuplicateRequestIdError(f"request_id {rid!r} is already in use")
@@ -290,10 +250,24 @@ class RemoteEngine:
             self._admissions.pop(rid, None)
 
     async def apply_chat_template(self, messages: list[dict]) -> str:
+        return await self._call("chat", messages)
+
+    def share_counters(self, counts: Callable[[], list]) -> None:
+        """Send ``counts()`` (:meth:`acb.serving.metrics.ServerMetrics.snapshot`) to the engine's process twice a
+        second, so that every API process's scrape answers the sum of them all (:meth:`server_counters`)."""
+        self._counts = counts
+
+    async def server_counters(self, mine: list) -> list:
+        """Every API process's HTTP counts summed, ``mine`` (this process's, now) among them."""
+        return await self._call("counters", mine)
+
+    async def _call(self, kind: str, payload):
+        """Send ``(kind, call, payload)`` and return the engine's reply to it (or raise its error)."""
+        await self.out.room()
         self._check_running()
         call = self._next_call = self._next_call + 1
         reply = self._calls[call] = asyncio.get_running_loop().create_future()
-        self.out.send(("chat", call, messages))
+        self.out.send((kind, call, payload))
         try:
             return await reply
         finally:
@@ -310,7 +284,7 @@ class RemoteEngine:
 
     async def _read_loop(self) -> None:
         try:
-            while (frame := await _read(self._reader)) is not None:
+            while (frame := await read(self._reader)) is not None:
                 for message in frame:
                     self._receive(message)
         finally:
@@ -343,17 +317,19 @@ class RemoteEngine:
         elif kind == "refused":
             fut = self._admissions.get(message[1])
             if fut is not None and not fut.done():
-                fut.set_exception(_rebuilt(message[2]))
+                fut.set_exception(rebuilt(message[2]))
         elif kind == "failed":
             stream = self._streams.get(message[1])
             if stream is not None:
-                stream._put(_rebuilt(message[2]))
+                stream._put(rebuilt(message[2]))
         elif kind == "reply":
             fut = self._calls.get(message[1])
             if fut is not None and not fut.done():
-                fut.set_exception(_rebuilt(message[3])) if message[3] else fut.set_result(message[2])
+                fut.set_exception(rebuilt(message[3])) if message[3] else fut.set_result(message[2])
         elif kind == "state":
             self.state, self._stats = message[1], message[2]
+            if self._counts is not None:  # this app's counts go with the engine's reports
+                self.out.send(("counters", 0, self._counts()))
 
 
 class RemoteStream:
