@@ -34,7 +34,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         help="local directory or hub id of a transformers causal LM (default: the embedded tiny random model)",
     )
     g.add_argument("--device", help="device to run on, e.g. cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: the model's)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
+                   help="compute dtype (default: the model's)")  # fmt: skip
     e = p.add_argument_group("engine")
     e.add_argument("--max-num-seqs", type=int, default=256, help="most sequences per step (default: %(default)s)")
     e.add_argument(
@@ -99,17 +100,20 @@ def _params(engine, a: argparse.Namespace, **override: Any) -> SamplingParams:
         given["ignore_eos"] = True
     if a.json_object:
         given["json_object"] = True
-    if a.json_schema:  # the file's text (read by main)
+    if a.json_schema is not None:  # the file's text (read by main); an empty one is refused, as SamplingParams does
         given["json_schema"] = a.json_schema
-    if a.grammar:
+    if a.grammar is not None:
         given["grammar"] = a.grammar
     given.update(override)
     return dataclasses.replace(engine.default_params, **given)
 
 
 def _read_text(path: str) -> str:
+    """A constraint file's text, read no further than SamplingParams takes (a longer one is refused by it)."""
+    from .sampling_params import MAX_GRAMMAR_CHARS
+
     with open(path, encoding="utf-8") as f:
-        return f.read()
+        return f.read(MAX_GRAMMAR_CHARS + 1)
 
 
 def _engine(a: argparse.Namespace):
@@ -185,19 +189,23 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
-def _at_least(low: int):
-    """An argparse type: an integer >= ``low`` (refused before any model is loaded)."""
+def _at_least(low: int, high: int | None = None):
+    """An argparse type: an integer >= ``low`` (and <= ``high``; refused before any model is loaded)."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = low - 1
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+        if value < low or (high is not None and value > high):
+            span = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be an integer {span}, got {text!r}")
         return value
 
     return parse
+
+
+MAX_API_PROCESSES = 64  # each is an interpreter of its own; two already serve thousands of tokens per second
 
 
 async def _serve(engine, a: argparse.Namespace) -> None:
@@ -277,6 +285,9 @@ async def _batch(engine, a: argparse.Namespace) -> None:
                 if not isinstance(job, dict) or "prompt" not in job:
                     raise ValueError('each line must be a JSON string or an object with a "prompt"')
                 record["id"] = job.get("id", index)
+                unknown = sorted(set(job) - {"prompt", "id", *BATCH_FIELDS})
+                if unknown:  # a misspelt field must not run as if it had not been given
+                    raise ValueError(f"unknown fields {unknown}; a line takes prompt, id and {', '.join(BATCH_FIELDS)}")
                 overrides = {k: job[k] for k in BATCH_FIELDS if k in job}
                 c = await engine.generate(job["prompt"], _params(engine, a, **overrides))
                 record.update(
@@ -285,6 +296,10 @@ async def _batch(engine, a: argparse.Namespace) -> None:
                     finish_reason=c.finish_reason,
                     prompt_tokens=len(c.prompt_token_ids),
                 )
+                if c.logprobs is not None:  # asked for: per token, and its alternatives with top_logprobs
+                    record["logprobs"] = c.logprobs
+                if c.top_logprobs is not None:
+                    record["top_logprobs"] = [[list(alt) for alt in alts] for alts in c.top_logprobs]
                 counts["ok"] += 1
             except (AcbError, ValueError, TypeError) as exc:  # one bad line never sinks the batch
                 record["error"] = {"type": type(exc).__name__, "message": str(exc)}
@@ -341,12 +356,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve /v1/completions, /v1/chat/completions, /v1/models, /health and /metrics.",
     )
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
-    s.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    s.add_argument(
+        "--port", type=_at_least(0, 65535), default=8000, help="port; 0 picks a free one (default: %(default)s)"
+    )
     s.add_argument("--served-model-name", help="the model id clients use (default: the model path)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.add_argument(
         "--max-body-bytes",
-        type=int,
+        type=_at_least(1),
         default=8 * 1024 * 1024,
         help="largest request body; larger ones get 413 before they are read (default: %(default)s)",
     )
@@ -363,11 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--api-processes",
-        type=_at_least(0),
+        type=_at_least(0, MAX_API_PROCESSES),
         default=0,
         help="run the HTTP server in this many processes of its own, apart from the engine's event loop (for "
         "thousands of streamed tokens per second: docs/serving.md); 0 serves from the engine's process "
-        "(default: %(default)s)",
+        f"(at most {MAX_API_PROCESSES}; default: %(default)s)",
     )
     s.add_argument(
         "--timeout-keep-alive",
@@ -396,7 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--input", "-i", help="input JSONL ('-' for stdin; default: stdin, or demo prompts on a terminal)")
     b.add_argument("--output", "-o", default="-", help="output JSONL (default: stdout)")
-    b.add_argument("--concurrency", type=int, default=512, help="requests in flight at once (default: %(default)s)")
+    b.add_argument(
+        "--concurrency", type=_at_least(1), default=512, help="requests in flight at once (default: %(default)s)"
+    )
     b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _model_args(b)
     _sampling_args(b)

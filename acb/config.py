@@ -151,8 +151,10 @@ class EngineConfig:
         _positive("max_num_batched_tokens", self.max_num_batched_tokens)
         if self.prefill_chunk_tokens is not None:
             _positive("prefill_chunk_tokens", self.prefill_chunk_tokens)
-        if self.max_model_len is not None:
-            _positive("max_model_len", self.max_model_len)
+        if self.max_model_len is not None and (not _is_int(self.max_model_len) or self.max_model_len < 2):
+            raise InvalidConfigError(  # a prompt of one token and one generated need two positions
+                f"max_model_len must be an integer >= 2, got {self.max_model_len!r}"
+            )
         _positive("max_pending", self.max_pending)
         if self.admission_order not in ADMISSION_ORDERS:
             raise InvalidConfigError(f"admission_order must be one of {ADMISSION_ORDERS}, got {self.admission_order!r}")

@@ -29,11 +29,9 @@ from .bridge import CompletionBridge
 from .config import EngineConfig, SamplingParams
 from .delivery import Delivery
 from .detokenizer import text_decoder
-from .errors import (
-    InvalidRequestError,
-)
+from .errors import InvalidConfigError, InvalidRequestError
 from .lifecycle import Lifecycle
-from .model_setup import build_runtime, check_device, default_sampling, eos_ids, load_pretrained
+from .model_setup import build_runtime, check_device, default_sampling, eos_ids, load_pretrained, resolve_dtype
 from .outputs import Completion, EngineStats
 from .sequence import Sequence
 from .stream import RequestState, RequestStream
@@ -117,6 +115,10 @@ class Engine(Lifecycle):
         """Load a transformers causal LM and its tokenizer (local directory or hub id) and wrap them. ``dtype``:
         ``"auto"`` (the checkpoint's; also ``None``), a name (``"bfloat16"``, ``"bf16"``, ...) or a ``torch.dtype``."""
         config = EngineConfig(device=device, **config_fields)
+        if not isinstance(trust_remote_code, bool):  # "false" is truthy: it would run the checkpoint's code
+            raise InvalidConfigError(f"trust_remote_code must be True or False, got {trust_remote_code!r}")
+        if dtype not in (None, "auto"):
+            resolve_dtype(dtype)  # a bad one is refused before anything loads
         check_device(config.device, config.tensor_parallel_size)  # before loading the weights
         model, tokenizer = load_pretrained(path_or_id, dtype, trust_remote_code, config.tensor_parallel_size)
         return cls(model, tokenizer, config)

@@ -22,7 +22,7 @@ from .config import EngineConfig
 from .cuda_graphs import graph_rows
 from .errors import InvalidConfigError, ModelInUseError
 from .families import adapter, lean_plan
-from .kernels import pdl_words
+from .kernels import check_environment, pdl_words
 from .kernels.projection import MAX_ROWS
 from .kv_cache import KVCache, ModelShape, auto_num_blocks
 from .lean_model import LeanCausalLM
@@ -81,6 +81,7 @@ class Runtime:
 
 def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
     world = config.tensor_parallel_size
+    check_environment()  # ACB_PDL and ACB_SPLIT_PROJECTIONS, whatever the device
     check_device(config.device, world)  # before the model is moved there (model.to("meta") would drop its weights)
     max_model_len = resolve_max_model_len(model.config, config.max_model_len)
     if config.device is None and world == 1:
@@ -403,7 +404,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         key = dtype.removeprefix("torch.").lower()
         if key in DTYPES:
             return DTYPES[key]
-    raise ValueError(f"dtype must be one of {sorted(DTYPES)} (or the torch dtype), got {dtype!r}")
+    raise InvalidConfigError(f"dtype must be one of {sorted(DTYPES)} (or the torch dtype), got {dtype!r}")
 
 
 def default_sampling(model) -> dict[str, float | int]:

@@ -70,6 +70,12 @@ def test_version(capsys):
         ["serve", "--timeout-keep-alive", "soon"],
         ["serve", "--timeout-keep-alive", "nan"],
         ["serve", "--timeout-keep-alive", "-1"],
+        # each refused before a model loads (70000 was bound as 4464 on uvloop; a concurrency of 0 hung)
+        ["serve", "--port", "70000"],
+        ["serve", "--port", "-1"],
+        ["serve", "--max-body-bytes", "0"],
+        ["serve", "--api-processes", "100000"],
+        ["batch", "--concurrency", "0"],
     ],
 )
 def test_errors_are_one_clear_line(args, capsys):
@@ -366,3 +372,33 @@ def test_sigterm_drains_then_ends_a_stream_with_an_error_event_and_refuses_new_c
     assert events[-1] == "data: [DONE]" and '"error"' in events[-2], events[-3:]
     assert 1.5 < took < 5, took  # it ran through the drain, then ended
     assert late["status"] in ("ConnectError", 503) and late["s"] < 1.5, late
+
+
+def test_an_empty_constraint_file_is_refused_and_a_huge_one_is_not_read_whole(tmp_path, capsys):
+    """An empty --grammar or --json-schema file is refused (it was silently ignored: the output ran unconstrained),
+    and a file is read no further than the longest constraint SamplingParams takes (/dev/zero once ran the process
+    out of memory)."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    for flag in ("--grammar", "--json-schema"):
+        assert main(["generate", "x", "--device", "cpu", flag, str(empty)]) == 1
+        err = capsys.readouterr().err
+        assert flag.lstrip("-").replace("-", "_") in err and "Traceback" not in err, err
+    if os.path.exists("/dev/zero"):
+        assert main(["generate", "x", "--device", "cpu", "--grammar", "/dev/zero"]) == 1
+        assert "grammar" in capsys.readouterr().err
+
+
+def test_batch_writes_the_logprobs_a_line_asks_for_and_refuses_unknown_fields(tmp_path):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n".join([
+        json.dumps({"prompt": "a", "max_new_tokens": 3, "ignore_eos": True, "logprobs": True, "top_logprobs": 2}),
+        json.dumps({"prompt": "b", "max_tokens": 2, "temprature": 0.5}),  # OpenAI's name, and a misspelling
+        json.dumps({"prompt": "c", "max_new_tokens": 2}),
+    ]) + "\n")  # fmt: skip
+    assert main(["batch", "-i", str(src), "-o", str(dst), "--device", "cpu", "--no-progress"]) == 1
+    out = [json.loads(line) for line in dst.read_text().splitlines()]
+    assert len(out[0]["logprobs"]) == 3 and all(p <= 0 for p in out[0]["logprobs"])
+    assert [len(alts) for alts in out[0]["top_logprobs"]] == [2, 2, 2]
+    assert out[1]["error"]["type"] == "ValueError" and "temprature" in out[1]["error"]["message"]
+    assert "logprobs" not in out[2] and "top_logprobs" not in out[2]

@@ -156,6 +156,13 @@ def _wrong(numbers) -> list:
     return out
 
 
+def test_max_model_len_needs_two_positions():
+    """One position holds no prompt and its first generated token: every request would be refused."""
+    with pytest.raises(InvalidConfigError, match="max_model_len must be an integer >= 2"):
+        EngineConfig(max_model_len=1)
+    assert EngineConfig(max_model_len=2).max_model_len == 2
+
+
 @pytest.mark.parametrize("name, value", _wrong(ENGINE_NUMBERS))
 def test_every_numeric_engine_config_field_refuses_wrong_types_typed(name, value):
     """A string used to reach a comparison in ``__post_init__`` (``kv_memory_fraction="0.5"``: an untyped

@@ -456,6 +456,9 @@ async def test_a_stream_interval_groups_tokens_per_write_and_changes_no_token(ma
     monkeypatch.setattr(Engine, "submit", spy)
     with pytest.raises(ValueError, match="stream_interval"):
         create_app(engine, "tiny", stream_interval=0)
+    for body_limit in (0, -1, 1.5, True):  # every POST would get 413 (0 became 8 MiB in an API process)
+        with pytest.raises(ValueError, match="max_body_bytes must be an integer >= 1"):
+            create_app(engine, "tiny", max_body_bytes=body_limit)
     body = {"prompt": [5, 6, 7], "max_tokens": 9, "temperature": 0, "ignore_eos": True}
     async with engine:
         want = (await engine.generate([5, 6, 7], SamplingParams(max_new_tokens=9, ignore_eos=True))).text

@@ -17,7 +17,18 @@ import os
 
 import torch
 
-__all__ = ["decode_splits", "pdl_choice", "pdl_launch", "pdl_words", "PDL_WAIT", "PDL_EARLY"]
+from ..errors import InvalidConfigError
+
+__all__ = [
+    "decode_splits",
+    "pdl_choice",
+    "pdl_launch",
+    "pdl_words",
+    "split_projections_on",
+    "check_environment",
+    "PDL_WAIT",
+    "PDL_EARLY",
+]
 
 
 def decode_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int = 132) -> int:
@@ -57,6 +68,9 @@ def pdl_choice(device: torch.device, tensor_parallel: bool) -> tuple[int, str | 
     merge) and the split projections take it; cuBLAS's GEMMs keep plain launches, so a kernel after one starts only
     as it ends. Hopper or later, one rank (the all-reduces of tensor parallelism between them were not measured).
     ``ACB_PDL``: ``0`` off, ``1`` (:data:`PDL_WAIT`) or ``2`` (:data:`PDL_EARLY`, the default)."""
+    env = os.environ.get("ACB_PDL", str(PDL_EARLY))
+    if env not in ("0", "1", "2"):  # refused on any device: a typo must not wait for the card to show
+        raise InvalidConfigError(f"ACB_PDL is 0, 1 or 2, not {env!r}")
     if device.type != "cuda":
         return 0, "not a CUDA device"
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -66,14 +80,26 @@ def pdl_choice(device: torch.device, tensor_parallel: bool) -> tuple[int, str | 
         return 0, f"compute capability {major}.{minor} (programmatic dependent launch needs 9.0 or later)"
     if tensor_parallel:
         return 0, "tensor parallelism"
-    env = os.environ.get("ACB_PDL", str(PDL_EARLY))
-    if env not in ("0", "1", "2"):
-        raise ValueError(f"ACB_PDL is 0, 1 or 2, not {env!r}")
     if env == "0":
         return 0, "ACB_PDL=0"
     return int(env), None
 
 
+def split_projections_on() -> bool:
+    """``ACB_SPLIT_PROJECTIONS``: ``1`` (the default) lets the lean path's output and down projections run the
+    split-K kernel where it can (:mod:`.projection`), ``0`` keeps cuBLAS; anything else is refused, on any device."""
+    env = os.environ.get("ACB_SPLIT_PROJECTIONS", "1")
+    if env not in ("0", "1"):
+        raise InvalidConfigError(f"ACB_SPLIT_PROJECTIONS is 0 or 1, not {env!r}")
+    return env == "1"
+
+
 def pdl_words(level: int, reason: str | None) -> str:
     """:func:`pdl_choice`'s answer as ``path_reason`` says it."""
     return "programmatic dependent launch: " + (f"level {level}" if level else f"off ({reason})")
+
+
+def check_environment() -> None:
+    """Refuse a bad ``ACB_PDL`` or ``ACB_SPLIT_PROJECTIONS`` when an engine is built, whatever its device and path."""
+    pdl_choice(torch.device("cpu"), tensor_parallel=False)
+    split_projections_on()

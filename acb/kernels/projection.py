@@ -29,11 +29,10 @@ Triton 3.6 and ``async_load`` in 3.9, both taken here.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
-from . import pdl_launch
+from . import pdl_launch, split_projections_on
 
 try:
     from triton.experimental import gluon
@@ -179,7 +178,7 @@ def choose(weights: list[tuple[torch.Tensor, torch.Tensor]], tensor_parallel: bo
         reason = unavailable(w.device, w.dtype)
         if reason is None and tensor_parallel:
             reason = "tensor parallelism (each rank's partial sums go to the all-reduce)"
-        if reason is None and os.environ.get("ACB_SPLIT_PROJECTIONS", "1") == "0":
+        if reason is None and not split_projections_on():
             reason = "ACB_SPLIT_PROJECTIONS=0"
         if reason is not None:
             return [], reason

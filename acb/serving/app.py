@@ -102,6 +102,8 @@ def create_app(
     once), each write carrying one event per token: less server CPU per token, tokens arriving in groups."""
     if not isinstance(stream_interval, int) or isinstance(stream_interval, bool) or stream_interval < 1:
         raise ValueError(f"stream_interval must be an integer >= 1, got {stream_interval!r}")
+    if not isinstance(max_body_bytes, int) or isinstance(max_body_bytes, bool) or max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be an integer >= 1, got {max_body_bytes!r}")
     server = _Server(
         engine=engine,
         name=model_name or getattr(engine.model.config, "_name_or_path", None) or "acb-default",

@@ -207,8 +207,9 @@ async def _api(path: str, listener: socket.socket, options: dict, ready) -> None
     from .middleware import DEFAULT_MAX_BODY_BYTES
 
     remote = await RemoteEngine.connect(path)
-    app = create_app(remote, options["model_name"], max_body_bytes=options["max_body_bytes"] or DEFAULT_MAX_BODY_BYTES,
-                     api_key=options["api_key"], stream_interval=options["stream_interval"])  # fmt: skip
+    body = DEFAULT_MAX_BODY_BYTES if options["max_body_bytes"] is None else options["max_body_bytes"]
+    app = create_app(remote, options["model_name"], max_body_bytes=body, api_key=options["api_key"],
+                     stream_interval=options["stream_interval"])  # fmt: skip
 
     class _Uvicorn(uvicorn.Server):
         async def startup(self, sockets=None) -> None:
