@@ -16,6 +16,7 @@ from typing import Any
 from .config import ADMISSION_ORDERS, EngineConfig, SamplingParams
 from .errors import AcbError
 from .loop import run, uvloop_available
+from .sampling_params import MAX_GRAMMAR_CHARS
 
 DEFAULT_PROMPT = "Once upon a time"
 
@@ -110,8 +111,6 @@ def _params(engine, a: argparse.Namespace, **override: Any) -> SamplingParams:
 
 def _read_text(path: str) -> str:
     """A constraint file's text, read no further than SamplingParams takes (a longer one is refused by it)."""
-    from .sampling_params import MAX_GRAMMAR_CHARS
-
     with open(path, encoding="utf-8") as f:
         return f.read(MAX_GRAMMAR_CHARS + 1)
 
@@ -408,8 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="complete prompts from a JSONL file into a JSONL file",
         description='Each input line is a JSON string or an object with "prompt", an optional "id", and any of '
         + ", ".join(f'"{k}"' for k in BATCH_FIELDS)
-        + ' (SamplingParams fields; "json_schema" as an object). Output lines keep the input order; a line that '
-        'fails gets an "error", and the exit status is then 1.',
+        + ' (SamplingParams fields; "json_schema" as an object; any other field fails the line). Output lines keep '
+        'the input order, with "logprobs" and "top_logprobs" where asked; a line that fails gets an "error", and '
+        "the exit status is then 1.",
     )
     b.add_argument("--input", "-i", help="input JSONL ('-' for stdin; default: stdin, or demo prompts on a terminal)")
     b.add_argument("--output", "-o", default="-", help="output JSONL (default: stdout)")
