@@ -31,7 +31,8 @@ from .delivery import Delivery
 from .detokenizer import text_decoder
 from .errors import InvalidConfigError, InvalidRequestError
 from .lifecycle import Lifecycle
-from .model_setup import build_runtime, check_device, default_sampling, eos_ids, load_pretrained, resolve_dtype
+from .loading import load_pretrained
+from .model_setup import build_runtime, check_device, default_sampling, eos_ids, resolve_dtype
 from .outputs import Completion, EngineStats
 from .sequence import Sequence
 from .stream import RequestState, RequestStream

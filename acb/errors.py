@@ -20,6 +20,7 @@ __all__ = [
     "StreamInUseError",
     "WrongEventLoopError",
     "WorkerFailedError",
+    "ModelLoadError",
 ]
 
 
@@ -97,3 +98,9 @@ class WrongEventLoopError(AcbError, RuntimeError):
 class WorkerFailedError(AcbError, RuntimeError):
     """A tensor-parallel worker process died or its connection broke: the engine stops serving (every live request
     ends with :class:`RequestFailedError` naming this), and its other workers are shut down."""
+
+
+class ModelLoadError(AcbError, OSError):
+    """``Engine.from_pretrained`` could not load the model or its tokenizer: no such directory or hub id, a missing,
+    truncated or corrupt file, weights that do not fit the config, a custom architecture without
+    ``trust_remote_code=True``. The loader's own error is chained as the cause."""

@@ -26,7 +26,7 @@ from .kernels import check_environment, pdl_words
 from .kernels.projection import MAX_ROWS
 from .kv_cache import KVCache, ModelShape, auto_num_blocks
 from .lean_model import LeanCausalLM
-from .parallel.checkpoint import has_checkpoint, read_shard
+from .parallel.checkpoint import read_shard
 from .parallel.shard import check_divisible, materialize, shard_spec
 from .parallel.workers import Geometry, TensorParallel
 from .runner import ModelRunner
@@ -40,7 +40,6 @@ __all__ = [
     "release_model",
     "eos_ids",
     "default_sampling",
-    "load_pretrained",
     "resolve_dtype",
     "DTYPES",
 ]
@@ -360,40 +359,6 @@ def release_model(model, original_attention: str | None) -> None:
     lean path's fused weights stay: the model's projections are views into them.)"""
     if original_attention is not None and original_attention != attention.ATTN_IMPLEMENTATION:
         model.set_attn_implementation(original_attention)
-
-
-def load_pretrained(
-    path_or_id: str,
-    dtype: str | torch.dtype | None = None,
-    trust_remote_code: bool = False,
-    tensor_parallel_size: int = 1,
-):
-    """``(model, tokenizer)`` from a local directory or a hub id (blocking: loads the weights). For more than one
-    tensor-parallel rank, a local directory with safetensors files is not loaded: the model is built on the ``meta``
-    device and remembers the directory, so that every rank reads its own shard from the files (none holds the whole
-    model)."""
-    import os
-
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
-    if path_or_id.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(path_or_id)):
-        raise FileNotFoundError(f"no model directory at {path_or_id!r}")
-    tokenizer = AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
-    if tensor_parallel_size > 1 and has_checkpoint(os.path.expanduser(path_or_id)):
-        config = AutoConfig.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-        wanted = getattr(config, "dtype", None) if dtype is None or dtype == "auto" else dtype
-        model.to(resolve_dtype(wanted) if wanted is not None else torch.float32)
-        try:
-            model.generation_config = GenerationConfig.from_pretrained(path_or_id)
-        except OSError:
-            pass  # none in the directory: the config's own
-        model._acb_checkpoint = os.path.abspath(os.path.expanduser(path_or_id))
-        return model, tokenizer
-    torch_dtype = "auto" if dtype is None or dtype == "auto" else resolve_dtype(dtype)
-    model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    return model, tokenizer
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:

@@ -51,3 +51,25 @@ def test_a_bad_tuning_variable_is_refused_when_an_engine_is_built_on_any_device(
         Engine(model, tokenizer)
     monkeypatch.delenv(name)
     assert reference_greedy(model, [4, 5], 3) == reference_greedy(ref, [4, 5], 3)
+
+
+def test_a_broken_checkpoint_is_one_typed_error(tmp_path, make_model, tokenizer):
+    """A missing directory, a directory without weights, and truncated weights: each a ModelLoadError (an OSError
+    too) naming the path, the loader's own error chained (they were transformers', safetensors' and tokenizers'
+    errors of every kind, and a traceback from the command line)."""
+    from acb import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="no model directory"):
+        Engine.from_pretrained(str(tmp_path / "none"), device="cpu")
+    model, _ = make_model("llama", seed=3)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match="could not load") as err:
+        Engine.from_pretrained(str(tmp_path), device="cpu")
+    assert isinstance(err.value, OSError) and err.value.__cause__ is not None
+    weights.unlink()
+    with pytest.raises(ModelLoadError, match="could not load"):
+        Engine.from_pretrained(str(tmp_path), device="cpu")
