@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import InvalidConfigError
+
 __all__ = ["ModelShape", "KVCache", "auto_num_blocks"]
 
 
@@ -84,8 +86,12 @@ def auto_num_blocks(
         budget = int(free * fraction)
     else:
         budget = int(_available_ram() * min(fraction, 0.25))
-    blocks = max(1, budget // per_block)
-    return int(min(blocks, -(-wanted_tokens // block_size)))
+    if budget < per_block:
+        raise InvalidConfigError(
+            f"one KV block ({block_size} tokens, {per_block:,} bytes) is larger than the {budget:,} bytes the cache "
+            f"may take on {device.type}: lower block_size, or give num_kv_blocks"
+        )
+    return int(min(budget // per_block, -(-wanted_tokens // block_size)))
 
 
 def _available_ram() -> int:

@@ -103,9 +103,21 @@ def build_runtime(model: torch.nn.Module, config: EngineConfig) -> Runtime:
     original_attention = _claim(model)
     try:
         return _build_runtime(model, config, world, device, dtype, max_model_len, original_attention)
-    except BaseException:  # a refused configuration leaves the user's model as it found it (model.generate works)
+    except BaseException as exc:  # a refused configuration leaves the user's model as it found it (generate works)
         release_model(model, original_attention)
+        if _out_of_memory(exc):  # sizes the memory cannot hold: the configuration's error, not a crash
+            raise InvalidConfigError(
+                f"the engine's buffers do not fit in {device.type} memory ({type(exc).__name__}: "
+                f"{(str(exc).splitlines() or [''])[0][:200]}); lower num_kv_blocks, block_size, max_num_seqs, "
+                "max_num_batched_tokens or max_model_len"
+            ) from exc
         raise
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """An allocation that failed: torch's (CUDA, and the CPU allocator's RuntimeError) or Python's."""
+    oom = isinstance(exc, (MemoryError, torch.OutOfMemoryError))
+    return oom or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
 
 
 def _build_runtime(

@@ -3,6 +3,7 @@ parameters cannot change after the engine checked them."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 
@@ -182,3 +183,21 @@ def test_every_numeric_sampling_field_refuses_wrong_types_typed(name, value):
 def test_the_lists_above_cover_every_numeric_field(cls, numbers):
     numeric = {f.name for f in dataclasses.fields(cls) if f.type.split(" | ")[0] in ("int", "float")}
     assert numeric == {n[0] for n in numbers}
+
+
+@pytest.mark.parametrize("fields, words", [
+    (dict(block_size=100_000_000), "one KV block"),  # the automatic sizing forced one block past the budget
+    (dict(num_kv_blocks=10**12), "do not fit in cpu memory"),
+])  # fmt: skip
+def test_sizes_the_memory_cannot_hold_are_a_typed_error_and_leave_the_model(fields, words, make_model, tokenizer):
+    """Sizes past what the host can allocate fail the engine's construction with InvalidConfigError (they were
+    allocator tracebacks of several kinds), and the model still works for the next engine."""
+    from conftest import reference_greedy
+
+    from acb import Engine
+
+    model, ref = make_model("llama", seed=3)
+    with pytest.raises(InvalidConfigError, match=words):
+        Engine(model, tokenizer, EngineConfig(**fields))
+    assert reference_greedy(model, [4, 5], 3) == reference_greedy(ref, [4, 5], 3)
+    asyncio.run(Engine(model, tokenizer).close())  # the model is free: a new engine builds on it
