@@ -26,7 +26,17 @@ from typing import Any
 
 import anyio
 
-__all__ = ["Loop", "Waiter", "Signal", "Slots", "Mailbox", "current_loop", "wait_future", "cancelled_exc_class"]
+__all__ = [
+    "Loop",
+    "Waiter",
+    "Signal",
+    "Slots",
+    "Mailbox",
+    "current_loop",
+    "run_to_end",
+    "wait_future",
+    "cancelled_exc_class",
+]
 
 
 def _library() -> str | None:
@@ -258,6 +268,36 @@ class Mailbox:
 
 def current_loop() -> Loop:
     return Loop()
+
+
+async def run_to_end(fn: Callable[[], Awaitable[None]], name: str) -> None:
+    """Run ``fn()`` to its end, in a task of its own on the running loop, however often the caller is cancelled
+    meanwhile; then raise ``fn``'s error, or else the caller's cancellation, if any. (anyio's shields stop only
+    cancellations of anyio's and trio's kind: asyncio's own, a timeout around the caller or Ctrl-C, would go through
+    them; here they stop the caller's wait, never ``fn``.)"""
+    failed: list[BaseException] = []
+
+    async def body() -> None:
+        try:
+            await fn()
+        except BaseException as exc:  # raised in the caller once the task ended
+            failed.append(exc)
+
+    task = current_loop().spawn(body, name)
+    cancelled = None
+    if task._scope is None:  # asyncio: asyncio.wait leaves the task alone when the caller is cancelled
+        while not task._task.done():
+            try:
+                await asyncio.wait({task._task})
+            except asyncio.CancelledError as exc:
+                cancelled = exc
+    else:
+        with anyio.CancelScope(shield=True):
+            await task.wait()
+    if failed:
+        raise failed[0]
+    if cancelled is not None:
+        raise cancelled
 
 
 async def wait_future(

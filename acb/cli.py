@@ -93,26 +93,23 @@ BATCH_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop
 def _params(engine, a: argparse.Namespace, **override: Any) -> SamplingParams:
     """The engine's defaults, with what the command line (and a batch line) set."""
     names = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty",
-             "repetition_penalty", "min_tokens", "regex")  # fmt: skip
+             "repetition_penalty", "min_tokens", "regex", "json_schema", "grammar")  # fmt: skip
+    # (the schema's and the grammar's files were read by main; an empty one is given, and refused)
     given = {k: getattr(a, k) for k in names if getattr(a, k) is not None}
+    given.update({flag: True for flag in ("ignore_eos", "json_object") if getattr(a, flag)})
     if a.stop:
         given["stop"] = list(a.stop)
-    if a.ignore_eos:
-        given["ignore_eos"] = True
-    if a.json_object:
-        given["json_object"] = True
-    if a.json_schema is not None:  # the file's text (read by main); an empty one is refused, as SamplingParams does
-        given["json_schema"] = a.json_schema
-    if a.grammar is not None:
-        given["grammar"] = a.grammar
     given.update(override)
     return dataclasses.replace(engine.default_params, **given)
 
 
-def _read_text(path: str) -> str:
-    """A constraint file's text, read no further than SamplingParams takes (a longer one is refused by it)."""
+def _read_text(path: str, most: int) -> str:
+    """A constraint file's text, up to ``most`` characters (a longer one is refused, never read whole)."""
     with open(path, encoding="utf-8") as f:
-        return f.read(MAX_GRAMMAR_CHARS + 1)
+        text = f.read(most + 1)
+    if len(text) > most:
+        raise OSError(f"{path} is longer than {most:,} characters")
+    return text
 
 
 def _engine(a: argparse.Namespace):
@@ -425,11 +422,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
-    for name in ("json_schema", "grammar"):  # files named on the command line are read once, here
+    # files named on the command line are read once, here: a grammar as far as SamplingParams takes one, a schema
+    # further (the limit applies to its compact JSON, which an indented file is several times longer than)
+    for name, most in (("json_schema", 16 * MAX_GRAMMAR_CHARS), ("grammar", MAX_GRAMMAR_CHARS)):
         path = getattr(a, name, None)
         if path:
             try:
-                setattr(a, name, _read_text(path))
+                setattr(a, name, _read_text(path, most))
             except OSError as exc:
                 parser.error(f"--{name.replace('_', '-')}: {exc}")
     try:

@@ -53,8 +53,8 @@ class Lifecycle(Stages):
         includes capturing the decode graphs, seconds that the loop keeps serving through)."""
         if self._state == "closed":
             self._state, self._built = "starting", anyio.Event()
-            try:
-                await anyio.to_thread.run_sync(self._build_here)  # sets "new" once built
+            try:  # the build runs to its end even if this start() is cancelled (aio.run_to_end)
+                await aio.run_to_end(lambda: anyio.to_thread.run_sync(self._build_here), "acb-build")
             except BaseException:
                 if self._state == "new":  # built, then cancelled: give the model back
                     await self.close()
@@ -122,11 +122,9 @@ class Lifecycle(Stages):
             self._state = "closed"
             return
         self._check_loop()
-        if self._state == "failed":
-            with anyio.CancelScope(shield=True):
-                await self._stop_tasks()
-                await self._stop_workers(deadline)
-            self._state = "closed"
+        if self._state == "failed":  # its stages already failed every request: stop what is left
+            self._state, self._closed_event = "closing", aio.Signal(self._loop)
+            await aio.run_to_end(lambda: self._teardown(deadline), "acb-close")
             return
         if self._state == "closing":
             await self._closed_event.wait()
@@ -141,15 +139,18 @@ class Lifecycle(Stages):
                     await self._idle.wait()
         finally:  # only the drain is cancellable: a close() cancelled (a timeout around it, Ctrl-C) still stops
             # the pipeline and gives the model back before its cancellation goes on
-            with anyio.CancelScope(shield=True):
-                try:
-                    for state in list(self._live.values()):
-                        self._fail(state, EngineClosedError("the engine closed before this request finished"))
-                    await self._stop_tasks()
-                    await self._stop_workers(deadline)
-                finally:
-                    self._state = "closed"
-                    self._closed_event.set()
+            await aio.run_to_end(lambda: self._teardown(deadline), "acb-close")
+
+    async def _teardown(self, deadline: float) -> None:
+        """Fail what is left, stop the stages and the workers, give the model back; then the engine is closed."""
+        try:
+            for state in list(self._live.values()):
+                self._fail(state, EngineClosedError("the engine closed before this request finished"))
+            await self._stop_tasks()
+            await self._stop_workers(deadline)
+        finally:
+            self._state = "closed"
+            self._closed_event.set()
 
     async def _stop_tasks(self) -> None:
         for task in self._tasks:

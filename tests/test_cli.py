@@ -15,6 +15,7 @@ import time
 import pytest
 
 from acb.cli import build_parser, main, printable
+from acb.sampling_params import MAX_GRAMMAR_CHARS
 
 ACB = [sys.executable, "-m", "acb.cli"]
 
@@ -385,8 +386,16 @@ def test_an_empty_constraint_file_is_refused_and_a_huge_one_is_not_read_whole(tm
         err = capsys.readouterr().err
         assert flag.lstrip("-").replace("-", "_") in err and "Traceback" not in err, err
     if os.path.exists("/dev/zero"):
-        assert main(["generate", "x", "--device", "cpu", "--grammar", "/dev/zero"]) == 1
-        assert "grammar" in capsys.readouterr().err
+        for flag in ("--grammar", "--json-schema"):
+            with pytest.raises(SystemExit):
+                main(["generate", "x", "--device", "cpu", flag, "/dev/zero"])
+            assert "longer than" in capsys.readouterr().err
+    # an indented schema longer than the limit whose compact JSON is within it is read whole
+    schema = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(1500)}}
+    indented = tmp_path / "schema.json"
+    indented.write_text(json.dumps(schema, indent=8))
+    assert len(indented.read_text()) > MAX_GRAMMAR_CHARS > len(json.dumps(schema, separators=(",", ":")))
+    assert main(["generate", "x", "--device", "cpu", "--json-schema", str(indented), "--max-new-tokens", "3"]) == 0
 
 
 def test_batch_writes_the_logprobs_a_line_asks_for_and_refuses_unknown_fields(tmp_path):

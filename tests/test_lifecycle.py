@@ -334,3 +334,49 @@ def test_an_engine_whose_event_loop_ended_unclosed_refuses_with_a_typed_error_th
             return (await again.generate([4, 5, 6], params)).token_ids
 
     assert asyncio.run(next_engine()) == want
+
+
+@pytest.mark.loops("asyncio")
+async def test_a_timeout_during_the_teardown_of_close_or_the_build_of_a_restart_still_completes_them(
+    make_model, tokenizer
+):
+    """asyncio's own cancellation (a timeout around the call) goes through anyio's shields: landing while close()
+    waits for a running step, it left the engine "closed" with its runner open and the model held; landing while
+    a restart builds, it left the build to finish in its thread and claim the model, the engine saying "closed".
+    Both now run to their end, and the cancellation is raised after."""
+    import time
+
+    model, ref = make_model("llama", seed=3)
+    engine = Engine(model, tokenizer, EngineConfig(block_size=8))
+    await engine.start()
+    runner, step = engine._runner, engine._runner._execute_step
+
+    def slow_step(batch):  # a step that takes a while (a long prefill on the card)
+        time.sleep(0.4)
+        return step(batch)
+
+    runner._execute_step = slow_step
+    task = asyncio.create_task(engine.generate([5, 6, 7], SamplingParams(max_new_tokens=50, ignore_eos=True)))
+    await asyncio.sleep(0.1)  # the step runs in the worker
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.05):
+            await engine.close(drain=False)  # the timeout lands while close() waits for the step
+    assert engine.state == "closed" and runner.closed
+    assert model.config._attn_implementation != "acb_paged"  # the model was given back
+    with pytest.raises(EngineClosedError):
+        await task
+
+    build = engine._build
+
+    def slow_build():
+        time.sleep(0.3)
+        build()
+
+    engine._build = slow_build
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.05):
+            await engine.start()  # the timeout lands while the restart builds
+    assert engine.state == "closed" and engine._runner.closed
+    async with Engine(model, tokenizer) as again:  # nothing holds the model
+        out = await again.generate([5, 6, 7], SamplingParams(max_new_tokens=4, ignore_eos=True))
+    assert out.token_ids == reference_greedy(ref, [5, 6, 7], 4)

@@ -391,3 +391,22 @@ async def test_every_api_process_scrape_answers_the_http_counts_of_them_all(make
         assert values(generate_latest(await metrics[0].exported()).decode())[("acb_generated_tokens_total", ())] == 81
         assert metrics[0].registry is not None and values(generate_latest(metrics[0].registry).decode())[
             ("acb_generated_tokens_total", ())] == 31  # fmt: skip
+
+
+async def test_a_scrape_answers_while_the_engine_drains_and_after_it_closed(make_model, tokenizer):
+    """The summed counts come from the engine's process whatever the engine's state (they were a 500 from the
+    moment it stopped running: all through a SIGTERM's drain); once that process is gone, a scrape answers with the
+    API process's own counts."""
+    from prometheus_client import generate_latest
+
+    from acb.serving.metrics import ServerMetrics
+
+    async with _pair(make_model, tokenizer) as (engine, host, remote):
+        metrics = ServerMetrics(remote)
+        metrics.generated_tokens.inc(7)
+        await engine.close()
+        assert await _until(lambda: remote.state == "closed")
+        assert b"acb_generated_tokens_total 7.0" in generate_latest(await metrics.exported())
+        await host.close()
+        assert await _until(lambda: remote._reading.done())
+        assert b"acb_generated_tokens_total 7.0" in generate_latest(await metrics.exported())

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, Metric
 from prometheus_client.core import GaugeMetricFamily
 
 from ..engine import Engine
+from ..errors import AcbError
 
 __all__ = ["ServerMetrics", "merge"]
 
@@ -82,8 +83,12 @@ class ServerMetrics:
         share = getattr(self.engine, "server_counters", None)
         if share is None:
             return self.registry
+        try:
+            counts = await share(self.snapshot())
+        except AcbError:  # the engine's process is gone: this process's own counts are all there is
+            return self.registry
         registry = CollectorRegistry()
-        registry.register(_Families(await share(self.snapshot())))
+        registry.register(_Families(counts))
         registry.register(_EngineCollector(self.engine))
         return registry
 

@@ -250,6 +250,7 @@ class RemoteEngine:
             self._admissions.pop(rid, None)
 
     async def apply_chat_template(self, messages: list[dict]) -> str:
+        self._check_running()
         return await self._call("chat", messages)
 
     def share_counters(self, counts: Callable[[], list]) -> None:
@@ -258,13 +259,15 @@ class RemoteEngine:
         self._counts = counts
 
     async def server_counters(self, mine: list) -> list:
-        """Every API process's HTTP counts summed, ``mine`` (this process's, now) among them."""
+        """Every API process's HTTP counts summed, ``mine`` (this process's, now) among them: also while the engine
+        drains or after it closed, as long as its process is there."""
         return await self._call("counters", mine)
 
     async def _call(self, kind: str, payload):
         """Send ``(kind, call, payload)`` and return the engine's reply to it (or raise its error)."""
         await self.out.room()
-        self._check_running()
+        if self._reading.done():
+            raise EngineClosedError("the engine's process is gone")
         call = self._next_call = self._next_call + 1
         reply = self._calls[call] = asyncio.get_running_loop().create_future()
         self.out.send((kind, call, payload))
