@@ -116,11 +116,7 @@ class SamplingParams:
         set_ = object.__setattr__  # frozen: normalize in place once, here
         set_(self, "stop", _stop_strings(self.stop))
         set_(self, "stop_token_ids", _stop_token_ids(self.stop_token_ids))
-        if not _is_int(self.max_new_tokens) or not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
-            raise InvalidSamplingParamsError(
-                f"max_new_tokens must be an integer in [1, {MAX_NEW_TOKENS}], got {self.max_new_tokens!r}",
-                param="max_new_tokens",
-            )
+        _int_in("max_new_tokens", self.max_new_tokens, 1, MAX_NEW_TOKENS)
         set_(self, "temperature", _float_in("temperature", self.temperature, 0.0, _FLOAT32_MAX))
         if not _is_int(self.top_k) or not 0 <= self.top_k <= MAX_TOP_K:
             raise InvalidSamplingParamsError(

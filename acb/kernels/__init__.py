@@ -60,7 +60,8 @@ def pdl_launch(on: int) -> dict:
 
 
 def pdl_choice(device: torch.device, tensor_parallel: bool) -> tuple[int, str | None]:
-    """The PDL level at which the lean path's own kernels launch (0: plain launches), and why not (None: they do).
+    """The PDL level at which acb's own kernels launch, on the lean path and the generic path (0: plain launches),
+    and why not (None: they do).
 
     Under programmatic dependent launch a kernel may start before the kernel before it ends: its launch, and the
     split projections' first weight boxes, overlap that kernel's end, and it waits for it (``griddepcontrol.wait``)
@@ -68,9 +69,7 @@ def pdl_choice(device: torch.device, tensor_parallel: bool) -> tuple[int, str | 
     merge) and the split projections take it; cuBLAS's GEMMs keep plain launches, so a kernel after one starts only
     as it ends. Hopper or later, one rank (the all-reduces of tensor parallelism between them were not measured).
     ``ACB_PDL``: ``0`` off, ``1`` (:data:`PDL_WAIT`) or ``2`` (:data:`PDL_EARLY`, the default)."""
-    env = os.environ.get("ACB_PDL", str(PDL_EARLY))
-    if env not in ("0", "1", "2"):  # refused on any device: a typo must not wait for the card to show
-        raise InvalidConfigError(f"ACB_PDL is 0, 1 or 2, not {env!r}")
+    level = _pdl_env()
     if device.type != "cuda":
         return 0, "not a CUDA device"
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -80,9 +79,18 @@ def pdl_choice(device: torch.device, tensor_parallel: bool) -> tuple[int, str | 
         return 0, f"compute capability {major}.{minor} (programmatic dependent launch needs 9.0 or later)"
     if tensor_parallel:
         return 0, "tensor parallelism"
-    if env == "0":
+    if level == 0:
         return 0, "ACB_PDL=0"
-    return int(env), None
+    return level, None
+
+
+def _pdl_env() -> int:
+    """``ACB_PDL``'s level (default :data:`PDL_EARLY`); anything but 0, 1 or 2 is refused, on any device (a typo
+    must not wait for the card to show)."""
+    env = os.environ.get("ACB_PDL", str(PDL_EARLY))
+    if env not in ("0", "1", "2"):
+        raise InvalidConfigError(f"ACB_PDL is 0, 1 or 2, not {env!r}")
+    return int(env)
 
 
 def split_projections_on() -> bool:
@@ -101,5 +109,5 @@ def pdl_words(level: int, reason: str | None) -> str:
 
 def check_environment() -> None:
     """Refuse a bad ``ACB_PDL`` or ``ACB_SPLIT_PROJECTIONS`` when an engine is built, whatever its device and path."""
-    pdl_choice(torch.device("cpu"), tensor_parallel=False)
+    _pdl_env()
     split_projections_on()

@@ -117,10 +117,8 @@ async def serve_processes(
             # drain_timeout, what is left then ends with an error event, and new requests get 503s meanwhile, as
             # from the server in one process; closing it only after the API processes had exited cut the streams.
             closing = asyncio.ensure_future(engine.close(drain=True))
-    finally:
-        if closing is not None:
-            await closing
-        await engine.close(drain=True)
+    finally:  # the drain started above, or (cancelled, an API process failed) a close of its own
+        await (closing if closing is not None else engine.close(drain=True))
 
 
 async def _started(procs: list, ready) -> None:
